@@ -1,0 +1,132 @@
+"""Node configuration: one object, every field documented, three presets.
+
+Presets differ in a few timing fields (memberlist style):
+
+* ``local`` -- every replica on one machine (tests, ``ekko demo``): fast rounds.
+* ``lan``   -- one data centre, sub-millisecond RTTs.
+* ``wan``   -- several data centres, tens to hundreds of milliseconds RTT.
+
+Load from TOML with :func:`load_config` (a ``[node]`` table; any field may be
+given, ``preset = "wan"`` picks the base).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ekko.errors import UsageError
+
+#: largest pull answer (bytes of rows) one PULL_RESPONSE carries; the rest waits for the next round.
+MAX_PULL_RESPONSE_BYTES = 4 << 20
+#: largest push frame (bytes of rows).
+MAX_PUSH_FRAME_BYTES = 1 << 20
+#: most shards one PULL_REQUEST names.
+MAX_SHARDS_PER_PULL = 4096
+#: most "held above knowledge" rows a requester lists per shard (extra rows may be resent).
+MAX_HELD_ROWS_PER_SHARD = 1 << 16
+#: most rows per publish frame.
+MAX_PUBLISH_ROWS = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything a replica node needs to know besides its identity.
+
+    Attributes:
+        preset: name of the preset this came from (informational).
+        gossip_interval: seconds between membership gossip rounds.
+        ae_interval: seconds between anti-entropy rounds (each round: one
+            intra-DC partner and, for gateways, one cross-DC partner).
+        suspect_after / dead_after / forget_after: failure detector, seconds of
+            heartbeat silence (see :class:`p2p.membership.MembershipConfig`).
+        gateways_per_dc: gateway replicas per shard per DC (WAN fan-in and
+            fault tolerance; the paper's local leaders, spread per shard).
+        dc_links: DC pairs that exchange directly; empty = full mesh.
+        push: eagerly push updates (False = anti-entropy only, for ablations).
+        use_gateways: False lets every replica exchange across the WAN (ablation).
+        use_shard_versions: False compares every shard's knowledge every round
+            (no 64-bit shard-version skip; ablation ``ekko-full-scan``).
+        push_frame_bytes: bytes of rows per push frame.
+        pull_response_bytes: cap on rows per pull answer (Scuttlebutt's rule).
+        queue_rows: bound on rows per outbound link queue.
+        index_rows: rows the per-shard recent-update index holds before its
+            watermark moves up (older rows are then found by a shard scan).
+        snapshot_interval: seconds between automatic snapshots (0 = only at shutdown).
+        max_clock_skew: seconds a version's HLC time may lie ahead of ours before
+            the frame is refused as impossible.
+    """
+
+    preset: str = "local"
+    gossip_interval: float = 0.2
+    ae_interval: float = 0.25
+    suspect_after: float = 2.0
+    dead_after: float = 4.0
+    forget_after: float = 60.0
+    gateways_per_dc: int = 2
+    dc_links: tuple[tuple[str, str], ...] = ()
+    push: bool = True
+    use_gateways: bool = True
+    use_shard_versions: bool = True
+    push_frame_bytes: int = 256 << 10
+    pull_response_bytes: int = 2 << 20
+    queue_rows: int = 1 << 20
+    index_rows: int = 1 << 16
+    snapshot_interval: float = 60.0
+    max_clock_skew: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("gossip_interval", "ae_interval", "suspect_after", "dead_after", "forget_after"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"config {name} must be > 0")
+        if not self.suspect_after < self.dead_after:
+            raise UsageError("config suspect_after must be < dead_after")
+        if not 1 <= self.gateways_per_dc <= 16:
+            raise UsageError("config gateways_per_dc must be in 1..16")
+        if not 0 < self.pull_response_bytes <= MAX_PULL_RESPONSE_BYTES:
+            raise UsageError(f"config pull_response_bytes must be in 1..{MAX_PULL_RESPONSE_BYTES}")
+        if not 0 < self.push_frame_bytes <= MAX_PUSH_FRAME_BYTES:
+            raise UsageError(f"config push_frame_bytes must be in 1..{MAX_PUSH_FRAME_BYTES}")
+
+    def replace(self, **kw: Any) -> "NodeConfig":
+        return dataclasses.replace(self, **kw)
+
+
+PRESETS: dict[str, NodeConfig] = {
+    "local": NodeConfig(),
+    "lan": NodeConfig(preset="lan", gossip_interval=0.5, ae_interval=0.5, suspect_after=3.0, dead_after=6.0),
+    "wan": NodeConfig(preset="wan", gossip_interval=1.0, ae_interval=1.0, suspect_after=5.0, dead_after=10.0,
+                      forget_after=120.0),
+}
+
+
+def preset(name: str, **overrides: Any) -> NodeConfig:
+    try:
+        base = PRESETS[name]
+    except KeyError:
+        raise UsageError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
+    return base.replace(preset=name, **overrides) if overrides else base
+
+
+def config_from_dict(d: dict[str, Any]) -> NodeConfig:
+    d = dict(d)
+    base = d.pop("preset", "local")
+    known = {f.name for f in dataclasses.fields(NodeConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise UsageError(f"unknown config fields: {sorted(unknown)}")
+    if "dc_links" in d:
+        d["dc_links"] = tuple(tuple(p) for p in d["dc_links"])
+    return preset(base, **d)
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file; returns the raw dict (``[node]`` and ``[daemon]`` tables)."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"cannot read config {path}: {e}") from None
