@@ -10,7 +10,8 @@ Frame layout (little-endian)::
     5      1    key id (which keyring entry made the HMAC; 0 when unauthenticated)
     6      2    reserved, must be 0
     8      4    body length in bytes (as sent, i.e. compressed if flagged)
-    12     n    body: a msgpack map (zstd-compressed when flag bit0)
+    12     n    body: a msgpack map (zstd-compressed when flag bit0: exactly one
+                zstd frame that declares its content size, nothing after it)
     12+n   32   HMAC-SHA256(key, header || body) when flag bit1
 
 Every size is capped by a named constant below.  :func:`decode_frame` raises
@@ -25,6 +26,7 @@ import enum
 import hashlib
 import hmac
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -80,7 +82,11 @@ class MsgType(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """A decoded frame: its type, its msgpack body and the key id that signed it."""
+    """A decoded frame: its type, its msgpack body and the key id that signed it.
+
+    ``key_id`` is the id of the key whose HMAC was verified, 0 when none was (no
+    trailer, or a trailer accepted unchecked because no keyring was given).
+    """
 
     msg_type: MsgType
     body: dict[str, Any]
@@ -128,8 +134,48 @@ def _mac(key: bytes, header: bytes, body: bytes) -> bytes:
     return h.digest()
 
 
-_zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-_zd = zstandard.ZstdDecompressor()
+# zstd contexts are not safe to share between threads (the C backend releases the GIL
+# while it works), and a daemon may decode on an executor: one pair per thread.
+_zstd = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    c = getattr(_zstd, "c", None)
+    if c is None:
+        c = _zstd.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_zstd, "d", None)
+    if d is None:
+        d = _zstd.d = zstandard.ZstdDecompressor()
+    return d
+
+
+def _decompress_body(payload: bytes) -> bytes:
+    """Decompress one zstd frame of at most MAX_BODY_BYTES; ProtocolError otherwise."""
+    try:
+        declared = zstandard.get_frame_parameters(payload).content_size
+    except zstandard.ZstdError as e:
+        raise ProtocolError(f"bad zstd frame header: {e}", "bad_compression") from None
+    # The encoder always declares the size (ZstdCompressor.compress does), so demand it:
+    # then the bound is checked before anything is allocated.  (max_output_size alone
+    # does not do it: a declared size is allocated up front, and a forged header
+    # claiming a terabyte was a MemoryError, a few hundred MB a memory spike.)
+    if declared == zstandard.CONTENTSIZE_UNKNOWN:
+        raise ProtocolError("zstd frame does not declare its content size", "bad_compression")
+    if declared > MAX_BODY_BYTES:
+        raise ProtocolError(f"zstd frame declares {declared} bytes, over MAX_BODY_BYTES={MAX_BODY_BYTES}",
+                            "too_large")
+    try:
+        # allow_extra_data=False: the body is exactly one frame, no trailing bytes.
+        out = _decompressor().decompress(payload, max_output_size=MAX_BODY_BYTES, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise ProtocolError(f"bad zstd body: {e}", "bad_compression") from None
+    if len(out) > MAX_BODY_BYTES:
+        raise ProtocolError("decompressed body too large", "too_large")
+    return out
 
 
 def encode_frame(msg_type: MsgType | int, body: Mapping[str, Any], keyring: Keyring | None = None,
@@ -140,7 +186,7 @@ def encode_frame(msg_type: MsgType | int, body: Mapping[str, Any], keyring: Keyr
         raise UsageError(f"frame body of {len(payload)} bytes exceeds MAX_BODY_BYTES={MAX_BODY_BYTES}")
     flags = 0
     if len(payload) >= compress_threshold:
-        packed = _zc.compress(payload)
+        packed = _compressor().compress(payload)
         if len(packed) < len(payload):
             payload, flags = packed, flags | FLAG_ZSTD
     key_id = 0
@@ -193,6 +239,7 @@ def decode_frame(data: bytes, keyring: Keyring | None = None, require_mac: bool 
         raise ProtocolError(f"frame length {len(data)} does not match header ({want})",
                             "truncated" if len(data) < want else "malformed")
     header, payload = data[:HEADER_BYTES], data[HEADER_BYTES:HEADER_BYTES + length]
+    verified = False
     if has_mac:
         key = keyring.keys.get(key_id) if keyring else None
         if key is None:
@@ -200,15 +247,12 @@ def decode_frame(data: bytes, keyring: Keyring | None = None, require_mac: bool 
                 raise ProtocolError(f"frame signed with unknown key id {key_id}", "bad_mac")
         elif not hmac.compare_digest(_mac(key, header, payload), data[HEADER_BYTES + length:]):
             raise ProtocolError("HMAC check failed: wrong cluster key or tampered frame", "bad_mac")
+        else:
+            verified = True
     elif require_mac:
         raise ProtocolError("unauthenticated frame: this cluster requires an HMAC", "unauthenticated")
     if flags & FLAG_ZSTD:
-        try:
-            payload = _zd.decompress(payload, max_output_size=MAX_BODY_BYTES)
-        except zstandard.ZstdError as e:
-            raise ProtocolError(f"bad zstd body: {e}", "bad_compression") from None
-        if len(payload) > MAX_BODY_BYTES:
-            raise ProtocolError("decompressed body too large", "too_large")
+        payload = _decompress_body(payload)
     try:
         body = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=MAX_BODY_BYTES,
                                max_str_len=MAX_STR_LEN, max_array_len=MAX_ARRAY_LEN,
@@ -217,7 +261,8 @@ def decode_frame(data: bytes, keyring: Keyring | None = None, require_mac: bool 
         raise ProtocolError(f"bad msgpack body: {type(e).__name__}", "bad_body") from None
     if not isinstance(body, dict):
         raise ProtocolError("frame body must be a map", "bad_body")
-    return Frame(msg_type, body, key_id if has_mac else 0, len(data))
+    # key_id says who signed only when we checked it; an unchecked trailer proves nothing.
+    return Frame(msg_type, body, key_id if verified else 0, len(data))
 
 
 # --- typed field access for decoded bodies -----------------------------------------------
