@@ -46,6 +46,9 @@ class NodeConfig:
         gateways_per_dc: gateway replicas per shard per DC (WAN fan-in and
             fault tolerance; the paper's local leaders, spread per shard).
         dc_links: DC pairs that exchange directly; empty = full mesh.
+        wan_partners_per_round: cross-DC anti-entropy partners per round; a gateway
+            walks its (remote DC, rank, partner) pairings round-robin, so a full
+            cycle takes ``pairings / wan_partners_per_round`` rounds.
         push: eagerly push updates (False = anti-entropy only, for ablations).
         use_gateways: False lets every replica exchange across the WAN (ablation).
         use_shard_versions: False compares every shard's knowledge every round
@@ -68,6 +71,7 @@ class NodeConfig:
     forget_after: float = 60.0
     gateways_per_dc: int = 2
     dc_links: tuple[tuple[str, str], ...] = ()
+    wan_partners_per_round: int = 4
     push: bool = True
     use_gateways: bool = True
     use_shard_versions: bool = True

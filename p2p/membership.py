@@ -27,7 +27,10 @@ from ekko.errors import ProtocolError
 from ekko.spec import NAME_RE
 
 #: most member entries one gossip message carries.
-MAX_GOSSIP_MEMBERS = 48
+MAX_GOSSIP_MEMBERS = 32
+#: random (not recently changed) entries added to each gossip message: enough to
+#: refresh every heartbeat in O(log n) rounds, few enough to keep idle traffic small.
+RANDOM_GOSSIP_MEMBERS = 6
 #: longest address string accepted.
 MAX_ADDRESS_LEN = 256
 #: entries that changed within this many gossip rounds are always resent.
@@ -141,7 +144,6 @@ class Membership:
         me = self.me
         me.heartbeat += 1
         me.last_change = now
-        me.changed_round = self.round
 
     def merge(self, entries: Iterable[Member], now: float) -> bool:
         """Merge gossiped entries; True when the live set changed."""
@@ -166,8 +168,12 @@ class Membership:
                 if was_dead and e.incarnation == cur.incarnation:
                     continue  # a stale heartbeat from before its death: keep it dead
                 moved = cur.dc != e.dc or cur.address != e.address
+                if moved or e.incarnation != cur.incarnation or cur.state != MemberState.ALIVE:
+                    # Only real changes are resent eagerly; a moved heartbeat alone
+                    # spreads through the random entries of later messages.
+                    cur.changed_round = self.round
                 cur.dc, cur.address, cur.incarnation, cur.heartbeat = e.dc, e.address, e.incarnation, e.heartbeat
-                cur.last_change, cur.changed_round = now, self.round
+                cur.last_change = now
                 if cur.state != MemberState.ALIVE:
                     cur.state = MemberState.ALIVE
                     changed = True
@@ -203,6 +209,14 @@ class Membership:
             self.version += 1
         return died
 
+    def heard_from(self, node_id: str, now: float) -> None:
+        """Direct evidence of life (any message from the member) counts as a heartbeat."""
+        m = self.members.get(node_id)
+        if m is not None and m.node_id != self.node_id and m.state != MemberState.DEAD:
+            m.last_change = now
+            if m.state == MemberState.SUSPECT:
+                m.state, m.changed_round = MemberState.ALIVE, self.round
+
     def declare_dead(self, node_id: str) -> None:
         """Mark a member dead at once (e.g. the transport saw its connection refused repeatedly)."""
         m = self.members.get(node_id)
@@ -210,19 +224,28 @@ class Membership:
             m.state, m.changed_round = MemberState.DEAD, self.round
             self.version += 1
 
-    def gossip_entries(self, rng: random.Random) -> list[list[Any]]:
-        """Entries for one gossip message: ours, recent changes, then random others."""
+    def gossip_entries(self, rng: random.Random, prefer_dc: str | None = None) -> list[list[Any]]:
+        """Entries for one gossip message: ours, recent changes, then random others
+        (drawn from ``prefer_dc`` when given: the receiver's DC, whose members it
+        watches most closely because they share its shards' gateway roles)."""
         out = [self.me]
         recent = [m for m in self.members.values()
                   if m.node_id != self.node_id and self.round - m.changed_round <= RECENT_ROUNDS]
         if len(recent) > MAX_GOSSIP_MEMBERS // 2:
             recent = rng.sample(recent, MAX_GOSSIP_MEMBERS // 2)
         out += recent
-        room = MAX_GOSSIP_MEMBERS - len(out)
+        room = min(RANDOM_GOSSIP_MEMBERS, MAX_GOSSIP_MEMBERS - len(out))
         if room > 0 and len(self.members) > len(out):
             chosen = {m.node_id for m in out}
             others = [m for m in self.members.values() if m.node_id not in chosen]
-            out += rng.sample(others, min(room, len(others)))
+            if prefer_dc is not None:
+                near = [m for m in others if m.dc == prefer_dc]
+                far = [m for m in others if m.dc != prefer_dc]
+                k_far = min(len(far), max(1, room // 3))
+                k_near = min(len(near), room - k_far)
+                out += rng.sample(near, k_near) + rng.sample(far, min(len(far), room - k_near))
+            else:
+                out += rng.sample(others, min(room, len(others)))
         return [m.to_wire() for m in out]
 
 
