@@ -1,1 +1,10 @@
-"""simulator package."""
+"""simulator package: discrete-event core, WAN model and workload generators.
+
+The small public API is re-exported here::
+
+    from simulator import Simulation, WanConfig, WanNetwork, DcSpec
+"""
+
+from simulator.events import Handle, Simulation, Timer
+
+__all__ = ["Handle", "Simulation", "Timer"]

@@ -1,0 +1,225 @@
+"""Event-core throughput: simulator.events against SimPy, same workloads, same run.
+
+Workloads (every variant processes exactly ``--events`` user events and draws the
+same random numbers in the same order):
+
+* ``timers``: N independent "processes", each repeatedly waits an exponential
+  delay (mean 1 s) and increments a shared counter.  Ours: a callback that
+  reschedules itself.  SimPy two ways: idiomatic generator processes
+  (``yield env.timeout(d)``) and its lightest path (``Timeout`` plus a callback).
+* ``timers-rng``: as ``timers`` but each delay is drawn inline with
+  ``random.Random.expovariate`` instead of read from a pre-drawn numpy array,
+  so random-number cost (identical on both sides) dilutes the difference.
+* ``pingpong``: M nodes and K tokens; a node receiving a token counts it and
+  forwards it to a random other node after an exponential delay.  Ours:
+  ``schedule(delay, node.recv, token)``; SimPy: ``Timeout(env, delay, value=token)``
+  with a callback (SimPy's cheapest message-passing form).
+
+Repetitions are interleaved (ours, simpy, ours, simpy, ...) so drift in machine
+speed hits both alike; we report medians of events per second and the ratio.
+Run: ``python bench/sim_core.py [--events 300000] [--reps 7] [--n 1000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import sys
+import time
+
+import numpy as np
+import simpy
+
+from simulator.events import Simulation
+
+SEED = 12345
+
+
+def _delays(count: int) -> list[float]:
+    # a Python list: indexing it costs the same in every variant
+    return np.random.default_rng(SEED).exponential(1.0, count).tolist()
+
+
+# --- timers ---------------------------------------------------------------------------
+
+def ours_timers(n: int, events: int, delays: list[float] | None) -> float:
+    sim = Simulation(SEED)
+    state = [0]
+    if delays is None:
+        draw = random.Random(SEED).expovariate
+
+        def tick() -> None:
+            state[0] += 1
+            if state[0] == events:
+                sim.stop()
+            sim.schedule(draw(1.0), tick)
+    else:
+        it = iter(delays)
+
+        def tick() -> None:  # type: ignore[misc]
+            state[0] += 1
+            if state[0] == events:
+                sim.stop()
+            sim.schedule(next(it), tick)
+
+        draw = None
+    for _ in range(n):
+        sim.schedule(draw(1.0) if draw else next(it), tick)
+    t0 = time.perf_counter()
+    sim.run()
+    dt = time.perf_counter() - t0
+    assert state[0] == events, state
+    return events / dt
+
+
+def simpy_proc_timers(n: int, events: int, delays: list[float] | None) -> float:
+    env = simpy.Environment()
+    state = [0]
+    done = env.event()
+    nxt = random.Random(SEED).expovariate if delays is None else None
+    it = iter(delays) if delays is not None else None
+
+    def proc():
+        while True:
+            yield env.timeout(nxt(1.0) if nxt else next(it))
+            state[0] += 1
+            if state[0] == events:
+                done.succeed()
+
+    for _ in range(n):
+        env.process(proc())
+    t0 = time.perf_counter()
+    env.run(until=done)
+    dt = time.perf_counter() - t0
+    assert state[0] == events, state
+    return events / dt
+
+
+def simpy_cb_timers(n: int, events: int, delays: list[float] | None) -> float:
+    env = simpy.Environment()
+    Timeout = simpy.Timeout
+    state = [0]
+    done = env.event()
+    nxt = random.Random(SEED).expovariate if delays is None else None
+    it = iter(delays) if delays is not None else None
+
+    def tick(_ev) -> None:
+        state[0] += 1
+        if state[0] == events:
+            done.succeed()
+        Timeout(env, nxt(1.0) if nxt else next(it)).callbacks.append(tick)
+
+    for _ in range(n):
+        Timeout(env, nxt(1.0) if nxt else next(it)).callbacks.append(tick)
+    t0 = time.perf_counter()
+    env.run(until=done)
+    dt = time.perf_counter() - t0
+    assert state[0] == events, state
+    return events / dt
+
+
+# --- ping-pong --------------------------------------------------------------------------
+
+def ours_pingpong(m: int, tokens: int, events: int, delays: list[float], dests: list[int]) -> float:
+    sim = Simulation(SEED)
+    state = [0]
+    it, dit = iter(delays), iter(dests)
+
+    class Node:
+        __slots__ = ("received",)
+
+        def __init__(self) -> None:
+            self.received = 0
+
+        def recv(self, token: int) -> None:
+            self.received += 1
+            state[0] += 1
+            if state[0] == events:
+                sim.stop()
+            sim.schedule(next(it), nodes[next(dit)].recv, token)
+
+    nodes = [Node() for _ in range(m)]
+    for k in range(tokens):
+        sim.schedule(next(it), nodes[next(dit)].recv, k)
+    t0 = time.perf_counter()
+    sim.run()
+    dt = time.perf_counter() - t0
+    assert state[0] == events
+    return events / dt
+
+
+def simpy_pingpong(m: int, tokens: int, events: int, delays: list[float], dests: list[int]) -> float:
+    env = simpy.Environment()
+    Timeout = simpy.Timeout
+    state = [0]
+    done = env.event()
+    it, dit = iter(delays), iter(dests)
+
+    class Node:
+        __slots__ = ("received",)
+
+        def __init__(self) -> None:
+            self.received = 0
+
+        def recv(self, ev) -> None:
+            self.received += 1
+            state[0] += 1
+            if state[0] == events:
+                done.succeed()
+            Timeout(env, next(it), value=ev.value).callbacks.append(nodes[next(dit)].recv)
+
+    nodes = [Node() for _ in range(m)]
+    for k in range(tokens):
+        Timeout(env, next(it), value=k).callbacks.append(nodes[next(dit)].recv)
+    t0 = time.perf_counter()
+    env.run(until=done)
+    dt = time.perf_counter() - t0
+    assert state[0] == events
+    return events / dt
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=300_000, help="user events per measurement")
+    ap.add_argument("--reps", type=int, default=7, help="interleaved repetitions (median reported)")
+    ap.add_argument("--n", type=int, default=1000, help="timer processes (timers workloads)")
+    ap.add_argument("--nodes", type=int, default=100, help="nodes M (pingpong)")
+    ap.add_argument("--tokens", type=int, default=1000, help="tokens in flight K (pingpong)")
+    a = ap.parse_args(argv)
+
+    total = a.events + max(a.n, a.tokens) + 10
+    delays = _delays(total)
+    dests = np.random.default_rng(SEED + 1).integers(0, a.nodes, total).tolist()
+
+    variants = {
+        "timers": [("ours", lambda: ours_timers(a.n, a.events, delays)),
+                   ("simpy-process", lambda: simpy_proc_timers(a.n, a.events, delays)),
+                   ("simpy-callback", lambda: simpy_cb_timers(a.n, a.events, delays))],
+        "timers-rng": [("ours", lambda: ours_timers(a.n, a.events, None)),
+                       ("simpy-process", lambda: simpy_proc_timers(a.n, a.events, None)),
+                       ("simpy-callback", lambda: simpy_cb_timers(a.n, a.events, None))],
+        "pingpong": [("ours", lambda: ours_pingpong(a.nodes, a.tokens, a.events, delays, dests)),
+                     ("simpy-callback", lambda: simpy_pingpong(a.nodes, a.tokens, a.events, delays, dests))],
+    }
+    print(f"python {platform.python_version()} ({platform.python_implementation()}) on {platform.machine()}, "
+          f"simpy {simpy.__version__}, numpy {np.__version__}")
+    print(f"events per measurement: {a.events}, reps: {a.reps} (interleaved, median), "
+          f"timers N={a.n}, pingpong M={a.nodes} K={a.tokens}")
+    print(f"{'workload':12s} {'variant':16s} {'events/s (median)':>18s} {'min':>11s} {'max':>11s} {'ours / this':>11s}")
+    for wl, runs in variants.items():
+        samples: dict[str, list[float]] = {name: [] for name, _ in runs}
+        for _ in range(a.reps):
+            for name, fn in runs:
+                samples[name].append(fn())
+        ours = statistics.median(samples["ours"])
+        for name, s in samples.items():
+            med = statistics.median(s)
+            ratio = "" if name == "ours" else f"{ours / med:10.2f}x"
+            print(f"{wl:12s} {name:16s} {med:18,.0f} {min(s):11,.0f} {max(s):11,.0f} {ratio:>11s}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
