@@ -6,5 +6,6 @@ The small public API is re-exported here::
 """
 
 from simulator.events import Handle, Simulation, Timer
+from simulator.network import DcSpec, WanConfig, WanNetwork
 
-__all__ = ["Handle", "Simulation", "Timer"]
+__all__ = ["DcSpec", "Handle", "Simulation", "Timer", "WanConfig", "WanNetwork"]

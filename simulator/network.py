@@ -1,0 +1,642 @@
+"""WAN model: nodes in data centres, NIC and inter-DC link queues, propagation, faults.
+
+Sans-IO style: nothing here opens a socket or reads a clock.  A driver calls
+:meth:`WanNetwork.send` with an opaque payload and its size in bytes (take the
+size from the real codec, ``len(encode_frame(...))``) and the network calls
+``on_deliver(src, dst, payload)`` at the simulated delivery time.
+
+What is modelled (a message is the unit: store-and-forward at every stage)::
+
+    sender NIC egress      FIFO per node, nbytes*8 / nic_bps seconds
+    WAN link (cross-DC)    FIFO per ordered DC pair, nbytes*8 / (capacity*(1-background_load))
+    propagation            rtt/2 (+ U[0, jitter) + reorder delay with prob. `reorder`)
+    receiver NIC ingress   FIFO per node, nbytes*8 / nic_bps seconds
+    delivery               on_deliver(src, dst, payload)
+
+Each queue is a work-conserving FIFO server whose finish time is computed when a
+message reaches it (``start = max(arrival, server_free)``), so a stage costs one
+event, not one per byte or packet: 2 events per intra-DC message, 3 cross-DC.
+Queues are unbounded (no tail drop); :meth:`WanNetwork.wan_backlog_s` and
+:meth:`WanNetwork.egress_backlog_s` expose their depth in seconds so a driver can
+model back-pressure.  ``background_load`` is the share of a WAN link taken by
+inference traffic (the paper's links are shared); it is a constant capacity
+reduction, changeable at run time with :meth:`WanNetwork.set_background_load`.
+
+What is not modelled: TCP congestion control, slow start, retransmission and
+fair sharing between flows (a link serves messages strictly in arrival order, so
+one large message delays every message behind it -- head-of-line blocking like a
+single TCP connection, pessimistic next to many parallel flows); packetization
+and cut-through (a 10 MB message is serialized whole at each stage, so large
+messages pay the NIC time twice); routing through intermediate DCs; connection
+set-up costs; switch fabric limits inside a DC (intra-DC traffic meets only the two
+NICs); CPU time of the endpoints.
+
+Faults: loss (global or per DC pair; lost messages still used the bandwidth),
+duplication (a copy is delivered again, up to ``reorder_delay_ms`` later),
+reordering (extra random delay), :meth:`~WanNetwork.partition` /
+:meth:`~WanNetwork.heal`, one-directional :meth:`~WanNetwork.cut` of a DC pair,
+:meth:`~WanNetwork.crash` / :meth:`~WanNetwork.restart` of a node.  A message
+blocked by a partition, cut or dead endpoint at send time never enters the
+network (a TCP connect would fail); one already in flight is dropped where it
+meets the fault: at the receiver for partitions, cuts and receiver crashes, when
+it would have left the sender's NIC for a sender crash (for intra-DC messages
+that check happens at the receiver -- propagation inside a DC is sub-millisecond).
+Every drop is counted by cause in :attr:`WanNetwork.dropped`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
+
+from ekko.errors import UsageError
+from simulator.events import Simulation
+
+__all__ = ["DcSpec", "WanConfig", "WanNetwork", "DeliverFn", "DROP_CAUSES",
+           "DROP_LOSS", "DROP_PARTITION", "DROP_CUT", "DROP_SRC_DOWN", "DROP_DST_DOWN",
+           "DROP_SRC_CRASHED", "DROP_DST_CRASHED"]
+
+#: on_deliver(src_node_id, dst_node_id, payload)
+DeliverFn = Callable[[Hashable, Hashable, Any], Any]
+
+# drop causes (keys of WanNetwork.dropped)
+DROP_LOSS = "loss"                  #: random loss (global or per DC pair)
+DROP_PARTITION = "partition"        #: endpoints in different partition groups
+DROP_CUT = "cut"                    #: the ordered DC pair is cut
+DROP_SRC_DOWN = "src_down"          #: sent by a crashed node
+DROP_DST_DOWN = "dst_down"          #: sent to a crashed node
+DROP_SRC_CRASHED = "src_crashed"    #: sender crashed before the message left its NIC
+DROP_DST_CRASHED = "dst_crashed"    #: receiver crashed (or restarted) while it was in flight
+DROP_CAUSES = (DROP_LOSS, DROP_PARTITION, DROP_CUT, DROP_SRC_DOWN, DROP_DST_DOWN,
+               DROP_SRC_CRASHED, DROP_DST_CRASHED)
+
+#: background_load must stay below this: at 1.0 a link has no capacity left and
+#: every message would wait forever.
+MAX_BACKGROUND_LOAD = 0.999
+#: sanity bound on a configured round-trip time (a typo guard: 10 s is not a WAN).
+MAX_RTT_MS = 10_000.0
+#: default NIC rate: 25 Gbit/s, a common inference-server NIC.
+DEFAULT_NIC_BPS = 25e9
+#: default WAN capacity per DC pair and direction: 1 Gbit/s, the top of the paper's 0.1-1 Gbit/s.
+DEFAULT_WAN_BPS = 1e9
+#: default round trip inside a DC.
+DEFAULT_INTRA_DC_RTT_MS = 0.5
+
+_MS = 1e-3
+
+
+@dataclass(frozen=True, slots=True)
+class DcSpec:
+    """A data centre.
+
+    Args:
+        name: unique name, used in ``rtt_ms`` keys, overrides and partitions.
+
+    Example:
+        >>> DcSpec("us-east").name
+        'us-east'
+    """
+
+    name: str
+
+
+Pair = tuple[str, str]
+
+
+@dataclass(slots=True)
+class WanConfig:
+    """Topology and fault settings of a :class:`WanNetwork`.  Units are in the names.
+
+    Args:
+        dcs: the data centres (``DcSpec`` or plain names).
+        rtt_ms: round-trip time between DCs in milliseconds: a dict keyed by
+            ``(a, b)`` names (one direction given means both are equal), an N x N
+            matrix in ``dcs`` order, or one number for every pair.  One-way
+            propagation is rtt/2.
+        intra_dc_rtt_ms: round-trip time between two nodes of one DC.
+        nic_bps: NIC rate of every node, bits/s, each direction (full duplex);
+            :meth:`WanNetwork.add_node` can override it per node.
+        wan_capacity_bps: capacity of each ordered DC pair's link, bits/s.
+        wan_capacity_overrides: ``{(a, b): bits/s}`` for particular directions.
+        background_load: fraction [0, 1) of every WAN link used by inference
+            traffic; the model gets ``capacity * (1 - background_load)``.
+        background_load_overrides: ``{(a, b): fraction}`` per direction.
+        loss: probability that a message is lost (every pair, intra-DC included).
+        loss_overrides: ``{(a, b): probability}`` per direction (``(a, a)`` for
+            inside DC a); replaces ``loss`` for that pair.
+        duplicate: probability that a delivered message is delivered twice.
+        reorder: probability that a message gets an extra ``U[0, reorder_delay_ms)``
+            delay, which lets later messages overtake it.
+        reorder_delay_ms: bound of that extra delay (also of a duplicate's lag).
+        jitter_ms: every message's propagation gets ``U[0, jitter_ms)`` extra.
+        per_message_overhead_bytes: bytes added to every message (e.g. ~100 for
+            HTTP + TCP/IP headers); 0 makes sizes exactly what the caller passes.
+
+    Example:
+        >>> cfg = WanConfig(["a", "b"], rtt_ms={("a", "b"): 40.0}, wan_capacity_bps=1e8)
+        >>> cfg.rtt_s("b", "a")
+        0.04
+        >>> WanConfig.uniform(3, rtt_ms=50).dc_names
+        ['dc0', 'dc1', 'dc2']
+    """
+
+    dcs: Sequence[DcSpec | str]
+    rtt_ms: Mapping[Pair, float] | Sequence[Sequence[float]] | float = 50.0
+    intra_dc_rtt_ms: float = DEFAULT_INTRA_DC_RTT_MS
+    nic_bps: float = DEFAULT_NIC_BPS
+    wan_capacity_bps: float = DEFAULT_WAN_BPS
+    wan_capacity_overrides: Mapping[Pair, float] = field(default_factory=dict)
+    background_load: float = 0.0
+    background_load_overrides: Mapping[Pair, float] = field(default_factory=dict)
+    loss: float = 0.0
+    loss_overrides: Mapping[Pair, float] = field(default_factory=dict)
+    duplicate: float = 0.0
+    reorder: float = 0.0
+    reorder_delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    per_message_overhead_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.dcs = [d if isinstance(d, DcSpec) else DcSpec(str(d)) for d in self.dcs]
+        names = self.dc_names
+        if not names or len(set(names)) != len(names):
+            raise UsageError(f"dcs must be non-empty and unique, got {names}")
+        known = set(names)
+        for what, table in (("wan_capacity_overrides", self.wan_capacity_overrides),
+                            ("background_load_overrides", self.background_load_overrides),
+                            ("loss_overrides", self.loss_overrides)):
+            for a, b in table:
+                if a not in known or b not in known:
+                    raise UsageError(f"{what}: unknown DC in pair {(a, b)}")
+        if not self.nic_bps > 0 or not self.wan_capacity_bps > 0:
+            raise UsageError("nic_bps and wan_capacity_bps must be > 0")
+        if any(not v > 0 for v in self.wan_capacity_overrides.values()):
+            raise UsageError("wan_capacity_overrides must be > 0")
+        for v in [self.background_load, *self.background_load_overrides.values()]:
+            _check_load(v)
+        for v in [self.loss, self.duplicate, self.reorder, *self.loss_overrides.values()]:
+            _check_prob(v)
+        for v in (self.intra_dc_rtt_ms, self.reorder_delay_ms, self.jitter_ms):
+            if not 0 <= v <= MAX_RTT_MS:
+                raise UsageError(f"delays must be in [0, {MAX_RTT_MS}] ms, got {v}")
+        if self.per_message_overhead_bytes < 0:
+            raise UsageError("per_message_overhead_bytes must be >= 0")
+        self._rtt_matrix()  # validates rtt_ms now rather than when the network is built
+
+    @property
+    def dc_names(self) -> list[str]:
+        return [d.name for d in self.dcs]  # type: ignore[union-attr]
+
+    @classmethod
+    def uniform(cls, dcs: int | Iterable[str], rtt_ms: float = 50.0, **kw: Any) -> "WanConfig":
+        """Every DC pair at the same RTT; ``dcs`` is a count (named dc0..) or names."""
+        names = [f"dc{i}" for i in range(dcs)] if isinstance(dcs, int) else list(dcs)
+        return cls(names, rtt_ms=rtt_ms, **kw)
+
+    def rtt_s(self, a: str, b: str) -> float:
+        """Round-trip time between DCs ``a`` and ``b`` in seconds."""
+        names = self.dc_names
+        if a == b:
+            return self.intra_dc_rtt_ms * _MS
+        return self._rtt_matrix()[names.index(a)][names.index(b)] * _MS
+
+    def _rtt_matrix(self) -> list[list[float]]:
+        names = self.dc_names
+        n = len(names)
+        rtt = self.rtt_ms
+        if isinstance(rtt, (int, float)):
+            m = [[float(rtt)] * n for _ in range(n)]
+        elif isinstance(rtt, Mapping):
+            pos = {name: i for i, name in enumerate(names)}
+            m = [[float("nan")] * n for _ in range(n)]
+            for (a, b), v in rtt.items():
+                if a not in pos or b not in pos:
+                    raise UsageError(f"rtt_ms: unknown DC in pair {(a, b)}")
+                m[pos[a]][pos[b]] = float(v)
+                if (b, a) not in rtt:
+                    m[pos[b]][pos[a]] = float(v)
+            missing = [(names[i], names[j]) for i in range(n) for j in range(n) if i != j and m[i][j] != m[i][j]]
+            if missing:
+                raise UsageError(f"rtt_ms has no value for DC pairs {missing[:5]}")
+        else:
+            m = [[float(v) for v in row] for row in rtt]
+            if len(m) != n or any(len(row) != n for row in m):
+                raise UsageError(f"rtt_ms matrix must be {n}x{n} (dcs order)")
+        for i in range(n):
+            m[i][i] = self.intra_dc_rtt_ms
+            for j in range(n):
+                if not 0 <= m[i][j] <= MAX_RTT_MS:
+                    raise UsageError(f"rtt_ms[{names[i]}][{names[j]}]={m[i][j]} outside [0, {MAX_RTT_MS}]")
+        return m
+
+
+def _check_prob(p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise UsageError(f"probabilities must be in [0, 1], got {p}")
+
+
+def _check_load(v: float) -> None:
+    if not 0.0 <= v <= MAX_BACKGROUND_LOAD:
+        raise UsageError(f"background_load must be in [0, {MAX_BACKGROUND_LOAD}], got {v}")
+
+
+class WanNetwork:
+    """Nodes placed in data centres exchanging sized messages over a simulated WAN.
+
+    Args:
+        sim: the simulation whose clock and queue carry the messages.
+        config: topology, capacities and faults.
+        rng: random stream for loss, jitter, reordering and duplication;
+            defaults to ``sim.derive_rng("wan")`` so workload draws do not shift
+            network draws (and vice versa) when one of them changes.
+
+    Attributes:
+        dropped: ``Counter`` of dropped messages by cause (``DROP_*``).
+        sent, delivered: messages accepted by :meth:`send` / handed to ``on_deliver``.
+        duplicated: extra copies delivered by the duplication fault.
+        on_drop: optional ``fn(src, dst, payload, cause)`` called for every drop
+            (e.g. to tell a protocol driver its connection failed).
+
+    Example:
+        >>> sim = Simulation(seed=1)
+        >>> net = WanNetwork(sim, WanConfig(["a", "b"], rtt_ms=100, nic_bps=8e6, wan_capacity_bps=8e6))
+        >>> net.add_node("n1", "a"); net.add_node("n2", "b")
+        0
+        1
+        >>> got = []
+        >>> net.send("n1", "n2", "hello", 1000, lambda s, d, p: got.append((round(sim.now, 9), s, d, p)))
+        True
+        >>> _ = sim.run()
+        >>> got  # 1 ms sender NIC + 1 ms WAN + 50 ms propagation + 1 ms receiver NIC
+        [(0.053, 'n1', 'n2', 'hello')]
+        >>> net.wan_bytes
+        {('a', 'b'): 1000}
+    """
+
+    __slots__ = ("sim", "config", "rng", "dropped", "sent", "delivered", "duplicated", "on_drop",
+                 "_dc_pos", "_dc_names", "_ndc", "_index", "_ids", "_dc", "_nic_spb", "_egress_free",
+                 "_ingress_free", "_up", "_inc", "_sent_bytes", "_recv_bytes", "_sent_msgs", "_recv_msgs",
+                 "_link_free", "_link_spb", "_link_bps", "_link_load", "_prop", "_loss", "_wan_bytes",
+                 "_cut", "_groups", "_group_of", "_blocking", "_random", "_jitter", "_reorder",
+                 "_reorder_delay", "_dup", "_overhead")
+
+    def __init__(self, sim: Simulation, config: WanConfig, rng: Any = None) -> None:
+        self.sim, self.config = sim, config
+        self.rng = rng if rng is not None else sim.derive_rng("wan")
+        self.dropped: Counter[str] = Counter()
+        self.sent = self.delivered = self.duplicated = 0
+        self.on_drop: Callable[[Hashable, Hashable, Any, str], Any] | None = None
+        names = config.dc_names
+        self._dc_names = names
+        self._dc_pos = {n: i for i, n in enumerate(names)}
+        n = self._ndc = len(names)
+        # per node (dense index) -- plain lists: scalar indexing is faster than numpy
+        self._index: dict[Hashable, int] = {}
+        self._ids: list[Hashable] = []
+        self._dc: list[int] = []
+        self._nic_spb: list[float] = []       # seconds per byte at the node's NIC
+        self._egress_free: list[float] = []   # when the egress queue drains
+        self._ingress_free: list[float] = []
+        self._up: list[bool] = []
+        self._inc: list[int] = []             # bumped on crash: stale in-flight messages are detected
+        self._sent_bytes: list[int] = []
+        self._recv_bytes: list[int] = []
+        self._sent_msgs: list[int] = []
+        self._recv_msgs: list[int] = []
+        # per ordered DC pair p = a * n + b
+        rtt = config._rtt_matrix()
+        self._prop = [rtt[a][b] * _MS / 2 for a in range(n) for b in range(n)]
+        self._link_free = [0.0] * (n * n)
+        self._link_bps = [config.wan_capacity_overrides.get((names[a], names[b]), config.wan_capacity_bps)
+                          for a in range(n) for b in range(n)]
+        self._link_load = [config.background_load_overrides.get((names[a], names[b]), config.background_load)
+                           for a in range(n) for b in range(n)]
+        self._link_spb = [0.0] * (n * n)
+        for p in range(n * n):
+            self._update_link(p)
+        self._loss = [config.loss_overrides.get((names[a], names[b]), config.loss)
+                      for a in range(n) for b in range(n)]
+        self._wan_bytes = [0] * (n * n)
+        self._cut = [False] * (n * n)
+        self._groups: list[set[Hashable]] | None = None
+        self._group_of: list[int] = []
+        self._jitter = config.jitter_ms * _MS
+        self._reorder = config.reorder
+        self._reorder_delay = config.reorder_delay_ms * _MS
+        self._dup = config.duplicate
+        self._overhead = config.per_message_overhead_bytes
+        self._blocking = False   # any crash, partition or cut in force: check endpoints
+        self._refresh_flags()
+
+    # -- topology ------------------------------------------------------------------------
+
+    def add_node(self, node_id: Hashable, dc: str, nic_bps: float | None = None) -> int:
+        """Place a node in DC ``dc``; returns its dense index (0, 1, ...)."""
+        if node_id in self._index:
+            raise UsageError(f"node {node_id!r} already added")
+        if dc not in self._dc_pos:
+            raise UsageError(f"unknown DC {dc!r}; known: {self._dc_names}")
+        bps = self.config.nic_bps if nic_bps is None else nic_bps
+        if not bps > 0:
+            raise UsageError("nic_bps must be > 0")
+        i = len(self._ids)
+        self._index[node_id] = i
+        self._ids.append(node_id)
+        self._dc.append(self._dc_pos[dc])
+        self._nic_spb.append(8.0 / bps)
+        self._egress_free.append(0.0)
+        self._ingress_free.append(0.0)
+        self._up.append(True)
+        self._inc.append(0)
+        for lst in (self._sent_bytes, self._recv_bytes, self._sent_msgs, self._recv_msgs):
+            lst.append(0)
+        self._group_of.append(self._group_for(node_id, dc))
+        return i
+
+    @property
+    def nodes(self) -> list[Hashable]:
+        return list(self._ids)
+
+    def dc_of(self, node_id: Hashable) -> str:
+        return self._dc_names[self._dc[self._index[node_id]]]
+
+    def nodes_in(self, dc: str) -> list[Hashable]:
+        pos = self._dc_pos[dc]
+        return [nid for nid, d in zip(self._ids, self._dc) if d == pos]
+
+    def is_up(self, node_id: Hashable) -> bool:
+        return self._up[self._index[node_id]]
+
+    # -- sending -------------------------------------------------------------------------
+
+    def send(self, src: Hashable, dst: Hashable, payload: Any, nbytes: int, on_deliver: DeliverFn) -> bool:
+        """Send ``payload`` of ``nbytes`` bytes; ``on_deliver(src, dst, payload)`` runs on arrival.
+
+        Returns False when the message is dropped at once (dead endpoint,
+        partition, cut); loss and in-flight faults are decided later and only
+        show in :attr:`dropped`.  Sending to oneself delivers after zero delay
+        without touching the NIC.
+        """
+        index = self._index
+        s = index[src]
+        d = index[dst]
+        if self._blocking:
+            cause = self._blocked(s, d, at_send=True)
+            if cause is not None:
+                self._drop(cause, s, d, payload)
+                return False
+        sim = self.sim
+        nbytes += self._overhead
+        self.sent += 1
+        self._sent_bytes[s] += nbytes
+        self._sent_msgs[s] += 1
+        if s == d:
+            sim.schedule(0.0, self._deliver, s, d, payload, nbytes, on_deliver, self._inc[d])
+            return True
+        now = sim.now
+        start = self._egress_free[s]
+        if start < now:
+            start = now
+        done = start + nbytes * self._nic_spb[s]
+        self._egress_free[s] = done
+        sdc, ddc = self._dc[s], self._dc[d]
+        p = sdc * self._ndc + ddc
+        if sdc == ddc:
+            arrive = done + self._prop[p]
+            if self._random:
+                arrive += self._extra_delay()
+            sim.schedule_at(arrive, self._arrive, s, d, p, payload, nbytes, on_deliver, self._inc[s], self._inc[d])
+        else:
+            sim.schedule_at(done, self._enter_wan, s, d, p, payload, nbytes, on_deliver, self._inc[s], self._inc[d])
+        return True
+
+    def send_frame(self, src: Hashable, dst: Hashable, frame: bytes, on_deliver: DeliverFn) -> bool:
+        """:meth:`send` an encoded frame; its size is ``len(frame)``."""
+        return self.send(src, dst, frame, len(frame), on_deliver)
+
+    def _extra_delay(self) -> float:
+        rng = self.rng
+        extra = rng.random() * self._jitter if self._jitter else 0.0
+        if self._reorder and rng.random() < self._reorder:
+            extra += rng.random() * self._reorder_delay
+        return extra
+
+    def _enter_wan(self, s: int, d: int, p: int, payload: Any, nbytes: int, on_deliver: DeliverFn,
+                   sinc: int, dinc: int) -> None:
+        # The message has left the sender's NIC and joins the DC pair's link queue.
+        if self._inc[s] != sinc:
+            self._drop(DROP_SRC_CRASHED, s, d, payload)
+            return
+        now = self.sim.now
+        start = self._link_free[p]
+        if start < now:
+            start = now
+        done = start + nbytes * self._link_spb[p]
+        self._link_free[p] = done
+        self._wan_bytes[p] += nbytes
+        arrive = done + self._prop[p]
+        if self._random:
+            arrive += self._extra_delay()
+        # -1: the sender check is done; a later crash of the sender does not recall the bytes
+        self.sim.schedule_at(arrive, self._arrive, s, d, p, payload, nbytes, on_deliver, -1, dinc)
+
+    def _arrive(self, s: int, d: int, p: int, payload: Any, nbytes: int, on_deliver: DeliverFn,
+                sinc: int, dinc: int) -> None:
+        # Last bit reached the receiver: faults in force now apply, then the ingress queue.
+        if sinc >= 0 and self._inc[s] != sinc:
+            self._drop(DROP_SRC_CRASHED, s, d, payload)
+            return
+        if self._inc[d] != dinc:
+            self._drop(DROP_DST_CRASHED, s, d, payload)
+            return
+        if self._blocking:
+            cause = self._blocked(s, d, at_send=False)
+            if cause is not None:
+                self._drop(cause, s, d, payload)
+                return
+        if self._random:
+            rng = self.rng
+            loss = self._loss[p]
+            if loss and rng.random() < loss:
+                self._drop(DROP_LOSS, s, d, payload)
+                return
+            if self._dup and rng.random() < self._dup:
+                self.duplicated += 1
+                lag = rng.random() * self._reorder_delay
+                # the copy is a fresh arrival; sinc=-1 as the sender check already passed
+                self.sim.schedule(lag, self._ingress, s, d, payload, nbytes, on_deliver, dinc)
+        self._ingress(s, d, payload, nbytes, on_deliver, dinc)
+
+    def _ingress(self, s: int, d: int, payload: Any, nbytes: int, on_deliver: DeliverFn, dinc: int) -> None:
+        now = self.sim.now
+        start = self._ingress_free[d]
+        if start < now:
+            start = now
+        done = start + nbytes * self._nic_spb[d]
+        self._ingress_free[d] = done
+        self.sim.schedule_at(done, self._deliver, s, d, payload, nbytes, on_deliver, dinc)
+
+    def _deliver(self, s: int, d: int, payload: Any, nbytes: int, on_deliver: DeliverFn, dinc: int) -> None:
+        if self._inc[d] != dinc:
+            self._drop(DROP_DST_CRASHED, s, d, payload)
+            return
+        self.delivered += 1
+        self._recv_bytes[d] += nbytes
+        self._recv_msgs[d] += 1
+        ids = self._ids
+        on_deliver(ids[s], ids[d], payload)
+
+    def _drop(self, cause: str, s: int, d: int, payload: Any) -> None:
+        self.dropped[cause] += 1
+        if self.on_drop is not None:
+            self.on_drop(self._ids[s], self._ids[d], payload, cause)
+
+    def _blocked(self, s: int, d: int, at_send: bool) -> str | None:
+        if at_send:
+            if not self._up[s]:
+                return DROP_SRC_DOWN
+            if not self._up[d]:
+                return DROP_DST_DOWN
+        if self._group_of[s] != self._group_of[d]:
+            return DROP_PARTITION
+        if self._cut[self._dc[s] * self._ndc + self._dc[d]]:
+            return DROP_CUT
+        return None
+
+    # -- faults --------------------------------------------------------------------------
+
+    def partition(self, groups: Sequence[Iterable[Hashable]]) -> None:
+        """Split the network: nodes in different groups cannot exchange messages.
+
+        Each group lists node ids and/or DC names (a DC stands for all its nodes;
+        a node id wins over its DC).  Nodes in no group form one extra group
+        together.  Replaces any earlier partition; messages in flight across the
+        new boundary are dropped when they arrive.
+        """
+        sets = [set(g) for g in groups]
+        seen: set[Hashable] = set()
+        for g in sets:
+            if g & seen:
+                raise UsageError(f"partition groups overlap: {sorted(map(str, g & seen))}")
+            seen |= g
+        self._groups = sets
+        self._group_of = [self._group_for(nid, self._dc_names[dc]) for nid, dc in zip(self._ids, self._dc)]
+        self._refresh_flags()
+
+    def _group_for(self, node_id: Hashable, dc: str) -> int:
+        if not self._groups:
+            return 0
+        for i, g in enumerate(self._groups):
+            if node_id in g:
+                return i
+        for i, g in enumerate(self._groups):
+            if dc in g:
+                return i
+        return len(self._groups)
+
+    def cut(self, a_dc: str, b_dc: str) -> None:
+        """Drop every message from DC ``a_dc`` to DC ``b_dc`` (one direction only)."""
+        self._cut[self._pair(a_dc, b_dc)] = True
+        self._refresh_flags()
+
+    def uncut(self, a_dc: str, b_dc: str) -> None:
+        self._cut[self._pair(a_dc, b_dc)] = False
+        self._refresh_flags()
+
+    def heal(self) -> None:
+        """Remove the partition and every cut (crashed nodes stay down)."""
+        self._groups = None
+        self._group_of = [0] * len(self._ids)
+        self._cut = [False] * (self._ndc * self._ndc)
+        self._refresh_flags()
+
+    def crash(self, node_id: Hashable) -> None:
+        """Take a node down: its queued and in-flight messages, both ways, are dropped."""
+        i = self._index[node_id]
+        self._up[i] = False
+        self._inc[i] += 1
+        now = self.sim.now
+        # its queues are gone: after a restart it does not wait behind dead messages
+        self._egress_free[i] = min(self._egress_free[i], now)
+        self._ingress_free[i] = min(self._ingress_free[i], now)
+        self._refresh_flags()
+
+    def restart(self, node_id: Hashable) -> None:
+        """Bring a crashed node back; messages sent before the crash stay lost."""
+        self._up[self._index[node_id]] = True
+        self._refresh_flags()
+
+    def set_loss(self, p: float, a_dc: str | None = None, b_dc: str | None = None) -> None:
+        """Set the loss probability of one direction, or of every pair when no DC is given."""
+        _check_prob(p)
+        if a_dc is None:
+            self._loss = [p] * (self._ndc * self._ndc)
+        else:
+            self._loss[self._pair(a_dc, b_dc if b_dc is not None else a_dc)] = p
+        self._refresh_flags()
+
+    def set_background_load(self, a_dc: str, b_dc: str, fraction: float) -> None:
+        """Change the inference traffic share of link a->b (applies to messages entering it from now)."""
+        _check_load(fraction)
+        p = self._pair(a_dc, b_dc)
+        self._link_load[p] = fraction
+        self._update_link(p)
+
+    def set_wan_capacity(self, a_dc: str, b_dc: str, bps: float) -> None:
+        """Change link a->b's capacity in bits/s (applies to messages entering it from now)."""
+        if not bps > 0:
+            raise UsageError("capacity must be > 0")
+        p = self._pair(a_dc, b_dc)
+        self._link_bps[p] = bps
+        self._update_link(p)
+
+    def _update_link(self, p: int) -> None:
+        self._link_spb[p] = 8.0 / (self._link_bps[p] * (1.0 - self._link_load[p]))
+
+    def _pair(self, a: str, b: str) -> int:
+        try:
+            return self._dc_pos[a] * self._ndc + self._dc_pos[b]
+        except KeyError as e:
+            raise UsageError(f"unknown DC {e.args[0]!r}") from None
+
+    def _refresh_flags(self) -> None:
+        self._blocking = (not all(self._up) or self._groups is not None or any(self._cut))
+        self._random = bool(self._jitter or self._reorder or self._dup or any(self._loss))
+
+    # -- accounting ----------------------------------------------------------------------
+
+    @property
+    def wan_bytes(self) -> dict[Pair, int]:
+        """Bytes that entered each WAN link, by ordered DC pair (pairs with traffic only)."""
+        n, names = self._ndc, self._dc_names
+        return {(names[p // n], names[p % n]): b for p, b in enumerate(self._wan_bytes)
+                if b and p // n != p % n}
+
+    @property
+    def wan_bytes_total(self) -> int:
+        """All bytes that crossed between DCs."""
+        n = self._ndc
+        return sum(b for p, b in enumerate(self._wan_bytes) if p // n != p % n)
+
+    def node_bytes(self, node_id: Hashable) -> tuple[int, int]:
+        """``(bytes sent, bytes received)`` by a node (sent counts what its NIC accepted)."""
+        i = self._index[node_id]
+        return self._sent_bytes[i], self._recv_bytes[i]
+
+    def node_messages(self, node_id: Hashable) -> tuple[int, int]:
+        """``(messages sent, messages received)`` by a node."""
+        i = self._index[node_id]
+        return self._sent_msgs[i], self._recv_msgs[i]
+
+    def wan_backlog_s(self, a_dc: str, b_dc: str) -> float:
+        """Seconds of queued work on link a->b (0 when idle): how long a new message waits."""
+        return max(0.0, self._link_free[self._pair(a_dc, b_dc)] - self.sim.now)
+
+    def egress_backlog_s(self, node_id: Hashable) -> float:
+        """Seconds of queued work on a node's NIC egress."""
+        return max(0.0, self._egress_free[self._index[node_id]] - self.sim.now)
+
+    def link_rate_bps(self, a_dc: str, b_dc: str) -> float:
+        """Capacity left to the model on link a->b: capacity * (1 - background_load)."""
+        return 8.0 / self._link_spb[self._pair(a_dc, b_dc)]
