@@ -53,6 +53,8 @@ class NodeConfig:
         use_gateways: False lets every replica exchange across the WAN (ablation).
         use_shard_versions: False compares every shard's knowledge every round
             (no 64-bit shard-version skip; ablation ``ekko-full-scan``).
+        push_grace: seconds after a row's arrival during which cross-DC pull answers
+            hold it back (its eager push is likely in flight); a few WAN RTTs.
         push_frame_bytes: bytes of rows per push frame.
         pull_response_bytes: cap on rows per pull answer (Scuttlebutt's rule).
         queue_rows: bound on rows per outbound link queue.
@@ -75,6 +77,7 @@ class NodeConfig:
     push: bool = True
     use_gateways: bool = True
     use_shard_versions: bool = True
+    push_grace: float = 0.5
     push_frame_bytes: int = 256 << 10
     pull_response_bytes: int = 2 << 20
     queue_rows: int = 1 << 20
@@ -103,7 +106,7 @@ PRESETS: dict[str, NodeConfig] = {
     "local": NodeConfig(),
     "lan": NodeConfig(preset="lan", gossip_interval=0.5, ae_interval=0.5, suspect_after=3.0, dead_after=6.0),
     "wan": NodeConfig(preset="wan", gossip_interval=1.0, ae_interval=1.0, suspect_after=5.0, dead_after=10.0,
-                      forget_after=120.0),
+                      forget_after=120.0, push_grace=1.0),
 }
 
 

@@ -340,6 +340,7 @@ class ReplicaNode:
             if self.config.push:
                 self._push_from_ingest(m, d.table, res, now)
         self.counters["published_rows"] += sum(len(d) for d in deltas)
+        self.flush(now)
         return PublishAck(sum(len(d) for d in deltas), applied, top)
 
     def apply_local(self, delta: Delta, now: float) -> PublishAck:
@@ -403,13 +404,14 @@ class ReplicaNode:
             spec = ts.spec
             limit = self.config.index_rows
             if spec.num_shards == 1:
-                m.shard(d.table, 0).note_applied(res.ids, res.versions, limit)
+                m.shard(d.table, 0).note_applied(res.ids, res.versions, limit, now)
             else:
                 shards = spec.shards_of(res.ids)
                 order = np.argsort(shards, kind="stable")
                 bounds = np.flatnonzero(np.diff(shards[order])) + 1
                 for part in np.split(order, bounds):
-                    m.shard(d.table, int(shards[part[0]])).note_applied(res.ids[part], res.versions[part], limit)
+                    m.shard(d.table, int(shards[part[0]])).note_applied(res.ids[part], res.versions[part], limit,
+                                                                        now)
             m.head = max(m.head, int(counters_of(res.versions).max()))
             self.counters[f"applied_rows_{source}"] += len(res)
             for hook in self.on_apply:
@@ -503,6 +505,8 @@ class ReplicaNode:
                 for p in peers:
                     self._enqueue(p, rows, now)
         self.counters["push_frames_received"] += 1
+        if forward:
+            self.flush(now)
 
     # ------------------------------------------------------------------ internals: gossip
     def catalog_digest(self) -> int:
@@ -761,6 +765,10 @@ class ReplicaNode:
         back = field(body, "back", bool)
         models = field(body, "models", dict)
         mem = self.members.get(sender)
+        # Across the WAN, hold back rows applied moments ago: their eager push is
+        # most likely in flight, and sending them again would cross the WAN twice.
+        grace_from = now - self.config.push_grace if (
+            mem is not None and mem.dc != self.dc and self.config.push) else None
         # Parse and validate everything first.
         parsed: list[tuple[_Model, str, int, Knowledge, np.ndarray, np.ndarray]] = []
         total = 0
@@ -805,6 +813,14 @@ class ReplicaNode:
                 ids = vers = np.zeros(0, np.int64)
             else:
                 ids, vers = sync.newer_than(ts, s, theirs)
+            cut_below = None
+            if grace_from is not None and sync is not None and len(ids):
+                fresh = sync.fresh_since(grace_from)
+                if len(fresh):
+                    held_back = np.isin(ids, fresh)
+                    if held_back.any():
+                        cut_below = int(counters_of(vers[held_back]).min())
+                        ids, vers = ids[~held_back], vers[~held_back]
             if len(hid) and len(ids):
                 # Skip rows the requester already holds at this version or newer.
                 order = np.argsort(hid)
@@ -814,9 +830,9 @@ class ReplicaNode:
                 ids, vers = ids[~have], vers[~have]
             per_row = ts.spec.row_bytes + ROW_OVERHEAD_BYTES
             fit = len(ids) if budget >= len(ids) * per_row else max(0, budget // per_row)
-            cut_below = None
             if fit < len(ids):
-                cut_below = int(counters_of(vers[fit]))
+                c = int(counters_of(vers[fit]))
+                cut_below = c if cut_below is None else min(cut_below, c)
                 ids = ids[:fit]
             budget -= fit * per_row
             delta = None

@@ -54,16 +54,18 @@ class ShardSync:
     loose_below_watermark: bool = False
     _ids: list[np.ndarray] = field(default_factory=list)
     _ctrs: list[np.ndarray] = field(default_factory=list)
+    _times: list[float] = field(default_factory=list)
     _n: int = 0
     pending: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
     # -- recent-row index --------------------------------------------------------------------
-    def note_applied(self, ids: np.ndarray, versions: np.ndarray, limit: int) -> None:
+    def note_applied(self, ids: np.ndarray, versions: np.ndarray, limit: int, now: float = 0.0) -> None:
         """Record rows that took a new version (from :class:`ekko.store.ApplyResult`)."""
         if len(ids) == 0:
             return
         self._ids.append(ids)
         self._ctrs.append(counters_of(versions))
+        self._times.append(now)
         self._n += len(ids)
         if self._n > limit:
             self._compact(limit)
@@ -87,19 +89,26 @@ class ShardSync:
             # only findable by a scan from now on.
             self.loose_below_watermark = True
         self._ids, self._ctrs, self._n = [ids], [ctrs], len(ids)
+        self._times = [self._times[-1] if self._times else 0.0]
 
     def reset_index(self) -> None:
         """Forget the index (after a rollback); lookups fall back to scans."""
-        self._ids, self._ctrs, self._n = [], [], 0
+        self._ids, self._ctrs, self._times, self._n = [], [], [], 0
         self.loose_below_watermark = True
 
     def candidates(self) -> np.ndarray:
         if not self._ids:
             return np.zeros(0, np.int64)
         if len(self._ids) > 1:
-            self._ids = [np.concatenate(self._ids)]
-            self._ctrs = [np.concatenate(self._ctrs)]
+            return np.concatenate(self._ids)
         return self._ids[0]
+
+    def fresh_since(self, t: float) -> np.ndarray:
+        """Ids of rows applied at or after time ``t`` (possibly with repeats)."""
+        parts = [ids for ids, at in zip(self._ids, self._times) if at >= t]
+        if not parts:
+            return np.zeros(0, np.int64)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _needs_scan(self, theirs: Knowledge) -> bool:
         if self.watermark == 0:
