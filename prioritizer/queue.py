@@ -1,0 +1,783 @@
+"""Per-link outbound queues: priority with aging, coalescing, a byte budget and a memory bound.
+
+:class:`PriorityLinkQueue` and :class:`FifoBudgetQueue` implement
+:class:`p2p.outbound.LinkQueue` (put / take / next_ready / rows / dropped).
+Both hold row *references* (the node reads current values when it sends), both
+coalesce a row queued again into its queued entry, both spend a
+:class:`~prioritizer.budget.TokenBucket` and both bound their memory.  They
+differ only in order: priority with aging, or first-in-first-out (the ``fifo``
+baseline the simulator compares against).
+
+Priority order.  Each queued row has an *effective priority* that grows with
+its waiting time (aging), so nothing starves:
+
+    eff(now) = score + B * high + (now - enqueued_at) / aging_s,
+    B = promote_after_s / aging_s
+
+``score`` is the row's priority (:mod:`prioritizer.scoring`, clipped to
+[0, :data:`MAX_SCORE`]), ``high`` whether it was queued as high priority
+(``QueuedRows.high``, or its score at or above the model's top-k% threshold).
+``aging_s`` is the wait worth one unit of score (an update of average magnitude
+at full traffic share); ``B`` is the head start of the high class: a low row
+of score ``s`` ranks with fresh high rows of score ``s`` after
+``promote_after_s`` seconds.  Because aging is *additive* and the same for every
+row, ``eff(now) = key + now / aging_s`` with a per-row constant
+
+    key = score + B * high - enqueued_at / aging_s,
+
+so the order never changes while rows wait: it is decided once, at put time,
+and the queue keeps rows sorted by a static key (a row re-queued keeps the
+greater of its two keys: "the greater priority").
+
+High rows go first and at once.  A row is *high-ish* at ``now`` when
+``eff(now) >= B``: every high row, and every low row that has waited
+``promote_after_s - score * aging_s``.  High-ish rows are always a prefix of
+the key order.  They may spend the whole token bucket; other rows only what is
+above ``high_reserve`` (a fraction of the burst), so a high row arriving behind a
+backlog of low ones finds budget and leaves immediately, and low rows use what
+remains.
+
+Starvation bound.  A low row of score ``s0`` queued at ``t0`` is overtaken only
+by rows with a greater key: a row queued at ``t`` with score ``S <= S_max``
+overtakes it only if ``t < t0 + promote_after_s + (S_max - s0) * aging_s =: T``.
+So at most ``Q0 + lam * (T - t0)`` bytes go before it (``Q0`` queued ahead at
+``t0``, ``lam`` the arrival rate in bytes/s), and with the link spending its rate
+``R`` it is sent by ``t0 + (Q0 + lam * (T - t0) + frame) / R``: finite even when
+``lam > R`` (``tests/prioritizer/test_queue.py`` checks this bound).  It can
+still be *dropped* before that when the queue is over its bound: dropping takes
+the lowest keys, and anti-entropy repairs dropped rows.
+
+Memory bound.  At most ``max_rows`` rows (and ``max_backlog_bytes`` wire
+bytes, if set) stay queued after a put; beyond that the lowest-priority rows
+(FIFO: the oldest, as :class:`p2p.outbound.FifoLinkQueue`) are dropped, down to
+``1 - drop_slack`` of the bound so that the O(queue) selection runs once per
+``drop_slack`` of the bound, not on every put.
+
+Data structures, for throughput (``bench/prioritizer.py``): slots in numpy
+arrays; a vectorized hash index (:mod:`prioritizer.rowindex`) from
+(table, row id) to slot for coalescing; and a *head*: the slots whose key is
+above a cut ``theta``, kept sorted.  Puts add rows above the cut to an unsorted
+incoming list, a take sorts that (small) list and merges it in, and takes a
+prefix.  When the head runs dry it is refilled with the top
+:data:`HEAD_TARGET_ROWS` by one ``argpartition`` over the queue.  Every put and
+take is a handful of vectorized passes over the batch or frame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ekko.errors import UsageError
+from p2p.outbound import DEFAULT_QUEUE_ROWS, QueuedRows
+from prioritizer.budget import TokenBucket
+from prioritizer.quantile import ThresholdTracker
+from prioritizer.rowindex import RowIndex
+
+#: bits of the composite (table, row) key that hold the row id; row ids must be
+#: below 2**47 (1.4e14 rows) and a queue may see at most 2**16 tables.
+ROW_ID_BITS = 47
+#: largest row id a queue accepts.
+MAX_ROW_ID = (1 << ROW_ID_BITS) - 1
+#: most distinct (model, table) pairs one queue may see.
+MAX_TABLES = 1 << (63 - ROW_ID_BITS)
+#: wire bytes of a row besides its value: id + version (as ``QueuedRows.nbytes``).
+ROW_OVERHEAD_BYTES = 16
+#: scores are clipped to [0, MAX_SCORE]; keeps the float64 keys exact to well
+#: below a microsecond of aging for years of enqueue times.
+MAX_SCORE = 1e6
+#: default seconds of waiting worth one unit of score.
+DEFAULT_AGING_S = 2.0
+#: default wait after which a zero-score low row ranks like a fresh high row.
+DEFAULT_PROMOTE_AFTER_S = 10.0
+#: default fraction of the bucket's burst that only high-ish rows may spend.
+DEFAULT_HIGH_RESERVE = 0.25
+#: default hysteresis of the memory bound (drop to 15/16 of it).
+DEFAULT_DROP_SLACK = 1.0 / 16
+#: rows a head refill brings in: large enough that refills (one argpartition
+#: over the queue) are rare, small enough that merging incoming rows is cheap.
+HEAD_TARGET_ROWS = 1 << 16
+#: the head is cut back to HEAD_TARGET_ROWS when incoming rows grow it past this.
+HEAD_MAX_ROWS = 4 * HEAD_TARGET_ROWS
+#: a row becomes high-ish this far (in key units) before the exact instant, so a
+#: take at the instant ``next_ready`` computed is not lost to rounding.
+_KEY_EPS = 1e-9
+#: upper bounds (seconds) of the queueing-latency histogram buckets; the last
+#: bucket (above the largest bound) is open.
+LATENCY_BOUNDS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+                    20.0, 50.0, 100.0, 300.0)
+_LAT_BOUNDS = np.array(LATENCY_BOUNDS_S)
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """Settings of a :class:`PriorityLinkQueue` (the bucket is passed separately).
+
+    Attributes:
+        max_rows: bound on rows queued; beyond it the lowest-priority rows are dropped.
+        max_backlog_bytes: bound on the wire bytes the queued rows would cost
+            (``16 + row_bytes`` each), or None for none.  Bounds the time the
+            backlog takes to drain at the link's rate.
+        drop_slack: when over a bound, drop down to ``(1 - drop_slack)`` of it.
+        aging_s: seconds of waiting that add 1.0 to a row's effective priority.
+        promote_after_s: head start of high rows, in seconds of aging; also the
+            longest a zero-score low row waits before it may spend the high reserve.
+        high_reserve: fraction of the bucket's burst that low rows leave for
+            high-ish ones (0 disables the reserve).
+
+    Example:
+        >>> QueueConfig(max_rows=1000, aging_s=1.0).promote_after_s
+        10.0
+    """
+
+    max_rows: int = DEFAULT_QUEUE_ROWS
+    max_backlog_bytes: int | None = None
+    drop_slack: float = DEFAULT_DROP_SLACK
+    aging_s: float = DEFAULT_AGING_S
+    promote_after_s: float = DEFAULT_PROMOTE_AFTER_S
+    high_reserve: float = DEFAULT_HIGH_RESERVE
+
+    def __post_init__(self) -> None:
+        if self.max_rows < 1:
+            raise UsageError(f"max_rows must be >= 1, got {self.max_rows}")
+        if self.max_backlog_bytes is not None and self.max_backlog_bytes < 1:
+            raise UsageError(f"max_backlog_bytes must be >= 1 or None, got {self.max_backlog_bytes}")
+        if not 0 <= self.drop_slack < 1:
+            raise UsageError(f"drop_slack must be in [0, 1), got {self.drop_slack}")
+        if not (self.aging_s > 0 and math.isfinite(self.aging_s)):
+            raise UsageError(f"aging_s must be finite and > 0, got {self.aging_s}")
+        if not (self.promote_after_s >= 0 and math.isfinite(self.promote_after_s)):
+            raise UsageError(f"promote_after_s must be finite and >= 0, got {self.promote_after_s}")
+        if not 0 <= self.high_reserve < 1:
+            raise UsageError(f"high_reserve must be in [0, 1), got {self.high_reserve}")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """A snapshot of a queue's counters ("high"/"low" is the class rows were queued with).
+
+    Attributes:
+        rows_high, rows_low, bytes_high, bytes_low: current depth (bytes = wire bytes).
+        sent_rows_high, sent_rows_low, sent_bytes_high, sent_bytes_low: taken so far.
+        dropped_rows_high, dropped_rows_low: dropped over the bound so far.
+        coalesced: puts of a row that was already queued (merged, not added).
+        latency_counts_high, latency_counts_low: histogram of queueing latency
+            (take time - first enqueue time) of taken rows, one count per bucket of
+            :data:`LATENCY_BOUNDS_S` plus a last, open bucket.
+        latency_sum_high, latency_sum_low: total latency, seconds.
+        latency_max_high, latency_max_low: largest latency seen, seconds.
+    """
+
+    rows_high: int
+    rows_low: int
+    bytes_high: int
+    bytes_low: int
+    sent_rows_high: int
+    sent_rows_low: int
+    sent_bytes_high: int
+    sent_bytes_low: int
+    dropped_rows_high: int
+    dropped_rows_low: int
+    coalesced: int
+    latency_counts_high: tuple[int, ...]
+    latency_counts_low: tuple[int, ...]
+    latency_sum_high: float
+    latency_sum_low: float
+    latency_max_high: float
+    latency_max_low: float
+
+    def latency_quantile(self, q: float, high: bool = True) -> float:
+        """Upper bound of the histogram bucket holding the ``q`` quantile (NaN if none;
+        inf if it is in the open bucket)."""
+        counts = np.array(self.latency_counts_high if high else self.latency_counts_low)
+        total = int(counts.sum())
+        if total == 0:
+            return math.nan
+        i = int(np.searchsorted(np.cumsum(counts), q * total, side="left"))
+        return LATENCY_BOUNDS_S[i] if i < len(LATENCY_BOUNDS_S) else math.inf
+
+
+class _RowQueue:
+    """Shared machinery: slots, coalescing index, sorted head, budget, bound, counters.
+
+    Subclasses choose the key (:meth:`_keys`), the high-ish cut and the reserve.
+    Rows are sent in descending key order.
+    """
+
+    _drop_highest_keys = False     # FIFO drops the oldest rows, which have the greatest keys
+
+    def __init__(self, bucket: TokenBucket | None, max_rows: int, max_backlog_bytes: int | None,
+                 drop_slack: float, reserve_bytes: float) -> None:
+        self.bucket = bucket
+        self.max_rows = int(max_rows)
+        self.max_backlog_bytes = max_backlog_bytes
+        self.drop_slack = drop_slack
+        self._reserve = float(reserve_bytes)
+        self._index = RowIndex()
+        self._tables: list[tuple[str, str, int]] = []
+        self._tid: dict[tuple[str, str], int] = {}
+        self._min_nb = 0
+        self._cap = 0
+        self._free = np.zeros(0, np.int32)
+        self._nfree = 0
+        self._grow(1024)
+        self._head = np.zeros(0, np.int32)
+        self._incoming: list[np.ndarray] = []
+        self._head_dirty = False
+        self._theta = -math.inf          # every live slot with key > theta is in the head
+        self._t_origin: float | None = None
+        # counters
+        self._rows = self._rows_high = self._bytes = self._bytes_high = 0
+        self._sent_rows = [0, 0]
+        self._sent_bytes = [0, 0]
+        self._dropped_cls = [0, 0]
+        self._coalesced = 0
+        self._lat_counts = [np.zeros(len(LATENCY_BOUNDS_S) + 1, np.int64) for _ in range(2)]
+        self._lat_sum = [0.0, 0.0]
+        self._lat_max = [0.0, 0.0]
+        self._out_parts: list[tuple[np.ndarray, ...]] = []   # taken rows awaiting _frames
+
+    # -- slot storage ---------------------------------------------------------------------
+    def _grow(self, extra: int) -> None:
+        old = self._cap
+        new = max(2 * old, old + extra, 1024)
+
+        def ext(a: np.ndarray | None, dtype: type, fill: object = 0) -> np.ndarray:
+            out = np.full(new, fill, dtype=dtype)
+            if a is not None:
+                out[:old] = a
+            return out
+
+        g = getattr
+        self._rk = ext(g(self, "_rk", None), np.int64)
+        self._ver = ext(g(self, "_ver", None), np.int64)
+        self._key = ext(g(self, "_key", None), np.float64)
+        self._score = ext(g(self, "_score", None), np.float32)
+        self._high = ext(g(self, "_high", None), np.bool_, False)
+        self._t0 = ext(g(self, "_t0", None), np.float64)
+        self._nb = ext(g(self, "_nb", None), np.int64)
+        self._pos = ext(g(self, "_pos", None), np.int64, -1)
+        self._alive = ext(g(self, "_alive", None), np.bool_, False)
+        self._inhead = ext(g(self, "_inhead", None), np.bool_, False)
+        self._moved = ext(g(self, "_moved", None), np.bool_, False)
+        self._scratch = np.empty(new, np.int64)
+        # free list: a stack in free[:nfree]; pushing the new slots highest first
+        # makes the lowest pop first, keeping live slots dense at the bottom
+        free = np.empty(new, np.int32)
+        free[:self._nfree] = self._free[:self._nfree]
+        free[self._nfree:self._nfree + new - old] = np.arange(new - 1, old - 1, -1, dtype=np.int32)
+        self._free = free
+        self._nfree += new - old
+        self._cap = new
+
+    def _alloc(self, k: int) -> np.ndarray:
+        if self._nfree < k:
+            self._grow(k - self._nfree)
+        self._nfree -= k
+        return self._free[self._nfree:self._nfree + k].copy()
+
+    def _release(self, slots: np.ndarray) -> None:
+        """Forget rows (taken or dropped): index, flags, depth counters, free list."""
+        self._index.delete_at(self._pos[slots])
+        self._alive[slots] = False
+        self._inhead[slots] = False
+        hi = self._high[slots]
+        nb = self._nb[slots]
+        nhi = int(np.count_nonzero(hi))
+        self._rows -= slots.shape[0]
+        self._rows_high -= nhi
+        self._bytes -= int(nb.sum())
+        if nhi:
+            self._bytes_high -= int(nb[hi].sum())
+        self._free[self._nfree:self._nfree + slots.shape[0]] = slots
+        self._nfree += slots.shape[0]
+
+    # -- LinkQueue --------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        """Rows currently queued."""
+        return self._rows
+
+    @property
+    def dropped(self) -> int:
+        """Rows dropped so far because the queue was over its bound."""
+        return self._dropped_cls[0] + self._dropped_cls[1]
+
+    @property
+    def queued_bytes(self) -> int:
+        """Wire bytes the queued rows would cost."""
+        return self._bytes
+
+    def _table_id(self, model: str, table: str, row_bytes: int) -> int:
+        t = self._tid.get((model, table))
+        if t is None:
+            if len(self._tables) >= MAX_TABLES:
+                raise UsageError(f"a link queue holds at most {MAX_TABLES} tables")
+            if row_bytes < 0:
+                raise UsageError(f"row_bytes must be >= 0, got {row_bytes}")
+            t = self._tid[(model, table)] = len(self._tables)
+            self._tables.append((model, table, int(row_bytes)))
+            nb = ROW_OVERHEAD_BYTES + int(row_bytes)
+            self._min_nb = nb if self._min_nb == 0 else min(self._min_nb, nb)
+        elif self._tables[t][2] != row_bytes:
+            raise UsageError(f"{model}/{table}: row_bytes changed from {self._tables[t][2]} to {row_bytes}")
+        return t
+
+    def _classify(self, rows: QueuedRows, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Clean float32 scores in [0, MAX_SCORE] and the high flag per row."""
+        if rows.scores is None:
+            score = np.zeros(n, np.float32)
+        else:
+            score = np.asarray(rows.scores, dtype=np.float32)
+            if score.shape != (n,):
+                raise UsageError(f"scores must have shape ({n},), got {score.shape}")
+            # NaN -> 0 and clip: a bad score must not poison the order
+            score = np.clip(np.nan_to_num(score, nan=0.0, posinf=MAX_SCORE), 0.0, MAX_SCORE).astype(np.float32)
+        if rows.high is not None:
+            high = np.asarray(rows.high, dtype=bool)
+            if high.shape != (n,):
+                raise UsageError(f"high must have shape ({n},), got {high.shape}")
+        else:
+            high = self._default_high(rows, score, n)
+        return score, high
+
+    def _default_high(self, rows: QueuedRows, score: np.ndarray, n: int) -> np.ndarray:
+        return np.zeros(n, dtype=bool)
+
+    def _keys(self, score: np.ndarray, high: np.ndarray, now: float, n: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _highish_cut(self, now: float) -> float:
+        """Rows with key >= this may spend the reserve at ``now``."""
+        return -math.inf
+
+    def put(self, rows: QueuedRows, now: float) -> None:
+        """Queue rows; a row already queued keeps the greater version, the greater
+        priority (key and score), high if either was high, and its first enqueue time."""
+        n = len(rows)
+        if n == 0:
+            return
+        ids = np.asarray(rows.ids)
+        vers = np.asarray(rows.versions, dtype=np.int64)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu" or vers.shape != (n,):
+            raise UsageError("ids must be a 1-D integer array and versions int64 of the same shape")
+        ids = ids.astype(np.int64, copy=False)
+        if int(ids.min()) < 0 or int(ids.max()) > MAX_ROW_ID:
+            raise UsageError(f"row ids must be in 0..{MAX_ROW_ID}")
+        nb = ROW_OVERHEAD_BYTES + int(rows.row_bytes)
+        if self.bucket is not None and nb > self.bucket.burst:
+            raise UsageError(f"a {nb}-byte row can never fit the link's {self.bucket.burst:.0f}-byte burst")
+        tid = self._table_id(rows.model, rows.table, int(rows.row_bytes))
+        if self._t_origin is None:
+            self._t_origin = now
+        rk = ids | np.int64(tid << ROW_ID_BITS)
+        score, high = self._classify(rows, n)
+        key = self._keys(score, high, now, n)
+
+        ix = self._index
+        pos = ix.find(rk)
+        found = pos >= 0
+        n_found = int(np.count_nonzero(found))
+        if n_found < n:
+            newpos, rebuilt = ix.claim(rk if n_found == 0 else rk[~found])
+            if rebuilt:
+                self._refresh_positions()
+                if n_found:
+                    pos[found] = ix.find(rk[found])
+            pos[~found] = newpos
+        # duplicates inside the batch share a position: fold them into one item
+        rep = ix.group(pos)
+        dup = np.flatnonzero(rep != np.arange(n))
+        if dup.shape[0]:
+            r = rep[dup]
+            vers, key, score, high = vers.copy(), key.copy(), score.copy(), high.copy()
+            np.maximum.at(vers, r, vers[dup])
+            np.maximum.at(key, r, key[dup])
+            np.maximum.at(score, r, score[dup])
+            np.logical_or.at(high, r, high[dup])
+            keep = np.ones(n, dtype=bool)
+            keep[dup] = False
+            rk, vers, key, score, high, pos, found = (a[keep] for a in (rk, vers, key, score, high, pos, found))
+            self._coalesced += dup.shape[0]
+            n = rk.shape[0]
+            n_found = int(np.count_nonzero(found))
+
+        theta = self._theta
+        if n_found:
+            ei = np.flatnonzero(found) if n_found < n else None
+            p = pos if ei is None else pos[ei]
+            s = ix.vals[p]
+            self._coalesced += s.shape[0]
+            v, k, sc, hg = (vers, key, score, high) if ei is None else (vers[ei], key[ei], score[ei], high[ei])
+            self._ver[s] = np.maximum(self._ver[s], v)
+            self._score[s] = np.maximum(self._score[s], sc)
+            old_key = self._key[s]
+            raised = k > old_key
+            if raised.any():
+                rs = s[raised]
+                self._key[rs] = k[raised]
+                inh = self._inhead[rs]
+                if inh.any():                     # its place in the sorted head is stale
+                    self._head_dirty = True
+                enter = inh | (k[raised] > theta)
+                es = rs[enter]
+                self._inhead[es] = True
+                self._moved[es] = True
+                self._incoming.append(es)
+            up = hg & ~self._high[s]
+            if up.any():
+                us = s[up]
+                self._high[us] = True
+                self._rows_high += us.shape[0]
+                self._bytes_high += int(self._nb[us].sum())
+        n_new = n - n_found
+        if n_new:
+            ni = np.flatnonzero(~found) if n_found else None
+            sel = (lambda a: a) if ni is None else (lambda a: a[ni])
+            slots = self._alloc(n_new)
+            p, k, h = sel(pos), sel(key), sel(high)
+            ix.vals[p] = slots
+            self._pos[slots] = p
+            self._rk[slots] = sel(rk)
+            self._ver[slots] = sel(vers)
+            self._key[slots] = k
+            self._score[slots] = sel(score)
+            self._high[slots] = h
+            self._t0[slots] = now
+            self._nb[slots] = nb
+            self._alive[slots] = True
+            enter = k > theta
+            es = slots if theta == -math.inf else slots[enter]
+            self._inhead[es] = True
+            self._moved[es] = True        # a reused slot may have a stale head entry
+            self._incoming.append(es)
+            nhi = int(np.count_nonzero(h))
+            self._rows += n_new
+            self._rows_high += nhi
+            self._bytes += n_new * nb
+            self._bytes_high += nhi * nb
+        self._enforce_bound()
+
+    def _refresh_positions(self) -> None:
+        live = np.flatnonzero(self._alive)
+        self._pos[live] = self._index.find(self._rk[live])
+
+    # -- the sorted head --------------------------------------------------------------------
+    def _merged_head(self) -> np.ndarray:
+        if self._incoming or self._head_dirty:
+            h = self._head
+            if self._head_dirty:
+                h = h[self._alive[h] & self._inhead[h] & ~self._moved[h]]
+                self._head_dirty = False
+            if self._incoming:
+                inc = self._incoming[0] if len(self._incoming) == 1 else np.concatenate(self._incoming)
+                self._incoming = []
+                if inc.shape[0] > 1:     # a slot may have been re-added; keep one entry
+                    idx = np.arange(inc.shape[0])
+                    self._scratch[inc] = idx
+                    inc = inc[self._scratch[inc] == idx]
+                inc = inc[self._alive[inc] & self._inhead[inc]]
+                self._moved[inc] = False
+                ik = self._key[inc]
+                order = np.argsort(-ik, kind="stable")
+                inc, ik = inc[order], ik[order]
+                if h.shape[0]:
+                    at = np.searchsorted(-self._key[h], -ik, side="right")
+                    h = np.insert(h, at, inc)
+                else:
+                    h = inc
+            if h.shape[0] > HEAD_MAX_ROWS:
+                self._inhead[h[HEAD_TARGET_ROWS:]] = False
+                self._theta = float(self._key[h[HEAD_TARGET_ROWS]])
+                h = h[:HEAD_TARGET_ROWS]
+            self._head = h
+        if self._head.shape[0] == 0 and self._rows:
+            self._refill()
+        return self._head
+
+    def _refill(self) -> None:
+        live = np.flatnonzero(self._alive)
+        keys = self._key[live]
+        if live.shape[0] > HEAD_TARGET_ROWS:
+            part = np.argpartition(-keys, HEAD_TARGET_ROWS)
+            self._theta = float(keys[part[HEAD_TARGET_ROWS]])
+            live, keys = live[part[:HEAD_TARGET_ROWS]], keys[part[:HEAD_TARGET_ROWS]]
+        else:
+            self._theta = -math.inf
+        h = live[np.argsort(-keys, kind="stable")].astype(np.int32)
+        self._inhead[:] = False
+        self._inhead[h] = True
+        self._moved[:] = False
+        self._incoming = []
+        self._head_dirty = False
+        self._head = h
+
+    # -- the bound --------------------------------------------------------------------------
+    def _enforce_bound(self) -> None:
+        over_rows = self._rows > self.max_rows
+        over_bytes = self.max_backlog_bytes is not None and self._bytes > self.max_backlog_bytes
+        if not (over_rows or over_bytes):
+            return
+        keep = 1.0 - self.drop_slack
+        need_rows = self._rows - int(self.max_rows * keep) if over_rows else 0
+        need_bytes = self._bytes - int(self.max_backlog_bytes * keep) if over_bytes else 0
+        live = np.flatnonzero(self._alive)
+        vk = self._key[live]
+        if self._drop_highest_keys:
+            vk = -vk
+        kk = need_rows
+        if need_bytes > 0:
+            kk = max(kk, -(-need_bytes // self._min_nb))
+        kk = min(kk, live.shape[0])
+        if kk < live.shape[0]:
+            part = np.argpartition(vk, kk - 1)[:kk]
+            live, vk = live[part], vk[part]
+        cand = live[np.argsort(vk, kind="stable")]
+        m = need_rows
+        if need_bytes > 0:
+            cs = np.cumsum(self._nb[cand])
+            m = max(m, int(np.searchsorted(cs, need_bytes, side="left")) + 1)
+        victims = cand[:m].astype(np.int32)
+        nhi = int(np.count_nonzero(self._high[victims]))
+        self._dropped_cls[1] += nhi
+        self._dropped_cls[0] += victims.shape[0] - nhi
+        if self._inhead[victims].any():
+            self._head_dirty = True
+        self._release(victims)
+
+    # -- sending ----------------------------------------------------------------------------
+    def take(self, now: float, max_bytes: int) -> list[QueuedRows]:
+        """Remove and return the rows to send now: the longest prefix of the priority
+        order that fits ``max_bytes`` (at least one row) and the token bucket, low
+        rows leaving the high reserve untouched.  Spends the bucket."""
+        if self._rows == 0:
+            return []
+        tokens = self.bucket.available(now) if self.bucket is not None else math.inf
+        cut = self._highish_cut(now)
+        nb_all, key_all = self._nb, self._key
+        chunks: list[np.ndarray] = []
+        used = 0
+        cap_bytes = -1
+        while self._rows:
+            h = self._merged_head()
+            if cap_bytes < 0:
+                cap_bytes = max(int(max_bytes), int(nb_all[h[0]]))
+            l_all = min(cap_bytes, tokens) - used
+            l_low = min(cap_bytes, tokens - self._reserve) - used
+            if l_all < self._min_nb:
+                break
+            limit = h.shape[0] if math.isinf(l_all) else min(h.shape[0], int(l_all // self._min_nb) + 1)
+            pre = h[:limit]
+            cs = np.cumsum(nb_all[pre])
+            n_hi = limit if cut == -math.inf else int(np.count_nonzero(key_all[pre] >= cut))
+            n = int(np.searchsorted(cs[:n_hi], l_all, side="right"))
+            if n == n_hi and n_hi < limit:
+                n += int(np.searchsorted(cs[n_hi:], l_low, side="right"))
+            if n == 0:
+                break
+            sel = pre[:n]
+            chunks.append(sel)
+            used += int(cs[n - 1])
+            self._head = h[n:]
+            self._release_taken(sel, now)
+            if n < h.shape[0]:
+                break
+        if not chunks:
+            return []
+        if self.bucket is not None:
+            ok = self.bucket.consume(used, now)
+            assert ok, "take selected more than the bucket held"
+        return self._frames(chunks)
+
+    def _release_taken(self, sel: np.ndarray, now: float) -> None:
+        # gather what the frames need before the slots can be reused
+        self._out_parts.append((self._rk[sel], self._ver[sel], self._score[sel], self._high[sel], self._t0[sel]))
+        hi = self._high[sel]
+        lat = np.maximum(now - self._t0[sel], 0.0)
+        nb = self._nb[sel]
+        for c, m in ((1, hi), (0, ~hi)):
+            if c == 1:
+                cnt = int(np.count_nonzero(m))
+                if cnt == 0:
+                    continue
+                lt, b = lat[m], nb[m]
+            else:
+                cnt = sel.shape[0] - int(np.count_nonzero(hi))
+                if cnt == 0:
+                    continue
+                lt, b = (lat, nb) if cnt == sel.shape[0] else (lat[m], nb[m])
+            self._sent_rows[c] += cnt
+            self._sent_bytes[c] += int(b.sum())
+            self._lat_counts[c] += np.bincount(np.searchsorted(_LAT_BOUNDS, lt, side="left"),
+                                               minlength=len(LATENCY_BOUNDS_S) + 1)
+            self._lat_sum[c] += float(lt.sum())
+            self._lat_max[c] = max(self._lat_max[c], float(lt.max()))
+        self._release(sel)
+
+    def _frames(self, chunks: list[np.ndarray]) -> list[QueuedRows]:
+        parts, self._out_parts = self._out_parts, []
+        if len(parts) == 1:
+            rk, ver, sc, hg, t0 = parts[0]
+        else:
+            rk, ver, sc, hg, t0 = (np.concatenate(x) for x in zip(*parts))
+        tids = rk >> ROW_ID_BITS
+        ids = rk & np.int64(MAX_ROW_ID)
+        t_first = int(tids[0])
+        if (tids == t_first).all():
+            groups = [(t_first, None)]
+        else:
+            # one QueuedRows per table, tables in the order their best row comes, rows
+            # in priority order within each
+            order = np.argsort(tids, kind="stable")
+            st = tids[order]
+            starts = np.flatnonzero(np.r_[True, st[1:] != st[:-1]])
+            ends = np.r_[starts[1:], st.shape[0]]
+            firsts = order[starts]
+            groups = [(int(st[a]), order[a:b]) for _, a, b in sorted(zip(firsts.tolist(), starts, ends))]
+        out = []
+        for t, g in groups:
+            model, table, row_bytes = self._tables[t]
+            pick = (lambda a: a) if g is None else (lambda a: a[g])
+            out.append(QueuedRows(model, table, pick(ids), pick(ver), row_bytes,
+                                  scores=pick(sc), high=pick(hg),
+                                  enqueued_at=pick(t0)))
+        return out
+
+    def next_ready(self, now: float) -> float | None:
+        """Earliest time :meth:`take` returns rows, assuming no further puts; None when empty."""
+        if self._rows == 0:
+            return None
+        if self.bucket is None or self.bucket.unlimited:
+            return now
+        h = self._merged_head()
+        top = int(h[0])
+        b = float(self._nb[top])
+        wait_all = self.bucket.time_until(b, now)
+        if self._key[top] >= self._highish_cut(now):
+            return now + wait_all
+        t_low = now + self.bucket.time_until(b + self._reserve, now)
+        t_high = max(self._highish_at(float(self._key[top])), now + wait_all)
+        return min(t_low, t_high)
+
+    def _highish_at(self, key: float) -> float:
+        return math.inf
+
+    def stats(self) -> QueueStats:
+        """Counters for metrics: depth, bytes sent, drops and queueing latency, by class."""
+        return QueueStats(
+            rows_high=self._rows_high, rows_low=self._rows - self._rows_high,
+            bytes_high=self._bytes_high, bytes_low=self._bytes - self._bytes_high,
+            sent_rows_high=self._sent_rows[1], sent_rows_low=self._sent_rows[0],
+            sent_bytes_high=self._sent_bytes[1], sent_bytes_low=self._sent_bytes[0],
+            dropped_rows_high=self._dropped_cls[1], dropped_rows_low=self._dropped_cls[0],
+            coalesced=self._coalesced,
+            latency_counts_high=tuple(int(x) for x in self._lat_counts[1]),
+            latency_counts_low=tuple(int(x) for x in self._lat_counts[0]),
+            latency_sum_high=self._lat_sum[1], latency_sum_low=self._lat_sum[0],
+            latency_max_high=self._lat_max[1], latency_max_low=self._lat_max[0])
+
+
+class PriorityLinkQueue(_RowQueue):
+    """Link queue in priority order with aging, a high-priority reserve, coalescing and a bound.
+
+    See the module docstring for the order, the reserve and the starvation bound.
+
+    Args:
+        bucket: the link's token bucket (None = unlimited; e.g.
+            ``LinkBudgets().bucket(local_dc, peer_dc)``).
+        config: bounds and aging; see :class:`QueueConfig`.
+        threshold: classifies rows put with ``high=None`` but with scores (the
+            queue only reads it; whoever scores updates it once per batch).
+
+    Example:
+        >>> import numpy as np
+        >>> from p2p.outbound import QueuedRows
+        >>> q = PriorityLinkQueue()
+        >>> q.put(QueuedRows("m", "t", np.array([1, 2, 3]), np.array([5, 5, 5]), 8,
+        ...                  scores=np.array([0.5, 3.0, 1.0], np.float32)), now=0.0)
+        >>> q.put(QueuedRows("m", "t", np.array([4]), np.array([6]), 8,
+        ...                  scores=np.array([0.1], np.float32), high=np.array([True])), now=0.5)
+        >>> q.put(QueuedRows("m", "t", np.array([1]), np.array([9]), 8,
+        ...                  scores=np.array([0.2], np.float32)), now=1.0)   # coalesces into row 1
+        >>> [(f.ids.tolist(), f.versions.tolist()) for f in q.take(now=1.0, max_bytes=48)]
+        [([4, 2], [6, 5])]
+        >>> [f.ids.tolist() for f in q.take(now=1.0, max_bytes=1000)], q.rows
+        ([[3, 1]], 0)
+    """
+
+    def __init__(self, bucket: TokenBucket | None = None, config: QueueConfig | None = None,
+                 threshold: ThresholdTracker | None = None) -> None:
+        cfg = config or QueueConfig()
+        reserve = 0.0 if bucket is None or bucket.unlimited else cfg.high_reserve * bucket.burst
+        super().__init__(bucket, cfg.max_rows, cfg.max_backlog_bytes, cfg.drop_slack, reserve)
+        self.config = cfg
+        self.threshold = threshold
+        self._inv_aging = 1.0 / cfg.aging_s
+        self._boost = cfg.promote_after_s / cfg.aging_s
+
+    def _default_high(self, rows: QueuedRows, score: np.ndarray, n: int) -> np.ndarray:
+        if self.threshold is not None and rows.scores is not None:
+            return self.threshold.is_high(rows.model, score)
+        return np.zeros(n, dtype=bool)
+
+    def _keys(self, score: np.ndarray, high: np.ndarray, now: float, n: int) -> np.ndarray:
+        # time relative to the first put keeps the float64 keys small and exact
+        base = -(now - self._t_origin) * self._inv_aging
+        key = score.astype(np.float64)
+        key += base
+        if high.any():
+            key += high * self._boost
+        return key
+
+    def _highish_cut(self, now: float) -> float:
+        if self._t_origin is None:
+            return -math.inf
+        return self._boost - (now - self._t_origin) * self._inv_aging - _KEY_EPS
+
+    def _highish_at(self, key: float) -> float:
+        return self._t_origin + (self._boost - key) * self.config.aging_s
+
+
+class FifoBudgetQueue(_RowQueue):
+    """First-in-first-out link queue with the same bucket, coalescing and bound (the ``fifo`` baseline).
+
+    A row queued again keeps its first position and its newest version.  Scores
+    and the high flag are carried (coalesced, and reported in :meth:`stats` by
+    class) but never change the order.  Over the bound the *oldest* rows are
+    dropped, as :class:`p2p.outbound.FifoLinkQueue` does (``drop="newest"``
+    drops the youngest instead).
+
+    Args:
+        bucket: the link's token bucket (None = unlimited).
+        max_rows, max_backlog_bytes, drop_slack: the bound, as in :class:`QueueConfig`.
+        drop: ``"oldest"`` or ``"newest"``.
+
+    Example:
+        >>> import numpy as np
+        >>> from p2p.outbound import QueuedRows
+        >>> q = FifoBudgetQueue(TokenBucket(rate_bytes_per_s=240, burst_bytes=48))
+        >>> q.put(QueuedRows("m", "t", np.array([1, 2]), np.array([5, 5]), 8), now=0.0)
+        >>> q.put(QueuedRows("m", "t", np.array([2, 3]), np.array([9, 9]), 8), now=0.0)
+        >>> [(f.ids.tolist(), f.versions.tolist()) for f in q.take(now=0.0, max_bytes=10_000)]
+        [([1, 2], [5, 9])]
+        >>> q.next_ready(now=0.0)
+        0.1
+    """
+
+    def __init__(self, bucket: TokenBucket | None = None, max_rows: int = DEFAULT_QUEUE_ROWS,
+                 max_backlog_bytes: int | None = None, drop_slack: float = DEFAULT_DROP_SLACK,
+                 drop: str = "oldest") -> None:
+        if drop not in ("oldest", "newest"):
+            raise UsageError(f"drop must be 'oldest' or 'newest', got {drop!r}")
+        QueueConfig(max_rows=max_rows, max_backlog_bytes=max_backlog_bytes, drop_slack=drop_slack)  # validate
+        super().__init__(bucket, max_rows, max_backlog_bytes, drop_slack, 0.0)
+        self._drop_highest_keys = drop == "oldest"
+        self._seq = 0.0
+
+    def _keys(self, score: np.ndarray, high: np.ndarray, now: float, n: int) -> np.ndarray:
+        # earlier puts get greater keys; coalescing keeps the greater, i.e. the first place
+        key = -(self._seq + np.arange(n, dtype=np.float64))
+        self._seq += n
+        return key
