@@ -2,10 +2,13 @@
 
 The small public API is re-exported here::
 
-    from simulator import Simulation, WanConfig, WanNetwork, DcSpec
+    from simulator import Simulation, WanConfig, WanNetwork, Workload, WorkloadConfig
 """
 
 from simulator.events import Handle, Simulation, Timer
 from simulator.network import DcSpec, WanConfig, WanNetwork
+from simulator.workload import (Burst, DenseTable, SparseTable, UpdateBatch, Workload, WorkloadConfig,
+                                ZipfRows)
 
-__all__ = ["DcSpec", "Handle", "Simulation", "Timer", "WanConfig", "WanNetwork"]
+__all__ = ["Burst", "DcSpec", "DenseTable", "Handle", "Simulation", "SparseTable", "Timer", "UpdateBatch",
+           "WanConfig", "WanNetwork", "Workload", "WorkloadConfig", "ZipfRows"]
