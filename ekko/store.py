@@ -6,7 +6,8 @@ the protocol scans and compares them on the CPU, and only the rows that win are
 copied to the device.  Applying a delta is vectorized end to end: a gather of
 the current versions, a compare, a scatter of the winners' versions and one
 ``index_copy_`` of the winning rows.  Duplicate ids inside one delta (rare)
-are first collapsed to the greatest version of each.
+are detected among the winners without a sort and collapsed to the greatest
+version of each.
 """
 
 from __future__ import annotations
@@ -98,24 +99,23 @@ class TableStore:
             if with_values else None)
         self._shard_hash: dict[int, bytes] = {}
         self._dirty = np.ones(spec.num_shards, dtype=bool)
+        self._tags = _EMPTY  # scratch for apply's duplicate check, grown on demand
 
     # -- writes -----------------------------------------------------------------------------
     def apply(self, delta: Delta, capture_old: bool = False) -> ApplyResult:
         """Apply a delta in place; rows change only where the incoming version is greater.
 
-        The delta must already be validated (:meth:`Delta.check`).
+        Several copies of one row in the delta resolve to the greatest version (copies
+        with the same id and version are one update; any of them is taken).  The delta
+        must already be validated (:meth:`Delta.check`); a delta the store cannot take
+        raises :class:`UsageError` before anything changes.
         """
         n = len(delta)
         if n == 0:
             return ApplyResult(_EMPTY, _EMPTY, _EMPTY)
-        if n > 1:
-            # Duplicate ids are rare (a publisher sends each row once per publish), so
-            # detect them with one sort and collapse only then; the common path is
-            # a gather, a compare and a scatter.
-            s = np.sort(delta.ids)
-            if (s[1:] == s[:-1]).any():
-                delta = delta.latest_per_row()
-                n = len(delta)
+        if self.values is not None and delta.values is None and (delta.tombstone is None
+                                                                 or not delta.tombstone.all()):
+            raise UsageError(f"{delta.model}/{delta.table}: delta without values for a store with values")
         ids, inc = delta.ids, delta.versions
         old = self.versions[ids]
         win = inc > old
@@ -127,6 +127,11 @@ class TableStore:
             if len(pos) == 0:
                 return ApplyResult(_EMPTY, _EMPTY, _EMPTY)
             wid, old_w, new_w = ids[pos], old[pos], inc[pos]
+        if len(wid) > 1:
+            keep = self._one_per_row(wid, old_w, new_w)
+            if keep is not None:
+                pos = keep if pos is None else pos[keep]
+                wid, old_w, new_w = wid[keep], old_w[keep], new_w[keep]
         self.versions[wid] = new_w
         old_values = None
         tomb = None
@@ -144,13 +149,38 @@ class TableStore:
                     src = src.clone()
                     src[torch.from_numpy(tomb).to(self.device)] = 0
                 self.values.index_copy_(0, idx, src)
-            elif tomb is not None and tomb.all():
+            else:  # all tombstones, checked above
                 self.values.index_fill_(0, idx, 0)
-            else:
-                raise UsageError(f"{delta.model}/{delta.table}: delta without values for a store with values")
         self.tombstone[wid] = tomb if tomb is not None else False
         self._mark_dirty(wid)
         return ApplyResult(wid, new_w, old_w, old_values)
+
+    def _one_per_row(self, wid: np.ndarray, old_w: np.ndarray, new_w: np.ndarray) -> np.ndarray | None:
+        """None when the winning ids are distinct, else positions of one greatest copy per id.
+
+        Uses the version array as scratch instead of sorting (a sort of 100k ids cost
+        more than the rest of the bookkeeping together): each position writes a
+        distinct negative tag to its row, and a row whose tag is not its own was
+        written twice.  The caller then overwrites every tagged row with its version.
+        """
+        m = len(wid)
+        if len(self._tags) < m:
+            self._tags = -1 - np.arange(max(m, 2 * len(self._tags)), dtype=np.int64)
+        tag = self._tags[:m]
+        v = self.versions
+        try:
+            v[wid] = tag
+            if np.array_equal(v[wid], tag):
+                return None
+            # Duplicates: tags are negative, so the maximum is the greatest copy's version;
+            # then tag again among the greatest copies to keep exactly one per row.
+            np.maximum.at(v, wid, new_w)
+            best = np.flatnonzero(v[wid] == new_w)
+            v[wid[best]] = tag[:len(best)]
+            return best[v[wid[best]] == tag[:len(best)]]
+        except BaseException:
+            v[wid] = old_w   # every copy of a row saw the same old version
+            raise
 
     def restore_rows(self, ids: np.ndarray, versions: np.ndarray, values: np.ndarray | None,
                      tombstone: np.ndarray | None = None) -> None:
@@ -160,11 +190,11 @@ class TableStore:
         """
         if len(ids) == 0:
             return
+        if self.values is not None and values is None:
+            raise UsageError("restore_rows needs values on a store with values")
         self.versions[ids] = versions
         self.tombstone[ids] = tombstone if tombstone is not None else False
         if self.values is not None:
-            if values is None:
-                raise UsageError("restore_rows needs values on a store with values")
             idx = torch.from_numpy(np.ascontiguousarray(ids)).to(self.device)
             self.values.index_copy_(0, idx, from_wire_values(np.ascontiguousarray(values), self.spec.dtype,
                                                               self.device))
