@@ -158,7 +158,8 @@ class ReplicaNode:
     def __init__(self, node_id: str, dc: str, address: str, *, config: NodeConfig | None = None,
                  rng: random.Random | None = None, now: float = 0.0, incarnation: int = 1,
                  seeds: tuple[str, ...] | list[str] = (), device: Any = None, with_values: bool = True,
-                 queue_factory: QueueFactory | None = None) -> None:
+                 queue_factory: QueueFactory | None = None, membership: Membership | None = None,
+                 topology: Topology | None = None) -> None:
         check_name("node id", node_id)
         check_name("dc", dc)
         self.node_id, self.dc, self.address = node_id, dc, address
@@ -168,9 +169,13 @@ class ReplicaNode:
         self.with_values = with_values
         self.seeds = [s for s in seeds if s != address]
         c = self.config
-        self.members = Membership(node_id, dc, address, incarnation, now,
-                                  MembershipConfig(c.suspect_after, c.dead_after, c.forget_after))
-        self.topology = Topology(c.gateways_per_dc, DcGraph(frozenset(c.dc_links)))
+        # A shared, externally maintained member view (the simulator's scale mode:
+        # 10,000 full views would need 10^8 entries) turns membership gossip off.
+        self.static_membership = membership is not None
+        self.members = membership or Membership(node_id, dc, address, incarnation, now,
+                                                MembershipConfig(c.suspect_after, c.dead_after, c.forget_after))
+        self.topology = topology or Topology(c.gateways_per_dc, DcGraph(frozenset(c.dc_links)))
+        self._peers_cache: dict[str | None, tuple[int, list[str]]] = {}
         self.models: dict[str, _Model] = {}
         self._catalog_digest: int | None = None
         self.queue_factory: QueueFactory = queue_factory or (lambda peer, dc: FifoLinkQueue(c.queue_rows))
@@ -214,7 +219,7 @@ class ReplicaNode:
         t = frame.msg_type
         self.counters[f"rx_{t.name.lower()}"] += 1
         sender = body.get("from")
-        if isinstance(sender, str):
+        if isinstance(sender, str) and not self.static_membership:
             self.members.heard_from(sender, now)
         if t == MsgType.GOSSIP:
             kind = field(body, "k", str)
@@ -370,7 +375,7 @@ class ReplicaNode:
             models[name] = {"tables": tables, "head": m.head, "traffic_share": m.spec.traffic_share,
                             "lag_s": self.freshness_lag(name)}
         return {"node_id": self.node_id, "dc": self.dc, "address": self.address,
-                "incarnation": self.members.me.incarnation, "models": models}
+                "incarnation": self._incarnation(), "models": models}
 
     def cluster_view(self) -> list[dict[str, Any]]:
         """Every member with its DC, state and per-model freshness lag (seconds)."""
@@ -419,9 +424,20 @@ class ReplicaNode:
         return res
 
     # ------------------------------------------------------------------ internals: push
+    def _incarnation(self) -> int:
+        me = self.members.get(self.node_id)
+        return me.incarnation if me is not None else 0
+
     def _live_peers(self, dc: str | None = None) -> list[str]:
-        return [mem.node_id for mem in self.members.members.values()
-                if mem.node_id != self.node_id and mem.state != MemberState.DEAD and (dc is None or mem.dc == dc)]
+        """Live members other than us (in ``dc`` when given); cached per membership version."""
+        version = self.members.version
+        hit = self._peers_cache.get(dc)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        peers = [mem.node_id for mem in self.members.members.values()
+                 if mem.node_id != self.node_id and mem.state != MemberState.DEAD and (dc is None or mem.dc == dc)]
+        self._peers_cache[dc] = (version, peers)
+        return peers
 
     def _refresh_topology(self) -> None:
         live = {mem.node_id: mem.dc for mem in self.members.alive()}
@@ -527,6 +543,8 @@ class ReplicaNode:
         return body
 
     def _gossip_round(self, now: float) -> None:
+        if self.static_membership:
+            return
         self.members.tick(now)
         died = self.members.check(now)
         if died:
