@@ -170,6 +170,9 @@ class Simulation:
         self._phantom = 0     # loop iterations that ran no user callback (bucket of cancelled)
         self._running = False
 
+    def __repr__(self) -> str:
+        return f"Simulation(seed={self.seed!r}, now={self.now!r}, events={self.events}, pending={self.pending})"
+
     # -- random streams ------------------------------------------------------------------
 
     def derive_seed(self, label: str) -> int:
@@ -327,7 +330,10 @@ class Simulation:
         return self._times[0] if self._times else math.inf
 
     def stop(self) -> None:
-        """Make :meth:`run` return after the current callback (events left stay queued)."""
+        """Make :meth:`run` return after the current callback (events left stay queued).
+
+        Called outside a run, it makes the next run return before any event.
+        """
         self.schedule(0.0, _raise_stop, priority=STOP_PRIORITY)
 
     def run(self, until: float | None = None, max_events: int | None = None) -> int:

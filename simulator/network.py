@@ -279,7 +279,7 @@ class WanNetwork:
                  "_ingress_free", "_up", "_inc", "_sent_bytes", "_recv_bytes", "_sent_msgs", "_recv_msgs",
                  "_link_free", "_link_spb", "_link_bps", "_link_load", "_prop", "_loss", "_wan_bytes",
                  "_cut", "_groups", "_group_of", "_blocking", "_random", "_jitter", "_reorder",
-                 "_reorder_delay", "_dup", "_overhead")
+                 "_reorder_delay", "_dup", "_overhead", "_down")
 
     def __init__(self, sim: Simulation, config: WanConfig, rng: Any = None) -> None:
         self.sim, self.config = sim, config
@@ -326,6 +326,7 @@ class WanNetwork:
         self._reorder_delay = config.reorder_delay_ms * _MS
         self._dup = config.duplicate
         self._overhead = config.per_message_overhead_bytes
+        self._down = 0           # nodes currently crashed
         self._blocking = False   # any crash, partition or cut in force: check endpoints
         self._refresh_flags()
 
@@ -554,6 +555,8 @@ class WanNetwork:
     def crash(self, node_id: Hashable) -> None:
         """Take a node down: its queued and in-flight messages, both ways, are dropped."""
         i = self._index[node_id]
+        if self._up[i]:
+            self._down += 1
         self._up[i] = False
         self._inc[i] += 1
         now = self.sim.now
@@ -564,7 +567,10 @@ class WanNetwork:
 
     def restart(self, node_id: Hashable) -> None:
         """Bring a crashed node back; messages sent before the crash stay lost."""
-        self._up[self._index[node_id]] = True
+        i = self._index[node_id]
+        if not self._up[i]:
+            self._down -= 1
+        self._up[i] = True
         self._refresh_flags()
 
     def set_loss(self, p: float, a_dc: str | None = None, b_dc: str | None = None) -> None:
@@ -601,7 +607,7 @@ class WanNetwork:
             raise UsageError(f"unknown DC {e.args[0]!r}") from None
 
     def _refresh_flags(self) -> None:
-        self._blocking = (not all(self._up) or self._groups is not None or any(self._cut))
+        self._blocking = bool(self._down or self._groups is not None or any(self._cut))
         self._random = bool(self._jitter or self._reorder or self._dup or any(self._loss))
 
     # -- accounting ----------------------------------------------------------------------

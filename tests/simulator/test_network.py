@@ -348,3 +348,16 @@ def test_many_nodes_and_messages_fast_enough():
         net.send(nodes[rng.randrange(2000)], nodes[rng.randrange(2000)], k, 2000, deliver)
     sim.run()
     assert got[0] + net.dropped[nw.DROP_LOSS] == 60_000
+
+
+def test_repeated_crash_and_restart_are_idempotent():
+    sim, net, log, deliver = make(two_dc())
+    net.crash("b1")
+    net.crash("b1")
+    net.restart("b1")
+    net.restart("b1")
+    assert net.is_up("b1") and net.send("a1", "b1", "x", 100, deliver)
+    net.crash("a2")
+    assert net.send("a1", "b1", "y", 100, deliver)  # other nodes unaffected
+    sim.run()
+    assert [p for *_, p in log] == ["x", "y"]
