@@ -361,3 +361,59 @@ def test_repeated_crash_and_restart_are_idempotent():
     assert net.send("a1", "b1", "y", 100, deliver)  # other nodes unaffected
     sim.run()
     assert [p for *_, p in log] == ["x", "y"]
+
+
+def test_delivery_times_match_an_independent_simpy_model():
+    """The analytic FIFO servers give exactly what a process-per-message SimPy model gives."""
+    simpy = pytest.importorskip("simpy")
+    import numpy as np
+
+    n_nodes, n_dcs, n_msgs = 40, 3, 1500
+    nic, link, rtt_ms, lan_rtt_ms, load = 1e9, 50e6, 30.0, 0.4, 0.3
+    rng = np.random.default_rng(11)
+    times = np.cumsum(rng.exponential(1e-4, n_msgs)).tolist()
+    src = rng.integers(0, n_nodes, n_msgs).tolist()
+    dst = ((np.array(src) + rng.integers(1, n_nodes, n_msgs)) % n_nodes).tolist()
+    size = rng.integers(100, 50_000, n_msgs).tolist()
+
+    sim = Simulation(0)
+    net = WanNetwork(sim, WanConfig.uniform(n_dcs, rtt_ms=rtt_ms, intra_dc_rtt_ms=lan_rtt_ms, nic_bps=nic,
+                                            wan_capacity_bps=link, background_load=load))
+    for i in range(n_nodes):
+        net.add_node(i, f"dc{i % n_dcs}")
+    ours: dict[int, float] = {}
+    for k in range(n_msgs):
+        sim.schedule_at(times[k], net.send, src[k], dst[k], k, size[k],
+                        lambda s, d, p: ours.__setitem__(p, sim.now))
+    sim.run()
+
+    env = simpy.Environment()
+    out_q = [simpy.Resource(env) for _ in range(n_nodes)]
+    in_q = [simpy.Resource(env) for _ in range(n_nodes)]
+    links = {(a, b): simpy.Resource(env) for a in range(n_dcs) for b in range(n_dcs)}
+    ref: dict[int, float] = {}
+
+    def message(k):
+        yield env.timeout(times[k])
+        s, d, nb = src[k], dst[k], size[k]
+        with out_q[s].request() as r:
+            yield r
+            yield env.timeout(nb * 8 / nic)
+        a, b = s % n_dcs, d % n_dcs
+        if a != b:
+            with links[a, b].request() as r:
+                yield r
+                yield env.timeout(nb * 8 / (link * (1 - load)))
+        yield env.timeout((rtt_ms if a != b else lan_rtt_ms) * 1e-3 / 2)
+        with in_q[d].request() as r:
+            yield r
+            yield env.timeout(nb * 8 / nic)
+        ref[k] = env.now
+
+    for k in range(n_msgs):
+        env.process(message(k))
+    env.run()
+    assert ours.keys() == ref.keys()
+    worst = max(abs(ours[k] - ref[k]) for k in ref)
+    assert worst < 1e-9
+    assert max(ref.values()) > times[-1] + 0.5  # the links really were congested
