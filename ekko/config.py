@@ -50,6 +50,11 @@ class NodeConfig:
             walks its (remote DC, rank, partner) pairings round-robin, so a full
             cycle takes ``pairings / wan_partners_per_round`` rounds.
         push: eagerly push updates (False = anti-entropy only, for ablations).
+        push_mode: ``"topology"`` (ingest -> its DC and one gateway per shard per
+            DC -> their DCs) or ``"random"`` (rumor mongering: push new rows to
+            ``random_fanout`` random peers, who do the same; the ``random-gossip``
+            baseline, no topology).
+        random_fanout: peers each replica forwards new rows to in random mode.
         use_gateways: False lets every replica exchange across the WAN (ablation).
         use_shard_versions: False compares every shard's knowledge every round
             (no 64-bit shard-version skip; ablation ``ekko-full-scan``).
@@ -75,6 +80,8 @@ class NodeConfig:
     dc_links: tuple[tuple[str, str], ...] = ()
     wan_partners_per_round: int = 4
     push: bool = True
+    push_mode: str = "topology"
+    random_fanout: int = 3
     use_gateways: bool = True
     use_shard_versions: bool = True
     push_grace: float = 0.5
@@ -91,6 +98,8 @@ class NodeConfig:
                 raise UsageError(f"config {name} must be > 0")
         if not self.suspect_after < self.dead_after:
             raise UsageError("config suspect_after must be < dead_after")
+        if self.push_mode not in ("topology", "random"):
+            raise UsageError("config push_mode must be 'topology' or 'random'")
         if not 1 <= self.gateways_per_dc <= 16:
             raise UsageError("config gateways_per_dc must be in 1..16")
         if not 0 < self.pull_response_bytes <= MAX_PULL_RESPONSE_BYTES:

@@ -450,8 +450,17 @@ class ReplicaNode:
             q = self.queues[peer] = self.queue_factory(peer, mem.dc if mem else "")
         q.put(rows, now)
 
+    def _push_random(self, m: _Model, table: str, res: ApplyResult, now: float, exclude: str = "") -> None:
+        peers = [p for p in self._live_peers() if p != exclude]
+        rows = QueuedRows(m.spec.name, table, res.ids, res.versions, m.spec.table(table).row_bytes)
+        for peer in self.rng.sample(peers, min(self.config.random_fanout, len(peers))):
+            self._enqueue(peer, rows, now)
+
     def _push_from_ingest(self, m: _Model, table: str, res: ApplyResult, now: float) -> None:
         if not len(res):
+            return
+        if self.config.push_mode == "random":
+            self._push_random(m, table, res, now)
             return
         spec = m.spec.table(table)
         rb = spec.row_bytes
@@ -511,12 +520,17 @@ class ReplicaNode:
         deltas = [delta_from_wire(d, self.table_spec, values_required=self.with_values) for d in raw]
         # A push from another DC reached us as that shard's gateway: forward it over
         # the LAN.  Pushes from our own DC stop here, so there are no loops.
-        forward = sender_dc != self.dc and self.config.push
+        rumor = self.config.push and self.config.push_mode == "random"
+        forward = sender_dc != self.dc and self.config.push and not rumor
         peers = [p for p in self._live_peers(self.dc) if p != sender] if forward else []
         for d in deltas:
             m = self.models[d.model]
             res = self._apply(m, d, now, source="push")
-            if forward and len(res):
+            if rumor and len(res):
+                # Rumor mongering: pass on only what was new to us, so it dies out.
+                self._push_random(m, d.table, res, now, exclude=sender)
+                forward = True
+            elif forward and len(res):
                 rows = QueuedRows(d.model, d.table, res.ids, res.versions, m.spec.table(d.table).row_bytes)
                 for p in peers:
                     self._enqueue(p, rows, now)
