@@ -14,9 +14,9 @@ a factory so either can be plugged in.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -89,9 +89,11 @@ QueueFactory = Callable[[str, str], LinkQueue]
 class FifoLinkQueue:
     """First-in-first-out link queue with coalescing and a row bound.
 
-    Coalescing is per (model, table, row): a row put again while queued keeps
-    its first position and its newer version.  When over ``max_rows`` the
-    oldest batches are dropped; anti-entropy repairs whatever a push missed.
+    Batches are kept as arrays (no per-row Python work).  Coalescing is per
+    (model, table, row): a row put again while queued leaves its old place and
+    joins the tail with its newer version (with eager flushing the queue is
+    nearly always short, so this is a few vector ops).  When over ``max_rows``
+    the oldest batches are dropped; anti-entropy repairs whatever a push missed.
 
     Example:
         >>> import numpy as np
@@ -99,16 +101,12 @@ class FifoLinkQueue:
         >>> q.put(QueuedRows("m", "t", np.array([1, 2]), np.array([5, 5]), 8), now=0.0)
         >>> q.put(QueuedRows("m", "t", np.array([2, 3]), np.array([9, 9]), 8), now=0.1)
         >>> [(b.ids.tolist(), b.versions.tolist()) for b in q.take(now=0.2, max_bytes=10_000)]
-        [([1, 2, 3], [5, 9, 9])]
+        [([1], [5]), ([2, 3], [9, 9])]
     """
 
     def __init__(self, max_rows: int = DEFAULT_QUEUE_ROWS) -> None:
         self.max_rows = max_rows
-        # (model, table) -> OrderedDict row -> (version, enqueued_at); insertion order is FIFO
-        # order within a table, and batches interleave tables through self._order.
-        self._tables: dict[tuple[str, str], "OrderedDict[int, tuple[int, float]]"] = {}
-        self._row_bytes: dict[tuple[str, str], int] = {}
-        self._order: "OrderedDict[tuple[str, str], None]" = OrderedDict()
+        self._q: deque[QueuedRows] = deque()
         self._rows = 0
         self._dropped = 0
 
@@ -121,49 +119,57 @@ class FifoLinkQueue:
         return self._dropped
 
     def put(self, rows: QueuedRows, now: float) -> None:
-        key = (rows.model, rows.table)
-        tab = self._tables.setdefault(key, OrderedDict())
-        self._row_bytes[key] = rows.row_bytes
-        self._order.setdefault(key, None)
-        before = len(tab)
-        for rid, ver in zip(rows.ids.tolist(), rows.versions.tolist()):
-            cur = tab.get(rid)
-            if cur is None:
-                tab[rid] = (ver, now)
-            elif ver > cur[0]:
-                tab[rid] = (ver, cur[1])
-        self._rows += len(tab) - before
+        if not len(rows):
+            return
+        if self._q:
+            kept: deque[QueuedRows] = deque()
+            for b in self._q:
+                if b.model == rows.model and b.table == rows.table:
+                    stale = np.isin(b.ids, rows.ids)
+                    if stale.any():
+                        self._rows -= int(stale.sum())
+                        b = _select(b, ~stale)
+                        if not len(b):
+                            continue
+                kept.append(b)
+            self._q = kept
+        at = rows.enqueued_at if rows.enqueued_at is not None else np.full(len(rows), now)
+        self._q.append(QueuedRows(rows.model, rows.table, rows.ids, rows.versions, rows.row_bytes,
+                                  rows.scores, rows.high, at))
+        self._rows += len(rows)
         while self._rows > self.max_rows:
-            k = next(iter(self._order))
-            t = self._tables[k]
-            excess = min(len(t), self._rows - self.max_rows)
-            for _ in range(excess):
-                t.popitem(last=False)
-            self._rows -= excess
-            self._dropped += excess
-            if not t:
-                del self._tables[k], self._order[k]
+            b = self._q.popleft()
+            self._rows -= len(b)
+            self._dropped += len(b)
 
     def take(self, now: float, max_bytes: int) -> list[QueuedRows]:
         out: list[QueuedRows] = []
         budget = max_bytes
-        while self._order and budget > 0:
-            key = next(iter(self._order))
-            tab = self._tables[key]
-            rb = self._row_bytes[key] + 16
-            n = max(1, budget // rb) if not out else budget // rb
+        while self._q and budget > 0:
+            b = self._q[0]
+            per = b.row_bytes + 16
+            n = budget // per
+            if n == 0 and not out:
+                n = 1
             if n == 0:
                 break
-            items = [tab.popitem(last=False) for _ in range(min(n, len(tab)))]
-            ids = np.fromiter((i for i, _ in items), np.int64, len(items))
-            vers = np.fromiter((v for _, (v, _) in items), np.int64, len(items))
-            at = np.fromiter((t for _, (_, t) in items), np.float64, len(items))
-            out.append(QueuedRows(key[0], key[1], ids, vers, self._row_bytes[key], enqueued_at=at))
-            self._rows -= len(items)
-            budget -= len(items) * rb
-            if not tab:
-                del self._tables[key], self._order[key]
+            if n >= len(b):
+                self._q.popleft()
+                out.append(b)
+                taken = len(b)
+            else:
+                out.append(_select(b, slice(0, n)))
+                self._q[0] = _select(b, slice(n, None))
+                taken = n
+            self._rows -= taken
+            budget -= taken * per
         return out
 
     def next_ready(self, now: float) -> float | None:
         return now if self._rows else None
+
+
+def _select(b: QueuedRows, idx: Any) -> QueuedRows:
+    pick = lambda a: None if a is None else a[idx]  # noqa: E731
+    return QueuedRows(b.model, b.table, b.ids[idx], b.versions[idx], b.row_bytes, pick(b.scores), pick(b.high),
+                      pick(b.enqueued_at))
