@@ -64,6 +64,20 @@ DENSE_MAP_SLOTS_PER_ROW = 32
 CoveredFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+@dataclass(frozen=True, slots=True)
+class RestoreOutcome:
+    """What :meth:`UndoHistory.restore_at_cut` did.
+
+    Attributes:
+        restored: rows written back to their state at the cut.
+        incomplete: row ids whose history does not reach back to the cut (left as
+            they were): repair them from a peer.
+    """
+
+    restored: int
+    incomplete: np.ndarray
+
+
 @dataclass(slots=True)
 class _Segment:
     """Records of one table, in apply order; ``ids is None`` once spilled."""
@@ -142,6 +156,7 @@ class UndoHistory:
         self._mem_bytes = 0
         self._spill_bytes = 0
         self._spill_counter = 0
+        self._scratch: np.ndarray | None = None
 
     # -- writes ---------------------------------------------------------------------------
     def record(self, model: str, table: str, seq: int, result: "ApplyResult") -> None:
@@ -229,9 +244,10 @@ class UndoHistory:
         self._horizon.pop(model, None)
 
     def close(self) -> None:
-        """Delete every spill file this history wrote."""
+        """Delete every spill file this history wrote and release the restore scratch buffer."""
         for model in {k[0] for k in self._logs}:
             self.drop_model(model)
+        self._scratch = None
 
     # -- reads ----------------------------------------------------------------------------
     def horizon(self, model: str) -> int:
@@ -245,7 +261,10 @@ class UndoHistory:
         For each row, the newest recorded old version (newest by apply order, so
         earlier restores are walked through correctly) that ``covered`` accepts is
         its state at the cut; old version 0 (never written) is always accepted and
-        restores zeros.  Segments are scanned newest first, each one vectorized
+        restores the value recorded with it, the store's never-written zeros (a
+        store only ever holds version 0 with zeros: applies write versions > 0, and
+        restores to version 0 write back what was recorded with it, so this is
+        not re-checked on the restore path).  Segments are scanned newest first, each one vectorized
         (a row -> position map, one ``covered`` call on the candidate entries),
         and the scan stops as soon as every row is resolved, so old and spilled
         history is read only for rows that need it.
@@ -274,6 +293,85 @@ class UndoHistory:
         if log is None or n == 0:
             values = (np.zeros((n, log.dim), log.dtype) if log is not None and log.has_values else None)
             return rows.copy(), np.zeros(n, np.int64), values, np.zeros(n, bool)
+        pieces, resolved = self._walk(log, rows, covered)
+
+        out_ids = np.empty(n, np.int64)
+        out_versions = np.zeros(n, np.int64)
+        complete = np.zeros(n, bool)
+        out_values = np.empty((n, log.dim), log.dtype) if log.has_values else None
+        off = 0
+        for seg, cand, pc, ov, values in pieces:
+            k = len(cand)
+            out_ids[off:off + k] = rows[pc]
+            out_versions[off:off + k] = ov
+            complete[off:off + k] = True
+            if out_values is not None:
+                np.take(values, cand, axis=0, out=out_values[off:off + k])
+            off += k
+        if off < n:
+            rest = np.flatnonzero(~resolved)
+            out_ids[off:] = rows[rest]
+            if out_values is not None:
+                out_values[off:] = 0
+        return out_ids, out_versions, out_values, complete
+
+    def restore_at_cut(self, model: str, table: str, store: "TableStore", rows_changed_after: np.ndarray,
+                       covered: CoveredFn, seq: int | None = None) -> "RestoreOutcome":
+        """Put rows back to the cut state in ``store``: :meth:`values_at_cut` fused with the write.
+
+        The same walk as :meth:`values_at_cut`, but each segment's targets go
+        straight to :meth:`TableStore.restore_rows`: a whole segment is written
+        from the history's own array, a part of one through a scratch buffer that
+        is reused across calls, so no output array the size of the restore is
+        allocated and filled.  Rows the history cannot restore are left alone
+        and returned for repair from a peer.
+
+        Args:
+            model, table, rows_changed_after, covered: as for :meth:`values_at_cut`.
+            store: the table's store.
+            seq: when given, the restore itself is recorded under this apply seq
+                (recommended: a later rollback to an older cut then walks back
+                through this one correctly); costs a read of the rows' current values.
+        """
+        rows = np.asarray(rows_changed_after, dtype=np.int64)
+        if rows.ndim != 1:
+            raise UsageError("rows_changed_after must be a 1-D array of row ids")
+        if len(rows) and int(rows.min()) < 0:
+            raise UsageError("row ids must be >= 0")
+        log = self._logs.get((model, table))
+        if log is None or len(rows) == 0:
+            return RestoreOutcome(0, rows.copy())
+        pieces, resolved = self._walk(log, rows, covered)
+        restored = 0
+        for seg, cand, pc, ov, values in pieces:
+            ids = rows[pc]
+            if seq is not None:
+                self.record(model, table, seq, capture_before_restore(store, ids, ov))
+            if values is None:
+                store.restore_rows(ids, ov, None)
+            else:
+                # A whole in-memory segment is written from the history's own array (cand is
+                # then 0..len-1), a part of one through the reused scratch buffer.
+                whole = seg.path is None and len(cand) == len(values)
+                store.restore_rows(ids, ov, values if whole else self._gather(values, cand))
+            restored += len(ids)
+        return RestoreOutcome(restored, rows[~resolved])
+
+    def _gather(self, values: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """``values[cand]`` into the reused scratch buffer (a fresh array would page-fault on every call)."""
+        k = len(cand)
+        scratch = self._scratch
+        if scratch is None or scratch.dtype != values.dtype or scratch.shape[1] != values.shape[1] \
+                or scratch.shape[0] < k:
+            scratch = self._scratch = np.empty((k, values.shape[1]), values.dtype)
+        out = scratch[:k]
+        np.take(values, cand, axis=0, out=out)
+        return out
+
+    def _walk(self, log: _TableLog, rows: np.ndarray, covered: CoveredFn
+              ) -> tuple[list[tuple[_Segment, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]], np.ndarray]:
+        """Newest-first scan: per segment, (segment, entry positions, row positions, versions, values)."""
+        n = len(rows)
         self._seal(log)
         loc = _Locator(rows, max(log.max_id, int(rows.max())), sum(
             int(s.rec_starts[-1]) for s in log.segments))
@@ -308,30 +406,7 @@ class UndoHistory:
             if remaining == 0:
                 break
         loc.release()
-
-        out_ids = np.empty(n, np.int64)
-        out_versions = np.zeros(n, np.int64)
-        complete = np.zeros(n, bool)
-        out_values = np.empty((n, log.dim), log.dtype) if log.has_values else None
-        off = 0
-        for seg, cand, pc, ov, values in pieces:
-            k = len(cand)
-            out_ids[off:off + k] = rows[pc]
-            out_versions[off:off + k] = ov
-            complete[off:off + k] = True
-            if out_values is not None:
-                dst = out_values[off:off + k]
-                np.take(values, cand, axis=0, out=dst)
-                never = np.flatnonzero(ov == 0)
-                if len(never):
-                    dst[never] = 0
-            off += k
-        if off < n:
-            rest = np.flatnonzero(~resolved)
-            out_ids[off:] = rows[rest]
-            if out_values is not None:
-                out_values[off:] = 0
-        return out_ids, out_versions, out_values, complete
+        return pieces, resolved
 
     def stats(self) -> dict[str, int]:
         """Bytes in memory and spilled, segment count (for status and tests)."""

@@ -228,18 +228,22 @@ class Replica:
     def cut(self, name: str) -> Cut:
         return Cut(name, "m", 0.0, self.knowledge, self.seq + 1)
 
-    def rollback(self, cut: Cut, rollback_point: dict[int, int]) -> np.ndarray:
+    def rollback(self, cut: Cut, rollback_point: dict[int, int], fused: bool = False) -> np.ndarray:
         covered = cut.covered_fn(self.spec)
         v = self.store.versions
         rows = np.flatnonzero((v > 0) & ~covered(np.arange(self.spec.rows), v))
-        ids, versions, values, complete = self.undo.values_at_cut("m", "t", rows, covered)
-        assert complete.all()
         self.seq += 1
-        self.undo.record("m", "t", self.seq, capture_before_restore(self.store, ids, versions))
-        self.store.restore_rows(ids, versions, values)
+        if fused:
+            outcome = self.undo.restore_at_cut("m", "t", self.store, rows, covered, seq=self.seq)
+            assert outcome.restored == len(rows) and len(outcome.incomplete) == 0
+        else:
+            ids, versions, values, complete = self.undo.values_at_cut("m", "t", rows, covered)
+            assert complete.all()
+            self.undo.record("m", "t", self.seq, capture_before_restore(self.store, ids, versions))
+            self.store.restore_rows(ids, versions, values)
         self.fence.add(SPEC, cut, rollback_point)
         self.knowledge = {k: kn.copy() for k, kn in cut.knowledge.items()}
-        return ids
+        return rows
 
 
 def deltas(rng, origin, first_counter, n_deltas, rows=8):
@@ -266,7 +270,7 @@ def test_two_replicas_roll_back_to_one_cut_exactly_and_fenced_updates_never_retu
     for d in reversed(bad):            # b sees the bad updates in another order
         b.receive(d)
     point = {1: 100 + 5 * 8, 2: 100 + 3 * 8}     # the publishers' clocks at the rollback
-    restored = {name: len(r.rollback(cut, point)) for name, r in (("a", a), ("b", b))}
+    restored = {"a": len(a.rollback(cut, point)), "b (fused)": len(b.rollback(cut, point, fused=True))}
     for r in (a, b):
         np.testing.assert_array_equal(r.store.versions, ref.store.versions)
         assert r.store.digest() == ref.store.digest()
@@ -286,4 +290,6 @@ def test_two_replicas_roll_back_to_one_cut_exactly_and_fenced_updates_never_retu
     # a second rollback, to an earlier cut, walks back through the first restore
     first = Cut("start", "m", 0.0, {}, 0)
     a.rollback(first, {1: 600, 2: 600})
-    assert not a.store.versions.any() and not a.store.values.any()
+    b.rollback(first, {1: 600, 2: 600}, fused=True)
+    for r in (a, b):
+        assert not r.store.versions.any() and not r.store.values.any()

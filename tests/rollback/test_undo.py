@@ -115,8 +115,16 @@ def test_values_at_cut_matches_brute_force(ops, knowledge, mode, seed, tmp_path_
         v, val, _ = replay.brute_force(row, covered)
         assert versions[i] == v
         np.testing.assert_array_equal(values[i], val)
+    # the fused path writes the same state (into a copy of the store)
+    twin = TableStore(spec, device="cpu")
+    twin.versions[:] = replay.store.versions
+    twin.values.copy_(replay.store.values)
+    outcome = history.restore_at_cut("m", "t", twin, rows, covered)
+    assert outcome.restored == len(rows) and len(outcome.incomplete) == 0
     # after restoring the targets every row holds a version the cut covers (or was never written)
     replay.store.restore_rows(ids, versions, values)
+    np.testing.assert_array_equal(twin.versions, replay.store.versions)
+    assert twin.digest() == replay.store.digest()
     v = replay.store.versions[rows]
     assert ((v == 0) | covered(rows, v)).all()
     history.close()
@@ -135,6 +143,9 @@ def test_discarded_history_is_reported_incomplete(ops, knowledge, seed, budget):
     rows = np.flatnonzero(~covered(np.arange(ROWS), replay.store.versions) & (replay.store.versions > 0))
     ids, versions, values, complete = history.values_at_cut("m", "t", rows, covered)
     horizon = history.horizon("m")
+    outcome = history.restore_at_cut("m", "t", replay.store, rows, covered)
+    assert sorted(outcome.incomplete.tolist()) == sorted(ids[~complete].tolist())
+    assert outcome.restored == int(complete.sum())
     for i, row in enumerate(ids.tolist()):
         v, val, seq = replay.brute_force(row, covered)
         if complete[i]:
