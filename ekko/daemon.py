@@ -1,0 +1,666 @@
+"""The replica daemon: one :class:`~ekko.node.ReplicaNode` behind the HTTP API.
+
+:class:`Daemon` drives the sans-IO node with real sockets and the real clock:
+
+* protocol time is :func:`time.monotonic`; the membership incarnation comes from
+  :func:`time.time_ns`, so a restarted daemon always has a higher one;
+* one asyncio task, the *timer loop*, sleeps until ``node.next_deadline()``
+  (or until a handler wakes it), calls ``node.tick(now)`` and sends what
+  ``node.drain()`` returns through :class:`~ekko.http_transport.HttpTransport`;
+* HTTP handlers call node methods synchronously on the event loop thread (the
+  node is not thread-safe, and nothing else touches it) and then send the
+  node's output.  Only pure work -- decoding a large frame, writing a
+  snapshot -- goes to worker threads.
+
+The API is the one in ``docs/http-api.md``.  Bad input of any kind is answered
+with a 4xx JSON error ``{"error", "reason"}``, counted in ``ekko_rejects_total``
+by reason, and changes nothing; a 500 means a bug (it is logged).
+
+Persistence: on start every model found under ``data_dir`` is restored (values,
+versions, tombstones via :mod:`ekko.snapshot`, and the per-shard knowledge
+vectors kept in the snapshot's meta, so knowledge never goes backwards across
+a clean restart).  Snapshots are taken every ``config.snapshot_interval``
+seconds and at shutdown: the copy is made on the loop thread, in one step, so
+tensors and knowledge agree; the file I/O runs on a worker thread.
+
+Shutdown (SIGTERM/SIGINT, or :meth:`Daemon.stop`): ``/healthz`` answers 503 and
+writes are refused with 503, in-flight requests get :data:`DRAIN_TIMEOUT_S` to
+finish, the timer loop stops, queued sends get :data:`SEND_DRAIN_TIMEOUT_S`,
+a final snapshot is written, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import msgpack
+import numpy as np
+import torch
+from aiohttp import web
+
+from ekko.codec import MAX_FRAME_BYTES, Frame, Keyring, MsgType, decode_frame
+from ekko.config import NodeConfig
+from ekko.errors import ProtocolError, UsageError
+from ekko.http_transport import HttpTransport
+from ekko.metrics import UNKNOWN_DC, DaemonMetrics
+from ekko.node import Outgoing, ReplicaNode
+from ekko.spec import ModelSpec
+from ekko.store import ModelStore, to_wire_values
+from ekko.version import Knowledge, counters_of
+from p2p.sync import ShardSync
+
+log = logging.getLogger("ekko.daemon")
+
+#: most row ids one GET .../rows request may name.
+MAX_READ_IDS = 16384
+#: longest HTTP request line accepted: room for MAX_READ_IDS ids of up to 20 characters
+#: plus the path (aiohttp's default of 8190 bytes would cap a read at ~1k ids).
+MAX_REQUEST_LINE = MAX_READ_IDS * 21 + 4096
+#: requests handled at once; beyond it writes and reads get 429 with Retry-After.
+MAX_CONCURRENT_REQUESTS = 256
+#: seconds clients are asked to wait after a 429/503.
+RETRY_AFTER_S = 1
+#: seconds in-flight requests get to finish at shutdown.
+DRAIN_TIMEOUT_S = 10.0
+#: seconds queued peer sends get to finish at shutdown.
+SEND_DRAIN_TIMEOUT_S = 2.0
+#: frames at least this large are decoded (HMAC, zstd, msgpack) on a worker thread.
+DECODE_OFFLOAD_BYTES = 256 << 10
+#: the timer loop re-reads the node's deadline at least this often (seconds).
+MAX_TIMER_SLEEP_S = 1.0
+#: where the daemon keeps its model catalog (specs), next to the snapshots.
+CATALOG_FILE = "catalog.json"
+#: version of the snapshot meta this daemon writes.
+STATE_FORMAT = 1
+#: keyword arguments of aiohttp's request handler (AppRunner / TestServer ``**kwargs``).
+HANDLER_ARGS: dict[str, Any] = {"max_line_size": MAX_REQUEST_LINE, "max_field_size": 16 << 10}
+
+#: message types /v1/gossip accepts (peer traffic only).
+PEER_TYPES = frozenset({MsgType.GOSSIP, MsgType.PULL_REQUEST, MsgType.PULL_RESPONSE, MsgType.PUSH})
+
+#: HTTP status for each rejection reason; anything else is 400.
+_STATUS_OF_REASON = {
+    "bad_mac": 401, "unauthenticated": 401,
+    "too_large": 413, "too_many_ids": 413,
+    "unknown_model": 404, "unknown_table": 404, "not_found": 404,
+    "method_not_allowed": 405,
+    "spec_conflict": 409,
+    "overloaded": 429,
+    "draining": 503,
+}
+_REASON_OF_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+class RequestRejected(Exception):
+    """Bad input found by a handler itself (not by the codec or the node)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_hostport(s: str) -> tuple[str, int]:
+    """``"host:port"`` -> (host, port); raises :class:`UsageError`."""
+    host, sep, port = str(s).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"address {s!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+# --------------------------------------------------------------------------- persistence helpers
+def export_model_state(node: ReplicaNode, model: str) -> dict[str, Any]:
+    """The protocol state of ``model`` to keep beside its tensors (msgpack-ready).
+
+    Per (table, shard): the knowledge vector.  The recent-row index and pending
+    chains are not kept: the index is rebuilt as a shard scan (see
+    :func:`import_model_state`), and a lost pending chain only loses a shortcut
+    that anti-entropy makes up for.
+    """
+    m = node.models[model]
+    knowledge = {t: [[s, sync.knowledge.to_wire()] for s, sync in sorted(shards.items()) if len(sync.knowledge)]
+                 for t, shards in m.shards.items()}
+    return {"format": STATE_FORMAT, "node_id": node.node_id, "head": m.head, "knowledge": knowledge}
+
+
+def import_model_state(node: ReplicaNode, spec: ModelSpec, store: ModelStore, state: dict[str, Any],
+                       now: float) -> None:
+    """Install a model restored from a snapshot into ``node``.
+
+    The node must not have the model yet.  Knowledge vectors are restored per
+    shard and their digests marked dirty.  Every shard that holds rows gets its
+    watermark just above them and is marked *loose*, so that "rows newer than a
+    peer's knowledge" is answered by a shard scan: the in-memory index of
+    recently applied rows did not survive the restart, and answering from an
+    empty index would let a peer adopt our knowledge without the rows.
+
+    Raises:
+        ProtocolError: the state is malformed (reason ``"bad_snapshot"``).
+    """
+    if spec.name in node.models:
+        raise UsageError(f"model {spec.name!r} is already registered")
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ProtocolError("snapshot meta has an unknown format", "bad_snapshot")
+    parsed: dict[str, dict[int, Knowledge]] = {}
+    raw = state.get("knowledge")
+    if not isinstance(raw, dict):
+        raise ProtocolError("snapshot meta lacks knowledge", "bad_snapshot")
+    for table, entries in raw.items():
+        if not spec.has_table(table) or not isinstance(entries, list):
+            raise ProtocolError(f"snapshot knowledge names unknown table {table!r}", "bad_snapshot")
+        n = spec.table(table).num_shards
+        per: dict[int, Knowledge] = {}
+        for e in entries:
+            if not (isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) and 0 <= e[0] < n):
+                raise ProtocolError("bad snapshot knowledge entry", "bad_snapshot")
+            try:
+                per[e[0]] = Knowledge.from_wire(e[1])
+            except ProtocolError as err:
+                raise ProtocolError(f"bad snapshot knowledge: {err}", "bad_snapshot") from None
+        parsed[table] = per
+    head = state.get("head", 0)
+    node.register_model(spec, now)
+    m = node.models[spec.name]
+    # The node built an empty store; the restored one replaces it before anything uses it.
+    m.store = store
+    top = int(head) if isinstance(head, int) and head >= 0 else 0
+    for t in spec.tables:
+        ts = store.table(t.name)
+        know = parsed.get(t.name, {})
+        written = np.flatnonzero(ts.versions > 0)
+        shards_with_rows = np.unique(t.shards_of(written)).tolist() if len(written) else []
+        max_by_shard: dict[int, int] = {}
+        if len(written):
+            counters = counters_of(ts.versions[written])
+            sh = t.shards_of(written)
+            for s in shards_with_rows:
+                max_by_shard[s] = int(counters[sh == s].max())
+            top = max(top, int(counters.max()))
+        for s in set(know) | set(shards_with_rows):
+            sync = ShardSync(knowledge=know.get(s, Knowledge()))
+            if s in max_by_shard:
+                sync.watermark = max_by_shard[s]
+                sync.loose_below_watermark = True
+            m.shards[t.name][s] = sync
+            m.dirty[t.name].add(s)
+    m.head = max(m.head, top)
+
+
+def _copy_store(store: ModelStore) -> ModelStore:
+    """A point-in-time copy of a model's tables for a snapshot written off the loop.
+
+    Values are cloned on their own device (fast, and the loop is not held for a
+    device-to-host transfer); the writer moves them to the host in chunks.
+    """
+    copy = ModelStore(store.spec, device="cpu", with_values=False)
+    for name, ts in store.tables.items():
+        c = copy.tables[name]
+        c.versions = ts.versions.copy()
+        c.tombstone = ts.tombstone.copy()
+        c.values = ts.values.detach().clone() if ts.values is not None else None
+    return copy
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- the daemon
+class Daemon:
+    """An aiohttp web app driving one :class:`ReplicaNode` with the real clock.
+
+    Args:
+        node_id: unique replica name.
+        dc: its data centre.
+        listen: ``"host:port"`` to serve on; also the address peers are told,
+            unless ``advertise`` is given.
+        seeds: ``"host:port"`` addresses of replicas to join through.
+        data_dir: where snapshots and the model catalog live (created if missing).
+        config: protocol configuration.
+        key: cluster key (bytes/str) or a :class:`~ekko.codec.Keyring`; when set,
+            every frame must carry a valid HMAC (else 401) and ours are signed.
+        device: torch device of the tensors (default: CUDA when available).
+        advertise: ``"host:port"`` peers should use, when it differs from ``listen``.
+        clock: protocol time source (seconds, monotonic).
+
+    Example:
+        Run one replica until SIGTERM (what ``ekko daemon`` does)::
+
+            d = Daemon("r1", "dc1", "127.0.0.1:7070", [], "/var/lib/ekko/r1", NodeConfig())
+            asyncio.run(d.serve())
+
+        Or serve ``d.app`` with any aiohttp runner, passing :data:`HANDLER_ARGS` (e.g.
+        ``await TestServer(d.app).start_server(**HANDLER_ARGS)``); app startup restores
+        the snapshots, app cleanup drains and writes the final one.
+    """
+
+    def __init__(self, node_id: str, dc: str, listen: str, seeds: list[str] | tuple[str, ...], data_dir: str | Path,
+                 config: NodeConfig | None = None, key: bytes | str | Keyring | None = None, device: Any = None,
+                 *, advertise: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.host, self.port = parse_hostport(listen)
+        self.address = advertise or listen
+        parse_hostport(self.address)
+        for s in seeds:
+            parse_hostport(s)
+        self.keyring = key if isinstance(key, Keyring) or key is None else Keyring.single(key)
+        self.data_dir = Path(data_dir)
+        self.config = config or NodeConfig()
+        self.clock = clock
+        self.node = ReplicaNode(node_id, dc, self.address, config=self.config,
+                                rng=random.Random(int.from_bytes(os.urandom(8), "little")), now=clock(),
+                                incarnation=time.time_ns(), seeds=list(seeds), device=device)
+        self.metrics = DaemonMetrics(self.node)
+        self.transport = HttpTransport(self.keyring, on_sent=self._on_sent, on_failed=self._on_failed)
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._wake: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._snapshot_lock: asyncio.Lock | None = None
+        self._stopped = False
+        self._stop_requested: asyncio.Event | None = None
+        self.restored: list[str] = []
+        self.app = self._make_app()
+
+    # ------------------------------------------------------------------ app wiring
+    def _make_app(self) -> web.Application:
+        # +1: aiohttp refuses a body whose size *reaches* client_max_size; a frame of exactly
+        # MAX_FRAME_BYTES is legal.
+        app = web.Application(client_max_size=MAX_FRAME_BYTES + 1, middlewares=[self._middleware])
+        app.router.add_post("/v1/models", self._h_models)
+        app.router.add_post("/v1/publish", self._h_publish)
+        app.router.add_post("/v1/gossip", self._h_gossip)
+        app.router.add_get("/v1/models/{model}/tables/{table}/rows", self._h_rows)
+        app.router.add_get("/v1/status", self._h_status)
+        app.router.add_get("/metrics", self._h_metrics)
+        app.router.add_get("/healthz", self._h_healthz)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        self._wake = asyncio.Event()
+        self._snapshot_lock = asyncio.Lock()
+        await self.restore()
+        await self.transport.start()
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._timer_loop(), name="ekko-timer"))
+        if self.config.snapshot_interval > 0:
+            self._tasks.append(loop.create_task(self._snapshot_loop(), name="ekko-snapshot"))
+        log.info("%s (%s) serving at %s, incarnation %d, models %s", self.node.node_id, self.node.dc,
+                 self.address, self.node.members.me.incarnation, sorted(self.node.models))
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        await self.shutdown()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def serve(self, ready: Callable[[], None] | None = None) -> None:
+        """Serve until SIGTERM/SIGINT (or :meth:`stop`), then shut down gracefully."""
+        self._stop_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=DRAIN_TIMEOUT_S, **HANDLER_ARGS)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+            await site.start()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+            if ready is not None:
+                ready()
+            await self._stop_requested.wait()
+            log.info("%s: stop requested, draining", self.node.node_id)
+            await self.shutdown()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await runner.cleanup()
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to shut down (safe to call from a signal handler)."""
+        self.draining = True
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def shutdown(self) -> None:
+        """Drain requests, stop the timer loop, flush sends, write the final snapshot.
+
+        Idempotent; runs on the loop thread.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        self.draining = True
+        if self._in_flight:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), DRAIN_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                log.warning("%d requests still running after %.0fs; shutting down anyway", self._in_flight,
+                            DRAIN_TIMEOUT_S)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.transport.close(SEND_DRAIN_TIMEOUT_S)
+        try:
+            await self.snapshot()
+        except Exception:
+            log.exception("final snapshot failed")
+        log.info("%s: stopped", self.node.node_id)
+
+    # ------------------------------------------------------------------ timer loop
+    def _wake_timer(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _timer_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            now = self.clock()
+            due = self.node.next_deadline()
+            if due > now:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), min(due - now, MAX_TIMER_SLEEP_S))
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            try:
+                self.node.tick(now)
+            except Exception:
+                log.exception("node.tick failed")
+                self.metrics.internal_errors.labels("tick").inc()
+                await asyncio.sleep(0.05)  # a persistent bug must not spin the loop hot
+            self._send_out(wake=False)
+
+    def _send_out(self, wake: bool = True) -> None:
+        """Send the node's outbox; wake the timer loop so it re-reads the deadline."""
+        for out in self.node.drain():
+            self.transport.send(out)
+        self.metrics.sends_in_flight.set(self.transport.in_flight)
+        if wake:
+            self._wake_timer()
+
+    def _dc_of(self, node_id: str, address: str = "") -> str:
+        mem = self.node.members.get(node_id) if node_id else None
+        if mem is None and address:
+            for m in self.node.members.members.values():
+                if m.address == address:
+                    mem = m
+                    break
+        return mem.dc if mem is not None else UNKNOWN_DC
+
+    def _on_sent(self, out: Outgoing, nbytes: int) -> None:
+        self.metrics.bytes_sent.labels(self._dc_of(out.dst, out.address), out.msg_type.name).inc(nbytes)
+
+    def _on_failed(self, out: Outgoing, reason: str) -> None:
+        self.metrics.send_failures.labels(self._dc_of(out.dst, out.address), reason).inc()
+
+    # ------------------------------------------------------------------ snapshots
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.snapshot_interval)
+            try:
+                await self.snapshot()
+            except Exception:
+                log.exception("periodic snapshot failed")
+
+    async def snapshot(self) -> int:
+        """Write a snapshot of every model; returns how many were written.
+
+        The copy (tensors, versions, knowledge) is taken here on the loop thread in
+        one step, so it is consistent; the disk writes run on a worker thread.
+        """
+        from ekko.snapshot import save_snapshot
+
+        lock = self._snapshot_lock or asyncio.Lock()
+        async with lock:
+            copies = [(_copy_store(m.store), export_model_state(self.node, name))
+                      for name, m in self.node.models.items()]
+            catalog = {"node_id": self.node.node_id, "dc": self.node.dc,
+                       "models": {name: m.spec.to_dict() for name, m in self.node.models.items()}}
+            if not copies:
+                return 0
+            data_dir = self.data_dir
+
+            def write() -> None:
+                data_dir.mkdir(parents=True, exist_ok=True)
+                # The catalog first: a model directory without its spec could not be loaded.
+                _write_json_atomic(data_dir / CATALOG_FILE, catalog)
+                for store, meta in copies:
+                    save_snapshot(data_dir, store, meta)
+
+            t0 = time.perf_counter()
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, write)
+            except Exception:
+                self.metrics.snapshots.labels("error").inc()
+                raise
+            self.metrics.snapshots.labels("ok").inc()
+            self.metrics.snapshot_seconds.set(time.perf_counter() - t0)
+            return len(copies)
+
+    async def restore(self) -> list[str]:
+        """Load every model snapshot under ``data_dir`` into the node (at startup)."""
+        from ekko.snapshot import list_snapshot_models, load_snapshot
+
+        path = self.data_dir / CATALOG_FILE
+        loop = asyncio.get_running_loop()
+
+        def read_all() -> list[tuple[ModelSpec, tuple[ModelStore, dict[str, Any]] | None]]:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                return []
+            try:
+                catalog = json.loads(path.read_text())
+                specs = {name: ModelSpec.from_dict(d) for name, d in catalog["models"].items()}
+                if catalog.get("node_id") != self.node.node_id:
+                    log.warning("data dir %s belonged to node %r, now used by %r", self.data_dir,
+                                catalog.get("node_id"), self.node.node_id)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, ProtocolError) as e:
+                log.error("cannot read %s (%s); starting empty, peers will fill us in", path, e)
+                return []
+            out = []
+            on_disk = set(list_snapshot_models(self.data_dir))
+            for name, spec in sorted(specs.items()):
+                got = None
+                if name in on_disk:
+                    try:
+                        got = load_snapshot(self.data_dir, spec, self.node.device)
+                    except ProtocolError as e:
+                        log.error("snapshot of %s is unusable (%s); it will be synced from peers", name, e)
+                out.append((spec, got))
+            return out
+
+        loaded = await loop.run_in_executor(None, read_all)
+        now = self.clock()
+        for spec, got in loaded:
+            if spec.name in self.node.models:
+                continue
+            if got is None:
+                self.node.register_model(spec, now)
+                continue
+            store, meta = got
+            try:
+                import_model_state(self.node, spec, store, meta, now)
+            except ProtocolError as e:
+                log.error("snapshot state of %s is unusable (%s); it will be synced from peers", spec.name, e)
+                self.node.models.pop(spec.name, None)
+                self.node.register_model(spec, now)
+                continue
+            self.restored.append(spec.name)
+        if loaded:
+            log.info("restored %s from %s", [s.name for s, _ in loaded], self.data_dir)
+        return self.restored
+
+    # ------------------------------------------------------------------ request plumbing
+    @web.middleware
+    async def _middleware(self, request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
+        light = endpoint in ("/healthz", "/metrics", "/v1/status")
+        self._in_flight += 1
+        try:
+            if self.draining and not light:
+                raise RequestRejected("replica is shutting down; retry on another replica", "draining")
+            if self._in_flight > MAX_CONCURRENT_REQUESTS and not light:
+                raise RequestRejected("too many concurrent requests", "overloaded")
+            resp = await handler(request)
+        except (ProtocolError, RequestRejected) as e:
+            resp = self._error(endpoint, str(e), e.reason)
+        except UsageError as e:
+            resp = self._error(endpoint, str(e), "bad_request")
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            reason = _REASON_OF_STATUS.get(e.status, f"http_{e.status}")
+            msg = e.text if e.status != 413 else f"request body exceeds MAX_FRAME_BYTES={MAX_FRAME_BYTES}"
+            resp = self._error(endpoint, msg or e.reason, reason, e.status)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("bug while handling %s %s", request.method, request.path)
+            self.metrics.internal_errors.labels(endpoint).inc()
+            resp = web.json_response({"error": "internal error (logged)", "reason": "internal"}, status=500)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+        self.metrics.requests.labels(endpoint, str(resp.status)).inc()
+        return resp
+
+    def _error(self, endpoint: str, message: str, reason: str, status: int | None = None) -> web.Response:
+        status = status or _STATUS_OF_REASON.get(reason, 400)
+        self.metrics.reject(endpoint, reason)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+        return web.json_response({"error": message, "reason": reason}, status=status, headers=headers)
+
+    async def _read_frame(self, request: web.Request) -> Frame:
+        if request.content_length is not None and request.content_length > MAX_FRAME_BYTES:
+            # Refuse before reading: a declared oversize body is not worth receiving.
+            raise RequestRejected(f"request body of {request.content_length} bytes exceeds "
+                                  f"MAX_FRAME_BYTES={MAX_FRAME_BYTES}", "too_large")
+        data = await request.read()
+        if len(data) >= DECODE_OFFLOAD_BYTES:
+            return await asyncio.get_running_loop().run_in_executor(None, decode_frame, data, self.keyring)
+        return decode_frame(data, self.keyring)
+
+    @staticmethod
+    def _expect(frame: Frame, *types: MsgType) -> None:
+        if frame.msg_type not in types:
+            raise RequestRejected(f"{frame.msg_type.name} frame sent to an endpoint for "
+                                  f"{'/'.join(t.name for t in types)}", "bad_type")
+
+    # ------------------------------------------------------------------ handlers
+    async def _h_models(self, request: web.Request) -> web.Response:
+        frame = await self._read_frame(request)
+        self._expect(frame, MsgType.REGISTER_MODEL)
+        spec = ModelSpec.from_dict(frame.body.get("spec"))
+        try:
+            created = self.node.register_model(spec, self.clock())
+        except UsageError as e:
+            raise RequestRejected(str(e), "spec_conflict") from None
+        self._send_out()
+        if created:
+            log.info("registered model %s", spec.name)
+        return web.json_response({"ok": True, "created": created})
+
+    async def _h_publish(self, request: web.Request) -> web.Response:
+        frame = await self._read_frame(request)
+        self._expect(frame, MsgType.PUBLISH)
+        ack = self.node.publish(frame.body, self.clock())
+        self._send_out()
+        self.metrics.published_rows.labels(frame.body["model"]).inc(ack.rows)
+        return web.json_response({"ok": True, "rows": ack.rows, "applied": ack.applied,
+                                  "max_counter": ack.max_counter})
+
+    async def _h_gossip(self, request: web.Request) -> web.Response:
+        frame = await self._read_frame(request)
+        if frame.msg_type not in PEER_TYPES:
+            raise RequestRejected(f"{frame.msg_type.name} is not a peer message; use its own endpoint",
+                                  "bad_type")
+        peer = request.remote or ""
+        self.node.receive(frame, self.clock(), peer)
+        self._send_out()
+        sender = frame.body.get("from")
+        dc = frame.body.get("dc") if isinstance(frame.body.get("dc"), str) else None
+        if dc is None:
+            dc = self._dc_of(sender) if isinstance(sender, str) else UNKNOWN_DC
+        self.metrics.bytes_received.labels(dc, frame.msg_type.name).inc(frame.wire_bytes)
+        return web.Response(status=204)
+
+    async def _h_rows(self, request: web.Request) -> web.Response:
+        model, table = request.match_info["model"], request.match_info["table"]
+        if model not in self.node.models:
+            raise RequestRejected(f"unknown model {model!r}", "unknown_model")
+        spec = self.node.table_spec(model, table)
+        if spec is None:
+            raise RequestRejected(f"model {model!r} has no table {table!r}", "unknown_table")
+        fmt = request.query.get("format", "json")
+        if fmt not in ("json", "msgpack"):
+            raise RequestRejected("format must be json or msgpack", "bad_format")
+        raw = request.query.get("ids")
+        if raw is None:
+            raise RequestRejected("missing ids=ID,ID,...", "bad_ids")
+        parts = raw.split(",") if raw.strip() else []
+        if len(parts) > MAX_READ_IDS:
+            raise RequestRejected(f"{len(parts)} ids exceed MAX_READ_IDS={MAX_READ_IDS}", "too_many_ids")
+        try:
+            ids = np.array([int(p) for p in parts], dtype=np.int64)
+        except (ValueError, OverflowError):
+            raise RequestRejected("ids must be comma-separated integers", "bad_ids") from None
+        if len(ids) and (ids.min() < 0 or ids.max() >= spec.rows):
+            raise RequestRejected(f"row ids must be within 0..{spec.rows - 1}", "bad_ids")
+        values = self.node.read_rows(model, table, ids)
+        versions = self.node.table_store(model, table).versions[ids]
+        if fmt == "msgpack":
+            wire = to_wire_values(values)
+            body = msgpack.packb({"model": model, "table": table, "n": len(ids), "dim": spec.dim,
+                                  "dtype": spec.dtype, "ids": ids.astype("<i8").tobytes(),
+                                  "versions": versions.astype("<i8").tobytes(),
+                                  "values": np.ascontiguousarray(wire).astype(
+                                      wire.dtype.newbyteorder("<"), copy=False).tobytes()},
+                                 use_bin_type=True)
+            return web.Response(body=body, content_type="application/msgpack")
+        vals = values.detach().to("cpu")
+        if vals.dtype != torch.float64:
+            vals = vals.float()  # float16/bfloat16 widen exactly; JSON numbers are doubles anyway
+        return web.json_response({"model": model, "table": table, "ids": ids.tolist(), "dim": spec.dim,
+                                  "dtype": spec.dtype, "versions": versions.tolist(), "values": vals.tolist()})
+
+    async def _h_status(self, request: web.Request) -> web.Response:
+        cluster = request.query.get("cluster", "0")
+        if cluster not in ("0", "1", "true", "false"):
+            raise RequestRejected("cluster must be 0 or 1", "bad_query")
+        st = self.node.status()
+        st["serving"] = not self.draining
+        if cluster in ("1", "true"):
+            st["members"] = self.node.cluster_view()
+        return web.json_response(st)
+
+    async def _h_metrics(self, request: web.Request) -> web.Response:
+        self.metrics.sends_in_flight.set(self.transport.in_flight)
+        from prometheus_client import CONTENT_TYPE_LATEST
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _h_healthz(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return web.Response(status=503, text="draining\n", headers={"Retry-After": str(RETRY_AFTER_S)})
+        return web.Response(text="ok\n")
