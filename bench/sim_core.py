@@ -23,6 +23,9 @@ same random numbers in the same order):
 
 Repetitions are interleaved (ours, simpy, ours, simpy, ...) so drift in machine
 speed hits both alike; we report medians of events per second and the ratio.
+Time is process CPU time (``time.process_time``): on a shared machine wall time
+also counts the time other processes hold the CPU.  ``ours-gc-default`` runs our
+core with ``tune_gc=False`` (the interpreter's default GC threshold, as SimPy runs).
 Run: ``python bench/sim_core.py [--events 300000] [--reps 7] [--n 1000]``.
 """
 
@@ -42,6 +45,7 @@ from simulator.events import Simulation
 from simulator.network import WanConfig, WanNetwork
 
 SEED = 12345
+_clock = time.process_time  # CPU time of this process (see the module docstring)
 
 
 def _delays(count: int) -> list[float]:
@@ -51,8 +55,8 @@ def _delays(count: int) -> list[float]:
 
 # --- timers ---------------------------------------------------------------------------
 
-def ours_timers(n: int, events: int, delays: list[float] | None) -> float:
-    sim = Simulation(SEED)
+def ours_timers(n: int, events: int, delays: list[float] | None, tune_gc: bool = True) -> float:
+    sim = Simulation(SEED, tune_gc=tune_gc)
     state = [0]
     if delays is None:
         draw = random.Random(SEED).expovariate
@@ -74,9 +78,9 @@ def ours_timers(n: int, events: int, delays: list[float] | None) -> float:
         draw = None
     for _ in range(n):
         sim.schedule(draw(1.0) if draw else next(it), tick)
-    t0 = time.perf_counter()
+    t0 = _clock()
     sim.run()
-    dt = time.perf_counter() - t0
+    dt = _clock() - t0
     assert state[0] == events, state
     return events / dt
 
@@ -97,9 +101,9 @@ def simpy_proc_timers(n: int, events: int, delays: list[float] | None) -> float:
 
     for _ in range(n):
         env.process(proc())
-    t0 = time.perf_counter()
+    t0 = _clock()
     env.run(until=done)
-    dt = time.perf_counter() - t0
+    dt = _clock() - t0
     assert state[0] == events, state
     return events / dt
 
@@ -120,9 +124,9 @@ def simpy_cb_timers(n: int, events: int, delays: list[float] | None) -> float:
 
     for _ in range(n):
         Timeout(env, nxt(1.0) if nxt else next(it)).callbacks.append(tick)
-    t0 = time.perf_counter()
+    t0 = _clock()
     env.run(until=done)
-    dt = time.perf_counter() - t0
+    dt = _clock() - t0
     assert state[0] == events, state
     return events / dt
 
@@ -150,9 +154,9 @@ def ours_pingpong(m: int, tokens: int, events: int, delays: list[float], dests: 
     nodes = [Node() for _ in range(m)]
     for k in range(tokens):
         sim.schedule(next(it), nodes[next(dit)].recv, k)
-    t0 = time.perf_counter()
+    t0 = _clock()
     sim.run()
-    dt = time.perf_counter() - t0
+    dt = _clock() - t0
     assert state[0] == events
     return events / dt
 
@@ -180,9 +184,9 @@ def simpy_pingpong(m: int, tokens: int, events: int, delays: list[float], dests:
     nodes = [Node() for _ in range(m)]
     for k in range(tokens):
         Timeout(env, next(it), value=k).callbacks.append(nodes[next(dit)].recv)
-    t0 = time.perf_counter()
+    t0 = _clock()
     env.run(until=done)
-    dt = time.perf_counter() - t0
+    dt = _clock() - t0
     assert state[0] == events
     return events / dt
 
@@ -221,9 +225,9 @@ def ours_wan(nodes: int, messages: int, inputs, out: list[float]) -> float:
             sim.schedule(gaps[i + 1], source)
 
     sim.schedule(gaps[0], source)
-    t0 = time.perf_counter()
+    t0 = _clock()
     sim.run()
-    dt = time.perf_counter() - t0
+    dt = _clock() - t0
     assert len(out) == messages
     return messages / dt
 
@@ -259,9 +263,9 @@ def simpy_wan(nodes: int, messages: int, inputs, out: list[float]) -> float:
             env.process(message(src[i], dst[i], sizes[i]))
 
     env.process(source())
-    t0 = time.perf_counter()
+    t0 = _clock()
     env.run()
-    dt = time.perf_counter() - t0
+    dt = _clock() - t0
     assert len(out) == messages
     return messages / dt
 
@@ -284,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
 
     variants = {
         "timers": [("ours", lambda: ours_timers(a.n, a.events, delays)),
+                   ("ours-gc-default", lambda: ours_timers(a.n, a.events, delays, tune_gc=False)),
                    ("simpy-process", lambda: simpy_proc_timers(a.n, a.events, delays)),
                    ("simpy-callback", lambda: simpy_cb_timers(a.n, a.events, delays))],
         "timers-rng": [("ours", lambda: ours_timers(a.n, a.events, None)),
@@ -293,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
                      ("simpy-callback", lambda: simpy_pingpong(a.nodes, a.tokens, a.events, delays, dests))],
     }
     print(f"python {platform.python_version()} ({platform.python_implementation()}) on {platform.machine()}, "
-          f"simpy {simpy.__version__}, numpy {np.__version__}")
+          f"simpy {simpy.__version__}, numpy {np.__version__}; timing: process CPU time")
     print(f"events per measurement: {a.events}, reps: {a.reps} (interleaved, median), "
           f"timers N={a.n}, pingpong M={a.nodes} K={a.tokens}")
     if a.wan:

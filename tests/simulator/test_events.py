@@ -331,3 +331,19 @@ def test_many_events_fast_enough():
         sim.schedule(rng.random(), tick)
     sim.run(max_events=100_000)
     assert count[0] == 100_000 == sim.events
+
+
+def test_gc_threshold_raised_during_run_and_restored():
+    import gc
+
+    before = gc.get_threshold()
+    seen = []
+    sim = Simulation(0)
+    sim.schedule(1.0, lambda: seen.append(gc.get_threshold()[0]))
+    sim.run()
+    assert gc.get_threshold() == before
+    assert seen == [max(before[0], ev.GC_GEN0_THRESHOLD)] or before[0] == 0
+    off = Simulation(0, tune_gc=False)
+    off.schedule(1.0, lambda: seen.append(gc.get_threshold()[0]))
+    off.run()
+    assert seen[-1] == before[0]
