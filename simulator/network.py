@@ -369,6 +369,16 @@ class WanNetwork:
     def is_up(self, node_id: Hashable) -> bool:
         return self._up[self._index[node_id]]
 
+    @property
+    def dcs(self) -> list[str]:
+        return list(self._dc_names)
+
+    def rtt_s(self, a: Hashable, b: Hashable) -> float:
+        """Base round-trip propagation between two nodes in seconds (no queueing, no jitter)."""
+        i, j = self._index[a], self._index[b]
+        n = self._ndc
+        return self._prop[self._dc[i] * n + self._dc[j]] + self._prop[self._dc[j] * n + self._dc[i]]
+
     # -- sending -------------------------------------------------------------------------
 
     def send(self, src: Hashable, dst: Hashable, payload: Any, nbytes: int, on_deliver: DeliverFn) -> bool:

@@ -328,6 +328,8 @@ def test_config_validation_and_presets():
     with pytest.raises(UsageError):
         net.add_node("m", "nowhere")
     assert net.nodes_in("x") == ["n"] and net.dc_of("n") == "x" and net.nodes == ["n"]
+    net.add_node("o", "y")
+    assert net.dcs == ["x", "y"] and net.rtt_s("n", "o") == pytest.approx(0.070)
 
 
 def test_many_nodes_and_messages_fast_enough():
