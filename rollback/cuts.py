@@ -68,35 +68,46 @@ ShardKnowledge = Mapping[tuple[str, int], Knowledge]
 
 
 class _ShardOriginTable:
-    """Per (shard, origin) counters of one table as a dense matrix, looked up vectorized."""
+    """Per (shard, origin) counters of one table as a flat matrix, looked up vectorized.
 
-    __slots__ = ("origins", "matrix")
+    The matrix has one extra column for "origin not in the knowledge" and one extra
+    row for "shard beyond the knowledge", both -1, so a lookup is one gather at a
+    computed flat index, with no boolean masking.
+    """
+
+    __slots__ = ("origins", "flat", "n_shards", "width")
 
     def __init__(self, per_shard: Mapping[int, Knowledge]) -> None:
         origins = sorted({o for k in per_shard.values() for o, _ in k.items()})
         self.origins = np.array(origins, dtype=np.int64)
         col = {o: j for j, o in enumerate(origins)}
-        n_shards = max(per_shard) + 1 if per_shard else 0
+        self.n_shards = max(per_shard) + 1 if per_shard else 0
+        self.width = len(origins) + 1
         # -1 marks "this shard's knowledge has no entry for this origin".
-        self.matrix = np.full((n_shards, len(origins)), -1, dtype=np.int64)
+        matrix = np.full((self.n_shards + 1, self.width), -1, dtype=np.int64)
         for s, k in per_shard.items():
             for o, c in k.items():
-                self.matrix[s, col[o]] = c
+                matrix[s, col[o]] = c
+        self.flat = matrix.ravel()
 
     def lookup(self, shards: np.ndarray, origins: np.ndarray, default: int) -> np.ndarray:
-        """Counter of each (shard, origin); ``default`` where the knowledge has no entry."""
-        out = np.full(len(shards), default, dtype=np.int64)
-        if self.matrix.size == 0 or len(shards) == 0:
-            return out
-        j = np.searchsorted(self.origins, origins)
-        np.minimum(j, len(self.origins) - 1, out=j)
-        ok = (self.origins[j] == origins) & (shards < self.matrix.shape[0])
-        if ok.all():
-            out = self.matrix[shards, j]
+        """Counter of each (shard, origin); ``default`` (-1 or 0) where the knowledge has no entry."""
+        if len(self.origins) == 0:
+            return np.full(len(shards), default, dtype=np.int64)
+        if len(self.origins) == 1:     # one publisher: the common case, no search
+            j = np.where(origins == self.origins[0], 0, 1)
         else:
-            out[ok] = self.matrix[shards[ok], j[ok]]
-        if default != -1:
-            out[out == -1] = default
+            j = np.searchsorted(self.origins, origins)
+            np.minimum(j, len(self.origins) - 1, out=j)
+            j[self.origins[j] != origins] = self.width - 1
+        idx = np.minimum(shards, self.n_shards)
+        idx *= self.width
+        idx += j
+        out = self.flat[idx]
+        if default == 0:
+            np.maximum(out, 0, out=out)   # set entries are counters >= 1
+        elif default != -1:
+            raise ValueError("default must be -1 or 0")
         return out
 
 

@@ -5,7 +5,17 @@ On every apply the node calls :meth:`UndoHistory.record` with the store's
 row that took a new version, the version and value it had *before*.  To roll a
 table back to a cut, :meth:`UndoHistory.values_at_cut` walks each row's
 history backwards and returns, per row, the newest old version that the cut
-covers, with its value -- the row's state at the cut.
+covers, with its value -- the row's state at the cut.  :meth:`restore_at_cut`
+does the same walk and writes the targets straight into the store (the path a
+node should use: no output array the size of the restore).
+
+The walk.  Segments are scanned newest first; inside each, everything is
+vectorized: a row -> position map finds the entries of the wanted rows, one
+call of the cut's ``covered`` predicate tests their old versions, and rows
+resolved in a newer segment are skipped.  It stops once every row is resolved,
+so old and spilled history is read only for rows that need it.  (Concatenating
+all segments first would read the whole history, values included, on every
+rollback.)
 
 Layout.  Records are kept per (model, table) as *segments*: a large record is a
 segment by itself (kept without a copy); small records are pooled and sealed
@@ -27,9 +37,10 @@ taken when the counter stood at ``c`` (the next apply gets ``seq >= c``) needs
 every record with ``seq >= c``.
 
 Restores must be recorded too.  A rollback writes rows with
-:meth:`~ekko.store.TableStore.restore_rows`; record that write as well (see
-:func:`capture_before_restore`) so that a second rollback to an older cut walks
-back through the first one correctly.
+:meth:`~ekko.store.TableStore.restore_rows`; record that write as well
+(``restore_at_cut(..., seq=...)`` does, or :func:`capture_before_restore`) so
+that a later rollback to a cut that covers the rolled-back versions of some
+origin but not the restored ones still finds the right state.
 
 Known gap: :class:`~ekko.store.ApplyResult` carries no old *tombstone* flags,
 so a row whose state at the cut was a tombstone comes back as zeros with the
@@ -382,20 +393,30 @@ class UndoHistory:
         for seg in reversed(log.segments):
             ids, old, values = self._arrays(seg)
             p = loc.find(ids)
-            cand = np.flatnonzero(p >= 0)
-            if len(cand) == 0:
-                continue
-            pc = p[cand]
-            fresh = ~resolved[pc]
-            if not fresh.all():
-                cand, pc = cand[fresh], pc[fresh]
-            ov = old[cand]
-            ok = np.asarray(covered(ids[cand], ov), dtype=bool)
+            # cand None = every entry of the segment: a big bad delta is often all relevant,
+            # and skipping the gathers then saves a third of the walk.
+            cand: np.ndarray | None = None
+            hit = p >= 0
+            if not hit.all():
+                cand = np.flatnonzero(hit)
+                if len(cand) == 0:
+                    continue
+                p = p[cand]
+            keep = ~resolved[p]
+            if not keep.all():
+                cand = np.flatnonzero(keep) if cand is None else cand[keep]
+                p = p[keep]
+            ov = old if cand is None else old[cand]
+            ok = np.asarray(covered(ids if cand is None else ids[cand], ov), dtype=bool)
             if ok.shape != ov.shape:
                 raise UsageError("covered() must return one bool per version")
             ok |= ov == 0
             if not ok.all():
-                cand, pc, ov = cand[ok], pc[ok], ov[ok]
+                cand = np.flatnonzero(ok) if cand is None else cand[ok]
+                p, ov = p[ok], ov[ok]
+            if cand is None:
+                cand = np.arange(len(ids))
+            pc = p
             if len(cand) == 0:
                 continue
             if seg.multi and len(cand) > 1:
