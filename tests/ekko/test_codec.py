@@ -107,7 +107,7 @@ bodies = st.dictionaries(st.text(max_size=12), values, max_size=8)
 keyrings = st.sampled_from([None, KR, KR2])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=bodies, msg_type=st.sampled_from(list(MsgType)), kr=keyrings,
        threshold=st.sampled_from([0, 64, COMPRESS_THRESHOLD]))
 def test_frame_roundtrip(body, msg_type, kr, threshold):
