@@ -52,7 +52,7 @@ from ekko.store import ApplyResult, ModelStore
 from ekko.version import HLC_LOGICAL_BITS, MAX_COUNTER, MAX_ORIGIN, Knowledge, counters_of, origins_of
 from p2p.membership import Membership, MembershipConfig, MemberState, parse_entries
 from p2p.outbound import FifoLinkQueue, LinkQueue, QueuedRows, QueueFactory
-from p2p.sync import ROW_OVERHEAD_BYTES, ShardSync
+from p2p.sync import ROW_OVERHEAD_BYTES, RecentIndex, ShardSync
 from p2p.topology import DcGraph, Topology, _mix
 
 _SHARD_SALT = np.uint64(0x9E3779B97F4A7C15)
@@ -92,12 +92,13 @@ class PublishAck:
 class _Model:
     """A model on this replica: its spec, store and per-shard protocol state."""
 
-    __slots__ = ("spec", "store", "shards", "digests", "dirty", "head", "_summary")
+    __slots__ = ("spec", "store", "shards", "index", "digests", "dirty", "head")
 
     def __init__(self, spec: ModelSpec, device: Any, with_values: bool) -> None:
         self.spec = spec
         self.store = ModelStore(spec, device, with_values)
         self.shards: dict[str, dict[int, ShardSync]] = {t.name: {} for t in spec.tables}
+        self.index = {t.name: RecentIndex() for t in spec.tables}
         self.digests = {t.name: np.zeros(t.num_shards, np.uint64) for t in spec.tables}
         self.dirty: dict[str, set[int]] = {t.name: set() for t in spec.tables}
         self.head = 0  # greatest counter applied here (freshness)
@@ -406,17 +407,7 @@ class ReplicaNode:
         ts = m.store.table(d.table)
         res = ts.apply(d)
         if len(res):
-            spec = ts.spec
-            limit = self.config.index_rows
-            if spec.num_shards == 1:
-                m.shard(d.table, 0).note_applied(res.ids, res.versions, limit, now)
-            else:
-                shards = spec.shards_of(res.ids)
-                order = np.argsort(shards, kind="stable")
-                bounds = np.flatnonzero(np.diff(shards[order])) + 1
-                for part in np.split(order, bounds):
-                    m.shard(d.table, int(shards[part[0]])).note_applied(res.ids[part], res.versions[part], limit,
-                                                                        now)
+            m.index[d.table].note_applied(res.ids, res.versions, now, self.config.index_rows)
             m.head = max(m.head, int(counters_of(res.versions).max()))
             self.counters[f"applied_rows_{source}"] += len(res)
             for hook in self.on_apply:
@@ -468,33 +459,40 @@ class ReplicaNode:
         for peer in self._live_peers(self.dc):
             self._enqueue(peer, rows, now)
         self._refresh_topology()
-        shards = spec.shards_of(res.ids)
+        # One copy per remote DC, to the rank-0 gateway of the batch's first shard:
+        # each member of that DC then gets the batch in one frame from it (per-shard
+        # gateways would multiply LAN frames by the shards a batch touches), and WAN
+        # load still spreads over the DC's members as batches hit different shards.
+        lead = int(spec.shard_of(int(res.ids[0])))
         for dc in self.topology.dcs():
             if dc == self.dc:
                 continue
             gw = self.topology.gateways(m.spec.name, table, spec.num_shards, dc)
             if gw.shape[1] == 0:
                 continue
-            target = gw[shards, 0]
-            for peer in np.unique(target).tolist():
-                sel = target == peer
-                self._enqueue(peer, QueuedRows(m.spec.name, table, res.ids[sel], res.versions[sel], rb), now)
+            self._enqueue(str(gw[lead, 0]), rows, now)
 
     def flush(self, now: float) -> None:
         """Turn ready queued rows into PUSH frames."""
+        # The same batch is usually queued for many peers (a DC fan-out): build its
+        # wire form once per flush.
+        built: dict[tuple[int, ...], tuple[list[dict[str, Any]], int, list[QueuedRows]]] = {}
         for peer, q in self.queues.items():
             ready = q.next_ready(now)
             while ready is not None and ready <= now:
                 batches = q.take(now, self.config.push_frame_bytes)
                 if not batches:
                     break
-                self._send_push(peer, batches, now)
+                key = tuple(id(b.ids) for b in batches)
+                got = built.get(key)
+                if got is None:
+                    # Keep the batches alive with their wire form: ids are only unique
+                    # among live objects.
+                    got = built[key] = (*self._push_deltas(batches), batches)
+                self._send_push(peer, got[0], got[1])
                 ready = q.next_ready(now)
 
-    def _send_push(self, peer: str, batches: list[QueuedRows], now: float) -> None:
-        mem = self.members.get(peer)
-        if mem is None or mem.state == MemberState.DEAD:
-            return
+    def _push_deltas(self, batches: list[QueuedRows]) -> tuple[list[dict[str, Any]], int]:
         deltas = []
         extra = 0
         for b in batches:
@@ -506,6 +504,12 @@ class ReplicaNode:
             deltas.append(delta_to_wire(d))
             if d.values is None:
                 extra += len(d) * ts.spec.row_bytes
+        return deltas, extra
+
+    def _send_push(self, peer: str, deltas: list[dict[str, Any]], extra: int) -> None:
+        mem = self.members.get(peer)
+        if mem is None or mem.state == MemberState.DEAD:
+            return
         if deltas:
             self.counters["push_frames_sent"] += 1
             self._out.append(Outgoing(peer, mem.address, MsgType.PUSH,
@@ -775,15 +779,13 @@ class ReplicaNode:
                     if count >= MAX_SHARDS_PER_PULL:
                         break
                     sync = m.shards[table].get(s)
-                    if sync is None:
-                        entries.append([s, [], None, None])
-                    else:
-                        hid, hv = sync.held_above_knowledge(ts, s)
-                        if len(hid) > MAX_HELD_ROWS_PER_SHARD:
-                            hid, hv = hid[:MAX_HELD_ROWS_PER_SHARD], hv[:MAX_HELD_ROWS_PER_SHARD]
-                        entries.append([s, sync.knowledge.to_wire(),
-                                        array_to_wire(hid) if len(hid) else None,
-                                        array_to_wire(hv) if len(hid) else None])
+                    mine = sync.knowledge if sync is not None else Knowledge()
+                    # Rows we hold above our knowledge (eagerly pushed): the peer skips them.
+                    hid, hv = m.index[table].newer_than(ts, s, mine, mine)
+                    if len(hid) > MAX_HELD_ROWS_PER_SHARD:
+                        hid, hv = hid[:MAX_HELD_ROWS_PER_SHARD], hv[:MAX_HELD_ROWS_PER_SHARD]
+                    entries.append([s, mine.to_wire(), array_to_wire(hid) if len(hid) else None,
+                                    array_to_wire(hv) if len(hid) else None])
                     count += 1
                 if entries:
                     body_models.setdefault(name, {})[table] = entries
@@ -844,10 +846,10 @@ class ReplicaNode:
             if sync is None:
                 ids = vers = np.zeros(0, np.int64)
             else:
-                ids, vers = sync.newer_than(ts, s, theirs)
+                ids, vers = m.index[table].newer_than(ts, s, theirs, mine)
             cut_below = None
             if grace_from is not None and sync is not None and len(ids):
-                fresh = sync.fresh_since(grace_from)
+                fresh = m.index[table].fresh_since(grace_from, *ts.spec.shard_range(s))
                 if len(fresh):
                     held_back = np.isin(ids, fresh)
                     if held_back.any():

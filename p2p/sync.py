@@ -1,15 +1,18 @@
-"""State-based anti-entropy for one shard: knowledge, recent-row index, chains.
+"""State-based anti-entropy: per-shard knowledge and chains, per-table recent rows.
 
 Per shard a replica keeps
 
 * ``knowledge`` -- the version vector (:class:`ekko.version.Knowledge`); its
   64-bit digest is the *shard version* peers compare to skip equal shards;
-* a **recent-row index** -- the ids of rows applied since the *watermark*
-  (a counter below which the index forgets), so finding "rows newer than a
-  peer's knowledge" costs O(hot rows); when the peer is behind the watermark
-  the shard's version array is scanned instead (vectorized);
 * **pending chains** -- publish frames whose predecessor (per shard and
-  origin) has not arrived yet; knowledge jumps over them once it has.
+  origin) has not arrived yet; knowledge jumps over them once it has;
+
+and per table a **recent-row index** (:class:`RecentIndex`) -- the ids of rows
+applied since the *watermark* (a counter below which the index forgets), so
+finding "rows newer than a peer's knowledge" costs O(hot rows); when the peer
+is behind the watermark the shard's version array is scanned instead
+(vectorized).  The index is per table so that an apply appends one chunk
+instead of splitting by shard.
 
 The pull rules are Scuttlebutt's: the responder sends the rows the requester's
 knowledge does not cover, in version order, capped in bytes; the requester
@@ -35,9 +38,128 @@ MAX_PENDING_CHAINS = 256
 ROW_OVERHEAD_BYTES = 16
 
 
+class RecentIndex:
+    """Rows of one table applied recently, with a watermark below which it forgets.
+
+    Appending is O(1) per apply (one chunk); a lookup merges pending chunks into
+    one id-sorted array once and then answers per-shard range queries with a
+    binary search, so anti-entropy costs O(hot rows of the shard).
+
+    Example:
+        >>> ix = RecentIndex()
+        >>> ix.note_applied(np.array([5, 1, 9]), np.array([3 << 16, 4 << 16, 5 << 16]), now=1.0, limit=100)
+        >>> ix.candidates(0, 6).tolist(), ix.fresh_since(0.5, 0, 10).tolist()
+        ([1, 5], [1, 5, 9])
+    """
+
+    __slots__ = ("watermark", "loose_below_watermark", "_chunks", "_ids", "_ctrs", "_times", "_n")
+
+    def __init__(self) -> None:
+        self.watermark = 0
+        self.loose_below_watermark = False
+        self._chunks: list[tuple[np.ndarray, np.ndarray, float]] = []
+        self._ids = np.zeros(0, np.int64)
+        self._ctrs = np.zeros(0, np.int64)
+        self._times = np.zeros(0, np.float64)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def note_applied(self, ids: np.ndarray, versions: np.ndarray, now: float, limit: int) -> None:
+        """Record rows that took a new version (from :class:`ekko.store.ApplyResult`)."""
+        if len(ids) == 0:
+            return
+        self._chunks.append((ids, versions, now))
+        self._n += len(ids)
+        if self._n > limit:
+            self._merge()
+            self._compact(limit)
+
+    def _merge(self) -> None:
+        if not self._chunks:
+            return
+        ids = [self._ids] + [c[0] for c in self._chunks]
+        ctrs = [self._ctrs] + [counters_of(c[1]) for c in self._chunks]
+        times = [self._times] + [np.full(len(c[0]), c[2]) for c in self._chunks]
+        self._chunks = []
+        ids_a, ctrs_a, times_a = np.concatenate(ids), np.concatenate(ctrs), np.concatenate(times)
+        order = np.argsort(ids_a, kind="stable")
+        self._ids, self._ctrs, self._times = ids_a[order], ctrs_a[order], times_a[order]
+
+    def _compact(self, limit: int) -> None:
+        ids, ctrs, times = self._ids, self._ctrs, self._times
+        # Keep each row's latest entry only (ids are sorted; take the max counter per id).
+        order = np.lexsort((ctrs, ids))
+        ids, ctrs, times = ids[order], ctrs[order], times[order]
+        last = np.ones(len(ids), bool)
+        last[:-1] = ids[1:] != ids[:-1]
+        ids, ctrs, times = ids[last], ctrs[last], times[last]
+        keep_n = limit // 2
+        if len(ids) > keep_n:
+            # Raise the watermark so the index keeps the newest half; rows below it
+            # are found by a shard scan from now on.
+            w = int(np.partition(ctrs, len(ctrs) - keep_n)[len(ctrs) - keep_n]) - 1
+            keep = ctrs > w
+            self.watermark = max(self.watermark, w)
+            self.loose_below_watermark = True
+            ids, ctrs, times = ids[keep], ctrs[keep], times[keep]
+        self._ids, self._ctrs, self._times, self._n = ids, ctrs, times, len(ids)
+
+    def reset(self) -> None:
+        """Forget everything (after a rollback); lookups fall back to scans."""
+        self.__init__()  # type: ignore[misc]
+        self.watermark = 1
+        self.loose_below_watermark = True
+
+    def _range(self, lo: int, hi: int) -> slice:
+        self._merge()
+        a, b = np.searchsorted(self._ids, [lo, hi])
+        return slice(int(a), int(b))
+
+    def candidates(self, lo: int, hi: int) -> np.ndarray:
+        """Distinct row ids in ``[lo, hi)`` applied since the watermark."""
+        r = self._range(lo, hi)  # merges pending chunks: read self._ids only after it
+        ids = self._ids[r]
+        if len(ids) > 1:
+            keep = np.ones(len(ids), bool)
+            keep[1:] = ids[1:] != ids[:-1]
+            ids = ids[keep]
+        return ids
+
+    def fresh_since(self, t: float, lo: int, hi: int) -> np.ndarray:
+        """Ids in ``[lo, hi)`` applied at or after time ``t`` (possibly repeated)."""
+        r = self._range(lo, hi)
+        return self._ids[r][self._times[r] >= t]
+
+    def needs_scan(self, theirs: Knowledge, mine: Knowledge) -> bool:
+        if self.watermark == 0:
+            return False
+        if self.loose_below_watermark:
+            return True
+        return any(theirs[o] < min(c, self.watermark) for o, c in mine.items())
+
+    def newer_than(self, table: TableStore, shard: int, theirs: Knowledge, mine: Knowledge
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of ``shard`` that ``theirs`` does not cover: (ids, versions), version order."""
+        if self.needs_scan(theirs, mine):
+            return table.scan_newer(shard, theirs)
+        lo, hi = table.spec.shard_range(shard)
+        cand = self.candidates(lo, hi)
+        if len(cand) == 0:
+            return cand, cand
+        v = table.versions[cand]
+        mask = v > 0
+        if len(theirs):
+            mask &= ~theirs.covers(v)
+        ids, vers = cand[mask], v[mask]
+        order = np.argsort(vers, kind="stable")
+        return ids[order], vers[order]
+
+
 @dataclass(slots=True)
 class ShardSync:
-    """Protocol state of one shard of one table on one replica.
+    """Knowledge and waiting publish chains of one shard on one replica.
 
     Example:
         >>> s = ShardSync()
@@ -50,94 +172,7 @@ class ShardSync:
     """
 
     knowledge: Knowledge = field(default_factory=Knowledge)
-    watermark: int = 0
-    loose_below_watermark: bool = False
-    _ids: list[np.ndarray] = field(default_factory=list)
-    _ctrs: list[np.ndarray] = field(default_factory=list)
-    _times: list[float] = field(default_factory=list)
-    _n: int = 0
     pending: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
-
-    # -- recent-row index --------------------------------------------------------------------
-    def note_applied(self, ids: np.ndarray, versions: np.ndarray, limit: int, now: float = 0.0) -> None:
-        """Record rows that took a new version (from :class:`ekko.store.ApplyResult`)."""
-        if len(ids) == 0:
-            return
-        self._ids.append(ids)
-        self._ctrs.append(counters_of(versions))
-        self._times.append(now)
-        self._n += len(ids)
-        if self._n > limit:
-            self._compact(limit)
-
-    def _compact(self, limit: int) -> None:
-        ids = np.concatenate(self._ids)
-        ctrs = np.concatenate(self._ctrs)
-        # Keep each row's latest entry only (stable sort keeps order among equals).
-        order = np.lexsort((ctrs, ids))
-        ids, ctrs = ids[order], ctrs[order]
-        last = np.ones(len(ids), bool)
-        last[:-1] = ids[1:] != ids[:-1]
-        ids, ctrs = ids[last], ctrs[last]
-        if len(ids) > limit // 2:
-            # Raise the watermark so the index keeps the newest half.
-            w = int(np.partition(ctrs, len(ctrs) - limit // 2)[len(ctrs) - limit // 2]) - 1
-            keep = ctrs > w
-            self.watermark = max(self.watermark, w)
-            ids, ctrs = ids[keep], ctrs[keep]
-            # Rows below the watermark that our own knowledge does not cover are
-            # only findable by a scan from now on.
-            self.loose_below_watermark = True
-        self._ids, self._ctrs, self._n = [ids], [ctrs], len(ids)
-        self._times = [self._times[-1] if self._times else 0.0]
-
-    def reset_index(self) -> None:
-        """Forget the index (after a rollback); lookups fall back to scans."""
-        self._ids, self._ctrs, self._times, self._n = [], [], [], 0
-        self.loose_below_watermark = True
-
-    def candidates(self) -> np.ndarray:
-        if not self._ids:
-            return np.zeros(0, np.int64)
-        if len(self._ids) > 1:
-            return np.concatenate(self._ids)
-        return self._ids[0]
-
-    def fresh_since(self, t: float) -> np.ndarray:
-        """Ids of rows applied at or after time ``t`` (possibly with repeats)."""
-        parts = [ids for ids, at in zip(self._ids, self._times) if at >= t]
-        if not parts:
-            return np.zeros(0, np.int64)
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
-
-    def _needs_scan(self, theirs: Knowledge) -> bool:
-        if self.watermark == 0:
-            return False
-        if self.loose_below_watermark:
-            return True
-        # Rows below the watermark are all covered by our own knowledge (else we
-        # would be loose); the peer lacks some of them only if it is behind us there.
-        return any(theirs[o] < min(c, self.watermark) for o, c in self.knowledge.items())
-
-    def newer_than(self, table: TableStore, shard: int, theirs: Knowledge) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of this shard that ``theirs`` does not cover: (ids, versions), version order."""
-        if self._needs_scan(theirs):
-            return table.scan_newer(shard, theirs)
-        cand = self.candidates()
-        if len(cand) == 0:
-            return cand, cand
-        cand = np.unique(cand)
-        v = table.versions[cand]
-        mask = v > 0
-        if len(theirs):
-            mask &= ~theirs.covers(v)
-        ids, vers = cand[mask], v[mask]
-        order = np.argsort(vers, kind="stable")
-        return ids[order], vers[order]
-
-    def held_above_knowledge(self, table: TableStore, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows we hold that our own knowledge does not cover (e.g. eagerly pushed)."""
-        return self.newer_than(table, shard, self.knowledge)
 
     # -- publish chains ----------------------------------------------------------------------
     def chain(self, origin: int, after: int, upto: int) -> bool:

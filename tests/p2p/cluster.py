@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import zlib
 
 import numpy as np
 
@@ -24,7 +25,7 @@ def make_cluster(dcs: int = 3, per_dc: int = 5, seed: int = 0, faults: Faults | 
     for d in range(dcs):
         for i in range(per_dc):
             nid = f"n{d}-{i}"
-            node = ReplicaNode(nid, f"dc{d}", nid, config=cfg, rng=random.Random(hash((seed, nid)) & 0xFFFF),
+            node = ReplicaNode(nid, f"dc{d}", nid, config=cfg, rng=random.Random(zlib.crc32(f"{seed}/{nid}".encode())),
                                seeds=[seed_addr], device="cpu")
             net.add(node)
     net.call("n0-0", "register_model", spec, net.now)

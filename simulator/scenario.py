@@ -1,0 +1,144 @@
+"""Scenarios: a WAN, a model, a workload and the systems to compare, from TOML.
+
+A scenario file has these tables (every key optional except where noted; the
+shipped files in ``simulator/scenarios/`` document where each value comes from):
+
+``[scenario]``  name, description, seed, duration_s (workload length),
+                settle_s (extra simulated time for convergence), replicas,
+                mode ("auto" | "metadata" | "full"), systems (list),
+                samples_per_batch (tracked rows per batch for latency)
+``[wan]``       dcs (list, first = training DC unless training_dc given),
+                training_dc, rtt_ms (``{"a-b" = ms}`` or a number),
+                intra_dc_rtt_ms, nic_gbps, wan_gbps, background_load, loss,
+                jitter_ms, per_message_overhead_bytes
+``[node]``      any :class:`ekko.config.NodeConfig` field plus ``preset``
+``[[table]]``   name, rows, dim, dtype, shards, dense
+``[workload]``  batch_interval_s, and ``[[workload.sparse]]`` (table, rows_per_s,
+                zipf_s, initial_rows, new_row_fraction, impact_sigma),
+                ``[[workload.dense]]`` (table, period_s), ``[[workload.burst]]``
+                (t0, t1, multiplier)
+``[baselines]`` checkpoint_interval_s, checkpoint_validate_s (broadcast),
+                adam_batch_s (2PC batching window)
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ekko.config import NodeConfig, config_from_dict
+from ekko.errors import UsageError
+from ekko.spec import ModelSpec, TableSpec
+from simulator.network import WanConfig
+from simulator.workload import Burst, DenseTable, SparseTable, WorkloadConfig
+
+#: every system the runner knows, in report order.
+ALL_SYSTEMS = ("ekko", "ekko-no-gateways", "ekko-full-scan", "random-gossip", "direct-push", "adam-2pc",
+               "broadcast", "fifo")
+#: above this many replicas "auto" mode keeps versions only (no tensors).
+AUTO_METADATA_REPLICAS = 200
+MODEL_NAME = "model"
+
+
+@dataclass
+class Scenario:
+    """A parsed scenario.  Build with :func:`load_scenario`."""
+
+    name: str
+    description: str
+    seed: int
+    duration_s: float
+    settle_s: float
+    replicas: int
+    mode: str
+    systems: list[str]
+    samples_per_batch: int
+    wan: WanConfig
+    training_dc: str
+    node: NodeConfig
+    model: ModelSpec
+    workload: WorkloadConfig
+    baselines: dict[str, float] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def with_values(self) -> bool:
+        if self.mode == "auto":
+            return self.replicas <= AUTO_METADATA_REPLICAS
+        return self.mode == "full"
+
+
+def _pair_key(k: str, dcs: list[str]) -> tuple[str, str]:
+    for a in dcs:
+        if k.startswith(a + "-") and k[len(a) + 1:] in dcs:
+            return a, k[len(a) + 1:]
+    raise UsageError(f"rtt_ms key {k!r} is not 'dcA-dcB' with known DCs")
+
+
+def parse_scenario(d: dict[str, Any], name: str = "custom") -> Scenario:
+    sc = d.get("scenario", {})
+    wan = d.get("wan", {})
+    dcs = list(wan.get("dcs", ["dc0", "dc1", "dc2"]))
+    rtt = wan.get("rtt_ms", 50.0)
+    if isinstance(rtt, dict):
+        rtt = {_pair_key(k, dcs): float(v) for k, v in rtt.items()}
+    wcfg = WanConfig(dcs, rtt_ms=rtt, intra_dc_rtt_ms=float(wan.get("intra_dc_rtt_ms", 0.2)),
+                     nic_bps=float(wan.get("nic_gbps", 25)) * 1e9, wan_capacity_bps=float(wan.get("wan_gbps", 1)) * 1e9,
+                     background_load=float(wan.get("background_load", 0.0)), loss=float(wan.get("loss", 0.0)),
+                     jitter_ms=float(wan.get("jitter_ms", 0.0)),
+                     per_message_overhead_bytes=int(wan.get("per_message_overhead_bytes", 0)))
+    training_dc = wan.get("training_dc", dcs[0])
+    if training_dc not in dcs:
+        raise UsageError(f"training_dc {training_dc!r} not in dcs")
+    node = config_from_dict(dict(d.get("node", {"preset": "wan"})))
+    tables = [TableSpec(t["name"], rows=int(t["rows"]), dim=int(t["dim"]), dtype=t.get("dtype", "float32"),
+                        shards=t.get("shards"), dense=bool(t.get("dense", False))) for t in d.get("table", [])]
+    if not tables:
+        raise UsageError("a scenario needs at least one [[table]]")
+    model = ModelSpec(MODEL_NAME, tables)
+    wl = d.get("workload", {})
+    sparse = [SparseTable(MODEL_NAME, s["table"], rows=model.table(s["table"]).rows,
+                          rows_per_s=float(s["rows_per_s"]), zipf_s=float(s.get("zipf_s", 1.05)),
+                          initial_rows=s.get("initial_rows"), new_row_fraction=float(s.get("new_row_fraction", 0.0)),
+                          impact_sigma=float(s.get("impact_sigma", 1.0))) for s in wl.get("sparse", [])]
+    dense = [DenseTable(MODEL_NAME, x["table"], rows=model.table(x["table"]).rows, period_s=float(x["period_s"]))
+             for x in wl.get("dense", [])]
+    bursts = [Burst(float(b["t0"]), float(b["t1"]), float(b["multiplier"])) for b in wl.get("burst", [])]
+    wcfg_load = WorkloadConfig(sparse=sparse, dense=dense, bursts=bursts,
+                               batch_interval_s=float(wl.get("batch_interval_s", 0.1)))
+    systems = list(sc.get("systems", ["ekko"]))
+    unknown = set(systems) - set(ALL_SYSTEMS)
+    if unknown:
+        raise UsageError(f"unknown systems {sorted(unknown)}; known: {list(ALL_SYSTEMS)}")
+    mode = sc.get("mode", "auto")
+    if mode not in ("auto", "metadata", "full"):
+        raise UsageError("mode must be auto, metadata or full")
+    return Scenario(name=sc.get("name", name), description=sc.get("description", ""), seed=int(sc.get("seed", 1)),
+                    duration_s=float(sc.get("duration_s", 60)), settle_s=float(sc.get("settle_s", 30)),
+                    replicas=int(sc.get("replicas", 60)), mode=mode, systems=systems,
+                    samples_per_batch=int(sc.get("samples_per_batch", 4)), wan=wcfg, training_dc=training_dc,
+                    node=node, model=model, workload=wcfg_load, baselines=dict(d.get("baselines", {})), raw=d)
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    """A shipped scenario by name (``paper``, ``congestion``, ``rollback``, ``faults``) or a TOML file."""
+    p = Path(name_or_path)
+    try:
+        if p.suffix == ".toml" or p.exists():
+            with open(p, "rb") as f:
+                return parse_scenario(tomllib.load(f), p.stem)
+        text = resources.files("simulator").joinpath("scenarios", f"{name_or_path}.toml").read_text()
+    except FileNotFoundError:
+        raise UsageError(f"no scenario {name_or_path!r}: give a shipped name ({', '.join(shipped())}) "
+                         f"or a .toml file") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"cannot read scenario {name_or_path}: {e}") from None
+    return parse_scenario(tomllib.loads(text), name_or_path)
+
+
+def shipped() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("simulator").joinpath("scenarios").iterdir()
+                  if p.name.endswith(".toml"))

@@ -1,0 +1,87 @@
+"""Unit tests of the per-shard sync state and the per-table recent-row index."""
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from ekko.delta import Delta
+from ekko.spec import TableSpec
+from ekko.store import TableStore
+from ekko.version import ORIGIN_BITS, Knowledge
+from p2p.sync import RecentIndex, ShardSync
+
+
+def v(counter, origin=1):
+    return (np.asarray(counter, np.int64) << ORIGIN_BITS) | origin
+
+
+def test_chain_waits_for_its_predecessor_then_jumps():
+    s = ShardSync()
+    assert s.chain(1, after=0, upto=10)
+    assert not s.chain(1, after=20, upto=30)       # gap (10, 20] missing
+    assert s.knowledge[1] == 10 and s.pending
+    assert s.chain(1, after=10, upto=20)           # fills the gap; the waiting chain resolves
+    assert s.knowledge[1] == 30 and not s.pending
+    assert not s.chain(1, after=-1, upto=99)       # unchained frames prove nothing
+    assert s.knowledge[1] == 30
+
+
+def test_learn_respects_a_cut_answer():
+    s = ShardSync()
+    assert s.learn(Knowledge({1: 100, 2: 50}), cut_below=40)
+    assert s.knowledge[1] == 39 and s.knowledge[2] == 39
+    assert s.learn(Knowledge({1: 100, 2: 50}), cut_below=None)
+    assert s.knowledge[1] == 100 and s.knowledge[2] == 50
+    assert not s.learn(Knowledge({1: 10}), cut_below=None)   # never backwards
+
+
+def test_learn_resolves_pending_chains():
+    s = ShardSync()
+    s.chain(1, after=50, upto=60)
+    s.learn(Knowledge({1: 50}), cut_below=None)
+    assert s.knowledge[1] == 60
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 255), min_size=1, max_size=30, unique=True), min_size=1, max_size=12),
+       st.lists(st.tuples(st.integers(0, 255), st.integers(1, 256)), max_size=6))
+def test_recent_index_candidates_match_brute_force(batches, queries):
+    """Interleaved appends and range queries (a merge happens on every query)."""
+    ix = RecentIndex()
+    seen: set[int] = set()
+    c = 1
+    qi = iter(queries)
+    for b in batches:
+        ids = np.array(b, np.int64)
+        ix.note_applied(ids, v(np.arange(c, c + len(ids))), now=float(c), limit=1 << 20)
+        c += len(ids)
+        seen.update(b)
+        q = next(qi, None)
+        if q is not None:
+            lo, hi = min(q), max(q)
+            want = sorted(x for x in seen if lo <= x < hi)
+            assert ix.candidates(lo, hi).tolist() == want
+    assert ix.candidates(0, 256).tolist() == sorted(seen)
+
+
+def test_recent_index_watermark_falls_back_to_scans():
+    spec = TableSpec("t", rows=1000, dim=1, shards=1)
+    ts = TableStore(spec, device="cpu", with_values=False)
+    ix = RecentIndex()
+    for c in range(1, 201):
+        d = Delta("m", "t", np.array([c * 3 % 1000]), v([c]))
+        res = ts.apply(d)
+        ix.note_applied(res.ids, res.versions, now=c, limit=64)
+    assert ix.watermark > 0 and len(ix) <= 64
+    theirs = Knowledge({1: 10})
+    ids, vers = ix.newer_than(ts, 0, theirs, Knowledge({1: 200}))
+    want_ids, want_vers = ts.scan_newer(0, theirs)
+    assert ids.tolist() == want_ids.tolist() and (np.diff(vers) >= 0).all()
+    assert len(ids) == 190
+
+
+def test_recent_index_fresh_since():
+    ix = RecentIndex()
+    ix.note_applied(np.array([1, 2]), v([1, 2]), now=1.0, limit=100)
+    ix.note_applied(np.array([3]), v([3]), now=5.0, limit=100)
+    assert sorted(ix.fresh_since(4.0, 0, 10).tolist()) == [3]
+    assert sorted(ix.fresh_since(0.0, 2, 10).tolist()) == [2, 3]
