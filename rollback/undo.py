@@ -69,6 +69,12 @@ RECORD_OVERHEAD_BYTES = 16
 #: or entry involved in a lookup; beyond it (a huge, sparsely touched table) a sorted
 #: search is used instead, so a lookup never allocates memory proportional to the table.
 DENSE_MAP_SLOTS_PER_ROW = 32
+#: restore_at_cut writes a whole in-memory segment at least this big straight from the
+#: history (one index_copy_ of it amortizes the call); smaller pieces are pooled.
+RESTORE_DIRECT_BYTES = 16 << 20
+#: restore_at_cut pools smaller pieces through a scratch buffer of at most this many
+#: bytes, kept between calls, written one chunk per restore_rows.
+RESTORE_CHUNK_BYTES = 64 << 20
 
 #: ``covered(ids, packed_versions) -> bool array``: True where the cut includes that
 #: version of that row (see :meth:`rollback.cuts.Cut.covered_fn`).
@@ -330,19 +336,22 @@ class UndoHistory:
                        covered: CoveredFn, seq: int | None = None) -> "RestoreOutcome":
         """Put rows back to the cut state in ``store``: :meth:`values_at_cut` fused with the write.
 
-        The same walk as :meth:`values_at_cut`, but each segment's targets go
-        straight to :meth:`TableStore.restore_rows`: a whole segment is written
-        from the history's own array, a part of one through a scratch buffer that
-        is reused across calls, so no output array the size of the restore is
-        allocated and filled.  Rows the history cannot restore are left alone
-        and returned for repair from a peer.
+        The same walk as :meth:`values_at_cut`, but the targets go straight to
+        :meth:`TableStore.restore_rows` without an output array the size of the
+        restore: a whole in-memory segment of at least ``RESTORE_DIRECT_BYTES`` is
+        written from the history's own array; smaller pieces are pooled through a
+        scratch buffer of at most ``RESTORE_CHUNK_BYTES`` that is kept between calls
+        (so it is not page-faulted in again), and written one chunk at a time --
+        each ``restore_rows`` is one parallel ``index_copy_``, and a few large ones
+        beat many small ones.  Rows the history cannot restore are left alone and
+        returned for repair from a peer.
 
         Args:
             model, table, rows_changed_after, covered: as for :meth:`values_at_cut`.
             store: the table's store.
             seq: when given, the restore itself is recorded under this apply seq
-                (recommended: a later rollback to an older cut then walks back
-                through this one correctly); costs a read of the rows' current values.
+                (recommended, see the module docstring); costs a read of the rows'
+                current values.
         """
         rows = np.asarray(rows_changed_after, dtype=np.int64)
         if rows.ndim != 1:
@@ -353,31 +362,52 @@ class UndoHistory:
         if log is None or len(rows) == 0:
             return RestoreOutcome(0, rows.copy())
         pieces, resolved = self._walk(log, rows, covered)
+
+        def write(ids: np.ndarray, versions: np.ndarray, values: np.ndarray | None) -> None:
+            if seq is not None:
+                self.record(model, table, seq, capture_before_restore(store, ids, versions))
+            store.restore_rows(ids, versions, values)
+
         restored = 0
+        pending: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]] = []
+        pending_rows = 0
+        row_bytes = log.dim * log.dtype.itemsize if log.has_values and log.dtype is not None else 0
+        chunk_rows = max(1, RESTORE_CHUNK_BYTES // row_bytes) if row_bytes else 1 << 62
         for seg, cand, pc, ov, values in pieces:
             ids = rows[pc]
-            if seq is not None:
-                self.record(model, table, seq, capture_before_restore(store, ids, ov))
-            if values is None:
-                store.restore_rows(ids, ov, None)
-            else:
-                # A whole in-memory segment is written from the history's own array (cand is
-                # then 0..len-1), a part of one through the reused scratch buffer.
-                whole = seg.path is None and len(cand) == len(values)
-                store.restore_rows(ids, ov, values if whole else self._gather(values, cand))
             restored += len(ids)
+            if values is not None and seg.path is None and len(cand) == len(values) \
+                    and values.nbytes >= RESTORE_DIRECT_BYTES:
+                write(ids, ov, values)      # a whole big segment: cand is 0..len-1, no copy
+                continue
+            while len(ids):
+                k = min(len(ids), chunk_rows - pending_rows)
+                pending.append((ids[:k], ov[:k], values, cand[:k]))
+                pending_rows += k
+                ids, ov, cand = ids[k:], ov[k:], cand[k:]
+                if pending_rows == chunk_rows:
+                    write(*self._pool(pending, pending_rows, log))
+                    pending, pending_rows = [], 0
+        if pending:
+            write(*self._pool(pending, pending_rows, log))
         return RestoreOutcome(restored, rows[~resolved])
 
-    def _gather(self, values: np.ndarray, cand: np.ndarray) -> np.ndarray:
-        """``values[cand]`` into the reused scratch buffer (a fresh array would page-fault on every call)."""
-        k = len(cand)
+    def _pool(self, pending: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]], n: int,
+              log: _TableLog) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Concatenate pieces' ids and versions, and gather their values into the kept scratch buffer."""
+        ids = np.concatenate([p[0] for p in pending])
+        versions = np.concatenate([p[1] for p in pending])
+        if not log.has_values:
+            return ids, versions, None
         scratch = self._scratch
-        if scratch is None or scratch.dtype != values.dtype or scratch.shape[1] != values.shape[1] \
-                or scratch.shape[0] < k:
-            scratch = self._scratch = np.empty((k, values.shape[1]), values.dtype)
-        out = scratch[:k]
-        np.take(values, cand, axis=0, out=out)
-        return out
+        if scratch is None or scratch.dtype != log.dtype or scratch.shape[1] != log.dim or scratch.shape[0] < n:
+            scratch = self._scratch = np.empty((n, log.dim), log.dtype)
+        off = 0
+        for _, _, values, cand in pending:
+            k = len(cand)
+            np.take(values, cand, axis=0, out=scratch[off:off + k])
+            off += k
+        return ids, versions, scratch[:n]
 
     def _walk(self, log: _TableLog, rows: np.ndarray, covered: CoveredFn
               ) -> tuple[list[tuple[_Segment, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]], np.ndarray]:

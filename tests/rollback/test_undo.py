@@ -14,6 +14,7 @@ from ekko.errors import UsageError
 from ekko.spec import TableSpec
 from ekko.store import ApplyResult, TableStore
 from ekko.version import Knowledge, pack
+import rollback.undo as undo_mod
 from rollback.cuts import Cut
 from rollback.undo import UndoHistory, capture_before_restore
 
@@ -92,8 +93,9 @@ def make_cut(knowledge) -> Cut:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(op, min_size=1, max_size=25), knowledge=cut_knowledge,
-       mode=st.sampled_from(["memory", "tiny-blocks", "spill"]), seed=st.integers(0, 2**32 - 1))
-def test_values_at_cut_matches_brute_force(ops, knowledge, mode, seed, tmp_path_factory):
+       mode=st.sampled_from(["memory", "tiny-blocks", "spill"]), seed=st.integers(0, 2**32 - 1),
+       chunk_bytes=st.sampled_from([4 * DIM, 3 * 4 * DIM, 64 << 20]), direct_bytes=st.sampled_from([1, 16 << 20]))
+def test_values_at_cut_matches_brute_force(ops, knowledge, mode, seed, chunk_bytes, direct_bytes, tmp_path_factory):
     spec = TableSpec("t", rows=ROWS, dim=DIM, shards=2)
     if mode == "memory":
         history = UndoHistory(max_bytes=1 << 30)
@@ -119,7 +121,13 @@ def test_values_at_cut_matches_brute_force(ops, knowledge, mode, seed, tmp_path_
     twin = TableStore(spec, device="cpu")
     twin.versions[:] = replay.store.versions
     twin.values.copy_(replay.store.values)
-    outcome = history.restore_at_cut("m", "t", twin, rows, covered)
+    # tiny chunk / direct-write sizes so pooling, chunk boundaries and direct writes all occur
+    saved = undo_mod.RESTORE_CHUNK_BYTES, undo_mod.RESTORE_DIRECT_BYTES
+    undo_mod.RESTORE_CHUNK_BYTES, undo_mod.RESTORE_DIRECT_BYTES = chunk_bytes, direct_bytes
+    try:
+        outcome = history.restore_at_cut("m", "t", twin, rows, covered)
+    finally:
+        undo_mod.RESTORE_CHUNK_BYTES, undo_mod.RESTORE_DIRECT_BYTES = saved
     assert outcome.restored == len(rows) and len(outcome.incomplete) == 0
     # after restoring the targets every row holds a version the cut covers (or was never written)
     replay.store.restore_rows(ids, versions, values)
