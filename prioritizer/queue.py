@@ -54,9 +54,9 @@ bytes, if set) stay queued after a put; beyond that the lowest-priority rows
 ``drop_slack`` of the bound, not on every put.
 
 Data structures, for throughput (``bench/prioritizer.py``): slots in numpy
-arrays; a vectorized hash index (:mod:`prioritizer.rowindex`) from
-(table, row id) to slot for coalescing; and a *head*: the slots whose key is
-above a cut ``theta``, kept sorted.  Puts add rows above the cut to an unsorted
+arrays (a free list recycles them); a vectorized cuckoo hash index
+(:mod:`prioritizer.rowindex`) from (table, row id) to slot for coalescing; and a
+*head*: the slots whose key is above a cut ``theta``, kept sorted.  Puts add rows above the cut to an unsorted
 incoming list, a take sorts that (small) list and merges it in, and takes a
 prefix.  When the head runs dry it is refilled with the top
 :data:`HEAD_TARGET_ROWS` by one ``argpartition`` over the queue.  Every put and
@@ -97,8 +97,9 @@ DEFAULT_HIGH_RESERVE = 0.25
 #: default hysteresis of the memory bound (drop to 15/16 of it).
 DEFAULT_DROP_SLACK = 1.0 / 16
 #: rows a head refill brings in: large enough that refills (one argpartition
-#: over the queue) are rare, small enough that merging incoming rows is cheap.
-HEAD_TARGET_ROWS = 1 << 16
+#: over the queue) are rare, small enough that merging incoming rows is cheap
+#: (16k measured best in bench/prioritizer.py against 4k..64k).
+HEAD_TARGET_ROWS = 1 << 14
 #: the head is cut back to HEAD_TARGET_ROWS when incoming rows grow it past this.
 HEAD_MAX_ROWS = 4 * HEAD_TARGET_ROWS
 #: a row becomes high-ish this far (in key units) before the exact instant, so a
@@ -109,6 +110,9 @@ _KEY_EPS = 1e-9
 LATENCY_BOUNDS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
                     20.0, 50.0, 100.0, 300.0)
 _LAT_BOUNDS = np.array(LATENCY_BOUNDS_S)
+# slot state bits: holds a queued row / is in the sorted head (or on its way in) /
+# on its way in, so any older entry of the slot in the sorted head is stale
+_ALIVE, _INHEAD, _MOVED = np.uint8(1), np.uint8(2), np.uint8(4)
 
 
 @dataclass(frozen=True)
@@ -223,7 +227,11 @@ class _RowQueue:
         self._free = np.zeros(0, np.int32)
         self._nfree = 0
         self._grow(1024)
+        # the head: slots sorted by key, best first, with their negated keys (ascending,
+        # for searchsorted) and wire bytes alongside, so a take reads contiguous memory
         self._head = np.zeros(0, np.int32)
+        self._hnk = np.zeros(0, np.float64)
+        self._hnb = np.zeros(0, np.int64)
         self._incoming: list[np.ndarray] = []
         self._head_dirty = False
         self._theta = -math.inf          # every live slot with key > theta is in the head
@@ -258,10 +266,8 @@ class _RowQueue:
         self._high = ext(g(self, "_high", None), np.bool_, False)
         self._t0 = ext(g(self, "_t0", None), np.float64)
         self._nb = ext(g(self, "_nb", None), np.int64)
-        self._pos = ext(g(self, "_pos", None), np.int64, -1)
-        self._alive = ext(g(self, "_alive", None), np.bool_, False)
-        self._inhead = ext(g(self, "_inhead", None), np.bool_, False)
-        self._moved = ext(g(self, "_moved", None), np.bool_, False)
+        # one flags byte per slot (_ALIVE, _INHEAD, _MOVED): one gather tests all three
+        self._state = ext(g(self, "_state", None), np.uint8, 0)
         self._scratch = np.empty(new, np.int64)
         # free list: a stack in free[:nfree]; pushing the new slots highest first
         # makes the lowest pop first, keeping live slots dense at the bottom
@@ -278,13 +284,14 @@ class _RowQueue:
         self._nfree -= k
         return self._free[self._nfree:self._nfree + k].copy()
 
-    def _release(self, slots: np.ndarray) -> None:
-        """Forget rows (taken or dropped): index, flags, depth counters, free list."""
-        self._index.delete_at(self._pos[slots])
-        self._alive[slots] = False
-        self._inhead[slots] = False
-        hi = self._high[slots]
-        nb = self._nb[slots]
+    def _release(self, slots: np.ndarray, rk: np.ndarray | None = None, hi: np.ndarray | None = None,
+                 nb: np.ndarray | None = None) -> None:
+        """Forget rows (taken or dropped): index, flags, depth counters, free list.
+        ``rk``, ``hi``, ``nb``: the slots' fields when the caller already gathered them."""
+        self._index.delete(self._rk[slots] if rk is None else rk)
+        self._state[slots] = 0
+        hi = self._high[slots] if hi is None else hi
+        nb = self._nb[slots] if nb is None else nb
         nhi = int(np.count_nonzero(hi))
         self._rows -= slots.shape[0]
         self._rows_high -= nhi
@@ -333,8 +340,8 @@ class _RowQueue:
             score = np.asarray(rows.scores, dtype=np.float32)
             if score.shape != (n,):
                 raise UsageError(f"scores must have shape ({n},), got {score.shape}")
-            # NaN -> 0 and clip: a bad score must not poison the order
-            score = np.clip(np.nan_to_num(score, nan=0.0, posinf=MAX_SCORE), 0.0, MAX_SCORE).astype(np.float32)
+            # NaN -> 0 (fmax ignores NaN) and clip: a bad score must not poison the order
+            score = np.minimum(np.fmax(score, np.float32(0.0)), np.float32(MAX_SCORE))
         if rows.high is not None:
             high = np.asarray(rows.high, dtype=bool)
             if high.shape != (n,):
@@ -377,18 +384,8 @@ class _RowQueue:
         key = self._keys(score, high, now, n)
 
         ix = self._index
-        pos = ix.find(rk)
-        found = pos >= 0
-        n_found = int(np.count_nonzero(found))
-        if n_found < n:
-            newpos, rebuilt = ix.claim(rk if n_found == 0 else rk[~found])
-            if rebuilt:
-                self._refresh_positions()
-                if n_found:
-                    pos[found] = ix.find(rk[found])
-            pos[~found] = newpos
-        # duplicates inside the batch share a position: fold them into one item
-        rep = ix.group(pos)
+        # a row repeated inside the batch: fold the repeats into one item first
+        rep = ix.group(rk)
         dup = np.flatnonzero(rep != np.arange(n))
         if dup.shape[0]:
             r = rep[dup]
@@ -399,16 +396,17 @@ class _RowQueue:
             np.logical_or.at(high, r, high[dup])
             keep = np.ones(n, dtype=bool)
             keep[dup] = False
-            rk, vers, key, score, high, pos, found = (a[keep] for a in (rk, vers, key, score, high, pos, found))
+            rk, vers, key, score, high = (a[keep] for a in (rk, vers, key, score, high))
             self._coalesced += dup.shape[0]
             n = rk.shape[0]
-            n_found = int(np.count_nonzero(found))
+        slot_of = ix.get(rk)
+        found = slot_of >= 0
+        n_found = int(np.count_nonzero(found))
 
         theta = self._theta
         if n_found:
             ei = np.flatnonzero(found) if n_found < n else None
-            p = pos if ei is None else pos[ei]
-            s = ix.vals[p]
+            s = slot_of if ei is None else slot_of[ei]
             self._coalesced += s.shape[0]
             v, k, sc, hg = (vers, key, score, high) if ei is None else (vers[ei], key[ei], score[ei], high[ei])
             self._ver[s] = np.maximum(self._ver[s], v)
@@ -418,13 +416,12 @@ class _RowQueue:
             if raised.any():
                 rs = s[raised]
                 self._key[rs] = k[raised]
-                inh = self._inhead[rs]
+                inh = (self._state[rs] & _INHEAD) != 0
                 if inh.any():                     # its place in the sorted head is stale
                     self._head_dirty = True
                 enter = inh | (k[raised] > theta)
                 es = rs[enter]
-                self._inhead[es] = True
-                self._moved[es] = True
+                self._state[es] = _ALIVE | _INHEAD | _MOVED
                 self._incoming.append(es)
             up = hg & ~self._high[s]
             if up.any():
@@ -437,21 +434,21 @@ class _RowQueue:
             ni = np.flatnonzero(~found) if n_found else None
             sel = (lambda a: a) if ni is None else (lambda a: a[ni])
             slots = self._alloc(n_new)
-            p, k, h = sel(pos), sel(key), sel(high)
-            ix.vals[p] = slots
-            self._pos[slots] = p
-            self._rk[slots] = sel(rk)
+            k, h, new_rk = sel(key), sel(high), sel(rk)
+            ix.insert(new_rk, slots)
+            self._rk[slots] = new_rk
             self._ver[slots] = sel(vers)
             self._key[slots] = k
             self._score[slots] = sel(score)
             self._high[slots] = h
             self._t0[slots] = now
             self._nb[slots] = nb
-            self._alive[slots] = True
-            enter = k > theta
-            es = slots if theta == -math.inf else slots[enter]
-            self._inhead[es] = True
-            self._moved[es] = True        # a reused slot may have a stale head entry
+            if theta == -math.inf:
+                es = slots
+            else:
+                self._state[slots] = _ALIVE
+                es = slots[k > theta]
+            self._state[es] = _ALIVE | _INHEAD | _MOVED   # MOVED: a reused slot may have a stale head entry
             self._incoming.append(es)
             nhi = int(np.count_nonzero(h))
             self._rows += n_new
@@ -460,16 +457,15 @@ class _RowQueue:
             self._bytes_high += nhi * nb
         self._enforce_bound()
 
-    def _refresh_positions(self) -> None:
-        live = np.flatnonzero(self._alive)
-        self._pos[live] = self._index.find(self._rk[live])
-
     # -- the sorted head --------------------------------------------------------------------
     def _merged_head(self) -> np.ndarray:
+        """The sorted head, with incoming rows merged in (refilled when empty)."""
         if self._incoming or self._head_dirty:
-            h = self._head
+            h, hnk, hnb = self._head, self._hnk, self._hnb
             if self._head_dirty:
-                h = h[self._alive[h] & self._inhead[h] & ~self._moved[h]]
+                ok = self._state[h] == _ALIVE | _INHEAD        # and not _MOVED
+                if not ok.all():
+                    h, hnk, hnb = h[ok], hnk[ok], hnb[ok]
                 self._head_dirty = False
             if self._incoming:
                 inc = self._incoming[0] if len(self._incoming) == 1 else np.concatenate(self._incoming)
@@ -478,41 +474,49 @@ class _RowQueue:
                     idx = np.arange(inc.shape[0])
                     self._scratch[inc] = idx
                     inc = inc[self._scratch[inc] == idx]
-                inc = inc[self._alive[inc] & self._inhead[inc]]
-                self._moved[inc] = False
-                ik = self._key[inc]
-                order = np.argsort(-ik, kind="stable")
-                inc, ik = inc[order], ik[order]
-                if h.shape[0]:
-                    at = np.searchsorted(-self._key[h], -ik, side="right")
-                    h = np.insert(h, at, inc)
+                inc = inc[self._state[inc] == _ALIVE | _INHEAD | _MOVED]
+                self._state[inc] = _ALIVE | _INHEAD
+                ink = -self._key[inc]
+                inb = self._nb[inc]
+                if h.shape[0] + inc.shape[0] > HEAD_MAX_ROWS:
+                    # too many to keep sorted: keep the best HEAD_TARGET_ROWS of both and
+                    # raise the cut (all left out have keys <= the new cut)
+                    h, hnk, hnb = np.concatenate([h, inc]), np.concatenate([hnk, ink]), np.concatenate([hnb, inb])
+                    part = np.argpartition(hnk, HEAD_TARGET_ROWS)
+                    self._state[h[part[HEAD_TARGET_ROWS:]]] = _ALIVE
+                    self._theta = float(-hnk[part[HEAD_TARGET_ROWS]])
+                    top = part[:HEAD_TARGET_ROWS]
+                    top = top[np.argsort(hnk[top])]
+                    h, hnk, hnb = h[top], hnk[top], hnb[top]
                 else:
-                    h = inc
-            if h.shape[0] > HEAD_MAX_ROWS:
-                self._inhead[h[HEAD_TARGET_ROWS:]] = False
-                self._theta = float(self._key[h[HEAD_TARGET_ROWS]])
-                h = h[:HEAD_TARGET_ROWS]
-            self._head = h
+                    order = np.argsort(ink)
+                    inc, ink, inb = inc[order], ink[order], inb[order]
+                    if h.shape[0]:
+                        at = np.searchsorted(hnk, ink, side="right")
+                        h, hnk, hnb = np.insert(h, at, inc), np.insert(hnk, at, ink), np.insert(hnb, at, inb)
+                    else:
+                        h, hnk, hnb = inc, ink, inb
+            self._head, self._hnk, self._hnb = h, hnk, hnb
         if self._head.shape[0] == 0 and self._rows:
             self._refill()
         return self._head
 
     def _refill(self) -> None:
-        live = np.flatnonzero(self._alive)
-        keys = self._key[live]
+        live = np.flatnonzero(self._state)
+        nk = -self._key[live]
         if live.shape[0] > HEAD_TARGET_ROWS:
-            part = np.argpartition(-keys, HEAD_TARGET_ROWS)
-            self._theta = float(keys[part[HEAD_TARGET_ROWS]])
-            live, keys = live[part[:HEAD_TARGET_ROWS]], keys[part[:HEAD_TARGET_ROWS]]
+            part = np.argpartition(nk, HEAD_TARGET_ROWS)
+            self._theta = float(-nk[part[HEAD_TARGET_ROWS]])
+            live, nk = live[part[:HEAD_TARGET_ROWS]], nk[part[:HEAD_TARGET_ROWS]]
         else:
             self._theta = -math.inf
-        h = live[np.argsort(-keys, kind="stable")].astype(np.int32)
-        self._inhead[:] = False
-        self._inhead[h] = True
-        self._moved[:] = False
+        order = np.argsort(nk)
+        h = live[order].astype(np.int32)
+        np.bitwise_and(self._state, _ALIVE, out=self._state)
+        self._state[h] = _ALIVE | _INHEAD
         self._incoming = []
         self._head_dirty = False
-        self._head = h
+        self._head, self._hnk, self._hnb = h, nk[order], self._nb[h]
 
     # -- the bound --------------------------------------------------------------------------
     def _enforce_bound(self) -> None:
@@ -523,7 +527,7 @@ class _RowQueue:
         keep = 1.0 - self.drop_slack
         need_rows = self._rows - int(self.max_rows * keep) if over_rows else 0
         need_bytes = self._bytes - int(self.max_backlog_bytes * keep) if over_bytes else 0
-        live = np.flatnonzero(self._alive)
+        live = np.flatnonzero(self._state)
         vk = self._key[live]
         if self._drop_highest_keys:
             vk = -vk
@@ -543,7 +547,7 @@ class _RowQueue:
         nhi = int(np.count_nonzero(self._high[victims]))
         self._dropped_cls[1] += nhi
         self._dropped_cls[0] += victims.shape[0] - nhi
-        if self._inhead[victims].any():
+        if ((self._state[victims] & _INHEAD) != 0).any():
             self._head_dirty = True
         self._release(victims)
 
@@ -556,67 +560,67 @@ class _RowQueue:
             return []
         tokens = self.bucket.available(now) if self.bucket is not None else math.inf
         cut = self._highish_cut(now)
-        nb_all, key_all = self._nb, self._key
-        chunks: list[np.ndarray] = []
         used = 0
         cap_bytes = -1
+        taken = False
         while self._rows:
             h = self._merged_head()
+            hnk, hnb = self._hnk, self._hnb
             if cap_bytes < 0:
-                cap_bytes = max(int(max_bytes), int(nb_all[h[0]]))
+                cap_bytes = max(int(max_bytes), int(hnb[0]))
             l_all = min(cap_bytes, tokens) - used
             l_low = min(cap_bytes, tokens - self._reserve) - used
             if l_all < self._min_nb:
                 break
-            limit = h.shape[0] if math.isinf(l_all) else min(h.shape[0], int(l_all // self._min_nb) + 1)
-            pre = h[:limit]
-            cs = np.cumsum(nb_all[pre])
-            n_hi = limit if cut == -math.inf else int(np.count_nonzero(key_all[pre] >= cut))
+            # no row is smaller than min_nb, so this many rows always overflow l_all
+            limit = min(h.shape[0], int(l_all // self._min_nb) + 1)
+            cs = np.cumsum(hnb[:limit])
+            # high-ish rows (key >= cut) are a prefix: they may spend l_all, the rest l_low
+            n_hi = limit if cut == -math.inf else int(np.searchsorted(hnk[:limit], -cut, side="right"))
             n = int(np.searchsorted(cs[:n_hi], l_all, side="right"))
             if n == n_hi and n_hi < limit:
                 n += int(np.searchsorted(cs[n_hi:], l_low, side="right"))
             if n == 0:
                 break
-            sel = pre[:n]
-            chunks.append(sel)
             used += int(cs[n - 1])
-            self._head = h[n:]
-            self._release_taken(sel, now)
+            self._head, self._hnk, self._hnb = h[n:], hnk[n:], hnb[n:]
+            self._take_rows(h[:n], hnb[:n], now)
+            taken = True
             if n < h.shape[0]:
                 break
-        if not chunks:
+        if not taken:
             return []
         if self.bucket is not None:
             ok = self.bucket.consume(used, now)
             assert ok, "take selected more than the bucket held"
-        return self._frames(chunks)
+        return self._frames()
 
-    def _release_taken(self, sel: np.ndarray, now: float) -> None:
-        # gather what the frames need before the slots can be reused
-        self._out_parts.append((self._rk[sel], self._ver[sel], self._score[sel], self._high[sel], self._t0[sel]))
+    def _take_rows(self, sel: np.ndarray, nb: np.ndarray, now: float) -> None:
+        """Gather what the frames need, count the rows sent, and release them."""
         hi = self._high[sel]
-        lat = np.maximum(now - self._t0[sel], 0.0)
-        nb = self._nb[sel]
-        for c, m in ((1, hi), (0, ~hi)):
-            if c == 1:
-                cnt = int(np.count_nonzero(m))
-                if cnt == 0:
-                    continue
-                lt, b = lat[m], nb[m]
+        t0 = self._t0[sel]
+        rk = self._rk[sel]
+        self._out_parts.append((rk, self._ver[sel], self._score[sel], hi, t0))
+        lat = now - t0
+        np.maximum(lat, 0.0, out=lat)
+        n_hi = int(np.count_nonzero(hi))
+        for c, cnt in ((1, n_hi), (0, sel.shape[0] - n_hi)):
+            if cnt == 0:
+                continue
+            if cnt == sel.shape[0]:
+                lt, b = lat, nb
             else:
-                cnt = sel.shape[0] - int(np.count_nonzero(hi))
-                if cnt == 0:
-                    continue
-                lt, b = (lat, nb) if cnt == sel.shape[0] else (lat[m], nb[m])
+                m = hi if c == 1 else ~hi
+                lt, b = lat[m], nb[m]
             self._sent_rows[c] += cnt
             self._sent_bytes[c] += int(b.sum())
             self._lat_counts[c] += np.bincount(np.searchsorted(_LAT_BOUNDS, lt, side="left"),
                                                minlength=len(LATENCY_BOUNDS_S) + 1)
             self._lat_sum[c] += float(lt.sum())
             self._lat_max[c] = max(self._lat_max[c], float(lt.max()))
-        self._release(sel)
+        self._release(sel, rk, hi, nb)
 
-    def _frames(self, chunks: list[np.ndarray]) -> list[QueuedRows]:
+    def _frames(self) -> list[QueuedRows]:
         parts, self._out_parts = self._out_parts, []
         if len(parts) == 1:
             rk, ver, sc, hg, t0 = parts[0]
@@ -651,14 +655,14 @@ class _RowQueue:
             return None
         if self.bucket is None or self.bucket.unlimited:
             return now
-        h = self._merged_head()
-        top = int(h[0])
-        b = float(self._nb[top])
+        self._merged_head()
+        b = float(self._hnb[0])
+        key = -float(self._hnk[0])
         wait_all = self.bucket.time_until(b, now)
-        if self._key[top] >= self._highish_cut(now):
+        if key >= self._highish_cut(now):
             return now + wait_all
         t_low = now + self.bucket.time_until(b + self._reserve, now)
-        t_high = max(self._highish_at(float(self._key[top])), now + wait_all)
+        t_high = max(self._highish_at(key), now + wait_all)
         return min(t_low, t_high)
 
     def _highish_at(self, key: float) -> float:
