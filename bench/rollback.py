@@ -24,6 +24,11 @@ deltas are segments of their own).  Finding which rows need restoring (a scan of
 the table's versions against the cut) is timed separately: the node does it
 once per rollback for every table, and it does not depend on the history.
 
+On a machine shared with other work, torch's multi-threaded index_copy_ waits at
+its barrier for descheduled threads, which inflates every line unevenly; the
+ratios are then also printed per repetition pair, and ``--threads 1`` gives a
+steadier comparison.
+
 Runs: ``--warmup`` untimed, then ``--reps`` timed (medians, with quartiles);
 before every timed run the table is put back into its post-bad-update state
 (untimed), the CPU caches are flushed (``--flush-mb`` of reads), and the order
@@ -152,11 +157,9 @@ def main() -> None:
 
     spec, store, undo, cut, pool, expect_versions, expect_values = build(args, device, rng)
     covered = cut.covered_fn(spec)
-    all_rows = np.arange(args.rows, dtype=np.int64)
 
     def scan() -> np.ndarray:
-        v = store.versions
-        return np.flatnonzero((v > 0) & ~covered(all_rows, v))
+        return cut.rows_to_restore(spec, store.versions)
 
     rows = scan()
     assert len(rows) == len(pool)

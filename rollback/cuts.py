@@ -198,6 +198,17 @@ class Cut:
         bound = self._table(spec.name).lookup(spec.shards_of(ids), origins_of(versions), default=-1)
         return counters_of(versions) <= bound
 
+    def rows_to_restore(self, spec: TableSpec, versions: np.ndarray) -> np.ndarray:
+        """Rows of a table (its whole ``versions`` array) whose current version the cut does not cover.
+
+        Every such row must go back, including rows that already held an uncovered
+        version when the cut was taken (eagerly pushed, knowledge not yet advanced):
+        the state at a cut is defined by its knowledge alone.
+        """
+        versions = np.asarray(versions, dtype=np.int64)
+        rows = np.arange(len(versions), dtype=np.int64)
+        return np.flatnonzero((versions > 0) & ~self.covers(spec, rows, versions))
+
     def covered_fn(self, spec: TableSpec) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         """The ``covered(ids, versions)`` predicate :meth:`UndoHistory.values_at_cut` takes."""
         return lambda ids, versions: self.covers(spec, ids, versions)

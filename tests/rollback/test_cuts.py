@@ -230,8 +230,7 @@ class Replica:
 
     def rollback(self, cut: Cut, rollback_point: dict[int, int], fused: bool = False) -> np.ndarray:
         covered = cut.covered_fn(self.spec)
-        v = self.store.versions
-        rows = np.flatnonzero((v > 0) & ~covered(np.arange(self.spec.rows), v))
+        rows = cut.rows_to_restore(self.spec, self.store.versions)
         self.seq += 1
         if fused:
             outcome = self.undo.restore_at_cut("m", "t", self.store, rows, covered, seq=self.seq)
