@@ -99,6 +99,7 @@ def run_ekko_family(sc: Scenario, system: str, progress: Progress | None = None,
     placement = place_replicas(sc)
     for nid, dc in placement:
         cluster.add_replica(nid, dc)
+    cluster.bootstrap_membership()
     cluster.register_everywhere(sc.model)
     ingest = next(n for n, dc in placement if dc == sc.training_dc)
     rec = LatencyRecorder([n for n, _ in placement], [dc for _, dc in placement], sc.training_dc)

@@ -51,6 +51,7 @@ class LatencyRecorder:
     _lat: list[np.ndarray] = field(default_factory=list)
     _by_row: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     _tracked: dict[str, np.ndarray] = field(default_factory=dict)
+    _mask: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._pos = {r: i for i, r in enumerate(self.replicas)}
@@ -72,12 +73,25 @@ class LatencyRecorder:
             self._lat.append(np.full(len(self.replicas), np.nan, np.float32))
             self._by_row.setdefault(key, []).append(idx)
             self._tracked[table] = np.union1d(self._tracked.get(table, np.zeros(0, np.int64)), [key[1]])
+            mask = self._mask.get(table)
+            if mask is None or mask.shape[0] <= key[1]:
+                grown = np.zeros(max(key[1] + 1, 2 * (0 if mask is None else mask.shape[0])), bool)
+                if mask is not None:
+                    grown[:mask.shape[0]] = mask
+                mask = self._mask[table] = grown
+            mask[key[1]] = True
 
     def applied(self, replica: str, table: str, ids: np.ndarray, versions: np.ndarray, now: float) -> None:
         """A replica applied rows: settle every pending sample they satisfy."""
-        tracked = self._tracked.get(table)
-        if tracked is None or not len(ids):
+        mask = self._mask.get(table)
+        if mask is None or not len(ids):
             return
+        # Fast path: one gather answers "is any of these rows tracked?" for the
+        # common apply that touches none.
+        inside = ids[ids < mask.shape[0]]
+        if not mask[inside].any():
+            return
+        tracked = self._tracked[table]
         pos = np.searchsorted(tracked, ids)
         pos = np.minimum(pos, len(tracked) - 1)
         hit = np.flatnonzero(tracked[pos] == ids)

@@ -100,6 +100,16 @@ class SimCluster:
         self._arm(node)
         return node
 
+    def bootstrap_membership(self) -> None:
+        """Give every gossiping node the full member list at once, as if the cluster had
+        been running: experiments measure updates, not the join phase."""
+        if self.shared_membership:
+            return
+        entries = [n.members.get(n.node_id) for n in self.nodes.values()]
+        for node in self.nodes.values():
+            node.members.merge([Member(e.node_id, e.dc, e.address, e.incarnation, e.heartbeat) for e in entries],
+                               self.sim.now)
+
     def register_everywhere(self, spec: ModelSpec) -> None:
         """Register a model at every replica now (the catalog gossip is tested elsewhere;
         at scale it would only add start-up noise)."""
@@ -152,11 +162,21 @@ class SimCluster:
     def flush(self, node: ReplicaNode) -> None:
         """Send what a node produced and re-arm its timer."""
         net, sim = self.net, self.sim
+        sizes: dict[int, tuple[int, Any]] = {}
         for out in node.drain():
             dst = out.dst or out.address
             if dst not in self.nodes:
                 continue
-            size = len(encode_frame(out.msg_type, out.body)) + out.extra_bytes
+            shared = out.body.get("deltas") if out.msg_type == MsgType.PUSH else None
+            if shared is not None:
+                # A fan-out sends one deltas list to many peers: encode it once (the
+                # list is kept alive beside its size, so its id cannot be reused).
+                got = sizes.get(id(shared))
+                if got is None:
+                    got = sizes[id(shared)] = (len(encode_frame(out.msg_type, out.body)) + out.extra_bytes, shared)
+                size = got[0]
+            else:
+                size = len(encode_frame(out.msg_type, out.body)) + out.extra_bytes
             key = out.msg_type.name
             self.bytes_by_type[key] = self.bytes_by_type.get(key, 0) + size
             net.send(node.node_id, dst, (out.msg_type, out.body), size, self._deliver)
