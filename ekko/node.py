@@ -119,6 +119,17 @@ class _Model:
         return d
 
 
+def _impact_of(d: Delta, res: ApplyResult) -> np.ndarray | None:
+    """The publisher's impact metadata of the rows an apply changed (aligned with res.ids)."""
+    if d.impact is None or not len(res):
+        return None
+    if len(res) == len(d) and res.ids is d.ids:
+        return d.impact
+    order = np.argsort(d.ids, kind="stable")
+    pos = np.searchsorted(d.ids[order], res.ids)
+    return d.impact[order][np.minimum(pos, len(order) - 1)]
+
+
 def _scope_digest(digests: np.ndarray, mask: np.ndarray | None) -> int:
     idx = np.arange(len(digests), dtype=np.uint64)
     mixed = _mix(digests ^ (idx * _SHARD_SALT))
@@ -160,7 +171,7 @@ class ReplicaNode:
                  rng: random.Random | None = None, now: float = 0.0, incarnation: int = 1,
                  seeds: tuple[str, ...] | list[str] = (), device: Any = None, with_values: bool = True,
                  queue_factory: QueueFactory | None = None, membership: Membership | None = None,
-                 topology: Topology | None = None) -> None:
+                 topology: Topology | None = None, prioritizer: Any = None) -> None:
         check_name("node id", node_id)
         check_name("dc", dc)
         self.node_id, self.dc, self.address = node_id, dc, address
@@ -181,6 +192,9 @@ class ReplicaNode:
         self._catalog_digest: int | None = None
         self.queue_factory: QueueFactory = queue_factory or (lambda peer, dc: FifoLinkQueue(c.queue_rows))
         self.queues: dict[str, LinkQueue] = {}
+        # Scores each pushed batch once (prioritizer.Prioritizer); None = plain FIFO refs.
+        self.prioritizer = prioritizer
+        self._next_push = float("inf")
         self.peer_heads: dict[str, dict[str, int]] = {}
         self.counters: Counter[str] = Counter()
         self._out: list[Outgoing] = []
@@ -201,7 +215,7 @@ class ReplicaNode:
 
     def next_deadline(self) -> float:
         """Time of the next timer; call :meth:`tick` then."""
-        return min(self._next_gossip, self._next_ae)
+        return min(self._next_gossip, self._next_ae, self._next_push)
 
     def tick(self, now: float) -> None:
         """Run due timers (gossip, failure detection, anti-entropy) and flush push queues."""
@@ -344,7 +358,7 @@ class ReplicaNode:
                 if sync.chain(origin, chains[d.table].get(s, -1), int(ctr[part].max())):
                     m.dirty[d.table].add(s)
             if self.config.push:
-                self._push_from_ingest(m, d.table, res, now)
+                self._push_from_ingest(m, d.table, res, now, _impact_of(d, res))
         self.counters["published_rows"] += sum(len(d) for d in deltas)
         self.flush(now)
         return PublishAck(sum(len(d) for d in deltas), applied, top)
@@ -441,21 +455,29 @@ class ReplicaNode:
             q = self.queues[peer] = self.queue_factory(peer, mem.dc if mem else "")
         q.put(rows, now)
 
+    def _queued(self, m: _Model, table: str, res: ApplyResult, now: float, impact: np.ndarray | None = None
+                ) -> QueuedRows:
+        rb = m.spec.table(table).row_bytes
+        if self.prioritizer is None:
+            return QueuedRows(m.spec.name, table, res.ids, res.versions, rb)
+        return self.prioritizer.queued_rows(m.spec.name, table, res.ids, res.versions, rb, now,
+                                            impact=impact, old_versions=res.old_versions)
+
     def _push_random(self, m: _Model, table: str, res: ApplyResult, now: float, exclude: str = "") -> None:
         peers = [p for p in self._live_peers() if p != exclude]
-        rows = QueuedRows(m.spec.name, table, res.ids, res.versions, m.spec.table(table).row_bytes)
+        rows = self._queued(m, table, res, now)
         for peer in self.rng.sample(peers, min(self.config.random_fanout, len(peers))):
             self._enqueue(peer, rows, now)
 
-    def _push_from_ingest(self, m: _Model, table: str, res: ApplyResult, now: float) -> None:
+    def _push_from_ingest(self, m: _Model, table: str, res: ApplyResult, now: float,
+                          impact: np.ndarray | None = None) -> None:
         if not len(res):
             return
         if self.config.push_mode == "random":
             self._push_random(m, table, res, now)
             return
         spec = m.spec.table(table)
-        rb = spec.row_bytes
-        rows = QueuedRows(m.spec.name, table, res.ids, res.versions, rb)
+        rows = self._queued(m, table, res, now, impact)
         for peer in self._live_peers(self.dc):
             self._enqueue(peer, rows, now)
         self._refresh_topology()
@@ -473,10 +495,11 @@ class ReplicaNode:
             self._enqueue(str(gw[lead, 0]), rows, now)
 
     def flush(self, now: float) -> None:
-        """Turn ready queued rows into PUSH frames."""
+        """Turn ready queued rows into PUSH frames (as far as each link's budget allows)."""
         # The same batch is usually queued for many peers (a DC fan-out): build its
         # wire form once per flush.
         built: dict[tuple[int, ...], tuple[list[dict[str, Any]], int, list[QueuedRows]]] = {}
+        next_push = float("inf")
         for peer, q in self.queues.items():
             ready = q.next_ready(now)
             while ready is not None and ready <= now:
@@ -491,6 +514,9 @@ class ReplicaNode:
                     got = built[key] = (*self._push_deltas(batches), batches)
                 self._send_push(peer, got[0], got[1])
                 ready = q.next_ready(now)
+            if ready is not None and ready < next_push:
+                next_push = ready
+        self._next_push = next_push
 
     def _push_deltas(self, batches: list[QueuedRows]) -> tuple[list[dict[str, Any]], int]:
         deltas = []
@@ -535,7 +561,7 @@ class ReplicaNode:
                 self._push_random(m, d.table, res, now, exclude=sender)
                 forward = True
             elif forward and len(res):
-                rows = QueuedRows(d.model, d.table, res.ids, res.versions, m.spec.table(d.table).row_bytes)
+                rows = self._queued(m, d.table, res, now, _impact_of(d, res))
                 for p in peers:
                     self._enqueue(p, rows, now)
         self.counters["push_frames_received"] += 1

@@ -18,7 +18,7 @@ SPEC = ModelSpec("ranker", [TableSpec("emb", rows=4096, dim=8, shards=16), Table
 
 
 def make_cluster(dcs: int = 3, per_dc: int = 5, seed: int = 0, faults: Faults | None = None,
-                 config: NodeConfig | None = None, spec: ModelSpec = SPEC) -> MemNet:
+                 config: NodeConfig | None = None, spec: ModelSpec = SPEC, node_kwargs=None) -> MemNet:
     net = MemNet(seed=seed, faults=faults or Faults())
     cfg = config or NodeConfig()
     seed_addr = "n0-0"
@@ -26,7 +26,7 @@ def make_cluster(dcs: int = 3, per_dc: int = 5, seed: int = 0, faults: Faults | 
         for i in range(per_dc):
             nid = f"n{d}-{i}"
             node = ReplicaNode(nid, f"dc{d}", nid, config=cfg, rng=random.Random(zlib.crc32(f"{seed}/{nid}".encode())),
-                               seeds=[seed_addr], device="cpu")
+                               seeds=[seed_addr], device="cpu", **(node_kwargs(f"dc{d}") if node_kwargs else {}))
             net.add(node)
     net.call("n0-0", "register_model", spec, net.now)
     return net
@@ -41,15 +41,18 @@ class Trainer:
         self.rng = np.random.default_rng(seed)
         self.truth: dict[str, dict[int, np.ndarray]] = {t.name: {} for t in spec.tables}
 
-    def publish(self, table: str, n: int) -> None:
+    def publish(self, table: str, n: int, impact: np.ndarray | None = None, ids: np.ndarray | None = None):
         t = self.spec.table(table)
-        ids = self.rng.choice(t.rows, size=min(n, t.rows), replace=False).astype(np.int64)
+        if ids is None:
+            ids = self.rng.choice(t.rows, size=min(n, t.rows), replace=False).astype(np.int64)
         vals = self.rng.standard_normal((len(ids), t.dim)).astype(np.float32)
-        frame = self.chain.frame(self.spec, {table: (ids, vals)}, now_ms=HLC_EPOCH_MS + self.net.now * 1000)
+        frame = self.chain.frame(self.spec, {table: (ids, vals)}, now_ms=HLC_EPOCH_MS + self.net.now * 1000,
+                                 impact=None if impact is None else {table: impact})
         self.net.call(self.ingest, "publish", frame.body, self.net.now)
         self.chain.acked(frame)
         for i, v in zip(ids.tolist(), vals):
             self.truth[table][i] = v
+        return self.chain.versions_of(frame)[table]
 
 
 def converged(net: MemNet, trainer: Trainer, nodes: list[str] | None = None) -> bool:
