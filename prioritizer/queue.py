@@ -11,19 +11,25 @@ baseline the simulator compares against).
 Priority order.  Each queued row has an *effective priority* that grows with
 its waiting time (aging), so nothing starves:
 
-    eff(now) = score + B * high + (now - enqueued_at) / aging_s,
-    B = promote_after_s / aging_s
+    eff(now) = u + B * high + (now - enqueued_at) / aging_s,
+    u = score / (score + score_scale),     B = promote_after_s / aging_s
 
-``score`` is the row's priority (:mod:`prioritizer.scoring`, clipped to
-[0, :data:`MAX_SCORE`]), ``high`` whether it was queued as high priority
-(``QueuedRows.high``, or its score at or above the model's top-k% threshold).
-``aging_s`` is the wait worth one unit of score (an update of average magnitude
-at full traffic share); ``B`` is the head start of the high class: a low row
-of score ``s`` ranks with fresh high rows of score ``s`` after
-``promote_after_s`` seconds.  Because aging is *additive* and the same for every
-row, ``eff(now) = key + now / aging_s`` with a per-row constant
+``score`` is the row's priority (:mod:`prioritizer.scoring`; NaN counts as 0),
+``high`` whether it was queued as high priority (``QueuedRows.high``, or its
+score at or above the model's top-k% threshold).  The score enters through
+``u``, a monotone map onto [0, 1) (``score_scale`` is the score that maps to
+0.5), so that the other two terms mean the same whatever the scores:
+``aging_s`` is the wait that outweighs any difference in score (within a
+class, rows more than ``aging_s`` apart in age go oldest first), and ``B`` is
+the head start of the high class.  With ``promote_after_s >= aging_s`` (B >= 1)
+a high row goes before every low row queued less than
+``promote_after_s - aging_s`` earlier than it; a low row goes before a high
+row queued ``promote_after_s + aging_s`` or more after it.
 
-    key = score + B * high - enqueued_at / aging_s,
+Because aging is *additive* and the same for every row,
+``eff(now) = key + now / aging_s`` with a per-row constant
+
+    key = u + B * high - enqueued_at / aging_s,
 
 so the order never changes while rows wait: it is decided once, at put time,
 and the queue keeps rows sorted by a static key (a row re-queued keeps the
@@ -31,19 +37,20 @@ greater of its two keys: "the greater priority").
 
 High rows go first and at once.  A row is *high-ish* at ``now`` when
 ``eff(now) >= B``: every high row, and every low row that has waited
-``promote_after_s - score * aging_s``.  High-ish rows are always a prefix of
-the key order.  They may spend the whole token bucket; other rows only what is
-above ``high_reserve`` (a fraction of the burst), so a high row arriving behind a
-backlog of low ones finds budget and leaves immediately, and low rows use what
-remains.
+``promote_after_s - u * aging_s`` (at most ``promote_after_s``).  High-ish rows
+are always a prefix of the key order.  They may spend the whole token bucket;
+other rows only what is above ``high_reserve`` (a fraction of the burst), so a
+high row arriving behind a backlog of low ones finds budget and leaves
+immediately, and low rows use what remains.
 
-Starvation bound.  A low row of score ``s0`` queued at ``t0`` is overtaken only
-by rows with a greater key: a row queued at ``t`` with score ``S <= S_max``
-overtakes it only if ``t < t0 + promote_after_s + (S_max - s0) * aging_s =: T``.
-So at most ``Q0 + lam * (T - t0)`` bytes go before it (``Q0`` queued ahead at
-``t0``, ``lam`` the arrival rate in bytes/s), and with the link spending its rate
-``R`` it is sent by ``t0 + (Q0 + lam * (T - t0) + frame) / R``: finite even when
-``lam > R`` (``tests/prioritizer/test_queue.py`` checks this bound).  It can
+Starvation bound.  A row (high or low) queued at ``t0`` is overtaken only by
+rows with a greater key, and a row queued at ``t`` has a greater key only if
+``t < t0 + promote_after_s + aging_s =: T`` (its ``u`` and boost can make up at
+most ``B + 1`` of age).  So at most ``Q0 + lam * (T - t0)`` bytes go before it
+(``Q0`` queued ahead at ``t0``, ``lam`` the arrival rate in bytes/s), and with
+the link spending its rate ``R`` it is sent by about
+``t0 + (Q0 + lam * (T - t0) + frame) / R``: finite even when ``lam > R``
+(``tests/prioritizer/test_prioritizer_queue.py`` checks this bound).  It can
 still be *dropped* before that when the queue is over its bound: dropping takes
 the lowest keys, and anti-entropy repairs dropped rows.
 
@@ -85,12 +92,14 @@ MAX_ROW_ID = (1 << ROW_ID_BITS) - 1
 MAX_TABLES = 1 << (63 - ROW_ID_BITS)
 #: wire bytes of a row besides its value: id + version (as ``QueuedRows.nbytes``).
 ROW_OVERHEAD_BYTES = 16
-#: scores are clipped to [0, MAX_SCORE]; keeps the float64 keys exact to well
-#: below a microsecond of aging for years of enqueue times.
-MAX_SCORE = 1e6
-#: default seconds of waiting worth one unit of score.
+#: scores are clipped to [0, MAX_SCORE] (an infinite score would map to NaN).
+MAX_SCORE = 1e30
+#: default score that maps to the middle of the [0, 1) priority range: 1.0 is an
+#: update of average magnitude to a model with all the traffic (Ekko scoring).
+DEFAULT_SCORE_SCALE = 1.0
+#: default wait that outweighs any difference in score.
 DEFAULT_AGING_S = 2.0
-#: default wait after which a zero-score low row ranks like a fresh high row.
+#: default head start of high rows, in seconds of waiting.
 DEFAULT_PROMOTE_AFTER_S = 10.0
 #: default fraction of the bucket's burst that only high-ish rows may spend.
 DEFAULT_HIGH_RESERVE = 0.25
@@ -125,9 +134,13 @@ class QueueConfig:
             (``16 + row_bytes`` each), or None for none.  Bounds the time the
             backlog takes to drain at the link's rate.
         drop_slack: when over a bound, drop down to ``(1 - drop_slack)`` of it.
-        aging_s: seconds of waiting that add 1.0 to a row's effective priority.
+        score_scale: the score that maps to 0.5 in the bounded priority
+            ``u = score / (score + score_scale)``.
+        aging_s: seconds of waiting that add 1.0 to a row's effective priority,
+            i.e. outweigh any difference in score.
         promote_after_s: head start of high rows, in seconds of aging; also the
-            longest a zero-score low row waits before it may spend the high reserve.
+            longest a low row waits before it may spend the high reserve.  Keep it
+            >= ``aging_s`` so that fresh high rows beat fresh low rows of any score.
         high_reserve: fraction of the bucket's burst that low rows leave for
             high-ish ones (0 disables the reserve).
 
@@ -139,6 +152,7 @@ class QueueConfig:
     max_rows: int = DEFAULT_QUEUE_ROWS
     max_backlog_bytes: int | None = None
     drop_slack: float = DEFAULT_DROP_SLACK
+    score_scale: float = DEFAULT_SCORE_SCALE
     aging_s: float = DEFAULT_AGING_S
     promote_after_s: float = DEFAULT_PROMOTE_AFTER_S
     high_reserve: float = DEFAULT_HIGH_RESERVE
@@ -150,6 +164,8 @@ class QueueConfig:
             raise UsageError(f"max_backlog_bytes must be >= 1 or None, got {self.max_backlog_bytes}")
         if not 0 <= self.drop_slack < 1:
             raise UsageError(f"drop_slack must be in [0, 1), got {self.drop_slack}")
+        if not (self.score_scale > 0 and math.isfinite(self.score_scale)):
+            raise UsageError(f"score_scale must be finite and > 0, got {self.score_scale}")
         if not (self.aging_s > 0 and math.isfinite(self.aging_s)):
             raise UsageError(f"aging_s must be finite and > 0, got {self.aging_s}")
         if not (self.promote_after_s >= 0 and math.isfinite(self.promote_after_s)):
@@ -729,7 +745,8 @@ class PriorityLinkQueue(_RowQueue):
     def _keys(self, score: np.ndarray, high: np.ndarray, now: float, n: int) -> np.ndarray:
         # time relative to the first put keeps the float64 keys small and exact
         base = -(now - self._t_origin) * self._inv_aging
-        key = score.astype(np.float64)
+        sc = score.astype(np.float64)
+        key = sc / (sc + self.config.score_scale)
         key += base
         if high.any():
             key += high * self._boost

@@ -46,7 +46,8 @@ class RefQueue:
                 k = -self.seq
                 self.seq += 1
             else:
-                k = float(np.float64(np.float32(s)) + (-(now - self.t_origin) * self.inv))
+                sc = np.float64(np.float32(s))
+                k = float(sc / (sc + self.cfg.score_scale) + (-(now - self.t_origin) * self.inv))
                 if h:
                     k += self.boost
             rk = (rows.model, rows.table, int(rows.ids[i]))
@@ -118,7 +119,8 @@ def test_queue_matches_reference(monkeypatch, fifo, seed):
     cfg = QueueConfig(max_rows=int(rng.integers(50, 400)),
                       max_backlog_bytes=int(rng.integers(5_000, 40_000)) if seed % 2 else None,
                       drop_slack=float(rng.choice([0.0, 0.1])), aging_s=float(rng.choice([0.5, 2.0])),
-                      promote_after_s=float(rng.choice([0.0, 1.0, 5.0])), high_reserve=0.3)
+                      promote_after_s=float(rng.choice([0.0, 1.0, 5.0])), high_reserve=0.3,
+                      score_scale=float(rng.choice([0.5, 1.0, 3.0])))
 
     def bucket():
         return TokenBucket(20_000, 4_000) if with_bucket else None
