@@ -25,7 +25,7 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64")
 #: bytes per element of each supported dtype.
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 #: names of models and tables: short, printable, safe in URLs and file names.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 #: largest table a spec may declare (rows) -- guards memory on every replica.
 MAX_TABLE_ROWS = 1 << 31
 #: widest row a spec may declare (elements).
@@ -39,7 +39,7 @@ DEFAULT_SHARD_ROWS = 1 << 14
 
 
 def check_name(kind: str, name: str, error: type[Exception] = UsageError) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise error(f"invalid {kind} name {name!r}: use 1-64 chars of [A-Za-z0-9_.-]")
     return name
 
@@ -103,8 +103,9 @@ class TableSpec:
         return np.asarray(rows, dtype=np.int64) // self.shard_rows
 
     def shard_range(self, shard: int) -> tuple[int, int]:
-        """Half-open row range ``[lo, hi)`` of a shard."""
-        lo = shard * self.shard_rows
+        """Half-open row range ``[lo, hi)`` of a shard (empty for trailing shards when
+        ``shards`` does not divide ``rows`` evenly: rows=10, shards=7 leaves shards 5-6 empty)."""
+        lo = min(self.rows, shard * self.shard_rows)
         return lo, min(self.rows, lo + self.shard_rows)
 
     def to_dict(self) -> dict[str, Any]:

@@ -64,7 +64,7 @@ class Member:
         if not isinstance(w, list) or len(w) != 6:
             raise ProtocolError("member entry must be a 6-list", "bad_member")
         nid, dc, addr, inc, hb, st = w
-        if not (isinstance(nid, str) and NAME_RE.match(nid) and isinstance(dc, str) and NAME_RE.match(dc)):
+        if not (isinstance(nid, str) and NAME_RE.fullmatch(nid) and isinstance(dc, str) and NAME_RE.fullmatch(dc)):
             raise ProtocolError("bad member id or dc", "bad_member")
         if not isinstance(addr, str) or len(addr) > MAX_ADDRESS_LEN:
             raise ProtocolError("bad member address", "bad_member")

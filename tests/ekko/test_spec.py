@@ -19,8 +19,7 @@ def test_valid_names(name):
 
 
 @pytest.mark.parametrize("name", ["", "_a", ".a", "-a", "a b", "a/b", "x" * 65, "é", None, 3, b"ab", pytest.param(
-    "a\n", marks=pytest.mark.xfail(strict=True, reason="NAME_RE.match with '$' accepts a trailing newline; "
-                                                       "use fullmatch or \\Z in ekko/spec.py"))])
+    "a\n")])
 def test_invalid_names(name):
     with pytest.raises(UsageError):
         check_name("table", name)
@@ -86,9 +85,6 @@ def test_shard_function_consistent(rows, data):
     assert (covered == 1).all()
 
 
-@pytest.mark.xfail(strict=True, reason="spec quirk: shards need not divide rows evenly, so with "
-                                       "ceil(rows/shards) rows per shard trailing shards can be empty "
-                                       "and shard_range returns lo > hi (rows=10, shards=7)")
 def test_shard_ranges_never_inverted():
     t = TableSpec("t", rows=10, dim=1, shards=7)
     for shard in range(t.num_shards):
