@@ -56,6 +56,8 @@ from p2p.sync import ROW_OVERHEAD_BYTES, RecentIndex, ShardSync
 from p2p.topology import DcGraph, Topology, _mix
 
 _SHARD_SALT = np.uint64(0x9E3779B97F4A7C15)
+#: wait before asking a link queue again when it reported ready but yielded nothing.
+PUSH_RETRY_S = 0.001
 #: share of gossip rounds spent on a partner in our own DC.
 LOCAL_GOSSIP_SHARE = 0.75
 
@@ -505,6 +507,9 @@ class ReplicaNode:
             while ready is not None and ready <= now:
                 batches = q.take(now, self.config.push_frame_bytes)
                 if not batches:
+                    # The queue said "ready" but gave nothing (a budget rounding edge):
+                    # look again a moment later rather than spinning at this instant.
+                    ready = now + PUSH_RETRY_S
                     break
                 key = tuple(id(b.ids) for b in batches)
                 got = built.get(key)
