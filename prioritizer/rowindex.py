@@ -76,8 +76,11 @@ class RowIndex:
         self._alloc(_capacity_for(int(capacity * GROW_LOAD)))
 
     def _alloc(self, cap: int) -> None:
-        self.keys = np.full(cap, EMPTY, dtype=np.int64)
-        self.vals = np.full(cap, -1, dtype=np.int32)
+        # key and value side by side: a probe that finds the key has the value in the
+        # same cache line (the table is far larger than the caches; misses dominate)
+        self._tab = np.full((cap, 2), EMPTY, dtype=np.int64)
+        self.keys = self._tab[:, 0]
+        self.vals = self._tab[:, 1]
         self._shift = np.uint64(64 - (cap.bit_length() - 1))
         self._owner = np.empty(cap, dtype=np.int64)   # scratch for group()
 
@@ -114,7 +117,7 @@ class RowIndex:
     def get(self, keys: np.ndarray) -> np.ndarray:
         """Vectorized: value of each key, or -1 where absent."""
         pos = self.find(keys)
-        out = self.vals[pos]                 # pos -1 reads the last entry; masked below
+        out = self.vals[pos].astype(np.int32)   # pos -1 reads the last entry; masked below
         out[pos < 0] = -1
         return out
 
