@@ -63,9 +63,9 @@ bytes, if set) stay queued after a put; beyond that the lowest-priority rows
 Data structures, for throughput (``bench/prioritizer.py``): slots in numpy
 arrays (a free list recycles them); a vectorized cuckoo hash index
 (:mod:`prioritizer.rowindex`) from (table, row id) to slot for coalescing; and a
-*head*: the slots whose key is above a cut ``theta``, kept sorted.  Puts add rows above the cut to an unsorted
-incoming list, a take sorts that (small) list and merges it in, and takes a
-prefix.  When the head runs dry it is refilled with the top
+*head*: the slots whose key is above a cut ``theta``, kept sorted.  Puts add
+rows above the cut to an unsorted incoming list, a take sorts that (small) list
+and merges it in, and takes a prefix.  When the head runs dry it is refilled with the top
 :data:`HEAD_TARGET_ROWS` by one ``argpartition`` over the queue.  Every put and
 take is a handful of vectorized passes over the batch or frame.
 """
@@ -107,13 +107,15 @@ DEFAULT_HIGH_RESERVE = 0.25
 DEFAULT_DROP_SLACK = 1.0 / 16
 #: rows a head refill brings in: large enough that refills (one argpartition
 #: over the queue) are rare, small enough that merging incoming rows is cheap
-#: (16k measured best in bench/prioritizer.py against 4k..64k).
+#: (8k..32k measured within noise of each other in bench/prioritizer.py).
 HEAD_TARGET_ROWS = 1 << 14
 #: the head is cut back to HEAD_TARGET_ROWS when incoming rows grow it past this.
 HEAD_MAX_ROWS = 4 * HEAD_TARGET_ROWS
-#: a row becomes high-ish this far (in key units) before the exact instant, so a
-#: take at the instant ``next_ready`` computed is not lost to rounding.
+#: a row becomes high-ish this far (in key units, plus a few ulps of the key's
+#: magnitude) before the exact instant, so a take at the instant ``next_ready``
+#: computed is not lost to rounding and a driver never spins on it.
 _KEY_EPS = 1e-9
+_KEY_REL_EPS = 1e-15
 #: upper bounds (seconds) of the queueing-latency histogram buckets; the last
 #: bucket (above the largest bound) is open.
 LATENCY_BOUNDS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
@@ -755,7 +757,8 @@ class PriorityLinkQueue(_RowQueue):
     def _highish_cut(self, now: float) -> float:
         if self._t_origin is None:
             return -math.inf
-        return self._boost - (now - self._t_origin) * self._inv_aging - _KEY_EPS
+        cut = self._boost - (now - self._t_origin) * self._inv_aging
+        return cut - (_KEY_EPS + abs(cut) * _KEY_REL_EPS)
 
     def _highish_at(self, key: float) -> float:
         return self._t_origin + (self._boost - key) * self.config.aging_s
