@@ -72,6 +72,8 @@ RETRY_AFTER_S = 1
 DRAIN_TIMEOUT_S = 10.0
 #: seconds queued peer sends get to finish at shutdown.
 SEND_DRAIN_TIMEOUT_S = 2.0
+#: seconds background tasks get to end at shutdown before they are cancelled.
+TASK_STOP_TIMEOUT_S = 5.0
 #: frames at least this large are decoded (HMAC, zstd, msgpack) on a worker thread.
 DECODE_OFFLOAD_BYTES = 256 << 10
 #: the timer loop re-reads the node's deadline at least this often (seconds).
@@ -135,11 +137,11 @@ def import_model_state(node: ReplicaNode, spec: ModelSpec, store: ModelStore, st
     """Install a model restored from a snapshot into ``node``.
 
     The node must not have the model yet.  Knowledge vectors are restored per
-    shard and their digests marked dirty.  Every shard that holds rows gets its
-    watermark just above them and is marked *loose*, so that "rows newer than a
-    peer's knowledge" is answered by a shard scan: the in-memory index of
-    recently applied rows did not survive the restart, and answering from an
-    empty index would let a peer adopt our knowledge without the rows.
+    shard and their digests marked dirty.  The recent-row index starts with its
+    watermark raised and marked *loose*, so that "rows newer than a peer's
+    knowledge" is answered by a shard scan: the in-memory index did not survive
+    the restart, and answering from an empty index would let a peer adopt our
+    knowledge without the rows.
 
     Raises:
         ProtocolError: the state is malformed (reason ``"bad_snapshot"``).
@@ -171,22 +173,27 @@ def import_model_state(node: ReplicaNode, spec: ModelSpec, store: ModelStore, st
     # The node built an empty store; the restored one replaces it before anything uses it.
     m.store = store
     top = int(head) if isinstance(head, int) and head >= 0 else 0
+    # The node's index of recently applied rows is not persisted.  Answering pulls from
+    # an empty index would send no rows while the knowledge we send says we have them,
+    # so the requester would adopt the knowledge without the rows; make every lookup
+    # fall back to a shard scan instead.
+    index = getattr(m, "index", None)
     for t in spec.tables:
         ts = store.table(t.name)
         know = parsed.get(t.name, {})
         written = np.flatnonzero(ts.versions > 0)
-        shards_with_rows = np.unique(t.shards_of(written)).tolist() if len(written) else []
-        max_by_shard: dict[int, int] = {}
+        shards_with_rows = set(np.unique(t.shards_of(written)).tolist()) if len(written) else set()
         if len(written):
-            counters = counters_of(ts.versions[written])
-            sh = t.shards_of(written)
-            for s in shards_with_rows:
-                max_by_shard[s] = int(counters[sh == s].max())
-            top = max(top, int(counters.max()))
-        for s in set(know) | set(shards_with_rows):
+            top = max(top, int(counters_of(ts.versions[written]).max()))
+        if isinstance(index, dict):
+            index[t.name].reset()  # per-table RecentIndex: watermark up, every lookup scans
+        for s in set(know) | shards_with_rows:
+            # Shards holding rows need a ShardSync even with empty knowledge: pulls skip
+            # shards that have none.
             sync = ShardSync(knowledge=know.get(s, Knowledge()))
-            if s in max_by_shard:
-                sync.watermark = max_by_shard[s]
+            if index is None and s in shards_with_rows:
+                # Older nodes keep the index per shard on the ShardSync.
+                sync.watermark = 1
                 sync.loose_below_watermark = True
             m.shards[t.name][s] = sync
             m.dirty[t.name].add(s)
@@ -273,6 +280,7 @@ class Daemon:
         self._idle = asyncio.Event()
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
+        self._stop_snapshots: asyncio.Event | None = None
         self._snapshot_lock: asyncio.Lock | None = None
         self._stopped = False
         self._stop_requested: asyncio.Event | None = None
@@ -302,6 +310,7 @@ class Daemon:
         await self.transport.start()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._timer_loop(), name="ekko-timer"))
+        self._stop_snapshots = asyncio.Event()
         if self.config.snapshot_interval > 0:
             self._tasks.append(loop.create_task(self._snapshot_loop(), name="ekko-snapshot"))
         log.info("%s (%s) serving at %s, incarnation %d, models %s", self.node.node_id, self.node.dc,
@@ -328,9 +337,11 @@ class Daemon:
             log.info("%s: stop requested, draining", self.node.node_id)
             await self.shutdown()
         finally:
+            t0 = time.monotonic()
+            await runner.cleanup()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            await runner.cleanup()
+            log.info("listener and connections closed in %.2fs", time.monotonic() - t0)
 
     def stop(self) -> None:
         """Ask :meth:`serve` to shut down (safe to call from a signal handler)."""
@@ -347,6 +358,7 @@ class Daemon:
             return
         self._stopped = True
         self.draining = True
+        t0 = time.monotonic()
         if self._in_flight:
             self._idle.clear()
             try:
@@ -354,16 +366,33 @@ class Daemon:
             except asyncio.TimeoutError:
                 log.warning("%d requests still running after %.0fs; shutting down anyway", self._in_flight,
                             DRAIN_TIMEOUT_S)
-        for t in self._tasks:
+        log.info("requests drained in %.2fs", time.monotonic() - t0)
+        if self._stop_snapshots is not None:
+            # Not cancelled: a periodic snapshot being written finishes first (a cancelled
+            # await would leave its writer thread racing the final snapshot's files).
+            self._stop_snapshots.set()
+        # The timer loop checks self._stopped each round; waking it ends it.  (Cancelling
+        # alone is not enough on Python 3.11: asyncio.wait_for can swallow a cancellation
+        # that races with the wake-up it waits for, and the loop would run on.)
+        self._wake_timer()
+        t1 = time.monotonic()
+        _, stuck = await asyncio.wait(self._tasks, timeout=TASK_STOP_TIMEOUT_S) if self._tasks else ((), ())
+        for t in stuck:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if stuck:
+            await asyncio.wait(stuck, timeout=TASK_STOP_TIMEOUT_S)
         self._tasks.clear()
+        log.info("background tasks stopped in %.2fs (%d cancelled)", time.monotonic() - t1, len(stuck))
+        t2 = time.monotonic()
         await self.transport.close(SEND_DRAIN_TIMEOUT_S)
+        log.info("sends flushed in %.2fs", time.monotonic() - t2)
+        t3 = time.monotonic()
         try:
-            await self.snapshot()
+            n = await self.snapshot()
+            log.info("final snapshot of %d models in %.2fs", n, time.monotonic() - t3)
         except Exception:
             log.exception("final snapshot failed")
-        log.info("%s: stopped", self.node.node_id)
+        log.info("%s: stopped after %.2fs", self.node.node_id, time.monotonic() - t0)
 
     # ------------------------------------------------------------------ timer loop
     def _wake_timer(self) -> None:
@@ -372,7 +401,7 @@ class Daemon:
 
     async def _timer_loop(self) -> None:
         assert self._wake is not None
-        while True:
+        while not self._stopped:
             now = self.clock()
             due = self.node.next_deadline()
             if due > now:
@@ -415,8 +444,13 @@ class Daemon:
 
     # ------------------------------------------------------------------ snapshots
     async def _snapshot_loop(self) -> None:
+        assert self._stop_snapshots is not None
         while True:
-            await asyncio.sleep(self.config.snapshot_interval)
+            try:
+                await asyncio.wait_for(self._stop_snapshots.wait(), self.config.snapshot_interval)
+                return  # shutting down: the final snapshot follows
+            except asyncio.TimeoutError:
+                pass
             try:
                 await self.snapshot()
             except Exception:

@@ -51,6 +51,8 @@ SEND_TIMEOUT_S = 10.0
 #: bodies at least this large are encoded (msgpack + zstd + HMAC) on a worker thread
 #: so that a multi-MiB pull answer does not stall the event loop.
 ENCODE_OFFLOAD_BYTES = 256 << 10
+#: seconds cancelled sends get to unwind at close.
+CLOSE_TIMEOUT_S = 2.0
 #: path every peer message is POSTed to.
 GOSSIP_PATH = "/v1/gossip"
 
@@ -202,10 +204,14 @@ class HttpTransport:
         self._closed = True
         if timeout > 0:
             await self.flush(timeout)
-        for t in list(self._tasks):
+        left = set(self._tasks)
+        for t in left:
             t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if left:
+            # Bounded: never let a send that ignores its cancellation hold up shutdown.
+            _, stuck = await asyncio.wait(left, timeout=CLOSE_TIMEOUT_S)
+            if stuck:
+                log.warning("%d sends did not stop within %.0fs of being cancelled", len(stuck), CLOSE_TIMEOUT_S)
         if self.session is not None:
             await self.session.close()
             self.session = None

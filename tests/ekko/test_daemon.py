@@ -562,3 +562,59 @@ async def test_transport_counts_failures_and_bounds_in_flight():
     finally:
         await t.close()
         sock.close()
+
+
+# --------------------------------------------------------------------------- command line
+def test_daemon_settings_merge_file_and_flags(tmp_path):
+    from ekko.cli import build_parser, daemon_settings
+    from ekko.errors import UsageError
+
+    cfg = tmp_path / "replica.toml"
+    cfg.write_text('[node]\npreset = "wan"\nae_interval = 0.7\n\n[daemon]\nnode_id = "r9"\ndc = "dcx"\n'
+                   'listen = "127.0.0.1:7000"\nseeds = ["127.0.0.1:7001"]\ndata_dir = "/tmp/r9"\n')
+    parse = build_parser().parse_args
+    settings, config = daemon_settings(parse(["daemon", "--config", str(cfg), "--dc", "dcy",
+                                              "--seed", "127.0.0.1:7002"]))
+    assert (settings["node_id"], settings["dc"], settings["seeds"]) == ("r9", "dcy", ["127.0.0.1:7002"])
+    assert settings["torch_threads"] == 1
+    assert config.preset == "wan" and config.ae_interval == 0.7 and config.gossip_interval == 1.0
+    _, config = daemon_settings(parse(["daemon", "--config", str(cfg), "--preset", "local"]))
+    assert config.preset == "local" and config.ae_interval == 0.7 and config.gossip_interval == 0.2
+    with pytest.raises(UsageError, match="--dc"):
+        daemon_settings(parse(["daemon", "--node-id", "a", "--listen", "127.0.0.1:1", "--data-dir", "/tmp/a"]))
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[daemon]\nnode_idd = "x"\n')
+    with pytest.raises(UsageError, match="node_idd"):
+        daemon_settings(parse(["daemon", "--config", str(bad)]))
+    bad.write_text('[node]\nae_intervall = 1\n')
+    with pytest.raises(UsageError, match="ae_intervall"):
+        daemon_settings(parse(["daemon", "--config", str(bad), "--node-id", "a", "--dc", "d", "--listen",
+                               "127.0.0.1:1", "--data-dir", "/tmp/a"]))
+
+
+def test_cli_exit_codes_and_status_rendering(capsys):
+    import io
+
+    from rich.console import Console
+
+    from ekko.cli import main, render_status
+
+    assert main(["daemon", "--node-id", "x"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["status", "--peer", f"127.0.0.1:{free_port()}"]) == 1
+    assert "cannot reach" in capsys.readouterr().err
+
+    st = {"node_id": "r1", "dc": "dc1", "address": "127.0.0.1:7000", "incarnation": 5, "serving": True,
+          "models": {"ranker": {"head": 123, "lag_s": 0.25, "traffic_share": 1.0, "tables": {
+              "emb": {"rows": 100, "dim": 8, "dtype": "float32", "shards": 2, "dense": False, "written_rows": 7,
+                      "digest": "0123456789abcdef0123456789abcdef"}}}},
+          "members": [{"node_id": "r1", "dc": "dc1", "address": "127.0.0.1:7000", "state": "alive",
+                       "incarnation": 5, "lag_s": {"ranker": 0.0}},
+                      {"node_id": "r2", "dc": "dc2", "address": "127.0.0.1:7001", "state": "dead",
+                       "incarnation": 3, "lag_s": {"ranker": 1.5}}]}
+    buf = io.StringIO()
+    render_status(st, Console(file=buf, width=200))
+    out = buf.getvalue()
+    for text in ("ranker", "emb", "0123456789ab", "0.250s", "r2", "dc2", "dead", "1.500s", "cluster (2 members)"):
+        assert text in out, text
+    assert "0123456789abc" not in out  # digest shown as a prefix
