@@ -283,8 +283,8 @@ def test_next_ready_promotion_instant_is_takeable_after_long_uptime(t0):
     # keys grow with time since the first put; the high-ish cut must stay rounding-safe
     q = PriorityLinkQueue(TokenBucket(1_000, 1_000), QueueConfig(high_reserve=0.95, promote_after_s=5.0,
                                                                  aging_s=1.0))
-    q.put(rows([0]), now=0.0)
-    q.take(0.0, 1_000)
+    q.put(rows([0], high=True), now=0.0)                         # fixes the key origin at 0
+    assert sent(q.take(0.0, 1_000)) == [(0, 1)]
     q.put(rows([1], scores=0.3), now=t0)
     t = q.next_ready(t0)
     assert t0 < t <= t0 + 5.0
