@@ -34,7 +34,7 @@ from simulator.events import Simulation
 from simulator.measure import LatencyRecorder
 from simulator.network import WanNetwork
 from simulator.replicas import SimCluster
-from simulator.scenario import Scenario
+from simulator.scenario import MODEL_NAME, Scenario
 from simulator.workload import UpdateBatch, Workload
 
 #: bytes of id + version each row costs on the wire besides its value.
@@ -52,7 +52,7 @@ def place_replicas(sc: Scenario) -> list[tuple[str, str]]:
 
 def node_config_for(sc: Scenario, system: str):
     base = sc.node
-    if system in ("ekko", "fifo"):
+    if system in ("ekko", "fifo", "ekko-uncongested"):
         return base
     if system == "ekko-no-gateways":
         return base.replace(push=False, use_gateways=False)
@@ -81,11 +81,52 @@ class Truth:
         self.bytes_published += len(ids) * (row_bytes + ROW_META_BYTES)
 
 
-def _batch_values(sc: Scenario, batch: UpdateBatch, rng: np.random.Generator, with_values: bool):
-    if not with_values:
+def _batch_values(sc: Scenario, batch: UpdateBatch, rng: np.random.Generator, truth: "Truth"):
+    """New row values whose change has exactly the batch's impact as its L2 norm (so a
+    replica that misses an update is off by that much: what the scheduler ranks by)."""
+    if truth.values is None:
         return None
     t = sc.model.table(batch.table)
-    return rng.standard_normal((len(batch.ids), t.dim)).astype(WIRE_DTYPES[t.dtype])
+    old = truth.values[batch.table][batch.ids].astype(np.float64)
+    step = rng.standard_normal((len(batch.ids), t.dim))
+    step *= (batch.impact / np.linalg.norm(step, axis=1))[:, None]
+    return (old + step).astype(WIRE_DTYPES[t.dtype])
+
+
+def offered_burst_bytes_per_s(sc: Scenario) -> float:
+    """Update bytes per second one WAN link is offered at the workload's peak (every
+    update crosses each link once: value + id + version)."""
+    peak = 1.0
+    for b in sc.workload.bursts:
+        peak = max(peak, b.multiplier)
+    return sum(t.rows_per_s * peak * (sc.model.table(t.table).row_bytes + ROW_META_BYTES)
+               for t in sc.workload.sparse)
+
+
+def scheduler_kwargs(sc: Scenario, system: str) -> Callable[[str], dict[str, Any]] | None:
+    """Per-DC node arguments that put the priority scheduler (or its FIFO baseline) on
+    the push path, with the scenario's WAN budget."""
+    if sc.scheduler is None or system not in ("ekko", "fifo", "ekko-uncongested"):
+        return None
+    from prioritizer import (LinkBudgets, Prioritizer, ThresholdTracker, fifo_queue_factory,
+                             priority_queue_factory)
+    cfg = sc.scheduler
+    k = float(cfg.get("k_percent", 5.0))
+    if "wan_budget_bytes_per_s" in cfg:
+        rate = float(cfg["wan_budget_bytes_per_s"])
+    else:
+        rate = float(cfg.get("wan_budget_fraction_of_burst", 0.3)) * offered_burst_bytes_per_s(sc)
+    budgets = (LinkBudgets(default_bytes_per_s=float("inf"), intra_dc_bytes_per_s=float("inf"))
+               if system == "ekko-uncongested" else
+               LinkBudgets(default_bytes_per_s=rate, intra_dc_bytes_per_s=float("inf")))
+    seed = sc.seed
+
+    def kwargs(dc: str) -> dict[str, Any]:
+        prio = Prioritizer(threshold=ThresholdTracker(k, rng=seed))
+        factory = fifo_queue_factory(dc, budgets) if system == "fifo" else priority_queue_factory(dc, budgets)
+        return {"prioritizer": prio, "queue_factory": factory}
+
+    return kwargs
 
 
 def run_ekko_family(sc: Scenario, system: str, progress: Progress | None = None,
@@ -95,7 +136,7 @@ def run_ekko_family(sc: Scenario, system: str, progress: Progress | None = None,
     with_values = sc.with_values
     cfg = node_config_for(sc, system)
     cluster = SimCluster(sim, net, cfg, with_values=with_values, shared_membership=not with_values,
-                         queue_factory=queue_factory)
+                         queue_factory=queue_factory, node_kwargs=scheduler_kwargs(sc, system))
     placement = place_replicas(sc)
     for nid, dc in placement:
         cluster.add_replica(nid, dc)
@@ -108,28 +149,91 @@ def run_ekko_family(sc: Scenario, system: str, progress: Progress | None = None,
     chain = PublisherChain(TRAINER_ORIGIN)
     rng = sim.derive_np_rng("values")
     sample_rng = sim.derive_np_rng("samples")
+    high_cut = _high_impact_cut(sc)
 
     def on_batch(batch: UpdateBatch) -> None:
         if not len(batch.ids):
             return
         t = sc.model.table(batch.table)
-        values = _batch_values(sc, batch, rng, with_values)
+        values = _batch_values(sc, batch, rng, truth)
         frame = chain.frame(sc.model, {batch.table: (batch.ids, values)}, now_ms=HLC_EPOCH_MS + sim.now * 1000,
                             impact={batch.table: batch.impact})
         versions = chain.versions_of(frame)[batch.table]
-        rec.track(batch.table, batch.ids, versions, sim.now, sc.samples_per_batch, sample_rng,
-                  cls=_impact_class(batch.impact, batch.ids, versions))
+        if high_cut is None:
+            rec.track(batch.table, batch.ids, versions, sim.now, sc.samples_per_batch, sample_rng)
+        else:
+            # Follow k rows of each class: high-impact rows are only the top k%.
+            high = batch.impact >= high_cut
+            for cls, sel in (("high", high), ("low", ~high)):
+                rec.track(batch.table, batch.ids[sel], versions[sel], sim.now, sc.samples_per_batch, sample_rng,
+                          cls=cls)
         truth.note(batch.table, batch.ids, versions, values, t.row_bytes)
         cluster.call(ingest, "publish", frame.body, sim.now)
         chain.acked(frame)
 
     workload = Workload(sc.workload, sim.derive_np_rng("workload"))
     workload.drive(sim, on_batch, until=sc.duration_s)
-    return _run_and_collect(sc, system, sim, net, cluster, rec, truth, progress)
+    meter = None
+    if sc.scheduler is not None and with_values:
+        meter = StalenessMeter(sc, workload, cluster, truth)
+        step = float(sc.scheduler.get("staleness_interval_s", 0.05))
+        # Offset by half a step so samples never coincide with batch emissions.
+        sim.every(step, lambda: meter.sample(step), start=step / 2)
+    out = _run_and_collect(sc, system, sim, net, cluster, rec, truth, progress)
+    if meter is not None:
+        out["weighted_staleness_error"] = meter.total
+    if cluster.nodes and any(n.prioritizer is not None for n in cluster.nodes.values()):
+        out["wan_budget_bytes_per_s"] = None if system == "ekko-uncongested" else (
+            float(sc.scheduler["wan_budget_bytes_per_s"]) if "wan_budget_bytes_per_s" in sc.scheduler else
+            float(sc.scheduler.get("wan_budget_fraction_of_burst", 0.3)) * offered_burst_bytes_per_s(sc))
+        out["offered_burst_bytes_per_s"] = offered_burst_bytes_per_s(sc)
+    return out
 
 
-def _impact_class(impact: np.ndarray, ids: np.ndarray, versions: np.ndarray) -> str:
-    return ""
+def _high_impact_cut(sc: Scenario) -> float | None:
+    """Impact above which an update counts as "high" for the per-class latencies: the
+    (100 - k)th percentile of the workload's log-normal impact (the scheduler's own
+    threshold estimates the same quantile online)."""
+    if sc.scheduler is None or not sc.workload.sparse:
+        return None
+    from statistics import NormalDist
+    k = float(sc.scheduler.get("k_percent", 5.0))
+    sigma = sc.workload.sparse[0].impact_sigma
+    return float(np.exp(sigma * NormalDist().inv_cdf(1 - k / 100)))
+
+
+class StalenessMeter:
+    """Integrates the access-weighted squared error of every replica against the trainer.
+
+    At each sample: sum over replicas and rows of ``w(row) * ||replica - trainer||^2``,
+    with ``w`` the row's access frequency (its Zipf popularity, normalised), times
+    the sampling step.  Needs full mode (values).
+    """
+
+    def __init__(self, sc: Scenario, workload: Workload, cluster: SimCluster, truth: Truth) -> None:
+        self.sc, self.cluster, self.truth = sc, cluster, truth
+        self.weights: dict[str, np.ndarray] = {}
+        for st in sc.workload.sparse:
+            z = workload.zipf(st.model, st.table)
+            rows = st.rows
+            rank = np.empty(rows, np.float64)
+            rank[z.ids_of_ranks(np.arange(1, rows + 1))] = np.arange(1, rows + 1)
+            w = rank ** -st.zipf_s
+            self.weights[st.table] = (w / w.sum()).astype(np.float64)
+        self.total = 0.0
+
+    def sample(self, dt: float) -> None:
+        for table, w in self.weights.items():
+            want_v = self.truth.versions[table]
+            want = self.truth.values[table]
+            for nid in self.cluster.live():
+                ts = self.cluster.nodes[nid].table_store(MODEL_NAME, table)
+                # Only rows not at the trainer's version can differ: compare just those.
+                lag = np.flatnonzero(ts.versions != want_v)
+                if len(lag):
+                    got = ts.values.numpy()[lag].astype(np.float64)
+                    err = ((got - want[lag].astype(np.float64)) ** 2).sum(axis=1)
+                    self.total += float((err * w[lag]).sum()) * dt
 
 
 def _converged(sc: Scenario, cluster: SimCluster, truth: Truth) -> bool:
@@ -195,9 +299,6 @@ def run_scenario(sc: Scenario, systems: list[str] | None = None, progress: Progr
     for system in systems:
         if system in ("direct-push", "adam-2pc", "broadcast"):
             res = run_baseline(sc, system, progress)
-        elif system == "fifo":
-            from simulator.prioritized import fifo_queue_factory
-            res = run_ekko_family(sc, system, progress, queue_factory=fifo_queue_factory(sc))
         else:
             res = run_ekko_family(sc, system, progress)
         events += res["events"]

@@ -65,6 +65,7 @@ class SimCluster:
     with_values: bool = True
     shared_membership: bool = False
     queue_factory: QueueFactory | None = None
+    node_kwargs: Callable[[str], dict[str, Any]] | None = None
     nodes: dict[str, ReplicaNode] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     bytes_by_type: dict[str, int] = field(default_factory=dict)
@@ -89,9 +90,11 @@ class SimCluster:
                 self._view.version += 1
             membership, topology = self._view, self._topology
         seeds = [self._seed_address] if self._seed_address else []
+        extra = self.node_kwargs(dc) if self.node_kwargs else {}
+        extra.setdefault("queue_factory", self.queue_factory)
         node = ReplicaNode(node_id, dc, node_id, config=self.config, rng=sim.derive_rng(f"node/{node_id}"),
                            now=sim.now, seeds=seeds, device="cpu", with_values=self.with_values,
-                           queue_factory=self.queue_factory, membership=membership, topology=topology)
+                           membership=membership, topology=topology, **extra)
         if self._seed_address is None:
             self._seed_address = node_id
         node.on_apply.append(lambda m, t, res, src, _n=node_id: self._applied(_n, m, t, res, src))

@@ -19,6 +19,10 @@ shipped files in ``simulator/scenarios/`` document where each value comes from):
                 (t0, t1, multiplier)
 ``[baselines]`` checkpoint_interval_s, checkpoint_validate_s (broadcast),
                 adam_batch_s (2PC batching window)
+``[scheduler]`` k_percent (top-k% high priority), wan_budget_fraction_of_burst
+                (the push budget of every WAN link as a fraction of the update
+                bytes/s offered at the burst's peak) or wan_budget_bytes_per_s,
+                staleness_interval_s (sampling step of the staleness error)
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from simulator.workload import Burst, DenseTable, SparseTable, WorkloadConfig
 
 #: every system the runner knows, in report order.
 ALL_SYSTEMS = ("ekko", "ekko-no-gateways", "ekko-full-scan", "random-gossip", "direct-push", "adam-2pc",
-               "broadcast", "fifo")
+               "broadcast", "fifo", "ekko-uncongested")
 #: above this many replicas "auto" mode keeps versions only (no tensors).
 AUTO_METADATA_REPLICAS = 200
 MODEL_NAME = "model"
@@ -62,6 +66,7 @@ class Scenario:
     model: ModelSpec
     workload: WorkloadConfig
     baselines: dict[str, float] = field(default_factory=dict)
+    scheduler: dict[str, float] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -120,7 +125,8 @@ def parse_scenario(d: dict[str, Any], name: str = "custom") -> Scenario:
                     duration_s=float(sc.get("duration_s", 60)), settle_s=float(sc.get("settle_s", 30)),
                     replicas=int(sc.get("replicas", 60)), mode=mode, systems=systems,
                     samples_per_batch=int(sc.get("samples_per_batch", 4)), wan=wcfg, training_dc=training_dc,
-                    node=node, model=model, workload=wcfg_load, baselines=dict(d.get("baselines", {})), raw=d)
+                    node=node, model=model, workload=wcfg_load, baselines=dict(d.get("baselines", {})),
+                    scheduler=dict(d["scheduler"]) if "scheduler" in d else None, raw=d)
 
 
 def load_scenario(name_or_path: str) -> Scenario:
