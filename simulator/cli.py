@@ -10,7 +10,7 @@ from pathlib import Path
 from ekko.errors import UsageError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sim", help="discrete-event WAN simulator (runs the real protocol)")
     ss = p.add_subparsers(dest="sim_command", required=True)
     r = ss.add_parser("run", help="run a scenario: every system on the same WAN and workload")
