@@ -1,0 +1,84 @@
+"""The scenario runner: real nodes on the simulated WAN, baselines, reports, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simulator.experiment import run_scenario
+from simulator.report import public, write_results
+from simulator.scenario import load_scenario, parse_scenario
+
+SMALL = {
+    "scenario": {"name": "small", "seed": 3, "duration_s": 3, "settle_s": 20, "replicas": 9,
+                 "systems": ["ekko", "ekko-no-gateways", "direct-push", "adam-2pc", "broadcast"],
+                 "samples_per_batch": 2},
+    "wan": {"dcs": ["a", "b", "c"], "rtt_ms": {"a-b": 60, "a-c": 120, "b-c": 90}, "background_load": 0.5},
+    "node": {"preset": "wan"},
+    "table": [{"name": "emb", "rows": 2000, "dim": 16, "shards": 4}],
+    "workload": {"batch_interval_s": 0.2, "sparse": [{"table": "emb", "rows_per_s": 500}]},
+    "baselines": {"checkpoint_interval_s": 60, "checkpoint_validate_s": 10},
+}
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_scenario(parse_scenario(SMALL))
+
+
+def test_results_have_the_documented_shape(results):
+    for key in ("scenario", "seed", "replicas", "dcs", "events", "wall_s", "events_per_s"):
+        assert key in results
+    for name, r in results["systems"].items():
+        for scope in ("intra_dc", "cross_dc", "all"):
+            assert set(r["latency_s"][scope]) >= {"mean", "p50", "p99"}
+        assert r["wan_bytes"] > 0 and r["wan_bytes_min"] > 0 and isinstance(r["converged"], bool)
+
+
+def test_every_system_delivers_everything(results):
+    for name, r in results["systems"].items():
+        assert r["converged"], name
+        assert r["unapplied_samples"] == 0, name
+
+
+def test_the_shape_of_the_comparison(results):
+    s = {k: v["latency_s"]["cross_dc"]["mean"] for k, v in results["systems"].items()}
+    assert s["ekko"] < s["ekko-no-gateways"]          # eager push through gateways beats pull-only
+    assert s["broadcast"] > 10 * s["ekko"]            # checkpoints wait for the next interval
+    e = results["systems"]["ekko"]
+    assert e["wan_bytes"] < results["systems"]["direct-push"]["wan_bytes"]
+    assert e["wan_bytes"] <= 1.5 * e["wan_bytes_min"]
+
+
+def test_intra_dc_is_faster_than_cross_dc_for_ekko(results):
+    lat = results["systems"]["ekko"]["latency_s"]
+    assert lat["intra_dc"]["mean"] < lat["cross_dc"]["mean"]
+
+
+def test_same_seed_same_results():
+    cfg = json.loads(json.dumps(SMALL))
+    cfg["scenario"]["systems"] = ["ekko", "adam-2pc"]
+    a, b = (public(run_scenario(parse_scenario(cfg))) for _ in range(2))
+    for r in (a, b):
+        r.pop("wall_s"), r.pop("events_per_s"), r.pop("peak_traced_mb")
+        for s in r["systems"].values():
+            s.pop("wall_s")
+    assert a == b
+
+
+def test_report_files(results, tmp_path):
+    paths = write_results(results, tmp_path)
+    data = json.loads(paths["results"].read_text())
+    assert data["systems"]["ekko"]["converged"] is True
+    for key in ("latency_cdf", "latency_per_dc", "wan_bytes"):
+        assert paths[key].stat().st_size > 1000
+    assert "| ekko |" in paths["summary"].read_text()
+
+
+def test_shipped_scenarios_load():
+    for name in ("paper", "congestion"):
+        sc = load_scenario(name)
+        assert sc.replicas > 0 and sc.systems
+    with pytest.raises(Exception):
+        load_scenario("no-such-scenario")
