@@ -172,6 +172,9 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         return 2
     try:
         asyncio.run(daemon.serve())
+    except UsageError as e:  # e.g. the data dir is locked by another daemon
+        print(f"ekko daemon: {e}", file=sys.stderr)
+        return 2
     except OSError as e:  # e.g. the port is taken
         print(f"ekko daemon: cannot serve on {settings['listen']}: {e}", file=sys.stderr)
         return 1

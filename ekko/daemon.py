@@ -32,6 +32,7 @@ a final snapshot is written, and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -80,6 +81,8 @@ DECODE_OFFLOAD_BYTES = 256 << 10
 MAX_TIMER_SLEEP_S = 1.0
 #: where the daemon keeps its model catalog (specs), next to the snapshots.
 CATALOG_FILE = "catalog.json"
+#: file a running daemon holds an exclusive lock on, so no second daemon uses the data dir.
+LOCK_FILE = ".lock"
 #: version of the snapshot meta this daemon writes.
 STATE_FORMAT = 1
 #: keyword arguments of aiohttp's request handler (AppRunner / TestServer ``**kwargs``).
@@ -177,7 +180,6 @@ def import_model_state(node: ReplicaNode, spec: ModelSpec, store: ModelStore, st
     # an empty index would send no rows while the knowledge we send says we have them,
     # so the requester would adopt the knowledge without the rows; make every lookup
     # fall back to a shard scan instead.
-    index = getattr(m, "index", None)
     for t in spec.tables:
         ts = store.table(t.name)
         know = parsed.get(t.name, {})
@@ -185,17 +187,11 @@ def import_model_state(node: ReplicaNode, spec: ModelSpec, store: ModelStore, st
         shards_with_rows = set(np.unique(t.shards_of(written)).tolist()) if len(written) else set()
         if len(written):
             top = max(top, int(counters_of(ts.versions[written]).max()))
-        if isinstance(index, dict):
-            index[t.name].reset()  # per-table RecentIndex: watermark up, every lookup scans
+        m.index[t.name].reset()  # watermark up and loose: every lookup scans the shard
         for s in set(know) | shards_with_rows:
             # Shards holding rows need a ShardSync even with empty knowledge: pulls skip
             # shards that have none.
-            sync = ShardSync(knowledge=know.get(s, Knowledge()))
-            if index is None and s in shards_with_rows:
-                # Older nodes keep the index per shard on the ShardSync.
-                sync.watermark = 1
-                sync.loose_below_watermark = True
-            m.shards[t.name][s] = sync
+            m.shards[t.name][s] = ShardSync(knowledge=know.get(s, Knowledge()))
             m.dirty[t.name].add(s)
     m.head = max(m.head, top)
 
@@ -281,6 +277,8 @@ class Daemon:
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._stop_snapshots: asyncio.Event | None = None
+        self._lock_file: Any = None
+        self._started = False
         self._snapshot_lock: asyncio.Lock | None = None
         self._stopped = False
         self._stop_requested: asyncio.Event | None = None
@@ -306,13 +304,22 @@ class Daemon:
     async def _on_startup(self, app: web.Application) -> None:
         self._wake = asyncio.Event()
         self._snapshot_lock = asyncio.Lock()
-        await self.restore()
-        await self.transport.start()
+        self._lock_data_dir()
+        try:
+            await self.restore()
+            await self.transport.start()
+        except BaseException:
+            # Not started: nothing may be written to the data dir (a failed restore must not
+            # be overwritten by a snapshot of an empty node).
+            await self.transport.close()
+            self._unlock_data_dir()
+            raise
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._timer_loop(), name="ekko-timer"))
         self._stop_snapshots = asyncio.Event()
         if self.config.snapshot_interval > 0:
             self._tasks.append(loop.create_task(self._snapshot_loop(), name="ekko-snapshot"))
+        self._started = True
         log.info("%s (%s) serving at %s, incarnation %d, models %s", self.node.node_id, self.node.dc,
                  self.address, self.node.members.me.incarnation, sorted(self.node.models))
 
@@ -358,6 +365,8 @@ class Daemon:
             return
         self._stopped = True
         self.draining = True
+        if not self._started:
+            return
         t0 = time.monotonic()
         if self._in_flight:
             self._idle.clear()
@@ -392,7 +401,26 @@ class Daemon:
             log.info("final snapshot of %d models in %.2fs", n, time.monotonic() - t3)
         except Exception:
             log.exception("final snapshot failed")
+        self._unlock_data_dir()
         log.info("%s: stopped after %.2fs", self.node.node_id, time.monotonic() - t0)
+
+    def _lock_data_dir(self) -> None:
+        """Take an exclusive lock on the data dir: two daemons writing one dir would
+        interleave snapshots (and restore each other's state under their own name)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.data_dir / LOCK_FILE, "a+b")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise UsageError(f"data dir {self.data_dir} is in use by another daemon") from None
+        self._lock_file = f
+
+    def _unlock_data_dir(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
 
     # ------------------------------------------------------------------ timer loop
     def _wake_timer(self) -> None:
@@ -513,6 +541,9 @@ class Daemon:
                 return []
             out = []
             on_disk = set(list_snapshot_models(self.data_dir))
+            orphans = sorted(on_disk - set(specs))
+            if orphans:
+                log.warning("snapshots of %s have no spec in %s; ignored (peers will resend them)", orphans, path)
             for name, spec in sorted(specs.items()):
                 got = None
                 if name in on_disk:

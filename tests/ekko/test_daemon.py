@@ -368,6 +368,23 @@ async def test_draining_refuses_writes_and_fails_healthz(tmp_path):
         await client.close()
 
 
+async def test_overload_answers_429_with_retry_after(tmp_path, monkeypatch):
+    import ekko.daemon
+
+    d, client = await make_client(tmp_path)
+    try:
+        monkeypatch.setattr(ekko.daemon, "MAX_CONCURRENT_REQUESTS", 0)
+        status, raw, headers = await post(client, "/v1/models", encode_frame(MsgType.REGISTER_MODEL,
+                                                                             {"spec": SPEC.to_dict()}))
+        assert status == 429 and headers["Retry-After"] == "1" and json.loads(raw)["reason"] == "overloaded"
+        assert "ranker" not in d.node.models
+        assert (await client.get("/healthz")).status == 200  # probes are never shed
+        monkeypatch.undo()
+        assert (await register(client))[0] == 200
+    finally:
+        await client.close()
+
+
 # --------------------------------------------------------------------------- persistence
 async def test_restart_restores_values_versions_and_knowledge(tmp_path):
     d, client = await make_client(tmp_path)
@@ -439,6 +456,27 @@ async def test_restored_replica_serves_pulls_from_an_empty_peer(tmp_path):
     assert b.models["ranker"].shards["emb"] and all(
         b.models["ranker"].shards["emb"][s].knowledge == a.models["ranker"].shards["emb"][s].knowledge
         for s in a.models["ranker"].shards["emb"])
+
+
+async def test_a_data_dir_serves_one_daemon_only(tmp_path):
+    from ekko.errors import UsageError
+
+    d, client = await make_client(tmp_path)
+    try:
+        await register(client)
+        other = Daemon("r1", "dc1", "127.0.0.1:1", [], tmp_path / "r1", CFG, device="cpu")
+        server = TestServer(other.app)
+        with pytest.raises(UsageError, match="in use"):
+            await server.start_server(**HANDLER_ARGS)
+        assert not (tmp_path / "r1" / "models").exists()  # the refused daemon wrote nothing
+    finally:
+        await client.close()
+    assert (tmp_path / "r1" / "models" / "ranker").exists()
+    d2, client2 = await make_client(tmp_path)  # the lock went with the first daemon
+    try:
+        assert d2.restored == ["ranker"]
+    finally:
+        await client2.close()
 
 
 async def test_periodic_snapshots(tmp_path):
@@ -618,3 +656,107 @@ def test_cli_exit_codes_and_status_rendering(capsys):
     for text in ("ranker", "emb", "0123456789ab", "0.250s", "r2", "dc2", "dead", "1.500s", "cluster (2 members)"):
         assert text in out, text
     assert "0123456789abc" not in out  # digest shown as a prefix
+
+
+# --------------------------------------------------------------------------- structural fuzz
+_FUZZ_VALUES = [None, -1, 0, 1, 2**63 - 1, 2**64 - 1, "x", "", b"", b"\x00" * 8, b"\x01" * 7, [], {}, [[1, 2]],
+                [1], 1.5, True, False, {"x": 1}, [None, None, None, None], "emb", "ranker", 3, 10**6]
+#: mutated messages the structural fuzz sends (seeded; a few seconds).
+FUZZ_MESSAGES = 800
+
+
+def _traffic_corpus() -> list[tuple[MsgType, dict]]:
+    """Real message bodies of every type, recorded from two nodes exchanging a few publishes."""
+    from ekko.codec import decode_frame
+
+    cfg = preset("local")
+    nodes = {"a": ReplicaNode("a", "dc1", "a", config=cfg, device="cpu", seeds=["b"]),
+             "b": ReplicaNode("b", "dc2", "b", config=cfg, device="cpu", seeds=["a"])}
+    nodes["a"].register_model(SPEC, 0.0)
+    pc = PublisherChain(origin=3)
+    rng = np.random.default_rng(0)
+    out: list[tuple[MsgType, dict]] = [(MsgType.REGISTER_MODEL, {"spec": SPEC.to_dict()})]
+    now = 0.0
+    for step in range(60):
+        now += 0.1
+        if step in (5, 20, 40):
+            f = pc.frame(SPEC, {"emb": (rng.choice(5000, 100, replace=False),
+                                        rng.standard_normal((100, 8)).astype(np.float32))},
+                         now_ms=HLC_EPOCH_MS + 10**6 + now * 1000)
+            out.append((MsgType.PUBLISH, f.body))
+            nodes["a"].publish(f.body, now)
+            pc.acked(f)
+        for n in nodes.values():
+            n.tick(now)
+        for _ in range(5):
+            for n in nodes.values():
+                for o in n.drain():
+                    out.append((o.msg_type, o.body))
+                    nodes[o.dst or o.address].receive(decode_frame(encode_frame(o.msg_type, o.body)), now)
+    return out
+
+
+def _mutate(body: dict, rng) -> dict:
+    import copy
+
+    body = copy.deepcopy(body)
+
+    def paths(obj, prefix=()):
+        if prefix:
+            yield prefix
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from paths(v, prefix + (k,))
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj[:6]):
+                yield from paths(v, prefix + (i,))
+
+    where = list(paths(body))
+    for _ in range(rng.choice([1, 1, 2, 3])):
+        p = rng.choice(where)
+        parent = body
+        try:
+            for k in p[:-1]:
+                parent = parent[k]
+            if rng.random() < 0.15 and isinstance(parent, dict):
+                del parent[p[-1]]
+            else:
+                parent[p[-1]] = copy.deepcopy(rng.choice(_FUZZ_VALUES))
+        except (KeyError, IndexError, TypeError):
+            pass  # an earlier mutation removed the path
+    return body
+
+
+async def test_structurally_mutated_messages_never_cause_a_500(tmp_path):
+    """Well-framed messages with wrong field types, missing fields, out-of-range numbers and
+    wrong-length arrays, at every endpoint: 4xx or accepted, never a 5xx, still serving."""
+    import random
+
+    corpus = _traffic_corpus()
+    assert {t for t, _ in corpus} == {MsgType.REGISTER_MODEL, MsgType.PUBLISH, MsgType.GOSSIP,
+                                      MsgType.PULL_REQUEST, MsgType.PULL_RESPONSE, MsgType.PUSH}
+    d, client = await make_client(tmp_path)
+    path_of = {MsgType.PUBLISH: "/v1/publish", MsgType.REGISTER_MODEL: "/v1/models"}
+    try:
+        for t, body in corpus:  # the real traffic first, so senders and the model are known
+            status, raw, _ = await post(client, path_of.get(t, "/v1/gossip"), encode_frame(t, body))
+            assert status in (200, 204), raw
+        rng = random.Random(1)
+        seen: dict[int, int] = {}
+        for _ in range(FUZZ_MESSAGES):
+            t, body = rng.choice(corpus)
+            try:
+                frame = encode_frame(t, _mutate(body, rng))
+            except (OverflowError, ValueError, TypeError):
+                continue  # not encodable (e.g. an int over 64 bits)
+            status, raw, _ = await post(client, path_of.get(t, "/v1/gossip"), frame)
+            seen[status] = seen.get(status, 0) + 1
+            assert status < 500, (t.name, raw[:300])
+            if status >= 400:
+                js = json.loads(raw)
+                assert js["error"] and js["reason"]
+        assert seen.get(400, 0) > FUZZ_MESSAGES // 4, seen  # the fuzz mostly hits validation
+        assert not re.search(r"^ekko_internal_errors_total\{", await metrics_text(client), re.M)
+        assert (await client.get("/healthz")).status == 200
+    finally:
+        await client.close()
