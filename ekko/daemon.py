@@ -665,9 +665,9 @@ class Daemon:
         self.node.receive(frame, self.clock(), peer)
         self._send_out()
         sender = frame.body.get("from")
-        dc = frame.body.get("dc") if isinstance(frame.body.get("dc"), str) else None
-        if dc is None:
-            dc = self._dc_of(sender) if isinstance(sender, str) else UNKNOWN_DC
+        # The sender's DC as our member list has it (not a "dc" field of the body: a label
+        # value taken from the wire would let any sender grow the metric without bound).
+        dc = self._dc_of(sender) if isinstance(sender, str) else UNKNOWN_DC
         self.metrics.bytes_received.labels(dc, frame.msg_type.name).inc(frame.wire_bytes)
         return web.Response(status=204)
 
