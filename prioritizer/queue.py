@@ -66,7 +66,8 @@ arrays (a free list recycles them); a vectorized cuckoo hash index
 *head*: the slots whose key is above a cut ``theta``, kept sorted.  Puts add
 rows above the cut to an unsorted incoming list, a take sorts that (small) list
 and merges it in, and takes a prefix.  When the head runs dry it is refilled with the top
-:data:`HEAD_TARGET_ROWS` by one ``argpartition`` over the queue.  Every put and
+:data:`HEAD_TARGET_ROWS` (or 1/16 of a deeper queue, so that refills, each
+O(queue), stay O(1) per row taken) by one ``argpartition`` over the queue.  Every put and
 take is a handful of vectorized passes over the batch or frame.
 """
 
@@ -109,8 +110,11 @@ DEFAULT_DROP_SLACK = 1.0 / 16
 #: over the queue) are rare, small enough that merging incoming rows is cheap
 #: (8k..32k measured within noise of each other in bench/prioritizer.py).
 HEAD_TARGET_ROWS = 1 << 14
-#: the head is cut back to HEAD_TARGET_ROWS when incoming rows grow it past this.
-HEAD_MAX_ROWS = 4 * HEAD_TARGET_ROWS
+#: a refill of a deeper queue brings in 1 / 2**HEAD_DEPTH_SHIFT of it instead.
+HEAD_DEPTH_SHIFT = 4
+#: the head is cut back to its refill size when incoming rows grow it past this
+#: many times that size.
+HEAD_MAX_FACTOR = 4
 #: a row becomes high-ish this far (in key units, plus a few ulps of the key's
 #: magnitude) before the exact instant, so a take at the instant ``next_ready``
 #: computed is not lost to rounding and a driver never spins on it.
@@ -253,6 +257,7 @@ class _RowQueue:
         self._incoming: list[np.ndarray] = []
         self._head_dirty = False
         self._theta = -math.inf          # every live slot with key > theta is in the head
+        self._head_target = HEAD_TARGET_ROWS
         self._t_origin: float | None = None
         # counters
         self._rows = self._rows_high = self._bytes = self._bytes_high = 0
@@ -496,14 +501,15 @@ class _RowQueue:
                 self._state[inc] = _ALIVE | _INHEAD
                 ink = -self._key[inc]
                 inb = self._nb[inc]
-                if h.shape[0] + inc.shape[0] > HEAD_MAX_ROWS:
-                    # too many to keep sorted: keep the best HEAD_TARGET_ROWS of both and
-                    # raise the cut (all left out have keys <= the new cut)
+                target = self._head_target
+                if h.shape[0] + inc.shape[0] > HEAD_MAX_FACTOR * target:
+                    # too many to keep sorted: keep the best `target` of both and raise
+                    # the cut (all left out have keys <= the new cut)
                     h, hnk, hnb = np.concatenate([h, inc]), np.concatenate([hnk, ink]), np.concatenate([hnb, inb])
-                    part = np.argpartition(hnk, HEAD_TARGET_ROWS)
-                    self._state[h[part[HEAD_TARGET_ROWS:]]] = _ALIVE
-                    self._theta = float(-hnk[part[HEAD_TARGET_ROWS]])
-                    top = part[:HEAD_TARGET_ROWS]
+                    part = np.argpartition(hnk, target)
+                    self._state[h[part[target:]]] = _ALIVE
+                    self._theta = float(-hnk[part[target]])
+                    top = part[:target]
                     top = top[np.argsort(hnk[top])]
                     h, hnk, hnb = h[top], hnk[top], hnb[top]
                 else:
@@ -522,10 +528,11 @@ class _RowQueue:
     def _refill(self) -> None:
         live = np.flatnonzero(self._state)
         nk = -self._key[live]
-        if live.shape[0] > HEAD_TARGET_ROWS:
-            part = np.argpartition(nk, HEAD_TARGET_ROWS)
-            self._theta = float(-nk[part[HEAD_TARGET_ROWS]])
-            live, nk = live[part[:HEAD_TARGET_ROWS]], nk[part[:HEAD_TARGET_ROWS]]
+        target = self._head_target = max(HEAD_TARGET_ROWS, live.shape[0] >> HEAD_DEPTH_SHIFT)
+        if live.shape[0] > target:
+            part = np.argpartition(nk, target)
+            self._theta = float(-nk[part[target]])
+            live, nk = live[part[:target]], nk[part[:target]]
         else:
             self._theta = -math.inf
         order = np.argsort(nk)

@@ -113,7 +113,8 @@ def _frames_as_rows(frames):
 def test_queue_matches_reference(monkeypatch, fifo, seed):
     # tiny head so refills, truncation and the dirty-head filter run constantly
     monkeypatch.setattr(pq, "HEAD_TARGET_ROWS", 16)
-    monkeypatch.setattr(pq, "HEAD_MAX_ROWS", 40)
+    monkeypatch.setattr(pq, "HEAD_MAX_FACTOR", 2)
+    monkeypatch.setattr(pq, "HEAD_DEPTH_SHIFT", 3)         # deeper queues get bigger heads
     rng = np.random.default_rng(seed)
     with_bucket = seed % 3 != 0
     cfg = QueueConfig(max_rows=int(rng.integers(50, 400)),
