@@ -59,9 +59,11 @@ class _NodeCollector(Collector):
                 continue
             for model, s in member["lag_s"].items():
                 key = (model, member["dc"])
-                worst[key] = max(worst.get(key, 0.0), float(s))
+                # No data yet while others have some: unboundedly behind (+Inf).
+                worst[key] = max(worst.get(key, 0.0), float("inf") if s is None else float(s))
         for name, m in node.models.items():
-            lag.add_metric([name], node.freshness_lag(name))
+            own = node.freshness_lag(name)
+            lag.add_metric([name], float("inf") if own is None else own)
             head.add_metric([name], float(m.head))
             for t in m.spec.tables:
                 rows.add_metric([name, t.name], float(int((m.store.table(t.name).versions > 0).sum())))

@@ -405,12 +405,18 @@ class ReplicaNode:
                         "state": mem.state.name.lower(), "incarnation": mem.incarnation, "lag_s": lags})
         return out
 
-    def freshness_lag(self, model: str) -> float:
+    def freshness_lag(self, model: str) -> float | None:
         return self._lag(self._model(model).head, model)
 
-    def _lag(self, head: int, model: str) -> float:
+    def _lag(self, head: int, model: str) -> float | None:
+        """Seconds (HLC time) behind the most advanced replica we know of; None when this
+        replica has nothing yet while others do (its lag is unbounded, not a number)."""
         best = max([self.models[model].head] + [h.get(model, 0) for h in self.peer_heads.values()])
-        return max(0, best - head) / float(1 << HLC_LOGICAL_BITS) / 1000.0 if head or best else 0.0
+        if not best:
+            return 0.0
+        if not head:
+            return None
+        return max(0, best - head) / float(1 << HLC_LOGICAL_BITS) / 1000.0
 
     # ------------------------------------------------------------------ internals: apply
     def _model(self, name: str) -> _Model:
