@@ -42,7 +42,15 @@ MAX_ANSWER_BYTES = 1 << 31
 
 
 class Unreachable(EkkoError, ConnectionError):
-    """The daemon could not be reached (refused, timed out, DNS)."""
+    """The daemon could not be reached (refused, timed out, DNS).
+
+    Example::
+
+        try:
+            Client("127.0.0.1:7070").status()
+        except Unreachable:
+            ...                      # not up (yet): retry later
+    """
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,11 @@ class RowsRead:
         ids: the row ids asked for (int64), in order.
         versions: their packed versions (0 = never written), int64.
         values: ``(n, dim)`` tensor of the table dtype, on the CPU.
+
+    Example::
+
+        r = Client("127.0.0.1:7070").read("ranker", "user_emb", [3, 17])
+        r.values.shape, r.versions      # torch.Size([2, dim]), packed int64 versions
     """
 
     ids: np.ndarray

@@ -82,6 +82,14 @@ def free_port() -> int:
 
 @dataclass
 class Replica:
+    """One daemon of a :class:`LocalCluster`: identity, address, files and process.
+
+    Example:
+        >>> r = Replica("dc1-r1", "dc1", "127.0.0.1:7070", Path("/tmp/d/dc1-r1"), Path("/tmp/d/dc1-r1.log"))
+        >>> r.endpoint
+        '127.0.0.1:7070'
+    """
+
     node_id: str
     dc: str
     address: str
@@ -189,17 +197,26 @@ class LocalCluster:
             if r.proc is not None and r.proc.poll() is None:
                 r.proc.send_signal(signal.SIGTERM)
         end = time.monotonic() + timeout
-        for r in self.replicas:
-            if r.proc is None:
-                continue
-            try:
-                rc = r.proc.wait(max(0.1, end - time.monotonic()))
-                if rc != 0:
-                    problems.append(f"{r.node_id} exited with status {rc}")
-            except subprocess.TimeoutExpired:
-                r.proc.kill()
-                r.proc.wait()
-                problems.append(f"{r.node_id} did not stop within {timeout:.0f}s and was killed")
+        try:
+            for r in self.replicas:
+                if r.proc is None:
+                    continue
+                try:
+                    rc = r.proc.wait(max(0.1, end - time.monotonic()))
+                    if rc != 0:
+                        problems.append(f"{r.node_id} exited with status {rc}")
+                except subprocess.TimeoutExpired:
+                    r.proc.kill()
+                    r.proc.wait()
+                    problems.append(f"{r.node_id} did not stop within {timeout:.0f}s and was killed")
+        except KeyboardInterrupt:
+            # Impatient second Ctrl-C: the daemons run in their own sessions and would
+            # outlive us, so kill what is left rather than leave it running.
+            for r in self.replicas:
+                if r.proc is not None and r.proc.poll() is None:
+                    r.proc.kill()
+                    r.proc.wait()
+                    problems.append(f"{r.node_id} killed (interrupted while stopping)")
         return problems
 
     def __enter__(self) -> "LocalCluster":
@@ -237,7 +254,13 @@ def build_model(seed: int):
 
 
 class ClickStream:
-    """Synthetic clicks: Zipf-popular users and items, labels from hidden true vectors."""
+    """Synthetic clicks: Zipf-popular users and items, labels from hidden true vectors.
+
+    Example:
+        >>> users, items, clicks = ClickStream(seed=0).batch(4)
+        >>> users.shape, items.dtype, set(clicks.tolist()) <= {0.0, 1.0}
+        (torch.Size([4]), torch.int64, True)
+    """
 
     def __init__(self, seed: int) -> None:
         import numpy as np
@@ -262,7 +285,14 @@ class ClickStream:
 
 @dataclass
 class DemoState:
-    """What the live view shows; written by the trainer and the poller threads."""
+    """What the live view shows; written by the trainer and the poller threads.
+
+    Example:
+        >>> s = DemoState()
+        >>> s.latencies.append(0.02); s.rows += 100
+        >>> s.rows, list(s.latencies)
+        (100, [0.02])
+    """
 
     steps: int = 0
     publishes: int = 0
@@ -447,13 +477,24 @@ def run(args: argparse.Namespace) -> int:
         tracker = pub.track(model, model=MODEL, optimizer=opt)
         poller.start()
         state.started = time.monotonic()
+        # The first Ctrl-C asks to stop between steps (a step's optimizer update and its
+        # publish stay together, so the replicas end equal to the model); a second one
+        # interrupts at once.
+        stop = threading.Event()
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if stop.is_set():
+                raise KeyboardInterrupt
+            stop.set()
+        previous = signal.signal(signal.SIGINT, on_sigint)
         live = Live(get_renderable=lambda: render(cluster, state, args.duration), console=console,
                     refresh_per_second=REFRESH_PER_S, transient=False) if console.is_terminal else None
         next_print = time.monotonic()
         if live is not None:
             live.start()
         try:
-            while args.duration is None or time.monotonic() - state.started < args.duration:
+            while not stop.is_set() and (args.duration is None
+                                         or time.monotonic() - state.started < args.duration):
                 t_step = time.monotonic()
                 users, items, y = data.batch()
                 loss = F.binary_cross_entropy_with_logits(model(users, items), y)
@@ -483,10 +524,17 @@ def run(args: argparse.Namespace) -> int:
                     print(_progress_line(cluster, state), flush=True)
                 rest = args.step_interval - (time.monotonic() - t_step)
                 if rest > 0:
-                    time.sleep(rest)
+                    stop.wait(rest)
+            # Whatever is not on the replicas yet (an earlier failed publish) goes now.
+            res = tracker.publish()
+            with state.lock:
+                state.publishes += len(res.acks)
+                state.rows += res.rows
         except KeyboardInterrupt:
             interrupted = True
         finally:
+            signal.signal(signal.SIGINT, previous)
+            interrupted = interrupted or stop.is_set()
             if live is not None:
                 live.stop()
         t_stop = time.monotonic()

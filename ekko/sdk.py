@@ -148,6 +148,14 @@ class PublishError(EkkoError):
         status: the last HTTP status seen, or None (connection errors, timeouts).
         pending: True when the frame is kept (and persisted) to be re-sent first by
             the next publish of this model -- its rows are not lost.
+
+    Example::
+
+        try:
+            pub.publish("ranker", "user_emb", ids, values)
+        except PublishError as e:
+            if not e.pending:
+                raise          # these rows were not sent: publish them again later
     """
 
     def __init__(self, message: str, model: str, attempts: int, status: int | None, pending: bool) -> None:
@@ -164,6 +172,13 @@ class PreparedPublish:
 
     Made on the caller's thread so that the training loop may keep changing its
     tensors while the I/O runs (see :meth:`Publisher.publish_async`).
+
+    Example:
+        >>> import torch
+        >>> spec = ModelSpec("m", [TableSpec("t", rows=10, dim=2, dtype="float16")])
+        >>> p = prepare_publish(spec, {"t": ([3, 1], torch.ones(2, 2, dtype=torch.float64))})
+        >>> p.rows, p.tables["t"][1].dtype.name
+        (2, 'float16')
     """
 
     model: str

@@ -93,6 +93,11 @@ class TableLayout:
         rows / dim: the table's shape.
         numel: elements of the parameter (dense: ``rows * dim`` less the padding).
         dtype: the table dtype name.
+
+    Example:
+        >>> lay, param, mods = module_layout(nn.Linear(3, 2))[0]
+        >>> lay.name, lay.kind, lay.rows, lay.dim, lay.numel
+        ('weight', 'dense', 1, 6, 6)
     """
 
     name: str
@@ -249,6 +254,11 @@ class TrackedPublish:
         ids: per table, the rows sent (dense tables: chunk indices), int64.
         impact: per table, the L2 norm of each row's change, float32.
         acks: the acknowledgements, one per frame (several for a large update).
+
+    Example:
+        >>> r = TrackedPublish({"emb": np.array([4, 9])}, {"emb": np.array([0.5, 1.0], np.float32)}, ())
+        >>> r.rows
+        2
     """
 
     ids: dict[str, np.ndarray]
@@ -289,8 +299,9 @@ class Tracker:
         optimizer: optional; warns when it moves rows without gradients.
         max_frame_bytes: bytes of rows per publish call.
 
-    See the module doc for how rows are found.  Not thread-safe with respect to
-    the training loop: call :meth:`publish` from the thread that trains.
+    See the module doc for how rows are found.  Create it after the module is on
+    its device (its saved rows live there).  Call :meth:`publish` from the thread
+    that trains (after ``optimizer.step()``).
 
     Example::
 

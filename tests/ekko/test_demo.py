@@ -66,3 +66,27 @@ def test_demo_bad_arguments():
     assert p.returncode == 2 and "need 1..64 replicas" in p.stderr
     p = run_demo("--duration", "-1")
     assert p.returncode == 2
+
+
+@pytest.mark.slow
+def test_demo_ctrl_c_stops_cleanly():
+    import signal
+    import time
+    cmd = [sys.executable, "-m", "ekko.cli", "demo", "--dcs", "1", "--per-dc", "1"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        end = time.monotonic() + DEMO_TIMEOUT_S
+        for line in p.stdout:                    # progress lines appear once training runs
+            lines.append(line)
+            if line.startswith("step ") or time.monotonic() > end:
+                break
+        p.send_signal(signal.SIGINT)             # what Ctrl-C in the terminal sends
+        out, _ = p.communicate(timeout=DEMO_TIMEOUT_S)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    out = "".join(lines) + out
+    assert p.returncode == 0, out[-3000:]
+    assert "training stopped (Ctrl-C)" in out and "final digests equal across replicas: yes" in out
+    assert all(closed(a) for a in re.findall(r"@(127\.0\.0\.1:\d+)", out))
