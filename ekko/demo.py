@@ -348,7 +348,9 @@ def per_dc_rows(cluster: LocalCluster, state: DemoState) -> list[tuple[str, int,
             lag = lag_of.get(r.node_id)
             if lag is not None:
                 lags.append(lag)
-                own.append(float(st["models"][MODEL].get("lag_s", 0.0)))
+                reported = st["models"][MODEL].get("lag_s")
+                if reported is not None:          # None: the replica cannot tell yet
+                    own.append(float(reported))
         out.append((dc, up, len(reps), lags, own))
     return out
 
