@@ -9,7 +9,9 @@ stays roughly constant; the figure is row updates put / wall time of the whole
 put + take loop.  Separate put-only (into an empty queue, no takes) and
 take-only (draining) figures show where the time goes.  Each figure is the
 median of ``--repeats`` runs; the plain :class:`p2p.outbound.FifoLinkQueue` is
-measured on the same batches in the same run as the baseline.
+measured on the same batches in the same run as the baseline (its take-only
+figure is large because it hands out its queued batches whole, and its put
+costs O(depth), so its put phase is usually cut short by the time cap).
 
 Run: ``python bench/prioritizer.py [--quick]``.
 """

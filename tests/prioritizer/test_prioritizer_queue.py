@@ -88,6 +88,20 @@ def test_duplicates_inside_one_batch_fold():
     assert sent(f) == [(7, 9)] and f[0].scores.tolist() == [9.0] and f[0].high.tolist() == [True]
 
 
+@pytest.mark.parametrize("make", [lambda: PriorityLinkQueue(), lambda: FifoBudgetQueue()])
+def test_put_leaves_the_callers_arrays_alone(make):
+    # the node puts one QueuedRows on every link's queue
+    r = QueuedRows("m", "t", np.array([3, 3, 1, 2]), np.array([5, 9, 1, 1]), RB,
+                   scores=np.array([0.5, np.nan, -1.0, 2.0], np.float32), high=np.array([False, True, False, False]))
+    before = [a.copy() for a in (r.ids, r.versions, r.scores, r.high)]
+    q1, q2 = make(), make()
+    q1.put(r, now=0.0)
+    q2.put(r, now=0.0)
+    for a, b in zip((r.ids, r.versions, r.scores, r.high), before):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(sent(q1.take(0.0, 10_000))) == sorted(sent(q2.take(0.0, 10_000))) == [(1, 1), (2, 1), (3, 9)]
+
+
 def test_same_row_id_in_two_tables_is_two_rows():
     q = PriorityLinkQueue()
     q.put(rows([1], table="a"), now=0.0)
