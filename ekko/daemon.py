@@ -52,7 +52,7 @@ from ekko.config import NodeConfig
 from ekko.errors import ProtocolError, UsageError
 from ekko.http_transport import HttpTransport
 from ekko.metrics import UNKNOWN_DC, DaemonMetrics
-from ekko.node import Outgoing, ReplicaNode
+from ekko.node import Outgoing, ReplicaNode, STATE_FORMAT
 from ekko.spec import ModelSpec
 from ekko.store import ModelStore, to_wire_values
 from ekko.version import Knowledge, counters_of
@@ -83,8 +83,6 @@ MAX_TIMER_SLEEP_S = 1.0
 CATALOG_FILE = "catalog.json"
 #: file a running daemon holds an exclusive lock on, so no second daemon uses the data dir.
 LOCK_FILE = ".lock"
-#: version of the snapshot meta this daemon writes.
-STATE_FORMAT = 1
 #: keyword arguments of aiohttp's request handler (AppRunner / TestServer ``**kwargs``).
 HANDLER_ARGS: dict[str, Any] = {"max_line_size": MAX_REQUEST_LINE, "max_field_size": 16 << 10}
 
@@ -122,78 +120,14 @@ def parse_hostport(s: str) -> tuple[str, int]:
 
 # --------------------------------------------------------------------------- persistence helpers
 def export_model_state(node: ReplicaNode, model: str) -> dict[str, Any]:
-    """The protocol state of ``model`` to keep beside its tensors (msgpack-ready).
-
-    Per (table, shard): the knowledge vector.  The recent-row index and pending
-    chains are not kept: the index is rebuilt as a shard scan (see
-    :func:`import_model_state`), and a lost pending chain only loses a shortcut
-    that anti-entropy makes up for.
-    """
-    m = node.models[model]
-    knowledge = {t: [[s, sync.knowledge.to_wire()] for s, sync in sorted(shards.items()) if len(sync.knowledge)]
-                 for t, shards in m.shards.items()}
-    return {"format": STATE_FORMAT, "node_id": node.node_id, "head": m.head, "knowledge": knowledge}
+    """The protocol state of ``model`` to keep beside its tensors (see :meth:`ReplicaNode.export_state`)."""
+    return node.export_state(model)
 
 
 def import_model_state(node: ReplicaNode, spec: ModelSpec, store: ModelStore, state: dict[str, Any],
                        now: float) -> None:
-    """Install a model restored from a snapshot into ``node``.
-
-    The node must not have the model yet.  Knowledge vectors are restored per
-    shard and their digests marked dirty.  The recent-row index starts with its
-    watermark raised and marked *loose*, so that "rows newer than a peer's
-    knowledge" is answered by a shard scan: the in-memory index did not survive
-    the restart, and answering from an empty index would let a peer adopt our
-    knowledge without the rows.
-
-    Raises:
-        ProtocolError: the state is malformed (reason ``"bad_snapshot"``).
-    """
-    if spec.name in node.models:
-        raise UsageError(f"model {spec.name!r} is already registered")
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ProtocolError("snapshot meta has an unknown format", "bad_snapshot")
-    parsed: dict[str, dict[int, Knowledge]] = {}
-    raw = state.get("knowledge")
-    if not isinstance(raw, dict):
-        raise ProtocolError("snapshot meta lacks knowledge", "bad_snapshot")
-    for table, entries in raw.items():
-        if not spec.has_table(table) or not isinstance(entries, list):
-            raise ProtocolError(f"snapshot knowledge names unknown table {table!r}", "bad_snapshot")
-        n = spec.table(table).num_shards
-        per: dict[int, Knowledge] = {}
-        for e in entries:
-            if not (isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) and 0 <= e[0] < n):
-                raise ProtocolError("bad snapshot knowledge entry", "bad_snapshot")
-            try:
-                per[e[0]] = Knowledge.from_wire(e[1])
-            except ProtocolError as err:
-                raise ProtocolError(f"bad snapshot knowledge: {err}", "bad_snapshot") from None
-        parsed[table] = per
-    head = state.get("head", 0)
-    node.register_model(spec, now)
-    m = node.models[spec.name]
-    # The node built an empty store; the restored one replaces it before anything uses it.
-    m.store = store
-    top = int(head) if isinstance(head, int) and head >= 0 else 0
-    # The node's index of recently applied rows is not persisted.  Answering pulls from
-    # an empty index would send no rows while the knowledge we send says we have them,
-    # so the requester would adopt the knowledge without the rows; make every lookup
-    # fall back to a shard scan instead.
-    for t in spec.tables:
-        ts = store.table(t.name)
-        know = parsed.get(t.name, {})
-        written = np.flatnonzero(ts.versions > 0)
-        shards_with_rows = set(np.unique(t.shards_of(written)).tolist()) if len(written) else set()
-        if len(written):
-            top = max(top, int(counters_of(ts.versions[written]).max()))
-        m.index[t.name].reset()  # watermark up and loose: every lookup scans the shard
-        for s in set(know) | shards_with_rows:
-            # Shards holding rows need a ShardSync even with empty knowledge: pulls skip
-            # shards that have none.
-            m.shards[t.name][s] = ShardSync(knowledge=know.get(s, Knowledge()))
-            m.dirty[t.name].add(s)
-    m.head = max(m.head, top)
+    """Install a model restored from a snapshot (see :meth:`ReplicaNode.import_state`)."""
+    node.import_state(spec, store, state, now)
 
 
 def _copy_store(store: ModelStore) -> ModelStore:

@@ -56,6 +56,8 @@ from p2p.sync import ROW_OVERHEAD_BYTES, RecentIndex, ShardSync
 from p2p.topology import DcGraph, Topology, _mix
 
 _SHARD_SALT = np.uint64(0x9E3779B97F4A7C15)
+#: format of the protocol state kept in snapshots (:meth:`ReplicaNode.export_state`).
+STATE_FORMAT = 1
 #: wait before asking a link queue again when it reported ready but yielded nothing.
 PUSH_RETRY_S = 0.001
 #: share of gossip rounds spent on a partner in our own DC.
@@ -372,6 +374,79 @@ class ReplicaNode:
         delta.check(spec)
         res = self._apply(m, delta, now, source="local")
         return PublishAck(len(delta), len(res), int(counters_of(delta.versions).max(initial=0)))
+
+    # ------------------------------------------------------------------ persistence
+    def export_state(self, model: str) -> dict[str, Any]:
+        """The protocol state of ``model`` to keep beside its tensors (msgpack-ready).
+
+        Per (table, shard): the knowledge vector.  The recent-row index and pending
+        chains are not kept: the index is rebuilt as a shard scan (see
+        :meth:`import_state`), and a lost pending chain only loses a shortcut
+        that anti-entropy makes up for.
+        """
+        m = self._model(model)
+        knowledge = {t: [[s, sync.knowledge.to_wire()] for s, sync in sorted(shards.items()) if len(sync.knowledge)]
+                     for t, shards in m.shards.items()}
+        return {"format": STATE_FORMAT, "node_id": self.node_id, "head": m.head, "knowledge": knowledge}
+
+    def import_state(self, spec: ModelSpec, store: ModelStore, state: dict[str, Any], now: float) -> None:
+        """Install a model restored from a snapshot into this node.
+
+        The node must not have the model yet.  Knowledge vectors are restored per
+        shard and their digests marked dirty.  The recent-row index starts with its
+        watermark raised and marked *loose*, so that "rows newer than a peer's
+        knowledge" is answered by a shard scan: the in-memory index did not survive
+        the restart, and answering from an empty index would let a peer adopt our
+        knowledge without the rows.
+
+        Raises:
+            ProtocolError: the state is malformed (reason ``"bad_snapshot"``).
+        """
+        if spec.name in self.models:
+            raise UsageError(f"model {spec.name!r} is already registered")
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ProtocolError("snapshot meta has an unknown format", "bad_snapshot")
+        parsed: dict[str, dict[int, Knowledge]] = {}
+        raw = state.get("knowledge")
+        if not isinstance(raw, dict):
+            raise ProtocolError("snapshot meta lacks knowledge", "bad_snapshot")
+        for table, entries in raw.items():
+            if not spec.has_table(table) or not isinstance(entries, list):
+                raise ProtocolError(f"snapshot knowledge names unknown table {table!r}", "bad_snapshot")
+            n = spec.table(table).num_shards
+            per: dict[int, Knowledge] = {}
+            for e in entries:
+                if not (isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) and 0 <= e[0] < n):
+                    raise ProtocolError("bad snapshot knowledge entry", "bad_snapshot")
+                try:
+                    per[e[0]] = Knowledge.from_wire(e[1])
+                except ProtocolError as err:
+                    raise ProtocolError(f"bad snapshot knowledge: {err}", "bad_snapshot") from None
+            parsed[table] = per
+        head = state.get("head", 0)
+        self.register_model(spec, now)
+        m = self.models[spec.name]
+        # The node built an empty store; the restored one replaces it before anything uses it.
+        m.store = store
+        top = int(head) if isinstance(head, int) and head >= 0 else 0
+        # The node's index of recently applied rows is not persisted.  Answering pulls from
+        # an empty index would send no rows while the knowledge we send says we have them,
+        # so the requester would adopt the knowledge without the rows; make every lookup
+        # fall back to a shard scan instead.
+        for t in spec.tables:
+            ts = store.table(t.name)
+            know = parsed.get(t.name, {})
+            written = np.flatnonzero(ts.versions > 0)
+            shards_with_rows = set(np.unique(t.shards_of(written)).tolist()) if len(written) else set()
+            if len(written):
+                top = max(top, int(counters_of(ts.versions[written]).max()))
+            m.index[t.name].reset()  # watermark up and loose: every lookup scans the shard
+            for s in set(know) | shards_with_rows:
+                # Shards holding rows need a ShardSync even with empty knowledge: pulls skip
+                # shards that have none.
+                m.shards[t.name][s] = ShardSync(knowledge=know.get(s, Knowledge()))
+                m.dirty[t.name].add(s)
+        m.head = max(m.head, top)
 
     # ------------------------------------------------------------------ status
     def model_head(self, model: str) -> int:
@@ -880,10 +955,7 @@ class ReplicaNode:
             mine = sync.knowledge if sync is not None else Knowledge()
             if back and not mine.dominates(theirs):
                 reverse.setdefault(m.spec.name, {}).setdefault(table, []).append(s)
-            if sync is None:
-                ids = vers = np.zeros(0, np.int64)
-            else:
-                ids, vers = m.index[table].newer_than(ts, s, theirs, mine)
+            ids, vers = m.index[table].newer_than(ts, s, theirs, mine)
             cut_below = None
             if grace_from is not None and sync is not None and len(ids):
                 fresh = m.index[table].fresh_since(grace_from, *ts.spec.shard_range(s))
