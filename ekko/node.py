@@ -528,6 +528,8 @@ class ReplicaNode:
         return peers
 
     def _refresh_topology(self) -> None:
+        if self.topology.version == self.members.version:
+            return  # cheap check first: building the live map walks every member
         live = {mem.node_id: mem.dc for mem in self.members.alive()}
         self.topology.update(live, self.members.version)
 

@@ -98,6 +98,11 @@ class Topology:
                        for dc, ids in by.items()}
         self._cache.clear()
 
+    @property
+    def version(self) -> int:
+        """Membership version the gateway choice was computed for (-1 before any)."""
+        return self._version
+
     def dcs(self) -> list[str]:
         return sorted(self._by_dc)
 

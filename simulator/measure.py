@@ -52,6 +52,7 @@ class LatencyRecorder:
     _by_row: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     _tracked: dict[str, np.ndarray] = field(default_factory=dict)
     _mask: dict[str, np.ndarray] = field(default_factory=dict)
+    _settled: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._pos = {r: i for i, r in enumerate(self.replicas)}
@@ -72,6 +73,8 @@ class LatencyRecorder:
             self.classes.append(cls)
             self._lat.append(np.full(len(self.replicas), np.nan, np.float32))
             self._by_row.setdefault(key, []).append(idx)
+            if key not in self._settled:
+                self._settled[key] = np.zeros(len(self.replicas), np.int32)
             self._tracked[table] = np.union1d(self._tracked.get(table, np.zeros(0, np.int64)), [key[1]])
             mask = self._mask.get(table)
             if mask is None or mask.shape[0] <= key[1]:
@@ -86,24 +89,27 @@ class LatencyRecorder:
         mask = self._mask.get(table)
         if mask is None or not len(ids):
             return
-        # Fast path: one gather answers "is any of these rows tracked?" for the
-        # common apply that touches none.
-        inside = ids[ids < mask.shape[0]]
-        if not mask[inside].any():
-            return
-        tracked = self._tracked[table]
-        pos = np.searchsorted(tracked, ids)
-        pos = np.minimum(pos, len(tracked) - 1)
-        hit = np.flatnonzero(tracked[pos] == ids)
+        # One gather answers "which of these rows are tracked?" (most applies: none).
+        n = mask.shape[0]
+        hit = np.flatnonzero(mask[np.minimum(ids, n - 1)] & (ids < n))
         if not len(hit):
             return
         r = self._pos[replica]
         for h in hit.tolist():
             v = int(versions[h])
-            for idx in self._by_row[(table, int(ids[h]))]:
-                lat = self._lat[idx]
-                if v >= self.versions[idx] and np.isnan(lat[r]):
-                    lat[r] = now - self.emitted[idx]
+            key = (table, int(ids[h]))
+            # A row's samples are in version order (they were emitted in time order), and
+            # a replica settles them in that order: resume where it stopped last time, so
+            # a hot row with many samples costs O(newly settled), not O(samples).
+            samples = self._by_row[key]
+            done = self._settled[key]
+            k = int(done[r])
+            while k < len(samples) and self.versions[samples[k]] <= v:
+                lat = self._lat[samples[k]]
+                if np.isnan(lat[r]):
+                    lat[r] = now - self.emitted[samples[k]]
+                k += 1
+            done[r] = k
 
     def record(self, idx: int, replica: str, now: float) -> None:
         lat = self._lat[idx]
