@@ -132,8 +132,14 @@ class PublisherChain:
 
     @classmethod
     def restore(cls, state: dict[str, Any] | None, origin: int) -> "PublisherChain":
-        """From :meth:`state` output; without state the chains are unknown, so frames go
-        out unchained (rows apply everywhere, knowledge catches up by anti-entropy)."""
+        """From :meth:`state` output.
+
+        Without state this is a *new* publisher: its chains start at counter 0, which
+        tells replicas "no earlier update of this origin exists".  That is only true for
+        an origin that never published: a publisher whose state was lost must take a
+        new origin (the SDK keeps state in ``state_dir`` and refuses a second live
+        publisher per origin), or replicas could take its earlier updates as received.
+        """
         if not state:
             return cls(origin=origin)
         if state.get("origin") != origin:
