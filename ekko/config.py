@@ -55,6 +55,13 @@ class NodeConfig:
             ``random_fanout`` random peers, who do the same; the ``random-gossip``
             baseline, no topology).
         random_fanout: peers each replica forwards new rows to in random mode.
+        scheduler: outbound push queues: ``"fifo"`` (arrival order, no budget) or
+            ``"priority"`` (:mod:`prioritizer`: Ekko's ``(p_g + p_u) * p_m`` score,
+            top ``k_percent`` high priority, token-bucket budget per WAN link, aging).
+        k_percent: share of updates (by score) treated as high priority.
+        wan_update_bytes_per_s: push budget of each cross-DC link for model updates,
+            bytes/s, leaving the rest of the link to inference traffic; 0 = unlimited.
+            Only with ``scheduler = "priority"``.
         use_gateways: False lets every replica exchange across the WAN (ablation).
         use_shard_versions: False compares every shard's knowledge every round
             (no 64-bit shard-version skip; ablation ``ekko-full-scan``).
@@ -82,6 +89,9 @@ class NodeConfig:
     push: bool = True
     push_mode: str = "topology"
     random_fanout: int = 3
+    scheduler: str = "fifo"
+    k_percent: float = 5.0
+    wan_update_bytes_per_s: float = 0.0
     use_gateways: bool = True
     use_shard_versions: bool = True
     push_grace: float = 0.5
@@ -100,6 +110,12 @@ class NodeConfig:
             raise UsageError("config suspect_after must be < dead_after")
         if self.push_mode not in ("topology", "random"):
             raise UsageError("config push_mode must be 'topology' or 'random'")
+        if self.scheduler not in ("fifo", "priority"):
+            raise UsageError("config scheduler must be 'fifo' or 'priority'")
+        if not 0 < self.k_percent < 100:
+            raise UsageError("config k_percent must be in (0, 100)")
+        if not self.wan_update_bytes_per_s >= 0:
+            raise UsageError("config wan_update_bytes_per_s must be >= 0 (0 = unlimited)")
         if not 1 <= self.gateways_per_dc <= 16:
             raise UsageError("config gateways_per_dc must be in 1..16")
         if not 0 < self.pull_response_bytes <= MAX_PULL_RESPONSE_BYTES:

@@ -81,6 +81,24 @@ class _NodeCollector(Collector):
         depth = GaugeMetricFamily("ekko_push_queue_rows", "Rows waiting in outbound push queues (all links)")
         depth.add_metric([], float(sum(q.rows for q in node.queues.values())))
         yield depth
+        # Priority queues count by class (high/low): depth, bytes sent, queueing latency.
+        stats = [q.stats() for q in node.queues.values() if hasattr(q, "stats")]
+        if stats:
+            by_cls = GaugeMetricFamily("ekko_push_queue_class_rows", "Rows waiting in push queues by class",
+                                       labels=["class"])
+            sent = CounterMetricFamily("ekko_push_sent_bytes", "Push bytes sent by class", labels=["class"])
+            lat = CounterMetricFamily("ekko_push_queue_latency_seconds_sum",
+                                      "Total queueing latency of pushed rows by class", labels=["class"])
+            cnt = CounterMetricFamily("ekko_push_queue_latency_rows", "Pushed rows by class", labels=["class"])
+            for cls in ("high", "low"):
+                by_cls.add_metric([cls], float(sum(getattr(st, f"rows_{cls}") for st in stats)))
+                sent.add_metric([cls], float(sum(getattr(st, f"sent_bytes_{cls}") for st in stats)))
+                lat.add_metric([cls], float(sum(getattr(st, f"latency_sum_{cls}") for st in stats)))
+                cnt.add_metric([cls], float(sum(getattr(st, f"sent_rows_{cls}") for st in stats)))
+            yield by_cls
+            yield sent
+            yield lat
+            yield cnt
         dropped = CounterMetricFamily("ekko_push_queue_dropped_rows",
                                       "Rows dropped by full push queues (left to anti-entropy)")
         dropped.add_metric([], float(sum(q.dropped for q in node.queues.values())))

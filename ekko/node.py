@@ -123,6 +123,15 @@ class _Model:
         return d
 
 
+def _priority_scheduler(c: NodeConfig, dc: str, rng: random.Random) -> tuple[Any, QueueFactory]:
+    """The priority scheduler a config asks for: a scorer/threshold and budgeted link queues."""
+    from prioritizer import LinkBudgets, Prioritizer, QueueConfig, ThresholdTracker, priority_queue_factory
+    rate = c.wan_update_bytes_per_s or float("inf")
+    budgets = LinkBudgets(default_bytes_per_s=rate, intra_dc_bytes_per_s=float("inf"))
+    prio = Prioritizer(threshold=ThresholdTracker(c.k_percent, rng=rng.randrange(1 << 31)))
+    return prio, priority_queue_factory(dc, budgets, QueueConfig(max_rows=c.queue_rows))
+
+
 def _impact_of(d: Delta, res: ApplyResult) -> np.ndarray | None:
     """The publisher's impact metadata of the rows an apply changed (aligned with res.ids)."""
     if d.impact is None or not len(res):
@@ -194,6 +203,8 @@ class ReplicaNode:
         self._peers_cache: dict[str | None, tuple[int, list[str]]] = {}
         self.models: dict[str, _Model] = {}
         self._catalog_digest: int | None = None
+        if c.scheduler == "priority" and prioritizer is None and queue_factory is None:
+            prioritizer, queue_factory = _priority_scheduler(c, dc, self.rng)
         self.queue_factory: QueueFactory = queue_factory or (lambda peer, dc: FifoLinkQueue(c.queue_rows))
         self.queues: dict[str, LinkQueue] = {}
         # Scores each pushed batch once (prioritizer.Prioritizer); None = plain FIFO refs.
