@@ -73,6 +73,12 @@ class NodeConfig:
         index_rows: rows the per-shard recent-update index holds before its
             watermark moves up (older rows are then found by a shard scan).
         snapshot_interval: seconds between automatic snapshots (0 = only at shutdown).
+        undo_bytes: memory for the undo history (previous values and versions of
+            overwritten rows) that rollback restores from; 0 turns rollback history
+            off (a rollback then repairs every affected row from peers).
+        auto_cut_interval: seconds between automatic cuts of every model on this
+            replica (0 = only on demand).
+        cut_retention: automatic cuts kept per model.
         max_clock_skew: seconds a version's HLC time may lie ahead of ours before
             the frame is refused as impossible.
     """
@@ -100,6 +106,9 @@ class NodeConfig:
     queue_rows: int = 1 << 20
     index_rows: int = 1 << 16
     snapshot_interval: float = 60.0
+    undo_bytes: int = 64 << 20
+    auto_cut_interval: float = 0.0
+    cut_retention: int = 60
     max_clock_skew: float = 300.0
 
     def __post_init__(self) -> None:
@@ -110,6 +119,8 @@ class NodeConfig:
             raise UsageError("config suspect_after must be < dead_after")
         if self.push_mode not in ("topology", "random"):
             raise UsageError("config push_mode must be 'topology' or 'random'")
+        if self.undo_bytes < 0 or self.auto_cut_interval < 0 or self.cut_retention < 1:
+            raise UsageError("config undo_bytes and auto_cut_interval must be >= 0, cut_retention >= 1")
         if self.scheduler not in ("fifo", "priority"):
             raise UsageError("config scheduler must be 'fifo' or 'priority'")
         if not 0 < self.k_percent < 100:

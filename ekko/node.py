@@ -45,7 +45,7 @@ import torch
 from ekko.codec import (MAX_DELTAS_PER_MSG, Frame, MsgType, array_from_wire, array_to_wire, delta_from_wire,
                         delta_to_wire, field, int_field)
 from ekko.config import MAX_HELD_ROWS_PER_SHARD, MAX_PUBLISH_ROWS, MAX_SHARDS_PER_PULL, NodeConfig
-from ekko.delta import Delta
+from ekko.delta import WIRE_DTYPES, Delta
 from ekko.errors import ProtocolError, UsageError
 from ekko.spec import ModelSpec, TableSpec, check_name
 from ekko.store import ApplyResult, ModelStore
@@ -54,12 +54,21 @@ from p2p.membership import Membership, MembershipConfig, MemberState, parse_entr
 from p2p.outbound import FifoLinkQueue, LinkQueue, QueuedRows, QueueFactory
 from p2p.sync import ROW_OVERHEAD_BYTES, RecentIndex, ShardSync
 from p2p.topology import DcGraph, Topology, _mix
+from rollback.cuts import Cut, CutPolicy, CutRegistry, Fence
+from rollback.undo import UndoHistory
 
 _SHARD_SALT = np.uint64(0x9E3779B97F4A7C15)
 #: format of the protocol state kept in snapshots (:meth:`ReplicaNode.export_state`).
 STATE_FORMAT = 1
 #: wait before asking a link queue again when it reported ready but yielded nothing.
 PUSH_RETRY_S = 0.001
+#: rollback records kept for gossip (newest first); a replica that was away catches up from them.
+MAX_ROLLBACK_RECORDS = 32
+#: anti-entropy rounds a replica keeps asking random peers for better values of the rows a
+#: rollback restored (each asks one peer, so the best value spreads like a rumour).
+REPAIR_ROUNDS = 8
+#: most rows one repair request names per table.
+MAX_REPAIR_ROWS = 1 << 16
 #: share of gossip rounds spent on a partner in our own DC.
 LOCAL_GOSSIP_SHARE = 0.75
 
@@ -218,6 +227,16 @@ class ReplicaNode:
         self._wan_cursor = 0
         self._pairings: list[tuple[str, int]] = []
         self._pairings_key: tuple[int, int] | None = None
+        # Rollback: the undo history (what applies overwrote), cuts, fences of rolled-back
+        # versions, and rollbacks seen (gossiped so a replica that was away catches up).
+        self.undo = UndoHistory(c.undo_bytes) if c.undo_bytes and with_values else None
+        self.cuts = CutRegistry(CutPolicy(auto_interval_s=c.auto_cut_interval or 3600.0,
+                                          retention=c.cut_retention), undo=self.undo)
+        self.fence = Fence()
+        self.rollbacks: dict[str, dict[str, Any]] = {}
+        self._seq = 0
+        self._repair: dict[tuple[str, str], np.ndarray] = {}
+        self._repair_rounds = 0
         # Hooks for layers above the protocol (undo history, metrics); called with
         # (model, table, ApplyResult, source) after every apply that changed rows.
         self.on_apply: list[Callable[[str, str, ApplyResult, str], None]] = []
@@ -240,6 +259,10 @@ class ReplicaNode:
         if now >= self._next_ae:
             self._next_ae = now + self.config.ae_interval * self.rng.uniform(0.8, 1.2)
             self._ae_round(now)
+            self._repair_round(now)
+            if self.config.auto_cut_interval:
+                for name in self.models:
+                    self.cuts.maybe_auto_cut(name, now, lambda n=name: (self._knowledge_of(n), self._seq))
         self.flush(now)
 
     def receive(self, frame: Frame, now: float, src_address: str = "") -> None:
@@ -259,6 +282,8 @@ class ReplicaNode:
                 self._on_summary(body, now)
             elif kind == "dig":
                 self._on_digests(body, now)
+            elif kind == "rep":
+                self._on_repair(body, now)
             else:
                 raise ProtocolError(f"unknown gossip kind {kind!r}", "bad_body")
         elif t == MsgType.PULL_REQUEST:
@@ -267,6 +292,8 @@ class ReplicaNode:
             self._on_pull_response(body, now)
         elif t == MsgType.PUSH:
             self._on_push(body, now)
+        elif t == MsgType.ROLLBACK:
+            self._apply_rollback(field(body, "rb", dict), now)
         elif t == MsgType.PUBLISH:
             self.publish(body, now)
         elif t == MsgType.REGISTER_MODEL:
@@ -459,6 +486,145 @@ class ReplicaNode:
                 m.dirty[t.name].add(s)
         m.head = max(m.head, top)
 
+    # ------------------------------------------------------------------ cuts and rollback
+    def _knowledge_of(self, model: str) -> dict[tuple[str, int], Knowledge]:
+        m = self._model(model)
+        return {(t, s): sync.knowledge for t, shards in m.shards.items() for s, sync in shards.items()}
+
+    def take_cut(self, model: str, name: str, now: float) -> Cut:
+        """Record a named restore point of ``model``: its per-shard knowledge now."""
+        check_name("cut", name)
+        return self.cuts.take(model, name, now, self._knowledge_of(model), self._seq)
+
+    def rollback(self, model: str, cut: Cut | str, until_counter: int, now: float) -> dict[str, Any]:
+        """Roll ``model`` back to ``cut`` everywhere: restore here, then tell every peer.
+
+        Every version of the model newer than the cut and at most ``until_counter`` (an
+        HLC counter: the caller's wall clock at the decision, so harmful updates still
+        in flight are caught too) is fenced: never applied or served again.  Updates
+        published afterwards carry greater counters and apply normally.
+
+        Returns the rollback record (also gossiped until it ages out).
+        """
+        m = self._model(model)
+        if isinstance(cut, str):
+            cut = self.cuts.get(model, cut)
+        if not 0 < until_counter <= MAX_COUNTER:
+            raise UsageError("until_counter must be a positive HLC counter")
+        origins: set[int] = set()
+        for shards in m.shards.values():
+            for sync in shards.values():
+                origins.update(o for o, _ in sync.knowledge.items())
+        for t in m.spec.tables:
+            v = m.store.table(t.name).versions
+            written = v[v > 0]
+            if len(written):
+                origins.update(np.unique(origins_of(written)).tolist())
+        record = {"id": f"{self.node_id}.{model}.{cut.name}.{until_counter}", "model": model,
+                  "cut": cut.to_wire(), "upper": [[o, until_counter] for o in sorted(origins)]}
+        self._apply_rollback(record, now)
+        for peer in self._live_peers():
+            mem = self.members.get(peer)
+            self._out.append(Outgoing(peer, mem.address, MsgType.ROLLBACK, {"from": self.node_id, "rb": record}))
+        return record
+
+    def _apply_rollback(self, record: dict[str, Any], now: float) -> bool:
+        """Restore the rows a rollback record covers; idempotent per record id."""
+        rid = field(record, "id", str)
+        if rid in self.rollbacks:
+            return False
+        model = field(record, "model", str)
+        cut = Cut.from_wire(record.get("cut"))
+        upper_raw = field(record, "upper", list)
+        if len(upper_raw) > MAX_ORIGIN or not all(
+                isinstance(e, list) and len(e) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in e)
+                and 0 < e[0] <= MAX_ORIGIN and 0 < e[1] <= MAX_COUNTER for e in upper_raw):
+            raise ProtocolError("bad rollback point", "bad_body")
+        m = self.models.get(model)
+        if m is None or cut.model != model:
+            return False  # not ours (yet): the record comes again with gossip
+        self.rollbacks[rid] = record
+        while len(self.rollbacks) > MAX_ROLLBACK_RECORDS:
+            del self.rollbacks[next(iter(self.rollbacks))]
+        self.fence.add(m.spec, cut, {o: c for o, c in upper_raw})
+        restored = 0
+        for t in m.spec.tables:
+            ts = m.store.table(t.name)
+            rows = cut.rows_to_restore(t, ts.versions)
+            if len(rows):
+                # Only rows holding a fenced version go back; newer, legitimate updates stay.
+                rows = rows[self.fence.mask(model, t.name, rows, ts.versions[rows])]
+            if not len(rows):
+                continue
+            if self.undo is not None:
+                self._seq += 1
+                out = self.undo.restore_at_cut(model, t.name, ts, rows, cut.covered_fn(t), seq=self._seq)
+                missing = out.incomplete
+            else:
+                missing = rows
+            if len(missing):
+                # No history for these: hold nothing rather than a fenced value; peers fill in.
+                n = len(missing)
+                ts.restore_rows(missing, np.zeros(n, np.int64),
+                                np.zeros((n, t.dim), WIRE_DTYPES[t.dtype]) if ts.values is not None else None)
+            restored += len(rows)
+            m.index[t.name].note_applied(rows, ts.versions[rows], now, self.config.index_rows)
+            # State-based sync skips superseded versions, so our history may miss the newest
+            # version the cut covers: compare every restored row with peers for a few rounds.
+            prev = self._repair.get((model, t.name))
+            self._repair[(model, t.name)] = rows if prev is None else np.union1d(prev, rows)
+        self._repair_rounds = REPAIR_ROUNDS
+        self.counters["rollbacks"] += 1
+        self.counters["rolled_back_rows"] += restored
+        return True
+
+    def _repair_round(self, now: float) -> None:
+        if not self._repair or self._repair_rounds <= 0:
+            return
+        self._repair_rounds -= 1
+        peers = self._live_peers()
+        if not peers:
+            return
+        peer = self.members.get(self.rng.choice(peers))
+        for (model, table), rows in self._repair.items():
+            ts = self.models[model].store.table(table)
+            for lo in range(0, len(rows), MAX_REPAIR_ROWS):
+                ids = rows[lo:lo + MAX_REPAIR_ROWS]
+                self._out.append(Outgoing(peer.node_id, peer.address, MsgType.GOSSIP, {
+                    "k": "rep", "from": self.node_id, "m": model, "t": table, "ids": array_to_wire(ids),
+                    "v": array_to_wire(ts.versions[ids])}))
+        if self._repair_rounds == 0:
+            self._repair.clear()
+
+    def _on_repair(self, body: dict[str, Any], now: float) -> None:
+        """A peer asks whether we hold better (greater, unfenced) versions of some rows."""
+        sender = field(body, "from", str)
+        spec = self.table_spec(field(body, "m", str), field(body, "t", str))
+        if spec is None:
+            return
+        raw = field(body, "ids", bytes)
+        if len(raw) % 8 or len(raw) // 8 > MAX_REPAIR_ROWS:
+            raise ProtocolError("bad repair request", "bad_body")
+        n = len(raw) // 8
+        ids = array_from_wire(raw, np.int64, n, "ids")
+        theirs = array_from_wire(body.get("v"), np.int64, n, "versions")
+        if n and (ids.min() < 0 or ids.max() >= spec.rows):
+            raise ProtocolError("repair row out of range", "bad_body")
+        mem = self.members.get(sender)
+        m = self.models[body["m"]]
+        ts = m.store.table(spec.name)
+        better = ids[ts.versions[ids] > theirs]
+        if mem is None or not len(better):
+            return
+        d = ts.take(m.spec.name, better)
+        shards = spec.shards_of(better)
+        entries = []
+        for s in np.unique(shards).tolist():
+            sel = shards == s
+            entries.append([s, [], None, delta_to_wire(d.take(sel))])
+        self._out.append(Outgoing(sender, mem.address, MsgType.PULL_RESPONSE,
+                                  {"from": self.node_id, "models": {m.spec.name: {spec.name: entries}}}))
+
     # ------------------------------------------------------------------ status
     def model_head(self, model: str) -> int:
         return self._model(model).head
@@ -513,7 +679,16 @@ class ReplicaNode:
 
     def _apply(self, m: _Model, d: Delta, now: float, source: str) -> ApplyResult:
         ts = m.store.table(d.table)
-        res = ts.apply(d)
+        if len(self.fence) and len(d):
+            fenced = self.fence.mask(d.model, d.table, d.ids, d.versions)
+            if fenced.any():
+                # Rolled-back versions never come back, wherever they still travel.
+                self.counters["fenced_rows"] += int(fenced.sum())
+                d = d.take(~fenced)
+        res = ts.apply(d, capture_old=self.undo is not None)
+        if self.undo is not None and len(res):
+            self._seq += 1
+            self.undo.record(d.model, d.table, self._seq, res)
         if len(res):
             m.index[d.table].note_applied(res.ids, res.versions, now, self.config.index_rows)
             m.head = max(m.head, int(counters_of(res.versions).max()))
@@ -683,6 +858,8 @@ class ReplicaNode:
                                 "heads": {n: m.head for n, m in self.models.items()}}
         if with_catalog:
             body["specs"] = [m.spec.to_dict() for m in self.models.values()]
+        if self.rollbacks:
+            body["rb"] = list(self.rollbacks.values())[-MAX_ROLLBACK_RECORDS:]
         return body
 
     def _gossip_round(self, now: float) -> None:
@@ -725,6 +902,12 @@ class ReplicaNode:
                 self.register_model(spec, now)
             except UsageError:
                 self.counters["catalog_conflicts"] += 1
+        rbs = field(body, "rb", list, optional=True, default=[])
+        if len(rbs) > MAX_ROLLBACK_RECORDS:
+            raise ProtocolError("too many rollback records", "bad_body")
+        for rb in rbs:
+            if isinstance(rb, dict) and rb.get("id") not in self.rollbacks:
+                self._apply_rollback(rb, now)
         if req:
             mem = self.members.get(sender)
             if mem is not None:
