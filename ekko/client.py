@@ -201,6 +201,23 @@ class Client:
             return False
         return status == 200
 
+    def cut(self, model: str, name: str | None = None) -> str:
+        """Take a named cut (restore point) of ``model`` at this replica; it is sent to
+        every peer.  Returns the cut's name."""
+        body = {"model": model} if name is None else {"model": model, "name": name}
+        raw = self._ok("POST", "/v1/cuts", encode_frame(MsgType.CUT, body, self.keyring))
+        return str(json.loads(raw)["name"])
+
+    def cuts(self, model: str) -> list[dict[str, Any]]:
+        """The cuts this replica knows for ``model`` (name, restorable, ...)."""
+        return list(json.loads(self._ok("GET", f"/v1/models/{model}/cuts"))["cuts"])
+
+    def rollback(self, model: str, cut: str) -> dict[str, Any]:
+        """Roll ``model`` back to ``cut`` on every replica (started here)."""
+        raw = self._ok("POST", "/v1/rollback", encode_frame(MsgType.ROLLBACK, {"model": model, "cut": cut},
+                                                             self.keyring))
+        return json.loads(raw)
+
     def register(self, spec: ModelSpec) -> bool:
         """Register a model (signed with ``key`` when given); True when it was new."""
         if not isinstance(spec, ModelSpec):

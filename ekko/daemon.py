@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from aiohttp import web
 
-from ekko.codec import MAX_FRAME_BYTES, Frame, Keyring, MsgType, decode_frame
+from ekko.codec import MAX_FRAME_BYTES, Frame, Keyring, MsgType, decode_frame, field
 from ekko.config import NodeConfig
 from ekko.errors import ProtocolError, UsageError
 from ekko.http_transport import HttpTransport
@@ -55,7 +55,7 @@ from ekko.metrics import UNKNOWN_DC, DaemonMetrics
 from ekko.node import Outgoing, ReplicaNode, STATE_FORMAT
 from ekko.spec import ModelSpec
 from ekko.store import ModelStore, to_wire_values
-from ekko.version import Knowledge, counters_of
+from ekko.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS, Knowledge, counters_of
 from p2p.sync import ShardSync
 
 log = logging.getLogger("ekko.daemon")
@@ -87,7 +87,8 @@ LOCK_FILE = ".lock"
 HANDLER_ARGS: dict[str, Any] = {"max_line_size": MAX_REQUEST_LINE, "max_field_size": 16 << 10}
 
 #: message types /v1/gossip accepts (peer traffic only).
-PEER_TYPES = frozenset({MsgType.GOSSIP, MsgType.PULL_REQUEST, MsgType.PULL_RESPONSE, MsgType.PUSH})
+PEER_TYPES = frozenset({MsgType.GOSSIP, MsgType.PULL_REQUEST, MsgType.PULL_RESPONSE, MsgType.PUSH,
+                        MsgType.ROLLBACK, MsgType.CUT})
 
 #: HTTP status for each rejection reason; anything else is 400.
 _STATUS_OF_REASON = {
@@ -229,6 +230,9 @@ class Daemon:
         app.router.add_post("/v1/gossip", self._h_gossip)
         app.router.add_get("/v1/models/{model}/tables/{table}/rows", self._h_rows)
         app.router.add_get("/v1/status", self._h_status)
+        app.router.add_post("/v1/cuts", self._h_take_cut)
+        app.router.add_get("/v1/models/{model}/cuts", self._h_cuts)
+        app.router.add_post("/v1/rollback", self._h_rollback)
         app.router.add_get("/metrics", self._h_metrics)
         app.router.add_get("/healthz", self._h_healthz)
         app.on_startup.append(self._on_startup)
@@ -604,6 +608,47 @@ class Daemon:
         dc = self._dc_of(sender) if isinstance(sender, str) else UNKNOWN_DC
         self.metrics.bytes_received.labels(dc, frame.msg_type.name).inc(frame.wire_bytes)
         return web.Response(status=204)
+
+    async def _h_take_cut(self, request: web.Request) -> web.Response:
+        """Frame ``CUT`` ``{"model", "name"?}``: take a named cut here and tell every peer."""
+        frame = await self._read_frame(request)
+        self._expect(frame, MsgType.CUT)
+        model = field(frame.body, "model", str)
+        if model not in self.node.models:
+            raise RequestRejected(f"unknown model {model!r}", "unknown_model")
+        name = field(frame.body, "name", str, optional=True) or f"cut-{int(time.time() * 1000)}"
+        cut = self.node.take_cut(model, name, self.clock())
+        self._send_out()
+        log.info("took cut %s of %s", cut.name, model)
+        return web.json_response({"ok": True, "model": model, "name": cut.name, "taken_at": time.time()})
+
+    async def _h_cuts(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        if model not in self.node.models:
+            raise RequestRejected(f"unknown model {model!r}", "unknown_model")
+        horizon = self.node.undo.horizon(model) if self.node.undo is not None else None
+        cuts = [{"name": c.name, "taken_at_monotonic": c.taken_at, "restorable": self.node.cuts.restorable(c),
+                 "shards": len(c.knowledge)} for c in self.node.cuts.cuts(model)]
+        return web.json_response({"model": model, "cuts": cuts, "undo_horizon_seq": horizon})
+
+    async def _h_rollback(self, request: web.Request) -> web.Response:
+        """Frame ``ROLLBACK`` ``{"model", "cut"}``: roll the model back to a cut everywhere.
+
+        The rollback point is this replica's wall clock as an HLC counter: every update
+        of the model after the cut and up to now is fenced.
+        """
+        frame = await self._read_frame(request)
+        self._expect(frame, MsgType.ROLLBACK)
+        model = field(frame.body, "model", str)
+        cut = field(frame.body, "cut", str)
+        if model not in self.node.models:
+            raise RequestRejected(f"unknown model {model!r}", "unknown_model")
+        until = max(1, int(time.time() * 1000) - HLC_EPOCH_MS) << HLC_LOGICAL_BITS | ((1 << HLC_LOGICAL_BITS) - 1)
+        record = self.node.rollback(model, cut, until, self.clock())
+        self._send_out()
+        log.warning("rolled back %s to cut %s (record %s)", model, cut, record["id"])
+        return web.json_response({"ok": True, "model": model, "cut": cut, "id": record["id"],
+                                  "rolled_back_rows": int(self.node.counters["rolled_back_rows"])})
 
     async def _h_rows(self, request: web.Request) -> web.Response:
         model, table = request.match_info["model"], request.match_info["table"]

@@ -294,6 +294,8 @@ class ReplicaNode:
             self._on_push(body, now)
         elif t == MsgType.ROLLBACK:
             self._apply_rollback(field(body, "rb", dict), now)
+        elif t == MsgType.CUT:
+            self._on_cut(body, now)
         elif t == MsgType.PUBLISH:
             self.publish(body, now)
         elif t == MsgType.REGISTER_MODEL:
@@ -491,10 +493,30 @@ class ReplicaNode:
         m = self._model(model)
         return {(t, s): sync.knowledge for t, shards in m.shards.items() for s, sync in shards.items()}
 
-    def take_cut(self, model: str, name: str, now: float) -> Cut:
-        """Record a named restore point of ``model``: its per-shard knowledge now."""
+    def take_cut(self, model: str, name: str, now: float, broadcast: bool = True) -> Cut:
+        """Record a named restore point of ``model``: its per-shard knowledge now.
+
+        With ``broadcast`` the cut is sent to every live peer, so a rollback to it can
+        be started at any replica.
+        """
         check_name("cut", name)
-        return self.cuts.take(model, name, now, self._knowledge_of(model), self._seq)
+        cut = self.cuts.take(model, name, now, self._knowledge_of(model), self._seq)
+        if broadcast:
+            for peer in self._live_peers():
+                mem = self.members.get(peer)
+                self._out.append(Outgoing(peer, mem.address, MsgType.CUT, {"from": self.node_id, "cut": cut.to_wire()}))
+        return cut
+
+    def _on_cut(self, body: dict[str, Any], now: float) -> None:
+        cut = Cut.from_wire(body.get("cut"))
+        if cut.model not in self.models:
+            return
+        try:
+            self.cuts.get(cut.model, cut.name)
+        except UsageError:
+            # Our own apply seq is unknown for a foreign cut: the restore walks by the
+            # cut's knowledge, which is what defines it.
+            self.cuts.add(Cut(cut.name, cut.model, cut.taken_at, cut.knowledge, 0))
 
     def rollback(self, model: str, cut: Cut | str, until_counter: int, now: float) -> dict[str, Any]:
         """Roll ``model`` back to ``cut`` everywhere: restore here, then tell every peer.

@@ -600,6 +600,17 @@ class AsyncPublisher:
         self._specs[spec.name] = spec
         return bool(answer.get("created", False))
 
+    async def cut(self, model: str, name: str | None = None) -> str:
+        """Take a named cut (restore point) of ``model`` -- e.g. after an offline
+        validation passed -- at the replica this publisher writes to; the cut reaches
+        every replica.  Publish first, then cut: the cut covers what that replica has
+        received.  Returns the cut's name (for ``Client.rollback``/``ekko rollback``)."""
+        body = {"model": model} if name is None else {"model": model, "name": name}
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        answer, _ = await self._post("/v1/cuts", encode_frame(MsgType.CUT, body, self.keyring), deadline,
+                                     what=f"cut {model}")
+        return str(answer["name"])
+
     async def publish(self, model: str, table: str, ids: Any, values: Any, impact: Any = None) -> PublishAck:
         """Publish rows of one table.
 
@@ -885,6 +896,10 @@ class Publisher:
     def register(self, spec: ModelSpec) -> bool:
         """See :meth:`AsyncPublisher.register`."""
         return self._call(self._core.register(spec))
+
+    def cut(self, model: str, name: str | None = None) -> str:
+        """See :meth:`AsyncPublisher.cut`."""
+        return self._call(self._core.cut(model, name))
 
     def publish(self, model: str, table: str, ids: Any, values: Any, impact: Any = None) -> PublishAck:
         """See :meth:`AsyncPublisher.publish`."""
