@@ -105,7 +105,7 @@ class PublishAck:
 class _Model:
     """A model on this replica: its spec, store and per-shard protocol state."""
 
-    __slots__ = ("spec", "store", "shards", "index", "digests", "dirty", "head")
+    __slots__ = ("spec", "store", "shards", "index", "digests", "dirty", "top", "head")
 
     def __init__(self, spec: ModelSpec, device: Any, with_values: bool) -> None:
         self.spec = spec
@@ -114,6 +114,10 @@ class _Model:
         self.index = {t.name: RecentIndex() for t in spec.tables}
         self.digests = {t.name: np.zeros(t.num_shards, np.uint64) for t in spec.tables}
         self.dirty: dict[str, set[int]] = {t.name: set() for t in spec.tables}
+        # Greatest version held per shard: part of the shard version, so replicas whose
+        # knowledge is equal but whose rows are not (pushed rows above a knowledge gap
+        # that no chain will close) still compare and exchange them.
+        self.top = {t.name: np.zeros(t.num_shards, np.int64) for t in spec.tables}
         self.head = 0  # greatest counter applied here (freshness)
 
     def shard(self, table: str, s: int) -> ShardSync:
@@ -123,13 +127,22 @@ class _Model:
         return got
 
     def shard_digests(self, table: str) -> np.ndarray:
+        """64-bit shard versions: the knowledge digest mixed with the greatest version held."""
         d = self.digests[table]
         dirty = self.dirty[table]
         if dirty:
             for s in dirty:
                 d[s] = self.shards[table][s].knowledge.digest
             dirty.clear()
-        return d
+        return d ^ _mix(self.top[table].view(np.uint64))
+
+    def recompute_top(self, table: str, rows: np.ndarray) -> None:
+        """Refresh the greatest held version of the shards of ``rows`` (versions went down)."""
+        spec = self.spec.table(table)
+        v = self.store.table(table).versions
+        for s in np.unique(spec.shards_of(rows)).tolist():
+            lo, hi = spec.shard_range(s)
+            self.top[table][s] = int(v[lo:hi].max(initial=0))
 
 
 def _priority_scheduler(c: NodeConfig, dc: str, rng: random.Random) -> tuple[Any, QueueFactory]:
@@ -427,7 +440,11 @@ class ReplicaNode:
         m = self._model(model)
         knowledge = {t: [[s, sync.knowledge.to_wire()] for s, sync in sorted(shards.items()) if len(sync.knowledge)]
                      for t, shards in m.shards.items()}
-        return {"format": STATE_FORMAT, "node_id": self.node_id, "head": m.head, "knowledge": knowledge}
+        # Waiting publish chains too: once lost, knowledge could never pass their gap.
+        pending = {t: [[s, o, a, u] for s, sync in sorted(shards.items()) for o, chains in sync.pending.items()
+                       for a, u in chains] for t, shards in m.shards.items()}
+        return {"format": STATE_FORMAT, "node_id": self.node_id, "head": m.head, "knowledge": knowledge,
+                "pending": {t: p for t, p in pending.items() if p}}
 
     def import_state(self, spec: ModelSpec, store: ModelStore, state: dict[str, Any], now: float) -> None:
         """Install a model restored from a snapshot into this node.
@@ -463,6 +480,19 @@ class ReplicaNode:
                 except ProtocolError as err:
                     raise ProtocolError(f"bad snapshot knowledge: {err}", "bad_snapshot") from None
             parsed[table] = per
+        pending: dict[str, dict[int, list[tuple[int, int, int]]]] = {}
+        raw_pending = state.get("pending", {})
+        if not isinstance(raw_pending, dict):
+            raise ProtocolError("bad snapshot pending chains", "bad_snapshot")
+        for table, entries in raw_pending.items():
+            if not spec.has_table(table) or not isinstance(entries, list):
+                raise ProtocolError(f"snapshot chains name unknown table {table!r}", "bad_snapshot")
+            n = spec.table(table).num_shards
+            for e in entries:
+                if not (isinstance(e, list) and len(e) == 4 and all(isinstance(x, int) for x in e)
+                        and 0 <= e[0] < n and 0 < e[1] <= MAX_ORIGIN and -1 <= e[2] < e[3] <= MAX_COUNTER):
+                    raise ProtocolError("bad snapshot chain entry", "bad_snapshot")
+                pending.setdefault(table, {}).setdefault(e[0], []).append((e[1], e[2], e[3]))
         head = state.get("head", 0)
         self.register_model(spec, now)
         m = self.models[spec.name]
@@ -480,11 +510,13 @@ class ReplicaNode:
             shards_with_rows = set(np.unique(t.shards_of(written)).tolist()) if len(written) else set()
             if len(written):
                 top = max(top, int(counters_of(ts.versions[written]).max()))
+                np.maximum.at(m.top[t.name], t.shards_of(written), ts.versions[written])
             m.index[t.name].reset()  # watermark up and loose: every lookup scans the shard
-            for s in set(know) | shards_with_rows:
-                # Shards holding rows need a ShardSync even with empty knowledge: pulls skip
-                # shards that have none.
-                m.shards[t.name][s] = ShardSync(knowledge=know.get(s, Knowledge()))
+            waiting = pending.get(t.name, {})
+            for s in set(know) | shards_with_rows | set(waiting):
+                sync = m.shards[t.name][s] = ShardSync(knowledge=know.get(s, Knowledge()))
+                for o, a, u in waiting.get(s, ()):
+                    sync.chain(o, a, u)
                 m.dirty[t.name].add(s)
         m.head = max(m.head, top)
 
@@ -591,6 +623,7 @@ class ReplicaNode:
                                 np.zeros((n, t.dim), WIRE_DTYPES[t.dtype]) if ts.values is not None else None)
             restored += len(rows)
             m.index[t.name].note_applied(rows, ts.versions[rows], now, self.config.index_rows)
+            m.recompute_top(t.name, rows)
             # State-based sync skips superseded versions, so our history may miss the newest
             # version the cut covers: compare every restored row with peers for a few rounds.
             prev = self._repair.get((model, t.name))
@@ -713,6 +746,7 @@ class ReplicaNode:
             self.undo.record(d.model, d.table, self._seq, res)
         if len(res):
             m.index[d.table].note_applied(res.ids, res.versions, now, self.config.index_rows)
+            np.maximum.at(m.top[d.table], ts.spec.shards_of(res.ids), res.versions)
             m.head = max(m.head, int(counters_of(res.versions).max()))
             self.counters[f"applied_rows_{source}"] += len(res)
             for hook in self.on_apply:

@@ -107,12 +107,11 @@ def test_cli_writes_results(tmp_path):
     assert "wall_s" in data and data["faults"]["publishes"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "real liveness bug in production code (not fixed here): seed 136 crashes the ingest r0 while it holds "
-    "pending publish chains (frames chained after rerouted frames it had no knowledge of). export_state does "
-    "not keep pending chains, so after the restart no replica can advance knowledge of origin 1 past the lost "
-    "link (e.g. emb shard 7 stuck at counter 1254412 on every replica); knowledge digests are then equal "
-    "everywhere, anti-entropy never pulls, and rows whose eager pushes were lost never arrive: 'a lost pending "
-    "chain only loses a shortcut that anti-entropy makes up for' does not hold"))
+# Regression: seed 136 crashes the ingest while it holds pending publish chains.  Before
+# the fix, the lost chains left knowledge stuck below a gap on every replica, equal
+# knowledge digests stopped anti-entropy, and rows whose pushes were lost never arrived.
+# Fixed twice over: pending chains are part of the snapshot state, and the shard version
+# mixes in the greatest version held, so replicas with equal knowledge but different
+# rows still compare.
 def test_seed_136_converges():
     assert FaultRun(136).run()["violations"] == []
