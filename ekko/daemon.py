@@ -52,11 +52,10 @@ from ekko.config import NodeConfig
 from ekko.errors import ProtocolError, UsageError
 from ekko.http_transport import HttpTransport
 from ekko.metrics import UNKNOWN_DC, DaemonMetrics
-from ekko.node import Outgoing, ReplicaNode, STATE_FORMAT
+from ekko.node import Outgoing, ReplicaNode
 from ekko.spec import ModelSpec
 from ekko.store import ModelStore, to_wire_values
-from ekko.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS, Knowledge, counters_of
-from p2p.sync import ShardSync
+from ekko.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS
 
 log = logging.getLogger("ekko.daemon")
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from ekko.chain import PublisherChain
 from ekko.delta import WIRE_DTYPES
-from ekko.version import HLC_EPOCH_MS, counters_of
+from ekko.version import HLC_EPOCH_MS
 from simulator.events import Simulation
 from simulator.measure import LatencyRecorder
 from simulator.network import WanNetwork

@@ -164,7 +164,7 @@ class SimCluster:
 
     def flush(self, node: ReplicaNode) -> None:
         """Send what a node produced and re-arm its timer."""
-        net, sim = self.net, self.sim
+        net = self.net
         sizes: dict[int, tuple[int, Any]] = {}
         for out in node.drain():
             dst = out.dst or out.address

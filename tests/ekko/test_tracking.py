@@ -10,7 +10,6 @@ the in-process replica's tables equal the module's weights bit for bit.
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import numpy as np
@@ -22,7 +21,7 @@ from torch import nn
 from ekko.errors import RemoteError
 from ekko.sdk import PublishError, Publisher
 from ekko.store import to_wire_values
-from ekko.tracking import Tracker, dense_rows, module_layout, spec_from_module, unflatten_dense
+from ekko.tracking import dense_rows, module_layout, spec_from_module, unflatten_dense
 from test_sdk_server import FakeDaemon, Fault
 
 USERS, ITEMS, DIM = 200, 300, 8

@@ -146,7 +146,6 @@ def test_idle_traffic_with_10k_shards(capsys):
     assert net.run_until(lambda: knowledge_converged(net), timeout=60)
     net.run(net.now + 5)
     total0, wan0 = sum(net.bytes_between.values()), net.wan_bytes()
-    ae0 = sum(v for k, v in net.messages.items())
     span = 20.0
     net.run(net.now + span)
     per_replica = (sum(net.bytes_between.values()) - total0) / span / 30

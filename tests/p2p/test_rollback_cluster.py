@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster import SPEC, Trainer, converged, digests, make_cluster
+from cluster import Trainer, converged, digests, make_cluster
 from ekko.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS
 from p2p.memnet import Faults
 

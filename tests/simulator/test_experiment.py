@@ -16,7 +16,7 @@ SMALL = {
                  "samples_per_batch": 2},
     "wan": {"dcs": ["a", "b", "c"], "rtt_ms": {"a-b": 60, "a-c": 120, "b-c": 90}, "background_load": 0.5},
     "node": {"preset": "wan"},
-    "table": [{"name": "emb", "rows": 2000, "dim": 16, "shards": 4}],
+    "table": [{"name": "emb", "rows": 2000, "dim": 64, "shards": 4}],   # paper-sized rows
     "workload": {"batch_interval_s": 0.2, "sparse": [{"table": "emb", "rows_per_s": 500}]},
     "baselines": {"checkpoint_interval_s": 60, "checkpoint_validate_s": 10},
 }
@@ -48,7 +48,7 @@ def test_the_shape_of_the_comparison(results):
     assert s["broadcast"] > 10 * s["ekko"]            # checkpoints wait for the next interval
     e = results["systems"]["ekko"]
     assert e["wan_bytes"] < results["systems"]["direct-push"]["wan_bytes"]
-    assert e["wan_bytes"] <= 1.5 * e["wan_bytes_min"]
+    assert e["wan_bytes"] <= 1.25 * e["wan_bytes_min"]   # the bound for the paper scenario
 
 
 def test_intra_dc_is_faster_than_cross_dc_for_ekko(results):

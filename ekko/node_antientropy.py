@@ -1,0 +1,350 @@
+"""State-based anti-entropy for :class:`ekko.node.ReplicaNode` (a mixin).
+
+Digest-gated: a 64-bit digest per table over the scope's shards, then per-shard
+versions, then pulls of the rows the requester's knowledge does not cover (version
+order, capped, Scuttlebutt's rule), with held rows excluded and, across the WAN,
+rows that arrived moments ago held back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ekko.codec import (
+    MsgType,
+    array_from_wire,
+    array_to_wire,
+    delta_from_wire,
+    delta_to_wire,
+    field,
+)
+from ekko.config import MAX_HELD_ROWS_PER_SHARD, MAX_SHARDS_PER_PULL
+from ekko.delta import Delta
+from ekko.errors import ProtocolError
+from ekko.node_types import Outgoing
+from ekko.version import MAX_COUNTER, Knowledge, counters_of
+from p2p.sync import ROW_OVERHEAD_BYTES
+from p2p.topology import _mix
+
+if TYPE_CHECKING:  # the node class defines the per-model state
+    from ekko.node import _Model
+
+_SHARD_SALT = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _scope_digest(digests: np.ndarray, mask: np.ndarray | None) -> int:
+    idx = np.arange(len(digests), dtype=np.uint64)
+    mixed = _mix(digests ^ (idx * _SHARD_SALT))
+    if mask is not None:
+        mixed = mixed[mask]
+    return int(np.bitwise_xor.reduce(mixed)) if len(mixed) else 0
+
+class AntiEntropyMixin:
+    """Summaries, digests, pull requests and answers."""
+
+    # ------------------------------------------------------------------ internals: anti-entropy
+    def _scope_masks(self, scope: list[Any], partner: str) -> dict[tuple[str, str], np.ndarray | None]:
+        """Shards (per table) that this node exchanges with ``partner`` under ``scope``.
+        None means every shard."""
+        out: dict[tuple[str, str], np.ndarray | None] = {}
+        kind = scope[0]
+        if kind in ("dc", "any"):
+            for name, m in self.models.items():
+                for t in m.spec.tables:
+                    out[(name, t.name)] = None
+            return out
+        # ("wan", rank): shards where we are both gateways of that rank in our DCs.
+        rank = int(scope[1])
+        pmem = self.members.get(partner)
+        if pmem is None:
+            return out
+        self._refresh_topology()
+        for name, m in self.models.items():
+            for t in m.spec.tables:
+                mine = self.topology.gateways(name, t.name, t.num_shards, self.dc)
+                theirs = self.topology.gateways(name, t.name, t.num_shards, pmem.dc)
+                if mine.shape[1] <= rank or theirs.shape[1] <= rank:
+                    continue
+                mask = (mine[:, rank] == self.node_id) & (theirs[:, rank] == partner)
+                if mask.any():
+                    out[(name, t.name)] = mask
+        return out
+
+    def _ae_round(self, now: float) -> None:
+        if not self.models:
+            return
+        if not self.config.use_gateways:
+            peers = self._live_peers()
+            if peers:
+                self._start_sync(self.rng.choice(peers), ["any"], now)
+            return
+        local = self._live_peers(self.dc)
+        if local:
+            self._start_sync(self.rng.choice(local), ["dc"], now)
+        # Cross-DC: walk our (remote DC, rank, partner) pairings round-robin, a few
+        # per round; each pairs shards we gateway at some rank with the remote
+        # gateway of the same rank.
+        pairings = self._wan_pairings()
+        for _ in range(min(self.config.wan_partners_per_round, len(pairings))):
+            self._wan_cursor = (self._wan_cursor + 1) % len(pairings)
+            partner, rank = pairings[self._wan_cursor]
+            self._start_sync(partner, ["wan", rank], now)
+
+    def _wan_pairings(self) -> list[tuple[str, int]]:
+        self._refresh_topology()
+        key = (self.members.version, len(self.models))
+        if self._pairings_key == key:
+            return self._pairings
+        found: set[tuple[str, int]] = set()
+        for remote_dc in self.topology.dcs():
+            if not self.topology.graph.linked(self.dc, remote_dc):
+                continue
+            for name, m in self.models.items():
+                for t in m.spec.tables:
+                    mine = self.topology.gateways(name, t.name, t.num_shards, self.dc)
+                    theirs = self.topology.gateways(name, t.name, t.num_shards, remote_dc)
+                    for r in range(min(mine.shape[1], theirs.shape[1])):
+                        hit = mine[:, r] == self.node_id
+                        if hit.any():
+                            found.update((str(p), r) for p in np.unique(theirs[hit, r].astype(str)).tolist())
+        self._pairings = sorted(found)
+        self.rng.shuffle(self._pairings)
+        self._pairings_key = key
+        return self._pairings
+
+    def _start_sync(self, partner: str, scope: list[Any], now: float) -> None:
+        mem = self.members.get(partner)
+        if mem is None:
+            return
+        masks = self._scope_masks(scope, partner)
+        if not masks:
+            return
+        self.counters["ae_rounds"] += 1
+        if not self.config.use_shard_versions:
+            # Ablation: no shard versions -- ask for every shard in scope every round.
+            req = {}
+            for (name, table), mask in masks.items():
+                shards = np.flatnonzero(mask) if mask is not None else np.arange(
+                    self.models[name].spec.table(table).num_shards)
+                req.setdefault(name, {})[table] = shards.tolist()
+            self._send_pull_request(partner, req, back=True)
+            return
+        sums: dict[str, dict[str, int]] = {}
+        for (name, table), mask in masks.items():
+            sums.setdefault(name, {})[table] = _scope_digest(self.models[name].shard_digests(table), mask)
+        self._out.append(Outgoing(partner, mem.address, MsgType.GOSSIP,
+                                  {"k": "sum", "from": self.node_id, "scope": scope, "models": sums}))
+
+    def _parse_scope(self, body: dict[str, Any]) -> list[Any]:
+        scope = field(body, "scope", list)
+        if not scope or scope[0] not in ("dc", "any", "wan") or (
+                scope[0] == "wan" and (len(scope) != 2 or not isinstance(scope[1], int) or not 0 <= scope[1] < 16)):
+            raise ProtocolError("bad scope", "bad_body")
+        return scope
+
+    def _on_summary(self, body: dict[str, Any], now: float) -> None:
+        sender = field(body, "from", str)
+        scope = self._parse_scope(body)
+        sums = field(body, "models", dict)
+        mem = self.members.get(sender)
+        if mem is None:
+            return
+        masks = self._scope_masks(scope, sender)
+        out: dict[str, dict[str, list[bytes]]] = {}
+        for (name, table), mask in masks.items():
+            theirs = sums.get(name, {}).get(table) if isinstance(sums.get(name), dict) else None
+            digests = self.models[name].shard_digests(table)
+            if theirs is not None and theirs == _scope_digest(digests, mask):
+                continue
+            shards = np.flatnonzero(mask) if mask is not None else np.arange(len(digests))
+            sel = digests[shards]
+            # Only shards with any knowledge on our side; the partner adds its own.
+            out.setdefault(name, {})[table] = [array_to_wire(shards.astype(np.int64)), array_to_wire(sel)]
+        if out:
+            self._out.append(Outgoing(sender, mem.address, MsgType.GOSSIP,
+                                      {"k": "dig", "from": self.node_id, "scope": scope, "models": out}))
+
+    def _on_digests(self, body: dict[str, Any], now: float) -> None:
+        sender = field(body, "from", str)
+        self._parse_scope(body)
+        models = field(body, "models", dict)
+        req: dict[str, dict[str, list[int]]] = {}
+        for name, tables in models.items():
+            m = self.models.get(name)
+            if m is None or not isinstance(tables, dict):
+                continue
+            for table, pair in tables.items():
+                if not m.spec.has_table(table) or not isinstance(pair, list) or len(pair) != 2:
+                    continue
+                spec = m.spec.table(table)
+                if not isinstance(pair[0], bytes) or len(pair[0]) % 8:
+                    raise ProtocolError("bad digests", "bad_body")
+                n = len(pair[0]) // 8
+                if n > spec.num_shards:
+                    raise ProtocolError("bad digests", "bad_body")
+                shards = array_from_wire(pair[0], np.int64, n, "shards")
+                theirs = array_from_wire(pair[1], np.uint64, n, "digests")
+                if n and (shards.min() < 0 or shards.max() >= spec.num_shards):
+                    raise ProtocolError("shard out of range", "bad_body")
+                mine = m.shard_digests(table)[shards]
+                diff = shards[mine != theirs]
+                if len(diff):
+                    req.setdefault(name, {})[table] = diff.tolist()
+        if req:
+            self._send_pull_request(sender, req, back=True)
+
+    def _send_pull_request(self, partner: str, shards: dict[str, dict[str, list[int]]], back: bool) -> None:
+        mem = self.members.get(partner)
+        if mem is None:
+            return
+        body_models: dict[str, dict[str, list[Any]]] = {}
+        count = 0
+        for name, tables in shards.items():
+            m = self.models[name]
+            for table, ss in tables.items():
+                ts = m.store.table(table)
+                entries = []
+                for s in ss:
+                    if count >= MAX_SHARDS_PER_PULL:
+                        break
+                    sync = m.shards[table].get(s)
+                    mine = sync.knowledge if sync is not None else Knowledge()
+                    # Rows we hold above our knowledge (eagerly pushed): the peer skips them.
+                    hid, hv = m.index[table].newer_than(ts, s, mine, mine)
+                    if len(hid) > MAX_HELD_ROWS_PER_SHARD:
+                        hid, hv = hid[:MAX_HELD_ROWS_PER_SHARD], hv[:MAX_HELD_ROWS_PER_SHARD]
+                    entries.append([s, mine.to_wire(), array_to_wire(hid) if len(hid) else None,
+                                    array_to_wire(hv) if len(hid) else None])
+                    count += 1
+                if entries:
+                    body_models.setdefault(name, {})[table] = entries
+        if body_models:
+            self.counters["pull_requests_sent"] += 1
+            self._out.append(Outgoing(partner, mem.address, MsgType.PULL_REQUEST,
+                                      {"from": self.node_id, "back": back, "models": body_models}))
+
+    def _on_pull_request(self, body: dict[str, Any], now: float) -> None:
+        sender = field(body, "from", str)
+        back = field(body, "back", bool)
+        models = field(body, "models", dict)
+        mem = self.members.get(sender)
+        # Across the WAN, hold back rows applied moments ago: their eager push is
+        # most likely in flight, and sending them again would cross the WAN twice.
+        grace_from = now - self.config.push_grace if (
+            mem is not None and mem.dc != self.dc and self.config.push) else None
+        # Parse and validate everything first.
+        parsed: list[tuple[_Model, str, int, Knowledge, np.ndarray, np.ndarray]] = []
+        total = 0
+        for name, tables in models.items():
+            m = self.models.get(name)
+            if m is None or not isinstance(tables, dict):
+                continue
+            for table, entries in tables.items():
+                if not m.spec.has_table(table) or not isinstance(entries, list):
+                    continue
+                spec = m.spec.table(table)
+                for e in entries:
+                    total += 1
+                    if total > MAX_SHARDS_PER_PULL or not isinstance(e, list) or len(e) != 4:
+                        raise ProtocolError("bad pull request entry", "bad_body")
+                    s = e[0]
+                    if not isinstance(s, int) or not 0 <= s < spec.num_shards:
+                        raise ProtocolError("shard out of range", "bad_body")
+                    k = Knowledge.from_wire(e[1])
+                    if e[2] is None:
+                        hid = hv = np.zeros(0, np.int64)
+                    else:
+                        if not isinstance(e[2], bytes) or len(e[2]) % 8 or len(e[2]) // 8 > MAX_HELD_ROWS_PER_SHARD:
+                            raise ProtocolError("bad held rows", "bad_body")
+                        n = len(e[2]) // 8
+                        hid = array_from_wire(e[2], np.int64, n, "held ids")
+                        hv = array_from_wire(e[3], np.int64, n, "held versions")
+                    parsed.append((m, table, s, k, hid, hv))
+        if mem is None:
+            return
+        budget = self.config.pull_response_bytes
+        out_models: dict[str, dict[str, list[Any]]] = {}
+        reverse: dict[str, dict[str, list[int]]] = {}
+        extra = 0
+        for m, table, s, theirs, hid, hv in parsed:
+            ts = m.store.table(table)
+            sync = m.shards[table].get(s)
+            mine = sync.knowledge if sync is not None else Knowledge()
+            if back and not mine.dominates(theirs):
+                reverse.setdefault(m.spec.name, {}).setdefault(table, []).append(s)
+            ids, vers = m.index[table].newer_than(ts, s, theirs, mine)
+            cut_below = None
+            if grace_from is not None and sync is not None and len(ids):
+                fresh = m.index[table].fresh_since(grace_from, *ts.spec.shard_range(s))
+                if len(fresh):
+                    held_back = np.isin(ids, fresh)
+                    if held_back.any():
+                        cut_below = int(counters_of(vers[held_back]).min())
+                        ids, vers = ids[~held_back], vers[~held_back]
+            if len(hid) and len(ids):
+                # Skip rows the requester already holds at this version or newer.
+                order = np.argsort(hid)
+                hid_s, hv_s = hid[order], hv[order]
+                pos = np.clip(np.searchsorted(hid_s, ids), 0, len(hid_s) - 1)
+                have = (hid_s[pos] == ids) & (hv_s[pos] >= vers)
+                ids, vers = ids[~have], vers[~have]
+            per_row = ts.spec.row_bytes + ROW_OVERHEAD_BYTES
+            fit = len(ids) if budget >= len(ids) * per_row else max(0, budget // per_row)
+            if fit < len(ids):
+                c = int(counters_of(vers[fit]))
+                cut_below = c if cut_below is None else min(cut_below, c)
+                ids = ids[:fit]
+            budget -= fit * per_row
+            delta = None
+            if len(ids):
+                d = ts.take(m.spec.name, ids)
+                delta = delta_to_wire(d)
+                if d.values is None:
+                    extra += len(d) * ts.spec.row_bytes
+            if delta is None and cut_below is None and mine == theirs:
+                continue
+            out_models.setdefault(m.spec.name, {}).setdefault(table, []).append(
+                [s, mine.to_wire(), cut_below, delta])
+        if out_models:
+            self.counters["pull_responses_sent"] += 1
+            self._out.append(Outgoing(sender, mem.address, MsgType.PULL_RESPONSE,
+                                      {"from": self.node_id, "models": out_models}, extra))
+        if reverse:
+            self._send_pull_request(sender, reverse, back=False)
+
+    def _on_pull_response(self, body: dict[str, Any], now: float) -> None:
+        field(body, "from", str)
+        models = field(body, "models", dict)
+        parsed: list[tuple[_Model, str, int, Knowledge, int | None, Delta | None]] = []
+        for name, tables in models.items():
+            m = self.models.get(name)
+            if m is None or not isinstance(tables, dict):
+                continue
+            for table, entries in tables.items():
+                if not m.spec.has_table(table) or not isinstance(entries, list):
+                    continue
+                spec = m.spec.table(table)
+                for e in entries:
+                    if not isinstance(e, list) or len(e) != 4:
+                        raise ProtocolError("bad pull response entry", "bad_body")
+                    s, kw, cut, dw = e
+                    if not isinstance(s, int) or not 0 <= s < spec.num_shards:
+                        raise ProtocolError("shard out of range", "bad_body")
+                    if cut is not None and (not isinstance(cut, int) or not 0 <= cut <= MAX_COUNTER):
+                        raise ProtocolError("bad cut", "bad_body")
+                    k = Knowledge.from_wire(kw)
+                    d = None
+                    if dw is not None:
+                        d = delta_from_wire(dw, self.table_spec, values_required=self.with_values)
+                        if d.model != name or d.table != table or (len(d) and (spec.shards_of(d.ids) != s).any()):
+                            raise ProtocolError("pull response rows outside their shard", "bad_body")
+                    parsed.append((m, table, s, k, cut, d))
+        for m, table, s, k, cut, d in parsed:
+            if d is not None:
+                self._apply(m, d, now, source="pull")
+            sync = m.shard(table, s)
+            if sync.learn(k, cut):
+                m.dirty[table].add(s)
+        self.counters["pull_responses_received"] += 1

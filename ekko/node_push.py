@@ -1,0 +1,272 @@
+"""Eager push and membership gossip for :class:`ekko.node.ReplicaNode` (a mixin)."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ekko.codec import (
+    MAX_DELTAS_PER_MSG,
+    MsgType,
+    delta_from_wire,
+    delta_to_wire,
+    field,
+    int_field,
+)
+from ekko.delta import Delta
+from ekko.errors import ProtocolError, UsageError
+from ekko.node_rollback import MAX_ROLLBACK_RECORDS
+from ekko.node_types import Outgoing
+from ekko.spec import ModelSpec
+from ekko.store import ApplyResult
+from ekko.version import MAX_COUNTER
+from p2p.membership import MemberState, parse_entries
+from p2p.outbound import QueuedRows
+
+if TYPE_CHECKING:  # the node class defines the per-model state
+    from ekko.node import _Model
+
+#: wait before asking a link queue again when it reported ready but yielded nothing.
+PUSH_RETRY_S = 0.001
+#: share of gossip rounds spent on a partner in our own DC.
+LOCAL_GOSSIP_SHARE = 0.75
+
+
+def _impact_of(d: Delta, res: ApplyResult) -> np.ndarray | None:
+    """The publisher's impact metadata of the rows an apply changed (aligned with res.ids)."""
+    if d.impact is None or not len(res):
+        return None
+    if len(res) == len(d) and res.ids is d.ids:
+        return d.impact
+    order = np.argsort(d.ids, kind="stable")
+    pos = np.searchsorted(d.ids[order], res.ids)
+    return d.impact[order][np.minimum(pos, len(order) - 1)]
+
+class PushGossipMixin:
+    """Push queues, fan-out, and gossip of members, catalog and rollbacks."""
+
+    # ------------------------------------------------------------------ internals: push
+    def _incarnation(self) -> int:
+        me = self.members.get(self.node_id)
+        return me.incarnation if me is not None else 0
+
+    def _live_peers(self, dc: str | None = None) -> list[str]:
+        """Live members other than us (in ``dc`` when given); cached per membership version."""
+        version = self.members.version
+        hit = self._peers_cache.get(dc)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        peers = [mem.node_id for mem in self.members.members.values()
+                 if mem.node_id != self.node_id and mem.state != MemberState.DEAD and (dc is None or mem.dc == dc)]
+        self._peers_cache[dc] = (version, peers)
+        return peers
+
+    def _refresh_topology(self) -> None:
+        if self.topology.version == self.members.version:
+            return  # cheap check first: building the live map walks every member
+        live = {mem.node_id: mem.dc for mem in self.members.alive()}
+        self.topology.update(live, self.members.version)
+
+    def _enqueue(self, peer: str, rows: QueuedRows, now: float) -> None:
+        q = self.queues.get(peer)
+        if q is None:
+            mem = self.members.get(peer)
+            q = self.queues[peer] = self.queue_factory(peer, mem.dc if mem else "")
+        q.put(rows, now)
+
+    def _queued(self, m: _Model, table: str, res: ApplyResult, now: float, impact: np.ndarray | None = None
+                ) -> QueuedRows:
+        rb = m.spec.table(table).row_bytes
+        if self.prioritizer is None:
+            return QueuedRows(m.spec.name, table, res.ids, res.versions, rb)
+        return self.prioritizer.queued_rows(m.spec.name, table, res.ids, res.versions, rb, now,
+                                            impact=impact, old_versions=res.old_versions)
+
+    def _push_random(self, m: _Model, table: str, res: ApplyResult, now: float, exclude: str = "") -> None:
+        peers = [p for p in self._live_peers() if p != exclude]
+        rows = self._queued(m, table, res, now)
+        for peer in self.rng.sample(peers, min(self.config.random_fanout, len(peers))):
+            self._enqueue(peer, rows, now)
+
+    def _push_from_ingest(self, m: _Model, table: str, res: ApplyResult, now: float,
+                          impact: np.ndarray | None = None) -> None:
+        if not len(res):
+            return
+        if self.config.push_mode == "random":
+            self._push_random(m, table, res, now)
+            return
+        spec = m.spec.table(table)
+        rows = self._queued(m, table, res, now, impact)
+        for peer in self._live_peers(self.dc):
+            self._enqueue(peer, rows, now)
+        self._refresh_topology()
+        # One copy per remote DC, to the rank-0 gateway of the batch's first shard:
+        # each member of that DC then gets the batch in one frame from it (per-shard
+        # gateways would multiply LAN frames by the shards a batch touches), and WAN
+        # load still spreads over the DC's members as batches hit different shards.
+        lead = int(spec.shard_of(int(res.ids[0])))
+        for dc in self.topology.dcs():
+            if dc == self.dc:
+                continue
+            gw = self.topology.gateways(m.spec.name, table, spec.num_shards, dc)
+            if gw.shape[1] == 0:
+                continue
+            self._enqueue(str(gw[lead, 0]), rows, now)
+
+    def flush(self, now: float) -> None:
+        """Turn ready queued rows into PUSH frames (as far as each link's budget allows)."""
+        # The same batch is usually queued for many peers (a DC fan-out): build its
+        # wire form once per flush.
+        built: dict[tuple[int, ...], tuple[list[dict[str, Any]], int, list[QueuedRows]]] = {}
+        next_push = float("inf")
+        for peer, q in self.queues.items():
+            ready = q.next_ready(now)
+            while ready is not None and ready <= now:
+                batches = q.take(now, self.config.push_frame_bytes)
+                if not batches:
+                    # The queue said "ready" but gave nothing (a budget rounding edge):
+                    # look again a moment later rather than spinning at this instant.
+                    ready = now + PUSH_RETRY_S
+                    break
+                key = tuple(id(b.ids) for b in batches)
+                got = built.get(key)
+                if got is None:
+                    # Keep the batches alive with their wire form: ids are only unique
+                    # among live objects.
+                    got = built[key] = (*self._push_deltas(batches), batches)
+                self._send_push(peer, got[0], got[1])
+                ready = q.next_ready(now)
+            if ready is not None and ready < next_push:
+                next_push = ready
+        self._next_push = next_push
+
+    def _push_deltas(self, batches: list[QueuedRows]) -> tuple[list[dict[str, Any]], int]:
+        deltas = []
+        extra = 0
+        for b in batches:
+            m = self.models.get(b.model)
+            if m is None:
+                continue
+            ts = m.store.table(b.table)
+            d = ts.take(b.model, b.ids)
+            deltas.append(delta_to_wire(d))
+            if d.values is None:
+                extra += len(d) * ts.spec.row_bytes
+        return deltas, extra
+
+    def _send_push(self, peer: str, deltas: list[dict[str, Any]], extra: int) -> None:
+        mem = self.members.get(peer)
+        if mem is None or mem.state == MemberState.DEAD:
+            return
+        if deltas:
+            self.counters["push_frames_sent"] += 1
+            self._out.append(Outgoing(peer, mem.address, MsgType.PUSH,
+                                      {"from": self.node_id, "dc": self.dc, "deltas": deltas}, extra))
+
+    def _on_push(self, body: dict[str, Any], now: float) -> None:
+        sender = field(body, "from", str)
+        sender_dc = field(body, "dc", str)
+        raw = field(body, "deltas", list)
+        if len(raw) > MAX_DELTAS_PER_MSG:
+            raise ProtocolError("too many deltas in one push", "too_large")
+        deltas = [delta_from_wire(d, self.table_spec, values_required=self.with_values) for d in raw]
+        # A push from another DC reached us as that shard's gateway: forward it over
+        # the LAN.  Pushes from our own DC stop here, so there are no loops.
+        rumor = self.config.push and self.config.push_mode == "random"
+        forward = sender_dc != self.dc and self.config.push and not rumor
+        peers = [p for p in self._live_peers(self.dc) if p != sender] if forward else []
+        for d in deltas:
+            m = self.models[d.model]
+            res = self._apply(m, d, now, source="push")
+            if rumor and len(res):
+                # Rumor mongering: pass on only what was new to us, so it dies out.
+                self._push_random(m, d.table, res, now, exclude=sender)
+                forward = True
+            elif forward and len(res):
+                rows = self._queued(m, d.table, res, now, _impact_of(d, res))
+                for p in peers:
+                    self._enqueue(p, rows, now)
+        self.counters["push_frames_received"] += 1
+        if forward:
+            self.flush(now)
+
+    # ------------------------------------------------------------------ internals: gossip
+    def catalog_digest(self) -> int:
+        if self._catalog_digest is None:
+            h = hashlib.blake2b(digest_size=8)
+            for name in sorted(self.models):
+                h.update(repr(self.models[name].spec.to_dict()).encode())
+            self._catalog_digest = int.from_bytes(h.digest(), "little")
+        return self._catalog_digest
+
+    def _gossip_body(self, req: bool, with_catalog: bool = False, to_dc: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"k": "g", "from": self.node_id,
+                                "mem": self.members.gossip_entries(self.rng, prefer_dc=to_dc),
+                                "cat": self.catalog_digest(), "req": req,
+                                "heads": {n: m.head for n, m in self.models.items()}}
+        if with_catalog:
+            body["specs"] = [m.spec.to_dict() for m in self.models.values()]
+        if self.rollbacks:
+            body["rb"] = list(self.rollbacks.values())[-MAX_ROLLBACK_RECORDS:]
+        return body
+
+    def _gossip_round(self, now: float) -> None:
+        if self.static_membership:
+            return
+        self.members.tick(now)
+        died = self.members.check(now)
+        if died:
+            self.counters["members_died"] += len(died)
+        local = self._live_peers(self.dc)
+        peers = self._live_peers()
+        # Mostly gossip inside the DC (cheap, and DC members watch each other for
+        # gateway failover); now and then across, so DCs keep seeing each other.
+        pool = local if local and self.rng.random() < LOCAL_GOSSIP_SHARE else peers
+        if pool:
+            peer = self.members.get(self.rng.choice(pool))
+            self._out.append(Outgoing(peer.node_id, peer.address, MsgType.GOSSIP,
+                                      self._gossip_body(True, to_dc=peer.dc)))
+        if len(peers) < 2 or self.rng.random() < 0.05:
+            # Keep contacting seeds while we know few peers (join), and now and then
+            # afterwards so a partitioned-off node finds its way back.
+            for s in self.seeds:
+                self._out.append(Outgoing("", s, MsgType.GOSSIP, self._gossip_body(True)))
+
+    def _on_gossip(self, body: dict[str, Any], now: float) -> None:
+        sender = field(body, "from", str)
+        entries = parse_entries(field(body, "mem", list))
+        cat = int_field(body, "cat", 0, (1 << 64) - 1)
+        req = field(body, "req", bool)
+        heads = field(body, "heads", dict, optional=True, default={})
+        specs = None
+        if "specs" in body:
+            specs = [ModelSpec.from_dict(s) for s in field(body, "specs", list)]
+        self.members.merge(entries, now)
+        if isinstance(heads, dict):
+            self.peer_heads[sender] = {k: v for k, v in heads.items()
+                                       if isinstance(k, str) and isinstance(v, int) and 0 <= v <= MAX_COUNTER}
+        for spec in specs or ():
+            try:
+                self.register_model(spec, now)
+            except UsageError:
+                self.counters["catalog_conflicts"] += 1
+        rbs = field(body, "rb", list, optional=True, default=[])
+        if len(rbs) > MAX_ROLLBACK_RECORDS:
+            raise ProtocolError("too many rollback records", "bad_body")
+        for rb in rbs:
+            if isinstance(rb, dict) and rb.get("id") not in self.rollbacks:
+                self._apply_rollback(rb, now)
+        if req:
+            mem = self.members.get(sender)
+            if mem is not None:
+                self._out.append(Outgoing(sender, mem.address, MsgType.GOSSIP,
+                                          self._gossip_body(False, with_catalog=cat != self.catalog_digest(),
+                                                            to_dc=mem.dc)))
+        elif cat != self.catalog_digest() and specs is None:
+            # They have models we lack (or the reverse): ask with our catalog attached.
+            mem = self.members.get(sender)
+            if mem is not None:
+                self._out.append(Outgoing(sender, mem.address, MsgType.GOSSIP,
+                                          self._gossip_body(True, with_catalog=True)))
