@@ -130,21 +130,6 @@ def import_model_state(node: ReplicaNode, spec: ModelSpec, store: ModelStore, st
     node.import_state(spec, store, state, now)
 
 
-def _copy_store(store: ModelStore) -> ModelStore:
-    """A point-in-time copy of a model's tables for a snapshot written off the loop.
-
-    Values are cloned on their own device (fast, and the loop is not held for a
-    device-to-host transfer); the writer moves them to the host in chunks.
-    """
-    copy = ModelStore(store.spec, device="cpu", with_values=False)
-    for name, ts in store.tables.items():
-        c = copy.tables[name]
-        c.versions = ts.versions.copy()
-        c.tombstone = ts.tombstone.copy()
-        c.values = ts.values.detach().clone() if ts.values is not None else None
-    return copy
-
-
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -431,7 +416,7 @@ class Daemon:
 
         lock = self._snapshot_lock or asyncio.Lock()
         async with lock:
-            copies = [(_copy_store(m.store), export_model_state(self.node, name))
+            copies = [(m.store.copy(), export_model_state(self.node, name))
                       for name, m in self.node.models.items()]
             catalog = {"node_id": self.node.node_id, "dc": self.node.dc,
                        "models": {name: m.spec.to_dict() for name, m in self.node.models.items()}}

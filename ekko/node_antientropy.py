@@ -225,6 +225,17 @@ class AntiEntropyMixin:
             self._out.append(Outgoing(partner, mem.address, MsgType.PULL_REQUEST,
                                       {"from": self.node_id, "back": back, "models": body_models}))
 
+    def _known_tables(self, models: dict[str, Any]):
+        """``(model state, table, spec, entries)`` for the tables of a pull message we hold;
+        models and tables we do not know are skipped (the catalog may lag)."""
+        for name, tables in models.items():
+            m = self.models.get(name)
+            if m is None or not isinstance(tables, dict):
+                continue
+            for table, entries in tables.items():
+                if m.spec.has_table(table) and isinstance(entries, list):
+                    yield m, table, m.spec.table(table), entries
+
     def _on_pull_request(self, body: dict[str, Any], now: float) -> None:
         sender = field(body, "from", str)
         back = field(body, "back", bool)
@@ -237,31 +248,24 @@ class AntiEntropyMixin:
         # Parse and validate everything first.
         parsed: list[tuple[_Model, str, int, Knowledge, np.ndarray, np.ndarray]] = []
         total = 0
-        for name, tables in models.items():
-            m = self.models.get(name)
-            if m is None or not isinstance(tables, dict):
-                continue
-            for table, entries in tables.items():
-                if not m.spec.has_table(table) or not isinstance(entries, list):
-                    continue
-                spec = m.spec.table(table)
-                for e in entries:
-                    total += 1
-                    if total > MAX_SHARDS_PER_PULL or not isinstance(e, list) or len(e) != 4:
-                        raise ProtocolError("bad pull request entry", "bad_body")
-                    s = e[0]
-                    if not isinstance(s, int) or not 0 <= s < spec.num_shards:
-                        raise ProtocolError("shard out of range", "bad_body")
-                    k = Knowledge.from_wire(e[1])
-                    if e[2] is None:
-                        hid = hv = np.zeros(0, np.int64)
-                    else:
-                        if not isinstance(e[2], bytes) or len(e[2]) % 8 or len(e[2]) // 8 > MAX_HELD_ROWS_PER_SHARD:
-                            raise ProtocolError("bad held rows", "bad_body")
-                        n = len(e[2]) // 8
-                        hid = array_from_wire(e[2], np.int64, n, "held ids")
-                        hv = array_from_wire(e[3], np.int64, n, "held versions")
-                    parsed.append((m, table, s, k, hid, hv))
+        for m, table, spec, entries in self._known_tables(models):
+            for e in entries:
+                total += 1
+                if total > MAX_SHARDS_PER_PULL or not isinstance(e, list) or len(e) != 4:
+                    raise ProtocolError("bad pull request entry", "bad_body")
+                s = e[0]
+                if not isinstance(s, int) or not 0 <= s < spec.num_shards:
+                    raise ProtocolError("shard out of range", "bad_body")
+                k = Knowledge.from_wire(e[1])
+                if e[2] is None:
+                    hid = hv = np.zeros(0, np.int64)
+                else:
+                    if not isinstance(e[2], bytes) or len(e[2]) % 8 or len(e[2]) // 8 > MAX_HELD_ROWS_PER_SHARD:
+                        raise ProtocolError("bad held rows", "bad_body")
+                    n = len(e[2]) // 8
+                    hid = array_from_wire(e[2], np.int64, n, "held ids")
+                    hv = array_from_wire(e[3], np.int64, n, "held versions")
+                parsed.append((m, table, s, k, hid, hv))
         if mem is None:
             return
         budget = self.config.pull_response_bytes
@@ -318,29 +322,22 @@ class AntiEntropyMixin:
         field(body, "from", str)
         models = field(body, "models", dict)
         parsed: list[tuple[_Model, str, int, Knowledge, int | None, Delta | None]] = []
-        for name, tables in models.items():
-            m = self.models.get(name)
-            if m is None or not isinstance(tables, dict):
-                continue
-            for table, entries in tables.items():
-                if not m.spec.has_table(table) or not isinstance(entries, list):
-                    continue
-                spec = m.spec.table(table)
-                for e in entries:
-                    if not isinstance(e, list) or len(e) != 4:
-                        raise ProtocolError("bad pull response entry", "bad_body")
-                    s, kw, cut, dw = e
-                    if not isinstance(s, int) or not 0 <= s < spec.num_shards:
-                        raise ProtocolError("shard out of range", "bad_body")
-                    if cut is not None and (not isinstance(cut, int) or not 0 <= cut <= MAX_COUNTER):
-                        raise ProtocolError("bad cut", "bad_body")
-                    k = Knowledge.from_wire(kw)
-                    d = None
-                    if dw is not None:
-                        d = delta_from_wire(dw, self.table_spec, values_required=self.with_values)
-                        if d.model != name or d.table != table or (len(d) and (spec.shards_of(d.ids) != s).any()):
-                            raise ProtocolError("pull response rows outside their shard", "bad_body")
-                    parsed.append((m, table, s, k, cut, d))
+        for m, table, spec, entries in self._known_tables(models):
+            for e in entries:
+                if not isinstance(e, list) or len(e) != 4:
+                    raise ProtocolError("bad pull response entry", "bad_body")
+                s, kw, cut, dw = e
+                if not isinstance(s, int) or not 0 <= s < spec.num_shards:
+                    raise ProtocolError("shard out of range", "bad_body")
+                if cut is not None and (not isinstance(cut, int) or not 0 <= cut <= MAX_COUNTER):
+                    raise ProtocolError("bad cut", "bad_body")
+                k = Knowledge.from_wire(kw)
+                d = None
+                if dw is not None:
+                    d = delta_from_wire(dw, self.table_spec, values_required=self.with_values)
+                    if d.model != m.spec.name or d.table != table or (len(d) and (spec.shards_of(d.ids) != s).any()):
+                        raise ProtocolError("pull response rows outside their shard", "bad_body")
+                parsed.append((m, table, s, k, cut, d))
         for m, table, s, k, cut, d in parsed:
             if d is not None:
                 self._apply(m, d, now, source="pull")

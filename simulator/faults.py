@@ -217,17 +217,6 @@ class _RecordingCluster(SimCluster):
         super()._deliver(src, dst, payload)
 
 
-def _durable_copy(store: ModelStore) -> ModelStore:
-    """What a snapshot holds of a store: versions, tombstones and values, copied."""
-    copy = ModelStore(store.spec, device="cpu", with_values=False)
-    for name, ts in store.tables.items():
-        c = copy.tables[name]
-        c.versions = ts.versions.copy()
-        c.tombstone = ts.tombstone.copy()
-        c.values = ts.values.detach().clone() if ts.values is not None else None
-    return copy
-
-
 def _knowledge(node: ReplicaNode) -> dict[tuple[str, int], dict[int, int]]:
     """Per (table, shard): ``{origin: counter}``, through the node's public export."""
     raw = node.export_state(MODEL_NAME)["knowledge"]
@@ -349,7 +338,7 @@ class FaultRun:
             return
         node = self.cluster.nodes[nid]
         self._sample(nid)
-        durable = (_durable_copy(node.models[MODEL_NAME].store), node.export_state(MODEL_NAME),
+        durable = (node.models[MODEL_NAME].store.copy(), node.export_state(MODEL_NAME),
                    node.members.me.incarnation)
         self.cluster.crash(nid)
         self.faults["crash"] += 1
@@ -523,7 +512,7 @@ class FaultRun:
     def _restart_now(self, nid: str) -> None:
         node = self.cluster.nodes[nid]
         # The crashed object still holds exactly what it held at the crash.
-        self._restart(nid, (_durable_copy(node.models[MODEL_NAME].store), node.export_state(MODEL_NAME),
+        self._restart(nid, (node.models[MODEL_NAME].store.copy(), node.export_state(MODEL_NAME),
                             node.members.me.incarnation))
 
 
