@@ -28,7 +28,7 @@ from ekko.codec import delta_to_wire
 from ekko.delta import Delta
 from ekko.errors import UsageError
 from ekko.spec import ModelSpec
-from ekko.version import ORIGIN_BITS, HybridClock, counters_of
+from ekko.version import ORIGIN_BITS, HybridClock
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +147,3 @@ class PublisherChain:
         pc = cls(origin=origin, clock=HybridClock(int(state["clock"])))
         pc.heads = {(m, t, int(s)): int(c) for m, t, s, c in state.get("heads", [])}
         return pc
-
-
-def max_counter(versions: np.ndarray) -> int:
-    return int(counters_of(versions).max(initial=0))

@@ -79,8 +79,6 @@ class NodeConfig:
         auto_cut_interval: seconds between automatic cuts of every model on this
             replica (0 = only on demand).
         cut_retention: automatic cuts kept per model.
-        max_clock_skew: seconds a version's HLC time may lie ahead of ours before
-            the frame is refused as impossible.
     """
 
     preset: str = "local"
@@ -109,7 +107,6 @@ class NodeConfig:
     undo_bytes: int = 64 << 20
     auto_cut_interval: float = 0.0
     cut_retention: int = 60
-    max_clock_skew: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("gossip_interval", "ae_interval", "suspect_after", "dead_after", "forget_after"):

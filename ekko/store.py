@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ekko.delta import WIRE_DTYPES, Delta
+from ekko.delta import Delta
 from ekko.errors import UsageError
 from ekko.spec import ModelSpec, TableSpec
 from ekko.version import Knowledge, counters_of
@@ -296,7 +296,3 @@ class ModelStore:
             return self.tables[name]
         except KeyError:
             raise UsageError(f"model {self.spec.name} has no table {name!r}") from None
-
-
-def wire_dtype(spec: TableSpec) -> np.dtype:
-    return np.dtype(WIRE_DTYPES[spec.dtype])

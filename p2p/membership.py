@@ -129,14 +129,8 @@ class Membership:
     def alive(self) -> list[Member]:
         return [m for m in self.members.values() if m.state != MemberState.DEAD]
 
-    def live_in(self, dc: str) -> list[Member]:
-        return [m for m in self.members.values() if m.dc == dc and m.state != MemberState.DEAD]
-
     def dcs(self) -> list[str]:
         return sorted({m.dc for m in self.members.values() if m.state != MemberState.DEAD})
-
-    def add_seed(self, address: str) -> None:
-        """Nothing to record: seeds are contacted by address until they answer."""
 
     def tick(self, now: float) -> None:
         """Start a gossip round: bump our heartbeat."""
@@ -216,13 +210,6 @@ class Membership:
             m.last_change = now
             if m.state == MemberState.SUSPECT:
                 m.state, m.changed_round = MemberState.ALIVE, self.round
-
-    def declare_dead(self, node_id: str) -> None:
-        """Mark a member dead at once (e.g. the transport saw its connection refused repeatedly)."""
-        m = self.members.get(node_id)
-        if m and m.node_id != self.node_id and m.state != MemberState.DEAD:
-            m.state, m.changed_round = MemberState.DEAD, self.round
-            self.version += 1
 
     def gossip_entries(self, rng: random.Random, prefer_dc: str | None = None) -> list[list[Any]]:
         """Entries for one gossip message: ours, recent changes, then random others

@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
@@ -190,10 +190,3 @@ class MemNet:
 
     def wan_bytes(self) -> int:
         return sum(b for (a, c), b in self.bytes_between.items() if a != c)
-
-
-def dc_bytes(net: MemNet) -> dict[str, int]:
-    out: dict[str, int] = defaultdict(int)
-    for (a, b), n in net.bytes_between.items():
-        out[f"{a}->{b}"] += n
-    return dict(out)

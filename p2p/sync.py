@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ekko.store import TableStore
-from ekko.version import ORIGIN_BITS, Knowledge, counters_of
+from ekko.version import Knowledge, counters_of
 
 #: most pending publish chains kept per shard and origin (older ones are dropped;
 #: anti-entropy still delivers their rows, only the knowledge shortcut is lost).
@@ -230,7 +230,3 @@ class ShardSync:
             for o in list(self.pending):
                 self._resolve(o)
         return moved
-
-
-def version_counter(v: int) -> int:
-    return int(v) >> ORIGIN_BITS

@@ -41,10 +41,6 @@ def _mix(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def shard_key(model: str, table: str, shard: int) -> int:
-    return stable_hash64(f"{model}/{table}") ^ (shard * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF)
-
-
 @dataclass(frozen=True, slots=True)
 class DcGraph:
     """Which DC pairs exchange directly across the WAN.
@@ -127,11 +123,3 @@ class Topology:
             out = np.asarray(ids, dtype=object)[order]
         self._cache[key] = out
         return out
-
-    def rank_of(self, node_id: str, model: str, table: str, num_shards: int, dc: str) -> np.ndarray:
-        """Per shard: this node's gateway rank in its DC, or -1 when not a gateway."""
-        g = self.gateways(model, table, num_shards, dc)
-        if g.shape[1] == 0:
-            return np.full(num_shards, -1)
-        hit = g == node_id
-        return np.where(hit.any(axis=1), hit.argmax(axis=1), -1)

@@ -32,11 +32,6 @@ from p2p.topology import DcGraph, Topology
 from simulator.events import Simulation
 from simulator.network import WanNetwork
 
-#: bodies at least this large are sized with zstd like the real codec; smaller
-#: ones are sized by msgpack alone (the codec would not compress them either).
-SIZE_EXACT = True
-
-
 @dataclass
 class SimCluster:
     """Real replica nodes on a simulated WAN.
