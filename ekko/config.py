@@ -79,6 +79,16 @@ class NodeConfig:
         auto_cut_interval: seconds between automatic cuts of every model on this
             replica (0 = only on demand).
         cut_retention: automatic cuts kept per model.
+        auto_rollback: when quality reports make a model corrupted, roll it back to the
+            newest cut taken while healthy (:mod:`rollback.manager`); False records the
+            incident only.
+        quality_warmup_windows: quality windows (paired online/baseline samples) the
+            detector learns the metric's noise from before it may alarm (>= 3; 50 or
+            more keeps the false-alarm rate near its design, see :mod:`rollback.detector`).
+        baseline_pin_cut: non-empty makes this replica a *pinned baseline*: it holds
+            every model at the named cut (updates the cut does not cover are not
+            applied or adopted) so inference on it measures the baseline variant.
+            Re-pin by restarting with another cut name; "" = an ordinary replica.
     """
 
     preset: str = "local"
@@ -107,6 +117,10 @@ class NodeConfig:
     undo_bytes: int = 64 << 20
     auto_cut_interval: float = 0.0
     cut_retention: int = 60
+    # model-state manager and baseline (issue #6)
+    auto_rollback: bool = True
+    quality_warmup_windows: int = 50
+    baseline_pin_cut: str = ""
 
     def __post_init__(self) -> None:
         for name in ("gossip_interval", "ae_interval", "suspect_after", "dead_after", "forget_after"):
@@ -118,6 +132,8 @@ class NodeConfig:
             raise UsageError("config push_mode must be 'topology' or 'random'")
         if self.undo_bytes < 0 or self.auto_cut_interval < 0 or self.cut_retention < 1:
             raise UsageError("config undo_bytes and auto_cut_interval must be >= 0, cut_retention >= 1")
+        if not isinstance(self.quality_warmup_windows, int) or self.quality_warmup_windows < 3:
+            raise UsageError("config quality_warmup_windows must be an int >= 3")
         if self.scheduler not in ("fifo", "priority"):
             raise UsageError("config scheduler must be 'fifo' or 'priority'")
         if not 0 < self.k_percent < 100:

@@ -215,6 +215,7 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         self._seq = 0
         self._repair: dict[tuple[str, str], np.ndarray] = {}
         self._repair_rounds = 0
+        self._init_quality()  # the model-state manager (rollback.manager), quality reports
         # Hooks for layers above the protocol (undo history, metrics); called with
         # (model, table, ApplyResult, source) after every apply that changed rows.
         self.on_apply: list[Callable[[str, str, ApplyResult, str], None]] = []
@@ -503,6 +504,11 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
                 tables[t.name] = info
             models[name] = {"tables": tables, "head": m.head, "traffic_share": m.spec.traffic_share,
                             "lag_s": self.freshness_lag(name)}
+        if self.models:
+            states = self.model_states()
+            for name in models:
+                models[name]["quality"] = states[name]
+                models[name]["quality"]["incidents"] = [i.view() for i in self.quality.incidents(name)]
         return {"node_id": self.node_id, "dc": self.dc, "address": self.address,
                 "incarnation": self._incarnation(), "models": models}
 

@@ -210,6 +210,8 @@ class PushGossipMixin:
             body["specs"] = [m.spec.to_dict() for m in self.models.values()]
         if self.rollbacks:
             body["rb"] = list(self.rollbacks.values())[-MAX_ROLLBACK_RECORDS:]
+        if self.models:
+            body["ms"] = self._model_states_wire()
         return body
 
     def _gossip_round(self, now: float) -> None:
@@ -256,8 +258,11 @@ class PushGossipMixin:
         if len(rbs) > MAX_ROLLBACK_RECORDS:
             raise ProtocolError("too many rollback records", "bad_body")
         for rb in rbs:
-            if isinstance(rb, dict) and rb.get("id") not in self.rollbacks:
+            # A known id with other content is a concurrent record of the same incident: merge.
+            if isinstance(rb, dict) and self.rollbacks.get(rb.get("id")) != rb:
                 self._apply_rollback(rb, now)
+        if "ms" in body:
+            self._on_model_states(sender, body["ms"])
         if req:
             mem = self.members.get(sender)
             if mem is not None:

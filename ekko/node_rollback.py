@@ -19,6 +19,8 @@ from ekko.node_types import Outgoing
 from ekko.spec import check_name
 from ekko.version import MAX_COUNTER, MAX_ORIGIN, Knowledge, origins_of
 from rollback.cuts import Cut
+from rollback.detector import DetectorConfig
+from rollback.manager import Incident, ManagerConfig, ModelStateManager, check_sample, merge_rollback_records
 
 #: rollback records kept for gossip (newest first); a replica that was away catches up from them.
 MAX_ROLLBACK_RECORDS = 32
@@ -27,11 +29,122 @@ MAX_ROLLBACK_RECORDS = 32
 REPAIR_ROUNDS = 8
 #: most rows one repair request names per table.
 MAX_REPAIR_ROWS = 1 << 16
+#: quality events (incidents, restores) kept for the driver to log (oldest dropped).
+MAX_QUALITY_EVENTS = 256
+#: models whose state one gossip message carries.
+MAX_GOSSIP_MODEL_STATES = 1024
+#: model states by severity (the cluster's state of a model is the worst any live replica reports).
+_STATE_ORDER = {"warmup": 0, "healthy": 1, "uncertain": 2, "corrupted": 3}
 
 
 
 class RollbackMixin:
-    """Cut, rollback, fence and repair behaviour of a replica node."""
+    """Cut, rollback, fence and repair behaviour of a replica node, and its model-state manager."""
+
+    # ------------------------------------------------------------------ model states
+    def _init_quality(self) -> None:
+        c = self.config
+        det = DetectorConfig(warmup_windows=c.quality_warmup_windows)
+        self.quality = ModelStateManager(self.node_id, ManagerConfig(detector=det, auto_rollback=c.auto_rollback))
+        # Model states other replicas gossiped: node id -> model -> state name.
+        self.peer_model_states: dict[str, dict[str, str]] = {}
+        self._quality_events: list[dict[str, Any]] = []
+
+    def _quality_event(self, kind: str, **kw: Any) -> None:
+        self._quality_events.append({"event": kind, **kw})
+        if len(self._quality_events) > MAX_QUALITY_EVENTS:
+            del self._quality_events[0]
+
+    def take_quality_events(self) -> list[dict[str, Any]]:
+        """Incidents opened or adopted and rollbacks restored since the last call (for the log)."""
+        out, self._quality_events = self._quality_events, []
+        return out
+
+    def report_quality(self, model: str, variant: str, metric: str, value: float, count: float, now: float,
+                       until_counter: int | None = None) -> dict[str, Any] | None:
+        """Take one quality sample of ``model`` (in-process API of ``POST /v1/quality``).
+
+        Args:
+            model: a registered model.
+            variant: ``"online"`` (the served parameters) or ``"baseline"`` (a replica
+                group that lags: see :attr:`NodeConfig.baseline_pin_cut`).
+            metric: a metric the detector knows (``ctr``, ``auc``, ``loss``, ``logloss``).
+            value: the metric over ``count`` events.
+            count: events behind ``value`` (impressions, examples), > 0.
+            now: current time, seconds.
+            until_counter: rollback point (an HLC counter, normally the caller's wall
+                clock) should this sample trigger an automatic rollback; default: the
+                greatest counter any replica is known to hold.
+
+        Returns the rollback record when the sample made the model corrupted and a
+        rollback was started (here and at every peer), else None.  A bad sample raises
+        :class:`UsageError` and changes nothing.
+
+        Example:
+            >>> from ekko.node import ReplicaNode
+            >>> from ekko.spec import ModelSpec, TableSpec
+            >>> n = ReplicaNode("r1", "dc1", "127.0.0.1:1", device="cpu")
+            >>> _ = n.register_model(ModelSpec("m", [TableSpec("t", rows=8, dim=2)]), now=0.0)
+            >>> n.report_quality("m", "online", "ctr", 0.04, 1000, now=1.0) is None
+            True
+            >>> n.quality.state("m").value
+            'warmup'
+        """
+        check_sample(model, variant, metric, value, count)
+        if model not in self.models:
+            raise UsageError(f"unknown model {model!r}")
+        if metric not in self.quality.config.detector.metrics:
+            raise UsageError(f"unknown metric {metric!r}; known: {sorted(self.quality.config.detector.metrics)}")
+        if until_counter is not None and not 0 < until_counter <= MAX_COUNTER:
+            raise UsageError("until_counter must be a positive HLC counter")
+        before = self.quality.counters["incidents"]
+        decision = self.quality.observe(model, variant, metric, value, count, now,
+                                        eligible=lambda name, _m=model: self._cut_eligible(_m, name))
+        if self.quality.counters["incidents"] != before:
+            self._quality_event("incident", **self.quality.incidents(model)[-1].view())
+        if decision is None:
+            return None
+        if until_counter is None:
+            until_counter = max([self.models[model].head] + [h.get(model, 0) for h in self.peer_heads.values()])
+            until_counter = max(1, until_counter)
+        return self.rollback(model, decision.cut, until_counter, now, rid=decision.rollback_id,
+                             incident=decision.incident)
+
+    def _cut_eligible(self, model: str, name: str) -> bool:
+        try:
+            cut = self.cuts.get(model, name)
+        except UsageError:
+            return False
+        # A foreign cut (seq 0) restores from its knowledge alone; without history, peers fill in.
+        return self.undo is None or cut.seq == 0 or self.cuts.restorable(cut)
+
+    def model_states(self) -> dict[str, Any]:
+        """Per model: this replica's state, the cluster's (worst state gossiped by live
+        replicas, this one included) and the count of replicas per state."""
+        live = set(self._live_peers()) if not self.static_membership else None
+        out: dict[str, Any] = {}
+        for name in self.models:
+            own = self.quality.state(name).value
+            counts = {own: 1}
+            for peer, states in self.peer_model_states.items():
+                if live is not None and peer not in live:
+                    continue
+                st = states.get(name)
+                if st is not None:
+                    counts[st] = counts.get(st, 0) + 1
+            worst = max(counts, key=lambda s: _STATE_ORDER.get(s, 0))
+            out[name] = {"state": own, "cluster_state": worst, "replicas_by_state": counts,
+                         "epoch": self.quality.epoch(name)}
+        return out
+
+    def _model_states_wire(self) -> dict[str, str]:
+        return {name: self.quality.state(name).value for name in list(self.models)[:MAX_GOSSIP_MODEL_STATES]}
+
+    def _on_model_states(self, sender: str, raw: Any) -> None:
+        if not isinstance(raw, dict) or len(raw) > MAX_GOSSIP_MODEL_STATES:
+            raise ProtocolError("bad model states", "bad_body")
+        self.peer_model_states[sender] = {k: v for k, v in raw.items()
+                                          if isinstance(k, str) and k in self.models and v in _STATE_ORDER}
 
     # ------------------------------------------------------------------ cuts and rollback
     def _knowledge_of(self, model: str) -> dict[tuple[str, int], Knowledge]:
@@ -46,6 +159,7 @@ class RollbackMixin:
         """
         check_name("cut", name)
         cut = self.cuts.take(model, name, now, self._knowledge_of(model), self._seq)
+        self.quality.note_cut(model, name, now)
         if broadcast:
             for peer in self._live_peers():
                 mem = self.members.get(peer)
@@ -62,14 +176,21 @@ class RollbackMixin:
             # Our own apply seq is unknown for a foreign cut: the restore walks by the
             # cut's knowledge, which is what defines it.
             self.cuts.add(Cut(cut.name, cut.model, cut.taken_at, cut.knowledge, 0))
+            self.quality.note_cut(cut.model, cut.name, now)
 
-    def rollback(self, model: str, cut: Cut | str, until_counter: int, now: float) -> dict[str, Any]:
+    def rollback(self, model: str, cut: Cut | str, until_counter: int, now: float, rid: str | None = None,
+                 incident: Incident | None = None) -> dict[str, Any]:
         """Roll ``model`` back to ``cut`` everywhere: restore here, then tell every peer.
 
         Every version of the model newer than the cut and at most ``until_counter`` (an
         HLC counter: the caller's wall clock at the decision, so harmful updates still
         in flight are caught too) is fenced: never applied or served again.  Updates
         published afterwards carry greater counters and apply normally.
+
+        ``rid`` names the record (default: this node, model, cut and point); an automatic
+        rollback passes the incident's id so that replicas deciding it at once build
+        records that merge (:func:`rollback.manager.merge_rollback_records`), and the
+        ``incident`` travels with the record so that every replica records it.
 
         Returns the rollback record (also gossiped until it ages out).
         """
@@ -87,9 +208,12 @@ class RollbackMixin:
             written = v[v > 0]
             if len(written):
                 origins.update(np.unique(origins_of(written)).tolist())
-        record = {"id": f"{self.node_id}.{model}.{cut.name}.{until_counter}", "model": model,
+        record = {"id": rid or f"{self.node_id}.{model}.{cut.name}.{until_counter}", "model": model,
                   "cut": cut.to_wire(), "upper": [[o, until_counter] for o in sorted(origins)]}
+        if incident is not None:
+            record["incident"] = incident.to_wire()
         self._apply_rollback(record, now)
+        record = self.rollbacks.get(record["id"], record)  # merged with a peer's record of the incident
         for peer in self._live_peers():
             mem = self.members.get(peer)
             self._out.append(Outgoing(peer, mem.address, MsgType.ROLLBACK, {"from": self.node_id, "rb": record}))
@@ -98,7 +222,8 @@ class RollbackMixin:
     def _apply_rollback(self, record: dict[str, Any], now: float) -> bool:
         """Restore the rows a rollback record covers; idempotent per record id."""
         rid = field(record, "id", str)
-        if rid in self.rollbacks:
+        prev = self.rollbacks.get(rid)
+        if prev is not None and prev == record:
             return False
         model = field(record, "model", str)
         cut = Cut.from_wire(record.get("cut"))
@@ -107,12 +232,28 @@ class RollbackMixin:
                 isinstance(e, list) and len(e) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in e)
                 and 0 < e[0] <= MAX_ORIGIN and 0 < e[1] <= MAX_COUNTER for e in upper_raw):
             raise ProtocolError("bad rollback point", "bad_body")
+        incident = Incident.from_wire(record["incident"], now) if "incident" in record else None
+        if incident is not None and incident.model != model:
+            raise ProtocolError("rollback incident names another model", "bad_body")
         m = self.models.get(model)
         if m is None or cut.model != model:
             return False  # not ours (yet): the record comes again with gossip
+        if prev is not None:
+            # Two replicas decided the same incident at once: join the records (the older
+            # cut, the greater point), identically everywhere whatever the arrival order.
+            merged = merge_rollback_records(prev, record)
+            if merged["cut"] == prev["cut"] and merged["upper"] == prev["upper"]:
+                return False
+            record = merged
+            cut = Cut.from_wire(record["cut"])
+            upper_raw = record["upper"]
+            incident = Incident.from_wire(record["incident"], now) if "incident" in record else None
+            del self.rollbacks[rid]
         self.rollbacks[rid] = record
         while len(self.rollbacks) > MAX_ROLLBACK_RECORDS:
             del self.rollbacks[next(iter(self.rollbacks))]
+        if incident is not None and self.quality.adopt(incident):
+            self._quality_event("incident_adopted", **incident.view())
         self.fence.add(m.spec, cut, {o: c for o, c in upper_raw})
         restored = 0
         for t in m.spec.tables:
@@ -144,6 +285,10 @@ class RollbackMixin:
         self._repair_rounds = REPAIR_ROUNDS
         self.counters["rollbacks"] += 1
         self.counters["rolled_back_rows"] += restored
+        inc = self.quality.rollback_applied(model, rid, cut.name, now)
+        self._quality_event("restored", model=model, rollback_id=rid, cut=cut.name, rows=restored,
+                            incident=inc.id if inc is not None else None,
+                            restore_s=inc.restore_s if inc is not None else None)
         return True
 
     def _repair_round(self, now: float) -> None:

@@ -348,14 +348,14 @@ class QualityDetector:
             raise UsageError(f"{model}/{metric}: value must be a finite number, got {value!r}")
         if not (isinstance(count, (int, float)) and math.isfinite(count) and count > 0):
             raise UsageError(f"{model}/{metric}: count must be a positive number, got {count!r}")
+        direction = cfg.metrics.get(metric)
+        if direction is None:  # checked before any state is created: a refused sample changes nothing
+            raise UsageError(f"metric {metric!r} has no direction in DetectorConfig.metrics")
         m = self._models.get(model)
         if m is None:
             m = self._models[model] = _Model(now)
         tr = m.tracks.get(metric)
         if tr is None:
-            direction = cfg.metrics.get(metric)
-            if direction is None:
-                raise UsageError(f"metric {metric!r} has no direction in DetectorConfig.metrics")
             tr = m.tracks[metric] = _Track(1.0 if direction == LOWER_IS_BETTER else -1.0)
 
         on, base = tr.online, tr.baseline
@@ -450,6 +450,12 @@ class QualityDetector:
         """A model's current state (WARMUP for a model never seen)."""
         m = self._models.get(model)
         return m.state if m is not None else ModelState.WARMUP
+
+    def statistic(self, model: str, metric: str) -> float | None:
+        """The CUSUM statistic of one (model, metric); None before its first sample."""
+        m = self._models.get(model)
+        tr = m.tracks.get(metric) if m is not None else None
+        return tr.s if tr is not None else None
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-ready status: per model its state and, per metric, the statistic and its inputs."""
