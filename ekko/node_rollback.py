@@ -242,7 +242,7 @@ class RollbackMixin:
             # Two replicas decided the same incident at once: join the records (the older
             # cut, the greater point), identically everywhere whatever the arrival order.
             merged = merge_rollback_records(prev, record)
-            if merged["cut"] == prev["cut"] and merged["upper"] == prev["upper"]:
+            if merged == prev:
                 return False
             record = merged
             cut = Cut.from_wire(record["cut"])

@@ -351,12 +351,10 @@ class ModelStateManager:
         m = self._info(incident.model)
         for i, cur in enumerate(m.incidents):
             if cur.id == incident.id:
-                if cur.detected_by != incident.detected_by and incident.cut == cur.cut:
-                    return False
-                if cur.cut != incident.cut and incident.cut is not None:
-                    # A merged record chose another (older) cut: follow it, keep our times.
-                    incident.received_at, incident.restored_at = cur.received_at, cur.restored_at
-                    m.incidents[i] = incident
+                # Records of one incident merged (another detector, maybe an older cut):
+                # follow the merged copy, so every replica shows the same; keep our times.
+                incident.received_at, incident.restored_at = cur.received_at, cur.restored_at
+                m.incidents[i] = incident
                 return False
         m.epoch = max(m.epoch, incident.epoch)
         m.corrupted = True
