@@ -237,6 +237,7 @@ def render_status(st: dict[str, Any], console: Any = None) -> None:
         console.print("no models registered")
     else:
         console.print(t)
+    _render_quality(models, console)
     members = st.get("members")
     if members is not None:
         names = sorted(models)
@@ -252,6 +253,36 @@ def render_status(st: dict[str, Any], console: Any = None) -> None:
                       f"[{colour.get(state, 'white')}]{state}[/]", str(mem.get("incarnation")),
                       *[_fmt_lag(mem.get("lag_s", {}).get(n)) for n in names])
         console.print(c)
+
+
+def _render_quality(models: dict[str, Any], console: Any) -> None:
+    """Model states (this replica, the cluster) and incidents, when any model has quality data."""
+    from rich.table import Table
+
+    colour = {"healthy": "green", "warmup": "white", "uncertain": "yellow", "corrupted": "red"}
+    q = {name: m["quality"] for name, m in sorted(models.items()) if isinstance(m.get("quality"), dict)}
+    if not q:
+        return
+    t = Table(title="model states")
+    for col in ("model", "here", "cluster", "replicas by state", "incidents"):
+        t.add_column(col)
+    for name, st in q.items():
+        by = ", ".join(f"{k} {v}" for k, v in sorted(st.get("replicas_by_state", {}).items()))
+        t.add_row(name, f"[{colour.get(st.get('state'), 'white')}]{st.get('state')}[/]",
+                  f"[{colour.get(st.get('cluster_state'), 'white')}]{st.get('cluster_state')}[/]", by,
+                  str(st.get("epoch", 0)))
+    console.print(t)
+    rows = [(name, inc) for name, st in q.items() for inc in st.get("incidents", [])]
+    if rows:
+        i = Table(title="incidents")
+        for col in ("incident", "detected by", "metric", "effect", "cut", "restored", "restore"):
+            i.add_column(col)
+        for name, inc in rows:
+            i.add_row(str(inc.get("id")), str(inc.get("detected_by")), str(inc.get("metric")),
+                      f"{100.0 * float(inc.get('effect') or 0.0):.2f}%", str(inc.get("cut") or "- (none eligible)"),
+                      "yes" if inc.get("restored_at") is not None else "no",
+                      "-" if inc.get("restore_s") is None else f"{float(inc['restore_s']):.3f}s")
+        console.print(i)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

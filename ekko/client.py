@@ -30,6 +30,7 @@ from ekko.delta import WIRE_DTYPES
 from ekko.errors import EkkoError, ProtocolError, RemoteError, UsageError
 from ekko.spec import SUPPORTED_DTYPES, ModelSpec
 from ekko.store import from_wire_values
+from rollback.manager import check_sample
 
 #: seconds one request may take.
 DEFAULT_TIMEOUT_S = 10.0
@@ -216,6 +217,20 @@ class Client:
         """Roll ``model`` back to ``cut`` on every replica (started here)."""
         raw = self._ok("POST", "/v1/rollback", encode_frame(MsgType.ROLLBACK, {"model": model, "cut": cut},
                                                              self.keyring))
+        return json.loads(raw)
+
+    def report_quality(self, model: str, variant: str, metric: str, value: float, count: float) -> dict[str, Any]:
+        """Report one quality sample of ``model`` (``variant`` ``"online"`` or ``"baseline"``;
+        ``metric`` e.g. ``"ctr"``, the value over ``count`` events).  Returns the answer:
+        the model's state here and the ids of rollbacks the sample started.
+
+        Example::
+
+            Client("127.0.0.1:7070").report_quality("ranker", "online", "ctr", 0.0391, 120_000)
+        """
+        check_sample(model, variant, metric, value, count)
+        body = {"model": model, "variant": variant, "metric": metric, "value": float(value), "count": float(count)}
+        raw = self._ok("POST", "/v1/quality", encode_frame(MsgType.QUALITY, body, self.keyring))
         return json.loads(raw)
 
     def register(self, spec: ModelSpec) -> bool:

@@ -56,6 +56,7 @@ from ekko.node import Outgoing, ReplicaNode
 from ekko.spec import ModelSpec
 from ekko.store import ModelStore, to_wire_values
 from ekko.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS
+from rollback.manager import check_sample
 
 log = logging.getLogger("ekko.daemon")
 
@@ -86,6 +87,8 @@ LOCK_FILE = ".lock"
 HANDLER_ARGS: dict[str, Any] = {"max_line_size": MAX_REQUEST_LINE, "max_field_size": 16 << 10}
 
 #: message types /v1/gossip accepts (peer traffic only).
+#: quality samples one POST /v1/quality may carry.
+MAX_QUALITY_SAMPLES = 1024
 PEER_TYPES = frozenset({MsgType.GOSSIP, MsgType.PULL_REQUEST, MsgType.PULL_RESPONSE, MsgType.PUSH,
                         MsgType.ROLLBACK, MsgType.CUT})
 
@@ -100,6 +103,21 @@ _STATUS_OF_REASON = {
     "draining": 503,
 }
 _REASON_OF_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+def _log_quality_event(ev: dict[str, Any]) -> None:
+    """Log an incident (opened here or learnt from a peer) or a finished restore."""
+    kind = ev.get("event")
+    if kind in ("incident", "incident_adopted"):
+        log.warning("model %s CORRUPTED: incident %s (%s by %s), metric %s effect %.2f%% (cusum %.1f), "
+                    "rollback to cut %s%s", ev.get("model"), ev.get("id"),
+                    "detected" if kind == "incident" else "learnt", ev.get("detected_by"), ev.get("metric"),
+                    100.0 * float(ev.get("effect") or 0.0), float(ev.get("statistic") or 0.0), ev.get("cut"),
+                    "" if ev.get("cut") else " (none eligible: manual action needed)")
+    elif kind == "restored":
+        log.warning("model %s rolled back to cut %s (record %s, incident %s): %s rows restored, %s",
+                    ev.get("model"), ev.get("cut"), ev.get("rollback_id"), ev.get("incident"), ev.get("rows"),
+                    "-" if ev.get("restore_s") is None else f"{ev['restore_s']:.3f} s after the incident reached us")
 
 
 class RequestRejected(Exception):
@@ -119,6 +137,12 @@ def parse_hostport(s: str) -> tuple[str, int]:
 
 
 # --------------------------------------------------------------------------- persistence helpers
+def _hlc_now() -> int:
+    """This host's wall clock as an HLC counter (the top logical tick of this millisecond):
+    the rollback point that fences every update published until now."""
+    return max(1, int(time.time() * 1000) - HLC_EPOCH_MS) << HLC_LOGICAL_BITS | ((1 << HLC_LOGICAL_BITS) - 1)
+
+
 def export_model_state(node: ReplicaNode, model: str) -> dict[str, Any]:
     """The protocol state of ``model`` to keep beside its tensors (see :meth:`ReplicaNode.export_state`)."""
     return node.export_state(model)
@@ -217,6 +241,7 @@ class Daemon:
         app.router.add_post("/v1/cuts", self._h_take_cut)
         app.router.add_get("/v1/models/{model}/cuts", self._h_cuts)
         app.router.add_post("/v1/rollback", self._h_rollback)
+        app.router.add_post("/v1/quality", self._h_quality)
         app.router.add_get("/metrics", self._h_metrics)
         app.router.add_get("/healthz", self._h_healthz)
         app.on_startup.append(self._on_startup)
@@ -371,6 +396,8 @@ class Daemon:
 
     def _send_out(self, wake: bool = True) -> None:
         """Send the node's outbox; wake the timer loop so it re-reads the deadline."""
+        for ev in self.node.take_quality_events():
+            _log_quality_event(ev)
         for out in self.node.drain():
             self.transport.send(out)
         self.metrics.sends_in_flight.set(self.transport.in_flight)
@@ -627,12 +654,41 @@ class Daemon:
         cut = field(frame.body, "cut", str)
         if model not in self.node.models:
             raise RequestRejected(f"unknown model {model!r}", "unknown_model")
-        until = max(1, int(time.time() * 1000) - HLC_EPOCH_MS) << HLC_LOGICAL_BITS | ((1 << HLC_LOGICAL_BITS) - 1)
-        record = self.node.rollback(model, cut, until, self.clock())
+        record = self.node.rollback(model, cut, _hlc_now(), self.clock())
         self._send_out()
         log.warning("rolled back %s to cut %s (record %s)", model, cut, record["id"])
         return web.json_response({"ok": True, "model": model, "cut": cut, "id": record["id"],
                                   "rolled_back_rows": int(self.node.counters["rolled_back_rows"])})
+
+    async def _h_quality(self, request: web.Request) -> web.Response:
+        """Frame ``QUALITY``: one sample ``{"model", "variant", "metric", "value", "count"}``
+        or a batch ``{"samples": [sample, ...]}`` (at most MAX_QUALITY_SAMPLES); every
+        sample is validated before any is taken, so a bad batch changes nothing."""
+        frame = await self._read_frame(request)
+        self._expect(frame, MsgType.QUALITY)
+        raw = frame.body.get("samples", [frame.body]) if isinstance(frame.body, dict) else None
+        if not isinstance(raw, list) or not 0 < len(raw) <= MAX_QUALITY_SAMPLES:
+            raise RequestRejected(f"samples must be a list of 1..{MAX_QUALITY_SAMPLES} maps", "bad_body")
+        samples = []
+        for smp in raw:
+            if not isinstance(smp, dict):
+                raise RequestRejected("a quality sample must be a map", "bad_body")
+            args = tuple(smp.get(k) for k in ("model", "variant", "metric", "value", "count"))
+            check_sample(*args)
+            if args[0] not in self.node.models:
+                raise RequestRejected(f"unknown model {args[0]!r}", "unknown_model")
+            if args[2] not in self.node.quality.config.detector.metrics:
+                raise RequestRejected(f"unknown metric {args[2]!r}; known: "
+                                      f"{sorted(self.node.quality.config.detector.metrics)}", "bad_metric")
+            samples.append(args)
+        started = []
+        for args in samples:
+            record = self.node.report_quality(*args, self.clock(), until_counter=_hlc_now())
+            if record is not None:
+                started.append(record["id"])
+        self._send_out()
+        states = {a[0]: self.node.quality.state(a[0]).value for a in samples}
+        return web.json_response({"ok": True, "samples": len(samples), "states": states, "rollbacks": started})
 
     async def _h_rows(self, request: web.Request) -> web.Response:
         model, table = request.match_info["model"], request.match_info["table"]

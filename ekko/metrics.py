@@ -74,6 +74,23 @@ class _NodeCollector(Collector):
         yield rows
         yield head
 
+        # Model-state manager (rollback.manager): one series per model and state, 1 for the current one.
+        mstate = GaugeMetricFamily("ekko_model_state", "Model state here (1 = current): warmup, healthy, "
+                                   "uncertain, corrupted", labels=["model", "state"])
+        cstate = GaugeMetricFamily("ekko_model_cluster_state", "Worst model state gossiped by live replicas "
+                                   "(1 = current)", labels=["model", "state"])
+        incidents = CounterMetricFamily("ekko_model_incidents", "Corruption incidents of a model (detected here "
+                                        "or learnt from peers; the cluster-wide incident number)", labels=["model"])
+        states = node.model_states() if node.models else {}
+        for name, st in sorted(states.items()):
+            for value in ("warmup", "healthy", "uncertain", "corrupted"):
+                mstate.add_metric([name, value], float(st["state"] == value))
+                cstate.add_metric([name, value], float(st["cluster_state"] == value))
+            incidents.add_metric([name], float(st["epoch"]))
+        yield mstate
+        yield cstate
+        yield incidents
+
         models = GaugeMetricFamily("ekko_models", "Models registered on this replica")
         models.add_metric([], float(len(node.models)))
         yield models

@@ -259,7 +259,7 @@ class PushGossipMixin:
             raise ProtocolError("too many rollback records", "bad_body")
         for rb in rbs:
             # A known id with other content is a concurrent record of the same incident: merge.
-            if isinstance(rb, dict) and self.rollbacks.get(rb.get("id")) != rb:
+            if isinstance(rb, dict) and (not isinstance(rb.get("id"), str) or self.rollbacks.get(rb["id"]) != rb):
                 self._apply_rollback(rb, now)
         if "ms" in body:
             self._on_model_states(sender, body["ms"])

@@ -144,7 +144,7 @@ class RollbackMixin:
         if not isinstance(raw, dict) or len(raw) > MAX_GOSSIP_MODEL_STATES:
             raise ProtocolError("bad model states", "bad_body")
         self.peer_model_states[sender] = {k: v for k, v in raw.items()
-                                          if isinstance(k, str) and k in self.models and v in _STATE_ORDER}
+                                          if isinstance(k, str) and k in self.models and isinstance(v, str) and v in _STATE_ORDER}
 
     # ------------------------------------------------------------------ cuts and rollback
     def _knowledge_of(self, model: str) -> dict[tuple[str, int], Knowledge]:
