@@ -87,6 +87,8 @@ def _run(args: argparse.Namespace) -> int:
         sc.mode = args.mode
     systems = args.systems.split(",") if args.systems else None
     console = Console(stderr=True)
+    if "rollback" in sc.raw:
+        return _run_rollback(sc, args, console)
     console.print(f"[bold]ekko sim[/]: scenario {sc.name}, {sc.replicas} replicas, {len(sc.wan.dc_names)} DCs, "
                   f"seed {sc.seed}, {sc.duration_s:g} s of workload, mode "
                   f"{'full' if sc.with_values else 'metadata'}")
@@ -110,3 +112,19 @@ def _run(args: argparse.Namespace) -> int:
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - t0:.1f} s; "
           f"{results['events_per_s']:,.0f} events/s, peak RSS {results['peak_rss_mb']:.0f} MB")
     return 0
+
+
+def _run_rollback(sc, args: argparse.Namespace, console) -> int:
+    """The ``rollback`` scenario (a ``[rollback]`` table): :mod:`simulator.rollback_experiment`."""
+    from simulator.rollback_experiment import run_rollback, summary, write_rollback_results
+
+    console.print(f"[bold]ekko sim[/]: scenario {sc.name}, {sc.replicas} replicas, {len(sc.wan.dc_names)} DCs, "
+                  f"seed {sc.seed}, {sc.duration_s:g} s, mode {'full' if sc.with_values else 'metadata'}")
+    t0 = time.perf_counter()
+    res = run_rollback(sc, None if args.quiet else
+                       (lambda _s, t, end: console.print(f"  {t:6.1f}/{end:.0f} s simulated", end="\r")))
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    path = write_rollback_results(res, Path(args.out))
+    print(summary(res))
+    print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
+    return 0 if res.get("detected") and res.get("exact") else 1

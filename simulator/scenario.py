@@ -133,7 +133,7 @@ def load_scenario(name_or_path: str) -> Scenario:
     """A shipped scenario by name (``paper``, ``congestion``, ``rollback``, ``faults``) or a TOML file."""
     p = Path(name_or_path)
     try:
-        if p.suffix == ".toml" or p.exists():
+        if p.suffix == ".toml" or p.is_file():  # not p.exists(): the package dir rollback/ is no scenario
             with open(p, "rb") as f:
                 return parse_scenario(tomllib.load(f), p.stem)
         text = resources.files("simulator").joinpath("scenarios", f"{name_or_path}.toml").read_text()
