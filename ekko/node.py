@@ -328,6 +328,8 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         m = self.models.get(model)
         if m is None:
             raise ProtocolError(f"unknown model {model!r}: register it first", "unknown_model")
+        if self.baseline_pin:
+            raise ProtocolError("this replica is a pinned baseline: publish to an online replica", "baseline")
         origin = int_field(body, "origin", 1, MAX_ORIGIN)
         raw = field(body, "deltas", list)
         if len(raw) > MAX_DELTAS_PER_MSG:
@@ -545,6 +547,8 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
 
     def _apply(self, m: _Model, d: Delta, now: float, source: str) -> ApplyResult:
         ts = m.store.table(d.table)
+        if self.baseline_pin and len(d):
+            d = self._baseline_filter(d)  # a pinned baseline holds the cut's state (node_rollback)
         if len(self.fence) and len(d):
             fenced = self.fence.mask(d.model, d.table, d.ids, d.versions)
             if fenced.any():

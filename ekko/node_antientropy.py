@@ -342,6 +342,8 @@ class AntiEntropyMixin:
             if d is not None:
                 self._apply(m, d, now, source="pull")
             sync = m.shard(table, s)
+            if self.baseline_pin:
+                k = self._baseline_clamp(m.spec.name, table, s, k)
             if sync.learn(k, cut):
                 m.dirty[table].add(s)
         self.counters["pull_responses_received"] += 1

@@ -146,6 +146,51 @@ class RollbackMixin:
         self.peer_model_states[sender] = {k: v for k, v in raw.items()
                                           if isinstance(k, str) and k in self.models and isinstance(v, str) and v in _STATE_ORDER}
 
+    # ------------------------------------------------------------------ pinned baseline
+    @property
+    def baseline_pin(self) -> str:
+        """The cut this replica is pinned to as a baseline ("" = an ordinary replica)."""
+        return getattr(self, "_baseline_pin", self.config.baseline_pin_cut)
+
+    def set_baseline_pin(self, cut: str) -> None:
+        """Pin this replica to ``cut`` (a baseline), move the pin, or ``""`` to unpin.
+
+        A pinned baseline applies only row versions the pinned cut covers and never lets
+        its knowledge pass the cut's, so anti-entropy keeps offering it what lies beyond:
+        after a re-pin to a newer cut (or an unpin) the next rounds bring it forward, as
+        for a replica that was away.  Until the pinned cut is known here it applies
+        nothing.  State-based sync keeps only each row's newest version, so a row that
+        peers overwrote after the cut before this baseline got the cut's version keeps
+        the baseline's older value (re-pin to a newer cut regularly).
+        """
+        if cut:
+            check_name("cut", cut)
+        self._baseline_pin = cut
+
+    def _pinned_cut(self, model: str) -> Cut | None:
+        try:
+            return self.cuts.get(model, self.baseline_pin)
+        except UsageError:
+            return None
+
+    def _baseline_filter(self, d: Any) -> Any:
+        """The rows of a delta a pinned baseline may apply (those its cut covers)."""
+        cut = self._pinned_cut(d.model)
+        keep = (cut.covers(self.models[d.model].spec.table(d.table), d.ids, d.versions) if cut is not None
+                else np.zeros(len(d), bool))
+        if not keep.all():
+            self.counters["baseline_held_rows"] += int((~keep).sum())
+            d = d.take(keep)
+        return d
+
+    def _baseline_clamp(self, model: str, table: str, shard: int, k: Knowledge) -> Knowledge:
+        """A peer's knowledge as far as a pinned baseline may adopt it: at most the cut's."""
+        cut = self._pinned_cut(model)
+        pin = cut.knowledge.get((table, shard)) if cut is not None else None
+        if pin is None:
+            return Knowledge()
+        return Knowledge({o: min(c, pin[o]) for o, c in k.items() if pin[o] > 0})
+
     # ------------------------------------------------------------------ cuts and rollback
     def _knowledge_of(self, model: str) -> dict[tuple[str, int], Knowledge]:
         m = self._model(model)

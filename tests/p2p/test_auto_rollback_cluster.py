@@ -89,3 +89,37 @@ def test_replicas_detecting_at_once_start_one_identical_rollback():
     assert all(len(n.rollbacks) == 1 for n in net.nodes.values())
     detectors = {n.quality.incidents("ranker")[0].detected_by for n in net.nodes.values()}
     assert len(detectors) == 1                         # the merged record names one detector everywhere
+
+
+def test_pinned_baseline_holds_its_cut_and_follows_a_re_pin():
+    net = make_cluster(dcs=2, per_dc=3, seed=33)
+    base = net.nodes["n1-2"]
+    base.set_baseline_pin("c1")
+    net.run(2.0)
+    trainer = Trainer(net, "n0-0", seed=33)
+    for _ in range(3):
+        trainer.publish("emb", 300)
+        net.run(net.now + 0.1)
+    net.call("n0-0", "take_cut", "ranker", "c1", net.now)
+    net.run(net.now + 5)
+    others = [n for n in net.nodes if n != "n1-2"]
+    at_c1 = digests(net, others)
+    assert len(at_c1) == 1 and digests(net, ["n1-2"]) == at_c1     # reached its pinned cut
+    for _ in range(3):
+        trainer.publish("emb", 300)
+        net.run(net.now + 0.1)
+    net.run(net.now + 5)
+    assert digests(net, ["n1-2"]) == at_c1, "the baseline stays at c1"
+    assert digests(net, others) != at_c1 and len(digests(net, others)) == 1
+    assert base.counters["baseline_held_rows"] > 0
+    net.call("n0-0", "take_cut", "ranker", "c2", net.now)
+    net.run(net.now + 1)
+    base.set_baseline_pin("c2")                                     # re-pin: it catches up
+    assert net.run_until(lambda: digests(net) == digests(net, others), timeout=30)
+    for _ in range(2):
+        trainer.publish("emb", 300)
+        net.run(net.now + 0.1)
+    net.run(net.now + 5)
+    assert digests(net, ["n1-2"]) != digests(net, others)
+    base.set_baseline_pin("")                                       # unpinned: an ordinary replica again
+    assert net.run_until(lambda: len(digests(net)) == 1, timeout=30)
