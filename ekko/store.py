@@ -56,12 +56,15 @@ class ApplyResult:
         old_versions: their versions before the apply (0 = never written).
         old_values: their values before the apply as a wire array, when asked for
             (the undo history of :mod:`rollback` uses it), else None.
+        old_tombstone: whether each row was a tombstone before the apply, when asked
+            for (with ``old_values``), else None: a rollback must restore deletes too.
     """
 
     ids: np.ndarray
     versions: np.ndarray
     old_versions: np.ndarray
     old_values: np.ndarray | None = None
+    old_tombstone: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -141,6 +144,7 @@ class TableStore:
                 wid, old_w, new_w = wid[keep], old_w[keep], new_w[keep]
         self.versions[wid] = new_w
         old_values = None
+        old_tomb = self.tombstone[wid] if capture_old else None  # fancy indexing: a copy
         tomb = None
         if delta.tombstone is not None:
             tomb = delta.tombstone if pos is None else delta.tombstone[pos]
@@ -160,7 +164,7 @@ class TableStore:
                 self.values.index_fill_(0, idx, 0)
         self.tombstone[wid] = tomb if tomb is not None else False
         self._mark_dirty(wid)
-        return ApplyResult(wid, new_w, old_w, old_values)
+        return ApplyResult(wid, new_w, old_w, old_values, old_tomb)
 
     def _one_per_row(self, wid: np.ndarray, old_w: np.ndarray, new_w: np.ndarray) -> np.ndarray | None:
         """None when the winning ids are distinct, else positions of one greatest copy per id.

@@ -212,6 +212,11 @@ class UndoHistory:
         old = np.array(result.old_versions, dtype=np.int64, copy=True)
         if old.shape != (n,):
             raise UsageError(f"{model}/{table}: old_versions must have shape ({n},)")
+        tomb = getattr(result, "old_tombstone", None)
+        if tomb is not None and tomb.any():
+            # A tombstone is kept as its version negated (packed versions are > 0 and a
+            # never-written row, version 0, is no tombstone): no extra array per record.
+            old[tomb] = -old[tomb]
         top = int(ids.max())
         log.max_id = max(log.max_id, top)
         nbytes = ids.nbytes + old.nbytes + (values.nbytes if values is not None else 0) + RECORD_OVERHEAD_BYTES
@@ -320,7 +325,7 @@ class UndoHistory:
         for seg, cand, pc, ov, values in pieces:
             k = len(cand)
             out_ids[off:off + k] = rows[pc]
-            out_versions[off:off + k] = ov
+            out_versions[off:off + k] = np.abs(ov)  # tombstones are recorded negated
             complete[off:off + k] = True
             if out_values is not None:
                 np.take(values, cand, axis=0, out=out_values[off:off + k])
@@ -364,9 +369,11 @@ class UndoHistory:
         pieces, resolved = self._walk(log, rows, covered)
 
         def write(ids: np.ndarray, versions: np.ndarray, values: np.ndarray | None) -> None:
+            tomb = versions < 0   # recorded negated: the row was a tombstone at the cut
+            versions = np.abs(versions)
             if seq is not None:
                 self.record(model, table, seq, capture_before_restore(store, ids, versions))
-            store.restore_rows(ids, versions, values)
+            store.restore_rows(ids, versions, values, tombstone=tomb if tomb.any() else None)
 
         restored = 0
         pending: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]] = []
@@ -437,7 +444,7 @@ class UndoHistory:
                 cand = np.flatnonzero(keep) if cand is None else cand[keep]
                 p = p[keep]
             ov = old if cand is None else old[cand]
-            ok = np.asarray(covered(ids if cand is None else ids[cand], ov), dtype=bool)
+            ok = np.asarray(covered(ids if cand is None else ids[cand], np.abs(ov)), dtype=bool)
             if ok.shape != ov.shape:
                 raise UsageError("covered() must return one bool per version")
             ok |= ov == 0
@@ -635,4 +642,5 @@ def capture_before_restore(store: "TableStore", ids: np.ndarray, new_versions: n
 
     ids = np.asarray(ids, dtype=np.int64)
     old_values = to_wire_values(store.read(ids)) if store.values is not None else None
-    return ApplyResult(ids, np.asarray(new_versions, dtype=np.int64), store.versions[ids], old_values)
+    return ApplyResult(ids, np.asarray(new_versions, dtype=np.int64), store.versions[ids], old_values,
+                       store.tombstone[ids])
