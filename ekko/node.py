@@ -241,7 +241,9 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
             self._repair_round(now)
             if self.config.auto_cut_interval:
                 for name in self.models:
-                    self.cuts.maybe_auto_cut(name, now, lambda n=name: (self._knowledge_of(n), self._seq))
+                    cut = self.cuts.maybe_auto_cut(name, now, lambda n=name: (self._knowledge_of(n), self._seq))
+                    if cut is not None:
+                        self.quality.note_cut(name, cut.name, now)  # a rollback target if taken while healthy
         self.flush(now)
 
     def receive(self, frame: Frame, now: float, src_address: str = "") -> None:
