@@ -122,6 +122,8 @@ class RollbackMixin:
         """Per model: this replica's state, the cluster's (worst state gossiped by live
         replicas, this one included) and the count of replicas per state."""
         live = set(self._live_peers()) if not self.static_membership else None
+        for gone in [p for p in self.peer_model_states if self.members.get(p) is None]:
+            del self.peer_model_states[gone]   # forgotten members: bound the map
         out: dict[str, Any] = {}
         for name in self.models:
             own = self.quality.state(name).value

@@ -372,6 +372,10 @@ class ModelStateManager:
         """
         m = self._info(model)
         inc = next((i for i in reversed(m.incidents) if i.rollback_id == rollback_id), None)
+        if inc is None and m.corrupted and m.incidents and m.incidents[-1].rollback_id is None:
+            # An operator's rollback closes an incident that found no cut of its own.
+            inc = m.incidents[-1]
+            inc.rollback_id = rollback_id
         if inc is not None and inc.restored_at is None:
             inc.restored_at = now
             inc.cut = cut

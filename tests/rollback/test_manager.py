@@ -103,6 +103,10 @@ def test_no_eligible_cut_records_an_incident_without_rollback():
     assert inc.cut is None and inc.rollback_id is None
     assert mgr.state("m") is ModelState.CORRUPTED
     assert mgr.counters["incidents_without_cut"] == 1
+    # An operator rolls back by hand: the incident is closed with that rollback.
+    mgr.rollback_applied("m", "r9.m.manual.1", "manual-cut", now=400.0)
+    assert (inc.rollback_id, inc.cut, inc.restored_at) == ("r9.m.manual.1", "manual-cut", 400.0)
+    assert mgr.state("m") is ModelState.HEALTHY
 
 
 def test_auto_rollback_off_records_incident_only():
