@@ -83,7 +83,8 @@ async def test_bad_quality_reports_are_refused_and_change_nothing(tmp_path):
         await client.close()
 
 
-async def test_quality_degradation_rolls_back_to_the_healthy_cut(tmp_path):
+async def test_quality_degradation_rolls_back_to_the_healthy_cut(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="ekko.daemon")
     d, client = await make_client(tmp_path, config=CFG)
     rng = random.Random(5)
     nrng = np.random.default_rng(5)
@@ -114,6 +115,8 @@ async def test_quality_degradation_rolls_back_to_the_healthy_cut(tmp_path):
         assert inc["cut"] == "validated" and inc["metric"] == "ctr" and inc["effect"] > 0.02
         assert inc["restored_at"] is not None and inc["restore_s"] >= 0 and q["epoch"] == 1
         assert q["state"] == "healthy"           # restored: the statistic starts again
+        logged = caplog.text
+        assert "ranker CORRUPTED: incident ranker.1" in logged and "rolled back to cut validated" in logged
         text = await metrics_text(client)
         assert re.search(r'^ekko_model_incidents_total\{model="ranker"\} 1\.0$', text, re.M)
         assert re.search(r'^ekko_model_state\{model="ranker",state="healthy"\} 1\.0$', text, re.M)
