@@ -21,7 +21,6 @@ from ekko.node_rollback import MAX_ROLLBACK_RECORDS
 from ekko.node_types import Outgoing
 from ekko.spec import ModelSpec
 from ekko.store import ApplyResult
-from ekko.version import MAX_COUNTER
 from p2p.membership import MemberState, parse_entries
 from p2p.outbound import QueuedRows
 
@@ -172,6 +171,7 @@ class PushGossipMixin:
         if len(raw) > MAX_DELTAS_PER_MSG:
             raise ProtocolError("too many deltas in one push", "too_large")
         deltas = [delta_from_wire(d, self.table_spec, values_required=self.with_values) for d in raw]
+        self.refuse_future(deltas, now, "push")
         # A push from another DC reached us as that shard's gateway: forward it over
         # the LAN.  Pushes from our own DC stop here, so there are no loops.
         rumor = self.config.push and self.config.push_mode == "random"
@@ -245,8 +245,10 @@ class PushGossipMixin:
             specs = [ModelSpec.from_dict(s) for s in field(body, "specs", list)]
         self.members.merge(entries, now)
         if isinstance(heads, dict):
+            # Heads beyond our clock + skew bound are dropped: they would fake everyone's lag.
+            horizon = self.counter_horizon(now)
             self.peer_heads[sender] = {k: v for k, v in heads.items()
-                                       if isinstance(k, str) and isinstance(v, int) and 0 <= v <= MAX_COUNTER}
+                                       if isinstance(k, str) and isinstance(v, int) and 0 <= v <= horizon}
         for spec in specs or ():
             try:
                 self.register_model(spec, now)
