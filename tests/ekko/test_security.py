@@ -26,7 +26,7 @@ from ekko.keyring_file import load_keyring
 from ekko.node import ReplicaNode
 from ekko.spec import ModelSpec, TableSpec
 from ekko.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS
-from procs import DaemonGroup, post_frame, table_digests, wait_for
+from procs import DaemonGroup, post_frame, wait_for
 from test_daemon import (
     CFG,
     SPEC,
