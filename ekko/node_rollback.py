@@ -107,6 +107,10 @@ class RollbackMixin:
                 isinstance(e, list) and len(e) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in e)
                 and 0 < e[0] <= MAX_ORIGIN and 0 < e[1] <= MAX_COUNTER for e in upper_raw):
             raise ProtocolError("bad rollback point", "bad_body")
+        if upper_raw and max(c for _, c in upper_raw) > self.counter_horizon(now):
+            # A fence reaching into the future would silently drop legitimate updates to come.
+            self.counters["refused_future_frames"] += 1
+            raise ProtocolError("rollback point lies beyond this replica's clock + max_clock_skew", "future_version")
         m = self.models.get(model)
         if m is None or cut.model != model:
             return False  # not ours (yet): the record comes again with gossip

@@ -153,3 +153,25 @@ def test_a_removed_key_no_longer_verifies(tmp_path):
     assert keys("promote", ring, "--id", 2) == 0 and keys("remove", ring, "--id", 1) == 0
     with pytest.raises(ProtocolError, match="unknown key id 1"):
         decode_frame(frame, load_keyring(ring))
+
+
+def test_daemon_takes_a_keyring_flag_or_config_key_and_refuses_a_readable_one(tmp_path, capsys):
+    from ekko.cli import build_parser, daemon_settings
+
+    ring = tmp_path / "ring.json"
+    save_keyring(ring, new_doc(1))
+    base = ["daemon", "--node-id", "r1", "--dc", "dc1", "--listen", "127.0.0.1:1", "--data-dir", str(tmp_path / "d")]
+    settings, _ = daemon_settings(build_parser().parse_args([*base, "--keyring", str(ring)]))
+    assert settings["keyring_file"] == str(ring)
+    cfg = tmp_path / "r1.toml"
+    cfg.write_text(f'[daemon]\nkeyring_file = "{ring}"\n')
+    settings, _ = daemon_settings(build_parser().parse_args([*base, "--config", str(cfg)]))
+    assert settings["keyring_file"] == str(ring)
+    os.chmod(ring, 0o604)
+    assert main([*base, "--keyring", str(ring)]) == 2
+    assert "chmod 600" in capsys.readouterr().err
+    os.chmod(ring, 0o600)
+    key = tmp_path / "cluster.key"
+    key.write_bytes(b"k" * 16)
+    assert main([*base, "--keyring", str(ring), "--key-file", str(key)]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -272,6 +272,21 @@ async def test_publisher_authorization(tmp_path):
         assert status == 200, raw
         other8 = publish_body(PublisherChain(origin=8), "emb", np.arange(5), np.ones((5, 8), np.float32), spec=OTHER)
         assert (await post(client, "/v1/publish", encode_frame(MsgType.PUBLISH, other8.body, k10)))[0] == 200
+
+        # the SDK signs with the primary key of a keyring file given as a Path
+        from ekko.errors import RemoteError
+        from ekko.sdk import AsyncPublisher
+        url = str(client.make_url("")).rstrip("/")
+        trainer_file = tmp_path / "trainer.json"
+        async with AsyncPublisher([url], origin=7, key=trainer_file, state_dir=tmp_path / "pub7") as pub:
+            await pub.register(SPEC)
+            ack = await pub.publish("ranker", "emb", np.arange(60, 70), np.full((10, 8), 3, np.float32))
+            assert ack.rows == 10
+        async with AsyncPublisher([url], origin=8, key=trainer_file, state_dir=tmp_path / "pub8") as pub:
+            await pub.register(SPEC)
+            with pytest.raises(RemoteError, match="may not write") as e:
+                await pub.publish("ranker", "emb", np.arange(5), np.ones((5, 8), np.float32))
+            assert e.value.status == 403
     finally:
         await client.close()
 
@@ -358,6 +373,13 @@ def test_versions_beyond_the_skew_bound_are_refused_whole():
         b.receive(_wire(MsgType.PULL_RESPONSE, resp), now)
     assert e.value.reason == "future_version"
     assert b.models["m"].shards["t"].get(0) is None or b.models["m"].shards["t"][0].knowledge[4] < far
+
+    # a rollback record whose fence reaches beyond the bound would drop updates yet to come
+    b.take_cut("m", "c", now)
+    record = {"id": "x.m.c", "model": "m", "cut": b.cuts.get("m", "c").to_wire(), "upper": [[4, far]]}
+    with pytest.raises(ProtocolError) as e:
+        b.receive(_wire(MsgType.ROLLBACK, {"from": "a", "rb": record}), now)
+    assert e.value.reason == "future_version" and not b.rollbacks and not len(b.fence)
 
     # gossiped heads beyond the bound are ignored (they would fake every replica's lag)
     b.members.heard_from("a", now)
