@@ -258,7 +258,8 @@ class PushGossipMixin:
         if len(rbs) > MAX_ROLLBACK_RECORDS:
             raise ProtocolError("too many rollback records", "bad_body")
         for rb in rbs:
-            if isinstance(rb, dict) and rb.get("id") not in self.rollbacks:
+            # A record's id must be a string to be looked up (a list id crashed this as a TypeError).
+            if isinstance(rb, dict) and (not isinstance(rb.get("id"), str) or rb["id"] not in self.rollbacks):
                 self._apply_rollback(rb, now)
         if req:
             mem = self.members.get(sender)

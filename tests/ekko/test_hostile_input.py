@@ -47,6 +47,7 @@ from ekko.codec import (
 from ekko.config import preset
 from ekko.errors import ProtocolError, UsageError
 from ekko.node import ReplicaNode
+from ekko.version import HLC_EPOCH_MS
 from test_daemon import KEY, SPEC, _mutate, _traffic_corpus, make_client, metrics_text, publish_body, register
 
 #: garbage bodies of the acceptance test (each posted to both endpoints).
@@ -364,6 +365,100 @@ def test_every_handler_survives_a_mutation_fuzzer(tmp_path):
 
 
 # --------------------------------------------------------------------------- below the handlers
+#: wrong values a systematic sweep puts at every path of a valid message (DELETE removes the key).
+DELETE = object()
+SWEEP_VALUES = [DELETE, None, -1, 2**64 - 1, "", "x", b"", b"\x00" * 7, [], {}, [[1, 2]], 1.5, True]
+#: deepest path the sweep edits, and list items it visits per list.
+SWEEP_DEPTH, SWEEP_ITEMS = 5, 3
+
+
+def _paths(obj, prefix=()):
+    if prefix:
+        yield prefix
+    if len(prefix) >= SWEEP_DEPTH:
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj[:SWEEP_ITEMS]):
+            yield from _paths(v, prefix + (i,))
+
+
+def _edited(body, path, value):
+    import copy
+    out = copy.deepcopy(body)
+    parent = out
+    for k in path[:-1]:
+        parent = parent[k]
+    if value is DELETE:
+        if not isinstance(parent, dict):
+            return None
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = copy.deepcopy(value)
+    return out
+
+
+def _node_state(n: ReplicaNode) -> tuple:
+    return (tuple((m, t.name, n.table_store(m, t.name).versions.tobytes(), n.table_store(m, t.name).digest())
+                  for m in sorted(n.models) for t in n.spec(m).tables),
+            tuple((m, repr(n.export_state(m))) for m in sorted(n.models)),
+            tuple((m, tuple(c.name for c in n.cuts.cuts(m))) for m in sorted(n.models)),
+            tuple(n.rollbacks), len(n.fence), n.catalog_digest())
+
+
+def _sweep_corpus() -> list[tuple[MsgType, dict]]:
+    """One valid body of every message type and gossip kind, recorded from real nodes."""
+    corpus = _traffic_corpus()
+    picked: dict[tuple, tuple[MsgType, dict]] = {}
+    for t, body in corpus:  # the richest body of each type and gossip kind
+        key = (t, body.get("k"))
+        if key not in picked or len(body) > len(picked[key][1]):
+            picked[key] = (t, body)
+    cut = {"name": "c9", "model": "ranker", "taken_at": 1.0, "seq": 0, "knowledge": [["emb", 0, [[3, 5]]]]}
+    record = {"id": "a.ranker.c9.7", "model": "ranker", "cut": cut, "upper": [[3, 7]]}
+    extra = [(MsgType.CUT, {"from": "a", "cut": cut}), (MsgType.ROLLBACK, {"from": "a", "rb": record}),
+             (MsgType.GOSSIP, {**picked[(MsgType.GOSSIP, "g")][1], "specs": [SPEC.to_dict()], "rb": [record]})]
+    return list(picked.values()) + extra
+
+
+def test_node_sweep_every_field_of_every_message():
+    """Every path of a valid message of every type, deleted or set to a wrong value: the
+    receive path raises ProtocolError (or accepts), and a refused message changes nothing."""
+    corpus = _traffic_corpus()
+    n = ReplicaNode("b", "dc2", "b", config=preset("local"), device="cpu", seeds=["a"])
+    n.wall_offset_s = HLC_EPOCH_MS / 1000 + 2000  # the corpus publisher runs 1000 s ahead (see _traffic_corpus)
+    for t, body in corpus:  # learn the model, the sender and some rows first
+        try:
+            n.receive(Frame(t, body), 10.0)
+        except ProtocolError:
+            pass
+    targets = _sweep_corpus()
+    assert {t for t, _ in targets} >= {MsgType.GOSSIP, MsgType.PULL_REQUEST, MsgType.PULL_RESPONSE, MsgType.PUSH,
+                                       MsgType.PUBLISH, MsgType.REGISTER_MODEL, MsgType.CUT, MsgType.ROLLBACK}
+    tried = refused = 0
+    for t, body in targets:
+        for path in _paths(body):
+            for value in SWEEP_VALUES:
+                edited = _edited(body, path, value)
+                if edited is None:
+                    continue
+                before = _node_state(n)
+                tried += 1
+                try:
+                    n.receive(Frame(t, edited), 10.0)
+                except ProtocolError:
+                    refused += 1
+                    assert _node_state(n) == before, (t.name, path, value)
+                except UsageError as e:
+                    assert t == MsgType.REGISTER_MODEL and "different spec" in str(e), (t.name, path, value, e)
+                except Exception as e:  # noqa: BLE001 -- the point: nothing else may escape
+                    raise AssertionError(f"{t.name} with {path}={value!r}: {type(e).__name__}: {e}") from e
+    print(f"sweep: {tried} edited messages, {refused} refused")
+    assert tried > 1000 and refused > tried // 3, (tried, refused)
+
+
 @pytest.fixture(scope="module")
 def loaded_node() -> ReplicaNode:
     n = ReplicaNode("a", "dc1", "a", config=preset("local"), device="cpu")
