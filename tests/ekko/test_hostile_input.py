@@ -54,6 +54,8 @@ from test_daemon import KEY, SPEC, _mutate, _traffic_corpus, make_client, metric
 GARBAGE_BODIES = 40
 #: hypothesis examples per fuzz test.
 FUZZ_EXAMPLES = 200
+#: hypothesis examples per wire decoder.
+DECODER_EXAMPLES = 60
 #: mutated valid requests per mutation-fuzz run.
 MUTATIONS = 400
 
@@ -468,7 +470,7 @@ def loaded_node() -> ReplicaNode:
     return n
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+@settings(max_examples=DECODER_EXAMPLES * 2, deadline=None, database=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 @given(t=st.sampled_from(list(MsgType)), body=BODIES)
 def test_node_receive_raises_only_protocol_errors(loaded_node, t, body):
@@ -480,3 +482,44 @@ def test_node_receive_raises_only_protocol_errors(loaded_node, t, body):
         pass
     except UsageError as e:
         assert t == MsgType.REGISTER_MODEL and "different spec" in str(e), e
+
+
+def _decoders():
+    from ekko.codec import delta_from_wire
+    from ekko.keyring_file import validate
+    from ekko.spec import ModelSpec, TableSpec
+    from ekko.version import Knowledge
+    from p2p.membership import parse_entries
+    from rollback.cuts import Cut, Fence
+
+    lookup = {("ranker", t.name): t for t in SPEC.tables}.get
+    return {"knowledge": (Knowledge.from_wire, ProtocolError), "model_spec": (ModelSpec.from_dict, ProtocolError),
+            "table_spec": (TableSpec.from_dict, ProtocolError), "cut": (Cut.from_wire, ProtocolError),
+            "fence": (Fence.from_wire, ProtocolError), "members": (parse_entries, ProtocolError),
+            "delta": (lambda o: delta_from_wire(o, lambda m, t: lookup((m, t))), ProtocolError),
+            "keyring": (validate, UsageError)}
+
+
+DELTA_LIKE = st.fixed_dictionaries({"m": st.sampled_from(["ranker", "x"]), "t": st.sampled_from(["emb", "half"]),
+                                    "n": st.integers(-1, 4)},
+                                   optional={"ids": st.binary(max_size=40), "v": st.binary(max_size=40),
+                                             "x": st.binary(max_size=160), "del": st.binary(max_size=2),
+                                             "imp": st.binary(max_size=20)})
+
+
+@pytest.mark.parametrize("name", ["knowledge", "model_spec", "table_spec", "cut", "fence", "members", "delta",
+                                  "keyring"])
+def test_decoders_raise_only_their_error(name):
+    """Each wire decoder, fed any msgpack-shaped object, returns or raises its one error type."""
+    decode, error = _decoders()[name]
+
+    @settings(max_examples=DECODER_EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(obj=st.one_of(OBJECTS, DELTA_LIKE, st.lists(st.lists(OBJECTS, max_size=4), max_size=4)))
+    def fuzz(obj):
+        try:
+            decode(obj)
+        except error:
+            pass
+
+    fuzz()
