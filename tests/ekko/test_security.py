@@ -196,6 +196,9 @@ def test_sighup_reloads_the_keyring_of_a_real_daemon(tmp_path):
         status, body = post_frame(p.address, "/v1/models", MsgType.REGISTER_MODEL, {"spec": spec.to_dict()}, k1)
         assert status == 401 and body["reason"] == "bad_mac"
         assert p.proc.poll() is None, "SIGHUP reloads; it does not stop the daemon"
+        # operator commands sign with the keyring too
+        assert ekko_main(["cut", "--peer", p.address, "--model", "m", "--name", "after-rotation",
+                          "--keyring", str(ring)]) == 0
         assert "keyring reloaded" in p.log()
         assert p.terminate() == 0
 
