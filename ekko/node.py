@@ -563,8 +563,9 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
             self.counters["refused_future_frames"] += 1
             ahead = ((top >> HLC_LOGICAL_BITS) - (horizon >> HLC_LOGICAL_BITS)) / 1000.0
             raise ProtocolError(f"{what} carries version counter {top}, {ahead:.3f}s beyond this replica's "
-                                f"clock + max_clock_skew={self.config.max_clock_skew}s: refused as impossible",
-                                "future_version")
+                                f"clock + max_clock_skew={self.config.max_clock_skew}s: refused as impossible "
+                                f"(check the sender's clock; a publisher over 256,000 rows/s runs its HLC ahead "
+                                f"of wall time and needs a larger max_clock_skew)", "future_version")
 
     def _apply(self, m: _Model, d: Delta, now: float, source: str) -> ApplyResult:
         ts = m.store.table(d.table)
