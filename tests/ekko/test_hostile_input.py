@@ -66,8 +66,14 @@ def _header(msg_type: int, flags: int, key_id: int, length: int, version: int = 
     return HEADER.pack(MAGIC, version, msg_type, flags, key_id, 0, length)
 
 
-def garbage_bodies(valid: list[bytes], seed: int = 7, n: int = GARBAGE_BODIES) -> list[tuple[str, bytes]]:
-    """``n`` seeded hostile bodies, every kind at least once (``valid``: correctly signed frames)."""
+def garbage_bodies(valid: list[bytes], seed: int = 7, n: int = GARBAGE_BODIES, keyed: bool = True
+                   ) -> list[tuple[str, bytes]]:
+    """``n`` seeded hostile bodies, every kind at least once.
+
+    ``valid``: correct frames (signed with :data:`KR` when ``keyed``).  Without a cluster
+    key nothing protects a frame's integrity (a flipped bit in a value is a valid
+    publish of another value), so the unkeyed set leaves out bit flips and key mix-ups.
+    """
     rng = random.Random(seed)
     stranger = Keyring({1: b"not-the-cluster-key"})
     other_id = Keyring({7: KEY})
@@ -108,6 +114,8 @@ def garbage_bodies(valid: list[bytes], seed: int = 7, n: int = GARBAGE_BODIES) -
         payload = bytearray(zstandard.ZstdCompressor().compress(b"\0" * 1000))
         fake = zstandard.ZstdCompressor(write_content_size=True).compress(b"x")
         payload = bytearray(fake[:4]) + bytes([0xE0]) + (1 << 40).to_bytes(8, "little") + bytes(payload[13:])
+        if not keyed:
+            return _header(MsgType.PUBLISH, FLAG_ZSTD, 0, len(payload)) + bytes(payload)
         header = _header(MsgType.PUBLISH, FLAG_ZSTD | FLAG_MAC, 1, len(payload))
         import hashlib
         import hmac
@@ -117,7 +125,7 @@ def garbage_bodies(valid: list[bytes], seed: int = 7, n: int = GARBAGE_BODIES) -
         body = {rng.choice(["model", "origin", "deltas", "from", "k", "models", "spec", "x"]):
                 rng.choice([None, -1, 2**63, "", "ranker", b"\xff" * 9, [], {}, [[1, 2]], 1.5]) for _ in range(4)}
         return encode_frame(rng.choice([MsgType.PUBLISH, MsgType.PUSH, MsgType.GOSSIP, MsgType.PULL_RESPONSE]),
-                            body, KR)
+                            body, KR if keyed else None)
 
     def bad_version_or_type():
         v = bytearray(rng.choice(valid))
@@ -132,6 +140,8 @@ def garbage_bodies(valid: list[bytes], seed: int = 7, n: int = GARBAGE_BODIES) -
 
     kinds = [random_bytes, truncated, bit_flipped, wrong_key, unknown_key_id, mac_stripped, huge_declared_length,
              zstd_bomb, signed_nonsense, bad_version_or_type, trailing_bytes]
+    if not keyed:
+        kinds = [k for k in kinds if k not in (bit_flipped, wrong_key, unknown_key_id, mac_stripped)]
     return [(kinds[i % len(kinds)].__name__, kinds[i % len(kinds)]()) for i in range(n)]
 
 
@@ -154,27 +164,29 @@ def _internal_errors(text: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the acceptance test
-async def test_40_garbage_bodies_get_4xx_and_digests_do_not_change(tmp_path):
-    d, client = await make_client(tmp_path, key=KR)
+@pytest.mark.parametrize("keyed", [True, False], ids=["cluster-key", "no-key"])
+async def test_40_garbage_bodies_get_4xx_and_digests_do_not_change(tmp_path, keyed):
+    kr = KR if keyed else None
+    d, client = await make_client(tmp_path, key=kr)
     try:
-        assert (await register(client, keyring=KR))[0] == 200
+        assert (await register(client, keyring=kr))[0] == 200
         pc = PublisherChain(origin=3)
         rng = np.random.default_rng(0)
         f = publish_body(pc, "emb", rng.choice(5000, 300, replace=False),
                          rng.standard_normal((300, 8)).astype(np.float32))
-        publish = encode_frame(MsgType.PUBLISH, f.body, KR)
+        publish = encode_frame(MsgType.PUBLISH, f.body, kr)
         resp = await client.post("/v1/publish", data=publish)
         assert resp.status == 200, await resp.text()
         pc.acked(f)
         f2 = publish_body(pc, "emb", np.arange(40), np.ones((40, 8), np.float32))
-        push = encode_frame(MsgType.PUSH, {"from": "r9", "dc": "dc1", "deltas": f2.body["deltas"]}, KR)
-        gossip = encode_frame(MsgType.GOSSIP, {"k": "g", "from": "r9", "mem": [], "cat": 0, "req": False}, KR)
+        push = encode_frame(MsgType.PUSH, {"from": "r9", "dc": "dc1", "deltas": f2.body["deltas"]}, kr)
+        gossip = encode_frame(MsgType.GOSSIP, {"k": "g", "from": "r9", "mem": [], "cat": 0, "req": False}, kr)
         before = await _state(d, client)
         assert before["digests"]["ranker"]["emb"]
 
-        bodies = garbage_bodies([publish, push, gossip])
+        bodies = garbage_bodies([publish, push, gossip], keyed=keyed)
         assert len(bodies) == GARBAGE_BODIES
-        assert len({kind for kind, _ in bodies}) == 11
+        assert len({kind for kind, _ in bodies}) == (11 if keyed else 7)
         seen: dict[str, set[int]] = {}
         for path in ("/v1/publish", "/v1/gossip"):
             for kind, body in bodies:
@@ -185,7 +197,9 @@ async def test_40_garbage_bodies_get_4xx_and_digests_do_not_change(tmp_path):
                 assert js["error"] and js["reason"], (path, kind, js)
                 seen.setdefault(kind, set()).add(resp.status)
         assert await _state(d, client) == before, "a garbage body changed the replica"
-        assert seen["wrong_key"] == {401} and seen["mac_stripped"] == {401} and seen["huge_declared_length"] <= {400, 413}
+        assert seen["zstd_bomb"] == {413} and seen["huge_declared_length"] <= {400, 413}, seen
+        if keyed:
+            assert seen["wrong_key"] == seen["unknown_key_id"] == seen["mac_stripped"] == {401}, seen
         text = await metrics_text(client)
         assert not _internal_errors(text)
         counted = sum(float(v) for v in re.findall(r'^ekko_rejects_total\{endpoint="/v1/(?:publish|gossip)".*\} (\S+)$',
