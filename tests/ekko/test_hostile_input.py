@@ -218,8 +218,13 @@ FRAME_PATHS = ["/v1/models", "/v1/publish", "/v1/gossip", "/v1/cuts", "/v1/rollb
 NAMES = st.one_of(st.sampled_from(["ranker", "emb", "half", "nope", "", "a/b", "..", "%00", "r1"]), st.text(max_size=12))
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True),
                     st.binary(max_size=40), NAMES)
-OBJECTS = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=5),
-                                                        st.dictionaries(NAMES, inner, max_size=5)), max_leaves=20)
+
+
+def _containers(inner):
+    return st.one_of(st.lists(inner, max_size=5), st.dictionaries(NAMES, inner, max_size=5))
+
+
+OBJECTS = st.recursive(SCALARS, _containers, max_leaves=20)
 FIELDS = ["model", "origin", "deltas", "chains", "spec", "from", "k", "dc", "mem", "cat", "req", "heads", "models",
           "scope", "back", "rb", "cut", "name", "m", "t", "n", "ids", "v", "x", "del", "imp", "id", "upper"]
 BODIES = st.dictionaries(st.sampled_from(FIELDS), OBJECTS, max_size=8)
