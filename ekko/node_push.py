@@ -243,6 +243,14 @@ class PushGossipMixin:
         specs = None
         if "specs" in body:
             specs = [ModelSpec.from_dict(s) for s in field(body, "specs", list)]
+        rbs = field(body, "rb", list, optional=True, default=[])
+        if len(rbs) > MAX_ROLLBACK_RECORDS:
+            raise ProtocolError("too many rollback records", "bad_body")
+        # A record's id must be a string to be looked up (a list id crashed this as a TypeError).
+        new_rbs = [rb for rb in rbs if isinstance(rb, dict)
+                   and (not isinstance(rb.get("id"), str) or rb["id"] not in self.rollbacks)]
+        for rb in new_rbs:  # validated before anything changes: a refused gossip changes nothing
+            self._parse_rollback(rb, now)
         self.members.merge(entries, now)
         if isinstance(heads, dict):
             # Heads beyond our clock + skew bound are dropped: they would fake everyone's lag.
@@ -254,13 +262,8 @@ class PushGossipMixin:
                 self.register_model(spec, now)
             except UsageError:
                 self.counters["catalog_conflicts"] += 1
-        rbs = field(body, "rb", list, optional=True, default=[])
-        if len(rbs) > MAX_ROLLBACK_RECORDS:
-            raise ProtocolError("too many rollback records", "bad_body")
-        for rb in rbs:
-            # A record's id must be a string to be looked up (a list id crashed this as a TypeError).
-            if isinstance(rb, dict) and (not isinstance(rb.get("id"), str) or rb["id"] not in self.rollbacks):
-                self._apply_rollback(rb, now)
+        for rb in new_rbs:
+            self._apply_rollback(rb, now)
         if req:
             mem = self.members.get(sender)
             if mem is not None:

@@ -95,11 +95,13 @@ class RollbackMixin:
             self._out.append(Outgoing(peer, mem.address, MsgType.ROLLBACK, {"from": self.node_id, "rb": record}))
         return record
 
-    def _apply_rollback(self, record: dict[str, Any], now: float) -> bool:
-        """Restore the rows a rollback record covers; idempotent per record id."""
+    def _parse_rollback(self, record: dict[str, Any], now: float) -> tuple[str, str, Cut, list[list[int]]]:
+        """Validate a rollback record without changing anything: ``(id, model, cut, upper)``.
+
+        Raises:
+            ProtocolError: malformed, or a rollback point beyond our clock + max_clock_skew.
+        """
         rid = field(record, "id", str)
-        if rid in self.rollbacks:
-            return False
         model = field(record, "model", str)
         cut = Cut.from_wire(record.get("cut"))
         upper_raw = field(record, "upper", list)
@@ -111,6 +113,14 @@ class RollbackMixin:
             # A fence reaching into the future would silently drop legitimate updates to come.
             self.counters["refused_future_frames"] += 1
             raise ProtocolError("rollback point lies beyond this replica's clock + max_clock_skew", "future_version")
+        return rid, model, cut, upper_raw
+
+    def _apply_rollback(self, record: dict[str, Any], now: float) -> bool:
+        """Restore the rows a rollback record covers; idempotent per record id."""
+        rid = field(record, "id", str)
+        if rid in self.rollbacks:
+            return False
+        rid, model, cut, upper_raw = self._parse_rollback(record, now)
         m = self.models.get(model)
         if m is None or cut.model != model:
             return False  # not ours (yet): the record comes again with gossip

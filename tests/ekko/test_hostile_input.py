@@ -542,3 +542,20 @@ def test_decoders_raise_only_their_error(name):
             pass
 
     fuzz()
+
+
+def test_a_refused_gossip_changes_nothing():
+    """Gossip is validated whole before it merges members, registers models or applies
+    rollbacks: a bad rollback record at the end refuses it all."""
+    from p2p.membership import Member
+
+    n = ReplicaNode("a", "dc1", "a", config=preset("local"), device="cpu")
+    newcomer = Member("z", "dc9", "z:1", 1, 1).to_wire()
+    good = {"k": "g", "from": "z", "mem": [newcomer], "cat": 1, "req": False, "specs": [SPEC.to_dict()]}
+    for bad_rb in ({"id": ["not", "a", "string"]}, {"id": "x", "model": "ranker"},
+                   {"id": "x", "model": "ranker", "cut": {}, "upper": []}):
+        with pytest.raises(ProtocolError):
+            n.receive(Frame(MsgType.GOSSIP, {**good, "rb": [bad_rb]}), 1.0)
+        assert "ranker" not in n.models and "z" not in n.members.members
+    n.receive(Frame(MsgType.GOSSIP, good), 1.0)
+    assert "ranker" in n.models and "z" in n.members.members
