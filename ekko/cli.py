@@ -39,6 +39,7 @@ from typing import Any
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "ekko.demo",          # ekko demo: a local cluster with a training loop
     "ekko.rollback_cli",  # ekko rollback
+    "ekko.keys_cli",      # ekko keys: keyring files and rotation
     "simulator.cli",      # ekko sim run SCENARIO
 )
 # ---------------------------------------------------------------------------------------------
@@ -49,7 +50,7 @@ STATUS_TIMEOUT_S = 10.0
 DIGEST_PREFIX = 12
 #: [daemon] keys a config file may set (the command-line flags without dashes).
 DAEMON_KEYS = ("node_id", "dc", "listen", "advertise", "seeds", "data_dir", "key_file", "device", "preset",
-               "log_level", "torch_threads")
+               "log_level", "torch_threads", "keyring_file")
 #: default torch intra-op threads of a daemon.  Its tensor work is gathers and scatters of
 #: the rows in one message (memory-bound, small), issued from one event-loop thread; an
 #: OpenMP team only adds wake-up latency, which explodes on a busy host (a 1.5k-row
@@ -94,6 +95,8 @@ def _add_daemon(sub: Any) -> None:
     p.add_argument("--config", metavar="FILE.toml", help="TOML file: [node] protocol config, [daemon] flags")
     p.add_argument("--preset", choices=["local", "lan", "wan"], help="protocol timing preset")
     p.add_argument("--key-file", help="file holding the cluster key (HMAC-SHA256)")
+    p.add_argument("--keyring", dest="keyring_file", metavar="FILE",
+                   help="keyring file (ekko keys; mode 600) instead of --key-file; re-read on SIGHUP")
     p.add_argument("--device", choices=["cpu", "cuda"], help="where tensors live (default: cuda if present)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
     p.add_argument("--torch-threads", type=int, metavar="N",
@@ -166,7 +169,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         torch.set_num_threads(settings["torch_threads"])
         daemon = Daemon(settings["node_id"], settings["dc"], settings["listen"], settings["seeds"],
                         settings["data_dir"], config, key=key, device=settings.get("device"),
-                        advertise=settings.get("advertise"))
+                        advertise=settings.get("advertise"), keyring_file=settings.get("keyring_file"))
     except UsageError as e:
         print(f"ekko daemon: {e}", file=sys.stderr)
         return 2

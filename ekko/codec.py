@@ -94,19 +94,55 @@ class Frame:
     wire_bytes: int = 0
 
 
-class Keyring:
-    """Cluster keys by id for HMAC-SHA256; the first is used to sign.
+@dataclass(frozen=True, slots=True)
+class PublisherGrant:
+    """What the holder of a publisher key may write: which models, for which origins.
 
-    Several keys allow rotation: add the new key, roll it out, make it primary,
-    then drop the old one.
+    ``None`` means "any" (a grant must name at least one of the two; see
+    :mod:`ekko.keyring_file`).
+
+    Example:
+        >>> g = PublisherGrant(frozenset({"ranker"}), frozenset({7}))
+        >>> g.allows("ranker", 7), g.allows("ranker", 8), g.allows("ads", 7)
+        (True, False, False)
+    """
+
+    models: frozenset[str] | None = None
+    origins: frozenset[int] | None = None
+
+    def allows(self, model: str, origin: int | None = None) -> bool:
+        """May this key write ``model`` (as ``origin``, when given)?"""
+        if self.models is not None and model not in self.models:
+            return False
+        return origin is None or self.origins is None or origin in self.origins
+
+
+class Keyring:
+    """Keys by id for HMAC-SHA256; the primary one signs, every one verifies.
+
+    Several keys allow rotation with no downtime: add the new key everywhere
+    (verify-only), make it primary everywhere, then drop the old one (see the
+    README's Security section and ``ekko keys``).
+
+    Keys come in two roles.  *Peer* keys (the cluster key) authenticate replica
+    traffic and operator commands.  *Publisher* keys (those with a
+    :class:`PublisherGrant` in ``grants``) authenticate trainers' publishes only,
+    each limited to its models and origins; once a keyring holds any publisher key,
+    publishes must be signed with one that allows them (publisher authorization),
+    and a publisher key is refused everywhere else.
 
     Example:
         >>> kr = Keyring({1: b"secret-key"})
         >>> decode_frame(encode_frame(MsgType.GOSSIP, {"x": 1}, kr), kr).body
         {'x': 1}
+        >>> acl = Keyring({1: b"peer-secret", 9: b"trainer-secret"}, primary=1,
+        ...               grants={9: PublisherGrant(frozenset({"ranker"}), frozenset({7}))})
+        >>> acl.is_peer(1), acl.is_peer(9), acl.acl
+        (True, False, True)
     """
 
-    def __init__(self, keys: Mapping[int, bytes] | None = None, primary: int | None = None) -> None:
+    def __init__(self, keys: Mapping[int, bytes] | None = None, primary: int | None = None,
+                 grants: Mapping[int, PublisherGrant] | None = None) -> None:
         self.keys: dict[int, bytes] = {}
         for kid, key in (keys or {}).items():
             if not 1 <= int(kid) <= 255:
@@ -117,12 +153,32 @@ class Keyring:
         self.primary = primary if primary is not None else (min(self.keys) if self.keys else None)
         if self.primary is not None and self.primary not in self.keys:
             raise UsageError(f"primary key id {self.primary} not in keyring")
+        self.grants: dict[int, PublisherGrant] = {}
+        for kid, grant in (grants or {}).items():
+            if int(kid) not in self.keys:
+                raise UsageError(f"publisher grant for key id {kid}, which is not in the keyring")
+            if not isinstance(grant, PublisherGrant):
+                raise UsageError("grants must be PublisherGrant objects")
+            self.grants[int(kid)] = grant
 
     @classmethod
     def single(cls, key: bytes | str | None) -> "Keyring | None":
         if key is None:
             return None
         return cls({1: key.encode() if isinstance(key, str) else key})
+
+    @property
+    def acl(self) -> bool:
+        """True when publisher authorization is on (the keyring holds publisher keys)."""
+        return bool(self.grants)
+
+    def is_peer(self, key_id: int) -> bool:
+        """True for a peer (cluster) key of this keyring."""
+        return key_id in self.keys and key_id not in self.grants
+
+    def grant(self, key_id: int) -> PublisherGrant | None:
+        """The grant of a publisher key; None for peer keys and unknown ids."""
+        return self.grants.get(key_id)
 
     def __bool__(self) -> bool:
         return bool(self.keys)

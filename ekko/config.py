@@ -30,6 +30,11 @@ MAX_SHARDS_PER_PULL = 4096
 MAX_HELD_ROWS_PER_SHARD = 1 << 16
 #: most rows per publish frame.
 MAX_PUBLISH_ROWS = 1 << 20
+#: default ``max_clock_skew`` (seconds): how far a version's HLC time may lie ahead of a
+#: replica's wall clock.  It must cover clock skew between hosts plus how far a busy
+#: publisher's HLC runs ahead of its wall clock (each row takes one counter, 256 per ms:
+#: a publisher above 256,000 rows/s drifts ahead), so it is generous.
+MAX_CLOCK_SKEW_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +94,11 @@ class NodeConfig:
             every model at the named cut (updates the cut does not cover are not
             applied or adopted) so inference on it measures the baseline variant.
             Re-pin by restarting with another cut name; "" = an ordinary replica.
+        max_clock_skew: seconds a row version's HLC physical time (or a peer's
+            knowledge or head) may lie ahead of this replica's wall clock; frames
+            carrying a version beyond it are refused whole as impossible (reason
+            ``future_version``), since one such row would shadow every later update
+            of it.  ``inf`` turns the check off.
     """
 
     preset: str = "local"
@@ -121,6 +131,7 @@ class NodeConfig:
     auto_rollback: bool = True
     quality_warmup_windows: int = 50
     baseline_pin_cut: str = ""
+    max_clock_skew: float = MAX_CLOCK_SKEW_S
 
     def __post_init__(self) -> None:
         for name in ("gossip_interval", "ae_interval", "suspect_after", "dead_after", "forget_after"):
@@ -144,6 +155,8 @@ class NodeConfig:
             raise UsageError("config gateways_per_dc must be in 1..16")
         if not 0 < self.pull_response_bytes <= MAX_PULL_RESPONSE_BYTES:
             raise UsageError(f"config pull_response_bytes must be in 1..{MAX_PULL_RESPONSE_BYTES}")
+        if not self.max_clock_skew > 0:
+            raise UsageError("config max_clock_skew must be > 0 seconds (inf: no check)")
         if not 0 < self.push_frame_bytes <= MAX_PUSH_FRAME_BYTES:
             raise UsageError(f"config push_frame_bytes must be in 1..{MAX_PUSH_FRAME_BYTES}")
 

@@ -46,6 +46,7 @@ import msgpack
 import numpy as np
 import torch
 from aiohttp import web
+from prometheus_client import Counter as PromCounter
 
 from ekko.codec import MAX_FRAME_BYTES, Frame, Keyring, MsgType, decode_frame, field
 from ekko.config import NodeConfig
@@ -99,6 +100,7 @@ _STATUS_OF_REASON = {
     "unknown_model": 404, "unknown_table": 404, "not_found": 404,
     "method_not_allowed": 405,
     "spec_conflict": 409,
+    "forbidden": 403,
     "overloaded": 429,
     "draining": 503,
 }
@@ -182,6 +184,10 @@ class Daemon:
         config: protocol configuration.
         key: cluster key (bytes/str) or a :class:`~ekko.codec.Keyring`; when set,
             every frame must carry a valid HMAC (else 401) and ours are signed.
+        keyring_file: a keyring file (:mod:`ekko.keyring_file`) instead of ``key``;
+            re-read on SIGHUP (:meth:`reload_keyring`), so keys rotate with no restart.
+            With publisher keys in it, publishes must be signed by a publisher key
+            that allows their model and origin (else 403).
         device: torch device of the tensors (default: CUDA when available).
         advertise: ``"host:port"`` peers should use, when it differs from ``listen``.
         clock: protocol time source (seconds, monotonic).
@@ -199,20 +205,28 @@ class Daemon:
 
     def __init__(self, node_id: str, dc: str, listen: str, seeds: list[str] | tuple[str, ...], data_dir: str | Path,
                  config: NodeConfig | None = None, key: bytes | str | Keyring | None = None, device: Any = None,
-                 *, advertise: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 *, advertise: str | None = None, clock: Callable[[], float] = time.monotonic,
+                 keyring_file: str | Path | None = None) -> None:
         self.host, self.port = parse_hostport(listen)
         self.address = advertise or listen
         parse_hostport(self.address)
         for s in seeds:
             parse_hostport(s)
-        self.keyring = key if isinstance(key, Keyring) or key is None else Keyring.single(key)
+        if key is not None and keyring_file is not None:
+            raise UsageError("give a cluster key or a keyring file, not both")
+        self.keyring_file = Path(keyring_file) if keyring_file is not None else None
+        self.keyring = (self._load_keyring() if self.keyring_file is not None
+                        else key if isinstance(key, Keyring) or key is None else Keyring.single(key))
         self.data_dir = Path(data_dir)
         self.config = config or NodeConfig()
         self.clock = clock
         self.node = ReplicaNode(node_id, dc, self.address, config=self.config,
                                 rng=random.Random(int.from_bytes(os.urandom(8), "little")), now=clock(),
                                 incarnation=time.time_ns(), seeds=list(seeds), device=device)
+        self.node.wall_offset_s = time.time() - self.clock()
         self.metrics = DaemonMetrics(self.node)
+        self.keyring_reloads = PromCounter("ekko_keyring_reloads", "Keyring file reloads (SIGHUP), by outcome",
+                                           ["outcome"], registry=self.metrics.registry)
         self.transport = HttpTransport(self.keyring, on_sent=self._on_sent, on_failed=self._on_failed)
         self.draining = False
         self._in_flight = 0
@@ -285,6 +299,7 @@ class Daemon:
             await site.start()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self.reload_keyring)
             if ready is not None:
                 ready()
             await self._stop_requested.wait()
@@ -293,9 +308,42 @@ class Daemon:
         finally:
             t0 = time.monotonic()
             await runner.cleanup()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             log.info("listener and connections closed in %.2fs", time.monotonic() - t0)
+
+    def _load_keyring(self) -> Keyring:
+        from ekko.keyring_file import load_keyring
+
+        assert self.keyring_file is not None
+        kr = load_keyring(self.keyring_file)
+        if not kr.is_peer(kr.primary):  # type: ignore[arg-type]
+            raise UsageError(f"keyring {self.keyring_file}: the primary key of a replica must be a peer key "
+                             f"(it signs replica traffic), not publisher key {kr.primary}")
+        return kr
+
+    def reload_keyring(self) -> bool:
+        """Re-read the keyring file (SIGHUP does this); False, keeping the old keys, when it is bad.
+
+        Frames are signed with the new primary from the next send on; frames signed
+        with any key of the new keyring verify.  This is the step an operator repeats
+        on every replica at each stage of a rotation (README, Security).
+        """
+        if self.keyring_file is None:
+            log.warning("SIGHUP: no keyring file configured (--keyring); nothing to reload")
+            self.keyring_reloads.labels("no_file").inc()
+            return False
+        try:
+            kr = self._load_keyring()
+        except UsageError as e:
+            log.error("keyring reload failed, keeping the current keys: %s", e)
+            self.keyring_reloads.labels("error").inc()
+            return False
+        self.keyring = self.transport.keyring = kr
+        self.keyring_reloads.labels("ok").inc()
+        log.info("keyring reloaded from %s: keys %s, primary %s, %d publisher keys", self.keyring_file,
+                 sorted(kr.keys), kr.primary, len(kr.grants))
+        return True
 
     def stop(self) -> None:
         """Ask :meth:`serve` to shut down (safe to call from a signal handler)."""
@@ -572,9 +620,34 @@ class Daemon:
             raise RequestRejected(f"request body of {request.content_length} bytes exceeds "
                                   f"MAX_FRAME_BYTES={MAX_FRAME_BYTES}", "too_large")
         data = await request.read()
+        # The node refuses versions too far ahead of its wall clock; tell it what that is.
+        self.node.wall_offset_s = time.time() - self.clock()
+        keyring = self.keyring  # one keyring per request, even if SIGHUP swaps it meanwhile
         if len(data) >= DECODE_OFFLOAD_BYTES:
-            return await asyncio.get_running_loop().run_in_executor(None, decode_frame, data, self.keyring)
-        return decode_frame(data, self.keyring)
+            frame = await asyncio.get_running_loop().run_in_executor(None, decode_frame, data, keyring)
+        else:
+            frame = decode_frame(data, keyring)
+        if keyring and not keyring.is_peer(frame.key_id) and frame.msg_type not in (MsgType.PUBLISH,
+                                                                                    MsgType.REGISTER_MODEL):
+            raise RequestRejected(f"key {frame.key_id} is a publisher key: it may only publish and register "
+                                  f"models, not send {frame.msg_type.name}", "forbidden")
+        return frame
+
+    def _authorize_publisher(self, frame: Frame, model: str, origin: int | None) -> None:
+        """Publisher authorization: with publisher keys configured, a publish (or a model
+        registration) must be signed by a publisher key granted that model and origin."""
+        keyring = self.keyring
+        if not keyring:
+            return
+        grant = keyring.grant(frame.key_id)
+        if grant is None:
+            if keyring.acl and frame.msg_type == MsgType.PUBLISH:
+                raise RequestRejected(f"publishes must be signed with a publisher key (this frame is signed "
+                                      f"with peer key {frame.key_id})", "forbidden")
+            return
+        if not grant.allows(model, origin):
+            who = f"model {model!r}" + (f" as origin {origin}" if origin is not None else "")
+            raise RequestRejected(f"publisher key {frame.key_id} may not write {who}", "forbidden")
 
     @staticmethod
     def _expect(frame: Frame, *types: MsgType) -> None:
@@ -587,6 +660,7 @@ class Daemon:
         frame = await self._read_frame(request)
         self._expect(frame, MsgType.REGISTER_MODEL)
         spec = ModelSpec.from_dict(frame.body.get("spec"))
+        self._authorize_publisher(frame, spec.name, None)
         try:
             created = self.node.register_model(spec, self.clock())
         except UsageError as e:
@@ -599,6 +673,11 @@ class Daemon:
     async def _h_publish(self, request: web.Request) -> web.Response:
         frame = await self._read_frame(request)
         self._expect(frame, MsgType.PUBLISH)
+        if self.keyring:
+            model, origin = frame.body.get("model"), frame.body.get("origin")
+            if not isinstance(model, str) or not isinstance(origin, int) or isinstance(origin, bool):
+                raise ProtocolError("publish needs a string model and an integer origin", "bad_body")
+            self._authorize_publisher(frame, model, origin)
         ack = self.node.publish(frame.body, self.clock())
         self._send_out()
         self.metrics.published_rows.labels(frame.body["model"]).inc(ack.rows)

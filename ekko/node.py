@@ -58,9 +58,11 @@ from ekko.node_types import Outgoing, PublishAck
 from ekko.spec import ModelSpec, TableSpec, check_name
 from ekko.store import ApplyResult, ModelStore
 from ekko.version import (
+    HLC_EPOCH_MS,
     HLC_LOGICAL_BITS,
     MAX_COUNTER,
     MAX_ORIGIN,
+    ORIGIN_BITS,
     Knowledge,
     counters_of,
     origins_of,
@@ -219,6 +221,11 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         # Hooks for layers above the protocol (undo history, metrics); called with
         # (model, table, ApplyResult, source) after every apply that changed rows.
         self.on_apply: list[Callable[[str, str, ApplyResult, str], None]] = []
+        # Wall time (Unix seconds) is ``now + wall_offset_s``: versions further ahead of it
+        # than config.max_clock_skew are refused.  The default makes protocol time 0 the
+        # HLC epoch, the simulator's convention (publishers there stamp HLC_EPOCH_MS +
+        # sim time); the daemon sets it from its real clock before every frame.
+        self.wall_offset_s = HLC_EPOCH_MS / 1000.0
 
     # ------------------------------------------------------------------ driver interface
     def drain(self) -> list[Outgoing]:
@@ -339,6 +346,7 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         deltas = [delta_from_wire(d, self.table_spec, values_required=self.with_values) for d in raw]
         if sum(len(d) for d in deltas) > MAX_PUBLISH_ROWS:
             raise ProtocolError(f"publish exceeds {MAX_PUBLISH_ROWS} rows", "too_large")
+        self.refuse_future(deltas, now, "publish")
         chains_raw = field(body, "chains", dict, optional=True, default={})
         chains: dict[str, dict[int, int]] = {}
         for d in deltas:
@@ -546,6 +554,28 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         if m is None:
             raise UsageError(f"unknown model {name!r}")
         return m
+
+    def counter_horizon(self, now: float) -> int:
+        """The greatest HLC counter believable at ``now``: wall clock plus ``max_clock_skew``."""
+        skew = self.config.max_clock_skew
+        if skew == float("inf"):
+            return MAX_COUNTER
+        ms = int((now + self.wall_offset_s + skew) * 1000.0) - HLC_EPOCH_MS
+        return min(MAX_COUNTER, max(0, ((ms + 1) << HLC_LOGICAL_BITS) - 1))
+
+    def refuse_future(self, deltas: list[Delta], now: float, what: str, known: int = 0) -> None:
+        """Refuse a whole frame whose rows (or knowledge counter ``known``) lie beyond
+        :meth:`counter_horizon`: such a version would shadow every later update of its
+        row and drag freshness heads forward.  Raises :class:`ProtocolError`."""
+        top = max([known] + [int(d.versions.max()) >> ORIGIN_BITS for d in deltas if len(d)])
+        horizon = self.counter_horizon(now)
+        if top > horizon:
+            self.counters["refused_future_frames"] += 1
+            ahead = ((top >> HLC_LOGICAL_BITS) - (horizon >> HLC_LOGICAL_BITS)) / 1000.0
+            raise ProtocolError(f"{what} carries version counter {top}, {ahead:.3f}s beyond this replica's "
+                                f"clock + max_clock_skew={self.config.max_clock_skew}s: refused as impossible "
+                                f"(check the sender's clock; a publisher over 256,000 rows/s runs its HLC ahead "
+                                f"of wall time and needs a larger max_clock_skew)", "future_version")
 
     def _apply(self, m: _Model, d: Delta, now: float, source: str) -> ApplyResult:
         ts = m.store.table(d.table)

@@ -338,6 +338,9 @@ class AntiEntropyMixin:
                     if d.model != m.spec.name or d.table != table or (len(d) and (spec.shards_of(d.ids) != s).any()):
                         raise ProtocolError("pull response rows outside their shard", "bad_body")
                 parsed.append((m, table, s, k, cut, d))
+        # Knowledge claims count too: adopting a future counter would skip every update below it.
+        self.refuse_future([p[5] for p in parsed if p[5] is not None], now, "pull response",
+                           known=max((c for p in parsed for _, c in p[3].items()), default=0))
         for m, table, s, k, cut, d in parsed:
             if d is not None:
                 self._apply(m, d, now, source="pull")

@@ -21,7 +21,6 @@ from ekko.node_rollback import MAX_ROLLBACK_RECORDS
 from ekko.node_types import Outgoing
 from ekko.spec import ModelSpec
 from ekko.store import ApplyResult
-from ekko.version import MAX_COUNTER
 from p2p.membership import MemberState, parse_entries
 from p2p.outbound import QueuedRows
 
@@ -172,6 +171,7 @@ class PushGossipMixin:
         if len(raw) > MAX_DELTAS_PER_MSG:
             raise ProtocolError("too many deltas in one push", "too_large")
         deltas = [delta_from_wire(d, self.table_spec, values_required=self.with_values) for d in raw]
+        self.refuse_future(deltas, now, "push")
         # A push from another DC reached us as that shard's gateway: forward it over
         # the LAN.  Pushes from our own DC stop here, so there are no loops.
         rumor = self.config.push and self.config.push_mode == "random"
@@ -245,22 +245,28 @@ class PushGossipMixin:
         specs = None
         if "specs" in body:
             specs = [ModelSpec.from_dict(s) for s in field(body, "specs", list)]
+        rbs = field(body, "rb", list, optional=True, default=[])
+        if len(rbs) > MAX_ROLLBACK_RECORDS:
+            raise ProtocolError("too many rollback records", "bad_body")
+        # A record's id must be a string to be looked up (a list id crashed this as a TypeError).
+        # A known id with other content is a concurrent record of the same incident: merge it.
+        new_rbs = [rb for rb in rbs if isinstance(rb, dict)
+                   and (not isinstance(rb.get("id"), str) or self.rollbacks.get(rb["id"]) != rb)]
+        for rb in new_rbs:  # validated before anything changes: a refused gossip changes nothing
+            self._parse_rollback(rb, now)
         self.members.merge(entries, now)
         if isinstance(heads, dict):
+            # Heads beyond our clock + skew bound are dropped: they would fake everyone's lag.
+            horizon = self.counter_horizon(now)
             self.peer_heads[sender] = {k: v for k, v in heads.items()
-                                       if isinstance(k, str) and isinstance(v, int) and 0 <= v <= MAX_COUNTER}
+                                       if isinstance(k, str) and isinstance(v, int) and 0 <= v <= horizon}
         for spec in specs or ():
             try:
                 self.register_model(spec, now)
             except UsageError:
                 self.counters["catalog_conflicts"] += 1
-        rbs = field(body, "rb", list, optional=True, default=[])
-        if len(rbs) > MAX_ROLLBACK_RECORDS:
-            raise ProtocolError("too many rollback records", "bad_body")
-        for rb in rbs:
-            # A known id with other content is a concurrent record of the same incident: merge.
-            if isinstance(rb, dict) and (not isinstance(rb.get("id"), str) or self.rollbacks.get(rb["id"]) != rb):
-                self._apply_rollback(rb, now)
+        for rb in new_rbs:
+            self._apply_rollback(rb, now)
         if "ms" in body:
             self._on_model_states(sender, body["ms"])
         if req:

@@ -266,12 +266,14 @@ class RollbackMixin:
             self._out.append(Outgoing(peer, mem.address, MsgType.ROLLBACK, {"from": self.node_id, "rb": record}))
         return record
 
-    def _apply_rollback(self, record: dict[str, Any], now: float) -> bool:
-        """Restore the rows a rollback record covers; idempotent per record id."""
+    def _parse_rollback(self, record: dict[str, Any], now: float
+                        ) -> tuple[str, str, Cut, list[list[int]], Incident | None]:
+        """Validate a rollback record without changing anything: ``(id, model, cut, upper, incident)``.
+
+        Raises:
+            ProtocolError: malformed, or a rollback point beyond our clock + max_clock_skew.
+        """
         rid = field(record, "id", str)
-        prev = self.rollbacks.get(rid)
-        if prev is not None and prev == record:
-            return False
         model = field(record, "model", str)
         cut = Cut.from_wire(record.get("cut"))
         upper_raw = field(record, "upper", list)
@@ -282,6 +284,19 @@ class RollbackMixin:
         incident = Incident.from_wire(record["incident"], now) if "incident" in record else None
         if incident is not None and incident.model != model:
             raise ProtocolError("rollback incident names another model", "bad_body")
+        if upper_raw and max(c for _, c in upper_raw) > self.counter_horizon(now):
+            # A fence reaching into the future would silently drop legitimate updates to come.
+            self.counters["refused_future_frames"] += 1
+            raise ProtocolError("rollback point lies beyond this replica's clock + max_clock_skew", "future_version")
+        return rid, model, cut, upper_raw, incident
+
+    def _apply_rollback(self, record: dict[str, Any], now: float) -> bool:
+        """Restore the rows a rollback record covers; idempotent per record id and content."""
+        rid = field(record, "id", str)
+        prev = self.rollbacks.get(rid)
+        if prev is not None and prev == record:
+            return False
+        rid, model, cut, upper_raw, incident = self._parse_rollback(record, now)
         m = self.models.get(model)
         if m is None or cut.model != model:
             return False  # not ours (yet): the record comes again with gossip

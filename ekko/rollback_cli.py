@@ -21,19 +21,24 @@ def register_cli(sub: Any) -> None:
     t.add_argument("--model", required=True)
     t.add_argument("--name", help="cut name (default: cut-<unix ms>)")
     t.add_argument("--key-file", help="cluster key, when the cluster has one")
+    t.add_argument("--keyring", metavar="FILE", help="keyring file (ekko keys) to sign with, instead of --key-file")
     t.set_defaults(func=cut_cmd)
     r = sub.add_parser("rollback", help="roll a model back to a cut on every replica")
     r.add_argument("--peer", required=True, metavar="HOST:PORT")
     r.add_argument("--model", required=True)
     r.add_argument("--to", required=True, metavar="CUT", help="cut name (see ekko cuts)")
     r.add_argument("--key-file", help="cluster key, when the cluster has one")
+    r.add_argument("--keyring", metavar="FILE", help="keyring file (ekko keys) to sign with, instead of --key-file")
     r.set_defaults(func=rollback_cmd)
 
 
 def _client(args: argparse.Namespace):
     from ekko.client import Client
     key = None
-    if getattr(args, "key_file", None):
+    if getattr(args, "keyring", None):
+        from ekko.keyring_file import load_keyring
+        key = load_keyring(args.keyring)  # signs with its primary (a peer key)
+    elif getattr(args, "key_file", None):
         with open(args.key_file, "rb") as f:
             key = f.read().strip()
     return Client(args.peer, key=key)

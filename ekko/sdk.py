@@ -311,9 +311,13 @@ def _endpoints(endpoints: str | Sequence[str]) -> list[str]:
     return eps
 
 
-def _keyring(key: bytes | str | Keyring | None) -> Keyring | None:
+def _keyring(key: bytes | str | Keyring | os.PathLike | None) -> Keyring | None:
     if key is None or isinstance(key, Keyring):
         return key
+    if isinstance(key, os.PathLike):
+        # A keyring file (ekko keys): sign with its primary -- a publisher key under an ACL.
+        from ekko.keyring_file import load_keyring
+        return load_keyring(key)
     return Keyring.single(key)
 
 
@@ -489,7 +493,9 @@ class AsyncPublisher:
         origin: this publisher's name; its small id is
             :func:`ekko.version.origin_id` of it.  Give every concurrently running
             trainer its own origin.
-        key: cluster key (bytes/str, or a :class:`~ekko.codec.Keyring`) to sign frames.
+        key: cluster key (bytes/str, or a :class:`~ekko.codec.Keyring`) to sign frames,
+            or a keyring file as a :class:`pathlib.Path` (``ekko keys``; frames are
+            signed with its primary key, e.g. this publisher's own publisher key).
         state_dir: where counters and unacknowledged frames persist; default
             ``$EKKO_STATE_DIR`` or ``~/.cache/ekko/publishers``.
         timeout: seconds a publish/register call may take, retries included.

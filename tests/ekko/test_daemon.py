@@ -447,6 +447,8 @@ async def test_restored_replica_serves_pulls_from_an_empty_peer(tmp_path):
     a = ReplicaNode("a", "dc1", "a", config=cfg, device="cpu")
     import_model_state(a, SPEC, store, meta, 0.0)
     b = ReplicaNode("b", "dc1", "b", config=cfg, device="cpu", seeds=["a"])
+    for n in (a, b):  # protocol time starts at 0 here, the rows carry the real clock's versions
+        n.wall_offset_s = time.time()
     net.add(a)
     net.add(b)
     ok = net.run_until(lambda: "ranker" in b.models and {t: i["digest"] for t, i in
@@ -672,6 +674,8 @@ def _traffic_corpus() -> list[tuple[MsgType, dict]]:
     cfg = preset("local")
     nodes = {"a": ReplicaNode("a", "dc1", "a", config=cfg, device="cpu", seeds=["b"]),
              "b": ReplicaNode("b", "dc2", "b", config=cfg, device="cpu", seeds=["a"])}
+    for n in nodes.values():  # the publisher's clock below runs 1000 s ahead of the nodes' time
+        n.wall_offset_s = HLC_EPOCH_MS / 1000 + 2000
     nodes["a"].register_model(SPEC, 0.0)
     pc = PublisherChain(origin=3)
     rng = np.random.default_rng(0)
