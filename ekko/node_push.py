@@ -10,6 +10,8 @@ import numpy as np
 from ekko.codec import (
     MAX_DELTAS_PER_MSG,
     MsgType,
+    array_from_wire,
+    array_to_wire,
     delta_from_wire,
     delta_to_wire,
     field,
@@ -33,15 +35,44 @@ PUSH_RETRY_S = 0.001
 LOCAL_GOSSIP_SHARE = 0.75
 
 
+def _aligned(d: Delta, res: ApplyResult, per_row: np.ndarray) -> np.ndarray:
+    """``per_row`` (aligned with ``d.ids``) picked for the rows an apply changed (``res.ids``)."""
+    if len(res) == len(d) and res.ids is d.ids:
+        return per_row
+    order = np.argsort(d.ids, kind="stable")
+    pos = np.searchsorted(d.ids[order], res.ids)
+    return per_row[order][np.minimum(pos, len(order) - 1)]
+
+
 def _impact_of(d: Delta, res: ApplyResult) -> np.ndarray | None:
     """The publisher's impact metadata of the rows an apply changed (aligned with res.ids)."""
     if d.impact is None or not len(res):
         return None
-    if len(res) == len(d) and res.ids is d.ids:
-        return d.impact
-    order = np.argsort(d.ids, kind="stable")
-    pos = np.searchsorted(d.ids[order], res.ids)
-    return d.impact[order][np.minimum(pos, len(order) - 1)]
+    return _aligned(d, res, d.impact)
+
+
+def _priority_to_wire(b: QueuedRows) -> list[bytes] | None:
+    """A pushed batch's scores and classes, so the next hop ranks the rows as the
+    publisher's replica did (it knows the publisher's magnitude; a gateway does not)."""
+    if b.scores is None or b.high is None:
+        return None
+    return [array_to_wire(np.asarray(b.scores, np.float32)), np.packbits(np.asarray(b.high, bool)).tobytes()]
+
+
+def _priority_from_wire(e: Any, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Inverse of :func:`_priority_to_wire` for a delta of ``n`` rows; None when absent."""
+    if e is None:
+        return None
+    if not isinstance(e, list) or len(e) != 2:
+        raise ProtocolError("bad push priority entry", "bad_body")
+    scores = array_from_wire(e[0], np.float32, n, "scores")
+    if not (np.isfinite(scores) & (scores >= 0)).all():
+        raise ProtocolError("push scores must be finite and >= 0", "bad_body")
+    if not isinstance(e[1], bytes) or len(e[1]) != (n + 7) // 8:
+        raise ProtocolError("bad push classes", "bad_body")
+    high = np.unpackbits(np.frombuffer(e[1], np.uint8), count=n).astype(bool)
+    return scores, high
+
 
 class PushGossipMixin:
     """Push queues, fan-out, and gossip of members, catalog and rollbacks."""
@@ -135,14 +166,16 @@ class PushGossipMixin:
                     # Keep the batches alive with their wire form: ids are only unique
                     # among live objects.
                     got = built[key] = (*self._push_deltas(batches), batches)
-                self._send_push(peer, got[0], got[1])
+                self._send_push(peer, got[0], got[1], got[2])
                 ready = q.next_ready(now)
             if ready is not None and ready < next_push:
                 next_push = ready
         self._next_push = next_push
 
-    def _push_deltas(self, batches: list[QueuedRows]) -> tuple[list[dict[str, Any]], int]:
+    def _push_deltas(self, batches: list[QueuedRows]
+                     ) -> tuple[list[dict[str, Any]], int, list[list[bytes] | None] | None]:
         deltas = []
+        prio: list[list[bytes] | None] = []
         extra = 0
         for b in batches:
             m = self.models.get(b.model)
@@ -151,18 +184,22 @@ class PushGossipMixin:
             ts = m.store.table(b.table)
             d = ts.take(b.model, b.ids)
             deltas.append(delta_to_wire(d))
+            prio.append(_priority_to_wire(b))
             if d.values is None:
                 extra += len(d) * ts.spec.row_bytes
-        return deltas, extra
+        return deltas, extra, (prio if any(p is not None for p in prio) else None)
 
-    def _send_push(self, peer: str, deltas: list[dict[str, Any]], extra: int) -> None:
+    def _send_push(self, peer: str, deltas: list[dict[str, Any]], extra: int,
+                   prio: list[list[bytes] | None] | None = None) -> None:
         mem = self.members.get(peer)
         if mem is None or mem.state == MemberState.DEAD:
             return
         if deltas:
             self.counters["push_frames_sent"] += 1
-            self._out.append(Outgoing(peer, mem.address, MsgType.PUSH,
-                                      {"from": self.node_id, "dc": self.dc, "deltas": deltas}, extra))
+            body = {"from": self.node_id, "dc": self.dc, "deltas": deltas}
+            if prio is not None:
+                body["prio"] = prio   # optional: older receivers ignore it and re-score
+            self._out.append(Outgoing(peer, mem.address, MsgType.PUSH, body, extra))
 
     def _on_push(self, body: dict[str, Any], now: float) -> None:
         sender = field(body, "from", str)
@@ -172,12 +209,16 @@ class PushGossipMixin:
             raise ProtocolError("too many deltas in one push", "too_large")
         deltas = [delta_from_wire(d, self.table_spec, values_required=self.with_values) for d in raw]
         self.refuse_future(deltas, now, "push")
+        prio_raw = field(body, "prio", list, optional=True, default=None)
+        if prio_raw is not None and len(prio_raw) != len(deltas):
+            raise ProtocolError("push priorities do not match its deltas", "bad_body")
+        prio = [_priority_from_wire(e, len(d)) for e, d in zip(prio_raw, deltas)] if prio_raw else []
         # A push from another DC reached us as that shard's gateway: forward it over
         # the LAN.  Pushes from our own DC stop here, so there are no loops.
         rumor = self.config.push and self.config.push_mode == "random"
         forward = sender_dc != self.dc and self.config.push and not rumor
         peers = [p for p in self._live_peers(self.dc) if p != sender] if forward else []
-        for d in deltas:
+        for i, d in enumerate(deltas):
             m = self.models[d.model]
             res = self._apply(m, d, now, source="push")
             if rumor and len(res):
@@ -185,7 +226,13 @@ class PushGossipMixin:
                 self._push_random(m, d.table, res, now, exclude=sender)
                 forward = True
             elif forward and len(res):
-                rows = self._queued(m, d.table, res, now, _impact_of(d, res))
+                pr = prio[i] if prio else None
+                if pr is not None and self.prioritizer is not None:
+                    # Rank as the publisher's replica did: same score, same class.
+                    rows = QueuedRows(m.spec.name, d.table, res.ids, res.versions, m.spec.table(d.table).row_bytes,
+                                      scores=_aligned(d, res, pr[0]), high=_aligned(d, res, pr[1]))
+                else:
+                    rows = self._queued(m, d.table, res, now, _impact_of(d, res))
                 for p in peers:
                     self._enqueue(p, rows, now)
         self.counters["push_frames_received"] += 1

@@ -150,6 +150,15 @@ def run_ekko_family(sc: Scenario, system: str, progress: Progress | None = None,
     rng = sim.derive_np_rng("values")
     sample_rng = sim.derive_np_rng("samples")
     high_cut = _high_impact_cut(sc)
+    # The class of an update is the one the publishing replica's scheduler gives it
+    # (``high`` = its estimate of the top k%), so latency is measured by the class
+    # the queues act on; how well that estimate matches the top k% in hindsight is
+    # reported separately (``class_agreement``).
+    prio = getattr(cluster.nodes[ingest], "prioritizer", None)
+    decided: list[Any] = []
+    if prio is not None and high_cut is not None:
+        prio.observers.append(lambda model, table, rows: decided.append(rows))
+    agreement = _ClassAgreement(sc) if prio is not None and high_cut is not None else None
 
     def on_batch(batch: UpdateBatch) -> None:
         if not len(batch.ids):
@@ -159,17 +168,28 @@ def run_ekko_family(sc: Scenario, system: str, progress: Progress | None = None,
         frame = chain.frame(sc.model, {batch.table: (batch.ids, values)}, now_ms=HLC_EPOCH_MS + sim.now * 1000,
                             impact={batch.table: batch.impact})
         versions = chain.versions_of(frame)[batch.table]
-        if high_cut is None:
-            rec.track(batch.table, batch.ids, versions, sim.now, sc.samples_per_batch, sample_rng)
-        else:
-            # Follow k rows of each class: high-impact rows are only the top k%.
-            high = batch.impact >= high_cut
-            for cls, sel in (("high", high), ("low", ~high)):
-                rec.track(batch.table, batch.ids[sel], versions[sel], sim.now, sc.samples_per_batch, sample_rng,
-                          cls=cls)
         truth.note(batch.table, batch.ids, versions, values, t.row_bytes)
+        decided.clear()
+        emitted = sim.now
         cluster.call(ingest, "publish", frame.body, sim.now)
         chain.acked(frame)
+        if high_cut is None:
+            rec.track(batch.table, batch.ids, versions, emitted, sc.samples_per_batch, sample_rng)
+            return
+        if decided:
+            rows = decided[0]
+            ids, vers, high = rows.ids, rows.versions, rows.high
+            if agreement is not None:
+                agreement.note(batch, rows)
+        else:
+            # no scheduler on the path: classify by the impact cut (the same top k%)
+            ids, vers, high = batch.ids, versions, batch.impact >= high_cut
+        for cls, sel in (("high", high), ("low", ~high)):
+            rec.track(batch.table, ids[sel], vers[sel], emitted, sc.samples_per_batch, sample_rng, cls=cls)
+        if decided:
+            # tracked after the publish (the class is decided there): the publishing
+            # replica applied these rows at emission
+            rec.applied(ingest, batch.table, ids, vers, emitted)
 
     workload = Workload(sc.workload, sim.derive_np_rng("workload"))
     workload.drive(sim, on_batch, until=sc.duration_s)
@@ -182,6 +202,9 @@ def run_ekko_family(sc: Scenario, system: str, progress: Progress | None = None,
     out = _run_and_collect(sc, system, sim, net, cluster, rec, truth, progress)
     if meter is not None:
         out["weighted_staleness_error"] = meter.total
+    if agreement is not None:
+        agreement.weights = _access_weights(sc, workload)
+        out["class_agreement"] = agreement.summary()
     if cluster.nodes and any(n.prioritizer is not None for n in cluster.nodes.values()):
         out["wan_budget_bytes_per_s"] = None if system == "ekko-uncongested" else (
             float(sc.scheduler["wan_budget_bytes_per_s"]) if "wan_budget_bytes_per_s" in sc.scheduler else
@@ -202,6 +225,50 @@ def _high_impact_cut(sc: Scenario) -> float | None:
     return float(np.exp(sigma * NormalDist().inv_cdf(1 - k / 100)))
 
 
+def _access_weights(sc: Scenario, workload: Workload) -> dict[str, np.ndarray]:
+    """Each row's share of inference lookups: its Zipf popularity, normalised per table."""
+    weights: dict[str, np.ndarray] = {}
+    for st in sc.workload.sparse:
+        z = workload.zipf(st.model, st.table)
+        rank = np.empty(st.rows, np.float64)
+        rank[z.ids_of_ranks(np.arange(1, st.rows + 1))] = np.arange(1, st.rows + 1)
+        w = rank ** -st.zipf_s
+        weights[st.table] = w / w.sum()
+    return weights
+
+
+class _ClassAgreement:
+    """How well the scheduler's online top-k% matches the top k% in hindsight.
+
+    Hindsight priority of an update = its impact (the change's L2 norm) times its
+    row's true share of lookups, i.e. what the update adds to the access-weighted
+    staleness error per unit time it is missing; the cut is the (100 - k)th
+    percentile of that over every update of the run.  Reported as precision
+    (share of updates the scheduler marked high that are in the hindsight top k%)
+    and recall (share of the hindsight top k% that it marked high).
+    """
+
+    def __init__(self, sc: Scenario) -> None:
+        self.k = float(sc.scheduler.get("k_percent", 5.0)) if sc.scheduler else 5.0
+        self.parts: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.weights: dict[str, np.ndarray] = {}
+
+    def note(self, batch: UpdateBatch, rows: Any) -> None:
+        order = np.argsort(batch.ids)
+        pos = order[np.searchsorted(batch.ids[order], rows.ids)]
+        self.parts.append((batch.table, rows.ids, batch.impact[pos].astype(np.float64), rows.high))
+
+    def summary(self) -> dict[str, float]:
+        if not self.parts:
+            return {}
+        prio = np.concatenate([imp * self.weights[t][ids] for t, ids, imp, _ in self.parts])
+        high = np.concatenate([h for *_, h in self.parts])
+        top = prio >= np.quantile(prio, 1 - self.k / 100)
+        both = float(np.count_nonzero(top & high))
+        return {"decided_high_fraction": float(high.mean()), "precision": both / max(1, int(high.sum())),
+                "recall": both / max(1, int(top.sum()))}
+
+
 class StalenessMeter:
     """Integrates the access-weighted squared error of every replica against the trainer.
 
@@ -212,14 +279,7 @@ class StalenessMeter:
 
     def __init__(self, sc: Scenario, workload: Workload, cluster: SimCluster, truth: Truth) -> None:
         self.sc, self.cluster, self.truth = sc, cluster, truth
-        self.weights: dict[str, np.ndarray] = {}
-        for st in sc.workload.sparse:
-            z = workload.zipf(st.model, st.table)
-            rows = st.rows
-            rank = np.empty(rows, np.float64)
-            rank[z.ids_of_ranks(np.arange(1, rows + 1))] = np.arange(1, rows + 1)
-            w = rank ** -st.zipf_s
-            self.weights[st.table] = (w / w.sum()).astype(np.float64)
+        self.weights = _access_weights(sc, workload)
         self.total = 0.0
 
     def sample(self, dt: float) -> None:

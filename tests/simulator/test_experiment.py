@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -82,3 +83,25 @@ def test_shipped_scenarios_load():
         assert sc.replicas > 0 and sc.systems
     with pytest.raises(Exception):
         load_scenario("no-such-scenario")
+
+
+def test_congestion_classes_are_the_schedulers_decisions():
+    """A small congestion run: samples are classed by the publishing replica's scheduler,
+    the three systems see the same decisions, and the report says how they match hindsight."""
+    sc = load_scenario("congestion")
+    # the last batch (at 3.0) comes before the first convergence check (at 3.5)
+    sc.replicas, sc.duration_s, sc.settle_s = 3, 3.05, 30.0
+    b = sc.workload.bursts[0]
+    sc.workload = dataclasses.replace(sc.workload, bursts=(dataclasses.replace(b, t0=1.0, t1=2.0),))
+    res = run_scenario(sc, ["ekko", "fifo"])["systems"]
+    for name in ("ekko", "fifo"):
+        r = res[name]
+        assert r["converged"]
+        assert set(r["latency_by_class_s"]) == {"high", "low"}
+        agree = r["class_agreement"]
+        assert 0.02 < agree["decided_high_fraction"] < 0.15
+        assert 0.0 <= agree["precision"] <= 1.0 and 0.0 <= agree["recall"] <= 1.0
+    assert res["ekko"]["class_agreement"] == res["fifo"]["class_agreement"]
+    assert res["ekko"]["latency_by_class_s"]["high"]["n"] == res["fifo"]["latency_by_class_s"]["high"]["n"]
+    # the publishing replica holds its rows at once: no sample waits for it
+    assert res["ekko"]["latency_by_class_s"]["high"]["p50"] < 0.5
