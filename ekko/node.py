@@ -215,6 +215,7 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         self._seq = 0
         self._repair: dict[tuple[str, str], np.ndarray] = {}
         self._repair_rounds = 0
+        self._repair_answered: set[str] = set()  # peers that answered the current repair
         # Hooks for layers above the protocol (undo history, metrics); called with
         # (model, table, ApplyResult, source) after every apply that changed rows.
         self.on_apply: list[Callable[[str, str, ApplyResult, str], None]] = []

@@ -22,9 +22,13 @@ from rollback.cuts import Cut
 
 #: rollback records kept for gossip (newest first); a replica that was away catches up from them.
 MAX_ROLLBACK_RECORDS = 32
-#: anti-entropy rounds a replica keeps asking random peers for better values of the rows a
-#: rollback restored (each asks one peer, so the best value spreads like a rumour).
+#: distinct peers (or every other member, when fewer) a replica compares the rows a rollback
+#: restored with: it asks one random peer per anti-entropy round, so the best value spreads
+#: like a rumour.  Rounds whose request or answer is lost do not count (every request is
+#: answered), so a replica partitioned off or restarting during the rollback still repairs.
 REPAIR_ROUNDS = 8
+#: most anti-entropy rounds a replica keeps asking while fewer peers than that have answered.
+REPAIR_MAX_ASKS = 1 << 12
 #: most rows one repair request names per table.
 MAX_REPAIR_ROWS = 1 << 16
 
@@ -141,19 +145,25 @@ class RollbackMixin:
             # version the cut covers: compare every restored row with peers for a few rounds.
             prev = self._repair.get((model, t.name))
             self._repair[(model, t.name)] = rows if prev is None else np.union1d(prev, rows)
-        self._repair_rounds = REPAIR_ROUNDS
+        self._repair_rounds = REPAIR_MAX_ASKS
+        self._repair_answered = set()
         self.counters["rollbacks"] += 1
         self.counters["rolled_back_rows"] += restored
         return True
 
     def _repair_round(self, now: float) -> None:
-        if not self._repair or self._repair_rounds <= 0:
+        if not self._repair:
+            return
+        answered = self._repair_answered
+        if self._repair_rounds <= 0 or len(answered) >= min(REPAIR_ROUNDS, len(self.members.members) - 1):
+            self._repair.clear()
             return
         self._repair_rounds -= 1
         peers = self._live_peers()
         if not peers:
             return
-        peer = self.members.get(self.rng.choice(peers))
+        fresh = [p for p in peers if p not in answered]
+        peer = self.members.get(self.rng.choice(fresh or peers))
         for (model, table), rows in self._repair.items():
             ts = self.models[model].store.table(table)
             for lo in range(0, len(rows), MAX_REPAIR_ROWS):
@@ -161,8 +171,11 @@ class RollbackMixin:
                 self._out.append(Outgoing(peer.node_id, peer.address, MsgType.GOSSIP, {
                     "k": "rep", "from": self.node_id, "m": model, "t": table, "ids": array_to_wire(ids),
                     "v": array_to_wire(ts.versions[ids])}))
-        if self._repair_rounds == 0:
-            self._repair.clear()
+
+    def _on_repair_answer(self, sender: str) -> None:
+        """A peer answered a repair request (with better rows or none): it has compared."""
+        if self._repair:
+            self._repair_answered.add(sender)
 
     def _on_repair(self, body: dict[str, Any], now: float) -> None:
         """A peer asks whether we hold better (greater, unfenced) versions of some rows."""
@@ -182,7 +195,31 @@ class RollbackMixin:
         m = self.models[body["m"]]
         ts = m.store.table(spec.name)
         better = ids[ts.versions[ids] > theirs]
-        if mem is None or not len(better):
+        if mem is None:
+            return
+        behind = ts.versions[ids] < theirs
+        if behind.any():
+            # They hold a better version than ours.  We may never have held the fenced
+            # version that made them restore the row (a truncated pull answer advanced our
+            # knowledge past the cut version while the row held a now-fenced one), so we
+            # would never repair it ourselves: ask them back, and keep comparing it with
+            # other peers so the value spreads like a rumour.
+            worse = ids[behind]
+            worse = worse[~self.fence.mask(m.spec.name, spec.name, worse, theirs[behind])]
+            if len(worse):
+                key = (m.spec.name, spec.name)
+                if not self._repair:
+                    self._repair_answered = set()
+                    self._repair_rounds = REPAIR_MAX_ASKS
+                prev = self._repair.get(key)
+                self._repair[key] = worse if prev is None else np.union1d(prev, worse)
+                self._out.append(Outgoing(sender, mem.address, MsgType.GOSSIP, {
+                    "k": "rep", "from": self.node_id, "m": m.spec.name, "t": spec.name,
+                    "ids": array_to_wire(worse), "v": array_to_wire(ts.versions[worse])}))
+        if not len(better):
+            # Answer anyway: the requester counts peers that compared, not requests sent.
+            self._out.append(Outgoing(sender, mem.address, MsgType.PULL_RESPONSE,
+                                      {"from": self.node_id, "models": {}, "rep": True}))
             return
         d = ts.take(m.spec.name, better)
         shards = spec.shards_of(better)
@@ -191,4 +228,4 @@ class RollbackMixin:
             sel = shards == s
             entries.append([s, [], None, delta_to_wire(d.take(sel))])
         self._out.append(Outgoing(sender, mem.address, MsgType.PULL_RESPONSE,
-                                  {"from": self.node_id, "models": {m.spec.name: {spec.name: entries}}}))
+                                  {"from": self.node_id, "models": {m.spec.name: {spec.name: entries}}, "rep": True}))
