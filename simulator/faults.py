@@ -83,6 +83,7 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -947,8 +948,10 @@ def _versions_of(frame: PendingFrame) -> dict[str, np.ndarray]:
 
 def run_faults(seeds: int, first_seed: int = 0, replicas: int | None = None,
                out: Path | str | None = None, config: NodeConfig | None = None,
-               faults: FaultConfig | None = None) -> dict[str, Any]:
+               faults: FaultConfig | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run ``seeds`` scenarios from ``first_seed``; write ``results.json`` under ``out``.
+
+    ``progress(done)`` is called after each seed.
 
     Example:
         >>> res = run_faults(1, first_seed=4)     # doctest: +SKIP
@@ -961,7 +964,11 @@ def run_faults(seeds: int, first_seed: int = 0, replicas: int | None = None,
     if replicas is not None and replicas != cfg.replicas:
         cfg = FaultConfig(**{**asdict(cfg), "replicas": replicas})
     wall0 = time.perf_counter()
-    per_seed = [FaultRun(s, config=config, faults=cfg).run() for s in range(first_seed, first_seed + seeds)]
+    per_seed = []
+    for s in range(first_seed, first_seed + seeds):
+        per_seed.append(FaultRun(s, config=config, faults=cfg).run())
+        if progress is not None:
+            progress(len(per_seed))
     totals: Counter[str] = Counter()
     for r in per_seed:
         totals.update(r["faults"])
@@ -980,3 +987,47 @@ def run_faults(seeds: int, first_seed: int = 0, replicas: int | None = None,
         path.mkdir(parents=True, exist_ok=True)
         (path / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True))
     return result
+
+
+@dataclass
+class FaultScenario:
+    """A fault-injection scenario file (one with a ``[faults]`` table), e.g. the shipped ``faults``.
+
+    ``ekko sim run faults`` runs :func:`run_faults` with these: ``seeds`` seeds from
+    ``seed``, every :class:`FaultConfig` field from ``[faults]``.
+
+    Example:
+        >>> sc = parse_fault_scenario({"scenario": {"seeds": 2}, "faults": {"replicas": 4}}, "mine")
+        >>> sc.name, sc.seeds, sc.faults.replicas
+        ('mine', 2, 4)
+    """
+
+    name: str
+    description: str
+    seed: int
+    seeds: int
+    faults: FaultConfig
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def replicas(self) -> int:
+        return self.faults.replicas
+
+
+def parse_fault_scenario(d: dict[str, Any], name: str = "custom") -> FaultScenario:
+    """Parse a scenario dict with a ``[faults]`` table (see ``simulator/scenarios/faults.toml``)."""
+    sc = dict(d.get("scenario", {}))
+    extra = sorted(set(d) - {"scenario", "faults"})
+    if extra:
+        raise UsageError(f"a fault scenario has only [scenario] and [faults], not {extra}")
+    unknown = sorted(set(sc) - {"name", "description", "seed", "seeds"})
+    if unknown:
+        raise UsageError(f"fault scenario: unknown [scenario] keys {unknown}")
+    seed, seeds = sc.get("seed", 0), sc.get("seeds", 10)
+    if any(isinstance(x, bool) or not isinstance(x, int) for x in (seed, seeds)) or seeds < 1 or seed < 0:
+        raise UsageError("fault scenario: seed must be an integer >= 0 and seeds >= 1")
+    faults = d.get("faults")
+    if not isinstance(faults, dict):
+        raise UsageError("fault scenario: [faults] must be a table")
+    return FaultScenario(str(sc.get("name", name)), str(sc.get("description", "")), seed, seeds,
+                         FaultConfig.from_dict(faults), d)
