@@ -129,7 +129,12 @@ class RollbackMixin:
                 continue
             if self.undo is not None:
                 self._seq += 1
-                out = self.undo.restore_at_cut(model, t.name, ts, rows, cut.covered_fn(t), seq=self._seq)
+                # The cut covers what an earlier rollback fenced too: never restore that.
+                in_cut = cut.covered_fn(t)
+
+                def covered(ids: np.ndarray, v: np.ndarray, _in_cut=in_cut, _table=t.name) -> np.ndarray:
+                    return _in_cut(ids, v) & ~self.fence.mask(model, _table, ids, v)
+                out = self.undo.restore_at_cut(model, t.name, ts, rows, covered, seq=self._seq)
                 missing = out.incomplete
             else:
                 missing = rows

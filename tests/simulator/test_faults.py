@@ -209,3 +209,12 @@ def test_bad_fault_parameters_are_refused():
         FaultConfig(rollback_prob=1.5)
     with pytest.raises(UsageError, match="integer"):
         FaultConfig.from_dict({"replicas": 2.5})
+
+
+# Regression (ekko/node_rollback.py): seed 47 rolls back twice; the second cut covers
+# versions the first rollback fenced, and the undo history still held them, so the second
+# restore brought a fenced version back (fence and convergence violated).  The restore now
+# skips every fenced version.
+def test_seed_47_second_rollback_restores_no_fenced_version():
+    res = FaultRun(47).run()
+    assert len(res["rollbacks"]) == 2 and res["violations"] == []
