@@ -88,7 +88,7 @@ def _pair_key(k: str, dcs: list[str]) -> tuple[str, str]:
 
 def parse_scenario(d: dict[str, Any], name: str = "custom") -> Scenario:
     if "faults" in d:
-        from simulator.faults import parse_fault_scenario
+        from simulator.fault_plan import parse_fault_scenario
         return parse_fault_scenario(d, name)  # type: ignore[return-value]  # run by the faults harness
     sc = d.get("scenario", {})
     wan = d.get("wan", {})
