@@ -70,7 +70,8 @@ class RollbackMixin:
     def rollback(self, model: str, cut: Cut | str, until_counter: int, now: float) -> dict[str, Any]:
         """Roll ``model`` back to ``cut`` everywhere: restore here, then tell every peer.
 
-        Every version of the model newer than the cut and at most ``until_counter`` (an
+        Every version of the model newer than the cut and at most ``until_counter``, of
+        every origin, including publishers this replica has not heard of yet (an
         HLC counter: the caller's wall clock at the decision, so harmful updates still
         in flight are caught too) is fenced: never applied or served again.  Updates
         published afterwards carry greater counters and apply normally.
@@ -92,7 +93,7 @@ class RollbackMixin:
             if len(written):
                 origins.update(np.unique(origins_of(written)).tolist())
         record = {"id": f"{self.node_id}.{model}.{cut.name}.{until_counter}", "model": model,
-                  "cut": cut.to_wire(), "upper": [[o, until_counter] for o in sorted(origins)]}
+                  "cut": cut.to_wire(), "upper": [[o, until_counter] for o in [0, *sorted(origins)]]}
         self._apply_rollback(record, now)
         for peer in self._live_peers():
             mem = self.members.get(peer)
@@ -109,7 +110,7 @@ class RollbackMixin:
         upper_raw = field(record, "upper", list)
         if len(upper_raw) > MAX_ORIGIN or not all(
                 isinstance(e, list) and len(e) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in e)
-                and 0 < e[0] <= MAX_ORIGIN and 0 < e[1] <= MAX_COUNTER for e in upper_raw):
+                and 0 <= e[0] <= MAX_ORIGIN and 0 < e[1] <= MAX_COUNTER for e in upper_raw):
             raise ProtocolError("bad rollback point", "bad_body")
         m = self.models.get(model)
         if m is None or cut.model != model:

@@ -218,3 +218,12 @@ def test_bad_fault_parameters_are_refused():
 def test_seed_47_second_rollback_restores_no_fenced_version():
     res = FaultRun(47).run()
     assert len(res["rollbacks"]) == 2 and res["violations"] == []
+
+
+# Regression (ekko/node_rollback.py, rollback/cuts.py): seed 56 restarts the publisher
+# without state (a new origin) just before a rollback started at a replica that had not
+# heard of that origin yet; its updates up to the rollback point were never fenced.
+def test_seed_56_fences_a_publisher_origin_the_rollbacker_did_not_know():
+    res = FaultRun(56).run()
+    assert res["faults"]["publisher_restart_new_origin"] == 1 and res["rollbacks"]
+    assert res["violations"] == []
