@@ -217,6 +217,7 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         self._seq = 0
         self._repair: dict[tuple[str, str], np.ndarray] = {}
         self._repair_rounds = 0
+        self._repair_answered: set[str] = set()  # peers that answered the current repair
         self._init_quality()  # the model-state manager (rollback.manager), quality reports
         # Hooks for layers above the protocol (undo history, metrics); called with
         # (model, table, ApplyResult, source) after every apply that changed rows.
@@ -421,8 +422,11 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         # Waiting publish chains too: once lost, knowledge could never pass their gap.
         pending = {t: [[s, o, a, u] for s, sync in sorted(shards.items()) for o, chains in sync.pending.items()
                        for a, u in chains] for t, shards in m.shards.items()}
+        # Rollbacks applied here: their fences must hold after a restart too (a lagging peer
+        # may still send the rolled-back versions before gossip brings the records back).
+        rollbacks = [r for r in self.rollbacks.values() if r.get("model") == model]
         return {"format": STATE_FORMAT, "node_id": self.node_id, "head": m.head, "knowledge": knowledge,
-                "pending": {t: p for t, p in pending.items() if p}}
+                "pending": {t: p for t, p in pending.items() if p}, "rollbacks": rollbacks}
 
     def import_state(self, spec: ModelSpec, store: ModelStore, state: dict[str, Any], now: float) -> None:
         """Install a model restored from a snapshot into this node.
@@ -471,6 +475,9 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
                         and 0 <= e[0] < n and 0 < e[1] <= MAX_ORIGIN and -1 <= e[2] < e[3] <= MAX_COUNTER):
                     raise ProtocolError("bad snapshot chain entry", "bad_snapshot")
                 pending.setdefault(table, {}).setdefault(e[0], []).append((e[1], e[2], e[3]))
+        rollbacks = state.get("rollbacks", [])
+        if not isinstance(rollbacks, list) or not all(isinstance(r, dict) for r in rollbacks):
+            raise ProtocolError("bad snapshot rollback records", "bad_snapshot")
         head = state.get("head", 0)
         self.register_model(spec, now)
         m = self.models[spec.name]
@@ -497,6 +504,17 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
                     sync.chain(o, a, u)
                 m.dirty[t.name].add(s)
         m.head = max(m.head, top)
+        try:
+            for record in rollbacks:  # fences back first; rows are already at the rolled-back state
+                self._apply_rollback(record, now)
+        except (ProtocolError, UsageError) as err:
+            # Nothing of this model may stay: the node had no such model before the call.
+            del self.models[spec.name]
+            self._catalog_digest = None
+            for rid in [k for k, r in self.rollbacks.items() if r.get("model") == spec.name]:
+                del self.rollbacks[rid]
+            self.fence._ranges.pop(spec.name, None)
+            raise ProtocolError(f"bad snapshot rollback record: {err}", "bad_snapshot") from None
 
     # ------------------------------------------------------------------ status
     def model_head(self, model: str) -> int:

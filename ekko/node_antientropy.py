@@ -319,7 +319,7 @@ class AntiEntropyMixin:
             self._send_pull_request(sender, reverse, back=False)
 
     def _on_pull_response(self, body: dict[str, Any], now: float) -> None:
-        field(body, "from", str)
+        sender = field(body, "from", str)
         models = field(body, "models", dict)
         parsed: list[tuple[_Model, str, int, Knowledge, int | None, Delta | None]] = []
         for m, table, spec, entries in self._known_tables(models):
@@ -349,4 +349,6 @@ class AntiEntropyMixin:
                 k = self._baseline_clamp(m.spec.name, table, s, k)
             if sync.learn(k, cut):
                 m.dirty[table].add(s)
+        if body.get("rep") is True:
+            self._on_repair_answer(sender)
         self.counters["pull_responses_received"] += 1

@@ -24,9 +24,13 @@ from rollback.manager import Incident, ManagerConfig, ModelStateManager, check_s
 
 #: rollback records kept for gossip (newest first); a replica that was away catches up from them.
 MAX_ROLLBACK_RECORDS = 32
-#: anti-entropy rounds a replica keeps asking random peers for better values of the rows a
-#: rollback restored (each asks one peer, so the best value spreads like a rumour).
+#: distinct peers (or every other member, when fewer) a replica compares the rows a rollback
+#: restored with: it asks one random peer per anti-entropy round, so the best value spreads
+#: like a rumour.  Rounds whose request or answer is lost do not count (every request is
+#: answered), so a replica partitioned off or restarting during the rollback still repairs.
 REPAIR_ROUNDS = 8
+#: most anti-entropy rounds a replica keeps asking while fewer peers than that have answered.
+REPAIR_MAX_ASKS = 1 << 12
 #: most rows one repair request names per table.
 MAX_REPAIR_ROWS = 1 << 16
 #: quality events (incidents, restores) kept for the driver to log (oldest dropped).
@@ -229,7 +233,8 @@ class RollbackMixin:
                  incident: Incident | None = None) -> dict[str, Any]:
         """Roll ``model`` back to ``cut`` everywhere: restore here, then tell every peer.
 
-        Every version of the model newer than the cut and at most ``until_counter`` (an
+        Every version of the model newer than the cut and at most ``until_counter``, of
+        every origin, including publishers this replica has not heard of yet (an
         HLC counter: the caller's wall clock at the decision, so harmful updates still
         in flight are caught too) is fenced: never applied or served again.  Updates
         published afterwards carry greater counters and apply normally.
@@ -256,7 +261,7 @@ class RollbackMixin:
             if len(written):
                 origins.update(np.unique(origins_of(written)).tolist())
         record = {"id": rid or f"{self.node_id}.{model}.{cut.name}.{until_counter}", "model": model,
-                  "cut": cut.to_wire(), "upper": [[o, until_counter] for o in sorted(origins)]}
+                  "cut": cut.to_wire(), "upper": [[o, until_counter] for o in [0, *sorted(origins)]]}
         if incident is not None:
             record["incident"] = incident.to_wire()
         self._apply_rollback(record, now)
@@ -279,7 +284,7 @@ class RollbackMixin:
         upper_raw = field(record, "upper", list)
         if len(upper_raw) > MAX_ORIGIN or not all(
                 isinstance(e, list) and len(e) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in e)
-                and 0 < e[0] <= MAX_ORIGIN and 0 < e[1] <= MAX_COUNTER for e in upper_raw):
+                and 0 <= e[0] <= MAX_ORIGIN and 0 < e[1] <= MAX_COUNTER for e in upper_raw):
             raise ProtocolError("bad rollback point", "bad_body")
         incident = Incident.from_wire(record["incident"], now) if "incident" in record else None
         if incident is not None and incident.model != model:
@@ -328,7 +333,12 @@ class RollbackMixin:
                 continue
             if self.undo is not None:
                 self._seq += 1
-                out = self.undo.restore_at_cut(model, t.name, ts, rows, cut.covered_fn(t), seq=self._seq)
+                # The cut covers what an earlier rollback fenced too: never restore that.
+                in_cut = cut.covered_fn(t)
+
+                def covered(ids: np.ndarray, v: np.ndarray, _in_cut=in_cut, _table=t.name) -> np.ndarray:
+                    return _in_cut(ids, v) & ~self.fence.mask(model, _table, ids, v)
+                out = self.undo.restore_at_cut(model, t.name, ts, rows, covered, seq=self._seq)
                 missing = out.incomplete
             else:
                 missing = rows
@@ -344,7 +354,8 @@ class RollbackMixin:
             # version the cut covers: compare every restored row with peers for a few rounds.
             prev = self._repair.get((model, t.name))
             self._repair[(model, t.name)] = rows if prev is None else np.union1d(prev, rows)
-        self._repair_rounds = REPAIR_ROUNDS
+        self._repair_rounds = REPAIR_MAX_ASKS
+        self._repair_answered = set()
         self.counters["rollbacks"] += 1
         self.counters["rolled_back_rows"] += restored
         inc = self.quality.rollback_applied(model, rid, cut.name, now)
@@ -354,13 +365,18 @@ class RollbackMixin:
         return True
 
     def _repair_round(self, now: float) -> None:
-        if not self._repair or self._repair_rounds <= 0:
+        if not self._repair:
+            return
+        answered = self._repair_answered
+        if self._repair_rounds <= 0 or len(answered) >= min(REPAIR_ROUNDS, len(self.members.members) - 1):
+            self._repair.clear()
             return
         self._repair_rounds -= 1
         peers = self._live_peers()
         if not peers:
             return
-        peer = self.members.get(self.rng.choice(peers))
+        fresh = [p for p in peers if p not in answered]
+        peer = self.members.get(self.rng.choice(fresh or peers))
         for (model, table), rows in self._repair.items():
             ts = self.models[model].store.table(table)
             for lo in range(0, len(rows), MAX_REPAIR_ROWS):
@@ -368,8 +384,11 @@ class RollbackMixin:
                 self._out.append(Outgoing(peer.node_id, peer.address, MsgType.GOSSIP, {
                     "k": "rep", "from": self.node_id, "m": model, "t": table, "ids": array_to_wire(ids),
                     "v": array_to_wire(ts.versions[ids])}))
-        if self._repair_rounds == 0:
-            self._repair.clear()
+
+    def _on_repair_answer(self, sender: str) -> None:
+        """A peer answered a repair request (with better rows or none): it has compared."""
+        if self._repair:
+            self._repair_answered.add(sender)
 
     def _on_repair(self, body: dict[str, Any], now: float) -> None:
         """A peer asks whether we hold better (greater, unfenced) versions of some rows."""
@@ -389,7 +408,31 @@ class RollbackMixin:
         m = self.models[body["m"]]
         ts = m.store.table(spec.name)
         better = ids[ts.versions[ids] > theirs]
-        if mem is None or not len(better):
+        if mem is None:
+            return
+        behind = ts.versions[ids] < theirs
+        if behind.any():
+            # They hold a better version than ours.  We may never have held the fenced
+            # version that made them restore the row (a truncated pull answer advanced our
+            # knowledge past the cut version while the row held a now-fenced one), so we
+            # would never repair it ourselves: ask them back, and keep comparing it with
+            # other peers so the value spreads like a rumour.
+            worse = ids[behind]
+            worse = worse[~self.fence.mask(m.spec.name, spec.name, worse, theirs[behind])]
+            if len(worse):
+                key = (m.spec.name, spec.name)
+                if not self._repair:
+                    self._repair_answered = set()
+                    self._repair_rounds = REPAIR_MAX_ASKS
+                prev = self._repair.get(key)
+                self._repair[key] = worse if prev is None else np.union1d(prev, worse)
+                self._out.append(Outgoing(sender, mem.address, MsgType.GOSSIP, {
+                    "k": "rep", "from": self.node_id, "m": m.spec.name, "t": spec.name,
+                    "ids": array_to_wire(worse), "v": array_to_wire(ts.versions[worse])}))
+        if not len(better):
+            # Answer anyway: the requester counts peers that compared, not requests sent.
+            self._out.append(Outgoing(sender, mem.address, MsgType.PULL_RESPONSE,
+                                      {"from": self.node_id, "models": {}, "rep": True}))
             return
         d = ts.take(m.spec.name, better)
         shards = spec.shards_of(better)
@@ -398,4 +441,4 @@ class RollbackMixin:
             sel = shards == s
             entries.append([s, [], None, delta_to_wire(d.take(sel))])
         self._out.append(Outgoing(sender, mem.address, MsgType.PULL_RESPONSE,
-                                  {"from": self.node_id, "models": {m.spec.name: {spec.name: entries}}}))
+                                  {"from": self.node_id, "models": {m.spec.name: {spec.name: entries}}, "rep": True}))

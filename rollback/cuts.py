@@ -32,6 +32,10 @@ counters in ``(C[table, shard][o], R[o]]``:
   the largest counter of ``o`` seen anywhere plus the HLC span of the maximum
   clock skew.  Updates the publisher makes after the rollback have counters
   above ``R[o]`` and apply normally.
+* origin ``0`` in the rollback point stands for every origin it does not name:
+  the replica starting a rollback cannot list a publisher it has not heard of yet
+  (one that just took a new origin), and that publisher's updates up to the
+  rollback point must be fenced too.
 
 Every fence test is vectorized: :meth:`Fence.mask` takes a whole delta.
 
@@ -416,7 +420,10 @@ class FenceRange:
         c = counters_of(versions)
         j = np.searchsorted(origins_u, o)
         np.minimum(j, len(origins_u) - 1, out=j)
-        hit = (origins_u[j] == o) & (c <= counters_u[j])
+        matched = origins_u[j] == o
+        hit = matched & (c <= counters_u[j])
+        if origins_u[0] == 0:  # origin 0: every origin not named (origins of versions are >= 1)
+            hit |= ~matched & (c <= counters_u[0])
         if not hit.any():
             return out
         tab = self._tables.get(table)
@@ -450,7 +457,7 @@ class FenceRange:
             if not isinstance(item, (list, tuple)) or len(item) != 2:
                 raise ProtocolError(f"bad fence upper entry {item!r:.60}", "bad_fence")
             o = _check_wire_int("origin", item[0], MAX_ORIGIN, "bad_fence")
-            if o == 0 or o in up:
+            if o in up:
                 raise ProtocolError(f"bad or duplicate fence origin {o}", "bad_fence")
             up[o] = _check_wire_int("counter", item[1], MAX_COUNTER, "bad_fence")
         if not isinstance(shard_rows, list) or len(shard_rows) > MAX_CUT_ENTRIES:
@@ -500,7 +507,7 @@ class Fence:
             raise UsageError(f"cut {cut.name} is of model {cut.model}, not {spec.name}")
         upper = dict(rollback_point.items())
         for o, c in upper.items():
-            if not (isinstance(o, int) and 0 < o <= MAX_ORIGIN and isinstance(c, int) and 0 <= c <= MAX_COUNTER):
+            if not (isinstance(o, int) and 0 <= o <= MAX_ORIGIN and isinstance(c, int) and 0 <= c <= MAX_COUNTER):
                 raise UsageError(f"bad rollback point entry {o}: {c}")
         rng = FenceRange(spec.name, cut.name, cut.knowledge, upper, {t.name: t.shard_rows for t in spec.tables})
         self.add_range(rng)

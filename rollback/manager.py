@@ -222,10 +222,12 @@ def merge_rollback_records(a: dict[str, Any], b: dict[str, Any]) -> dict[str, An
         >>> m["cut"]["name"], m["upper"]
         ('c0', [[1, 10], [2, 3]])
     """
+    # Origin 0 is the wildcard (every origin a record does not name), so an origin one
+    # record names and the other covers only by its wildcard takes the greater of the two.
+    points = [{o: c for o, c in rec.get("upper", ())} for rec in (a, b)]
     upper: dict[int, int] = {}
-    for rec in (a, b):
-        for o, c in rec.get("upper", ()):
-            upper[o] = max(upper.get(o, 0), c)
+    for o in set().union(*points):
+        upper[o] = max(p.get(o, p.get(0, 0)) for p in points)
     cut = min(a["cut"], b["cut"], key=cut_order_key)
     out = dict(a)
     out["cut"] = cut

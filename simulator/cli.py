@@ -44,18 +44,59 @@ def list_cmd(args: argparse.Namespace) -> int:
 
 def faults_cmd(args: argparse.Namespace) -> int:
     """Run the fault-injection harness (:mod:`simulator.faults`); exit 1 on any violation."""
-    from simulator.faults import DEFAULT_REPLICAS, run_faults
+    from simulator.faults import run_faults
     try:
-        res = run_faults(args.seeds, args.seed, args.replicas or DEFAULT_REPLICAS, Path(args.out))
+        res = run_faults(args.seeds, args.seed, args.replicas, Path(args.out))
     except UsageError as e:
         print(f"ekko sim: {e}", file=sys.stderr)
         return 2
+    return _report_faults(res, Path(args.out))
+
+
+def _report_faults(res: dict, out: Path) -> int:
     for v in res["violations"]:
         where = ", ".join(f"{k} {v[k]}" for k in ("replica", "table", "row", "shard") if k in v)
         print(f"seed {v['seed']}: {v['invariant']} violated at {where}: {v['detail']}")
     print(f"{res['seeds']} seeds from {res['first_seed']}, "
-          f"{len(res['violations'])} violations, {res['wall_s']:.1f} s; wrote {Path(args.out) / 'results.json'}")
+          f"{len(res['violations'])} violations, {res['wall_s']:.1f} s; wrote {out / 'results.json'}")
     return 1 if res["violations"] else 0
+
+
+def _run_fault_scenario(sc, args: argparse.Namespace) -> int:
+    """``ekko sim run faults``: the scenario's seeds through the fault harness, with progress."""
+    from dataclasses import replace
+
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from simulator.faults import run_faults
+    if args.seed is not None:
+        sc.seed = args.seed
+    cfg = sc.faults
+    if args.replicas is not None:
+        cfg = replace(cfg, replicas=args.replicas)
+    if args.duration is not None:
+        cfg = replace(cfg, fault_phase_s=args.duration)
+    if args.systems or args.mode:
+        raise UsageError("a fault scenario takes no --systems or --mode")
+    console = Console(stderr=True)
+    console.print(f"[bold]ekko sim[/]: fault scenario {sc.name}, {sc.seeds} seeds from {sc.seed}, "
+                  f"{cfg.replicas} replicas, {cfg.fault_phase_s:g} s of faults")
+    if args.quiet:
+        res = run_faults(sc.seeds, sc.seed, out=Path(args.out), faults=cfg)
+    else:
+        with Progress(TextColumn("seeds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as prog:
+            task = prog.add_task("seeds", total=sc.seeds)
+            res = run_faults(sc.seeds, sc.seed, out=Path(args.out), faults=cfg,
+                             progress=lambda done: prog.update(task, completed=done))
+    return _report_faults(res, Path(args.out))
 
 
 def run_cmd(args: argparse.Namespace) -> int:
@@ -75,6 +116,8 @@ def _run(args: argparse.Namespace) -> int:
     from simulator.scenario import load_scenario
 
     sc = load_scenario(args.scenario)
+    if not hasattr(sc, "systems"):
+        return _run_fault_scenario(sc, args)
     if args.replicas is not None:
         if args.replicas < 1:
             raise UsageError("--replicas must be >= 1")

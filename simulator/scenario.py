@@ -19,6 +19,9 @@ shipped files in ``simulator/scenarios/`` document where each value comes from):
                 (t0, t1, multiplier)
 ``[baselines]`` checkpoint_interval_s, checkpoint_validate_s (broadcast),
                 adam_batch_s (2PC batching window)
+``[faults]``    makes it a fault-injection scenario instead (only ``[scenario]``
+                with name, description, seed, seeds, and ``[faults]`` with the fields of
+                :class:`simulator.faults.FaultConfig`; see ``scenarios/faults.toml``)
 ``[scheduler]`` k_percent (top-k% high priority), wan_budget_fraction_of_burst
                 (the push budget of every WAN link as a fraction of the update
                 bytes/s offered at the burst's peak) or wan_budget_bytes_per_s,
@@ -84,6 +87,9 @@ def _pair_key(k: str, dcs: list[str]) -> tuple[str, str]:
 
 
 def parse_scenario(d: dict[str, Any], name: str = "custom") -> Scenario:
+    if "faults" in d:
+        from simulator.fault_plan import parse_fault_scenario
+        return parse_fault_scenario(d, name)  # type: ignore[return-value]  # run by the faults harness
     sc = d.get("scenario", {})
     wan = d.get("wan", {})
     dcs = list(wan.get("dcs", ["dc0", "dc1", "dc2"]))

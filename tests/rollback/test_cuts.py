@@ -178,7 +178,7 @@ def _bad_fences():
         return [d]
     return [
         "x", [1] * 1025, [r, "x"], variant(model="no way"), variant(cut=""), variant(upper="x"),
-        variant(upper=[[0, 3]]), variant(upper=[[1, 3], [1, 4]]), variant(upper=[[1, -3]]), variant(upper=[[1]]),
+        variant(upper=[[-1, 3]]), variant(upper=[[1, 3], [1, 4]]), variant(upper=[[1, -3]]), variant(upper=[[1]]),
         variant(shard_rows=[["t", 0]]), variant(shard_rows=[["t", 16], ["t", 16]]), variant(shard_rows="x"),
         variant(shard_rows=[["t"]]), variant(lower=[["t", 0, [[1, "a"]]]]), [{k: v for k, v in r.items() if k != "upper"}],
     ]
@@ -195,7 +195,7 @@ def test_fence_add_checks_and_retire():
     with pytest.raises(UsageError):
         fence.add(ModelSpec("other", tables=[TableSpec("t", rows=4, dim=1)]), sample_cut(), {1: 5})
     with pytest.raises(UsageError):
-        fence.add(SPEC, sample_cut(), {0: 5})
+        fence.add(SPEC, sample_cut(), {-1: 5})
     rng = fence.add(SPEC, sample_cut(), Knowledge({1: 20}))
     assert isinstance(rng, FenceRange) and fence.ranges("m") == [rng]
     assert fence.mask("m", "t", np.array([0]), np.array([pack(15, 1)])).tolist() == [True]

@@ -164,3 +164,14 @@ def test_merge_of_concurrent_records_is_order_independent():
     assert ab_c["cut"]["name"] == "c1" and ab_c["upper"] == [[1, 70], [2, 5]] and ab_c["incident"]["by"] == "r2"
     assert merge_rollback_records(a, a) == a
     assert cut_order_key(b["cut"]) < cut_order_key(a["cut"])
+
+
+def test_merge_respects_the_wildcard_origin():
+    # Origin 0 fences every origin a record does not name: an origin that only one record
+    # names must not lose the other record's wildcard point (that would un-fence versions).
+    cut = {"name": "c0", "model": "m", "knowledge": []}
+    a = {"id": "x", "model": "m", "cut": cut, "upper": [[0, 10], [1, 10]]}
+    b = {"id": "x", "model": "m", "cut": cut, "upper": [[0, 7], [2, 7]]}
+    want = [[0, 10], [1, 10], [2, 10]]
+    assert merge_rollback_records(a, b)["upper"] == want
+    assert merge_rollback_records(b, a)["upper"] == want
