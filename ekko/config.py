@@ -30,6 +30,8 @@ MAX_SHARDS_PER_PULL = 4096
 MAX_HELD_ROWS_PER_SHARD = 1 << 16
 #: most rows per publish frame.
 MAX_PUBLISH_ROWS = 1 << 20
+#: values of NodeConfig.durability: write-ahead log with fsync before the ack, or none.
+DURABILITY_MODES = ("wal", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,24 @@ class NodeConfig:
         auto_cut_interval: seconds between automatic cuts of every model on this
             replica (0 = only on demand).
         cut_retention: automatic cuts kept per model.
+
+    Durability and back-pressure (daemon only; the simulator ignores them):
+        durability: ``"wal"`` -- a publish is acknowledged after its frame is in the
+            write-ahead log on disk (fsynced, group commit; :mod:`ekko.wal`), so a
+            crash right after the acknowledgement loses nothing; ``"none"`` --
+            acknowledged once applied in memory (tests, ablations).
+        max_publish_bytes_in_flight: bytes of publish bodies being received, applied
+            or waiting for their fsync at once; beyond it publishes get 429 (one
+            publish is always admitted when none is in flight, whatever its size).
+        max_outbound_bytes: estimated bytes of peer messages queued in the HTTP
+            transport; beyond it publishes get 429.
+        max_push_backlog_rows: rows waiting in the outbound push queues, all links
+            together; beyond it publishes get 429.
+        max_wal_bytes: bytes of write-ahead log not yet covered by a snapshot; beyond
+            it a snapshot is started and publishes get 429 until it is written.
+        max_rss_bytes: resident memory of the daemon process (bytes, from
+            ``/proc/self/statm``); beyond it publishes get 503.  0 = no bound (the
+            model's tensors live in the same process: set it well above their size).
     """
 
     preset: str = "local"
@@ -107,6 +127,13 @@ class NodeConfig:
     undo_bytes: int = 64 << 20
     auto_cut_interval: float = 0.0
     cut_retention: int = 60
+    # -- durability and back-pressure (issue #7) --
+    durability: str = "wal"
+    max_publish_bytes_in_flight: int = 256 << 20
+    max_outbound_bytes: int = 256 << 20
+    max_push_backlog_rows: int = 4 << 20
+    max_wal_bytes: int = 1 << 30
+    max_rss_bytes: int = 0
 
     def __post_init__(self) -> None:
         for name in ("gossip_interval", "ae_interval", "suspect_after", "dead_after", "forget_after"):
@@ -130,6 +157,14 @@ class NodeConfig:
             raise UsageError(f"config pull_response_bytes must be in 1..{MAX_PULL_RESPONSE_BYTES}")
         if not 0 < self.push_frame_bytes <= MAX_PUSH_FRAME_BYTES:
             raise UsageError(f"config push_frame_bytes must be in 1..{MAX_PUSH_FRAME_BYTES}")
+        if self.durability not in DURABILITY_MODES:
+            raise UsageError(f"config durability must be one of {list(DURABILITY_MODES)}")
+        for name in ("max_publish_bytes_in_flight", "max_outbound_bytes", "max_push_backlog_rows",
+                     "max_wal_bytes"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise UsageError(f"config {name} must be a positive integer")
+        if not (isinstance(self.max_rss_bytes, int) and self.max_rss_bytes >= 0):
+            raise UsageError("config max_rss_bytes must be an integer >= 0 (0 = no bound)")
 
     def replace(self, **kw: Any) -> "NodeConfig":
         return dataclasses.replace(self, **kw)

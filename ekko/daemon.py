@@ -23,6 +23,20 @@ a clean restart).  Snapshots are taken every ``config.snapshot_interval``
 seconds and at shutdown: the copy is made on the loop thread, in one step, so
 tensors and knowledge agree; the file I/O runs on a worker thread.
 
+Durability (``config.durability = "wal"``, the default): a publish is applied,
+its frame appended to the write-ahead log (:mod:`ekko.wal`), and the answer
+waits until the record is fsynced (group commit: concurrent publishes share one
+fsync).  On start the snapshots are loaded and the log replayed on top (the same
+``node.publish`` path: versions make a replayed row a no-op, and chains are
+rebuilt); each snapshot rotates the log at the instant of its copy and deletes
+the segments it covers once written, so the log stays bounded.
+
+Back-pressure: before a publish is read, its size is checked against the bounds
+in :class:`~ekko.config.NodeConfig` (publish bytes in flight, queued peer
+sends, push backlog, un-snapshotted log: 429; process RSS: 503).  A refused
+publish changes nothing and carries ``Retry-After``; refusals are counted in
+``ekko_backpressure_rejects_total`` by bound.
+
 Shutdown (SIGTERM/SIGINT, or :meth:`Daemon.stop`): ``/healthz`` answers 503 and
 writes are refused with 503, in-flight requests get :data:`DRAIN_TIMEOUT_S` to
 finish, the timer loop stops, queued sends get :data:`SEND_DRAIN_TIMEOUT_S`,
@@ -32,7 +46,10 @@ a final snapshot is written, and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -50,12 +67,20 @@ from aiohttp import web
 from ekko.codec import MAX_FRAME_BYTES, Frame, Keyring, MsgType, decode_frame, field
 from ekko.config import NodeConfig
 from ekko.errors import ProtocolError, UsageError
-from ekko.http_transport import HttpTransport
+from ekko.http_transport import HttpTransport, _estimated_size
 from ekko.metrics import UNKNOWN_DC, DaemonMetrics
 from ekko.node import Outgoing, ReplicaNode
 from ekko.spec import ModelSpec
 from ekko.store import ModelStore, to_wire_values
 from ekko.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS
+from ekko.wal import (
+    KIND_PUBLISH,
+    KIND_SPEC,
+    READ_CHUNK_BYTES,
+    WAL_DIR,
+    GroupCommitLog,
+    WalError,
+)
 
 log = logging.getLogger("ekko.daemon")
 
@@ -85,6 +110,14 @@ LOCK_FILE = ".lock"
 #: keyword arguments of aiohttp's request handler (AppRunner / TestServer ``**kwargs``).
 HANDLER_ARGS: dict[str, Any] = {"max_line_size": MAX_REQUEST_LINE, "max_field_size": 16 << 10}
 
+#: seconds a sample of the process RSS is reused by the back-pressure check.
+RSS_SAMPLE_S = 0.1
+#: least seconds between two attempts to hand freed memory back to the OS (gc + malloc_trim)
+#: when RSS is over its bound.
+MEMORY_RELIEF_INTERVAL_S = 5.0
+#: share of ``max_wal_bytes`` at which a snapshot is started early (publishes still admitted).
+WAL_SNAPSHOT_FRACTION = 0.5
+
 #: message types /v1/gossip accepts (peer traffic only).
 PEER_TYPES = frozenset({MsgType.GOSSIP, MsgType.PULL_REQUEST, MsgType.PULL_RESPONSE, MsgType.PUSH,
                         MsgType.ROLLBACK, MsgType.CUT})
@@ -96,8 +129,8 @@ _STATUS_OF_REASON = {
     "unknown_model": 404, "unknown_table": 404, "not_found": 404,
     "method_not_allowed": 405,
     "spec_conflict": 409,
-    "overloaded": 429,
-    "draining": 503,
+    "overloaded": 429, "queue_full": 429,
+    "draining": 503, "memory": 503, "wal_error": 503,
 }
 _REASON_OF_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
@@ -128,6 +161,29 @@ def import_model_state(node: ReplicaNode, spec: ModelSpec, store: ModelStore, st
                        now: float) -> None:
     """Install a model restored from a snapshot (see :meth:`ReplicaNode.import_state`)."""
     node.import_state(spec, store, state, now)
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def process_rss_bytes() -> int:
+    """Resident memory of this process in bytes (Linux ``/proc/self/statm``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _trim_memory() -> None:
+    """Collect garbage and ask glibc to return free heap pages to the OS: after a burst
+    the freed buffers otherwise stay resident and the RSS bound would refuse forever."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -202,6 +258,16 @@ class Daemon:
         self._stopped = False
         self._stop_requested: asyncio.Event | None = None
         self.restored: list[str] = []
+        # Durability and back-pressure (see the module doc).
+        self.wal: GroupCommitLog | None = None
+        self.metrics.watch_wal(lambda: self.wal)
+        self._wal_specs: set[str] = set()      # models whose spec is logged in the current segment
+        self._snapshot_now: asyncio.Event | None = None
+        self._publish_bytes = 0                # publish bodies admitted and not yet answered
+        self._outbound_bytes = 0               # estimated bytes of peer sends queued in the transport
+        self._rss = (0, float("-inf"))         # (bytes, sampled at monotonic time)
+        self._last_relief = float("-inf")
+        self.recovery: dict[str, Any] = {}
         self.app = self._make_app()
 
     # ------------------------------------------------------------------ app wiring
@@ -226,6 +292,7 @@ class Daemon:
     async def _on_startup(self, app: web.Application) -> None:
         self._wake = asyncio.Event()
         self._snapshot_lock = asyncio.Lock()
+        self._snapshot_now = asyncio.Event()
         self._lock_data_dir()
         try:
             await self.restore()
@@ -234,12 +301,14 @@ class Daemon:
             # Not started: nothing may be written to the data dir (a failed restore must not
             # be overwritten by a snapshot of an empty node).
             await self.transport.close()
+            if self.wal is not None:
+                await self.wal.close()
             self._unlock_data_dir()
             raise
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._timer_loop(), name="ekko-timer"))
         self._stop_snapshots = asyncio.Event()
-        if self.config.snapshot_interval > 0:
+        if self.config.snapshot_interval > 0 or self.wal is not None:
             self._tasks.append(loop.create_task(self._snapshot_loop(), name="ekko-snapshot"))
         self._started = True
         log.info("%s (%s) serving at %s, incarnation %d, models %s", self.node.node_id, self.node.dc,
@@ -323,6 +392,10 @@ class Daemon:
             log.info("final snapshot of %d models in %.2fs", n, time.monotonic() - t3)
         except Exception:
             log.exception("final snapshot failed")
+        if self.wal is not None:
+            # After the final snapshot: it released the segments it covers (a failed one
+            # leaves them, and the next start replays them).
+            await self.wal.close()
         self._unlock_data_dir()
         log.info("%s: stopped after %.2fs", self.node.node_id, time.monotonic() - t0)
 
@@ -372,6 +445,8 @@ class Daemon:
     def _send_out(self, wake: bool = True) -> None:
         """Send the node's outbox; wake the timer loop so it re-reads the deadline."""
         for out in self.node.drain():
+            # Counted before send(): a message dropped at once is uncounted by _on_failed.
+            self._outbound_bytes += _estimated_size(out)
             self.transport.send(out)
         self.metrics.sends_in_flight.set(self.transport.in_flight)
         if wake:
@@ -387,20 +462,28 @@ class Daemon:
         return mem.dc if mem is not None else UNKNOWN_DC
 
     def _on_sent(self, out: Outgoing, nbytes: int) -> None:
+        self._outbound_bytes = max(0, self._outbound_bytes - _estimated_size(out))
         self.metrics.bytes_sent.labels(self._dc_of(out.dst, out.address), out.msg_type.name).inc(nbytes)
 
     def _on_failed(self, out: Outgoing, reason: str) -> None:
+        self._outbound_bytes = max(0, self._outbound_bytes - _estimated_size(out))
         self.metrics.send_failures.labels(self._dc_of(out.dst, out.address), reason).inc()
 
     # ------------------------------------------------------------------ snapshots
     async def _snapshot_loop(self) -> None:
-        assert self._stop_snapshots is not None
+        assert self._stop_snapshots is not None and self._snapshot_now is not None
+        interval = self.config.snapshot_interval or None  # 0: only when the WAL asks (and at shutdown)
         while True:
+            waits = [asyncio.ensure_future(self._stop_snapshots.wait()),
+                     asyncio.ensure_future(self._snapshot_now.wait())]
             try:
-                await asyncio.wait_for(self._stop_snapshots.wait(), self.config.snapshot_interval)
+                await asyncio.wait(waits, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if self._stop_snapshots.is_set():
                 return  # shutting down: the final snapshot follows
-            except asyncio.TimeoutError:
-                pass
+            self._snapshot_now.clear()
             try:
                 await self.snapshot()
             except Exception:
@@ -422,6 +505,8 @@ class Daemon:
                        "models": {name: m.spec.to_dict() for name, m in self.node.models.items()}}
             if not copies:
                 return 0
+            # Same instant as the copy: every record appended before it is in the older segments.
+            covered = self._rotate_wal()
             data_dir = self.data_dir
 
             def write() -> None:
@@ -439,7 +524,15 @@ class Daemon:
                 raise
             self.metrics.snapshots.labels("ok").inc()
             self.metrics.snapshot_seconds.set(time.perf_counter() - t0)
+            if covered is not None and self.wal is not None:
+                self.wal.release_before(covered)
             return len(copies)
+
+    def _rotate_wal(self) -> int | None:
+        if self.wal is None:
+            return None
+        self._wal_specs.clear()  # a new segment: specs are logged again before first use
+        return self.wal.rotate()
 
     async def restore(self) -> list[str]:
         """Load every model snapshot under ``data_dir`` into the node (at startup)."""
@@ -495,7 +588,58 @@ class Daemon:
             self.restored.append(spec.name)
         if loaded:
             log.info("restored %s from %s", [s.name for s, _ in loaded], self.data_dir)
+        if self.config.durability == "wal":
+            await self._recover_wal()
         return self.restored
+
+    async def _recover_wal(self) -> None:
+        """Replay the write-ahead log over the restored snapshots, then open a new segment.
+
+        Each publish record goes through ``node.publish`` again: rows whose versions the
+        snapshot already holds change nothing, and the chains of each frame are re-run, so
+        knowledge and pending chains come back as they were before the crash.  A record
+        the node refuses (e.g. its model's spec was lost) is logged and skipped; a torn
+        or corrupt tail was already cut off by its checksum.
+        """
+        wal = GroupCommitLog(self.data_dir / WAL_DIR)
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        records = wal.replay()
+
+        def next_batch() -> list:
+            out, n = [], 0
+            for rec in records:
+                out.append(rec)
+                n += len(rec.payload)
+                if n >= READ_CHUNK_BYTES:
+                    break
+            return out
+
+        frames = rows = refused = 0
+        while True:
+            batch = await loop.run_in_executor(None, next_batch)
+            if not batch:
+                break
+            now = self.clock()
+            for rec in batch:
+                try:
+                    if rec.kind == KIND_SPEC:
+                        self.node.register_model(ModelSpec.from_dict(json.loads(rec.payload)), now)
+                    elif rec.kind == KIND_PUBLISH:
+                        ack = self.node.publish(decode_frame(rec.payload, None, require_mac=False).body, now)
+                        frames += 1
+                        rows += ack.applied
+                except (ProtocolError, UsageError, ValueError, KeyError, TypeError) as e:
+                    refused += 1
+                    log.warning("WAL record at segment %d offset %d not replayed: %s", rec.segment, rec.offset, e)
+        await loop.run_in_executor(None, wal.start)
+        self.wal = wal
+        st = wal.replay_stats
+        self.recovery = {"wal_segments": st.segments, "wal_records": st.records, "wal_frames": frames,
+                         "wal_rows_applied": rows, "wal_refused": refused, "wal_dropped_bytes": st.dropped_bytes,
+                         "seconds": round(time.perf_counter() - t0, 4)}
+        if st.records or st.dropped_bytes:
+            log.info("replayed the write-ahead log: %s", self.recovery)
 
     # ------------------------------------------------------------------ request plumbing
     @web.middleware
@@ -540,11 +684,16 @@ class Daemon:
         return web.json_response({"error": message, "reason": reason}, status=status, headers=headers)
 
     async def _read_frame(self, request: web.Request) -> Frame:
+        return await self._decode(await self._read_body(request))
+
+    async def _read_body(self, request: web.Request) -> bytes:
         if request.content_length is not None and request.content_length > MAX_FRAME_BYTES:
             # Refuse before reading: a declared oversize body is not worth receiving.
             raise RequestRejected(f"request body of {request.content_length} bytes exceeds "
                                   f"MAX_FRAME_BYTES={MAX_FRAME_BYTES}", "too_large")
-        data = await request.read()
+        return await request.read()
+
+    async def _decode(self, data: bytes) -> Frame:
         if len(data) >= DECODE_OFFLOAD_BYTES:
             return await asyncio.get_running_loop().run_in_executor(None, decode_frame, data, self.keyring)
         return decode_frame(data, self.keyring)
@@ -570,13 +719,85 @@ class Daemon:
         return web.json_response({"ok": True, "created": created})
 
     async def _h_publish(self, request: web.Request) -> web.Response:
-        frame = await self._read_frame(request)
-        self._expect(frame, MsgType.PUBLISH)
-        ack = self.node.publish(frame.body, self.clock())
-        self._send_out()
-        self.metrics.published_rows.labels(frame.body["model"]).inc(ack.rows)
-        return web.json_response({"ok": True, "rows": ack.rows, "applied": ack.applied,
-                                  "max_counter": ack.max_counter})
+        held = request.content_length or 0
+        self._admit_publish(held)  # before reading: a refused publish costs no memory
+        self._publish_bytes += held
+        try:
+            data = await self._read_body(request)
+            if not held:  # chunked upload: counted once its size is known
+                held = len(data)
+                self._publish_bytes += held
+            frame = await self._decode(data)
+            self._expect(frame, MsgType.PUBLISH)
+            ack = self.node.publish(frame.body, self.clock())
+            # Logged in the same loop step as the apply, so a snapshot copy sees both or neither.
+            ticket = self._wal_append(frame.body["model"], data) if self.wal is not None else None
+            self._send_out()
+            if ticket is not None:
+                assert self.wal is not None
+                try:
+                    await self.wal.durable(ticket)
+                except WalError as e:
+                    raise RequestRejected(f"{e}: the update is applied here but not durable; retry",
+                                          "wal_error") from None
+            self.metrics.published_rows.labels(frame.body["model"]).inc(ack.rows)
+            return web.json_response({"ok": True, "rows": ack.rows, "applied": ack.applied,
+                                      "max_counter": ack.max_counter})
+        finally:
+            self._publish_bytes -= held
+
+    def _wal_append(self, model: str, data: bytes) -> int:
+        """Append a publish frame (after its model's spec, once per segment); returns its ticket."""
+        assert self.wal is not None
+        if model not in self._wal_specs:
+            self.wal.append(KIND_SPEC, json.dumps(self.node.spec(model).to_dict()).encode())
+            self._wal_specs.add(model)
+        # The frame as received: replay needs no key (the checksum guards it) and it is compact.
+        return self.wal.append(KIND_PUBLISH, bytes(data))
+
+    # ------------------------------------------------------------------ back-pressure
+    def _rss_bytes(self, fresh: bool = False) -> int:
+        now = time.monotonic()
+        if fresh or now - self._rss[1] > RSS_SAMPLE_S:
+            self._rss = (process_rss_bytes(), now)
+        return self._rss[0]
+
+    def _push_backlog_rows(self) -> int:
+        return sum(q.rows for q in self.node.queues.values())
+
+    def _admit_publish(self, nbytes: int) -> None:
+        """Refuse a publish of ``nbytes`` (429/503) when a bound is passed; changes nothing."""
+        c = self.config
+        if c.max_rss_bytes:
+            rss = self._rss_bytes()
+            if rss > c.max_rss_bytes and time.monotonic() - self._last_relief >= MEMORY_RELIEF_INTERVAL_S:
+                self._last_relief = time.monotonic()
+                _trim_memory()
+                rss = self._rss_bytes(fresh=True)
+            if rss > c.max_rss_bytes:
+                self._refuse("rss", f"replica memory {rss >> 20} MiB is over max_rss_bytes="
+                             f"{c.max_rss_bytes >> 20} MiB", "memory")
+        if self._publish_bytes and self._publish_bytes + nbytes > c.max_publish_bytes_in_flight:
+            self._refuse("publish_bytes", f"{self._publish_bytes} bytes of publishes in flight; "
+                         f"max_publish_bytes_in_flight={c.max_publish_bytes_in_flight}")
+        if self._outbound_bytes > c.max_outbound_bytes:
+            self._refuse("outbound_bytes", f"{self._outbound_bytes} bytes of peer sends queued; "
+                         f"max_outbound_bytes={c.max_outbound_bytes}")
+        backlog = self._push_backlog_rows()
+        if backlog > c.max_push_backlog_rows:
+            self._refuse("push_backlog", f"{backlog} rows waiting in push queues; "
+                         f"max_push_backlog_rows={c.max_push_backlog_rows}")
+        if self.wal is not None:
+            retained = self.wal.retained_bytes
+            if retained > c.max_wal_bytes * WAL_SNAPSHOT_FRACTION and self._snapshot_now is not None:
+                self._snapshot_now.set()  # a snapshot lets the log be truncated
+            if retained > c.max_wal_bytes:
+                self._refuse("wal_bytes", f"{retained} bytes of write-ahead log await a snapshot; "
+                             f"max_wal_bytes={c.max_wal_bytes}")
+
+    def _refuse(self, bound: str, message: str, reason: str = "queue_full") -> None:
+        self.metrics.backpressure.labels(bound).inc()
+        raise RequestRejected(f"{message}; retry after {RETRY_AFTER_S}s", reason)
 
     async def _h_gossip(self, request: web.Request) -> web.Response:
         frame = await self._read_frame(request)
@@ -685,6 +906,8 @@ class Daemon:
 
     async def _h_metrics(self, request: web.Request) -> web.Response:
         self.metrics.sends_in_flight.set(self.transport.in_flight)
+        self.metrics.set_pressure(self._publish_bytes, self._outbound_bytes, self._push_backlog_rows(),
+                                  self.wal.retained_bytes if self.wal is not None else 0, self._rss_bytes(True))
         from prometheus_client import CONTENT_TYPE_LATEST
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
