@@ -900,6 +900,8 @@ class Daemon:
             raise RequestRejected("cluster must be 0 or 1", "bad_query")
         st = self.node.status()
         st["serving"] = not self.draining
+        st["durability"] = {"mode": self.config.durability, "recovery": self.recovery,
+                            "wal_retained_bytes": self.wal.retained_bytes if self.wal is not None else 0}
         if cluster in ("1", "true"):
             st["members"] = self.node.cluster_view()
         return web.json_response(st)

@@ -50,9 +50,9 @@ import os
 import struct
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 
 log = logging.getLogger("ekko.wal")
 

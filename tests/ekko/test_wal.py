@@ -10,14 +10,25 @@ import threading
 
 import numpy as np
 import pytest
+from test_daemon import digests, make_client, post, publish_body, register
 
 from ekko.chain import PublisherChain
 from ekko.codec import MsgType, encode_frame
 from ekko.config import NodeConfig
 from ekko.daemon import Daemon, export_model_state
-from ekko.wal import (KIND_PUBLISH, KIND_SPEC, RECORD, SEGMENT_MAGIC, GroupCommitLog, ReplayStats, WalError,
-                      encode_record, list_segments, read_segment, segment_path)
-from test_daemon import digests, make_client, post, publish_body, register
+from ekko.wal import (
+    KIND_PUBLISH,
+    KIND_SPEC,
+    RECORD,
+    SEGMENT_MAGIC,
+    GroupCommitLog,
+    ReplayStats,
+    WalError,
+    encode_record,
+    list_segments,
+    read_segment,
+    segment_path,
+)
 
 
 def payloads(directory) -> list[bytes]:
@@ -63,15 +74,9 @@ async def test_concurrent_appends_share_fsyncs(tmp_path):
     assert 1 <= fsyncs < 50, fsyncs
 
 
-@pytest.mark.parametrize("cut", ["mid_payload", "mid_header", "flipped_byte", "garbage_appended"])
-async def test_torn_or_corrupt_tail_is_dropped_by_its_checksum(tmp_path, cut):
-    log = GroupCommitLog(tmp_path)
-    log.start()
-    for i in range(5):
-        await log.durable(log.append(KIND_PUBLISH, bytes([i]) * 300))
-    await log.close()
-    (seq,) = list_segments(tmp_path)
-    path = segment_path(tmp_path, seq)
+def damage(path, cut: str) -> None:
+    """What a crash mid-write (or a bad disk) leaves at the end of a segment whose last
+    record holds 300 bytes."""
     size = path.stat().st_size
     last = size - (RECORD.size + 300)
     with open(path, "r+b") as f:
@@ -87,6 +92,18 @@ async def test_torn_or_corrupt_tail_is_dropped_by_its_checksum(tmp_path, cut):
         else:
             f.seek(0, os.SEEK_END)
             f.write(os.urandom(37))
+
+
+@pytest.mark.parametrize("cut", ["mid_payload", "mid_header", "flipped_byte", "garbage_appended"])
+async def test_torn_or_corrupt_tail_is_dropped_by_its_checksum(tmp_path, cut):
+    log = GroupCommitLog(tmp_path)
+    log.start()
+    for i in range(5):
+        await log.durable(log.append(KIND_PUBLISH, bytes([i]) * 300))
+    await log.close()
+    (seq,) = list_segments(tmp_path)
+    path = segment_path(tmp_path, seq)
+    damage(path, cut)
     stats = ReplayStats()
     got = [r.payload for r in read_segment(path, seq, stats)]
     want = 5 if cut == "garbage_appended" else 4
@@ -221,7 +238,7 @@ async def test_crash_after_ack_loses_nothing_and_chains_come_back(tmp_path):
     # a frame whose chain cannot close yet (its predecessor was "lost"): it waits as a pending chain
     await publish(client, pc, rng, send=False)
     gap, _ = await publish(client, pc, rng)
-    last, last_bytes = await publish(client, pc, rng)
+    _, last_bytes = await publish(client, pc, rng)
     before = await digests(client)
     state = export_model_state(d.node, "ranker")
     assert state["pending"], "the test needs a pending chain"
@@ -309,7 +326,7 @@ async def test_durability_none_keeps_no_log(tmp_path):
 
 async def test_wal_metrics_are_exported(tmp_path):
     rng = np.random.default_rng(6)
-    d, client = await make_client(tmp_path)
+    _, client = await make_client(tmp_path)
     try:
         await register(client)
         await publish(client, PublisherChain(origin=2), rng)

@@ -1,0 +1,158 @@
+"""Durable publishes with real ``ekko daemon`` processes: SIGKILL right after the ack.
+
+A daemon acknowledges a publish only once its frame is fsynced in the write-ahead
+log (``durability = "wal"``, the default).  These tests kill the acknowledging
+daemon with SIGKILL the moment the publisher returns -- no drain, no final
+snapshot (``snapshot_interval = 0``, so no snapshot was ever written) -- and check
+that after a restart on the same data dir the values come back exactly.
+
+In the three-daemon test the peers are frozen (SIGSTOP) while the publish is
+acknowledged and eager push is off, so the rows cannot reach them before the kill:
+the test checks that they indeed lack the rows, which leaves the acknowledging
+replica's log as the only copy.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ekko.chain import PublisherChain
+from ekko.codec import MsgType, encode_frame
+from ekko.sdk import Publisher
+from ekko.spec import ModelSpec, TableSpec
+from procs import DaemonGroup, get_json, http, read_rows, table_digests, wait_for
+
+pytestmark = pytest.mark.slow
+
+#: seconds for a restarted replica to catch up and the cluster to agree (shared, small machine).
+CONVERGE_TIMEOUT_S = 60.0
+#: seconds after freezing the peers before publishing (pull answers already in flight drain).
+FREEZE_SETTLE_S = 1.0
+SPEC = ModelSpec("ranker", [TableSpec("emb", rows=50_000, dim=16, shards=8)])
+
+
+def write_config(root: Path, name: str, **node: object) -> list[str]:
+    """A ``[node]`` TOML config; returns the daemon flags that load it."""
+    lines = ["[node]"] + [f"{k} = {str(v).lower() if isinstance(v, bool) else v!r}" for k, v in node.items()]
+    path = root / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return ["--config", str(path)]
+
+
+def batches(rng: np.random.Generator, n_frames: int, rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Disjoint random row ids (so every published value stays the latest) and values."""
+    ids = rng.permutation(SPEC.table("emb").rows)[: n_frames * rows].astype(np.int64)
+    return [(ids[i * rows:(i + 1) * rows], rng.standard_normal((rows, 16)).astype(np.float32))
+            for i in range(n_frames)]
+
+
+def assert_reads_back(address: str, published: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    for ids, vals, versions in published:
+        got, got_versions = read_rows(address, "ranker", "emb", ids)
+        assert np.array_equal(got, vals), f"{address}: values differ"
+        assert np.array_equal(got_versions, versions), f"{address}: versions differ"
+
+
+def test_single_daemon_sigkill_right_after_the_ack_loses_nothing(tmp_path):
+    """No peer can supply the rows here: only the write-ahead log can bring them back."""
+    flags = write_config(tmp_path, "solo", snapshot_interval=0)
+    rng = np.random.default_rng(11)
+    with DaemonGroup(tmp_path) as g:
+        a = g.start("solo", "dc1", extra=flags)
+        published = []
+        with Publisher([a.address], origin="trainer-kill", state_dir=tmp_path / "pub", timeout=60) as p:
+            p.register(SPEC)
+            frames = batches(rng, 6, 2000)
+            for ids, vals in frames[:5]:
+                ack = p.publish("ranker", "emb", ids, vals)
+                published.append((ids, vals, ack.versions["emb"]))
+            # One more frame, by hand, so that the test can replay its exact bytes later (a
+            # publisher that never saw the ack retries with the same versions).
+            chain = PublisherChain(origin=77)
+            ids, vals = frames[5]
+            frame = chain.frame(SPEC, {"emb": (ids, vals)}, now_ms=time.time() * 1000)
+            data = encode_frame(MsgType.PUBLISH, frame.body)
+            status, raw, _ = http("POST", f"http://{a.address}/v1/publish", data)
+            a.kill()  # SIGKILL the moment the acknowledgement is in
+            assert status == 200, raw
+        published.append((ids, vals, chain.versions_of(frame)["emb"]))
+        assert not (a.data_dir / "models").exists(), "a snapshot was written; the test would prove nothing"
+
+        t0 = time.monotonic()
+        b = g.start("solo", "dc1", port=a.port, data_dir=a.data_dir, extra=flags)
+        restart_s = time.monotonic() - t0
+        rec = get_json(b.address, "/v1/status")["durability"]["recovery"]
+        assert rec["wal_frames"] == 6 and rec["wal_refused"] == 0, rec
+        assert_reads_back(b.address, published)
+        before = table_digests(b.address, "ranker")
+        # the retry after the crash is answered idempotently: 200, nothing applied, nothing changed
+        status, raw, _ = http("POST", f"http://{b.address}/v1/publish", data)
+        assert status == 200 and b'"applied": 0' in raw, raw
+        assert table_digests(b.address, "ranker") == before
+        print(f"\nsingle daemon: restart to healthy after SIGKILL {restart_s:.2f}s "
+              f"(WAL replay {rec['seconds']:.3f}s, {rec['wal_frames']} frames, {rec['wal_rows_applied']} rows)")
+        assert b.terminate() == 0, b.log()
+        # a clean stop snapshots and empties the log: the next start replays nothing
+        c = g.start("solo", "dc1", port=a.port, data_dir=a.data_dir, extra=flags)
+        assert get_json(c.address, "/v1/status")["durability"]["recovery"]["wal_frames"] == 0
+        assert table_digests(c.address, "ranker") == before
+        assert c.terminate() == 0, c.log()
+
+
+def test_three_daemons_acked_publish_survives_sigkill_of_the_acknowledging_replica(tmp_path):
+    # Eager push off: rows reach peers only by anti-entropy pulls, which frozen peers cannot make.
+    flags = write_config(tmp_path, "cluster", snapshot_interval=0, push=False)
+    rng = np.random.default_rng(12)
+    with DaemonGroup(tmp_path) as g:
+        a = g.start("a", "dc1", extra=flags)
+        b = g.spawn("b", "dc1", seeds=[a.address], extra=flags)
+        c = g.spawn("c", "dc1", seeds=[a.address], extra=flags)
+        b.wait_healthy()
+        c.wait_healthy()
+        procs = [a, b, c]
+        wait_for(lambda: all(sum(m["state"] == "alive" for m in get_json(p.address, "/v1/status?cluster=1")
+                                 ["members"]) == 3 for p in procs), CONVERGE_TIMEOUT_S, 0.2, "all three to join")
+        (ids0, vals0), (ids1, vals1) = batches(rng, 2, 3000)
+        with Publisher([a.address], origin="trainer-3", state_dir=tmp_path / "pub", timeout=60) as p:
+            p.register(SPEC)
+            ack0 = p.publish("ranker", "emb", ids0, vals0)
+            wait_for(lambda: len({str(table_digests(x.address, "ranker")) for x in procs}) == 1, CONVERGE_TIMEOUT_S,
+                     0.2, "the first publish to reach every replica")
+            for peer in (b, c):
+                peer.proc.send_signal(signal.SIGSTOP)
+            # A pull a peer sent just before it froze may still be answered (into its socket
+            # buffer); give those answers time to go out before the publish, so none carries it.
+            time.sleep(FREEZE_SETTLE_S)
+            try:
+                ack1 = p.publish("ranker", "emb", ids1, vals1)
+                a.kill()  # the acknowledging replica dies right after the ack
+            finally:
+                for peer in (b, c):
+                    peer.proc.send_signal(signal.SIGCONT)
+        published = [(ids0, vals0, ack0.versions["emb"]), (ids1, vals1, ack1.versions["emb"])]
+        for peer in (b, c):
+            _, versions = read_rows(peer.address, "ranker", "emb", ids1)
+            assert (versions < ack1.versions["emb"]).all(), f"{peer.node_id} got the rows before the kill"
+
+        t0 = time.monotonic()
+        a2 = g.start("a", "dc1", port=a.port, data_dir=a.data_dir, seeds=[b.address], extra=flags)
+        restart_s = time.monotonic() - t0
+        rec = get_json(a2.address, "/v1/status")["durability"]["recovery"]
+        assert rec["wal_frames"] == 2, rec
+        assert_reads_back(a2.address, published)
+        procs = [a2, b, c]
+        want = table_digests(a2.address, "ranker")
+        wait_for(lambda: all(table_digests(x.address, "ranker") == want for x in procs), CONVERGE_TIMEOUT_S, 0.2,
+                 "the peers to catch up from the restarted replica")
+        caught_up_s = time.monotonic() - t0
+        for x in procs:
+            assert_reads_back(x.address, published)
+        print(f"\nthree daemons: acknowledging replica back {restart_s:.2f}s after restart "
+              f"(WAL replay {rec['seconds']:.3f}s), all three agree {caught_up_s:.2f}s after restart")
+        codes = g.terminate_all(procs)
+        assert set(codes.values()) == {0}, codes
