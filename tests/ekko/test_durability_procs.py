@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from procs import DaemonGroup, get_json, http, read_rows, table_digests, wait_for
 
 from ekko.chain import PublisherChain
 from ekko.codec import MsgType, encode_frame
 from ekko.sdk import Publisher
 from ekko.spec import ModelSpec, TableSpec
-from procs import DaemonGroup, get_json, http, read_rows, table_digests, wait_for
 
 pytestmark = pytest.mark.slow
 
