@@ -18,7 +18,7 @@ import threading
 import numpy as np
 import pytest
 from procs import REPO
-from test_daemon import digests, make_client, post, publish_body, register
+from test_daemon import SPEC, digests, make_client, post, publish_body, register
 
 from ekko.chain import PublisherChain
 from ekko.codec import MsgType, encode_frame
@@ -141,3 +141,28 @@ def test_sustained_overload_keeps_memory_bounded_and_converges(tmp_path):
     assert res.converged, "replicas did not converge on the acknowledged publishes"
     for name, (idle, peak) in res.rss.items():
         assert peak - idle < overload.RSS_GROWTH_BOUND, (name, idle >> 20, peak >> 20)
+
+
+async def test_sdk_backs_off_on_503_and_retries_the_same_versions(tmp_path):
+    """The SDK waits Retry-After (plus jitter) and re-sends the same frame until a bound clears."""
+    from ekko.sdk import AsyncPublisher
+
+    d, client = await make_client(tmp_path, config=NodeConfig(snapshot_interval=0, max_rss_bytes=1))
+    try:
+        await register(client)
+        endpoint = f"{client.server.host}:{client.server.port}"
+        async with AsyncPublisher([endpoint], origin="bp", state_dir=tmp_path / "pub", timeout=30) as pub:
+            await pub.register(SPEC)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            task = asyncio.ensure_future(pub.publish("ranker", "emb", [1, 2, 3], np.ones((3, 8), np.float32)))
+            while backpressure(await (await client.get("/metrics")).text()).get("rss", 0) < 2:
+                await asyncio.sleep(0.05)
+            d.config = d.config.replace(max_rss_bytes=0)  # memory "freed": the bound clears
+            ack = await asyncio.wait_for(task, 30)
+            assert loop.time() - t0 >= 1.0  # waited at least Retry-After once
+        versions = d.node.table_store("ranker", "emb").versions[[1, 2, 3]]
+        assert np.array_equal(versions, ack.versions["emb"])  # the versions of the first attempt
+        assert backpressure(await (await client.get("/metrics")).text())["rss"] >= 2
+    finally:
+        await client.close()
