@@ -54,6 +54,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -588,7 +589,9 @@ class Daemon:
             self.restored.append(spec.name)
         if loaded:
             log.info("restored %s from %s", [s.name for s, _ in loaded], self.data_dir)
-        if self.config.durability == "wal":
+        if self.config.durability == "wal" or (self.data_dir / WAL_DIR).is_dir():
+            # Also with durability "none": a log left by an earlier run in "wal" mode may hold
+            # acknowledged publishes that no snapshot has.
             await self._recover_wal()
         return self.restored
 
@@ -632,9 +635,15 @@ class Daemon:
                 except (ProtocolError, UsageError, ValueError, KeyError, TypeError) as e:
                     refused += 1
                     log.warning("WAL record at segment %d offset %d not replayed: %s", rec.segment, rec.offset, e)
-        await loop.run_in_executor(None, wal.start)
-        self.wal = wal
         st = wal.replay_stats
+        if self.config.durability == "wal":
+            await loop.run_in_executor(None, wal.start)
+            self.wal = wal
+        else:
+            # No log from now on: make what was replayed part of a snapshot, then drop the log.
+            if st.records:
+                await self.snapshot()
+            await loop.run_in_executor(None, shutil.rmtree, self.data_dir / WAL_DIR)
         self.recovery = {"wal_segments": st.segments, "wal_records": st.records, "wal_frames": frames,
                          "wal_rows_applied": rows, "wal_refused": refused, "wal_dropped_bytes": st.dropped_bytes,
                          "seconds": round(time.perf_counter() - t0, 4)}

@@ -324,6 +324,28 @@ async def test_durability_none_keeps_no_log(tmp_path):
         await client2.close()
 
 
+async def test_switching_to_durability_none_still_replays_the_old_log(tmp_path):
+    rng = np.random.default_rng(5)
+    d, client = await make_client(tmp_path)
+    await register(client)
+    await publish(client, PublisherChain(origin=8), rng)
+    before = await digests(client)
+    await crash(d, client)
+    cfg = NodeConfig(snapshot_interval=0, durability="none")
+    d2, client2 = await make_client(tmp_path, config=cfg)
+    try:
+        assert d2.wal is None and d2.recovery["wal_frames"] == 1
+        assert await digests(client2) == before
+        assert not (tmp_path / "r1" / "wal").exists()  # folded into a snapshot, then dropped
+    finally:
+        await crash(d2, client2)
+    _, client3 = await make_client(tmp_path, config=cfg)
+    try:
+        assert await digests(client3) == before
+    finally:
+        await client3.close()
+
+
 async def test_wal_metrics_are_exported(tmp_path):
     rng = np.random.default_rng(6)
     _, client = await make_client(tmp_path)
