@@ -264,6 +264,36 @@ async def test_crash_after_ack_loses_nothing_and_chains_come_back(tmp_path):
         await client2.close()
 
 
+async def test_daemon_drops_a_torn_last_record_and_keeps_the_rest(tmp_path):
+    """A crash mid-write leaves a partial record: that publish was never acknowledged, so
+    dropping it loses nothing acknowledged; every record before it is replayed."""
+    rng = np.random.default_rng(7)
+    pc = PublisherChain(origin=12)
+    d, client = await make_client(tmp_path)
+    await register(client)
+    for _ in range(3):
+        await publish(client, pc, rng)
+    acked = await digests(client)
+    ids = rng.choice(5000, 300, replace=False)
+    torn = encode_frame(MsgType.PUBLISH, publish_body(pc, "emb", ids,
+                                                      rng.standard_normal((300, 8)).astype(np.float32)).body)
+    assert (await post(client, "/v1/publish", torn))[0] == 200
+    await crash(d, client)
+    (seq,) = list_segments(tmp_path / "r1" / "wal")
+    path = segment_path(tmp_path / "r1" / "wal", seq)
+    # the last record loses its end, as if the crash hit while it was being written
+    os.truncate(path, path.stat().st_size - len(torn) // 2)
+    d2, client2 = await make_client(tmp_path)
+    try:
+        assert d2.recovery["wal_frames"] == 3 and d2.recovery["wal_dropped_bytes"] > 0
+        assert await digests(client2) == acked
+        # the publisher, never having seen an ack for the torn frame, re-sends it: it applies
+        status, raw, _ = await post(client2, "/v1/publish", torn)
+        assert status == 200 and json.loads(raw)["applied"] == 300
+    finally:
+        await client2.close()
+
+
 async def test_snapshot_truncates_the_log_and_replay_covers_the_rest(tmp_path):
     rng = np.random.default_rng(2)
     pc = PublisherChain(origin=5)
