@@ -134,7 +134,7 @@ def test_sustained_overload_keeps_memory_bounded_and_converges(tmp_path):
     peak RSS stays within a stated bound above their idle RSS, and once the load stops both
     hold exactly the acknowledged publishes."""
     res = overload.run(tmp_path, replicas=2, seconds=5.0, clients=12, rows_per_frame=2048, dim=32,
-                       max_publish_bytes_in_flight=1 << 20)
+                       max_publish_bytes_in_flight=1 << 20, node_extra=f"undo_bytes = {16 << 20}\n")
     print("\n" + res.report())
     assert res.refused > 0, "the load never passed a bound: the test proves nothing"
     assert res.acked > 0 and res.errors == 0
