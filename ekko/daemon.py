@@ -118,6 +118,8 @@ RSS_SAMPLE_S = 0.1
 MEMORY_RELIEF_INTERVAL_S = 5.0
 #: share of ``max_wal_bytes`` at which a snapshot is started early (publishes still admitted).
 WAL_SNAPSHOT_FRACTION = 0.5
+#: least seconds between two snapshots started because the log is full.
+MIN_WAL_SNAPSHOT_GAP_S = 1.0
 
 #: message types /v1/gossip accepts (peer traffic only).
 PEER_TYPES = frozenset({MsgType.GOSSIP, MsgType.PULL_REQUEST, MsgType.PULL_RESPONSE, MsgType.PUSH,
@@ -484,11 +486,20 @@ class Daemon:
                     w.cancel()
             if self._stop_snapshots.is_set():
                 return  # shutting down: the final snapshot follows
+            asked = self._snapshot_now.is_set()
             self._snapshot_now.clear()
             try:
                 await self.snapshot()
             except Exception:
                 log.exception("periodic snapshot failed")
+            if asked:
+                # A full log asks again with every refused publish; a failing snapshot must not
+                # turn that into back-to-back copies of the whole model.
+                try:
+                    await asyncio.wait_for(self._stop_snapshots.wait(), MIN_WAL_SNAPSHOT_GAP_S)
+                    return
+                except TimeoutError:
+                    pass
 
     async def snapshot(self) -> int:
         """Write a snapshot of every model; returns how many were written.
