@@ -207,7 +207,8 @@ async def _drive(addresses: list[str], spec: ModelSpec, seconds: float, clients:
 
 def run(root: Path, replicas: int = 2, seconds: float = 6.0, clients: int = 12, rows_per_frame: int = 4096,
         dim: int = 64, table_rows: int = 200_000, max_publish_bytes_in_flight: int = 4 << 20,
-        max_wal_bytes: int = 64 << 20, retry_ms: float = 20.0, node_extra: str = "") -> Result:
+        max_wal_bytes: int = 64 << 20, retry_ms: float = 20.0, node_extra: str = "",
+        converge_timeout: float = CONVERGE_TIMEOUT_S) -> Result:
     """Run the overload against ``replicas`` fresh daemons under ``root``; see the module doc."""
     spec = ModelSpec("load", [TableSpec("emb", rows=table_rows, dim=dim, shards=16)])
     cfg = root / "overload.toml"
@@ -245,7 +246,7 @@ def run(root: Path, replicas: int = 2, seconds: float = 6.0, clients: int = 12, 
                                          default=0) for i in range(n)]
             want = {"emb": truth.table("emb").digest()}
             try:
-                wait_for(lambda: all(table_digests(p.address, "load") == want for p in procs), CONVERGE_TIMEOUT_S,
+                wait_for(lambda: all(table_digests(p.address, "load") == want for p in procs), converge_timeout,
                          0.25, "replicas to converge on the acknowledged publishes")
                 res.converged = True
                 res.converge_s = time.monotonic() - t1
@@ -274,6 +275,7 @@ def main() -> None:
     ap.add_argument("--max-publish-mib", type=float, default=4.0, help="max_publish_bytes_in_flight (MiB)")
     ap.add_argument("--max-wal-mib", type=float, default=64.0, help="max_wal_bytes (MiB)")
     ap.add_argument("--retry-ms", type=float, default=20.0)
+    ap.add_argument("--converge-timeout", type=float, default=CONVERGE_TIMEOUT_S)
     ap.add_argument("--undo-mib", type=float, default=None, help="undo_bytes (MiB; default: the config's)")
     ap.add_argument("--rss-growth-mib", type=float, default=RSS_GROWTH_BOUND / 2**20,
                     help="exit 1 when a daemon's peak RSS rises more than this above its idle RSS")
@@ -282,6 +284,7 @@ def main() -> None:
         res = run(Path(d), a.replicas, a.seconds, a.clients, a.rows_per_frame, a.dim,
                   max_publish_bytes_in_flight=int(a.max_publish_mib * 2**20),
                   max_wal_bytes=int(a.max_wal_mib * 2**20), retry_ms=a.retry_ms,
+                  converge_timeout=a.converge_timeout,
                   node_extra="" if a.undo_mib is None else f"undo_bytes = {int(a.undo_mib * 2**20)}\n")
     print(res.report())
     ok = res.refused > 0 and res.errors == 0 and res.converged and all(
