@@ -102,7 +102,18 @@ def test_single_daemon_sigkill_right_after_the_ack_loses_nothing(tmp_path):
         c = g.start("solo", "dc1", port=a.port, data_dir=a.data_dir, extra=flags)
         assert get_json(c.address, "/v1/status")["durability"]["recovery"]["wal_frames"] == 0
         assert table_digests(c.address, "ranker") == before
-        assert c.terminate() == 0, c.log()
+        # The SDK across a SIGKILL: the replica dies while a publish is under way; the SDK
+        # keeps re-sending the same frame until the restarted replica acknowledges it.
+        ids, vals = batches(rng, 1, 1000)[0]
+        with Publisher([c.address], origin="trainer-kill-2", state_dir=tmp_path / "pub", timeout=120) as p:
+            p.register(SPEC)
+            fut = p.publish_async("ranker", "emb", ids, vals)
+            c.kill()
+            d = g.start("solo", "dc1", port=a.port, data_dir=a.data_dir, extra=flags)
+            ack = fut.result(timeout=150)
+        got, versions = read_rows(d.address, "ranker", "emb", ids)
+        assert np.array_equal(got, vals) and np.array_equal(versions, ack.versions["emb"])
+        assert d.terminate() == 0, d.log()
 
 
 def received_row_bytes(address: str) -> float:
