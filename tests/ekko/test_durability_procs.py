@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 #: seconds for a restarted replica to catch up and the cluster to agree (shared, small machine).
 CONVERGE_TIMEOUT_S = 60.0
-#: seconds after freezing the peers before publishing (pull answers already in flight drain).
+#: seconds between checks that a replica received no more pull requests from frozen peers.
 FREEZE_SETTLE_S = 1.0
 SPEC = ModelSpec("ranker", [TableSpec("emb", rows=50_000, dim=16, shards=8)])
 
@@ -123,6 +123,25 @@ def received_row_bytes(address: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(pattern, raw.decode(), re.MULTILINE))
 
 
+def pull_requests_received(address: str) -> float:
+    _, raw, _ = http("GET", f"http://{address}/metrics")
+    pattern = r'^ekko_bytes_received_total\{[^}]*msg_type="PULL_REQUEST"[^}]*\} (\S+)$'
+    return sum(float(m.group(1)) for m in re.finditer(pattern, raw.decode(), re.MULTILINE))
+
+
+def wait_quiet(address: str) -> None:
+    """Until the replica's count of pull requests received stops moving (its peers are frozen)."""
+    time.sleep(FREEZE_SETTLE_S)
+    last = pull_requests_received(address)
+    for _ in range(int(CONVERGE_TIMEOUT_S / FREEZE_SETTLE_S)):
+        time.sleep(FREEZE_SETTLE_S)
+        now = pull_requests_received(address)
+        if now == last:
+            return
+        last = now
+    raise AssertionError("pull requests kept arriving from frozen peers")
+
+
 def test_three_daemons_acked_publish_survives_sigkill_of_the_acknowledging_replica(tmp_path):
     # Eager push off: rows reach peers only by anti-entropy pulls, which frozen peers cannot make.
     flags = write_config(tmp_path, "cluster", snapshot_interval=0, push=False)
@@ -144,9 +163,10 @@ def test_three_daemons_acked_publish_survives_sigkill_of_the_acknowledging_repli
                      0.2, "the first publish to reach every replica")
             for peer in (b, c):
                 peer.proc.send_signal(signal.SIGSTOP)
-            # A pull a peer sent just before it froze may still be answered (into its socket
-            # buffer); give those answers time to go out before the publish, so none carries it.
-            time.sleep(FREEZE_SETTLE_S)
+            # A pull request a peer sent just before it froze is still answered (A POSTs the
+            # answer, which waits in the frozen peer's socket): wait until A has processed every
+            # such request, so that no answer is built after the publish and carries its rows.
+            wait_quiet(a.address)
             try:
                 ack1 = p.publish("ranker", "emb", ids1, vals1)
                 a.kill()  # the acknowledging replica dies right after the ack
