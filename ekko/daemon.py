@@ -31,11 +31,11 @@ fsync).  On start the snapshots are loaded and the log replayed on top (the same
 rebuilt); each snapshot rotates the log at the instant of its copy and deletes
 the segments it covers once written, so the log stays bounded.
 
-Back-pressure: before a publish is read, its size is checked against the bounds
-in :class:`~ekko.config.NodeConfig` (publish bytes in flight, queued peer
-sends, push backlog, un-snapshotted log: 429; process RSS: 503).  A refused
-publish changes nothing and carries ``Retry-After``; refusals are counted in
-``ekko_backpressure_rejects_total`` by bound.
+Back-pressure (:mod:`ekko.backpressure`): before a publish is read, its size is
+checked against the bounds in :class:`~ekko.config.NodeConfig` (publish bytes
+in flight, queued peer sends, push backlog, un-snapshotted log: 429; process
+RSS: 503).  A refused publish changes nothing and carries ``Retry-After``;
+refusals are counted in ``ekko_backpressure_rejects_total`` by bound.
 
 Shutdown (SIGTERM/SIGINT, or :meth:`Daemon.stop`): ``/healthz`` answers 503 and
 writes are refused with 503, in-flight requests get :data:`DRAIN_TIMEOUT_S` to
@@ -46,10 +46,7 @@ a final snapshot is written, and the process exits 0.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import fcntl
-import gc
 import json
 import logging
 import os
@@ -65,6 +62,7 @@ import numpy as np
 import torch
 from aiohttp import web
 
+from ekko.backpressure import PublishGate
 from ekko.codec import MAX_FRAME_BYTES, Frame, Keyring, MsgType, decode_frame, field
 from ekko.config import NodeConfig
 from ekko.errors import ProtocolError, UsageError
@@ -111,13 +109,6 @@ LOCK_FILE = ".lock"
 #: keyword arguments of aiohttp's request handler (AppRunner / TestServer ``**kwargs``).
 HANDLER_ARGS: dict[str, Any] = {"max_line_size": MAX_REQUEST_LINE, "max_field_size": 16 << 10}
 
-#: seconds a sample of the process RSS is reused by the back-pressure check.
-RSS_SAMPLE_S = 0.1
-#: least seconds between two attempts to hand freed memory back to the OS (gc + malloc_trim)
-#: when RSS is over its bound.
-MEMORY_RELIEF_INTERVAL_S = 5.0
-#: share of ``max_wal_bytes`` at which a snapshot is started early (publishes still admitted).
-WAL_SNAPSHOT_FRACTION = 0.5
 #: least seconds between two snapshots started because the log is full.
 MIN_WAL_SNAPSHOT_GAP_S = 1.0
 
@@ -164,29 +155,6 @@ def import_model_state(node: ReplicaNode, spec: ModelSpec, store: ModelStore, st
                        now: float) -> None:
     """Install a model restored from a snapshot (see :meth:`ReplicaNode.import_state`)."""
     node.import_state(spec, store, state, now)
-
-
-_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def process_rss_bytes() -> int:
-    """Resident memory of this process in bytes (Linux ``/proc/self/statm``; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE_BYTES
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _trim_memory() -> None:
-    """Collect garbage and ask glibc to return free heap pages to the OS: after a burst
-    the freed buffers otherwise stay resident and the RSS bound would refuse forever."""
-    gc.collect()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -266,10 +234,9 @@ class Daemon:
         self.metrics.watch_wal(lambda: self.wal)
         self._wal_specs: set[str] = set()      # models whose spec is logged in the current segment
         self._snapshot_now: asyncio.Event | None = None
-        self._publish_bytes = 0                # publish bodies admitted and not yet answered
-        self._outbound_bytes = 0               # estimated bytes of peer sends queued in the transport
-        self._rss = (0, float("-inf"))         # (bytes, sampled at monotonic time)
-        self._last_relief = float("-inf")
+        self.gate = PublishGate(self.config, lambda: sum(q.rows for q in self.node.queues.values()),
+                                lambda: self.wal.retained_bytes if self.wal is not None else None,
+                                lambda: self._snapshot_now.set() if self._snapshot_now is not None else None)
         self.recovery: dict[str, Any] = {}
         self.app = self._make_app()
 
@@ -449,7 +416,7 @@ class Daemon:
         """Send the node's outbox; wake the timer loop so it re-reads the deadline."""
         for out in self.node.drain():
             # Counted before send(): a message dropped at once is uncounted by _on_failed.
-            self._outbound_bytes += _estimated_size(out)
+            self.gate.queued(_estimated_size(out))
             self.transport.send(out)
         self.metrics.sends_in_flight.set(self.transport.in_flight)
         if wake:
@@ -465,11 +432,11 @@ class Daemon:
         return mem.dc if mem is not None else UNKNOWN_DC
 
     def _on_sent(self, out: Outgoing, nbytes: int) -> None:
-        self._outbound_bytes = max(0, self._outbound_bytes - _estimated_size(out))
+        self.gate.done(_estimated_size(out))
         self.metrics.bytes_sent.labels(self._dc_of(out.dst, out.address), out.msg_type.name).inc(nbytes)
 
     def _on_failed(self, out: Outgoing, reason: str) -> None:
-        self._outbound_bytes = max(0, self._outbound_bytes - _estimated_size(out))
+        self.gate.done(_estimated_size(out))
         self.metrics.send_failures.labels(self._dc_of(out.dst, out.address), reason).inc()
 
     # ------------------------------------------------------------------ snapshots
@@ -740,13 +707,16 @@ class Daemon:
 
     async def _h_publish(self, request: web.Request) -> web.Response:
         held = request.content_length or 0
-        self._admit_publish(held)  # before reading: a refused publish costs no memory
-        self._publish_bytes += held
+        refusal = self.gate.check(held)  # before reading: a refused publish costs no memory
+        if refusal is not None:
+            self.metrics.backpressure.labels(refusal.bound).inc()
+            raise RequestRejected(f"{refusal.message}; retry after {RETRY_AFTER_S}s", refusal.reason)
+        self.gate.publish_bytes += held
         try:
             data = await self._read_body(request)
             if not held:  # chunked upload: counted once its size is known
                 held = len(data)
-                self._publish_bytes += held
+                self.gate.publish_bytes += held
             frame = await self._decode(data)
             self._expect(frame, MsgType.PUBLISH)
             ack = self.node.publish(frame.body, self.clock())
@@ -764,7 +734,7 @@ class Daemon:
             return web.json_response({"ok": True, "rows": ack.rows, "applied": ack.applied,
                                       "max_counter": ack.max_counter})
         finally:
-            self._publish_bytes -= held
+            self.gate.publish_bytes -= held
 
     def _wal_append(self, model: str, data: bytes) -> int:
         """Append a publish frame (after its model's spec, once per segment); returns its ticket."""
@@ -774,50 +744,6 @@ class Daemon:
             self._wal_specs.add(model)
         # The frame as received: replay needs no key (the checksum guards it) and it is compact.
         return self.wal.append(KIND_PUBLISH, bytes(data))
-
-    # ------------------------------------------------------------------ back-pressure
-    def _rss_bytes(self, fresh: bool = False) -> int:
-        now = time.monotonic()
-        if fresh or now - self._rss[1] > RSS_SAMPLE_S:
-            self._rss = (process_rss_bytes(), now)
-        return self._rss[0]
-
-    def _push_backlog_rows(self) -> int:
-        return sum(q.rows for q in self.node.queues.values())
-
-    def _admit_publish(self, nbytes: int) -> None:
-        """Refuse a publish of ``nbytes`` (429/503) when a bound is passed; changes nothing."""
-        c = self.config
-        if c.max_rss_bytes:
-            rss = self._rss_bytes()
-            if rss > c.max_rss_bytes and time.monotonic() - self._last_relief >= MEMORY_RELIEF_INTERVAL_S:
-                self._last_relief = time.monotonic()
-                _trim_memory()
-                rss = self._rss_bytes(fresh=True)
-            if rss > c.max_rss_bytes:
-                self._refuse("rss", f"replica memory {rss >> 20} MiB is over max_rss_bytes="
-                             f"{c.max_rss_bytes >> 20} MiB", "memory")
-        if self._publish_bytes and self._publish_bytes + nbytes > c.max_publish_bytes_in_flight:
-            self._refuse("publish_bytes", f"{self._publish_bytes} bytes of publishes in flight; "
-                         f"max_publish_bytes_in_flight={c.max_publish_bytes_in_flight}")
-        if self._outbound_bytes > c.max_outbound_bytes:
-            self._refuse("outbound_bytes", f"{self._outbound_bytes} bytes of peer sends queued; "
-                         f"max_outbound_bytes={c.max_outbound_bytes}")
-        backlog = self._push_backlog_rows()
-        if backlog > c.max_push_backlog_rows:
-            self._refuse("push_backlog", f"{backlog} rows waiting in push queues; "
-                         f"max_push_backlog_rows={c.max_push_backlog_rows}")
-        if self.wal is not None:
-            retained = self.wal.retained_bytes
-            if retained > c.max_wal_bytes * WAL_SNAPSHOT_FRACTION and self._snapshot_now is not None:
-                self._snapshot_now.set()  # a snapshot lets the log be truncated
-            if retained > c.max_wal_bytes:
-                self._refuse("wal_bytes", f"{retained} bytes of write-ahead log await a snapshot; "
-                             f"max_wal_bytes={c.max_wal_bytes}")
-
-    def _refuse(self, bound: str, message: str, reason: str = "queue_full") -> None:
-        self.metrics.backpressure.labels(bound).inc()
-        raise RequestRejected(f"{message}; retry after {RETRY_AFTER_S}s", reason)
 
     async def _h_gossip(self, request: web.Request) -> web.Response:
         frame = await self._read_frame(request)
@@ -928,8 +854,7 @@ class Daemon:
 
     async def _h_metrics(self, request: web.Request) -> web.Response:
         self.metrics.sends_in_flight.set(self.transport.in_flight)
-        self.metrics.set_pressure(self._publish_bytes, self._outbound_bytes, self._push_backlog_rows(),
-                                  self.wal.retained_bytes if self.wal is not None else 0, self._rss_bytes(True))
+        self.metrics.set_pressure(**self.gate.gauges())
         from prometheus_client import CONTENT_TYPE_LATEST
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 

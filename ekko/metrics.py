@@ -208,6 +208,7 @@ class DaemonMetrics:
 
     def set_pressure(self, publish_bytes: int, outbound_bytes: int, push_rows: int, wal_bytes: int,
                      rss: int) -> None:
+        """The quantities the back-pressure bounds apply to (:meth:`ekko.backpressure.PublishGate.gauges`)."""
         self.publish_bytes_in_flight.set(publish_bytes)
         self.outbound_bytes.set(outbound_bytes)
         self.push_backlog_rows.set(push_rows)

@@ -58,13 +58,13 @@ async def test_publish_bytes_in_flight_bound_answers_429(tmp_path, monkeypatch):
         monkeypatch.setattr(d.wal.writer, "process", lambda items: (gate.wait(10), real(items))[1])
         _, d1 = frame_bytes(pc, rng)
         first = asyncio.ensure_future(post(client, "/v1/publish", d1))
-        while d._publish_bytes == 0:
+        while d.gate.publish_bytes == 0:
             await asyncio.sleep(0.01)
         _, d2 = frame_bytes(pc, rng)
         await assert_refused(client, d2, 429, "queue_full")
         gate.set()
         assert (await first)[0] == 200  # one publish is always admitted, whatever its size
-        assert d._publish_bytes == 0
+        assert d.gate.publish_bytes == 0
         assert (await post(client, "/v1/publish", d2))[0] == 200  # the same bytes succeed later
         text = await (await client.get("/metrics")).text()
         assert backpressure(text) == {"publish_bytes": 1.0}
@@ -118,9 +118,9 @@ async def test_queue_bounds_answer_429(tmp_path, monkeypatch, bound):
     try:
         await register(client)
         if bound == "outbound_bytes":
-            d._outbound_bytes = 5000  # peer sends queued in the transport
+            d.gate.outbound_bytes = 5000  # peer sends queued in the transport
         else:
-            monkeypatch.setattr(d, "_push_backlog_rows", lambda: 11)
+            monkeypatch.setattr(d.gate, "push_backlog_rows", lambda: 11)
         await assert_refused(client, frame_bytes(PublisherChain(origin=6), rng)[1], 429, "queue_full")
         assert backpressure(await (await client.get("/metrics")).text()) == {bound: 1.0}
     finally:
@@ -158,7 +158,7 @@ async def test_sdk_backs_off_on_503_and_retries_the_same_versions(tmp_path):
             task = asyncio.ensure_future(pub.publish("ranker", "emb", [1, 2, 3], np.ones((3, 8), np.float32)))
             while backpressure(await (await client.get("/metrics")).text()).get("rss", 0) < 2:
                 await asyncio.sleep(0.05)
-            d.config = d.config.replace(max_rss_bytes=0)  # memory "freed": the bound clears
+            d.gate.config = d.config.replace(max_rss_bytes=0)  # memory "freed": the bound clears
             ack = await asyncio.wait_for(task, 30)
             assert loop.time() - t0 >= 1.0  # waited at least Retry-After once
         versions = d.node.table_store("ranker", "emb").versions[[1, 2, 3]]
