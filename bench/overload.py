@@ -58,8 +58,9 @@ from ekko.store import ModelStore
 #: +50 MiB more with the default 64 MiB than with 0 over 10 s), the admitted publishes and
 #: their decoded copies (max_publish_bytes_in_flight plus one frame), push frames, and during
 #: the catch-up after the load, pull answers (pull_response_bytes each) on worker threads and
-#: allocator slack (measured +80 MiB with undo_bytes 0).  Measured in the test: +65-77 MiB.
-RSS_GROWTH_BOUND = 160 << 20
+#: allocator slack (measured +80 MiB with undo_bytes 0).  Measured in the test: +65-108 MiB
+#: (more on an idle machine, where more publishes get through in the same 5 s).
+RSS_GROWTH_BOUND = 192 << 20
 #: compress_threshold that turns frame compression off.
 NO_COMPRESSION = 1 << 62
 #: seconds between RSS samples.
