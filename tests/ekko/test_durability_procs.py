@@ -190,13 +190,11 @@ def test_three_daemons_acked_publish_survives_sigkill_of_the_acknowledging_repli
         assert rec["wal_frames"] == 2, rec
         assert_reads_back(a2.address, published[:2])
         procs = [a2, b, c]
-        want = table_digests(a2.address, "ranker")
         wait_for(lambda: len({str(table_digests(x.address, "ranker")) for x in procs}) == 1, CONVERGE_TIMEOUT_S,
                  0.2, "the three replicas to agree")
         caught_up_s = time.monotonic() - t0
         for x in procs:
             assert_reads_back(x.address, published)
-        assert table_digests(a2.address, "ranker") != want  # it did catch up on the third publish
         # Catch-up moved about the one publish it missed, not the table: no full resync.
         row_bytes = 16 * 4 + 16
         got = received_row_bytes(a2.address)
