@@ -35,6 +35,8 @@ MAX_PUBLISH_ROWS = 1 << 20
 #: publisher's HLC runs ahead of its wall clock (each row takes one counter, 256 per ms:
 #: a publisher above 256,000 rows/s drifts ahead), so it is generous.
 MAX_CLOCK_SKEW_S = 300.0
+#: values of NodeConfig.durability: write-ahead log with fsync before the ack, or none.
+DURABILITY_MODES = ("wal", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,24 @@ class NodeConfig:
             carrying a version beyond it are refused whole as impossible (reason
             ``future_version``), since one such row would shadow every later update
             of it.  ``inf`` turns the check off.
+
+    Durability and back-pressure (daemon only; the simulator ignores them):
+        durability: ``"wal"`` -- a publish is acknowledged after its frame is in the
+            write-ahead log on disk (fsynced, group commit; :mod:`ekko.wal`), so a
+            crash right after the acknowledgement loses nothing; ``"none"`` --
+            acknowledged once applied in memory (tests, ablations).
+        max_publish_bytes_in_flight: bytes of publish bodies being received, applied
+            or waiting for their fsync at once; beyond it publishes get 429 (one
+            publish is always admitted when none is in flight, whatever its size).
+        max_outbound_bytes: estimated bytes of peer messages queued in the HTTP
+            transport; beyond it publishes get 429.
+        max_push_backlog_rows: rows waiting in the outbound push queues, all links
+            together; beyond it publishes get 429.
+        max_wal_bytes: bytes of write-ahead log not yet covered by a snapshot; beyond
+            it a snapshot is started and publishes get 429 until it is written.
+        max_rss_bytes: resident memory of the daemon process (bytes, from
+            ``/proc/self/statm``); beyond it publishes get 503.  0 = no bound (the
+            model's tensors live in the same process: set it well above their size).
     """
 
     preset: str = "local"
@@ -132,6 +152,13 @@ class NodeConfig:
     quality_warmup_windows: int = 50
     baseline_pin_cut: str = ""
     max_clock_skew: float = MAX_CLOCK_SKEW_S
+    # -- durability and back-pressure (issue #7) --
+    durability: str = "wal"
+    max_publish_bytes_in_flight: int = 256 << 20
+    max_outbound_bytes: int = 256 << 20
+    max_push_backlog_rows: int = 4 << 20
+    max_wal_bytes: int = 1 << 30
+    max_rss_bytes: int = 0
 
     def __post_init__(self) -> None:
         for name in ("gossip_interval", "ae_interval", "suspect_after", "dead_after", "forget_after"):
@@ -159,6 +186,14 @@ class NodeConfig:
             raise UsageError("config max_clock_skew must be > 0 seconds (inf: no check)")
         if not 0 < self.push_frame_bytes <= MAX_PUSH_FRAME_BYTES:
             raise UsageError(f"config push_frame_bytes must be in 1..{MAX_PUSH_FRAME_BYTES}")
+        if self.durability not in DURABILITY_MODES:
+            raise UsageError(f"config durability must be one of {list(DURABILITY_MODES)}")
+        for name in ("max_publish_bytes_in_flight", "max_outbound_bytes", "max_push_backlog_rows",
+                     "max_wal_bytes"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise UsageError(f"config {name} must be a positive integer")
+        if not (isinstance(self.max_rss_bytes, int) and self.max_rss_bytes >= 0):
+            raise UsageError("config max_rss_bytes must be an integer >= 0 (0 = no bound)")
 
     def replace(self, **kw: Any) -> "NodeConfig":
         return dataclasses.replace(self, **kw)

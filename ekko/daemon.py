@@ -23,6 +23,20 @@ a clean restart).  Snapshots are taken every ``config.snapshot_interval``
 seconds and at shutdown: the copy is made on the loop thread, in one step, so
 tensors and knowledge agree; the file I/O runs on a worker thread.
 
+Durability (``config.durability = "wal"``, the default): a publish is applied,
+its frame appended to the write-ahead log (:mod:`ekko.wal`), and the answer
+waits until the record is fsynced (group commit: concurrent publishes share one
+fsync).  On start the snapshots are loaded and the log replayed on top (the same
+``node.publish`` path: versions make a replayed row a no-op, and chains are
+rebuilt); each snapshot rotates the log at the instant of its copy and deletes
+the segments it covers once written, so the log stays bounded.
+
+Back-pressure (:mod:`ekko.backpressure`): before a publish is read, its size is
+checked against the bounds in :class:`~ekko.config.NodeConfig` (publish bytes
+in flight, queued peer sends, push backlog, un-snapshotted log: 429; process
+RSS: 503).  A refused publish changes nothing and carries ``Retry-After``;
+refusals are counted in ``ekko_backpressure_rejects_total`` by bound.
+
 Shutdown (SIGTERM/SIGINT, or :meth:`Daemon.stop`): ``/healthz`` answers 503 and
 writes are refused with 503, in-flight requests get :data:`DRAIN_TIMEOUT_S` to
 finish, the timer loop stops, queued sends get :data:`SEND_DRAIN_TIMEOUT_S`,
@@ -37,6 +51,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -48,15 +63,24 @@ import torch
 from aiohttp import web
 from prometheus_client import Counter as PromCounter
 
+from ekko.backpressure import PublishGate
 from ekko.codec import MAX_FRAME_BYTES, Frame, Keyring, MsgType, decode_frame, field
 from ekko.config import NodeConfig
 from ekko.errors import ProtocolError, UsageError
-from ekko.http_transport import HttpTransport
+from ekko.http_transport import HttpTransport, _estimated_size
 from ekko.metrics import UNKNOWN_DC, DaemonMetrics
 from ekko.node import Outgoing, ReplicaNode
 from ekko.spec import ModelSpec
 from ekko.store import ModelStore, to_wire_values
 from ekko.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS
+from ekko.wal import (
+    KIND_PUBLISH,
+    KIND_SPEC,
+    READ_CHUNK_BYTES,
+    WAL_DIR,
+    GroupCommitLog,
+    WalError,
+)
 from rollback.manager import check_sample
 
 log = logging.getLogger("ekko.daemon")
@@ -87,6 +111,9 @@ LOCK_FILE = ".lock"
 #: keyword arguments of aiohttp's request handler (AppRunner / TestServer ``**kwargs``).
 HANDLER_ARGS: dict[str, Any] = {"max_line_size": MAX_REQUEST_LINE, "max_field_size": 16 << 10}
 
+#: least seconds between two snapshots started because the log is full.
+MIN_WAL_SNAPSHOT_GAP_S = 1.0
+
 #: message types /v1/gossip accepts (peer traffic only).
 #: quality samples one POST /v1/quality may carry.
 MAX_QUALITY_SAMPLES = 1024
@@ -101,8 +128,8 @@ _STATUS_OF_REASON = {
     "method_not_allowed": 405,
     "spec_conflict": 409,
     "forbidden": 403,
-    "overloaded": 429,
-    "draining": 503,
+    "overloaded": 429, "queue_full": 429,
+    "draining": 503, "memory": 503, "wal_error": 503,
 }
 _REASON_OF_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
@@ -240,6 +267,15 @@ class Daemon:
         self._stopped = False
         self._stop_requested: asyncio.Event | None = None
         self.restored: list[str] = []
+        # Durability and back-pressure (see the module doc).
+        self.wal: GroupCommitLog | None = None
+        self.metrics.watch_wal(lambda: self.wal)
+        self._wal_specs: set[str] = set()      # models whose spec is logged in the current segment
+        self._snapshot_now: asyncio.Event | None = None
+        self.gate = PublishGate(self.config, lambda: sum(q.rows for q in self.node.queues.values()),
+                                lambda: self.wal.retained_bytes if self.wal is not None else None,
+                                lambda: self._snapshot_now.set() if self._snapshot_now is not None else None)
+        self.recovery: dict[str, Any] = {}
         self.app = self._make_app()
 
     # ------------------------------------------------------------------ app wiring
@@ -265,6 +301,7 @@ class Daemon:
     async def _on_startup(self, app: web.Application) -> None:
         self._wake = asyncio.Event()
         self._snapshot_lock = asyncio.Lock()
+        self._snapshot_now = asyncio.Event()
         self._lock_data_dir()
         try:
             await self.restore()
@@ -273,12 +310,14 @@ class Daemon:
             # Not started: nothing may be written to the data dir (a failed restore must not
             # be overwritten by a snapshot of an empty node).
             await self.transport.close()
+            if self.wal is not None:
+                await self.wal.close()
             self._unlock_data_dir()
             raise
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._timer_loop(), name="ekko-timer"))
         self._stop_snapshots = asyncio.Event()
-        if self.config.snapshot_interval > 0:
+        if self.config.snapshot_interval > 0 or self.wal is not None:
             self._tasks.append(loop.create_task(self._snapshot_loop(), name="ekko-snapshot"))
         self._started = True
         log.info("%s (%s) serving at %s, incarnation %d, models %s", self.node.node_id, self.node.dc,
@@ -396,6 +435,10 @@ class Daemon:
             log.info("final snapshot of %d models in %.2fs", n, time.monotonic() - t3)
         except Exception:
             log.exception("final snapshot failed")
+        if self.wal is not None:
+            # After the final snapshot: it released the segments it covers (a failed one
+            # leaves them, and the next start replays them).
+            await self.wal.close()
         self._unlock_data_dir()
         log.info("%s: stopped after %.2fs", self.node.node_id, time.monotonic() - t0)
 
@@ -447,6 +490,8 @@ class Daemon:
         for ev in self.node.take_quality_events():
             _log_quality_event(ev)
         for out in self.node.drain():
+            # Counted before send(): a message dropped at once is uncounted by _on_failed.
+            self.gate.queued(_estimated_size(out))
             self.transport.send(out)
         self.metrics.sends_in_flight.set(self.transport.in_flight)
         if wake:
@@ -462,24 +507,41 @@ class Daemon:
         return mem.dc if mem is not None else UNKNOWN_DC
 
     def _on_sent(self, out: Outgoing, nbytes: int) -> None:
+        self.gate.done(_estimated_size(out))
         self.metrics.bytes_sent.labels(self._dc_of(out.dst, out.address), out.msg_type.name).inc(nbytes)
 
     def _on_failed(self, out: Outgoing, reason: str) -> None:
+        self.gate.done(_estimated_size(out))
         self.metrics.send_failures.labels(self._dc_of(out.dst, out.address), reason).inc()
 
     # ------------------------------------------------------------------ snapshots
     async def _snapshot_loop(self) -> None:
-        assert self._stop_snapshots is not None
+        assert self._stop_snapshots is not None and self._snapshot_now is not None
+        interval = self.config.snapshot_interval or None  # 0: only when the WAL asks (and at shutdown)
         while True:
+            waits = [asyncio.ensure_future(self._stop_snapshots.wait()),
+                     asyncio.ensure_future(self._snapshot_now.wait())]
             try:
-                await asyncio.wait_for(self._stop_snapshots.wait(), self.config.snapshot_interval)
+                await asyncio.wait(waits, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if self._stop_snapshots.is_set():
                 return  # shutting down: the final snapshot follows
-            except asyncio.TimeoutError:
-                pass
+            asked = self._snapshot_now.is_set()
+            self._snapshot_now.clear()
             try:
                 await self.snapshot()
             except Exception:
                 log.exception("periodic snapshot failed")
+            if asked:
+                # A full log asks again with every refused publish; a failing snapshot must not
+                # turn that into back-to-back copies of the whole model.
+                try:
+                    await asyncio.wait_for(self._stop_snapshots.wait(), MIN_WAL_SNAPSHOT_GAP_S)
+                    return
+                except TimeoutError:
+                    pass
 
     async def snapshot(self) -> int:
         """Write a snapshot of every model; returns how many were written.
@@ -497,6 +559,8 @@ class Daemon:
                        "models": {name: m.spec.to_dict() for name, m in self.node.models.items()}}
             if not copies:
                 return 0
+            # Same instant as the copy: every record appended before it is in the older segments.
+            covered = self._rotate_wal()
             data_dir = self.data_dir
 
             def write() -> None:
@@ -514,7 +578,15 @@ class Daemon:
                 raise
             self.metrics.snapshots.labels("ok").inc()
             self.metrics.snapshot_seconds.set(time.perf_counter() - t0)
+            if covered is not None and self.wal is not None:
+                self.wal.release_before(covered)
             return len(copies)
+
+    def _rotate_wal(self) -> int | None:
+        if self.wal is None:
+            return None
+        self._wal_specs.clear()  # a new segment: specs are logged again before first use
+        return self.wal.rotate()
 
     async def restore(self) -> list[str]:
         """Load every model snapshot under ``data_dir`` into the node (at startup)."""
@@ -570,7 +642,67 @@ class Daemon:
             self.restored.append(spec.name)
         if loaded:
             log.info("restored %s from %s", [s.name for s, _ in loaded], self.data_dir)
+        if self.config.durability == "wal" or (self.data_dir / WAL_DIR).is_dir():
+            # Also with durability "none": a log left by an earlier run in "wal" mode may hold
+            # acknowledged publishes that no snapshot has.
+            await self._recover_wal()
         return self.restored
+
+    async def _recover_wal(self) -> None:
+        """Replay the write-ahead log over the restored snapshots, then open a new segment.
+
+        Each publish record goes through ``node.publish`` again: rows whose versions the
+        snapshot already holds change nothing, and the chains of each frame are re-run, so
+        knowledge and pending chains come back as they were before the crash.  A record
+        the node refuses (e.g. its model's spec was lost) is logged and skipped; a torn
+        or corrupt tail was already cut off by its checksum.
+        """
+        wal = GroupCommitLog(self.data_dir / WAL_DIR)
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        records = wal.replay()
+
+        def next_batch() -> list:
+            out, n = [], 0
+            for rec in records:
+                out.append(rec)
+                n += len(rec.payload)
+                if n >= READ_CHUNK_BYTES:
+                    break
+            return out
+
+        frames = rows = refused = 0
+        while True:
+            batch = await loop.run_in_executor(None, next_batch)
+            if not batch:
+                break
+            now = self.clock()
+            self.node.wall_offset_s = time.time() - now  # the skew bound applies to replayed frames too
+            for rec in batch:
+                try:
+                    if rec.kind == KIND_SPEC:
+                        self.node.register_model(ModelSpec.from_dict(json.loads(rec.payload)), now)
+                    elif rec.kind == KIND_PUBLISH:
+                        ack = self.node.publish(decode_frame(rec.payload, None, require_mac=False).body, now)
+                        frames += 1
+                        rows += ack.applied
+                except (ProtocolError, UsageError, ValueError, KeyError, TypeError) as e:
+                    refused += 1
+                    log.warning("WAL record at segment %d offset %d not replayed: %s", rec.segment, rec.offset, e)
+        st = wal.replay_stats
+        if self.config.durability == "wal":
+            await loop.run_in_executor(None, wal.start)
+            self.wal = wal
+        else:
+            # No log from now on: make what was replayed part of a snapshot, then drop the log.
+            if st.records:
+                await self.snapshot()
+            await loop.run_in_executor(None, shutil.rmtree, self.data_dir / WAL_DIR)
+        self.recovery = {"wal_segments": st.segments, "wal_records": st.records, "wal_frames": frames,
+                         "wal_rows_applied": rows, "wal_refused": refused, "wal_dropped_bytes": st.dropped_bytes,
+                         "seconds": round(time.perf_counter() - t0, 4)}
+        if st.records or st.dropped_bytes:
+            log.info("replayed the write-ahead log: %s", self.recovery)
 
     # ------------------------------------------------------------------ request plumbing
     @web.middleware
@@ -615,6 +747,9 @@ class Daemon:
         return web.json_response({"error": message, "reason": reason}, status=status, headers=headers)
 
     async def _read_frame(self, request: web.Request) -> Frame:
+        return await self._decode(await self._read_body(request))
+
+    async def _read_body(self, request: web.Request) -> bytes:
         if request.content_length is not None and request.content_length > MAX_FRAME_BYTES:
             # Refuse before reading: a declared oversize body is not worth receiving.
             raise RequestRejected(f"request body of {request.content_length} bytes exceeds "
@@ -622,6 +757,9 @@ class Daemon:
         data = await request.read()
         # The node refuses versions too far ahead of its wall clock; tell it what that is.
         self.node.wall_offset_s = time.time() - self.clock()
+        return data
+
+    async def _decode(self, data: bytes) -> Frame:
         keyring = self.keyring  # one keyring per request, even if SIGHUP swaps it meanwhile
         if len(data) >= DECODE_OFFLOAD_BYTES:
             frame = await asyncio.get_running_loop().run_in_executor(None, decode_frame, data, keyring)
@@ -671,18 +809,49 @@ class Daemon:
         return web.json_response({"ok": True, "created": created})
 
     async def _h_publish(self, request: web.Request) -> web.Response:
-        frame = await self._read_frame(request)
-        self._expect(frame, MsgType.PUBLISH)
-        if self.keyring:
-            model, origin = frame.body.get("model"), frame.body.get("origin")
-            if not isinstance(model, str) or not isinstance(origin, int) or isinstance(origin, bool):
-                raise ProtocolError("publish needs a string model and an integer origin", "bad_body")
-            self._authorize_publisher(frame, model, origin)
-        ack = self.node.publish(frame.body, self.clock())
-        self._send_out()
-        self.metrics.published_rows.labels(frame.body["model"]).inc(ack.rows)
-        return web.json_response({"ok": True, "rows": ack.rows, "applied": ack.applied,
-                                  "max_counter": ack.max_counter})
+        held = request.content_length or 0
+        refusal = self.gate.check(held)  # before reading: a refused publish costs no memory
+        if refusal is not None:
+            self.metrics.backpressure.labels(refusal.bound).inc()
+            raise RequestRejected(f"{refusal.message}; retry after {RETRY_AFTER_S}s", refusal.reason)
+        self.gate.publish_bytes += held
+        try:
+            data = await self._read_body(request)
+            if not held:  # chunked upload: counted once its size is known
+                held = len(data)
+                self.gate.publish_bytes += held
+            frame = await self._decode(data)
+            self._expect(frame, MsgType.PUBLISH)
+            if self.keyring:
+                model, origin = frame.body.get("model"), frame.body.get("origin")
+                if not isinstance(model, str) or not isinstance(origin, int) or isinstance(origin, bool):
+                    raise ProtocolError("publish needs a string model and an integer origin", "bad_body")
+                self._authorize_publisher(frame, model, origin)
+            ack = self.node.publish(frame.body, self.clock())
+            # Logged in the same loop step as the apply, so a snapshot copy sees both or neither.
+            ticket = self._wal_append(frame.body["model"], data) if self.wal is not None else None
+            self._send_out()
+            if ticket is not None:
+                assert self.wal is not None
+                try:
+                    await self.wal.durable(ticket)
+                except WalError as e:
+                    raise RequestRejected(f"{e}: the update is applied here but not durable; retry",
+                                          "wal_error") from None
+            self.metrics.published_rows.labels(frame.body["model"]).inc(ack.rows)
+            return web.json_response({"ok": True, "rows": ack.rows, "applied": ack.applied,
+                                      "max_counter": ack.max_counter})
+        finally:
+            self.gate.publish_bytes -= held
+
+    def _wal_append(self, model: str, data: bytes) -> int:
+        """Append a publish frame (after its model's spec, once per segment); returns its ticket."""
+        assert self.wal is not None
+        if model not in self._wal_specs:
+            self.wal.append(KIND_SPEC, json.dumps(self.node.spec(model).to_dict()).encode())
+            self._wal_specs.add(model)
+        # The frame as received: replay needs no key (the checksum guards it) and it is compact.
+        return self.wal.append(KIND_PUBLISH, bytes(data))
 
     async def _h_gossip(self, request: web.Request) -> web.Response:
         frame = await self._read_frame(request)
@@ -814,12 +983,15 @@ class Daemon:
             raise RequestRejected("cluster must be 0 or 1", "bad_query")
         st = self.node.status()
         st["serving"] = not self.draining
+        st["durability"] = {"mode": self.config.durability, "recovery": self.recovery,
+                            "wal_retained_bytes": self.wal.retained_bytes if self.wal is not None else 0}
         if cluster in ("1", "true"):
             st["members"] = self.node.cluster_view()
         return web.json_response(st)
 
     async def _h_metrics(self, request: web.Request) -> web.Response:
         self.metrics.sends_in_flight.set(self.transport.in_flight)
+        self.metrics.set_pressure(**self.gate.gauges())
         from prometheus_client import CONTENT_TYPE_LATEST
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 

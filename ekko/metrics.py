@@ -16,7 +16,7 @@ Two kinds of metrics:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -130,6 +130,35 @@ class _NodeCollector(Collector):
         yield members
 
 
+class _WalCollector(Collector):
+    """Reads the daemon's write-ahead log (:class:`ekko.wal.GroupCommitLog`) at scrape time."""
+
+    def __init__(self, get_wal: Callable[[], Any]) -> None:
+        self.get_wal = get_wal
+
+    def collect(self) -> Iterable[Metric]:
+        wal = self.get_wal()
+        if wal is None:
+            return
+        w = wal.writer
+        for name, doc, value in (
+                ("ekko_wal_records", "Records appended to the write-ahead log", wal.records),
+                ("ekko_wal_bytes", "Bytes appended to the write-ahead log", wal.bytes),
+                ("ekko_wal_fsyncs", "fsyncs of the write-ahead log (group commit: one per batch)", w.fsyncs),
+                ("ekko_wal_fsync_seconds", "Time spent in write-ahead log fsyncs", w.fsync_seconds),
+                ("ekko_wal_failures", "Write-ahead log writes that failed", wal.failures)):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], float(value))
+            yield c
+        st = wal.replay_stats
+        for name, doc, value in (
+                ("ekko_wal_replayed_records", "Records replayed from the write-ahead log at start", st.records),
+                ("ekko_wal_dropped_bytes", "Bytes of torn or corrupt log tail dropped at start", st.dropped_bytes)):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], float(value))
+            yield g
+
+
 class DaemonMetrics:
     """The metrics of one daemon, in a registry of its own.
 
@@ -166,6 +195,20 @@ class DaemonMetrics:
         self.snapshot_seconds = Gauge("ekko_last_snapshot_seconds", "Duration of the last snapshot write",
                                       registry=r)
         self.sends_in_flight = Gauge("ekko_sends_in_flight", "Peer sends in flight", registry=r)
+        # Back-pressure: refusals by bound, and the quantities the bounds apply to.
+        self.backpressure = Counter("ekko_backpressure_rejects",
+                                    "Publishes refused with 429/503 because a bound was passed, by bound",
+                                    ["bound"], registry=r)
+        self.publish_bytes_in_flight = Gauge("ekko_publish_bytes_in_flight",
+                                             "Bytes of publish bodies admitted and not yet answered", registry=r)
+        self.outbound_bytes = Gauge("ekko_outbound_bytes_queued",
+                                    "Estimated bytes of peer messages queued in the HTTP transport", registry=r)
+        self.push_backlog_rows = Gauge("ekko_push_backlog_rows", "Rows waiting in outbound push queues",
+                                       registry=r)
+        self.wal_retained_bytes = Gauge("ekko_wal_retained_bytes",
+                                        "Bytes of write-ahead log not yet covered by a snapshot", registry=r)
+        self.resident_bytes = Gauge("ekko_process_resident_bytes", "Resident memory of the daemon process",
+                                    registry=r)
         self._node_collector: _NodeCollector | None = None
         if node is not None:
             self.attach(node)
@@ -175,6 +218,19 @@ class DaemonMetrics:
             self.registry.unregister(self._node_collector)
         self._node_collector = _NodeCollector(node)
         self.registry.register(self._node_collector)
+
+    def watch_wal(self, get_wal: Callable[[], Any]) -> None:
+        """Export the write-ahead log that ``get_wal()`` returns (None: nothing) at scrape time."""
+        self.registry.register(_WalCollector(get_wal))
+
+    def set_pressure(self, publish_bytes: int, outbound_bytes: int, push_rows: int, wal_bytes: int,
+                     rss: int) -> None:
+        """The quantities the back-pressure bounds apply to (:meth:`ekko.backpressure.PublishGate.gauges`)."""
+        self.publish_bytes_in_flight.set(publish_bytes)
+        self.outbound_bytes.set(outbound_bytes)
+        self.push_backlog_rows.set(push_rows)
+        self.wal_retained_bytes.set(wal_bytes)
+        self.resident_bytes.set(rss)
 
     def reject(self, endpoint: str, reason: str) -> None:
         self.rejects.labels(endpoint, reason).inc()

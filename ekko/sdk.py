@@ -17,7 +17,8 @@ publisher's *chain* (:mod:`ekko.chain`):
 * One publish call is one frame.  Its rows get their versions once; a frame is
   retried with the *same* bytes (idempotent: a replica that already applied it
   changes nothing) with exponential backoff, failing over across the endpoints on
-  connection errors, timeouts, 5xx and 429 (honouring ``Retry-After``), until a
+  connection errors, timeouts, 5xx and 429 (honouring ``Retry-After``, plus up to
+  :data:`RETRY_AFTER_JITTER` of it at random), until a
   replica answers 200 or the call's deadline passes.
 * Only a 200 makes the chain move on (:meth:`PublisherChain.acked`).  A frame that
   missed its deadline is *kept* and re-sent first by the next publish of that
@@ -93,6 +94,8 @@ BACKOFF_INITIAL_S = 0.05
 BACKOFF_MAX_S = 2.0
 #: longest Retry-After we honour (a confused server must not park a trainer for hours).
 MAX_RETRY_AFTER_S = 30.0
+#: a Retry-After wait is stretched by a random factor in [1, 1 + this] (spreads retries).
+RETRY_AFTER_JITTER = 0.25
 #: bytes of frame a publish may produce: the wire limit less room for msgpack framing.
 MAX_PUBLISH_FRAME_BYTES = MAX_FRAME_BYTES - (1 << 20)
 #: per-row bytes besides the values: id (8), version (8), impact (4).
@@ -780,7 +783,10 @@ class AsyncPublisher:
             i += 1  # fail over to the next endpoint
             delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** (attempts - 1)) * self._rng.uniform(0.5, 1.0)
             if retry_after is not None:
-                delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
+                # Jitter on top of Retry-After: publishers told the same wait by an overloaded
+                # replica must not all come back in the same instant.
+                delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S)
+                            * self._rng.uniform(1.0, 1.0 + RETRY_AFTER_JITTER))
             delay = min(delay, deadline - loop.time())
             if delay > 0:
                 await asyncio.sleep(delay)
