@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -104,7 +103,6 @@ def _run(args: argparse.Namespace) -> int:
                 prog.update(tasks[system], completed=t, total=end, t=f"{t:7.1f}/{end:.0f} s simulated")
 
             results = run_scenario(sc, systems, progress)
-    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     paths = write_results(results, Path(args.out))
     print(summary(results))
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - t0:.1f} s; "

@@ -61,7 +61,7 @@ def test_same_seed_same_results():
     cfg["scenario"]["systems"] = ["ekko", "adam-2pc"]
     a, b = (public(run_scenario(parse_scenario(cfg))) for _ in range(2))
     for r in (a, b):
-        r.pop("wall_s"), r.pop("events_per_s"), r.pop("peak_traced_mb")
+        r.pop("wall_s"), r.pop("events_per_s"), r.pop("peak_rss_mb")
         for s in r["systems"].values():
             s.pop("wall_s")
     assert a == b
