@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ekko.store import TableStore
-from ekko.version import Knowledge, counters_of
+from ekko.version import Knowledge, counters_of, origins_of
 
 #: most pending publish chains kept per shard and origin (older ones are dropped;
 #: anti-entropy still delivers their rows, only the knowledge shortcut is lost).
@@ -185,6 +185,59 @@ class RecentIndex:
         ids, vers = cand[mask], v[mask]
         order = np.argsort(vers, kind="stable")
         return ids[order], vers[order]
+
+    def newer_than_many(self, table: TableStore, shards: list[int], theirs: list[Knowledge],
+                        mine: list[Knowledge]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`newer_than` for several shards of one table at once: the same answers
+        (per shard, version order), from one pass over the index instead of a dozen
+        small array operations per shard -- a pull touches every shard in scope."""
+        out: list[tuple[np.ndarray, np.ndarray]] = [None] * len(shards)  # type: ignore[list-item]
+        fast: list[int] = []
+        for i, s in enumerate(shards):
+            if self.needs_scan(theirs[i], mine[i]):
+                out[i] = table.scan_newer(s, theirs[i])
+            else:
+                fast.append(i)
+        if len(fast) < 2:
+            for i in fast:
+                out[i] = self.newer_than(table, shards[i], theirs[i], mine[i])
+            return out
+        self._merge()
+        spec = table.spec
+        # Shards are contiguous row ranges and the index is sorted by id: one binary
+        # search finds every shard's slice.
+        bounds = np.array([spec.shard_range(shards[i]) for i in fast], np.int64)
+        cuts = np.searchsorted(self._ids, bounds.ravel()).reshape(-1, 2)
+        counts = cuts[:, 1] - cuts[:, 0]
+        if not counts.any():
+            empty = self._ids[:0]
+            for i in fast:
+                out[i] = (empty, empty)
+            return out
+        slot = np.repeat(np.arange(len(fast)), counts)
+        ids = np.concatenate([self._ids[a:b] for a, b in cuts.tolist()])
+        v = table.versions[ids]
+        keep = v > 0
+        origins = sorted({o for i in fast for o, _ in theirs[i].items()})
+        if origins:
+            # Each row against its own shard's knowledge: a (shard, origin) counter table,
+            # -1 where that knowledge has no entry for the origin (covers nothing).
+            known_o = np.array(origins, np.int64)
+            table_k = np.full((len(fast), len(origins)), -1, np.int64)
+            col_of = {o: c for c, o in enumerate(origins)}
+            for j, i in enumerate(fast):
+                for o, c in theirs[i].items():
+                    table_k[j, col_of[o]] = c
+            o = origins_of(v)
+            col = np.minimum(np.searchsorted(known_o, o), len(origins) - 1)
+            keep &= ~((known_o[col] == o) & (counters_of(v) <= table_k[slot, col]))
+        ids, v, slot = ids[keep], v[keep], slot[keep]
+        order = np.lexsort((v, slot))  # by shard, then version; ties keep id order
+        ids, v, slot = ids[order], v[order], slot[order]
+        at = np.searchsorted(slot, np.arange(len(fast) + 1)).tolist()
+        for j, i in enumerate(fast):
+            out[i] = (ids[at[j]:at[j + 1]], v[at[j]:at[j + 1]])
+        return out
 
 
 @dataclass(slots=True)
