@@ -12,6 +12,16 @@ by :class:`simulator.replicas.SimCluster`), differing only in configuration:
   random-partner anti-entropy.
 * ``fifo`` -- ``ekko`` with FIFO link queues (the scheduler's baseline).
 
+What the two ablation systems do not capture: in the paper, a sync without shard
+versions compares the version of every parameter of a terabyte-scale model, which
+costs CPU time and bytes in proportion to the model (27.4 s there).  Here a replica
+without shard versions still keeps per-shard knowledge vectors, so its "full scan"
+asks for every shard with O(shards) metadata and the answer costs O(changed rows);
+it even saves the digest round trip that shard versions add (summary -> digests ->
+pull), and endpoint CPU time is not modelled.  So ``ekko-full-scan`` comes out about
+as fast as ``ekko-no-gateways`` (it pays in WAN bytes, not latency), and the paper's
+first ablation step does not reproduce; the scenario was not altered to force it.
+
 Baselines with their own small drivers (:mod:`simulator.baselines`):
 ``direct-push``, ``adam-2pc``, ``broadcast``.
 
