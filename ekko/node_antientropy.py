@@ -206,13 +206,14 @@ class AntiEntropyMixin:
             for table, ss in tables.items():
                 ts = m.store.table(table)
                 entries = []
+                ss = list(ss)[:max(0, MAX_SHARDS_PER_PULL - count)]
+                mines = []
                 for s in ss:
-                    if count >= MAX_SHARDS_PER_PULL:
-                        break
                     sync = m.shards[table].get(s)
-                    mine = sync.knowledge if sync is not None else Knowledge()
-                    # Rows we hold above our knowledge (eagerly pushed): the peer skips them.
-                    hid, hv = m.index[table].newer_than(ts, s, mine, mine)
+                    mines.append(sync.knowledge if sync is not None else Knowledge())
+                # Rows we hold above our knowledge (eagerly pushed): the peer skips them.
+                held = m.index[table].newer_than_many(ts, ss, mines, mines)
+                for s, mine, (hid, hv) in zip(ss, mines, held):
                     if len(hid) > MAX_HELD_ROWS_PER_SHARD:
                         hid, hv = hid[:MAX_HELD_ROWS_PER_SHARD], hv[:MAX_HELD_ROWS_PER_SHARD]
                     entries.append([s, mine.to_wire(), array_to_wire(hid) if len(hid) else None,
@@ -268,17 +269,30 @@ class AntiEntropyMixin:
                 parsed.append((m, table, s, k, hid, hv))
         if mem is None:
             return
+        # Rows each entry's knowledge lacks, one batched index lookup per table (nothing
+        # below changes the store or the index, so looking up first answers the same).
+        mines: list[Knowledge] = []
+        by_table: dict[tuple[str, str], list[int]] = {}
+        for i, (m, table, s, theirs, _, _) in enumerate(parsed):
+            sync = m.shards[table].get(s)
+            mines.append(sync.knowledge if sync is not None else Knowledge())
+            by_table.setdefault((m.spec.name, table), []).append(i)
+        newer: list[tuple[np.ndarray, np.ndarray]] = [None] * len(parsed)  # type: ignore[list-item]
+        for (name, table), idx in by_table.items():
+            m = self.models[name]
+            got = m.index[table].newer_than_many(m.store.table(table), [parsed[i][2] for i in idx],
+                                                 [parsed[i][3] for i in idx], [mines[i] for i in idx])
+            for i, g in zip(idx, got):
+                newer[i] = g
         budget = self.config.pull_response_bytes
         out_models: dict[str, dict[str, list[Any]]] = {}
         reverse: dict[str, dict[str, list[int]]] = {}
         extra = 0
-        for m, table, s, theirs, hid, hv in parsed:
+        for (m, table, s, theirs, hid, hv), mine, (ids, vers) in zip(parsed, mines, newer):
             ts = m.store.table(table)
             sync = m.shards[table].get(s)
-            mine = sync.knowledge if sync is not None else Knowledge()
             if back and not mine.dominates(theirs):
                 reverse.setdefault(m.spec.name, {}).setdefault(table, []).append(s)
-            ids, vers = m.index[table].newer_than(ts, s, theirs, mine)
             cut_below = None
             if grace_from is not None and sync is not None and len(ids):
                 fresh = m.index[table].fresh_since(grace_from, *ts.spec.shard_range(s))

@@ -88,8 +88,15 @@ class PushGossipMixin:
         hit = self._peers_cache.get(dc)
         if hit is not None and hit[0] == version:
             return hit[1]
-        peers = [mem.node_id for mem in self.members.members.values()
-                 if mem.node_id != self.node_id and mem.state != MemberState.DEAD and (dc is None or mem.dc == dc)]
+        # From the member list's own cache (one list per DC, shared by every node that
+        # shares the list, as in the simulator's shared mode): dropping ourselves is a
+        # C-level copy, not a walk over every member in Python.
+        live = self.members.live_ids(dc)
+        try:
+            i = live.index(self.node_id) if dc is None or dc == self.dc else -1
+        except ValueError:
+            i = -1
+        peers = live[:i] + live[i + 1:] if i >= 0 else live
         self._peers_cache[dc] = (version, peers)
         return peers
 

@@ -222,6 +222,10 @@ class Knowledge:
         packed = np.asarray(packed, dtype=np.int64)
         if not self._v:
             return np.zeros(packed.shape, dtype=bool)
+        if len(self._v) == 1:
+            # One origin (a single publisher, the common case): no lookup table needed.
+            ((origin, counter),) = self._v.items()
+            return (origins_of(packed) == origin) & (counters_of(packed) <= counter)
         origins = np.fromiter(self._v.keys(), dtype=np.int64, count=len(self._v))
         counters = np.fromiter(self._v.values(), dtype=np.int64, count=len(self._v))
         order = np.argsort(origins)

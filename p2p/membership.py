@@ -113,6 +113,8 @@ class Membership:
     members: dict[str, Member] = field(default_factory=dict)
     round: int = 0
     version: int = 0          # bumps whenever the set of live members or their DCs change
+    _live: dict[str | None, tuple[int, list[str]]] = field(default_factory=dict, init=False, repr=False,
+                                                           compare=False)
 
     def __post_init__(self) -> None:
         self.members[self.node_id] = Member(self.node_id, self.dc, self.address, self.incarnation, 0,
@@ -128,6 +130,18 @@ class Membership:
 
     def alive(self) -> list[Member]:
         return [m for m in self.members.values() if m.state != MemberState.DEAD]
+
+    def live_ids(self, dc: str | None = None) -> list[str]:
+        """Ids of the members not known dead (only those in ``dc`` when given), in
+        member-list order, this node included.  Cached until :attr:`version` changes;
+        the list is shared (a view several nodes may hold), so do not modify it."""
+        hit = self._live.get(dc)
+        if hit is not None and hit[0] == self.version:
+            return hit[1]
+        ids = [m.node_id for m in self.members.values()
+               if m.state != MemberState.DEAD and (dc is None or m.dc == dc)]
+        self._live[dc] = (self.version, ids)
+        return ids
 
     def dcs(self) -> list[str]:
         return sorted({m.dc for m in self.members.values() if m.state != MemberState.DEAD})

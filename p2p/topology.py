@@ -33,12 +33,20 @@ def stable_hash64(s: str) -> int:
 
 def _mix(x: np.ndarray) -> np.ndarray:
     """splitmix64 finalizer, vectorized (wrapping uint64 arithmetic)."""
-    with np.errstate(over="ignore"):
-        x = x ^ (x >> np.uint64(30))
-        x = x * _M1
-        x = x ^ (x >> np.uint64(27))
-        x = x * _M2
-        return x ^ (x >> np.uint64(31))
+    if isinstance(x, np.ndarray) and x.ndim:
+        # Array integer arithmetic wraps without a warning; entering np.errstate costs
+        # more than mixing a few dozen shard versions (this runs on every sync round).
+        return _mix_steps(x)
+    with np.errstate(over="ignore"):  # numpy scalars do warn on overflow
+        return _mix_steps(x)
+
+
+def _mix_steps(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
 
 
 @dataclass(frozen=True, slots=True)

@@ -155,7 +155,7 @@ def run_baseline(sc: Scenario, system: str, progress: Progress | None = None) ->
         sim.run(until=t)
         if progress:
             progress(system, t, end)
-        if t >= sc.duration_s and not pending and rec.summary()["missing"] == 0:
+        if t >= sc.duration_s and not pending and rec.missing == 0:
             break
     lat = rec.summary()
     return {

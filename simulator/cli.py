@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--mode", choices=["auto", "metadata", "full"], help="values mode")
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--jobs", type=int, default=1,
+                   help="run systems in this many processes (same results; no progress bar)")
     r.set_defaults(func=run_cmd)
     f = ss.add_parser("faults", help="seeded fault-injection runs of the real nodes; checks the invariants")
     f.add_argument("--seeds", type=int, default=10, help="number of seeded scenarios (default 10)")
@@ -136,8 +137,10 @@ def _run(args: argparse.Namespace) -> int:
                   f"seed {sc.seed}, {sc.duration_s:g} s of workload, mode "
                   f"{'full' if sc.with_values else 'metadata'}")
     t0 = time.perf_counter()
-    if args.quiet:
-        results = run_scenario(sc, systems)
+    if args.jobs < 1:
+        raise UsageError("--jobs must be >= 1")
+    if args.quiet or args.jobs > 1:
+        results = run_scenario(sc, systems, jobs=args.jobs)
     else:
         with Progress(TextColumn("{task.description:18s}"), BarColumn(), TextColumn("{task.fields[t]}"),
                       TimeElapsedColumn(), console=console) as prog:
@@ -149,7 +152,6 @@ def _run(args: argparse.Namespace) -> int:
                 prog.update(tasks[system], completed=t, total=end, t=f"{t:7.1f}/{end:.0f} s simulated")
 
             results = run_scenario(sc, systems, progress)
-    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     paths = write_results(results, Path(args.out))
     print(summary(results))
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - t0:.1f} s; "

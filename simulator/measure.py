@@ -21,7 +21,7 @@ def stats(values: np.ndarray) -> dict[str, float]:
     if not len(v):
         return {"mean": float("nan"), "p50": float("nan"), "p99": float("nan"), "n": 0}
     return {"mean": float(v.mean()), "p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)),
-            "n": int(len(v))}
+            "n": len(v)}
 
 
 @dataclass
@@ -48,15 +48,23 @@ class LatencyRecorder:
     versions: list[int] = field(default_factory=list)
     rows: list[tuple[str, int]] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
-    _lat: list[np.ndarray] = field(default_factory=list)
-    _by_row: dict[tuple[str, int], list[int]] = field(default_factory=dict)
-    _tracked: dict[str, np.ndarray] = field(default_factory=dict)
-    _mask: dict[str, np.ndarray] = field(default_factory=dict)
-    _settled: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._pos = {r: i for i, r in enumerate(self.replicas)}
         self._dc_arr = np.array(self.dcs)
+        nrep = len(self.replicas)
+        # Latency of sample i at replica j (NaN until applied); rows grow by doubling.
+        self._lat = np.full((16, nrep), np.nan, np.float32)
+        # Per tracked row ("slot"): its samples in version order, and per replica how
+        # many of them it has settled.  _slot_of[table][row] is the slot or -1; its last
+        # entry is always -1 so that take(mode="clip") maps any larger id to "untracked".
+        self._slot_of: dict[str, np.ndarray] = {}
+        self._slot_key: dict[tuple[str, int], int] = {}
+        self._slot_samples: list[list[int]] = []
+        self._slot_versions: list[list[int]] = []
+        self._nsamp = np.zeros(16, np.int32)
+        self._done = np.zeros((16, nrep), np.int32)
+        self._unset = 0
 
     def track(self, table: str, ids: np.ndarray, versions: np.ndarray, emitted: float, k: int,
               rng: np.random.Generator, cls: str = "") -> None:
@@ -71,54 +79,79 @@ class LatencyRecorder:
             self.versions.append(int(versions[i]))
             self.rows.append(key)
             self.classes.append(cls)
-            self._lat.append(np.full(len(self.replicas), np.nan, np.float32))
-            self._by_row.setdefault(key, []).append(idx)
-            if key not in self._settled:
-                self._settled[key] = np.zeros(len(self.replicas), np.int32)
-            self._tracked[table] = np.union1d(self._tracked.get(table, np.zeros(0, np.int64)), [key[1]])
-            mask = self._mask.get(table)
-            if mask is None or mask.shape[0] <= key[1]:
-                grown = np.zeros(max(key[1] + 1, 2 * (0 if mask is None else mask.shape[0])), bool)
-                if mask is not None:
-                    grown[:mask.shape[0]] = mask
-                mask = self._mask[table] = grown
-            mask[key[1]] = True
+            if idx >= self._lat.shape[0]:
+                grown = np.full((2 * self._lat.shape[0], self._lat.shape[1]), np.nan, np.float32)
+                grown[:idx] = self._lat[:idx]
+                self._lat = grown
+            self._unset += self._lat.shape[1]
+            slot = self._slot_key.get(key)
+            if slot is None:
+                slot = self._slot_key[key] = len(self._slot_samples)
+                self._slot_samples.append([])
+                self._slot_versions.append([])
+                if slot >= len(self._nsamp):
+                    self._nsamp = np.concatenate([self._nsamp, np.zeros_like(self._nsamp)])
+                    self._done = np.concatenate([self._done, np.zeros_like(self._done)])
+                of = self._slot_of.get(table)
+                if of is None or of.shape[0] <= key[1] + 1:
+                    size = max(key[1] + 2, 2 * (0 if of is None else of.shape[0]))
+                    grown_of = np.full(size, -1, np.int32)
+                    if of is not None:
+                        grown_of[:of.shape[0]] = of
+                    of = self._slot_of[table] = grown_of
+                of[key[1]] = slot
+            self._slot_samples[slot].append(idx)
+            self._slot_versions[slot].append(int(versions[i]))
+            self._nsamp[slot] += 1
 
     def applied(self, replica: str, table: str, ids: np.ndarray, versions: np.ndarray, now: float) -> None:
         """A replica applied rows: settle every pending sample they satisfy."""
-        mask = self._mask.get(table)
-        if mask is None or not len(ids):
+        of = self._slot_of.get(table)
+        if of is None or not len(ids):
             return
-        # One gather answers "which of these rows are tracked?" (most applies: none).
-        n = mask.shape[0]
-        hit = np.flatnonzero(mask[np.minimum(ids, n - 1)] & (ids < n))
+        # Vectorized filter: tracked rows among the applied ones whose replica still has
+        # samples pending (most applies: none, or rows it has settled already).
+        slots = of.take(ids, mode="clip")
+        hit = np.flatnonzero(slots >= 0)
         if not len(hit):
             return
+        slots = slots[hit]
         r = self._pos[replica]
-        for h in hit.tolist():
-            v = int(versions[h])
-            key = (table, int(ids[h]))
-            # A row's samples are in version order (they were emitted in time order), and
-            # a replica settles them in that order: resume where it stopped last time, so
-            # a hot row with many samples costs O(newly settled), not O(samples).
-            samples = self._by_row[key]
-            done = self._settled[key]
-            k = int(done[r])
-            while k < len(samples) and self.versions[samples[k]] <= v:
-                lat = self._lat[samples[k]]
-                if np.isnan(lat[r]):
-                    lat[r] = now - self.emitted[samples[k]]
+        done = self._done[slots, r]
+        pend = np.flatnonzero(done < self._nsamp[slots])
+        if not len(pend):
+            return
+        lat, emitted = self._lat, self.emitted
+        for j in pend.tolist():
+            slot = int(slots[j])
+            v = int(versions[hit[j]])
+            # A row's samples are in version order (emitted in time order) and a replica
+            # settles them in that order: resume where it stopped.
+            samples, svers = self._slot_samples[slot], self._slot_versions[slot]
+            k = start = int(done[j])
+            while k < len(samples) and svers[k] <= v:
+                i = samples[k]
+                if lat[i, r] != lat[i, r]:  # NaN: not recorded yet
+                    lat[i, r] = now - emitted[i]
+                    self._unset -= 1
                 k += 1
-            done[r] = k
+            if k != start:
+                self._done[slot, r] = k
 
     def record(self, idx: int, replica: str, now: float) -> None:
-        lat = self._lat[idx]
         r = self._pos[replica]
-        if np.isnan(lat[r]):
-            lat[r] = now - self.emitted[idx]
+        if self._lat[idx, r] != self._lat[idx, r]:
+            self._lat[idx, r] = now - self.emitted[idx]
+            self._unset -= 1
+
+    @property
+    def missing(self) -> int:
+        """(sample, replica) pairs not applied yet."""
+        return self._unset
 
     def matrix(self) -> np.ndarray:
-        return np.stack(self._lat) if self._lat else np.zeros((0, len(self.replicas)), np.float32)
+        """Latency of every sample (rows) at every replica (columns); NaN = not applied."""
+        return self._lat[:len(self.emitted)]
 
     def summary(self, only: list[str] | None = None) -> dict[str, Any]:
         """Latency stats: ``intra_dc`` (the publisher's DC), ``cross_dc`` and ``all``."""
@@ -133,7 +166,7 @@ class LatencyRecorder:
                "all": stats(m.ravel()), "per_dc": {}}
         for dc in sorted(set(dcs.tolist())):
             out["per_dc"][dc] = stats(m[:, dcs == dc].ravel())
-        out["missing"] = int(np.isnan(m).sum())
+        out["missing"] = self._unset if only is None else int(np.isnan(m).sum())
         return out
 
     def by_class(self) -> dict[str, Any]:
