@@ -185,6 +185,8 @@ def run_ekko_family(sc: Scenario, system: str, progress: Progress | None = None,
         chain.acked(frame)
         if high_cut is None:
             rec.track(batch.table, batch.ids, versions, emitted, sc.samples_per_batch, sample_rng)
+            # tracked after the publish: the publishing replica applied these rows at emission
+            rec.applied(ingest, batch.table, batch.ids, versions, emitted)
             return
         if decided:
             rows = decided[0]
