@@ -43,6 +43,7 @@ import torch
 
 from ekko.delta import WIRE_DTYPES
 from ekko.errors import ProtocolError, UsageError
+from ekko.fsutil import fsync_dir
 from ekko.spec import NAME_RE, ModelSpec, TableSpec
 from ekko.store import TORCH_DTYPES, ModelStore, TableStore, default_device
 
@@ -99,13 +100,6 @@ def _write_file(path: Path, fill) -> dict[str, Any]:
         os.fsync(f.fileno())
     return w.entry(path.name)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _values_chunks(values: torch.Tensor, rows_per_chunk: int):
@@ -189,14 +183,14 @@ def save_snapshot(data_dir: str | os.PathLike, model_store: ModelStore, meta: di
                 "meta": meta_entry}
         manifest = {"body": body, "blake2b": _manifest_checksum(body)}
         _write_file(tmp / MANIFEST, lambda w: w.write(json.dumps(manifest, indent=1).encode()))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         # Swap: keep the previous snapshot until the new one is in place.
         if final.exists():
             if old.exists():
                 shutil.rmtree(old)   # left by a crash after a completed swap
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(models)
+        fsync_dir(models)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if not final.exists() and old.exists():

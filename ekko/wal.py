@@ -54,6 +54,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ekko.fsutil import fsync_dir
+
 log = logging.getLogger("ekko.wal")
 
 #: first bytes of every segment file (format version in the last two).
@@ -168,13 +170,6 @@ def read_segment(path: Path, seq: int, stats: ReplayStats) -> Iterator[WalRecord
             off += RECORD.size + n
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 class _Rotate:
     __slots__ = ("seq",)
@@ -216,7 +211,7 @@ class SegmentWriter:
             os.write(fd, SEGMENT_MAGIC)
             if self.fsync:
                 os.fsync(fd)
-                _fsync_dir(self.dir)  # the new name must survive a crash too
+                fsync_dir(self.dir)  # the new name must survive a crash too
         except BaseException:
             os.close(fd)
             raise
@@ -243,7 +238,7 @@ class SegmentWriter:
                     if seq < it.before and seq != self.active:
                         segment_path(self.dir, seq).unlink(missing_ok=True)
                 if self.fsync:
-                    _fsync_dir(self.dir)
+                    fsync_dir(self.dir)
         if dirty:
             self._sync()
 
