@@ -260,9 +260,14 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         body = frame.body
         t = frame.msg_type
         self.counters[f"rx_{t.name.lower()}"] += 1
+        self._dispatch(t, body, now)
+        # Only a frame that passed validation is evidence of life: a refused one (anyone
+        # can send garbage naming a member) must not keep a dead peer looking alive.
         sender = body.get("from")
         if isinstance(sender, str) and not self.static_membership:
             self.members.heard_from(sender, now)
+
+    def _dispatch(self, t: MsgType, body: dict[str, Any], now: float) -> None:
         if t == MsgType.GOSSIP:
             kind = field(body, "k", str)
             if kind == "g":

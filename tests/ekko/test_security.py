@@ -466,3 +466,19 @@ def test_fenced_rows_never_apply_whatever_frame_carries_them():
     got_v = _versions(a)
     assert np.array_equal(got_v[:8], want_v[:8])
     assert np.array_equal(a.read_rows("m", "t", np.arange(8)).numpy(), want_x.numpy()), "fenced values never apply"
+
+
+def test_a_refused_frame_is_no_evidence_of_life():
+    # Anyone can post garbage naming a member: only a frame that passed validation may
+    # count as that member's heartbeat, or a dead peer could be kept looking alive.
+    from p2p.membership import MemberState
+
+    now = 5.0
+    a, b = _node("a"), _node("b")
+    b.members.merge([a.members.me], now)
+    b.members.members["a"].state = MemberState.SUSPECT
+    with pytest.raises(ProtocolError):
+        b.receive(_wire(MsgType.PUSH, {"from": "a", "dc": "dc1", "deltas": "not a list"}), now)
+    assert b.members.members["a"].state == MemberState.SUSPECT
+    b.receive(_wire(MsgType.GOSSIP, {"k": "g", "from": "a", "mem": [], "cat": 0, "req": False}), now)
+    assert b.members.members["a"].state == MemberState.ALIVE
