@@ -308,6 +308,7 @@ class PushGossipMixin:
                    and (not isinstance(rb.get("id"), str) or self.rollbacks.get(rb["id"]) != rb)]
         for rb in new_rbs:  # validated before anything changes: a refused gossip changes nothing
             self._parse_rollback(rb, now)
+        states = self._parse_model_states(body["ms"]) if "ms" in body else None
         self.members.merge(entries, now)
         if isinstance(heads, dict):
             # Heads beyond our clock + skew bound are dropped: they would fake everyone's lag.
@@ -321,8 +322,8 @@ class PushGossipMixin:
                 self.counters["catalog_conflicts"] += 1
         for rb in new_rbs:
             self._apply_rollback(rb, now)
-        if "ms" in body:
-            self._on_model_states(sender, body["ms"])
+        if states is not None:
+            self.peer_model_states[sender] = states
         if req:
             mem = self.members.get(sender)
             if mem is not None:

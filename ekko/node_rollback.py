@@ -53,6 +53,7 @@ class RollbackMixin:
         # Model states other replicas gossiped: node id -> model -> state name.
         self.peer_model_states: dict[str, dict[str, str]] = {}
         self._quality_events: list[dict[str, Any]] = []
+        self._baseline_pin = c.baseline_pin_cut
 
     def _quality_event(self, kind: str, **kw: Any) -> None:
         self._quality_events.append({"event": kind, **kw})
@@ -146,17 +147,18 @@ class RollbackMixin:
     def _model_states_wire(self) -> dict[str, str]:
         return {name: self.quality.state(name).value for name in list(self.models)[:MAX_GOSSIP_MODEL_STATES]}
 
-    def _on_model_states(self, sender: str, raw: Any) -> None:
+    def _parse_model_states(self, raw: Any) -> dict[str, str]:
+        """A peer's gossiped model states (validated, nothing changed); unknown entries dropped."""
         if not isinstance(raw, dict) or len(raw) > MAX_GOSSIP_MODEL_STATES:
             raise ProtocolError("bad model states", "bad_body")
-        self.peer_model_states[sender] = {k: v for k, v in raw.items()
-                                          if isinstance(k, str) and k in self.models and isinstance(v, str) and v in _STATE_ORDER}
+        return {k: v for k, v in raw.items()
+                if isinstance(k, str) and k in self.models and isinstance(v, str) and v in _STATE_ORDER}
 
     # ------------------------------------------------------------------ pinned baseline
     @property
     def baseline_pin(self) -> str:
         """The cut this replica is pinned to as a baseline ("" = an ordinary replica)."""
-        return getattr(self, "_baseline_pin", self.config.baseline_pin_cut)
+        return self._baseline_pin
 
     def set_baseline_pin(self, cut: str) -> None:
         """Pin this replica to ``cut`` (a baseline), move the pin, or ``""`` to unpin.
@@ -352,8 +354,9 @@ class RollbackMixin:
             m.recompute_top(t.name, rows)
             # State-based sync skips superseded versions, so our history may miss the newest
             # version the cut covers: compare every restored row with peers for a few rounds.
-            prev = self._repair.get((model, t.name))
-            self._repair[(model, t.name)] = rows if prev is None else np.union1d(prev, rows)
+            self._schedule_repair(model, t.name, rows)
+        # A new rollback restarts the count of answering peers even where it restored
+        # nothing here: answers given before it compared pre-rollback values.
         self._repair_rounds = REPAIR_MAX_ASKS
         self._repair_answered = set()
         self.counters["rollbacks"] += 1
@@ -378,12 +381,23 @@ class RollbackMixin:
         fresh = [p for p in peers if p not in answered]
         peer = self.members.get(self.rng.choice(fresh or peers))
         for (model, table), rows in self._repair.items():
-            ts = self.models[model].store.table(table)
             for lo in range(0, len(rows), MAX_REPAIR_ROWS):
-                ids = rows[lo:lo + MAX_REPAIR_ROWS]
-                self._out.append(Outgoing(peer.node_id, peer.address, MsgType.GOSSIP, {
-                    "k": "rep", "from": self.node_id, "m": model, "t": table, "ids": array_to_wire(ids),
-                    "v": array_to_wire(ts.versions[ids])}))
+                self._ask_repair(peer.node_id, peer.address, model, table, rows[lo:lo + MAX_REPAIR_ROWS])
+
+    def _ask_repair(self, peer: str, address: str, model: str, table: str, ids: np.ndarray) -> None:
+        """Ask ``peer`` whether it holds better (greater, unfenced) versions of rows ``ids``."""
+        versions = self.models[model].store.table(table).versions[ids]
+        self._out.append(Outgoing(peer, address, MsgType.GOSSIP, {
+            "k": "rep", "from": self.node_id, "m": model, "t": table, "ids": array_to_wire(ids),
+            "v": array_to_wire(versions)}))
+
+    def _schedule_repair(self, model: str, table: str, rows: np.ndarray) -> None:
+        """Compare ``rows`` with peers in the coming rounds (a repair under way just grows)."""
+        if not self._repair:
+            self._repair_rounds = REPAIR_MAX_ASKS
+            self._repair_answered = set()
+        prev = self._repair.get((model, table))
+        self._repair[(model, table)] = rows if prev is None else np.union1d(prev, rows)
 
     def _on_repair_answer(self, sender: str) -> None:
         """A peer answered a repair request (with better rows or none): it has compared."""
@@ -420,15 +434,8 @@ class RollbackMixin:
             worse = ids[behind]
             worse = worse[~self.fence.mask(m.spec.name, spec.name, worse, theirs[behind])]
             if len(worse):
-                key = (m.spec.name, spec.name)
-                if not self._repair:
-                    self._repair_answered = set()
-                    self._repair_rounds = REPAIR_MAX_ASKS
-                prev = self._repair.get(key)
-                self._repair[key] = worse if prev is None else np.union1d(prev, worse)
-                self._out.append(Outgoing(sender, mem.address, MsgType.GOSSIP, {
-                    "k": "rep", "from": self.node_id, "m": m.spec.name, "t": spec.name,
-                    "ids": array_to_wire(worse), "v": array_to_wire(ts.versions[worse])}))
+                self._schedule_repair(m.spec.name, spec.name, worse)
+                self._ask_repair(sender, mem.address, m.spec.name, spec.name, worse)
         if not len(better):
             # Answer anyway: the requester counts peers that compared, not requests sent.
             self._out.append(Outgoing(sender, mem.address, MsgType.PULL_RESPONSE,

@@ -426,7 +426,11 @@ def _node_state(n: ReplicaNode) -> tuple:
                   for m in sorted(n.models) for t in n.spec(m).tables),
             tuple((m, repr(n.export_state(m))) for m in sorted(n.models)),
             tuple((m, tuple(c.name for c in n.cuts.cuts(m))) for m in sorted(n.models)),
-            tuple(n.rollbacks), len(n.fence), n.catalog_digest())
+            tuple(n.rollbacks), len(n.fence), n.catalog_digest(),
+            # what gossip merges: members, peers' heads and peers' model states
+            tuple(sorted((m.node_id, m.state.value, m.incarnation, m.heartbeat, m.last_change)
+                         for m in n.members.members.values())),
+            repr(sorted(n.peer_heads.items())), repr(sorted(n.peer_model_states.items())))
 
 
 def _sweep_corpus() -> list[tuple[MsgType, dict]]:

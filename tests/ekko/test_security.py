@@ -482,3 +482,15 @@ def test_a_refused_frame_is_no_evidence_of_life():
     assert b.members.members["a"].state == MemberState.SUSPECT
     b.receive(_wire(MsgType.GOSSIP, {"k": "g", "from": "a", "mem": [], "cat": 0, "req": False}), now)
     assert b.members.members["a"].state == MemberState.ALIVE
+
+
+def test_a_gossip_with_bad_model_states_merges_nothing():
+    # Gossip is validated whole before anything merges: a bad model-state map must not
+    # leave the sender's member entries (or anything else) behind.
+    a, b = _node("a"), _node("b")
+    gossip = {"k": "g", "from": "a", "mem": [a.members.me.to_wire()], "cat": 0, "req": False, "ms": ["not", "a", "map"]}
+    with pytest.raises(ProtocolError):
+        b.receive(_wire(MsgType.GOSSIP, gossip), 5.0)
+    assert b.members.get("a") is None and "a" not in b.peer_model_states
+    b.receive(_wire(MsgType.GOSSIP, {**gossip, "ms": {"m": "corrupted"}}), 5.0)
+    assert b.members.get("a") is not None and b.peer_model_states["a"] == {"m": "corrupted"}
