@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -162,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_rollback(sc, args: argparse.Namespace, console) -> int:
     """The ``rollback`` scenario (a ``[rollback]`` table): :mod:`simulator.rollback_experiment`."""
+    from simulator.measure import peak_rss_mb
     from simulator.rollback_experiment import run_rollback, summary, write_rollback_results
 
     console.print(f"[bold]ekko sim[/]: scenario {sc.name}, {sc.replicas} replicas, {len(sc.wan.dc_names)} DCs, "
@@ -169,7 +169,7 @@ def _run_rollback(sc, args: argparse.Namespace, console) -> int:
     t0 = time.perf_counter()
     res = run_rollback(sc, None if args.quiet else
                        (lambda _s, t, end: console.print(f"  {t:6.1f}/{end:.0f} s simulated", end="\r")))
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["peak_rss_mb"] = peak_rss_mb()
     path = write_rollback_results(res, Path(args.out))
     print(summary(res))
     print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")

@@ -31,7 +31,6 @@ workload (drawn from its own derived stream) is identical across systems.
 
 from __future__ import annotations
 
-import resource
 import time
 from typing import Any, Callable
 
@@ -41,7 +40,7 @@ from ekko.chain import PublisherChain
 from ekko.delta import WIRE_DTYPES
 from ekko.version import HLC_EPOCH_MS
 from simulator.events import Simulation
-from simulator.measure import LatencyRecorder
+from simulator.measure import LatencyRecorder, peak_rss_mb
 from simulator.network import WanNetwork
 from simulator.replicas import SimCluster
 from simulator.scenario import MODEL_NAME, Scenario
@@ -386,13 +385,8 @@ def run_scenario(sc: Scenario, systems: list[str] | None = None, progress: Progr
     out = dict(zip(systems, got))
     events = sum(res["events"] for res in got)
     wall = time.perf_counter() - wall0
-    # Peak resident set (the kernel's high-water mark; KiB on Linux) of this process or
-    # of the largest worker.  Not tracemalloc: tracing every allocation made whole runs
-    # about 4x slower.
-    peak_rss_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
     return {"scenario": sc.name, "seed": sc.seed, "replicas": sc.replicas, "dcs": sc.wan.dc_names,
             "training_dc": sc.training_dc, "mode": "full" if sc.with_values else "metadata",
             "duration_s": sc.duration_s, "events": events, "wall_s": wall,
-            "events_per_s": events / wall if wall > 0 else 0.0, "peak_rss_mb": peak_rss_mb,
+            "events_per_s": events / wall if wall > 0 else 0.0, "peak_rss_mb": peak_rss_mb(),
             "systems": out}
