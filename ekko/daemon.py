@@ -67,7 +67,7 @@ from ekko.backpressure import PublishGate
 from ekko.codec import MAX_FRAME_BYTES, Frame, Keyring, MsgType, decode_frame, field
 from ekko.config import NodeConfig
 from ekko.errors import ProtocolError, UsageError
-from ekko.http_transport import HttpTransport, _estimated_size
+from ekko.http_transport import HttpTransport, estimated_size
 from ekko.metrics import UNKNOWN_DC, DaemonMetrics
 from ekko.node import Outgoing, ReplicaNode
 from ekko.spec import ModelSpec
@@ -491,7 +491,7 @@ class Daemon:
             _log_quality_event(ev)
         for out in self.node.drain():
             # Counted before send(): a message dropped at once is uncounted by _on_failed.
-            self.gate.queued(_estimated_size(out))
+            self.gate.queued(estimated_size(out))
             self.transport.send(out)
         self.metrics.sends_in_flight.set(self.transport.in_flight)
         if wake:
@@ -507,11 +507,11 @@ class Daemon:
         return mem.dc if mem is not None else UNKNOWN_DC
 
     def _on_sent(self, out: Outgoing, nbytes: int) -> None:
-        self.gate.done(_estimated_size(out))
+        self.gate.done(estimated_size(out))
         self.metrics.bytes_sent.labels(self._dc_of(out.dst, out.address), out.msg_type.name).inc(nbytes)
 
     def _on_failed(self, out: Outgoing, reason: str) -> None:
-        self.gate.done(_estimated_size(out))
+        self.gate.done(estimated_size(out))
         self.metrics.send_failures.labels(self._dc_of(out.dst, out.address), reason).inc()
 
     # ------------------------------------------------------------------ snapshots

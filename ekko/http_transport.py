@@ -57,7 +57,7 @@ CLOSE_TIMEOUT_S = 2.0
 GOSSIP_PATH = "/v1/gossip"
 
 
-def _estimated_size(out: Outgoing) -> int:
+def estimated_size(out: Outgoing) -> int:
     """Cheap upper-bound-ish size of a body: sum of its bytes payloads, one level deep."""
     n = 0
     for v in out.body.values():
@@ -155,7 +155,7 @@ class HttpTransport:
                 sem = self._sems[addr] = asyncio.Semaphore(self.per_peer)
             async with sem:
                 try:
-                    if _estimated_size(out) >= ENCODE_OFFLOAD_BYTES:
+                    if estimated_size(out) >= ENCODE_OFFLOAD_BYTES:
                         # The body holds only immutable bytes/ints/strs, so a worker thread may read it.
                         frame = await asyncio.get_running_loop().run_in_executor(
                             None, encode_frame, out.msg_type, out.body, self.keyring)
