@@ -72,7 +72,7 @@ from ekko.metrics import UNKNOWN_DC, DaemonMetrics
 from ekko.node import Outgoing, ReplicaNode
 from ekko.spec import ModelSpec
 from ekko.store import ModelStore, to_wire_values
-from ekko.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS
+from ekko.version import last_counter_at
 from ekko.wal import (
     KIND_PUBLISH,
     KIND_SPEC,
@@ -169,7 +169,7 @@ def parse_hostport(s: str) -> tuple[str, int]:
 def _hlc_now() -> int:
     """This host's wall clock as an HLC counter (the top logical tick of this millisecond):
     the rollback point that fences every update published until now."""
-    return max(1, int(time.time() * 1000) - HLC_EPOCH_MS) << HLC_LOGICAL_BITS | ((1 << HLC_LOGICAL_BITS) - 1)
+    return max(1, last_counter_at(time.time() * 1000))
 
 
 def export_model_state(node: ReplicaNode, model: str) -> dict[str, Any]:

@@ -65,6 +65,7 @@ from ekko.version import (
     ORIGIN_BITS,
     Knowledge,
     counters_of,
+    last_counter_at,
     origins_of,
 )
 from p2p.membership import Membership, MembershipConfig
@@ -583,8 +584,7 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         skew = self.config.max_clock_skew
         if skew == float("inf"):
             return MAX_COUNTER
-        ms = int((now + self.wall_offset_s + skew) * 1000.0) - HLC_EPOCH_MS
-        return min(MAX_COUNTER, max(0, ((ms + 1) << HLC_LOGICAL_BITS) - 1))
+        return min(MAX_COUNTER, last_counter_at((now + self.wall_offset_s + skew) * 1000.0))
 
     def refuse_future(self, deltas: list[Delta], now: float, what: str, known: int = 0) -> None:
         """Refuse a whole frame whose rows (or knowledge counter ``known``) lie beyond

@@ -40,6 +40,19 @@ HLC_EPOCH_MS = 1_735_689_600_000
 _ORIGIN_MASK = MAX_ORIGIN
 
 
+def last_counter_at(wall_ms: float) -> int:
+    """The greatest HLC counter a clock reading ``wall_ms`` (Unix milliseconds) can
+    stamp: the top logical tick of that millisecond (0 before the HLC epoch).  A
+    rollback point at "now", and the horizon of the clock-skew check.
+
+    Example:
+        >>> last_counter_at(HLC_EPOCH_MS + 2) == (3 << HLC_LOGICAL_BITS) - 1
+        True
+    """
+    ms = int(wall_ms) - HLC_EPOCH_MS
+    return ((ms + 1) << HLC_LOGICAL_BITS) - 1 if ms >= 0 else 0
+
+
 def pack(counter: int, origin: int) -> int:
     if not 0 <= counter <= MAX_COUNTER:
         raise UsageError(f"counter {counter} out of range")

@@ -51,7 +51,7 @@ import numpy as np
 
 from ekko.chain import PublisherChain
 from ekko.errors import UsageError
-from ekko.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS, counters_of
+from ekko.version import HLC_EPOCH_MS, counters_of, last_counter_at
 from rollback.undo import UndoHistory
 from simulator.events import Simulation
 from simulator.experiment import TRAINER_ORIGIN, place_replicas
@@ -101,7 +101,7 @@ class RollbackParams:
 
 def hlc(t: float) -> int:
     """The HLC counter of simulated time ``t`` (the trainer's clock), top logical tick."""
-    return (int(HLC_EPOCH_MS + t * 1000) - HLC_EPOCH_MS) << HLC_LOGICAL_BITS | ((1 << HLC_LOGICAL_BITS) - 1)
+    return last_counter_at(HLC_EPOCH_MS + t * 1000)
 
 
 def _pct(xs: list[float]) -> dict[str, float | int | None]:
