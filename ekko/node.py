@@ -394,13 +394,21 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
             order = np.argsort(shards, kind="stable")
             s_sorted = shards[order]
             bounds = np.flatnonzero(np.diff(s_sorted)) + 1
+            links: list[tuple[int, int, int, int]] = []
             for part in np.split(order, bounds):
                 s = int(shards[part[0]])
                 sync = m.shard(d.table, s)
-                if sync.chain(origin, chains[d.table].get(s, -1), int(ctr[part].max())):
+                after, upto = chains[d.table].get(s, -1), int(ctr[part].max())
+                if sync.chain(origin, after, upto):
                     m.dirty[d.table].add(s)
+                if after >= 0:
+                    links.append((s, origin, after, upto))
             if self.config.push:
-                self._push_from_ingest(m, d.table, res, now, _impact_of(d, res))
+                # The links travel with the push only when it carries every row of the
+                # frame (a row that lost here is not pushed, and a receiver holding the
+                # link without the row would claim knowledge it lacks).
+                self._push_from_ingest(m, d.table, res, now, _impact_of(d, res),
+                                       links=np.array(links, np.int64) if links and len(res) == len(d) else None)
         self.counters["published_rows"] += sum(len(d) for d in deltas)
         self.flush(now)
         return PublishAck(sum(len(d) for d in deltas), applied, top)

@@ -23,6 +23,7 @@ from ekko.node_rollback import MAX_ROLLBACK_RECORDS
 from ekko.node_types import Outgoing
 from ekko.spec import ModelSpec
 from ekko.store import ApplyResult
+from ekko.version import MAX_COUNTER, MAX_ORIGIN
 from p2p.membership import MemberState, parse_entries
 from p2p.outbound import QueuedRows
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:  # the node class defines the per-model state
 
 #: wait before asking a link queue again when it reported ready but yielded nothing.
 PUSH_RETRY_S = 0.001
+#: most publishers (origins) one push delta may carry chain links for, per shard.
+MAX_LINK_ORIGINS = 4
 #: share of gossip rounds spent on a partner in our own DC.
 LOCAL_GOSSIP_SHARE = 0.75
 
@@ -113,11 +116,13 @@ class PushGossipMixin:
             q = self.queues[peer] = self.queue_factory(peer, mem.dc if mem else "")
         q.put(rows, now)
 
-    def _queued(self, m: _Model, table: str, res: ApplyResult, now: float, impact: np.ndarray | None = None
-                ) -> QueuedRows:
+    def _queued(self, m: _Model, table: str, res: ApplyResult, now: float, impact: np.ndarray | None = None,
+                links: np.ndarray | None = None) -> QueuedRows:
         rb = m.spec.table(table).row_bytes
         if self.prioritizer is None:
-            return QueuedRows(m.spec.name, table, res.ids, res.versions, rb)
+            return QueuedRows(m.spec.name, table, res.ids, res.versions, rb, links=links)
+        # The scheduler's queues reorder and split batches, so chain links do not survive
+        # them: with a scheduler, knowledge off the ingest advances by anti-entropy only.
         return self.prioritizer.queued_rows(m.spec.name, table, res.ids, res.versions, rb, now,
                                             impact=impact, old_versions=res.old_versions)
 
@@ -128,14 +133,15 @@ class PushGossipMixin:
             self._enqueue(peer, rows, now)
 
     def _push_from_ingest(self, m: _Model, table: str, res: ApplyResult, now: float,
-                          impact: np.ndarray | None = None) -> None:
+                          impact: np.ndarray | None = None,
+                          links: np.ndarray | None = None) -> None:
         if not len(res):
             return
         if self.config.push_mode == "random":
             self._push_random(m, table, res, now)
             return
         spec = m.spec.table(table)
-        rows = self._queued(m, table, res, now, impact)
+        rows = self._queued(m, table, res, now, impact, links)
         for peer in self._live_peers(self.dc):
             self._enqueue(peer, rows, now)
         self._refresh_topology()
@@ -179,10 +185,12 @@ class PushGossipMixin:
                 next_push = ready
         self._next_push = next_push
 
-    def _push_deltas(self, batches: list[QueuedRows]
-                     ) -> tuple[list[dict[str, Any]], int, list[list[bytes] | None] | None]:
+    def _push_deltas(self, batches: list[QueuedRows]) -> tuple[list[dict[str, Any]], int, dict[str, list]]:
+        """Wire deltas of queued batches, their value bytes left out in metadata mode, and
+        the optional per-delta fields (``prio``, ``links``) that some batch carries."""
         deltas = []
         prio: list[list[bytes] | None] = []
+        links: list[bytes | None] = []
         extra = 0
         for b in batches:
             m = self.models.get(b.model)
@@ -192,20 +200,22 @@ class PushGossipMixin:
             d = ts.take(b.model, b.ids)
             deltas.append(delta_to_wire(d))
             prio.append(_priority_to_wire(b))
+            links.append(array_to_wire(b.links) if b.links is not None else None)
             if d.values is None:
                 extra += len(d) * ts.spec.row_bytes
-        return deltas, extra, (prio if any(p is not None for p in prio) else None)
+        optional = {k: v for k, v in (("prio", prio), ("links", links)) if any(x is not None for x in v)}
+        return deltas, extra, optional
 
     def _send_push(self, peer: str, deltas: list[dict[str, Any]], extra: int,
-                   prio: list[list[bytes] | None] | None = None) -> None:
+                   optional: dict[str, list] | None = None) -> None:
         mem = self.members.get(peer)
         if mem is None or mem.state == MemberState.DEAD:
             return
         if deltas:
             self.counters["push_frames_sent"] += 1
             body = {"from": self.node_id, "dc": self.dc, "deltas": deltas}
-            if prio is not None:
-                body["prio"] = prio   # optional: older receivers ignore it and re-score
+            if optional:
+                body.update(optional)   # "prio", "links": older receivers ignore them
             self._out.append(Outgoing(peer, mem.address, MsgType.PUSH, body, extra))
 
     def _on_push(self, body: dict[str, Any], now: float) -> None:
@@ -220,6 +230,13 @@ class PushGossipMixin:
         if prio_raw is not None and len(prio_raw) != len(deltas):
             raise ProtocolError("push priorities do not match its deltas", "bad_body")
         prio = [_priority_from_wire(e, len(d)) for e, d in zip(prio_raw, deltas)] if prio_raw else []
+        links_raw = field(body, "links", list, optional=True, default=None)
+        if links_raw is not None and len(links_raw) != len(deltas):
+            raise ProtocolError("push chain links do not match its deltas", "bad_body")
+        links = [self._links_from_wire(e, d) for e, d in zip(links_raw, deltas)] if links_raw else []
+        if links:
+            top = max((int(ls[:, 3].max()) for ls in links if ls is not None and len(ls)), default=0)
+            self.refuse_future([], now, "push links", known=top)
         # A push from another DC reached us as that shard's gateway: forward it over
         # the LAN.  Pushes from our own DC stop here, so there are no loops.
         rumor = self.config.push and self.config.push_mode == "random"
@@ -228,6 +245,18 @@ class PushGossipMixin:
         for i, d in enumerate(deltas):
             m = self.models[d.model]
             res = self._apply(m, d, now, source="push")
+            ls = links[i] if links else None
+            if ls is not None and not self.baseline_pin:
+                # The frame carries every row of these publish-chain links: knowledge
+                # advances here as it did at the ingest, so anti-entropy finds equal shard
+                # versions instead of re-listing rows every replica already holds.
+                dirty = m.dirty[d.table]
+                self.counters["push_links"] += len(ls)
+                for s, origin, after, upto in ls.tolist():
+                    if m.shard(d.table, s).chain(origin, after, upto):
+                        dirty.add(s)
+            # Forwarded rows keep the links only when every row went on (see QueuedRows.links).
+            fwd_links = ls if ls is not None and len(res) == len(d) else None
             if rumor and len(res):
                 # Rumor mongering: pass on only what was new to us, so it dies out.
                 self._push_random(m, d.table, res, now, exclude=sender)
@@ -239,12 +268,27 @@ class PushGossipMixin:
                     rows = QueuedRows(m.spec.name, d.table, res.ids, res.versions, m.spec.table(d.table).row_bytes,
                                       scores=_aligned(d, res, pr[0]), high=_aligned(d, res, pr[1]))
                 else:
-                    rows = self._queued(m, d.table, res, now, _impact_of(d, res))
+                    rows = self._queued(m, d.table, res, now, _impact_of(d, res), fwd_links)
                 for p in peers:
                     self._enqueue(p, rows, now)
         self.counters["push_frames_received"] += 1
         if forward:
             self.flush(now)
+
+    def _links_from_wire(self, e: Any, d: Delta) -> np.ndarray | None:
+        """A push delta's chain links (int64 ``[shard, origin, after, upto]`` rows) or
+        None; checked whole before anything applies."""
+        if e is None:
+            return None
+        spec = self.table_spec(d.model, d.table)
+        if not isinstance(e, bytes) or len(e) % 32 or len(e) // 32 > spec.num_shards * MAX_LINK_ORIGINS:
+            raise ProtocolError("bad push chain links", "bad_body")
+        a = array_from_wire(e, np.int64, len(e) // 32, "links", width=4)
+        s, o, after, upto = a.T
+        if not ((s >= 0) & (s < spec.num_shards) & (o >= 1) & (o <= MAX_ORIGIN) & (after >= 0)
+                & (after < upto) & (upto <= MAX_COUNTER)).all():
+            raise ProtocolError("bad push chain link", "bad_body")
+        return a
 
     # ------------------------------------------------------------------ internals: gossip
     def catalog_digest(self) -> int:

@@ -37,6 +37,11 @@ class QueuedRows:
         scores: float32 priority per row, or None (FIFO).
         high: bool per row: above the high-priority threshold, or None.
         enqueued_at: float64 time each row was (first) queued.
+        links: publish-chain links, int64 rows ``[shard, origin, after, upto]``, these rows
+            complete: every row the publisher sent for that shard in that frame is
+            here, so a receiver may advance its knowledge as the ingest did.  Only
+            valid for the batch as a whole: any selection of rows drops them
+            (:func:`_select`), and so does coalescing that removes a row.
     """
 
     model: str
@@ -47,6 +52,7 @@ class QueuedRows:
     scores: np.ndarray | None = None
     high: np.ndarray | None = None
     enqueued_at: np.ndarray | None = None
+    links: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -135,7 +141,7 @@ class FifoLinkQueue:
             self._q = kept
         at = rows.enqueued_at if rows.enqueued_at is not None else np.full(len(rows), now)
         self._q.append(QueuedRows(rows.model, rows.table, rows.ids, rows.versions, rows.row_bytes,
-                                  rows.scores, rows.high, at))
+                                  rows.scores, rows.high, at, rows.links))
         self._rows += len(rows)
         while self._rows > self.max_rows:
             b = self._q.popleft()
@@ -170,6 +176,7 @@ class FifoLinkQueue:
 
 
 def _select(b: QueuedRows, idx: Any) -> QueuedRows:
+    """A part of a batch; its chain links are dropped (they hold for the whole batch only)."""
     pick = lambda a: None if a is None else a[idx]  # noqa: E731
     return QueuedRows(b.model, b.table, b.ids[idx], b.versions[idx], b.row_bytes, pick(b.scores), pick(b.high),
                       pick(b.enqueued_at))
