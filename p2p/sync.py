@@ -14,6 +14,16 @@ is behind the watermark the shard's version array is scanned instead
 (vectorized).  The index is per table so that an apply appends one chunk
 instead of splitting by shard.
 
+Knowledge advances when a replica has every update it claims: at the ingest from the
+publisher's chains, elsewhere from pull answers, and from pushes that carry a chain's
+*links* -- ``(shard, origin, after, upto)`` of a publish whose rows for that shard the
+push carries in full (:attr:`p2p.outbound.QueuedRows.links`).  A push with only part
+of a publish's rows (the scheduler's high-priority share, a split or coalesced
+batch) carries no links and advances nothing, as DESIGN.md requires of eagerly
+pushed rows.  With links, replicas that received every push hold the ingest's
+knowledge, so their shard versions match and anti-entropy rounds end at the
+digest.
+
 The pull rules are Scuttlebutt's: the responder sends the rows the requester's
 knowledge does not cover, in version order, capped in bytes; the requester
 advances its knowledge to the responder's -- but when the answer was cut short,
