@@ -55,6 +55,7 @@ from ekko.node_antientropy import AntiEntropyMixin
 from ekko.node_push import PushGossipMixin, _impact_of
 from ekko.node_rollback import RollbackMixin
 from ekko.node_types import Outgoing, PublishAck
+from ekko.parse_cache import ParseCache
 from ekko.spec import ModelSpec, TableSpec, check_name
 from ekko.store import ApplyResult, ModelStore
 from ekko.version import (
@@ -197,6 +198,8 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
             prioritizer, queue_factory = _priority_scheduler(c, dc, self.rng)
         self.queue_factory: QueueFactory = queue_factory or (lambda peer, dc: FifoLinkQueue(c.queue_rows))
         self.queues: dict[str, LinkQueue] = {}
+        # Shared parse results of push payloads (ekko.parse_cache); the simulator sets one.
+        self.parse_cache: ParseCache | None = None
         # Scores each pushed batch once (prioritizer.Prioritizer); None = plain FIFO refs.
         self.prioritizer = prioritizer
         self._next_push = float("inf")

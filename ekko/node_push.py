@@ -21,11 +21,13 @@ from ekko.delta import Delta
 from ekko.errors import ProtocolError, UsageError
 from ekko.node_rollback import MAX_ROLLBACK_RECORDS
 from ekko.node_types import Outgoing
+from ekko.parse_cache import freeze
 from ekko.spec import ModelSpec
 from ekko.store import ApplyResult
-from ekko.version import MAX_COUNTER, MAX_ORIGIN
+from ekko.version import MAX_COUNTER, MAX_ORIGIN, ORIGIN_BITS
 from p2p.membership import MemberState, parse_entries
 from p2p.outbound import QueuedRows
+from p2p.sync import apply_links
 
 if TYPE_CHECKING:  # the node class defines the per-model state
     from ekko.node import _Model
@@ -222,21 +224,17 @@ class PushGossipMixin:
         sender = field(body, "from", str)
         sender_dc = field(body, "dc", str)
         raw = field(body, "deltas", list)
-        if len(raw) > MAX_DELTAS_PER_MSG:
-            raise ProtocolError("too many deltas in one push", "too_large")
-        deltas = [delta_from_wire(d, self.table_spec, values_required=self.with_values) for d in raw]
-        self.refuse_future(deltas, now, "push")
         prio_raw = field(body, "prio", list, optional=True, default=None)
-        if prio_raw is not None and len(prio_raw) != len(deltas):
-            raise ProtocolError("push priorities do not match its deltas", "bad_body")
-        prio = [_priority_from_wire(e, len(d)) for e, d in zip(prio_raw, deltas)] if prio_raw else []
         links_raw = field(body, "links", list, optional=True, default=None)
-        if links_raw is not None and len(links_raw) != len(deltas):
-            raise ProtocolError("push chain links do not match its deltas", "bad_body")
-        links = [self._links_from_wire(e, d) for e, d in zip(links_raw, deltas)] if links_raw else []
-        if links:
-            top = max((int(ls[:, 3].max()) for ls in links if ls is not None and len(ls)), default=0)
-            self.refuse_future([], now, "push links", known=top)
+        cache = self.parse_cache
+        companions = (prio_raw, links_raw, self.with_values)
+        parsed = cache.get(raw, companions, self._same_specs) if cache is not None else None
+        if parsed is None:
+            parsed = self._parse_push(raw, prio_raw, links_raw, frozen=cache is not None)
+            if cache is not None:
+                cache.put(raw, companions, parsed[4], parsed)
+        deltas, prio, links, top, _ = parsed
+        self.refuse_future([], now, "push", known=top)
         # A push from another DC reached us as that shard's gateway: forward it over
         # the LAN.  Pushes from our own DC stop here, so there are no loops.
         rumor = self.config.push and self.config.push_mode == "random"
@@ -250,11 +248,8 @@ class PushGossipMixin:
                 # The frame carries every row of these publish-chain links: knowledge
                 # advances here as it did at the ingest, so anti-entropy finds equal shard
                 # versions instead of re-listing rows every replica already holds.
-                dirty = m.dirty[d.table]
                 self.counters["push_links"] += len(ls)
-                for s, origin, after, upto in ls.tolist():
-                    if m.shard(d.table, s).chain(origin, after, upto):
-                        dirty.add(s)
+                m.dirty[d.table].update(apply_links(m.shards[d.table], ls.tolist()))
             # Forwarded rows keep the links only when every row went on (see QueuedRows.links).
             fwd_links = ls if ls is not None and len(res) == len(d) else None
             if rumor and len(res):
@@ -274,6 +269,30 @@ class PushGossipMixin:
         self.counters["push_frames_received"] += 1
         if forward:
             self.flush(now)
+
+    def _parse_push(self, raw: list[Any], prio_raw: list[Any] | None, links_raw: list[Any] | None,
+                    frozen: bool = False) -> tuple[list[Delta], list[Any], list[Any], int, tuple[Any, ...]]:
+        """Decode and validate a push's deltas, priorities and chain links, whole:
+        ``(deltas, prio, links, top counter, (model, table, spec) per delta)``."""
+        if len(raw) > MAX_DELTAS_PER_MSG:
+            raise ProtocolError("too many deltas in one push", "too_large")
+        deltas = [delta_from_wire(d, self.table_spec, values_required=self.with_values) for d in raw]
+        if prio_raw is not None and len(prio_raw) != len(deltas):
+            raise ProtocolError("push priorities do not match its deltas", "bad_body")
+        prio = [_priority_from_wire(e, len(d)) for e, d in zip(prio_raw, deltas)] if prio_raw else []
+        if links_raw is not None and len(links_raw) != len(deltas):
+            raise ProtocolError("push chain links do not match its deltas", "bad_body")
+        links = [self._links_from_wire(e, d) for e, d in zip(links_raw, deltas)] if links_raw else []
+        top = max([int(d.versions.max()) >> ORIGIN_BITS for d in deltas if len(d)]
+                  + [int(ls[:, 3].max()) for ls in links if ls is not None and len(ls)], default=0)
+        if frozen:  # shared with other receivers (ParseCache)
+            for d in deltas:
+                freeze(d.ids, d.versions, d.values, d.tombstone, d.impact)
+        return deltas, prio, links, top, tuple((d.model, d.table, self.table_spec(d.model, d.table))
+                                               for d in deltas)
+
+    def _same_specs(self, specs: tuple[Any, ...]) -> bool:
+        return all(self.table_spec(m, t) is s for m, t, s in specs)
 
     def _links_from_wire(self, e: Any, d: Delta) -> np.ndarray | None:
         """A push delta's chain links (int64 ``[shard, origin, after, upto]`` rows) or

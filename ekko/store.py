@@ -40,9 +40,15 @@ def to_wire_values(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` of an array that may be read-only (a parsed payload shared
+    by simulated receivers, :mod:`ekko.parse_cache`): torch cannot share those, so copy."""
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def from_wire_values(a: np.ndarray, dtype: str, device: torch.device) -> torch.Tensor:
     """The inverse of :func:`to_wire_values`, landing on ``device``."""
-    t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if dtype == "bfloat16" else torch.from_numpy(a)
+    t = _tensor(a.view(np.int16)).view(torch.bfloat16) if dtype == "bfloat16" else _tensor(a)
     return t.to(device, non_blocking=True)
 
 
@@ -149,7 +155,7 @@ class TableStore:
         if delta.tombstone is not None:
             tomb = delta.tombstone if pos is None else delta.tombstone[pos]
         if self.values is not None:
-            idx = torch.from_numpy(wid).to(self.device, non_blocking=True)
+            idx = _tensor(wid).to(self.device, non_blocking=True)
             if capture_old:
                 old_values = to_wire_values(self.values.index_select(0, idx))
             if delta.values is not None:
@@ -158,7 +164,7 @@ class TableStore:
                 if tomb is not None and tomb.any():
                     # Copy first: on the CPU ``src`` may alias the caller's array.
                     src = src.clone()
-                    src[torch.from_numpy(tomb).to(self.device)] = 0
+                    src[_tensor(tomb).to(self.device)] = 0
                 self.values.index_copy_(0, idx, src)
             else:  # all tombstones, checked above
                 self.values.index_fill_(0, idx, 0)
@@ -206,7 +212,7 @@ class TableStore:
         self.versions[ids] = versions
         self.tombstone[ids] = tombstone if tombstone is not None else False
         if self.values is not None:
-            idx = torch.from_numpy(np.ascontiguousarray(ids)).to(self.device)
+            idx = _tensor(np.ascontiguousarray(ids)).to(self.device)
             self.values.index_copy_(0, idx, from_wire_values(np.ascontiguousarray(values), self.spec.dtype,
                                                               self.device))
         self._mark_dirty(ids)
@@ -223,7 +229,7 @@ class TableStore:
         """Values of rows (a copy, on the store's device)."""
         if self.values is None:
             raise UsageError("this store keeps no values (metadata mode)")
-        return self.values.index_select(0, torch.from_numpy(np.asarray(ids, np.int64)).to(self.device))
+        return self.values.index_select(0, _tensor(np.asarray(ids, np.int64)).to(self.device))
 
     def take(self, model: str, ids: np.ndarray) -> Delta:
         """The current state of rows as a delta (values, versions, tombstones)."""

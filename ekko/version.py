@@ -207,6 +207,16 @@ class Knowledge:
         self._digest = None
         return True
 
+    def step(self, origin: int, after: int, upto: int) -> bool:
+        """Move ``origin`` from exactly ``after`` to ``upto`` (the next link of a publish
+        chain, ``upto > after``); False, changing nothing, when the entry is not ``after``."""
+        v = self._v
+        if v.get(origin, 0) != after:
+            return False
+        v[origin] = upto
+        self._digest = None
+        return True
+
     def merge(self, other: "Knowledge | Mapping[int, int]") -> bool:
         """Pointwise maximum; True when anything moved."""
         items = other.items()

@@ -46,6 +46,11 @@ from ekko.version import Knowledge, counters_of, origins_of
 MAX_PENDING_CHAINS = 256
 #: bytes a row reference costs on the wire besides its value (id + version).
 ROW_OVERHEAD_BYTES = 16
+#: a lookup scans the shards' rows instead of the index once the rows applied since
+#: the last compaction reach 1/this of the table (measured on a 20,000-row table with
+#: 16 shards and ~20,000 indexed rows: 16-shard lookup 203 us via the index, plus
+#: 674 us to merge 10 applies into it, against ~100 us for the scan).
+SCAN_INSTEAD_RATIO = 4
 
 
 class RecentIndex:
@@ -212,21 +217,35 @@ class RecentIndex:
             for i in fast:
                 out[i] = self.newer_than(table, shards[i], theirs[i], mine[i])
             return out
-        self._merge()
         spec = table.spec
-        # Shards are contiguous row ranges and the index is sorted by id: one binary
-        # search finds every shard's slice.
         bounds = np.array([spec.shard_range(shards[i]) for i in fast], np.int64)
-        cuts = np.searchsorted(self._ids, bounds.ravel()).reshape(-1, 2)
-        counts = cuts[:, 1] - cuts[:, 0]
+        v = None
+        if self._n * SCAN_INSTEAD_RATIO >= spec.rows:
+            # The index names much of the table (a small or uniformly hot table): one
+            # vectorized pass over the shards' rows is cheaper than merging and slicing
+            # the index, and gives the same answer (rows below the watermark are covered
+            # by ``theirs``, or needs_scan would have sent that shard to a scan).
+            counts = bounds[:, 1] - bounds[:, 0]
+            if (bounds[1:, 0] == bounds[:-1, 1]).all():  # adjacent shards (a whole-table scope)
+                lo, hi = int(bounds[0, 0]), int(bounds[-1, 1])
+                ids, v = np.arange(lo, hi, dtype=np.int64), table.versions[lo:hi]
+            else:
+                ids = np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in bounds.tolist()])
+        else:
+            self._merge()
+            # Shards are contiguous row ranges and the index is sorted by id: one binary
+            # search finds every shard's slice.
+            cuts = np.searchsorted(self._ids, bounds.ravel()).reshape(-1, 2)
+            counts = cuts[:, 1] - cuts[:, 0]
+            ids = np.concatenate([self._ids[a:b] for a, b in cuts.tolist()])
         if not counts.any():
             empty = self._ids[:0]
             for i in fast:
                 out[i] = (empty, empty)
             return out
         slot = np.repeat(np.arange(len(fast)), counts)
-        ids = np.concatenate([self._ids[a:b] for a, b in cuts.tolist()])
-        v = table.versions[ids]
+        if v is None:
+            v = table.versions[ids]
         keep = v > 0
         origins = sorted({o for i in fast for o, _ in theirs[i].items()})
         if origins:
@@ -239,8 +258,11 @@ class RecentIndex:
                 for o, c in theirs[i].items():
                     table_k[j, col_of[o]] = c
             o = origins_of(v)
-            col = np.minimum(np.searchsorted(known_o, o), len(origins) - 1)
-            keep &= ~((known_o[col] == o) & (counters_of(v) <= table_k[slot, col]))
+            if len(origins) == 1:  # one publisher (the common case): no column lookup
+                keep &= ~((o == origins[0]) & (counters_of(v) <= table_k[slot, 0]))
+            else:
+                col = np.minimum(np.searchsorted(known_o, o), len(origins) - 1)
+                keep &= ~((known_o[col] == o) & (counters_of(v) <= table_k[slot, col]))
         ids, v, slot = ids[keep], v[keep], slot[keep]
         order = np.lexsort((v, slot))  # by shard, then version; ties keep id order
         ids, v, slot = ids[order], v[order], slot[order]
@@ -323,3 +345,26 @@ class ShardSync:
             for o in list(self.pending):
                 self._resolve(o)
         return moved
+
+
+def apply_links(shards: dict[int, ShardSync], links: list[list[int]]) -> list[int]:
+    """Chain publish links ``[shard, origin, after, upto]`` into a table's shard states
+    (created on first use); returns the shards whose knowledge moved.
+
+    The common case -- the link right after what the shard knows, nothing pending --
+    advances in place; anything else goes through :meth:`ShardSync.chain`.
+
+    Example:
+        >>> shards = {}
+        >>> apply_links(shards, [[0, 1, 0, 10], [2, 1, 5, 9]]), shards[0].knowledge[1], shards[2].knowledge[1]
+        ([0], 10, 0)
+    """
+    moved = []
+    for s, origin, after, upto in links:
+        sync = shards.get(s)
+        if sync is None:
+            sync = shards[s] = ShardSync()
+        if (not sync.pending and sync.knowledge.step(origin, after, upto)) or sync.chain(origin, after, upto):
+            moved.append(s)
+    return moved
+

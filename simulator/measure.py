@@ -17,6 +17,10 @@ from typing import Any
 import numpy as np
 
 
+#: applied-ids arrays whose tracked rows are remembered (several fan-outs interleave).
+APPLIED_MEMO_ENTRIES = 16
+
+
 def peak_rss_mb() -> float:
     """Peak resident set of this process or its largest worker, MiB (the kernel's
     high-water mark, ``ru_maxrss`` in KiB on Linux).  Not tracemalloc: tracing every
@@ -74,6 +78,7 @@ class LatencyRecorder:
         self._nsamp = np.zeros(16, np.int32)
         self._done = np.zeros((16, nrep), np.int32)
         self._unset = 0
+        self._memo: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def track(self, table: str, ids: np.ndarray, versions: np.ndarray, emitted: float, k: int,
               rng: np.random.Generator, cls: str = "") -> None:
@@ -81,6 +86,7 @@ class LatencyRecorder:
         if len(ids) == 0 or k <= 0:
             return
         pick = rng.choice(len(ids), size=min(k, len(ids)), replace=False)
+        self._memo.clear()  # the tracked rows change
         for i in pick.tolist():
             key = (table, int(ids[i]))
             idx = len(self.emitted)
@@ -119,12 +125,21 @@ class LatencyRecorder:
         if of is None or not len(ids):
             return
         # Vectorized filter: tracked rows among the applied ones whose replica still has
-        # samples pending (most applies: none, or rows it has settled already).
-        slots = of.take(ids, mode="clip")
-        hit = np.flatnonzero(slots >= 0)
+        # samples pending (most applies: none, or rows it has settled already).  A push
+        # fanned out to many replicas applies the very same ids array at each: look its
+        # tracked rows up once (the entry keeps the array alive, so the id is its own).
+        memo = self._memo.get(id(ids))
+        if memo is not None and memo[0] is ids and memo[1] is of:
+            hit, slots = memo[2], memo[3]
+        else:
+            slots = of.take(ids, mode="clip")
+            hit = np.flatnonzero(slots >= 0)
+            slots = slots[hit]
+            if len(self._memo) >= APPLIED_MEMO_ENTRIES:
+                del self._memo[next(iter(self._memo))]   # the oldest: fan-outs overlap a few at a time
+            self._memo[id(ids)] = (ids, of, hit, slots)
         if not len(hit):
             return
-        slots = slots[hit]
         r = self._pos[replica]
         done = self._done[slots, r]
         pend = np.flatnonzero(done < self._nsamp[slots])

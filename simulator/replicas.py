@@ -25,12 +25,14 @@ from ekko.codec import Frame, MsgType, encode_frame
 from ekko.config import NodeConfig
 from ekko.errors import ProtocolError
 from ekko.node import ReplicaNode
+from ekko.parse_cache import ParseCache
 from ekko.spec import ModelSpec
 from p2p.membership import Member, Membership, MemberState
 from p2p.outbound import QueueFactory
 from p2p.topology import DcGraph, Topology
 from simulator.events import Simulation
 from simulator.network import WanNetwork
+
 
 @dataclass
 class SimCluster:
@@ -67,6 +69,8 @@ class SimCluster:
 
     def __post_init__(self) -> None:
         self._timer_at: dict[str, float] = {}
+        # One decoded push payload reaches many replicas: parse it once for all of them.
+        self.parse_cache = ParseCache()
         self._view: Membership | None = None
         self._topology: Topology | None = None
         self._seed_address: str | None = None
@@ -90,6 +94,7 @@ class SimCluster:
         node = ReplicaNode(node_id, dc, node_id, config=self.config, rng=sim.derive_rng(f"node/{node_id}"),
                            now=sim.now, seeds=seeds, device="cpu", with_values=self.with_values,
                            membership=membership, topology=topology, **extra)
+        node.parse_cache = self.parse_cache
         if self._seed_address is None:
             self._seed_address = node_id
         node.on_apply.append(lambda m, t, res, src, _n=node_id: self._applied(_n, m, t, res, src))
@@ -126,6 +131,7 @@ class SimCluster:
         """Bring a crashed replica back (optionally a new object restored from its state)."""
         self.net.restart(node_id)
         if node is not None:
+            node.parse_cache = self.parse_cache
             node.on_apply.append(lambda m, t, res, src, _n=node_id: self._applied(_n, m, t, res, src))
             self.nodes[node_id] = node
         if self._view is not None:

@@ -7,6 +7,8 @@ from ekko.delta import Delta
 from ekko.spec import TableSpec
 from ekko.store import TableStore
 from ekko.version import ORIGIN_BITS, Knowledge
+from p2p import sync
+from p2p.sync import SCAN_INSTEAD_RATIO as SCAN_RATIO
 from p2p.sync import RecentIndex, ShardSync
 
 
@@ -110,7 +112,13 @@ def test_newer_than_many_matches_newer_than_per_shard(batches, asks, limit):
     shards = [s for s, _ in asks]
     theirs = [Knowledge(k) for _, k in asks]
     mine = [Knowledge({o: c for o in range(1, 5)})] * len(asks)
-    got = ix.newer_than_many(ts, shards, theirs, mine)
-    for (gi, gv), s, t, m in zip(got, shards, theirs, mine):
-        wi, wv = ix.newer_than(ts, s, t, m)
-        assert gi.tolist() == wi.tolist() and gv.tolist() == wv.tolist()
+    want = [ix.newer_than(ts, s, t, m) for s, t, m in zip(shards, theirs, mine)]
+    # Both ways of answering: through the index, and by scanning the shards' rows.
+    for ratio in (0, 10**9):
+        sync.SCAN_INSTEAD_RATIO = ratio
+        try:
+            got = ix.newer_than_many(ts, shards, theirs, mine)
+        finally:
+            sync.SCAN_INSTEAD_RATIO = SCAN_RATIO
+        for (gi, gv), (wi, wv) in zip(got, want):
+            assert gi.tolist() == wi.tolist() and gv.tolist() == wv.tolist()
