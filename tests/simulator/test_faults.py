@@ -131,6 +131,24 @@ def test_knowledge_past_the_cut_is_caught(monkeypatch):
     assert v["seed"] == 0 and v["replica"] and v["table"] and ("row" in v or "shard" in v)
 
 
+def test_push_links_that_skip_the_chain_are_caught(monkeypatch):
+    """A broken apply_links that jumps knowledge to a link's end without its predecessor
+    claims rows that a lost push never delivered: replicas do not converge."""
+    import ekko.node_push as push_mod
+
+    def jump(shards, links):
+        moved = []
+        for s, origin, _after, upto in links:
+            sync = shards.setdefault(s, sync_mod.ShardSync())
+            if sync.knowledge.advance(origin, upto):
+                moved.append(s)
+        return moved
+
+    monkeypatch.setattr(push_mod, "apply_links", jump)
+    res = run_faults(2, first_seed=0)
+    assert "convergence" in {v["invariant"] for v in res["violations"]}
+
+
 def test_a_store_taking_older_versions_is_caught(monkeypatch):
     """A broken store where every incoming version wins (older ones included) makes
     rows go backwards under reordering: monotonicity (and convergence) catch it."""
