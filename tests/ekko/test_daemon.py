@@ -681,6 +681,7 @@ def _traffic_corpus() -> list[tuple[MsgType, dict]]:
     rng = np.random.default_rng(0)
     out: list[tuple[MsgType, dict]] = [(MsgType.REGISTER_MODEL, {"spec": SPEC.to_dict()})]
     now = 0.0
+    lost_push = False
     for step in range(60):
         now += 0.1
         if step in (5, 20, 40):
@@ -696,6 +697,11 @@ def _traffic_corpus() -> list[tuple[MsgType, dict]]:
             for n in nodes.values():
                 for o in n.drain():
                     out.append((o.msg_type, o.body))
+                    if o.msg_type == MsgType.PUSH and not lost_push:
+                        # Lose the first push: its chain links would otherwise keep the two
+                        # nodes' knowledge equal, and anti-entropy would never pull.
+                        lost_push = True
+                        continue
                     nodes[o.dst or o.address].receive(decode_frame(encode_frame(o.msg_type, o.body)), now)
     return out
 
