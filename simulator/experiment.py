@@ -39,6 +39,7 @@ import numpy as np
 from ekko.chain import PublisherChain
 from ekko.delta import WIRE_DTYPES
 from ekko.version import HLC_EPOCH_MS
+from simulator.cpu import CpuModel
 from simulator.events import Simulation
 from simulator.measure import LatencyRecorder, peak_rss_mb
 from simulator.network import WanNetwork
@@ -144,8 +145,9 @@ def run_ekko_family(sc: Scenario, system: str, progress: Progress | None = None,
     net = WanNetwork(sim, sc.wan)
     with_values = sc.with_values
     cfg = node_config_for(sc, system)
+    cpu = CpuModel(sc.cpu, sc.scan_scale()) if sc.cpu is not None else None
     cluster = SimCluster(sim, net, cfg, with_values=with_values, shared_membership=not with_values,
-                         queue_factory=queue_factory, node_kwargs=scheduler_kwargs(sc, system))
+                         queue_factory=queue_factory, node_kwargs=scheduler_kwargs(sc, system), cpu=cpu)
     placement = place_replicas(sc)
     for nid, dc in placement:
         cluster.add_replica(nid, dc)
@@ -351,6 +353,9 @@ def _run_and_collect(sc, system, sim, net, cluster, rec, truth, progress) -> dic
         "events": sim.events,
         "wall_s": wall,
         "rejected": dict(cluster.rejected),
+        "rows_scanned": sum(n.counters["rows_scanned"] for n in cluster.nodes.values()),
+        "rows_walked": sum(n.counters["rows_walked"] for n in cluster.nodes.values()),
+        "cpu": cluster.cpu.summary() if cluster.cpu is not None else None,
         "_latency_matrix": rec.matrix(),
         "_replica_dcs": rec.dcs,
     }
