@@ -33,6 +33,7 @@ from simulator.cpu import CpuModel
 from simulator.events import Simulation
 from simulator.network import WanNetwork
 
+
 @dataclass
 class SimCluster:
     """Real replica nodes on a simulated WAN.
