@@ -70,8 +70,10 @@ class NodeConfig:
             bytes/s, leaving the rest of the link to inference traffic; 0 = unlimited.
             Only with ``scheduler = "priority"``.
         use_gateways: False lets every replica exchange across the WAN (ablation).
-        use_shard_versions: False compares every shard's knowledge every round
-            (no 64-bit shard-version skip; ablation ``ekko-full-scan``).
+        use_shard_versions: False asks for every shard every round (no 64-bit
+            shard-version skip) and answers by comparing the version of every row
+            of the requested shards instead of using the recent-row index; the
+            requester lists no held rows (ablation ``ekko-full-scan``).
         push_grace: seconds after a row's arrival during which cross-DC pull answers
             hold it back (its eager push is likely in flight); a few WAN RTTs.
         push_frame_bytes: bytes of rows per push frame.

@@ -205,6 +205,8 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         self._next_push = float("inf")
         self.peer_heads: dict[str, dict[str, int]] = {}
         self.counters: Counter[str] = Counter()
+        # Rows compared by whole-shard scans, per (model, table) (node_antientropy._rows_newer).
+        self.rows_walked_by_table: Counter[tuple[str, str]] = Counter()
         self._out: list[Outgoing] = []
         self._next_gossip = now
         self._next_ae = now + self.rng.uniform(0, c.ae_interval)

@@ -71,7 +71,8 @@ class RecentIndex:
         ([1, 5], [1, 5, 9])
     """
 
-    __slots__ = ("_chunks", "_ctrs", "_ids", "_n", "_times", "loose_below_watermark", "watermark")
+    __slots__ = ("_chunks", "_ctrs", "_ids", "_n", "_times", "loose_below_watermark", "rows_examined",
+                 "rows_walked", "watermark")
 
     def __init__(self) -> None:
         self.watermark = 0
@@ -81,6 +82,11 @@ class RecentIndex:
         self._ctrs = np.zeros(0, np.int64)
         self._times = np.zeros(0, np.float64)
         self._n = 0
+        # Work done by lookups, for the caller's cost accounting (cumulative): candidate
+        # rows taken from the index and compared, and rows compared by whole-shard scans
+        # (the fallback below the watermark).  A reset does not clear them.
+        self.rows_examined = getattr(self, "rows_examined", 0)
+        self.rows_walked = getattr(self, "rows_walked", 0)
 
     def __len__(self) -> int:
         return self._n
@@ -187,10 +193,12 @@ class RecentIndex:
     def newer_than(self, table: TableStore, shard: int, theirs: Knowledge, mine: Knowledge
                    ) -> tuple[np.ndarray, np.ndarray]:
         """Rows of ``shard`` that ``theirs`` does not cover: (ids, versions), version order."""
-        if self.needs_scan(theirs, mine):
-            return table.scan_newer(shard, theirs)
         lo, hi = table.spec.shard_range(shard)
+        if self.needs_scan(theirs, mine):
+            self.rows_walked += hi - lo
+            return table.scan_newer(shard, theirs)
         cand = self.candidates(lo, hi)
+        self.rows_examined += len(cand)
         if len(cand) == 0:
             return cand, cand
         v = table.versions[cand]
@@ -210,6 +218,8 @@ class RecentIndex:
         fast: list[int] = []
         for i, s in enumerate(shards):
             if self.needs_scan(theirs[i], mine[i]):
+                lo, hi = table.spec.shard_range(s)
+                self.rows_walked += hi - lo
                 out[i] = table.scan_newer(s, theirs[i])
             else:
                 fast.append(i)
@@ -231,6 +241,10 @@ class RecentIndex:
                 ids, v = np.arange(lo, hi, dtype=np.int64), table.versions[lo:hi]
             else:
                 ids = np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in bounds.tolist()])
+            # Counted as the index candidates it stands for (at most the rows noted since
+            # the last compaction), not as a walk: a replica whose table has a large cold
+            # part keeps the index path, and the simulator's CPU model scales walks only.
+            self.rows_examined += min(int(counts.sum()), self._n)
         else:
             self._merge()
             # Shards are contiguous row ranges and the index is sorted by id: one binary
@@ -238,6 +252,7 @@ class RecentIndex:
             cuts = np.searchsorted(self._ids, bounds.ravel()).reshape(-1, 2)
             counts = cuts[:, 1] - cuts[:, 0]
             ids = np.concatenate([self._ids[a:b] for a, b in cuts.tolist()])
+            self.rows_examined += int(counts.sum())
         if not counts.any():
             empty = self._ids[:0]
             for i in fast:

@@ -29,7 +29,9 @@ single TCP connection, pessimistic next to many parallel flows); packetization
 and cut-through (a 10 MB message is serialized whole at each stage, so large
 messages pay the NIC time twice); routing through intermediate DCs; connection
 set-up costs; switch fabric limits inside a DC (intra-DC traffic meets only the two
-NICs); CPU time of the endpoints.
+NICs).  CPU time of the endpoints is not modelled here: a driver may charge it by
+passing ``at`` to :meth:`WanNetwork.send` (:mod:`simulator.cpu` does so for the
+replica nodes).
 
 Faults: loss (global or per DC pair; lost messages still used the bandwidth),
 duplication (a copy is delivered again, up to ``reorder_delay_ms`` later),
@@ -381,13 +383,19 @@ class WanNetwork:
 
     # -- sending -------------------------------------------------------------------------
 
-    def send(self, src: Hashable, dst: Hashable, payload: Any, nbytes: int, on_deliver: DeliverFn) -> bool:
+    def send(self, src: Hashable, dst: Hashable, payload: Any, nbytes: int, on_deliver: DeliverFn,
+             at: float | None = None) -> bool:
         """Send ``payload`` of ``nbytes`` bytes; ``on_deliver(src, dst, payload)`` runs on arrival.
 
         Returns False when the message is dropped at once (dead endpoint,
         partition, cut); loss and in-flight faults are decided later and only
         show in :attr:`dropped`.  Sending to oneself delivers after zero delay
         without touching the NIC.
+
+        ``at`` (optional) is a later time at which the message reaches the sender's NIC
+        (the sender's CPU was busy producing it, :mod:`simulator.cpu`); the NIC still
+        serves its messages in the order ``send`` was called, so a caller whose ``at``
+        never decreases keeps per-node FIFO order.  Blocking faults are checked now.
         """
         index = self._index
         s = index[src]
@@ -402,10 +410,12 @@ class WanNetwork:
         self.sent += 1
         self._sent_bytes[s] += nbytes
         self._sent_msgs[s] += 1
-        if s == d:
-            sim.schedule(0.0, self._deliver, s, d, payload, nbytes, on_deliver, self._inc[d])
-            return True
         now = sim.now
+        if at is not None and at > now:
+            now = at
+        if s == d:
+            sim.schedule_at(now, self._deliver, s, d, payload, nbytes, on_deliver, self._inc[d])
+            return True
         start = self._egress_free[s]
         if start < now:
             start = now

@@ -30,6 +30,7 @@ from ekko.spec import ModelSpec
 from p2p.membership import Member, Membership, MemberState
 from p2p.outbound import QueueFactory
 from p2p.topology import DcGraph, Topology
+from simulator.cpu import CpuModel
 from simulator.events import Simulation
 from simulator.network import WanNetwork
 
@@ -45,6 +46,7 @@ class SimCluster:
         with_values: False = metadata mode (versions and sizes only).
         shared_membership: one simulator-maintained member view instead of gossip.
         queue_factory: outbound queue per link (the scheduler under test).
+        cpu: endpoint CPU model (:mod:`simulator.cpu`); None charges no CPU time.
 
     Example:
         >>> from simulator.network import WanConfig
@@ -63,6 +65,7 @@ class SimCluster:
     shared_membership: bool = False
     queue_factory: QueueFactory | None = None
     node_kwargs: Callable[[str], dict[str, Any]] | None = None
+    cpu: CpuModel | None = None
     nodes: dict[str, ReplicaNode] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     bytes_by_type: dict[str, int] = field(default_factory=dict)
@@ -142,6 +145,8 @@ class SimCluster:
 
     # -- loop ------------------------------------------------------------------------------
     def _applied(self, node_id: str, model: str, table: str, res: Any, source: str) -> None:
+        if self.cpu is not None:
+            self.cpu.note_applied(node_id, len(res))
         for hook in self.on_apply:
             hook(node_id, model, table, res, source, self.sim.now)
 
@@ -159,6 +164,13 @@ class SimCluster:
         del self._timer_at[node_id]
         if not self.net.is_up(node_id):
             return
+        if self.cpu is not None:
+            free = self.cpu.busy_until(node_id)
+            if free > t:
+                # Timers run on the node's one core: the tick waits until it is free.
+                self._timer_at[node_id] = free
+                self.sim.schedule_at(free, self._tick, node_id, free)
+                return
         node = self.nodes[node_id]
         node.tick(self.sim.now)
         self.flush(node)
@@ -166,6 +178,8 @@ class SimCluster:
     def flush(self, node: ReplicaNode) -> None:
         """Send what a node produced and re-arm its timer."""
         net = self.net
+        # Sends leave when the node's core has done this message's work (simulator.cpu).
+        at = self.cpu.charge(node, self.sim.now) if self.cpu is not None else None
         sizes: dict[int, tuple[int, Any]] = {}
         for out in node.drain():
             dst = out.dst or out.address
@@ -183,7 +197,7 @@ class SimCluster:
                 size = len(encode_frame(out.msg_type, out.body)) + out.extra_bytes
             key = out.msg_type.name
             self.bytes_by_type[key] = self.bytes_by_type.get(key, 0) + size
-            net.send(node.node_id, dst, (out.msg_type, out.body), size, self._deliver)
+            net.send(node.node_id, dst, (out.msg_type, out.body), size, self._deliver, at)
         self._arm(node)
 
     def _deliver(self, src: str, dst: str, payload: tuple[MsgType, dict[str, Any]]) -> None:

@@ -12,13 +12,18 @@ shipped files in ``simulator/scenarios/`` document where each value comes from):
                 intra_dc_rtt_ms, nic_gbps, wan_gbps, background_load, loss,
                 jitter_ms, per_message_overhead_bytes
 ``[node]``      any :class:`ekko.config.NodeConfig` field plus ``preset``
-``[[table]]``   name, rows, dim, dtype, shards, dense
+``[[table]]``   name, rows, dim, dtype, shards, dense, cold_rows (rows a real
+                replica holds that the run never updates: not allocated, only
+                charged by the CPU model's whole-shard scans, :mod:`simulator.cpu`)
 ``[workload]``  batch_interval_s, and ``[[workload.sparse]]`` (table, rows_per_s,
                 zipf_s, initial_rows, new_row_fraction, impact_sigma),
                 ``[[workload.dense]]`` (table, period_s), ``[[workload.burst]]``
                 (t0, t1, multiplier)
 ``[baselines]`` checkpoint_interval_s, checkpoint_validate_s (broadcast),
                 adam_batch_s (2PC batching window)
+``[cpu]``       per_message_s, apply_s_per_row, scan_s_per_row, index_s_per_row
+                (measured by ``bench/sim_cpu_costs.py``; see :mod:`simulator.cpu`);
+                absent = no endpoint CPU time is charged
 ``[faults]``    makes it a fault-injection scenario instead (only ``[scenario]``
                 with name, description, seed, seeds, and ``[faults]`` with the fields of
                 :class:`simulator.faults.FaultConfig`; see ``scenarios/faults.toml``)
@@ -39,6 +44,7 @@ from typing import Any
 from ekko.config import NodeConfig, config_from_dict
 from ekko.errors import UsageError
 from ekko.spec import ModelSpec, TableSpec
+from simulator.cpu import MAX_COLD_ROWS, CpuCosts
 from simulator.network import WanConfig
 from simulator.workload import Burst, DenseTable, SparseTable, WorkloadConfig
 
@@ -71,6 +77,14 @@ class Scenario:
     baselines: dict[str, float] = field(default_factory=dict)
     scheduler: dict[str, float] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    #: endpoint CPU cost constants (``[cpu]``); None = CPU time not modelled.
+    cpu: CpuCosts | None = None
+    #: per table: rows held but never updated (``[[table]] cold_rows``).
+    cold_rows: dict[str, int] = field(default_factory=dict)
+
+    def scan_scale(self) -> dict[str, float]:
+        """Per table, rows a whole-shard scan walks per simulated row: (rows + cold) / rows."""
+        return {t.name: (t.rows + self.cold_rows.get(t.name, 0)) / t.rows for t in self.model.tables}
 
     @property
     def with_values(self) -> bool:
@@ -110,6 +124,15 @@ def parse_scenario(d: dict[str, Any], name: str = "custom") -> Scenario:
     if not tables:
         raise UsageError("a scenario needs at least one [[table]]")
     model = ModelSpec(MODEL_NAME, tables)
+    cold_rows: dict[str, int] = {}
+    for t in d.get("table", []):
+        cold = t.get("cold_rows", 0)
+        if not isinstance(cold, int) or isinstance(cold, bool) or not 0 <= cold <= MAX_COLD_ROWS:
+            raise UsageError(f"table {t['name']!r}: cold_rows must be an integer in [0, {MAX_COLD_ROWS}], "
+                             f"got {cold!r}")
+        if cold:
+            cold_rows[t["name"]] = cold
+    cpu = CpuCosts.from_dict(d["cpu"]) if "cpu" in d else None
     wl = d.get("workload", {})
     sparse = [SparseTable(MODEL_NAME, s["table"], rows=model.table(s["table"]).rows,
                           rows_per_s=float(s["rows_per_s"]), zipf_s=float(s.get("zipf_s", 1.05)),
@@ -132,7 +155,8 @@ def parse_scenario(d: dict[str, Any], name: str = "custom") -> Scenario:
                     replicas=int(sc.get("replicas", 60)), mode=mode, systems=systems,
                     samples_per_batch=int(sc.get("samples_per_batch", 4)), wan=wcfg, training_dc=training_dc,
                     node=node, model=model, workload=wcfg_load, baselines=dict(d.get("baselines", {})),
-                    scheduler=dict(d["scheduler"]) if "scheduler" in d else None, raw=d)
+                    scheduler=dict(d["scheduler"]) if "scheduler" in d else None, raw=d, cpu=cpu,
+                    cold_rows=cold_rows)
 
 
 def load_scenario(name_or_path: str) -> Scenario:

@@ -1,0 +1,176 @@
+"""Endpoint CPU time of the simulated replica nodes (one core per replica for sync work).
+
+The WAN model (:mod:`simulator.network`) charges bytes, queueing and propagation;
+this module charges the time a replica's CPU spends handling what it receives.
+Every handled message, timer tick or local call (one :meth:`SimCluster.flush
+<simulator.replicas.SimCluster.flush>`) costs::
+
+    per_message_s
+    + rows_applied  * apply_s_per_row
+    + rows_walked   * scan_s_per_row * (rows + cold_rows) / rows    (per table)
+    + rows_indexed  * index_s_per_row
+
+where the counts come from the production node itself: ``rows_applied`` from its
+apply hook, ``rows_walked`` from ``ReplicaNode.rows_walked_by_table`` (rows compared by
+whole-shard scans: the full-scan ablation, or the index's fallback below its
+watermark) and ``rows_indexed`` = ``counters["rows_scanned"] - counters["rows_walked"]``
+(candidate rows the recent-row index compared).  The constants are measured on the
+production code paths by ``bench/sim_cpu_costs.py``; a scenario records them in its
+``[cpu]`` table.  ``cold_rows`` (per table, ``[[table]] cold_rows``) are rows a real
+replica holds but the workload never updates; the simulator does not allocate them,
+it only charges a whole-shard scan for walking them too.
+
+Timing rule (the cheapest one that needs no events for idle nodes): a node handles a
+message when it arrives -- its state changes then -- and what it sends in reply leaves
+at ``max(now, cpu_free_at) + cost``; ``cpu_free_at`` then moves to that time.  The
+node's timers run on the same core: a tick that falls while the core is busy waits
+until it is free (the driver reschedules it).
+
+What is modelled and what is not:
+
+* one core per replica for sync work, busy in FIFO order; no parallel scan threads,
+  no batching of several pending requests into one scan;
+* state changes are not deferred while the core is busy: a row received by a busy
+  node is readable (and counted as applied, for latency) on arrival; only what the
+  node sends is delayed.  This flatters a busy node's own freshness, never its peers';
+* no load shedding: requests that arrive while busy all wait (in arrival order);
+* decoding, HMAC and HTTP costs are not in ``per_message_s`` (it times a bare
+  ``node.receive`` of a decoded small frame), nor is any per-byte codec cost;
+* ``apply_s_per_row`` is measured for the scenario's embedding width and charged
+  alike for every table;
+* baselines with their own drivers (``direct-push``, ``adam-2pc``, ``broadcast``)
+  are not charged: the model is uniform over the ekko family (every system run by
+  :class:`~simulator.replicas.SimCluster`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ekko.errors import UsageError
+
+if TYPE_CHECKING:
+    from ekko.node import ReplicaNode
+
+__all__ = ["MAX_COLD_ROWS", "MAX_COST_S", "CpuCosts", "CpuModel"]
+
+#: sanity bound on any one measured cost constant (a typo guard: a second per row is no CPU).
+MAX_COST_S = 1.0
+#: sanity bound on a table's cold rows (10^13 rows is petabytes of embeddings).
+MAX_COLD_ROWS = 10**13
+
+
+@dataclass(frozen=True, slots=True)
+class CpuCosts:
+    """Measured cost constants of the CPU model, in seconds.
+
+    Args:
+        per_message_s: handling one message or tick (a bare ``node.receive`` of a small frame).
+        apply_s_per_row: ``TableStore.apply``, per applied row.
+        scan_s_per_row: the full-scan comparison (``TableStore.scan_newer``), per row walked.
+        index_s_per_row: the recent-row index lookup (``RecentIndex.newer_than_many``),
+            per candidate row it compared.
+
+    Example:
+        >>> c = CpuCosts(per_message_s=2e-5, apply_s_per_row=1e-7, scan_s_per_row=2e-9, index_s_per_row=5e-8)
+        >>> c.per_message_s
+        2e-05
+    """
+
+    per_message_s: float
+    apply_s_per_row: float
+    scan_s_per_row: float
+    index_s_per_row: float
+
+    def __post_init__(self) -> None:
+        for name in ("per_message_s", "apply_s_per_row", "scan_s_per_row", "index_s_per_row"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= MAX_COST_S:
+                raise UsageError(f"cpu.{name} must be a number of seconds in [0, {MAX_COST_S}], got {v!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CpuCosts:
+        """From a scenario's ``[cpu]`` table (other keys such as ``measured_by`` are notes)."""
+        try:
+            return cls(**{k: float(d[k]) for k in ("per_message_s", "apply_s_per_row", "scan_s_per_row",
+                                                   "index_s_per_row")})
+        except KeyError as e:
+            raise UsageError(f"[cpu] needs {e.args[0]}") from None
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"[cpu]: {e}") from None
+
+
+class CpuModel:
+    """Per-replica CPU busy time, charged from the node's own work counters.
+
+    Args:
+        costs: the measured constants.
+        scan_scale: per table name, ``(rows + cold_rows) / rows``: how many rows a
+            whole-shard scan of the real table walks per simulated row (default 1).
+
+    Example:
+        >>> from ekko.node import ReplicaNode
+        >>> node = ReplicaNode("r0", "dc0", "r0", with_values=False)
+        >>> cpu = CpuModel(CpuCosts(1e-3, 0.0, 1e-6, 0.0), scan_scale={"emb": 10.0})
+        >>> cpu.charge(node, now=5.0)        # an idle node: its sends leave after 1 ms
+        5.001
+        >>> node.rows_walked_by_table[("model", "emb")] += 100   # it scanned 100 rows
+        >>> round(cpu.charge(node, now=5.0), 6)  # busy until 5.001, then 1 ms + 100*10*1 us
+        5.003
+    """
+
+    __slots__ = ("_applied", "_seen", "busy_s", "charges", "costs", "free_at", "max_backlog_s", "scan_scale")
+
+    def __init__(self, costs: CpuCosts, scan_scale: Mapping[str, float] | None = None) -> None:
+        self.costs = costs
+        self.scan_scale = dict(scan_scale or {})
+        for t, v in self.scan_scale.items():
+            if not math.isfinite(v) or v < 1.0:
+                raise UsageError(f"scan scale of table {t!r} must be >= 1, got {v!r}")
+        self.free_at: dict[str, float] = {}
+        self.busy_s = 0.0          # CPU seconds charged, all nodes
+        self.charges = 0
+        self.max_backlog_s = 0.0   # longest wait of a node's sends behind its busy core
+        self._seen: dict[str, tuple[float, int]] = {}
+        self._applied: dict[str, int] = {}
+
+    def note_applied(self, node_id: str, rows: int) -> None:
+        """Rows a node applied (from its apply hook) since its last charge."""
+        self._applied[node_id] = self._applied.get(node_id, 0) + rows
+
+    def busy_until(self, node_id: str) -> float:
+        return self.free_at.get(node_id, 0.0)
+
+    def charge(self, node: ReplicaNode, now: float) -> float:
+        """Charge one handled message/tick/call of ``node``; returns when its sends leave."""
+        nid = node.node_id
+        c = self.costs
+        scale = self.scan_scale
+        walked = 0.0
+        for (_, table), n in node.rows_walked_by_table.items():
+            walked += n * scale.get(table, 1.0)
+        cnt = node.counters
+        indexed = cnt["rows_scanned"] - cnt["rows_walked"]
+        prev_w, prev_i = self._seen.get(nid, (0.0, 0))
+        if walked < prev_w or indexed < prev_i:  # a restarted node: new counters
+            prev_w, prev_i = 0.0, 0
+        self._seen[nid] = (walked, indexed)
+        cost = (c.per_message_s + self._applied.pop(nid, 0) * c.apply_s_per_row
+                + (walked - prev_w) * c.scan_s_per_row + (indexed - prev_i) * c.index_s_per_row)
+        start = self.free_at.get(nid, 0.0)
+        if start < now:
+            start = now
+        elif start - now > self.max_backlog_s:
+            self.max_backlog_s = start - now
+        done = start + cost
+        self.free_at[nid] = done
+        self.busy_s += cost
+        self.charges += 1
+        return done
+
+    def summary(self) -> dict[str, float]:
+        """What the model charged (for ``results.json``)."""
+        return {"busy_s_total": self.busy_s, "charges": self.charges, "max_backlog_s": self.max_backlog_s}
