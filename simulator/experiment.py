@@ -16,21 +16,21 @@ by :class:`simulator.replicas.SimCluster`), differing only in configuration:
 
 The full-scan step.  In the paper a sync without shard versions compares the version
 of every parameter of a terabyte-scale model, which costs CPU time in proportion to
-the model.  Here that cost is counted,
-not assumed: with ``use_shard_versions=False`` the production node scans every row of
-each requested shard and counts the rows it compared (``rows_walked``), and the
-endpoint CPU model (:mod:`simulator.cpu`, a scenario's ``[cpu]`` table, constants
-measured by ``bench/sim_cpu_costs.py``) charges every ekko-family system alike for
-messages, applied rows, rows walked -- scaled by the table's ``cold_rows``, the rows a
-real replica holds that the run never updates (``paper``: a 1e9-row user table, from
-the Ekko abstract's "over a billion users") -- and index candidates.  Without a
-``[cpu]`` table nothing is charged and the full scan comes out about as fast as
-``ekko-no-gateways``: its answers still carry only the changed rows, a scan is then
-free, and it even skips the summary -> digest round trip that shard versions add.
-With the ``paper`` constants one full scan of the ``emb`` table costs a replica about 1e9 * 3.95 ns = 4 s of its one core, more than
-the 1 s anti-entropy interval, so the replicas' cores saturate and ``ekko-full-scan``
-does not converge within the run (see the README's simulator section for measured
-figures); no scenario value was changed to get there.
+the model.  Here that cost is counted, not assumed: with ``use_shard_versions=False``
+the production node scans every row of each requested shard and counts the rows it
+compared (``rows_walked``), and the endpoint CPU model (:mod:`simulator.cpu`, a
+scenario's ``[cpu]`` table, constants measured by ``bench/sim_cpu_costs.py``) charges
+every ekko-family system alike for messages, applied rows, rows walked -- scaled by
+the table's ``cold_rows``, the rows a real replica holds that the run never updates
+(``paper``: a 1e9-row user table, from the Ekko abstract's "over a billion users") --
+and index candidates.  Without a ``[cpu]`` table nothing is charged and the full scan
+comes out about as fast as ``ekko-no-gateways``: its answers still carry only the
+changed rows, a scan is then free, and it even skips the summary -> digest round trip
+that shard versions add.  With the ``paper`` constants one full scan of the ``emb``
+table costs a replica about 1e9 * 3.95 ns = 4 s of its one core, more than the 1 s
+anti-entropy interval, so the replicas' cores saturate and ``ekko-full-scan`` does not
+converge within the run (see the README's simulator section for measured figures); no
+scenario value was changed to get there.
 
 Baselines with their own small drivers (:mod:`simulator.baselines`):
 ``direct-push``, ``adam-2pc``, ``broadcast``.
