@@ -91,7 +91,7 @@ class _Model:
         self.spec = spec
         self.store = ModelStore(spec, device, with_values)
         self.shards: dict[str, dict[int, ShardSync]] = {t.name: {} for t in spec.tables}
-        self.index = {t.name: RecentIndex() for t in spec.tables}
+        self.index = {t.name: RecentIndex(t.rows) for t in spec.tables}
         self.digests = {t.name: np.zeros(t.num_shards, np.uint64) for t in spec.tables}
         self.dirty: dict[str, set[int]] = {t.name: set() for t in spec.tables}
         # Greatest version held per shard: part of the shard version, so replicas whose

@@ -1,6 +1,7 @@
 """Unit tests of the per-shard sync state and the per-table recent-row index."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from ekko.delta import Delta
@@ -47,22 +48,25 @@ def test_learn_resolves_pending_chains():
 @given(st.lists(st.lists(st.integers(0, 255), min_size=1, max_size=30, unique=True), min_size=1, max_size=12),
        st.lists(st.tuples(st.integers(0, 255), st.integers(1, 256)), max_size=6))
 def test_recent_index_candidates_match_brute_force(batches, queries):
-    """Interleaved appends and range queries (a merge happens on every query)."""
-    ix = RecentIndex()
-    seen: set[int] = set()
-    c = 1
-    qi = iter(queries)
-    for b in batches:
-        ids = np.array(b, np.int64)
-        ix.note_applied(ids, v(np.arange(c, c + len(ids))), now=float(c), limit=1 << 20)
-        c += len(ids)
-        seen.update(b)
-        q = next(qi, None)
-        if q is not None:
-            lo, hi = min(q), max(q)
-            want = sorted(x for x in seen if lo <= x < hi)
-            assert ix.candidates(lo, hi).tolist() == want
-    assert ix.candidates(0, 256).tolist() == sorted(seen)
+    """Interleaved appends and range queries (a merge happens on every query), for the
+    sparse index and the dense one of small tables."""
+    for ix in (RecentIndex(), RecentIndex(rows=256)):
+        seen: set[int] = set()
+        c = 1
+        qi = iter(queries)
+        for b in batches:
+            ids = np.array(b, np.int64)
+            ix.note_applied(ids, v(np.arange(c, c + len(ids))), now=float(c), limit=1 << 20)
+            c += len(ids)
+            seen.update(b)
+            q = next(qi, None)
+            if q is not None:
+                lo, hi = min(q), max(q)
+                want = sorted(x for x in seen if lo <= x < hi)
+                assert ix.candidates(lo, hi).tolist() == want
+        assert ix.candidates(0, 256).tolist() == sorted(seen)
+        ix.reset()
+        assert ix.candidates(0, 256).tolist() == [] and ix.needs_scan(Knowledge(), Knowledge({1: 1}))
 
 
 def test_recent_index_watermark_falls_back_to_scans():
@@ -81,12 +85,23 @@ def test_recent_index_watermark_falls_back_to_scans():
     assert len(ids) == 190
 
 
-def test_recent_index_fresh_since():
-    ix = RecentIndex()
+@pytest.mark.parametrize("rows", [None, 10])
+def test_recent_index_fresh_since(rows):
+    ix = RecentIndex(rows)
     ix.note_applied(np.array([1, 2]), v([1, 2]), now=1.0, limit=100)
     ix.note_applied(np.array([3]), v([3]), now=5.0, limit=100)
     assert sorted(ix.fresh_since(4.0, 0, 10).tolist()) == [3]
     assert sorted(ix.fresh_since(0.0, 2, 10).tolist()) == [2, 3]
+
+
+def test_small_tables_get_a_dense_index_that_never_merges():
+    assert RecentIndex(sync.DENSE_INDEX_MAX_ROWS)._dense_rows
+    assert not RecentIndex(sync.DENSE_INDEX_MAX_ROWS + 1)._dense_rows
+    ix = RecentIndex(100)
+    for c in range(1, 500):
+        ix.note_applied(np.array([c % 100, (c * 7) % 100]), v([c, c]), now=float(c), limit=64)
+    assert not ix._chunks and ix.watermark == 0          # nothing pending, nothing forgotten
+    assert ix.candidates(0, 100).tolist() == list(range(100))
 
 
 @settings(max_examples=60, deadline=None)
@@ -100,7 +115,7 @@ def test_newer_than_many_matches_newer_than_per_shard(batches, asks, limit):
     lookup answers exactly what one newer_than per shard answers (ids and order)."""
     spec = TableSpec("t", rows=100, dim=1, shards=8)
     ts = TableStore(spec, device="cpu", with_values=False)
-    ix = RecentIndex()
+    ix, dense = RecentIndex(), RecentIndex(rows=100)
     c = 1
     for b in batches:
         ids = np.array([r for r, _ in b], np.int64)
@@ -108,6 +123,7 @@ def test_newer_than_many_matches_newer_than_per_shard(batches, asks, limit):
         d = Delta("m", "t", ids, (np.arange(c, c + len(ids), dtype=np.int64) << ORIGIN_BITS) | origins)
         res = ts.apply(d)
         ix.note_applied(res.ids, res.versions, now=float(c), limit=limit)
+        dense.note_applied(res.ids, res.versions, now=float(c), limit=limit)
         c += len(ids)
     shards = [s for s, _ in asks]
     theirs = [Knowledge(k) for _, k in asks]
@@ -122,3 +138,6 @@ def test_newer_than_many_matches_newer_than_per_shard(batches, asks, limit):
             sync.SCAN_INSTEAD_RATIO = SCAN_RATIO
         for (gi, gv), (wi, wv) in zip(got, want):
             assert gi.tolist() == wi.tolist() and gv.tolist() == wv.tolist()
+    got = dense.newer_than_many(ts, shards, theirs, mine)   # the dense index of a small table
+    for (gi, gv), (wi, wv) in zip(got, want):
+        assert gi.tolist() == wi.tolist() and gv.tolist() == wv.tolist()
