@@ -12,6 +12,7 @@ import io
 import json
 import random
 import re
+import time
 
 import numpy as np
 from rich.console import Console
@@ -20,7 +21,7 @@ from ekko.chain import PublisherChain
 from ekko.cli import render_status
 from ekko.codec import MsgType, encode_frame
 from ekko.config import NodeConfig
-from test_daemon import _mutate, digests, make_client, metrics_text, post, publish_body, register, rejects
+from test_daemon import SPEC, _mutate, digests, make_client, metrics_text, post, publish_body, register, rejects
 
 CFG = NodeConfig(snapshot_interval=0, quality_warmup_windows=20)
 CTR = 0.04
@@ -126,5 +127,32 @@ async def test_quality_degradation_rolls_back_to_the_healthy_cut(tmp_path, caplo
         # Updates published after the rollback apply.
         await publish(client, pc, nrng, n=100)
         assert await digests(client) != good
+    finally:
+        await client.close()
+
+
+async def test_a_rollback_now_fences_a_publish_whose_clock_runs_ahead(tmp_path):
+    """A publisher's HLC runs ahead of wall time (256 rows per millisecond, or a clock a
+    little fast): a rollback "now" must still fence its last publish.  With the wall clock
+    alone as the rollback point, the rows stamped ahead of it stayed."""
+    d, client = await make_client(tmp_path, config=CFG)
+    nrng = np.random.default_rng(7)
+    pc = PublisherChain(1)
+    try:
+        await register(client)
+        await publish(client, pc, nrng)
+        good = await digests(client)
+        status, raw, _ = await post(client, "/v1/cuts", encode_frame(MsgType.CUT, {"model": "ranker", "name": "c"}))
+        assert status == 200, raw
+        ids = nrng.choice(5000, size=500, replace=False)
+        ahead = pc.frame(SPEC, {"emb": (ids.astype(np.int64), nrng.standard_normal((500, 8)).astype(np.float32))},
+                         now_ms=time.time() * 1000 + 2000)      # 2 s ahead: well inside the skew bound
+        status, raw, _ = await post(client, "/v1/publish", encode_frame(MsgType.PUBLISH, ahead.body))
+        assert status == 200, raw
+        assert await digests(client) != good
+        status, raw, _ = await post(client, "/v1/rollback", encode_frame(MsgType.ROLLBACK, {"model": "ranker",
+                                                                                          "cut": "c"}))
+        assert status == 200, raw
+        assert await digests(client) == good
     finally:
         await client.close()
