@@ -49,6 +49,16 @@ async def publish(client, pc, rng, n=2000):
     pc.acked(frame)
 
 
+async def publish_and_cut(client, pc, rng, cut: str) -> dict:
+    """Register the model, publish one batch and take a cut; returns the digests at the cut."""
+    await register(client)
+    await publish(client, pc, rng)
+    good = await digests(client)
+    status, raw, _ = await post(client, "/v1/cuts", encode_frame(MsgType.CUT, {"model": "ranker", "name": cut}))
+    assert status == 200, raw
+    return good
+
+
 async def test_bad_quality_reports_are_refused_and_change_nothing(tmp_path):
     d, client = await make_client(tmp_path, config=CFG)
     try:
@@ -91,12 +101,7 @@ async def test_quality_degradation_rolls_back_to_the_healthy_cut(tmp_path, caplo
     nrng = np.random.default_rng(5)
     pc = PublisherChain(1)
     try:
-        await register(client)
-        await publish(client, pc, nrng)
-        good = await digests(client)
-        status, raw, _ = await post(client, "/v1/cuts", encode_frame(MsgType.CUT, {"model": "ranker",
-                                                                                  "name": "validated"}))
-        assert status == 200, raw
+        good = await publish_and_cut(client, pc, nrng, "validated")
         for _ in range(30):                      # warm-up and healthy windows
             ans = await report(client, rng, 0.0)
         assert ans["states"] == {"ranker": "healthy"} and ans["rollbacks"] == []
@@ -139,11 +144,7 @@ async def test_a_rollback_now_fences_a_publish_whose_clock_runs_ahead(tmp_path):
     nrng = np.random.default_rng(7)
     pc = PublisherChain(1)
     try:
-        await register(client)
-        await publish(client, pc, nrng)
-        good = await digests(client)
-        status, raw, _ = await post(client, "/v1/cuts", encode_frame(MsgType.CUT, {"model": "ranker", "name": "c"}))
-        assert status == 200, raw
+        good = await publish_and_cut(client, pc, nrng, "c")
         ids = nrng.choice(5000, size=500, replace=False)
         ahead = pc.frame(SPEC, {"emb": (ids.astype(np.int64), nrng.standard_normal((500, 8)).astype(np.float32))},
                          now_ms=time.time() * 1000 + 2000)      # 2 s ahead: well inside the skew bound
