@@ -22,6 +22,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--mode", choices=["auto", "metadata", "full"], help="values mode")
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--workers", type=int, default=1,
+                   help="split each ekko-family system's DCs over N processes (simulator.parallel; "
+                        "Linux/fork); not with --jobs")
     r.add_argument("--jobs", type=int, default=1,
                    help="run systems in this many processes (same results; no progress bar)")
     r.set_defaults(func=run_cmd)
@@ -139,8 +142,10 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.jobs < 1:
         raise UsageError("--jobs must be >= 1")
+    if args.workers < 1:
+        raise UsageError("--workers must be >= 1")
     if args.quiet or args.jobs > 1:
-        results = run_scenario(sc, systems, jobs=args.jobs)
+        results = run_scenario(sc, systems, jobs=args.jobs, workers=args.workers)
     else:
         with Progress(TextColumn("{task.description:18s}"), BarColumn(), TextColumn("{task.fields[t]}"),
                       TimeElapsedColumn(), console=console) as prog:
@@ -151,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
                     tasks[system] = prog.add_task(system, total=end, t="")
                 prog.update(tasks[system], completed=t, total=end, t=f"{t:7.1f}/{end:.0f} s simulated")
 
-            results = run_scenario(sc, systems, progress)
+            results = run_scenario(sc, systems, progress, workers=args.workers)
     paths = write_results(results, Path(args.out))
     print(summary(results))
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - t0:.1f} s; "

@@ -42,12 +42,14 @@ workload (drawn from its own derived stream) is identical across systems.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
 from ekko.chain import PublisherChain
 from ekko.delta import WIRE_DTYPES
+from ekko.errors import UsageError
 from ekko.version import HLC_EPOCH_MS
 from simulator.cpu import CpuModel
 from simulator.events import Simulation
@@ -149,8 +151,51 @@ def scheduler_kwargs(sc: Scenario, system: str) -> Callable[[str], dict[str, Any
     return kwargs
 
 
+@dataclass
+class EkkoRun:
+    """One ekko-family system set up on its simulated WAN, ready to run: what
+    :func:`build_ekko_family` made and :func:`run_ekko_family` (or the partitioned
+    driver, :mod:`simulator.parallel`) runs and collects."""
+
+    sim: Simulation
+    net: WanNetwork
+    cluster: SimCluster
+    rec: LatencyRecorder
+    truth: "Truth"
+    meter: "StalenessMeter | None" = None
+    agreement: "_ClassAgreement | None" = None
+    workload: Workload | None = None
+
+
 def run_ekko_family(sc: Scenario, system: str, progress: Progress | None = None,
-                    queue_factory=None) -> dict[str, Any]:
+                    queue_factory=None, workers: int = 1) -> dict[str, Any]:
+    """Run one ekko-family system of a scenario and collect its results.
+
+    ``workers > 1`` splits the DCs over that many processes (:mod:`simulator.parallel`);
+    the same seed and worker count give the same results.
+    """
+    if workers > 1:
+        from simulator.parallel import run_partitioned
+
+        return run_partitioned(sc, system, workers, progress, queue_factory)
+    run = build_ekko_family(sc, system, queue_factory)
+    out = _run_and_collect(sc, system, run.sim, run.net, run.cluster, run.rec, run.truth, progress)
+    if run.meter is not None:
+        out["weighted_staleness_error"] = run.meter.total
+    if run.agreement is not None:
+        run.agreement.weights = _access_weights(sc, run.workload)
+        out["class_agreement"] = run.agreement.summary()
+    cluster = run.cluster
+    if cluster.nodes and any(n.prioritizer is not None for n in cluster.nodes.values()):
+        out["wan_budget_bytes_per_s"] = None if system == "ekko-uncongested" else (
+            float(sc.scheduler["wan_budget_bytes_per_s"]) if "wan_budget_bytes_per_s" in sc.scheduler else
+            float(sc.scheduler.get("wan_budget_fraction_of_burst", 0.3)) * offered_burst_bytes_per_s(sc))
+        out["offered_burst_bytes_per_s"] = offered_burst_bytes_per_s(sc)
+    return out
+
+
+def build_ekko_family(sc: Scenario, system: str, queue_factory=None) -> EkkoRun:
+    """Build one ekko-family system of a scenario: replicas, trainer, samples, at time 0."""
     sim = Simulation(sc.seed)
     net = WanNetwork(sim, sc.wan)
     with_values = sc.with_values
@@ -192,6 +237,8 @@ def run_ekko_family(sc: Scenario, system: str, progress: Progress | None = None,
         truth.note(batch.table, batch.ids, versions, values, t.row_bytes)
         decided.clear()
         emitted = sim.now
+        # (A partitioned run's workers all draw every batch, so truth and samples agree;
+        # only the worker that owns the ingest replica publishes: SimCluster.call.)
         cluster.call(ingest, "publish", frame.body, sim.now)
         chain.acked(frame)
         if high_cut is None:
@@ -222,18 +269,7 @@ def run_ekko_family(sc: Scenario, system: str, progress: Progress | None = None,
         step = float(sc.scheduler.get("staleness_interval_s", 0.05))
         # Offset by half a step so samples never coincide with batch emissions.
         sim.every(step, lambda: meter.sample(step), start=step / 2)
-    out = _run_and_collect(sc, system, sim, net, cluster, rec, truth, progress)
-    if meter is not None:
-        out["weighted_staleness_error"] = meter.total
-    if agreement is not None:
-        agreement.weights = _access_weights(sc, workload)
-        out["class_agreement"] = agreement.summary()
-    if cluster.nodes and any(n.prioritizer is not None for n in cluster.nodes.values()):
-        out["wan_budget_bytes_per_s"] = None if system == "ekko-uncongested" else (
-            float(sc.scheduler["wan_budget_bytes_per_s"]) if "wan_budget_bytes_per_s" in sc.scheduler else
-            float(sc.scheduler.get("wan_budget_fraction_of_burst", 0.3)) * offered_burst_bytes_per_s(sc))
-        out["offered_burst_bytes_per_s"] = offered_burst_bytes_per_s(sc)
-    return out
+    return EkkoRun(sim, net, cluster, rec, truth, meter, agreement, workload)
 
 
 def _high_impact_cut(sc: Scenario) -> float | None:
@@ -335,11 +371,10 @@ def _converged(sc: Scenario, cluster: SimCluster, truth: Truth) -> bool:
 def _run_and_collect(sc, system, sim, net, cluster, rec, truth, progress) -> dict[str, Any]:
     end = sc.duration_s + sc.settle_s
     wall0 = time.perf_counter()
-    step = max(0.5, end / 100)
     t = 0.0
     converged_at = None
     while t < end:
-        t = min(end, t + step)
+        t = min(end, t + progress_step(sc))
         sim.run(until=t)
         if progress:
             progress(system, t, end)
@@ -347,50 +382,75 @@ def _run_and_collect(sc, system, sim, net, cluster, rec, truth, progress) -> dic
             converged_at = t
             break
     wall = time.perf_counter() - wall0
+    nodes = cluster.nodes.values()
+    return collect_results(
+        sc, rec, truth, wan_bytes=net.wan_bytes, bytes_by_type=cluster.bytes_by_type,
+        converged_at=converged_at, events=sim.events, wall=wall, rejected=cluster.rejected,
+        rows_scanned=sum(n.counters["rows_scanned"] for n in nodes),
+        rows_walked=sum(n.counters["rows_walked"] for n in nodes),
+        cpu=cluster.cpu.summary() if cluster.cpu is not None else None)
+
+
+def progress_step(sc: Scenario) -> float:
+    """Simulated seconds between progress reports and convergence checks."""
+    return max(0.5, (sc.duration_s + sc.settle_s) / 100)
+
+
+def collect_results(sc: Scenario, rec: LatencyRecorder, truth: Truth, *, wan_bytes: dict[tuple[str, str], int],
+                    bytes_by_type: dict[str, int], converged_at: float | None, events: int, wall: float,
+                    rejected: dict[str, int], rows_scanned: int, rows_walked: int,
+                    cpu: dict[str, float] | None) -> dict[str, Any]:
+    """One ekko-family system's entry of ``results.json`` (plus private plot arrays)."""
     lat = rec.summary()
     return {
         "latency_s": {k: lat[k] for k in ("intra_dc", "cross_dc", "all")},
         "latency_per_dc_s": lat["per_dc"],
         "latency_by_class_s": rec.by_class(),
         "unapplied_samples": lat["missing"],
-        "wan_bytes": int(net.wan_bytes_total),
-        "wan_bytes_by_link": {f"{a}->{b}": int(v) for (a, b), v in sorted(net.wan_bytes.items())},
+        "wan_bytes": int(sum(wan_bytes.values())),
+        "wan_bytes_by_link": {f"{a}->{b}": int(v) for (a, b), v in sorted(wan_bytes.items())},
         "wan_bytes_min": int(truth.bytes_published * (len(sc.wan.dc_names) - 1)),
-        "bytes_by_message": dict(sorted(cluster.bytes_by_type.items())),
+        "bytes_by_message": dict(sorted(bytes_by_type.items())),
         "rows_published": truth.rows_published,
         "converged": converged_at is not None,
         "converged_at_s": converged_at,
-        "events": sim.events,
+        "events": events,
         "wall_s": wall,
-        "rejected": dict(cluster.rejected),
-        "rows_scanned": sum(n.counters["rows_scanned"] for n in cluster.nodes.values()),
-        "rows_walked": sum(n.counters["rows_walked"] for n in cluster.nodes.values()),
-        "cpu": cluster.cpu.summary() if cluster.cpu is not None else None,
+        "rejected": dict(rejected),
+        "rows_scanned": rows_scanned,
+        "rows_walked": rows_walked,
+        "cpu": cpu,
         "_latency_matrix": rec.matrix(),
         "_replica_dcs": rec.dcs,
     }
 
 
-def _run_system(sc: Scenario, system: str, progress: Progress | None = None) -> dict[str, Any]:
+def _run_system(sc: Scenario, system: str, progress: Progress | None = None, workers: int = 1) -> dict[str, Any]:
     from simulator.baselines import run_baseline
 
     if system in ("direct-push", "adam-2pc", "broadcast"):
         return run_baseline(sc, system, progress)
-    return run_ekko_family(sc, system, progress)
+    return run_ekko_family(sc, system, progress, workers=workers)
 
 
 def run_scenario(sc: Scenario, systems: list[str] | None = None, progress: Progress | None = None,
-                 jobs: int = 1) -> dict[str, Any]:
+                 jobs: int = 1, workers: int = 1) -> dict[str, Any]:
     """Run every system of a scenario; returns the ``results.json`` structure
     (plus private ``_``-prefixed arrays for the plots).
 
     ``jobs > 1`` runs systems in that many worker processes (no progress callbacks).
     Each system runs in its own fresh simulation from the scenario's seed, so the
     results are the same as one after the other; only ``wall_s`` differs.
+    ``workers > 1`` instead splits each ekko-family system's DCs over that many
+    processes (:mod:`simulator.parallel`; the baselines run in one); the two do not mix.
     """
     systems = systems or sc.systems
+    if jobs > 1 and workers > 1:
+        raise UsageError("use either jobs (systems side by side) or workers (one system split by DC), not both")
     wall0 = time.perf_counter()
-    if jobs > 1 and len(systems) > 1:
+    if workers > 1:
+        got = [_run_system(sc, system, progress, workers) for system in systems]
+    elif jobs > 1 and len(systems) > 1:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(min(jobs, len(systems))) as pool:
@@ -402,6 +462,6 @@ def run_scenario(sc: Scenario, systems: list[str] | None = None, progress: Progr
     wall = time.perf_counter() - wall0
     return {"scenario": sc.name, "seed": sc.seed, "replicas": sc.replicas, "dcs": sc.wan.dc_names,
             "training_dc": sc.training_dc, "mode": "full" if sc.with_values else "metadata",
-            "duration_s": sc.duration_s, "events": events, "wall_s": wall,
+            "duration_s": sc.duration_s, "workers": workers, "events": events, "wall_s": wall,
             "events_per_s": events / wall if wall > 0 else 0.0, "peak_rss_mb": peak_rss_mb(),
             "systems": out}

@@ -29,6 +29,11 @@ def peak_rss_mb() -> float:
                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
 
 
+def self_peak_rss_mb() -> float:
+    """Peak resident set of this process alone, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def stats(values: np.ndarray) -> dict[str, float]:
     v = values[~np.isnan(values)]
     if not len(v):
@@ -167,6 +172,27 @@ class LatencyRecorder:
         if self._lat[idx, r] != self._lat[idx, r]:
             self._lat[idx, r] = now - self.emitted[idx]
             self._unset -= 1
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The memo holds arrays of live pushes: not worth pickling (partitioned runs).
+        state = dict(self.__dict__)
+        state["_memo"] = {}
+        return state
+
+    def columns(self, replicas: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(positions, latencies)`` of some replicas: what a partitioned run's worker
+        hands over for the replicas it simulated (see :meth:`adopt_columns`)."""
+        cols = np.array([self._pos[r] for r in replicas], np.int64)
+        return cols, self.matrix()[:, cols].copy()
+
+    def adopt_columns(self, cols: np.ndarray, lat: np.ndarray) -> None:
+        """Take replica columns from another recorder that tracked the very same samples
+        (same workload and seed: a partitioned run's workers all draw every batch)."""
+        if lat.shape != (len(self.emitted), len(cols)):
+            raise ValueError(f"columns of shape {lat.shape} do not fit {len(self.emitted)} samples")
+        self._lat[:len(self.emitted), cols] = lat
+        self._unset = int(np.isnan(self.matrix()).sum())
+        self._memo.clear()
 
     @property
     def missing(self) -> int:

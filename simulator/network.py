@@ -281,7 +281,7 @@ class WanNetwork:
                  "_ingress_free", "_up", "_inc", "_sent_bytes", "_recv_bytes", "_sent_msgs", "_recv_msgs",
                  "_link_free", "_link_spb", "_link_bps", "_link_load", "_prop", "_loss", "_wan_bytes",
                  "_cut", "_groups", "_group_of", "_blocking", "_random", "_jitter", "_reorder",
-                 "_reorder_delay", "_dup", "_overhead", "_down")
+                 "_reorder_delay", "_dup", "_overhead", "_down", "_remote", "_export")
 
     def __init__(self, sim: Simulation, config: WanConfig, rng: Any = None) -> None:
         self.sim, self.config = sim, config
@@ -329,6 +329,10 @@ class WanNetwork:
         self._dup = config.duplicate
         self._overhead = config.per_message_overhead_bytes
         self._down = 0           # nodes currently crashed
+        # A partitioned run (simulator.parallel): nodes another worker simulates, and
+        # where a message to one of them goes once it has crossed the WAN link.
+        self._remote: list[bool] | None = None
+        self._export: Callable[..., Any] | None = None
         self._blocking = False   # any crash, partition or cut in force: check endpoints
         self._refresh_flags()
 
@@ -432,6 +436,29 @@ class WanNetwork:
             sim.schedule_at(done, self._enter_wan, s, d, p, payload, nbytes, on_deliver, self._inc[s], self._inc[d])
         return True
 
+    def set_remote(self, remote: Iterable[Hashable], export: Callable[..., Any]) -> None:
+        """Partitioned runs: messages to ``remote`` nodes leave this process after their WAN
+        link as ``export(arrive, s, d, p, payload, nbytes, dinc)`` (arrival at the receiver,
+        node indices, DC pair); the receiver's worker hands them to :meth:`import_arrival`.
+        Intra-DC messages never leave (a worker owns whole DCs)."""
+        remote = set(remote)
+        flags = [nid in remote for nid in self._ids]
+        local_dcs = {dc for dc, r in zip(self._dc, flags) if not r}
+        mixed = [nid for nid, dc, r in zip(self._ids, self._dc, flags) if r and dc in local_dcs]
+        if mixed:
+            raise UsageError(f"node {mixed[0]!r} is remote but shares a DC with a local node")
+        self._remote = flags
+        self._export = export
+
+    def import_arrival(self, arrive: float, s: int, d: int, p: int, payload: Any, nbytes: int, dinc: int,
+                       on_deliver: DeliverFn) -> None:
+        """A message another worker exported (:meth:`set_remote`) reaches node ``d`` here."""
+        self.sim.schedule_at(arrive, self._arrive, s, d, p, payload, nbytes, on_deliver, -1, dinc)
+
+    def wan_bytes_pairs(self) -> list[int]:
+        """Bytes that entered each link, by pair index ``a * n + b`` (for merging workers)."""
+        return list(self._wan_bytes)
+
     def send_frame(self, src: Hashable, dst: Hashable, frame: bytes, on_deliver: DeliverFn) -> bool:
         """:meth:`send` an encoded frame; its size is ``len(frame)``."""
         return self.send(src, dst, frame, len(frame), on_deliver)
@@ -459,6 +486,10 @@ class WanNetwork:
         arrive = done + self._prop[p]
         if self._random:
             arrive += self._extra_delay()
+        if self._remote is not None and self._remote[d]:
+            # Another worker owns the receiver: it runs the arrival (simulator.parallel).
+            self._export(arrive, s, d, p, payload, nbytes, dinc)
+            return
         # -1: the sender check is done; a later crash of the sender does not recall the bytes
         self.sim.schedule_at(arrive, self._arrive, s, d, p, payload, nbytes, on_deliver, -1, dinc)
 
@@ -635,9 +666,17 @@ class WanNetwork:
     @property
     def wan_bytes(self) -> dict[Pair, int]:
         """Bytes that entered each WAN link, by ordered DC pair (pairs with traffic only)."""
+        return self.wan_bytes_of(self._wan_bytes)
+
+    def wan_bytes_of(self, pairs: Sequence[int]) -> dict[Pair, int]:
+        """:attr:`wan_bytes` of per-pair byte counts (:meth:`wan_bytes_pairs`, e.g. summed
+        over the workers of a partitioned run)."""
         n, names = self._ndc, self._dc_names
-        return {(names[p // n], names[p % n]): b for p, b in enumerate(self._wan_bytes)
-                if b and p // n != p % n}
+        return {(names[p // n], names[p % n]): int(b) for p, b in enumerate(pairs) if b and p // n != p % n}
+
+    def dc_propagation_s(self, a_dc: str, b_dc: str) -> float:
+        """One-way base propagation from DC ``a_dc`` to ``b_dc`` (no queueing, no jitter)."""
+        return self._prop[self._pair(a_dc, b_dc)]
 
     @property
     def wan_bytes_total(self) -> int:

@@ -78,6 +78,10 @@ class SimCluster:
         self._topology: Topology | None = None
         self._seed_address: str | None = None
         self.on_apply: list[Callable[[str, str, str, Any, str, float], None]] = []
+        # The replicas this process simulates (None: all).  A partitioned run
+        # (simulator.parallel) gives each worker the replicas of its DCs; the others
+        # exist here only as members and WAN endpoints and never run.
+        self.owned: frozenset[str] | None = None
 
     # -- building ---------------------------------------------------------------------------
     def add_replica(self, node_id: str, dc: str) -> ReplicaNode:
@@ -162,7 +166,7 @@ class SimCluster:
         if self._timer_at.get(node_id) != t:
             return  # superseded by an earlier timer
         del self._timer_at[node_id]
-        if not self.net.is_up(node_id):
+        if not self.net.is_up(node_id) or (self.owned is not None and node_id not in self.owned):
             return
         if self.cpu is not None:
             free = self.cpu.busy_until(node_id)
@@ -210,7 +214,10 @@ class SimCluster:
         self.flush(node)
 
     def call(self, node_id: str, fn: str, *args: Any, **kw: Any) -> Any:
-        """Call a node's local API now and send what it produced."""
+        """Call a node's local API now and send what it produced (None, without calling,
+        for a replica another worker of a partitioned run simulates)."""
+        if self.owned is not None and node_id not in self.owned:
+            return None
         node = self.nodes[node_id]
         out = getattr(node, fn)(*args, **kw)
         self.flush(node)
@@ -221,4 +228,6 @@ class SimCluster:
         return self.nodes[node_id].table_store(model, table).versions
 
     def live(self) -> list[str]:
-        return [n for n in self.nodes if self.net.is_up(n)]
+        """Replicas up now (of those this process simulates)."""
+        owned = self.owned
+        return [n for n in self.nodes if self.net.is_up(n) and (owned is None or n in owned)]

@@ -1,0 +1,323 @@
+"""Partitioned runs: one ekko-family system simulated by several processes, DCs split among them.
+
+Why: a 10,000-replica run spends nearly all its time in the replicas' own protocol
+code, and one Python process uses one core.  The DCs are nearly independent -- a DC
+hears from another only through messages that cross the WAN -- so each worker
+process simulates the replicas of some DCs and the workers swap the messages that
+cross between them.
+
+How (a conservative, synchronous-window parallel discrete-event simulation):
+every worker holds the whole cluster as built at time 0 (forked from this process)
+but runs only its own replicas (:attr:`SimCluster.owned`).  A message from one of its
+replicas to another worker's replica goes through the sender's NIC and the WAN link
+here, then leaves as an *export*: its arrival time at the receiver, which is at
+least the one-way propagation between the two DCs after the event that sent it
+(:meth:`WanNetwork.set_remote`).  With ``L`` the least such propagation between DCs
+of different workers (the *lookahead*), nothing a worker does in ``[T, T + L)`` can
+reach another worker before ``T + L``.  So every worker runs the window ``[T, T + L)``
+on its own, then sends each peer what it exported, receives theirs, schedules them
+(:meth:`WanNetwork.import_arrival`, in arrival order, ties by sender worker then
+send order) and moves on to the next window.  The coordinator (this process) joins
+at every progress step to check convergence everywhere and report progress.
+
+What is the same as one process: the model -- every replica, message, queue and
+CPU charge is simulated exactly as in :func:`simulator.experiment.run_ekko_family`
+-- and determinism: the same seed and worker count give the same ``results.json``.
+What differs: the order of events at *exactly* the same simulated time in
+different DCs, and random streams shared by a process (the WAN's loss/jitter draws,
+timer jitter), so figures match a one-process run closely but not to the last bit.
+Every worker draws the whole workload (it is cheap next to the replicas), so truth
+and latency samples agree without being sent; only the worker that owns the ingest
+replica publishes (:meth:`SimCluster.call`).  ``events`` sums the workers' events.
+
+Not supported: the priority scheduler (its latency classes come from the ingest
+replica's decisions, which only one worker sees), and faults injected by a driver
+(crash, partition) -- ``run_ekko_family`` has none.  Needs the ``fork`` start method
+(Linux, macOS with care): workers inherit the built cluster instead of pickling it.
+
+Example:
+    >>> from simulator.scenario import load_scenario
+    >>> sc = load_scenario("paper"); sc.replicas = 30; sc.duration_s = 1.0; sc.settle_s = 2.0
+    >>> res = run_partitioned(sc, "ekko", workers=2)
+    >>> res["converged"], res["partition"]["workers"]
+    (True, 2)
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import multiprocessing as mp
+import queue
+import time
+import traceback
+from operator import itemgetter
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ekko.errors import UsageError
+from simulator.experiment import (EkkoRun, Progress, _converged, build_ekko_family, collect_results,
+                                  progress_step)
+from simulator.measure import self_peak_rss_mb
+from simulator.scenario import Scenario
+
+__all__ = ["MAX_WORKERS", "partition_dcs", "run_partitioned"]
+
+#: most worker processes one run may use.
+MAX_WORKERS = 16
+#: DC-to-worker assignments tried exhaustively up to this many; above, DCs are dealt greedily.
+MAX_ASSIGNMENTS = 100_000
+#: seconds the coordinator waits for a worker's report before checking they are all alive.
+POLL_S = 1.0
+
+
+def partition_dcs(dcs: Sequence[str], load: dict[str, int], propagation_s: Callable[[str, str], float],
+                  workers: int) -> tuple[list[list[str]], float]:
+    """Split DCs over ``workers``: the most even replica load first, then the longest
+    lookahead (least one-way propagation between DCs of different workers).
+
+    Returns ``(groups, lookahead_s)``.  Deterministic (ties: first in enumeration order).
+
+    Example:
+        >>> prop = {("a", "b"): 0.01, ("a", "c"): 0.05, ("b", "c"): 0.05}
+        >>> f = lambda x, y: prop.get((x, y)) or prop[(y, x)]
+        >>> partition_dcs(["a", "b", "c"], {"a": 5, "b": 5, "c": 10}, f, 2)
+        ([['a', 'b'], ['c']], 0.05)
+    """
+    n = len(dcs)
+    if not 1 <= workers <= n:
+        raise UsageError(f"workers must be between 1 and the number of DCs ({n}), got {workers}")
+
+    def cost(assign: Sequence[int]) -> tuple[int, float]:
+        per = [0] * workers
+        for dc, w in zip(dcs, assign):
+            per[w] += load.get(dc, 0)
+        la = min((min(propagation_s(a, b), propagation_s(b, a))
+                  for (a, wa), (b, wb) in itertools.combinations(zip(dcs, assign), 2) if wa != wb),
+                 default=float("inf"))
+        return max(per), -la
+
+    best: tuple[tuple[int, float], list[int]] | None = None
+    if workers ** n <= MAX_ASSIGNMENTS:
+        for assign in itertools.product(range(workers), repeat=n):
+            # canonical labelling (worker ids in order of first use) and no idle worker
+            first = [assign.index(w) if w in assign else n for w in range(workers)]
+            if first != sorted(first) or n in first:
+                continue
+            c = cost(assign)
+            if best is None or c < best[0]:
+                best = (c, list(assign))
+    else:  # greedy: the heaviest DC to the lightest worker
+        per = [0] * workers
+        assign = [0] * n
+        for i in sorted(range(n), key=lambda i: (-load.get(dcs[i], 0), i)):
+            w = min(range(workers), key=lambda w: (per[w], w))
+            assign[i] = w
+            per[w] += load.get(dcs[i], 0)
+        best = (cost(assign), assign)
+    assert best is not None
+    groups = [[dc for dc, w in zip(dcs, best[1]) if w == k] for k in range(workers)]
+    return groups, -best[0][1]
+
+
+def run_partitioned(sc: Scenario, system: str, workers: int, progress: Progress | None = None,
+                    queue_factory=None) -> dict[str, Any]:
+    """Run one ekko-family system over ``workers`` processes; returns its results entry
+    (as :func:`simulator.experiment.run_ekko_family`) plus ``partition``: the DC groups,
+    the lookahead, the windows run and each worker's peak RSS."""
+    if not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        raise UsageError(f"workers must be an integer in 1..{MAX_WORKERS}, got {workers!r}")
+    if sc.scheduler is not None:
+        raise UsageError("a partitioned run (workers > 1) does not support a [scheduler] scenario: its latency "
+                         "classes come from the ingest replica's decisions, which only one worker sees")
+    if "fork" not in mp.get_all_start_methods():
+        raise UsageError("a partitioned run needs the 'fork' start method (workers inherit the built cluster)")
+    run = build_ekko_family(sc, system, queue_factory)
+    net = run.net
+    load = {dc: 0 for dc in net.dcs}
+    for nid in run.cluster.nodes:
+        load[net.dc_of(nid)] += 1
+    groups, lookahead = partition_dcs(net.dcs, load, net.dc_propagation_s, workers)
+    if workers > 1 and not lookahead > 0:
+        raise UsageError("a partitioned run needs a positive propagation delay between DCs of different workers")
+    owner = {dc: k for k, g in enumerate(groups) for dc in g}
+
+    ctx = mp.get_context("fork")
+    inboxes = [ctx.Queue() for _ in range(workers)]
+    to_coord = ctx.Queue()
+    verdicts = [ctx.Queue() for _ in range(workers)]
+    wall0 = time.perf_counter()
+    # Objects built so far are shared copy-on-write: keep the collector from walking
+    # (and so copying) them in every worker.
+    gc.collect()
+    gc.freeze()
+    procs = [ctx.Process(target=_worker, name=f"ekko-sim-worker-{k}",
+                         args=(k, run, sc, owner, lookahead, inboxes, to_coord, verdicts[k]), daemon=True)
+             for k in range(workers)]
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        gc.unfreeze()
+    try:
+        converged_at, windows, parts = _coordinate(sc, system, workers, procs, to_coord, verdicts, progress)
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    wall = time.perf_counter() - wall0
+
+    rec, truth = parts[0]["rec"], parts[0]["truth"]
+    for part in parts:
+        rec.adopt_columns(*part["cols"])
+    pairs = np.sum([part["wan_pairs"] for part in parts], axis=0).tolist()
+    bytes_by_type: dict[str, int] = {}
+    rejected: dict[str, int] = {}
+    for part in parts:
+        for src, dst in ((part["bytes_by_type"], bytes_by_type), (part["rejected"], rejected)):
+            for key, v in src.items():
+                dst[key] = dst.get(key, 0) + v
+    cpus = [part["cpu"] for part in parts if part["cpu"] is not None]
+    cpu = None if not cpus else {"busy_s_total": sum(c["busy_s_total"] for c in cpus),
+                                 "charges": sum(c["charges"] for c in cpus),
+                                 "max_backlog_s": max(c["max_backlog_s"] for c in cpus)}
+    out = collect_results(sc, rec, truth, wan_bytes=net.wan_bytes_of(pairs), bytes_by_type=bytes_by_type,
+                          converged_at=converged_at, events=sum(part["events"] for part in parts), wall=wall,
+                          rejected=rejected, rows_scanned=sum(part["rows_scanned"] for part in parts),
+                          rows_walked=sum(part["rows_walked"] for part in parts), cpu=cpu)
+    out["partition"] = {"workers": workers, "dcs": groups, "lookahead_s": lookahead, "windows": windows,
+                        "messages_exchanged": sum(part["exported"] for part in parts)}
+    # Time figures (vary run to run, like wall_s): CPU each worker spent simulating, the
+    # critical path -- each window waits for its slowest worker, so this is what the run
+    # costs on idle cores -- the time workers waited at the window barriers, and memory
+    # (a worker's RSS counts the pages it still shares copy-on-write with the others).
+    out["partition_timing"] = {
+        "worker_cpu_s": [round(float(part["window_cpu"].sum()), 2) for part in parts],
+        "critical_path_cpu_s": round(float(np.max([part["window_cpu"] for part in parts], axis=0).sum()), 2),
+        "worker_wait_s": [round(part["wait_s"], 2) for part in parts],
+        "worker_peak_rss_mb": [round(part["peak_rss_mb"]) for part in parts]}
+    return out
+
+
+def _coordinate(sc: Scenario, system: str, workers: int, procs: list, to_coord, verdicts,
+                progress: Progress | None) -> tuple[float | None, int, list[dict[str, Any]]]:
+    """The coordinator: at every progress step collect each worker's convergence, tell
+    them all whether to go on, then gather their results."""
+    end = sc.duration_s + sc.settle_s
+    converged_at = None
+    windows = 0
+    steps: dict[float, list[bool]] = {}
+    parts: dict[int, dict[str, Any]] = {}
+    stopped = False
+    while len(parts) < workers:
+        try:
+            msg = to_coord.get(timeout=POLL_S)
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"simulation worker {dead[0].name} died (exit code {dead[0].exitcode})") from None
+            continue
+        kind = msg[0]
+        if kind == "error":
+            raise RuntimeError(f"simulation worker {msg[1]} failed:\n{msg[2]}")
+        if kind == "step":
+            _, _k, t, conv, w = msg
+            got = steps.setdefault(t, [])
+            got.append(conv)
+            windows = max(windows, w)
+            if len(got) < workers:
+                continue
+            del steps[t]
+            if progress:
+                progress(system, t, end)
+            stop = t >= end
+            if t >= sc.duration_s and all(got):
+                converged_at, stop = t, True
+            stopped = stop
+            for v in verdicts:
+                v.put(stop)
+        elif kind == "done":
+            if not stopped:
+                raise RuntimeError("a simulation worker finished before the run ended")
+            parts[msg[1]] = msg[2]
+    return converged_at, windows, [parts[k] for k in range(workers)]
+
+
+def _worker(k: int, run: EkkoRun, sc: Scenario, owner: dict[str, int], lookahead: float,
+            inboxes: list, to_coord, verdict) -> None:
+    """One worker process (forked): simulate the replicas of DCs ``owner`` gives ``k``."""
+    try:
+        to_coord.put(("done", k, _simulate(k, run, sc, owner, lookahead, inboxes, to_coord, verdict)))
+    except BaseException:  # report, so the coordinator stops the others instead of hanging
+        to_coord.put(("error", k, traceback.format_exc()))
+
+
+def _simulate(k: int, run: EkkoRun, sc: Scenario, owner: dict[str, int], lookahead: float,
+              inboxes: list, to_coord, verdict) -> dict[str, Any]:
+    sim, net, cluster = run.sim, run.net, run.cluster
+    ids = net.nodes                      # node index order of the network
+    owner_of = [owner[net.dc_of(n)] for n in ids]
+    mine = frozenset(n for n, w in zip(ids, owner_of) if w == k)
+    cluster.owned = mine
+    peers = sorted(set(owner.values()) - {k})
+    outbox: dict[int, list[tuple]] = {j: [] for j in peers}
+    exported = 0
+
+    def export(arrive: float, s: int, d: int, p: int, payload: Any, nbytes: int, dinc: int) -> None:
+        outbox[owner_of[d]].append((arrive, s, d, p, payload, nbytes, dinc))
+
+    net.set_remote([n for n, w in zip(ids, owner_of) if w != k], export)
+    deliver = cluster._deliver           # what SimCluster.flush passes to net.send
+    end = sc.duration_s + sc.settle_s
+    step = progress_step(sc)
+    early: dict[tuple[int, int], list[tuple]] = {}   # (sender, window) read ahead of time
+    window = 0
+    window_cpu: list[float] = []   # CPU seconds of each window here (the critical path, below)
+    wait_s = 0.0
+    t = 0.0
+    while t < end:
+        b = min(end, t + step)           # the same steps as a one-process run
+        while sim.now < b:
+            c0 = time.process_time()
+            sim.run(until=min(b, sim.now + lookahead))
+            window_cpu.append(time.process_time() - c0)
+            c1 = time.perf_counter()
+            window += 1
+            for j in peers:
+                exported += len(outbox[j])
+                inboxes[j].put((k, window, outbox[j]))
+                outbox[j] = []
+            got: list[tuple] = []
+            for j in peers:              # in worker order, so ties sort the same every run
+                while (j, window) not in early:
+                    sender, w, msgs = inboxes[k].get()
+                    early[(sender, w)] = msgs
+                got.extend(early.pop((j, window)))
+            wait_s += time.perf_counter() - c1
+            got.sort(key=itemgetter(0))  # stable: ties keep worker order, then send order
+            now = sim.now
+            for arrive, s, d, p, payload, nbytes, dinc in got:
+                if arrive < now:
+                    raise RuntimeError(f"causality: a message from another worker arrives at {arrive} "
+                                       f"< {now}, inside a window already run (lookahead {lookahead})")
+                net.import_arrival(arrive, s, d, p, payload, nbytes, dinc, deliver)
+        t = b
+        conv = t >= sc.duration_s and _converged(sc, cluster, run.truth)
+        to_coord.put(("step", k, t, conv, window))
+        if verdict.get():
+            break
+    nodes = [cluster.nodes[n] for n in sorted(mine)]
+    part = {"cols": run.rec.columns(sorted(mine)), "wan_pairs": net.wan_bytes_pairs(),
+            "bytes_by_type": dict(cluster.bytes_by_type), "rejected": dict(cluster.rejected),
+            "rows_scanned": sum(n.counters["rows_scanned"] for n in nodes),
+            "rows_walked": sum(n.counters["rows_walked"] for n in nodes),
+            "cpu": cluster.cpu.summary() if cluster.cpu is not None else None,
+            "events": sim.events, "exported": exported, "window_cpu": np.array(window_cpu), "wait_s": wait_s,
+            "peak_rss_mb": self_peak_rss_mb()}
+    if k == 0:  # every worker drew the same samples and truth: one copy is enough
+        part["rec"], part["truth"] = run.rec, run.truth
+    return part
