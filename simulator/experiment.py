@@ -194,15 +194,18 @@ def run_ekko_family(sc: Scenario, system: str, progress: Progress | None = None,
     return out
 
 
-def build_ekko_family(sc: Scenario, system: str, queue_factory=None) -> EkkoRun:
-    """Build one ekko-family system of a scenario: replicas, trainer, samples, at time 0."""
+def build_ekko_family(sc: Scenario, system: str, queue_factory=None,
+                      owned: frozenset[str] | None = None) -> EkkoRun:
+    """Build one ekko-family system of a scenario: replicas, trainer, samples, at time 0
+    (of the replicas ``owned`` only, in a partitioned run's worker: :class:`SimCluster`)."""
     sim = Simulation(sc.seed)
     net = WanNetwork(sim, sc.wan)
     with_values = sc.with_values
     cfg = node_config_for(sc, system)
     cpu = CpuModel(sc.cpu, sc.scan_scale()) if sc.cpu is not None else None
     cluster = SimCluster(sim, net, cfg, with_values=with_values, shared_membership=not with_values,
-                         queue_factory=queue_factory, node_kwargs=scheduler_kwargs(sc, system), cpu=cpu)
+                         queue_factory=queue_factory, node_kwargs=scheduler_kwargs(sc, system), cpu=cpu,
+                         owned=owned)
     placement = place_replicas(sc)
     for nid, dc in placement:
         cluster.add_replica(nid, dc)
@@ -220,7 +223,7 @@ def build_ekko_family(sc: Scenario, system: str, queue_factory=None) -> EkkoRun:
     # (``high`` = its estimate of the top k%), so latency is measured by the class
     # the queues act on; how well that estimate matches the top k% in hindsight is
     # reported separately (``class_agreement``).
-    prio = getattr(cluster.nodes[ingest], "prioritizer", None)
+    prio = getattr(cluster.nodes.get(ingest), "prioritizer", None)
     decided: list[Any] = []
     if prio is not None and high_cut is not None:
         prio.observers.append(lambda model, table, rows: decided.append(rows))

@@ -7,8 +7,8 @@ process simulates the replicas of some DCs and the workers swap the messages tha
 cross between them.
 
 How (a conservative, synchronous-window parallel discrete-event simulation):
-every worker holds the whole cluster as built at time 0 (forked from this process)
-but runs only its own replicas (:attr:`SimCluster.owned`).  A message from one of its
+every worker builds only its own replicas (:attr:`SimCluster.owned`); the others
+exist there as members and WAN endpoints, so memory is split too.  A message from one of its
 replicas to another worker's replica goes through the sender's NIC and the WAN link
 here, then leaves as an *export*: its arrival time at the receiver, which is at
 least the one-way propagation between the two DCs after the event that sent it
@@ -32,8 +32,8 @@ replica publishes (:meth:`SimCluster.call`).  ``events`` sums the workers' event
 
 Not supported: the priority scheduler (its latency classes come from the ingest
 replica's decisions, which only one worker sees), and faults injected by a driver
-(crash, partition) -- ``run_ekko_family`` has none.  Needs the ``fork`` start method
-(Linux, macOS with care): workers inherit the built cluster instead of pickling it.
+(crash, partition) -- ``run_ekko_family`` has none.  Workers start with ``fork`` where
+there is one (no re-import), else ``spawn``.
 
 Example:
     >>> from simulator.scenario import load_scenario
@@ -45,7 +45,6 @@ Example:
 
 from __future__ import annotations
 
-import gc
 import itertools
 import multiprocessing as mp
 import queue
@@ -55,11 +54,14 @@ from operator import itemgetter
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 
 from ekko.errors import UsageError
+from simulator.events import Simulation
 from simulator.experiment import (EkkoRun, Progress, _converged, build_ekko_family, collect_results,
-                                  progress_step)
+                                  place_replicas, progress_step)
 from simulator.measure import self_peak_rss_mb
+from simulator.network import WanNetwork
 from simulator.scenario import Scenario
 
 __all__ = ["MAX_WORKERS", "partition_dcs", "run_partitioned"]
@@ -131,35 +133,28 @@ def run_partitioned(sc: Scenario, system: str, workers: int, progress: Progress 
     if sc.scheduler is not None:
         raise UsageError("a partitioned run (workers > 1) does not support a [scheduler] scenario: its latency "
                          "classes come from the ingest replica's decisions, which only one worker sees")
-    if "fork" not in mp.get_all_start_methods():
-        raise UsageError("a partitioned run needs the 'fork' start method (workers inherit the built cluster)")
-    run = build_ekko_family(sc, system, queue_factory)
-    net = run.net
+    # The plan needs only the placement and the WAN: each worker then builds its own
+    # replicas alone (no copy of the others' stores).
+    net = WanNetwork(Simulation(sc.seed), sc.wan)
     load = {dc: 0 for dc in net.dcs}
-    for nid in run.cluster.nodes:
-        load[net.dc_of(nid)] += 1
+    for _, dc in place_replicas(sc):
+        load[dc] += 1
     groups, lookahead = partition_dcs(net.dcs, load, net.dc_propagation_s, workers)
     if workers > 1 and not lookahead > 0:
         raise UsageError("a partitioned run needs a positive propagation delay between DCs of different workers")
     owner = {dc: k for k, g in enumerate(groups) for dc in g}
 
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     inboxes = [ctx.Queue() for _ in range(workers)]
     to_coord = ctx.Queue()
     verdicts = [ctx.Queue() for _ in range(workers)]
     wall0 = time.perf_counter()
-    # Objects built so far are shared copy-on-write: keep the collector from walking
-    # (and so copying) them in every worker.
-    gc.collect()
-    gc.freeze()
     procs = [ctx.Process(target=_worker, name=f"ekko-sim-worker-{k}",
-                         args=(k, run, sc, owner, lookahead, inboxes, to_coord, verdicts[k]), daemon=True)
+                         args=(k, sc, system, queue_factory, owner, lookahead, inboxes, to_coord, verdicts[k]),
+                         daemon=True)
              for k in range(workers)]
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        gc.unfreeze()
+    for p in procs:
+        p.start()
     try:
         converged_at, windows, parts = _coordinate(sc, system, workers, procs, to_coord, verdicts, progress)
         for p in procs:
@@ -247,10 +242,15 @@ def _coordinate(sc: Scenario, system: str, workers: int, procs: list, to_coord, 
     return converged_at, windows, [parts[k] for k in range(workers)]
 
 
-def _worker(k: int, run: EkkoRun, sc: Scenario, owner: dict[str, int], lookahead: float,
+def _worker(k: int, sc: Scenario, system: str, queue_factory, owner: dict[str, int], lookahead: float,
             inboxes: list, to_coord, verdict) -> None:
-    """One worker process (forked): simulate the replicas of DCs ``owner`` gives ``k``."""
+    """One worker process: build and simulate the replicas of DCs ``owner`` gives ``k``."""
     try:
+        # One thread per worker: the workers are the parallelism, and a forked child
+        # must not enter an OpenMP pool its parent started (libgomp hangs there).
+        torch.set_num_threads(1)
+        mine = frozenset(n for n, dc in place_replicas(sc) if owner[dc] == k)
+        run = build_ekko_family(sc, system, queue_factory, owned=mine)
         to_coord.put(("done", k, _simulate(k, run, sc, owner, lookahead, inboxes, to_coord, verdict)))
     except BaseException:  # report, so the coordinator stops the others instead of hanging
         to_coord.put(("error", k, traceback.format_exc()))
@@ -261,8 +261,7 @@ def _simulate(k: int, run: EkkoRun, sc: Scenario, owner: dict[str, int], lookahe
     sim, net, cluster = run.sim, run.net, run.cluster
     ids = net.nodes                      # node index order of the network
     owner_of = [owner[net.dc_of(n)] for n in ids]
-    mine = frozenset(n for n, w in zip(ids, owner_of) if w == k)
-    cluster.owned = mine
+    mine = frozenset(cluster.nodes)
     peers = sorted(set(owner.values()) - {k})
     outbox: dict[int, list[tuple]] = {j: [] for j in peers}
     exported = 0

@@ -47,6 +47,9 @@ class SimCluster:
         shared_membership: one simulator-maintained member view instead of gossip.
         queue_factory: outbound queue per link (the scheduler under test).
         cpu: endpoint CPU model (:mod:`simulator.cpu`); None charges no CPU time.
+        owned: the replicas this process simulates (None: all).  A partitioned run
+            (:mod:`simulator.parallel`) gives each worker the replicas of its DCs; the
+            others are only members and WAN endpoints here, with no node object.
 
     Example:
         >>> from simulator.network import WanConfig
@@ -66,6 +69,7 @@ class SimCluster:
     queue_factory: QueueFactory | None = None
     node_kwargs: Callable[[str], dict[str, Any]] | None = None
     cpu: CpuModel | None = None
+    owned: frozenset[str] | None = None
     nodes: dict[str, ReplicaNode] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     bytes_by_type: dict[str, int] = field(default_factory=dict)
@@ -78,22 +82,25 @@ class SimCluster:
         self._topology: Topology | None = None
         self._seed_address: str | None = None
         self.on_apply: list[Callable[[str, str, str, Any, str, float], None]] = []
-        # The replicas this process simulates (None: all).  A partitioned run
-        # (simulator.parallel) gives each worker the replicas of its DCs; the others
-        # exist here only as members and WAN endpoints and never run.
-        self.owned: frozenset[str] | None = None
+        self._remote: dict[str, str] = {}   # replicas another worker simulates -> their DC
+        self._order: list[str] = []         # every replica, in the order added
 
     # -- building ---------------------------------------------------------------------------
-    def add_replica(self, node_id: str, dc: str) -> ReplicaNode:
+    def add_replica(self, node_id: str, dc: str) -> ReplicaNode | None:
+        """Add a replica (None, and no node object, for one another worker simulates)."""
         sim = self.sim
         membership = topology = None
+        self._order.append(node_id)
+        if self.owned is not None and node_id not in self.owned:
+            self._remote[node_id] = dc
+            if self.shared_membership:
+                self._add_to_view(node_id, dc)
+            self.net.add_node(node_id, dc)
+            if self._seed_address is None:
+                self._seed_address = node_id
+            return None
         if self.shared_membership:
-            if self._view is None:
-                self._view = Membership(node_id, dc, node_id, 1, sim.now)
-                self._topology = Topology(self.config.gateways_per_dc, DcGraph(frozenset(self.config.dc_links)))
-            else:
-                self._view.members[node_id] = Member(node_id, dc, node_id, 1, 0, last_change=sim.now)
-                self._view.version += 1
+            self._add_to_view(node_id, dc)
             membership, topology = self._view, self._topology
         seeds = [self._seed_address] if self._seed_address else []
         extra = self.node_kwargs(dc) if self.node_kwargs else {}
@@ -110,12 +117,22 @@ class SimCluster:
         self._arm(node)
         return node
 
+    def _add_to_view(self, node_id: str, dc: str) -> None:
+        if self._view is None:
+            self._view = Membership(node_id, dc, node_id, 1, self.sim.now)
+            self._topology = Topology(self.config.gateways_per_dc, DcGraph(frozenset(self.config.dc_links)))
+        else:
+            self._view.members[node_id] = Member(node_id, dc, node_id, 1, 0, last_change=self.sim.now)
+            self._view.version += 1
+
     def bootstrap_membership(self) -> None:
         """Give every gossiping node the full member list at once, as if the cluster had
         been running: experiments measure updates, not the join phase."""
         if self.shared_membership:
             return
-        entries = [n.members.get(n.node_id) for n in self.nodes.values()]
+        # (a replica another worker simulates enters as it starts: incarnation 1, heartbeat 0)
+        entries = [self.nodes[n].members.get(n) if n in self.nodes else Member(n, self._remote[n], n, 1, 0)
+                   for n in self._order]
         for node in self.nodes.values():
             node.members.merge([Member(e.node_id, e.dc, e.address, e.incarnation, e.heartbeat) for e in entries],
                                self.sim.now)
@@ -166,7 +183,7 @@ class SimCluster:
         if self._timer_at.get(node_id) != t:
             return  # superseded by an earlier timer
         del self._timer_at[node_id]
-        if not self.net.is_up(node_id) or (self.owned is not None and node_id not in self.owned):
+        if not self.net.is_up(node_id):
             return
         if self.cpu is not None:
             free = self.cpu.busy_until(node_id)
@@ -187,7 +204,7 @@ class SimCluster:
         sizes: dict[int, tuple[int, Any]] = {}
         for out in node.drain():
             dst = out.dst or out.address
-            if dst not in self.nodes:
+            if dst not in self.nodes and dst not in self._remote:
                 continue
             shared = out.body.get("deltas") if out.msg_type == MsgType.PUSH else None
             if shared is not None:
@@ -216,7 +233,7 @@ class SimCluster:
     def call(self, node_id: str, fn: str, *args: Any, **kw: Any) -> Any:
         """Call a node's local API now and send what it produced (None, without calling,
         for a replica another worker of a partitioned run simulates)."""
-        if self.owned is not None and node_id not in self.owned:
+        if node_id in self._remote:
             return None
         node = self.nodes[node_id]
         out = getattr(node, fn)(*args, **kw)
@@ -229,5 +246,4 @@ class SimCluster:
 
     def live(self) -> list[str]:
         """Replicas up now (of those this process simulates)."""
-        owned = self.owned
-        return [n for n in self.nodes if self.net.is_up(n) and (owned is None or n in owned)]
+        return [n for n in self.nodes if self.net.is_up(n)]

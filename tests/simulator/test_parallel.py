@@ -14,8 +14,9 @@ from simulator.experiment import run_ekko_family, run_scenario
 from simulator.parallel import partition_dcs, run_partitioned
 from simulator.scenario import load_scenario
 
+# (monkeypatched failures below reach the workers only when they fork)
 pytestmark = pytest.mark.skipif("fork" not in mp.get_all_start_methods() or sys.platform != "linux",
-                                reason="partitioned runs fork their workers")
+                                reason="these tests patch the workers through fork")
 
 
 def small_paper(replicas: int = 36, duration: float = 1.0, settle: float = 3.0):
