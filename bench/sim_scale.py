@@ -10,7 +10,7 @@ workload is the shipped ``paper`` scenario (metadata mode above 200 replicas);
 Run: ``python bench/sim_scale.py --replicas 1000 --duration 10 [--system ekko] [--workers 2]``.
 With ``--workers N`` the DCs are split over N processes (:mod:`simulator.parallel`):
 CPU seconds then add the workers' (``RUSAGE_CHILDREN``), peak RSS is the largest
-process's, and the partition's own figures (critical path, barrier waits) are printed.
+process's, and the partition's own figures (each worker's CPU and waits) are printed.
 A/B against another checkout: run the same command with ``PYTHONPATH`` pointing
 at it, right after, and compare CPU seconds.
 """

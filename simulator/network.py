@@ -451,9 +451,11 @@ class WanNetwork:
         self._export = export
 
     def import_arrival(self, arrive: float, s: int, d: int, p: int, payload: Any, nbytes: int, dinc: int,
-                       on_deliver: DeliverFn) -> None:
-        """A message another worker exported (:meth:`set_remote`) reaches node ``d`` here."""
-        self.sim.schedule_at(arrive, self._arrive, s, d, p, payload, nbytes, on_deliver, -1, dinc)
+                       on_deliver: DeliverFn, priority: int = 0) -> None:
+        """A message another worker exported (:meth:`set_remote`) reaches node ``d`` here
+        (``priority`` orders it among events at the same instant)."""
+        self.sim.schedule_at(arrive, self._arrive, s, d, p, payload, nbytes, on_deliver, -1, dinc,
+                             priority=priority)
 
     def wan_bytes_pairs(self) -> list[int]:
         """Bytes that entered each link, by pair index ``a * n + b`` (for merging workers)."""

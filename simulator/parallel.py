@@ -6,19 +6,24 @@ hears from another only through messages that cross the WAN -- so each worker
 process simulates the replicas of some DCs and the workers swap the messages that
 cross between them.
 
-How (a conservative, synchronous-window parallel discrete-event simulation):
+How (a conservative parallel discrete-event simulation, null-message style):
 every worker builds only its own replicas (:attr:`SimCluster.owned`); the others
-exist there as members and WAN endpoints, so memory is split too.  A message from one of its
-replicas to another worker's replica goes through the sender's NIC and the WAN link
-here, then leaves as an *export*: its arrival time at the receiver, which is at
-least the one-way propagation between the two DCs after the event that sent it
-(:meth:`WanNetwork.set_remote`).  With ``L`` the least such propagation between DCs
-of different workers (the *lookahead*), nothing a worker does in ``[T, T + L)`` can
-reach another worker before ``T + L``.  So every worker runs the window ``[T, T + L)``
-on its own, then sends each peer what it exported, receives theirs, schedules them
-(:meth:`WanNetwork.import_arrival`, in arrival order, ties by sender worker then
-send order) and moves on to the next window.  The coordinator (this process) joins
-at every progress step to check convergence everywhere and report progress.
+exist there as members and WAN endpoints, so memory is split too.  A message from
+one of its replicas to another worker's replica goes through the sender's NIC and
+the WAN link here, then leaves as an *export*: its arrival time at the receiver,
+which is at least the one-way propagation between the two DCs after the event that
+sent it (:meth:`WanNetwork.set_remote`).  With ``L`` the least such propagation
+between DCs of different workers (the *lookahead*), nothing a worker does at or
+after time ``c`` reaches another worker before ``c + L``.  So after each advance a
+worker sends every peer a report -- "I have run everything before ``c``", with the
+messages it exported -- and a worker may run up to the least reported clock plus
+``L``.  Advances are ``L / REPORTS_PER_LOOKAHEAD`` long at most, so a worker whose
+peer is busy keeps going in small steps up to a lookahead ahead instead of waiting
+at a barrier (the DCs' load comes in bursts that do not line up).  Imports enter the
+event queue after local events of the same instant, by sender, then send order
+(:meth:`WanNetwork.import_arrival`), whatever moment their report arrived, so the
+run is deterministic.  The coordinator (this process) joins at every progress step
+to check convergence everywhere and report progress.
 
 What is the same as one process: the model -- every replica, message, queue and
 CPU charge is simulated exactly as in :func:`simulator.experiment.run_ekko_family`
@@ -46,11 +51,11 @@ Example:
 from __future__ import annotations
 
 import itertools
+import math
 import multiprocessing as mp
 import queue
 import time
 import traceback
-from operator import itemgetter
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -70,6 +75,9 @@ __all__ = ["MAX_WORKERS", "partition_dcs", "run_partitioned"]
 MAX_WORKERS = 16
 #: DC-to-worker assignments tried exhaustively up to this many; above, DCs are dealt greedily.
 MAX_ASSIGNMENTS = 100_000
+#: clock reports a worker sends its peers per lookahead of simulated time: finer reports
+#: let a worker whose peer is busy run ahead in smaller steps, up to one lookahead.
+REPORTS_PER_LOOKAHEAD = 4
 #: seconds the coordinator waits for a worker's report before checking they are all alive.
 POLL_S = 1.0
 
@@ -126,8 +134,9 @@ def partition_dcs(dcs: Sequence[str], load: dict[str, int], propagation_s: Calla
 def run_partitioned(sc: Scenario, system: str, workers: int, progress: Progress | None = None,
                     queue_factory=None) -> dict[str, Any]:
     """Run one ekko-family system over ``workers`` processes; returns its results entry
-    (as :func:`simulator.experiment.run_ekko_family`) plus ``partition``: the DC groups,
-    the lookahead, the windows run and each worker's peak RSS."""
+    (as :func:`simulator.experiment.run_ekko_family`) plus ``partition`` (the DC groups,
+    the lookahead, messages exchanged) and ``partition_timing`` (advances, each worker's
+    CPU, waits and peak RSS)."""
     if not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
         raise UsageError(f"workers must be an integer in 1..{MAX_WORKERS}, got {workers!r}")
     if sc.scheduler is not None:
@@ -156,7 +165,7 @@ def run_partitioned(sc: Scenario, system: str, workers: int, progress: Progress 
     for p in procs:
         p.start()
     try:
-        converged_at, windows, parts = _coordinate(sc, system, workers, procs, to_coord, verdicts, progress)
+        converged_at, advances, parts = _coordinate(sc, system, workers, procs, to_coord, verdicts, progress)
         for p in procs:
             p.join()
     finally:
@@ -184,15 +193,13 @@ def run_partitioned(sc: Scenario, system: str, workers: int, progress: Progress 
                           converged_at=converged_at, events=sum(part["events"] for part in parts), wall=wall,
                           rejected=rejected, rows_scanned=sum(part["rows_scanned"] for part in parts),
                           rows_walked=sum(part["rows_walked"] for part in parts), cpu=cpu)
-    out["partition"] = {"workers": workers, "dcs": groups, "lookahead_s": lookahead, "windows": windows,
+    out["partition"] = {"workers": workers, "dcs": groups, "lookahead_s": lookahead,
                         "messages_exchanged": sum(part["exported"] for part in parts)}
-    # Time figures (vary run to run, like wall_s): CPU each worker spent simulating, the
-    # critical path -- each window waits for its slowest worker, so this is what the run
-    # costs on idle cores -- the time workers waited at the window barriers, and memory
-    # (a worker's RSS counts the pages it still shares copy-on-write with the others).
+    # Time figures (vary run to run, like wall_s): CPU each worker spent simulating, how
+    # long it waited for a peer to catch up, and memory.
     out["partition_timing"] = {
-        "worker_cpu_s": [round(float(part["window_cpu"].sum()), 2) for part in parts],
-        "critical_path_cpu_s": round(float(np.max([part["window_cpu"] for part in parts], axis=0).sum()), 2),
+        "advances": advances,
+        "worker_cpu_s": [round(part["cpu_s"], 2) for part in parts],
         "worker_wait_s": [round(part["wait_s"], 2) for part in parts],
         "worker_peak_rss_mb": [round(part["peak_rss_mb"]) for part in parts]}
     return out
@@ -204,7 +211,7 @@ def _coordinate(sc: Scenario, system: str, workers: int, procs: list, to_coord, 
     them all whether to go on, then gather their results."""
     end = sc.duration_s + sc.settle_s
     converged_at = None
-    windows = 0
+    advances = 0
     steps: dict[float, list[bool]] = {}
     parts: dict[int, dict[str, Any]] = {}
     stopped = False
@@ -223,7 +230,7 @@ def _coordinate(sc: Scenario, system: str, workers: int, procs: list, to_coord, 
             _, _k, t, conv, w = msg
             got = steps.setdefault(t, [])
             got.append(conv)
-            windows = max(windows, w)
+            advances = max(advances, w)
             if len(got) < workers:
                 continue
             del steps[t]
@@ -239,7 +246,7 @@ def _coordinate(sc: Scenario, system: str, workers: int, procs: list, to_coord, 
             if not stopped:
                 raise RuntimeError("a simulation worker finished before the run ended")
             parts[msg[1]] = msg[2]
-    return converged_at, windows, [parts[k] for k in range(workers)]
+    return converged_at, advances, [parts[k] for k in range(workers)]
 
 
 def _worker(k: int, sc: Scenario, system: str, queue_factory, owner: dict[str, int], lookahead: float,
@@ -264,7 +271,6 @@ def _simulate(k: int, run: EkkoRun, sc: Scenario, owner: dict[str, int], lookahe
     mine = frozenset(cluster.nodes)
     peers = sorted(set(owner.values()) - {k})
     outbox: dict[int, list[tuple]] = {j: [] for j in peers}
-    exported = 0
 
     def export(arrive: float, s: int, d: int, p: int, payload: Any, nbytes: int, dinc: int) -> None:
         outbox[owner_of[d]].append((arrive, s, d, p, payload, nbytes, dinc))
@@ -273,40 +279,53 @@ def _simulate(k: int, run: EkkoRun, sc: Scenario, owner: dict[str, int], lookahe
     deliver = cluster._deliver           # what SimCluster.flush passes to net.send
     end = sc.duration_s + sc.settle_s
     step = progress_step(sc)
-    early: dict[tuple[int, int], list[tuple]] = {}   # (sender, window) read ahead of time
-    window = 0
-    window_cpu: list[float] = []   # CPU seconds of each window here (the critical path, below)
-    wait_s = 0.0
+    # What each peer has reported: it has run every event before this time and sent
+    # us everything those events exported.
+    peer_clock = {j: 0.0 for j in peers}
+    stride = lookahead / REPORTS_PER_LOOKAHEAD
+    stats = {"advances": 0, "cpu_s": 0.0, "wait_s": 0.0}
+
+    def take(block: bool) -> None:
+        """Import the reports waiting in our inbox (at least one when ``block``)."""
+        while True:
+            try:
+                sender, clock, msgs = inboxes[k].get() if block else inboxes[k].get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            now = sim.now
+            for arrive, s, d, p, payload, nbytes, dinc in msgs:
+                if arrive < now:
+                    raise RuntimeError(f"causality: a message from worker {sender} arrives at {arrive} < {now}, "
+                                       f"in time already simulated here (lookahead {lookahead})")
+                # priority 1 + sender: after local events at the same instant, then by
+                # sender, then send order -- whenever the report happened to arrive
+                net.import_arrival(arrive, s, d, p, payload, nbytes, dinc, deliver, priority=1 + sender)
+            peer_clock[sender] = clock
+
     t = 0.0
     while t < end:
         b = min(end, t + step)           # the same steps as a one-process run
         while sim.now < b:
+            # Nothing a peer does at or after its clock reaches us before clock + lookahead.
+            target = min(b, min(peer_clock.values(), default=math.inf) + lookahead, sim.now + stride)
+            if target <= sim.now:
+                w0 = time.perf_counter()
+                take(block=True)
+                stats["wait_s"] += time.perf_counter() - w0
+                continue
             c0 = time.process_time()
-            sim.run(until=min(b, sim.now + lookahead))
-            window_cpu.append(time.process_time() - c0)
-            c1 = time.perf_counter()
-            window += 1
+            sim.run(until=target)
+            stats["cpu_s"] += time.process_time() - c0
+            stats["advances"] += 1
             for j in peers:
-                exported += len(outbox[j])
-                inboxes[j].put((k, window, outbox[j]))
+                stats["exported"] = stats.get("exported", 0) + len(outbox[j])
+                inboxes[j].put((k, sim.now, outbox[j]))
                 outbox[j] = []
-            got: list[tuple] = []
-            for j in peers:              # in worker order, so ties sort the same every run
-                while (j, window) not in early:
-                    sender, w, msgs = inboxes[k].get()
-                    early[(sender, w)] = msgs
-                got.extend(early.pop((j, window)))
-            wait_s += time.perf_counter() - c1
-            got.sort(key=itemgetter(0))  # stable: ties keep worker order, then send order
-            now = sim.now
-            for arrive, s, d, p, payload, nbytes, dinc in got:
-                if arrive < now:
-                    raise RuntimeError(f"causality: a message from another worker arrives at {arrive} "
-                                       f"< {now}, inside a window already run (lookahead {lookahead})")
-                net.import_arrival(arrive, s, d, p, payload, nbytes, dinc, deliver)
+            take(block=False)
         t = b
         conv = t >= sc.duration_s and _converged(sc, cluster, run.truth)
-        to_coord.put(("step", k, t, conv, window))
+        to_coord.put(("step", k, t, conv, stats["advances"]))
         if verdict.get():
             break
     nodes = [cluster.nodes[n] for n in sorted(mine)]
@@ -315,7 +334,8 @@ def _simulate(k: int, run: EkkoRun, sc: Scenario, owner: dict[str, int], lookahe
             "rows_scanned": sum(n.counters["rows_scanned"] for n in nodes),
             "rows_walked": sum(n.counters["rows_walked"] for n in nodes),
             "cpu": cluster.cpu.summary() if cluster.cpu is not None else None,
-            "events": sim.events, "exported": exported, "window_cpu": np.array(window_cpu), "wait_s": wait_s,
+            "events": sim.events, "exported": stats.get("exported", 0), "cpu_s": stats["cpu_s"],
+            "wait_s": stats["wait_s"],
             "peak_rss_mb": self_peak_rss_mb()}
     if k == 0:  # every worker drew the same samples and truth: one copy is enough
         part["rec"], part["truth"] = run.rec, run.truth
