@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import multiprocessing as mp
 import queue
 import time
@@ -252,6 +253,11 @@ def _coordinate(sc: Scenario, system: str, workers: int, procs: list, to_coord, 
 def _worker(k: int, sc: Scenario, system: str, queue_factory, owner: dict[str, int], lookahead: float,
             inboxes: list, to_coord, verdict) -> None:
     """One worker process: build and simulate the replicas of DCs ``owner`` gives ``k``."""
+    for j, q in enumerate(inboxes):
+        if j != k:
+            # A peer that has finished reads no more: our last reports must not keep us alive.
+            q.cancel_join_thread()
+    code = 0
     try:
         # One thread per worker: the workers are the parallelism, and a forked child
         # must not enter an OpenMP pool its parent started (libgomp hangs there).
@@ -261,6 +267,12 @@ def _worker(k: int, sc: Scenario, system: str, queue_factory, owner: dict[str, i
         to_coord.put(("done", k, _simulate(k, run, sc, owner, lookahead, inboxes, to_coord, verdict)))
     except BaseException:  # report, so the coordinator stops the others instead of hanging
         to_coord.put(("error", k, traceback.format_exc()))
+        code = 1
+    # Hand the result over, then leave without the usual exit work: a forked child may
+    # hold a copy of a lock (say stdout's) that a parent thread held at the fork.
+    to_coord.close()
+    to_coord.join_thread()
+    os._exit(code)
 
 
 def _simulate(k: int, run: EkkoRun, sc: Scenario, owner: dict[str, int], lookahead: float,
