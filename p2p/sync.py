@@ -408,7 +408,17 @@ def apply_links(shards: dict[int, ShardSync], links: list[list[int]]) -> list[in
         sync = shards.get(s)
         if sync is None:
             sync = shards[s] = ShardSync()
-        if (not sync.pending and sync.knowledge.step(origin, after, upto)) or sync.chain(origin, after, upto):
+        elif not sync.pending:
+            # Knowledge.step inlined: a push carries one link per shard and reaches
+            # every replica, so this loop runs (shards x replicas) times per publish.
+            k = sync.knowledge
+            v = k._v
+            if v.get(origin, 0) == after:
+                v[origin] = upto
+                k._digest = None
+                moved.append(s)
+                continue
+        if sync.chain(origin, after, upto):
             moved.append(s)
     return moved
 
