@@ -78,6 +78,10 @@ from rollback.undo import UndoHistory
 
 #: format of the protocol state kept in snapshots (:meth:`ReplicaNode.export_state`).
 STATE_FORMAT = 1
+#: counter names of applied rows per apply source (built once: applies are the hot path).
+_APPLIED_KEYS = {src: f"applied_rows_{src}" for src in ("push", "pull", "publish", "local")}
+#: counter names of received frames per message type.
+_RX_KEYS = {t: f"rx_{t.name.lower()}" for t in MsgType}
 
 
 
@@ -265,7 +269,7 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         changes nothing (every message is validated before any state changes)."""
         body = frame.body
         t = frame.msg_type
-        self.counters[f"rx_{t.name.lower()}"] += 1
+        self.counters[_RX_KEYS[t]] += 1
         self._dispatch(t, body, now)
         # Only a frame that passed validation is evidence of life: a refused one (anyone
         # can send garbage naming a member) must not keep a dead peer looking alive.
@@ -603,7 +607,10 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         """Refuse a whole frame whose rows (or knowledge counter ``known``) lie beyond
         :meth:`counter_horizon`: such a version would shadow every later update of its
         row and drag freshness heads forward.  Raises :class:`ProtocolError`."""
-        top = max([known] + [int(d.versions.max()) >> ORIGIN_BITS for d in deltas if len(d)])
+        top = known
+        for d in deltas:
+            if len(d):
+                top = max(top, int(d.versions.max()) >> ORIGIN_BITS)
         horizon = self.counter_horizon(now)
         if top > horizon:
             self.counters["refused_future_frames"] += 1
@@ -613,25 +620,38 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
                                 f"(check the sender's clock; a publisher over 256,000 rows/s runs its HLC ahead "
                                 f"of wall time and needs a larger max_clock_skew)", "future_version")
 
-    def _apply(self, m: _Model, d: Delta, now: float, source: str) -> ApplyResult:
+    def _apply(self, m: _Model, d: Delta, now: float, source: str, distinct: bool | None = None,
+               shards: np.ndarray | None = None) -> ApplyResult:
+        """Apply ``d`` to the store and note it (index, shard tops, head, hooks).
+
+        ``distinct`` and ``shards`` describe ``d.ids`` when the caller knows them
+        already (see :meth:`ekko.store.TableStore.apply`); they are dropped as soon as
+        a filter here replaces ``d``."""
         ts = m.store.table(d.table)
-        if self.baseline_pin and len(d):
-            d = self._baseline_filter(d)  # a pinned baseline holds the cut's state (node_rollback)
-        if len(self.fence) and len(d):
-            fenced = self.fence.mask(d.model, d.table, d.ids, d.versions)
-            if fenced.any():
-                # Rolled-back versions never come back, wherever they still travel.
-                self.counters["fenced_rows"] += int(fenced.sum())
-                d = d.take(~fenced)
-        res = ts.apply(d, capture_old=self.undo is not None)
-        if self.undo is not None and len(res):
-            self._seq += 1
-            self.undo.record(d.model, d.table, self._seq, res)
-        if len(res):
+        if len(d):
+            if self._baseline_pin:
+                d2 = self._baseline_filter(d)  # a pinned baseline holds the cut's state (node_rollback)
+                if d2 is not d:
+                    d, distinct, shards = d2, None, None
+            if self.fence._ranges and len(self.fence):
+                fenced = self.fence.mask(d.model, d.table, d.ids, d.versions)
+                if fenced.any():
+                    # Rolled-back versions never come back, wherever they still travel.
+                    self.counters["fenced_rows"] += int(fenced.sum())
+                    d, distinct, shards = d.take(~fenced), None, None
+        res = ts.apply(d, capture_old=self.undo is not None, distinct=distinct, shards=shards)
+        n = len(res)
+        if n:
+            if self.undo is not None:
+                self._seq += 1
+                self.undo.record(d.model, d.table, self._seq, res)
             m.index[d.table].note_applied(res.ids, res.versions, now, self.config.index_rows)
-            np.maximum.at(m.top[d.table], ts.spec.shards_of(res.ids), res.versions)
-            m.head = max(m.head, int(counters_of(res.versions).max()))
-            self.counters[f"applied_rows_{source}"] += len(res)
+            if shards is None or res.ids is not d.ids:
+                shards = ts.spec.shards_of(res.ids)
+            np.maximum.at(m.top[d.table], shards, res.versions)
+            # The greatest packed version holds the greatest counter (counter bits on top).
+            m.head = max(m.head, int(res.versions.max()) >> ORIGIN_BITS)
+            self.counters[_APPLIED_KEYS.get(source) or f"applied_rows_{source}"] += n
             for hook in self.on_apply:
                 hook(d.model, d.table, res, source)
         return res
