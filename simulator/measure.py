@@ -11,6 +11,7 @@ replica.
 from __future__ import annotations
 
 import resource
+from math import isnan
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,21 +146,25 @@ class LatencyRecorder:
             return
         lat, emitted = self._lat, self.emitted
         slot_l, vers_l = memo[5], memo[6]
+        all_samples, all_svers = self._slot_samples, self._slot_versions
+        settled = 0
         for j in pend.tolist():
             slot = slot_l[j]
             v = vers_l[j]
             # A row's samples are in version order (emitted in time order) and a replica
             # settles them in that order: resume where it stopped.
-            samples, svers = self._slot_samples[slot], self._slot_versions[slot]
+            samples, svers = all_samples[slot], all_svers[slot]
             k = start = int(done[j])
-            while k < len(samples) and svers[k] <= v:
+            n = len(samples)
+            while k < n and svers[k] <= v:
                 i = samples[k]
-                if lat[i, r] != lat[i, r]:  # NaN: not recorded yet
+                if isnan(lat[i, r]):  # not recorded yet
                     lat[i, r] = now - emitted[i]
-                    self._unset -= 1
+                    settled += 1
                 k += 1
             if k != start:
                 mine[slot] = k
+        self._unset -= settled
 
     def _memo_entry(self, ids: np.ndarray, versions: np.ndarray, of: np.ndarray) -> tuple[Any, ...]:
         """What :meth:`applied` needs of an applied batch, replica-independent: its
