@@ -278,7 +278,9 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
             self.members.heard_from(sender, now)
 
     def _dispatch(self, t: MsgType, body: dict[str, Any], now: float) -> None:
-        if t == MsgType.GOSSIP:
+        if t == MsgType.PUSH:  # the most frequent by far
+            self._on_push(body, now)
+        elif t == MsgType.GOSSIP:
             kind = field(body, "k", str)
             if kind == "g":
                 self._on_gossip(body, now)
@@ -294,8 +296,6 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
             self._on_pull_request(body, now)
         elif t == MsgType.PULL_RESPONSE:
             self._on_pull_response(body, now)
-        elif t == MsgType.PUSH:
-            self._on_push(body, now)
         elif t == MsgType.ROLLBACK:
             self._apply_rollback(field(body, "rb", dict), now)
         elif t == MsgType.CUT:

@@ -35,9 +35,20 @@ _SHARD_SALT = np.uint64(0x9E3779B97F4A7C15)
 _NO_ROWS = np.zeros(0, np.int64)
 
 
+_SALTS: dict[int, np.ndarray] = {}
+
+
+def _shard_salts(n: int) -> np.ndarray:
+    """``arange(n) * _SHARD_SALT`` (uint64, wrapping), computed once per table width."""
+    got = _SALTS.get(n)
+    if got is None:
+        got = _SALTS[n] = np.arange(n, dtype=np.uint64) * _SHARD_SALT
+        got.flags.writeable = False
+    return got
+
+
 def _scope_digest(digests: np.ndarray, mask: np.ndarray | None) -> int:
-    idx = np.arange(len(digests), dtype=np.uint64)
-    mixed = _mix(digests ^ (idx * _SHARD_SALT))
+    mixed = _mix(digests ^ _shard_salts(len(digests)))
     if mask is not None:
         mixed = mixed[mask]
     return int(np.bitwise_xor.reduce(mixed)) if len(mixed) else 0

@@ -221,11 +221,18 @@ class PushGossipMixin:
             self._out.append(Outgoing(peer, mem.address, MsgType.PUSH, body, extra))
 
     def _on_push(self, body: dict[str, Any], now: float) -> None:
-        sender = field(body, "from", str)
-        sender_dc = field(body, "dc", str)
-        raw = field(body, "deltas", list)
-        prio_raw = field(body, "prio", list, optional=True, default=None)
-        links_raw = field(body, "links", list, optional=True, default=None)
+        # field() for each, only when the plain lookups do not already show the right
+        # types (it raises the same errors in the same order).
+        sender, sender_dc, raw = body.get("from"), body.get("dc"), body.get("deltas")
+        if type(sender) is not str or type(sender_dc) is not str or type(raw) is not list:
+            sender = field(body, "from", str)
+            sender_dc = field(body, "dc", str)
+            raw = field(body, "deltas", list)
+        prio_raw, links_raw = body.get("prio"), body.get("links")
+        if prio_raw is not None and type(prio_raw) is not list:
+            prio_raw = field(body, "prio", list, optional=True, default=None)
+        if links_raw is not None and type(links_raw) is not list:
+            links_raw = field(body, "links", list, optional=True, default=None)
         cache = self.parse_cache
         companions = (prio_raw, links_raw, self.with_values)
         parsed = cache.get(raw, companions, self._same_specs) if cache is not None else None
