@@ -86,6 +86,25 @@ _RX_KEYS = {t: f"rx_{t.name.lower()}" for t in MsgType}
 
 
 
+#: mixed shard tops remembered by value (:func:`_mixed_top`); emptied when full.
+TOP_MIX_MEMO_ENTRIES = 1 << 12
+_TOP_MIX: dict[bytes, np.ndarray] = {}
+
+
+def _mixed_top(top: np.ndarray) -> np.ndarray:
+    """``_mix`` of a table's greatest held versions (read-only).  Replicas in sync hold
+    equal tops, and every anti-entropy round asks: look them up before mixing."""
+    key = top.tobytes()
+    got = _TOP_MIX.get(key)
+    if got is None:
+        got = _mix(top.view(np.uint64))
+        got.flags.writeable = False
+        if len(_TOP_MIX) >= TOP_MIX_MEMO_ENTRIES:
+            _TOP_MIX.clear()   # a pure function of the key: forgetting is safe
+        _TOP_MIX[key] = got
+    return got
+
+
 class _Model:
     """A model on this replica: its spec, store and per-shard protocol state."""
 
@@ -118,7 +137,7 @@ class _Model:
             for s in dirty:
                 d[s] = self.shards[table][s].knowledge.digest
             dirty.clear()
-        return d ^ _mix(self.top[table].view(np.uint64))
+        return d ^ _mixed_top(self.top[table])
 
     def recompute_top(self, table: str, rows: np.ndarray) -> None:
         """Refresh the greatest held version of the shards of ``rows`` (versions went down)."""
@@ -217,6 +236,8 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         self._wan_cursor = 0
         self._pairings: list[tuple[str, int]] = []
         self._pairings_key: tuple[int, int] | None = None
+        # ("wan", rank) scope masks per partner, for one topology version (_scope_masks).
+        self._wan_masks: dict[Any, Any] = {}
         # Rollback: the undo history (what applies overwrote), cuts, fences of rolled-back
         # versions, and rollbacks seen (gossiped so a replica that was away catches up).
         self.undo = UndoHistory(c.undo_bytes) if c.undo_bytes and with_values else None
