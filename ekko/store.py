@@ -103,6 +103,11 @@ class TableStore:
         # first applies (calloc maps zero pages lazily).
         self.versions = np.full(spec.rows, 0, dtype=np.int64)
         self.tombstone = np.zeros(spec.rows, dtype=bool)
+        # The tombstone array while it is known to hold no tombstone (None once one may
+        # have been written): clearing flags in it is then a no-op that applies skip -- a
+        # scatter into a cold array at every replica.  Only this class writes the array in
+        # place; one assigned from outside (a snapshot load, a copy) is not this object.
+        self._tomb_clean: np.ndarray | None = self.tombstone
         self.values: torch.Tensor | None = (
             torch.zeros(spec.rows, spec.dim, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
             if with_values else None)
@@ -176,7 +181,11 @@ class TableStore:
                 self.values.index_copy_(0, idx, src)
             else:  # all tombstones, checked above
                 self.values.index_fill_(0, idx, 0)
-        self.tombstone[wid] = tomb if tomb is not None else False
+        if tomb is not None:
+            self.tombstone[wid] = tomb
+            self._tomb_clean = None
+        elif self._tomb_clean is not self.tombstone:
+            self.tombstone[wid] = False
         self._mark_dirty(wid, shards if wid is ids else None)
         return ApplyResult(wid, new_w, old_w, old_values, old_tomb)
 
@@ -218,7 +227,11 @@ class TableStore:
         if self.values is not None and values is None:
             raise UsageError("restore_rows needs values on a store with values")
         self.versions[ids] = versions
-        self.tombstone[ids] = tombstone if tombstone is not None else False
+        if tombstone is not None:
+            self.tombstone[ids] = tombstone
+            self._tomb_clean = None
+        elif self._tomb_clean is not self.tombstone:
+            self.tombstone[ids] = False
         if self.values is not None:
             idx = _tensor(np.ascontiguousarray(ids)).to(self.device)
             self.values.index_copy_(0, idx, from_wire_values(np.ascontiguousarray(values), self.spec.dtype,
