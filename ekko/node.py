@@ -54,7 +54,7 @@ from ekko.errors import ProtocolError, UsageError
 from ekko.node_antientropy import AntiEntropyMixin
 from ekko.node_push import PushGossipMixin, _impact_of
 from ekko.node_rollback import RollbackMixin
-from ekko.node_types import Outgoing, PublishAck
+from ekko.node_types import DeltaFacts, Outgoing, PublishAck
 from ekko.parse_cache import ParseCache
 from ekko.spec import ModelSpec, TableSpec, check_name
 from ekko.store import ApplyResult, ModelStore
@@ -641,37 +641,43 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
                                 f"(check the sender's clock; a publisher over 256,000 rows/s runs its HLC ahead "
                                 f"of wall time and needs a larger max_clock_skew)", "future_version")
 
-    def _apply(self, m: _Model, d: Delta, now: float, source: str, distinct: bool | None = None,
-               shards: np.ndarray | None = None) -> ApplyResult:
+    def _apply(self, m: _Model, d: Delta, now: float, source: str, facts: DeltaFacts | None = None) -> ApplyResult:
         """Apply ``d`` to the store and note it (index, shard tops, head, hooks).
 
-        ``distinct`` and ``shards`` describe ``d.ids`` when the caller knows them
-        already (see :meth:`ekko.store.TableStore.apply`); they are dropped as soon as
-        a filter here replaces ``d``."""
+        ``facts`` describe ``d`` when the caller knows them already (a parsed push);
+        they are dropped as soon as a filter here replaces ``d``, and the whole-delta
+        ones serve only when every row of ``d`` took (``res.ids is d.ids``)."""
         ts = m.store.table(d.table)
         if len(d):
             if self._baseline_pin:
                 d2 = self._baseline_filter(d)  # a pinned baseline holds the cut's state (node_rollback)
                 if d2 is not d:
-                    d, distinct, shards = d2, None, None
+                    d, facts = d2, None
             if self.fence._ranges and len(self.fence):
                 fenced = self.fence.mask(d.model, d.table, d.ids, d.versions)
                 if fenced.any():
                     # Rolled-back versions never come back, wherever they still travel.
                     self.counters["fenced_rows"] += int(fenced.sum())
-                    d, distinct, shards = d.take(~fenced), None, None
-        res = ts.apply(d, capture_old=self.undo is not None, distinct=distinct, shards=shards)
+                    d, facts = d.take(~fenced), None
+        if facts is None:
+            res = ts.apply(d, capture_old=self.undo is not None)
+        else:
+            res = ts.apply(d, capture_old=self.undo is not None, distinct=facts.distinct, shards=facts.shards)
         n = len(res)
         if n:
             if self.undo is not None:
                 self._seq += 1
                 self.undo.record(d.model, d.table, self._seq, res)
             m.index[d.table].note_applied(res.ids, res.versions, now, self.config.index_rows)
-            if shards is None or res.ids is not d.ids:
-                shards = ts.spec.shards_of(res.ids)
-            np.maximum.at(m.top[d.table], shards, res.versions)
+            top = m.top[d.table]
+            if facts is not None and res.ids is d.ids:   # every row took: res.versions is d.versions
+                np.maximum(top, facts.shard_max, out=top)
+                vmax = facts.max_version
+            else:
+                np.maximum.at(top, ts.spec.shards_of(res.ids), res.versions)
+                vmax = int(res.versions.max())
             # The greatest packed version holds the greatest counter (counter bits on top).
-            m.head = max(m.head, int(res.versions.max()) >> ORIGIN_BITS)
+            m.head = max(m.head, vmax >> ORIGIN_BITS)
             self.counters[_APPLIED_KEYS.get(source) or f"applied_rows_{source}"] += n
             for hook in self.on_apply:
                 hook(d.model, d.table, res, source)

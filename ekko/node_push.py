@@ -20,7 +20,7 @@ from ekko.codec import (
 from ekko.delta import Delta
 from ekko.errors import ProtocolError, UsageError
 from ekko.node_rollback import MAX_ROLLBACK_RECORDS
-from ekko.node_types import Outgoing
+from ekko.node_types import DeltaFacts, Outgoing
 from ekko.parse_cache import freeze
 from ekko.spec import ModelSpec
 from ekko.store import ApplyResult
@@ -249,15 +249,15 @@ class PushGossipMixin:
         peers = [p for p in self._live_peers(self.dc) if p != sender] if forward else []
         for i, d in enumerate(deltas):
             m = self.models[d.model]
-            distinct, shards, link_list = facts[i]
-            res = self._apply(m, d, now, "push", distinct, shards)
+            f = facts[i]
+            res = self._apply(m, d, now, "push", f)
             ls = links[i] if links else None
             if ls is not None and not self._baseline_pin:
                 # The frame carries every row of these publish-chain links: knowledge
                 # advances here as it did at the ingest, so anti-entropy finds equal shard
                 # versions instead of re-listing rows every replica already holds.
-                self.counters["push_links"] += len(link_list)
-                m.dirty[d.table].update(apply_links(m.shards[d.table], link_list))
+                self.counters["push_links"] += len(f.links)
+                m.dirty[d.table].update(apply_links(m.shards[d.table], f.links))
             # Forwarded rows keep the links only when every row went on (see QueuedRows.links).
             fwd_links = ls if ls is not None and len(res) == len(d) else None
             if rumor and len(res):
@@ -280,11 +280,9 @@ class PushGossipMixin:
 
     def _parse_push(self, raw: list[Any], prio_raw: list[Any] | None, links_raw: list[Any] | None,
                     frozen: bool = False) -> tuple[list[Delta], list[Any], list[Any], int, tuple[Any, ...],
-                                                   list[tuple[bool, np.ndarray, list[list[int]] | None]]]:
+                                                   list[DeltaFacts]]:
         """Decode and validate a push's deltas, priorities and chain links, whole:
-        ``(deltas, prio, links, top counter, (model, table, spec) per delta, facts)``;
-        facts per delta are what every receiver would otherwise derive again: whether
-        its ids are distinct, their shards, and its links as Python lists."""
+        ``(deltas, prio, links, top counter, (model, table, spec) per delta, facts)``."""
         if len(raw) > MAX_DELTAS_PER_MSG:
             raise ProtocolError("too many deltas in one push", "too_large")
         deltas = [delta_from_wire(d, self.table_spec, values_required=self.with_values) for d in raw]
@@ -299,13 +297,15 @@ class PushGossipMixin:
         specs = tuple((d.model, d.table, self.table_spec(d.model, d.table)) for d in deltas)
         facts = []
         for i, (d, (_, _, spec)) in enumerate(zip(deltas, specs)):
-            ids = d.ids
-            srt = np.sort(ids)
-            shards = spec.shards_of(ids)
+            srt = np.sort(d.ids)
+            shards = spec.shards_of(d.ids)
+            shard_max = np.zeros(spec.num_shards, np.int64)
+            np.maximum.at(shard_max, shards, d.versions)
             ls = links[i] if links else None
-            facts.append((not bool((srt[1:] == srt[:-1]).any()), shards, ls.tolist() if ls is not None else None))
+            facts.append(DeltaFacts(not bool((srt[1:] == srt[:-1]).any()), shards, shard_max,
+                                    int(d.versions.max()) if len(d) else 0, ls.tolist() if ls is not None else None))
             if frozen:  # shared with other receivers (ParseCache)
-                freeze(d.ids, d.versions, d.values, d.tombstone, d.impact, shards)
+                freeze(d.ids, d.versions, d.values, d.tombstone, d.impact, shards, shard_max)
         return deltas, prio, links, top, specs, facts
 
     def _same_specs(self, specs: tuple[Any, ...]) -> bool:
