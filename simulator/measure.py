@@ -11,12 +11,11 @@ replica.
 from __future__ import annotations
 
 import resource
-from math import isnan
 from dataclasses import dataclass, field
+from math import isnan
 from typing import Any
 
 import numpy as np
-
 
 #: applied-ids arrays whose tracked rows are remembered (several fan-outs interleave).
 APPLIED_MEMO_ENTRIES = 16
