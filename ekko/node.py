@@ -54,7 +54,7 @@ from ekko.errors import ProtocolError, UsageError
 from ekko.node_antientropy import AntiEntropyMixin
 from ekko.node_push import PushGossipMixin, _impact_of
 from ekko.node_rollback import RollbackMixin
-from ekko.node_types import Outgoing, PublishAck
+from ekko.node_types import DeltaFacts, Outgoing, PublishAck
 from ekko.parse_cache import ParseCache
 from ekko.spec import ModelSpec, TableSpec, check_name
 from ekko.store import ApplyResult, ModelStore
@@ -78,8 +78,31 @@ from rollback.undo import UndoHistory
 
 #: format of the protocol state kept in snapshots (:meth:`ReplicaNode.export_state`).
 STATE_FORMAT = 1
+#: counter names of applied rows per apply source (built once: applies are the hot path).
+_APPLIED_KEYS = {src: f"applied_rows_{src}" for src in ("push", "pull", "publish", "local")}
+#: counter names of received frames per message type.
+_RX_KEYS = {t: f"rx_{t.name.lower()}" for t in MsgType}
 
 
+
+
+#: mixed shard tops remembered by value (:func:`_mixed_top`); emptied when full.
+TOP_MIX_MEMO_ENTRIES = 1 << 12
+_TOP_MIX: dict[bytes, np.ndarray] = {}
+
+
+def _mixed_top(top: np.ndarray) -> np.ndarray:
+    """``_mix`` of a table's greatest held versions (read-only).  Replicas in sync hold
+    equal tops, and every anti-entropy round asks: look them up before mixing."""
+    key = top.tobytes()
+    got = _TOP_MIX.get(key)
+    if got is None:
+        got = _mix(top.view(np.uint64))
+        got.flags.writeable = False
+        if len(_TOP_MIX) >= TOP_MIX_MEMO_ENTRIES:
+            _TOP_MIX.clear()   # a pure function of the key: forgetting is safe
+        _TOP_MIX[key] = got
+    return got
 
 
 class _Model:
@@ -114,7 +137,7 @@ class _Model:
             for s in dirty:
                 d[s] = self.shards[table][s].knowledge.digest
             dirty.clear()
-        return d ^ _mix(self.top[table].view(np.uint64))
+        return d ^ _mixed_top(self.top[table])
 
     def recompute_top(self, table: str, rows: np.ndarray) -> None:
         """Refresh the greatest held version of the shards of ``rows`` (versions went down)."""
@@ -213,6 +236,8 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         self._wan_cursor = 0
         self._pairings: list[tuple[str, int]] = []
         self._pairings_key: tuple[int, int] | None = None
+        # ("wan", rank) scope masks per partner, for one topology version (_scope_masks).
+        self._wan_masks: dict[Any, Any] = {}
         # Rollback: the undo history (what applies overwrote), cuts, fences of rolled-back
         # versions, and rollbacks seen (gossiped so a replica that was away catches up).
         self.undo = UndoHistory(c.undo_bytes) if c.undo_bytes and with_values else None
@@ -265,7 +290,7 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         changes nothing (every message is validated before any state changes)."""
         body = frame.body
         t = frame.msg_type
-        self.counters[f"rx_{t.name.lower()}"] += 1
+        self.counters[_RX_KEYS[t]] += 1
         self._dispatch(t, body, now)
         # Only a frame that passed validation is evidence of life: a refused one (anyone
         # can send garbage naming a member) must not keep a dead peer looking alive.
@@ -274,7 +299,9 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
             self.members.heard_from(sender, now)
 
     def _dispatch(self, t: MsgType, body: dict[str, Any], now: float) -> None:
-        if t == MsgType.GOSSIP:
+        if t == MsgType.PUSH:  # the most frequent by far
+            self._on_push(body, now)
+        elif t == MsgType.GOSSIP:
             kind = field(body, "k", str)
             if kind == "g":
                 self._on_gossip(body, now)
@@ -290,8 +317,6 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
             self._on_pull_request(body, now)
         elif t == MsgType.PULL_RESPONSE:
             self._on_pull_response(body, now)
-        elif t == MsgType.PUSH:
-            self._on_push(body, now)
         elif t == MsgType.ROLLBACK:
             self._apply_rollback(field(body, "rb", dict), now)
         elif t == MsgType.CUT:
@@ -603,7 +628,10 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         """Refuse a whole frame whose rows (or knowledge counter ``known``) lie beyond
         :meth:`counter_horizon`: such a version would shadow every later update of its
         row and drag freshness heads forward.  Raises :class:`ProtocolError`."""
-        top = max([known] + [int(d.versions.max()) >> ORIGIN_BITS for d in deltas if len(d)])
+        top = known
+        for d in deltas:
+            if len(d):
+                top = max(top, int(d.versions.max()) >> ORIGIN_BITS)
         horizon = self.counter_horizon(now)
         if top > horizon:
             self.counters["refused_future_frames"] += 1
@@ -613,25 +641,44 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
                                 f"(check the sender's clock; a publisher over 256,000 rows/s runs its HLC ahead "
                                 f"of wall time and needs a larger max_clock_skew)", "future_version")
 
-    def _apply(self, m: _Model, d: Delta, now: float, source: str) -> ApplyResult:
+    def _apply(self, m: _Model, d: Delta, now: float, source: str, facts: DeltaFacts | None = None) -> ApplyResult:
+        """Apply ``d`` to the store and note it (index, shard tops, head, hooks).
+
+        ``facts`` describe ``d`` when the caller knows them already (a parsed push);
+        they are dropped as soon as a filter here replaces ``d``, and the whole-delta
+        ones serve only when every row of ``d`` took (``res.ids is d.ids``)."""
         ts = m.store.table(d.table)
-        if self.baseline_pin and len(d):
-            d = self._baseline_filter(d)  # a pinned baseline holds the cut's state (node_rollback)
-        if len(self.fence) and len(d):
-            fenced = self.fence.mask(d.model, d.table, d.ids, d.versions)
-            if fenced.any():
-                # Rolled-back versions never come back, wherever they still travel.
-                self.counters["fenced_rows"] += int(fenced.sum())
-                d = d.take(~fenced)
-        res = ts.apply(d, capture_old=self.undo is not None)
-        if self.undo is not None and len(res):
-            self._seq += 1
-            self.undo.record(d.model, d.table, self._seq, res)
-        if len(res):
+        if len(d):
+            if self._baseline_pin:
+                d2 = self._baseline_filter(d)  # a pinned baseline holds the cut's state (node_rollback)
+                if d2 is not d:
+                    d, facts = d2, None
+            if self.fence._ranges and len(self.fence):
+                fenced = self.fence.mask(d.model, d.table, d.ids, d.versions)
+                if fenced.any():
+                    # Rolled-back versions never come back, wherever they still travel.
+                    self.counters["fenced_rows"] += int(fenced.sum())
+                    d, facts = d.take(~fenced), None
+        if facts is None:
+            res = ts.apply(d, capture_old=self.undo is not None)
+        else:
+            res = ts.apply(d, capture_old=self.undo is not None, distinct=facts.distinct, shards=facts.shards)
+        n = len(res)
+        if n:
+            if self.undo is not None:
+                self._seq += 1
+                self.undo.record(d.model, d.table, self._seq, res)
             m.index[d.table].note_applied(res.ids, res.versions, now, self.config.index_rows)
-            np.maximum.at(m.top[d.table], ts.spec.shards_of(res.ids), res.versions)
-            m.head = max(m.head, int(counters_of(res.versions).max()))
-            self.counters[f"applied_rows_{source}"] += len(res)
+            top = m.top[d.table]
+            if facts is not None and res.ids is d.ids:   # every row took: res.versions is d.versions
+                np.maximum(top, facts.shard_max, out=top)
+                vmax = facts.max_version
+            else:
+                np.maximum.at(top, ts.spec.shards_of(res.ids), res.versions)
+                vmax = int(res.versions.max())
+            # The greatest packed version holds the greatest counter (counter bits on top).
+            m.head = max(m.head, vmax >> ORIGIN_BITS)
+            self.counters[_APPLIED_KEYS.get(source) or f"applied_rows_{source}"] += n
             for hook in self.on_apply:
                 hook(d.model, d.table, res, source)
         return res

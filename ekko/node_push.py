@@ -20,7 +20,7 @@ from ekko.codec import (
 from ekko.delta import Delta
 from ekko.errors import ProtocolError, UsageError
 from ekko.node_rollback import MAX_ROLLBACK_RECORDS
-from ekko.node_types import Outgoing
+from ekko.node_types import DeltaFacts, Outgoing
 from ekko.parse_cache import freeze
 from ekko.spec import ModelSpec
 from ekko.store import ApplyResult
@@ -221,11 +221,18 @@ class PushGossipMixin:
             self._out.append(Outgoing(peer, mem.address, MsgType.PUSH, body, extra))
 
     def _on_push(self, body: dict[str, Any], now: float) -> None:
-        sender = field(body, "from", str)
-        sender_dc = field(body, "dc", str)
-        raw = field(body, "deltas", list)
-        prio_raw = field(body, "prio", list, optional=True, default=None)
-        links_raw = field(body, "links", list, optional=True, default=None)
+        # field() for each, only when the plain lookups do not already show the right
+        # types (it raises the same errors in the same order).
+        sender, sender_dc, raw = body.get("from"), body.get("dc"), body.get("deltas")
+        if type(sender) is not str or type(sender_dc) is not str or type(raw) is not list:
+            sender = field(body, "from", str)
+            sender_dc = field(body, "dc", str)
+            raw = field(body, "deltas", list)
+        prio_raw, links_raw = body.get("prio"), body.get("links")
+        if prio_raw is not None and type(prio_raw) is not list:
+            prio_raw = field(body, "prio", list, optional=True, default=None)
+        if links_raw is not None and type(links_raw) is not list:
+            links_raw = field(body, "links", list, optional=True, default=None)
         cache = self.parse_cache
         companions = (prio_raw, links_raw, self.with_values)
         parsed = cache.get(raw, companions, self._same_specs) if cache is not None else None
@@ -233,8 +240,8 @@ class PushGossipMixin:
             parsed = self._parse_push(raw, prio_raw, links_raw, frozen=cache is not None)
             if cache is not None:
                 cache.put(raw, companions, parsed[4], parsed)
-        deltas, prio, links, top, _ = parsed
-        self.refuse_future([], now, "push", known=top)
+        deltas, prio, links, top, _, facts = parsed
+        self.refuse_future((), now, "push", known=top)
         # A push from another DC reached us as that shard's gateway: forward it over
         # the LAN.  Pushes from our own DC stop here, so there are no loops.
         rumor = self.config.push and self.config.push_mode == "random"
@@ -242,14 +249,15 @@ class PushGossipMixin:
         peers = [p for p in self._live_peers(self.dc) if p != sender] if forward else []
         for i, d in enumerate(deltas):
             m = self.models[d.model]
-            res = self._apply(m, d, now, source="push")
+            f = facts[i]
+            res = self._apply(m, d, now, "push", f)
             ls = links[i] if links else None
-            if ls is not None and not self.baseline_pin:
+            if ls is not None and not self._baseline_pin:
                 # The frame carries every row of these publish-chain links: knowledge
                 # advances here as it did at the ingest, so anti-entropy finds equal shard
                 # versions instead of re-listing rows every replica already holds.
-                self.counters["push_links"] += len(ls)
-                m.dirty[d.table].update(apply_links(m.shards[d.table], ls.tolist()))
+                self.counters["push_links"] += len(f.links)
+                m.dirty[d.table].update(apply_links(m.shards[d.table], f.links))
             # Forwarded rows keep the links only when every row went on (see QueuedRows.links).
             fwd_links = ls if ls is not None and len(res) == len(d) else None
             if rumor and len(res):
@@ -271,9 +279,10 @@ class PushGossipMixin:
             self.flush(now)
 
     def _parse_push(self, raw: list[Any], prio_raw: list[Any] | None, links_raw: list[Any] | None,
-                    frozen: bool = False) -> tuple[list[Delta], list[Any], list[Any], int, tuple[Any, ...]]:
+                    frozen: bool = False) -> tuple[list[Delta], list[Any], list[Any], int, tuple[Any, ...],
+                                                   list[DeltaFacts]]:
         """Decode and validate a push's deltas, priorities and chain links, whole:
-        ``(deltas, prio, links, top counter, (model, table, spec) per delta)``."""
+        ``(deltas, prio, links, top counter, (model, table, spec) per delta, facts)``."""
         if len(raw) > MAX_DELTAS_PER_MSG:
             raise ProtocolError("too many deltas in one push", "too_large")
         deltas = [delta_from_wire(d, self.table_spec, values_required=self.with_values) for d in raw]
@@ -285,14 +294,34 @@ class PushGossipMixin:
         links = [self._links_from_wire(e, d) for e, d in zip(links_raw, deltas)] if links_raw else []
         top = max([int(d.versions.max()) >> ORIGIN_BITS for d in deltas if len(d)]
                   + [int(ls[:, 3].max()) for ls in links if ls is not None and len(ls)], default=0)
-        if frozen:  # shared with other receivers (ParseCache)
-            for d in deltas:
-                freeze(d.ids, d.versions, d.values, d.tombstone, d.impact)
-        return deltas, prio, links, top, tuple((d.model, d.table, self.table_spec(d.model, d.table))
-                                               for d in deltas)
+        specs = tuple((d.model, d.table, self.table_spec(d.model, d.table)) for d in deltas)
+        facts = []
+        for i, (d, (_, _, spec)) in enumerate(zip(deltas, specs)):
+            srt = np.sort(d.ids)
+            shards = spec.shards_of(d.ids)
+            shard_max = np.zeros(spec.num_shards, np.int64)
+            np.maximum.at(shard_max, shards, d.versions)
+            ls = links[i] if links else None
+            facts.append(DeltaFacts(not bool((srt[1:] == srt[:-1]).any()), shards, shard_max,
+                                    int(d.versions.max()) if len(d) else 0, ls.tolist() if ls is not None else None))
+            if frozen:  # shared with other receivers (ParseCache)
+                freeze(d.ids, d.versions, d.values, d.tombstone, d.impact, shards, shard_max)
+        return deltas, prio, links, top, specs, facts
 
     def _same_specs(self, specs: tuple[Any, ...]) -> bool:
-        return all(self.table_spec(m, t) is s for m, t, s in specs)
+        models = self.models
+        for name, table, spec in specs:  # table_spec(name, table) is spec, without the calls
+            m = models.get(name)
+            if m is None or spec is None:
+                return False
+            for t in m.spec.tables:
+                if t.name == table:
+                    if t is not spec:
+                        return False
+                    break
+            else:
+                return False
+        return True
 
     def _links_from_wire(self, e: Any, d: Delta) -> np.ndarray | None:
         """A push delta's chain links (int64 ``[shard, origin, after, upto]`` rows) or

@@ -1,9 +1,12 @@
-"""Messages a replica node hands to its driver, and what a publish returns."""
+"""Messages a replica node hands to its driver, what a publish returns, and what a
+node learns once about a parsed push delta."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ekko.codec import MsgType
 
@@ -35,3 +38,30 @@ class PublishAck:
     rows: int
     applied: int
     max_counter: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaFacts:
+    """What every receiver of a parsed push delta would otherwise derive from it again:
+    the simulator shares one parsed delta among the receivers of a fan-out
+    (:mod:`ekko.parse_cache`), so they are derived once, at the parse.
+
+    Attributes:
+        distinct: the delta's ids have no repeats.
+        shards: the shard of each of its ids (aligned with ``ids``), read-only.
+        shard_max: per shard of the table, the greatest version among its rows there
+            (0 where it has none), read-only.
+        max_version: its greatest packed version (0 when empty).
+        links: its publish-chain links as ``[shard, origin, after, upto]`` lists, or None.
+
+    Example:
+        >>> f = DeltaFacts(True, np.array([0, 1]), np.array([7, 9]), 9, None)
+        >>> f.max_version
+        9
+    """
+
+    distinct: bool
+    shards: np.ndarray
+    shard_max: np.ndarray
+    max_version: int
+    links: list[list[int]] | None

@@ -51,12 +51,16 @@ class ParseCache:
         """The value stored for this very ``raw`` object and companions, or None.
         ``specs_ok(specs)`` says whether the receiver resolves the same table specs."""
         e = self._d.get(id(raw))
-        if (e is None or e[0] is not raw or len(e[1]) != len(companions)
-                or any(a is not b for a, b in zip(e[1], companions)) or not specs_ok(e[2])):
-            self.misses += 1
-            return None
-        self.hits += 1
-        return e[3]
+        if e is not None and e[0] is raw and len(e[1]) == len(companions):
+            for a, b in zip(e[1], companions):
+                if a is not b:
+                    break
+            else:
+                if specs_ok(e[2]):
+                    self.hits += 1
+                    return e[3]
+        self.misses += 1
+        return None
 
     def put(self, raw: Any, companions: tuple[Any, ...], specs: tuple[Any, ...], value: Any) -> None:
         self._d[id(raw)] = (raw, companions, specs, value)

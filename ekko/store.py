@@ -103,6 +103,11 @@ class TableStore:
         # first applies (calloc maps zero pages lazily).
         self.versions = np.full(spec.rows, 0, dtype=np.int64)
         self.tombstone = np.zeros(spec.rows, dtype=bool)
+        # The tombstone array while it is known to hold no tombstone (None once one may
+        # have been written): clearing flags in it is then a no-op that applies skip -- a
+        # scatter into a cold array at every replica.  Only this class writes the array in
+        # place; one assigned from outside (a snapshot load, a copy) is not this object.
+        self._tomb_clean: np.ndarray | None = self.tombstone
         self.values: torch.Tensor | None = (
             torch.zeros(spec.rows, spec.dim, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
             if with_values else None)
@@ -111,13 +116,19 @@ class TableStore:
         self._tags = _EMPTY  # scratch for apply's duplicate check, grown on demand
 
     # -- writes -----------------------------------------------------------------------------
-    def apply(self, delta: Delta, capture_old: bool = False) -> ApplyResult:
+    def apply(self, delta: Delta, capture_old: bool = False, distinct: bool | None = None,
+              shards: np.ndarray | None = None) -> ApplyResult:
         """Apply a delta in place; rows change only where the incoming version is greater.
 
         Several copies of one row in the delta resolve to the greatest version (copies
         with the same id and version are one update; any of them is taken).  The delta
         must already be validated (:meth:`Delta.check`); a delta the store cannot take
         raises :class:`UsageError` before anything changes.
+
+        ``distinct`` (whether ``delta.ids`` has no repeats) and ``shards`` (the shard of
+        each of ``delta.ids``) are what a caller may already know of the ids, to save
+        computing them again; None = unknown.  A push fanned out to many simulated
+        replicas shares one parsed delta, so its receivers learn them once.
         """
         n = len(delta)
         if n == 0:
@@ -130,7 +141,9 @@ class TableStore:
         # detects them (sequential, cheaper than any check on the version array with
         # cold caches), and only then are the winners collapsed.
         dups = False
-        if n > 1:
+        if distinct is not None:
+            dups = not distinct
+        elif n > 1:
             s = np.sort(ids)
             dups = bool((s[1:] == s[:-1]).any())
         old = self.versions[ids]
@@ -168,8 +181,12 @@ class TableStore:
                 self.values.index_copy_(0, idx, src)
             else:  # all tombstones, checked above
                 self.values.index_fill_(0, idx, 0)
-        self.tombstone[wid] = tomb if tomb is not None else False
-        self._mark_dirty(wid)
+        if tomb is not None:
+            self.tombstone[wid] = tomb
+            self._tomb_clean = None
+        elif self._tomb_clean is not self.tombstone:
+            self.tombstone[wid] = False
+        self._mark_dirty(wid, shards if wid is ids else None)
         return ApplyResult(wid, new_w, old_w, old_values, old_tomb)
 
     def _one_per_row(self, wid: np.ndarray, old_w: np.ndarray, new_w: np.ndarray) -> np.ndarray | None:
@@ -210,19 +227,23 @@ class TableStore:
         if self.values is not None and values is None:
             raise UsageError("restore_rows needs values on a store with values")
         self.versions[ids] = versions
-        self.tombstone[ids] = tombstone if tombstone is not None else False
+        if tombstone is not None:
+            self.tombstone[ids] = tombstone
+            self._tomb_clean = None
+        elif self._tomb_clean is not self.tombstone:
+            self.tombstone[ids] = False
         if self.values is not None:
             idx = _tensor(np.ascontiguousarray(ids)).to(self.device)
             self.values.index_copy_(0, idx, from_wire_values(np.ascontiguousarray(values), self.spec.dtype,
                                                               self.device))
         self._mark_dirty(ids)
 
-    def _mark_dirty(self, ids: np.ndarray) -> None:
+    def _mark_dirty(self, ids: np.ndarray, shards: np.ndarray | None = None) -> None:
         # A scatter of True, not np.unique: the latter sorts and costs more than the apply.
         if self.spec.num_shards == 1:
             self._dirty[0] = True
         else:
-            self._dirty[self.spec.shards_of(ids)] = True
+            self._dirty[self.spec.shards_of(ids) if shards is None else shards] = True
 
     # -- reads ------------------------------------------------------------------------------
     def read(self, ids: np.ndarray) -> torch.Tensor:

@@ -148,6 +148,18 @@ class HybridClock:
         self.last = max(self.last, int(counter))
 
 
+#: knowledge digests remembered by vector (:attr:`Knowledge.digest`); the memo is
+#: emptied when full.
+DIGEST_MEMO_ENTRIES = 1 << 12
+_DIGESTS: dict[tuple, int] = {}
+
+
+def _digest_of(items: tuple[tuple[int, int], ...]) -> int:
+    """The 64-bit digest of a non-empty, origin-sorted knowledge vector."""
+    buf = b"".join(struct.pack("<HQ", o, c) for o, c in items)
+    return int.from_bytes(hashlib.blake2b(buf, digest_size=8).digest(), "little") or 1
+
+
 class Knowledge:
     """A shard's version vector: origin -> highest counter fully reflected.
 
@@ -233,11 +245,20 @@ class Knowledge:
     def digest(self) -> int:
         """64-bit shard version: equal vectors give equal digests on every replica."""
         if self._digest is None:
-            if not self._v:
+            v = self._v
+            if not v:
                 self._digest = 0
             else:
-                buf = b"".join(struct.pack("<HQ", o, c) for o, c in sorted(self._v.items()))
-                self._digest = int.from_bytes(hashlib.blake2b(buf, digest_size=8).digest(), "little") or 1
+                # Replicas converge on the same vectors, so the same digest is asked for
+                # by every replica of a shard: look the vector up before hashing it.
+                key = tuple(sorted(v.items())) if len(v) > 1 else next(iter(v.items()))
+                d = _DIGESTS.get(key)
+                if d is None:
+                    d = _digest_of(key if len(v) > 1 else (key,))
+                    if len(_DIGESTS) >= DIGEST_MEMO_ENTRIES:
+                        _DIGESTS.clear()   # a pure function of the key: forgetting is safe
+                    _DIGESTS[key] = d
+                self._digest = d
         return self._digest
 
     def covers(self, packed: np.ndarray) -> np.ndarray:

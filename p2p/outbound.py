@@ -139,7 +139,7 @@ class FifoLinkQueue:
                             continue
                 kept.append(b)
             self._q = kept
-        at = rows.enqueued_at if rows.enqueued_at is not None else np.full(len(rows), now)
+        at = rows.enqueued_at if rows.enqueued_at is not None else _times(len(rows), now)
         self._q.append(QueuedRows(rows.model, rows.table, rows.ids, rows.versions, rows.row_bytes,
                                   rows.scores, rows.high, at, rows.links))
         self._rows += len(rows)
@@ -173,6 +173,20 @@ class FifoLinkQueue:
 
     def next_ready(self, now: float) -> float | None:
         return now if self._rows else None
+
+
+_TIMES: list[Any] = [None]
+
+
+def _times(n: int, now: float) -> np.ndarray:
+    """``np.full(n, now)``, read-only and shared by the queues that ask in a row: a
+    fan-out puts the same batch into every peer's queue at one instant."""
+    got = _TIMES[0]
+    if got is None or got[0] != n or got[1] != now or type(got[1]) is not type(now):
+        a = np.full(n, now)
+        a.flags.writeable = False
+        got = _TIMES[0] = (n, now, a)
+    return got[2]
 
 
 def _select(b: QueuedRows, idx: Any) -> QueuedRows:

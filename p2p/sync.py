@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ekko.store import TableStore
-from ekko.version import Knowledge, counters_of, origins_of
+from ekko.version import ORIGIN_BITS, Knowledge, counters_of, origins_of
 
 #: most pending publish chains kept per shard and origin (older ones are dropped;
 #: anti-entropy still delivers their rows, only the knowledge shortcut is lost).
@@ -51,9 +51,9 @@ ROW_OVERHEAD_BYTES = 16
 #: 16 shards and ~20,000 indexed rows: 16-shard lookup 203 us via the index, plus
 #: 674 us to merge 10 applies into it, against ~100 us for the scan).
 SCAN_INSTEAD_RATIO = 4
-#: tables of at most this many rows get a dense recent-row index (a counter and a time
-#: per row, 16 bytes a row): the sparse one (24 bytes an entry) would name every row of
-#: them before its watermark rose (``NodeConfig.index_rows`` is 65,536 by default).
+#: tables of at most this many rows get a dense recent-row index (a flag and a time per
+#: row, 9 bytes a row): the sparse one (24 bytes an entry) would name every row of them
+#: before its watermark rose (``NodeConfig.index_rows`` is 65,536 by default).
 DENSE_INDEX_MAX_ROWS = 1 << 16
 
 
@@ -69,8 +69,8 @@ class RecentIndex:
     every applied row since the last compaction (that count paces the watermark).
 
     A table of at most :data:`DENSE_INDEX_MAX_ROWS` rows (``RecentIndex(rows)``) is
-    indexed *densely* instead: a counter and an apply time per row, written in place by
-    each apply, never merged or compacted.  The sparse form would grow to name every row
+    indexed *densely* instead: per row a flag (applied with a counter above 0) and an
+    apply time, written in place by each apply, never merged or compacted.  The sparse form would grow to name every row
     of such a table anyway, and merging tens of thousands of entries every few seconds
     at every replica dominated 10,000-replica simulations.
 
@@ -82,7 +82,7 @@ class RecentIndex:
         [1, 5] [1, 5, 9]
     """
 
-    __slots__ = ("_chunks", "_ctrs", "_dense_rows", "_ids", "_n", "_times", "loose_below_watermark",
+    __slots__ = ("_chunks", "_ctrs", "_dense_rows", "_hit", "_ids", "_n", "_times", "loose_below_watermark",
                  "rows_examined", "rows_walked", "watermark")
 
     def __init__(self, rows: int | None = None) -> None:
@@ -90,12 +90,15 @@ class RecentIndex:
         self.loose_below_watermark = False
         self._chunks: list[tuple[np.ndarray, np.ndarray, float]] = []
         self._n = 0
-        # Dense: _ctrs/_times are per row (0 / -inf = not applied since the last reset);
+        # Dense: _hit/_times are per row (False / -inf = not applied since the last reset;
+        # _hit: applied with a counter above 0 -- the only use the dense form has for the
+        # counter, and a flag is 1 byte a row instead of 8, all of them written per apply);
         # sparse: _ids/_ctrs/_times are one id-sorted entry per indexed row.
         self._dense_rows = rows if rows is not None and rows <= DENSE_INDEX_MAX_ROWS else 0
+        self._hit = np.zeros(self._dense_rows, bool)
         if self._dense_rows:
             self._ids = np.zeros(0, np.int64)
-            self._ctrs = np.zeros(self._dense_rows, np.int64)
+            self._ctrs = np.zeros(0, np.int64)
             self._times = np.full(self._dense_rows, -np.inf)
         else:
             self._ids = np.zeros(0, np.int64)
@@ -116,7 +119,11 @@ class RecentIndex:
             return
         self._n += len(ids)
         if self._dense_rows:
-            np.maximum.at(self._ctrs, ids, counters_of(versions))  # ids may repeat: keep the highest
+            versions = np.asarray(versions)
+            if int(versions.min()) >> ORIGIN_BITS > 0:   # every counter above 0 (the rule)
+                self._hit[ids] = True
+            else:
+                self._hit[ids[counters_of(versions) > 0]] = True
             self._times[ids] = now
             return
         self._chunks.append((ids, versions, now))
@@ -199,7 +206,7 @@ class RecentIndex:
     def candidates(self, lo: int, hi: int) -> np.ndarray:
         """Distinct row ids in ``[lo, hi)`` applied since the watermark, sorted."""
         if self._dense_rows:
-            return np.flatnonzero(self._ctrs[lo:hi] > 0) + lo
+            return np.flatnonzero(self._hit[lo:hi]) + lo
         r = self._range(lo, hi)  # merges pending chunks: read self._ids only after it
         return self._ids[r]
 
@@ -272,7 +279,7 @@ class RecentIndex:
             # reset, or at most the rows noted since the last compaction), not as a walk:
             # a replica whose table has a large cold part keeps the index path, and the
             # simulator's CPU model scales walks only.
-            self.rows_examined += (int(np.count_nonzero(self._ctrs[ids] > 0)) if self._dense_rows
+            self.rows_examined += (int(np.count_nonzero(self._hit[ids])) if self._dense_rows
                                    else min(int(counts.sum()), self._n))
         else:
             self._merge()
@@ -408,7 +415,17 @@ def apply_links(shards: dict[int, ShardSync], links: list[list[int]]) -> list[in
         sync = shards.get(s)
         if sync is None:
             sync = shards[s] = ShardSync()
-        if (not sync.pending and sync.knowledge.step(origin, after, upto)) or sync.chain(origin, after, upto):
+        elif not sync.pending:
+            # Knowledge.step inlined: a push carries one link per shard and reaches
+            # every replica, so this loop runs (shards x replicas) times per publish.
+            k = sync.knowledge
+            v = k._v
+            if v.get(origin, 0) == after:
+                v[origin] = upto
+                k._digest = None
+                moved.append(s)
+                continue
+        if sync.chain(origin, after, upto):
             moved.append(s)
     return moved
 

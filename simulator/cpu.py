@@ -148,16 +148,21 @@ class CpuModel:
         """Charge one handled message/tick/call of ``node``; returns when its sends leave."""
         nid = node.node_id
         c = self.costs
-        scale = self.scan_scale
         walked = 0.0
-        for (_, table), n in node.rows_walked_by_table.items():
-            walked += n * scale.get(table, 1.0)
+        by_table = node.rows_walked_by_table
+        if by_table:
+            scale = self.scan_scale
+            for (_, table), n in by_table.items():
+                walked += n * scale.get(table, 1.0)
         cnt = node.counters
-        indexed = cnt["rows_scanned"] - cnt["rows_walked"]
-        prev_w, prev_i = self._seen.get(nid, (0.0, 0))
+        # get(), not [] (the same 0 when absent): a Counter's __missing__ is a Python call.
+        indexed = cnt.get("rows_scanned", 0) - cnt.get("rows_walked", 0)
+        seen = self._seen.get(nid)
+        prev_w, prev_i = seen if seen is not None else (0.0, 0)
         if walked < prev_w or indexed < prev_i:  # a restarted node: new counters
             prev_w, prev_i = 0.0, 0
-        self._seen[nid] = (walked, indexed)
+        if seen is None or seen[0] != walked or seen[1] != indexed:
+            self._seen[nid] = (walked, indexed)   # as before: the counters seen at this charge
         cost = (c.per_message_s + self._applied.pop(nid, 0) * c.apply_s_per_row
                 + (walked - prev_w) * c.scan_s_per_row + (indexed - prev_i) * c.index_s_per_row)
         start = self.free_at.get(nid, 0.0)

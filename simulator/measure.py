@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import resource
 from dataclasses import dataclass, field
+from math import isnan
 from typing import Any
 
 import numpy as np
-
 
 #: applied-ids arrays whose tracked rows are remembered (several fan-outs interleave).
 APPLIED_MEMO_ENTRIES = 16
@@ -81,9 +81,11 @@ class LatencyRecorder:
         self._slot_samples: list[list[int]] = []
         self._slot_versions: list[list[int]] = []
         self._nsamp = np.zeros(16, np.int32)
-        self._done = np.zeros((16, nrep), np.int32)
+        # Replica-major (one contiguous row of slots per replica): an apply reads the
+        # row of one replica, a 1-D take instead of a strided 2-D gather.
+        self._done = np.zeros((nrep, 16), np.int32)
         self._unset = 0
-        self._memo: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._memo: dict[int, tuple[Any, ...]] = {}
 
     def track(self, table: str, ids: np.ndarray, versions: np.ndarray, emitted: float, k: int,
               rng: np.random.Generator, cls: str = "") -> None:
@@ -111,7 +113,7 @@ class LatencyRecorder:
                 self._slot_versions.append([])
                 if slot >= len(self._nsamp):
                     self._nsamp = np.concatenate([self._nsamp, np.zeros_like(self._nsamp)])
-                    self._done = np.concatenate([self._done, np.zeros_like(self._done)])
+                    self._done = np.concatenate([self._done, np.zeros_like(self._done)], axis=1)
                 of = self._slot_of.get(table)
                 if of is None or of.shape[0] <= key[1] + 1:
                     size = max(key[1] + 2, 2 * (0 if of is None else of.shape[0]))
@@ -131,41 +133,55 @@ class LatencyRecorder:
             return
         # Vectorized filter: tracked rows among the applied ones whose replica still has
         # samples pending (most applies: none, or rows it has settled already).  A push
-        # fanned out to many replicas applies the very same ids array at each: look its
-        # tracked rows up once (the entry keeps the array alive, so the id is its own).
+        # fanned out to many replicas applies the very same ids and versions arrays at
+        # each: look its tracked rows up once (the entry keeps the arrays alive, so the
+        # ids are their own; track() empties the memo).
         memo = self._memo.get(id(ids))
-        if memo is not None and memo[0] is ids and memo[1] is of:
-            hit, slots = memo[2], memo[3]
-        else:
-            slots = of.take(ids, mode="clip")
-            hit = np.flatnonzero(slots >= 0)
-            slots = slots[hit]
-            if len(self._memo) >= APPLIED_MEMO_ENTRIES:
-                del self._memo[next(iter(self._memo))]   # the oldest: fan-outs overlap a few at a time
-            self._memo[id(ids)] = (ids, of, hit, slots)
-        if not len(hit):
+        if memo is None or memo[0] is not ids or memo[1] is not of or memo[2] is not versions:
+            memo = self._memo_entry(ids, versions, of)
+        slots = memo[3]
+        if not len(slots):
             return
         r = self._pos[replica]
-        done = self._done[slots, r]
-        pend = np.flatnonzero(done < self._nsamp[slots])
+        mine = self._done[r]
+        done = mine.take(slots)
+        pend = (done < memo[4]).nonzero()[0]
         if not len(pend):
             return
         lat, emitted = self._lat, self.emitted
+        slot_l, vers_l = memo[5], memo[6]
+        all_samples, all_svers = self._slot_samples, self._slot_versions
+        settled = 0
         for j in pend.tolist():
-            slot = int(slots[j])
-            v = int(versions[hit[j]])
+            slot = slot_l[j]
+            v = vers_l[j]
             # A row's samples are in version order (emitted in time order) and a replica
             # settles them in that order: resume where it stopped.
-            samples, svers = self._slot_samples[slot], self._slot_versions[slot]
+            samples, svers = all_samples[slot], all_svers[slot]
             k = start = int(done[j])
-            while k < len(samples) and svers[k] <= v:
+            n = len(samples)
+            while k < n and svers[k] <= v:
                 i = samples[k]
-                if lat[i, r] != lat[i, r]:  # NaN: not recorded yet
+                if isnan(lat[i, r]):  # not recorded yet
                     lat[i, r] = now - emitted[i]
-                    self._unset -= 1
+                    settled += 1
                 k += 1
             if k != start:
-                self._done[slot, r] = k
+                mine[slot] = k
+        self._unset -= settled
+
+    def _memo_entry(self, ids: np.ndarray, versions: np.ndarray, of: np.ndarray) -> tuple[Any, ...]:
+        """What :meth:`applied` needs of an applied batch, replica-independent: its
+        tracked slots, their sample counts, and the same as Python lists."""
+        slots = of.take(ids, mode="clip")
+        hit = np.flatnonzero(slots >= 0)
+        slots = slots[hit]
+        entry = (ids, of, versions, slots, self._nsamp[slots], slots.tolist(),
+                 np.asarray(versions)[hit].tolist())
+        if len(self._memo) >= APPLIED_MEMO_ENTRIES:
+            del self._memo[next(iter(self._memo))]   # the oldest: fan-outs overlap a few at a time
+        self._memo[id(ids)] = entry
+        return entry
 
     def record(self, idx: int, replica: str, now: float) -> None:
         r = self._pos[replica]

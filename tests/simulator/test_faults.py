@@ -102,11 +102,11 @@ def test_a_store_reapplying_equal_versions_is_caught(monkeypatch):
     whose acknowledgement was lost applies rows a second time (seed 10)."""
     orig = store_mod.TableStore.apply
 
-    def apply_equal(self, delta, capture_old=False):
+    def apply_equal(self, delta, capture_old=False, **hints):
         if len(delta):
             same = self.versions[delta.ids] == delta.versions
             self.versions[delta.ids[same]] -= 1
-        return orig(self, delta, capture_old)
+        return orig(self, delta, capture_old, **hints)
 
     monkeypatch.setattr(store_mod.TableStore, "apply", apply_equal)
     res = FaultRun(10).run()
@@ -154,10 +154,10 @@ def test_a_store_taking_older_versions_is_caught(monkeypatch):
     rows go backwards under reordering: monotonicity (and convergence) catch it."""
     orig = store_mod.TableStore.apply
 
-    def apply_anything(self, delta, capture_old=False):
+    def apply_anything(self, delta, capture_old=False, **hints):
         if len(delta):
             self.versions[delta.ids] = np.minimum(self.versions[delta.ids], delta.versions - 1)
-        return orig(self, delta, capture_old)
+        return orig(self, delta, capture_old, **hints)
 
     monkeypatch.setattr(store_mod.TableStore, "apply", apply_anything)
     res = run_faults(1, first_seed=0)
