@@ -82,10 +82,6 @@ STATE_FORMAT = 1
 _APPLIED_KEYS = {src: f"applied_rows_{src}" for src in ("push", "pull", "publish", "local")}
 #: counter names of received frames per message type.
 _RX_KEYS = {t: f"rx_{t.name.lower()}" for t in MsgType}
-
-
-
-
 #: mixed shard tops remembered by value (:func:`_mixed_top`); emptied when full.
 TOP_MIX_MEMO_ENTRIES = 1 << 12
 _TOP_MIX: dict[bytes, np.ndarray] = {}
