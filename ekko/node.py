@@ -649,7 +649,7 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
                 d2 = self._baseline_filter(d)  # a pinned baseline holds the cut's state (node_rollback)
                 if d2 is not d:
                     d, facts = d2, None
-            if self.fence._ranges and len(self.fence):
+            if self.fence:
                 fenced = self.fence.mask(d.model, d.table, d.ids, d.versions)
                 if fenced.any():
                     # Rolled-back versions never come back, wherever they still travel.

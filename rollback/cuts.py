@@ -559,3 +559,7 @@ class Fence:
 
     def __len__(self) -> int:
         return sum(len(r) for r in self._ranges.values())
+
+    def __bool__(self) -> bool:
+        # Asked on every apply: cheaper than summing the lengths when there is no fence.
+        return any(self._ranges.values())

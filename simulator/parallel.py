@@ -295,7 +295,7 @@ def _simulate(k: int, run: EkkoRun, sc: Scenario, owner: dict[str, int], lookahe
     # us everything those events exported.
     peer_clock = {j: 0.0 for j in peers}
     stride = lookahead / REPORTS_PER_LOOKAHEAD
-    stats = {"advances": 0, "cpu_s": 0.0, "wait_s": 0.0}
+    stats = {"advances": 0, "exported": 0, "cpu_s": 0.0, "wait_s": 0.0}
 
     def take(block: bool) -> None:
         """Import the reports waiting in our inbox (at least one when ``block``)."""
@@ -331,7 +331,7 @@ def _simulate(k: int, run: EkkoRun, sc: Scenario, owner: dict[str, int], lookahe
             stats["cpu_s"] += time.process_time() - c0
             stats["advances"] += 1
             for j in peers:
-                stats["exported"] = stats.get("exported", 0) + len(outbox[j])
+                stats["exported"] += len(outbox[j])
                 inboxes[j].put((k, sim.now, outbox[j]))
                 outbox[j] = []
             take(block=False)
@@ -346,7 +346,7 @@ def _simulate(k: int, run: EkkoRun, sc: Scenario, owner: dict[str, int], lookahe
             "rows_scanned": sum(n.counters["rows_scanned"] for n in nodes),
             "rows_walked": sum(n.counters["rows_walked"] for n in nodes),
             "cpu": cluster.cpu.summary() if cluster.cpu is not None else None,
-            "events": sim.events, "exported": stats.get("exported", 0), "cpu_s": stats["cpu_s"],
+            "events": sim.events, "exported": stats["exported"], "cpu_s": stats["cpu_s"],
             "wait_s": stats["wait_s"],
             "peak_rss_mb": self_peak_rss_mb()}
     if k == 0:  # every worker drew the same samples and truth: one copy is enough
