@@ -35,6 +35,10 @@ MAX_PUBLISH_ROWS = 1 << 20
 #: publisher's HLC runs ahead of its wall clock (each row takes one counter, 256 per ms:
 #: a publisher above 256,000 rows/s drifts ahead), so it is generous.
 MAX_CLOCK_SKEW_S = 300.0
+#: anti-entropy rounds :meth:`NodeConfig.knowledge_bound` allows for pulls and for
+#: knowledge to spread: an intra-DC round, a gateway's walk over its WAN pairings, the
+#: far DC's round, with room for rounds whose partner held nothing new.
+KNOWLEDGE_BOUND_ROUNDS = 20
 #: values of NodeConfig.durability: write-ahead log with fsync before the ack, or none.
 DURABILITY_MODES = ("wal", "none")
 
@@ -98,6 +102,12 @@ class NodeConfig:
             every model at the named cut (updates the cut does not cover are not
             applied or adopted) so inference on it measures the baseline variant.
             Re-pin by restarting with another cut name; "" = an ordinary replica.
+        gap_probe_after: seconds a shard's knowledge may wait on a gap in a publisher's
+            chain before this replica asks every member for the rows of that gap (a
+            replica waits 1-3x this, by a hash of its id, so that few probe at once);
+            once every member has answered, the gap is closed (:mod:`p2p.gaps`).  With
+            it, knowledge reaches the newest acknowledged counters within
+            :meth:`knowledge_bound` after faults end.
         max_clock_skew: seconds a row version's HLC physical time (or a peer's
             knowledge or head) may lie ahead of this replica's wall clock; frames
             carrying a version beyond it are refused whole as impossible (reason
@@ -153,6 +163,7 @@ class NodeConfig:
     auto_rollback: bool = True
     quality_warmup_windows: int = 50
     baseline_pin_cut: str = ""
+    gap_probe_after: float = 2.0
     max_clock_skew: float = MAX_CLOCK_SKEW_S
     # -- durability and back-pressure (issue #7) --
     durability: str = "wal"
@@ -184,6 +195,8 @@ class NodeConfig:
             raise UsageError("config gateways_per_dc must be in 1..16")
         if not 0 < self.pull_response_bytes <= MAX_PULL_RESPONSE_BYTES:
             raise UsageError(f"config pull_response_bytes must be in 1..{MAX_PULL_RESPONSE_BYTES}")
+        if not self.gap_probe_after > 0:
+            raise UsageError("config gap_probe_after must be > 0 seconds")
         if not self.max_clock_skew > 0:
             raise UsageError("config max_clock_skew must be > 0 seconds (inf: no check)")
         if not 0 < self.push_frame_bytes <= MAX_PUSH_FRAME_BYTES:
@@ -197,6 +210,17 @@ class NodeConfig:
         if not (isinstance(self.max_rss_bytes, int) and self.max_rss_bytes >= 0):
             raise UsageError("config max_rss_bytes must be an integer >= 0 (0 = no bound)")
 
+    def knowledge_bound(self) -> float:
+        """Seconds after faults end (every member reachable, no process stopped) within
+        which every replica's knowledge reaches the newest acknowledged counters: a
+        gap's wait before the last probe tier plus its retries
+        (``gap_probe_after * (GAP_PROBE_TIERS + 1)``), plus
+        :data:`KNOWLEDGE_BOUND_ROUNDS` anti-entropy rounds for pulls and for the
+        knowledge to spread across the gateways.  ``bench/nemesis.py`` checks it.
+        """
+        from p2p.gaps import GAP_PROBE_TIERS
+        return self.gap_probe_after * (GAP_PROBE_TIERS + 1) + KNOWLEDGE_BOUND_ROUNDS * self.ae_interval
+
     def replace(self, **kw: Any) -> "NodeConfig":
         return dataclasses.replace(self, **kw)
 
@@ -205,7 +229,7 @@ PRESETS: dict[str, NodeConfig] = {
     "local": NodeConfig(),
     "lan": NodeConfig(preset="lan", gossip_interval=0.5, ae_interval=0.5, suspect_after=3.0, dead_after=6.0),
     "wan": NodeConfig(preset="wan", gossip_interval=1.0, ae_interval=1.0, suspect_after=5.0, dead_after=10.0,
-                      forget_after=120.0, push_grace=1.0),
+                      forget_after=120.0, push_grace=1.0, gap_probe_after=5.0),
 }
 
 

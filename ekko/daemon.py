@@ -92,6 +92,10 @@ MAX_READ_IDS = 16384
 MAX_REQUEST_LINE = MAX_READ_IDS * 21 + 4096
 #: requests handled at once; beyond it writes and reads get 429 with Retry-After.
 MAX_CONCURRENT_REQUESTS = 256
+#: longest a cut request may wait for knowledge to cover a publisher's heads (seconds).
+MAX_CUT_WAIT_S = 60.0
+#: how often such a wait looks again (seconds).
+CUT_WAIT_POLL_S = 0.02
 #: seconds clients are asked to wait after a 429/503.
 RETRY_AFTER_S = 1
 #: seconds in-flight requests get to finish at shutdown.
@@ -129,7 +133,7 @@ _STATUS_OF_REASON = {
     "spec_conflict": 409,
     "forbidden": 403,
     "overloaded": 429, "queue_full": 429,
-    "draining": 503, "memory": 503, "wal_error": 503,
+    "draining": 503, "memory": 503, "wal_error": 503, "incomplete": 503,
 }
 _REASON_OF_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
@@ -875,6 +879,19 @@ class Daemon:
         if model not in self.node.models:
             raise RequestRejected(f"unknown model {model!r}", "unknown_model")
         name = field(frame.body, "name", str, optional=True) or f"cut-{int(time.time() * 1000)}"
+        covers = frame.body.get("covers")
+        if covers is not None:
+            # A publisher's cut covers everything it had acknowledged: wait until this
+            # replica's knowledge reaches its chain heads (a gap may need a probe first).
+            origin, heads = self.node.parse_coverage(model, covers)
+            wait_s = min(float(field(frame.body, "wait_s", (int, float), optional=True, default=0.0)),
+                         MAX_CUT_WAIT_S)
+            deadline = time.monotonic() + max(0.0, wait_s)
+            while (missing := self.node.uncovered(model, origin, heads)) and time.monotonic() < deadline:
+                await asyncio.sleep(CUT_WAIT_POLL_S)
+            if missing:
+                raise RequestRejected(f"{len(missing)} shard(s) of {model!r} are not yet known up to the "
+                                      f"publisher's acknowledged updates (first: {missing[0]}); retry", "incomplete")
         cut = self.node.take_cut(model, name, self.clock())
         self._send_out()
         log.info("took cut %s of %s", cut.name, model)

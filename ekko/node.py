@@ -52,6 +52,7 @@ from ekko.config import MAX_PUBLISH_ROWS, NodeConfig
 from ekko.delta import Delta
 from ekko.errors import ProtocolError, UsageError
 from ekko.node_antientropy import AntiEntropyMixin
+from ekko.node_gaps import GapMixin
 from ekko.node_push import PushGossipMixin, _impact_of
 from ekko.node_rollback import RollbackMixin
 from ekko.node_types import DeltaFacts, Outgoing, PublishAck
@@ -161,7 +162,7 @@ def _priority_scheduler(c: NodeConfig, dc: str, rng: random.Random) -> tuple[Any
 
 
 
-class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
+class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
     """The sans-IO replica.
 
     Args:
@@ -246,6 +247,7 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         self._repair_rounds = 0
         self._repair_answered: set[str] = set()  # peers that answered the current repair
         self._init_quality()  # the model-state manager (rollback.manager), quality reports
+        self._init_gaps()     # knowledge gaps no anti-entropy partner fills (p2p.gaps)
         # Hooks for layers above the protocol (undo history, metrics); called with
         # (model, table, ApplyResult, source) after every apply that changed rows.
         self.on_apply: list[Callable[[str, str, ApplyResult, str], None]] = []
@@ -274,6 +276,7 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
             self._next_ae = now + self.config.ae_interval * self.rng.uniform(0.8, 1.2)
             self._ae_round(now)
             self._repair_round(now)
+            self._gap_round(now)
             if self.config.auto_cut_interval:
                 for name in self.models:
                     cut = self.cuts.maybe_auto_cut(name, now, lambda n=name: (self._knowledge_of(n), self._seq))
@@ -307,6 +310,10 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
                 self._on_digests(body, now)
             elif kind == "rep":
                 self._on_repair(body, now)
+            elif kind == "gq":
+                self._on_gap_query(body, now)
+            elif kind == "ga":
+                self._on_gap_answer(body, now)
             else:
                 raise ProtocolError(f"unknown gossip kind {kind!r}", "bad_body")
         elif t == MsgType.PULL_REQUEST:
@@ -425,8 +432,12 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
                 s = int(shards[part[0]])
                 sync = m.shard(d.table, s)
                 after, upto = chains[d.table].get(s, -1), int(ctr[part].max())
+                if after >= 0:
+                    after = self._checked_after(sync, origin, after, int(ctr[part].min()))
                 if sync.chain(origin, after, upto):
                     m.dirty[d.table].add(s)
+                if sync.pending:
+                    self._note_waiting(m, d.table, s, now)
                 if after >= 0:
                     links.append((s, origin, after, upto))
             if self.config.push:
@@ -438,6 +449,26 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         self.counters["published_rows"] += sum(len(d) for d in deltas)
         self.flush(now)
         return PublishAck(sum(len(d) for d in deltas), applied, top)
+
+    def _checked_after(self, sync: ShardSync, origin: int, after: int, first: int) -> int:
+        """The chain link a frame may claim: ``after`` unless this replica knows of updates
+        of ``origin`` to the shard between ``after`` and the frame's first counter there.
+
+        A publisher chains a frame on its previous acknowledged one, so such updates can
+        only exist when its chain state is stale (restored from a backup, or lost and
+        started over under the same origin).  Linking from ``after`` would then claim
+        those updates are in this frame, and replicas would stop asking for them; the
+        frame is linked from just below its own counters instead, and whatever lies
+        before it is a gap that anti-entropy or a gap probe fills (:mod:`p2p.gaps`).
+        """
+        seen = sync.knowledge[origin]
+        for _, u in sync.pending.get(origin, ()):
+            if u < first:
+                seen = max(seen, u)
+        if after < seen < first:
+            self.counters["stale_chains"] += 1
+            return first - 1
+        return after
 
     def apply_local(self, delta: Delta, now: float) -> PublishAck:
         """Apply an already-versioned delta here without chains (tests, tools)."""
@@ -542,6 +573,8 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
                 sync = m.shards[t.name][s] = ShardSync(knowledge=know.get(s, Knowledge()))
                 for o, a, u in waiting.get(s, ()):
                     sync.chain(o, a, u)
+                if sync.pending:
+                    self._note_waiting(m, t.name, s, now)
                 m.dirty[t.name].add(s)
         m.head = max(m.head, top)
         try:

@@ -25,7 +25,7 @@ from ekko.delta import Delta
 from ekko.errors import ProtocolError
 from ekko.node_types import Outgoing
 from ekko.version import MAX_COUNTER, Knowledge, counters_of
-from p2p.sync import ROW_OVERHEAD_BYTES
+from p2p.sync import ROW_OVERHEAD_BYTES, parse_pending
 from p2p.topology import _mix
 
 if TYPE_CHECKING:  # the node class defines the per-model state
@@ -393,10 +393,15 @@ class AntiEntropyMixin:
                 delta = delta_to_wire(d)
                 if d.values is None:
                     extra += len(d) * ts.spec.row_bytes
-            if delta is None and cut_below is None and mine == theirs:
+            # Our waiting chain intervals travel too: a link the requester missed (a lost
+            # push, a restart) is then learnt here, and its knowledge can pass the gap.
+            pend = sync.pending_to_wire() if sync is not None and sync.pending else None
+            if delta is None and cut_below is None and mine == theirs and pend is None:
                 continue
-            out_models.setdefault(m.spec.name, {}).setdefault(table, []).append(
-                [s, mine.to_wire(), cut_below, delta])
+            entry = [s, mine.to_wire(), cut_below, delta]
+            if pend is not None:
+                entry.append(pend)
+            out_models.setdefault(m.spec.name, {}).setdefault(table, []).append(entry)
         if out_models:
             self.counters["pull_responses_sent"] += 1
             self._out.append(Outgoing(sender, mem.address, MsgType.PULL_RESPONSE,
@@ -407,12 +412,13 @@ class AntiEntropyMixin:
     def _on_pull_response(self, body: dict[str, Any], now: float) -> None:
         sender = field(body, "from", str)
         models = field(body, "models", dict)
-        parsed: list[tuple[_Model, str, int, Knowledge, int | None, Delta | None]] = []
+        parsed: list[tuple[_Model, str, int, Knowledge, int | None, Delta | None, list[list[int]]]] = []
         for m, table, spec, entries in self._known_tables(models):
             for e in entries:
-                if not isinstance(e, list) or len(e) != 4:
+                if not isinstance(e, list) or len(e) not in (4, 5):
                     raise ProtocolError("bad pull response entry", "bad_body")
-                s, kw, cut, dw = e
+                s, kw, cut, dw = e[:4]
+                pend = parse_pending(e[4]) if len(e) == 5 else []
                 if not isinstance(s, int) or not 0 <= s < spec.num_shards:
                     raise ProtocolError("shard out of range", "bad_body")
                 if cut is not None and (not isinstance(cut, int) or not 0 <= cut <= MAX_COUNTER):
@@ -423,18 +429,22 @@ class AntiEntropyMixin:
                     d = delta_from_wire(dw, self.table_spec, values_required=self.with_values)
                     if d.model != m.spec.name or d.table != table or (len(d) and (spec.shards_of(d.ids) != s).any()):
                         raise ProtocolError("pull response rows outside their shard", "bad_body")
-                parsed.append((m, table, s, k, cut, d))
+                parsed.append((m, table, s, k, cut, d, pend))
         # Knowledge claims count too: adopting a future counter would skip every update below it.
         self.refuse_future([p[5] for p in parsed if p[5] is not None], now, "pull response",
-                           known=max((c for p in parsed for _, c in p[3].items()), default=0))
-        for m, table, s, k, cut, d in parsed:
+                           known=max([c for p in parsed for _, c in p[3].items()]
+                                     + [u for p in parsed for _, _, u in p[6]], default=0))
+        for m, table, s, k, cut, d, pend in parsed:
             if d is not None:
                 self._apply(m, d, now, source="pull")
             sync = m.shard(table, s)
             if self.baseline_pin:
                 k = self._baseline_clamp(m.spec.name, table, s, k)
-            if sync.learn(k, cut):
+                pend = []   # a pinned baseline adopts nothing beyond its cut
+            if sync.learn(k, cut, pend):
                 m.dirty[table].add(s)
+            if sync.pending:
+                self._note_waiting(m, table, s, now)
         if body.get("rep") is True:
             self._on_repair_answer(sender)
         self.counters["pull_responses_received"] += 1

@@ -257,7 +257,10 @@ class PushGossipMixin:
                 # advances here as it did at the ingest, so anti-entropy finds equal shard
                 # versions instead of re-listing rows every replica already holds.
                 self.counters["push_links"] += len(f.links)
-                m.dirty[d.table].update(apply_links(m.shards[d.table], f.links))
+                waiting: list[int] = []
+                m.dirty[d.table].update(apply_links(m.shards[d.table], f.links, waiting))
+                for s in waiting:
+                    self._note_waiting(m, d.table, s, now)
             # Forwarded rows keep the links only when every row went on (see QueuedRows.links).
             fwd_links = ls if ls is not None and len(res) == len(d) else None
             if rumor and len(res):

@@ -22,6 +22,8 @@ from rollback.cuts import Cut
 from rollback.detector import DetectorConfig
 from rollback.manager import Incident, ManagerConfig, ModelStateManager, check_sample, merge_rollback_records
 
+#: most chain heads a cut request may ask to be covered.
+MAX_COVER_HEADS = 1 << 16
 #: rollback records kept for gossip (newest first); a replica that was away catches up from them.
 MAX_ROLLBACK_RECORDS = 32
 #: distinct peers (or every other member, when fewer) a replica compares the rows a rollback
@@ -203,6 +205,38 @@ class RollbackMixin:
     def _knowledge_of(self, model: str) -> dict[tuple[str, int], Knowledge]:
         m = self._model(model)
         return {(t, s): sync.knowledge for t, shards in m.shards.items() for s, sync in shards.items()}
+
+    def parse_coverage(self, model: str, covers: Any) -> tuple[int, list[tuple[str, int, int]]]:
+        """Validate a cut request's ``covers``: ``{"origin": o, "heads": [[table, shard,
+        counter], ...]}`` (a publisher's acknowledged chain heads).  Raises ProtocolError."""
+        m = self._model(model)
+        if not isinstance(covers, dict):
+            raise ProtocolError("covers must be a map", "bad_body")
+        origin = covers.get("origin")
+        heads = covers.get("heads")
+        if not isinstance(origin, int) or not 0 < origin <= MAX_ORIGIN or not isinstance(heads, list) \
+                or len(heads) > MAX_COVER_HEADS:
+            raise ProtocolError("covers needs an origin and at most "
+                                f"{MAX_COVER_HEADS} heads", "bad_body")
+        out = []
+        for h in heads:
+            if not (isinstance(h, list) and len(h) == 3 and isinstance(h[0], str) and m.spec.has_table(h[0])
+                    and isinstance(h[1], int) and 0 <= h[1] < m.spec.table(h[0]).num_shards
+                    and isinstance(h[2], int) and 0 <= h[2] <= MAX_COUNTER):
+                raise ProtocolError(f"bad covers head {h!r:.60}", "bad_body")
+            out.append((h[0], h[1], h[2]))
+        return origin, out
+
+    def uncovered(self, model: str, origin: int, heads: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+        """The heads ``(table, shard, counter)`` of ``origin`` this replica's knowledge
+        does not reach yet (a cut taken now would not cover them)."""
+        m = self._model(model)
+        out = []
+        for table, s, c in heads:
+            sync = m.shards[table].get(s)
+            if (sync.knowledge[origin] if sync is not None else 0) < c:
+                out.append((table, s, c))
+        return out
 
     def take_cut(self, model: str, name: str, now: float, broadcast: bool = True) -> Cut:
         """Record a named restore point of ``model``: its per-shard knowledge now.

@@ -612,10 +612,19 @@ class AsyncPublisher:
     async def cut(self, model: str, name: str | None = None) -> str:
         """Take a named cut (restore point) of ``model`` -- e.g. after an offline
         validation passed -- at the replica this publisher writes to; the cut reaches
-        every replica.  Publish first, then cut: the cut covers what that replica has
-        received.  Returns the cut's name (for ``Client.rollback``/``ekko rollback``)."""
-        body = {"model": model} if name is None else {"model": model, "name": name}
+        every replica.  The cut covers every update this publisher had acknowledged
+        (pending publishes are flushed first, and the replica waits until its knowledge
+        reaches them).  Returns the cut's name (for ``Client.rollback``/``ekko rollback``)."""
+        body: dict[str, Any] = {"model": model} if name is None else {"model": model, "name": name}
+        # Everything this publisher had acknowledged must be in the cut: the replica waits
+        # (up to our timeout) until its knowledge reaches our chain heads of the model.
         deadline = asyncio.get_running_loop().time() + self.timeout
+        async with self._lock(model):   # publishes of the model started before this go first
+            await self._flush_model(model, deadline)
+            heads = [[t, s, c] for (m, t, s), c in sorted(self.chain.heads.items()) if m == model]
+        if heads:
+            body["covers"] = {"origin": self.origin, "heads": heads}
+            body["wait_s"] = 0.8 * self.timeout   # answered before our own deadline
         answer, _ = await self._post("/v1/cuts", encode_frame(MsgType.CUT, body, self.keyring), deadline,
                                      what=f"cut {model}")
         return str(answer["name"])

@@ -34,16 +34,21 @@ skipped by the responder, so a pushed row crosses each link once.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ekko.errors import ProtocolError
 from ekko.store import TableStore
-from ekko.version import ORIGIN_BITS, Knowledge, counters_of, origins_of
+from ekko.version import MAX_COUNTER, MAX_ORIGIN, ORIGIN_BITS, Knowledge, counters_of, origins_of
 
-#: most pending publish chains kept per shard and origin (older ones are dropped;
-#: anti-entropy still delivers their rows, only the knowledge shortcut is lost).
-MAX_PENDING_CHAINS = 256
+#: most waiting chain intervals kept per shard and origin.  Adjacent intervals merge,
+#: so a replica holds one per gap in what it received, not one per frame; past the cap
+#: the highest goes (a gap probe or a peer's answer brings that knowledge back).
+MAX_PENDING_CHAINS = 1024
+#: most waiting intervals one shard's entry of a pull answer may carry (all origins).
+MAX_PENDING_WIRE = 4 * MAX_PENDING_CHAINS
 #: bytes a row reference costs on the wire besides its value (id + version).
 ROW_OVERHEAD_BYTES = 16
 #: a lookup scans the shards' rows instead of the index once the rows applied since
@@ -327,64 +332,109 @@ class RecentIndex:
 class ShardSync:
     """Knowledge and waiting publish chains of one shard on one replica.
 
+    ``pending`` keeps, per origin, the publish frames that arrived before their
+    predecessor did, as sorted, disjoint intervals ``[after, upto]``: each says
+    "every update of that origin to this shard with a counter in ``(after, upto]``
+    is here".  Two such intervals that touch or overlap say the same of their
+    union, so they are kept merged: a replica that missed one frame holds one
+    interval per *gap*, not one per frame that arrived after it.  Intervals are
+    what peers exchange in pull answers (:meth:`learn`), so a link one replica
+    missed (a lost push, a restart) is learnt from any peer that holds it.
+
     Example:
         >>> s = ShardSync()
         >>> s.chain(origin=3, after=0, upto=10)
         True
-        >>> s.chain(origin=3, after=20, upto=30), s.knowledge[3]
-        (False, 10)
-        >>> s.chain(origin=3, after=10, upto=20), s.knowledge[3]
-        (True, 30)
+        >>> s.chain(origin=3, after=20, upto=30), s.chain(origin=3, after=30, upto=40), s.knowledge[3]
+        (False, False, 10)
+        >>> s.pending[3]
+        [[20, 40]]
+        >>> s.chain(origin=3, after=10, upto=20), s.knowledge[3], s.pending
+        (True, 40, {})
     """
 
     knowledge: Knowledge = field(default_factory=Knowledge)
-    pending: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    pending: dict[int, list[list[int]]] = field(default_factory=dict)
+    #: intervals dropped at the :data:`MAX_PENDING_CHAINS` cap (counted, never silent).
+    dropped: int = 0
 
     # -- publish chains ----------------------------------------------------------------------
     def chain(self, origin: int, after: int, upto: int) -> bool:
         """A publish frame of ``origin`` covering counters ``(after, upto]`` of this shard
         arrived.  Knowledge jumps to ``upto`` if it already reaches ``after``; otherwise
-        the chain waits.  Returns True when knowledge moved."""
-        if after < 0:
+        the interval waits.  Returns True when knowledge moved."""
+        if after < 0 or upto <= after:
             return False  # unchained frame: its rows are applied but prove nothing
-        if self.knowledge[origin] >= after:
-            moved = self.knowledge.advance(origin, upto)
-            return self._resolve(origin) or moved
-        waiting = self.pending.setdefault(origin, [])
-        waiting.append((after, upto))
-        if len(waiting) > MAX_PENDING_CHAINS:
-            waiting.sort()
-            del waiting[0]
+        k = self.knowledge[origin]
+        if upto <= k:
+            return False
+        if k >= after:
+            self.knowledge.advance(origin, upto)
+            self._resolve(origin)
+            return True
+        self._wait(origin, after, upto)
         return False
+
+    def _wait(self, origin: int, after: int, upto: int) -> None:
+        """Insert ``(after, upto]`` into the origin's sorted, disjoint intervals, merging
+        every interval it touches."""
+        waiting = self.pending.get(origin)
+        if waiting is None:
+            self.pending[origin] = [[after, upto]]
+            return
+        i = bisect.bisect_left(waiting, [after, upto])
+        # Merge with the interval before when it reaches ``after``.
+        if i > 0 and waiting[i - 1][1] >= after:
+            i -= 1
+            after = waiting[i][0]
+            upto = max(upto, waiting[i][1])
+        j = i
+        while j < len(waiting) and waiting[j][0] <= upto:
+            upto = max(upto, waiting[j][1])
+            j += 1
+        waiting[i:j] = [[after, upto]]
+        if len(waiting) > MAX_PENDING_CHAINS:
+            # The highest interval goes: it is the last to become useful, and a gap
+            # probe (p2p.gaps) or a peer's answer brings the knowledge back.
+            del waiting[-1]
+            self.dropped += 1
 
     def _resolve(self, origin: int) -> bool:
         waiting = self.pending.get(origin)
         if not waiting:
             return False
-        moved = False
-        progress = True
-        while progress and waiting:
-            progress = False
-            k = self.knowledge[origin]
-            for i, (after, upto) in enumerate(waiting):
-                if upto <= k:
-                    waiting.pop(i)
-                    progress = True
-                    break
-                if after <= k:
-                    self.knowledge.advance(origin, upto)
-                    waiting.pop(i)
-                    progress = moved = True
-                    break
+        k = self.knowledge[origin]
+        n = 0
+        while n < len(waiting) and waiting[n][0] <= k:
+            k = max(k, waiting[n][1])
+            n += 1
+        if n:
+            del waiting[:n]
         if not waiting:
             del self.pending[origin]
-        return moved
+        return self.knowledge.advance(origin, k)
 
-    def learn(self, theirs: Knowledge, cut_below: int | None) -> bool:
-        """Advance knowledge after a pull answer from a peer whose knowledge is ``theirs``.
+    def gap(self, origin: int) -> tuple[int, int] | None:
+        """``(lo, hi)``: the counters ``(lo, hi]`` of ``origin`` this shard is missing
+        before its first waiting interval, or None when nothing waits."""
+        waiting = self.pending.get(origin)
+        if not waiting:
+            return None
+        return self.knowledge[origin], waiting[0][0]
+
+    def pending_to_wire(self) -> list[list[int]]:
+        """``[[origin, after, upto], ...]`` (for pull answers and snapshots)."""
+        return [[o, a, u] for o in sorted(self.pending) for a, u in self.pending[o]][:MAX_PENDING_WIRE]
+
+    def learn(self, theirs: Knowledge, cut_below: int | None, pending: list[list[int]] = ()) -> bool:
+        """Advance knowledge after a pull answer from a peer whose knowledge is ``theirs``
+        and whose waiting intervals are ``pending`` (``[[origin, after, upto], ...]``).
 
         ``cut_below`` is None when the answer was complete, else the counter of the
-        first row that did not fit: knowledge then advances at most to just below it.
+        first row that did not fit: knowledge then advances at most to just below it,
+        and only intervals that end below it are taken.  (The answer held every row
+        the peer has that our knowledge does not cover, so whatever the peer's
+        knowledge or intervals vouch for is now here too.)
         """
         if cut_below is None:
             moved = self.knowledge.merge(theirs)
@@ -392,15 +442,42 @@ class ShardSync:
             moved = False
             for o, c in theirs.items():
                 moved |= self.knowledge.advance(o, min(c, cut_below - 1))
-        if moved and self.pending:
+        for o, a, u in pending:
+            if cut_below is not None and u >= cut_below:
+                continue
+            if u > self.knowledge[o]:
+                self._wait(o, a, u)
+        if self.pending:
             for o in list(self.pending):
-                self._resolve(o)
+                moved |= self._resolve(o)
         return moved
 
 
-def apply_links(shards: dict[int, ShardSync], links: list[list[int]]) -> list[int]:
+def parse_pending(raw: object) -> list[list[int]]:
+    """Validate waiting intervals from the wire (``[[origin, after, upto], ...]``).
+
+    Raises:
+        ProtocolError: not a list of in-range int triples, or too many of them.
+
+    Example:
+        >>> parse_pending([[1, 5, 9]])
+        [[1, 5, 9]]
+    """
+    if not isinstance(raw, list) or len(raw) > MAX_PENDING_WIRE:
+        raise ProtocolError("bad pending chains", "bad_body")
+    for e in raw:
+        if not (isinstance(e, list) and len(e) == 3
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in e)
+                and 0 < e[0] <= MAX_ORIGIN and 0 <= e[1] < e[2] <= MAX_COUNTER):
+            raise ProtocolError(f"bad pending chain {e!r:.60}", "bad_body")
+    return raw
+
+
+def apply_links(shards: dict[int, ShardSync], links: list[list[int]], waiting: list[int] | None = None
+                ) -> list[int]:
     """Chain publish links ``[shard, origin, after, upto]`` into a table's shard states
-    (created on first use); returns the shards whose knowledge moved.
+    (created on first use); returns the shards whose knowledge moved, and appends to
+    ``waiting`` the shards left with waiting intervals.
 
     The common case -- the link right after what the shard knows, nothing pending --
     advances in place; anything else goes through :meth:`ShardSync.chain`.
@@ -427,5 +504,7 @@ def apply_links(shards: dict[int, ShardSync], links: list[list[int]]) -> list[in
                 continue
         if sync.chain(origin, after, upto):
             moved.append(s)
+        if sync.pending and waiting is not None:
+            waiting.append(s)
     return moved
 

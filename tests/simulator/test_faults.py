@@ -123,7 +123,8 @@ def test_knowledge_past_the_cut_is_caught(monkeypatch):
     """A broken ShardSync.learn that ignores cut_below adopts knowledge of rows it never
     got: those rows are never pulled again, so replicas do not converge."""
     orig = sync_mod.ShardSync.learn
-    monkeypatch.setattr(sync_mod.ShardSync, "learn", lambda self, theirs, cut_below: orig(self, theirs, None))
+    monkeypatch.setattr(sync_mod.ShardSync, "learn",
+                        lambda self, theirs, cut_below, pending=(): orig(self, theirs, None, pending))
     res = run_faults(1, first_seed=0)
     kinds = {v["invariant"] for v in res["violations"]}
     assert "convergence" in kinds
@@ -136,7 +137,7 @@ def test_push_links_that_skip_the_chain_are_caught(monkeypatch):
     claims rows that a lost push never delivered: replicas do not converge."""
     import ekko.node_push as push_mod
 
-    def jump(shards, links):
+    def jump(shards, links, waiting=None):
         moved = []
         for s, origin, _after, upto in links:
             sync = shards.setdefault(s, sync_mod.ShardSync())
