@@ -35,6 +35,10 @@ MAX_PUBLISH_ROWS = 1 << 20
 #: publisher's HLC runs ahead of its wall clock (each row takes one counter, 256 per ms:
 #: a publisher above 256,000 rows/s drifts ahead), so it is generous.
 MAX_CLOCK_SKEW_S = 300.0
+#: default ``max_publish_ahead`` (seconds): how far a publish's HLC time may lie ahead of
+#: the ingest replica's wall clock.  NTP keeps hosts within milliseconds; a publisher's HLC
+#: runs ahead of its wall clock by its rows / 256 per millisecond (a 1M-row frame: 4 s).
+MAX_PUBLISH_AHEAD_S = 10.0
 #: anti-entropy rounds :meth:`NodeConfig.knowledge_bound` allows for pulls and for
 #: knowledge to spread: an intra-DC round, a gateway's walk over its WAN pairings, the
 #: far DC's round, with room for rounds whose partner held nothing new.
@@ -108,6 +112,12 @@ class NodeConfig:
             once every member has answered, the gap is closed (:mod:`p2p.gaps`).  With
             it, knowledge reaches the newest acknowledged counters within
             :meth:`knowledge_bound` after faults end.
+        max_publish_ahead: seconds a *publish's* versions may lie ahead of the ingest
+            replica's wall clock (default :data:`MAX_PUBLISH_AHEAD_S`); a publish beyond
+            it is refused (400, ``future_version``).  Smaller than ``max_clock_skew``:
+            a publisher's clock that runs ahead makes its rows shadow every later
+            update from a correct clock for as long as it is ahead, while a peer's
+            frames only carry versions some publisher was already allowed.
         max_clock_skew: seconds a row version's HLC physical time (or a peer's
             knowledge or head) may lie ahead of this replica's wall clock; frames
             carrying a version beyond it are refused whole as impossible (reason
@@ -164,6 +174,7 @@ class NodeConfig:
     quality_warmup_windows: int = 50
     baseline_pin_cut: str = ""
     gap_probe_after: float = 2.0
+    max_publish_ahead: float = MAX_PUBLISH_AHEAD_S
     max_clock_skew: float = MAX_CLOCK_SKEW_S
     # -- durability and back-pressure (issue #7) --
     durability: str = "wal"
@@ -197,6 +208,8 @@ class NodeConfig:
             raise UsageError(f"config pull_response_bytes must be in 1..{MAX_PULL_RESPONSE_BYTES}")
         if not self.gap_probe_after > 0:
             raise UsageError("config gap_probe_after must be > 0 seconds")
+        if not 0 < self.max_publish_ahead <= self.max_clock_skew:
+            raise UsageError("config max_publish_ahead must be > 0 and <= max_clock_skew")
         if not self.max_clock_skew > 0:
             raise UsageError("config max_clock_skew must be > 0 seconds (inf: no check)")
         if not 0 < self.push_frame_bytes <= MAX_PUSH_FRAME_BYTES:

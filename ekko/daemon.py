@@ -92,6 +92,8 @@ MAX_READ_IDS = 16384
 MAX_REQUEST_LINE = MAX_READ_IDS * 21 + 4096
 #: requests handled at once; beyond it writes and reads get 429 with Retry-After.
 MAX_CONCURRENT_REQUESTS = 256
+#: most shadowed rows a publish acknowledgement lists per table (all are counted).
+MAX_SHADOWED_LISTED = 1024
 #: longest a cut request may wait for knowledge to cover a publisher's heads (seconds).
 MAX_CUT_WAIT_S = 60.0
 #: how often such a wait looks again (seconds).
@@ -842,8 +844,18 @@ class Daemon:
                     raise RequestRejected(f"{e}: the update is applied here but not durable; retry",
                                           "wal_error") from None
             self.metrics.published_rows.labels(frame.body["model"]).inc(ack.rows)
-            return web.json_response({"ok": True, "rows": ack.rows, "applied": ack.applied,
-                                      "max_counter": ack.max_counter})
+            answer: dict[str, Any] = {"ok": True, "rows": ack.rows, "applied": ack.applied,
+                                      "max_counter": ack.max_counter}
+            if ack.shadowed:
+                answer["shadowed"] = {t: {"count": len(ids), "ids": ids[:MAX_SHADOWED_LISTED].tolist(),
+                                          "by": by[:MAX_SHADOWED_LISTED].tolist()}
+                                      for t, (ids, by) in ack.shadowed.items()}
+                n = sum(len(ids) for ids, _ in ack.shadowed.values())
+                self.metrics.shadowed_rows.labels(frame.body["model"]).inc(n)
+                log.warning("publish of %s by origin %s: %d row(s) already held at greater versions "
+                            "(their values did not apply; a clock ahead, or another publisher)",
+                            frame.body["model"], frame.body.get("origin"), n)
+            return web.json_response(answer)
         finally:
             self.gate.publish_bytes -= held
 

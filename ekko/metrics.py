@@ -191,6 +191,10 @@ class DaemonMetrics:
                                      ["peer_dc", "reason"], registry=r)
         self.published_rows = Counter("ekko_published_rows", "Rows accepted by /v1/publish", ["model"],
                                       registry=r)
+        self.shadowed_rows = Counter("ekko_shadowed_rows",
+                                     "Published rows that did not apply because the ingest replica already "
+                                     "held a greater version (a publisher clock ahead, or another publisher)",
+                                     ["model"], registry=r)
         self.snapshots = Counter("ekko_snapshots", "Snapshots written, by outcome", ["outcome"], registry=r)
         self.snapshot_seconds = Gauge("ekko_last_snapshot_seconds", "Duration of the last snapshot write",
                                       registry=r)

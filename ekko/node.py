@@ -386,7 +386,10 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
         deltas = [delta_from_wire(d, self.table_spec, values_required=self.with_values) for d in raw]
         if sum(len(d) for d in deltas) > MAX_PUBLISH_ROWS:
             raise ProtocolError(f"publish exceeds {MAX_PUBLISH_ROWS} rows", "too_large")
-        self.refuse_future(deltas, now, "publish")
+        # A publisher's clock may run ahead of ours by much less than a peer's knowledge
+        # may: its versions would shadow every later update of those rows from a correct
+        # clock (max_publish_ahead, documented in NodeConfig).
+        self.refuse_future(deltas, now, "publish", skew=self.config.max_publish_ahead)
         chains_raw = field(body, "chains", dict, optional=True, default={})
         chains: dict[str, dict[int, int]] = {}
         for d in deltas:
@@ -415,11 +418,20 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
             chains[d.table] = ch
         applied = 0
         top = 0
+        shadowed: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for d in deltas:
             res = self._apply(m, d, now, source="publish")
             applied += len(res)
             if len(d) == 0:
                 continue
+            if len(res) < len(d):
+                # Rows already held at a greater version: this frame's values lose
+                # everywhere.  The publisher is told which rows and by what version.
+                cur = m.store.table(d.table).versions[d.ids]
+                lost = cur > d.versions
+                if lost.any():
+                    shadowed[d.table] = (d.ids[lost], cur[lost])
+                    self.counters["shadowed_rows"] += int(lost.sum())
             spec = m.spec.table(d.table)
             shards = spec.shards_of(d.ids)
             ctr = counters_of(d.versions)
@@ -448,7 +460,7 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
                                        links=np.array(links, np.int64) if links and len(res) == len(d) else None)
         self.counters["published_rows"] += sum(len(d) for d in deltas)
         self.flush(now)
-        return PublishAck(sum(len(d) for d in deltas), applied, top)
+        return PublishAck(sum(len(d) for d in deltas), applied, top, shadowed)
 
     def _checked_after(self, sync: ShardSync, origin: int, after: int, first: int) -> int:
         """The chain link a frame may claim: ``after`` unless this replica knows of updates
@@ -646,27 +658,32 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
             raise UsageError(f"unknown model {name!r}")
         return m
 
-    def counter_horizon(self, now: float) -> int:
-        """The greatest HLC counter believable at ``now``: wall clock plus ``max_clock_skew``."""
-        skew = self.config.max_clock_skew
+    def counter_horizon(self, now: float, skew: float | None = None) -> int:
+        """The greatest HLC counter believable at ``now``: wall clock plus ``skew``
+        (default ``max_clock_skew``)."""
+        if skew is None:
+            skew = self.config.max_clock_skew
         if skew == float("inf"):
             return MAX_COUNTER
         return min(MAX_COUNTER, last_counter_at((now + self.wall_offset_s + skew) * 1000.0))
 
-    def refuse_future(self, deltas: list[Delta], now: float, what: str, known: int = 0) -> None:
+    def refuse_future(self, deltas: list[Delta], now: float, what: str, known: int = 0,
+                      skew: float | None = None) -> None:
         """Refuse a whole frame whose rows (or knowledge counter ``known``) lie beyond
-        :meth:`counter_horizon`: such a version would shadow every later update of its
-        row and drag freshness heads forward.  Raises :class:`ProtocolError`."""
+        :meth:`counter_horizon` (``skew`` seconds ahead, default ``max_clock_skew``):
+        such a version would shadow every later update of its row and drag freshness
+        heads forward.  Raises :class:`ProtocolError`."""
         top = known
         for d in deltas:
             if len(d):
                 top = max(top, int(d.versions.max()) >> ORIGIN_BITS)
-        horizon = self.counter_horizon(now)
+        bound = self.config.max_clock_skew if skew is None else skew
+        horizon = self.counter_horizon(now, bound)
         if top > horizon:
             self.counters["refused_future_frames"] += 1
-            ahead = ((top >> HLC_LOGICAL_BITS) - (horizon >> HLC_LOGICAL_BITS)) / 1000.0
-            raise ProtocolError(f"{what} carries version counter {top}, {ahead:.3f}s beyond this replica's "
-                                f"clock + max_clock_skew={self.config.max_clock_skew}s: refused as impossible "
+            ahead = ((top >> HLC_LOGICAL_BITS) - (horizon >> HLC_LOGICAL_BITS)) / 1000.0 + bound
+            raise ProtocolError(f"{what} carries version counter {top}, {ahead:.3f}s ahead of this replica's "
+                                f"clock (at most {bound}s is accepted): refused as impossible "
                                 f"(check the sender's clock; a publisher over 256,000 rows/s runs its HLC ahead "
                                 f"of wall time and needs a larger max_clock_skew)", "future_version")
 

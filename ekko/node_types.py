@@ -3,7 +3,7 @@ node learns once about a parsed push delta."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,11 +33,18 @@ class Outgoing:
 
 @dataclass(frozen=True, slots=True)
 class PublishAck:
-    """What a publish did on the ingest replica."""
+    """What a publish did on the ingest replica.
+
+    ``shadowed``: per table, ``(ids, versions)`` of the frame's rows that this replica
+    already holds at a *greater* version (another publisher's, or this publisher's own
+    from a clock that ran ahead), so the frame's values did not apply there and will
+    not apply anywhere.  Re-sent rows (same version) and fenced rows are not listed.
+    """
 
     rows: int
     applied: int
     max_counter: int
+    shadowed: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,7 @@ import re
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -126,6 +126,11 @@ class PublishAck:
             the rows were given (see :mod:`ekko.version`).
         max_counter: the greatest counter the replica reported for the frame.
         endpoint: the replica that acknowledged (``http://host:port``).
+        shadowed: per table, ``(ids, versions)`` of rows the replica already held at a
+            *greater* version, so this publish's values for them did not apply and will
+            not (another publisher's newer update, or a clock that ran ahead); at most
+            ``ekko.daemon.MAX_SHADOWED_LISTED`` rows per table are listed.  Empty when
+            every row applied or was a re-send.
 
     Example:
         >>> import numpy as np
@@ -140,6 +145,19 @@ class PublishAck:
     versions: dict[str, np.ndarray]
     max_counter: int
     endpoint: str
+    shadowed: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+def _shadowed_of(answer: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The ``shadowed`` part of a publish answer as arrays (absent or malformed: none)."""
+    raw = answer.get("shadowed")
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for table, e in raw.items():
+        if isinstance(e, dict) and isinstance(e.get("ids"), list) and isinstance(e.get("by"), list):
+            out[str(table)] = (np.asarray(e["ids"], np.int64), np.asarray(e["by"], np.int64))
+    return out
 
 
 class PublishError(EkkoError):
@@ -678,8 +696,12 @@ class AsyncPublisher:
             await self._save_pending()
             answer, endpoint = await self._send_frame(frame, deadline)
             versions = self.chain.versions_of(frame)
+            shadowed = _shadowed_of(answer)
+            if shadowed:
+                log.warning("publish of %s: %d row(s) already held at greater versions did not apply "
+                            "(see PublishAck.shadowed)", p.model, sum(len(i) for i, _ in shadowed.values()))
             return PublishAck(p.model, int(answer.get("rows", frame.rows)), int(answer.get("applied", 0)),
-                              versions, int(answer.get("max_counter", frame.last_counter)), endpoint)
+                              versions, int(answer.get("max_counter", frame.last_counter)), endpoint, shadowed)
 
     async def flush(self) -> None:
         """Re-send every pending frame now (each model's next publish would do it anyway)."""
