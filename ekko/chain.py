@@ -6,7 +6,8 @@ tells the ingest replica, per touched shard, the counter of its previous update
 to that shard that a replica acknowledged (the *chain*).  A replica whose
 knowledge of that shard already reaches the previous counter can advance its
 knowledge over the whole frame at once; otherwise the frame waits for the gap
-to be filled by anti-entropy (see :class:`p2p.sync.ShardSync.chain`).
+to be filled by anti-entropy (see :class:`p2p.sync.ShardSync.chain`) or, when no
+member holds it, closed by a gap probe (:mod:`p2p.gaps`).
 
 Frames must be acknowledged in order per shard: the SDK retries a frame (same
 versions: applying it twice changes nothing) until some replica acknowledges
@@ -29,6 +30,13 @@ from ekko.delta import Delta
 from ekko.errors import UsageError
 from ekko.spec import ModelSpec
 from ekko.version import ORIGIN_BITS, HybridClock
+
+
+#: a chain link's ``after`` meaning "earlier updates of this origin to the shard may
+#: exist, and this publisher does not know up to where" (a restart without state).  The
+#: replica links the frame from just below its own first counter in the shard and
+#: probes the gap before it at once (:mod:`p2p.gaps`).  ``-1`` means "unchained".
+RESTART_LINK = -2
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +72,11 @@ class PublisherChain:
     clock: HybridClock = field(default_factory=HybridClock)
     heads: dict[tuple[str, str, int], int] = field(default_factory=dict)
     chained: bool = True
+    #: False when earlier updates of this origin may exist that these heads do not
+    #: name (a publisher restarted without its state): a shard without a head is then
+    #: linked with :data:`RESTART_LINK` ("everything of mine before this frame is
+    #: unknown to me") instead of 0 ("nothing of mine came before").
+    history_known: bool = True
 
     def frame(self, spec: ModelSpec, tables: dict[str, tuple[np.ndarray, np.ndarray | None]], now_ms: float,
               impact: dict[str, np.ndarray] | None = None, tombstone: dict[str, np.ndarray] | None = None
@@ -103,8 +116,9 @@ class PublisherChain:
             deltas.append(delta_to_wire(d))
             shards = t.shards_of(ids)
             entries = []
+            no_head = 0 if self.history_known else RESTART_LINK
             for s in np.unique(shards).tolist():
-                after = self.heads.get((spec.name, table, s), 0) if self.chained else -1
+                after = self.heads.get((spec.name, table, s), no_head) if self.chained else -1
                 entries.append([s, after])
                 heads[(table, s)] = int(counters[shards == s].max())
             chains[table] = entries
@@ -127,23 +141,28 @@ class PublisherChain:
 
     # -- persistence -------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"origin": self.origin, "clock": self.clock.last,
-                "heads": [[m, t, s, c] for (m, t, s), c in sorted(self.heads.items())]}
+        out = {"origin": self.origin, "clock": self.clock.last,
+               "heads": [[m, t, s, c] for (m, t, s), c in sorted(self.heads.items())]}
+        if not self.history_known:
+            out["history_known"] = False
+        return out
 
     @classmethod
-    def restore(cls, state: dict[str, Any] | None, origin: int) -> "PublisherChain":
+    def restore(cls, state: dict[str, Any] | None, origin: int, history_known: bool = True) -> "PublisherChain":
         """From :meth:`state` output.
 
-        Without state this is a *new* publisher: its chains start at counter 0, which
-        tells replicas "no earlier update of this origin exists".  That is only true for
-        an origin that never published: a publisher whose state was lost must take a
-        new origin (the SDK keeps state in ``state_dir`` and refuses a second live
-        publisher per origin), or replicas could take its earlier updates as received.
+        Without state, ``history_known`` says whether this origin certainly never
+        published (True: its chains start at counter 0, "no earlier update of this
+        origin exists") or may have (False: the first frame to each shard is linked
+        with :data:`RESTART_LINK`, and replicas close the gap before it by asking
+        every member, :mod:`p2p.gaps`).  The SDK cannot tell a first start from a lost
+        state dir, so it passes False; the simulator's new publishers pass True.
         """
         if not state:
-            return cls(origin=origin)
+            return cls(origin=origin, history_known=history_known)
         if state.get("origin") != origin:
             raise UsageError("publisher state belongs to another origin")
-        pc = cls(origin=origin, clock=HybridClock(int(state["clock"])))
+        pc = cls(origin=origin, clock=HybridClock(int(state["clock"])),
+                 history_known=bool(state.get("history_known", True)))
         pc.heads = {(m, t, int(s)): int(c) for m, t, s, c in state.get("heads", [])}
         return pc

@@ -40,6 +40,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ekko.chain import RESTART_LINK
 from ekko.codec import (
     MAX_DELTAS_PER_MSG,
     Frame,
@@ -404,7 +405,7 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
             ch: dict[int, int] = {}
             for e in entries:
                 if (not isinstance(e, list) or len(e) != 2 or not all(isinstance(x, int) for x in e)
-                        or not 0 <= e[0] < spec.num_shards or not -1 <= e[1] <= MAX_COUNTER):
+                        or not 0 <= e[0] < spec.num_shards or not RESTART_LINK <= e[1] <= MAX_COUNTER):
                     raise ProtocolError(f"bad chain entry {e!r}", "bad_body")
                 ch[e[0]] = e[1]
             if len(d):
@@ -444,12 +445,13 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
                 s = int(shards[part[0]])
                 sync = m.shard(d.table, s)
                 after, upto = chains[d.table].get(s, -1), int(ctr[part].max())
-                if after >= 0:
-                    after = self._checked_after(sync, origin, after, int(ctr[part].min()))
+                urgent = False
+                if after != -1:
+                    after, urgent = self._checked_after(sync, origin, after, int(ctr[part].min()), upto)
                 if sync.chain(origin, after, upto):
                     m.dirty[d.table].add(s)
                 if sync.pending:
-                    self._note_waiting(m, d.table, s, now)
+                    self._note_waiting(m, d.table, s, now, urgent)
                 if after >= 0:
                     links.append((s, origin, after, upto))
             if self.config.push:
@@ -462,25 +464,32 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
         self.flush(now)
         return PublishAck(sum(len(d) for d in deltas), applied, top, shadowed)
 
-    def _checked_after(self, sync: ShardSync, origin: int, after: int, first: int) -> int:
-        """The chain link a frame may claim: ``after`` unless this replica knows of updates
-        of ``origin`` to the shard between ``after`` and the frame's first counter there.
+    def _checked_after(self, sync: ShardSync, origin: int, after: int, first: int, upto: int) -> tuple[int, bool]:
+        """The link a publish frame may claim in one shard: ``(after, urgent)``.
 
-        A publisher chains a frame on its previous acknowledged one, so such updates can
-        only exist when its chain state is stale (restored from a backup, or lost and
-        started over under the same origin).  Linking from ``after`` would then claim
-        those updates are in this frame, and replicas would stop asking for them; the
-        frame is linked from just below its own counters instead, and whatever lies
-        before it is a gap that anti-entropy or a gap probe fills (:mod:`p2p.gaps`).
+        ``after`` as sent, unless this replica knows of updates of ``origin`` to the
+        shard between it and the frame's first counter ``first``.  A publisher chains
+        a frame on its previous acknowledged one, so such updates exist only when its
+        chain state is stale (restored from a backup, or lost and started over under
+        the same origin); linking from ``after`` would claim them as part of this
+        frame, and replicas would stop asking for them.  Such a frame, and one sent
+        with :data:`~ekko.chain.RESTART_LINK`, is linked from just below its own
+        counters instead -- or not at all (-1) when known updates reach into them --
+        and the gap before it is probed at once (``urgent``, :mod:`p2p.gaps`).
         """
-        seen = sync.knowledge[origin]
-        for _, u in sync.pending.get(origin, ()):
+        k = sync.knowledge[origin]
+        seen = k if k < first else -1
+        overlap = k >= first
+        for a, u in sync.pending.get(origin, ()):
             if u < first:
                 seen = max(seen, u)
-        if after < seen < first:
-            self.counters["stale_chains"] += 1
-            return first - 1
-        return after
+            elif a < upto:
+                overlap = True
+        if after == RESTART_LINK or after < seen:
+            if after != RESTART_LINK:
+                self.counters["stale_chains"] += 1
+            return (-1 if overlap else first - 1), True
+        return after, False
 
     def apply_local(self, delta: Delta, now: float) -> PublishAck:
         """Apply an already-versioned delta here without chains (tests, tools)."""

@@ -436,6 +436,17 @@ class AntiEntropyMixin:
                                      + [u for p in parsed for _, _, u in p[6]], default=0))
         for m, table, s, k, cut, d, pend in parsed:
             if d is not None:
+                if self.fence and len(d):
+                    # Rows the peer still holds at versions a rollback fenced here: we drop
+                    # them, so its knowledge must not become ours past them -- the value the
+                    # cut keeps for those rows is still to come (once the peer has rolled
+                    # back too).  Otherwise the rows stay empty here under full knowledge.
+                    fenced = self.fence.mask(m.spec.name, table, d.ids, d.versions)
+                    if fenced.any():
+                        first = int(counters_of(d.versions[fenced]).min())
+                        cut = first if cut is None else min(cut, first)
+                        pend = []
+                        self.counters["pull_fenced_rows"] += int(fenced.sum())
                 self._apply(m, d, now, source="pull")
             sync = m.shard(table, s)
             if self.baseline_pin:

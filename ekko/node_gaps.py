@@ -36,8 +36,8 @@ class GapMixin:
         c = self.config
         self.gaps = GapProbes(self.node_id, c.gap_probe_after, max(c.ae_interval, c.gap_probe_after / 4))
 
-    def _note_waiting(self, m: _Model, table: str, s: int, now: float) -> None:
-        self.gaps.note_waiting((m.spec.name, table, s), now)
+    def _note_waiting(self, m: _Model, table: str, s: int, now: float, urgent: bool = False) -> None:
+        self.gaps.note_waiting((m.spec.name, table, s), now, urgent)
 
     def _gap_round(self, now: float) -> None:
         """Probe the gaps that have waited long enough; close those every member covered."""
@@ -173,6 +173,11 @@ class GapMixin:
                            known=max([max(p[5], p[6]) for p in parsed], default=0))
         for m, table, s, o, lo, covered, known, pend, d in parsed:
             if d is not None and len(d):
+                if self.fence and self.fence.mask(m.spec.name, table, d.ids, d.versions).any():
+                    # The member has not applied a rollback we have: its rows in the gap are
+                    # not what the cut keeps.  Take what applies, vouch for nothing, ask again.
+                    self._apply(m, d, now, source="pull")
+                    continue
                 self._apply(m, d, now, source="pull")
             sync = m.shard(table, s)
             moved = False

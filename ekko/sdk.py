@@ -552,7 +552,11 @@ class AsyncPublisher:
         self._save_error: BaseException | None = None
         try:
             saved, pending = self._state.load()
-            self.chain = PublisherChain.restore(saved, self.origin)
+            # No state: a first start or a lost state dir, which look alike from here.
+            # The first frame to each shard then tells replicas that earlier updates of
+            # this origin may exist (PublisherChain.history_known), so they never take
+            # updates they lack as received; they close that gap within a probe round.
+            self.chain = PublisherChain.restore(saved, self.origin, history_known=False)
         except BaseException:
             self._state.close()
             raise

@@ -100,9 +100,14 @@ class GapProbes:
         self.probes: dict[GapKey, Probe] = {}
         self.closed = 0
 
-    def note_waiting(self, shard: ShardKey, now: float) -> None:
-        """A shard has waiting intervals (called after every chain that left one waiting)."""
-        if shard not in self.waiting:
+    def note_waiting(self, shard: ShardKey, now: float, urgent: bool = False) -> None:
+        """A shard has waiting intervals (called after every chain that left one waiting).
+
+        ``urgent``: the gap is known not to fill by itself (a publisher restarted
+        without its state, or relinked as stale): probe it at the next round."""
+        if urgent:
+            self.waiting[shard] = now - self.probe_after * GAP_PROBE_TIERS
+        elif shard not in self.waiting:
             self.waiting[shard] = now
 
     def delay(self, shard: ShardKey) -> float:

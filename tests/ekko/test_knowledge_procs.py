@@ -20,6 +20,8 @@ from procs import DaemonGroup, get_json, read_rows, wait_for
 pytestmark = pytest.mark.slow
 
 SPEC = ModelSpec("m", [TableSpec("emb", rows=100_000, dim=8, shards=16)])
+#: ids per rows read (the daemon's MAX_READ_IDS is 16,384).
+READ_BATCH = 8192
 #: seconds for replicas to converge on a loaded 2-core machine.
 CONVERGE_S = 120.0
 
@@ -73,7 +75,8 @@ def _roll_back_across_clusters(tmp_path, dcs: int, per_dc: int, n: int) -> None:
             touched = np.union1d(good_ids, bad_ids)
 
             def at(p, want):
-                vals, _ = read_rows(p.address, "m", "emb", touched)
+                vals = np.concatenate([read_rows(p.address, "m", "emb", touched[lo:lo + READ_BATCH])[0]
+                                       for lo in range(0, len(touched), READ_BATCH)])
                 return np.array_equal(vals, want[touched])
             wait_for(lambda: all(at(p, at_cut) for p in procs), CONVERGE_S, 0.5,
                      "every replica to hold exactly the cut's values")

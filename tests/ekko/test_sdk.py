@@ -52,6 +52,10 @@ def srv():
         yield s
 
 
+#: seconds a fake daemon's knowledge may take to close a new publisher's gaps.
+CHAIN_COMPLETE_S = 5.0
+
+
 @pytest.fixture
 def pub(srv, tmp_path):
     with Publisher([srv.endpoint], origin="trainer-a", state_dir=tmp_path, timeout=10) as p:
@@ -60,7 +64,19 @@ def pub(srv, tmp_path):
 
 
 def assert_chain_complete(srv: FakeDaemon, pub: Publisher, table: str = "f32") -> None:
-    """The replica's knowledge of our origin covers everything it holds from us."""
+    """The replica's knowledge of our origin covers everything it holds from us (within a
+    few timer rounds: a new publisher's first frames leave a gap that a probe closes)."""
+    deadline = time.monotonic() + CHAIN_COMPLETE_S
+    while True:
+        try:
+            return _assert_chain_complete(srv, pub, table)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _assert_chain_complete(srv: FakeDaemon, pub: Publisher, table: str = "f32") -> None:
     t = SPEC.table(table)
     _, vers = srv.rows(SPEC.name, table)
     mine = vers[(vers > 0) & (origins_of(vers) == pub.origin)]

@@ -58,6 +58,10 @@ def _err(status: int, message: str, reason: str, retry_after: float | None = Non
     return web.json_response({"error": message, "reason": reason}, status=status, headers=headers)
 
 
+#: seconds between two runs of the fake daemon's node timers.
+TICK_S = 0.02
+
+
 class FakeDaemon:
     """A single replica behind the v1 HTTP API, on a background thread.
 
@@ -77,6 +81,7 @@ class FakeDaemon:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
+        self._ticker: asyncio.Future | None = None
         self.port = 0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -98,6 +103,15 @@ class FakeDaemon:
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         self.port = self._runner.addresses[0][1]
+        if self._ticker is None:
+            self._ticker = asyncio.ensure_future(self._tick())
+
+    async def _tick(self) -> None:
+        """Run the node's timers as the daemon does (a single replica sends nothing)."""
+        while True:
+            self.node.tick(time.time())
+            self.node.drain()
+            await asyncio.sleep(TICK_S)
 
     def stop(self) -> None:
         if self._runner is not None:
@@ -110,6 +124,13 @@ class FakeDaemon:
 
     def close(self) -> None:
         self.stop()
+        if self._ticker is not None:
+            ticker, self._ticker = self._ticker, None
+
+            async def cancel() -> None:
+                ticker.cancel()
+                await asyncio.gather(ticker, return_exceptions=True)
+            asyncio.run_coroutine_threadsafe(cancel(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
