@@ -193,6 +193,8 @@ def expected_table(spec: TableSpec, acked: list[Write], records: list[dict[str, 
     x = np.concatenate([w.values for w in ws])
     keep = ~fence_mask(records, spec, ids, v)
     ids, v, x = ids[keep], v[keep], x[keep]
+    if not len(ids):
+        return vers, vals
     order = np.lexsort((v, ids))          # by row, then version: the last of each row wins
     ids, v, x = ids[order], v[order], x[order]
     last = np.r_[ids[1:] != ids[:-1], True]
@@ -293,7 +295,7 @@ def make_schedule(seed: int, duration: float, nodes: list[str]) -> list[Event]:
     events: list[Event] = []
     down_until = 0.0
     t = rng.uniform(0.5, FAULT_MEAN_GAP_S)
-    kinds = ["kill", "stop", "partition", "resets", "stall", "delay", "pub_restart", "cut", "cut", "rollback"]
+    kinds = ["kill", "stop", "partition", "resets", "stall", "delay", "pub_restart", "cut", "cut", "rollback", "rollback"]
     while t < duration:
         kind = rng.choice(kinds)
         a, b = rng.sample(DCS, 2) if rng.random() < 0.8 else (rng.choice(DCS),) * 2
