@@ -235,8 +235,8 @@ def check_rows(spec: TableSpec, acked: list[Write], doubt: list[Write], records:
     if bad_rows:
         row = min(bad_rows)
         out.append(Violation("row-state", f"table {spec.name} row {row}: expected version {_v(exp_v[row])}, "
-                             f"found {', '.join(f'{n}={_v(f)}' for n, f in sorted(bad_rows[row].items()))}",
-                             len(bad_rows)))
+                             f"found {', '.join(f'{n}={_v(f)}' for n, f in sorted(bad_rows[row].items()))}; "
+                             f"{row_history(spec, row, acked, doubt, records)}", len(bad_rows)))
     names = sorted(reads)
     for name in names[1:]:
         differ = (reads[name][0] != reads[names[0]][0]) | np.any(
@@ -247,6 +247,28 @@ def check_rows(spec: TableSpec, acked: list[Write], doubt: list[Write], records:
                                  f"{_v(reads[names[0]][0][row])} vs {name}={_v(reads[name][0][row])}",
                                  int(differ.sum())))
     return out
+
+
+def row_history(spec: TableSpec, row: int, acked: list[Write], doubt: list[Write],
+                records: list[dict[str, Any]]) -> str:
+    """Every publish of ``row`` (acked / in doubt, fenced or not) and each rollback's bounds
+    for its shard: what a reader of a violation needs first."""
+    items = []
+    for kind, ws in (("acked", acked), ("doubt", doubt)):
+        for w in ws:
+            if w.table != spec.name or w.versions is None:
+                continue
+            hit = np.flatnonzero(w.ids == row)
+            for i in hit.tolist():
+                fenced = bool(fence_mask(records, spec, w.ids[i:i + 1], w.versions[i:i + 1])[0])
+                items.append(f"{kind} {_v(w.versions[i])}{' fenced' if fenced else ''}")
+    shard = int(spec.shards_of(np.array([row]))[0])
+    fences = []
+    for rec in records:
+        lower = {s: k for t, s, k in rec["cut"]["knowledge"] if t == spec.name}.get(shard, [])
+        fences.append(f"rollback {rec.get('id')} cut {rec['cut'].get('name')} shard {shard} lower {lower} "
+                      f"upper {rec['upper']}")
+    return f"publishes of the row: [{', '.join(items)}]; {'; '.join(fences) or 'no rollbacks'}"
 
 
 def _v(packed: int) -> str:
