@@ -534,6 +534,7 @@ class SeedResult:
     violations: list[Violation] = field(default_factory=list)
     knowledge_s: float | None = None
     proxy: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 class SeedRun:
@@ -549,6 +550,7 @@ class SeedRun:
         self.faults: Counter = Counter()
         self.cuts: list[str] = []
         self.pubs: list[PublisherDriver] = []
+        self.notes: list[str] = []   # refused cuts/rollbacks: expected under faults, shown for reading
 
     def run(self) -> SeedResult:
         rng = random.Random(self.seed)
@@ -624,8 +626,7 @@ class SeedRun:
             self.faults["cut"] += 1
         except EkkoError as e:
             self.faults["cut_refused"] += 1
-            if self.verbose:
-                print(f"    cut at {node} refused: {e}")
+            self.notes.append(f"cut at {node} refused: {e}")
 
     def _rollback(self, draw_node: int, draw_cut: int) -> None:
         if not self.cuts:
@@ -636,8 +637,7 @@ class SeedRun:
             self.faults["rollback"] += 1
         except EkkoError as e:
             self.faults["rollback_refused"] += 1
-            if self.verbose:
-                print(f"    rollback to {cut} at {node} refused: {e}")
+            self.notes.append(f"rollback to {cut} at {node} refused: {e}")
 
     # -- checks -------------------------------------------------------------------------
     def _views(self) -> dict[str, dict[str, Any]]:
@@ -645,7 +645,7 @@ class SeedRun:
 
     def _check(self) -> SeedResult:
         acked, doubt = self.ref.writes("acked"), self.ref.writes("doubt")
-        res = SeedResult(self.seed, self.faults, acked=len(acked), in_doubt=len(doubt))
+        res = SeedResult(self.seed, self.faults, acked=len(acked), in_doubt=len(doubt), notes=self.notes)
         targets = knowledge_targets(acked)
         t0, gaps = time.monotonic(), ["not read yet"]
         while gaps and time.monotonic() - t0 < KNOWLEDGE_WAIT_S:
@@ -716,6 +716,8 @@ def report(res: SeedResult) -> None:
           f"violations={len(res.violations)} knowledge_complete={know} (bound {KNOWLEDGE_BOUND_S:.0f}s) "
           f"faults: {faults}", flush=True)
     print(f"  proxy: {' '.join(f'{k}={v}' for k, v in sorted(res.proxy.items()))}", flush=True)
+    for note in res.notes[:MAX_PRINTED]:
+        print(f"  note: {note}", flush=True)
     for v in res.violations[:MAX_PRINTED * 4]:
         print(f"  VIOLATION seed={res.seed} invariant={v.invariant} rows={v.rows}: {v.detail}", flush=True)
 
