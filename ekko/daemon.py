@@ -295,6 +295,7 @@ class Daemon:
         app.router.add_get("/v1/status", self._h_status)
         app.router.add_post("/v1/cuts", self._h_take_cut)
         app.router.add_get("/v1/models/{model}/cuts", self._h_cuts)
+        app.router.add_get("/v1/models/{model}/knowledge", self._h_knowledge)
         app.router.add_post("/v1/rollback", self._h_rollback)
         app.router.add_post("/v1/quality", self._h_quality)
         app.router.add_get("/metrics", self._h_metrics)
@@ -917,6 +918,19 @@ class Daemon:
         cuts = [{"name": c.name, "taken_at_monotonic": c.taken_at, "restorable": self.node.cuts.restorable(c),
                  "shards": len(c.knowledge)} for c in self.node.cuts.cuts(model)]
         return web.json_response({"model": model, "cuts": cuts, "undo_horizon_seq": horizon})
+
+    async def _h_knowledge(self, request: web.Request) -> web.Response:
+        """Read-only view for fault harnesses: per table, per shard ``[shard, knowledge,
+        pending chains]`` (knowledge as ``[[origin, counter], ...]``), and the rollback
+        records held here (each with its cut's knowledge and its ``upper`` bounds)."""
+        model = request.match_info["model"]
+        if model not in self.node.models:
+            raise RequestRejected(f"unknown model {model!r}", "unknown_model")
+        shards = self.node.models[model].shards
+        tables = {t: [[s, sync.knowledge.to_wire(), sum(len(c) for c in sync.pending.values())]
+                      for s, sync in sorted(by_shard.items())] for t, by_shard in shards.items()}
+        rollbacks = [r for r in self.node.rollbacks.values() if r.get("model") == model]
+        return web.json_response({"model": model, "tables": tables, "rollbacks": rollbacks})
 
     def _rollback_point(self, model: str) -> int:
         """The counter up to which a rollback "now" fences: this host's wall clock, or the
