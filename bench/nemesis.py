@@ -64,6 +64,7 @@ sys.path.insert(1, str(REPO / "tests" / "ekko"))
 import numpy as np  # noqa: E402
 
 from ekko.client import Client  # noqa: E402
+from ekko.config import preset  # noqa: E402
 from ekko.errors import EkkoError  # noqa: E402
 from ekko.faultproxy import FaultProxy, ProcessSources, ProxyThread  # noqa: E402
 from ekko.sdk import PublishError, Publisher  # noqa: E402
@@ -72,6 +73,8 @@ from ekko.version import counters_of, origins_of  # noqa: E402
 from procs import DaemonGroup, DaemonProc, free_port, get_json  # noqa: E402
 
 MODEL = "nemesis"
+#: the daemons' protocol preset.
+PRESET = "local"
 SPEC = ModelSpec(MODEL, [TableSpec("a", rows=4000, dim=8, shards=8), TableSpec("b", rows=2000, dim=8, shards=4)])
 DCS = ("dc1", "dc2", "dc3")
 PER_DC = 2
@@ -93,9 +96,9 @@ DOWN_RANGE_S = (1.0, 6.0)
 LINK_FAULT_RANGE_S = (1.0, 8.0)
 #: per-chunk reset probability during a reset burst.
 RESET_PROB_RANGE = (0.01, 0.1)
-#: knowledge must be complete on every replica this long after the heal (the stated bound:
-#: 80 anti-entropy rounds of the local preset, room for six daemons on two shared cores).
-KNOWLEDGE_BOUND_S = 20.0
+#: knowledge must be complete on every replica this long after the heal: the bound the
+#: daemons' configuration states (NodeConfig.knowledge_bound of the preset they run).
+KNOWLEDGE_BOUND_S = preset(PRESET).knowledge_bound()
 #: how long the harness keeps waiting after the bound, to report the time it took.
 KNOWLEDGE_WAIT_S = 90.0
 #: how long rows get to match the reference after knowledge is complete.
@@ -447,7 +450,7 @@ class Cluster:
         self.root, self.seed, self.key_file = root, seed, key_file
         self.sources = ProcessSources()
         self.proxy = ProxyThread(FaultProxy(self.sources, seed=seed)).start()
-        self.group = DaemonGroup(root, preset="local")
+        self.group = DaemonGroup(root, preset=PRESET)
         self.nodes: dict[str, DaemonProc] = {}
         self.advertised: dict[str, str] = {}
         self.stopped: set[str] = set()
