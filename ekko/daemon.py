@@ -141,7 +141,7 @@ _REASON_OF_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_larg
 
 
 def _log_quality_event(ev: dict[str, Any]) -> None:
-    """Log an incident (opened here or learnt from a peer) or a finished restore."""
+    """Log an incident (opened here or learnt from a peer), a finished restore, or a closed gap."""
     kind = ev.get("event")
     if kind in ("incident", "incident_adopted"):
         log.warning("model %s CORRUPTED: incident %s (%s by %s), metric %s effect %.2f%% (cusum %.1f), "
@@ -153,6 +153,10 @@ def _log_quality_event(ev: dict[str, Any]) -> None:
         log.warning("model %s rolled back to cut %s (record %s, incident %s): %s rows restored, %s",
                     ev.get("model"), ev.get("cut"), ev.get("rollback_id"), ev.get("incident"), ev.get("rows"),
                     "-" if ev.get("restore_s") is None else f"{ev['restore_s']:.3f} s after the incident reached us")
+    elif kind == "gap_closed":
+        log.info("model %s table %s shard %s: every member answered for counters (%s, %s] of origin %s; "
+                 "knowledge passes them (what no member holds there was never received or is lost)",
+                 ev.get("model"), ev.get("table"), ev.get("shard"), ev.get("after"), ev.get("upto"), ev.get("origin"))
 
 
 class RequestRejected(Exception):
