@@ -114,10 +114,6 @@ CI_DURATION_S = 15.0
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="current protocol: a replica SIGKILLed before its first snapshot comes back "
-                   "without the model, adopts knowledge that covers rows it lacks (bench/nemesis.py seed 1: "
-                   "row-state/convergence, table b row 1975 at version 0 on r4 with knowledge complete); "
-                   "knowledge took 26.7 s > 20 s bound on seed 3 at load 10; drop this mark once fixed")
 def test_short_seeded_batch_has_no_violations(tmp_path, capsys):
     res = nemesis.run_seed(seed=11, duration=CI_DURATION_S, workdir=tmp_path, keep=False, verbose=False)
     nemesis.report(res)
