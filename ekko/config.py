@@ -114,7 +114,8 @@ class NodeConfig:
             :meth:`knowledge_bound` after faults end.
         max_publish_ahead: seconds a *publish's* versions may lie ahead of the ingest
             replica's wall clock (default :data:`MAX_PUBLISH_AHEAD_S`); a publish beyond
-            it is refused (400, ``future_version``).  Smaller than ``max_clock_skew``:
+            it is refused (400, ``future_version``); the smaller of it and
+            ``max_clock_skew`` applies.  Smaller than ``max_clock_skew`` by default:
             a publisher's clock that runs ahead makes its rows shadow every later
             update from a correct clock for as long as it is ahead, while a peer's
             frames only carry versions some publisher was already allowed.
@@ -208,8 +209,8 @@ class NodeConfig:
             raise UsageError(f"config pull_response_bytes must be in 1..{MAX_PULL_RESPONSE_BYTES}")
         if not self.gap_probe_after > 0:
             raise UsageError("config gap_probe_after must be > 0 seconds")
-        if not 0 < self.max_publish_ahead <= self.max_clock_skew:
-            raise UsageError("config max_publish_ahead must be > 0 and <= max_clock_skew")
+        if not self.max_publish_ahead > 0:
+            raise UsageError("config max_publish_ahead must be > 0 seconds (inf: no check)")
         if not self.max_clock_skew > 0:
             raise UsageError("config max_clock_skew must be > 0 seconds (inf: no check)")
         if not 0 < self.push_frame_bytes <= MAX_PUSH_FRAME_BYTES:

@@ -390,7 +390,8 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
         # A publisher's clock may run ahead of ours by much less than a peer's knowledge
         # may: its versions would shadow every later update of those rows from a correct
         # clock (max_publish_ahead, documented in NodeConfig).
-        self.refuse_future(deltas, now, "publish", skew=self.config.max_publish_ahead)
+        self.refuse_future(deltas, now, "publish",
+                           skew=min(self.config.max_publish_ahead, self.config.max_clock_skew))
         chains_raw = field(body, "chains", dict, optional=True, default={})
         chains: dict[str, dict[int, int]] = {}
         for d in deltas:

@@ -19,7 +19,7 @@ import pytest
 from ekko.chain import PublisherChain
 from ekko.cli import main as ekko_main
 from ekko.codec import Keyring, MsgType, decode_frame, delta_to_wire, encode_frame
-from ekko.config import MAX_CLOCK_SKEW_S, NodeConfig
+from ekko.config import MAX_CLOCK_SKEW_S, MAX_PUBLISH_AHEAD_S, NodeConfig
 from ekko.daemon import Daemon
 from ekko.errors import ProtocolError, UsageError
 from ekko.keyring_file import load_keyring
@@ -345,12 +345,14 @@ def test_versions_beyond_the_skew_bound_are_refused_whole():
     a = _node()
     assert a.counter_horizon(now) >> HLC_LOGICAL_BITS == (now + MAX_CLOCK_SKEW_S) * 1000
     pc = PublisherChain(origin=3)
-    ok = _frame(pc, [1, 2], now + MAX_CLOCK_SKEW_S - 1)  # a publisher clock 299 s ahead: still believable
+    # A publish may be only max_publish_ahead ahead (its rows would shadow later updates);
+    # peers' frames up to max_clock_skew (below).
+    ok = _frame(pc, [1, 2], now + MAX_PUBLISH_AHEAD_S - 1)  # a publisher clock 9 s ahead: still believable
     assert a.publish(ok.body, now).applied == 2
     pc.acked(ok)
     head, vers = a.model_head("m"), _versions(a)
-    future = _frame(pc, [3, 40], now + MAX_CLOCK_SKEW_S + 1)
-    with pytest.raises(ProtocolError, match="beyond this replica's clock") as e:
+    future = _frame(pc, [3, 40], now + MAX_PUBLISH_AHEAD_S + 1)
+    with pytest.raises(ProtocolError, match="ahead of this replica's clock") as e:
         a.publish(future.body, now)
     assert e.value.reason == "future_version" and a.counters["refused_future_frames"] == 1
     assert np.array_equal(_versions(a), vers) and a.model_head("m") == head, "nothing applied, head not dragged"
@@ -397,7 +399,7 @@ def test_skew_bound_is_configurable_and_can_be_off():
     with pytest.raises(ProtocolError):
         tight.publish(_frame(pc, [1], 16.0).body, 10.0)
     assert tight.publish(_frame(PublisherChain(origin=3), [1], 14.0).body, 10.0).applied == 1
-    off = _node(max_clock_skew=float("inf"))
+    off = _node(max_clock_skew=float("inf"), max_publish_ahead=float("inf"))
     assert off.publish(_frame(PublisherChain(origin=3), [1], 10**6).body, 0.0).applied == 1
     with pytest.raises(UsageError, match="max_clock_skew"):
         NodeConfig(max_clock_skew=0)
