@@ -102,3 +102,33 @@ async def test_rollback_after_crash_restores_the_cut_values_from_the_persisted_h
         assert st["models"]["ranker"]
     finally:
         await client2.close()
+
+
+async def test_a_damaged_history_still_restores_the_model(tmp_path):
+    """A history whose files fail their checksum: the model loads (values, versions), the
+    history starts empty and is counted, and the seq still continues above the snapshot's."""
+    rng = np.random.default_rng(14)
+    pc = PublisherChain(origin=22)
+    ids = rng.choice(5000, 200, replace=False)
+    d, client = await make_client(tmp_path)
+    try:
+        await register(client)
+        await _publish(client, pc, "emb", ids, rng.standard_normal((len(ids), 8)).astype(np.float32))
+        await _publish(client, pc, "emb", ids, rng.standard_normal((len(ids), 8)).astype(np.float32))
+        versions = d.node.table_store("ranker", "emb").versions.copy()
+        seq_before = d.node._seq
+    finally:
+        await client.close()   # the final snapshot, with the history
+    path = tmp_path / "r1" / "models" / "ranker" / "t0000.undo.values.bin"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 1
+    path.write_bytes(bytes(data))
+    d2, client2 = await make_client(tmp_path)
+    try:
+        assert d2.restored == ["ranker"]
+        assert np.array_equal(d2.node.table_store("ranker", "emb").versions, versions)
+        assert d2.node.counters["undo_history_unusable"] == 1
+        assert d2.node.undo.stats()["segments"] == 0
+        assert d2.node._seq >= seq_before and d2.node.undo.horizon("ranker") >= seq_before
+    finally:
+        await client2.close()
