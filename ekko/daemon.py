@@ -563,7 +563,8 @@ class Daemon:
 
         lock = self._snapshot_lock or asyncio.Lock()
         async with lock:
-            copies = [(m.store.copy(), export_model_state(self.node, name))
+            # The undo history in the same instant as the store (it ends at the copied state).
+            copies = [(m.store.copy(), export_model_state(self.node, name), self.node.export_undo(name))
                       for name, m in self.node.models.items()]
             catalog = {"node_id": self.node.node_id, "dc": self.node.dc,
                        "models": {name: m.spec.to_dict() for name, m in self.node.models.items()}}
@@ -577,8 +578,8 @@ class Daemon:
                 data_dir.mkdir(parents=True, exist_ok=True)
                 # The catalog first: a model directory without its spec could not be loaded.
                 _write_json_atomic(data_dir / CATALOG_FILE, catalog)
-                for store, meta in copies:
-                    save_snapshot(data_dir, store, meta)
+                for store, meta, undo in copies:
+                    save_snapshot(data_dir, store, meta, undo=undo)
 
             t0 = time.perf_counter()
             try:
@@ -600,12 +601,12 @@ class Daemon:
 
     async def restore(self) -> list[str]:
         """Load every model snapshot under ``data_dir`` into the node (at startup)."""
-        from ekko.snapshot import list_snapshot_models, load_snapshot
+        from ekko.snapshot import list_snapshot_models, load_snapshot, load_undo
 
         path = self.data_dir / CATALOG_FILE
         loop = asyncio.get_running_loop()
 
-        def read_all() -> list[tuple[ModelSpec, tuple[ModelStore, dict[str, Any]] | None]]:
+        def read_all() -> list[tuple[ModelSpec, tuple[ModelStore, dict[str, Any]] | None, Any]]:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             if not path.exists():
                 return []
@@ -630,12 +631,12 @@ class Daemon:
                         got = load_snapshot(self.data_dir, spec, self.node.device)
                     except ProtocolError as e:
                         log.error("snapshot of %s is unusable (%s); it will be synced from peers", name, e)
-                out.append((spec, got))
+                out.append((spec, got, load_undo(self.data_dir, spec) if got is not None else None))
             return out
 
         loaded = await loop.run_in_executor(None, read_all)
         now = self.clock()
-        for spec, got in loaded:
+        for spec, got, undo in loaded:
             if spec.name in self.node.models:
                 continue
             if got is None:
@@ -649,9 +650,14 @@ class Daemon:
                 self.node.models.pop(spec.name, None)
                 self.node.register_model(spec, now)
                 continue
+            if undo is not None:   # before the log is replayed: its records come after these
+                problem = self.node.import_undo(undo)
+                if problem is not None:
+                    log.error("undo history of %s is unusable (%s); rollbacks to cuts older than its snapshot "
+                              "will rely on peers", spec.name, problem)
             self.restored.append(spec.name)
         if loaded:
-            log.info("restored %s from %s", [s.name for s, _ in loaded], self.data_dir)
+            log.info("restored %s from %s", [s.name for s, _, _ in loaded], self.data_dir)
         if self.config.durability == "wal" or (self.data_dir / WAL_DIR).is_dir():
             # Also with durability "none": a log left by an earlier run in "wal" mode may hold
             # acknowledged publishes that no snapshot has.

@@ -21,6 +21,7 @@ from ekko.version import MAX_COUNTER, MAX_ORIGIN, Knowledge, origins_of
 from rollback.cuts import Cut
 from rollback.detector import DetectorConfig
 from rollback.manager import Incident, ManagerConfig, ModelStateManager, check_sample, merge_rollback_records
+from rollback.undo import UndoImage
 
 #: most chain heads a cut request may ask to be covered.
 MAX_COVER_HEADS = 1 << 16
@@ -252,6 +253,42 @@ class RollbackMixin:
                 mem = self.members.get(peer)
                 self._out.append(Outgoing(peer, mem.address, MsgType.CUT, {"from": self.node_id, "cut": cut.to_wire()}))
         return cut
+
+    # ------------------------------------------------------------------ durable undo history
+    def export_undo(self, model: str) -> UndoImage | None:
+        """The undo history of ``model`` to keep with its snapshot (None without a history).
+
+        Take it in the same instant as the store copy: the history then ends exactly at
+        the copied state (rule K7 of docs/design.md).
+        """
+        self._model(model)
+        return self.undo.export_model(model, self._seq) if self.undo is not None else None
+
+    def import_undo(self, image: UndoImage) -> str | None:
+        """Install the undo history of a model restored from a snapshot (before any apply of it).
+
+        The apply seq continues above the image's, so records of replayed or new applies
+        come after the restored ones and cuts restored with the snapshot keep their
+        meaning.  A damaged or inconsistent image installs no history: the model's
+        horizon moves to the image's seq (cuts older than the snapshot are no longer
+        restorable here; rollbacks to them rely on peers) and
+        ``counters["undo_history_unusable"]`` counts it.
+
+        Returns None when the history was installed, else why it was not.
+        """
+        self._seq = max(self._seq, int(image.seq))
+        if self.undo is None:
+            return None
+        problem = image.damaged
+        if problem is None:
+            try:
+                self.undo.import_model(image)
+            except UsageError as e:
+                problem = str(e)
+        if problem is not None:
+            self.undo.forget_before(image.model, int(image.seq))
+            self.counters["undo_history_unusable"] += 1
+        return problem
 
     def _on_cut(self, body: dict[str, Any], now: float) -> None:
         cut = Cut.from_wire(body.get("cut"))

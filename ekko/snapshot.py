@@ -14,6 +14,7 @@ Layout, one directory per model::
         t0000.values.bin     raw little-endian bytes of the values (bfloat16 as int16 bits)
         ...                  (tNNNN = the table's position in the spec)
         meta.msgpack         the caller's metadata (the node keeps knowledge vectors there)
+        t0000.undo.*.bin     the table's undo history, when one is kept (see below)
 
 Writes are atomic: everything goes to ``.<model>.tmp`` beside the model
 directory, every file and the directory are fsynced, the current directory is
@@ -21,6 +22,17 @@ renamed to ``.<model>.old``, the new one is renamed into place, and only then
 is the old one removed.  A crash leaves either the previous snapshot or the new
 one; if it strikes between the two renames, :func:`load_snapshot` finds the
 previous one under ``.<model>.old``.  One writer per model at a time.
+
+The undo history (:class:`rollback.undo.UndoImage`, optional): per table with
+history, four raw little-endian files -- ``undo.ids.bin`` and ``undo.old.bin``
+(int64 per entry), ``undo.recs.bin`` (int64 ``[entries, seq]`` per record) and
+``undo.values.bin`` (the old values in the wire dtype) -- with every segment's
+``[records, entries]``, the image's ``seq`` and ``horizon`` and ``UNDO_FORMAT`` in
+the manifest's ``undo`` entry.  It is as big as the history (``undo_bytes`` at
+most, plus what was spilled), written from the history's own arrays.
+:func:`load_undo` reads it back segment by segment; a damaged history never
+fails the snapshot: the image comes back empty with the reason (the tables
+still load).
 
 Loading checks the manifest's own checksum, every file's size and checksum, the
 format version and the spec, and raises :class:`~ekko.errors.ProtocolError`
@@ -46,9 +58,12 @@ from ekko.errors import ProtocolError, UsageError
 from ekko.fsutil import fsync_dir
 from ekko.spec import NAME_RE, ModelSpec, TableSpec
 from ekko.store import TORCH_DTYPES, ModelStore, TableStore, default_device
+from rollback.undo import UndoImage, UndoSegmentImage
 
 #: snapshot layout version; a loader refuses other versions.
 SNAPSHOT_FORMAT = 1
+#: layout version of the undo history inside a snapshot; other versions are ignored (no history).
+UNDO_FORMAT = 1
 MANIFEST = "manifest.json"
 META = "meta.msgpack"
 #: values are moved through host memory in chunks of about this many bytes.
@@ -116,7 +131,8 @@ def _manifest_checksum(body: dict[str, Any]) -> str:
     return hashlib.blake2b(canon, digest_size=_HASH_BYTES).hexdigest()
 
 
-def save_snapshot(data_dir: str | os.PathLike, model_store: ModelStore, meta: dict[str, Any]) -> Path:
+def save_snapshot(data_dir: str | os.PathLike, model_store: ModelStore, meta: dict[str, Any],
+                  undo: UndoImage | None = None) -> Path:
     """Write a model's state to ``data_dir/models/<model>/``, replacing the previous snapshot atomically.
 
     Args:
@@ -124,6 +140,8 @@ def save_snapshot(data_dir: str | os.PathLike, model_store: ModelStore, meta: di
         model_store: the model's tables; values may live on any device.
         meta: msgpack-able metadata stored beside the tables (integer keys allowed),
             e.g. the node's knowledge vectors and HLC floor.
+        undo: the model's undo history, taken in the same instant as ``model_store``
+            (:meth:`rollback.undo.UndoHistory.export_model`); read back by :func:`load_undo`.
 
     Returns:
         The model's snapshot directory.
@@ -181,6 +199,8 @@ def save_snapshot(data_dir: str | os.PathLike, model_store: ModelStore, meta: di
         meta_entry = _write_file(tmp / META, lambda w: w.write(meta_bytes))
         body = {"format": SNAPSHOT_FORMAT, "model": spec.name, "spec": spec.to_dict(), "tables": tables,
                 "meta": meta_entry}
+        if undo is not None:
+            body["undo"] = _write_undo(tmp, spec, undo)
         manifest = {"body": body, "blake2b": _manifest_checksum(body)}
         _write_file(tmp / MANIFEST, lambda w: w.write(json.dumps(manifest, indent=1).encode()))
         fsync_dir(tmp)
@@ -198,6 +218,38 @@ def save_snapshot(data_dir: str | os.PathLike, model_store: ModelStore, meta: di
         raise
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_undo(tmp: Path, spec: ModelSpec, image: UndoImage) -> dict[str, Any]:
+    """Write an undo image's files into ``tmp``; returns the manifest's ``undo`` entry."""
+    if image.model != spec.name:
+        raise UsageError(f"undo image of {image.model!r} given for model {spec.name!r}")
+    tables = []
+    for i, t in enumerate(spec.tables):
+        segs = image.tables.get(t.name)
+        if not segs:
+            continue
+        stem = f"t{i:04d}.undo"
+
+        def fill(w, part, segs=segs):
+            for sg in segs:
+                if part == "recs":
+                    a = np.stack([np.diff(sg.rec_starts), sg.rec_seqs], axis=1)
+                else:
+                    a = getattr(sg, part)
+                w.write(np.ascontiguousarray(a, a.dtype.newbyteorder("<")))
+
+        v0 = segs[0].values
+        tables.append({
+            "name": t.name, "dtype": None if v0 is None else v0.dtype.name,
+            "dim": 0 if v0 is None else int(v0.shape[1]),
+            "segments": [[len(sg.rec_seqs), len(sg.ids)] for sg in segs],
+            "ids": _write_file(tmp / f"{stem}.ids.bin", lambda w: fill(w, "ids")),
+            "old": _write_file(tmp / f"{stem}.old.bin", lambda w: fill(w, "old_versions")),
+            "recs": _write_file(tmp / f"{stem}.recs.bin", lambda w: fill(w, "recs")),
+            "values": None if v0 is None else _write_file(tmp / f"{stem}.values.bin", lambda w: fill(w, "values")),
+        })
+    return {"format": UNDO_FORMAT, "seq": int(image.seq), "horizon": int(image.horizon), "tables": tables}
 
 
 def list_snapshot_models(data_dir: str | os.PathLike) -> list[str]:
@@ -304,6 +356,150 @@ def _resolve_dir(models: Path, name: str) -> Path | None:
     return None
 
 
+def _manifest_body(where: Path) -> dict[str, Any]:
+    """The manifest's body, its checksum and format checked."""
+    manifest = json.loads(_read_small(where / MANIFEST, None))
+    body = manifest["body"]
+    if not isinstance(body, dict) or manifest.get("blake2b") != _manifest_checksum(body):
+        raise _bad("manifest does not match its checksum")
+    if body.get("format") != SNAPSHOT_FORMAT:
+        raise _bad(f"format {body.get('format')!r}, this build reads {SNAPSHOT_FORMAT}")
+    return body
+
+
+class _EntryReader:
+    """Reads consecutive little-endian arrays from one file, hashing as it goes."""
+
+    def __init__(self, path: Path, entry: Any) -> None:
+        _check_entry(entry, path.name)
+        self.entry = entry
+        self.f = open(path, "rb")
+        if os.fstat(self.f.fileno()).st_size != entry["size"]:
+            self.f.close()
+            raise _bad(f"{path.name} has the wrong size")
+        self.h = hashlib.blake2b(digest_size=_HASH_BYTES)
+        self.name = path.name
+
+    def read(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        a = np.empty(shape, dtype.newbyteorder("<"))
+        mv = memoryview(a).cast("B")
+        if self.f.readinto(mv) != len(mv):
+            raise _bad(f"{self.name} is truncated")
+        self.h.update(mv)
+        return a.astype(dtype.newbyteorder("="), copy=False)
+
+    def finish(self) -> None:
+        extra = self.f.read(1)
+        self.f.close()
+        if extra or self.h.hexdigest() != self.entry["blake2b"]:
+            raise _bad(f"{self.name} does not match its checksum")
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _read_undo(where: Path, spec: ModelSpec, u: dict[str, Any], seq: int) -> UndoImage:
+    horizon = u["horizon"]
+    if not isinstance(horizon, int) or horizon < 0 or not isinstance(u["tables"], list):
+        raise _bad("undo entry is malformed")
+    index = {t.name: i for i, t in enumerate(spec.tables)}
+    tables: dict[str, list[UndoSegmentImage]] = {}
+    i64 = np.dtype(np.int64)
+    for e in u["tables"]:
+        name = e["name"]
+        if name not in index or name in tables:
+            raise _bad(f"undo history names unknown table {name!r}")
+        t = spec.table(name)
+        wire = np.dtype(WIRE_DTYPES[t.dtype])
+        if e["dtype"] is not None and (e["dtype"] != wire.name or e["dim"] != t.dim):
+            raise _bad(f"undo history of {name} holds {e['dtype']} x {e['dim']}, the spec {wire.name} x {t.dim}")
+        segs = e["segments"]
+        if not isinstance(segs, list) or not all(isinstance(x, list) and len(x) == 2 and all(
+                isinstance(k, int) and k > 0 for k in x) for x in segs):
+            raise _bad(f"undo segments of {name} are malformed")
+        stem = f"t{index[name]:04d}.undo"
+        files = {"ids": e["ids"], "old": e["old"], "recs": e["recs"]}
+        if e["dtype"] is not None:
+            files["values"] = e["values"]
+        # Sizes first: a file's size must be what the segments say before anything is allocated.
+        entries, records = sum(x[1] for x in segs), sum(x[0] for x in segs)
+        want = {"ids": 8 * entries, "old": 8 * entries, "recs": 16 * records,
+                "values": entries * t.dim * wire.itemsize}
+        readers: dict[str, _EntryReader] = {}
+        try:
+            for part, entry in files.items():
+                _check_entry(entry, f"{stem}.{part}.bin")
+                if entry["size"] != want[part]:
+                    raise _bad(f"{stem}.{part}.bin: {entry['size']} bytes, its segments need {want[part]}")
+                readers[part] = _EntryReader(where / f"{stem}.{part}.bin", entry)
+            out = []
+            for nrec, n in segs:
+                ids = readers["ids"].read(i64, (n,))
+                if int(ids.min()) < 0 or int(ids.max()) >= t.rows:
+                    raise _bad(f"undo history of {name} names rows outside the table")
+                old = readers["old"].read(i64, (n,))
+                recs = readers["recs"].read(i64, (nrec, 2))
+                starts = np.zeros(nrec + 1, np.int64)
+                np.cumsum(recs[:, 0], out=starts[1:])
+                values = readers["values"].read(wire, (n, t.dim)) if "values" in readers else None
+                out.append(UndoSegmentImage(ids, old, values, starts, np.ascontiguousarray(recs[:, 1])))
+            for r in readers.values():
+                r.finish()
+        finally:
+            for r in readers.values():
+                r.close()
+        tables[name] = out
+    return UndoImage(spec.name, seq, horizon, tables)
+
+
+def load_undo(data_dir: str | os.PathLike, spec: ModelSpec) -> UndoImage | None:
+    """The undo history kept with a model's snapshot (see the module docstring).
+
+    Never raises for a damaged history: the image then holds no tables, its
+    ``horizon`` is its ``seq`` (nothing from before is restorable) and ``damaged``
+    says why; the caller logs and counts it.  Checks of the records' order and
+    layout are :meth:`rollback.undo.UndoHistory.import_model`'s.
+
+    Returns:
+        The image, or None when there is no snapshot, its manifest is unusable (then
+        :func:`load_snapshot` refuses it too) or it keeps no history.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from ekko import Delta
+        >>> from rollback.undo import UndoHistory
+        >>> ms = ModelStore(ModelSpec("m", tables=[TableSpec("t", rows=4, dim=2)]), device="cpu")
+        >>> h = UndoHistory(1 << 20)
+        >>> h.record("m", "t", 1, ms.table("t").apply(Delta("m", "t", np.array([1]), np.array([5]),
+        ...                                                 np.ones((1, 2), np.float32)), capture_old=True))
+        >>> d = tempfile.mkdtemp()
+        >>> _ = save_snapshot(d, ms, {}, undo=h.export_model("m", seq=3))
+        >>> img = load_undo(d, ms.spec)
+        >>> img.seq, img.tables["t"][0].ids.tolist(), img.tables["t"][0].old_versions.tolist()
+        (3, [1], [0])
+    """
+    _check_model_name(spec.name)
+    where = _resolve_dir(_models_dir(data_dir), spec.name)
+    if where is None:
+        return None
+    try:
+        body = _manifest_body(where)
+    except (ProtocolError, OSError, ValueError, KeyError, TypeError):
+        return None
+    u = body.get("undo")
+    if u is None:
+        return None
+    seq = u.get("seq") if isinstance(u, dict) else None
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        return UndoImage(spec.name, 0, 0, {}, damaged="undo entry has no valid seq")
+    try:
+        if u.get("format") != UNDO_FORMAT:
+            raise _bad(f"undo format {u.get('format')!r}, this build reads {UNDO_FORMAT}")
+        return _read_undo(where, spec, u, seq)
+    except (ProtocolError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, MemoryError) as e:
+        return UndoImage(spec.name, seq, seq, {}, damaged=f"{type(e).__name__}: {e}")
+
+
 def _same_tables(a: ModelSpec, b: ModelSpec) -> bool:
     # traffic_share may change between runs without touching the stored state
     return a.name == b.name and a.tables == b.tables
@@ -343,13 +539,7 @@ def load_snapshot(data_dir: str | os.PathLike, spec: ModelSpec,
     if where is None:
         return None
     try:
-        raw = _read_small(where / MANIFEST, None)
-        manifest = json.loads(raw)
-        body = manifest["body"]
-        if not isinstance(body, dict) or manifest.get("blake2b") != _manifest_checksum(body):
-            raise _bad("manifest does not match its checksum")
-        if body.get("format") != SNAPSHOT_FORMAT:
-            raise _bad(f"format {body.get('format')!r}, this build reads {SNAPSHOT_FORMAT}")
+        body = _manifest_body(where)
         stored = ModelSpec.from_dict(body["spec"])
         if not _same_tables(stored, spec):
             raise _bad(f"snapshot of {stored.name} holds other tables than the spec given")

@@ -42,6 +42,15 @@ Restores must be recorded too.  A rollback writes rows with
 that a later rollback to a cut that covers the rolled-back versions of some
 origin but not the restored ones still finds the right state.
 
+Durability.  The history lives in memory, so a replica would restart without it
+and restore the rows it held to nothing.  :meth:`UndoHistory.export_model` gives
+an :class:`UndoImage` of one model's history -- references to its immutable
+arrays, taken in the same instant as the store copy of a snapshot, no copy of the
+values -- which :mod:`ekko.snapshot` writes beside the tables; at start
+:meth:`UndoHistory.import_model` installs it before the write-ahead log is
+replayed (the node's apply seq continues above the image's ``seq``, so replayed
+records come after the restored ones and cuts keep their meaning).
+
 Known gap: :class:`~ekko.store.ApplyResult` carries no old *tombstone* flags,
 so a row whose state at the cut was a tombstone comes back as zeros with the
 tombstone flag clear (same values, so value digests still agree).
@@ -93,6 +102,52 @@ class RestoreOutcome:
 
     restored: int
     incomplete: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class UndoSegmentImage:
+    """One segment of an :class:`UndoImage`: entries in apply order and their records.
+
+    Attributes:
+        ids, old_versions: int64 ``(n,)``; an old version is negated where the row was a
+            tombstone (as the history keeps it).
+        values: ``(n, dim)`` old values in the wire dtype, None for a metadata-mode table.
+        rec_starts: int64 ``(records + 1,)``: entry offset of each record, then ``n``.
+        rec_seqs: int64 ``(records,)``: each record's apply seq, non-decreasing.
+    """
+
+    ids: np.ndarray
+    old_versions: np.ndarray
+    values: np.ndarray | None
+    rec_starts: np.ndarray
+    rec_seqs: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class UndoImage:
+    """The undo history of one model, to keep with its snapshot (:meth:`UndoHistory.export_model`).
+
+    Attributes:
+        model: the model.
+        seq: the apply seq when the image was taken: every record has ``seq <=`` this,
+            and the node resumes numbering above it.
+        horizon: the model's :meth:`UndoHistory.horizon` then.
+        tables: per table, its segments oldest first (tables without history left out).
+        damaged: why a stored history could not be read (the image then holds no
+            tables and ``horizon == seq``: nothing before the restart is restorable here).
+    """
+
+    model: str
+    seq: int
+    horizon: int
+    tables: dict[str, list[UndoSegmentImage]]
+    damaged: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays (what the history charges, less per-record overhead)."""
+        return sum(s.ids.nbytes + s.old_versions.nbytes + (s.values.nbytes if s.values is not None else 0)
+                   for segs in self.tables.values() for s in segs)
 
 
 @dataclass(slots=True)
@@ -270,6 +325,78 @@ class UndoHistory:
         for model in {k[0] for k in self._logs}:
             self.drop_model(model)
         self._scratch = None
+
+    # -- durability -----------------------------------------------------------------------
+    def export_model(self, model: str, seq: int | None = None) -> UndoImage:
+        """One model's history as an :class:`UndoImage`, for a snapshot.
+
+        Cheap and consistent: the image refers to the history's arrays, which are never
+        written after a record (pending small records are concatenated, at most
+        ``block_bytes`` per table; spilled segments are read back, values memory-mapped),
+        so take it in the same instant as the store copy and write it anywhere later.
+
+        Args:
+            seq: the caller's apply counter now (default: the last recorded seq).
+        """
+        seq = self._last_seq if seq is None else int(seq)
+        if seq < self._last_seq:
+            raise UsageError(f"export seq {seq} is below the last recorded seq {self._last_seq}")
+        tables: dict[str, list[UndoSegmentImage]] = {}
+        for (m, table), log in self._logs.items():
+            if m != model:
+                continue
+            segs = []
+            for seg in log.segments:
+                ids, old, values = self._arrays(seg)
+                segs.append(UndoSegmentImage(ids, old, values, seg.rec_starts, seg.rec_seqs))
+            if log.pending:
+                recs = log.pending
+                starts = np.zeros(len(recs) + 1, np.int64)
+                np.cumsum([len(r[1]) for r in recs], out=starts[1:])
+                segs.append(UndoSegmentImage(
+                    np.concatenate([r[1] for r in recs]), np.concatenate([r[2] for r in recs]),
+                    np.concatenate([r[3] for r in recs]) if log.has_values else None,
+                    starts, np.array([r[0] for r in recs], np.int64)))
+            if segs:
+                tables[table] = segs
+        return UndoImage(model, max(seq, 0), self.horizon(model), tables)
+
+    def import_model(self, image: UndoImage) -> None:
+        """Install a model's history from an :class:`UndoImage` (at start, before any apply of it).
+
+        The image's segments become the model's oldest history; its horizon and seq are
+        kept (records recorded afterwards need ``seq >= image.seq``).  The budget holds
+        as for records: the oldest segments spill or are discarded when the image (with
+        what the history holds already) is over ``max_bytes``.
+
+        Raises:
+            UsageError: the model already has history here, or the image is inconsistent
+                (nothing is installed then).
+        """
+        model = image.model
+        if any(k[0] == model for k in self._logs):
+            raise UsageError(f"undo history of {model!r} exists already; import it before any apply")
+        seq = int(image.seq)
+        if seq < 0 or int(image.horizon) < 0:
+            raise UsageError("undo image seq and horizon must be >= 0")
+        logs: dict[tuple[str, str], _TableLog] = {}
+        total = 0
+        for table, segs in image.tables.items():
+            log = _TableLog()
+            last = -1
+            for s in segs:
+                seg = _check_segment_image(table, s, log, last, seq)
+                last = seg.last_seq
+                log.segments.append(seg)
+                log.max_id = max(log.max_id, seg.max_id)
+                total += seg.nbytes
+            if log.segments:
+                logs[(model, table)] = log
+        self._logs.update(logs)
+        self._mem_bytes += total
+        self._horizon[model] = max(self._horizon.get(model, 0), int(image.horizon))
+        self._last_seq = max(self._last_seq, seq)
+        self._enforce_budget()
 
     # -- reads ----------------------------------------------------------------------------
     def horizon(self, model: str) -> int:
@@ -565,6 +692,39 @@ class UndoHistory:
         # Memory-mapped: a lookup gathers only the rows it restores from a spilled segment.
         values = np.load(vpath, mmap_mode="r") if os.path.exists(vpath) else None
         return ids, old, values
+
+
+def _check_segment_image(table: str, s: UndoSegmentImage, log: _TableLog, after_seq: int, max_seq: int
+                         ) -> _Segment:
+    """A segment image as a history segment, checked; sets the log's value layout on first use."""
+    def bad(msg: str) -> UsageError:
+        return UsageError(f"undo image of table {table!r}: {msg}")
+
+    ids, old, values, starts, seqs = s.ids, s.old_versions, s.values, s.rec_starts, s.rec_seqs
+    for name, a in (("ids", ids), ("old_versions", old), ("rec_starts", starts), ("rec_seqs", seqs)):
+        if not isinstance(a, np.ndarray) or a.dtype != np.int64 or a.ndim != 1:
+            raise bad(f"{name} must be a 1-D int64 array")
+    n = len(ids)
+    if n == 0 or len(old) != n or len(seqs) == 0 or len(starts) != len(seqs) + 1:
+        raise bad("array lengths disagree")
+    if int(starts[0]) != 0 or int(starts[-1]) != n or (np.diff(starts) <= 0).any():
+        raise bad("record starts are not increasing from 0 to the entry count")
+    if int(seqs[0]) < max(after_seq, 0) or (np.diff(seqs) < 0).any() or int(seqs[-1]) > max_seq:
+        raise bad("record seqs are out of order or beyond the image's seq")
+    if int(ids.min()) < 0:
+        raise bad("negative row id")
+    if log.has_values is None:
+        log.has_values = values is not None
+        if values is not None:
+            if values.ndim != 2:
+                raise bad("values must be 2-D")
+            log.dim, log.dtype = int(values.shape[1]), values.dtype
+    if (values is not None) != log.has_values or (
+            values is not None and (values.shape != (n, log.dim) or values.dtype != log.dtype)):
+        raise bad("values do not match the entries or the table's other segments")
+    nbytes = ids.nbytes + old.nbytes + (values.nbytes if values is not None else 0) \
+        + RECORD_OVERHEAD_BYTES * len(seqs)
+    return _Segment(ids, old, values, starts, seqs, int(ids.max()), nbytes)
 
 
 def _record_bytes(rec: tuple[int, np.ndarray, np.ndarray, np.ndarray | None]) -> int:
