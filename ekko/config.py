@@ -227,13 +227,15 @@ class NodeConfig:
     def knowledge_bound(self) -> float:
         """Seconds after faults end (every member reachable, no process stopped) within
         which every replica's knowledge reaches the newest acknowledged counters: a
-        gap's wait before the last probe tier plus its retries
+        restarted replica's wait for its member list (``dead_after``: no gap closes
+        before it), a gap's wait before the last probe tier plus its retries
         (``gap_probe_after * (GAP_PROBE_TIERS + 1)``), plus
         :data:`KNOWLEDGE_BOUND_ROUNDS` anti-entropy rounds for pulls and for the
         knowledge to spread across the gateways.  ``bench/nemesis.py`` checks it.
         """
         from p2p.gaps import GAP_PROBE_TIERS
-        return self.gap_probe_after * (GAP_PROBE_TIERS + 1) + KNOWLEDGE_BOUND_ROUNDS * self.ae_interval
+        return (self.dead_after + self.gap_probe_after * (GAP_PROBE_TIERS + 1)
+                + KNOWLEDGE_BOUND_ROUNDS * self.ae_interval)
 
     def replace(self, **kw: Any) -> "NodeConfig":
         return dataclasses.replace(self, **kw)

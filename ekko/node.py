@@ -248,7 +248,7 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
         self._repair_rounds = 0
         self._repair_answered: set[str] = set()  # peers that answered the current repair
         self._init_quality()  # the model-state manager (rollback.manager), quality reports
-        self._init_gaps()     # knowledge gaps no anti-entropy partner fills (p2p.gaps)
+        self._init_gaps(now)  # knowledge gaps no anti-entropy partner fills (p2p.gaps)
         # Hooks for layers above the protocol (undo history, metrics); called with
         # (model, table, ApplyResult, source) after every apply that changed rows.
         self.on_apply: list[Callable[[str, str, ApplyResult, str], None]] = []

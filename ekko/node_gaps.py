@@ -32,9 +32,12 @@ def _int(x: Any, lo: int, hi: int) -> int:
 class GapMixin:
     """Probe, answer and close knowledge gaps."""
 
-    def _init_gaps(self) -> None:
+    def _init_gaps(self, now: float) -> None:
         c = self.config
         self.gaps = GapProbes(self.node_id, c.gap_probe_after, max(c.ae_interval, c.gap_probe_after / 4))
+        # The closing rule quantifies over the member list, so it must be the cluster's:
+        # a replica that just started knows only itself and its seeds until gossip has run.
+        self._gaps_from = now + c.dead_after
 
     def _note_waiting(self, m: _Model, table: str, s: int, now: float, urgent: bool = False) -> None:
         self.gaps.note_waiting((m.spec.name, table, s), now, urgent)
@@ -43,6 +46,11 @@ class GapMixin:
         """Probe the gaps that have waited long enough; close those every member covered."""
         if not self.gaps.waiting or self.baseline_pin:
             return  # a pinned baseline holds its knowledge at the cut: nothing to close
+        members = [p for p in self.members.members if p != self.node_id]
+        if now < self._gaps_from or (self.seeds and not members):
+            # Not before the member list can be the cluster's: every gap would close
+            # vacuously at a replica that has not heard of its peers yet.
+            return
         gaps: dict[tuple[str, str, int, int], tuple[int, int]] = {}
         for model, table, s in self.gaps.waiting:
             m = self.models.get(model)
@@ -53,7 +61,6 @@ class GapMixin:
                 g = sync.gap(o)
                 if g is not None:
                     gaps[(model, table, s, o)] = g
-        members = [p for p in self.members.members if p != self.node_id]
         asks, closable = self.gaps.round(now, gaps, members)
         for peer, entries in asks.items():
             mem = self.members.get(peer)
