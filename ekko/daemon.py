@@ -70,6 +70,7 @@ from ekko.errors import ProtocolError, UsageError
 from ekko.http_transport import HttpTransport, estimated_size
 from ekko.metrics import UNKNOWN_DC, DaemonMetrics
 from ekko.node import Outgoing, ReplicaNode
+from ekko.rollback_watch import cut_coverage_gap, rollback_keys, rollback_view
 from ekko.spec import ModelSpec
 from ekko.store import ModelStore, to_wire_values
 from ekko.version import last_counter_at
@@ -130,6 +131,7 @@ _STATUS_OF_REASON = {
     "forbidden": 403,
     "overloaded": 429, "queue_full": 429,
     "draining": 503, "memory": 503, "wal_error": 503,
+    "not_covered": 503,
 }
 _REASON_OF_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
@@ -290,6 +292,7 @@ class Daemon:
         app.router.add_post("/v1/cuts", self._h_take_cut)
         app.router.add_get("/v1/models/{model}/cuts", self._h_cuts)
         app.router.add_post("/v1/rollback", self._h_rollback)
+        app.router.add_get("/v1/models/{model}/rollbacks", self._h_rollbacks)
         app.router.add_post("/v1/quality", self._h_quality)
         app.router.add_get("/metrics", self._h_metrics)
         app.router.add_get("/healthz", self._h_healthz)
@@ -838,8 +841,11 @@ class Daemon:
                     raise RequestRejected(f"{e}: the update is applied here but not durable; retry",
                                           "wal_error") from None
             self.metrics.published_rows.labels(frame.body["model"]).inc(ack.rows)
-            return web.json_response({"ok": True, "rows": ack.rows, "applied": ack.applied,
-                                      "max_counter": ack.max_counter})
+            answer = {"ok": True, "rows": ack.rows, "applied": ack.applied, "max_counter": ack.max_counter}
+            rollbacks = rollback_keys(self.node, frame.body["model"])
+            if rollbacks:  # the publisher learns of rollbacks from its acknowledgements
+                answer["rollbacks"] = rollbacks
+            return web.json_response(answer)
         finally:
             self.gate.publish_bytes -= held
 
@@ -875,6 +881,9 @@ class Daemon:
         if model not in self.node.models:
             raise RequestRejected(f"unknown model {model!r}", "unknown_model")
         name = field(frame.body, "name", str, optional=True) or f"cut-{int(time.time() * 1000)}"
+        gap = cut_coverage_gap(self.node, model, frame.body.get("covers"))
+        if gap is not None:  # the publisher asked for a cut holding all it has had acknowledged
+            raise RequestRejected(gap, "not_covered")
         cut = self.node.take_cut(model, name, self.clock())
         self._send_out()
         log.info("took cut %s of %s", cut.name, model)
@@ -915,6 +924,13 @@ class Daemon:
         log.warning("rolled back %s to cut %s (record %s)", model, cut, record["id"])
         return web.json_response({"ok": True, "model": model, "cut": cut, "id": record["id"],
                                   "rolled_back_rows": int(self.node.counters["rolled_back_rows"])})
+
+    async def _h_rollbacks(self, request: web.Request) -> web.Response:
+        """The model's rollback records here (for a trainer's watch): see :mod:`ekko.rollback_watch`."""
+        model = request.match_info["model"]
+        if model not in self.node.models:
+            raise RequestRejected(f"unknown model {model!r}", "unknown_model")
+        return web.json_response(rollback_view(self.node, model))
 
     async def _h_quality(self, request: web.Request) -> web.Response:
         """Frame ``QUALITY``: one sample ``{"model", "variant", "metric", "value", "count"}``
