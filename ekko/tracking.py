@@ -539,7 +539,8 @@ class Tracker:
                     st.pub_gen = torch.zeros(st.param.shape[0], dtype=torch.int32, device=st.param.device)
         return tc
 
-    def restore(self, cut: Any, *, optimizer: torch.optim.Optimizer | None = None) -> "TrainerCut":
+    def restore(self, cut: Any, *, optimizer: torch.optim.Optimizer | None = None,
+                publish: bool = True) -> "TrainerCut":
         """Bring the module and optimizer back to the state saved with ``cut`` (a name, a
         :class:`~ekko.rollback_watch.RolledBack`, or a TrainerCut) and reset what the
         next publish sends, so training continues from the cut with new versions.
@@ -549,7 +550,9 @@ class Tracker:
         those versions are not fenced).  So the next publish sends, with the cut's
         values, every row published since the cut (known from this tracker's own
         cuts; for a cut taken by another process: every row) and every dense chunk,
-        plus whatever training changes from here.  Checked before anything changes:
+        plus whatever training changes from here.  With ``publish`` (the default) that
+        publish happens at once, so the replicas hold the cut's values again without
+        waiting for the loop's next step.  Checked before anything changes:
         an unknown cut, a missing or foreign file, or state that does not fit the
         module raises :class:`UsageError` and leaves module, optimizer and tracker as
         they were.
@@ -579,6 +582,8 @@ class Tracker:
                                                 device=w.device))
             for dt in self._dense.values():
                 dt.shadow.fill_(float("nan"))
+        if publish:
+            self.publish()
         return TrainerCut(self.model, name, entry["path"], float(entry.get("taken_at", 0.0)))
 
     async def _drain(self) -> None:
