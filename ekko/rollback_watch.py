@@ -121,12 +121,13 @@ def cut_coverage_gap(node: "ReplicaNode", model: str, covers: Any) -> str | None
                 and all(isinstance(x, int) and not isinstance(x, bool) for x in h[1:])):
             raise ProtocolError("covers heads must be [table, shard, counter]", "bad_body")
         table, shard, counter = h
-        sync = m.shards.get(table, {}).get(shard)
-        if sync is None:
+        if table not in m.shards or not 0 <= shard < m.spec.table(table).num_shards:
             raise ProtocolError(f"covers names an unknown table or shard {table}/{shard}", "bad_body")
-        if sync.knowledge[origin] < counter:
+        sync = m.shards[table].get(shard)   # created on first use: none yet knows nothing
+        have = sync.knowledge[origin] if sync is not None else 0
+        if have < counter:
             return (f"this replica's knowledge of {model}/{table} shard {shard} is at counter "
-                    f"{sync.knowledge[origin]} of origin {origin}, not yet {counter}: retry (or another replica)")
+                    f"{have} of origin {origin}, not yet {counter}: retry (or another replica)")
     return None
 
 
