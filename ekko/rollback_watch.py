@@ -221,6 +221,15 @@ class RollbackWatch:
         path: the JSON file remembering delivered (or pre-existing) rollbacks per model.
         durable: fsync its writes.
         lookup_state: ``(model, cut) -> path or None`` of trainer state saved with a cut.
+
+    Example:
+        >>> import tempfile
+        >>> w = RollbackWatch(Path(tempfile.mkdtemp()) / "t.rollbacks.json", durable=False)
+        >>> w.prime("m", ["auto.m.1@old"])          # existed before we met the model
+        >>> w.add(RollbackEvent("m", "old", "auto.m.1", None, 0, "ep")), w.add(RollbackEvent("m", "c", "r2", None, 0, "ep"))
+        (False, True)
+        >>> w.take("m").cut, w.take("m")
+        ('c', None)
     """
 
     path: Path

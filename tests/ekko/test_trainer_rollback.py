@@ -214,3 +214,33 @@ def test_a_cut_waits_for_a_replica_that_holds_the_acknowledged_updates(tmp_path)
                 status, ans = post_frame(addr, "/v1/cuts", MsgType.CUT, {"model": MODEL, "name": "c", "covers": bad})
                 assert status == 400, ans
             assert [c["name"] for c in Client(addr).cuts(MODEL)] == ["a"]
+
+
+def test_a_restarted_trainer_learns_of_a_rollback_while_it_was_away(tmp_path):
+    torch.manual_seed(3)
+    rng = np.random.default_rng(3)
+    with RealDaemons([("r1", "dc1"), ("r2", "dc2")], tmp_path) as ds:
+        model = Rec(sparse=True)
+        opt = torch.optim.Adagrad(model.parameters(), lr=0.3)
+        with Publisher(ds.endpoints[:1], origin="t", state_dir=tmp_path / "s", timeout=20) as pub:
+            tracker = pub.track(model, model=MODEL, optimizer=opt)
+            train(model, opt, rng, tracker, 2)
+            tracker.cut("c")
+            at_cut = state_copy(model, opt)
+            train(model, opt, rng, tracker, 3)
+        Client(ds.endpoints[1]).rollback(MODEL, "c")       # while no trainer runs
+        # A new process: same origin and state directory, the weights it had when it stopped.
+        model2 = Rec(sparse=True)
+        model2.load_state_dict(model.state_dict())
+        opt2 = torch.optim.Adagrad(model2.parameters(), lr=0.3)
+        opt2.load_state_dict(opt.state_dict())
+        with Publisher(ds.endpoints[:1], origin="t", state_dir=tmp_path / "s", timeout=20) as pub:
+            tracker = pub.track(model2, model=MODEL, optimizer=opt2, publish_initial=False)
+            with pytest.raises(RolledBack) as ei:
+                pub.check_rollbacks(MODEL, poll=True)
+            assert ei.value.cut == "c" and ei.value.state_path is not None
+            tracker.restore(ei.value)       # another session's cut: every row is sent again
+            assert same_state(model2, opt2, at_cut)
+            train(model2, opt2, rng, tracker, 1)
+            wait_converged(ds.endpoints, MODEL, model2)
+            assert pub.check_rollbacks(MODEL, poll=True) == []
