@@ -1046,7 +1046,9 @@ class Publisher:
             return []
         if not watch.callbacks:
             event = watch.take(model)
-            raise RolledBack(event) if event is not None else AssertionError("event vanished")
+            if event is not None:
+                raise RolledBack(event)
+            return []
         out = []
         while (event := watch.take(model)) is not None:
             for fn in list(watch.callbacks):

@@ -42,6 +42,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -71,6 +72,7 @@ WARMUP_WINDOWS = 5
 FRESH_TIMEOUT_S = 10.0
 #: seconds to wait for the remote replica to equal the trainer at the end.
 CONVERGE_TIMEOUT_S = 60.0
+_TEMP: list[Path] = []
 
 
 class Ranker(nn.Module):
@@ -178,7 +180,9 @@ def run(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.WARNING, format="    [%(name)s] %(message)s")
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="ekko-online-rollback-"))
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ekko-online-rollback-"))
+    if not args.workdir:
+        _TEMP.append(work)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     node = {"quality_warmup_windows": WARMUP_WINDOWS, "snapshot_interval": 0.0}
     cluster = LocalCluster(2, 2, work / "cluster", node_config={
@@ -302,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.harm_at <= WARMUP_WINDOWS + 1:
         ap.error(f"--harm-at must come after the detector's warm-up (> {WARMUP_WINDOWS + 1})")
-    summary = run(args)
+    try:
+        summary = run(args)
+    finally:
+        if args.workdir is None and _TEMP:
+            shutil.rmtree(_TEMP[0], ignore_errors=True)
     if args.summary:
         Path(args.summary).write_text(json.dumps(summary, indent=1))
     ok = summary["rollback"] is not None and summary["remote_equals_trainer"]

@@ -21,7 +21,7 @@ from ekko.codec import MsgType
 from ekko.errors import UsageError
 from ekko.rollback_watch import RollbackEvent, RolledBack
 from ekko.sdk import Publisher
-from procs import post_frame
+from procs import get_json, post_frame, wait_for
 from test_sdk_daemon import wait_converged
 from test_sdk_server import RealDaemons
 from test_tracking import Rec, step
@@ -57,6 +57,19 @@ def same_state(model, opt, saved) -> bool:
     return True
 
 
+def wait_cut(endpoint: str, name: str) -> None:
+    """Until the cut (sent to peers after it is taken) has reached ``endpoint``."""
+    wait_for(lambda: name in [c["name"] for c in Client(endpoint).cuts(MODEL)], 30, what=f"cut {name}")
+
+
+def raised_by(fn) -> RolledBack | None:
+    try:
+        fn()
+    except RolledBack as rb:
+        return rb
+    return None
+
+
 def train(model, opt, rng, tracker, steps=3):
     for _ in range(steps):
         step(model, opt, rng)
@@ -80,7 +93,10 @@ def test_cut_restore_and_rollback_signal(tmp_path):
 
             train(model, opt, rng, tracker)          # the "harmful" steps
             assert not same_state(model, opt, at_cut)
+            wait_cut(ds.endpoints[1], "good")
             answer = Client(ds.endpoints[1]).rollback(MODEL, "good")   # from the other DC
+            wait_for(lambda: answer["id"] in [r["id"] for r in get_json(ds.endpoints[0], f"/v1/models/{MODEL}/rollbacks")
+                                              ["rollbacks"]], 30, what="the record to reach r1")
             # The next publish learns of it from its acknowledgement: raised once, after the ack.
             step(model, opt, rng)
             with pytest.raises(RolledBack) as ei:
@@ -228,6 +244,7 @@ def test_a_restarted_trainer_learns_of_a_rollback_while_it_was_away(tmp_path):
             tracker.cut("c")
             at_cut = state_copy(model, opt)
             train(model, opt, rng, tracker, 3)
+        wait_cut(ds.endpoints[1], "c")
         Client(ds.endpoints[1]).rollback(MODEL, "c")       # while no trainer runs
         # A new process: same origin and state directory, the weights it had when it stopped.
         model2 = Rec(sparse=True)
@@ -236,10 +253,10 @@ def test_a_restarted_trainer_learns_of_a_rollback_while_it_was_away(tmp_path):
         opt2.load_state_dict(opt.state_dict())
         with Publisher(ds.endpoints[:1], origin="t", state_dir=tmp_path / "s", timeout=20) as pub:
             tracker = pub.track(model2, model=MODEL, optimizer=opt2, publish_initial=False)
-            with pytest.raises(RolledBack) as ei:
-                pub.check_rollbacks(MODEL, poll=True)
-            assert ei.value.cut == "c" and ei.value.state_path is not None
-            tracker.restore(ei.value)       # another session's cut: every row is sent again
+            rb = wait_for(lambda: raised_by(lambda: pub.check_rollbacks(MODEL, poll=True)), 30,
+                          what="the rollback record to reach r1")   # started at r2: it travels
+            assert rb.cut == "c" and rb.state_path is not None
+            tracker.restore(rb)             # another session's cut: every row is sent again
             assert same_state(model2, opt2, at_cut)
             train(model2, opt2, rng, tracker, 1)
             wait_converged(ds.endpoints, MODEL, model2)
