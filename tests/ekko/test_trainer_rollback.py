@@ -57,6 +57,14 @@ def same_state(model, opt, saved) -> bool:
     return True
 
 
+def wait_joined(ds: RealDaemons) -> None:
+    """Until every replica sees the others alive: a cut goes only to the peers live when it is taken."""
+    def joined() -> bool:
+        return all(sum(m.get("state") == "alive" for m in Client(ep).status(cluster=True).get("members", []))
+                   >= len(ds.endpoints) for ep in ds.endpoints)
+    wait_for(joined, 60, what="the replicas to see each other")
+
+
 def wait_cut(endpoint: str, name: str) -> None:
     """Until the cut (sent to peers after it is taken) has reached ``endpoint``."""
     wait_for(lambda: name in [c["name"] for c in Client(endpoint).cuts(MODEL)], 30, what=f"cut {name}")
@@ -80,6 +88,7 @@ def test_cut_restore_and_rollback_signal(tmp_path):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     with RealDaemons([("r1", "dc1"), ("r2", "dc2")], tmp_path) as ds:
+        wait_joined(ds)
         model = Rec(sparse=True)
         opt = torch.optim.Adagrad(model.parameters(), lr=0.3)
         with Publisher(ds.endpoints[:1], origin="trainer", state_dir=tmp_path / "state", timeout=20) as pub:
@@ -236,6 +245,7 @@ def test_a_restarted_trainer_learns_of_a_rollback_while_it_was_away(tmp_path):
     torch.manual_seed(3)
     rng = np.random.default_rng(3)
     with RealDaemons([("r1", "dc1"), ("r2", "dc2")], tmp_path) as ds:
+        wait_joined(ds)
         model = Rec(sparse=True)
         opt = torch.optim.Adagrad(model.parameters(), lr=0.3)
         with Publisher(ds.endpoints[:1], origin="t", state_dir=tmp_path / "s", timeout=20) as pub:
