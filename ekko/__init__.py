@@ -15,18 +15,22 @@ from ekko.version import Knowledge, Version
 
 if TYPE_CHECKING:  # pragma: no cover
     from ekko.client import Client
+    from ekko.rollback_watch import RollbackEvent, RolledBack
     from ekko.sdk import AsyncPublisher, PublishAck, Publisher, PublishError
     from ekko.tracking import Tracker
+    from ekko.trainer_state import TrainerCut
 
 __version__ = "0.1.0"
 
 #: lazily imported public names -> their modules.
 _LAZY = {"Publisher": "ekko.sdk", "AsyncPublisher": "ekko.sdk", "PublishAck": "ekko.sdk",
-         "PublishError": "ekko.sdk", "Client": "ekko.client", "Tracker": "ekko.tracking"}
+         "PublishError": "ekko.sdk", "Client": "ekko.client", "Tracker": "ekko.tracking",
+         "RolledBack": "ekko.rollback_watch", "RollbackEvent": "ekko.rollback_watch",
+         "TrainerCut": "ekko.trainer_state"}
 
 __all__ = ["AsyncPublisher", "Client", "Delta", "EkkoError", "Knowledge", "ModelSpec", "ProtocolError",
-           "PublishAck", "PublishError", "Publisher", "RemoteError", "TableSpec", "Tracker", "UsageError",
-           "Version", "__version__"]
+           "PublishAck", "PublishError", "Publisher", "RemoteError", "RollbackEvent", "RolledBack", "TableSpec",
+           "Tracker", "TrainerCut", "UsageError", "Version", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

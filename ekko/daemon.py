@@ -70,6 +70,7 @@ from ekko.errors import ProtocolError, UsageError
 from ekko.http_transport import HttpTransport, estimated_size
 from ekko.metrics import UNKNOWN_DC, DaemonMetrics
 from ekko.node import Outgoing, ReplicaNode
+from ekko.rollback_watch import rollback_keys, rollback_view
 from ekko.spec import ModelSpec
 from ekko.store import ModelStore, to_wire_values
 from ekko.version import last_counter_at
@@ -301,6 +302,7 @@ class Daemon:
         app.router.add_get("/v1/models/{model}/cuts", self._h_cuts)
         app.router.add_get("/v1/models/{model}/knowledge", self._h_knowledge)
         app.router.add_post("/v1/rollback", self._h_rollback)
+        app.router.add_get("/v1/models/{model}/rollbacks", self._h_rollbacks)
         app.router.add_post("/v1/quality", self._h_quality)
         app.router.add_get("/metrics", self._h_metrics)
         app.router.add_get("/healthz", self._h_healthz)
@@ -866,6 +868,9 @@ class Daemon:
                 log.warning("publish of %s by origin %s: %d row(s) already held at greater versions "
                             "(their values did not apply; a clock ahead, or another publisher)",
                             frame.body["model"], frame.body.get("origin"), n)
+            rollbacks = rollback_keys(self.node, frame.body["model"])
+            if rollbacks:  # the publisher learns of rollbacks from its acknowledgements
+                answer["rollbacks"] = rollbacks
             return web.json_response(answer)
         finally:
             self.gate.publish_bytes -= held
@@ -968,6 +973,13 @@ class Daemon:
         log.warning("rolled back %s to cut %s (record %s)", model, cut, record["id"])
         return web.json_response({"ok": True, "model": model, "cut": cut, "id": record["id"],
                                   "rolled_back_rows": int(self.node.counters["rolled_back_rows"])})
+
+    async def _h_rollbacks(self, request: web.Request) -> web.Response:
+        """The model's rollback records here (for a trainer's watch): see :mod:`ekko.rollback_watch`."""
+        model = request.match_info["model"]
+        if model not in self.node.models:
+            raise RequestRejected(f"unknown model {model!r}", "unknown_model")
+        return web.json_response(rollback_view(self.node, model))
 
     async def _h_quality(self, request: web.Request) -> web.Response:
         """Frame ``QUALITY``: one sample ``{"model", "variant", "metric", "value", "count"}``

@@ -30,6 +30,7 @@ not stop), 2 for bad arguments.  :class:`LocalCluster` is reused by
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import signal
@@ -110,6 +111,8 @@ class LocalCluster:
         base_port: first port (consecutive ports follow); 0 picks free ports.
         preset: protocol timing preset of every daemon.
         key_file: cluster key file passed to every daemon.
+        node_config: per replica id, ``[node]`` fields (ekko.config.NodeConfig) written to a
+            TOML file the replica is started with (e.g. ``{"dc2-r2": {"baseline_pin_cut": "c"}}``).
 
     Example::
 
@@ -118,10 +121,12 @@ class LocalCluster:
     """
 
     def __init__(self, dcs: int, per_dc: int, data_dir: Path, base_port: int = 0, preset: str = "local",
-                 key_file: str | None = None, device: str = "cpu") -> None:
+                 key_file: str | None = None, device: str = "cpu",
+                 node_config: dict[str, dict[str, Any]] | None = None) -> None:
         if dcs < 1 or per_dc < 1:
             raise ValueError("need at least one DC and one replica per DC")
         self.data_dir = Path(data_dir)
+        self.node_config = dict(node_config or {})
         self.preset, self.key_file, self.device = preset, key_file, device
         self.replicas: list[Replica] = []
         n = dcs * per_dc
@@ -147,6 +152,11 @@ class LocalCluster:
                 cmd += ["--seed", seed]
             if self.key_file:
                 cmd += ["--key-file", self.key_file]
+            if r.node_id in self.node_config:
+                toml = r.data_dir.parent / f"{r.node_id}.toml"
+                toml.write_text("[node]\n" + "".join(f"{k} = {json.dumps(v)}\n"
+                                                     for k, v in self.node_config[r.node_id].items()))
+                cmd += ["--config", str(toml)]
             log = open(r.log_path, "ab")
             # Own session: a Ctrl-C in the terminal goes to us only; we stop the daemons in order.
             r.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

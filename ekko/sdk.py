@@ -69,6 +69,8 @@ from ekko.codec import MAX_FRAME_BYTES, Keyring, MsgType, encode_frame
 from ekko.config import MAX_PUBLISH_ROWS
 from ekko.delta import WIRE_DTYPES
 from ekko.errors import EkkoError, RemoteError, UsageError
+from ekko.rollback_watch import (DEFAULT_WATCH_INTERVAL_S, WATCH_REQUEST_TIMEOUT_S, RollbackEvent, RollbackWatch,
+                                 RolledBack, state_file)
 from ekko.spec import ModelSpec, TableSpec
 from ekko.store import TORCH_DTYPES, to_wire_values
 from ekko.version import origin_id
@@ -565,6 +567,16 @@ class AsyncPublisher:
         for f in pending.values():
             self.chain.clock.observe(f.last_counter)
         self._pending: dict[str, PendingFrame] = pending
+        # Rollbacks this publisher knows of and trainer state saved with cuts (ekko.rollback_watch,
+        # ekko.trainer_state).
+        from ekko.trainer_state import CutStateIndex
+        self.cut_states = CutStateIndex(self._state.dir, self.origin_name, durable)
+        try:
+            self.rollbacks = RollbackWatch(state_file(self._state.dir, self.origin_name), durable,
+                                           lookup_state=self.cut_states.path_of)
+        except BaseException:
+            self._state.close()
+            raise
         self._specs: dict[str, ModelSpec] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._current = 0
@@ -629,6 +641,11 @@ class AsyncPublisher:
         deadline = asyncio.get_running_loop().time() + self.timeout
         answer, _ = await self._post("/v1/models", data, deadline, what=f"register {spec.name}")
         self._specs[spec.name] = spec
+        if not self.rollbacks.primed(spec.name):
+            # Rollbacks that happened before this publisher first met the model are old news.
+            view = await self._get_json(f"/v1/models/{spec.name}/rollbacks")
+            if view is not None:
+                self.rollbacks.prime(spec.name, [e.key for e in RollbackWatch.events_of_view(view[0], view[1])])
         return bool(answer.get("created", False))
 
     async def cut(self, model: str, name: str | None = None) -> str:
@@ -704,6 +721,7 @@ class AsyncPublisher:
             if shadowed:
                 log.warning("publish of %s: %d row(s) already held at greater versions did not apply "
                             "(see PublishAck.shadowed)", p.model, sum(len(i) for i, _ in shadowed.values()))
+            await self._note_rollbacks(p.model, answer, endpoint)
             return PublishAck(p.model, int(answer.get("rows", frame.rows)), int(answer.get("applied", 0)),
                               versions, int(answer.get("max_counter", frame.last_counter)), endpoint, shadowed)
 
@@ -714,7 +732,56 @@ class AsyncPublisher:
             async with self._lock(model):
                 await self._flush_model(model, deadline)
 
+    async def poll_rollbacks(self, model: str) -> list[RollbackEvent]:
+        """Ask a replica for ``model``'s rollbacks now; returns the new ones (also queued for
+        the training loop: see :meth:`Publisher.check_rollbacks`).  [] when none answers."""
+        view = await self._get_json(f"/v1/models/{model}/rollbacks")
+        if view is None:
+            return []
+        events = RollbackWatch.events_of_view(view[0], view[1])
+        if not self.rollbacks.primed(model):
+            self.rollbacks.prime(model, [e.key for e in events])
+            return []
+        return [e for e in events if self.rollbacks.add(e)]
+
     # -- internals ------------------------------------------------------------------------
+    async def _note_rollbacks(self, model: str, answer: dict[str, Any], endpoint: str) -> None:
+        """Compare the rollbacks an acknowledgement names with the ones we know (news is queued)."""
+        keys = RollbackWatch.keys_of_ack(answer)
+        if not keys and self.rollbacks.primed(model):
+            return
+        if keys is None:
+            log.warning("ignoring a malformed rollbacks field from %s", endpoint)
+            return
+        as_keys = [f"{rid}@{cut}" for rid, cut in keys]
+        if not self.rollbacks.primed(model):
+            self.rollbacks.prime(model, as_keys)
+            return
+        new = set(self.rollbacks.unknown(model, as_keys))
+        if not new:
+            return
+        # Details (the incident) from the replica that told us; the ack alone suffices.
+        view = await self._get_json(f"/v1/models/{model}/rollbacks", endpoint)
+        detailed = {e.key: e for e in RollbackWatch.events_of_view(view[0], view[1])} if view else {}
+        for rid, cut in keys:
+            key = f"{rid}@{cut}"
+            if key in new:
+                self.rollbacks.add(detailed.get(key) or RollbackEvent(model, cut, rid, None, 0, endpoint))
+
+    async def _get_json(self, path: str, endpoint: str | None = None) -> tuple[Any, str] | None:
+        """GET ``path`` from ``endpoint`` (else the endpoints in turn); (answer, endpoint) or None."""
+        session = self._http()
+        eps = [endpoint] if endpoint else self.endpoints[self._current:] + self.endpoints[:self._current]
+        for ep in eps:
+            try:
+                async with session.get(ep + path, timeout=aiohttp.ClientTimeout(total=WATCH_REQUEST_TIMEOUT_S,
+                                                                                 connect=CONNECT_TIMEOUT_S)) as r:
+                    if r.status == 200:
+                        return await r.json(content_type=None), ep
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+                log.debug("GET %s%s: %s", ep, path, e)
+        return None
+
     async def _flush_model(self, model: str, deadline: float) -> None:
         if model in self._pending:
             await self._send_frame(self._pending[model], deadline)
@@ -944,17 +1011,91 @@ class Publisher:
         """See :meth:`AsyncPublisher.register`."""
         return self._call(self._core.register(spec))
 
-    def cut(self, model: str, name: str | None = None) -> str:
-        """See :meth:`AsyncPublisher.cut`."""
-        return self._call(self._core.cut(model, name))
+    def cut(self, model: str, name: str | None = None, state: Any = None, path: str | Path | None = None,
+            extra: Any = None) -> str:
+        """Take a cut of ``model`` (see :meth:`AsyncPublisher.cut`); returns its name.
+
+        With ``state`` -- a :class:`~ekko.tracking.Tracker`, a module, or ``(module,
+        optimizer)`` -- the trainer's state is saved with the cut (at ``path``, default
+        ``<state_dir>/<origin>.cuts/<model>/<cut>.pt``, with ``extra`` beside it) after
+        every publish so far is acknowledged, so that :meth:`restore` can bring the
+        trainer back to it (see :mod:`ekko.trainer_state`).
+        """
+        if state is None:
+            if path is not None or extra is not None:
+                raise UsageError("path= and extra= need state= (what to save with the cut)")
+            return self._call(self._core.cut(model, name))
+        from ekko.trainer_state import cut_with_state
+        return cut_with_state(self, model, state, name, path, extra).name
+
+    def restore(self, model: str, cut: "str | RolledBack", state: Any) -> Any:
+        """Load the trainer state saved with ``cut`` into ``state`` (a Tracker, a module or
+        ``(module, optimizer)``); returns the :class:`~ekko.trainer_state.TrainerCut`.
+        A Tracker also resets what it will publish next (see :meth:`Tracker.restore`)."""
+        from ekko.trainer_state import restore_state
+        return restore_state(self, model, cut, state)
+
+    # -- rollbacks (ekko.rollback_watch) ------------------------------------------------
+    def on_rollback(self, fn: Any) -> None:
+        """Call ``fn(event: RollbackEvent)`` on the training thread for each rollback,
+        where :class:`RolledBack` would otherwise be raised (the next publish, cut or
+        :meth:`check_rollbacks`)."""
+        if not callable(fn):
+            raise UsageError("on_rollback takes a callable")
+        self._core.rollbacks.callbacks.append(fn)
+
+    def check_rollbacks(self, model: str | None = None, poll: bool = False) -> list[RollbackEvent]:
+        """Hand rollbacks learnt so far (of ``model``, or any) to the training loop: raise
+        :class:`RolledBack` for the oldest, or, with callbacks registered, call them for
+        each and return the events.  ``poll`` asks a replica first (needs ``model``)."""
+        if poll:
+            if model is None:
+                raise UsageError("check_rollbacks(poll=True) needs a model")
+            self._call(self._core.poll_rollbacks(model))
+        return self._deliver_rollbacks(model)
+
+    def watch_rollbacks(self, model: str, interval: float = DEFAULT_WATCH_INTERVAL_S) -> None:
+        """Poll a replica for ``model``'s rollbacks every ``interval`` seconds in the
+        background, for a loop that is not publishing (events wait for
+        :meth:`check_rollbacks` or the next publish).  Runs until the publisher closes."""
+        if not (isinstance(interval, (int, float)) and interval > 0):
+            raise UsageError("interval must be > 0 seconds")
+
+        async def watch() -> None:
+            while True:
+                try:
+                    await self._core.poll_rollbacks(model)
+                except Exception as e:  # keep watching through a replica's hiccup
+                    log.debug("rollback watch of %s: %s", model, e)
+                await asyncio.sleep(interval)
+        self._submit(watch())
+
+    def _deliver_rollbacks(self, model: str | None) -> list[RollbackEvent]:
+        watch = self._core.rollbacks
+        if not watch.pending(model):
+            return []
+        if not watch.callbacks:
+            event = watch.take(model)
+            if event is not None:
+                raise RolledBack(event)
+            return []
+        out = []
+        while (event := watch.take(model)) is not None:
+            for fn in list(watch.callbacks):
+                fn(event)
+            out.append(event)
+        return out
 
     def publish(self, model: str, table: str, ids: Any, values: Any, impact: Any = None) -> PublishAck:
         """See :meth:`AsyncPublisher.publish`."""
         return self.publish_many(model, {table: (ids, values, impact)})
 
     def publish_many(self, model: str, tables: Mapping[str, Any]) -> PublishAck:
-        """See :meth:`AsyncPublisher.publish_many`."""
-        return self.publish_async_many(model, tables).result()
+        """See :meth:`AsyncPublisher.publish_many`.  Raises :class:`RolledBack` (before
+        sending, or after the acknowledgement) when ``model`` was rolled back."""
+        ack = self.publish_async_many(model, tables).result()
+        self._deliver_rollbacks(model)
+        return ack
 
     def publish_async(self, model: str, table: str, ids: Any, values: Any,
                       impact: Any = None) -> "concurrent.futures.Future[PublishAck]":
@@ -965,6 +1106,7 @@ class Publisher:
         return self.publish_async_many(model, {table: (ids, values, impact)})
 
     def publish_async_many(self, model: str, tables: Mapping[str, Any]) -> "concurrent.futures.Future[PublishAck]":
+        self._deliver_rollbacks(model)
         prepared = self._core.prepare(model, tables)
         return self._submit(self._core.publish_prepared(prepared))
 

@@ -51,6 +51,7 @@ import hashlib
 import math
 import re
 import threading
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
@@ -64,7 +65,10 @@ from ekko.errors import UsageError
 from ekko.spec import ModelSpec, TableSpec
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
     from ekko.sdk import PreparedPublish, Publisher, PublishAck
+    from ekko.trainer_state import TrainerCut
 
 #: bytes of rows per publish call a tracker makes; a bigger update (the initial
 #: full publish of a large table) goes out as several frames, in order.
@@ -232,6 +236,9 @@ class _Embedding:
     ids: list[torch.Tensor] = field(default_factory=list)
     before: list[torch.Tensor] = field(default_factory=list)   # their values at the last publish
     restored: bool = False                   # ids may repeat (a failed publish put rows back)
+    # The tracker's cut generation of each row's last publish (int32), from the first cut on:
+    # the rows published since a cut are those to send again after a restore to it.
+    pub_gen: torch.Tensor | None = None
 
     def clear(self) -> None:
         if self.mask is not None and self.ids:
@@ -315,6 +322,11 @@ class Tracker:
                  scan_dense_grads: bool = True, register: bool = True, traffic_share: float = 1.0,
                  optimizer: torch.optim.Optimizer | None = None, max_frame_bytes: int = TRACK_FRAME_BYTES) -> None:
         self.module = module
+        self.optimizer = optimizer
+        # Cuts with trainer state taken through this tracker (see cut/restore).
+        self._session = uuid.uuid4().hex
+        self._gen = 0
+        self._cut_gen: dict[str, int] = {}
         self.model = model
         self.publisher = publisher
         self.scan_dense_grads = scan_dense_grads
@@ -429,6 +441,8 @@ class Tracker:
                     impact = _norm(cur)
                     st.full = False
                     st.clear()
+                    if st.pub_gen is not None:
+                        st.pub_gen[ids] = self._gen
                 elif st.ids:
                     ids, before = torch.cat(st.ids), torch.cat(st.before)
                     if st.restored:
@@ -437,7 +451,9 @@ class Tracker:
                     cur = w.index_select(0, ids)
                     changed = _bits(cur).ne(_bits(before)).any(dim=1)
                     ids, cur, before = ids[changed], cur[changed], before[changed]
-                    impact = _norm(cur - before)
+                    impact = _change_norm(cur, before)
+                    if st.pub_gen is not None:
+                        st.pub_gen[ids] = self._gen
                 else:
                     continue
                 if ids.numel():
@@ -451,7 +467,7 @@ class Tracker:
                     before = dt.shadow.index_select(0, ids)
                     rows = cur.index_select(0, ids)
                     dt.shadow.index_copy_(0, ids, rows)
-                    parts.append(_Part(name, dt, ids, rows, before, _norm(rows - before)))
+                    parts.append(_Part(name, dt, ids, rows, before, _change_norm(rows, before)))
         return parts
 
     def _restore(self, parts: list[_Part]) -> None:
@@ -495,14 +511,100 @@ class Tracker:
                 rows_left -= fit
         return [b for b in batches if b]
 
+    # -- cuts and restores (ekko.trainer_state) -----------------------------------------------
+    def cut(self, name: str | None = None, *, optimizer: torch.optim.Optimizer | None = None,
+            path: str | Path | None = None, extra: Any = None) -> "TrainerCut":
+        """Take a cut of the model with the trainer's state saved for it.
+
+        Publishes what changed and waits until every publish so far is acknowledged,
+        saves the module's and the optimizer's ``state_dict`` (``optimizer`` defaults
+        to the one given to the tracker; ``extra``: anything ``torch.save`` can write
+        with plain types, e.g. the data position) at ``path`` (default
+        ``<state_dir>/<origin>.cuts/<model>/<cut>.pt``), then takes the cut at a
+        replica holding all of it.  Returns the :class:`~ekko.trainer_state.TrainerCut`.
+
+        Raises :class:`~ekko.rollback_watch.RolledBack` first when a rollback is
+        waiting for the loop (restore before cutting again).
+        """
+        from ekko.trainer_state import save_and_cut
+        self.publish()
+        opt = optimizer if optimizer is not None else self.optimizer
+        tc = save_and_cut(self.publisher, self.model, self.module, opt, name, path, extra,
+                          session=self._session, gen=self._gen + 1)
+        with self._lock:
+            self._gen += 1
+            self._cut_gen[tc.name] = self._gen
+            for st in self._emb.values():
+                if st.pub_gen is None:
+                    st.pub_gen = torch.zeros(st.param.shape[0], dtype=torch.int32, device=st.param.device)
+        return tc
+
+    def restore(self, cut: Any, *, optimizer: torch.optim.Optimizer | None = None,
+                publish: bool = True) -> "TrainerCut":
+        """Bring the module and optimizer back to the state saved with ``cut`` (a name, a
+        :class:`~ekko.rollback_watch.RolledBack`, or a TrainerCut) and reset what the
+        next publish sends, so training continues from the cut with new versions.
+
+        The replicas hold the cut's values after a rollback, except for rows this
+        trainer published after the rollback point (before it learnt of the rollback:
+        those versions are not fenced).  So the next publish sends, with the cut's
+        values, every row published since the cut (known from this tracker's own
+        cuts; for a cut taken by another process: every row) and every dense chunk,
+        plus whatever training changes from here.  With ``publish`` (the default) that
+        publish happens at once, so the replicas hold the cut's values again without
+        waiting for the loop's next step.  Checked before anything changes:
+        an unknown cut, a missing or foreign file, or state that does not fit the
+        module raises :class:`UsageError` and leaves module, optimizer and tracker as
+        they were.
+        """
+        from ekko.trainer_state import TrainerCut, load_checkpoint, resolve_cut, restore_module
+        name, entry = resolve_cut(self.publisher, self.model, cut)
+        data = load_checkpoint(entry["path"], self.model, name)
+        opt = optimizer if optimizer is not None else self.optimizer
+        self.publisher._call(self._drain())       # no publish of the abandoned state in flight
+        restore_module(self.module, opt, data, f"the trainer state of cut {name!r}")
+        gen = self._cut_gen.get(name) if entry.get("session") == self._session else None
+        with self._lock, torch.no_grad():
+            for st in self._emb.values():
+                st.clear()
+                st.full = False
+                w = st.param.detach()
+                if gen is not None and st.pub_gen is not None:
+                    rows = (st.pub_gen >= gen).nonzero().squeeze(1)
+                else:
+                    rows = torch.arange(w.shape[0], device=w.device)
+                if rows.numel():
+                    if st.mask is None:
+                        st.mask = torch.zeros(w.shape[0], dtype=torch.bool, device=w.device)
+                    st.mask[rows] = True
+                    st.ids.append(rows)
+                    st.before.append(torch.full((rows.numel(), w.shape[1]), float("nan"), dtype=w.dtype,
+                                                device=w.device))
+            for dt in self._dense.values():
+                dt.shadow.fill_(float("nan"))
+        if publish:
+            self.publish()
+        return TrainerCut(self.model, name, entry["path"], float(entry.get("taken_at", 0.0)))
+
+    async def _drain(self) -> None:
+        if self._send_lock is None:
+            self._send_lock = asyncio.Lock()
+        async with self._send_lock:
+            pass
+
     # -- publishing -----------------------------------------------------------------------
     def publish(self) -> TrackedPublish:
         """Send the rows changed since the last publish; blocks until acknowledged.
 
         On failure the rows that were not delivered are kept for the next publish
         and the error is raised (a frame the publisher kept pending is not lost).
+        Raises :class:`~ekko.rollback_watch.RolledBack` (or calls the publisher's
+        ``on_rollback`` callbacks) when the model was rolled back: before collecting
+        anything, or after this publish was acknowledged.
         """
-        return self.publish_async().result()
+        out = self.publish_async().result()
+        self.publisher._deliver_rollbacks(self.model)
+        return out
 
     def publish_async(self) -> "concurrent.futures.Future[TrackedPublish]":
         """Collect and copy the changed rows now; send them on the publisher's I/O thread.
@@ -511,6 +613,7 @@ class Tracker:
         in call order.
         """
         core = self.publisher._core
+        self.publisher._deliver_rollbacks(self.model)
         parts = self._collect()
         batches = self._batches(parts)
         prepared: list[PreparedPublish] = []
@@ -546,6 +649,12 @@ class Tracker:
                 impact.setdefault(t, []).append(imp if imp is not None else np.zeros(len(i), np.float32))
         return TrackedPublish({t: np.concatenate(v) for t, v in ids.items()},
                               {t: np.concatenate(v) for t, v in impact.items()}, tuple(acks))
+
+
+def _change_norm(cur: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """Impact of rows' changes; a NaN "before" (a row to send again after a restore,
+    whatever replicas hold) counts the row's whole norm."""
+    return _norm(torch.where(before.isnan(), cur, cur - before))
 
 
 def _first_per_row(ids: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

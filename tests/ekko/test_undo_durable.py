@@ -17,7 +17,7 @@ from ekko.codec import MsgType, encode_frame
 from ekko.daemon import Daemon
 from ekko.store import to_wire_values
 from rollback.cuts import Cut
-from test_daemon import SPEC, make_client, post, publish_body, register
+from test_daemon import make_client, post, publish_body, register
 
 
 async def _publish(client, pc: PublisherChain, table: str, ids: np.ndarray, vals: np.ndarray) -> None:
