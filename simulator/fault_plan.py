@@ -60,6 +60,9 @@ class FaultConfig:
             replicas (a chain gap everywhere else until the heal).
         chain_gap_lost_prob: share of those chain gaps whose ingest then loses its disk
             before the heal (its frames are lost everywhere: only gap probes close them).
+        publisher_cut_prob: share of cuts the publisher takes (``Publisher.cut``): the
+            replica first waits until its knowledge covers the publisher's acknowledged
+            heads, and the reference model's cut keeps them.
 
     Example:
         >>> FaultConfig(replicas=4).replicas
@@ -99,6 +102,7 @@ class FaultConfig:
     disk_loss_prob: float = 0.35
     chain_gap_prob: float = 0.35
     chain_gap_lost_prob: float = 0.5
+    publisher_cut_prob: float = 0.5
 
     def __post_init__(self) -> None:
         if self.replicas < 2:
@@ -114,7 +118,7 @@ class FaultConfig:
         for name in ("max_loss", "max_duplicate", "max_reorder", "loss_spike", "rollback_prob",
                      "second_rollback_prob", "publisher_restart_prob", "blind_restart_prob",
                      "foreign_restart_prob", "backup_restart_prob", "foreign_start_prob", "disk_loss_prob",
-                     "chain_gap_prob", "chain_gap_lost_prob"):
+                     "chain_gap_prob", "chain_gap_lost_prob", "publisher_cut_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UsageError(f"faults: {name} must be a probability in [0, 1]")
 

@@ -25,12 +25,45 @@ Injected (per seed, during the first :attr:`FaultConfig.fault_phase_s` simulated
   ``publish`` returned; a refused frame is retried, like the SDK does;
 * publisher restarts: the publisher goes down for a while, sometimes right after a
   replica applied its frame but before the acknowledgement arrived (the frame stays
-  pending).  Half of the restarts keep the persisted state (the SDK's
-  ``<origin>.json`` = :meth:`PublisherChain.state` and ``<origin>.pending``, both
-  serialized and read back): the publisher keeps its origin and re-sends the pending
-  frame with the same versions first.  The other half lose it and, by the rule of
-  :meth:`PublisherChain.restore`, take a *new* origin;
-* rollbacks: a cut is taken at a random replica (``take_cut``, broadcast), and a
+  pending).  It comes back in one of five modes (:data:`RESTART_MODES`):
+
+  - ``state``: keeps the persisted state (the SDK's ``<origin>.json`` =
+    :meth:`PublisherChain.state` and ``<origin>.pending``, both serialized and read
+    back): same origin, the pending frame re-sent first with the same versions;
+  - ``new_origin``: lost it and takes a *new* origin;
+  - ``same_origin``: lost it and keeps its origin, as the SDK without its state dir
+    does (``PublisherChain.restore(None, origin, history_known=False)``, a fresh
+    :class:`HybridClock`): its first frame per shard carries ``RESTART_LINK`` and the
+    ingest probes the gap before it at once.  The fresh clock starts at the wall time,
+    above every counter the origin handed out unless its HLC ran ahead of the wall
+    clock; the harness then floors it (counted as ``publisher_clock_floored``, never
+    seen with these rates) -- an SDK without state could not, and the rule that
+    counters are never handed out twice is the SDK's to keep, not the replicas';
+  - ``foreign``: its state dir was used against another cluster meanwhile (same
+    origin): the heads of a random set of shards point at counters handed out there,
+    which this cluster never sees (bug 1 of issue 13);
+  - ``backup``: restored from an older backup of its state (taken every
+    :data:`BACKUP_INTERVAL_S`, or the empty state of its first start): a *stale*
+    chain, heads behind what this cluster holds, which the ingest must relink.
+
+  With :attr:`FaultConfig.foreign_start_prob` the first publisher also *starts* with
+  a foreign state (a trainer restored from backup into a new cluster);
+* replicas lost with their disk (``disk_loss``): a crash whose restart comes back with
+  an empty store and no protocol state (a new data dir: no knowledge, pending chains,
+  cuts or rollbacks; higher incarnation; the model registered again, as the operator
+  or the catalog gossip does), only while another replica stays up.  Frames only it
+  held are genuinely lost (see the reference model below);
+* chain gaps (``chain_gap``): the ingest is cut off from every peer while the
+  publisher still reaches it for 1-4 frames; then the publisher fails over to other
+  replicas, whose frames chain on frames they never got, for the rest of the episode.
+  In :attr:`FaultConfig.chain_gap_lost_prob` of them the ingest also loses its disk
+  before the heal: its frames are lost everywhere and only gap probes
+  (:mod:`p2p.gaps`) can close the gap (bug 2 of issue 13);
+* rollbacks: a cut is taken at a random replica (``take_cut``, broadcast) -- in
+  :attr:`FaultConfig.publisher_cut_prob` of them by the publisher, as ``Publisher.cut``
+  does: the replica first waits (up to :data:`PUBLISHER_CUT_WAIT_S`) until its knowledge
+  covers every head the publisher had acknowledged, and the reference model's cut
+  keeps those frames (bug 3 of issue 13: a rollback reverted acknowledged rows) -- and a
   moment later a random live replica that knows the cut rolls the model back to it
   (``rollback``, the rollback point being its clock as an HLC counter, as the daemon
   does), often while a partition or a crash is active, so some replicas learn of it
@@ -42,39 +75,59 @@ truncated answers (``cut_below``) are exercised, not only the happy path.
 The harness keeps its own **reference model**, the trainer-side truth: every frame a
 replica accepted (its rows, versions and values), the origins each publisher
 incarnation used, and for each rollback the cut's knowledge (the cut's definition)
-and the rollback point the harness chose.  A version is *fenced* when its counter is
+and the rollback point the harness chose, and which row versions a lost disk may have
+taken.  A version is *fenced* when its counter is
 above the cut's knowledge of its (table, shard, origin) and at most the rollback
 point, for every origin that had published; the expected state of a row is its
 greatest published version that no rollback fenced (the state at the cut plus what
-was published after the rollback).  Nothing of it is read from a replica.
+was published after the rollback).  When a replica loses its disk, each row's
+version there ``l`` is compared with the greatest version ``h`` any other replica holds
+(live, or down with its durable state): the versions in ``(h, l]`` (or ``l`` alone
+when older but held nowhere else) *may be lost* -- a message in flight may still
+deliver them.  Replay frames recorded before such a loss are dropped (a replay could
+resurrect what the cluster lost).  Nothing of the model is read from a replica but
+these holdings at the moment of a loss.
 
 Then every fault stops (heal, loss 0, every crashed replica and the publisher
 restarted; duplication and reordering stay on) and the harness checks:
 
 1. convergence: within :attr:`FaultConfig.convergence_bound_s` simulated seconds every
    replica holds bit-identical versions and values to the expected state, and its
-   knowledge of every shard covers every counter each origin published there;
+   knowledge of every shard covers every counter each origin published there (frames
+   lost with a disk included: closing such gaps is what gap probes are for).  A row
+   whose expected version may have been lost may end at any accepted, unfenced
+   version between the expected state without the lost versions and the expected
+   state -- the same version, with its value, at every replica;
 2. no lost acknowledged update: implied by 1 (the expected state holds every
    acknowledged frame; a publisher restart loses none);
 3. monotonicity: every :data:`SAMPLE_INTERVAL_S`, and right after each restart, each
    replica's per-row versions and per-shard knowledge are compared with its previous
    sample (kept across restarts by node id): nothing may go backwards, except a row
-   whose previous version a rollback the replica has applied fenced;
+   whose previous version a rollback the replica has applied fenced (a replica lost
+   with its disk starts its samples afresh);
 4. idempotence: a random subset (up to :data:`REPLAY_FRAMES`) of frames delivered
    during the run, publishes and rollbacks included, is delivered again to the same
    replicas; after :data:`REPLAY_QUIET_S` seconds, versions, values and knowledge must
    be unchanged.  A publisher retrying a frame its replica already applied must see
    0 rows applied;
 5. fence: once a replica has applied a rollback (tracked by node id, across its
-   restarts), no apply there and no sample of its rows may show a version that
-   rollback fenced;
+   restarts; a replica lost with its disk must learn it again), no apply there and no
+   sample of its rows may show a version that rollback fenced;
 6. publisher: after a restart with state, the pending frame goes out with the very
    versions it had, and new counters exceed every counter the origin handed out.
 
 Each violation names the seed, the invariant and the first divergence (replica,
 table, row or shard).  What is not injected: corrupt or malicious frames (design
 invariant 6), loss of replica state since the last snapshot (a crash here keeps the
-state of the moment it crashed), and clock skew.
+state of the moment it crashed, a disk loss all of it), and clock skew.
+
+Per seed, ``faults`` counts every fault injected (the new classes as
+``publisher_restart_same_origin``, ``publisher_restart_foreign_chain``,
+``publisher_restart_from_backup``, ``publisher_start_foreign_chain``, ``disk_loss``,
+``restart_empty``, ``chain_gap``, ``chain_gap_disk_loss``, ``rows_maybe_lost`` /
+``rows_lost``, ...), and ``protocol`` sums the node counters that show the rules ran
+(:data:`PROTOCOL_COUNTERS`: gap probes and closed gaps, relinked stale chains, fenced
+pull rows; pending chain intervals dropped at the cap).
 """
 
 from __future__ import annotations
@@ -142,6 +195,11 @@ SAMPLE_INTERVAL_S = 0.25
 REPLAY_FRAMES = 300
 #: simulated seconds run before and after the replay (state compared across it).
 REPLAY_QUIET_S = 3.0
+#: longest the harness lets a publisher's cut wait for the replica's knowledge to cover
+#: its acknowledged heads (the daemon allows MAX_CUT_WAIT_S = 60 s; a trainer retries
+#: a cut that failed), and how often it looks again (the daemon's CUT_WAIT_POLL_S).
+PUBLISHER_CUT_WAIT_S = 5.0
+CUT_WAIT_POLL_S = 0.02
 #: the publisher backs its state up this often (what a ``backup`` restart restores).
 BACKUP_INTERVAL_S = 1.0
 #: node counters summed per seed (``protocol`` in the results): evidence that the rules
@@ -269,6 +327,7 @@ class FaultRun:
         self.publisher_saved: tuple[bytes, bytes | None] | None = None
         self.ref_rollbacks: list[RefRollback] = []
         self.cuts: dict[str, Cut] = {}
+        self.cut_cover: dict[str, dict[tuple[str, int], dict[int, int]]] = {}   # publisher cuts: acked heads
         self.seen_rollbacks: dict[str, set[str]] = {n: set() for n in self.node_ids}
         # -- lost disks and chain gaps
         #: per table, per disk loss: (lo, hi) per row -- that row's versions in (lo, hi] may be
@@ -575,8 +634,33 @@ class FaultRun:
     def _take_cut(self, e: Episode) -> None:
         live = self.cluster.live()
         taker = e.args[0] if e.args[0] in live else self.rng.choice(live)
+        if self.chain is not None and self.cfg.publisher_cut_prob and \
+                self.chain_rng.random() < self.cfg.publisher_cut_prob:
+            # The publisher takes it (Publisher.cut): the replica waits until its knowledge
+            # covers every head the publisher had acknowledged, as the daemon does.
+            heads = [(t, s, c) for (m, t, s), c in sorted(self.chain.heads.items()) if m == MODEL_NAME]
+            self._publisher_cut(e, taker, self.chain.origin, heads, self.sim.now)
+            return
+        self._cut_now(e, taker, None)
+
+    def _publisher_cut(self, e: Episode, taker: str, origin: int, heads: list[tuple[str, int, int]],
+                       since: float) -> None:
+        if taker not in self.cluster.live() or self.sim.now - since > PUBLISHER_CUT_WAIT_S:
+            self.faults["publisher_cut_failed"] += 1   # the request fails; the trainer would retry
+            return
+        if self.cluster.nodes[taker].uncovered(MODEL_NAME, origin, heads):
+            self.sim.schedule(CUT_WAIT_POLL_S, self._publisher_cut, e, taker, origin, heads, since)
+            return
+        self.faults["publisher_cut"] += 1
+        self._cut_now(e, taker, (origin, heads))
+
+    def _cut_now(self, e: Episode, taker: str, cover: tuple[int, list[tuple[str, int, int]]] | None) -> None:
         name = f"cut{len(self.cuts)}"
         self.cuts[name] = self.cluster.call(taker, "take_cut", MODEL_NAME, name, self.sim.now)
+        if cover is not None:
+            # Reference model: a publisher's cut keeps every frame it had acknowledged.
+            origin, heads = cover
+            self.cut_cover[name] = {(t, s): {origin: c} for t, s, c in heads}
         self.faults["cut"] += 1
         self.sim.schedule(e.length, self._rollback, name, taker, e.args[1] if len(e.args) > 1 else None)
 
@@ -596,8 +680,11 @@ class FaultRun:
         ms = int(self.sim.now * 1000)
         until = (max(1, ms) << HLC_LOGICAL_BITS) | ((1 << HLC_LOGICAL_BITS) - 1)
         cut = self.cuts[name]
-        ref = RefRollback(f"{who}.{MODEL_NAME}.{name}.{until}", name,
-                          {k: dict(v.items()) for k, v in cut.knowledge.items()}, until,
+        lower = {k: dict(v.items()) for k, v in cut.knowledge.items()}
+        for k, heads in self.cut_cover.get(name, {}).items():
+            for o, c in heads.items():
+                lower.setdefault(k, {})[o] = max(lower.get(k, {}).get(o, 0), c)
+        ref = RefRollback(f"{who}.{MODEL_NAME}.{name}.{until}", name, lower, until,
                           frozenset(self.origins_used), self.sim.now)
         record = self.cluster.call(who, "rollback", MODEL_NAME, name, until, self.sim.now)
         if record["id"] != ref.rid:
