@@ -544,6 +544,7 @@ class FaultRun:
             self.pending = None
             self.pending_target = None
             self._pending_tables = {}
+        self._reach_ingest_again()
         if mode in ("same_origin", "foreign", "backup"):
             self._publisher_restart_same_origin(mode, state)
         elif mode == "state":
@@ -576,6 +577,12 @@ class FaultRun:
                 raise UsageError("out of publisher origins")
             self.chain = PublisherChain.restore(None, origin)
             self.faults["publisher_restart_new_origin"] += 1
+
+    def _reach_ingest_again(self) -> None:
+        """A restarted publisher tries its first endpoint first: during a chain gap it reaches
+        the isolated ingest for one more frame (after a backup restart, a stale chain there)."""
+        if self.avoid is not None:
+            self.gap_frames_left = max(self.gap_frames_left, 1)
 
     def _publisher_restart_same_origin(self, mode: str, state: dict[str, Any]) -> None:
         """Issue 13's restarts: the same origin without its state, with a foreign state, or
@@ -707,6 +714,13 @@ class FaultRun:
             return
         node = self.cluster.nodes[nid]
         self._sample(nid)
+        if lose_disk and any(r.rid in node.rollbacks and not any(
+                r.rid in self.cluster.nodes[n].rollbacks for n in self.node_ids if n != nid and n not in self.lost_down)
+                for r in self.ref_rollbacks):
+            # The only replica holding a rollback record: losing it would lose the rollback
+            # (the reference model does not follow a rollback that may or may not exist).
+            self.faults["disk_loss_skipped_sole_rollback_holder"] += 1
+            return
         if lose_disk:
             # Lost with its disk: it comes back empty (a new data dir).  Whatever only it held
             # is gone -- the reference model notes those row versions as possibly lost.
