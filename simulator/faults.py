@@ -94,7 +94,10 @@ restarted; duplication and reordering stay on) and the harness checks:
 1. convergence: within :attr:`FaultConfig.convergence_bound_s` simulated seconds every
    replica holds bit-identical versions and values to the expected state, and its
    knowledge of every shard covers every counter each origin published there (frames
-   lost with a disk included: closing such gaps is what gap probes are for).  A row
+   lost with a disk included when a later frame links on them: closing such gaps is
+   what gap probes are for; a frame lost at the tail of an origin's chain in a shard
+   is known to no replica and is left out, as are rolled-back versions, which later
+   frames link past).  A row
    whose expected version may have been lost may end at any accepted, unfenced
    version between the expected state without the lost versions and the expected
    state -- the same version, with its value, at every replica;
@@ -952,10 +955,21 @@ class FaultRun:
         return out
 
     def _heads(self) -> dict[tuple[str, int, int], int]:
-        """Per (table, shard, origin): the greatest counter of any accepted frame."""
+        """Per (table, shard, origin): the greatest counter of any accepted frame, leaving
+        out rows a lost disk may have taken: a frame lost whole at the *tail* of an
+        origin's chain in a shard (no later frame links on it) is known to nobody, so no
+        replica can know to wait for it (harmless: its rows are gone).  Lost frames that a
+        later frame links on still count, through that frame's greater counter."""
         heads: dict[tuple[str, int, int], int] = {}
         for f in self.frames:
             for tname, (ids, versions, _) in f.tables.items():
+                # (fenced versions too: a replica that rolled them back holds older ones, so a
+                # lost disk's marks do not name them; frames after the rollback link past them)
+                keep = ~self._lost_mask(tname, ids, versions) & \
+                    ~self._fenced_for(self.ref_rollbacks, SPEC.table(tname), ids, versions)
+                ids, versions = ids[keep], versions[keep]
+                if not len(ids):
+                    continue
                 shards = SPEC.table(tname).shards_of(ids)
                 c = counters_of(versions)
                 for s in np.unique(shards).tolist():
