@@ -43,6 +43,26 @@ class FaultConfig:
         min_rtt_ms, max_rtt_ms: one-way delay range between DCs.
         rollback_prob: chance a seed has a rollback; ``second_rollback_prob`` a second one.
         publisher_restart_prob: chance a seed restarts its publisher (and again for a second).
+        blind_restart_prob: chance a seed restarts its publisher without its state under
+            the *same* origin (``PublisherChain.restore(None, origin, history_known=False)``:
+            its first frame per shard carries ``RESTART_LINK``).
+        foreign_restart_prob: chance a seed restarts its publisher with a *foreign* chain:
+            its state dir was used against another cluster meanwhile, so its heads point
+            at counters this cluster never saw.
+        backup_restart_prob: chance a seed restarts its publisher from an older backup of
+            its state (a *stale* chain: its heads lag what this cluster holds).
+        foreign_start_prob: chance a seed's first publisher starts with foreign chain
+            state (a trainer restored from backup into a new cluster).
+        disk_loss_prob: chance a seed loses a replica with its disk: it comes back empty,
+            with no protocol state, and frames only it held are genuinely lost.
+        chain_gap_prob: chance a seed cuts the ingest off from its peers while it still
+            acknowledges a few frames, then makes the publisher fail over to other
+            replicas (a chain gap everywhere else until the heal).
+        chain_gap_lost_prob: share of those chain gaps whose ingest then loses its disk
+            before the heal (its frames are lost everywhere: only gap probes close them).
+        publisher_cut_prob: share of cuts the publisher takes (``Publisher.cut``): the
+            replica first waits until its knowledge covers the publisher's acknowledged
+            heads, and the reference model's cut keeps them.
 
     Example:
         >>> FaultConfig(replicas=4).replicas
@@ -75,6 +95,14 @@ class FaultConfig:
     rollback_prob: float = 0.8
     second_rollback_prob: float = 0.35
     publisher_restart_prob: float = 0.6
+    blind_restart_prob: float = 0.3
+    foreign_restart_prob: float = 0.25
+    backup_restart_prob: float = 0.25
+    foreign_start_prob: float = 0.15
+    disk_loss_prob: float = 0.35
+    chain_gap_prob: float = 0.35
+    chain_gap_lost_prob: float = 0.5
+    publisher_cut_prob: float = 0.5
 
     def __post_init__(self) -> None:
         if self.replicas < 2:
@@ -88,7 +116,9 @@ class FaultConfig:
             raise UsageError("faults: times must be positive and every min <= its max (fault_phase_s >= 3, "
                              "max_reorder_delay_ms >= 50)")
         for name in ("max_loss", "max_duplicate", "max_reorder", "loss_spike", "rollback_prob",
-                     "second_rollback_prob", "publisher_restart_prob"):
+                     "second_rollback_prob", "publisher_restart_prob", "blind_restart_prob",
+                     "foreign_restart_prob", "backup_restart_prob", "foreign_start_prob", "disk_loss_prob",
+                     "chain_gap_prob", "chain_gap_lost_prob", "publisher_cut_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UsageError(f"faults: {name} must be a probability in [0, 1]")
 
@@ -118,15 +148,27 @@ CONVERGENCE_BOUND_S = DEFAULT_CONFIG.convergence_bound_s
 EPISODE_KINDS = ("partition_halves", "isolate_dc", "one_way_cut", "crash", "loss_spike")
 #: drawn from a second stream of the seed, so the episodes above keep their draws.
 EXTRA_KINDS = ("rollback", "publisher_restart")
+#: drawn from a third stream (issue 13), so the episodes of both streams above keep theirs:
+#: a replica lost with its disk, and a chain gap (the ingest cut off while it acknowledges).
+LOSS_KINDS = ("disk_loss", "chain_gap")
+#: how a publisher comes back (``publisher_restart`` episodes): ``state`` keeps its persisted
+#: chain and pending frame; ``new_origin`` lost them and takes a new origin; ``same_origin``
+#: lost them and keeps its origin (RESTART_LINK); ``foreign`` has state whose heads name
+#: counters published to another cluster; ``backup`` has an older copy of its state.
+RESTART_MODES = ("state", "new_origin", "same_origin", "foreign", "backup")
 INVARIANTS = ("convergence", "monotonicity", "idempotence", "fence", "publisher")
 
 
 @dataclass
 class Episode:
-    """One timed fault: ``kind`` from :data:`EPISODE_KINDS` or :data:`EXTRA_KINDS`,
-    active on ``[start, start + length)``.  For a rollback, the cut is taken at
-    ``start`` and the rollback runs at ``start + length``; for a publisher restart the
-    publisher is down for ``length``."""
+    """One timed fault: ``kind`` from :data:`EPISODE_KINDS`, :data:`EXTRA_KINDS` or
+    :data:`LOSS_KINDS`, active on ``[start, start + length)``.  For a rollback, the cut
+    is taken at ``start`` (at ``args[0]``) and the rollback runs at ``start + length``
+    (at a random replica that knows the cut, or at ``args[1]`` when given); for a
+    publisher restart the publisher is down for ``length`` (``args = (mode, ack_lost)``,
+    the mode a bool for the first stream: True = ``state``, False = ``new_origin``); a
+    disk loss keeps ``args[0]`` down for ``length`` and brings it back empty; a chain gap
+    (``args = (frames, lose_disk)``) isolates the ingest for ``length``."""
 
     start: float
     length: float
@@ -152,6 +194,8 @@ class FaultPlan:
     reorder_delay_ms: float
     rtt_ms: dict[tuple[str, str], float]
     episodes: list[Episode] = field(default_factory=list)
+    #: the first publisher starts with foreign chain state (heads this cluster never saw).
+    foreign_start: bool = False
 
     @classmethod
     def draw(cls, seed: int, nodes: list[str], dcs: list[str], cfg: FaultConfig = DEFAULT_CONFIG) -> FaultPlan:
@@ -182,6 +226,8 @@ class FaultPlan:
                 args = ()
             plan.episodes.append(Episode(start, length, kind, args))
         plan.episodes.extend(cls._draw_extra(seed, nodes, plan.episodes, cfg))
+        losses, plan.foreign_start = cls._draw_losses(seed, nodes, cfg)
+        plan.episodes.extend(losses)
         plan.episodes.sort(key=lambda e: (e.start, e.kind))
         return plan
 
@@ -209,6 +255,31 @@ class FaultPlan:
             length = min(rng.uniform(0.1, 2.0), phase - 0.5 - start)
             out.append(Episode(start, length, "publisher_restart", (rng.random() < 0.5, rng.random() < 0.5)))
         return out
+
+
+    @staticmethod
+    def _draw_losses(seed: int, nodes: list[str], cfg: FaultConfig) -> tuple[list[Episode], bool]:
+        """Issue 13's faults (restarts without or with stale/foreign state, lost disks,
+        chain gaps), from a third stream: with their probabilities at 0, a seed draws
+        exactly what it drew before they existed."""
+        rng = random.Random(f"ekko-faults/{seed}/lost-disks-chains")
+        phase = cfg.fault_phase_s
+        out: list[Episode] = []
+        for mode, p in (("same_origin", cfg.blind_restart_prob), ("foreign", cfg.foreign_restart_prob),
+                        ("backup", cfg.backup_restart_prob)):
+            start, length, ack_lost = rng.uniform(0.5, phase - 1.0), rng.uniform(0.1, 2.0), rng.random() < 0.5
+            if rng.random() < p:
+                out.append(Episode(start, min(length, phase - 0.5 - start), "publisher_restart", (mode, ack_lost)))
+        foreign_start = rng.random() < cfg.foreign_start_prob
+        start, length, who = rng.uniform(0.5, phase - 0.5), rng.uniform(cfg.min_episode_s, cfg.max_episode_s), \
+            rng.choice(nodes)
+        if rng.random() < cfg.disk_loss_prob:
+            out.append(Episode(start, min(length, phase - start), "disk_loss", (who,)))
+        start, length, frames = rng.uniform(0.5, phase - 2.0), rng.uniform(1.5, 4.0), rng.randint(1, 4)
+        lose = rng.random() < cfg.chain_gap_lost_prob
+        if rng.random() < cfg.chain_gap_prob:
+            out.append(Episode(start, min(length, phase - start), "chain_gap", (frames, lose)))
+        return out, foreign_start
 
 
 @dataclass

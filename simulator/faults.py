@@ -25,12 +25,45 @@ Injected (per seed, during the first :attr:`FaultConfig.fault_phase_s` simulated
   ``publish`` returned; a refused frame is retried, like the SDK does;
 * publisher restarts: the publisher goes down for a while, sometimes right after a
   replica applied its frame but before the acknowledgement arrived (the frame stays
-  pending).  Half of the restarts keep the persisted state (the SDK's
-  ``<origin>.json`` = :meth:`PublisherChain.state` and ``<origin>.pending``, both
-  serialized and read back): the publisher keeps its origin and re-sends the pending
-  frame with the same versions first.  The other half lose it and, by the rule of
-  :meth:`PublisherChain.restore`, take a *new* origin;
-* rollbacks: a cut is taken at a random replica (``take_cut``, broadcast), and a
+  pending).  It comes back in one of five modes (:data:`RESTART_MODES`):
+
+  - ``state``: keeps the persisted state (the SDK's ``<origin>.json`` =
+    :meth:`PublisherChain.state` and ``<origin>.pending``, both serialized and read
+    back): same origin, the pending frame re-sent first with the same versions;
+  - ``new_origin``: lost it and takes a *new* origin;
+  - ``same_origin``: lost it and keeps its origin, as the SDK without its state dir
+    does (``PublisherChain.restore(None, origin, history_known=False)``, a fresh
+    :class:`HybridClock`): its first frame per shard carries ``RESTART_LINK`` and the
+    ingest probes the gap before it at once.  The fresh clock starts at the wall time,
+    above every counter the origin handed out unless its HLC ran ahead of the wall
+    clock; the harness then floors it (counted as ``publisher_clock_floored``, never
+    seen with these rates) -- an SDK without state could not, and the rule that
+    counters are never handed out twice is the SDK's to keep, not the replicas';
+  - ``foreign``: its state dir was used against another cluster meanwhile (same
+    origin): the heads of a random set of shards point at counters handed out there,
+    which this cluster never sees (bug 1 of issue 13);
+  - ``backup``: restored from an older backup of its state (taken every
+    :data:`BACKUP_INTERVAL_S`, or the empty state of its first start): a *stale*
+    chain, heads behind what this cluster holds, which the ingest must relink.
+
+  With :attr:`FaultConfig.foreign_start_prob` the first publisher also *starts* with
+  a foreign state (a trainer restored from backup into a new cluster);
+* replicas lost with their disk (``disk_loss``): a crash whose restart comes back with
+  an empty store and no protocol state (a new data dir: no knowledge, pending chains,
+  cuts or rollbacks; higher incarnation; the model registered again, as the operator
+  or the catalog gossip does), only while another replica stays up.  Frames only it
+  held are genuinely lost (see the reference model below);
+* chain gaps (``chain_gap``): the ingest is cut off from every peer while the
+  publisher still reaches it for 1-4 frames; then the publisher fails over to other
+  replicas, whose frames chain on frames they never got, for the rest of the episode.
+  In :attr:`FaultConfig.chain_gap_lost_prob` of them the ingest also loses its disk
+  before the heal: its frames are lost everywhere and only gap probes
+  (:mod:`p2p.gaps`) can close the gap (bug 2 of issue 13);
+* rollbacks: a cut is taken at a random replica (``take_cut``, broadcast) -- in
+  :attr:`FaultConfig.publisher_cut_prob` of them by the publisher, as ``Publisher.cut``
+  does: the replica first waits (up to :data:`PUBLISHER_CUT_WAIT_S`) until its knowledge
+  covers every head the publisher had acknowledged, and the reference model's cut
+  keeps those frames (bug 3 of issue 13: a rollback reverted acknowledged rows) -- and a
   moment later a random live replica that knows the cut rolls the model back to it
   (``rollback``, the rollback point being its clock as an HLC counter, as the daemon
   does), often while a partition or a crash is active, so some replicas learn of it
@@ -42,39 +75,62 @@ truncated answers (``cut_below``) are exercised, not only the happy path.
 The harness keeps its own **reference model**, the trainer-side truth: every frame a
 replica accepted (its rows, versions and values), the origins each publisher
 incarnation used, and for each rollback the cut's knowledge (the cut's definition)
-and the rollback point the harness chose.  A version is *fenced* when its counter is
+and the rollback point the harness chose, and which row versions a lost disk may have
+taken.  A version is *fenced* when its counter is
 above the cut's knowledge of its (table, shard, origin) and at most the rollback
 point, for every origin that had published; the expected state of a row is its
 greatest published version that no rollback fenced (the state at the cut plus what
-was published after the rollback).  Nothing of it is read from a replica.
+was published after the rollback).  When a replica loses its disk, each row's
+version there ``l`` is compared with the greatest version ``h`` any other replica holds
+(live, or down with its durable state): the versions in ``(h, l]`` (or ``l`` alone
+when older but held nowhere else) *may be lost* -- a message in flight may still
+deliver them.  Replay frames recorded before such a loss are dropped (a replay could
+resurrect what the cluster lost).  Nothing of the model is read from a replica but
+these holdings at the moment of a loss.
 
 Then every fault stops (heal, loss 0, every crashed replica and the publisher
 restarted; duplication and reordering stay on) and the harness checks:
 
 1. convergence: within :attr:`FaultConfig.convergence_bound_s` simulated seconds every
    replica holds bit-identical versions and values to the expected state, and its
-   knowledge of every shard covers every counter each origin published there;
+   knowledge of every shard covers every counter each origin published there (frames
+   lost with a disk included when a later frame links on them: closing such gaps is
+   what gap probes are for; a frame lost at the tail of an origin's chain in a shard
+   is known to no replica and is left out, as are rolled-back versions, which later
+   frames link past).  A row
+   whose expected version may have been lost may end at any accepted, unfenced
+   version between the expected state without the lost versions and the expected
+   state -- the same version, with its value, at every replica;
 2. no lost acknowledged update: implied by 1 (the expected state holds every
    acknowledged frame; a publisher restart loses none);
 3. monotonicity: every :data:`SAMPLE_INTERVAL_S`, and right after each restart, each
    replica's per-row versions and per-shard knowledge are compared with its previous
    sample (kept across restarts by node id): nothing may go backwards, except a row
-   whose previous version a rollback the replica has applied fenced;
+   whose previous version a rollback the replica has applied fenced (a replica lost
+   with its disk starts its samples afresh);
 4. idempotence: a random subset (up to :data:`REPLAY_FRAMES`) of frames delivered
    during the run, publishes and rollbacks included, is delivered again to the same
    replicas; after :data:`REPLAY_QUIET_S` seconds, versions, values and knowledge must
    be unchanged.  A publisher retrying a frame its replica already applied must see
    0 rows applied;
 5. fence: once a replica has applied a rollback (tracked by node id, across its
-   restarts), no apply there and no sample of its rows may show a version that
-   rollback fenced;
+   restarts; a replica lost with its disk must learn it again), no apply there and no
+   sample of its rows may show a version that rollback fenced;
 6. publisher: after a restart with state, the pending frame goes out with the very
    versions it had, and new counters exceed every counter the origin handed out.
 
 Each violation names the seed, the invariant and the first divergence (replica,
 table, row or shard).  What is not injected: corrupt or malicious frames (design
 invariant 6), loss of replica state since the last snapshot (a crash here keeps the
-state of the moment it crashed), and clock skew.
+state of the moment it crashed, a disk loss all of it), and clock skew.
+
+Per seed, ``faults`` counts every fault injected (the new classes as
+``publisher_restart_same_origin``, ``publisher_restart_foreign_chain``,
+``publisher_restart_from_backup``, ``publisher_start_foreign_chain``, ``disk_loss``,
+``restart_empty``, ``chain_gap``, ``chain_gap_disk_loss``, ``rows_maybe_lost`` /
+``rows_lost``, ...), and ``protocol`` sums the node counters that show the rules ran
+(:data:`PROTOCOL_COUNTERS`: gap probes and closed gaps, relinked stale chains, fenced
+pull rows; pending chain intervals dropped at the cap).
 """
 
 from __future__ import annotations
@@ -101,6 +157,7 @@ from ekko.version import (
     HLC_EPOCH_MS,
     HLC_LOGICAL_BITS,
     MAX_ORIGIN,
+    HybridClock,
     Knowledge,
     counters_of,
 )
@@ -114,7 +171,9 @@ from simulator.fault_plan import (
     EXTRA_KINDS,
     FAULT_PHASE_S,
     INVARIANTS,
+    LOSS_KINDS,
     NUM_DCS,
+    RESTART_MODES,
     Episode,
     FaultConfig,
     FaultPlan,
@@ -139,6 +198,16 @@ SAMPLE_INTERVAL_S = 0.25
 REPLAY_FRAMES = 300
 #: simulated seconds run before and after the replay (state compared across it).
 REPLAY_QUIET_S = 3.0
+#: longest the harness lets a publisher's cut wait for the replica's knowledge to cover
+#: its acknowledged heads (the daemon allows MAX_CUT_WAIT_S = 60 s; a trainer retries
+#: a cut that failed), and how often it looks again (the daemon's CUT_WAIT_POLL_S).
+PUBLISHER_CUT_WAIT_S = 5.0
+CUT_WAIT_POLL_S = 0.02
+#: the publisher backs its state up this often (what a ``backup`` restart restores).
+BACKUP_INTERVAL_S = 1.0
+#: node counters summed per seed (``protocol`` in the results): evidence that the rules
+#: for gaps, stale chains and fenced pulls ran.
+PROTOCOL_COUNTERS = ("gap_probes_sent", "gaps_closed", "stale_chains", "pull_fenced_rows", "fenced_rows")
 
 
 @dataclass
@@ -159,7 +228,7 @@ class Violation:
 
 
 __all__ = ["CONVERGENCE_BOUND_S", "DEFAULT_CONFIG", "DEFAULT_REPLICAS", "EPISODE_KINDS", "EXTRA_KINDS",
-           "FAULT_PHASE_S", "INVARIANTS", "NUM_DCS", "Episode", "FaultConfig", "FaultPlan", "FaultRun",
+           "FAULT_PHASE_S", "INVARIANTS", "LOSS_KINDS", "NUM_DCS", "RESTART_MODES", "Episode", "FaultConfig", "FaultPlan", "FaultRun",
            "FaultScenario", "RefRollback", "Violation", "parse_fault_scenario", "run_faults"]
 
 
@@ -211,7 +280,7 @@ class FaultRun:
     """
 
     def __init__(self, seed: int, replicas: int | None = None, config: NodeConfig | None = None,
-                 faults: FaultConfig | None = None) -> None:
+                 faults: FaultConfig | None = None, plan: FaultPlan | None = None) -> None:
         cfg = faults or DEFAULT_CONFIG
         if replicas is not None and replicas != cfg.replicas:
             cfg = FaultConfig(**{**asdict(cfg), "replicas": replicas})
@@ -221,7 +290,7 @@ class FaultRun:
         self.dcs = [f"dc{i}" for i in range(min(cfg.dcs, cfg.replicas))]
         self.node_ids = [f"r{i}" for i in range(cfg.replicas)]
         self.node_dc = {n: self.dcs[i % len(self.dcs)] for i, n in enumerate(self.node_ids)}
-        self.plan = FaultPlan.draw(seed, self.node_ids, self.dcs, cfg)
+        self.plan = plan if plan is not None else FaultPlan.draw(seed, self.node_ids, self.dcs, cfg)
         wan = WanConfig(self.dcs, rtt_ms=self.plan.rtt_ms, loss=self.plan.loss, duplicate=self.plan.duplicate,
                         reorder=self.plan.reorder, reorder_delay_ms=self.plan.reorder_delay_ms, jitter_ms=5.0)
         self.net = WanNetwork(self.sim, wan)
@@ -235,10 +304,24 @@ class FaultRun:
         self.ingest = self.node_ids[0]
         self.rng = self.sim.derive_rng("harness")
         self.np_rng = self.sim.derive_np_rng("values")
+        self.faults: Counter[str] = Counter()
         # -- the publisher and the reference model
         self.chain: PublisherChain | None = PublisherChain(PUBLISHER_ORIGIN)
         self.origins_used: set[int] = set()
         self.issued_top: dict[int, int] = {}       # origin -> greatest counter it handed out
+        # Draws for foreign and backup states: their own stream, so the other draws keep theirs.
+        self.chain_rng = self.sim.derive_rng("publisher-states")
+        self.backups: list[tuple[float, int, str]] = []   # (time, origin, PublisherChain.state() JSON)
+        self._last_backup = -float("inf")
+        self.publisher_down_at = 0.0
+        if self.plan.foreign_start:
+            # A trainer restored from backup into this (new) cluster: its heads name counters
+            # below its first frame here that this cluster never saw.
+            first = int(cfg.publish_interval_s / 2 * 1000) << HLC_LOGICAL_BITS
+            self.chain = PublisherChain.restore(
+                self._foreign_state({"origin": PUBLISHER_ORIGIN, "clock": 0, "heads": []}, 0, first - 1),
+                PUBLISHER_ORIGIN)
+            self.faults["publisher_start_foreign_chain"] += 1
         self.frames: list[_Frame] = []
         self.frames_by_key: dict[tuple[int, int], _Frame] = {}
         self.pending: PendingFrame | None = None
@@ -247,9 +330,19 @@ class FaultRun:
         self.publisher_saved: tuple[bytes, bytes | None] | None = None
         self.ref_rollbacks: list[RefRollback] = []
         self.cuts: dict[str, Cut] = {}
+        self.cut_cover: dict[str, dict[tuple[str, int], dict[int, int]]] = {}   # publisher cuts: acked heads
         self.seen_rollbacks: dict[str, set[str]] = {n: set() for n in self.node_ids}
+        # -- lost disks and chain gaps
+        #: per table, per disk loss: (lo, hi) per row -- that row's versions in (lo, hi] may be
+        #: lost (only the lost replica held them); the check accepts either outcome.
+        self.lost: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {t.name: [] for t in SPEC.tables}
+        self.lost_down: set[str] = set()           # down with their disk lost: they come back empty
+        self.disk_losses: Counter[str] = Counter()  # node id -> disk losses so far
+        self.retired: Counter[str] = Counter()      # protocol counters of replaced node objects
+        self.avoid: str | None = None              # the isolated ingest of a chain gap
+        self.gap_frames_left = 0
+        self._flex: dict[str, dict[int, dict[int, np.ndarray]]] = {}
         # -- bookkeeping
-        self.faults: Counter[str] = Counter()
         self.violations: dict[str, Violation] = {}
         self.samples: dict[str, tuple[dict[str, np.ndarray], dict[tuple[str, int], dict[int, int]]]] = {}
         self.restarts: Counter[str] = Counter()
@@ -374,7 +467,11 @@ class FaultRun:
             self._new_frame()
         assert self.pending is not None
         live = self.cluster.live()
-        target = self.ingest if self.ingest in live else self.rng.choice(live)
+        if self.avoid is not None and self.gap_frames_left <= 0 and len(live) > 1:
+            # A chain gap: the isolated ingest is out of the publisher's reach too now.
+            target = self.rng.choice([n for n in live if n != self.avoid])
+        else:
+            target = self.ingest if self.ingest in live else self.rng.choice(live)
         if target != self.ingest:
             self.faults["publishes_rerouted"] += 1
         try:
@@ -393,13 +490,19 @@ class FaultRun:
         self._record_frame(self.pending, self._pending_tables, acked=True)
         self.chain.acked(self.pending)
         self.faults["publishes"] += 1
+        if self.avoid is not None and target == self.avoid:
+            self.gap_frames_left -= 1
+            self.faults["chain_gap_frames_at_isolated_ingest"] += 1
         self.pending = None
         self.pending_target = None
+        if self.sim.now - self._last_backup >= BACKUP_INTERVAL_S:
+            self._last_backup = self.sim.now
+            self.backups.append((self.sim.now, self.chain.origin, json.dumps(self.chain.state())))
 
     def _publisher_crash(self, e: Episode) -> None:
         if self.chain is None:
             return
-        with_state, ack_lost = e.args
+        mode, ack_lost = _restart_mode(e.args[0]), e.args[1]
         if ack_lost:
             # The frame reached a replica, which applied it; the acknowledgement never
             # came back because the publisher died first.
@@ -423,20 +526,31 @@ class FaultRun:
             pend = msgpack.packb({"model": p.model, "body": p.body, "heads": [[t, s, c] for (t, s), c in p.heads.items()],
                                   "first": p.first_counter, "last": p.last_counter, "rows": p.rows,
                                   "tables": {t: [ids.tolist(), vals.tobytes()] for t, (ids, vals)
-                                             in self._pending_tables.items()}, "target": self.pending_target},
+                                             in self._pending_tables.items()}, "target": self.pending_target,
+                                  "target_losses": self.disk_losses[self.pending_target or ""]},
                                  use_bin_type=True)
         self.publisher_saved = (json.dumps(self.chain.state()).encode(), pend)
         self.chain = None
+        self.publisher_down_at = self.sim.now
         self.faults["publisher_crash"] += 1
-        self.sim.schedule(e.length, self._publisher_restart, with_state)
+        self.sim.schedule(e.length, self._publisher_restart, mode)
 
-    def _publisher_restart(self, with_state: bool) -> None:
+    def _publisher_restart(self, mode: str) -> None:
         if self.chain is not None or self.publisher_saved is None:
             return
         state_raw, pend_raw = self.publisher_saved
         self.publisher_saved = None
         state = json.loads(state_raw)
-        if with_state:
+        if mode != "state":
+            # Whatever the pending frame was, this publisher does not have it: it is not re-sent
+            # (a replica that applied it keeps it; the reference model has it as accepted).
+            self.pending = None
+            self.pending_target = None
+            self._pending_tables = {}
+        self._reach_ingest_again()
+        if mode in ("same_origin", "foreign", "backup"):
+            self._publisher_restart_same_origin(mode, state)
+        elif mode == "state":
             chain = PublisherChain.restore(state, state["origin"])
             pending = None
             if pend_raw is not None:
@@ -454,6 +568,8 @@ class FaultRun:
                                             np.frombuffer(vals, np.float32).reshape(len(ids), -1).copy())
                                         for t, (ids, vals) in r["tables"].items()}
                 self.pending_target = r["target"]
+                if r["target"] is not None and self.disk_losses[r["target"]] != r.get("target_losses", 0):
+                    self.pending_target = None  # that replica lost its disk since: the frame is new there
             self.pending = pending
             self.chain = chain
             self.faults["publisher_restart_with_state"] += 1
@@ -463,20 +579,102 @@ class FaultRun:
             if origin > MAX_ORIGIN:
                 raise UsageError("out of publisher origins")
             self.chain = PublisherChain.restore(None, origin)
-            self.pending = None
-            self.pending_target = None
             self.faults["publisher_restart_new_origin"] += 1
+
+    def _reach_ingest_again(self) -> None:
+        """A restarted publisher tries its first endpoint first: during a chain gap it reaches
+        the isolated ingest for one more frame (after a backup restart, a stale chain there)."""
+        if self.avoid is not None:
+            self.gap_frames_left = max(self.gap_frames_left, 1)
+
+    def _publisher_restart_same_origin(self, mode: str, state: dict[str, Any]) -> None:
+        """Issue 13's restarts: the same origin without its state, with a foreign state, or
+        with an older backup of its state."""
+        origin = int(state["origin"])
+        now_counter = int(self.sim.now * 1000) << HLC_LOGICAL_BITS   # the HLC's physical part now
+        top = self.issued_top.get(origin, 0)
+        if mode == "same_origin":
+            # As the SDK without its state dir: RESTART_LINK links, a fresh clock.  The clock
+            # starts at the wall time, above every counter this origin handed out unless its
+            # HLC ran ahead of the wall clock (> 256 rows/ms) -- which an SDK without state
+            # could not know; the harness floors it then (counted), so the "publisher"
+            # invariant keeps testing the protocol and not this impossibility.
+            chain = PublisherChain.restore(None, origin, history_known=False)
+            if top >= now_counter:
+                chain.clock = HybridClock(top)
+                self.faults["publisher_clock_floored"] += 1
+            self.faults["publisher_restart_same_origin"] += 1
+        elif mode == "foreign":
+            # Its state dir was used against another cluster while it was away: heads of some
+            # shards advanced to counters (handed out there) that this cluster never saw.
+            chain = PublisherChain.restore(self._foreign_state(state, max(top, int(state["clock"])), now_counter - 1),
+                                           origin)
+            self.faults["publisher_restart_foreign_chain"] += 1
+        else:
+            # Restored from an older backup of its state dir: a stale chain (heads behind what
+            # this cluster holds); the clock's physical part keeps counters new.
+            olds = [b for t, o, b in self.backups if o == origin and t <= self.publisher_down_at - 0.5]
+            if olds:
+                backup = json.loads(self.chain_rng.choice(olds))
+            else:
+                backup = {"origin": origin, "clock": 0, "heads": []}   # the state dir of its first start
+                self.faults["publisher_restart_from_empty_backup"] += 1
+            chain = PublisherChain.restore(backup, origin)
+            self.faults["publisher_restart_from_backup"] += 1
+        self.chain = chain
+
+    def _foreign_state(self, state: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
+        """``state`` with the heads of a random set of shards moved to counters in ``(lo, hi]``
+        (published to another cluster), its clock past them."""
+        rng = self.chain_rng
+        shards = [(MODEL_NAME, t.name, s) for t in SPEC.tables for s in range(t.num_shards)]
+        heads = {(m, t, int(s)): int(c) for m, t, s, c in state.get("heads", [])}
+        top = int(state.get("clock", 0))
+        for key in rng.sample(shards, rng.randint(1, len(shards))):
+            base = max(lo, heads.get(key, 0))
+            if hi > base + 1:
+                heads[key] = rng.randint(base + 1, hi)
+                top = max(top, heads[key])
+                self.faults["foreign_chain_heads"] += 1
+        origin = int(state["origin"])
+        self.issued_top[origin] = max(self.issued_top.get(origin, 0), top)   # handed out, elsewhere
+        return {**state, "clock": top, "heads": [[m, t, s, c] for (m, t, s), c in sorted(heads.items())]}
 
     # -- rollbacks ---------------------------------------------------------------------
     def _take_cut(self, e: Episode) -> None:
         live = self.cluster.live()
         taker = e.args[0] if e.args[0] in live else self.rng.choice(live)
+        if self.chain is not None and self.cfg.publisher_cut_prob and \
+                self.chain_rng.random() < self.cfg.publisher_cut_prob:
+            # The publisher takes it (Publisher.cut): the replica waits until its knowledge
+            # covers every head the publisher had acknowledged, as the daemon does.
+            heads = [(t, s, c) for (m, t, s), c in sorted(self.chain.heads.items()) if m == MODEL_NAME]
+            self._publisher_cut(e, taker, self.chain.origin, heads, self.sim.now)
+            return
+        self._cut_now(e, taker, None)
+
+    def _publisher_cut(self, e: Episode, taker: str, origin: int, heads: list[tuple[str, int, int]],
+                       since: float) -> None:
+        if taker not in self.cluster.live() or self.sim.now - since > PUBLISHER_CUT_WAIT_S:
+            self.faults["publisher_cut_failed"] += 1   # the request fails; the trainer would retry
+            return
+        if self.cluster.nodes[taker].uncovered(MODEL_NAME, origin, heads):
+            self.sim.schedule(CUT_WAIT_POLL_S, self._publisher_cut, e, taker, origin, heads, since)
+            return
+        self.faults["publisher_cut"] += 1
+        self._cut_now(e, taker, (origin, heads))
+
+    def _cut_now(self, e: Episode, taker: str, cover: tuple[int, list[tuple[str, int, int]]] | None) -> None:
         name = f"cut{len(self.cuts)}"
         self.cuts[name] = self.cluster.call(taker, "take_cut", MODEL_NAME, name, self.sim.now)
+        if cover is not None:
+            # Reference model: a publisher's cut keeps every frame it had acknowledged.
+            origin, heads = cover
+            self.cut_cover[name] = {(t, s): {origin: c} for t, s, c in heads}
         self.faults["cut"] += 1
-        self.sim.schedule(e.length, self._rollback, name, taker)
+        self.sim.schedule(e.length, self._rollback, name, taker, e.args[1] if len(e.args) > 1 else None)
 
-    def _rollback(self, name: str, taker: str) -> None:
+    def _rollback(self, name: str, taker: str, prefer: str | None = None) -> None:
         live = self.cluster.live()
         knows = []
         for n in live:
@@ -488,12 +686,15 @@ class FaultRun:
         if not knows:
             self.faults["rollback_skipped_cut_unknown"] += 1
             return
-        who = self.rng.choice(knows)
+        who = prefer if prefer in knows else self.rng.choice(knows)
         ms = int(self.sim.now * 1000)
         until = (max(1, ms) << HLC_LOGICAL_BITS) | ((1 << HLC_LOGICAL_BITS) - 1)
         cut = self.cuts[name]
-        ref = RefRollback(f"{who}.{MODEL_NAME}.{name}.{until}", name,
-                          {k: dict(v.items()) for k, v in cut.knowledge.items()}, until,
+        lower = {k: dict(v.items()) for k, v in cut.knowledge.items()}
+        for k, heads in self.cut_cover.get(name, {}).items():
+            for o, c in heads.items():
+                lower.setdefault(k, {})[o] = max(lower.get(k, {}).get(o, 0), c)
+        ref = RefRollback(f"{who}.{MODEL_NAME}.{name}.{until}", name, lower, until,
                           frozenset(self.origins_used), self.sim.now)
         record = self.cluster.call(who, "rollback", MODEL_NAME, name, until, self.sim.now)
         if record["id"] != ref.rid:
@@ -509,36 +710,168 @@ class FaultRun:
             self.faults["rollback_at_other_replica"] += 1
 
     # -- replica faults ------------------------------------------------------------------
-    def _crash(self, nid: str, length: float) -> None:
+    def _crash(self, nid: str, length: float, lose_disk: bool = False) -> None:
         live = self.cluster.live()
         if nid not in live or len(self.node_ids) - len(live) >= self.cfg.max_down or len(live) <= 1:
-            self.faults["crash_skipped"] += 1
+            self.faults["disk_loss_skipped" if lose_disk else "crash_skipped"] += 1
             return
         node = self.cluster.nodes[nid]
         self._sample(nid)
+        if lose_disk and any(r.rid in node.rollbacks and not any(
+                r.rid in self.cluster.nodes[n].rollbacks for n in self.node_ids if n != nid and n not in self.lost_down)
+                for r in self.ref_rollbacks):
+            # The only replica holding a rollback record: losing it would lose the rollback
+            # (the reference model does not follow a rollback that may or may not exist).
+            self.faults["disk_loss_skipped_sole_rollback_holder"] += 1
+            return
+        if lose_disk:
+            # Lost with its disk: it comes back empty (a new data dir).  Whatever only it held
+            # is gone -- the reference model notes those row versions as possibly lost.
+            self._mark_lost(nid)
+            self.cluster.crash(nid)
+            self.lost_down.add(nid)
+            self.disk_losses[nid] += 1
+            if self.pending_target == nid:
+                self.pending_target = None   # a retry there applies the frame anew: not a replay
+            self.faults["disk_loss"] += 1
+            if nid == self.ingest:
+                self.faults["disk_loss_of_ingest"] += 1
+            self.sim.schedule(length, self._restart, nid, None)
+            return
         durable = (node.models[MODEL_NAME].store.copy(), node.export_state(MODEL_NAME),
                    node.members.me.incarnation)
         self.cluster.crash(nid)
         self.faults["crash"] += 1
         self.sim.schedule(length, self._restart, nid, durable)
 
-    def _restart(self, nid: str, durable: tuple[ModelStore, dict[str, Any], int]) -> None:
+    def _restart(self, nid: str, durable: tuple[ModelStore, dict[str, Any], int] | None) -> None:
         if self.net.is_up(nid):
             return
-        store, state, incarnation = durable
+        old = self.cluster.nodes[nid]
+        self._retire(old)
         self.restarts[nid] += 1
+        empty = durable is None or nid in self.lost_down
+        incarnation = old.members.me.incarnation   # (a daemon takes time_ns(): higher, state or not)
         node = ReplicaNode(nid, self.node_dc[nid], nid, config=self.config,
                            rng=self.sim.derive_rng(f"node/{nid}/restart{self.restarts[nid]}"), now=self.sim.now,
                            incarnation=incarnation + 1, seeds=[n for n in self.node_ids if n != nid], device="cpu",
                            with_values=True)
-        node.import_state(SPEC, store, state, self.sim.now)
+        if empty:
+            # A new data dir: no rows, no knowledge, no cuts or rollbacks.  The model comes back as
+            # the operator (or the catalog gossip) registers it; everything else from peers.
+            node.register_model(SPEC, self.sim.now)
+            self.lost_down.discard(nid)
+            self.seen_rollbacks[nid] = set()
+            self.samples.pop(nid, None)
+            self.faults["restart_empty"] += 1
+        else:
+            assert durable is not None
+            store, state, _ = durable
+            node.import_state(SPEC, store, state, self.sim.now)
+            self.faults["restart"] += 1
         self.cluster.restart(nid, node)
-        self.faults["restart"] += 1
         self._sample(nid)
+
+    def _retire(self, node: ReplicaNode) -> None:
+        """Keep the protocol counters of a node object about to be replaced."""
+        for k in PROTOCOL_COUNTERS:
+            self.retired[k] += int(node.counters.get(k, 0))
+        m = node.models.get(MODEL_NAME)
+        if m is not None:
+            self.retired["pending_chains_dropped"] += sum(sync.dropped for shards in m.shards.values()
+                                                          for sync in shards.values())
+
+    def _protocol(self) -> dict[str, int]:
+        out = Counter(self.retired)
+        for nid in self.node_ids:
+            node = self.cluster.nodes[nid]
+            for k in PROTOCOL_COUNTERS:
+                out[k] += int(node.counters.get(k, 0))
+            m = node.models.get(MODEL_NAME)
+            if m is not None:
+                out["pending_chains_dropped"] += sum(sync.dropped for shards in m.shards.values()
+                                                     for sync in shards.values())
+        return {k: out[k] for k in (*PROTOCOL_COUNTERS, "pending_chains_dropped")}
+
+    def _mark_lost(self, nid: str) -> None:
+        """Reference model: the row versions only ``nid`` holds may be lost with its disk.
+
+        Per row, ``nid``'s version ``l`` against the greatest version ``h`` any other replica
+        holds (live, or down with its durable state): the versions in ``(h, l]`` when
+        ``l > h``; ``l`` alone when it is older but no other replica holds it exactly (a
+        rollback may still need it).  A message in flight may yet deliver some of them, so
+        the check accepts the row with or without them (but every replica must agree).
+        """
+        holders = [self.cluster.nodes[n] for n in self.node_ids if n != nid and n not in self.lost_down]
+        node = self.cluster.nodes[nid]
+        at_risk = 0
+        for t in SPEC.tables:
+            mine = node.table_store(MODEL_NAME, t.name).versions.copy()
+            if holders:
+                others = np.stack([h.table_store(MODEL_NAME, t.name).versions for h in holders])
+                h = others.max(axis=0)
+                exact = (others == mine).any(axis=0)
+            else:
+                h = np.zeros_like(mine)
+                exact = np.zeros(len(mine), bool)
+            sel = (mine > 0) & ~exact
+            if not sel.any():
+                continue
+            lo = np.where(sel, np.where(mine > h, h, mine - 1), 0)
+            hi = np.where(sel, mine, 0)
+            self.lost[t.name].append((lo, hi))
+            at_risk += int(sel.sum())
+        if at_risk:
+            self.faults["rows_at_risk_with_lost_disk"] += at_risk
+            # A replay of a frame delivered before the loss could bring back a version the
+            # cluster lost for good: that is not a replay of anything the cluster still holds.
+            self.faults["replay_frames_dropped_at_disk_loss"] += len(self.cluster.replay_log)
+            self.cluster.replay_log.clear()
+
+    def _lost_mask(self, table: str, ids: np.ndarray, versions: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(ids), bool)
+        for lo, hi in self.lost[table]:
+            out |= (versions > lo[ids]) & (versions <= hi[ids])
+        return out
+
+    # -- chain gaps ----------------------------------------------------------------------
+    def _chain_gap(self, e: Episode) -> None:
+        """The ingest is cut off from every peer while the publisher still reaches it for
+        ``frames`` more frames; then the publisher fails over to other replicas, whose
+        frames chain on ones they never got (a gap at each of them until the heal)."""
+        frames, _ = e.args
+        if self.ingest not in self.cluster.live() or self.avoid is not None:
+            self.faults["chain_gap_skipped"] += 1
+            return
+        self.faults["chain_gap"] += 1
+        self.net.heal()
+        self.net.partition([[self.ingest]])
+        self.active["partition"] += 1
+        self.avoid = self.ingest
+        self.gap_frames_left = int(frames)
+        self.sim.schedule(e.length, self._chain_gap_end, e)
+
+    def _chain_gap_end(self, e: Episode) -> None:
+        _, lose_disk = e.args
+        if lose_disk and self.avoid in self.cluster.live():
+            # Lost with its disk before the heal: the frames only it acknowledged are lost
+            # everywhere, and only gap probes can close the gap they leave.
+            self.faults["chain_gap_disk_loss"] += 1
+            self._crash(self.avoid, 1.0, lose_disk=True)
+        self.avoid = None
+        self.gap_frames_left = 0
+        self.net.heal()
+        self.active["partition"] = 0
 
     def _start(self, e: Episode) -> None:
         if e.kind == "crash":
             self._crash(e.args[0], e.length)
+            return
+        if e.kind == "disk_loss":
+            self._crash(e.args[0], e.length, lose_disk=True)
+            return
+        if e.kind == "chain_gap":
+            self._chain_gap(e)
             return
         if e.kind == "rollback":
             self._take_cut(e)
@@ -577,23 +910,66 @@ class FaultRun:
         self.net.set_loss(0.0)
 
     # -- checks ------------------------------------------------------------------------
-    def expected(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """The reference state: per row, the greatest accepted version no rollback fenced."""
+    def expected(self, without_lost: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The reference state: per row, the greatest accepted version no rollback fenced
+        (``without_lost``: and that no disk loss may have taken, :meth:`_mark_lost`)."""
         ver = {t.name: np.zeros(t.rows, np.int64) for t in SPEC.tables}
         val = {t.name: np.zeros((t.rows, t.dim), np.float32) for t in SPEC.tables}
         for f in self.frames:
             for tname, (ids, versions, values) in f.tables.items():
                 t = SPEC.table(tname)
                 keep = ~self._fenced_for(self.ref_rollbacks, t, ids, versions) & (versions > ver[tname][ids])
+                if without_lost:
+                    keep &= ~self._lost_mask(tname, ids, versions)
                 ver[tname][ids[keep]] = versions[keep]
                 val[tname][ids[keep]] = values[keep]
         return ver, val
 
+    def _maybe_lost(self, want: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
+                    ) -> dict[str, dict[int, dict[int, np.ndarray]]]:
+        """Rows whose expected version a disk loss may have taken: per table, row -> every
+        version the row may end at (from the expected one without lost versions up to
+        the expected one) -> its value."""
+        if not any(self.lost.values()):
+            return {}
+        low_v, low_x = self.expected(without_lost=True)
+        want_v = want[0]
+        out: dict[str, dict[int, dict[int, np.ndarray]]] = {}
+        for t in SPEC.tables:
+            rows = np.flatnonzero(want_v[t.name] != low_v[t.name])
+            if not len(rows):
+                continue
+            per = out[t.name] = {int(r): {int(low_v[t.name][r]): low_x[t.name][r]} for r in rows}
+            for f in self.frames:
+                if t.name not in f.tables:
+                    continue
+                ids, versions, values = f.tables[t.name]
+                sel = np.flatnonzero(np.isin(ids, rows))
+                if not len(sel):
+                    continue
+                ok = ~self._fenced_for(self.ref_rollbacks, t, ids[sel], versions[sel])
+                for i in sel[ok].tolist():
+                    r, v = int(ids[i]), int(versions[i])
+                    if int(low_v[t.name][r]) < v <= int(want_v[t.name][r]):
+                        per[r][v] = values[i]
+        return out
+
     def _heads(self) -> dict[tuple[str, int, int], int]:
-        """Per (table, shard, origin): the greatest counter of any accepted frame."""
+        """Per (table, shard, origin): the greatest counter of any accepted frame, leaving
+        out rows a lost disk may have taken: a frame lost whole at the *tail* of an
+        origin's chain in a shard (no later frame links on it) is known to nobody, so no
+        replica can know to wait for it (harmless: its rows are gone).  Lost frames that a
+        later frame links on still count, through that frame's greater counter."""
         heads: dict[tuple[str, int, int], int] = {}
         for f in self.frames:
             for tname, (ids, versions, _) in f.tables.items():
+                # (fenced versions too: a replica that rolled them back holds older ones, so a
+                # lost disk's marks do not name them; frames after the rollback link past them)
+                keep = ~self._lost_mask(tname, ids, versions) & \
+                    ~self._fenced_for(self.ref_rollbacks, SPEC.table(tname), ids, versions)
+                ids, versions = ids[keep], versions[keep]
+                if not len(ids):
+                    continue
                 shards = SPEC.table(tname).shards_of(ids)
                 c = counters_of(versions)
                 for s in np.unique(shards).tolist():
@@ -605,17 +981,35 @@ class FaultRun:
                     heads: dict[tuple[str, int, int], int]) -> tuple[str, dict[str, Any]] | None:
         """The first replica (and table, row or shard) not at the expected state."""
         want_v, want_x = want
+        flex = self._flex
+        first = self.cluster.nodes[self.node_ids[0]]
         for nid in self.node_ids:
             node = self.cluster.nodes[nid]
             for t in SPEC.tables:
                 ts = node.table_store(MODEL_NAME, t.name)
+                maybe = flex.get(t.name)
+                if maybe:
+                    # Rows a disk loss may have taken: any version they may end at, the same everywhere.
+                    vals = ts.values.numpy()
+                    ref = first.table_store(MODEL_NAME, t.name).versions
+                    for r, choices in maybe.items():
+                        v = int(ts.versions[r])
+                        if v not in choices or v != int(ref[r]) or \
+                                (vals[r].view(np.uint32) != choices[v].view(np.uint32)).any():
+                            return nid, {"table": t.name, "row": r, "detail": f"version {v} (replica "
+                                         f"{self.node_ids[0]}: {int(ref[r])}), expected one of {sorted(choices)} "
+                                         "the same everywhere (a lost disk held the newest), with its value"}
                 bad = np.flatnonzero(ts.versions != want_v[t.name])
+                if maybe:
+                    bad = bad[~np.isin(bad, np.fromiter(maybe, np.int64, len(maybe)))]
                 if len(bad):
                     r = int(bad[0])
                     return nid, {"table": t.name, "row": r, "detail": f"version {int(ts.versions[r])}, expected "
                                  f"{int(want_v[t.name][r])} ({len(bad)} rows differ)"}
                 vals = ts.values.numpy()
                 bad = np.flatnonzero((vals.view(np.uint32) != want_x[t.name].view(np.uint32)).any(axis=1))
+                if maybe:
+                    bad = bad[~np.isin(bad, np.fromiter(maybe, np.int64, len(maybe)))]
                 if len(bad):
                     return nid, {"table": t.name, "row": int(bad[0]),
                                  "detail": f"values differ at equal versions ({len(bad)} rows)"}
@@ -679,7 +1073,7 @@ class FaultRun:
         sim.run(until=phase)
         publishing.cancel()
         if self.chain is None:  # the publisher is still down: it comes back now
-            sim.schedule(0.0, self._publisher_restart, self._final_restart_with_state())
+            sim.schedule(0.0, self._publisher_restart, self._final_restart_mode())
             sim.run(until=sim.now + 1e-6)
         while self.pending is not None:  # the last frame: retry until acknowledged
             self._publish()
@@ -691,6 +1085,7 @@ class FaultRun:
         sim.run(until=sim.now + 1e-6)
         end = phase + self.cfg.convergence_bound_s
         want = self.expected()
+        self._flex = self._maybe_lost(want)
         heads = self._heads()
         converged_after = None
         while True:
@@ -716,7 +1111,14 @@ class FaultRun:
         self._sample_all()
         self.faults["frames_accepted"] = len(self.frames)
         self.faults["publisher_origins"] = len(self.origins_used)
+        if self._flex:
+            rows = [(t, r) for t, per in self._flex.items() for r in per]
+            self.faults["rows_maybe_lost"] = len(rows)
+            fin = {t.name: self.cluster.nodes[self.node_ids[0]].table_store(MODEL_NAME, t.name).versions
+                   for t in SPEC.tables}
+            self.faults["rows_lost"] = sum(int(fin[t][r]) < int(want[0][t][r]) for t, r in rows)
         return {"seed": self.seed, "converged_after_s": converged_after, "faults": dict(sorted(self.faults.items())),
+                "protocol": self._protocol(),
                 "frames_delivered": self.cluster.delivered_frames, "frames_replayed": replayed,
                 "messages_dropped": dict(self.net.dropped), "duplicated": self.net.duplicated,
                 "rejected": dict(self.cluster.rejected), "events": sim.events,
@@ -724,16 +1126,28 @@ class FaultRun:
                 "violations": [v.to_dict() for v in self.violations.values()],
                 "wall_s": time.perf_counter() - wall0}
 
-    def _final_restart_with_state(self) -> bool:
-        """Whether the publisher restart still due at the end of the fault phase keeps state."""
-        last = [e for e in self.plan.episodes if e.kind == "publisher_restart"]
-        return bool(last[-1].args[0]) if last else True
+    def _final_restart_mode(self) -> str:
+        """How the publisher restart still due at the end of the fault phase comes back."""
+        last = [e for e in self.plan.episodes if e.kind == "publisher_restart" and e.start <= self.publisher_down_at]
+        return _restart_mode(last[-1].args[0]) if last else "state"
 
     def _restart_now(self, nid: str) -> None:
         node = self.cluster.nodes[nid]
+        if nid in self.lost_down:
+            self._restart(nid, None)
+            return
         # The crashed object still holds exactly what it held at the crash.
         self._restart(nid, (node.models[MODEL_NAME].store.copy(), node.export_state(MODEL_NAME),
                             node.members.me.incarnation))
+
+
+def _restart_mode(arg: bool | str) -> str:
+    """A publisher restart episode's mode (the first stream draws a bool: keep state or not)."""
+    if isinstance(arg, bool):
+        return "state" if arg else "new_origin"
+    if arg not in RESTART_MODES:
+        raise UsageError(f"unknown publisher restart mode {arg!r}")
+    return arg
 
 
 def _versions_of(frame: PendingFrame) -> dict[str, np.ndarray]:
@@ -765,7 +1179,9 @@ def run_faults(seeds: int, first_seed: int = 0, replicas: int | None = None,
         if progress is not None:
             progress(len(per_seed))
     totals: Counter[str] = Counter()
+    protocol: Counter[str] = Counter()
     for r in per_seed:
+        protocol.update(r["protocol"])
         totals.update(r["faults"])
         totals.update({"messages_duplicated": r["duplicated"]})
         totals.update({f"messages_dropped_{k}": v for k, v in r["messages_dropped"].items()})
@@ -774,7 +1190,7 @@ def run_faults(seeds: int, first_seed: int = 0, replicas: int | None = None,
               "convergence_bound_s": cfg.convergence_bound_s, "fault_phase_s": cfg.fault_phase_s,
               "config": asdict(cfg), "invariants": list(INVARIANTS),
               "violations": [v for r in per_seed for v in r["violations"]],
-              "faults": dict(sorted(totals.items())),
+              "faults": dict(sorted(totals.items())), "protocol": dict(sorted(protocol.items())),
               "max_converged_after_s": max(conv) if conv else None,
               "per_seed": per_seed, "wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0}
     if out is not None:
