@@ -239,8 +239,11 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
         # Rollback: the undo history (what applies overwrote), cuts, fences of rolled-back
         # versions, and rollbacks seen (gossiped so a replica that was away catches up).
         self.undo = UndoHistory(c.undo_bytes) if c.undo_bytes and with_values else None
+        # The history is released by its byte budget only, never at a cut: a row held above
+        # a cut's knowledge when it is taken (pulled or pushed past a gap) goes back through
+        # history from before the cut (fault-harness seed 7 lost such a row everywhere).
         self.cuts = CutRegistry(CutPolicy(auto_interval_s=c.auto_cut_interval or 3600.0,
-                                          retention=c.cut_retention), undo=self.undo)
+                                          retention=c.cut_retention, forget_on_retire=False), undo=self.undo)
         self.fence = Fence()
         self.rollbacks: dict[str, dict[str, Any]] = {}
         self._seq = 0

@@ -166,10 +166,6 @@ def test_publisher_restart_without_state_same_origin():
     assert res["violations"] == [] and res["protocol"]["gaps_closed"] > 0
 
 
-@pytest.mark.xfail(strict=False, reason="protocol: a replica restarted without its member list (it "
-                   "knows only its seeds until gossip answers) closes gap probes at once -- every "
-                   "member of an empty list has answered -- and claims knowledge of rows it lacks "
-                   "(reported to the lead)")
 def test_restart_link_at_a_replica_that_has_not_heard_its_peers():
     """The ingest restarts (from its durable state) cut off from its peers; the publisher,
     restarted without state, publishes RESTART_LINK frames to it.  Its urgent probes
@@ -234,10 +230,6 @@ def test_default_seeds_inject_the_new_classes_without_violations():
 
 
 # -- protocol bugs the new classes found (reported; xfail until fixed) --------------------
-@pytest.mark.xfail(strict=False, reason="protocol: a cut releases the undo history before its seq "
-                   "(CutRegistry._forget -> UndoHistory.forget_before), but a row held above the cut's "
-                   "knowledge at cut time needs the history from before the cut to go back to the "
-                   "version the cut covers; the restore holds nothing and no peer has it")
 def test_seed_7_rollback_restores_a_row_held_above_the_cut():
     """Seed 7: the isolated ingest r0 acknowledges row 28 at counter 537602 (chain gap);
     the failed-over publisher overwrites it elsewhere at 742401, which r0 pulls at 4.48 s;
