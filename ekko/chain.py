@@ -148,6 +148,28 @@ class PublisherChain:
         return out
 
     @classmethod
+    def restart(cls, state: dict[str, Any] | None, origin: int) -> "PublisherChain":
+        """What a publisher process starts from: the persisted clock floor, but no chain
+        heads, and ``history_known=False``.
+
+        A state file cannot vouch for its heads: it may come from a backup (heads behind
+        frames acknowledged since), from a run against another cluster, or be lost.  A
+        head behind the truth would make the next frame claim the frames in between,
+        and replicas would stop asking for them.  So the first frame to each shard after
+        a start is linked with :data:`RESTART_LINK`; replicas probe the gap before it
+        once (:mod:`p2p.gaps`) and knowledge completes within a probe round.
+
+        Example:
+            >>> pc = PublisherChain.restart({"origin": 3, "clock": 99, "heads": [["m", "t", 0, 50]]}, 3)
+            >>> pc.heads, pc.history_known, pc.clock.last
+            ({}, False, 99)
+        """
+        pc = cls.restore(state, origin, history_known=False)
+        pc.heads = {}
+        pc.history_known = False
+        return pc
+
+    @classmethod
     def restore(cls, state: dict[str, Any] | None, origin: int, history_known: bool = True) -> "PublisherChain":
         """From :meth:`state` output.
 

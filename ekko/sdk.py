@@ -554,11 +554,12 @@ class AsyncPublisher:
         self._save_error: BaseException | None = None
         try:
             saved, pending = self._state.load()
-            # No state: a first start or a lost state dir, which look alike from here.
-            # The first frame to each shard then tells replicas that earlier updates of
-            # this origin may exist (PublisherChain.history_known), so they never take
-            # updates they lack as received; they close that gap within a probe round.
-            self.chain = PublisherChain.restore(saved, self.origin, history_known=False)
+            # The clock floor and pending frame are kept, the chain heads are not: a state
+            # file cannot vouch for them (a backup, another cluster, or no file at all).
+            # The first frame to each shard tells replicas that earlier updates of this
+            # origin may exist, so they never take updates they lack as received; they
+            # close that gap within a probe round (PublisherChain.restart).
+            self.chain = PublisherChain.restart(saved, self.origin)
         except BaseException:
             self._state.close()
             raise

@@ -318,7 +318,7 @@ class FaultRun:
             # A trainer restored from backup into this (new) cluster: its heads name counters
             # below its first frame here that this cluster never saw.
             first = int(cfg.publish_interval_s / 2 * 1000) << HLC_LOGICAL_BITS
-            self.chain = PublisherChain.restore(
+            self.chain = PublisherChain.restart(
                 self._foreign_state({"origin": PUBLISHER_ORIGIN, "clock": 0, "heads": []}, 0, first - 1),
                 PUBLISHER_ORIGIN)
             self.faults["publisher_start_foreign_chain"] += 1
@@ -337,6 +337,8 @@ class FaultRun:
         #: lost (only the lost replica held them); the check accepts either outcome.
         self.lost: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {t.name: [] for t in SPEC.tables}
         self.lost_down: set[str] = set()           # down with their disk lost: they come back empty
+        # (table, shard, origin) -> counter ranges only a lost disk knew of (see _mark_lost).
+        self.unknown_ranges: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
         self.disk_losses: Counter[str] = Counter()  # node id -> disk losses so far
         self.retired: Counter[str] = Counter()      # protocol counters of replaced node objects
         self.avoid: str | None = None              # the isolated ingest of a chain gap
@@ -551,7 +553,7 @@ class FaultRun:
         if mode in ("same_origin", "foreign", "backup"):
             self._publisher_restart_same_origin(mode, state)
         elif mode == "state":
-            chain = PublisherChain.restore(state, state["origin"])
+            chain = PublisherChain.restart(state, state["origin"])   # as the SDK starts
             pending = None
             if pend_raw is not None:
                 r = msgpack.unpackb(pend_raw, raw=False, strict_map_key=False)
@@ -607,7 +609,7 @@ class FaultRun:
         elif mode == "foreign":
             # Its state dir was used against another cluster while it was away: heads of some
             # shards advanced to counters (handed out there) that this cluster never saw.
-            chain = PublisherChain.restore(self._foreign_state(state, max(top, int(state["clock"])), now_counter - 1),
+            chain = PublisherChain.restart(self._foreign_state(state, max(top, int(state["clock"])), now_counter - 1),
                                            origin)
             self.faults["publisher_restart_foreign_chain"] += 1
         else:
@@ -619,7 +621,7 @@ class FaultRun:
             else:
                 backup = {"origin": origin, "clock": 0, "heads": []}   # the state dir of its first start
                 self.faults["publisher_restart_from_empty_backup"] += 1
-            chain = PublisherChain.restore(backup, origin)
+            chain = PublisherChain.restart(backup, origin)
             self.faults["publisher_restart_from_backup"] += 1
         self.chain = chain
 
@@ -804,6 +806,14 @@ class FaultRun:
         """
         holders = [self.cluster.nodes[n] for n in self.node_ids if n != nid and n not in self.lost_down]
         node = self.cluster.nodes[nid]
+        # Counters of an origin in a shard that only ``nid`` knew of (its knowledge or waiting
+        # intervals beyond every holder's): a frame there whose rows were all superseded at
+        # ``nid`` leaves no trace anywhere, so no replica can know to wait for it.
+        theirs = [_known_tops(h) for h in holders]
+        for key, top in _known_tops(node).items():
+            elsewhere = max((t.get(key, 0) for t in theirs), default=0)
+            if top > elsewhere:
+                self.unknown_ranges.setdefault(key, []).append((elsewhere, top))
         at_risk = 0
         for t in SPEC.tables:
             mine = node.table_store(MODEL_NAME, t.name).versions.copy()
@@ -975,6 +985,16 @@ class FaultRun:
                 for s in np.unique(shards).tolist():
                     key = (tname, s, f.origin)
                     heads[key] = max(heads.get(key, 0), int(c[shards == s].max()))
+        # A head inside a range only a lost disk knew of, with no later frame past it, is
+        # known to nobody (its rows were superseded there): the knowledge before it counts.
+        for key, ranges in self.unknown_ranges.items():
+            h = heads.get(key)
+            for lo, hi in ranges:
+                if h is not None and lo < h <= hi:
+                    below = [int(c) for f in self.frames if f.origin == key[2] and key[0] in f.tables
+                             for c in _shard_counters(f, key[0], key[1]) if c <= lo]
+                    heads[key] = max(below, default=0)
+                    h = heads[key]
         return heads
 
     def _divergence(self, want: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
@@ -1084,11 +1104,16 @@ class FaultRun:
                 sim.schedule(0.0, self._restart_now, nid)
         sim.run(until=sim.now + 1e-6)
         end = phase + self.cfg.convergence_bound_s
-        want = self.expected()
-        self._flex = self._maybe_lost(want)
-        heads = self._heads()
         converged_after = None
+        seen: tuple[int, int] | None = None
         while True:
+            # A rollback scheduled inside the fault phase may fire after it ends: the
+            # expected state follows the reference whenever it changed.
+            if seen != (len(self.ref_rollbacks), len(self.frames)):
+                seen = (len(self.ref_rollbacks), len(self.frames))
+                want = self.expected()
+                self._flex = self._maybe_lost(want)
+                heads = self._heads()
             div = self._divergence(want, heads)
             if div is None:
                 converged_after = sim.now - phase
@@ -1148,6 +1173,27 @@ def _restart_mode(arg: bool | str) -> str:
     if arg not in RESTART_MODES:
         raise UsageError(f"unknown publisher restart mode {arg!r}")
     return arg
+
+
+def _known_tops(node: ReplicaNode) -> dict[tuple[str, int, int], int]:
+    """Per (table, shard, origin): the greatest counter ``node``'s knowledge or waiting
+    intervals name."""
+    out: dict[tuple[str, int, int], int] = {}
+    m = node.models.get(MODEL_NAME)
+    if m is None:
+        return out
+    for t, shards in m.shards.items():
+        for s, sync in shards.items():
+            for o, c in sync.knowledge.items():
+                out[(t, s, o)] = max(out.get((t, s, o), 0), c)
+            for o, ivs in sync.pending.items():
+                out[(t, s, o)] = max(out.get((t, s, o), 0), max(u for _, u in ivs))
+    return out
+
+
+def _shard_counters(f: "_Frame", table: str, shard: int) -> np.ndarray:
+    ids, versions, _ = f.tables[table]
+    return counters_of(versions[SPEC.table(table).shards_of(ids) == shard])
 
 
 def _versions_of(frame: PendingFrame) -> dict[str, np.ndarray]:
