@@ -17,6 +17,7 @@ import ekko.node as node_mod
 import ekko.node_gaps as gaps_mod
 import p2p.sync as sync_mod
 import rollback.cuts as cuts_mod
+from ekko.config import NodeConfig
 from simulator.fault_plan import Episode, FaultConfig, FaultPlan
 from simulator.faults import FaultRun, run_faults
 
