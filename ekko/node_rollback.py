@@ -53,7 +53,8 @@ class RollbackMixin:
         # Model states other replicas gossiped: node id -> model -> state name.
         self.peer_model_states: dict[str, dict[str, str]] = {}
         self._quality_events: list[dict[str, Any]] = []
-        self._baseline_pin = c.baseline_pin_cut
+        self._baseline_pin = ""
+        self.set_baseline_pin(c.baseline_pin_cut)
 
     def _quality_event(self, kind: str, **kw: Any) -> None:
         self._quality_events.append({"event": kind, **kw})
@@ -174,6 +175,11 @@ class RollbackMixin:
         if cut:
             check_name("cut", cut)
         self._baseline_pin = cut
+        if not self.static_membership:
+            # Advertised so that peers never make a baseline a gateway, push relay or
+            # anti-entropy partner: it refuses what lies beyond its cut, so rows sent
+            # to it for its DC would stop there, and rows it cannot take are wasted bytes.
+            self.members.set_role("baseline" if cut else "")
 
     def _pinned_cut(self, model: str) -> Cut | None:
         try:
