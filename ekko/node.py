@@ -307,6 +307,8 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
                 self._on_digests(body, now)
             elif kind == "rep":
                 self._on_repair(body, now)
+            elif kind == "cl":
+                self._on_cut_list(body, now)
             else:
                 raise ProtocolError(f"unknown gossip kind {kind!r}", "bad_body")
         elif t == MsgType.PULL_REQUEST:
@@ -465,8 +467,11 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         # Rollbacks applied here: their fences must hold after a restart too (a lagging peer
         # may still send the rolled-back versions before gossip brings the records back).
         rollbacks = [r for r in self.rollbacks.values() if r.get("model") == model]
+        # Cuts, so a restart keeps its restore points (times as wall time: protocol time
+        # restarts with the process).  Optional in the format: older snapshots lack it.
+        cuts = [[self.cut_to_wire(c), self.cut_wall_time(c)] for c in self.cuts.cuts(model)]
         return {"format": STATE_FORMAT, "node_id": self.node_id, "head": m.head, "knowledge": knowledge,
-                "pending": {t: p for t, p in pending.items() if p}, "rollbacks": rollbacks}
+                "pending": {t: p for t, p in pending.items() if p}, "rollbacks": rollbacks, "cuts": cuts}
 
     def import_state(self, spec: ModelSpec, store: ModelStore, state: dict[str, Any], now: float) -> None:
         """Install a model restored from a snapshot into this node.
@@ -518,6 +523,9 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
         rollbacks = state.get("rollbacks", [])
         if not isinstance(rollbacks, list) or not all(isinstance(r, dict) for r in rollbacks):
             raise ProtocolError("bad snapshot rollback records", "bad_snapshot")
+        raw_cuts = state.get("cuts", [])
+        if not isinstance(raw_cuts, list) or not all(isinstance(c, list) and len(c) == 2 for c in raw_cuts):
+            raise ProtocolError("bad snapshot cuts", "bad_snapshot")
         head = state.get("head", 0)
         self.register_model(spec, now)
         m = self.models[spec.name]
@@ -545,6 +553,14 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
                 m.dirty[t.name].add(s)
         m.head = max(m.head, top)
         try:
+            cuts = [self._foreign_cut(c, at) for c, at in raw_cuts]   # all valid before any is kept
+            if any(c.model != spec.name for c in cuts):
+                raise ProtocolError("a snapshot cut names another model", "bad_cut")
+            for cut in cuts:
+                # The undo history did not survive the restart: a restored cut restores by
+                # its knowledge (rows without history are zeroed and repaired from peers).
+                if self.cuts.learn(cut):
+                    self.quality.note_cut(spec.name, cut.name, now)
             for record in rollbacks:  # fences back first; rows are already at the rolled-back state
                 self._apply_rollback(record, now)
         except (ProtocolError, UsageError) as err:
@@ -554,7 +570,9 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
             for rid in [k for k, r in self.rollbacks.items() if r.get("model") == spec.name]:
                 del self.rollbacks[rid]
             self.fence._ranges.pop(spec.name, None)
-            raise ProtocolError(f"bad snapshot rollback record: {err}", "bad_snapshot") from None
+            for cut in self.cuts.cuts(spec.name):
+                self.cuts.drop(spec.name, cut.name)
+            raise ProtocolError(f"bad snapshot cuts or rollback record: {err}", "bad_snapshot") from None
 
     # ------------------------------------------------------------------ status
     def model_head(self, model: str) -> int:

@@ -381,6 +381,9 @@ class PushGossipMixin:
             body["rb"] = list(self.rollbacks.values())[-MAX_ROLLBACK_RECORDS:]
         if self.models:
             body["ms"] = self._model_states_wire()
+            cd = self._cut_digests_wire()
+            if cd:
+                body["cd"] = cd   # optional: per model, the digest of its named cuts
         return body
 
     def _gossip_round(self, now: float) -> None:
@@ -424,6 +427,7 @@ class PushGossipMixin:
         for rb in new_rbs:  # validated before anything changes: a refused gossip changes nothing
             self._parse_rollback(rb, now)
         states = self._parse_model_states(body["ms"]) if "ms" in body else None
+        cuts_differ = self._parse_cut_digests(body["cd"]) if "cd" in body else []
         self.members.merge(entries, now)
         if isinstance(heads, dict):
             # Heads beyond our clock + skew bound are dropped: they would fake everyone's lag.
@@ -439,6 +443,8 @@ class PushGossipMixin:
             self._apply_rollback(rb, now)
         if states is not None:
             self.peer_model_states[sender] = states
+        if cuts_differ:
+            self._ask_cuts(sender, cuts_differ)
         if req:
             mem = self.members.get(sender)
             if mem is not None:
