@@ -97,7 +97,9 @@ class NodeConfig:
         baseline_pin_cut: non-empty makes this replica a *pinned baseline*: it holds
             every model at the named cut (updates the cut does not cover are not
             applied or adopted) so inference on it measures the baseline variant.
-            Re-pin by restarting with another cut name; "" = an ordinary replica.
+            Re-pin with no restart through ``POST /v1/models/{m}/baseline`` (``ekko
+            baseline``); a pin set that way is kept in the data dir and wins over this
+            field until the field changes.  "" = an ordinary replica.
         max_clock_skew: seconds a row version's HLC physical time (or a peer's
             knowledge or head) may lie ahead of this replica's wall clock; frames
             carrying a version beyond it are refused whole as impossible (reason
