@@ -608,7 +608,8 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin):
                      else self.peer_heads.get(mem.node_id, {}))
             lags = {name: self._lag(heads.get(name, 0), name) for name in self.models}
             out.append({"node_id": mem.node_id, "dc": mem.dc, "address": mem.address,
-                        "state": mem.state.name.lower(), "incarnation": mem.incarnation, "lag_s": lags})
+                        "state": mem.state.name.lower(), "incarnation": mem.incarnation, "lag_s": lags,
+                        "role": mem.role or "replica"})
         return out
 
     def freshness_lag(self, model: str) -> float | None:
