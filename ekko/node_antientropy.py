@@ -174,6 +174,11 @@ class AntiEntropyMixin:
     def _ae_round(self, now: float) -> None:
         if not self.models:
             return
+        if self.baseline_pin and self._baseline_at_cut():
+            # Nothing to pull: every round would have a peer walk the rows newer than our
+            # cut (all it holds since) only to send none of them.
+            self.counters["baseline_ae_skipped"] += 1
+            return
         # Never a pinned baseline as partner: it refuses rows beyond its cut, so a round
         # with it would repair nothing here and offer it rows it cannot take; it starts
         # its own rounds, with its cut as the ceiling of what it asks for.
@@ -193,6 +198,20 @@ class AntiEntropyMixin:
             self._wan_cursor = (self._wan_cursor + 1) % len(pairings)
             partner, rank = pairings[self._wan_cursor]
             self._start_sync(partner, ["wan", rank], now)
+
+    def _baseline_at_cut(self) -> bool:
+        """A pinned baseline holds everything its cut covers, in every model (a model
+        whose cut is not known here has nothing to pull: the cut comes by gossip)."""
+        for name, m in self.models.items():
+            cut = self._pinned_cut(name)
+            if cut is None:
+                continue
+            for (table, s), k in cut.knowledge.items():
+                shards = m.shards.get(table)
+                sync = shards.get(s) if shards is not None else None
+                if sync is None or not sync.knowledge.dominates(k):
+                    return False
+        return True
 
     def _wan_pairings(self) -> list[tuple[str, int]]:
         self._refresh_topology()

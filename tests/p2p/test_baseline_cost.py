@@ -8,6 +8,7 @@ every round, and refusing them): 70x the bytes, freshness from 42 ms to 560 ms.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from cluster import Trainer, make_cluster
 
@@ -63,3 +64,40 @@ def test_a_baseline_costs_its_dc_neither_freshness_nor_bytes():
         node._refresh_topology()
         assert "n1-2" not in set(np.asarray(node.topology.gateways("ranker", "emb", t.num_shards, "dc1")).ravel())
         assert "n1-2" not in node._ordinary_peers()
+
+
+def test_a_ceiling_caps_the_rows_and_the_knowledge_of_a_pull_answer():
+    from ekko.codec import Frame, MsgType, delta_from_wire
+    from ekko.errors import ProtocolError
+    from ekko.version import Knowledge
+
+    net = make_cluster(dcs=1, per_dc=2, seed=5)
+    net.run(2.0)
+    tr = Trainer(net, "n0-0", seed=5)
+    tr.publish("emb", 500)
+    net.run(net.now + 1)
+    a = net.nodes["n0-0"]
+    cut = a.take_cut("ranker", "c1", net.now, broadcast=False)
+    tr.publish("emb", 500)
+    net.run(net.now + 1)
+    spec = a.spec("ranker").table("emb")
+    shards = list(range(spec.num_shards))
+    entries = [[s, Knowledge().to_wire(), None, None] for s in shards]
+    ceil = [cut.knowledge.get(("emb", s), Knowledge()).to_wire() for s in shards]
+    body = {"from": "n0-1", "back": False, "models": {"ranker": {"emb": entries}}}
+    a.drain()
+    a.receive(Frame(MsgType.PULL_REQUEST, dict(body, ceil={"ranker": {"emb": ceil}})), net.now)
+    (out,) = [o for o in a.drain() if o.msg_type == MsgType.PULL_RESPONSE]
+    rows = 0
+    for s, kw, _, dw in out.body["models"]["ranker"]["emb"]:
+        want = cut.knowledge.get(("emb", s), Knowledge())
+        assert Knowledge.from_wire(kw) == Knowledge({o: c for o, c in want.items() if c})   # clamped to the ceiling
+        if dw is not None:
+            d = delta_from_wire(dw, a.table_spec)
+            assert cut.covers(spec, d.ids, d.versions).all()
+            rows += len(d)
+    assert rows > 0 and a.counters["ceiling_held_rows"] > 0
+    # Ceilings that do not match the entries are refused whole.
+    for bad in ({"ranker": {"emb": ceil[:-1]}}, {"other": {"emb": ceil}}, ["x"]):
+        with pytest.raises(ProtocolError):
+            a.receive(Frame(MsgType.PULL_REQUEST, dict(body, ceil=bad)), net.now)
