@@ -210,8 +210,18 @@ class Client:
         return str(json.loads(raw)["name"])
 
     def cuts(self, model: str) -> list[dict[str, Any]]:
-        """The cuts this replica knows for ``model`` (name, restorable, ...)."""
+        """The cuts this replica knows for ``model``, oldest first: ``name``, ``taken_at``
+        (Unix seconds), ``restorable`` (its undo history covers every change since),
+        ``learnt`` (from a peer or a snapshot), ``pinned`` (this replica's baseline pin)."""
         return list(json.loads(self._ok("GET", f"/v1/models/{model}/cuts"))["cuts"])
+
+    def set_baseline(self, model: str, cut: str) -> dict[str, Any]:
+        """Pin this replica as a baseline to ``cut`` of ``model`` (a cut known there: see
+        :meth:`cuts`), or ``""`` to unpin; the pin holds every model of that replica and
+        survives its restarts.  Returns ``{"ok", "model", "cut", "previous"}``."""
+        raw = self._ok("POST", f"/v1/models/{model}/baseline",
+                       encode_frame(MsgType.BASELINE, {"cut": cut}, self.keyring))
+        return json.loads(raw)
 
     def rollback(self, model: str, cut: str) -> dict[str, Any]:
         """Roll ``model`` back to ``cut`` on every replica (started here)."""

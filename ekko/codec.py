@@ -78,6 +78,7 @@ class MsgType(enum.IntEnum):
     ROLLBACK = 7         #: control: roll a model back to a cut (rollback)
     QUALITY = 8          #: inference -> replica: quality samples (rollback)
     CUT = 9              #: control: take a named cut (rollback)
+    BASELINE = 10        #: control: pin a replica as a baseline to a cut, or unpin it (rollback)
 
 
 @dataclass(frozen=True, slots=True)

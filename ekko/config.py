@@ -105,7 +105,9 @@ class NodeConfig:
         baseline_pin_cut: non-empty makes this replica a *pinned baseline*: it holds
             every model at the named cut (updates the cut does not cover are not
             applied or adopted) so inference on it measures the baseline variant.
-            Re-pin by restarting with another cut name; "" = an ordinary replica.
+            Re-pin with no restart through ``POST /v1/models/{m}/baseline`` (``ekko
+            baseline``); a pin set that way is kept in the data dir and wins over this
+            field until the field changes.  "" = an ordinary replica.
         gap_probe_after: seconds a shard's knowledge may wait on a gap in a publisher's
             chain before this replica asks every member for the rows of that gap (a
             replica waits 1-3x this, by a hash of its id, so that few probe at once);

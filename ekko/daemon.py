@@ -71,7 +71,7 @@ from ekko.http_transport import HttpTransport, estimated_size
 from ekko.metrics import UNKNOWN_DC, DaemonMetrics
 from ekko.node import Outgoing, ReplicaNode
 from ekko.rollback_watch import rollback_keys, rollback_view
-from ekko.spec import ModelSpec
+from ekko.spec import ModelSpec, check_name
 from ekko.store import ModelStore, to_wire_values
 from ekko.version import last_counter_at
 from ekko.wal import (
@@ -113,6 +113,8 @@ DECODE_OFFLOAD_BYTES = 256 << 10
 MAX_TIMER_SLEEP_S = 1.0
 #: where the daemon keeps its model catalog (specs), next to the snapshots.
 CATALOG_FILE = "catalog.json"
+#: where the daemon keeps a baseline pin set through the API, so a restart keeps it.
+BASELINE_FILE = "baseline.json"
 #: file a running daemon holds an exclusive lock on, so no second daemon uses the data dir.
 LOCK_FILE = ".lock"
 #: keyword arguments of aiohttp's request handler (AppRunner / TestServer ``**kwargs``).
@@ -136,7 +138,7 @@ _STATUS_OF_REASON = {
     "spec_conflict": 409,
     "forbidden": 403,
     "overloaded": 429, "queue_full": 429,
-    "draining": 503, "memory": 503, "wal_error": 503, "incomplete": 503,
+    "draining": 503, "memory": 503, "wal_error": 503, "incomplete": 503, "persist_error": 503,
 }
 _REASON_OF_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
@@ -303,6 +305,7 @@ class Daemon:
         app.router.add_get("/v1/models/{model}/knowledge", self._h_knowledge)
         app.router.add_post("/v1/rollback", self._h_rollback)
         app.router.add_get("/v1/models/{model}/rollbacks", self._h_rollbacks)
+        app.router.add_post("/v1/models/{model}/baseline", self._h_baseline)
         app.router.add_post("/v1/quality", self._h_quality)
         app.router.add_get("/metrics", self._h_metrics)
         app.router.add_get("/healthz", self._h_healthz)
@@ -316,6 +319,7 @@ class Daemon:
         self._snapshot_now = asyncio.Event()
         self._lock_data_dir()
         try:
+            self._load_baseline_pin()
             await self.restore()
             await self.transport.start()
         except BaseException:
@@ -929,10 +933,72 @@ class Daemon:
         model = request.match_info["model"]
         if model not in self.node.models:
             raise RequestRejected(f"unknown model {model!r}", "unknown_model")
-        horizon = self.node.undo.horizon(model) if self.node.undo is not None else None
-        cuts = [{"name": c.name, "taken_at_monotonic": c.taken_at, "restorable": self.node.cuts.restorable(c),
-                 "shards": len(c.knowledge)} for c in self.node.cuts.cuts(model)]
-        return web.json_response({"model": model, "cuts": cuts, "undo_horizon_seq": horizon})
+        undo = self.node.undo
+        horizon = undo.horizon(model) if undo is not None else None
+        pin = self.node.baseline_pin
+        # restorable: the undo history here holds every change since the cut (else the
+        # rows it lacks are zeroed and repaired from peers); learnt: from a peer or a
+        # snapshot rather than taken here.
+        cuts = [{"name": c.name, "taken_at": self.node.cut_wall_time(c), "taken_at_monotonic": c.taken_at,
+                 "restorable": self.node.cuts.restorable(c) if undo is not None else False,
+                 "learnt": c.seq == 0, "pinned": c.name == pin, "shards": len(c.knowledge)}
+                for c in self.node.cuts.cuts(model)]
+        return web.json_response({"model": model, "cuts": cuts, "undo_horizon_seq": horizon,
+                                  "baseline_pin": pin})
+
+    def _load_baseline_pin(self) -> None:
+        """Re-apply a pin set through the API before a restart.  The config's
+        ``baseline_pin_cut`` wins when it changed since (the operator edited it)."""
+        path = self.data_dir / BASELINE_FILE
+        try:
+            saved = json.loads(path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.error("cannot read %s (%s); keeping the configured baseline pin", path, e)
+            return
+        if not isinstance(saved, dict) or not isinstance(saved.get("cut"), str):
+            log.error("%s is malformed; keeping the configured baseline pin", path)
+            return
+        if saved.get("config") != self.config.baseline_pin_cut:
+            log.info("baseline_pin_cut changed in the config since the pin of %s: using the config", path)
+            return
+        try:
+            self.node.set_baseline_pin(saved["cut"])
+        except UsageError as e:
+            log.error("%s: %s; keeping the configured baseline pin", path, e)
+            return
+        if saved["cut"] != self.config.baseline_pin_cut:
+            log.info("baseline pin %r (set through the API) restored from %s", saved["cut"], path)
+
+    async def _h_baseline(self, request: web.Request) -> web.Response:
+        """Frame ``BASELINE`` ``{"cut": name}`` pins this replica as a baseline to a cut of
+        the model (it must be known here: see ``GET /v1/models/{model}/cuts``); ``""``
+        unpins.  The pin holds every model of the replica; it is kept in the data dir."""
+        model = request.match_info["model"]
+        frame = await self._read_frame(request)
+        self._expect(frame, MsgType.BASELINE)
+        cut = field(frame.body, "cut", str)
+        if model not in self.node.models:
+            raise RequestRejected(f"unknown model {model!r}", "unknown_model")
+        if cut:
+            check_name("cut", cut, ProtocolError)
+            if all(c.name != cut for c in self.node.cuts.cuts(model)):
+                raise RequestRejected(f"model {model!r} has no cut {cut!r} here (see ekko cuts)", "not_found")
+        before = self.node.baseline_pin
+        record = {"cut": cut, "config": self.config.baseline_pin_cut}
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._write_baseline_file, record)
+        except OSError as e:   # not pinned: a pin a restart would silently drop is worse
+            raise RequestRejected(f"cannot keep the pin in {self.data_dir}: {e}", "persist_error") from None
+        self.node.set_baseline_pin(cut)
+        self._send_out()
+        log.warning("baseline pin %r -> %r (through the API)", before, cut)
+        return web.json_response({"ok": True, "model": model, "cut": cut, "previous": before})
+
+    def _write_baseline_file(self, record: dict[str, Any]) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(self.data_dir / BASELINE_FILE, record)
 
     async def _h_knowledge(self, request: web.Request) -> web.Response:
         """Read-only view for fault harnesses: per table, per shard ``[shard, knowledge,
@@ -1056,6 +1122,7 @@ class Daemon:
             raise RequestRejected("cluster must be 0 or 1", "bad_query")
         st = self.node.status()
         st["serving"] = not self.draining
+        st["baseline_pin"] = self.node.baseline_pin
         st["durability"] = {"mode": self.config.durability, "recovery": self.recovery,
                             "wal_retained_bytes": self.wal.retained_bytes if self.wal is not None else 0}
         if cluster in ("1", "true"):

@@ -318,6 +318,8 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
                 self._on_gap_query(body, now)
             elif kind == "ga":
                 self._on_gap_answer(body, now)
+            elif kind == "cl":
+                self._on_cut_list(body, now)
             else:
                 raise ProtocolError(f"unknown gossip kind {kind!r}", "bad_body")
         elif t == MsgType.PULL_REQUEST:
@@ -521,8 +523,11 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
         # Rollbacks applied here: their fences must hold after a restart too (a lagging peer
         # may still send the rolled-back versions before gossip brings the records back).
         rollbacks = [r for r in self.rollbacks.values() if r.get("model") == model]
+        # Cuts, so a restart keeps its restore points (times as wall time: protocol time
+        # restarts with the process).  Optional in the format: older snapshots lack it.
+        cuts = [[self.cut_to_wire(c), self.cut_wall_time(c)] for c in self.cuts.cuts(model)]
         return {"format": STATE_FORMAT, "node_id": self.node_id, "head": m.head, "knowledge": knowledge,
-                "pending": {t: p for t, p in pending.items() if p}, "rollbacks": rollbacks}
+                "pending": {t: p for t, p in pending.items() if p}, "rollbacks": rollbacks, "cuts": cuts}
 
     def import_state(self, spec: ModelSpec, store: ModelStore, state: dict[str, Any], now: float) -> None:
         """Install a model restored from a snapshot into this node.
@@ -574,6 +579,9 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
         rollbacks = state.get("rollbacks", [])
         if not isinstance(rollbacks, list) or not all(isinstance(r, dict) for r in rollbacks):
             raise ProtocolError("bad snapshot rollback records", "bad_snapshot")
+        raw_cuts = state.get("cuts", [])
+        if not isinstance(raw_cuts, list) or not all(isinstance(c, list) and len(c) == 2 for c in raw_cuts):
+            raise ProtocolError("bad snapshot cuts", "bad_snapshot")
         head = state.get("head", 0)
         self.register_model(spec, now)
         m = self.models[spec.name]
@@ -603,6 +611,14 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
                 m.dirty[t.name].add(s)
         m.head = max(m.head, top)
         try:
+            cuts = [self._foreign_cut(c, at) for c, at in raw_cuts]   # all valid before any is kept
+            if any(c.model != spec.name for c in cuts):
+                raise ProtocolError("a snapshot cut names another model", "bad_cut")
+            for cut in cuts:
+                # The undo history did not survive the restart: a restored cut restores by
+                # its knowledge (rows without history are zeroed and repaired from peers).
+                if self.cuts.learn(cut):
+                    self.quality.note_cut(spec.name, cut.name, now)
             for record in rollbacks:  # fences back first; rows are already at the rolled-back state
                 self._apply_rollback(record, now)
         except (ProtocolError, UsageError) as err:
@@ -612,7 +628,9 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
             for rid in [k for k, r in self.rollbacks.items() if r.get("model") == spec.name]:
                 del self.rollbacks[rid]
             self.fence._ranges.pop(spec.name, None)
-            raise ProtocolError(f"bad snapshot rollback record: {err}", "bad_snapshot") from None
+            for cut in self.cuts.cuts(spec.name):
+                self.cuts.drop(spec.name, cut.name)
+            raise ProtocolError(f"bad snapshot cuts or rollback record: {err}", "bad_snapshot") from None
 
     # ------------------------------------------------------------------ status
     def model_head(self, model: str) -> int:
@@ -648,7 +666,8 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
                      else self.peer_heads.get(mem.node_id, {}))
             lags = {name: self._lag(heads.get(name, 0), name) for name in self.models}
             out.append({"node_id": mem.node_id, "dc": mem.dc, "address": mem.address,
-                        "state": mem.state.name.lower(), "incarnation": mem.incarnation, "lag_s": lags})
+                        "state": mem.state.name.lower(), "incarnation": mem.incarnation, "lag_s": lags,
+                        "role": mem.role or "replica"})
         return out
 
     def freshness_lag(self, model: str) -> float | None:

@@ -24,7 +24,7 @@ from ekko.config import MAX_HELD_ROWS_PER_SHARD, MAX_SHARDS_PER_PULL
 from ekko.delta import Delta
 from ekko.errors import ProtocolError
 from ekko.node_types import Outgoing
-from ekko.version import MAX_COUNTER, Knowledge, counters_of
+from ekko.version import MAX_COUNTER, Knowledge, counters_of, origins_of
 from p2p.sync import ROW_OVERHEAD_BYTES, parse_pending
 from p2p.topology import _mix
 
@@ -66,6 +66,36 @@ def _scope_digest(digests: np.ndarray, mask: np.ndarray | None) -> int:
             _SCOPE_DIGESTS.clear()   # a pure function of the key: forgetting is safe
         _SCOPE_DIGESTS[key] = got
     return got
+
+def _under_ceiling(vers: np.ndarray, ceiling: Knowledge) -> np.ndarray:
+    """Which packed versions a ceiling (a pinned baseline's cut knowledge) covers."""
+    if not len(vers):
+        return np.zeros(0, bool)
+    ctr, org = counters_of(vers), origins_of(vers)
+    bound = np.zeros(len(vers), np.int64)
+    for o, c in ceiling.items():    # a few publishers: one pass each
+        bound[org == o] = c
+    return ctr <= bound
+
+
+def _parse_ceilings(raw: Any, models: dict[str, Any]) -> dict[tuple[str, str], list[Knowledge]]:
+    """A pull request's optional ``ceil`` (``{model: {table: [knowledge per entry]}}``),
+    validated whole; each list must match that table's entries one for one."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ProtocolError("bad pull ceilings", "bad_body")
+    out: dict[tuple[str, str], list[Knowledge]] = {}
+    for name, tables in raw.items():
+        if not isinstance(tables, dict) or not isinstance(models.get(name), dict):
+            raise ProtocolError("pull ceilings name a model the request lacks", "bad_body")
+        for table, ks in tables.items():
+            entries = models[name].get(table)
+            if not isinstance(ks, list) or not isinstance(entries, list) or len(ks) != len(entries):
+                raise ProtocolError("pull ceilings do not match the request's entries", "bad_body")
+            out[(name, table)] = [Knowledge.from_wire(k) for k in ks]
+    return out
+
 
 class AntiEntropyMixin:
     """Summaries, digests, pull requests and answers."""
@@ -144,12 +174,20 @@ class AntiEntropyMixin:
     def _ae_round(self, now: float) -> None:
         if not self.models:
             return
+        if self.baseline_pin and self._baseline_at_cut():
+            # Nothing to pull: every round would have a peer walk the rows newer than our
+            # cut (all it holds since) only to send none of them.
+            self.counters["baseline_ae_skipped"] += 1
+            return
+        # Never a pinned baseline as partner: it refuses rows beyond its cut, so a round
+        # with it would repair nothing here and offer it rows it cannot take; it starts
+        # its own rounds, with its cut as the ceiling of what it asks for.
         if not self.config.use_gateways:
-            peers = self._live_peers()
+            peers = self._ordinary_peers()
             if peers:
                 self._start_sync(self.rng.choice(peers), ["any"], now)
             return
-        local = self._live_peers(self.dc)
+        local = self._ordinary_peers(self.dc)
         if local:
             self._start_sync(self.rng.choice(local), ["dc"], now)
         # Cross-DC: walk our (remote DC, rank, partner) pairings round-robin, a few
@@ -160,6 +198,20 @@ class AntiEntropyMixin:
             self._wan_cursor = (self._wan_cursor + 1) % len(pairings)
             partner, rank = pairings[self._wan_cursor]
             self._start_sync(partner, ["wan", rank], now)
+
+    def _baseline_at_cut(self) -> bool:
+        """A pinned baseline holds everything its cut covers, in every model (a model
+        whose cut is not known here has nothing to pull: the cut comes by gossip)."""
+        for name, m in self.models.items():
+            cut = self._pinned_cut(name)
+            if cut is None:
+                continue
+            for (table, s), k in cut.knowledge.items():
+                shards = m.shards.get(table)
+                sync = shards.get(s) if shards is not None else None
+                if sync is None or not sync.knowledge.dominates(k):
+                    return False
+        return True
 
     def _wan_pairings(self) -> list[tuple[str, int]]:
         self._refresh_topology()
@@ -269,6 +321,7 @@ class AntiEntropyMixin:
         if mem is None:
             return
         body_models: dict[str, dict[str, list[Any]]] = {}
+        ceilings: dict[str, dict[str, list[Any]]] = {}
         count = 0
         for name, tables in shards.items():
             m = self.models[name]
@@ -294,10 +347,19 @@ class AntiEntropyMixin:
                     count += 1
                 if entries:
                     body_models.setdefault(name, {})[table] = entries
+                    if self.baseline_pin:
+                        # A pinned baseline asks only for what its cut covers: rows beyond
+                        # it would be refused on arrival, at the cost of the whole answer.
+                        cut = self._pinned_cut(name)
+                        ceilings.setdefault(name, {})[table] = [
+                            (cut.knowledge.get((table, e[0])) or Knowledge() if cut is not None
+                             else Knowledge()).to_wire() for e in entries]
         if body_models:
             self.counters["pull_requests_sent"] += 1
-            self._out.append(Outgoing(partner, mem.address, MsgType.PULL_REQUEST,
-                                      {"from": self.node_id, "back": back, "models": body_models}))
+            body = {"from": self.node_id, "back": back, "models": body_models}
+            if ceilings:
+                body["ceil"] = ceilings   # optional: an older responder sends everything
+            self._out.append(Outgoing(partner, mem.address, MsgType.PULL_REQUEST, body))
 
     def _known_tables(self, models: dict[str, Any]):
         """``(model state, table, spec, entries)`` for the tables of a pull message we hold;
@@ -320,10 +382,14 @@ class AntiEntropyMixin:
         grace_from = now - self.config.push_grace if (
             mem is not None and mem.dc != self.dc and self.config.push) else None
         # Parse and validate everything first.
+        ceilings = _parse_ceilings(body.get("ceil"), models)
         parsed: list[tuple[_Model, str, int, Knowledge, np.ndarray, np.ndarray]] = []
+        ceiling_of: list[Knowledge | None] = []
         total = 0
         for m, table, spec, entries in self._known_tables(models):
-            for e in entries:
+            ceil = ceilings.get((m.spec.name, table))
+            for j, e in enumerate(entries):
+                ceiling_of.append(ceil[j] if ceil is not None else None)
                 total += 1
                 if total > MAX_SHARDS_PER_PULL or not isinstance(e, list) or len(e) != 4:
                     raise ProtocolError("bad pull request entry", "bad_body")
@@ -360,11 +426,22 @@ class AntiEntropyMixin:
         out_models: dict[str, dict[str, list[Any]]] = {}
         reverse: dict[str, dict[str, list[int]]] = {}
         extra = 0
-        for (m, table, s, theirs, hid, hv), mine, (ids, vers) in zip(parsed, mines, newer):
+        for (m, table, s, theirs, hid, hv), mine, (ids, vers), ceil in zip(parsed, mines, newer, ceiling_of):
             ts = m.store.table(table)
             sync = m.shards[table].get(s)
             if back and not mine.dominates(theirs):
                 reverse.setdefault(m.spec.name, {}).setdefault(table, []).append(s)
+            if ceil is not None:
+                # A pinned baseline's request: only rows its cut covers, and our knowledge
+                # only up to the cut -- the knowledge these rows make whole.  (Clamped
+                # here, by the ceiling asked with: the baseline may be re-pinned while
+                # this answer travels, and must not adopt more than the rows prove.)
+                mine = Knowledge({o: min(c, ceil[o]) for o, c in mine.items() if ceil[o] > 0})
+                if len(ids):
+                    keep = _under_ceiling(vers, ceil)
+                    if not keep.all():
+                        self.counters["ceiling_held_rows"] += int((~keep).sum())
+                        ids, vers = ids[keep], vers[keep]
             cut_below = None
             if grace_from is not None and sync is not None and len(ids):
                 fresh = m.index[table].fresh_since(grace_from, *ts.spec.shard_range(s))

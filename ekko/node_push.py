@@ -25,7 +25,7 @@ from ekko.parse_cache import freeze
 from ekko.spec import ModelSpec
 from ekko.store import ApplyResult
 from ekko.version import MAX_COUNTER, MAX_ORIGIN, ORIGIN_BITS
-from p2p.membership import MemberState, parse_entries
+from p2p.membership import MemberState, parse_entries, roles_of
 from p2p.outbound import QueuedRows
 from p2p.sync import apply_links
 
@@ -105,10 +105,30 @@ class PushGossipMixin:
         self._peers_cache[dc] = (version, peers)
         return peers
 
+    def _ordinary_peers(self, dc: str | None = None) -> list[str]:
+        """:meth:`_live_peers` less pinned baselines (they take no pushes and start their
+        own anti-entropy rounds, capped at their cut: see :meth:`set_baseline_pin`)."""
+        peers = self._live_peers(dc)
+        version = self.members.version
+        hit = self._peers_cache.get(("ordinary", dc))
+        if hit is not None and hit[0] == version and hit[2] is peers:
+            return hit[1]
+        get = self.members.members.get
+        out = [p for p in peers if not getattr(get(p), "role", "")]
+        if len(out) == len(peers):
+            out = peers
+        self._peers_cache[("ordinary", dc)] = (version, out, peers)
+        return out
+
     def _refresh_topology(self) -> None:
         if self.topology.version == self.members.version:
             return  # cheap check first: building the live map walks every member
-        live = {mem.node_id: mem.dc for mem in self.members.alive()}
+        alive = self.members.alive()
+        # Pinned baselines are never gateways: a cross-DC push or pull reaching one would
+        # stop at its cut instead of reaching its DC.  A DC of baselines only keeps them
+        # (it must still hear from the others).
+        ordinary_dcs = {mem.dc for mem in alive if not mem.role}
+        live = {mem.node_id: mem.dc for mem in alive if not mem.role or mem.dc not in ordinary_dcs}
         self.topology.update(live, self.members.version)
 
     def _enqueue(self, peer: str, rows: QueuedRows, now: float) -> None:
@@ -129,7 +149,7 @@ class PushGossipMixin:
                                             impact=impact, old_versions=res.old_versions)
 
     def _push_random(self, m: _Model, table: str, res: ApplyResult, now: float, exclude: str = "") -> None:
-        peers = [p for p in self._live_peers() if p != exclude]
+        peers = [p for p in self._ordinary_peers() if p != exclude]
         rows = self._queued(m, table, res, now)
         for peer in self.rng.sample(peers, min(self.config.random_fanout, len(peers))):
             self._enqueue(peer, rows, now)
@@ -144,7 +164,7 @@ class PushGossipMixin:
             return
         spec = m.spec.table(table)
         rows = self._queued(m, table, res, now, impact, links)
-        for peer in self._live_peers(self.dc):
+        for peer in self._ordinary_peers(self.dc):
             self._enqueue(peer, rows, now)
         self._refresh_topology()
         # One copy per remote DC, to the rank-0 gateway of the batch's first shard:
@@ -246,7 +266,7 @@ class PushGossipMixin:
         # the LAN.  Pushes from our own DC stop here, so there are no loops.
         rumor = self.config.push and self.config.push_mode == "random"
         forward = sender_dc != self.dc and self.config.push and not rumor
-        peers = [p for p in self._live_peers(self.dc) if p != sender] if forward else []
+        peers = [p for p in self._ordinary_peers(self.dc) if p != sender] if forward else []
         for i, d in enumerate(deltas):
             m = self.models[d.model]
             f = facts[i]
@@ -351,16 +371,22 @@ class PushGossipMixin:
         return self._catalog_digest
 
     def _gossip_body(self, req: bool, with_catalog: bool = False, to_dc: str | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"k": "g", "from": self.node_id,
-                                "mem": self.members.gossip_entries(self.rng, prefer_dc=to_dc),
+        mem = self.members.gossip_entries(self.rng, prefer_dc=to_dc)
+        body: dict[str, Any] = {"k": "g", "from": self.node_id, "mem": mem,
                                 "cat": self.catalog_digest(), "req": req,
                                 "heads": {n: m.head for n, m in self.models.items()}}
+        roles = roles_of(self.members, mem)
+        if roles:
+            body["roles"] = roles   # optional: older peers ignore it
         if with_catalog:
             body["specs"] = [m.spec.to_dict() for m in self.models.values()]
         if self.rollbacks:
             body["rb"] = list(self.rollbacks.values())[-MAX_ROLLBACK_RECORDS:]
         if self.models:
             body["ms"] = self._model_states_wire()
+            cd = self._cut_digests_wire()
+            if cd:
+                body["cd"] = cd   # optional: per model, the digest of its named cuts
         return body
 
     def _gossip_round(self, now: float) -> None:
@@ -387,7 +413,7 @@ class PushGossipMixin:
 
     def _on_gossip(self, body: dict[str, Any], now: float) -> None:
         sender = field(body, "from", str)
-        entries = parse_entries(field(body, "mem", list))
+        entries = parse_entries(field(body, "mem", list), body.get("roles"))
         cat = int_field(body, "cat", 0, (1 << 64) - 1)
         req = field(body, "req", bool)
         heads = field(body, "heads", dict, optional=True, default={})
@@ -404,6 +430,7 @@ class PushGossipMixin:
         for rb in new_rbs:  # validated before anything changes: a refused gossip changes nothing
             self._parse_rollback(rb, now)
         states = self._parse_model_states(body["ms"]) if "ms" in body else None
+        cuts_differ = self._parse_cut_digests(body["cd"]) if "cd" in body else []
         self.members.merge(entries, now)
         if isinstance(heads, dict):
             # Heads beyond our clock + skew bound are dropped: they would fake everyone's lag.
@@ -419,6 +446,8 @@ class PushGossipMixin:
             self._apply_rollback(rb, now)
         if states is not None:
             self.peer_model_states[sender] = states
+        if cuts_differ:
+            self._ask_cuts(sender, cuts_differ)
         if req:
             mem = self.members.get(sender)
             if mem is not None:

@@ -40,6 +40,12 @@ MAX_REPAIR_ROWS = 1 << 16
 MAX_QUALITY_EVENTS = 256
 #: models whose state one gossip message carries.
 MAX_GOSSIP_MODEL_STATES = 1024
+#: most cut names one cut-list request ("cl") may carry.
+MAX_CUT_NAMES = 1024
+#: most cuts sent in answer to one cut-list request (each in its own CUT message).
+MAX_CUTS_PER_SYNC = 16
+#: cut wall times remembered (:meth:`RollbackMixin.cut_wall_time`) before pruning to live cuts.
+MAX_CUT_WALL_MEMO = 4096
 #: model states by severity (the cluster's state of a model is the worst any live replica reports).
 _STATE_ORDER = {"warmup": 0, "healthy": 1, "uncertain": 2, "corrupted": 3}
 
@@ -56,7 +62,10 @@ class RollbackMixin:
         # Model states other replicas gossiped: node id -> model -> state name.
         self.peer_model_states: dict[str, dict[str, str]] = {}
         self._quality_events: list[dict[str, Any]] = []
-        self._baseline_pin = c.baseline_pin_cut
+        # Cut wall times by (model, name, taken_at): see cut_wall_time.
+        self._cut_walls: dict[tuple[str, str, float], float] = {}
+        self._baseline_pin = ""
+        self.set_baseline_pin(c.baseline_pin_cut)
 
     def _quality_event(self, kind: str, **kw: Any) -> None:
         self._quality_events.append({"event": kind, **kw})
@@ -177,6 +186,11 @@ class RollbackMixin:
         if cut:
             check_name("cut", cut)
         self._baseline_pin = cut
+        if not self.static_membership:
+            # Advertised so that peers never make a baseline a gateway, push relay or
+            # anti-entropy partner: it refuses what lies beyond its cut, so rows sent
+            # to it for its DC would stop there, and rows it cannot take are wasted bytes.
+            self.members.set_role("baseline" if cut else "")
 
     def _pinned_cut(self, model: str) -> Cut | None:
         try:
@@ -250,8 +264,7 @@ class RollbackMixin:
         self.quality.note_cut(model, name, now)
         if broadcast:
             for peer in self._live_peers():
-                mem = self.members.get(peer)
-                self._out.append(Outgoing(peer, mem.address, MsgType.CUT, {"from": self.node_id, "cut": cut.to_wire()}))
+                self._send_cut(peer, cut)
         return cut
 
     # ------------------------------------------------------------------ durable undo history
@@ -289,18 +302,113 @@ class RollbackMixin:
             self.undo.forget_before(image.model, int(image.seq))
             self.counters["undo_history_unusable"] += 1
         return problem
+    def _send_cut(self, peer: str, cut: Cut) -> None:
+        mem = self.members.get(peer)
+        if mem is not None:
+            # "at": when it was taken as wall time (Unix seconds): protocol time is each
+            # replica's own (a daemon's monotonic clock), meaningless elsewhere.
+            self._out.append(Outgoing(peer, mem.address, MsgType.CUT, {
+                "from": self.node_id, "cut": self.cut_to_wire(cut), "at": self.cut_wall_time(cut)}))
+
+    def cut_wall_time(self, cut: Cut) -> float:
+        """When ``cut`` was taken, as wall time (Unix seconds; the simulator's HLC epoch
+        based time in simulation).  Fixed the first time it is asked (or as received):
+        the driver re-reads the wall clock's offset before every frame, and a cut's time
+        must not wobble with it."""
+        walls = self._cut_walls
+        key = (cut.model, cut.name, cut.taken_at)
+        got = walls.get(key)
+        if got is None:
+            if len(walls) >= MAX_CUT_WALL_MEMO:   # keep only the cuts still held
+                live = {(c.model, c.name, c.taken_at) for m in self.models for c in self.cuts.cuts(m)}
+                for k in [k for k in walls if k not in live]:
+                    del walls[k]
+            got = walls[key] = max(0.0, cut.taken_at + self.wall_offset_s)
+        return got
+
+    def cut_to_wire(self, cut: Cut) -> dict[str, Any]:
+        """:meth:`Cut.to_wire` with ``taken_at`` as wall time (a learnt cut may predate
+        this process, i.e. lie before protocol time 0, which the wire form refuses)."""
+        wire = cut.to_wire()
+        wire["taken_at"] = self.cut_wall_time(cut)
+        return wire
+
+    def _foreign_cut(self, data: Any, at: Any) -> Cut:
+        """A cut from the wire or a snapshot, validated against the model's spec, with
+        ``taken_at`` moved to this replica's protocol time when ``at`` (wall seconds)
+        is given.  Its seq is 0: our undo records are not ordered against it, so a
+        restore walks by its knowledge, which is what defines it.  Raises
+        :class:`ProtocolError` and changes nothing."""
+        cut = Cut.from_wire(data)
+        m = self.models.get(cut.model)
+        if m is not None:
+            for table, shard in cut.knowledge:
+                if not m.spec.has_table(table) or shard >= m.spec.table(table).num_shards:
+                    raise ProtocolError(f"cut {cut.name} names shard {table}/{shard} the model lacks", "bad_cut")
+        taken_at = cut.taken_at
+        if at is not None:
+            if not isinstance(at, (int, float)) or isinstance(at, bool) or not 0 <= at < float(1 << 40):
+                raise ProtocolError("bad cut time", "bad_cut")
+            taken_at = float(at) - self.wall_offset_s
+        out = Cut(cut.name, cut.model, taken_at, cut.knowledge, 0)
+        if at is not None:
+            self._cut_walls[(out.model, out.name, out.taken_at)] = float(at)
+        return out
 
     def _on_cut(self, body: dict[str, Any], now: float) -> None:
-        cut = Cut.from_wire(body.get("cut"))
+        cut = self._foreign_cut(body.get("cut"), body.get("at"))
         if cut.model not in self.models:
             return
-        try:
-            self.cuts.get(cut.model, cut.name)
-        except UsageError:
-            # Our own apply seq is unknown for a foreign cut: the restore walks by the
-            # cut's knowledge, which is what defines it.
-            self.cuts.add(Cut(cut.name, cut.model, cut.taken_at, cut.knowledge, 0))
+        if self.cuts.learn(cut):
+            self.counters["cuts_learnt"] += 1
             self.quality.note_cut(cut.model, cut.name, now)
+
+    # ------------------------------------------------------------------ cut anti-entropy
+    def _cut_digests_wire(self) -> dict[str, int]:
+        """Per model with named cuts, the digest of their names (gossiped: a replica that
+        was down or joined late finds out it lacks cuts taken before)."""
+        out = {}
+        for name in list(self.models)[:MAX_GOSSIP_MODEL_STATES]:
+            d = self.cuts.names_digest(name)
+            if d:
+                out[name] = d
+        return out
+
+    def _parse_cut_digests(self, raw: Any) -> list[str]:
+        """Models whose cut digest in a peer's gossip differs from ours (validated first)."""
+        if not isinstance(raw, dict) or len(raw) > MAX_GOSSIP_MODEL_STATES or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
+                for k, v in raw.items()):
+            raise ProtocolError("bad cut digests", "bad_body")
+        # A model where only we hold cuts: the peer sees our digest and asks us.
+        return [k for k, v in raw.items() if k in self.models and v != self.cuts.names_digest(k)]
+
+    def _ask_cuts(self, peer: str, models: list[str]) -> None:
+        """Ask ``peer`` for the named cuts of ``models`` that we lack (we list ours)."""
+        mem = self.members.get(peer)
+        if mem is None:
+            return
+        for model in models:
+            names = [c.name for c in self.cuts.named(model)][-MAX_CUT_NAMES:]
+            self.counters["cut_lists_asked"] += 1
+            self._out.append(Outgoing(peer, mem.address, MsgType.GOSSIP,
+                                      {"k": "cl", "from": self.node_id, "m": model, "names": names}))
+
+    def _on_cut_list(self, body: dict[str, Any], now: float) -> None:
+        """A peer lists the named cuts it has of a model: send it those it lacks (newest first)."""
+        sender = field(body, "from", str)
+        model = field(body, "m", str)
+        names = field(body, "names", list)
+        if len(names) > MAX_CUT_NAMES:
+            raise ProtocolError("too many cut names", "too_large")
+        for n in names:
+            check_name("cut", n, ProtocolError)
+        if model not in self.models or self.members.get(sender) is None:
+            return
+        have = set(names)
+        missing = [c for c in self.cuts.named(model) if c.name not in have]
+        for cut in missing[-MAX_CUTS_PER_SYNC:]:
+            self._send_cut(sender, cut)
 
     def rollback(self, model: str, cut: Cut | str, until_counter: int, now: float, rid: str | None = None,
                  incident: Incident | None = None) -> dict[str, Any]:
@@ -334,7 +442,7 @@ class RollbackMixin:
             if len(written):
                 origins.update(np.unique(origins_of(written)).tolist())
         record = {"id": rid or f"{self.node_id}.{model}.{cut.name}.{until_counter}", "model": model,
-                  "cut": cut.to_wire(), "upper": [[o, until_counter] for o in [0, *sorted(origins)]]}
+                  "cut": self.cut_to_wire(cut), "upper": [[o, until_counter] for o in [0, *sorted(origins)]]}
         if incident is not None:
             record["incident"] = incident.to_wire()
         self._apply_rollback(record, now)

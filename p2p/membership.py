@@ -35,6 +35,8 @@ RANDOM_GOSSIP_MEMBERS = 6
 MAX_ADDRESS_LEN = 256
 #: entries that changed within this many gossip rounds are always resent.
 RECENT_ROUNDS = 8
+#: roles a member may advertise ("" = none, the ordinary replica).
+ROLES = ("", "baseline")
 
 
 class MemberState(enum.IntEnum):
@@ -55,6 +57,10 @@ class Member:
     state: MemberState = MemberState.ALIVE
     last_change: float = 0.0      # local time the heartbeat/incarnation last moved
     changed_round: int = 0        # local gossip round of the last change (for "recent" resends)
+    # The member's role ("" = an ordinary replica; "baseline" = pinned to a cut: never a
+    # gateway, push relay or anti-entropy partner of others).  Travels beside the entry
+    # (:func:`roles_of` / :func:`parse_entries`), not in it, so older peers still parse it.
+    role: str = ""
 
     def to_wire(self) -> list[Any]:
         return [self.node_id, self.dc, self.address, self.incarnation, self.heartbeat, int(self.state)]
@@ -169,18 +175,19 @@ class Membership:
                 if e.state == MemberState.DEAD:
                     continue  # never learn a member from its obituary
                 self.members[e.node_id] = Member(e.node_id, e.dc, e.address, e.incarnation, e.heartbeat,
-                                                 MemberState.ALIVE, now, self.round)
+                                                 MemberState.ALIVE, now, self.round, e.role)
                 changed = True
             elif (e.incarnation, e.heartbeat) > (cur.incarnation, cur.heartbeat):
                 was_dead = cur.state == MemberState.DEAD
                 if was_dead and e.incarnation == cur.incarnation:
                     continue  # a stale heartbeat from before its death: keep it dead
-                moved = cur.dc != e.dc or cur.address != e.address
+                moved = cur.dc != e.dc or cur.address != e.address or cur.role != e.role
                 if moved or e.incarnation != cur.incarnation or cur.state != MemberState.ALIVE:
                     # Only real changes are resent eagerly; a moved heartbeat alone
                     # spreads through the random entries of later messages.
                     cur.changed_round = self.round
                 cur.dc, cur.address, cur.incarnation, cur.heartbeat = e.dc, e.address, e.incarnation, e.heartbeat
+                cur.role = e.role
                 cur.last_change = now
                 if cur.state != MemberState.ALIVE:
                     cur.state = MemberState.ALIVE
@@ -217,6 +224,16 @@ class Membership:
             self.version += 1
         return died
 
+    def set_role(self, role: str) -> None:
+        """Advertise this node's role (see :attr:`Member.role`); peers learn it by gossip."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}")
+        me = self.me
+        if me.role != role:
+            me.role = role
+            me.changed_round = self.round   # resent eagerly, like any real change
+            self.version += 1               # gateway choices depend on roles
+
     def heard_from(self, node_id: str, now: float) -> None:
         """Direct evidence of life (any message from the member) counts as a heartbeat."""
         m = self.members.get(node_id)
@@ -250,7 +267,29 @@ class Membership:
         return [m.to_wire() for m in out]
 
 
-def parse_entries(data: Any) -> list[Member]:
+def roles_of(members: "Membership", entries: list[list[Any]]) -> dict[str, str]:
+    """The non-empty roles of the members in ``entries`` (a gossip message's optional
+    ``roles`` field, beside its 6-list entries that older peers parse as before)."""
+    out = {}
+    for w in entries:
+        m = members.members.get(w[0])
+        if m is not None and m.role:
+            out[m.node_id] = m.role
+    return out
+
+
+def parse_entries(data: Any, roles: Any = None) -> list[Member]:
+    """Decode gossiped member entries and attach their ``roles`` (``{node_id: role}``;
+    a member not named has none).  Bad input raises :class:`ProtocolError`."""
     if not isinstance(data, list) or len(data) > MAX_GOSSIP_MEMBERS * 4:
         raise ProtocolError("members must be a bounded list", "bad_member")
-    return [Member.from_wire(w) for w in data]
+    out = [Member.from_wire(w) for w in data]
+    if roles is not None:
+        if not isinstance(roles, dict) or len(roles) > len(out):
+            raise ProtocolError("member roles must be a map no longer than the entries", "bad_member")
+        for k, v in roles.items():
+            if not isinstance(k, str) or v not in ROLES:
+                raise ProtocolError("bad member role", "bad_member")
+        for m in out:
+            m.role = roles.get(m.node_id, "")
+    return out

@@ -76,6 +76,7 @@ class MemNet:
     messages: Counter = field(default_factory=Counter)
     rejected: Counter = field(default_factory=Counter)
     wan_by_type: Counter = field(default_factory=Counter)
+    bytes_to: Counter = field(default_factory=Counter)        # destination node id -> bytes
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -132,6 +133,7 @@ class MemNet:
             if dst is None:
                 continue
             self.bytes_between[(node.dc, dst.dc)] += nbytes
+            self.bytes_to[dst_id] += nbytes
             if node.dc != dst.dc:
                 self.wan_by_type[out.msg_type.name + ("/" + out.body["k"] if "k" in out.body else "")] += nbytes
             if node.node_id in self.dead or dst_id in self.dead or not self._connected(node, dst):

@@ -45,6 +45,7 @@ and raises :class:`~ekko.errors.ProtocolError` only.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -240,6 +241,10 @@ class Cut:
         return cls(name, model, float(taken_at), _knowledge_from_wire(kw), seq)
 
 
+def _age_key(c: Cut) -> tuple[float, str]:
+    return (c.taken_at, c.name)
+
+
 @dataclass(frozen=True, slots=True)
 class CutPolicy:
     """How a :class:`CutRegistry` takes and keeps cuts.
@@ -323,6 +328,38 @@ class CutRegistry:
         """Register a cut received from elsewhere (e.g. the coordinator's, from the wire)."""
         self._cuts.setdefault(cut.model, {})[cut.name] = cut
 
+    def learn(self, cut: Cut) -> bool:
+        """Keep a named cut learnt from a peer or a snapshot, unless it is known already or
+        older than every named cut retention keeps; True when kept.
+
+        Refusing what retention would drop at once keeps replicas' named-cut sets (and so
+        :meth:`names_digest`) converging: two replicas end with the same newest
+        ``max_named`` cuts whatever order they learn them in.
+        """
+        cuts = self._cuts.setdefault(cut.model, {})
+        if cut.name in cuts:
+            return False
+        if not cut.name.startswith(AUTO_PREFIX):
+            named = [c for c in cuts.values() if not c.name.startswith(AUTO_PREFIX)]
+            if len(named) >= self.policy.max_named and all(_age_key(cut) < _age_key(c) for c in named):
+                return False
+        cuts[cut.name] = cut
+        self._retire(cut.model)
+        return cut.name in cuts
+
+    def named(self, model: str) -> list[Cut]:
+        """Named (not automatic) cuts of a model, oldest first: the ones replicas share."""
+        return sorted((c for c in self._cuts.get(model, {}).values() if not c.name.startswith(AUTO_PREFIX)),
+                      key=_age_key)
+
+    def names_digest(self, model: str) -> int:
+        """64-bit digest of the names of a model's named cuts (0 when none): replicas
+        gossip it and compare their cut lists only when it differs."""
+        names = sorted(c.name for c in self._cuts.get(model, {}).values() if not c.name.startswith(AUTO_PREFIX))
+        if not names:
+            return 0
+        return int.from_bytes(hashlib.blake2b("\n".join(names).encode(), digest_size=8).digest(), "little")
+
     def get(self, model: str, name: str) -> Cut:
         try:
             return self._cuts[model][name]
@@ -371,8 +408,9 @@ class CutRegistry:
 
     def _retire(self, model: str) -> None:
         cuts = self._cuts[model]
-        autos = sorted((c for c in cuts.values() if c.name.startswith(AUTO_PREFIX)), key=lambda c: c.taken_at)
-        named = sorted((c for c in cuts.values() if not c.name.startswith(AUTO_PREFIX)), key=lambda c: c.taken_at)
+        autos = sorted((c for c in cuts.values() if c.name.startswith(AUTO_PREFIX)), key=_age_key)
+        # Name breaks ties so that every replica retires the same cuts.
+        named = sorted((c for c in cuts.values() if not c.name.startswith(AUTO_PREFIX)), key=_age_key)
         for c in autos[:max(0, len(autos) - self.policy.retention)]:
             del cuts[c.name]
         for c in named[:max(0, len(named) - self.policy.max_named)]:

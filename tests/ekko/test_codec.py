@@ -183,7 +183,7 @@ def test_msg_types_append_only():
     # renumbering breaks every deployed peer: this table only ever grows
     assert {m.name: int(m) for m in MsgType} == {
         "PUBLISH": 1, "REGISTER_MODEL": 2, "GOSSIP": 3, "PULL_REQUEST": 4, "PULL_RESPONSE": 5, "PUSH": 6,
-        "ROLLBACK": 7, "QUALITY": 8, "CUT": 9}
+        "ROLLBACK": 7, "QUALITY": 8, "CUT": 9, "BASELINE": 10}
     assert HEADER_BYTES == 12 and MAC_BYTES == 32
 
 

@@ -214,7 +214,8 @@ async def test_40_garbage_bodies_get_4xx_and_digests_do_not_change(tmp_path, key
 
 
 # --------------------------------------------------------------------------- every handler, fuzzed
-FRAME_PATHS = ["/v1/models", "/v1/publish", "/v1/gossip", "/v1/cuts", "/v1/rollback"]
+FRAME_PATHS = ["/v1/models", "/v1/publish", "/v1/gossip", "/v1/cuts", "/v1/rollback",
+               "/v1/models/ranker/baseline"]
 NAMES = st.one_of(st.sampled_from(["ranker", "emb", "half", "nope", "", "a/b", "..", "%00", "r1"]), st.text(max_size=12))
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True),
                     st.binary(max_size=40), NAMES)
