@@ -57,7 +57,7 @@ class GapMixin:
             sync = m.shards[table].get(s) if m is not None else None
             if sync is None:
                 continue
-            for o in sync.pending:
+            for o in sync.gap_origins():
                 g = sync.gap(o)
                 if g is not None:
                     gaps[(model, table, s, o)] = g

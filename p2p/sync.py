@@ -357,6 +357,9 @@ class ShardSync:
     pending: dict[int, list[list[int]]] = field(default_factory=dict)
     #: intervals dropped at the :data:`MAX_PENDING_CHAINS` cap (counted, never silent).
     dropped: int = 0
+    #: per origin, the greatest ``upto`` of a dropped interval: knowledge below it is a
+    #: gap to probe even when nothing waits any more (None until something is dropped).
+    dropped_top: dict[int, int] | None = None
 
     # -- publish chains ----------------------------------------------------------------------
     def chain(self, origin: int, after: int, upto: int) -> bool:
@@ -394,10 +397,13 @@ class ShardSync:
             j += 1
         waiting[i:j] = [[after, upto]]
         if len(waiting) > MAX_PENDING_CHAINS:
-            # The highest interval goes: it is the last to become useful, and a gap
-            # probe (p2p.gaps) or a peer's answer brings the knowledge back.
-            del waiting[-1]
+            # The highest interval goes: it is the last to become useful.  Its end stays
+            # as a gap to probe (p2p.gaps), so knowledge still reaches it.
+            top = waiting.pop()[1]
             self.dropped += 1
+            if self.dropped_top is None:
+                self.dropped_top = {}
+            self.dropped_top[origin] = max(self.dropped_top.get(origin, 0), top)
 
     def _resolve(self, origin: int) -> bool:
         waiting = self.pending.get(origin)
@@ -416,11 +422,24 @@ class ShardSync:
 
     def gap(self, origin: int) -> tuple[int, int] | None:
         """``(lo, hi)``: the counters ``(lo, hi]`` of ``origin`` this shard is missing
-        before its first waiting interval, or None when nothing waits."""
+        before its first waiting interval (or up to a dropped one's end when nothing
+        waits), or None when there is no gap."""
+        k = self.knowledge[origin]
         waiting = self.pending.get(origin)
-        if not waiting:
-            return None
-        return self.knowledge[origin], waiting[0][0]
+        if waiting:
+            return k, waiting[0][0]
+        if self.dropped_top is not None:
+            top = self.dropped_top.get(origin, 0)
+            if top > k:
+                return k, top
+            self.dropped_top.pop(origin, None)
+        return None
+
+    def gap_origins(self) -> list[int]:
+        """Origins that may have a gap here (waiting intervals, or dropped ones)."""
+        if self.dropped_top:
+            return sorted(set(self.pending) | set(self.dropped_top))
+        return list(self.pending)
 
     def pending_to_wire(self) -> list[list[int]]:
         """``[[origin, after, upto], ...]`` (for pull answers and snapshots)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ekko import Publisher
+from ekko import Publisher, RolledBack
 from ekko.client import Client
 from ekko.spec import ModelSpec, TableSpec
 from procs import DaemonGroup, get_json, read_rows, wait_for
@@ -82,7 +82,9 @@ def _roll_back_across_clusters(tmp_path, dcs: int, per_dc: int, n: int) -> None:
                      "every replica to hold exactly the cut's values")
             # Every row published before the cut survived; only later ones went back.
             assert (np.abs(at_cut[good_ids]).sum(axis=1) > 0).all()
-            # Publishes after the rollback apply everywhere.
+            # The trainer is told of the rollback once, then publishes after it apply everywhere.
+            with pytest.raises(RolledBack):
+                pub.check_rollbacks("m", poll=True)
             new_ids, new_vals = _rows(rng, 500)
             _publish(pub, new_ids, new_vals, at_cut)
             wait_for(lambda: all(np.array_equal(read_rows(p.address, "m", "emb", new_ids)[0], new_vals)

