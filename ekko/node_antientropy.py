@@ -511,6 +511,7 @@ class AntiEntropyMixin:
         self.refuse_future([p[5] for p in parsed if p[5] is not None], now, "pull response",
                            known=max([c for p in parsed for _, c in p[3].items()]
                                      + [u for p in parsed for _, _, u in p[6]], default=0))
+        repair = body.get("rep") is True
         for m, table, s, k, cut, d, pend in parsed:
             if d is not None:
                 if self.fence and len(d):
@@ -524,7 +525,13 @@ class AntiEntropyMixin:
                         cut = first if cut is None else min(cut, first)
                         pend = []
                         self.counters["pull_fenced_rows"] += int(fenced.sum())
-                self._apply(m, d, now, source="pull")
+                res = self._apply(m, d, now, source="pull")
+                if repair and len(res) and self.config.push:
+                    # A value a rollback's repair brought: peers may hold our knowledge
+                    # without it (they adopted it while we held the row empty), and will
+                    # not pull it -- pass it on as an eager push does.
+                    self.counters["repaired_rows_pushed"] += len(res)
+                    self._push_from_ingest(m, table, res, now)
             sync = m.shard(table, s)
             if self.baseline_pin:
                 k = self._baseline_clamp(m.spec.name, table, s, k)
