@@ -29,6 +29,14 @@ def _int(x: Any, lo: int, hi: int) -> int:
     return x
 
 
+def _gap_key(e: Any, length: int) -> tuple[str, str, int, int, int]:
+    """``(model, table, shard, origin, lo)`` of a probe or answer entry of ``length`` fields."""
+    if not isinstance(e, list) or len(e) != length:
+        raise ProtocolError("bad gap entry", "bad_body")
+    return (check_name("model", e[0], ProtocolError), check_name("table", e[1], ProtocolError),
+            _int(e[2], 0, 1 << 31), _int(e[3], 1, MAX_ORIGIN), _int(e[4], 0, MAX_COUNTER))
+
+
 class GapMixin:
     """Probe, answer and close knowledge gaps."""
 
@@ -85,15 +93,8 @@ class GapMixin:
             raise ProtocolError("too many gap entries", "too_large")
         parsed = []
         for e in entries:
-            if not isinstance(e, list) or len(e) != 6:
-                raise ProtocolError("bad gap entry", "bad_body")
-            model = check_name("model", e[0], ProtocolError)
-            table = check_name("table", e[1], ProtocolError)
-            s = _int(e[2], 0, 1 << 31)
-            o = _int(e[3], 1, MAX_ORIGIN)
-            lo = _int(e[4], 0, MAX_COUNTER)
-            hi = _int(e[5], lo + 1, MAX_COUNTER)
-            parsed.append((model, table, s, o, lo, hi))
+            model, table, s, o, lo = _gap_key(e, 6)
+            parsed.append((model, table, s, o, lo, _int(e[5], lo + 1, MAX_COUNTER)))
         mem = self.members.get(sender)
         if mem is None:
             return
@@ -144,13 +145,7 @@ class GapMixin:
             raise ProtocolError("too many gap entries", "too_large")
         parsed = []
         for e in entries:
-            if not isinstance(e, list) or len(e) != 9:
-                raise ProtocolError("bad gap answer", "bad_body")
-            model = check_name("model", e[0], ProtocolError)
-            table = check_name("table", e[1], ProtocolError)
-            s = _int(e[2], 0, 1 << 31)
-            o = _int(e[3], 1, MAX_ORIGIN)
-            lo = _int(e[4], 0, MAX_COUNTER)
+            model, table, s, o, lo = _gap_key(e, 9)
             covered = _int(e[5], lo, MAX_COUNTER)
             known = _int(e[6], 0, MAX_COUNTER)
             if not isinstance(e[7], list) or len(e[7]) > 4 * MAX_GAP_ENTRIES:

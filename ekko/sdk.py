@@ -57,7 +57,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Mapping, Sequence
 
 import aiohttp
 import msgpack
@@ -377,10 +377,15 @@ def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
     ``durable`` adds fsyncs (file, then directory) so that a machine crash keeps it
     too; without them the rename still survives a crash of the process.
     """
+    _atomic_write_with(path, lambda f: f.write(data), durable)
+
+
+def _atomic_write_with(path: Path, write: Callable[[BinaryIO], Any], durable: bool) -> None:
+    """:func:`_atomic_write` of whatever ``write(file)`` writes (e.g. ``torch.save``)."""
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             if durable:
                 os.fsync(f.fileno())

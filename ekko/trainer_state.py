@@ -27,9 +27,7 @@ named are left alone).
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,24 +77,9 @@ def default_cut_name() -> str:
 def save_checkpoint(path: Path, payload: dict[str, Any], durable: bool = True) -> None:
     """``torch.save(payload)`` atomically: a temporary file in the same directory, fsync,
     rename over ``path``, fsync of the directory (``durable``)."""
+    from ekko.sdk import _atomic_write_with
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if durable:
-        from ekko.sdk import _fsync_dir
-        _fsync_dir(path.parent)
+    _atomic_write_with(path, lambda f: torch.save(payload, f), durable)
 
 
 def load_checkpoint(path: str | Path, model: str, cut: str) -> dict[str, Any]:
