@@ -825,12 +825,24 @@ class FaultRun:
                 h = np.zeros_like(mine)
                 exact = np.zeros(len(mine), bool)
             sel = (mine > 0) & ~exact
-            if not sel.any():
-                continue
-            lo = np.where(sel, np.where(mine > h, h, mine - 1), 0)
-            hi = np.where(sel, mine, 0)
-            self.lost[t.name].append((lo, hi))
-            at_risk += int(sel.sum())
+            if sel.any():
+                lo = np.where(sel, np.where(mine > h, h, mine - 1), 0)
+                hi = np.where(sel, mine, 0)
+                self.lost[t.name].append((lo, hi))
+                at_risk += int(sel.sum())
+            # Versions ``nid`` held and then overwrote (its undo history) that no other
+            # replica holds: a rollback to a cut covering one of them restores the newest
+            # surviving version below it instead.
+            for ids, old in _history(node, t.name):
+                keep = old > 0
+                if holders:
+                    keep &= ~(others[:, ids] == old).any(axis=0)
+                if keep.any():
+                    lo = np.zeros(t.rows, np.int64)
+                    hi = np.zeros(t.rows, np.int64)
+                    hi[ids[keep]] = old[keep]
+                    lo[ids[keep]] = old[keep] - 1
+                    self.lost[t.name].append((lo, hi))
         if at_risk:
             self.faults["rows_at_risk_with_lost_disk"] += at_risk
             # A replay of a frame delivered before the loss could bring back a version the
@@ -1173,6 +1185,14 @@ def _restart_mode(arg: bool | str) -> str:
     if arg not in RESTART_MODES:
         raise UsageError(f"unknown publisher restart mode {arg!r}")
     return arg
+
+
+def _history(node: ReplicaNode, table: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(ids, overwritten versions)`` of ``node``'s undo history of ``table``."""
+    if node.undo is None or MODEL_NAME not in node.models:
+        return []
+    image = node.undo.export_model(MODEL_NAME, node._seq)
+    return [(seg.ids, seg.old_versions) for seg in image.tables.get(table, [])]
 
 
 def _known_tops(node: ReplicaNode) -> dict[tuple[str, int, int], int]:
