@@ -837,12 +837,17 @@ class FaultRun:
                 keep = old > 0
                 if holders:
                     keep &= ~(others[:, ids] == old).any(axis=0)
-                if keep.any():
+                ids, old = ids[keep], old[keep]
+                while len(ids):   # a row overwritten several times: one layer per version
+                    _, first = np.unique(ids, return_index=True)
                     lo = np.zeros(t.rows, np.int64)
                     hi = np.zeros(t.rows, np.int64)
-                    hi[ids[keep]] = old[keep]
-                    lo[ids[keep]] = old[keep] - 1
+                    hi[ids[first]] = old[first]
+                    lo[ids[first]] = old[first] - 1
                     self.lost[t.name].append((lo, hi))
+                    rest = np.ones(len(ids), bool)
+                    rest[first] = False
+                    ids, old = ids[rest], old[rest]
         if at_risk:
             self.faults["rows_at_risk_with_lost_disk"] += at_risk
             # A replay of a frame delivered before the loss could bring back a version the
