@@ -67,6 +67,7 @@ from ekko.client import Client  # noqa: E402
 from ekko.config import preset  # noqa: E402
 from ekko.errors import EkkoError  # noqa: E402
 from ekko.faultproxy import FaultProxy, ProcessSources, ProxyThread  # noqa: E402
+from ekko.rollback_watch import RolledBack  # noqa: E402
 from ekko.sdk import PublishError, Publisher  # noqa: E402
 from ekko.spec import ModelSpec, TableSpec  # noqa: E402
 from ekko.version import counters_of, origins_of  # noqa: E402
@@ -413,6 +414,11 @@ class PublisherDriver(threading.Thread):
         tables = self._draw()
         try:
             ack = self.pub.publish_many(MODEL, tables)
+        except RolledBack as e:   # the trainer is told of a rollback, once
+            self.counts["told_of_rollback"] += 1
+            if e.ack is None:
+                return            # raised before anything was sent
+            ack = e.ack
         except PublishError as e:
             self.counts["failed"] += 1
             if e.pending:  # this frame is kept by the SDK: read its versions to model it exactly

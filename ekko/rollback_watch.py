@@ -142,6 +142,8 @@ class RolledBack(EkkoError):
     Attributes:
         model, cut, rollback_id, incident, point, endpoint, state_path: see
             :class:`RollbackEvent`.
+        ack: the publish's :class:`ekko.sdk.PublishAck` when raised after it was
+            acknowledged (its rows are in), None when raised before anything was sent.
         event: the :class:`RollbackEvent`.
 
     Example::
@@ -166,6 +168,9 @@ class RolledBack(EkkoError):
         self.point = event.point
         self.endpoint = event.endpoint
         self.state_path = event.state_path
+        #: the acknowledgement of the publish that raised this after its rows were
+        #: acknowledged; None when raised before anything was sent.
+        self.ack: Any = None
 
 
 def _safe(name: str) -> str:

@@ -1100,7 +1100,11 @@ class Publisher:
         """See :meth:`AsyncPublisher.publish_many`.  Raises :class:`RolledBack` (before
         sending, or after the acknowledgement) when ``model`` was rolled back."""
         ack = self.publish_async_many(model, tables).result()
-        self._deliver_rollbacks(model)
+        try:
+            self._deliver_rollbacks(model)
+        except RolledBack as e:
+            e.ack = ack   # the rows are in: the caller can still account for them
+            raise
         return ack
 
     def publish_async(self, model: str, table: str, ids: Any, values: Any,
