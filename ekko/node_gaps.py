@@ -29,6 +29,15 @@ def _int(x: Any, lo: int, hi: int) -> int:
     return x
 
 
+def _gap_message(body: dict[str, Any]) -> tuple[str, list]:
+    """``(sender, entries)`` of a probe or answer, its entry count bounded."""
+    sender = field(body, "from", str)
+    entries = field(body, "gaps", list)
+    if len(entries) > MAX_GAP_ENTRIES:
+        raise ProtocolError("too many gap entries", "too_large")
+    return sender, entries
+
+
 def _gap_key(e: Any, length: int) -> tuple[str, str, int, int, int]:
     """``(model, table, shard, origin, lo)`` of a probe or answer entry of ``length`` fields."""
     if not isinstance(e, list) or len(e) != length:
@@ -87,10 +96,7 @@ class GapMixin:
     def _on_gap_query(self, body: dict[str, Any], now: float) -> None:
         """A member probes gaps: send every row we hold in each range (capped), our knowledge
         of the origin and our waiting intervals for it."""
-        sender = field(body, "from", str)
-        entries = field(body, "gaps", list)
-        if len(entries) > MAX_GAP_ENTRIES:
-            raise ProtocolError("too many gap entries", "too_large")
+        sender, entries = _gap_message(body)
         parsed = []
         for e in entries:
             model, table, s, o, lo = _gap_key(e, 6)
@@ -139,10 +145,7 @@ class GapMixin:
     def _on_gap_answer(self, body: dict[str, Any], now: float) -> None:
         """A member's rows for our gaps: apply them, adopt what its knowledge and waiting
         intervals vouch for within the range it covered, and note how far it covered."""
-        sender = field(body, "from", str)
-        entries = field(body, "gaps", list)
-        if len(entries) > MAX_GAP_ENTRIES:
-            raise ProtocolError("too many gap entries", "too_large")
+        sender, entries = _gap_message(body)
         parsed = []
         for e in entries:
             model, table, s, o, lo = _gap_key(e, 9)
