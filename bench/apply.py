@@ -35,10 +35,10 @@ import time
 import numpy as np
 import torch
 
-from ekko.delta import Delta
-from ekko.spec import TableSpec
-from ekko.store import TableStore, default_device
-from ekko.version import ORIGIN_BITS
+from ekko.core.delta import Delta
+from ekko.core.spec import TableSpec
+from ekko.core.store import TableStore, default_device
+from ekko.core.version import ORIGIN_BITS
 
 
 def sync(device: torch.device) -> None:

@@ -53,9 +53,9 @@ from pathlib import Path  # noqa: E402
 import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ekko.chain import PublisherChain  # noqa: E402
-from ekko.codec import MsgType, encode_frame  # noqa: E402
-from ekko.spec import ModelSpec, TableSpec  # noqa: E402
+from ekko.core.chain import PublisherChain  # noqa: E402
+from ekko.core.codec import MsgType, encode_frame  # noqa: E402
+from ekko.core.spec import ModelSpec, TableSpec  # noqa: E402
 
 #: seconds a daemon gets to serve after start (torch import; several start at once).
 START_TIMEOUT_S = 180.0
@@ -137,7 +137,7 @@ class Cluster:
         for d in range(dcs):
             for i in range(per_dc):
                 nid, port = f"r{d}-{i}", _free_port()
-                args = [sys.executable, "-m", "ekko.cli", "daemon", "--node-id", nid, "--dc", f"dc{d}",
+                args = [sys.executable, "-m", "ekko.cli.main", "daemon", "--node-id", nid, "--dc", f"dc{d}",
                         "--listen", f"127.0.0.1:{port}", "--data-dir", str(root / nid), "--preset", preset,
                         "--device", "cpu", "--log-level", "warning"]
                 if seed:

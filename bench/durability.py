@@ -13,7 +13,7 @@ daemons round by round so that both see the same machine load:
   ``ekko_wal_fsyncs_total`` / ``ekko_wal_records_total`` show how many publishes
   shared each fsync.
 
-Publishes are raw HTTP frames (:class:`ekko.chain.PublisherChain` + aiohttp),
+Publishes are raw HTTP frames (:class:`ekko.core.chain.PublisherChain` + aiohttp),
 not the SDK, whose own fsync'd state file would add the same cost to both sides.
 
 Printed: p50/p90/p99 ack latency per mode and frame size, the WAL's median
@@ -44,9 +44,9 @@ sys.path.insert(0, str(REPO))
 
 from procs import DaemonGroup, http
 
-from ekko.chain import PublisherChain
-from ekko.codec import MsgType, encode_frame
-from ekko.spec import ModelSpec, TableSpec
+from ekko.core.chain import PublisherChain
+from ekko.core.codec import MsgType, encode_frame
+from ekko.core.spec import ModelSpec, TableSpec
 
 SPEC = ModelSpec("bench", [TableSpec("emb", rows=500_000, dim=64, shards=16)])
 MODES = ("wal", "none")

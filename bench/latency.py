@@ -1,13 +1,13 @@
 """Update latency across a local cluster: publish at one replica, time until all have it.
 
 Starts ``--dcs x --per-dc`` real ``ekko daemon`` subprocesses on loopback
-(``--preset local``, all joined through the first; :class:`ekko.demo.LocalCluster`),
+(``--preset local``, all joined through the first; :class:`ekko.cli.demo.LocalCluster`),
 registers a table (``--table-rows`` x ``--dim`` float32), and repeats ``--trials``
 times (after ``--warmup`` uncounted ones):
 
 1. pick ``--rows`` distinct random rows and random values;
 2. start one watcher per replica, then publish the rows at the ingest replica
-   (dc1-r1) through :class:`ekko.sdk.AsyncPublisher`;
+   (dc1-r1) through :class:`ekko.sdk.publisher.AsyncPublisher`;
 3. each watcher polls its replica's rows endpoint (msgpack) every ``--poll-ms``:
    first a sample of ``SAMPLE_IDS`` of the rows (cheap), and once those all carry
    a version above the one they had before the trial, all ``--rows`` ids; the
@@ -41,9 +41,9 @@ import aiohttp
 import msgpack
 import numpy as np
 
-from ekko.demo import LocalCluster
-from ekko.sdk import AsyncPublisher
-from ekko.spec import ModelSpec, TableSpec
+from ekko.cli.demo import LocalCluster
+from ekko.sdk.publisher import AsyncPublisher
+from ekko.core.spec import ModelSpec, TableSpec
 
 #: rows of an update the watchers check first, spread over the update's row order.
 SAMPLE_IDS = 32

@@ -5,7 +5,7 @@
 
 Per seed it starts six ``ekko daemon`` processes (``--preset local``, a cluster key,
 the write-ahead log on), each behind its own port of an in-process
-:class:`ekko.faultproxy.FaultProxy` that it ``--advertise``s, so all peer traffic
+:class:`ekko.testing.faultproxy.FaultProxy` that it ``--advertise``s, so all peer traffic
 crosses the proxy: 30-150 ms RTT per DC pair, connection resets, stalls and
 partitions.  Two publishers (``ekko.Publisher``, distinct origins, their own
 state dirs) overwrite random rows of a small model while a schedule drawn from
@@ -63,14 +63,14 @@ sys.path.insert(1, str(REPO / "tests" / "ekko"))
 
 import numpy as np  # noqa: E402
 
-from ekko.client import Client  # noqa: E402
-from ekko.config import preset  # noqa: E402
-from ekko.errors import EkkoError  # noqa: E402
-from ekko.faultproxy import FaultProxy, ProcessSources, ProxyThread  # noqa: E402
-from ekko.rollback_watch import RolledBack  # noqa: E402
-from ekko.sdk import PublishError, Publisher  # noqa: E402
-from ekko.spec import ModelSpec, TableSpec  # noqa: E402
-from ekko.version import counters_of, origins_of  # noqa: E402
+from ekko.sdk.client import Client  # noqa: E402
+from ekko.core.config import preset  # noqa: E402
+from ekko.core.errors import EkkoError  # noqa: E402
+from ekko.testing.faultproxy import FaultProxy, ProcessSources, ProxyThread  # noqa: E402
+from ekko.sdk.rollback_watch import RolledBack  # noqa: E402
+from ekko.sdk.publisher import PublishError, Publisher  # noqa: E402
+from ekko.core.spec import ModelSpec, TableSpec  # noqa: E402
+from ekko.core.version import counters_of, origins_of  # noqa: E402
 from procs import DaemonGroup, DaemonProc, free_port, get_json  # noqa: E402
 
 MODEL = "nemesis"

@@ -13,7 +13,7 @@ While it runs, a thread samples every daemon's ``VmRSS`` from
 ``/proc/PID/status`` every 50 ms; ``VmHWM`` (the kernel's own peak) is read at
 the end.  After the load stops, it waits until every replica's table digest
 equals the digest of exactly the acknowledged publishes (applied to a local
-:class:`ekko.store.ModelStore`): a refused publish changed nothing, an accepted
+:class:`ekko.core.store.ModelStore`): a refused publish changed nothing, an accepted
 one is everywhere.
 
 Printed: statuses (200/429/503), acknowledged rows/s, per daemon idle RSS, peak
@@ -46,11 +46,11 @@ sys.path.insert(0, str(REPO))
 
 from procs import DaemonGroup, get_json, http, table_digests, wait_for
 
-from ekko.chain import PublisherChain
-from ekko.codec import MsgType, encode_frame
-from ekko.delta import Delta
-from ekko.spec import ModelSpec, TableSpec
-from ekko.store import ModelStore
+from ekko.core.chain import PublisherChain
+from ekko.core.codec import MsgType, encode_frame
+from ekko.core.delta import Delta
+from ekko.core.spec import ModelSpec, TableSpec
+from ekko.core.store import ModelStore
 
 #: how far a daemon's peak RSS may rise above its idle RSS (model registered, no load) in the
 #: test's run (2 daemons, 5 s, 256 KiB frames, undo_bytes 16 MiB).  What grows, all bounded:

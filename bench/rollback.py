@@ -1,7 +1,7 @@
 """Benchmark: rolling one table back to a cut on one replica, against a bare index_copy_.
 
 What it measures: the time to compute the restore targets of ``--changed`` rows
-from the undo history and write them with :meth:`ekko.store.TableStore.restore_rows`,
+from the undo history and write them with :meth:`ekko.core.store.TableStore.restore_rows`,
 in a ``--rows x --dim`` float32 table, two ways:
 
 * ``restore_at_cut`` -- :meth:`rollback.undo.UndoHistory.restore_at_cut`, the path
@@ -57,10 +57,10 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ekko.delta import Delta
-from ekko.spec import TableSpec
-from ekko.store import TableStore, default_device, to_wire_values
-from ekko.version import Knowledge, pack
+from ekko.core.delta import Delta
+from ekko.core.spec import TableSpec
+from ekko.core.store import TableStore, default_device, to_wire_values
+from ekko.core.version import Knowledge, pack
 from rollback.cuts import Cut
 from rollback.undo import UndoHistory
 

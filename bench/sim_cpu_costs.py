@@ -45,13 +45,13 @@ sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath
 
 import numpy as np
 
-from ekko.codec import Frame, MsgType, decode_frame, encode_frame
-from ekko.delta import Delta
-from ekko.node import ReplicaNode
-from ekko.node_antientropy import _scope_digest
-from ekko.spec import TableSpec
-from ekko.store import TableStore
-from ekko.version import ORIGIN_BITS, Knowledge
+from ekko.core.codec import Frame, MsgType, decode_frame, encode_frame
+from ekko.core.delta import Delta
+from ekko.replica.node import ReplicaNode
+from p2p.antientropy import _scope_digest
+from ekko.core.spec import TableSpec
+from ekko.core.store import TableStore
+from ekko.core.version import ORIGIN_BITS, Knowledge
 from p2p.membership import Member
 from p2p.sync import RecentIndex
 from simulator.scenario import load_scenario

@@ -5,9 +5,9 @@ applies of random rows to one table, then times, on the same store:
 
 * ``export``: :meth:`UndoHistory.export_model` (runs on the daemon's loop thread,
   in the same instant as the store copy);
-* ``save``: :func:`ekko.snapshot.save_snapshot` without and with the history (worker
+* ``save``: :func:`ekko.replica.snapshot.save_snapshot` without and with the history (worker
   thread in the daemon; files fsynced);
-* ``load``: :func:`ekko.snapshot.load_undo` and ``import_model`` (at start).
+* ``load``: :func:`ekko.replica.snapshot.load_undo` and ``import_model`` (at start).
 
 and prints the snapshot's size without and with it.  Median of ``--repeat`` runs.
 
@@ -32,11 +32,11 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 
 import numpy as np  # noqa: E402
 
-from ekko.delta import Delta
-from ekko.snapshot import load_undo, save_snapshot
-from ekko.spec import ModelSpec, TableSpec
-from ekko.store import ModelStore
-from ekko.version import ORIGIN_BITS
+from ekko.core.delta import Delta
+from ekko.replica.snapshot import load_undo, save_snapshot
+from ekko.core.spec import ModelSpec, TableSpec
+from ekko.core.store import ModelStore
+from ekko.core.version import ORIGIN_BITS
 from rollback.undo import UndoHistory
 
 

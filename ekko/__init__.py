@@ -8,25 +8,25 @@ aiohttp, which ``import ekko`` alone (e.g. the CLI's ``ekko status``) should not
 
 from typing import TYPE_CHECKING, Any
 
-from ekko.delta import Delta
-from ekko.errors import EkkoError, ProtocolError, RemoteError, UsageError
-from ekko.spec import ModelSpec, TableSpec
-from ekko.version import Knowledge, Version
+from ekko.core.delta import Delta
+from ekko.core.errors import EkkoError, ProtocolError, RemoteError, UsageError
+from ekko.core.spec import ModelSpec, TableSpec
+from ekko.core.version import Knowledge, Version
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ekko.client import Client
-    from ekko.rollback_watch import RollbackEvent, RolledBack
-    from ekko.sdk import AsyncPublisher, PublishAck, Publisher, PublishError
-    from ekko.tracking import Tracker
-    from ekko.trainer_state import TrainerCut
+    from ekko.sdk.client import Client
+    from ekko.sdk.rollback_watch import RollbackEvent, RolledBack
+    from ekko.sdk.publisher import AsyncPublisher, PublishAck, Publisher, PublishError
+    from ekko.sdk.tracking import Tracker
+    from ekko.sdk.trainer_state import TrainerCut
 
 __version__ = "0.1.0"
 
 #: lazily imported public names -> their modules.
-_LAZY = {"Publisher": "ekko.sdk", "AsyncPublisher": "ekko.sdk", "PublishAck": "ekko.sdk",
-         "PublishError": "ekko.sdk", "Client": "ekko.client", "Tracker": "ekko.tracking",
-         "RolledBack": "ekko.rollback_watch", "RollbackEvent": "ekko.rollback_watch",
-         "TrainerCut": "ekko.trainer_state"}
+_LAZY = {"Publisher": "ekko.sdk.publisher", "AsyncPublisher": "ekko.sdk.publisher", "PublishAck": "ekko.sdk.publisher",
+         "PublishError": "ekko.sdk.publisher", "Client": "ekko.sdk.client", "Tracker": "ekko.sdk.tracking",
+         "RolledBack": "ekko.sdk.rollback_watch", "RollbackEvent": "ekko.sdk.rollback_watch",
+         "TrainerCut": "ekko.sdk.trainer_state"}
 
 __all__ = ["AsyncPublisher", "Client", "Delta", "EkkoError", "Knowledge", "ModelSpec", "ProtocolError",
            "PublishAck", "PublishError", "Publisher", "RemoteError", "RollbackEvent", "RolledBack", "TableSpec",

@@ -59,9 +59,9 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from ekko import Client, Publisher, RolledBack  # noqa: E402
-from ekko.demo import LocalCluster  # noqa: E402
-from ekko.tracking import module_layout, unflatten_dense, dense_rows  # noqa: E402
-from ekko.store import to_wire_values  # noqa: E402
+from ekko.cli.demo import LocalCluster  # noqa: E402
+from ekko.sdk.tracking import module_layout, unflatten_dense, dense_rows  # noqa: E402
+from ekko.core.store import to_wire_values  # noqa: E402
 
 MODEL = "ctr"
 USERS, ITEMS, DIM, TRUE_DIM = 2_000, 1_000, 8, 4

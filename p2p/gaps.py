@@ -11,7 +11,7 @@ holds them and anti-entropy brings them.  Sometimes no live replica does:
   new cluster);
 * the replica that acknowledged those frames lost its disk before passing them on;
 * a publisher restarted without its state and could not say where its chain was
-  (:class:`ekko.chain.PublisherChain` then links its first frame per shard from
+  (:class:`ekko.core.chain.PublisherChain` then links its first frame per shard from
   just below the frame's own counters, and everything before is a gap).
 
 Nothing fills such a gap, so without a rule the origin's knowledge stops for good,
@@ -37,7 +37,7 @@ hash of its id and the shard, and the first to close the gap spreads the knowled
 by anti-entropy before most others start.
 
 This module keeps the probes' state; it is sans-IO (time and membership are
-arguments).  :class:`ekko.node_gaps.GapMixin` sends, answers and applies.
+arguments).  :class:`p2p.gap_probe.GapMixin` sends, answers and applies.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 
-#: probe delay tiers: a replica waits ``probe_after * (1 + tier)`` before probing a gap.
-GAP_PROBE_TIERS = 3
+from ekko.core.config import GAP_PROBE_TIERS
+
 #: most gap entries one probe message carries.
 MAX_GAP_ENTRIES = 256
 #: most rows one answer entry carries (the rest is asked for again, from where it stopped).

@@ -23,8 +23,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ekko.errors import ProtocolError
-from ekko.spec import NAME_RE
+from ekko.core.errors import ProtocolError
+from ekko.core.spec import NAME_RE
 
 #: most member entries one gossip message carries.
 MAX_GOSSIP_MEMBERS = 32

@@ -20,8 +20,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
-from ekko.codec import Keyring, decode_frame, encode_frame
-from ekko.errors import ProtocolError
+from ekko.core.codec import Keyring, decode_frame, encode_frame
+from ekko.core.errors import ProtocolError
 
 
 class SansIONode(Protocol):

@@ -2,7 +2,7 @@
 
 Per shard a replica keeps
 
-* ``knowledge`` -- the version vector (:class:`ekko.version.Knowledge`); its
+* ``knowledge`` -- the version vector (:class:`ekko.core.version.Knowledge`); its
   64-bit digest is the *shard version* peers compare to skip equal shards;
 * **pending chains** -- publish frames whose predecessor (per shard and
   origin) has not arrived yet; knowledge jumps over them once it has;
@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ekko.errors import ProtocolError
-from ekko.store import TableStore
-from ekko.version import MAX_COUNTER, MAX_ORIGIN, ORIGIN_BITS, Knowledge, counters_of, origins_of
+from ekko.core.errors import ProtocolError
+from ekko.core.store import TableStore
+from ekko.core.version import MAX_COUNTER, MAX_ORIGIN, ORIGIN_BITS, Knowledge, counters_of, origins_of
 
 #: most waiting chain intervals kept per shard and origin.  Adjacent intervals merge,
 #: so a replica holds one per gap in what it received, not one per frame; past the cap
@@ -119,7 +119,7 @@ class RecentIndex:
         return self._n
 
     def note_applied(self, ids: np.ndarray, versions: np.ndarray, now: float, limit: int) -> None:
-        """Record rows that took a new version (from :class:`ekko.store.ApplyResult`)."""
+        """Record rows that took a new version (from :class:`ekko.core.store.ApplyResult`)."""
         if len(ids) == 0:
             return
         self._n += len(ids)

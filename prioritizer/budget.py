@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 
 #: Rounding slack (bytes) when comparing a request with the tokens held:
 #: ``time_until`` computes a wait in floating point and the refill at

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 from p2p.outbound import DEFAULT_QUEUE_ROWS, QueueFactory, QueuedRows
 from prioritizer.budget import LinkBudgets
 from prioritizer.popularity import AccessTracker

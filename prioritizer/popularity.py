@@ -32,7 +32,7 @@ import math
 
 import numpy as np
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 
 #: default counters per (model, table): 2**18 float64 = 2 MiB.
 DEFAULT_BUCKETS = 1 << 18

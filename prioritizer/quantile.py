@@ -45,7 +45,7 @@ import math
 
 import numpy as np
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 
 #: default reservoir size per model (float32 each, two reservoirs per model).
 DEFAULT_SAMPLE_SIZE = 16384

@@ -78,7 +78,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 from p2p.outbound import DEFAULT_QUEUE_ROWS, QueuedRows
 from prioritizer.budget import TokenBucket
 from prioritizer.quantile import ThresholdTracker

@@ -39,7 +39,7 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 
 #: default half-life (seconds) of the running-average magnitude: long enough to
 #: average over many publishes, short enough to follow a learning-rate schedule.

@@ -40,7 +40,7 @@ counters in ``(C[table, shard][o], R[o]]``:
 Every fence test is vectorized: :meth:`Fence.mask` takes a whole delta.
 
 Wire forms are msgpack-ready dicts and lists; decoding validates everything
-and raises :class:`~ekko.errors.ProtocolError` only.
+and raises :class:`~ekko.core.errors.ProtocolError` only.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ekko.errors import ProtocolError, UsageError
-from ekko.spec import MAX_SHARDS_PER_TABLE, MAX_TABLE_ROWS, ModelSpec, TableSpec, check_name
-from ekko.version import MAX_COUNTER, MAX_ORIGIN, Knowledge, counters_of, origins_of
+from ekko.core.errors import ProtocolError, UsageError
+from ekko.core.spec import MAX_SHARDS_PER_TABLE, MAX_TABLE_ROWS, ModelSpec, TableSpec, check_name
+from ekko.core.version import MAX_COUNTER, MAX_ORIGIN, Knowledge, counters_of, origins_of
 
 #: most (table, shard) entries a cut or fence range may carry on the wire.
 MAX_CUT_ENTRIES = 1 << 20
@@ -164,8 +164,8 @@ class Cut:
 
     Example:
         >>> import numpy as np
-        >>> from ekko.spec import TableSpec
-        >>> from ekko.version import pack
+        >>> from ekko.core.spec import TableSpec
+        >>> from ekko.core.version import pack
         >>> spec = TableSpec("t", rows=8, dim=2, shards=2)
         >>> cut = Cut("before-bad", "m", 0.0, {("t", 0): Knowledge({1: 10}), ("t", 1): Knowledge({1: 5})}, seq=7)
         >>> cut.covers(spec, np.array([0, 4]), np.array([pack(7, 1), pack(7, 1)])).tolist()
@@ -525,8 +525,8 @@ class Fence:
 
     Example:
         >>> import numpy as np
-        >>> from ekko.spec import ModelSpec, TableSpec
-        >>> from ekko.version import pack
+        >>> from ekko.core.spec import ModelSpec, TableSpec
+        >>> from ekko.core.version import pack
         >>> spec = ModelSpec("m", tables=[TableSpec("t", rows=8, dim=2, shards=2)])
         >>> cut = Cut("c", "m", 0.0, {("t", 0): Knowledge({1: 10}), ("t", 1): Knowledge({1: 20})}, seq=3)
         >>> fence = Fence()

@@ -85,7 +85,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 
 #: metric direction: larger values are better (CTR, AUC); a drop is a degradation.
 HIGHER_IS_BETTER = "higher_is_better"

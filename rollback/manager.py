@@ -57,7 +57,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ekko.errors import ProtocolError, UsageError
+from ekko.core.errors import ProtocolError, UsageError
 from rollback.detector import DetectorConfig, ModelState, QualityDetector
 
 #: incidents kept per model (oldest dropped first).

@@ -1,7 +1,7 @@
 """Per-replica undo history: the old versions and values of every row an apply changed.
 
 On every apply the node calls :meth:`UndoHistory.record` with the store's
-:class:`~ekko.store.ApplyResult` (``apply(..., capture_old=True)``): for each
+:class:`~ekko.core.store.ApplyResult` (``apply(..., capture_old=True)``): for each
 row that took a new version, the version and value it had *before*.  To roll a
 table back to a cut, :meth:`UndoHistory.values_at_cut` walks each row's
 history backwards and returns, per row, the newest old version that the cut
@@ -37,7 +37,7 @@ taken when the counter stood at ``c`` (the next apply gets ``seq >= c``) needs
 every record with ``seq >= c``.
 
 Restores must be recorded too.  A rollback writes rows with
-:meth:`~ekko.store.TableStore.restore_rows`; record that write as well
+:meth:`~ekko.core.store.TableStore.restore_rows`; record that write as well
 (``restore_at_cut(..., seq=...)`` does, or :func:`capture_before_restore`) so
 that a later rollback to a cut that covers the rolled-back versions of some
 origin but not the restored ones still finds the right state.
@@ -46,12 +46,12 @@ Durability.  The history lives in memory, so a replica would restart without it
 and restore the rows it held to nothing.  :meth:`UndoHistory.export_model` gives
 an :class:`UndoImage` of one model's history -- references to its immutable
 arrays, taken in the same instant as the store copy of a snapshot, no copy of the
-values -- which :mod:`ekko.snapshot` writes beside the tables; at start
+values -- which :mod:`ekko.replica.snapshot` writes beside the tables; at start
 :meth:`UndoHistory.import_model` installs it before the write-ahead log is
 replayed (the node's apply seq continues above the image's ``seq``, so replayed
 records come after the restored ones and cuts keep their meaning).
 
-Known gap: :class:`~ekko.store.ApplyResult` carries no old *tombstone* flags,
+Known gap: :class:`~ekko.core.store.ApplyResult` carries no old *tombstone* flags,
 so a row whose state at the cut was a tombstone comes back as zeros with the
 tombstone flag clear (same values, so value digests still agree).
 """
@@ -65,10 +65,10 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 
 if TYPE_CHECKING:
-    from ekko.store import ApplyResult, TableStore
+    from ekko.core.store import ApplyResult, TableStore
 
 #: records smaller than this are pooled into one segment; a bigger one is a segment itself.
 DEFAULT_BLOCK_BYTES = 4 << 20
@@ -202,7 +202,7 @@ class UndoHistory:
 
     Example:
         >>> import numpy as np
-        >>> from ekko.store import ApplyResult
+        >>> from ekko.core.store import ApplyResult
         >>> h = UndoHistory(max_bytes=1 << 20)
         >>> # seq 1: row 5 went from never-written to version 10; seq 2: from 10 to 20
         >>> h.record("m", "t", 1, ApplyResult(np.array([5]), np.array([10]), np.array([0]), np.zeros((1, 2), np.float32)))
@@ -240,7 +240,7 @@ class UndoHistory:
         Args:
             model, table: where the apply happened.
             seq: the node's apply sequence number, non-decreasing across calls.
-            result: the store's :class:`~ekko.store.ApplyResult` (``capture_old=True``
+            result: the store's :class:`~ekko.core.store.ApplyResult` (``capture_old=True``
                 on a store with values).
         """
         seq = int(seq)
@@ -791,14 +791,14 @@ def capture_before_restore(store: "TableStore", ids: np.ndarray, new_versions: n
 
     Example:
         >>> import numpy as np
-        >>> from ekko.spec import TableSpec
-        >>> from ekko.store import TableStore
+        >>> from ekko.core.spec import TableSpec
+        >>> from ekko.core.store import TableStore
         >>> ts = TableStore(TableSpec("t", rows=4, dim=2), device="cpu")
         >>> r = capture_before_restore(ts, np.array([1]), np.array([0]))
         >>> r.old_versions.tolist(), r.old_values.shape
         ([0], (1, 2))
     """
-    from ekko.store import ApplyResult, to_wire_values
+    from ekko.core.store import ApplyResult, to_wire_values
 
     ids = np.asarray(ids, dtype=np.int64)
     old_values = to_wire_values(store.read(ids)) if store.values is not None else None

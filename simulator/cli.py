@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:

@@ -50,10 +50,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 
 if TYPE_CHECKING:
-    from ekko.node import ReplicaNode
+    from ekko.replica.node import ReplicaNode
 
 __all__ = ["MAX_COLD_ROWS", "MAX_COST_S", "CpuCosts", "CpuModel"]
 
@@ -112,7 +112,7 @@ class CpuModel:
             whole-shard scan of the real table walks per simulated row (default 1).
 
     Example:
-        >>> from ekko.node import ReplicaNode
+        >>> from ekko.replica.node import ReplicaNode
         >>> node = ReplicaNode("r0", "dc0", "r0", with_values=False)
         >>> cpu = CpuModel(CpuCosts(1e-3, 0.0, 1e-6, 0.0), scan_scale={"emb": 10.0})
         >>> cpu.charge(node, now=5.0)        # an idle node: its sends leave after 1 ms

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 
 __all__ = ["Handle", "Simulation", "Timer", "STOP_PRIORITY"]
 

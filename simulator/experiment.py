@@ -1,6 +1,6 @@
 """Run a scenario: every system on the same WAN, workload and seed.
 
-Systems built from the production node (:class:`ekko.node.ReplicaNode` driven
+Systems built from the production node (:class:`ekko.replica.node.ReplicaNode` driven
 by :class:`simulator.replicas.SimCluster`), differing only in configuration:
 
 * ``ekko`` -- the scenario's node config: gateways, shard versions, eager push.
@@ -47,10 +47,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ekko.chain import PublisherChain
-from ekko.delta import WIRE_DTYPES
-from ekko.errors import UsageError
-from ekko.version import HLC_EPOCH_MS
+from ekko.core.chain import PublisherChain
+from ekko.core.delta import WIRE_DTYPES
+from ekko.core.errors import UsageError
+from ekko.core.version import HLC_EPOCH_MS
 from simulator.cpu import CpuModel
 from simulator.events import Simulation
 from simulator.measure import LatencyRecorder, peak_rss_mb

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from ekko.errors import UsageError
-from ekko.spec import TableSpec
-from ekko.version import counters_of, origins_of
+from ekko.core.errors import UsageError
+from ekko.core.spec import TableSpec
+from ekko.core.version import counters_of, origins_of
 
 
 @dataclass
@@ -70,7 +70,7 @@ class FaultConfig:
         >>> FaultConfig.from_dict({"replicas": 1})
         Traceback (most recent call last):
         ...
-        ekko.errors.UsageError: faults: replicas must be >= 2
+        ekko.core.errors.UsageError: faults: replicas must be >= 2
     """
 
     replicas: int = 9

@@ -1,7 +1,7 @@
 """Fault-injection harness (issue 7): seeded chaos runs of the real node code, invariants checked.
 
 ``ekko sim faults --seeds N [--seed S] [--replicas R] --out DIR`` runs N scenarios
-(seeds S, S+1, ...).  Each one drives real :class:`ekko.node.ReplicaNode` objects in
+(seeds S, S+1, ...).  Each one drives real :class:`ekko.replica.node.ReplicaNode` objects in
 full mode (real values) through :class:`simulator.replicas.SimCluster` on a
 :class:`simulator.network.WanNetwork` of :attr:`FaultConfig.dcs` data centres, with a
 small model (:data:`SPEC`: one sparse and one dense table).  Everything below is drawn
@@ -19,7 +19,7 @@ Injected (per seed, during the first :attr:`FaultConfig.fault_phase_s` simulated
   (``export_state`` + a copy of its store, what a snapshot at shutdown holds); the
   restart builds a *new* :class:`ReplicaNode` (higher incarnation, fresh rng) and
   installs that state with :meth:`ReplicaNode.import_state`, as the daemon does;
-* a publisher (:class:`ekko.chain.PublisherChain`) publishing every
+* a publisher (:class:`ekko.core.chain.PublisherChain`) publishing every
   :attr:`FaultConfig.publish_interval_s` to the ingest replica, or to another live
   replica (same chain) while the ingest is down.  A frame counts as acknowledged when
   ``publish`` returned; a refused frame is retried, like the SDK does;
@@ -146,14 +146,14 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from ekko.chain import PendingFrame, PublisherChain
-from ekko.codec import MsgType, array_from_wire
-from ekko.config import NodeConfig
-from ekko.errors import ProtocolError, UsageError
-from ekko.node import ReplicaNode
-from ekko.spec import ModelSpec, TableSpec
-from ekko.store import ModelStore
-from ekko.version import (
+from ekko.core.chain import PendingFrame, PublisherChain
+from ekko.core.codec import MsgType, array_from_wire
+from ekko.core.config import NodeConfig
+from ekko.core.errors import ProtocolError, UsageError
+from ekko.replica.node import ReplicaNode
+from ekko.core.spec import ModelSpec, TableSpec
+from ekko.core.store import ModelStore
+from ekko.core.version import (
     HLC_EPOCH_MS,
     HLC_LOGICAL_BITS,
     MAX_ORIGIN,

@@ -52,7 +52,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 from simulator.events import Simulation
 
 __all__ = ["DcSpec", "WanConfig", "WanNetwork", "DeliverFn", "DROP_CAUSES",

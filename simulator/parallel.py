@@ -62,7 +62,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 from simulator.events import Simulation
 from simulator.experiment import (EkkoRun, Progress, _converged, build_ekko_family, collect_results,
                                   place_replicas, progress_step)

@@ -1,4 +1,4 @@
-"""Drive real replica nodes (:class:`ekko.node.ReplicaNode`) on the simulated WAN.
+"""Drive real replica nodes (:class:`ekko.replica.node.ReplicaNode`) on the simulated WAN.
 
 This is the simulator's "production code" path: the node objects are exactly
 those the daemon runs; only their driver differs.  Every message a node emits
@@ -21,12 +21,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ekko.codec import Frame, MsgType, encode_frame
-from ekko.config import NodeConfig
-from ekko.errors import ProtocolError
-from ekko.node import ReplicaNode
-from ekko.parse_cache import ParseCache
-from ekko.spec import ModelSpec
+from ekko.core.codec import Frame, MsgType, encode_frame
+from ekko.core.config import NodeConfig
+from ekko.core.errors import ProtocolError
+from ekko.replica.node import ReplicaNode
+from ekko.core.parse_cache import ParseCache
+from ekko.core.spec import ModelSpec
 from p2p.membership import Member, Membership, MemberState
 from p2p.outbound import QueueFactory
 from p2p.topology import DcGraph, Topology

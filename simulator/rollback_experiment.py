@@ -1,6 +1,6 @@
 """The ``rollback`` scenario: a harmful burst, its detection and the rollback of every replica.
 
-The real nodes (:class:`ekko.node.ReplicaNode`) and the real model-state manager
+The real nodes (:class:`ekko.replica.node.ReplicaNode`) and the real model-state manager
 (:mod:`rollback.manager`) run on the simulated WAN (:class:`simulator.replicas.SimCluster`);
 the simulator supplies the trainer and the inference traffic's quality reports.
 
@@ -49,9 +49,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ekko.chain import PublisherChain
-from ekko.errors import UsageError
-from ekko.version import HLC_EPOCH_MS, counters_of, last_counter_at
+from ekko.core.chain import PublisherChain
+from ekko.core.errors import UsageError
+from ekko.core.version import HLC_EPOCH_MS, counters_of, last_counter_at
 from rollback.undo import UndoHistory
 from simulator.events import Simulation
 from simulator.experiment import TRAINER_ORIGIN, place_replicas

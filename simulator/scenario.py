@@ -11,7 +11,7 @@ shipped files in ``simulator/scenarios/`` document where each value comes from):
                 training_dc, rtt_ms (``{"a-b" = ms}`` or a number),
                 intra_dc_rtt_ms, nic_gbps, wan_gbps, background_load, loss,
                 jitter_ms, per_message_overhead_bytes
-``[node]``      any :class:`ekko.config.NodeConfig` field plus ``preset``
+``[node]``      any :class:`ekko.core.config.NodeConfig` field plus ``preset``
 ``[[table]]``   name, rows, dim, dtype, shards, dense, cold_rows (rows a real
                 replica holds that the run never updates: not allocated, only
                 charged by the CPU model's whole-shard scans, :mod:`simulator.cpu`)
@@ -41,9 +41,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ekko.config import NodeConfig, config_from_dict
-from ekko.errors import UsageError
-from ekko.spec import ModelSpec, TableSpec
+from ekko.core.config import NodeConfig, config_from_dict
+from ekko.core.errors import UsageError
+from ekko.core.spec import ModelSpec, TableSpec
 from simulator.cpu import MAX_COLD_ROWS, CpuCosts
 from simulator.network import WanConfig
 from simulator.workload import Burst, DenseTable, SparseTable, WorkloadConfig

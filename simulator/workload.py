@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 
 __all__ = ["ZipfRows", "SparseTable", "DenseTable", "Burst", "WorkloadConfig", "UpdateBatch", "Workload",
            "WorkloadDriver"]

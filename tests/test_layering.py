@@ -11,14 +11,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: modules a package must never import (at any depth of the module name).
 FORBIDDEN = {
-    "p2p": ("aiohttp", "ekko.daemon", "ekko.http_transport", "ekko.node", "ekko.sdk", "ekko.cli", "simulator"),
-    "prioritizer": ("aiohttp", "ekko.daemon", "ekko.http_transport", "ekko.node", "ekko.sdk", "simulator", "p2p.memnet"),
-    "rollback": ("aiohttp", "ekko.daemon", "ekko.http_transport", "ekko.node", "ekko.sdk", "simulator"),
-    "simulator": ("aiohttp", "ekko.daemon", "ekko.http_transport", "ekko.sdk"),
+    "p2p": ("aiohttp", "ekko.server.daemon", "ekko.server.transport", "ekko.replica.node", "ekko.sdk.publisher", "ekko.cli.main", "simulator"),
+    "prioritizer": ("aiohttp", "ekko.server.daemon", "ekko.server.transport", "ekko.replica.node", "ekko.sdk.publisher", "simulator", "p2p.memnet"),
+    "rollback": ("aiohttp", "ekko.server.daemon", "ekko.server.transport", "ekko.replica.node", "ekko.sdk.publisher", "simulator"),
+    "simulator": ("aiohttp", "ekko.server.daemon", "ekko.server.transport", "ekko.sdk.publisher"),
 }
 #: the sans-IO core must not read clocks, sleep or open sockets.
-SANS_IO = ["p2p", "prioritizer", "rollback", "ekko/node.py", "ekko/node_push.py", "ekko/node_antientropy.py",
-           "ekko/node_rollback.py", "ekko/chain.py"]
+SANS_IO = ["p2p", "prioritizer", "rollback", "ekko/replica/node.py", "p2p/push.py", "p2p/antientropy.py",
+           "rollback/protocol.py", "ekko/core/chain.py"]
 
 
 def imports(path: Path) -> set[str]:

@@ -7,11 +7,11 @@ import zlib
 
 import numpy as np
 
-from ekko.chain import PublisherChain
-from ekko.config import NodeConfig
-from ekko.node import ReplicaNode
-from ekko.spec import ModelSpec, TableSpec
-from ekko.version import HLC_EPOCH_MS
+from ekko.core.chain import PublisherChain
+from ekko.core.config import NodeConfig
+from ekko.replica.node import ReplicaNode
+from ekko.core.spec import ModelSpec, TableSpec
+from ekko.core.version import HLC_EPOCH_MS
 from p2p.memnet import Faults, MemNet
 
 SPEC = ModelSpec("ranker", [TableSpec("emb", rows=4096, dim=8, shards=16), TableSpec("mlp", rows=64, dim=16, dense=True)])

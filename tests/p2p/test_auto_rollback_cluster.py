@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 from cluster import Trainer, digests, make_cluster
-from ekko.config import NodeConfig
-from ekko.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS
+from ekko.core.config import NodeConfig
+from ekko.core.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS
 
 CTR = 0.04
 N_ONLINE, N_BASE = 200_000, 20_000

@@ -67,9 +67,9 @@ def test_a_baseline_costs_its_dc_neither_freshness_nor_bytes():
 
 
 def test_a_ceiling_caps_the_rows_and_the_knowledge_of_a_pull_answer():
-    from ekko.codec import Frame, MsgType, delta_from_wire
-    from ekko.errors import ProtocolError
-    from ekko.version import Knowledge
+    from ekko.core.codec import Frame, MsgType, delta_from_wire
+    from ekko.core.errors import ProtocolError
+    from ekko.core.version import Knowledge
 
     net = make_cluster(dcs=1, per_dc=2, seed=5)
     net.run(2.0)

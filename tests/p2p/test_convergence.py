@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cluster import SPEC, Trainer, converged, digests, make_cluster
-from ekko.config import NodeConfig, preset
-from ekko.spec import ModelSpec, TableSpec
+from ekko.core.config import NodeConfig, preset
+from ekko.core.spec import ModelSpec, TableSpec
 from p2p.memnet import Faults
 
 LOSSY = Faults(loss=0.10, duplicate=0.10, jitter=0.02)

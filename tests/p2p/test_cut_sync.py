@@ -7,10 +7,10 @@ import random
 import pytest
 
 from cluster import SPEC, Trainer, digests, make_cluster
-from ekko.codec import Frame, MsgType
-from ekko.errors import ProtocolError
-from ekko.node import ReplicaNode
-from ekko.node_rollback import MAX_CUT_NAMES
+from ekko.core.codec import Frame, MsgType
+from ekko.core.errors import ProtocolError
+from ekko.replica.node import ReplicaNode
+from rollback.protocol import MAX_CUT_NAMES
 
 
 def _node(nid: str, dc: str, seeds=("n0-0",), incarnation: int = 1) -> ReplicaNode:

@@ -7,14 +7,14 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ekko.chain import PublisherChain
-from ekko.codec import Frame, MsgType
-from ekko.config import NodeConfig
-from ekko.delta import Delta
-from ekko.node import ReplicaNode
-from ekko.spec import ModelSpec, TableSpec
-from ekko.store import TableStore
-from ekko.version import HLC_EPOCH_MS, ORIGIN_BITS, Knowledge, counters_of
+from ekko.core.chain import PublisherChain
+from ekko.core.codec import Frame, MsgType
+from ekko.core.config import NodeConfig
+from ekko.core.delta import Delta
+from ekko.replica.node import ReplicaNode
+from ekko.core.spec import ModelSpec, TableSpec
+from ekko.core.store import TableStore
+from ekko.core.version import HLC_EPOCH_MS, ORIGIN_BITS, Knowledge, counters_of
 from p2p.membership import Member
 from p2p.sync import RecentIndex
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from cluster import SPEC, Trainer, converged, make_cluster
-from ekko.codec import Frame, MsgType, delta_to_wire
-from ekko.config import NodeConfig
-from ekko.delta import Delta
-from ekko.errors import ProtocolError
-from ekko.version import pack as pack_version
+from ekko.core.codec import Frame, MsgType, delta_to_wire
+from ekko.core.config import NodeConfig
+from ekko.core.delta import Delta
+from ekko.core.errors import ProtocolError
+from ekko.core.version import pack as pack_version
 from prioritizer import LinkBudgets, Prioritizer, ThresholdTracker, fifo_queue_factory, priority_queue_factory
 
 # 40 KB/s across DCs: a 2000-row burst of 48-byte rows (~96 KB) takes ~2.4 s to drain.

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from cluster import SPEC, Trainer, converged, make_cluster
-from ekko.codec import Frame, MsgType, array_to_wire, delta_to_wire
-from ekko.config import NodeConfig
-from ekko.delta import Delta
-from ekko.errors import ProtocolError
-from ekko.version import pack as pack_version
+from ekko.core.codec import Frame, MsgType, array_to_wire, delta_to_wire
+from ekko.core.config import NodeConfig
+from ekko.core.delta import Delta
+from ekko.core.errors import ProtocolError
+from ekko.core.version import pack as pack_version
 from p2p.outbound import FifoLinkQueue, QueuedRows
 
 

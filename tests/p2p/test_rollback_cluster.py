@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cluster import Trainer, converged, digests, make_cluster
-from ekko.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS
+from ekko.core.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS
 from p2p.memnet import Faults
 
 

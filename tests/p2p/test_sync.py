@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ekko.delta import Delta
-from ekko.spec import TableSpec
-from ekko.store import TableStore
-from ekko.version import ORIGIN_BITS, Knowledge
+from ekko.core.delta import Delta
+from ekko.core.spec import TableSpec
+from ekko.core.store import TableStore
+from ekko.core.version import ORIGIN_BITS, Knowledge
 from p2p import sync
 from p2p.sync import SCAN_INSTEAD_RATIO as SCAN_RATIO
 from p2p.sync import RecentIndex, ShardSync

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 from prioritizer import LinkBudgets, TokenBucket
 from prioritizer.budget import DEFAULT_UPDATE_SHARE, MIN_BURST_BYTES, ROUNDING_SLACK_BYTES
 

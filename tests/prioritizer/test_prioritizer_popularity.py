@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 from prioritizer import Prioritizer, ThresholdTracker
 from prioritizer.popularity import AccessTracker
 

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 from prioritizer import EpochQuantile, ThresholdTracker, rank_error_bound
 from prioritizer.quantile import MIN_EPOCH_SCORES
 

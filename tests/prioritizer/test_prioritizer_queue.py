@@ -9,7 +9,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 from p2p.outbound import QueuedRows
 from prioritizer import (FifoBudgetQueue, LinkBudgets, PriorityLinkQueue, QueueConfig, ThresholdTracker,
                          TokenBucket, fifo_queue_factory, priority_queue_factory)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 from prioritizer import (EkkoScorer, ModelWeights, Prioritizer, Scorer, ScorerConfig, fill_unknown_impact,
                          magnitude_from_values)
 

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ekko.delta import Delta
-from ekko.errors import ProtocolError, UsageError
-from ekko.spec import ModelSpec, TableSpec
-from ekko.store import TableStore
-from ekko.version import Knowledge, counters_of, origins_of, pack
+from ekko.core.delta import Delta
+from ekko.core.errors import ProtocolError, UsageError
+from ekko.core.spec import ModelSpec, TableSpec
+from ekko.core.store import TableStore
+from ekko.core.version import Knowledge, counters_of, origins_of, pack
 from rollback.cuts import Cut, CutPolicy, CutRegistry, Fence, FenceRange
 from rollback.undo import UndoHistory, capture_before_restore
 
@@ -125,7 +125,7 @@ def test_registry_named_cuts():
 
 
 def _result(ids, counter, origin=1):
-    from ekko.store import ApplyResult
+    from ekko.core.store import ApplyResult
     ids = np.asarray(ids, np.int64)
     return ApplyResult(ids, np.full(len(ids), pack(counter + 1, origin)), np.full(len(ids), pack(counter, origin)),
                        np.zeros((len(ids), 4), np.float32))

@@ -24,7 +24,7 @@ import math
 import numpy as np
 import pytest
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 from rollback.detector import (LOWER_IS_BETTER, DetectorConfig, ModelState, QualityDetector, alarm_threshold,
                                cusum_arl)
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from ekko.errors import ProtocolError, UsageError
+from ekko.core.errors import ProtocolError, UsageError
 from rollback.detector import DetectorConfig, ModelState
 from rollback.manager import (Incident, ManagerConfig, ModelStateManager, auto_rollback_id, cut_order_key,
                               merge_rollback_records)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from ekko.config import NodeConfig
-from ekko.errors import UsageError
-from ekko.node import ReplicaNode
-from ekko.spec import ModelSpec, TableSpec
+from ekko.core.config import NodeConfig
+from ekko.core.errors import UsageError
+from ekko.replica.node import ReplicaNode
+from ekko.core.spec import ModelSpec, TableSpec
 
 SPEC = ModelSpec("m", [TableSpec("t", rows=16, dim=4, shards=2)])
 

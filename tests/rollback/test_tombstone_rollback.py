@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ekko.delta import Delta
-from ekko.node import ReplicaNode
-from ekko.spec import ModelSpec, TableSpec
-from ekko.version import Knowledge, pack
+from ekko.core.delta import Delta
+from ekko.replica.node import ReplicaNode
+from ekko.core.spec import ModelSpec, TableSpec
+from ekko.core.version import Knowledge, pack
 
 SPEC = ModelSpec("m", [TableSpec("t", rows=16, dim=4, shards=2)])
 

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ekko.delta import Delta
-from ekko.errors import UsageError
-from ekko.spec import TableSpec
-from ekko.store import ApplyResult, TableStore
-from ekko.version import Knowledge, pack
+from ekko.core.delta import Delta
+from ekko.core.errors import UsageError
+from ekko.core.spec import TableSpec
+from ekko.core.store import ApplyResult, TableStore
+from ekko.core.version import Knowledge, pack
 import rollback.undo as undo_mod
 from rollback.cuts import Cut
 from rollback.undo import UndoHistory, capture_before_restore

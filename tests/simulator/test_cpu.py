@@ -7,10 +7,10 @@ import copy
 
 import pytest
 
-from ekko.codec import MsgType
-from ekko.config import NodeConfig
-from ekko.errors import UsageError
-from ekko.node import ReplicaNode
+from ekko.core.codec import MsgType
+from ekko.core.config import NodeConfig
+from ekko.core.errors import UsageError
+from ekko.replica.node import ReplicaNode
 from simulator.cpu import CpuCosts, CpuModel
 from simulator.events import Simulation
 from simulator.experiment import run_scenario

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 from simulator import events as ev
 from simulator.events import Simulation
 

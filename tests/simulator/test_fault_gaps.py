@@ -11,14 +11,13 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-import pytest
 
-import ekko.chain as chain_mod
-import ekko.node as node_mod
-import ekko.node_gaps as gaps_mod
+import ekko.core.chain as chain_mod
+import ekko.replica.node as node_mod
+import p2p.gap_probe as gaps_mod
 import p2p.sync as sync_mod
 import rollback.cuts as cuts_mod
-from ekko.config import NodeConfig
+from ekko.core.config import NodeConfig
 from simulator.fault_plan import Episode, FaultConfig, FaultPlan
 from simulator.faults import FaultRun, run_faults
 

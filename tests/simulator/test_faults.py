@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-import ekko.store as store_mod
+import ekko.core.store as store_mod
 import p2p.sync as sync_mod
 import rollback.cuts as cuts_mod
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 from simulator.faults import FaultConfig, FaultPlan, FaultRun, run_faults
 from simulator.scenario import load_scenario
 
@@ -77,7 +77,7 @@ def test_publisher_restarts_keep_or_change_the_origin(batch):
     assert by_seed[4]["violations"] == by_seed[10]["violations"] == []
 
 
-# Regression (rollback repair, ekko/node_rollback.py): seed 2 restarts a replica while a
+# Regression (rollback repair, rollback/protocol.py): seed 2 restarts a replica while a
 # rollback happens; it restores rows it has no history for to version 0 and its 8 repair
 # requests were lost in a loss spike -- it stayed at 0 for good.  Seed 7: a truncated pull
 # answer advanced knowledge past a cut version at replicas that never held the fenced
@@ -141,7 +141,7 @@ def test_knowledge_past_the_cut_is_caught(monkeypatch):
 def test_push_links_that_skip_the_chain_are_caught(monkeypatch):
     """A broken apply_links that jumps knowledge to a link's end without its predecessor
     claims rows that a lost push never delivered: replicas do not converge."""
-    import ekko.node_push as push_mod
+    import p2p.push as push_mod
 
     def jump(shards, links, waiting=None):
         moved = []
@@ -193,7 +193,7 @@ def test_replayed_frames_that_change_state_are_caught(monkeypatch):
 
 def test_cli_writes_results(tmp_path):
     out = tmp_path / "faults"
-    p = subprocess.run([sys.executable, "-c", "import sys; from ekko.cli import main; sys.exit(main())", "sim", "faults", "--seeds", "1", "--seed", "5",
+    p = subprocess.run([sys.executable, "-c", "import sys; from ekko.cli.main import main; sys.exit(main())", "sim", "faults", "--seeds", "1", "--seed", "5",
                         "--replicas", "4", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr + p.stdout
     data = json.loads((out / "results.json").read_text())
@@ -217,13 +217,13 @@ def test_shipped_faults_scenario_drives_the_harness(tmp_path):
     mine = tmp_path / "mine.toml"
     mine.write_text("[scenario]\nseeds = 1\nseed = 5\n[faults]\nreplicas = 4\nfault_phase_s = 6.0\n")
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "ekko.cli", "sim", "run", str(mine), "--quiet", "--out", str(out)], check=False,
+    p = subprocess.run([sys.executable, "-m", "ekko.cli.main", "sim", "run", str(mine), "--quiet", "--out", str(out)], check=False,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr + p.stdout
     data = json.loads((out / "results.json").read_text())
     assert data["seeds"] == 1 and data["first_seed"] == 5 and data["replicas"] == 4
     assert data["config"]["fault_phase_s"] == 6.0 and data["violations"] == []
-    p = subprocess.run([sys.executable, "-m", "ekko.cli", "sim", "list"], check=False, capture_output=True, text=True, timeout=60)
+    p = subprocess.run([sys.executable, "-m", "ekko.cli.main", "sim", "list"], check=False, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "faults" in p.stdout
 
 
@@ -236,7 +236,7 @@ def test_bad_fault_parameters_are_refused():
         FaultConfig.from_dict({"replicas": 2.5})
 
 
-# Regression (ekko/node_rollback.py): seed 47 rolls back twice; the second cut covers
+# Regression (rollback/protocol.py): seed 47 rolls back twice; the second cut covers
 # versions the first rollback fenced, and the undo history still held them, so the second
 # restore brought a fenced version back (fence and convergence violated).  The restore now
 # skips every fenced version.
@@ -245,7 +245,7 @@ def test_seed_47_second_rollback_restores_no_fenced_version():
     assert len(res["rollbacks"]) == 2 and res["violations"] == []
 
 
-# Regression (ekko/node_rollback.py, rollback/cuts.py): seed 56 restarts the publisher
+# Regression (rollback/protocol.py, rollback/cuts.py): seed 56 restarts the publisher
 # without state (a new origin) just before a rollback started at a replica that had not
 # heard of that origin yet; its updates up to the rollback point were never fenced.
 def test_seed_56_fences_a_publisher_origin_the_rollbacker_did_not_know():

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from ekko.codec import Keyring, MsgType, encode_frame
-from ekko.errors import UsageError
+from ekko.core.codec import Keyring, MsgType, encode_frame
+from ekko.core.errors import UsageError
 from simulator import network as nw
 from simulator.events import Simulation
 from simulator.network import WanConfig, WanNetwork

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import simulator.parallel as parallel
-from ekko.errors import UsageError
+from ekko.core.errors import UsageError
 from simulator.experiment import run_ekko_family, run_scenario
 from simulator.parallel import partition_dcs, run_partitioned
 from simulator.scenario import load_scenario

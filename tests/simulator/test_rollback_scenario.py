@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from ekko.cli import main
-from ekko.errors import UsageError
+from ekko.cli.main import main
+from ekko.core.errors import UsageError
 from simulator.rollback_experiment import RollbackParams, run_rollback
 from simulator.scenario import load_scenario
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ekko.errors import UsageError
-from ekko.spec import TableSpec
+from ekko.core.errors import UsageError
+from ekko.core.spec import TableSpec
 from simulator.events import Simulation
 from simulator.workload import (Burst, DenseTable, SparseTable, Workload, WorkloadConfig, ZipfRows)
 

@@ -1,0 +1,2 @@
+"""The ``ekko`` command line: the daemon, status, keys, cuts and rollback, the simulator,
+and the local demo."""

@@ -1,0 +1,184 @@
+"""Model and table specifications and the shard function.
+
+A model is a set of tables.  Embedding tables are ``rows x dim``; dense
+parameters are tables too (one row per fixed-size chunk of the flattened
+parameter), so sparse and dense updates share one versioning scheme and a
+replica never serves new embeddings with an old MLP unknowingly.
+
+Sharding is by contiguous row ranges: ``shard(row) = row // shard_rows``.  It is
+fixed and documented because every replica must agree on it without talking.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ekko.core.errors import ProtocolError, UsageError
+
+#: dtypes a table may hold (names as numpy spells them).
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64")
+#: bytes per element of each supported dtype.
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+#: names of models and tables: short, printable, safe in URLs and file names.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+#: largest table a spec may declare (rows) -- guards memory on every replica.
+MAX_TABLE_ROWS = 1 << 31
+#: widest row a spec may declare (elements).
+MAX_ROW_DIM = 1 << 16
+#: most tables per model.
+MAX_TABLES_PER_MODEL = 1024
+#: most shards per table.
+MAX_SHARDS_PER_TABLE = 1 << 16
+#: default rows per shard when a table does not say how many shards it wants.
+DEFAULT_SHARD_ROWS = 1 << 14
+
+
+def check_name(kind: str, name: str, error: type[Exception] = UsageError) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise error(f"invalid {kind} name {name!r}: use 1-64 chars of [A-Za-z0-9_.-]")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class TableSpec:
+    """One table of a model: ``rows x dim`` values of one dtype.
+
+    Args:
+        name: table name, unique within the model.
+        rows: number of rows.
+        dim: elements per row.
+        dtype: one of :data:`SUPPORTED_DTYPES`.
+        shards: number of shards; default ``ceil(rows / DEFAULT_SHARD_ROWS)``.
+        dense: True when the table holds chunks of a dense parameter.
+
+    Example:
+        >>> t = TableSpec("user_emb", rows=1000, dim=16)
+        >>> t.shard_of(999), t.num_shards
+        (0, 1)
+    """
+
+    name: str
+    rows: int
+    dim: int
+    dtype: str = "float32"
+    shards: int | None = None
+    dense: bool = False
+
+    def __post_init__(self) -> None:
+        check_name("table", self.name)
+        if not isinstance(self.rows, int) or not 0 < self.rows <= MAX_TABLE_ROWS:
+            raise UsageError(f"table {self.name}: rows must be in 1..{MAX_TABLE_ROWS}, got {self.rows!r}")
+        if not isinstance(self.dim, int) or not 0 < self.dim <= MAX_ROW_DIM:
+            raise UsageError(f"table {self.name}: dim must be in 1..{MAX_ROW_DIM}, got {self.dim!r}")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise UsageError(f"table {self.name}: dtype {self.dtype!r} not in {SUPPORTED_DTYPES}")
+        if self.shards is None:
+            object.__setattr__(self, "shards", max(1, math.ceil(self.rows / DEFAULT_SHARD_ROWS)))
+        if not isinstance(self.shards, int) or not 0 < self.shards <= min(self.rows, MAX_SHARDS_PER_TABLE):
+            raise UsageError(f"table {self.name}: shards must be in 1..min(rows, {MAX_SHARDS_PER_TABLE})")
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.shards)  # type: ignore[arg-type]
+
+    @property
+    def shard_rows(self) -> int:
+        """Rows per shard (the last shard may be shorter)."""
+        return math.ceil(self.rows / self.num_shards)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dim * DTYPE_BYTES[self.dtype]
+
+    def shard_of(self, row: int) -> int:
+        return row // self.shard_rows
+
+    def shards_of(self, rows: np.ndarray) -> np.ndarray:
+        """Vectorized shard function: ``rows // shard_rows`` (int64)."""
+        return np.asarray(rows, dtype=np.int64) // self.shard_rows
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Half-open row range ``[lo, hi)`` of a shard (empty for trailing shards when
+        ``shards`` does not divide ``rows`` evenly: rows=10, shards=7 leaves shards 5-6 empty)."""
+        lo = min(self.rows, shard * self.shard_rows)
+        return lo, min(self.rows, lo + self.shard_rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "rows": self.rows, "dim": self.dim, "dtype": self.dtype,
+                "shards": self.shards, "dense": self.dense}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "TableSpec":
+        """Build from a decoded message; bad input raises :class:`ProtocolError`."""
+        try:
+            return cls(name=d["name"], rows=d["rows"], dim=d["dim"], dtype=d.get("dtype", "float32"),
+                       shards=d.get("shards"), dense=bool(d.get("dense", False)))
+        except (KeyError, TypeError, AttributeError, UsageError) as e:
+            raise ProtocolError(f"bad table spec: {e}", "bad_spec") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A model: a name, its tables and its share of inference traffic.
+
+    Args:
+        name: model name.
+        tables: the tables (embedding tables and dense-parameter tables).
+        traffic_share: fraction of inference traffic this model serves (the
+            scheduler's ``p_m``), in (0, 1].
+
+    Example:
+        >>> m = ModelSpec("ranker", tables=[TableSpec("emb", rows=100, dim=8)])
+        >>> m.table("emb").dim
+        8
+    """
+
+    name: str
+    tables: tuple[TableSpec, ...] = field(default_factory=tuple)
+    traffic_share: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_name("model", self.name)
+        tables = tuple(self.tables)
+        object.__setattr__(self, "tables", tables)
+        if not tables:
+            raise UsageError(f"model {self.name}: needs at least one table")
+        if len(tables) > MAX_TABLES_PER_MODEL:
+            raise UsageError(f"model {self.name}: at most {MAX_TABLES_PER_MODEL} tables")
+        names = [t.name for t in tables]
+        if len(set(names)) != len(names):
+            raise UsageError(f"model {self.name}: duplicate table names")
+        if not (isinstance(self.traffic_share, (int, float)) and 0 < self.traffic_share <= 1):
+            raise UsageError(f"model {self.name}: traffic_share must be in (0, 1]")
+
+    def table(self, name: str) -> TableSpec:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise UsageError(f"model {self.name} has no table {name!r}")
+
+    def has_table(self, name: str) -> bool:
+        return any(t.name == name for t in self.tables)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "tables": [t.to_dict() for t in self.tables],
+                "traffic_share": self.traffic_share}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "ModelSpec":
+        """Build from a decoded message; bad input raises :class:`ProtocolError`."""
+        try:
+            tables = d["tables"]
+            if not isinstance(tables, list):
+                raise TypeError("tables must be a list")
+            return cls(name=d["name"], tables=tuple(TableSpec.from_dict(t) for t in tables),
+                       traffic_share=float(d.get("traffic_share", 1.0)))
+        except (KeyError, TypeError, AttributeError, ValueError, UsageError) as e:
+            if isinstance(e, ProtocolError):
+                raise
+            raise ProtocolError(f"bad model spec: {e}", "bad_spec") from None

@@ -1,0 +1,252 @@
+"""A small synchronous client for a replica daemon's read API.
+
+For inference processes and tools that talk to a sidecar ``ekko daemon`` over
+HTTP (``docs/http-api.md``): read rows (values and versions) in the compact
+msgpack format, the replica's status, and its health.  It uses only the
+standard library's ``urllib`` (no event loop, no extra dependency) and is
+safe to share between threads (each call opens its own request).
+
+Errors: an error answer from the daemon raises
+:class:`~ekko.core.errors.RemoteError` with its status and message; a daemon that
+cannot be reached raises :class:`Unreachable`; bad arguments raise
+:class:`~ekko.core.errors.UsageError` before anything is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from ekko.core.codec import Keyring, MsgType, array_from_wire, encode_frame
+from ekko.core.delta import WIRE_DTYPES
+from ekko.core.errors import EkkoError, ProtocolError, RemoteError, UsageError
+from ekko.core.spec import SUPPORTED_DTYPES, ModelSpec
+from ekko.core.store import from_wire_values
+from rollback.manager import check_sample
+
+#: seconds one request may take.
+DEFAULT_TIMEOUT_S = 10.0
+#: ids per GET: a longer read is split into several requests (keeps the request line
+#: well under what the daemon accepts, ekko.server.daemon.MAX_READ_IDS).
+READ_BATCH_IDS = 4096
+#: largest answer we read (bytes): a batch of READ_BATCH_IDS rows of the widest dtype
+#: and dim fits, a runaway answer does not exhaust memory.
+MAX_ANSWER_BYTES = 1 << 31
+
+
+class Unreachable(EkkoError, ConnectionError):
+    """The daemon could not be reached (refused, timed out, DNS).
+
+    Example::
+
+        try:
+            Client("127.0.0.1:7070").status()
+        except Unreachable:
+            ...                      # not up (yet): retry later
+    """
+
+
+@dataclass(frozen=True)
+class RowsRead:
+    """Rows read from a replica.
+
+    Attributes:
+        ids: the row ids asked for (int64), in order.
+        versions: their packed versions (0 = never written), int64.
+        values: ``(n, dim)`` tensor of the table dtype, on the CPU.
+
+    Example::
+
+        r = Client("127.0.0.1:7070").read("ranker", "user_emb", [3, 17])
+        r.values.shape, r.versions      # torch.Size([2, dim]), packed int64 versions
+    """
+
+    ids: np.ndarray
+    versions: np.ndarray
+    values: torch.Tensor
+
+
+def _endpoint(ep: str) -> str:
+    if not isinstance(ep, str) or not ep.strip():
+        raise UsageError(f"bad endpoint {ep!r}")
+    ep = ep.strip().rstrip("/")
+    return ep if "://" in ep else "http://" + ep
+
+
+def _ids(ids: Any) -> np.ndarray:
+    if isinstance(ids, torch.Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise UsageError(f"ids must be integers, got {ids.dtype}")
+        arr = ids.detach().to("cpu").numpy()
+    else:
+        arr = np.asarray(ids)
+        if arr.size and arr.dtype.kind not in "iu":
+            raise UsageError(f"ids must be integers, got {arr.dtype}")
+    if arr.ndim != 1:
+        raise UsageError(f"ids must be 1-D, got shape {tuple(arr.shape)}")
+    if arr.size and int(arr.min()) < 0:
+        raise UsageError("row ids must be >= 0")
+    return arr.astype(np.int64)
+
+
+class Client:
+    """Read rows, status and health from one replica daemon.
+
+    Args:
+        endpoint: ``"host:port"`` or ``"http://host:port"``.
+        key: the cluster key; only :meth:`register` sends a frame that needs it.
+        timeout: seconds per request.
+
+    Example::
+
+        c = Client("127.0.0.1:7070")
+        emb = c.read_rows("ranker", "user_emb", [3, 17, 42])     # torch.Tensor (3, dim)
+        vers = c.read_versions("ranker", "user_emb", [3, 17, 42])
+        c.status()["models"]["ranker"]["lag_s"]
+    """
+
+    def __init__(self, endpoint: str, key: bytes | str | Keyring | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.endpoint = _endpoint(endpoint)
+        self.keyring = key if key is None or isinstance(key, Keyring) else Keyring.single(key)
+        self.timeout = float(timeout)
+
+    # -- transport --------------------------------------------------------------------
+    def _request(self, method: str, path: str, data: bytes | None = None) -> tuple[int, bytes, Any]:
+        req = urllib.request.Request(self.endpoint + path, data=data, method=method,
+                                     headers={"Content-Type": "application/octet-stream"} if data else {})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return r.status, r.read(MAX_ANSWER_BYTES), r.headers
+        except urllib.error.HTTPError as e:
+            raw = e.read(MAX_ANSWER_BYTES)
+            return e.code, raw, e.headers
+        except (urllib.error.URLError, OSError) as e:
+            raise Unreachable(f"cannot reach {self.endpoint}: {getattr(e, 'reason', e)}") from None
+
+    def _ok(self, method: str, path: str, data: bytes | None = None) -> bytes:
+        status, raw, headers = self._request(method, path, data)
+        if status // 100 == 2:
+            return raw
+        try:
+            message = str(json.loads(raw).get("error", ""))
+        except (ValueError, AttributeError):
+            message = raw[:200].decode("utf-8", "replace").strip()
+        retry = headers.get("Retry-After") if headers is not None else None
+        try:
+            retry_after = float(retry) if retry is not None else None
+        except ValueError:
+            retry_after = None
+        raise RemoteError(f"{self.endpoint}{path.split('?')[0]}: HTTP {status}: {message}", status, retry_after)
+
+    # -- reads ------------------------------------------------------------------------
+    def read(self, model: str, table: str, ids: Any) -> RowsRead:
+        """Values and versions of rows, in one pass (several requests for many ids)."""
+        arr = _ids(ids)
+        base = (f"/v1/models/{urllib.parse.quote(model, safe='')}/tables/"
+                f"{urllib.parse.quote(table, safe='')}/rows?format=msgpack&ids=")
+        vers, vals = [], []
+        dtype = dim = None
+        for lo in range(0, max(1, len(arr)), READ_BATCH_IDS):
+            part = arr[lo:lo + READ_BATCH_IDS]
+            raw = self._ok("GET", base + ",".join(map(str, part.tolist())))
+            d, dtype, dim = self._decode_rows(raw, part)
+            vers.append(d[0])
+            vals.append(d[1])
+        values = np.concatenate(vals) if len(vals) > 1 else vals[0]
+        return RowsRead(arr, np.concatenate(vers), from_wire_values(values, dtype, torch.device("cpu")))
+
+    def read_rows(self, model: str, table: str, ids: Any) -> torch.Tensor:
+        """Row values as a CPU tensor of the table dtype (bfloat16 included), ``(n, dim)``."""
+        return self.read(model, table, ids).values
+
+    def read_versions(self, model: str, table: str, ids: Any) -> np.ndarray:
+        """Packed int64 versions of rows (0 = never written); see :mod:`ekko.core.version`."""
+        return self.read(model, table, ids).versions
+
+    @staticmethod
+    def _decode_rows(raw: bytes, ids: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], str, int]:
+        try:
+            body = msgpack.unpackb(raw, raw=False)
+        except Exception as e:  # msgpack raises several types
+            raise ProtocolError(f"bad rows answer: {type(e).__name__}", "bad_body") from None
+        if not isinstance(body, dict):
+            raise ProtocolError("rows answer must be a map", "bad_body")
+        dtype, dim, n = body.get("dtype"), body.get("dim"), body.get("n")
+        if dtype not in SUPPORTED_DTYPES or not isinstance(dim, int) or dim <= 0 or n != len(ids):
+            raise ProtocolError("rows answer has a bad dtype, dim or count", "bad_body")
+        got = array_from_wire(body.get("ids"), np.int64, n, "ids")
+        if not np.array_equal(got, ids):
+            raise ProtocolError("rows answer is for other ids", "bad_body")
+        versions = array_from_wire(body.get("versions"), np.int64, n, "versions")
+        values = array_from_wire(body.get("values"), WIRE_DTYPES[dtype], n, "values", dim).reshape(n, dim)
+        return (versions, values), dtype, dim
+
+    def status(self, cluster: bool = False) -> dict[str, Any]:
+        """The replica's ``/v1/status``; ``cluster=True`` adds every member and its lag."""
+        return json.loads(self._ok("GET", "/v1/status" + ("?cluster=1" if cluster else "")))
+
+    def healthz(self) -> bool:
+        """True while the daemon serves; False while it drains (503) or cannot be reached."""
+        try:
+            status, _, _ = self._request("GET", "/healthz")
+        except Unreachable:
+            return False
+        return status == 200
+
+    def cut(self, model: str, name: str | None = None) -> str:
+        """Take a named cut (restore point) of ``model`` at this replica; it is sent to
+        every peer.  Returns the cut's name."""
+        body = {"model": model} if name is None else {"model": model, "name": name}
+        raw = self._ok("POST", "/v1/cuts", encode_frame(MsgType.CUT, body, self.keyring))
+        return str(json.loads(raw)["name"])
+
+    def cuts(self, model: str) -> list[dict[str, Any]]:
+        """The cuts this replica knows for ``model``, oldest first: ``name``, ``taken_at``
+        (Unix seconds), ``restorable`` (its undo history covers every change since),
+        ``learnt`` (from a peer or a snapshot), ``pinned`` (this replica's baseline pin)."""
+        return list(json.loads(self._ok("GET", f"/v1/models/{model}/cuts"))["cuts"])
+
+    def set_baseline(self, model: str, cut: str) -> dict[str, Any]:
+        """Pin this replica as a baseline to ``cut`` of ``model`` (a cut known there: see
+        :meth:`cuts`), or ``""`` to unpin; the pin holds every model of that replica and
+        survives its restarts.  Returns ``{"ok", "model", "cut", "previous"}``."""
+        raw = self._ok("POST", f"/v1/models/{model}/baseline",
+                       encode_frame(MsgType.BASELINE, {"cut": cut}, self.keyring))
+        return json.loads(raw)
+
+    def rollback(self, model: str, cut: str) -> dict[str, Any]:
+        """Roll ``model`` back to ``cut`` on every replica (started here)."""
+        raw = self._ok("POST", "/v1/rollback", encode_frame(MsgType.ROLLBACK, {"model": model, "cut": cut},
+                                                             self.keyring))
+        return json.loads(raw)
+
+    def report_quality(self, model: str, variant: str, metric: str, value: float, count: float) -> dict[str, Any]:
+        """Report one quality sample of ``model`` (``variant`` ``"online"`` or ``"baseline"``;
+        ``metric`` e.g. ``"ctr"``, the value over ``count`` events).  Returns the answer:
+        the model's state here and the ids of rollbacks the sample started.
+
+        Example::
+
+            Client("127.0.0.1:7070").report_quality("ranker", "online", "ctr", 0.0391, 120_000)
+        """
+        check_sample(model, variant, metric, value, count)
+        body = {"model": model, "variant": variant, "metric": metric, "value": float(value), "count": float(count)}
+        raw = self._ok("POST", "/v1/quality", encode_frame(MsgType.QUALITY, body, self.keyring))
+        return json.loads(raw)
+
+    def register(self, spec: ModelSpec) -> bool:
+        """Register a model (signed with ``key`` when given); True when it was new."""
+        if not isinstance(spec, ModelSpec):
+            raise UsageError("register takes a ModelSpec")
+        raw = self._ok("POST", "/v1/models", encode_frame(MsgType.REGISTER_MODEL, {"spec": spec.to_dict()},
+                                                           self.keyring))
+        return bool(json.loads(raw).get("created", False))

@@ -1,0 +1,244 @@
+"""Prometheus metrics of one replica daemon.
+
+Each :class:`DaemonMetrics` has its own :class:`prometheus_client.CollectorRegistry`
+(never the process-global one), so several daemons in one process -- tests,
+``ekko demo`` -- keep separate numbers.
+
+Two kinds of metrics:
+
+* counters the daemon increments as things happen (rejected requests by
+  reason, bytes per peer DC in each direction, transport failures);
+* a collector that reads the node's state at scrape time (the node's own event
+  counters, freshness lag per model, models, rows, push queue depth).  Scrapes
+  run in an HTTP handler on the event loop thread, the only thread that touches
+  the node, so reading it there is safe.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ekko.replica.node import ReplicaNode
+
+#: label value for a peer whose DC we do not know yet (e.g. a seed before it answered).
+UNKNOWN_DC = "unknown"
+
+
+class _NodeCollector(Collector):
+    """Reads a :class:`ReplicaNode` at scrape time."""
+
+    def __init__(self, node: "ReplicaNode") -> None:
+        self.node = node
+
+    def collect(self) -> Iterable[Metric]:
+        node = self.node
+        events = CounterMetricFamily("ekko_node_events", "Protocol events counted by the replica node",
+                                     labels=["event"])
+        for name, value in sorted(node.counters.items()):
+            events.add_metric([name], float(value))
+        yield events
+
+        lag = GaugeMetricFamily("ekko_freshness_lag_seconds",
+                                "How far this replica's newest applied update trails the newest seen anywhere",
+                                labels=["model"])
+        dc_lag = GaugeMetricFamily("ekko_cluster_freshness_lag_seconds",
+                                   "Worst freshness lag among live members of a DC (from gossiped heads)",
+                                   labels=["model", "dc"])
+        rows = GaugeMetricFamily("ekko_written_rows", "Rows that hold a published value",
+                                 labels=["model", "table"])
+        head = GaugeMetricFamily("ekko_model_head_counter", "Greatest version counter applied here",
+                                 labels=["model"])
+        worst: dict[tuple[str, str], float] = {}
+        for member in node.cluster_view():
+            if member["state"] == "dead":
+                continue
+            for model, s in member["lag_s"].items():
+                key = (model, member["dc"])
+                # No data yet while others have some: unboundedly behind (+Inf).
+                worst[key] = max(worst.get(key, 0.0), float("inf") if s is None else float(s))
+        for name, m in node.models.items():
+            own = node.freshness_lag(name)
+            lag.add_metric([name], float("inf") if own is None else own)
+            head.add_metric([name], float(m.head))
+            for t in m.spec.tables:
+                rows.add_metric([name, t.name], float(int((m.store.table(t.name).versions > 0).sum())))
+        for (model, dc), s in sorted(worst.items()):
+            dc_lag.add_metric([model, dc], s)
+        yield lag
+        yield dc_lag
+        yield rows
+        yield head
+
+        # Model-state manager (rollback.manager): one series per model and state, 1 for the current one.
+        mstate = GaugeMetricFamily("ekko_model_state", "Model state here (1 = current): warmup, healthy, "
+                                   "uncertain, corrupted", labels=["model", "state"])
+        cstate = GaugeMetricFamily("ekko_model_cluster_state", "Worst model state gossiped by live replicas "
+                                   "(1 = current)", labels=["model", "state"])
+        incidents = CounterMetricFamily("ekko_model_incidents", "Corruption incidents of a model (detected here "
+                                        "or learnt from peers; the cluster-wide incident number)", labels=["model"])
+        states = node.model_states() if node.models else {}
+        for name, st in sorted(states.items()):
+            for value in ("warmup", "healthy", "uncertain", "corrupted"):
+                mstate.add_metric([name, value], float(st["state"] == value))
+                cstate.add_metric([name, value], float(st["cluster_state"] == value))
+            incidents.add_metric([name], float(st["epoch"]))
+        yield mstate
+        yield cstate
+        yield incidents
+
+        models = GaugeMetricFamily("ekko_models", "Models registered on this replica")
+        models.add_metric([], float(len(node.models)))
+        yield models
+
+        depth = GaugeMetricFamily("ekko_push_queue_rows", "Rows waiting in outbound push queues (all links)")
+        depth.add_metric([], float(sum(q.rows for q in node.queues.values())))
+        yield depth
+        # Priority queues count by class (high/low): depth, bytes sent, queueing latency.
+        stats = [q.stats() for q in node.queues.values() if hasattr(q, "stats")]
+        if stats:
+            by_cls = GaugeMetricFamily("ekko_push_queue_class_rows", "Rows waiting in push queues by class",
+                                       labels=["class"])
+            sent = CounterMetricFamily("ekko_push_sent_bytes", "Push bytes sent by class", labels=["class"])
+            lat = CounterMetricFamily("ekko_push_queue_latency_seconds_sum",
+                                      "Total queueing latency of pushed rows by class", labels=["class"])
+            cnt = CounterMetricFamily("ekko_push_queue_latency_rows", "Pushed rows by class", labels=["class"])
+            for cls in ("high", "low"):
+                by_cls.add_metric([cls], float(sum(getattr(st, f"rows_{cls}") for st in stats)))
+                sent.add_metric([cls], float(sum(getattr(st, f"sent_bytes_{cls}") for st in stats)))
+                lat.add_metric([cls], float(sum(getattr(st, f"latency_sum_{cls}") for st in stats)))
+                cnt.add_metric([cls], float(sum(getattr(st, f"sent_rows_{cls}") for st in stats)))
+            yield by_cls
+            yield sent
+            yield lat
+            yield cnt
+        dropped = CounterMetricFamily("ekko_push_queue_dropped_rows",
+                                      "Rows dropped by full push queues (left to anti-entropy)")
+        dropped.add_metric([], float(sum(q.dropped for q in node.queues.values())))
+        yield dropped
+
+        members = GaugeMetricFamily("ekko_members", "Members known to this replica by state", labels=["state"])
+        by_state: dict[str, int] = {"alive": 0, "suspect": 0, "dead": 0}
+        for mem in node.members.members.values():
+            by_state[mem.state.name.lower()] = by_state.get(mem.state.name.lower(), 0) + 1
+        for state, n in by_state.items():
+            members.add_metric([state], float(n))
+        yield members
+
+
+class _WalCollector(Collector):
+    """Reads the daemon's write-ahead log (:class:`ekko.replica.wal.GroupCommitLog`) at scrape time."""
+
+    def __init__(self, get_wal: Callable[[], Any]) -> None:
+        self.get_wal = get_wal
+
+    def collect(self) -> Iterable[Metric]:
+        wal = self.get_wal()
+        if wal is None:
+            return
+        w = wal.writer
+        for name, doc, value in (
+                ("ekko_wal_records", "Records appended to the write-ahead log", wal.records),
+                ("ekko_wal_bytes", "Bytes appended to the write-ahead log", wal.bytes),
+                ("ekko_wal_fsyncs", "fsyncs of the write-ahead log (group commit: one per batch)", w.fsyncs),
+                ("ekko_wal_fsync_seconds", "Time spent in write-ahead log fsyncs", w.fsync_seconds),
+                ("ekko_wal_failures", "Write-ahead log writes that failed", wal.failures)):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], float(value))
+            yield c
+        st = wal.replay_stats
+        for name, doc, value in (
+                ("ekko_wal_replayed_records", "Records replayed from the write-ahead log at start", st.records),
+                ("ekko_wal_dropped_bytes", "Bytes of torn or corrupt log tail dropped at start", st.dropped_bytes)):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], float(value))
+            yield g
+
+
+class DaemonMetrics:
+    """The metrics of one daemon, in a registry of its own.
+
+    Args:
+        node: the replica node whose state is exported at scrape time (optional:
+            :meth:`attach` may bind it later).
+
+    Example:
+        >>> m = DaemonMetrics()
+        >>> m.reject("publish", "bad_magic")
+        >>> b"ekko_rejects_total" in m.render()
+        True
+    """
+
+    def __init__(self, node: "ReplicaNode | None" = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.rejects = Counter("ekko_rejects", "Requests rejected for bad input, by endpoint and reason",
+                               ["endpoint", "reason"], registry=r)
+        self.requests = Counter("ekko_http_requests", "HTTP requests served, by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.internal_errors = Counter("ekko_internal_errors", "Unexpected exceptions (bugs), by place",
+                                       ["where"], registry=r)
+        self.bytes_sent = Counter("ekko_bytes_sent", "Frame bytes sent to peers, by peer DC and message type",
+                                  ["peer_dc", "msg_type"], registry=r)
+        self.bytes_received = Counter("ekko_bytes_received",
+                                      "Frame bytes received from peers, by sender DC and message type",
+                                      ["peer_dc", "msg_type"], registry=r)
+        self.send_failures = Counter("ekko_send_failures", "Peer sends that failed or were dropped, by reason",
+                                     ["peer_dc", "reason"], registry=r)
+        self.published_rows = Counter("ekko_published_rows", "Rows accepted by /v1/publish", ["model"],
+                                      registry=r)
+        self.shadowed_rows = Counter("ekko_shadowed_rows",
+                                     "Published rows that did not apply because the ingest replica already "
+                                     "held a greater version (a publisher clock ahead, or another publisher)",
+                                     ["model"], registry=r)
+        self.snapshots = Counter("ekko_snapshots", "Snapshots written, by outcome", ["outcome"], registry=r)
+        self.snapshot_seconds = Gauge("ekko_last_snapshot_seconds", "Duration of the last snapshot write",
+                                      registry=r)
+        self.sends_in_flight = Gauge("ekko_sends_in_flight", "Peer sends in flight", registry=r)
+        # Back-pressure: refusals by bound, and the quantities the bounds apply to.
+        self.backpressure = Counter("ekko_backpressure_rejects",
+                                    "Publishes refused with 429/503 because a bound was passed, by bound",
+                                    ["bound"], registry=r)
+        self.publish_bytes_in_flight = Gauge("ekko_publish_bytes_in_flight",
+                                             "Bytes of publish bodies admitted and not yet answered", registry=r)
+        self.outbound_bytes = Gauge("ekko_outbound_bytes_queued",
+                                    "Estimated bytes of peer messages queued in the HTTP transport", registry=r)
+        self.push_backlog_rows = Gauge("ekko_push_backlog_rows", "Rows waiting in outbound push queues",
+                                       registry=r)
+        self.wal_retained_bytes = Gauge("ekko_wal_retained_bytes",
+                                        "Bytes of write-ahead log not yet covered by a snapshot", registry=r)
+        self.resident_bytes = Gauge("ekko_process_resident_bytes", "Resident memory of the daemon process",
+                                    registry=r)
+        self._node_collector: _NodeCollector | None = None
+        if node is not None:
+            self.attach(node)
+
+    def attach(self, node: "ReplicaNode") -> None:
+        if self._node_collector is not None:
+            self.registry.unregister(self._node_collector)
+        self._node_collector = _NodeCollector(node)
+        self.registry.register(self._node_collector)
+
+    def watch_wal(self, get_wal: Callable[[], Any]) -> None:
+        """Export the write-ahead log that ``get_wal()`` returns (None: nothing) at scrape time."""
+        self.registry.register(_WalCollector(get_wal))
+
+    def set_pressure(self, publish_bytes: int, outbound_bytes: int, push_rows: int, wal_bytes: int,
+                     rss: int) -> None:
+        """The quantities the back-pressure bounds apply to (:meth:`ekko.server.backpressure.PublishGate.gauges`)."""
+        self.publish_bytes_in_flight.set(publish_bytes)
+        self.outbound_bytes.set(outbound_bytes)
+        self.push_backlog_rows.set(push_rows)
+        self.wal_retained_bytes.set(wal_bytes)
+        self.resident_bytes.set(rss)
+
+    def reject(self, endpoint: str, reason: str) -> None:
+        self.rejects.labels(endpoint, reason).inc()
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)

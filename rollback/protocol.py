@@ -1,0 +1,630 @@
+"""Cuts and rollback for :class:`ekko.replica.node.ReplicaNode` (a mixin: the node's state lives there).
+
+A cut is a named point: every shard's knowledge.  A rollback record (cut + an HLC
+rollback point) is applied here, sent to every peer and gossiped; the versions it
+fences never apply again.  Restored rows are compared with random peers for a few
+rounds because state-based sync may have skipped the newest version the cut covers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ekko.core.codec import MsgType, array_from_wire, array_to_wire, delta_to_wire, field
+from ekko.core.delta import WIRE_DTYPES
+from ekko.core.errors import ProtocolError, UsageError
+from ekko.core.messages import Outgoing
+from ekko.core.spec import check_name
+from ekko.core.version import MAX_COUNTER, MAX_ORIGIN, Knowledge, origins_of
+from rollback.cuts import Cut
+from rollback.detector import DetectorConfig
+from rollback.manager import Incident, ManagerConfig, ModelStateManager, check_sample, merge_rollback_records
+from rollback.undo import UndoImage
+
+#: most chain heads a cut request may ask to be covered.
+MAX_COVER_HEADS = 1 << 16
+#: rollback records kept for gossip (newest first); a replica that was away catches up from them.
+MAX_ROLLBACK_RECORDS = 32
+#: distinct peers (or every other member, when fewer) a replica compares the rows a rollback
+#: restored with: it asks one random peer per anti-entropy round, so the best value spreads
+#: like a rumour.  Rounds whose request or answer is lost do not count (every request is
+#: answered), so a replica partitioned off or restarting during the rollback still repairs.
+REPAIR_ROUNDS = 8
+#: most anti-entropy rounds a replica keeps asking while fewer peers than that have answered.
+REPAIR_MAX_ASKS = 1 << 12
+#: most rows one repair request names per table.
+MAX_REPAIR_ROWS = 1 << 16
+#: quality events (incidents, restores) kept for the driver to log (oldest dropped).
+MAX_QUALITY_EVENTS = 256
+#: models whose state one gossip message carries.
+MAX_GOSSIP_MODEL_STATES = 1024
+#: most cut names one cut-list request ("cl") may carry.
+MAX_CUT_NAMES = 1024
+#: most cuts sent in answer to one cut-list request (each in its own CUT message).
+MAX_CUTS_PER_SYNC = 16
+#: cut wall times remembered (:meth:`RollbackMixin.cut_wall_time`) before pruning to live cuts.
+MAX_CUT_WALL_MEMO = 4096
+#: model states by severity (the cluster's state of a model is the worst any live replica reports).
+_STATE_ORDER = {"warmup": 0, "healthy": 1, "uncertain": 2, "corrupted": 3}
+
+
+
+class RollbackMixin:
+    """Cut, rollback, fence and repair behaviour of a replica node, and its model-state manager."""
+
+    # ------------------------------------------------------------------ model states
+    def _init_quality(self) -> None:
+        c = self.config
+        det = DetectorConfig(warmup_windows=c.quality_warmup_windows)
+        self.quality = ModelStateManager(self.node_id, ManagerConfig(detector=det, auto_rollback=c.auto_rollback))
+        # Model states other replicas gossiped: node id -> model -> state name.
+        self.peer_model_states: dict[str, dict[str, str]] = {}
+        self._quality_events: list[dict[str, Any]] = []
+        # Cut wall times by (model, name, taken_at): see cut_wall_time.
+        self._cut_walls: dict[tuple[str, str, float], float] = {}
+        self._baseline_pin = ""
+        self.set_baseline_pin(c.baseline_pin_cut)
+
+    def _quality_event(self, kind: str, **kw: Any) -> None:
+        self._quality_events.append({"event": kind, **kw})
+        if len(self._quality_events) > MAX_QUALITY_EVENTS:
+            del self._quality_events[0]
+
+    def take_quality_events(self) -> list[dict[str, Any]]:
+        """Incidents opened or adopted and rollbacks restored since the last call (for the log)."""
+        out, self._quality_events = self._quality_events, []
+        return out
+
+    def report_quality(self, model: str, variant: str, metric: str, value: float, count: float, now: float,
+                       until_counter: int | None = None) -> dict[str, Any] | None:
+        """Take one quality sample of ``model`` (in-process API of ``POST /v1/quality``).
+
+        Args:
+            model: a registered model.
+            variant: ``"online"`` (the served parameters) or ``"baseline"`` (a replica
+                group that lags: see :attr:`NodeConfig.baseline_pin_cut`).
+            metric: a metric the detector knows (``ctr``, ``auc``, ``loss``, ``logloss``).
+            value: the metric over ``count`` events.
+            count: events behind ``value`` (impressions, examples), > 0.
+            now: current time, seconds.
+            until_counter: rollback point (an HLC counter, normally the caller's wall
+                clock) should this sample trigger an automatic rollback; default: the
+                greatest counter any replica is known to hold.
+
+        Returns the rollback record when the sample made the model corrupted and a
+        rollback was started (here and at every peer), else None.  A bad sample raises
+        :class:`UsageError` and changes nothing.
+
+        Example:
+            >>> from ekko.replica.node import ReplicaNode
+            >>> from ekko.core.spec import ModelSpec, TableSpec
+            >>> n = ReplicaNode("r1", "dc1", "127.0.0.1:1", device="cpu")
+            >>> _ = n.register_model(ModelSpec("m", [TableSpec("t", rows=8, dim=2)]), now=0.0)
+            >>> n.report_quality("m", "online", "ctr", 0.04, 1000, now=1.0) is None
+            True
+            >>> n.quality.state("m").value
+            'warmup'
+        """
+        check_sample(model, variant, metric, value, count)
+        if model not in self.models:
+            raise UsageError(f"unknown model {model!r}")
+        if metric not in self.quality.config.detector.metrics:
+            raise UsageError(f"unknown metric {metric!r}; known: {sorted(self.quality.config.detector.metrics)}")
+        if until_counter is not None and not 0 < until_counter <= MAX_COUNTER:
+            raise UsageError("until_counter must be a positive HLC counter")
+        before = self.quality.counters["incidents"]
+        decision = self.quality.observe(model, variant, metric, value, count, now,
+                                        eligible=lambda name, _m=model: self._cut_eligible(_m, name))
+        if self.quality.counters["incidents"] != before:
+            self._quality_event("incident", **self.quality.incidents(model)[-1].view())
+        if decision is None:
+            return None
+        if until_counter is None:
+            until_counter = max([self.models[model].head] + [h.get(model, 0) for h in self.peer_heads.values()])
+            until_counter = max(1, until_counter)
+        return self.rollback(model, decision.cut, until_counter, now, rid=decision.rollback_id,
+                             incident=decision.incident)
+
+    def _cut_eligible(self, model: str, name: str) -> bool:
+        try:
+            cut = self.cuts.get(model, name)
+        except UsageError:
+            return False
+        # A foreign cut (seq 0) restores from its knowledge alone; without history, peers fill in.
+        return self.undo is None or cut.seq == 0 or self.cuts.restorable(cut)
+
+    def model_states(self) -> dict[str, Any]:
+        """Per model: this replica's state, the cluster's (worst state gossiped by live
+        replicas, this one included) and the count of replicas per state."""
+        live = set(self._live_peers()) if not self.static_membership else None
+        for gone in [p for p in self.peer_model_states if self.members.get(p) is None]:
+            del self.peer_model_states[gone]   # forgotten members: bound the map
+        out: dict[str, Any] = {}
+        for name in self.models:
+            own = self.quality.state(name).value
+            counts = {own: 1}
+            for peer, states in self.peer_model_states.items():
+                if live is not None and peer not in live:
+                    continue
+                st = states.get(name)
+                if st is not None:
+                    counts[st] = counts.get(st, 0) + 1
+            worst = max(counts, key=lambda s: _STATE_ORDER.get(s, 0))
+            out[name] = {"state": own, "cluster_state": worst, "replicas_by_state": counts,
+                         "epoch": self.quality.epoch(name)}
+        return out
+
+    def _model_states_wire(self) -> dict[str, str]:
+        return {name: self.quality.state(name).value for name in list(self.models)[:MAX_GOSSIP_MODEL_STATES]}
+
+    def _parse_model_states(self, raw: Any) -> dict[str, str]:
+        """A peer's gossiped model states (validated, nothing changed); unknown entries dropped."""
+        if not isinstance(raw, dict) or len(raw) > MAX_GOSSIP_MODEL_STATES:
+            raise ProtocolError("bad model states", "bad_body")
+        return {k: v for k, v in raw.items()
+                if isinstance(k, str) and k in self.models and isinstance(v, str) and v in _STATE_ORDER}
+
+    # ------------------------------------------------------------------ pinned baseline
+    @property
+    def baseline_pin(self) -> str:
+        """The cut this replica is pinned to as a baseline ("" = an ordinary replica)."""
+        return self._baseline_pin
+
+    def set_baseline_pin(self, cut: str) -> None:
+        """Pin this replica to ``cut`` (a baseline), move the pin, or ``""`` to unpin.
+
+        A pinned baseline applies only row versions the pinned cut covers and never lets
+        its knowledge pass the cut's, so anti-entropy keeps offering it what lies beyond:
+        after a re-pin to a newer cut (or an unpin) the next rounds bring it forward, as
+        for a replica that was away.  Until the pinned cut is known here it applies
+        nothing.  State-based sync keeps only each row's newest version, so a row that
+        peers overwrote after the cut before this baseline got the cut's version keeps
+        the baseline's older value (re-pin to a newer cut regularly).
+        """
+        if cut:
+            check_name("cut", cut)
+        self._baseline_pin = cut
+        if not self.static_membership:
+            # Advertised so that peers never make a baseline a gateway, push relay or
+            # anti-entropy partner: it refuses what lies beyond its cut, so rows sent
+            # to it for its DC would stop there, and rows it cannot take are wasted bytes.
+            self.members.set_role("baseline" if cut else "")
+
+    def _pinned_cut(self, model: str) -> Cut | None:
+        try:
+            return self.cuts.get(model, self.baseline_pin)
+        except UsageError:
+            return None
+
+    def _baseline_filter(self, d: Any) -> Any:
+        """The rows of a delta a pinned baseline may apply (those its cut covers)."""
+        cut = self._pinned_cut(d.model)
+        keep = (cut.covers(self.models[d.model].spec.table(d.table), d.ids, d.versions) if cut is not None
+                else np.zeros(len(d), bool))
+        if not keep.all():
+            self.counters["baseline_held_rows"] += int((~keep).sum())
+            d = d.take(keep)
+        return d
+
+    def _baseline_clamp(self, model: str, table: str, shard: int, k: Knowledge) -> Knowledge:
+        """A peer's knowledge as far as a pinned baseline may adopt it: at most the cut's."""
+        cut = self._pinned_cut(model)
+        pin = cut.knowledge.get((table, shard)) if cut is not None else None
+        if pin is None:
+            return Knowledge()
+        return Knowledge({o: min(c, pin[o]) for o, c in k.items() if pin[o] > 0})
+
+    # ------------------------------------------------------------------ cuts and rollback
+    def _knowledge_of(self, model: str) -> dict[tuple[str, int], Knowledge]:
+        m = self._model(model)
+        return {(t, s): sync.knowledge for t, shards in m.shards.items() for s, sync in shards.items()}
+
+    def parse_coverage(self, model: str, covers: Any) -> tuple[int, list[tuple[str, int, int]]]:
+        """Validate a cut request's ``covers``: ``{"origin": o, "heads": [[table, shard,
+        counter], ...]}`` (a publisher's acknowledged chain heads).  Raises ProtocolError."""
+        m = self._model(model)
+        if not isinstance(covers, dict):
+            raise ProtocolError("covers must be a map", "bad_body")
+        origin = covers.get("origin")
+        heads = covers.get("heads")
+        if not isinstance(origin, int) or not 0 < origin <= MAX_ORIGIN or not isinstance(heads, list) \
+                or len(heads) > MAX_COVER_HEADS:
+            raise ProtocolError("covers needs an origin and at most "
+                                f"{MAX_COVER_HEADS} heads", "bad_body")
+        out = []
+        for h in heads:
+            if not (isinstance(h, list) and len(h) == 3 and isinstance(h[0], str) and m.spec.has_table(h[0])
+                    and isinstance(h[1], int) and 0 <= h[1] < m.spec.table(h[0]).num_shards
+                    and isinstance(h[2], int) and 0 <= h[2] <= MAX_COUNTER):
+                raise ProtocolError(f"bad covers head {h!r:.60}", "bad_body")
+            out.append((h[0], h[1], h[2]))
+        return origin, out
+
+    def uncovered(self, model: str, origin: int, heads: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+        """The heads ``(table, shard, counter)`` of ``origin`` this replica's knowledge
+        does not reach yet (a cut taken now would not cover them)."""
+        m = self._model(model)
+        out = []
+        for table, s, c in heads:
+            sync = m.shards[table].get(s)
+            if (sync.knowledge[origin] if sync is not None else 0) < c:
+                out.append((table, s, c))
+        return out
+
+    def take_cut(self, model: str, name: str, now: float, broadcast: bool = True) -> Cut:
+        """Record a named restore point of ``model``: its per-shard knowledge now.
+
+        With ``broadcast`` the cut is sent to every live peer, so a rollback to it can
+        be started at any replica.
+        """
+        check_name("cut", name)
+        cut = self.cuts.take(model, name, now, self._knowledge_of(model), self._seq)
+        self.quality.note_cut(model, name, now)
+        if broadcast:
+            for peer in self._live_peers():
+                self._send_cut(peer, cut)
+        return cut
+
+    # ------------------------------------------------------------------ durable undo history
+    def export_undo(self, model: str) -> UndoImage | None:
+        """The undo history of ``model`` to keep with its snapshot (None without a history).
+
+        Take it in the same instant as the store copy: the history then ends exactly at
+        the copied state (rule K7 of docs/design.md).
+        """
+        self._model(model)
+        return self.undo.export_model(model, self._seq) if self.undo is not None else None
+
+    def import_undo(self, image: UndoImage) -> str | None:
+        """Install the undo history of a model restored from a snapshot (before any apply of it).
+
+        The apply seq continues above the image's, so records of replayed or new applies
+        come after the restored ones and cuts restored with the snapshot keep their
+        meaning.  A damaged or inconsistent image installs no history: the model's
+        horizon moves to the image's seq (cuts older than the snapshot are no longer
+        restorable here; rollbacks to them rely on peers) and
+        ``counters["undo_history_unusable"]`` counts it.
+
+        Returns None when the history was installed, else why it was not.
+        """
+        self._seq = max(self._seq, int(image.seq))
+        if self.undo is None:
+            return None
+        problem = image.damaged
+        if problem is None:
+            try:
+                self.undo.import_model(image)
+            except UsageError as e:
+                problem = str(e)
+        if problem is not None:
+            self.undo.forget_before(image.model, int(image.seq))
+            self.counters["undo_history_unusable"] += 1
+        return problem
+    def _send_cut(self, peer: str, cut: Cut) -> None:
+        mem = self.members.get(peer)
+        if mem is not None:
+            # "at": when it was taken as wall time (Unix seconds): protocol time is each
+            # replica's own (a daemon's monotonic clock), meaningless elsewhere.
+            self._out.append(Outgoing(peer, mem.address, MsgType.CUT, {
+                "from": self.node_id, "cut": self.cut_to_wire(cut), "at": self.cut_wall_time(cut)}))
+
+    def cut_wall_time(self, cut: Cut) -> float:
+        """When ``cut`` was taken, as wall time (Unix seconds; the simulator's HLC epoch
+        based time in simulation).  Fixed the first time it is asked (or as received):
+        the driver re-reads the wall clock's offset before every frame, and a cut's time
+        must not wobble with it."""
+        walls = self._cut_walls
+        key = (cut.model, cut.name, cut.taken_at)
+        got = walls.get(key)
+        if got is None:
+            if len(walls) >= MAX_CUT_WALL_MEMO:   # keep only the cuts still held
+                live = {(c.model, c.name, c.taken_at) for m in self.models for c in self.cuts.cuts(m)}
+                for k in [k for k in walls if k not in live]:
+                    del walls[k]
+            got = walls[key] = max(0.0, cut.taken_at + self.wall_offset_s)
+        return got
+
+    def cut_to_wire(self, cut: Cut) -> dict[str, Any]:
+        """:meth:`Cut.to_wire` with ``taken_at`` as wall time (a learnt cut may predate
+        this process, i.e. lie before protocol time 0, which the wire form refuses)."""
+        wire = cut.to_wire()
+        wire["taken_at"] = self.cut_wall_time(cut)
+        return wire
+
+    def _foreign_cut(self, data: Any, at: Any) -> Cut:
+        """A cut from the wire or a snapshot, validated against the model's spec, with
+        ``taken_at`` moved to this replica's protocol time when ``at`` (wall seconds)
+        is given.  Its seq is 0: our undo records are not ordered against it, so a
+        restore walks by its knowledge, which is what defines it.  Raises
+        :class:`ProtocolError` and changes nothing."""
+        cut = Cut.from_wire(data)
+        m = self.models.get(cut.model)
+        if m is not None:
+            for table, shard in cut.knowledge:
+                if not m.spec.has_table(table) or shard >= m.spec.table(table).num_shards:
+                    raise ProtocolError(f"cut {cut.name} names shard {table}/{shard} the model lacks", "bad_cut")
+        taken_at = cut.taken_at
+        if at is not None:
+            if not isinstance(at, (int, float)) or isinstance(at, bool) or not 0 <= at < float(1 << 40):
+                raise ProtocolError("bad cut time", "bad_cut")
+            taken_at = float(at) - self.wall_offset_s
+        out = Cut(cut.name, cut.model, taken_at, cut.knowledge, 0)
+        if at is not None:
+            self._cut_walls[(out.model, out.name, out.taken_at)] = float(at)
+        return out
+
+    def _on_cut(self, body: dict[str, Any], now: float) -> None:
+        cut = self._foreign_cut(body.get("cut"), body.get("at"))
+        if cut.model not in self.models:
+            return
+        if self.cuts.learn(cut):
+            self.counters["cuts_learnt"] += 1
+            self.quality.note_cut(cut.model, cut.name, now)
+
+    # ------------------------------------------------------------------ cut anti-entropy
+    def _cut_digests_wire(self) -> dict[str, int]:
+        """Per model with named cuts, the digest of their names (gossiped: a replica that
+        was down or joined late finds out it lacks cuts taken before)."""
+        out = {}
+        for name in list(self.models)[:MAX_GOSSIP_MODEL_STATES]:
+            d = self.cuts.names_digest(name)
+            if d:
+                out[name] = d
+        return out
+
+    def _parse_cut_digests(self, raw: Any) -> list[str]:
+        """Models whose cut digest in a peer's gossip differs from ours (validated first)."""
+        if not isinstance(raw, dict) or len(raw) > MAX_GOSSIP_MODEL_STATES or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
+                for k, v in raw.items()):
+            raise ProtocolError("bad cut digests", "bad_body")
+        # A model where only we hold cuts: the peer sees our digest and asks us.
+        return [k for k, v in raw.items() if k in self.models and v != self.cuts.names_digest(k)]
+
+    def _ask_cuts(self, peer: str, models: list[str]) -> None:
+        """Ask ``peer`` for the named cuts of ``models`` that we lack (we list ours)."""
+        mem = self.members.get(peer)
+        if mem is None:
+            return
+        for model in models:
+            names = [c.name for c in self.cuts.named(model)][-MAX_CUT_NAMES:]
+            self.counters["cut_lists_asked"] += 1
+            self._out.append(Outgoing(peer, mem.address, MsgType.GOSSIP,
+                                      {"k": "cl", "from": self.node_id, "m": model, "names": names}))
+
+    def _on_cut_list(self, body: dict[str, Any], now: float) -> None:
+        """A peer lists the named cuts it has of a model: send it those it lacks (newest first)."""
+        sender = field(body, "from", str)
+        model = field(body, "m", str)
+        names = field(body, "names", list)
+        if len(names) > MAX_CUT_NAMES:
+            raise ProtocolError("too many cut names", "too_large")
+        for n in names:
+            check_name("cut", n, ProtocolError)
+        if model not in self.models or self.members.get(sender) is None:
+            return
+        have = set(names)
+        missing = [c for c in self.cuts.named(model) if c.name not in have]
+        for cut in missing[-MAX_CUTS_PER_SYNC:]:
+            self._send_cut(sender, cut)
+
+    def rollback(self, model: str, cut: Cut | str, until_counter: int, now: float, rid: str | None = None,
+                 incident: Incident | None = None) -> dict[str, Any]:
+        """Roll ``model`` back to ``cut`` everywhere: restore here, then tell every peer.
+
+        Every version of the model newer than the cut and at most ``until_counter``, of
+        every origin, including publishers this replica has not heard of yet (an
+        HLC counter: the caller's wall clock at the decision, so harmful updates still
+        in flight are caught too) is fenced: never applied or served again.  Updates
+        published afterwards carry greater counters and apply normally.
+
+        ``rid`` names the record (default: this node, model, cut and point); an automatic
+        rollback passes the incident's id so that replicas deciding it at once build
+        records that merge (:func:`rollback.manager.merge_rollback_records`), and the
+        ``incident`` travels with the record so that every replica records it.
+
+        Returns the rollback record (also gossiped until it ages out).
+        """
+        m = self._model(model)
+        if isinstance(cut, str):
+            cut = self.cuts.get(model, cut)
+        if not 0 < until_counter <= MAX_COUNTER:
+            raise UsageError("until_counter must be a positive HLC counter")
+        origins: set[int] = set()
+        for shards in m.shards.values():
+            for sync in shards.values():
+                origins.update(o for o, _ in sync.knowledge.items())
+        for t in m.spec.tables:
+            v = m.store.table(t.name).versions
+            written = v[v > 0]
+            if len(written):
+                origins.update(np.unique(origins_of(written)).tolist())
+        record = {"id": rid or f"{self.node_id}.{model}.{cut.name}.{until_counter}", "model": model,
+                  "cut": self.cut_to_wire(cut), "upper": [[o, until_counter] for o in [0, *sorted(origins)]]}
+        if incident is not None:
+            record["incident"] = incident.to_wire()
+        self._apply_rollback(record, now)
+        record = self.rollbacks.get(record["id"], record)  # merged with a peer's record of the incident
+        for peer in self._live_peers():
+            mem = self.members.get(peer)
+            self._out.append(Outgoing(peer, mem.address, MsgType.ROLLBACK, {"from": self.node_id, "rb": record}))
+        return record
+
+    def _parse_rollback(self, record: dict[str, Any], now: float
+                        ) -> tuple[str, str, Cut, list[list[int]], Incident | None]:
+        """Validate a rollback record without changing anything: ``(id, model, cut, upper, incident)``.
+
+        Raises:
+            ProtocolError: malformed, or a rollback point beyond our clock + max_clock_skew.
+        """
+        rid = field(record, "id", str)
+        model = field(record, "model", str)
+        cut = Cut.from_wire(record.get("cut"))
+        upper_raw = field(record, "upper", list)
+        if len(upper_raw) > MAX_ORIGIN or not all(
+                isinstance(e, list) and len(e) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in e)
+                and 0 <= e[0] <= MAX_ORIGIN and 0 < e[1] <= MAX_COUNTER for e in upper_raw):
+            raise ProtocolError("bad rollback point", "bad_body")
+        incident = Incident.from_wire(record["incident"], now) if "incident" in record else None
+        if incident is not None and incident.model != model:
+            raise ProtocolError("rollback incident names another model", "bad_body")
+        if upper_raw and max(c for _, c in upper_raw) > self.counter_horizon(now):
+            # A fence reaching into the future would silently drop legitimate updates to come.
+            self.counters["refused_future_frames"] += 1
+            raise ProtocolError("rollback point lies beyond this replica's clock + max_clock_skew", "future_version")
+        return rid, model, cut, upper_raw, incident
+
+    def _apply_rollback(self, record: dict[str, Any], now: float) -> bool:
+        """Restore the rows a rollback record covers; idempotent per record id and content."""
+        rid = field(record, "id", str)
+        prev = self.rollbacks.get(rid)
+        if prev is not None and prev == record:
+            return False
+        rid, model, cut, upper_raw, incident = self._parse_rollback(record, now)
+        m = self.models.get(model)
+        if m is None or cut.model != model:
+            return False  # not ours (yet): the record comes again with gossip
+        if prev is not None:
+            # Two replicas decided the same incident at once: join the records (the older
+            # cut, the greater point), identically everywhere whatever the arrival order.
+            merged = merge_rollback_records(prev, record)
+            if merged == prev:
+                return False
+            record = merged
+            cut = Cut.from_wire(record["cut"])
+            upper_raw = record["upper"]
+            incident = Incident.from_wire(record["incident"], now) if "incident" in record else None
+            del self.rollbacks[rid]
+        self.rollbacks[rid] = record
+        while len(self.rollbacks) > MAX_ROLLBACK_RECORDS:
+            del self.rollbacks[next(iter(self.rollbacks))]
+        if incident is not None and self.quality.adopt(incident):
+            self._quality_event("incident_adopted", **incident.view())
+        self.fence.add(m.spec, cut, {o: c for o, c in upper_raw})
+        restored = 0
+        for t in m.spec.tables:
+            ts = m.store.table(t.name)
+            rows = cut.rows_to_restore(t, ts.versions)
+            if len(rows):
+                # Only rows holding a fenced version go back; newer, legitimate updates stay.
+                rows = rows[self.fence.mask(model, t.name, rows, ts.versions[rows])]
+            if not len(rows):
+                continue
+            if self.undo is not None:
+                self._seq += 1
+                # The cut covers what an earlier rollback fenced too: never restore that.
+                in_cut = cut.covered_fn(t)
+
+                def covered(ids: np.ndarray, v: np.ndarray, _in_cut=in_cut, _table=t.name) -> np.ndarray:
+                    return _in_cut(ids, v) & ~self.fence.mask(model, _table, ids, v)
+                out = self.undo.restore_at_cut(model, t.name, ts, rows, covered, seq=self._seq)
+                missing = out.incomplete
+            else:
+                missing = rows
+            if len(missing):
+                # No history for these: hold nothing rather than a fenced value; peers fill in.
+                n = len(missing)
+                ts.restore_rows(missing, np.zeros(n, np.int64),
+                                np.zeros((n, t.dim), WIRE_DTYPES[t.dtype]) if ts.values is not None else None)
+            restored += len(rows)
+            m.index[t.name].note_applied(rows, ts.versions[rows], now, self.config.index_rows)
+            m.recompute_top(t.name, rows)
+            # State-based sync skips superseded versions, so our history may miss the newest
+            # version the cut covers: compare every restored row with peers for a few rounds.
+            self._schedule_repair(model, t.name, rows)
+        # A new rollback restarts the count of answering peers even where it restored
+        # nothing here: answers given before it compared pre-rollback values.
+        self._repair_rounds = REPAIR_MAX_ASKS
+        self._repair_answered = set()
+        self.counters["rollbacks"] += 1
+        self.counters["rolled_back_rows"] += restored
+        inc = self.quality.rollback_applied(model, rid, cut.name, now)
+        self._quality_event("restored", model=model, rollback_id=rid, cut=cut.name, rows=restored,
+                            incident=inc.id if inc is not None else None,
+                            restore_s=inc.restore_s if inc is not None else None)
+        return True
+
+    def _repair_round(self, now: float) -> None:
+        if not self._repair:
+            return
+        answered = self._repair_answered
+        if self._repair_rounds <= 0 or len(answered) >= min(REPAIR_ROUNDS, len(self.members.members) - 1):
+            self._repair.clear()
+            return
+        self._repair_rounds -= 1
+        peers = self._live_peers()
+        if not peers:
+            return
+        fresh = [p for p in peers if p not in answered]
+        peer = self.members.get(self.rng.choice(fresh or peers))
+        for (model, table), rows in self._repair.items():
+            for lo in range(0, len(rows), MAX_REPAIR_ROWS):
+                self._ask_repair(peer.node_id, peer.address, model, table, rows[lo:lo + MAX_REPAIR_ROWS])
+
+    def _ask_repair(self, peer: str, address: str, model: str, table: str, ids: np.ndarray) -> None:
+        """Ask ``peer`` whether it holds better (greater, unfenced) versions of rows ``ids``."""
+        versions = self.models[model].store.table(table).versions[ids]
+        self._out.append(Outgoing(peer, address, MsgType.GOSSIP, {
+            "k": "rep", "from": self.node_id, "m": model, "t": table, "ids": array_to_wire(ids),
+            "v": array_to_wire(versions)}))
+
+    def _schedule_repair(self, model: str, table: str, rows: np.ndarray) -> None:
+        """Compare ``rows`` with peers in the coming rounds (a repair under way just grows)."""
+        if not self._repair:
+            self._repair_rounds = REPAIR_MAX_ASKS
+            self._repair_answered = set()
+        prev = self._repair.get((model, table))
+        self._repair[(model, table)] = rows if prev is None else np.union1d(prev, rows)
+
+    def _on_repair_answer(self, sender: str) -> None:
+        """A peer answered a repair request (with better rows or none): it has compared."""
+        if self._repair:
+            self._repair_answered.add(sender)
+
+    def _on_repair(self, body: dict[str, Any], now: float) -> None:
+        """A peer asks whether we hold better (greater, unfenced) versions of some rows."""
+        sender = field(body, "from", str)
+        spec = self.table_spec(field(body, "m", str), field(body, "t", str))
+        if spec is None:
+            return
+        raw = field(body, "ids", bytes)
+        if len(raw) % 8 or len(raw) // 8 > MAX_REPAIR_ROWS:
+            raise ProtocolError("bad repair request", "bad_body")
+        n = len(raw) // 8
+        ids = array_from_wire(raw, np.int64, n, "ids")
+        theirs = array_from_wire(body.get("v"), np.int64, n, "versions")
+        if n and (ids.min() < 0 or ids.max() >= spec.rows):
+            raise ProtocolError("repair row out of range", "bad_body")
+        mem = self.members.get(sender)
+        m = self.models[body["m"]]
+        ts = m.store.table(spec.name)
+        better = ids[ts.versions[ids] > theirs]
+        if mem is None:
+            return
+        behind = ts.versions[ids] < theirs
+        if behind.any():
+            # They hold a better version than ours.  We may never have held the fenced
+            # version that made them restore the row (a truncated pull answer advanced our
+            # knowledge past the cut version while the row held a now-fenced one), so we
+            # would never repair it ourselves: ask them back, and keep comparing it with
+            # other peers so the value spreads like a rumour.
+            worse = ids[behind]
+            worse = worse[~self.fence.mask(m.spec.name, spec.name, worse, theirs[behind])]
+            if len(worse):
+                self._schedule_repair(m.spec.name, spec.name, worse)
+                self._ask_repair(sender, mem.address, m.spec.name, spec.name, worse)
+        if not len(better):
+            # Answer anyway: the requester counts peers that compared, not requests sent.
+            self._out.append(Outgoing(sender, mem.address, MsgType.PULL_RESPONSE,
+                                      {"from": self.node_id, "models": {}, "rep": True}))
+            return
+        d = ts.take(m.spec.name, better)
+        shards = spec.shards_of(better)
+        entries = []
+        for s in np.unique(shards).tolist():
+            sel = shards == s
+            entries.append([s, [], None, delta_to_wire(d.take(sel))])
+        self._out.append(Outgoing(sender, mem.address, MsgType.PULL_RESPONSE,
+                                  {"from": self.node_id, "models": {m.spec.name: {spec.name: entries}}, "rep": True}))

@@ -1,0 +1,92 @@
+"""``ekko demo`` end to end: real daemon subprocesses, a training loop, a summary.
+
+Runs the command as a user would (a subprocess of ``python -m ekko.cli.main``), small:
+one replica, then two DCs of one replica each (gossip, push and anti-entropy
+across DCs).  Checks the exit status, that the summary reports converged
+digests and replicas equal to the trained model, and that no daemon is left
+listening.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+#: seconds one demo run may take: daemons import torch on a possibly busy machine.
+DEMO_TIMEOUT_S = 280
+
+
+def run_demo(*args: str, data_dir=None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ekko.cli.main", "demo", *args]
+    if data_dir is not None:
+        cmd += ["--data-dir", str(data_dir)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S)
+
+
+def closed(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, int(port))) != 0
+
+
+def check_summary(p: subprocess.CompletedProcess, replicas: int) -> None:
+    out = p.stdout
+    assert p.returncode == 0, out[-3000:] + p.stderr[-3000:]
+    assert "final digests equal across replicas: yes" in out, out[-3000:]
+    assert "replicas equal the trained model: yes" in out
+    m = re.search(r"training steps: (\d+); publishes: (\d+); rows published: (\d+)", out)
+    assert m and int(m.group(1)) >= 1 and int(m.group(2)) >= 1 and int(m.group(3)) > 0, out[-2000:]
+    assert f"replicas: {replicas} in" in out
+    addresses = re.findall(r"@(127\.0\.0\.1:\d+)", out)
+    assert len(addresses) == replicas
+    assert all(closed(a) for a in addresses)     # every daemon was stopped
+
+
+@pytest.mark.slow
+def test_demo_one_daemon(tmp_path):
+    p = run_demo("--dcs", "1", "--per-dc", "1", "--duration", "8", data_dir=tmp_path)
+    check_summary(p, 1)
+    assert (tmp_path / "dc1-r1.log").exists() and (tmp_path / "publisher" / "demo-trainer.json").exists()
+
+
+@pytest.mark.slow
+def test_demo_two_dcs():
+    p = run_demo("--dcs", "2", "--per-dc", "1", "--duration", "8")
+    check_summary(p, 2)
+    assert re.search(r"dc2: last seen lag max [0-9.]+ s", p.stdout)
+
+
+def test_demo_bad_arguments():
+    p = run_demo("--dcs", "0")
+    assert p.returncode == 2 and "need 1..64 replicas" in p.stderr
+    p = run_demo("--duration", "-1")
+    assert p.returncode == 2
+
+
+@pytest.mark.slow
+def test_demo_ctrl_c_stops_cleanly():
+    import signal
+    import time
+    cmd = [sys.executable, "-m", "ekko.cli.main", "demo", "--dcs", "1", "--per-dc", "1"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        end = time.monotonic() + DEMO_TIMEOUT_S
+        for line in p.stdout:                    # progress lines appear once training runs
+            lines.append(line)
+            if line.startswith("step ") or time.monotonic() > end:
+                break
+        p.send_signal(signal.SIGINT)             # what Ctrl-C in the terminal sends
+        out, _ = p.communicate(timeout=DEMO_TIMEOUT_S)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    out = "".join(lines) + out
+    assert p.returncode == 0, out[-3000:]
+    assert "training stopped (Ctrl-C)" in out and "final digests equal across replicas: yes" in out
+    assert all(closed(a) for a in re.findall(r"@(127\.0\.0\.1:\d+)", out))
