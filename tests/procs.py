@@ -26,7 +26,7 @@ import numpy as np
 
 from ekko.core.codec import Keyring, MsgType, encode_frame
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 #: seconds a daemon gets to answer /healthz after it was started: importing torch takes a few
 #: CPU seconds, and nine daemons starting at once on a small shared machine queue for the CPU.
 START_TIMEOUT_S = 120.0
