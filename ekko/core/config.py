@@ -20,6 +20,9 @@ from typing import Any
 
 from ekko.core.errors import UsageError
 
+#: rollback records one publish acknowledgement names, oldest dropped first (the node keeps
+#: at most rollback.protocol.MAX_ROLLBACK_RECORDS of all models); the SDK refuses longer lists.
+MAX_ACK_ROLLBACKS = 32
 #: probe delay tiers: a replica waits ``gap_probe_after * (1 + tier)`` before probing a gap
 #: (:mod:`p2p.gaps`).
 GAP_PROBE_TIERS = 3

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from ekko.core.config import MAX_ACK_ROLLBACKS
 from ekko.core.errors import EkkoError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,9 +45,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("ekko.sdk.publisher")
 
-#: rollback records one publish acknowledgement names (the node keeps at most
-#: rollback.protocol.MAX_ROLLBACK_RECORDS of all models).
-MAX_ACK_ROLLBACKS = 32
 #: rollback keys remembered per model (oldest forgotten first): far more than any
 #: replica still gossips, so a forgotten key never comes back as news.
 MAX_SEEN_ROLLBACKS = 256
