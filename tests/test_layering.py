@@ -69,9 +69,9 @@ def layer_of(module: str) -> tuple[int, str] | None:
     layer ``ekko`` holds ``ekko`` itself only."""
     best = None
     for rank, name in LAYERS:
-        if module == name or (module.startswith(name + ".") and name != "ekko"):
-            if best is None or len(name) > len(best[1]):
-                best = (rank, name)
+        inside = module == name or (module.startswith(name + ".") and name != "ekko")
+        if inside and (best is None or len(name) > len(best[1])):
+            best = (rank, name)
     return best
 
 
