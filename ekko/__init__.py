@@ -1,6 +1,6 @@
 """ekko: low-latency model-update dissemination for recommendation models.
 
-The small public API lives here; see ``../shared/DESIGN.md`` for the layering.
+The small public API lives here; see ``docs/design.md`` for the layering.
 The SDK names (:class:`Publisher`, :class:`AsyncPublisher`, :class:`PublishAck`,
 :class:`Client`, :class:`Tracker`) load on first use: they pull in torch and
 aiohttp, which ``import ekko`` alone (e.g. the CLI's ``ekko status``) should not.
