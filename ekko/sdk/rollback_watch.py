@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ekko.core.config import MAX_ACK_ROLLBACKS
 from ekko.core.errors import EkkoError, UsageError
+from ekko.core.fsutil import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     from ekko.replica.node import ReplicaNode
@@ -54,6 +56,7 @@ MAX_QUEUED_EVENTS = 256
 WATCH_REQUEST_TIMEOUT_S = 5.0
 #: default seconds between two polls of a rollback watch.
 DEFAULT_WATCH_INTERVAL_S = 1.0
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
 # ---------------------------------------------------------------------------- server side
@@ -140,7 +143,7 @@ class RolledBack(EkkoError):
     Attributes:
         model, cut, rollback_id, incident, point, endpoint, state_path: see
             :class:`RollbackEvent`.
-        ack: the publish's :class:`ekko.sdk.publisher.PublishAck` when raised after it was
+        ack: the publish's :class:`ekko.sdk.ack.PublishAck` when raised after it was
             acknowledged (its rows are in), None when raised before anything was sent.
         event: the :class:`RollbackEvent`.
 
@@ -172,8 +175,7 @@ class RolledBack(EkkoError):
 
 
 def _safe(name: str) -> str:
-    import re
-    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+    return _UNSAFE.sub("_", name)
 
 
 @dataclass
@@ -278,9 +280,8 @@ class RollbackWatch:
         return None
 
     def _save_locked(self) -> None:
-        from ekko.sdk.publisher import _atomic_write
         data = json.dumps({"seen": self._seen}, separators=(",", ":")).encode()
-        _atomic_write(self.path, data, self.durable)
+        atomic_write(self.path, data, self.durable)
 
     # -- parsing --------------------------------------------------------------------------
     @staticmethod
