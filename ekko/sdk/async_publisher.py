@@ -374,6 +374,7 @@ class AsyncPublisher:
     async def _post(self, path: str, data: bytes, deadline: float, what: str, model: str | None = None,
                     spec: ModelSpec | None = None) -> tuple[dict[str, Any], str]:
         """POST with retries and failover until a 200 or the deadline (see
-        :meth:`ReplicaTransport.post`; a frame of ``model`` still pending is kept)."""
+        :meth:`ekko.sdk.transport.ReplicaTransport.post`; a frame of ``model`` still pending
+        is kept)."""
         return await self._transport.post(path, data, deadline, what, self.timeout, model, spec,
                                           kept=lambda: model in self._pending)

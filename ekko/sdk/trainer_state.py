@@ -77,8 +77,9 @@ def default_cut_name() -> str:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any], durable: bool = True) -> None:
-    """``torch.save(payload)`` atomically (:func:`ekko.core.fsutil.atomic_write_with`): a temporary file in the same directory, fsync,
-    rename over ``path``, fsync of the directory (``durable``)."""
+    """``torch.save(payload)`` atomically (:func:`ekko.core.fsutil.atomic_write_with`): a
+    temporary file in the same directory, fsync, rename over ``path``, fsync of the
+    directory (``durable``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_with(path, lambda f: torch.save(payload, f), durable)
 
