@@ -7,7 +7,7 @@ times (after ``--warmup`` uncounted ones):
 
 1. pick ``--rows`` distinct random rows and random values;
 2. start one watcher per replica, then publish the rows at the ingest replica
-   (dc1-r1) through :class:`ekko.sdk.publisher.AsyncPublisher`;
+   (dc1-r1) through :class:`ekko.sdk.async_publisher.AsyncPublisher`;
 3. each watcher polls its replica's rows endpoint (msgpack) every ``--poll-ms``:
    first a sample of ``SAMPLE_IDS`` of the rows (cheap), and once those all carry
    a version above the one they had before the trial, all ``--rows`` ids; the
@@ -42,7 +42,7 @@ import msgpack
 import numpy as np
 
 from ekko.cli.demo import LocalCluster
-from ekko.sdk.publisher import AsyncPublisher
+from ekko.sdk.async_publisher import AsyncPublisher
 from ekko.core.spec import ModelSpec, TableSpec
 
 #: rows of an update the watchers check first, spread over the update's row order.

@@ -68,7 +68,8 @@ from ekko.core.config import preset  # noqa: E402
 from ekko.core.errors import EkkoError  # noqa: E402
 from ekko.testing.faultproxy import FaultProxy, ProcessSources, ProxyThread  # noqa: E402
 from ekko.sdk.rollback_watch import RolledBack  # noqa: E402
-from ekko.sdk.publisher import PublishError, Publisher  # noqa: E402
+from ekko.sdk.ack import PublishError  # noqa: E402
+from ekko.sdk.publisher import Publisher  # noqa: E402
 from ekko.core.spec import ModelSpec, TableSpec  # noqa: E402
 from ekko.core.version import counters_of, origins_of  # noqa: E402
 from procs import DaemonGroup, DaemonProc, free_port, get_json  # noqa: E402

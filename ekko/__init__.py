@@ -14,17 +14,19 @@ from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.version import Knowledge, Version
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ekko.sdk.ack import PublishAck, PublishError
+    from ekko.sdk.async_publisher import AsyncPublisher
     from ekko.sdk.client import Client
+    from ekko.sdk.publisher import Publisher
     from ekko.sdk.rollback_watch import RollbackEvent, RolledBack
-    from ekko.sdk.publisher import AsyncPublisher, PublishAck, Publisher, PublishError
     from ekko.sdk.tracking import Tracker
     from ekko.sdk.trainer_state import TrainerCut
 
 __version__ = "0.1.0"
 
 #: lazily imported public names -> their modules.
-_LAZY = {"Publisher": "ekko.sdk.publisher", "AsyncPublisher": "ekko.sdk.publisher", "PublishAck": "ekko.sdk.publisher",
-         "PublishError": "ekko.sdk.publisher", "Client": "ekko.sdk.client", "Tracker": "ekko.sdk.tracking",
+_LAZY = {"Publisher": "ekko.sdk.publisher", "AsyncPublisher": "ekko.sdk.async_publisher", "PublishAck": "ekko.sdk.ack",
+         "PublishError": "ekko.sdk.ack", "Client": "ekko.sdk.client", "Tracker": "ekko.sdk.tracking",
          "RolledBack": "ekko.sdk.rollback_watch", "RollbackEvent": "ekko.sdk.rollback_watch",
          "TrainerCut": "ekko.sdk.trainer_state"}
 

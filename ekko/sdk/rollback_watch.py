@@ -22,26 +22,25 @@ already exist as known (they happened before it started), and remembers, in
 of; a restarted trainer is therefore told of rollbacks that happened while it
 was away, once.
 
-The server half (:func:`rollback_keys`, :func:`rollback_view`) is sans-IO and reads a :class:`ekko.replica.node.ReplicaNode`;
-the SDK half (:class:`RollbackWatch`, :class:`RolledBack`) runs on the
-publisher's event loop and hands events to the training thread.
+This module is the SDK side (:class:`RollbackWatch`, :class:`RolledBack`): it runs
+on the publisher's event loop and hands events to the training thread.  The
+daemon answers both ways from the replica's rollback records (:mod:`ekko.server`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from ekko.core.config import MAX_ACK_ROLLBACKS
 from ekko.core.errors import EkkoError, UsageError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ekko.replica.node import ReplicaNode
+from ekko.core.fsutil import atomic_write
 
 log = logging.getLogger("ekko.sdk.publisher")
 
@@ -54,45 +53,8 @@ MAX_QUEUED_EVENTS = 256
 WATCH_REQUEST_TIMEOUT_S = 5.0
 #: default seconds between two polls of a rollback watch.
 DEFAULT_WATCH_INTERVAL_S = 1.0
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
-
-# ---------------------------------------------------------------------------- server side
-
-def rollback_keys(node: "ReplicaNode", model: str) -> list[list[str]]:
-    """``[[rollback id, cut name], ...]`` of ``model``'s records held by ``node``, oldest first.
-
-    Example:
-        >>> from ekko.replica.node import ReplicaNode
-        >>> rollback_keys(ReplicaNode("r1", "dc1", "127.0.0.1:1", device="cpu"), "m")
-        []
-    """
-    out = []
-    for rid, rec in node.rollbacks.items():
-        if rec.get("model") == model:
-            cut = rec.get("cut")
-            out.append([rid, cut.get("name", "") if isinstance(cut, dict) else ""])
-    return out[-MAX_ACK_ROLLBACKS:]
-
-
-def rollback_view(node: "ReplicaNode", model: str) -> dict[str, Any]:
-    """The answer of ``GET /v1/models/{model}/rollbacks``: the model's state here and its
-    rollback records (id, cut, rollback point, incident), oldest first."""
-    records = []
-    for rid, cut in rollback_keys(node, model):
-        rec = node.rollbacks[rid]
-        upper = rec.get("upper") or []
-        incident = None
-        if isinstance(rec.get("incident"), dict):
-            inc = rec["incident"]
-            incident = {k: inc.get(w) for k, w in (("id", "id"), ("metric", "metric"), ("effect", "effect"),
-                                                   ("statistic", "stat"), ("detected_by", "by"),
-                                                   ("epoch", "epoch"))}
-        records.append({"id": rid, "cut": cut, "point": max((int(c) for _, c in upper), default=0),
-                        "incident": incident})
-    return {"model": model, "state": node.quality.state(model).value, "rollbacks": records}
-
-
-# ---------------------------------------------------------------------------- SDK side
 
 @dataclass(frozen=True)
 class RollbackEvent:
@@ -140,7 +102,7 @@ class RolledBack(EkkoError):
     Attributes:
         model, cut, rollback_id, incident, point, endpoint, state_path: see
             :class:`RollbackEvent`.
-        ack: the publish's :class:`ekko.sdk.publisher.PublishAck` when raised after it was
+        ack: the publish's :class:`ekko.sdk.ack.PublishAck` when raised after it was
             acknowledged (its rows are in), None when raised before anything was sent.
         event: the :class:`RollbackEvent`.
 
@@ -172,8 +134,7 @@ class RolledBack(EkkoError):
 
 
 def _safe(name: str) -> str:
-    import re
-    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+    return _UNSAFE.sub("_", name)
 
 
 @dataclass
@@ -278,9 +239,8 @@ class RollbackWatch:
         return None
 
     def _save_locked(self) -> None:
-        from ekko.sdk.publisher import _atomic_write
         data = json.dumps({"seen": self._seen}, separators=(",", ":")).encode()
-        _atomic_write(self.path, data, self.durable)
+        atomic_write(self.path, data, self.durable)
 
     # -- parsing --------------------------------------------------------------------------
     @staticmethod

@@ -3,7 +3,7 @@
 A model's tables (see :func:`spec_from_module`): every ``nn.Embedding`` and
 ``nn.EmbeddingBag`` weight is an embedding table (one row per embedding); every
 other parameter is a dense table, flattened and cut into rows of
-:data:`ekko.sdk.publisher.DENSE_CHUNK` elements (the last row zero-padded).
+:data:`DENSE_CHUNK` elements (the last row zero-padded).
 
 How :class:`Tracker` finds what changed -- without diffing whole tables:
 
@@ -54,7 +54,8 @@ import threading
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -63,13 +64,15 @@ from torch import nn
 from ekko.core.config import MAX_PUBLISH_ROWS
 from ekko.core.errors import UsageError
 from ekko.core.spec import ModelSpec, TableSpec
+from ekko.sdk.ack import PublishAck, PublishError
+from ekko.sdk.prepare import ROW_OVERHEAD_BYTES, PreparedPublish
+from ekko.sdk.trainer_state import TrainerCut, load_checkpoint, resolve_cut, restore_module, save_and_cut
 
-if TYPE_CHECKING:  # pragma: no cover
-    from pathlib import Path
-
-    from ekko.sdk.publisher import PreparedPublish, Publisher, PublishAck
-    from ekko.sdk.trainer_state import TrainerCut
-
+#: elements per row of a dense-parameter table: a flattened parameter is cut into
+#: chunks of this many elements, each one versioned row (small enough that a
+#: partly-changed parameter resends little, large enough that per-row overhead --
+#: 8-byte id, 8-byte version -- stays under 1% of float32 payload).
+DENSE_CHUNK = 1024
 #: bytes of rows per publish call a tracker makes; a bigger update (the initial
 #: full publish of a large table) goes out as several frames, in order.
 TRACK_FRAME_BYTES = 8 << 20
@@ -140,7 +143,6 @@ def module_layout(module: nn.Module) -> list[tuple[TableLayout, nn.Parameter, li
     dense parameters (named after the parameter).  A weight shared by several
     embedding modules is one table.
     """
-    from ekko.sdk.publisher import DENSE_CHUNK
     if not isinstance(module, nn.Module):
         raise UsageError("expected a torch.nn.Module")
     out: list[tuple[TableLayout, nn.Parameter, list[nn.Module]]] = []
@@ -270,7 +272,7 @@ class TrackedPublish:
 
     ids: dict[str, np.ndarray]
     impact: dict[str, np.ndarray]
-    acks: tuple["PublishAck", ...]
+    acks: tuple[PublishAck, ...]
 
     @property
     def rows(self) -> int:
@@ -295,7 +297,8 @@ class Tracker:
     Args:
         module: the model being trained.
         model: the model name on the cluster.
-        publisher: a :class:`ekko.sdk.publisher.Publisher`.
+        publisher: a :class:`ekko.sdk.publisher.Publisher` (not imported here: the
+            publisher builds trackers, :meth:`~ekko.sdk.publisher.Publisher.track`).
         publish_initial: the first publish sends the whole module (replicas start
             from zeros); False when they already hold these weights.
         scan_dense_grads: also scan dense embedding gradients for non-zero rows
@@ -318,7 +321,7 @@ class Tracker:
             tracker.publish()          # or tracker.publish_async() to overlap I/O
     """
 
-    def __init__(self, module: nn.Module, model: str, publisher: "Publisher", *, publish_initial: bool = True,
+    def __init__(self, module: nn.Module, model: str, publisher: Any, *, publish_initial: bool = True,
                  scan_dense_grads: bool = True, register: bool = True, traffic_share: float = 1.0,
                  optimizer: torch.optim.Optimizer | None = None, max_frame_bytes: int = TRACK_FRAME_BYTES) -> None:
         self.module = module
@@ -489,7 +492,6 @@ class Tracker:
 
     def _batches(self, parts: list[_Part]) -> list[list[_Part]]:
         """Cut the parts into publish calls of at most max_frame_bytes (and MAX_PUBLISH_ROWS)."""
-        from ekko.sdk.publisher import ROW_OVERHEAD_BYTES
         batches: list[list[_Part]] = [[]]
         budget, rows_left = self.max_frame_bytes, MAX_PUBLISH_ROWS
         for p in parts:
@@ -513,7 +515,7 @@ class Tracker:
 
     # -- cuts and restores (ekko.sdk.trainer_state) -----------------------------------------------
     def cut(self, name: str | None = None, *, optimizer: torch.optim.Optimizer | None = None,
-            path: str | Path | None = None, extra: Any = None) -> "TrainerCut":
+            path: str | Path | None = None, extra: Any = None) -> TrainerCut:
         """Take a cut of the model with the trainer's state saved for it.
 
         Publishes what changed and waits until every publish so far is acknowledged,
@@ -526,7 +528,6 @@ class Tracker:
         Raises :class:`~ekko.sdk.rollback_watch.RolledBack` first when a rollback is
         waiting for the loop (restore before cutting again).
         """
-        from ekko.sdk.trainer_state import save_and_cut
         self.publish()
         opt = optimizer if optimizer is not None else self.optimizer
         tc = save_and_cut(self.publisher, self.model, self.module, opt, name, path, extra,
@@ -540,7 +541,7 @@ class Tracker:
         return tc
 
     def restore(self, cut: Any, *, optimizer: torch.optim.Optimizer | None = None,
-                publish: bool = True) -> "TrainerCut":
+                publish: bool = True) -> TrainerCut:
         """Bring the module and optimizer back to the state saved with ``cut`` (a name, a
         :class:`~ekko.sdk.rollback_watch.RolledBack`, or a TrainerCut) and reset what the
         next publish sends, so training continues from the cut with new versions.
@@ -557,7 +558,6 @@ class Tracker:
         module raises :class:`UsageError` and leaves module, optimizer and tracker as
         they were.
         """
-        from ekko.sdk.trainer_state import TrainerCut, load_checkpoint, resolve_cut, restore_module
         name, entry = resolve_cut(self.publisher, self.model, cut)
         data = load_checkpoint(entry["path"], self.model, name)
         opt = optimizer if optimizer is not None else self.optimizer
@@ -626,8 +626,7 @@ class Tracker:
             raise
         return self.publisher._submit(self._send(batches, prepared))
 
-    async def _send(self, batches: list[list[_Part]], prepared: list["PreparedPublish"]) -> TrackedPublish:
-        from ekko.sdk.publisher import PublishError
+    async def _send(self, batches: list[list[_Part]], prepared: list[PreparedPublish]) -> TrackedPublish:
         if self._send_lock is None:
             self._send_lock = asyncio.Lock()
         core = self.publisher._core

@@ -36,7 +36,9 @@ from typing import Any
 import torch
 
 from ekko.core.errors import UsageError
+from ekko.core.fsutil import atomic_write, atomic_write_with
 from ekko.core.spec import check_name
+from ekko.sdk.rollback_watch import RollbackEvent, RolledBack
 
 #: checkpoint format written by :func:`save_checkpoint` (bumped on incompatible changes).
 CHECKPOINT_FORMAT = 1
@@ -75,11 +77,11 @@ def default_cut_name() -> str:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any], durable: bool = True) -> None:
-    """``torch.save(payload)`` atomically: a temporary file in the same directory, fsync,
-    rename over ``path``, fsync of the directory (``durable``)."""
-    from ekko.sdk.publisher import _atomic_write_with
+    """``torch.save(payload)`` atomically (:func:`ekko.core.fsutil.atomic_write_with`): a
+    temporary file in the same directory, fsync, rename over ``path``, fsync of the
+    directory (``durable``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_with(path, lambda f: torch.save(payload, f), durable)
+    atomic_write_with(path, lambda f: torch.save(payload, f), durable)
 
 
 def load_checkpoint(path: str | Path, model: str, cut: str) -> dict[str, Any]:
@@ -193,7 +195,6 @@ class CutStateIndex:
 
     def record(self, model: str, tc: TrainerCut, session: str, gen: int) -> None:
         """Add a cut (newest last); forget the oldest beyond :data:`MAX_INDEXED_CUTS`."""
-        from ekko.sdk.publisher import _atomic_write
         entries = self.entries(model)
         entries.pop(tc.name, None)
         entries[tc.name] = {"path": tc.path, "taken_at": tc.taken_at, "session": session, "gen": gen}
@@ -207,7 +208,7 @@ class CutStateIndex:
                 except OSError:
                     pass
         self.model_dir(model).mkdir(parents=True, exist_ok=True)
-        _atomic_write(self._index_path(model), json.dumps({"cuts": entries}, indent=1).encode(), self.durable)
+        atomic_write(self._index_path(model), json.dumps({"cuts": entries}, indent=1).encode(), self.durable)
 
 
 # ---------------------------------------------------------------------------- cut and restore
@@ -251,12 +252,8 @@ def save_and_cut(publisher: Any, model: str, module: torch.nn.Module, optimizer:
 
 def cut_with_state(publisher: Any, model: str, state: Any, name: str | None, path: str | Path | None,
                    extra: Any) -> TrainerCut:
-    """:meth:`ekko.sdk.publisher.Publisher.cut` with ``state=``."""
-    from ekko.sdk.tracking import Tracker
-    if isinstance(state, Tracker):
-        if state.model != model:
-            raise UsageError(f"the tracker publishes {state.model!r}, not {model!r}")
-        return state.cut(name, path=path, extra=extra)
+    """:meth:`ekko.sdk.publisher.Publisher.cut` with ``state=`` a module or ``(module, optimizer)``
+    (a Tracker's own :meth:`~ekko.sdk.tracking.Tracker.cut` does the same for its module)."""
     module, optimizer = _module_and_optimizer(state)
     publisher._deliver_rollbacks(model)
     publisher.flush()   # every publish so far acknowledged: the cut holds what we save
@@ -266,7 +263,6 @@ def cut_with_state(publisher: Any, model: str, state: Any, name: str | None, pat
 def resolve_cut(publisher: Any, model: str, cut: Any) -> tuple[str, dict[str, Any]]:
     """``cut`` (a name, a RolledBack/RollbackEvent or a TrainerCut) -> (name, index entry);
     :class:`UsageError` when no trainer state was saved with it."""
-    from ekko.sdk.rollback_watch import RollbackEvent, RolledBack
     if isinstance(cut, (RolledBack, RollbackEvent)):
         if cut.model != model:
             raise UsageError(f"that rollback is of model {cut.model!r}, not {model!r}")
@@ -286,12 +282,8 @@ def resolve_cut(publisher: Any, model: str, cut: Any) -> tuple[str, dict[str, An
 
 
 def restore_state(publisher: Any, model: str, cut: Any, state: Any) -> TrainerCut:
-    """:meth:`ekko.sdk.publisher.Publisher.restore`."""
-    from ekko.sdk.tracking import Tracker
-    if isinstance(state, Tracker):
-        if state.model != model:
-            raise UsageError(f"the tracker publishes {state.model!r}, not {model!r}")
-        return state.restore(cut)
+    """:meth:`ekko.sdk.publisher.Publisher.restore` into a module or ``(module, optimizer)``
+    (a Tracker's own :meth:`~ekko.sdk.tracking.Tracker.restore` also resets what it publishes)."""
     module, optimizer = _module_and_optimizer(state)
     name, entry = resolve_cut(publisher, model, cut)
     data = load_checkpoint(entry["path"], model, name)

@@ -22,7 +22,10 @@ import torch
 from torch import nn
 
 from ekko.core.errors import RemoteError, UsageError
-from ekko.sdk.publisher import AsyncPublisher, PublishAck, Publisher, PublishError, normalize_endpoint
+from ekko.sdk.ack import PublishAck, PublishError
+from ekko.sdk.async_publisher import AsyncPublisher
+from ekko.sdk.endpoints import normalize_endpoint
+from ekko.sdk.publisher import Publisher
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.store import to_wire_values
 from ekko.core.version import ORIGIN_BITS, counters_of, origin_id, origins_of

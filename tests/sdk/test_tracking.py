@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ekko.core.errors import RemoteError
-from ekko.sdk.publisher import PublishError, Publisher
+from ekko.sdk.ack import PublishError
+from ekko.sdk.publisher import Publisher
 from ekko.core.store import to_wire_values
 from ekko.sdk.tracking import dense_rows, module_layout, spec_from_module, unflatten_dense
 from test_sdk_server import FakeDaemon, Fault
@@ -313,7 +314,7 @@ def test_layout_names_and_dense_round_trip():
     names = [t.name for t in spec_from_module(m, "s").tables]
     assert names == ["0", "1_weight", "1_bias"]
     p = torch.randn(3, 700)
-    from ekko.sdk.publisher import DENSE_CHUNK
+    from ekko.sdk.tracking import DENSE_CHUNK
     rows = dense_rows(p, 3 * 700 // DENSE_CHUNK + 1, DENSE_CHUNK)
     assert rows.shape == (3, DENSE_CHUNK) and torch.equal(unflatten_dense(rows, p.shape), p)
     assert rows.reshape(-1)[2100:].abs().sum() == 0

@@ -145,7 +145,7 @@ def test_sustained_overload_keeps_memory_bounded_and_converges(tmp_path):
 
 async def test_sdk_backs_off_on_503_and_retries_the_same_versions(tmp_path):
     """The SDK waits Retry-After (plus jitter) and re-sends the same frame until a bound clears."""
-    from ekko.sdk.publisher import AsyncPublisher
+    from ekko.sdk.async_publisher import AsyncPublisher
 
     d, client = await make_client(tmp_path, config=NodeConfig(snapshot_interval=0, max_rss_bytes=1))
     try:

@@ -278,7 +278,7 @@ async def test_publisher_authorization(tmp_path):
 
         # the SDK signs with the primary key of a keyring file given as a Path
         from ekko.core.errors import RemoteError
-        from ekko.sdk.publisher import AsyncPublisher
+        from ekko.sdk.async_publisher import AsyncPublisher
         url = str(client.make_url("")).rstrip("/")
         trainer_file = tmp_path / "trainer.json"
         async with AsyncPublisher([url], origin=7, key=trainer_file, state_dir=tmp_path / "pub7") as pub:

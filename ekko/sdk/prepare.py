@@ -1,0 +1,148 @@
+"""Validating a publish's rows and converting them to wire arrays, before anything is
+versioned or sent (:func:`prepare_publish`): bad input raises
+:class:`~ekko.core.errors.UsageError` and changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from ekko.core.codec import MAX_FRAME_BYTES
+from ekko.core.config import MAX_PUBLISH_ROWS
+from ekko.core.delta import WIRE_DTYPES
+from ekko.core.errors import UsageError
+from ekko.core.spec import ModelSpec, TableSpec
+from ekko.core.store import TORCH_DTYPES, to_wire_values
+
+#: bytes of frame a publish may produce: the wire limit less room for msgpack framing.
+MAX_PUBLISH_FRAME_BYTES = MAX_FRAME_BYTES - (1 << 20)
+#: per-row bytes besides the values: id (8), version (8), impact (4).
+ROW_OVERHEAD_BYTES = 20
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedPublish:
+    """Validated rows of one publish, converted to wire arrays (owned copies).
+
+    Made on the caller's thread so that the training loop may keep changing its
+    tensors while the I/O runs (see :meth:`ekko.sdk.publisher.Publisher.publish_async`).
+
+    Example:
+        >>> import torch
+        >>> spec = ModelSpec("m", [TableSpec("t", rows=10, dim=2, dtype="float16")])
+        >>> p = prepare_publish(spec, {"t": ([3, 1], torch.ones(2, 2, dtype=torch.float64))})
+        >>> p.rows, p.tables["t"][1].dtype.name
+        (2, 'float16')
+    """
+
+    model: str
+    tables: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+    rows: int
+
+
+# ---------------------------------------------------------------------------- validation
+
+def _table_items(tables: Mapping[str, Any]) -> Iterable[tuple[str, Any, Any, Any]]:
+    if not isinstance(tables, Mapping) or not tables:
+        raise UsageError("tables must be a non-empty mapping {table: (ids, values[, impact])}")
+    for name, item in tables.items():
+        if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+            raise UsageError(f"{name}: expected (ids, values) or (ids, values, impact)")
+        yield name, item[0], item[1], item[2] if len(item) == 3 else None
+
+
+def _as_ids(ids: Any, t: TableSpec) -> np.ndarray:
+    if isinstance(ids, torch.Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise UsageError(f"{t.name}: ids must be integers, got a {ids.dtype} tensor")
+        arr = ids.detach().to("cpu").numpy()
+    else:
+        arr = np.asarray(ids)
+        if arr.size == 0:
+            arr = arr.astype(np.int64)
+        elif arr.dtype.kind not in "iu":
+            raise UsageError(f"{t.name}: ids must be integers, got {arr.dtype}")
+    if arr.ndim != 1:
+        raise UsageError(f"{t.name}: ids must be 1-D, got shape {tuple(arr.shape)}")
+    if arr.size:
+        # Check the range before the cast: a uint64 above 2**63 would wrap to negative.
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= t.rows:
+            raise UsageError(f"{t.name}: row id out of range 0..{t.rows - 1} (got {lo}..{hi})")
+    out = np.array(arr, dtype=np.int64, copy=True)
+    if out.size > 1 and np.unique(out).size != out.size:
+        raise UsageError(f"{t.name}: duplicate row ids in one publish")
+    return out
+
+
+def _as_values(values: Any, t: TableSpec, n: int) -> np.ndarray:
+    """Values of any float dtype on any device -> an owned wire array of the table dtype."""
+    if isinstance(values, torch.Tensor):
+        v = values.detach()
+        if not v.is_floating_point():
+            raise UsageError(f"{t.name}: values must be floating point, got {v.dtype}")
+    else:
+        arr = np.asarray(values)
+        if arr.dtype.kind != "f" and not (arr.size == 0 and arr.dtype.kind in "iuf"):
+            raise UsageError(f"{t.name}: values must be floating point, got {arr.dtype}")
+        v = torch.from_numpy(np.ascontiguousarray(arr))
+    if tuple(v.shape) != (n, t.dim):
+        raise UsageError(f"{t.name}: values must have shape ({n}, {t.dim}), got {tuple(v.shape)}")
+    src_ptr = v.data_ptr() if v.device.type == "cpu" else None
+    v = v.to(device="cpu", dtype=TORCH_DTYPES[t.dtype]).contiguous()
+    if src_ptr is not None and v.numel() and v.data_ptr() == src_ptr:
+        v = v.clone()  # own the bytes: the caller may update its tensor while we send
+    if v.numel() and not bool(torch.isfinite(v).all()):
+        raise UsageError(f"{t.name}: values contain NaN or infinity (after conversion to {t.dtype})")
+    out = to_wire_values(v)
+    assert out.dtype == WIRE_DTYPES[t.dtype]
+    return out
+
+
+def _as_impact(impact: Any, t: TableSpec, n: int) -> np.ndarray | None:
+    if impact is None:
+        return None
+    if isinstance(impact, torch.Tensor):
+        impact = impact.detach().to("cpu", torch.float32).numpy()
+    arr = np.array(impact, dtype=np.float32, copy=True)
+    if arr.shape != (n,):
+        raise UsageError(f"{t.name}: impact must have shape ({n},), got {arr.shape}")
+    if n and (not np.isfinite(arr).all() or float(arr.min()) < 0):
+        raise UsageError(f"{t.name}: impact must be finite and >= 0")
+    return arr
+
+
+def prepare_publish(spec: ModelSpec, tables: Mapping[str, Any]) -> PreparedPublish:
+    """Validate and convert ``{table: (ids, values[, impact])}``; raises :class:`UsageError`.
+
+    Tables with no rows are left out; a publish with no rows at all is an error.
+    Nothing is versioned or sent here, so bad input changes nothing.
+    """
+    out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+    total = 0
+    nbytes = 0
+    for name, ids, values, impact in _table_items(tables):
+        if not spec.has_table(name):
+            raise UsageError(f"model {spec.name} has no table {name!r}")
+        t = spec.table(name)
+        ids_a = _as_ids(ids, t)
+        vals = _as_values(values, t, len(ids_a))
+        imp = _as_impact(impact, t, len(ids_a))
+        if len(ids_a) == 0:
+            continue
+        out[name] = (ids_a, vals, imp)
+        total += len(ids_a)
+        nbytes += len(ids_a) * (t.row_bytes + ROW_OVERHEAD_BYTES)
+    if total == 0:
+        raise UsageError("nothing to publish: no rows given")
+    if total > MAX_PUBLISH_ROWS:
+        raise UsageError(f"{total} rows in one publish exceed MAX_PUBLISH_ROWS={MAX_PUBLISH_ROWS}; "
+                         "publish in smaller batches")
+    if nbytes > MAX_PUBLISH_FRAME_BYTES:
+        raise UsageError(f"publish of about {nbytes} bytes exceeds MAX_PUBLISH_FRAME_BYTES="
+                         f"{MAX_PUBLISH_FRAME_BYTES}; publish in smaller batches")
+    return PreparedPublish(spec.name, out, total)
