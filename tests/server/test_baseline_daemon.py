@@ -100,7 +100,7 @@ async def test_pinning_needs_a_peer_key_when_the_cluster_has_one(tmp_path):
 
 def test_cli_lists_cuts_and_pins(tmp_path, capsys):
     """``ekko cuts`` and ``ekko baseline`` against a stub that records the calls."""
-    from ekko import rollback_cli
+    from ekko.cli import rollback as rollback_cli
     from ekko.cli.main import build_parser
 
     calls = []
