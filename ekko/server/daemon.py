@@ -194,7 +194,8 @@ class Daemon:
         self.metrics.watch_wal(lambda: self.persistence.wal)
         self.gate = PublishGate(self.config, lambda: sum(q.rows for q in self.node.queues.values()),
                                 self.persistence.retained_bytes, self.persistence.request_snapshot)
-        self.driver = NodeDriver(self.node, self.metrics, self.gate, self.keyring, clock)
+        self._stopped = False
+        self.driver = NodeDriver(self.node, self.metrics, self.gate, self.keyring, clock, lambda: self._stopped)
         self.transport = self.driver.transport
         self.draining = False
         frames = FrameReader(self.node, clock, lambda: self.keyring)
@@ -205,7 +206,6 @@ class Daemon:
         self._tasks: list[asyncio.Task] = []
         self._lock_file: Any = None
         self._started = False
-        self._stopped = False
         self._stop_requested: asyncio.Event | None = None
         self.app = self._make_app()
 
@@ -340,7 +340,6 @@ class Daemon:
         if self._stopped:
             return
         self._stopped = True
-        self.driver.stop()  # no more ticks, from now on (sends of draining requests still go out)
         self.draining = True
         if not self._started:
             return
@@ -352,7 +351,7 @@ class Daemon:
         # Not cancelled: a periodic snapshot being written finishes first (a cancelled
         # await would leave its writer thread racing the final snapshot's files).
         self.persistence.stop_snapshot_loop()
-        # The timer loop checks driver.stopped each round; waking it ends it.  (Cancelling
+        # The timer loop checks self._stopped each round; waking it ends it.  (Cancelling
         # alone is not enough on Python 3.11: asyncio.wait_for can swallow a cancellation
         # that races with the wake-up it waits for, and the loop would run on.)
         self.driver.wake()

@@ -65,37 +65,37 @@ class NodeDriver:
         keyring: the keyring the transport signs with (the daemon swaps
             ``transport.keyring`` on reload).
         clock: protocol time source (seconds, monotonic).
+        is_stopped: whether the daemon is shutting down; the timer loop ends at its first
+            round after it turns true (:meth:`wake` makes that now).  A callable, not a
+            flag of the driver's own: the daemon's one "stopped" state ends the loop even
+            when a cancellation of it is lost (asyncio.wait_for on Python 3.11 can swallow
+            one that races with a wake-up).
 
     Example:
-        The daemon runs :meth:`run` as a task between :meth:`start` and :meth:`stop`::
+        The daemon runs :meth:`run` as a task from app startup to shutdown::
 
-            driver = NodeDriver(node, metrics, gate, None, time.monotonic)
+            driver = NodeDriver(node, metrics, gate, None, time.monotonic, lambda: daemon._stopped)
             driver.start()
             task = asyncio.get_running_loop().create_task(driver.run())
             ...
-            driver.stop()
+            daemon._stopped = True
             driver.wake()
             await task
     """
 
     def __init__(self, node: ReplicaNode, metrics: DaemonMetrics, gate: PublishGate, keyring: Keyring | None,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], is_stopped: Callable[[], bool]) -> None:
         self.node = node
         self.metrics = metrics
         self.gate = gate
         self.clock = clock
         self.transport = HttpTransport(keyring, on_sent=self._on_sent, on_failed=self._on_failed)
-        #: set when the daemon shuts down: the timer loop ends at its next round.
-        self.stopped = False
+        self.is_stopped = is_stopped
         self._wake: asyncio.Event | None = None
 
     def start(self) -> None:
         """Make the wake-up event (on the serving loop, at app startup)."""
         self._wake = asyncio.Event()
-
-    def stop(self) -> None:
-        """End the timer loop at its next round (:meth:`wake` makes that now)."""
-        self.stopped = True
 
     def wake(self) -> None:
         """Make the timer loop re-read the node's deadline now."""
@@ -105,7 +105,7 @@ class NodeDriver:
     async def run(self) -> None:
         """The timer loop: tick the node when its deadline passes, then send its output."""
         assert self._wake is not None
-        while not self.stopped:
+        while not self.is_stopped():
             now = self.clock()
             due = self.node.next_deadline()
             if due > now:
