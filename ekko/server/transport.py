@@ -1,6 +1,6 @@
 """HTTP client transport: sends a replica's outgoing messages to its peers.
 
-The daemon (:mod:`ekko.server.daemon`) drains :class:`ekko.replica.node.Outgoing` messages
+The daemon (:mod:`ekko.server.daemon`) drains :class:`ekko.core.messages.Outgoing` messages
 from the sans-IO node and hands each to :meth:`HttpTransport.send`, which
 encodes it as a frame (signed when the cluster has a key) and POSTs it to
 ``http://{address}/v1/gossip`` in a background task.
@@ -32,7 +32,7 @@ import aiohttp
 
 from ekko.core.codec import Keyring, encode_frame
 from ekko.core.errors import UsageError
-from ekko.replica.node import Outgoing
+from ekko.core.messages import Outgoing
 
 log = logging.getLogger("ekko.transport")
 

@@ -369,11 +369,11 @@ async def test_draining_refuses_writes_and_fails_healthz(tmp_path):
 
 
 async def test_overload_answers_429_with_retry_after(tmp_path, monkeypatch):
-    import ekko.server.daemon
+    import ekko.server.http_api
 
     d, client = await make_client(tmp_path)
     try:
-        monkeypatch.setattr(ekko.server.daemon, "MAX_CONCURRENT_REQUESTS", 0)
+        monkeypatch.setattr(ekko.server.http_api, "MAX_CONCURRENT_REQUESTS", 0)
         status, raw, headers = await post(client, "/v1/models", encode_frame(MsgType.REGISTER_MODEL,
                                                                              {"spec": SPEC.to_dict()}))
         assert status == 429 and headers["Retry-After"] == "1" and json.loads(raw)["reason"] == "overloaded"

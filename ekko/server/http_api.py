@@ -1,0 +1,154 @@
+"""The daemon's HTTP surface: routes, and the middleware every request passes through.
+
+:class:`HttpApi` builds the aiohttp application of ``docs/http-api.md`` over the
+handlers of :mod:`ekko.server.ingest` (the write path) and
+:mod:`ekko.server.operator_api` (reads and operator actions).  Its middleware
+sheds load and refuses writes while the daemon drains, counts requests in flight
+(shutdown waits for them), and turns bad input of any kind into a 4xx JSON error
+``{"error", "reason"}`` counted in ``ekko_rejects_total``; a 500 means a bug (it
+is logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from ekko.core.codec import MAX_FRAME_BYTES
+from ekko.core.errors import ProtocolError, UsageError
+from ekko.server.frames import RETRY_AFTER_S, RequestRejected
+from ekko.server.ingest import IngestHandlers
+from ekko.server.metrics import DaemonMetrics
+from ekko.server.operator_api import MAX_READ_IDS, OperatorHandlers
+
+# The daemon's logger: operators filter and tests capture "ekko.server.daemon" for all of it.
+log = logging.getLogger("ekko.server.daemon")
+
+#: longest HTTP request line accepted: room for MAX_READ_IDS ids of up to 20 characters
+#: plus the path (aiohttp's default of 8190 bytes would cap a read at ~1k ids).
+MAX_REQUEST_LINE = MAX_READ_IDS * 21 + 4096
+#: requests handled at once; beyond it writes and reads get 429 with Retry-After.
+MAX_CONCURRENT_REQUESTS = 256
+#: keyword arguments of aiohttp's request handler (AppRunner / TestServer ``**kwargs``).
+HANDLER_ARGS: dict[str, Any] = {"max_line_size": MAX_REQUEST_LINE, "max_field_size": 16 << 10}
+
+#: HTTP status for each rejection reason; anything else is 400.
+_STATUS_OF_REASON = {
+    "bad_mac": 401, "unauthenticated": 401,
+    "too_large": 413, "too_many_ids": 413,
+    "unknown_model": 404, "unknown_table": 404, "not_found": 404,
+    "method_not_allowed": 405,
+    "spec_conflict": 409,
+    "forbidden": 403,
+    "overloaded": 429, "queue_full": 429,
+    "draining": 503, "memory": 503, "wal_error": 503, "incomplete": 503, "persist_error": 503,
+}
+_REASON_OF_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+class HttpApi:
+    """The routes and request middleware of one daemon.
+
+    Args:
+        ingest: handlers of the write path (registrations, publishes, gossip).
+        operator: handlers of reads and operator actions.
+        metrics: the daemon's metrics (requests, rejects, internal errors).
+        is_draining: whether the daemon is shutting down (writes and reads get 503;
+            ``/healthz``, ``/metrics`` and ``/v1/status`` still answer).
+
+    Example:
+        The daemon serves :meth:`make_app` and, at shutdown, waits for requests::
+
+            api = HttpApi(ingest, operator, metrics, lambda: daemon.draining)
+            app = api.make_app()
+            ...
+            if api.in_flight and not await api.wait_idle(DRAIN_TIMEOUT_S):
+                ...
+    """
+
+    def __init__(self, ingest: IngestHandlers, operator: OperatorHandlers, metrics: DaemonMetrics,
+                 is_draining: Callable[[], bool]) -> None:
+        self.ingest = ingest
+        self.operator = operator
+        self.metrics = metrics
+        self.is_draining = is_draining
+        #: requests being handled now.
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+
+    def make_app(self) -> web.Application:
+        """A new aiohttp application with every route of the API."""
+        # +1: aiohttp refuses a body whose size *reaches* client_max_size; a frame of exactly
+        # MAX_FRAME_BYTES is legal.
+        app = web.Application(client_max_size=MAX_FRAME_BYTES + 1, middlewares=[self._middleware])
+        ingest, op = self.ingest, self.operator
+        app.router.add_post("/v1/models", ingest.register_model)
+        app.router.add_post("/v1/publish", ingest.publish)
+        app.router.add_post("/v1/gossip", ingest.gossip)
+        app.router.add_get("/v1/models/{model}/tables/{table}/rows", op.rows)
+        app.router.add_get("/v1/status", op.status)
+        app.router.add_post("/v1/cuts", op.take_cut)
+        app.router.add_get("/v1/models/{model}/cuts", op.cuts)
+        app.router.add_get("/v1/models/{model}/knowledge", op.knowledge)
+        app.router.add_post("/v1/rollback", op.rollback)
+        app.router.add_get("/v1/models/{model}/rollbacks", op.rollbacks)
+        app.router.add_post("/v1/models/{model}/baseline", op.baseline)
+        app.router.add_post("/v1/quality", op.quality)
+        app.router.add_get("/metrics", op.metrics_page)
+        app.router.add_get("/healthz", op.healthz)
+        return app
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False if some still are after ``timeout`` seconds."""
+        if not self.in_flight:
+            return True
+        self._idle.clear()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    @web.middleware
+    async def _middleware(self, request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
+        light = endpoint in ("/healthz", "/metrics", "/v1/status")
+        self.in_flight += 1
+        try:
+            if self.is_draining() and not light:
+                raise RequestRejected("replica is shutting down; retry on another replica", "draining")
+            if self.in_flight > MAX_CONCURRENT_REQUESTS and not light:
+                raise RequestRejected("too many concurrent requests", "overloaded")
+            resp = await handler(request)
+        except (ProtocolError, RequestRejected) as e:
+            resp = self._error(endpoint, str(e), e.reason)
+        except UsageError as e:
+            resp = self._error(endpoint, str(e), "bad_request")
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            reason = _REASON_OF_STATUS.get(e.status, f"http_{e.status}")
+            msg = e.text if e.status != 413 else f"request body exceeds MAX_FRAME_BYTES={MAX_FRAME_BYTES}"
+            resp = self._error(endpoint, msg or e.reason, reason, e.status)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("bug while handling %s %s", request.method, request.path)
+            self.metrics.internal_errors.labels(endpoint).inc()
+            resp = web.json_response({"error": "internal error (logged)", "reason": "internal"}, status=500)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+        self.metrics.requests.labels(endpoint, str(resp.status)).inc()
+        return resp
+
+    def _error(self, endpoint: str, message: str, reason: str, status: int | None = None) -> web.Response:
+        status = status or _STATUS_OF_REASON.get(reason, 400)
+        self.metrics.reject(endpoint, reason)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+        return web.json_response({"error": message, "reason": reason}, status=status, headers=headers)

@@ -1,0 +1,147 @@
+"""The write path of a daemon: model registration, publishes and peer traffic.
+
+:class:`IngestHandlers` answers ``POST /v1/models``, ``POST /v1/publish`` and
+``POST /v1/gossip`` (``docs/http-api.md``).  A publish is checked against the
+publish gate before its body is read (back-pressure, :mod:`ekko.server.backpressure`),
+applied, appended to the write-ahead log in the same loop step, and answered once
+the log record is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from aiohttp import web
+
+from ekko.core.codec import MsgType
+from ekko.core.errors import ProtocolError, UsageError
+from ekko.core.spec import ModelSpec
+from ekko.replica.node import ReplicaNode
+from ekko.replica.wal import WalError
+from ekko.server.backpressure import PublishGate
+from ekko.server.driver import NodeDriver
+from ekko.server.frames import RETRY_AFTER_S, FrameReader, RequestRejected
+from ekko.server.metrics import UNKNOWN_DC, DaemonMetrics
+from ekko.server.persistence import Persistence
+from ekko.server.rollback_view import rollback_keys
+
+# The daemon's logger: operators filter and tests capture "ekko.server.daemon" for all of it.
+log = logging.getLogger("ekko.server.daemon")
+
+#: most shadowed rows a publish acknowledgement lists per table (all are counted).
+MAX_SHADOWED_LISTED = 1024
+#: message types /v1/gossip accepts (peer traffic only).
+PEER_TYPES = frozenset({MsgType.GOSSIP, MsgType.PULL_REQUEST, MsgType.PULL_RESPONSE, MsgType.PUSH,
+                        MsgType.ROLLBACK, MsgType.CUT})
+
+
+class IngestHandlers:
+    """Request handlers that write into the node: registrations, publishes, gossip.
+
+    Args:
+        node: the replica node.
+        frames: reads and authorizes request frames.
+        driver: sends what the node produced (and knows each member's DC).
+        persistence: holds the write-ahead log publishes are appended to.
+        gate: the publish gate (back-pressure) consulted before a publish is read.
+        metrics: the daemon's metrics.
+        clock: protocol time source (seconds, monotonic).
+
+    Example:
+        :class:`ekko.server.http_api.HttpApi` routes to them::
+
+            app.router.add_post("/v1/publish", ingest.publish)
+    """
+
+    def __init__(self, node: ReplicaNode, frames: FrameReader, driver: NodeDriver, persistence: Persistence,
+                 gate: PublishGate, metrics: DaemonMetrics, clock: Callable[[], float]) -> None:
+        self.node = node
+        self.frames = frames
+        self.driver = driver
+        self.persistence = persistence
+        self.gate = gate
+        self.metrics = metrics
+        self.clock = clock
+
+    async def register_model(self, request: web.Request) -> web.Response:
+        """``POST /v1/models``: frame ``REGISTER_MODEL`` ``{"spec"}``."""
+        frame = await self.frames.read_frame(request)
+        self.frames.expect(frame, MsgType.REGISTER_MODEL)
+        spec = ModelSpec.from_dict(frame.body.get("spec"))
+        self.frames.authorize_publisher(frame, spec.name, None)
+        try:
+            created = self.node.register_model(spec, self.clock())
+        except UsageError as e:
+            raise RequestRejected(str(e), "spec_conflict") from None
+        self.driver.send_out()
+        if created:
+            log.info("registered model %s", spec.name)
+        return web.json_response({"ok": True, "created": created})
+
+    async def publish(self, request: web.Request) -> web.Response:
+        """``POST /v1/publish``: frame ``PUBLISH``; answered once the update is durable."""
+        held = request.content_length or 0
+        refusal = self.gate.check(held)  # before reading: a refused publish costs no memory
+        if refusal is not None:
+            self.metrics.backpressure.labels(refusal.bound).inc()
+            raise RequestRejected(f"{refusal.message}; retry after {RETRY_AFTER_S}s", refusal.reason)
+        self.gate.publish_bytes += held
+        try:
+            data = await self.frames.read_body(request)
+            if not held:  # chunked upload: counted once its size is known
+                held = len(data)
+                self.gate.publish_bytes += held
+            frame = await self.frames.decode(data)
+            self.frames.expect(frame, MsgType.PUBLISH)
+            if self.frames.keyring():
+                model, origin = frame.body.get("model"), frame.body.get("origin")
+                if not isinstance(model, str) or not isinstance(origin, int) or isinstance(origin, bool):
+                    raise ProtocolError("publish needs a string model and an integer origin", "bad_body")
+                self.frames.authorize_publisher(frame, model, origin)
+            ack = self.node.publish(frame.body, self.clock())
+            # Logged in the same loop step as the apply, so a snapshot copy sees both or neither.
+            wal = self.persistence.wal
+            ticket = self.persistence.wal_append(frame.body["model"], data) if wal is not None else None
+            self.driver.send_out()
+            if ticket is not None:
+                assert wal is not None
+                try:
+                    await wal.durable(ticket)
+                except WalError as e:
+                    raise RequestRejected(f"{e}: the update is applied here but not durable; retry",
+                                          "wal_error") from None
+            self.metrics.published_rows.labels(frame.body["model"]).inc(ack.rows)
+            answer: dict[str, Any] = {"ok": True, "rows": ack.rows, "applied": ack.applied,
+                                      "max_counter": ack.max_counter}
+            if ack.shadowed:
+                answer["shadowed"] = {t: {"count": len(ids), "ids": ids[:MAX_SHADOWED_LISTED].tolist(),
+                                          "by": by[:MAX_SHADOWED_LISTED].tolist()}
+                                      for t, (ids, by) in ack.shadowed.items()}
+                n = sum(len(ids) for ids, _ in ack.shadowed.values())
+                self.metrics.shadowed_rows.labels(frame.body["model"]).inc(n)
+                log.warning("publish of %s by origin %s: %d row(s) already held at greater versions "
+                            "(their values did not apply; a clock ahead, or another publisher)",
+                            frame.body["model"], frame.body.get("origin"), n)
+            rollbacks = rollback_keys(self.node, frame.body["model"])
+            if rollbacks:  # the publisher learns of rollbacks from its acknowledgements
+                answer["rollbacks"] = rollbacks
+            return web.json_response(answer)
+        finally:
+            self.gate.publish_bytes -= held
+
+    async def gossip(self, request: web.Request) -> web.Response:
+        """``POST /v1/gossip``: one peer message (:data:`PEER_TYPES`)."""
+        frame = await self.frames.read_frame(request)
+        if frame.msg_type not in PEER_TYPES:
+            raise RequestRejected(f"{frame.msg_type.name} is not a peer message; use its own endpoint",
+                                  "bad_type")
+        peer = request.remote or ""
+        self.node.receive(frame, self.clock(), peer)
+        self.driver.send_out()
+        sender = frame.body.get("from")
+        # The sender's DC as our member list has it (not a "dc" field of the body: a label
+        # value taken from the wire would let any sender grow the metric without bound).
+        dc = self.driver.dc_of(sender) if isinstance(sender, str) else UNKNOWN_DC
+        self.metrics.bytes_received.labels(dc, frame.msg_type.name).inc(frame.wire_bytes)
+        return web.Response(status=204)

@@ -1,0 +1,300 @@
+"""The read and operator endpoints of a daemon: rows, status, metrics, cuts, rollbacks, quality.
+
+:class:`OperatorHandlers` answers every route of ``docs/http-api.md`` that is not
+the write path of :mod:`ekko.server.ingest`: reading rows, the status and
+Prometheus metrics, health, cuts and the baseline pin, rollbacks (taking one,
+listing them), quality reports and the knowledge view for fault harnesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+import msgpack
+import numpy as np
+import torch
+from aiohttp import web
+
+from ekko.core.codec import MsgType, field
+from ekko.core.config import NodeConfig
+from ekko.core.errors import ProtocolError
+from ekko.core.spec import check_name
+from ekko.core.store import to_wire_values
+from ekko.core.version import last_counter_at
+from ekko.replica.node import ReplicaNode
+from ekko.server.backpressure import PublishGate
+from ekko.server.driver import NodeDriver
+from ekko.server.frames import RETRY_AFTER_S, FrameReader, RequestRejected
+from ekko.server.metrics import DaemonMetrics
+from ekko.server.persistence import Persistence
+from ekko.server.rollback_view import rollback_view
+from rollback.manager import check_sample
+
+# The daemon's logger: operators filter and tests capture "ekko.server.daemon" for all of it.
+log = logging.getLogger("ekko.server.daemon")
+
+#: most row ids one GET .../rows request may name.
+MAX_READ_IDS = 16384
+#: longest a cut request may wait for knowledge to cover a publisher's heads (seconds).
+MAX_CUT_WAIT_S = 60.0
+#: how often such a wait looks again (seconds).
+CUT_WAIT_POLL_S = 0.02
+#: quality samples one POST /v1/quality may carry.
+MAX_QUALITY_SAMPLES = 1024
+
+
+def _hlc_now() -> int:
+    """This host's wall clock as an HLC counter (the top logical tick of this millisecond)."""
+    return max(1, last_counter_at(time.time() * 1000))
+
+
+class OperatorHandlers:
+    """Request handlers for reads and operator actions on one node.
+
+    Args:
+        node: the replica node.
+        config: its configuration.
+        frames: reads request frames.
+        driver: sends what the node produced (and owns the transport).
+        persistence: the data dir (baseline pin file, the log's state, recovery stats).
+        gate: the publish gate (its gauges go to ``/metrics``).
+        metrics: the daemon's metrics.
+        clock: protocol time source (seconds, monotonic).
+        is_draining: whether the daemon is shutting down.
+
+    Example:
+        :class:`ekko.server.http_api.HttpApi` routes to them::
+
+            app.router.add_get("/v1/status", operator.status)
+    """
+
+    def __init__(self, node: ReplicaNode, config: NodeConfig, frames: FrameReader, driver: NodeDriver,
+                 persistence: Persistence, gate: PublishGate, metrics: DaemonMetrics, clock: Callable[[], float],
+                 is_draining: Callable[[], bool]) -> None:
+        self.node = node
+        self.config = config
+        self.frames = frames
+        self.driver = driver
+        self.persistence = persistence
+        self.gate = gate
+        self.metrics = metrics
+        self.clock = clock
+        self.is_draining = is_draining
+
+    def _known_model(self, model: str) -> None:
+        if model not in self.node.models:
+            raise RequestRejected(f"unknown model {model!r}", "unknown_model")
+
+    # ------------------------------------------------------------------ cuts and the baseline pin
+    async def take_cut(self, request: web.Request) -> web.Response:
+        """Frame ``CUT`` ``{"model", "name"?}``: take a named cut here and tell every peer."""
+        frame = await self.frames.read_frame(request)
+        self.frames.expect(frame, MsgType.CUT)
+        model = field(frame.body, "model", str)
+        self._known_model(model)
+        name = field(frame.body, "name", str, optional=True) or f"cut-{int(time.time() * 1000)}"
+        covers = frame.body.get("covers")
+        if covers is not None:
+            # A publisher's cut covers everything it had acknowledged: wait until this
+            # replica's knowledge reaches its chain heads (a gap may need a probe first).
+            origin, heads = self.node.parse_coverage(model, covers)
+            wait_s = min(float(field(frame.body, "wait_s", (int, float), optional=True, default=0.0)),
+                         MAX_CUT_WAIT_S)
+            deadline = time.monotonic() + max(0.0, wait_s)
+            while (missing := self.node.uncovered(model, origin, heads)) and time.monotonic() < deadline:
+                await asyncio.sleep(CUT_WAIT_POLL_S)
+            if missing:
+                raise RequestRejected(f"{len(missing)} shard(s) of {model!r} are not yet known up to the "
+                                      f"publisher's acknowledged updates (first: {missing[0]}); retry", "incomplete")
+        cut = self.node.take_cut(model, name, self.clock())
+        self.driver.send_out()
+        log.info("took cut %s of %s", cut.name, model)
+        return web.json_response({"ok": True, "model": model, "name": cut.name, "taken_at": time.time()})
+
+    async def cuts(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{model}/cuts``: the cuts known here, the undo horizon and the pin."""
+        model = request.match_info["model"]
+        self._known_model(model)
+        undo = self.node.undo
+        horizon = undo.horizon(model) if undo is not None else None
+        pin = self.node.baseline_pin
+        # restorable: the undo history here holds every change since the cut (else the
+        # rows it lacks are zeroed and repaired from peers); learnt: from a peer or a
+        # snapshot rather than taken here.
+        cuts = [{"name": c.name, "taken_at": self.node.cut_wall_time(c), "taken_at_monotonic": c.taken_at,
+                 "restorable": self.node.cuts.restorable(c) if undo is not None else False,
+                 "learnt": c.seq == 0, "pinned": c.name == pin, "shards": len(c.knowledge)}
+                for c in self.node.cuts.cuts(model)]
+        return web.json_response({"model": model, "cuts": cuts, "undo_horizon_seq": horizon,
+                                  "baseline_pin": pin})
+
+    async def baseline(self, request: web.Request) -> web.Response:
+        """Frame ``BASELINE`` ``{"cut": name}`` pins this replica as a baseline to a cut of
+        the model (it must be known here: see ``GET /v1/models/{model}/cuts``); ``""``
+        unpins.  The pin holds every model of the replica; it is kept in the data dir."""
+        model = request.match_info["model"]
+        frame = await self.frames.read_frame(request)
+        self.frames.expect(frame, MsgType.BASELINE)
+        cut = field(frame.body, "cut", str)
+        self._known_model(model)
+        if cut:
+            check_name("cut", cut, ProtocolError)
+            if all(c.name != cut for c in self.node.cuts.cuts(model)):
+                raise RequestRejected(f"model {model!r} has no cut {cut!r} here (see ekko cuts)", "not_found")
+        before = self.node.baseline_pin
+        record = {"cut": cut, "config": self.config.baseline_pin_cut}
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.persistence.write_baseline_file, record)
+        except OSError as e:   # not pinned: a pin a restart would silently drop is worse
+            raise RequestRejected(f"cannot keep the pin in {self.persistence.data_dir}: {e}",
+                                  "persist_error") from None
+        self.node.set_baseline_pin(cut)
+        self.driver.send_out()
+        log.warning("baseline pin %r -> %r (through the API)", before, cut)
+        return web.json_response({"ok": True, "model": model, "cut": cut, "previous": before})
+
+    async def knowledge(self, request: web.Request) -> web.Response:
+        """Read-only view for fault harnesses: per table, per shard ``[shard, knowledge,
+        pending chains]`` (knowledge as ``[[origin, counter], ...]``), and the rollback
+        records held here (each with its cut's knowledge and its ``upper`` bounds)."""
+        model = request.match_info["model"]
+        self._known_model(model)
+        shards = self.node.models[model].shards
+        tables = {t: [[s, sync.knowledge.to_wire(), sum(len(c) for c in sync.pending.values())]
+                      for s, sync in sorted(by_shard.items())] for t, by_shard in shards.items()}
+        rollbacks = [r for r in self.node.rollbacks.values() if r.get("model") == model]
+        return web.json_response({"model": model, "tables": tables, "rollbacks": rollbacks})
+
+    # ------------------------------------------------------------------ rollbacks and quality
+    def rollback_point(self, model: str) -> int:
+        """The counter up to which a rollback "now" fences: this host's wall clock, or the
+        greatest counter of ``model`` held here or reported by a peer if that is ahead.
+        A publisher runs its HLC ahead of wall time by its rows / 256 per millisecond (a
+        2,000-row publish: 7.8 ms), so the wall clock alone could leave the tail of a
+        publish made just before unfenced.  Peers' heads are bounded by the skew horizon."""
+        heads = [h.get(model, 0) for h in self.node.peer_heads.values()]
+        return max([_hlc_now(), self.node.models[model].head] + heads)
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        """Frame ``ROLLBACK`` ``{"model", "cut"}``: roll the model back to a cut everywhere.
+
+        The rollback point is now (:meth:`rollback_point`): every update of the model
+        after the cut and up to now is fenced.
+        """
+        frame = await self.frames.read_frame(request)
+        self.frames.expect(frame, MsgType.ROLLBACK)
+        model = field(frame.body, "model", str)
+        cut = field(frame.body, "cut", str)
+        self._known_model(model)
+        record = self.node.rollback(model, cut, self.rollback_point(model), self.clock())
+        self.driver.send_out()
+        log.warning("rolled back %s to cut %s (record %s)", model, cut, record["id"])
+        return web.json_response({"ok": True, "model": model, "cut": cut, "id": record["id"],
+                                  "rolled_back_rows": int(self.node.counters["rolled_back_rows"])})
+
+    async def rollbacks(self, request: web.Request) -> web.Response:
+        """The model's rollback records here (for a trainer's watch): see :mod:`ekko.server.rollback_view`."""
+        model = request.match_info["model"]
+        self._known_model(model)
+        return web.json_response(rollback_view(self.node, model))
+
+    async def quality(self, request: web.Request) -> web.Response:
+        """Frame ``QUALITY``: one sample ``{"model", "variant", "metric", "value", "count"}``
+        or a batch ``{"samples": [sample, ...]}`` (at most MAX_QUALITY_SAMPLES); every
+        sample is validated before any is taken, so a bad batch changes nothing."""
+        frame = await self.frames.read_frame(request)
+        self.frames.expect(frame, MsgType.QUALITY)
+        raw = frame.body.get("samples", [frame.body]) if isinstance(frame.body, dict) else None
+        if not isinstance(raw, list) or not 0 < len(raw) <= MAX_QUALITY_SAMPLES:
+            raise RequestRejected(f"samples must be a list of 1..{MAX_QUALITY_SAMPLES} maps", "bad_body")
+        samples = []
+        for smp in raw:
+            if not isinstance(smp, dict):
+                raise RequestRejected("a quality sample must be a map", "bad_body")
+            args = tuple(smp.get(k) for k in ("model", "variant", "metric", "value", "count"))
+            check_sample(*args)
+            if args[0] not in self.node.models:
+                raise RequestRejected(f"unknown model {args[0]!r}", "unknown_model")
+            if args[2] not in self.node.quality.config.detector.metrics:
+                raise RequestRejected(f"unknown metric {args[2]!r}; known: "
+                                      f"{sorted(self.node.quality.config.detector.metrics)}", "bad_metric")
+            samples.append(args)
+        started = []
+        for args in samples:
+            record = self.node.report_quality(*args, self.clock(), until_counter=self.rollback_point(args[0]))
+            if record is not None:
+                started.append(record["id"])
+        self.driver.send_out()
+        states = {a[0]: self.node.quality.state(a[0]).value for a in samples}
+        return web.json_response({"ok": True, "samples": len(samples), "states": states, "rollbacks": started})
+
+    # ------------------------------------------------------------------ reads
+    async def rows(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{model}/tables/{table}/rows?ids=...&format=json|msgpack``."""
+        model, table = request.match_info["model"], request.match_info["table"]
+        self._known_model(model)
+        spec = self.node.table_spec(model, table)
+        if spec is None:
+            raise RequestRejected(f"model {model!r} has no table {table!r}", "unknown_table")
+        fmt = request.query.get("format", "json")
+        if fmt not in ("json", "msgpack"):
+            raise RequestRejected("format must be json or msgpack", "bad_format")
+        raw = request.query.get("ids")
+        if raw is None:
+            raise RequestRejected("missing ids=ID,ID,...", "bad_ids")
+        parts = raw.split(",") if raw.strip() else []
+        if len(parts) > MAX_READ_IDS:
+            raise RequestRejected(f"{len(parts)} ids exceed MAX_READ_IDS={MAX_READ_IDS}", "too_many_ids")
+        try:
+            ids = np.array([int(p) for p in parts], dtype=np.int64)
+        except (ValueError, OverflowError):
+            raise RequestRejected("ids must be comma-separated integers", "bad_ids") from None
+        if len(ids) and (ids.min() < 0 or ids.max() >= spec.rows):
+            raise RequestRejected(f"row ids must be within 0..{spec.rows - 1}", "bad_ids")
+        values = self.node.read_rows(model, table, ids)
+        versions = self.node.table_store(model, table).versions[ids]
+        if fmt == "msgpack":
+            wire = to_wire_values(values)
+            body = msgpack.packb({"model": model, "table": table, "n": len(ids), "dim": spec.dim,
+                                  "dtype": spec.dtype, "ids": ids.astype("<i8").tobytes(),
+                                  "versions": versions.astype("<i8").tobytes(),
+                                  "values": np.ascontiguousarray(wire).astype(
+                                      wire.dtype.newbyteorder("<"), copy=False).tobytes()},
+                                 use_bin_type=True)
+            return web.Response(body=body, content_type="application/msgpack")
+        vals = values.detach().to("cpu")
+        if vals.dtype != torch.float64:
+            vals = vals.float()  # float16/bfloat16 widen exactly; JSON numbers are doubles anyway
+        return web.json_response({"model": model, "table": table, "ids": ids.tolist(), "dim": spec.dim,
+                                  "dtype": spec.dtype, "versions": versions.tolist(), "values": vals.tolist()})
+
+    async def status(self, request: web.Request) -> web.Response:
+        """``GET /v1/status[?cluster=1]``: the node's status, durability, and the member list."""
+        cluster = request.query.get("cluster", "0")
+        if cluster not in ("0", "1", "true", "false"):
+            raise RequestRejected("cluster must be 0 or 1", "bad_query")
+        st = self.node.status()
+        st["serving"] = not self.is_draining()
+        st["baseline_pin"] = self.node.baseline_pin
+        wal = self.persistence.wal
+        st["durability"] = {"mode": self.config.durability, "recovery": self.persistence.recovery,
+                            "wal_retained_bytes": wal.retained_bytes if wal is not None else 0}
+        if cluster in ("1", "true"):
+            st["members"] = self.node.cluster_view()
+        return web.json_response(st)
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        """``GET /metrics``: Prometheus text."""
+        self.metrics.sends_in_flight.set(self.driver.transport.in_flight)
+        self.metrics.set_pressure(**self.gate.gauges())
+        from prometheus_client import CONTENT_TYPE_LATEST
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """``GET /healthz``: 200, or 503 while shutting down."""
+        if self.is_draining():
+            return web.Response(status=503, text="draining\n", headers={"Retry-After": str(RETRY_AFTER_S)})
+        return web.Response(text="ok\n")
