@@ -257,7 +257,7 @@ class FaultRun:
             self.cluster.add_replica(n, self.node_dc[n])
         self.cluster.bootstrap_membership()
         self.cluster.register_everywhere(SPEC)
-        #: the trainer-side truth, and the checks against it (invariant 5 on every apply).
+        # The trainer-side truth, and the checks against it (invariant 5 on every apply).
         self.ref = ReferenceModel()
         self.checks = InvariantChecker(seed, self.sim, self.cluster, self.ref, self.node_ids)
         self.cluster.on_apply.append(self.checks.on_apply)
