@@ -60,7 +60,8 @@ bytes, if set) stay queued after a put; beyond that the lowest-priority rows
 ``1 - drop_slack`` of the bound so that the O(queue) selection runs once per
 ``drop_slack`` of the bound, not on every put.
 
-Data structures, for throughput (``bench/prioritizer.py``): slots in numpy
+Data structures (:class:`prioritizer.queue_slots.RowSlots`), for throughput
+(``bench/prioritizer.py``): slots in numpy
 arrays (a free list recycles them); a vectorized cuckoo hash index
 (:mod:`prioritizer.rowindex`) from (table, row id) to slot for coalescing; and a
 *head*: the slots whose key is above a cut ``theta``, kept sorted.  Puts add
@@ -82,17 +83,17 @@ from ekko.core.errors import UsageError
 from p2p.outbound import DEFAULT_QUEUE_ROWS, QueuedRows
 from prioritizer.budget import TokenBucket
 from prioritizer.quantile import ThresholdTracker
-from prioritizer.rowindex import RowIndex
+from prioritizer.queue_slots import (  # noqa: F401  (HEAD_*, MAX_TABLES: re-exported, they lived here)
+    HEAD_DEPTH_SHIFT,
+    HEAD_MAX_FACTOR,
+    HEAD_TARGET_ROWS,
+    MAX_ROW_ID,
+    MAX_TABLES,
+    ROW_ID_BITS,
+    ROW_OVERHEAD_BYTES,
+    RowSlots,
+)
 
-#: bits of the composite (table, row) key that hold the row id; row ids must be
-#: below 2**47 (1.4e14 rows) and a queue may see at most 2**16 tables.
-ROW_ID_BITS = 47
-#: largest row id a queue accepts.
-MAX_ROW_ID = (1 << ROW_ID_BITS) - 1
-#: most distinct (model, table) pairs one queue may see.
-MAX_TABLES = 1 << (63 - ROW_ID_BITS)
-#: wire bytes of a row besides its value: id + version (as ``QueuedRows.nbytes``).
-ROW_OVERHEAD_BYTES = 16
 #: scores are clipped to [0, MAX_SCORE] (an infinite score would map to NaN).
 MAX_SCORE = 1e30
 #: default score that maps to the middle of the [0, 1) priority range: 1.0 is an
@@ -106,15 +107,6 @@ DEFAULT_PROMOTE_AFTER_S = 10.0
 DEFAULT_HIGH_RESERVE = 0.25
 #: default hysteresis of the memory bound (drop to 15/16 of it).
 DEFAULT_DROP_SLACK = 1.0 / 16
-#: rows a head refill brings in: large enough that refills (one argpartition
-#: over the queue) are rare, small enough that merging incoming rows is cheap
-#: (8k..32k measured within noise of each other in bench/prioritizer.py).
-HEAD_TARGET_ROWS = 1 << 14
-#: a refill of a deeper queue brings in 1 / 2**HEAD_DEPTH_SHIFT of it instead.
-HEAD_DEPTH_SHIFT = 4
-#: the head is cut back to its refill size when incoming rows grow it past this
-#: many times that size.
-HEAD_MAX_FACTOR = 4
 #: a row becomes high-ish this far (in key units, plus a few ulps of the key's
 #: magnitude) before the exact instant, so a take at the instant ``next_ready``
 #: computed is not lost to rounding and a driver never spins on it.
@@ -125,9 +117,8 @@ _KEY_REL_EPS = 1e-15
 LATENCY_BOUNDS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
                     20.0, 50.0, 100.0, 300.0)
 _LAT_BOUNDS = np.array(LATENCY_BOUNDS_S)
-# slot state bits: holds a queued row / is in the sorted head (or on its way in) /
-# on its way in, so any older entry of the slot in the sorted head is stale
-_ALIVE, _INHEAD, _MOVED = np.uint8(1), np.uint8(2), np.uint8(4)
+
+
 
 
 @dataclass(frozen=True)
@@ -226,134 +217,54 @@ class QueueStats:
 
 
 class _RowQueue:
-    """Shared machinery: slots, coalescing index, sorted head, budget, bound, counters.
+    """Shared link-queue logic: validation, keys, the token bucket and reserve, frames, counters.
 
+    The rows themselves live in a :class:`~prioritizer.queue_slots.RowSlots` it holds.
     Subclasses choose the key (:meth:`_keys`), the high-ish cut and the reserve.
     Rows are sent in descending key order.
     """
 
-    _drop_highest_keys = False     # FIFO drops the oldest rows, which have the greatest keys
-
     def __init__(self, bucket: TokenBucket | None, max_rows: int, max_backlog_bytes: int | None,
                  drop_slack: float, reserve_bytes: float) -> None:
         self.bucket = bucket
-        self.max_rows = int(max_rows)
-        self.max_backlog_bytes = max_backlog_bytes
-        self.drop_slack = drop_slack
+        self._slots = RowSlots(max_rows, max_backlog_bytes, drop_slack)
         self._reserve = float(reserve_bytes)
-        self._index = RowIndex()
-        self._tables: list[tuple[str, str, int]] = []
-        self._tid: dict[tuple[str, str], int] = {}
-        self._min_nb = 0
-        self._cap = 0
-        self._free = np.zeros(0, np.int32)
-        self._nfree = 0
-        self._grow(1024)
-        # the head: slots sorted by key, best first, with their negated keys (ascending,
-        # for searchsorted) and wire bytes alongside, so a take reads contiguous memory
-        self._head = np.zeros(0, np.int32)
-        self._hnk = np.zeros(0, np.float64)
-        self._hnb = np.zeros(0, np.int64)
-        self._incoming: list[np.ndarray] = []
-        self._head_dirty = False
-        self._theta = -math.inf          # every live slot with key > theta is in the head
-        self._head_target = HEAD_TARGET_ROWS
         self._t_origin: float | None = None
-        # counters
-        self._rows = self._rows_high = self._bytes = self._bytes_high = 0
+        # counters of what was sent
         self._sent_rows = [0, 0]
         self._sent_bytes = [0, 0]
-        self._dropped_cls = [0, 0]
-        self._coalesced = 0
         self._lat_counts = [np.zeros(len(LATENCY_BOUNDS_S) + 1, np.int64) for _ in range(2)]
         self._lat_sum = [0.0, 0.0]
         self._lat_max = [0.0, 0.0]
         self._out_parts: list[tuple[np.ndarray, ...]] = []   # taken rows awaiting _frames
 
-    # -- slot storage ---------------------------------------------------------------------
-    def _grow(self, extra: int) -> None:
-        old = self._cap
-        new = max(2 * old, old + extra, 1024)
+    @property
+    def max_rows(self) -> int:
+        return self._slots.max_rows
 
-        def ext(a: np.ndarray | None, dtype: type, fill: object = 0) -> np.ndarray:
-            out = np.full(new, fill, dtype=dtype)
-            if a is not None:
-                out[:old] = a
-            return out
+    @property
+    def max_backlog_bytes(self) -> int | None:
+        return self._slots.max_backlog_bytes
 
-        g = getattr
-        self._rk = ext(g(self, "_rk", None), np.int64)
-        self._ver = ext(g(self, "_ver", None), np.int64)
-        self._key = ext(g(self, "_key", None), np.float64)
-        self._score = ext(g(self, "_score", None), np.float32)
-        self._high = ext(g(self, "_high", None), np.bool_, False)
-        self._t0 = ext(g(self, "_t0", None), np.float64)
-        self._nb = ext(g(self, "_nb", None), np.int64)
-        # one flags byte per slot (_ALIVE, _INHEAD, _MOVED): one gather tests all three
-        self._state = ext(g(self, "_state", None), np.uint8, 0)
-        self._scratch = np.empty(new, np.int64)
-        # free list: a stack in free[:nfree]; pushing the new slots highest first
-        # makes the lowest pop first, keeping live slots dense at the bottom
-        free = np.empty(new, np.int32)
-        free[:self._nfree] = self._free[:self._nfree]
-        free[self._nfree:self._nfree + new - old] = np.arange(new - 1, old - 1, -1, dtype=np.int32)
-        self._free = free
-        self._nfree += new - old
-        self._cap = new
-
-    def _alloc(self, k: int) -> np.ndarray:
-        if self._nfree < k:
-            self._grow(k - self._nfree)
-        self._nfree -= k
-        return self._free[self._nfree:self._nfree + k].copy()
-
-    def _release(self, slots: np.ndarray, rk: np.ndarray | None = None, hi: np.ndarray | None = None,
-                 nb: np.ndarray | None = None) -> None:
-        """Forget rows (taken or dropped): index, flags, depth counters, free list.
-        ``rk``, ``hi``, ``nb``: the slots' fields when the caller already gathered them."""
-        self._index.delete(self._rk[slots] if rk is None else rk)
-        self._state[slots] = 0
-        hi = self._high[slots] if hi is None else hi
-        nb = self._nb[slots] if nb is None else nb
-        nhi = int(np.count_nonzero(hi))
-        self._rows -= slots.shape[0]
-        self._rows_high -= nhi
-        self._bytes -= int(nb.sum())
-        if nhi:
-            self._bytes_high -= int(nb[hi].sum())
-        self._free[self._nfree:self._nfree + slots.shape[0]] = slots
-        self._nfree += slots.shape[0]
+    @property
+    def drop_slack(self) -> float:
+        return self._slots.drop_slack
 
     # -- LinkQueue --------------------------------------------------------------------------
     @property
     def rows(self) -> int:
         """Rows currently queued."""
-        return self._rows
+        return self._slots.rows
 
     @property
     def dropped(self) -> int:
         """Rows dropped so far because the queue was over its bound."""
-        return self._dropped_cls[0] + self._dropped_cls[1]
+        return self._slots.dropped_cls[0] + self._slots.dropped_cls[1]
 
     @property
     def queued_bytes(self) -> int:
         """Wire bytes the queued rows would cost."""
-        return self._bytes
-
-    def _table_id(self, model: str, table: str, row_bytes: int) -> int:
-        t = self._tid.get((model, table))
-        if t is None:
-            if len(self._tables) >= MAX_TABLES:
-                raise UsageError(f"a link queue holds at most {MAX_TABLES} tables")
-            if row_bytes < 0:
-                raise UsageError(f"row_bytes must be >= 0, got {row_bytes}")
-            t = self._tid[(model, table)] = len(self._tables)
-            self._tables.append((model, table, int(row_bytes)))
-            nb = ROW_OVERHEAD_BYTES + int(row_bytes)
-            self._min_nb = nb if self._min_nb == 0 else min(self._min_nb, nb)
-        elif self._tables[t][2] != row_bytes:
-            raise UsageError(f"{model}/{table}: row_bytes changed from {self._tables[t][2]} to {row_bytes}")
-        return t
+        return self._slots.bytes
 
     def _classify(self, rows: QueuedRows, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Clean float32 scores in [0, MAX_SCORE] and the high flag per row."""
@@ -399,206 +310,38 @@ class _RowQueue:
         nb = ROW_OVERHEAD_BYTES + int(rows.row_bytes)
         if self.bucket is not None and nb > self.bucket.burst:
             raise UsageError(f"a {nb}-byte row can never fit the link's {self.bucket.burst:.0f}-byte burst")
-        tid = self._table_id(rows.model, rows.table, int(rows.row_bytes))
+        tid = self._slots.table_id(rows.model, rows.table, int(rows.row_bytes))
         if self._t_origin is None:
             self._t_origin = now
         rk = ids | np.int64(tid << ROW_ID_BITS)
         score, high = self._classify(rows, n)
         key = self._keys(score, high, now, n)
 
-        ix = self._index
-        # a row repeated inside the batch: fold the repeats into one item first
-        rep = ix.group(rk)
-        dup = np.flatnonzero(rep != np.arange(n))
-        if dup.shape[0]:
-            r = rep[dup]
-            vers, key, score, high = vers.copy(), key.copy(), score.copy(), high.copy()
-            np.maximum.at(vers, r, vers[dup])
-            np.maximum.at(key, r, key[dup])
-            np.maximum.at(score, r, score[dup])
-            np.logical_or.at(high, r, high[dup])
-            keep = np.ones(n, dtype=bool)
-            keep[dup] = False
-            rk, vers, key, score, high = (a[keep] for a in (rk, vers, key, score, high))
-            self._coalesced += dup.shape[0]
-            n = rk.shape[0]
-        slot_of = ix.get(rk)
-        found = slot_of >= 0
-        n_found = int(np.count_nonzero(found))
-
-        theta = self._theta
-        if n_found:
-            ei = np.flatnonzero(found) if n_found < n else None
-            s = slot_of if ei is None else slot_of[ei]
-            self._coalesced += s.shape[0]
-            v, k, sc, hg = (vers, key, score, high) if ei is None else (vers[ei], key[ei], score[ei], high[ei])
-            self._ver[s] = np.maximum(self._ver[s], v)
-            self._score[s] = np.maximum(self._score[s], sc)
-            old_key = self._key[s]
-            raised = k > old_key
-            if raised.any():
-                rs = s[raised]
-                self._key[rs] = k[raised]
-                inh = (self._state[rs] & _INHEAD) != 0
-                if inh.any():                     # its place in the sorted head is stale
-                    self._head_dirty = True
-                enter = inh | (k[raised] > theta)
-                es = rs[enter]
-                self._state[es] = _ALIVE | _INHEAD | _MOVED
-                self._incoming.append(es)
-            up = hg & ~self._high[s]
-            if up.any():
-                us = s[up]
-                self._high[us] = True
-                self._rows_high += us.shape[0]
-                self._bytes_high += int(self._nb[us].sum())
-        n_new = n - n_found
-        if n_new:
-            ni = np.flatnonzero(~found) if n_found else None
-            sel = (lambda a: a) if ni is None else (lambda a: a[ni])
-            slots = self._alloc(n_new)
-            k, h, new_rk = sel(key), sel(high), sel(rk)
-            ix.insert(new_rk, slots)
-            self._rk[slots] = new_rk
-            self._ver[slots] = sel(vers)
-            self._key[slots] = k
-            self._score[slots] = sel(score)
-            self._high[slots] = h
-            self._t0[slots] = now
-            self._nb[slots] = nb
-            if theta == -math.inf:
-                es = slots
-            else:
-                self._state[slots] = _ALIVE
-                es = slots[k > theta]
-            self._state[es] = _ALIVE | _INHEAD | _MOVED   # MOVED: a reused slot may have a stale head entry
-            self._incoming.append(es)
-            nhi = int(np.count_nonzero(h))
-            self._rows += n_new
-            self._rows_high += nhi
-            self._bytes += n_new * nb
-            self._bytes_high += nhi * nb
-        self._enforce_bound()
-
-    # -- the sorted head --------------------------------------------------------------------
-    def _merged_head(self) -> np.ndarray:
-        """The sorted head, with incoming rows merged in (refilled when empty)."""
-        if self._incoming or self._head_dirty:
-            h, hnk, hnb = self._head, self._hnk, self._hnb
-            if self._head_dirty:
-                ok = self._state[h] == _ALIVE | _INHEAD        # and not _MOVED
-                if not ok.all():
-                    h, hnk, hnb = h[ok], hnk[ok], hnb[ok]
-                self._head_dirty = False
-            if self._incoming:
-                inc = self._incoming[0] if len(self._incoming) == 1 else np.concatenate(self._incoming)
-                self._incoming = []
-                if inc.shape[0] > 1:     # a slot may have been re-added; keep one entry
-                    idx = np.arange(inc.shape[0])
-                    self._scratch[inc] = idx
-                    inc = inc[self._scratch[inc] == idx]
-                inc = inc[self._state[inc] == _ALIVE | _INHEAD | _MOVED]
-                self._state[inc] = _ALIVE | _INHEAD
-                ink = -self._key[inc]
-                inb = self._nb[inc]
-                target = self._head_target
-                if h.shape[0] + inc.shape[0] > HEAD_MAX_FACTOR * target:
-                    # too many to keep sorted: keep the best `target` of both and raise
-                    # the cut (all left out have keys <= the new cut)
-                    h, hnk, hnb = np.concatenate([h, inc]), np.concatenate([hnk, ink]), np.concatenate([hnb, inb])
-                    part = np.argpartition(hnk, target)
-                    self._state[h[part[target:]]] = _ALIVE
-                    self._theta = float(-hnk[part[target]])
-                    top = part[:target]
-                    top = top[np.argsort(hnk[top])]
-                    h, hnk, hnb = h[top], hnk[top], hnb[top]
-                else:
-                    order = np.argsort(ink)
-                    inc, ink, inb = inc[order], ink[order], inb[order]
-                    if h.shape[0]:
-                        at = np.searchsorted(hnk, ink, side="right")
-                        h, hnk, hnb = np.insert(h, at, inc), np.insert(hnk, at, ink), np.insert(hnb, at, inb)
-                    else:
-                        h, hnk, hnb = inc, ink, inb
-            self._head, self._hnk, self._hnb = h, hnk, hnb
-        if self._head.shape[0] == 0 and self._rows:
-            self._refill()
-        return self._head
-
-    def _refill(self) -> None:
-        live = np.flatnonzero(self._state)
-        nk = -self._key[live]
-        target = self._head_target = max(HEAD_TARGET_ROWS, live.shape[0] >> HEAD_DEPTH_SHIFT)
-        if live.shape[0] > target:
-            part = np.argpartition(nk, target)
-            self._theta = float(-nk[part[target]])
-            live, nk = live[part[:target]], nk[part[:target]]
-        else:
-            self._theta = -math.inf
-        order = np.argsort(nk)
-        h = live[order].astype(np.int32)
-        np.bitwise_and(self._state, _ALIVE, out=self._state)
-        self._state[h] = _ALIVE | _INHEAD
-        self._incoming = []
-        self._head_dirty = False
-        self._head, self._hnk, self._hnb = h, nk[order], self._nb[h]
-
-    # -- the bound --------------------------------------------------------------------------
-    def _enforce_bound(self) -> None:
-        over_rows = self._rows > self.max_rows
-        over_bytes = self.max_backlog_bytes is not None and self._bytes > self.max_backlog_bytes
-        if not (over_rows or over_bytes):
-            return
-        keep = 1.0 - self.drop_slack
-        need_rows = self._rows - int(self.max_rows * keep) if over_rows else 0
-        need_bytes = self._bytes - int(self.max_backlog_bytes * keep) if over_bytes else 0
-        live = np.flatnonzero(self._state)
-        vk = self._key[live]
-        if self._drop_highest_keys:
-            vk = -vk
-        kk = need_rows
-        if need_bytes > 0:
-            kk = max(kk, -(-need_bytes // self._min_nb))
-        kk = min(kk, live.shape[0])
-        if kk < live.shape[0]:
-            part = np.argpartition(vk, kk - 1)[:kk]
-            live, vk = live[part], vk[part]
-        cand = live[np.argsort(vk, kind="stable")]
-        m = need_rows
-        if need_bytes > 0:
-            cs = np.cumsum(self._nb[cand])
-            m = max(m, int(np.searchsorted(cs, need_bytes, side="left")) + 1)
-        victims = cand[:m].astype(np.int32)
-        nhi = int(np.count_nonzero(self._high[victims]))
-        self._dropped_cls[1] += nhi
-        self._dropped_cls[0] += victims.shape[0] - nhi
-        if ((self._state[victims] & _INHEAD) != 0).any():
-            self._head_dirty = True
-        self._release(victims)
+        self._slots.add(rk, vers, key, score, high, nb, now)
 
     # -- sending ----------------------------------------------------------------------------
     def take(self, now: float, max_bytes: int) -> list[QueuedRows]:
         """Remove and return the rows to send now: the longest prefix of the priority
         order that fits ``max_bytes`` (at least one row) and the token bucket, low
         rows leaving the high reserve untouched.  Spends the bucket."""
-        if self._rows == 0:
+        if self._slots.rows == 0:
             return []
         tokens = self.bucket.available(now) if self.bucket is not None else math.inf
         cut = self._highish_cut(now)
         used = 0
         cap_bytes = -1
         taken = False
-        while self._rows:
-            h = self._merged_head()
-            hnk, hnb = self._hnk, self._hnb
+        while self._slots.rows:
+            h = self._slots.merged_head()
+            hnk, hnb = self._slots.hnk, self._slots.hnb
             if cap_bytes < 0:
                 cap_bytes = max(int(max_bytes), int(hnb[0]))
             l_all = min(cap_bytes, tokens) - used
             l_low = min(cap_bytes, tokens - self._reserve) - used
-            if l_all < self._min_nb:
+            if l_all < self._slots.min_nb:
                 break
             # no row is smaller than min_nb, so this many rows always overflow l_all
-            limit = min(h.shape[0], int(l_all // self._min_nb) + 1)
+            limit = min(h.shape[0], int(l_all // self._slots.min_nb) + 1)
             cs = np.cumsum(hnb[:limit])
             # high-ish rows (key >= cut) are a prefix: they may spend l_all, the rest l_low
             n_hi = limit if cut == -math.inf else int(np.searchsorted(hnk[:limit], -cut, side="right"))
@@ -608,7 +351,7 @@ class _RowQueue:
             if n == 0:
                 break
             used += int(cs[n - 1])
-            self._head, self._hnk, self._hnb = h[n:], hnk[n:], hnb[n:]
+            self._slots.head, self._slots.hnk, self._slots.hnb = h[n:], hnk[n:], hnb[n:]
             self._take_rows(h[:n], hnb[:n], now)
             taken = True
             if n < h.shape[0]:
@@ -622,10 +365,10 @@ class _RowQueue:
 
     def _take_rows(self, sel: np.ndarray, nb: np.ndarray, now: float) -> None:
         """Gather what the frames need, count the rows sent, and release them."""
-        hi = self._high[sel]
-        t0 = self._t0[sel]
-        rk = self._rk[sel]
-        self._out_parts.append((rk, self._ver[sel], self._score[sel], hi, t0))
+        hi = self._slots.high[sel]
+        t0 = self._slots.t0[sel]
+        rk = self._slots.rk[sel]
+        self._out_parts.append((rk, self._slots.ver[sel], self._slots.score[sel], hi, t0))
         lat = now - t0
         np.maximum(lat, 0.0, out=lat)
         n_hi = int(np.count_nonzero(hi))
@@ -643,7 +386,7 @@ class _RowQueue:
                                                minlength=len(LATENCY_BOUNDS_S) + 1)
             self._lat_sum[c] += float(lt.sum())
             self._lat_max[c] = max(self._lat_max[c], float(lt.max()))
-        self._release(sel, rk, hi, nb)
+        self._slots.release(sel, rk, hi, nb)
 
     def _frames(self) -> list[QueuedRows]:
         parts, self._out_parts = self._out_parts, []
@@ -667,7 +410,7 @@ class _RowQueue:
             groups = [(int(st[a]), order[a:b]) for _, a, b in sorted(zip(firsts.tolist(), starts, ends))]
         out = []
         for t, g in groups:
-            model, table, row_bytes = self._tables[t]
+            model, table, row_bytes = self._slots.tables[t]
             pick = (lambda a: a) if g is None else (lambda a: a[g])
             out.append(QueuedRows(model, table, pick(ids), pick(ver), row_bytes,
                                   scores=pick(sc), high=pick(hg),
@@ -676,13 +419,13 @@ class _RowQueue:
 
     def next_ready(self, now: float) -> float | None:
         """Earliest time :meth:`take` returns rows, assuming no further puts; None when empty."""
-        if self._rows == 0:
+        if self._slots.rows == 0:
             return None
         if self.bucket is None or self.bucket.unlimited:
             return now
-        self._merged_head()
-        b = float(self._hnb[0])
-        key = -float(self._hnk[0])
+        self._slots.merged_head()
+        b = float(self._slots.hnb[0])
+        key = -float(self._slots.hnk[0])
         wait_all = self.bucket.time_until(b, now)
         if key >= self._highish_cut(now):
             return now + wait_all
@@ -696,12 +439,12 @@ class _RowQueue:
     def stats(self) -> QueueStats:
         """Counters for metrics: depth, bytes sent, drops and queueing latency, by class."""
         return QueueStats(
-            rows_high=self._rows_high, rows_low=self._rows - self._rows_high,
-            bytes_high=self._bytes_high, bytes_low=self._bytes - self._bytes_high,
+            rows_high=self._slots.rows_high, rows_low=self._slots.rows - self._slots.rows_high,
+            bytes_high=self._slots.bytes_high, bytes_low=self._slots.bytes - self._slots.bytes_high,
             sent_rows_high=self._sent_rows[1], sent_rows_low=self._sent_rows[0],
             sent_bytes_high=self._sent_bytes[1], sent_bytes_low=self._sent_bytes[0],
-            dropped_rows_high=self._dropped_cls[1], dropped_rows_low=self._dropped_cls[0],
-            coalesced=self._coalesced,
+            dropped_rows_high=self._slots.dropped_cls[1], dropped_rows_low=self._slots.dropped_cls[0],
+            coalesced=self._slots.coalesced,
             latency_counts_high=tuple(int(x) for x in self._lat_counts[1]),
             latency_counts_low=tuple(int(x) for x in self._lat_counts[0]),
             latency_sum_high=self._lat_sum[1], latency_sum_low=self._lat_sum[0],
@@ -804,7 +547,7 @@ class FifoBudgetQueue(_RowQueue):
             raise UsageError(f"drop must be 'oldest' or 'newest', got {drop!r}")
         QueueConfig(max_rows=max_rows, max_backlog_bytes=max_backlog_bytes, drop_slack=drop_slack)  # validate
         super().__init__(bucket, max_rows, max_backlog_bytes, drop_slack, 0.0)
-        self._drop_highest_keys = drop == "oldest"
+        self._slots.drop_highest_keys = drop == "oldest"
         self._seq = 0.0
 
     def _keys(self, score: np.ndarray, high: np.ndarray, now: float, n: int) -> np.ndarray:

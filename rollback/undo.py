@@ -51,6 +51,11 @@ values -- which :mod:`ekko.replica.snapshot` writes beside the tables; at start
 replayed (the node's apply seq continues above the image's ``seq``, so replayed
 records come after the restored ones and cuts keep their meaning).
 
+Modules.  :mod:`rollback.undo_log` stores the segments within the budgets,
+:mod:`rollback.undo_walk` walks them, :mod:`rollback.undo_image` converts a model's
+history to and from an :class:`UndoImage`; this module decides what is recorded and
+restored.
+
 Known gap: :class:`~ekko.core.store.ApplyResult` carries no old *tombstone* flags,
 so a row whose state at the cut was a tombstone comes back as zeros with the
 tombstone flag clear (same values, so value digests still agree).
@@ -59,35 +64,31 @@ tombstone flag clear (same values, so value digests still agree).
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ekko.core.errors import UsageError
+from rollback.undo_image import UndoImage, UndoSegmentImage, image_tables, logs_from_image
+from rollback.undo_log import RECORD_OVERHEAD_BYTES, SegmentStore, TableLog
+from rollback.undo_walk import DENSE_MAP_SLOTS_PER_ROW, CoveredFn, walk
 
 if TYPE_CHECKING:
     from ekko.core.store import ApplyResult, TableStore
 
+__all__ = ["DEFAULT_BLOCK_BYTES", "DENSE_MAP_SLOTS_PER_ROW", "RECORD_OVERHEAD_BYTES", "RESTORE_CHUNK_BYTES",
+           "RESTORE_DIRECT_BYTES", "CoveredFn", "RestoreOutcome", "UndoHistory", "UndoImage", "UndoSegmentImage",
+           "capture_before_restore"]
+
 #: records smaller than this are pooled into one segment; a bigger one is a segment itself.
 DEFAULT_BLOCK_BYTES = 4 << 20
-#: bookkeeping bytes charged per record besides its arrays (record start + seq).
-RECORD_OVERHEAD_BYTES = 16
-#: a dense row -> position map is used while it costs at most this many slots per row
-#: or entry involved in a lookup; beyond it (a huge, sparsely touched table) a sorted
-#: search is used instead, so a lookup never allocates memory proportional to the table.
-DENSE_MAP_SLOTS_PER_ROW = 32
 #: restore_at_cut writes a whole in-memory segment at least this big straight from the
 #: history (one index_copy_ of it amortizes the call); smaller pieces are pooled.
 RESTORE_DIRECT_BYTES = 16 << 20
 #: restore_at_cut pools smaller pieces through a scratch buffer of at most this many
 #: bytes, kept between calls, written one chunk per restore_rows.
 RESTORE_CHUNK_BYTES = 64 << 20
-
-#: ``covered(ids, packed_versions) -> bool array``: True where the cut includes that
-#: version of that row (see :meth:`rollback.cuts.Cut.covered_fn`).
-CoveredFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,92 +103,6 @@ class RestoreOutcome:
 
     restored: int
     incomplete: np.ndarray
-
-
-@dataclass(frozen=True, slots=True)
-class UndoSegmentImage:
-    """One segment of an :class:`UndoImage`: entries in apply order and their records.
-
-    Attributes:
-        ids, old_versions: int64 ``(n,)``; an old version is negated where the row was a
-            tombstone (as the history keeps it).
-        values: ``(n, dim)`` old values in the wire dtype, None for a metadata-mode table.
-        rec_starts: int64 ``(records + 1,)``: entry offset of each record, then ``n``.
-        rec_seqs: int64 ``(records,)``: each record's apply seq, non-decreasing.
-    """
-
-    ids: np.ndarray
-    old_versions: np.ndarray
-    values: np.ndarray | None
-    rec_starts: np.ndarray
-    rec_seqs: np.ndarray
-
-
-@dataclass(frozen=True, slots=True)
-class UndoImage:
-    """The undo history of one model, to keep with its snapshot (:meth:`UndoHistory.export_model`).
-
-    Attributes:
-        model: the model.
-        seq: the apply seq when the image was taken: every record has ``seq <=`` this,
-            and the node resumes numbering above it.
-        horizon: the model's :meth:`UndoHistory.horizon` then.
-        tables: per table, its segments oldest first (tables without history left out).
-        damaged: why a stored history could not be read (the image then holds no
-            tables and ``horizon == seq``: nothing before the restart is restorable here).
-    """
-
-    model: str
-    seq: int
-    horizon: int
-    tables: dict[str, list[UndoSegmentImage]]
-    damaged: str | None = None
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the arrays (what the history charges, less per-record overhead)."""
-        return sum(s.ids.nbytes + s.old_versions.nbytes + (s.values.nbytes if s.values is not None else 0)
-                   for segs in self.tables.values() for s in segs)
-
-
-@dataclass(slots=True)
-class _Segment:
-    """Records of one table, in apply order; ``ids is None`` once spilled."""
-
-    ids: np.ndarray | None
-    old_versions: np.ndarray | None
-    values: np.ndarray | None
-    rec_starts: np.ndarray          # entry offset of each record, plus the end
-    rec_seqs: np.ndarray            # seq of each record
-    max_id: int
-    nbytes: int
-    path: str | None = None
-
-    @property
-    def first_seq(self) -> int:
-        return int(self.rec_seqs[0])
-
-    @property
-    def last_seq(self) -> int:
-        return int(self.rec_seqs[-1])
-
-    @property
-    def multi(self) -> bool:
-        """More than one record: a row may appear more than once."""
-        return len(self.rec_seqs) > 1
-
-
-class _TableLog:
-    __slots__ = ("segments", "pending", "pending_bytes", "has_values", "dim", "dtype", "max_id")
-
-    def __init__(self) -> None:
-        self.segments: list[_Segment] = []
-        self.pending: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]] = []
-        self.pending_bytes = 0
-        self.has_values: bool | None = None
-        self.dim = 0
-        self.dtype: np.dtype | None = None
-        self.max_id = -1
 
 
 class UndoHistory:
@@ -216,19 +131,26 @@ class UndoHistory:
                  max_spill_bytes: int | None = None, block_bytes: int = DEFAULT_BLOCK_BYTES) -> None:
         if max_bytes < 0 or block_bytes <= 0:
             raise UsageError("max_bytes must be >= 0 and block_bytes > 0")
-        self.max_bytes = int(max_bytes)
-        self.block_bytes = int(block_bytes)
-        self.max_spill_bytes = max_spill_bytes
-        self.spill_dir = os.fspath(spill_dir) if spill_dir is not None else None
-        if self.spill_dir is not None:
-            os.makedirs(self.spill_dir, exist_ok=True)
-        self._logs: dict[tuple[str, str], _TableLog] = {}
-        self._horizon: dict[str, int] = {}
+        self._store = SegmentStore(int(max_bytes), os.fspath(spill_dir) if spill_dir is not None else None,
+                                   max_spill_bytes, int(block_bytes))
         self._last_seq = -1
-        self._mem_bytes = 0
-        self._spill_bytes = 0
-        self._spill_counter = 0
         self._scratch: np.ndarray | None = None
+
+    @property
+    def max_bytes(self) -> int:
+        return self._store.max_bytes
+
+    @property
+    def block_bytes(self) -> int:
+        return self._store.block_bytes
+
+    @property
+    def max_spill_bytes(self) -> int | None:
+        return self._store.max_spill_bytes
+
+    @property
+    def spill_dir(self) -> str | None:
+        return self._store.spill_dir
 
     # -- writes ---------------------------------------------------------------------------
     def record(self, model: str, table: str, seq: int, result: "ApplyResult") -> None:
@@ -250,9 +172,7 @@ class UndoHistory:
         n = len(result)
         if n == 0:
             return
-        log = self._logs.get((model, table))
-        if log is None:
-            log = self._logs[(model, table)] = _TableLog()
+        log = self._store.log(model, table)
         values = result.old_values
         if log.has_values is None:
             log.has_values = values is not None
@@ -272,57 +192,22 @@ class UndoHistory:
             # A tombstone is kept as its version negated (packed versions are > 0 and a
             # never-written row, version 0, is no tombstone): no extra array per record.
             old[tomb] = -old[tomb]
-        top = int(ids.max())
-        log.max_id = max(log.max_id, top)
-        nbytes = ids.nbytes + old.nbytes + (values.nbytes if values is not None else 0) + RECORD_OVERHEAD_BYTES
-        self._mem_bytes += nbytes
-        if nbytes >= self.block_bytes:
-            self._seal(log)
-            log.segments.append(_Segment(ids, old, values, np.array([0, n], np.int64), np.array([seq], np.int64),
-                                         top, nbytes))
-        else:
-            log.pending.append((seq, ids, old, values))
-            log.pending_bytes += nbytes
-            if log.pending_bytes >= self.block_bytes:
-                self._seal(log)
-        self._enforce_budget()
+        self._store.add(log, seq, ids, old, values)
 
     def forget_before(self, model: str, seq: int) -> None:
         """Drop history no live cut needs: records with seq < ``seq`` (whole segments).
 
         Moves :meth:`horizon` to at least ``seq``: cuts older than that are no longer restorable.
         """
-        seq = int(seq)
-        for (m, _), log in self._logs.items():
-            if m != model:
-                continue
-            keep = []
-            for seg in log.segments:
-                if seg.last_seq < seq:
-                    self._drop_segment(seg)
-                else:
-                    keep.append(seg)
-            log.segments = keep
-            if log.pending and log.pending[0][0] < seq:
-                kept = [r for r in log.pending if r[0] >= seq]
-                freed = sum(_record_bytes(r) for r in log.pending) - sum(_record_bytes(r) for r in kept)
-                log.pending = kept
-                log.pending_bytes -= freed
-                self._mem_bytes -= freed
-        self._horizon[model] = max(self._horizon.get(model, 0), seq)
+        self._store.forget_before(model, int(seq))
 
     def drop_model(self, model: str) -> None:
         """Forget every table of a model (it was removed)."""
-        for key in [k for k in self._logs if k[0] == model]:
-            log = self._logs.pop(key)
-            for seg in log.segments:
-                self._drop_segment(seg)
-            self._mem_bytes -= log.pending_bytes
-        self._horizon.pop(model, None)
+        self._store.drop_model(model)
 
     def close(self) -> None:
         """Delete every spill file this history wrote and release the restore scratch buffer."""
-        for model in {k[0] for k in self._logs}:
+        for model in {k[0] for k in self._store.logs}:
             self.drop_model(model)
         self._scratch = None
 
@@ -341,24 +226,7 @@ class UndoHistory:
         seq = self._last_seq if seq is None else int(seq)
         if seq < self._last_seq:
             raise UsageError(f"export seq {seq} is below the last recorded seq {self._last_seq}")
-        tables: dict[str, list[UndoSegmentImage]] = {}
-        for (m, table), log in self._logs.items():
-            if m != model:
-                continue
-            segs = []
-            for seg in log.segments:
-                ids, old, values = self._arrays(seg)
-                segs.append(UndoSegmentImage(ids, old, values, seg.rec_starts, seg.rec_seqs))
-            if log.pending:
-                recs = log.pending
-                starts = np.zeros(len(recs) + 1, np.int64)
-                np.cumsum([len(r[1]) for r in recs], out=starts[1:])
-                segs.append(UndoSegmentImage(
-                    np.concatenate([r[1] for r in recs]), np.concatenate([r[2] for r in recs]),
-                    np.concatenate([r[3] for r in recs]) if log.has_values else None,
-                    starts, np.array([r[0] for r in recs], np.int64)))
-            if segs:
-                tables[table] = segs
+        tables = image_tables(self._store, model)
         return UndoImage(model, max(seq, 0), self.horizon(model), tables)
 
     def import_model(self, image: UndoImage) -> None:
@@ -374,34 +242,22 @@ class UndoHistory:
                 (nothing is installed then).
         """
         model = image.model
-        if any(k[0] == model for k in self._logs):
+        if any(k[0] == model for k in self._store.logs):
             raise UsageError(f"undo history of {model!r} exists already; import it before any apply")
         seq = int(image.seq)
         if seq < 0 or int(image.horizon) < 0:
             raise UsageError("undo image seq and horizon must be >= 0")
-        logs: dict[tuple[str, str], _TableLog] = {}
-        total = 0
-        for table, segs in image.tables.items():
-            log = _TableLog()
-            last = -1
-            for s in segs:
-                seg = _check_segment_image(table, s, log, last, seq)
-                last = seg.last_seq
-                log.segments.append(seg)
-                log.max_id = max(log.max_id, seg.max_id)
-                total += seg.nbytes
-            if log.segments:
-                logs[(model, table)] = log
-        self._logs.update(logs)
-        self._mem_bytes += total
-        self._horizon[model] = max(self._horizon.get(model, 0), int(image.horizon))
+        logs, total = logs_from_image(image, seq)
+        self._store.logs.update(logs)
+        self._store.mem_bytes += total
+        self._store.horizon[model] = max(self._store.horizon.get(model, 0), int(image.horizon))
         self._last_seq = max(self._last_seq, seq)
-        self._enforce_budget()
+        self._store.enforce_budget()
 
     # -- reads ----------------------------------------------------------------------------
     def horizon(self, model: str) -> int:
         """Oldest seq still fully restorable: a cut with ``cut.seq >= horizon`` has all its history."""
-        return self._horizon.get(model, 0)
+        return self._store.horizon.get(model, 0)
 
     def values_at_cut(self, model: str, table: str, rows_changed_after: np.ndarray, covered: CoveredFn
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
@@ -436,13 +292,14 @@ class UndoHistory:
         if rows.ndim != 1:
             raise UsageError("rows_changed_after must be a 1-D array of row ids")
         n = len(rows)
-        log = self._logs.get((model, table))
+        log = self._store.logs.get((model, table))
         if n and int(rows.min()) < 0:
             raise UsageError("row ids must be >= 0")
         if log is None or n == 0:
             values = (np.zeros((n, log.dim), log.dtype) if log is not None and log.has_values else None)
             return rows.copy(), np.zeros(n, np.int64), values, np.zeros(n, bool)
-        pieces, resolved = self._walk(log, rows, covered)
+        self._store.seal(log)
+        pieces, resolved = walk(log, rows, covered, self._store.arrays)
 
         out_ids = np.empty(n, np.int64)
         out_versions = np.zeros(n, np.int64)
@@ -490,10 +347,11 @@ class UndoHistory:
             raise UsageError("rows_changed_after must be a 1-D array of row ids")
         if len(rows) and int(rows.min()) < 0:
             raise UsageError("row ids must be >= 0")
-        log = self._logs.get((model, table))
+        log = self._store.logs.get((model, table))
         if log is None or len(rows) == 0:
             return RestoreOutcome(0, rows.copy())
-        pieces, resolved = self._walk(log, rows, covered)
+        self._store.seal(log)
+        pieces, resolved = walk(log, rows, covered, self._store.arrays)
 
         def write(ids: np.ndarray, versions: np.ndarray, values: np.ndarray | None) -> None:
             tomb = versions < 0   # recorded negated: the row was a tombstone at the cut
@@ -527,7 +385,7 @@ class UndoHistory:
         return RestoreOutcome(restored, rows[~resolved])
 
     def _pool(self, pending: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]], n: int,
-              log: _TableLog) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+              log: TableLog) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Concatenate pieces' ids and versions, and gather their values into the kept scratch buffer."""
         ids = np.concatenate([p[0] for p in pending])
         versions = np.concatenate([p[1] for p in pending])
@@ -543,247 +401,9 @@ class UndoHistory:
             off += k
         return ids, versions, scratch[:n]
 
-    def _walk(self, log: _TableLog, rows: np.ndarray, covered: CoveredFn
-              ) -> tuple[list[tuple[_Segment, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]], np.ndarray]:
-        """Newest-first scan: per segment, (segment, entry positions, row positions, versions, values)."""
-        n = len(rows)
-        self._seal(log)
-        loc = _Locator(rows, max(log.max_id, int(rows.max())), sum(
-            int(s.rec_starts[-1]) for s in log.segments))
-        resolved = np.zeros(n, dtype=bool)
-        mark = np.empty(n, dtype=np.int64)
-        pieces: list[tuple[_Segment, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
-        remaining = n
-        for seg in reversed(log.segments):
-            ids, old, values = self._arrays(seg)
-            p = loc.find(ids)
-            # cand None = every entry of the segment: a big bad delta is often all relevant,
-            # and skipping the gathers then saves a third of the walk.
-            cand: np.ndarray | None = None
-            hit = p >= 0
-            if not hit.all():
-                cand = np.flatnonzero(hit)
-                if len(cand) == 0:
-                    continue
-                p = p[cand]
-            keep = ~resolved[p]
-            if not keep.all():
-                cand = np.flatnonzero(keep) if cand is None else cand[keep]
-                p = p[keep]
-            ov = old if cand is None else old[cand]
-            ok = np.asarray(covered(ids if cand is None else ids[cand], np.abs(ov)), dtype=bool)
-            if ok.shape != ov.shape:
-                raise UsageError("covered() must return one bool per version")
-            ok |= ov == 0
-            if not ok.all():
-                cand = np.flatnonzero(ok) if cand is None else cand[ok]
-                p, ov = p[ok], ov[ok]
-            if cand is None:
-                cand = np.arange(len(ids))
-            pc = p
-            if len(cand) == 0:
-                continue
-            if seg.multi and len(cand) > 1:
-                cand, pc, ov = _newest_per_row(cand, pc, ov, mark)
-            resolved[pc] = True
-            pieces.append((seg, cand, pc, ov, values))
-            remaining -= len(pc)
-            if remaining == 0:
-                break
-        loc.release()
-        return pieces, resolved
-
     def stats(self) -> dict[str, int]:
         """Bytes in memory and spilled, segment count (for status and tests)."""
-        segs = sum(len(log.segments) for log in self._logs.values())
-        spilled = sum(1 for log in self._logs.values() for s in log.segments if s.path is not None)
-        return {"memory_bytes": self._mem_bytes, "spilled_bytes": self._spill_bytes, "segments": segs,
-                "spilled_segments": spilled}
-
-    # -- internals ------------------------------------------------------------------------
-    def _seal(self, log: _TableLog) -> None:
-        if not log.pending:
-            return
-        recs = log.pending
-        counts = [len(r[1]) for r in recs]
-        starts = np.zeros(len(recs) + 1, np.int64)
-        np.cumsum(counts, out=starts[1:])
-        ids = np.concatenate([r[1] for r in recs])
-        old = np.concatenate([r[2] for r in recs])
-        values = np.concatenate([r[3] for r in recs]) if log.has_values else None
-        seqs = np.array([r[0] for r in recs], np.int64)
-        log.segments.append(_Segment(ids, old, values, starts, seqs, int(ids.max()), log.pending_bytes))
-        log.pending = []
-        log.pending_bytes = 0
-
-    def _enforce_budget(self) -> None:
-        while self._mem_bytes > self.max_bytes:
-            oldest: tuple[int, _TableLog, str] | None = None
-            for (model, _), log in self._logs.items():
-                first = None
-                for seg in log.segments:
-                    if seg.path is None:
-                        first = seg.first_seq
-                        break
-                if first is None and log.pending:
-                    first = log.pending[0][0]
-                if first is not None and (oldest is None or first < oldest[0]):
-                    oldest = (first, log, model)
-            if oldest is None:
-                return
-            _, log, model = oldest
-            seg = next((s for s in log.segments if s.path is None), None)
-            if seg is None:
-                self._seal(log)
-                seg = next(s for s in log.segments if s.path is None)
-            if self.spill_dir is not None:
-                self._spill(seg)
-            else:
-                log.segments.remove(seg)
-                self._mem_bytes -= seg.nbytes
-                self._horizon[model] = max(self._horizon.get(model, 0), seg.last_seq + 1)
-        if self.max_spill_bytes is not None:
-            self._enforce_spill_budget()
-
-    def _spill(self, seg: _Segment) -> None:
-        assert self.spill_dir is not None and seg.ids is not None and seg.old_versions is not None
-        self._spill_counter += 1
-        path = os.path.join(self.spill_dir, f"seg-{self._spill_counter:010d}")
-        os.makedirs(path, exist_ok=True)
-        np.save(os.path.join(path, "ids.npy"), seg.ids)
-        np.save(os.path.join(path, "old_versions.npy"), seg.old_versions)
-        if seg.values is not None:
-            np.save(os.path.join(path, "values.npy"), np.ascontiguousarray(seg.values))
-        seg.path = path
-        seg.ids = seg.old_versions = seg.values = None
-        self._mem_bytes -= seg.nbytes
-        self._spill_bytes += seg.nbytes
-
-    def _enforce_spill_budget(self) -> None:
-        assert self.max_spill_bytes is not None
-        while self._spill_bytes > self.max_spill_bytes:
-            oldest = None
-            for (model, _), log in self._logs.items():
-                for seg in log.segments:
-                    if seg.path is not None and (oldest is None or seg.first_seq < oldest[0].first_seq):
-                        oldest = (seg, log, model)
-                    break  # spilled segments are the oldest of their table
-            if oldest is None:
-                return
-            seg, log, model = oldest
-            log.segments.remove(seg)
-            self._drop_segment(seg)
-            self._horizon[model] = max(self._horizon.get(model, 0), seg.last_seq + 1)
-
-    def _drop_segment(self, seg: _Segment) -> None:
-        if seg.path is not None:
-            shutil.rmtree(seg.path, ignore_errors=True)
-            self._spill_bytes -= seg.nbytes
-        else:
-            self._mem_bytes -= seg.nbytes
-
-    def _arrays(self, seg: _Segment) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        if seg.path is None:
-            assert seg.ids is not None and seg.old_versions is not None
-            return seg.ids, seg.old_versions, seg.values
-        ids = np.load(os.path.join(seg.path, "ids.npy"))
-        old = np.load(os.path.join(seg.path, "old_versions.npy"))
-        vpath = os.path.join(seg.path, "values.npy")
-        # Memory-mapped: a lookup gathers only the rows it restores from a spilled segment.
-        values = np.load(vpath, mmap_mode="r") if os.path.exists(vpath) else None
-        return ids, old, values
-
-
-def _check_segment_image(table: str, s: UndoSegmentImage, log: _TableLog, after_seq: int, max_seq: int
-                         ) -> _Segment:
-    """A segment image as a history segment, checked; sets the log's value layout on first use."""
-    def bad(msg: str) -> UsageError:
-        return UsageError(f"undo image of table {table!r}: {msg}")
-
-    ids, old, values, starts, seqs = s.ids, s.old_versions, s.values, s.rec_starts, s.rec_seqs
-    for name, a in (("ids", ids), ("old_versions", old), ("rec_starts", starts), ("rec_seqs", seqs)):
-        if not isinstance(a, np.ndarray) or a.dtype != np.int64 or a.ndim != 1:
-            raise bad(f"{name} must be a 1-D int64 array")
-    n = len(ids)
-    if n == 0 or len(old) != n or len(seqs) == 0 or len(starts) != len(seqs) + 1:
-        raise bad("array lengths disagree")
-    if int(starts[0]) != 0 or int(starts[-1]) != n or (np.diff(starts) <= 0).any():
-        raise bad("record starts are not increasing from 0 to the entry count")
-    if int(seqs[0]) < max(after_seq, 0) or (np.diff(seqs) < 0).any() or int(seqs[-1]) > max_seq:
-        raise bad("record seqs are out of order or beyond the image's seq")
-    if int(ids.min()) < 0:
-        raise bad("negative row id")
-    if log.has_values is None:
-        log.has_values = values is not None
-        if values is not None:
-            if values.ndim != 2:
-                raise bad("values must be 2-D")
-            log.dim, log.dtype = int(values.shape[1]), values.dtype
-    if (values is not None) != log.has_values or (
-            values is not None and (values.shape != (n, log.dim) or values.dtype != log.dtype)):
-        raise bad("values do not match the entries or the table's other segments")
-    nbytes = ids.nbytes + old.nbytes + (values.nbytes if values is not None else 0) \
-        + RECORD_OVERHEAD_BYTES * len(seqs)
-    return _Segment(ids, old, values, starts, seqs, int(ids.max()), nbytes)
-
-
-def _record_bytes(rec: tuple[int, np.ndarray, np.ndarray, np.ndarray | None]) -> int:
-    _, ids, old, values = rec
-    return ids.nbytes + old.nbytes + (values.nbytes if values is not None else 0) + RECORD_OVERHEAD_BYTES
-
-
-def _newest_per_row(cand: np.ndarray, pc: np.ndarray, ov: np.ndarray, mark: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Within one segment keep, per row, only its last (newest) candidate entry."""
-    k = np.arange(len(pc))
-    mark[pc] = k
-    if (mark[pc] == k).all():   # every row once: whichever write won, each reads back its own index
-        return cand, pc, ov
-    order = np.argsort(pc, kind="stable")
-    spc = pc[order]
-    last = np.empty(len(spc), bool)
-    last[:-1] = spc[1:] != spc[:-1]
-    last[-1] = True
-    sel = np.sort(order[last])
-    return cand[sel], pc[sel], ov[sel]
-
-
-class _Locator:
-    """Row id -> position in the looked-up rows (-1 when absent), vectorized."""
-
-    def __init__(self, rows: np.ndarray, max_id: int, entries: int) -> None:
-        self.rows = rows
-        size = max_id + 1
-        if size <= DENSE_MAP_SLOTS_PER_ROW * (len(rows) + entries):
-            dt = np.int32 if len(rows) < (1 << 31) else np.int64
-            self.pos: np.ndarray | None = np.full(size, -1, dtype=dt)
-            self.pos[rows] = np.arange(len(rows), dtype=dt)
-            if (self.pos[rows] != np.arange(len(rows))).any():
-                raise UsageError("rows_changed_after must not repeat a row")
-            self.sorted = self.order = None
-        else:
-            self.pos = None
-            self.order = np.argsort(rows, kind="stable")
-            self.sorted = rows[self.order]
-            if len(rows) > 1 and (self.sorted[1:] == self.sorted[:-1]).any():
-                raise UsageError("rows_changed_after must not repeat a row")
-
-    def find(self, ids: np.ndarray) -> np.ndarray:
-        if self.pos is not None:
-            if len(ids) and int(ids.max()) >= len(self.pos):
-                inside = ids < len(self.pos)
-                out = np.full(len(ids), -1, np.int64)
-                out[inside] = self.pos[ids[inside]]
-                return out
-            return self.pos[ids]
-        assert self.sorted is not None and self.order is not None
-        j = np.searchsorted(self.sorted, ids)
-        np.minimum(j, len(self.sorted) - 1, out=j)
-        hit = self.sorted[j] == ids
-        return np.where(hit, self.order[j], -1)
-
-    def release(self) -> None:
-        self.pos = self.sorted = self.order = None
+        return self._store.stats()
 
 
 def capture_before_restore(store: "TableStore", ids: np.ndarray, new_versions: np.ndarray) -> "ApplyResult":

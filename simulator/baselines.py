@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 
 from simulator.events import Simulation
-from simulator.experiment import ROW_META_BYTES, Progress, Truth, place_replicas
 from simulator.measure import LatencyRecorder
 from simulator.network import WanNetwork
+from simulator.progress import Progress
 from simulator.scenario import Scenario
+from simulator.truth import ROW_META_BYTES, Truth, place_replicas
 from simulator.workload import UpdateBatch, Workload
 
 #: bytes of a frame header and small control messages.

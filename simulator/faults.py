@@ -133,36 +133,28 @@ Per seed, ``faults`` counts every fault injected (the new classes as
 pull rows; pending chain intervals dropped at the cap).
 """
 
+
 from __future__ import annotations
 
 import json
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 
-from ekko.core.chain import PendingFrame, PublisherChain
-from ekko.core.codec import MsgType, array_from_wire
+from ekko.core.codec import MsgType
 from ekko.core.config import NodeConfig
 from ekko.core.errors import ProtocolError, UsageError
-from ekko.replica.node import ReplicaNode
-from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.store import ModelStore
-from ekko.core.version import (
-    HLC_EPOCH_MS,
-    HLC_LOGICAL_BITS,
-    MAX_ORIGIN,
-    HybridClock,
-    Knowledge,
-    counters_of,
-)
+from ekko.core.version import HLC_LOGICAL_BITS
+from ekko.replica.node import ReplicaNode
 from rollback.cuts import Cut
 from simulator.events import Simulation
+from simulator.fault_checks import InvariantChecker, Violation
 from simulator.fault_plan import (
     CONVERGENCE_BOUND_S,
     DEFAULT_CONFIG,
@@ -181,15 +173,11 @@ from simulator.fault_plan import (
     RefRollback,
     parse_fault_scenario,
 )
+from simulator.fault_publisher import BACKUP_INTERVAL_S, PUBLISHER_ORIGIN, FaultPublisher, restart_mode
+from simulator.fault_reference import MODEL_NAME, SPEC, ReferenceModel
 from simulator.network import WanConfig, WanNetwork
 from simulator.replicas import SimCluster
 
-#: the model every scenario publishes: small enough for full mode in CI.
-MODEL_NAME = "chaos"
-SPEC = ModelSpec(MODEL_NAME, [TableSpec("emb", rows=512, dim=4, shards=8),
-                              TableSpec("dense", rows=16, dim=8, dense=True)])
-#: origin id of the first publisher (a publisher restarting without state takes the next).
-PUBLISHER_ORIGIN = 1
 #: step at which convergence is checked after the faults stop.
 CHECK_STEP_S = 0.5
 #: seconds between monotonicity and fence samples.
@@ -203,33 +191,13 @@ REPLAY_QUIET_S = 3.0
 #: a cut that failed), and how often it looks again (the daemon's CUT_WAIT_POLL_S).
 PUBLISHER_CUT_WAIT_S = 5.0
 CUT_WAIT_POLL_S = 0.02
-#: the publisher backs its state up this often (what a ``backup`` restart restores).
-BACKUP_INTERVAL_S = 1.0
 #: node counters summed per seed (``protocol`` in the results): evidence that the rules
 #: for gaps, stale chains and fenced pulls ran.
 PROTOCOL_COUNTERS = ("gap_probes_sent", "gaps_closed", "stale_chains", "pull_fenced_rows", "fenced_rows")
 
-
-@dataclass
-class Violation:
-    """An invariant broken in one seed: its first divergence (``count`` = how many seen)."""
-
-    seed: int
-    invariant: str
-    replica: str
-    table: str | None = None
-    row: int | None = None
-    shard: int | None = None
-    detail: str = ""
-    count: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
-__all__ = ["CONVERGENCE_BOUND_S", "DEFAULT_CONFIG", "DEFAULT_REPLICAS", "EPISODE_KINDS", "EXTRA_KINDS",
+__all__ = ["BACKUP_INTERVAL_S", "CONVERGENCE_BOUND_S", "DEFAULT_CONFIG", "DEFAULT_REPLICAS", "EPISODE_KINDS", "EXTRA_KINDS",
            "FAULT_PHASE_S", "INVARIANTS", "LOSS_KINDS", "NUM_DCS", "RESTART_MODES", "Episode", "FaultConfig", "FaultPlan", "FaultRun",
-           "FaultScenario", "RefRollback", "Violation", "parse_fault_scenario", "run_faults"]
+           "FaultScenario", "PUBLISHER_ORIGIN", "RefRollback", "Violation", "parse_fault_scenario", "run_faults"]
 
 
 class _RecordingCluster(SimCluster):
@@ -255,23 +223,12 @@ class _RecordingCluster(SimCluster):
         super()._deliver(src, dst, payload)
 
 
-def _knowledge(node: ReplicaNode) -> dict[tuple[str, int], dict[int, int]]:
-    """Per (table, shard): ``{origin: counter}``, through the node's public export."""
-    raw = node.export_state(MODEL_NAME)["knowledge"]
-    return {(t, s): dict(Knowledge.from_wire(w).items()) for t, entries in raw.items() for s, w in entries}
-
-
-@dataclass
-class _Frame:
-    """A frame some replica accepted: the reference model's record of it."""
-
-    origin: int
-    tables: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # table -> (ids, versions, values)
-    acked: bool
-
-
 class FaultRun:
     """One seeded chaos scenario: build, inject, heal, check.
+
+    The driver: it injects the plan's faults into the cluster and heals them; the
+    publisher (:class:`FaultPublisher`), the reference model (:class:`ReferenceModel`)
+    and the invariant checks (:class:`InvariantChecker`) are objects it holds.
 
     Example:
         >>> r = FaultRun(seed=1).run()        # doctest: +SKIP
@@ -300,358 +257,37 @@ class FaultRun:
             self.cluster.add_replica(n, self.node_dc[n])
         self.cluster.bootstrap_membership()
         self.cluster.register_everywhere(SPEC)
-        self.cluster.on_apply.append(self._on_apply)
+        # The trainer-side truth, and the checks against it (invariant 5 on every apply).
+        self.ref = ReferenceModel()
+        self.checks = InvariantChecker(seed, self.sim, self.cluster, self.ref, self.node_ids)
+        self.cluster.on_apply.append(self.checks.on_apply)
         self.ingest = self.node_ids[0]
         self.rng = self.sim.derive_rng("harness")
-        self.np_rng = self.sim.derive_np_rng("values")
         self.faults: Counter[str] = Counter()
-        # -- the publisher and the reference model
-        self.chain: PublisherChain | None = PublisherChain(PUBLISHER_ORIGIN)
-        self.origins_used: set[int] = set()
-        self.issued_top: dict[int, int] = {}       # origin -> greatest counter it handed out
         # Draws for foreign and backup states: their own stream, so the other draws keep theirs.
         self.chain_rng = self.sim.derive_rng("publisher-states")
-        self.backups: list[tuple[float, int, str]] = []   # (time, origin, PublisherChain.state() JSON)
-        self._last_backup = -float("inf")
-        self.publisher_down_at = 0.0
-        if self.plan.foreign_start:
-            # A trainer restored from backup into this (new) cluster: its heads name counters
-            # below its first frame here that this cluster never saw.
-            first = int(cfg.publish_interval_s / 2 * 1000) << HLC_LOGICAL_BITS
-            self.chain = PublisherChain.restart(
-                self._foreign_state({"origin": PUBLISHER_ORIGIN, "clock": 0, "heads": []}, 0, first - 1),
-                PUBLISHER_ORIGIN)
-            self.faults["publisher_start_foreign_chain"] += 1
-        self.frames: list[_Frame] = []
-        self.frames_by_key: dict[tuple[int, int], _Frame] = {}
-        self.pending: PendingFrame | None = None
-        self._pending_tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.pending_target: str | None = None     # replica that applied the pending frame (ack lost)
-        self.publisher_saved: tuple[bytes, bytes | None] | None = None
-        self.ref_rollbacks: list[RefRollback] = []
+        self.disk_losses: Counter[str] = Counter()  # node id -> disk losses so far
+        self.pub = FaultPublisher(self.sim, self.cluster, cfg, self.ingest, self.rng, self.chain_rng, self.faults,
+                                  self.checks, self.ref, self.disk_losses, foreign_start=self.plan.foreign_start)
         self.cuts: dict[str, Cut] = {}
         self.cut_cover: dict[str, dict[tuple[str, int], dict[int, int]]] = {}   # publisher cuts: acked heads
-        self.seen_rollbacks: dict[str, set[str]] = {n: set() for n in self.node_ids}
-        # -- lost disks and chain gaps
-        #: per table, per disk loss: (lo, hi) per row -- that row's versions in (lo, hi] may be
-        #: lost (only the lost replica held them); the check accepts either outcome.
-        self.lost: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {t.name: [] for t in SPEC.tables}
+        # -- lost disks
         self.lost_down: set[str] = set()           # down with their disk lost: they come back empty
-        # (table, shard, origin) -> counter ranges only a lost disk knew of (see _mark_lost).
-        self.unknown_ranges: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
-        self.disk_losses: Counter[str] = Counter()  # node id -> disk losses so far
         self.retired: Counter[str] = Counter()      # protocol counters of replaced node objects
-        self.avoid: str | None = None              # the isolated ingest of a chain gap
-        self.gap_frames_left = 0
         self._flex: dict[str, dict[int, dict[int, np.ndarray]]] = {}
-        # -- bookkeeping
-        self.violations: dict[str, Violation] = {}
-        self.samples: dict[str, tuple[dict[str, np.ndarray], dict[tuple[str, int], dict[int, int]]]] = {}
         self.restarts: Counter[str] = Counter()
         self.active: Counter[str] = Counter()
-
-    # -- recording -------------------------------------------------------------------
-    def _violate(self, invariant: str, replica: str, **kw: Any) -> None:
-        cur = self.violations.get(invariant)
-        if cur is None:
-            self.violations[invariant] = Violation(self.seed, invariant, replica, **kw)
-        else:
-            cur.count += 1
-
-    def _applied_rollbacks(self, nid: str) -> list[RefRollback]:
-        """Reference rollbacks this replica has applied (sticky across its restarts)."""
-        seen = self.seen_rollbacks[nid]
-        seen.update(r.rid for r in self.ref_rollbacks if r.rid in self.cluster.nodes[nid].rollbacks)
-        return [r for r in self.ref_rollbacks if r.rid in seen]
-
-    def _fenced_for(self, rbs: list[RefRollback], table: TableSpec, ids: np.ndarray,
-                    versions: np.ndarray) -> np.ndarray:
-        out = np.zeros(len(versions), bool)
-        for r in rbs:
-            out |= r.fenced(table, ids, versions)
-        return out
-
-    def _on_apply(self, nid: str, model: str, table: str, res: Any, source: str, now: float) -> None:
-        """Invariant 5 on every apply: no version a rollback this replica applied fences."""
-        if not self.ref_rollbacks or model != MODEL_NAME:
-            return
-        rbs = self._applied_rollbacks(nid)
-        if not rbs:
-            return
-        t = SPEC.table(table)
-        bad = np.flatnonzero(self._fenced_for(rbs, t, res.ids, res.versions))
-        if len(bad):
-            r = int(res.ids[bad[0]])
-            self._violate("fence", nid, table=table, row=r,
-                          detail=f"applied fenced version {int(res.versions[bad[0]])} from {source} at t={now:.3f}")
-
-    def _sample(self, nid: str) -> None:
-        """Invariants 3 and 5: compare a live replica with its previous sample, keep this one."""
-        node = self.cluster.nodes[nid]
-        vers = {t.name: node.table_store(MODEL_NAME, t.name).versions.copy() for t in SPEC.tables}
-        know = _knowledge(node)
-        rbs = self._applied_rollbacks(nid) if self.ref_rollbacks else []
-        prev = self.samples.get(nid)
-        for t in SPEC.tables:
-            if rbs:
-                held = np.flatnonzero(vers[t.name] > 0)
-                bad = held[self._fenced_for(rbs, t, held, vers[t.name][held])]
-                if len(bad):
-                    r = int(bad[0])
-                    self._violate("fence", nid, table=t.name, row=r,
-                                  detail=f"holds fenced version {int(vers[t.name][r])} at t={self.sim.now:.3f} "
-                                         f"({len(bad)} rows)")
-            if prev is None:
-                continue
-            old = prev[0][t.name]
-            back = np.flatnonzero(vers[t.name] < old)
-            if len(back) and rbs:
-                # A rollback this replica applied may take a fenced version back.
-                back = back[~self._fenced_for(rbs, t, back, old[back])]
-            if len(back):
-                r = int(back[0])
-                self._violate("monotonicity", nid, table=t.name, row=r,
-                              detail=f"row version {int(old[r])} -> {int(vers[t.name][r])} at t={self.sim.now:.3f}")
-        if prev is not None:
-            for (t, s), entries in prev[1].items():
-                cur = know.get((t, s), {})
-                for o, c in entries.items():
-                    if cur.get(o, 0) < c:
-                        self._violate("monotonicity", nid, table=t, shard=s,
-                                      detail=f"knowledge of origin {o}: {c} -> {cur.get(o, 0)} at "
-                                             f"t={self.sim.now:.3f}")
-        self.samples[nid] = (vers, know)
-
-    def _sample_all(self) -> None:
-        for nid in self.cluster.live():
-            self._sample(nid)
-
-    # -- publisher ---------------------------------------------------------------------
-    def _record_frame(self, frame: PendingFrame, tables: dict[str, tuple[np.ndarray, np.ndarray]],
-                      acked: bool) -> None:
-        """Reference model: a replica accepted ``frame`` (recorded once per frame)."""
-        key = (frame.body["origin"], frame.first_counter)
-        got = self.frames_by_key.get(key)
-        if got is not None:
-            got.acked |= acked
-            return
-        versions = _versions_of(frame)
-        f = _Frame(frame.body["origin"], {t: (ids, versions[t], vals.copy()) for t, (ids, vals) in tables.items()},
-                   acked)
-        self.frames.append(f)
-        self.frames_by_key[key] = f
-
-    def _new_frame(self) -> None:
-        assert self.chain is not None
-        n = self.rng.randint(1, self.cfg.max_rows_per_publish)
-        tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for t in SPEC.tables:
-            if t.dense and self.rng.random() > 0.3:
-                continue
-            k = t.rows if t.dense else min(n, t.rows)
-            ids = np.sort(self.np_rng.choice(t.rows, size=k, replace=False)).astype(np.int64)
-            tables[t.name] = (ids, self.np_rng.standard_normal((k, t.dim)).astype(np.float32))
-        origin = self.chain.origin
-        top = self.issued_top.get(origin, 0)
-        self.pending = self.chain.frame(SPEC, tables, now_ms=HLC_EPOCH_MS + self.sim.now * 1000)
-        if self.pending.first_counter <= top:
-            self._violate("publisher", f"origin {origin}", detail=f"counter {self.pending.first_counter} handed "
-                          f"out again (origin already used up to {top}) at t={self.sim.now:.3f}")
-        self.issued_top[origin] = max(top, self.pending.last_counter)
-        self.origins_used.add(origin)
-        self._pending_tables = tables
-        self.pending_target = None
-
-    def _publish(self) -> None:
-        if self.chain is None:
-            return  # the publisher is down
-        if self.pending is None:
-            self._new_frame()
-        assert self.pending is not None
-        live = self.cluster.live()
-        if self.avoid is not None and self.gap_frames_left <= 0 and len(live) > 1:
-            # A chain gap: the isolated ingest is out of the publisher's reach too now.
-            target = self.rng.choice([n for n in live if n != self.avoid])
-        else:
-            target = self.ingest if self.ingest in live else self.rng.choice(live)
-        if target != self.ingest:
-            self.faults["publishes_rerouted"] += 1
-        try:
-            ack = self.cluster.call(target, "publish", self.pending.body, self.sim.now)
-        except (ProtocolError, UsageError) as e:
-            self.faults["publishes_refused"] += 1
-            self.faults[f"publish_refused:{getattr(e, 'reason', 'usage')}"] += 1
-            return  # retried next interval, same frame
-        if self.pending_target == target:
-            # A retry of a frame this replica already applied (its ack was lost): a no-op.
-            self.faults["publish_retries_after_lost_ack"] += 1
-            if ack.applied:
-                self._violate("idempotence", target, detail=f"a retried publish applied {ack.applied} rows again "
-                              f"at t={self.sim.now:.3f}")
-        self.cluster.keep(("publisher", target, (MsgType.PUBLISH, self.pending.body)))
-        self._record_frame(self.pending, self._pending_tables, acked=True)
-        self.chain.acked(self.pending)
-        self.faults["publishes"] += 1
-        if self.avoid is not None and target == self.avoid:
-            self.gap_frames_left -= 1
-            self.faults["chain_gap_frames_at_isolated_ingest"] += 1
-        self.pending = None
-        self.pending_target = None
-        if self.sim.now - self._last_backup >= BACKUP_INTERVAL_S:
-            self._last_backup = self.sim.now
-            self.backups.append((self.sim.now, self.chain.origin, json.dumps(self.chain.state())))
-
-    def _publisher_crash(self, e: Episode) -> None:
-        if self.chain is None:
-            return
-        mode, ack_lost = _restart_mode(e.args[0]), e.args[1]
-        if ack_lost:
-            # The frame reached a replica, which applied it; the acknowledgement never
-            # came back because the publisher died first.
-            if self.pending is None:
-                self._new_frame()
-            assert self.pending is not None
-            live = self.cluster.live()
-            target = self.ingest if self.ingest in live else self.rng.choice(live)
-            try:
-                self.cluster.call(target, "publish", self.pending.body, self.sim.now)
-                self.cluster.keep(("publisher", target, (MsgType.PUBLISH, self.pending.body)))
-                self._record_frame(self.pending, self._pending_tables, acked=False)
-                self.pending_target = target
-                self.faults["publisher_acks_lost"] += 1
-            except (ProtocolError, UsageError):
-                pass
-        # What the SDK has on disk: the chain state and the pending frame, serialized.
-        pend = None
-        if self.pending is not None:
-            p = self.pending
-            pend = msgpack.packb({"model": p.model, "body": p.body, "heads": [[t, s, c] for (t, s), c in p.heads.items()],
-                                  "first": p.first_counter, "last": p.last_counter, "rows": p.rows,
-                                  "tables": {t: [ids.tolist(), vals.tobytes()] for t, (ids, vals)
-                                             in self._pending_tables.items()}, "target": self.pending_target,
-                                  "target_losses": self.disk_losses[self.pending_target or ""]},
-                                 use_bin_type=True)
-        self.publisher_saved = (json.dumps(self.chain.state()).encode(), pend)
-        self.chain = None
-        self.publisher_down_at = self.sim.now
-        self.faults["publisher_crash"] += 1
-        self.sim.schedule(e.length, self._publisher_restart, mode)
-
-    def _publisher_restart(self, mode: str) -> None:
-        if self.chain is not None or self.publisher_saved is None:
-            return
-        state_raw, pend_raw = self.publisher_saved
-        self.publisher_saved = None
-        state = json.loads(state_raw)
-        if mode != "state":
-            # Whatever the pending frame was, this publisher does not have it: it is not re-sent
-            # (a replica that applied it keeps it; the reference model has it as accepted).
-            self.pending = None
-            self.pending_target = None
-            self._pending_tables = {}
-        self._reach_ingest_again()
-        if mode in ("same_origin", "foreign", "backup"):
-            self._publisher_restart_same_origin(mode, state)
-        elif mode == "state":
-            chain = PublisherChain.restart(state, state["origin"])   # as the SDK starts
-            pending = None
-            if pend_raw is not None:
-                r = msgpack.unpackb(pend_raw, raw=False, strict_map_key=False)
-                pending = PendingFrame(r["model"], r["body"], {(t, int(s)): int(c) for t, s, c in r["heads"]},
-                                       int(r["first"]), int(r["last"]), int(r["rows"]))
-                # As the SDK does: counters of a frame that may have reached a replica are never reused.
-                chain.clock.observe(pending.last_counter)
-                sent = _versions_of(self.pending) if self.pending is not None else {}
-                got = _versions_of(pending)
-                if sent.keys() != got.keys() or any(not np.array_equal(sent[t], got[t]) for t in sent):
-                    self._violate("publisher", f"origin {chain.origin}", detail="the restored pending frame does "
-                                  "not carry the versions it had before the restart")
-                self._pending_tables = {t: (np.asarray(ids, np.int64),
-                                            np.frombuffer(vals, np.float32).reshape(len(ids), -1).copy())
-                                        for t, (ids, vals) in r["tables"].items()}
-                self.pending_target = r["target"]
-                if r["target"] is not None and self.disk_losses[r["target"]] != r.get("target_losses", 0):
-                    self.pending_target = None  # that replica lost its disk since: the frame is new there
-            self.pending = pending
-            self.chain = chain
-            self.faults["publisher_restart_with_state"] += 1
-        else:
-            # State lost: by the rule of PublisherChain.restore, a new origin.
-            origin = max(self.origins_used | {state["origin"]}) + 1
-            if origin > MAX_ORIGIN:
-                raise UsageError("out of publisher origins")
-            self.chain = PublisherChain.restore(None, origin)
-            self.faults["publisher_restart_new_origin"] += 1
-
-    def _reach_ingest_again(self) -> None:
-        """A restarted publisher tries its first endpoint first: during a chain gap it reaches
-        the isolated ingest for one more frame (after a backup restart, a stale chain there)."""
-        if self.avoid is not None:
-            self.gap_frames_left = max(self.gap_frames_left, 1)
-
-    def _publisher_restart_same_origin(self, mode: str, state: dict[str, Any]) -> None:
-        """Issue 13's restarts: the same origin without its state, with a foreign state, or
-        with an older backup of its state."""
-        origin = int(state["origin"])
-        now_counter = int(self.sim.now * 1000) << HLC_LOGICAL_BITS   # the HLC's physical part now
-        top = self.issued_top.get(origin, 0)
-        if mode == "same_origin":
-            # As the SDK without its state dir: RESTART_LINK links, a fresh clock.  The clock
-            # starts at the wall time, above every counter this origin handed out unless its
-            # HLC ran ahead of the wall clock (> 256 rows/ms) -- which an SDK without state
-            # could not know; the harness floors it then (counted), so the "publisher"
-            # invariant keeps testing the protocol and not this impossibility.
-            chain = PublisherChain.restore(None, origin, history_known=False)
-            if top >= now_counter:
-                chain.clock = HybridClock(top)
-                self.faults["publisher_clock_floored"] += 1
-            self.faults["publisher_restart_same_origin"] += 1
-        elif mode == "foreign":
-            # Its state dir was used against another cluster while it was away: heads of some
-            # shards advanced to counters (handed out there) that this cluster never saw.
-            chain = PublisherChain.restart(self._foreign_state(state, max(top, int(state["clock"])), now_counter - 1),
-                                           origin)
-            self.faults["publisher_restart_foreign_chain"] += 1
-        else:
-            # Restored from an older backup of its state dir: a stale chain (heads behind what
-            # this cluster holds); the clock's physical part keeps counters new.
-            olds = [b for t, o, b in self.backups if o == origin and t <= self.publisher_down_at - 0.5]
-            if olds:
-                backup = json.loads(self.chain_rng.choice(olds))
-            else:
-                backup = {"origin": origin, "clock": 0, "heads": []}   # the state dir of its first start
-                self.faults["publisher_restart_from_empty_backup"] += 1
-            chain = PublisherChain.restart(backup, origin)
-            self.faults["publisher_restart_from_backup"] += 1
-        self.chain = chain
-
-    def _foreign_state(self, state: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
-        """``state`` with the heads of a random set of shards moved to counters in ``(lo, hi]``
-        (published to another cluster), its clock past them."""
-        rng = self.chain_rng
-        shards = [(MODEL_NAME, t.name, s) for t in SPEC.tables for s in range(t.num_shards)]
-        heads = {(m, t, int(s)): int(c) for m, t, s, c in state.get("heads", [])}
-        top = int(state.get("clock", 0))
-        for key in rng.sample(shards, rng.randint(1, len(shards))):
-            base = max(lo, heads.get(key, 0))
-            if hi > base + 1:
-                heads[key] = rng.randint(base + 1, hi)
-                top = max(top, heads[key])
-                self.faults["foreign_chain_heads"] += 1
-        origin = int(state["origin"])
-        self.issued_top[origin] = max(self.issued_top.get(origin, 0), top)   # handed out, elsewhere
-        return {**state, "clock": top, "heads": [[m, t, s, c] for (m, t, s), c in sorted(heads.items())]}
 
     # -- rollbacks ---------------------------------------------------------------------
     def _take_cut(self, e: Episode) -> None:
         live = self.cluster.live()
         taker = e.args[0] if e.args[0] in live else self.rng.choice(live)
-        if self.chain is not None and self.cfg.publisher_cut_prob and \
+        if self.pub.chain is not None and self.cfg.publisher_cut_prob and \
                 self.chain_rng.random() < self.cfg.publisher_cut_prob:
             # The publisher takes it (Publisher.cut): the replica waits until its knowledge
             # covers every head the publisher had acknowledged, as the daemon does.
-            heads = [(t, s, c) for (m, t, s), c in sorted(self.chain.heads.items()) if m == MODEL_NAME]
-            self._publisher_cut(e, taker, self.chain.origin, heads, self.sim.now)
+            heads = [(t, s, c) for (m, t, s), c in sorted(self.pub.chain.heads.items()) if m == MODEL_NAME]
+            self._publisher_cut(e, taker, self.pub.chain.origin, heads, self.sim.now)
             return
         self._cut_now(e, taker, None)
 
@@ -697,11 +333,11 @@ class FaultRun:
             for o, c in heads.items():
                 lower.setdefault(k, {})[o] = max(lower.get(k, {}).get(o, 0), c)
         ref = RefRollback(f"{who}.{MODEL_NAME}.{name}.{until}", name, lower, until,
-                          frozenset(self.origins_used), self.sim.now)
+                          frozenset(self.pub.origins_used), self.sim.now)
         record = self.cluster.call(who, "rollback", MODEL_NAME, name, until, self.sim.now)
         if record["id"] != ref.rid:
             raise RuntimeError(f"rollback record id {record['id']} is not {ref.rid}")
-        self.ref_rollbacks.append(ref)
+        self.ref.rollbacks.append(ref)
         self.faults["rollback"] += 1
         down = len(self.node_ids) - len(live)
         if down:
@@ -718,10 +354,10 @@ class FaultRun:
             self.faults["disk_loss_skipped" if lose_disk else "crash_skipped"] += 1
             return
         node = self.cluster.nodes[nid]
-        self._sample(nid)
+        self.checks.sample(nid)
         if lose_disk and any(r.rid in node.rollbacks and not any(
                 r.rid in self.cluster.nodes[n].rollbacks for n in self.node_ids if n != nid and n not in self.lost_down)
-                for r in self.ref_rollbacks):
+                for r in self.ref.rollbacks):
             # The only replica holding a rollback record: losing it would lose the rollback
             # (the reference model does not follow a rollback that may or may not exist).
             self.faults["disk_loss_skipped_sole_rollback_holder"] += 1
@@ -733,8 +369,8 @@ class FaultRun:
             self.cluster.crash(nid)
             self.lost_down.add(nid)
             self.disk_losses[nid] += 1
-            if self.pending_target == nid:
-                self.pending_target = None   # a retry there applies the frame anew: not a replay
+            if self.pub.pending_target == nid:
+                self.pub.pending_target = None   # a retry there applies the frame anew: not a replay
             self.faults["disk_loss"] += 1
             if nid == self.ingest:
                 self.faults["disk_loss_of_ingest"] += 1
@@ -763,8 +399,8 @@ class FaultRun:
             # the operator (or the catalog gossip) registers it; everything else from peers.
             node.register_model(SPEC, self.sim.now)
             self.lost_down.discard(nid)
-            self.seen_rollbacks[nid] = set()
-            self.samples.pop(nid, None)
+            self.checks.seen_rollbacks[nid] = set()
+            self.checks.samples.pop(nid, None)
             self.faults["restart_empty"] += 1
         else:
             assert durable is not None
@@ -772,7 +408,7 @@ class FaultRun:
             node.import_state(SPEC, store, state, self.sim.now)
             self.faults["restart"] += 1
         self.cluster.restart(nid, node)
-        self._sample(nid)
+        self.checks.sample(nid)
 
     def _retire(self, node: ReplicaNode) -> None:
         """Keep the protocol counters of a node object about to be replaced."""
@@ -796,58 +432,10 @@ class FaultRun:
         return {k: out[k] for k in (*PROTOCOL_COUNTERS, "pending_chains_dropped")}
 
     def _mark_lost(self, nid: str) -> None:
-        """Reference model: the row versions only ``nid`` holds may be lost with its disk.
-
-        Per row, ``nid``'s version ``l`` against the greatest version ``h`` any other replica
-        holds (live, or down with its durable state): the versions in ``(h, l]`` when
-        ``l > h``; ``l`` alone when it is older but no other replica holds it exactly (a
-        rollback may still need it).  A message in flight may yet deliver some of them, so
-        the check accepts the row with or without them (but every replica must agree).
-        """
+        """Reference model: the row versions only ``nid`` holds may be lost with its disk
+        (:meth:`ReferenceModel.mark_lost`)."""
         holders = [self.cluster.nodes[n] for n in self.node_ids if n != nid and n not in self.lost_down]
-        node = self.cluster.nodes[nid]
-        # Counters of an origin in a shard that only ``nid`` knew of (its knowledge or waiting
-        # intervals beyond every holder's): a frame there whose rows were all superseded at
-        # ``nid`` leaves no trace anywhere, so no replica can know to wait for it.
-        theirs = [_known_tops(h) for h in holders]
-        for key, top in _known_tops(node).items():
-            elsewhere = max((t.get(key, 0) for t in theirs), default=0)
-            if top > elsewhere:
-                self.unknown_ranges.setdefault(key, []).append((elsewhere, top))
-        at_risk = 0
-        for t in SPEC.tables:
-            mine = node.table_store(MODEL_NAME, t.name).versions.copy()
-            if holders:
-                others = np.stack([h.table_store(MODEL_NAME, t.name).versions for h in holders])
-                h = others.max(axis=0)
-                exact = (others == mine).any(axis=0)
-            else:
-                h = np.zeros_like(mine)
-                exact = np.zeros(len(mine), bool)
-            sel = (mine > 0) & ~exact
-            if sel.any():
-                lo = np.where(sel, np.where(mine > h, h, mine - 1), 0)
-                hi = np.where(sel, mine, 0)
-                self.lost[t.name].append((lo, hi))
-                at_risk += int(sel.sum())
-            # Versions ``nid`` held and then overwrote (its undo history) that no other
-            # replica holds: a rollback to a cut covering one of them restores the newest
-            # surviving version below it instead.
-            for ids, old in _history(node, t.name):
-                keep = old > 0
-                if holders:
-                    keep &= ~(others[:, ids] == old).any(axis=0)
-                ids, old = ids[keep], old[keep]
-                while len(ids):   # a row overwritten several times: one layer per version
-                    _, first = np.unique(ids, return_index=True)
-                    lo = np.zeros(t.rows, np.int64)
-                    hi = np.zeros(t.rows, np.int64)
-                    hi[ids[first]] = old[first]
-                    lo[ids[first]] = old[first] - 1
-                    self.lost[t.name].append((lo, hi))
-                    rest = np.ones(len(ids), bool)
-                    rest[first] = False
-                    ids, old = ids[rest], old[rest]
+        at_risk = self.ref.mark_lost(self.cluster.nodes[nid], holders)
         if at_risk:
             self.faults["rows_at_risk_with_lost_disk"] += at_risk
             # A replay of a frame delivered before the loss could bring back a version the
@@ -855,38 +443,32 @@ class FaultRun:
             self.faults["replay_frames_dropped_at_disk_loss"] += len(self.cluster.replay_log)
             self.cluster.replay_log.clear()
 
-    def _lost_mask(self, table: str, ids: np.ndarray, versions: np.ndarray) -> np.ndarray:
-        out = np.zeros(len(ids), bool)
-        for lo, hi in self.lost[table]:
-            out |= (versions > lo[ids]) & (versions <= hi[ids])
-        return out
-
-    # -- chain gaps ----------------------------------------------------------------------
+    # -- chain gaps and network faults ---------------------------------------------------
     def _chain_gap(self, e: Episode) -> None:
         """The ingest is cut off from every peer while the publisher still reaches it for
         ``frames`` more frames; then the publisher fails over to other replicas, whose
         frames chain on ones they never got (a gap at each of them until the heal)."""
         frames, _ = e.args
-        if self.ingest not in self.cluster.live() or self.avoid is not None:
+        if self.ingest not in self.cluster.live() or self.pub.avoid is not None:
             self.faults["chain_gap_skipped"] += 1
             return
         self.faults["chain_gap"] += 1
         self.net.heal()
         self.net.partition([[self.ingest]])
         self.active["partition"] += 1
-        self.avoid = self.ingest
-        self.gap_frames_left = int(frames)
+        self.pub.avoid = self.ingest
+        self.pub.gap_frames_left = int(frames)
         self.sim.schedule(e.length, self._chain_gap_end, e)
 
     def _chain_gap_end(self, e: Episode) -> None:
         _, lose_disk = e.args
-        if lose_disk and self.avoid in self.cluster.live():
+        if lose_disk and self.pub.avoid in self.cluster.live():
             # Lost with its disk before the heal: the frames only it acknowledged are lost
             # everywhere, and only gap probes can close the gap they leave.
             self.faults["chain_gap_disk_loss"] += 1
-            self._crash(self.avoid, 1.0, lose_disk=True)
-        self.avoid = None
-        self.gap_frames_left = 0
+            self._crash(self.pub.avoid, 1.0, lose_disk=True)
+        self.pub.avoid = None
+        self.pub.gap_frames_left = 0
         self.net.heal()
         self.active["partition"] = 0
 
@@ -904,7 +486,7 @@ class FaultRun:
             self._take_cut(e)
             return
         if e.kind == "publisher_restart":
-            self._publisher_crash(e)
+            self.pub.crash(e)
             return
         self.faults[e.kind] += 1
         if e.kind == "partition_halves":
@@ -938,133 +520,8 @@ class FaultRun:
 
     # -- checks ------------------------------------------------------------------------
     def expected(self, without_lost: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """The reference state: per row, the greatest accepted version no rollback fenced
-        (``without_lost``: and that no disk loss may have taken, :meth:`_mark_lost`)."""
-        ver = {t.name: np.zeros(t.rows, np.int64) for t in SPEC.tables}
-        val = {t.name: np.zeros((t.rows, t.dim), np.float32) for t in SPEC.tables}
-        for f in self.frames:
-            for tname, (ids, versions, values) in f.tables.items():
-                t = SPEC.table(tname)
-                keep = ~self._fenced_for(self.ref_rollbacks, t, ids, versions) & (versions > ver[tname][ids])
-                if without_lost:
-                    keep &= ~self._lost_mask(tname, ids, versions)
-                ver[tname][ids[keep]] = versions[keep]
-                val[tname][ids[keep]] = values[keep]
-        return ver, val
-
-    def _maybe_lost(self, want: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
-                    ) -> dict[str, dict[int, dict[int, np.ndarray]]]:
-        """Rows whose expected version a disk loss may have taken: per table, row -> every
-        version the row may end at (from the expected one without lost versions up to
-        the expected one) -> its value."""
-        if not any(self.lost.values()):
-            return {}
-        low_v, low_x = self.expected(without_lost=True)
-        want_v = want[0]
-        out: dict[str, dict[int, dict[int, np.ndarray]]] = {}
-        for t in SPEC.tables:
-            rows = np.flatnonzero(want_v[t.name] != low_v[t.name])
-            if not len(rows):
-                continue
-            per = out[t.name] = {int(r): {int(low_v[t.name][r]): low_x[t.name][r]} for r in rows}
-            for f in self.frames:
-                if t.name not in f.tables:
-                    continue
-                ids, versions, values = f.tables[t.name]
-                sel = np.flatnonzero(np.isin(ids, rows))
-                if not len(sel):
-                    continue
-                ok = ~self._fenced_for(self.ref_rollbacks, t, ids[sel], versions[sel])
-                for i in sel[ok].tolist():
-                    r, v = int(ids[i]), int(versions[i])
-                    if int(low_v[t.name][r]) < v <= int(want_v[t.name][r]):
-                        per[r][v] = values[i]
-        return out
-
-    def _heads(self) -> dict[tuple[str, int, int], int]:
-        """Per (table, shard, origin): the greatest counter of any accepted frame, leaving
-        out rows a lost disk may have taken: a frame lost whole at the *tail* of an
-        origin's chain in a shard (no later frame links on it) is known to nobody, so no
-        replica can know to wait for it (harmless: its rows are gone).  Lost frames that a
-        later frame links on still count, through that frame's greater counter."""
-        heads: dict[tuple[str, int, int], int] = {}
-        for f in self.frames:
-            for tname, (ids, versions, _) in f.tables.items():
-                # (fenced versions too: a replica that rolled them back holds older ones, so a
-                # lost disk's marks do not name them; frames after the rollback link past them)
-                keep = ~self._lost_mask(tname, ids, versions) & \
-                    ~self._fenced_for(self.ref_rollbacks, SPEC.table(tname), ids, versions)
-                ids, versions = ids[keep], versions[keep]
-                if not len(ids):
-                    continue
-                shards = SPEC.table(tname).shards_of(ids)
-                c = counters_of(versions)
-                for s in np.unique(shards).tolist():
-                    key = (tname, s, f.origin)
-                    heads[key] = max(heads.get(key, 0), int(c[shards == s].max()))
-        # A head inside a range only a lost disk knew of, with no later frame past it, is
-        # known to nobody (its rows were superseded there): the knowledge before it counts.
-        for key, ranges in self.unknown_ranges.items():
-            h = heads.get(key)
-            for lo, hi in ranges:
-                if h is not None and lo < h <= hi:
-                    below = [int(c) for f in self.frames if f.origin == key[2] and key[0] in f.tables
-                             for c in _shard_counters(f, key[0], key[1]) if c <= lo]
-                    heads[key] = max(below, default=0)
-                    h = heads[key]
-        return heads
-
-    def _divergence(self, want: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
-                    heads: dict[tuple[str, int, int], int]) -> tuple[str, dict[str, Any]] | None:
-        """The first replica (and table, row or shard) not at the expected state."""
-        want_v, want_x = want
-        flex = self._flex
-        first = self.cluster.nodes[self.node_ids[0]]
-        for nid in self.node_ids:
-            node = self.cluster.nodes[nid]
-            for t in SPEC.tables:
-                ts = node.table_store(MODEL_NAME, t.name)
-                maybe = flex.get(t.name)
-                if maybe:
-                    # Rows a disk loss may have taken: any version they may end at, the same everywhere.
-                    vals = ts.values.numpy()
-                    ref = first.table_store(MODEL_NAME, t.name).versions
-                    for r, choices in maybe.items():
-                        v = int(ts.versions[r])
-                        if v not in choices or v != int(ref[r]) or \
-                                (vals[r].view(np.uint32) != choices[v].view(np.uint32)).any():
-                            return nid, {"table": t.name, "row": r, "detail": f"version {v} (replica "
-                                         f"{self.node_ids[0]}: {int(ref[r])}), expected one of {sorted(choices)} "
-                                         "the same everywhere (a lost disk held the newest), with its value"}
-                bad = np.flatnonzero(ts.versions != want_v[t.name])
-                if maybe:
-                    bad = bad[~np.isin(bad, np.fromiter(maybe, np.int64, len(maybe)))]
-                if len(bad):
-                    r = int(bad[0])
-                    return nid, {"table": t.name, "row": r, "detail": f"version {int(ts.versions[r])}, expected "
-                                 f"{int(want_v[t.name][r])} ({len(bad)} rows differ)"}
-                vals = ts.values.numpy()
-                bad = np.flatnonzero((vals.view(np.uint32) != want_x[t.name].view(np.uint32)).any(axis=1))
-                if maybe:
-                    bad = bad[~np.isin(bad, np.fromiter(maybe, np.int64, len(maybe)))]
-                if len(bad):
-                    return nid, {"table": t.name, "row": int(bad[0]),
-                                 "detail": f"values differ at equal versions ({len(bad)} rows)"}
-            know = _knowledge(node)
-            for (t, s, o), head in heads.items():
-                have = know.get((t, s), {}).get(o, 0)
-                if have < head:
-                    return nid, {"table": t, "shard": s,
-                                 "detail": f"knowledge of origin {o} is {have}, below its last counter {head}"}
-        return None
-
-    def _state(self) -> dict[str, Any]:
-        out = {}
-        for nid, node in self.cluster.nodes.items():
-            out[nid] = ({t.name: (node.table_store(MODEL_NAME, t.name).versions.copy(),
-                                  node.table_store(MODEL_NAME, t.name).values.numpy().copy()) for t in SPEC.tables},
-                        _knowledge(node))
-        return out
+        """The reference state (:meth:`ReferenceModel.expected`)."""
+        return self.ref.expected(without_lost)
 
     def _replay(self) -> int:
         """Deliver a random subset of recorded frames again; returns how many."""
@@ -1081,21 +538,6 @@ class FaultRun:
                 self.cluster._deliver(src, dst, payload)
         return len(picked)
 
-    def _compare(self, before: dict[str, Any], after: dict[str, Any]) -> None:
-        for nid, (tables, know) in before.items():
-            tables2, know2 = after[nid]
-            for t, (v, x) in tables.items():
-                v2, x2 = tables2[t]
-                bad = np.flatnonzero((v != v2) | (x.view(np.uint32) != x2.view(np.uint32)).any(axis=1))
-                if len(bad):
-                    r = int(bad[0])
-                    self._violate("idempotence", nid, table=t, row=r,
-                                  detail=f"replay changed the row: version {int(v[r])} -> {int(v2[r])}")
-            if know != know2:
-                (t, s) = next(k for k in sorted(set(know) | set(know2)) if know.get(k) != know2.get(k))
-                self._violate("idempotence", nid, table=t, shard=s,
-                              detail=f"replay changed knowledge {know.get((t, s))} -> {know2.get((t, s))}")
-
     # -- driver ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Run the scenario; returns this seed's summary (``violations`` as dicts)."""
@@ -1105,15 +547,15 @@ class FaultRun:
         for e in self.plan.episodes:
             sim.schedule_at(e.start, self._start, e)
         interval = self.cfg.publish_interval_s
-        publishing = sim.every(interval, self._publish, start=interval / 2)
-        sampling = sim.every(SAMPLE_INTERVAL_S, self._sample_all, start=SAMPLE_INTERVAL_S / 3)
+        publishing = sim.every(interval, self.pub.publish, start=interval / 2)
+        sampling = sim.every(SAMPLE_INTERVAL_S, self.checks.sample_all, start=SAMPLE_INTERVAL_S / 3)
         sim.run(until=phase)
         publishing.cancel()
-        if self.chain is None:  # the publisher is still down: it comes back now
-            sim.schedule(0.0, self._publisher_restart, self._final_restart_mode())
+        if self.pub.chain is None:  # the publisher is still down: it comes back now
+            sim.schedule(0.0, self.pub.restart, self._final_restart_mode())
             sim.run(until=sim.now + 1e-6)
-        while self.pending is not None:  # the last frame: retry until acknowledged
-            self._publish()
+        while self.pub.pending is not None:  # the last frame: retry until acknowledged
+            self.pub.publish()
         self._stop_faults()
         # Restart whoever is still down (their pending restarts become no-ops).
         for nid in self.node_ids:
@@ -1126,12 +568,12 @@ class FaultRun:
         while True:
             # A rollback scheduled inside the fault phase may fire after it ends: the
             # expected state follows the reference whenever it changed.
-            if seen != (len(self.ref_rollbacks), len(self.frames)):
-                seen = (len(self.ref_rollbacks), len(self.frames))
+            if seen != (len(self.ref.rollbacks), len(self.ref.frames)):
+                seen = (len(self.ref.rollbacks), len(self.ref.frames))
                 want = self.expected()
-                self._flex = self._maybe_lost(want)
-                heads = self._heads()
-            div = self._divergence(want, heads)
+                self._flex = self.ref.maybe_lost(want)
+                heads = self.ref.heads()
+            div = self.checks.divergence(want, heads, self._flex)
             if div is None:
                 converged_after = sim.now - phase
                 break
@@ -1139,20 +581,20 @@ class FaultRun:
                 nid, where = div
                 where["detail"] = (f"not converged {self.cfg.convergence_bound_s:g} s after faults stopped: "
                                    f"{where['detail']}")
-                self._violate("convergence", nid, **where)
+                self.checks.violate("convergence", nid, **where)
                 break
             sim.run(until=min(end, sim.now + CHECK_STEP_S))
         replayed = 0
         if converged_after is not None:
             sim.run(until=sim.now + REPLAY_QUIET_S)
-            before = self._state()
+            before = self.checks.state()
             replayed = self._replay()
             sim.run(until=sim.now + REPLAY_QUIET_S)
-            self._compare(before, self._state())
+            self.checks.compare(before, self.checks.state())
         sampling.cancel()
-        self._sample_all()
-        self.faults["frames_accepted"] = len(self.frames)
-        self.faults["publisher_origins"] = len(self.origins_used)
+        self.checks.sample_all()
+        self.faults["frames_accepted"] = len(self.ref.frames)
+        self.faults["publisher_origins"] = len(self.pub.origins_used)
         if self._flex:
             rows = [(t, r) for t, per in self._flex.items() for r in per]
             self.faults["rows_maybe_lost"] = len(rows)
@@ -1164,14 +606,14 @@ class FaultRun:
                 "frames_delivered": self.cluster.delivered_frames, "frames_replayed": replayed,
                 "messages_dropped": dict(self.net.dropped), "duplicated": self.net.duplicated,
                 "rejected": dict(self.cluster.rejected), "events": sim.events,
-                "rollbacks": [{"id": r.rid, "cut": r.cut, "at": round(r.at, 6)} for r in self.ref_rollbacks],
-                "violations": [v.to_dict() for v in self.violations.values()],
+                "rollbacks": [{"id": r.rid, "cut": r.cut, "at": round(r.at, 6)} for r in self.ref.rollbacks],
+                "violations": [v.to_dict() for v in self.checks.violations.values()],
                 "wall_s": time.perf_counter() - wall0}
 
     def _final_restart_mode(self) -> str:
         """How the publisher restart still due at the end of the fault phase comes back."""
-        last = [e for e in self.plan.episodes if e.kind == "publisher_restart" and e.start <= self.publisher_down_at]
-        return _restart_mode(last[-1].args[0]) if last else "state"
+        last = [e for e in self.plan.episodes if e.kind == "publisher_restart" and e.start <= self.pub.down_at]
+        return restart_mode(last[-1].args[0]) if last else "state"
 
     def _restart_now(self, nid: str) -> None:
         node = self.cluster.nodes[nid]
@@ -1181,49 +623,6 @@ class FaultRun:
         # The crashed object still holds exactly what it held at the crash.
         self._restart(nid, (node.models[MODEL_NAME].store.copy(), node.export_state(MODEL_NAME),
                             node.members.me.incarnation))
-
-
-def _restart_mode(arg: bool | str) -> str:
-    """A publisher restart episode's mode (the first stream draws a bool: keep state or not)."""
-    if isinstance(arg, bool):
-        return "state" if arg else "new_origin"
-    if arg not in RESTART_MODES:
-        raise UsageError(f"unknown publisher restart mode {arg!r}")
-    return arg
-
-
-def _history(node: ReplicaNode, table: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(ids, overwritten versions)`` of ``node``'s undo history of ``table``."""
-    if node.undo is None or MODEL_NAME not in node.models:
-        return []
-    image = node.undo.export_model(MODEL_NAME, node._seq)
-    return [(seg.ids, seg.old_versions) for seg in image.tables.get(table, [])]
-
-
-def _known_tops(node: ReplicaNode) -> dict[tuple[str, int, int], int]:
-    """Per (table, shard, origin): the greatest counter ``node``'s knowledge or waiting
-    intervals name."""
-    out: dict[tuple[str, int, int], int] = {}
-    m = node.models.get(MODEL_NAME)
-    if m is None:
-        return out
-    for t, shards in m.shards.items():
-        for s, sync in shards.items():
-            for o, c in sync.knowledge.items():
-                out[(t, s, o)] = max(out.get((t, s, o), 0), c)
-            for o, ivs in sync.pending.items():
-                out[(t, s, o)] = max(out.get((t, s, o), 0), max(u for _, u in ivs))
-    return out
-
-
-def _shard_counters(f: "_Frame", table: str, shard: int) -> np.ndarray:
-    ids, versions, _ = f.tables[table]
-    return counters_of(versions[SPEC.table(table).shards_of(ids) == shard])
-
-
-def _versions_of(frame: PendingFrame) -> dict[str, np.ndarray]:
-    """The packed versions of a frame per table, decoded from its body."""
-    return {d["t"]: array_from_wire(d["v"], np.int64, d["n"], "versions") for d in frame.body["deltas"]}
 
 
 def run_faults(seeds: int, first_seed: int = 0, replicas: int | None = None,

@@ -64,11 +64,12 @@ import torch
 
 from ekko.core.errors import UsageError
 from simulator.events import Simulation
-from simulator.experiment import (EkkoRun, Progress, _converged, build_ekko_family, collect_results,
-                                  place_replicas, progress_step)
+from simulator.ekko_run import EkkoRun, build_ekko_family, collect_results
 from simulator.measure import self_peak_rss_mb
 from simulator.network import WanNetwork
+from simulator.progress import Progress, progress_step
 from simulator.scenario import Scenario
+from simulator.truth import converged, place_replicas
 
 __all__ = ["MAX_WORKERS", "partition_dcs", "run_partitioned"]
 
@@ -336,7 +337,7 @@ def _simulate(k: int, run: EkkoRun, sc: Scenario, owner: dict[str, int], lookahe
                 outbox[j] = []
             take(block=False)
         t = b
-        conv = t >= sc.duration_s and _converged(sc, cluster, run.truth)
+        conv = t >= sc.duration_s and converged(sc, cluster, run.truth)
         to_coord.put(("step", k, t, conv, stats["advances"]))
         if verdict.get():
             break

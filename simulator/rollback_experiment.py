@@ -54,10 +54,10 @@ from ekko.core.errors import UsageError
 from ekko.core.version import HLC_EPOCH_MS, counters_of, last_counter_at
 from rollback.undo import UndoHistory
 from simulator.events import Simulation
-from simulator.experiment import TRAINER_ORIGIN, place_replicas
 from simulator.network import WanNetwork
 from simulator.replicas import SimCluster
 from simulator.scenario import Scenario
+from simulator.truth import TRAINER_ORIGIN, place_replicas
 from simulator.workload import UpdateBatch, Workload
 
 Progress = Callable[[str, float, float], None]

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-import prioritizer.queue as pq
+import prioritizer.queue_slots as pq
 from p2p.outbound import QueuedRows
 from prioritizer.budget import TokenBucket
 from prioritizer.queue import FifoBudgetQueue, PriorityLinkQueue, QueueConfig

@@ -202,7 +202,7 @@ def test_bounded_memory_under_overload_drops_lowest_priority():
         assert q.rows <= cfg.max_rows
         assert q.rows + q.dropped == total
     # storage does not grow with the overload
-    assert q._cap <= 4 * cfg.max_rows and q._index.capacity <= 16 * cfg.max_rows
+    assert q._slots.cap <= 4 * cfg.max_rows and q._slots.index.capacity <= 16 * cfg.max_rows
     # high rows push out low ones, never the reverse
     q.put(rows(np.arange(10 ** 6, 10 ** 6 + 500), scores=0.0, high=True), now=1.0)
     st = q.stats()

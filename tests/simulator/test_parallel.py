@@ -122,7 +122,7 @@ def test_a_failing_worker_stops_the_run(monkeypatch):
     def boom(*args, **kw):
         raise ValueError("injected")
 
-    monkeypatch.setattr(parallel, "_converged", boom)
+    monkeypatch.setattr(parallel, "converged", boom)
     with pytest.raises(RuntimeError, match="injected"):
         run_partitioned(small_paper(duration=0.5, settle=1.0), "ekko", 2)
 

@@ -1,0 +1,54 @@
+"""What the simulated trainer published, and where the replicas sit: the reference every
+run's latency, bytes and convergence are measured against (shared by the ekko-family
+runs, the baselines and the partitioned driver)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ekko.core.delta import WIRE_DTYPES
+from simulator.replicas import SimCluster
+from simulator.scenario import Scenario
+
+#: bytes of id + version each row costs on the wire besides its value.
+ROW_META_BYTES = 16
+#: origin id of the simulated trainer.
+TRAINER_ORIGIN = 1
+
+
+def place_replicas(sc: Scenario) -> list[tuple[str, str]]:
+    """Replicas spread evenly over the DCs, round-robin: (node id, dc)."""
+    dcs = sc.wan.dc_names
+    return [(f"r{i:05d}", dcs[i % len(dcs)]) for i in range(sc.replicas)]
+
+
+class Truth:
+    """What the trainer published: the latest version (and value) of every row."""
+
+    def __init__(self, sc: Scenario, with_values: bool) -> None:
+        self.versions = {t.name: np.zeros(t.rows, np.int64) for t in sc.model.tables}
+        self.values = ({t.name: np.zeros((t.rows, t.dim), WIRE_DTYPES[t.dtype]) for t in sc.model.tables}
+                       if with_values else None)
+        self.rows_published = 0
+        self.bytes_published = 0
+
+    def note(self, table: str, ids: np.ndarray, versions: np.ndarray, values: np.ndarray | None, row_bytes: int):
+        self.versions[table][ids] = versions
+        if self.values is not None and values is not None:
+            self.values[table][ids] = values
+        self.rows_published += len(ids)
+        self.bytes_published += len(ids) * (row_bytes + ROW_META_BYTES)
+
+
+
+def converged(sc: Scenario, cluster: SimCluster, truth: Truth) -> bool:
+    for nid in cluster.live():
+        node = cluster.nodes[nid]
+        for t in sc.model.tables:
+            ts = node.table_store(sc.model.name, t.name)
+            if not np.array_equal(ts.versions, truth.versions[t.name]):
+                return False
+            if truth.values is not None and ts.values is not None:
+                if not np.array_equal(ts.values.numpy().view(truth.values[t.name].dtype), truth.values[t.name]):
+                    return False
+    return True
