@@ -45,7 +45,11 @@ PACKAGES = ("ekko", "p2p", "rollback", "prioritizer", "simulator")
 MAX_MODULE_LINES = 750
 MAX_CLASS_LINES = 450
 #: modules or classes allowed over a limit, each with the reason it reads better whole.
-SIZE_EXCEPTIONS: dict[str, str] = {}
+SIZE_EXCEPTIONS: dict[str, str] = {
+    "simulator.network.WanNetwork": "every simulated message reads its flat per-node and per-link slot lists "
+                                    "directly; a split would add an attribute hop per event or give a second "
+                                    "object write access to lists that heal() and set_loss() replace",
+}
 
 
 def module_name(root: Path, path: Path) -> str:
