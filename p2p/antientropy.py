@@ -1,4 +1,4 @@
-"""State-based anti-entropy for :class:`ekko.replica.node.ReplicaNode` (a mixin).
+"""State-based anti-entropy of a replica: :class:`AntiEntropy`, a component the replica node holds.
 
 Digest-gated: a 64-bit digest per table over the scope's shards, then per-shard
 versions, then pulls of the rows the requester's knowledge does not cover (version
@@ -8,6 +8,7 @@ rows that arrived moments ago held back.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,8 +29,12 @@ from ekko.core.version import MAX_COUNTER, Knowledge, counters_of, origins_of
 from p2p.sync import ROW_OVERHEAD_BYTES, parse_pending
 from p2p.topology import _mix
 
-if TYPE_CHECKING:  # the node class defines the per-model state
-    from ekko.replica.node import _Model
+if TYPE_CHECKING:
+    from p2p.gap_probe import GapProbe
+    from p2p.host import NodeServices
+    from p2p.model_state import ModelState
+    from p2p.push import EagerPush
+    from rollback.protocol import RollbackProtocol
 
 _SHARD_SALT = np.uint64(0x9E3779B97F4A7C15)
 _NO_ROWS = np.zeros(0, np.int64)
@@ -97,10 +102,39 @@ def _parse_ceilings(raw: Any, models: dict[str, Any]) -> dict[tuple[str, str], l
     return out
 
 
-class AntiEntropyMixin:
-    """Summaries, digests, pull requests and answers."""
+class AntiEntropy:
+    """Summaries, digests, pull requests and answers, in rounds every ``ae_interval``.
 
-    def _rows_newer(self, m: _Model, table: str, shards: list[int], theirs: list[Knowledge],
+    Owns the WAN pairing walk (cursor, pairings, per-partner scope masks) and the
+    count of rows compared by whole-shard scans.
+
+    Args:
+        host: the replica (:class:`p2p.host.NodeServices`).
+        push: the eager push component (rows a rollback's repair brought are pushed on).
+        gaps: the gap probe component (a shard whose chain waits is noted there).
+        rollback: the rollback component (fence, pinned baseline, repair answers).
+
+    Example (through the replica node, which holds one):
+        >>> from ekko.replica.node import ReplicaNode
+        >>> n = ReplicaNode("r1", "dc1", "127.0.0.1:1", device="cpu")
+        >>> n.anti_entropy.rows_walked_by_table is n.rows_walked_by_table
+        True
+    """
+
+    def __init__(self, host: NodeServices, push: EagerPush, gaps: GapProbe, rollback: RollbackProtocol) -> None:
+        self.host = host
+        self.push = push
+        self.gaps = gaps
+        self.rollback = rollback
+        # Rows compared by whole-shard scans, per (model, table) (rows_newer).
+        self.rows_walked_by_table: Counter[tuple[str, str]] = Counter()
+        self._wan_cursor = 0
+        self._pairings: list[tuple[str, int]] = []
+        self._pairings_key: tuple[int, int] | None = None
+        # ("wan", rank) scope masks per partner, for one topology version (_scope_masks).
+        self._wan_masks: dict[Any, Any] = {}
+
+    def rows_newer(self, m: ModelState, table: str, shards: list[int], theirs: list[Knowledge],
                     mine: list[Knowledge]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Rows of each shard that ``theirs`` does not cover, (ids, versions) in version order.
 
@@ -113,7 +147,7 @@ class AntiEntropyMixin:
         """
         ts = m.store.table(table)
         key = (m.spec.name, table)
-        if not self.config.use_shard_versions:
+        if not self.host.config.use_shard_versions:
             out = [ts.scan_newer(s, k) for s, k in zip(shards, theirs)]
             walked = sum(hi - lo for lo, hi in map(ts.spec.shard_range, shards))
             examined = 0
@@ -123,9 +157,9 @@ class AntiEntropyMixin:
             out = ix.newer_than_many(ts, shards, theirs, mine)
             walked, examined = ix.rows_walked - w0, ix.rows_examined - e0
         if walked or examined:
-            self.counters["rows_scanned"] += walked + examined
+            self.host.counters["rows_scanned"] += walked + examined
         if walked:
-            self.counters["rows_walked"] += walked
+            self.host.counters["rows_walked"] += walked
             self.rows_walked_by_table[key] += walked
         return out
 
@@ -136,65 +170,65 @@ class AntiEntropyMixin:
         out: dict[tuple[str, str], np.ndarray | None] = {}
         kind = scope[0]
         if kind in ("dc", "any"):
-            for name, m in self.models.items():
+            for name, m in self.host.models.items():
                 for t in m.spec.tables:
                     out[(name, t.name)] = None
             return out
         # ("wan", rank): shards where we are both gateways of that rank in our DCs.
         rank = int(scope[1])
-        pmem = self.members.get(partner)
+        pmem = self.host.members.get(partner)
         if pmem is None:
             return out
-        self._refresh_topology()
+        self.host.peers.refresh_topology()
         # The answer only changes with the gateway choice (the topology's version) and the
         # models: remember it per (rank, partner) -- every round asks again.  Callers only
         # read the returned dict.
         memo = self._wan_masks
-        version = self.topology.version
+        version = self.host.topology.version
         if memo.get(None) != version:
             memo.clear()
             memo[None] = version
         key = (rank, partner, pmem.dc)
         hit = memo.get(key)
-        specs = tuple(m.spec for m in self.models.values())
+        specs = tuple(m.spec for m in self.host.models.values())
         if hit is not None and len(hit[0]) == len(specs) and all(a is b for a, b in zip(hit[0], specs)):
             return hit[1]
         memo[key] = (specs, out)
-        for name, m in self.models.items():
+        for name, m in self.host.models.items():
             for t in m.spec.tables:
-                mine = self.topology.gateways(name, t.name, t.num_shards, self.dc)
-                theirs = self.topology.gateways(name, t.name, t.num_shards, pmem.dc)
+                mine = self.host.topology.gateways(name, t.name, t.num_shards, self.host.dc)
+                theirs = self.host.topology.gateways(name, t.name, t.num_shards, pmem.dc)
                 if mine.shape[1] <= rank or theirs.shape[1] <= rank:
                     continue
-                mask = (mine[:, rank] == self.node_id) & (theirs[:, rank] == partner)
+                mask = (mine[:, rank] == self.host.node_id) & (theirs[:, rank] == partner)
                 if mask.any():
                     out[(name, t.name)] = mask
         return out
 
-    def _ae_round(self, now: float) -> None:
-        if not self.models:
+    def round(self, now: float) -> None:
+        if not self.host.models:
             return
-        if self.baseline_pin and self._baseline_at_cut():
+        if self.rollback.baseline_pin and self._baseline_at_cut():
             # Nothing to pull: every round would have a peer walk the rows newer than our
             # cut (all it holds since) only to send none of them.
-            self.counters["baseline_ae_skipped"] += 1
+            self.host.counters["baseline_ae_skipped"] += 1
             return
         # Never a pinned baseline as partner: it refuses rows beyond its cut, so a round
         # with it would repair nothing here and offer it rows it cannot take; it starts
         # its own rounds, with its cut as the ceiling of what it asks for.
-        if not self.config.use_gateways:
-            peers = self._ordinary_peers()
+        if not self.host.config.use_gateways:
+            peers = self.host.peers.ordinary()
             if peers:
-                self._start_sync(self.rng.choice(peers), ["any"], now)
+                self._start_sync(self.host.rng.choice(peers), ["any"], now)
             return
-        local = self._ordinary_peers(self.dc)
+        local = self.host.peers.ordinary(self.host.dc)
         if local:
-            self._start_sync(self.rng.choice(local), ["dc"], now)
+            self._start_sync(self.host.rng.choice(local), ["dc"], now)
         # Cross-DC: walk our (remote DC, rank, partner) pairings round-robin, a few
         # per round; each pairs shards we gateway at some rank with the remote
         # gateway of the same rank.
         pairings = self._wan_pairings()
-        for _ in range(min(self.config.wan_partners_per_round, len(pairings))):
+        for _ in range(min(self.host.config.wan_partners_per_round, len(pairings))):
             self._wan_cursor = (self._wan_cursor + 1) % len(pairings)
             partner, rank = pairings[self._wan_cursor]
             self._start_sync(partner, ["wan", rank], now)
@@ -202,8 +236,8 @@ class AntiEntropyMixin:
     def _baseline_at_cut(self) -> bool:
         """A pinned baseline holds everything its cut covers, in every model (a model
         whose cut is not known here has nothing to pull: the cut comes by gossip)."""
-        for name, m in self.models.items():
-            cut = self._pinned_cut(name)
+        for name, m in self.host.models.items():
+            cut = self.rollback.pinned_cut(name)
             if cut is None:
                 continue
             for (table, s), k in cut.knowledge.items():
@@ -214,49 +248,49 @@ class AntiEntropyMixin:
         return True
 
     def _wan_pairings(self) -> list[tuple[str, int]]:
-        self._refresh_topology()
-        key = (self.members.version, len(self.models))
+        self.host.peers.refresh_topology()
+        key = (self.host.members.version, len(self.host.models))
         if self._pairings_key == key:
             return self._pairings
         found: set[tuple[str, int]] = set()
-        for remote_dc in self.topology.dcs():
-            if not self.topology.graph.linked(self.dc, remote_dc):
+        for remote_dc in self.host.topology.dcs():
+            if not self.host.topology.graph.linked(self.host.dc, remote_dc):
                 continue
-            for name, m in self.models.items():
+            for name, m in self.host.models.items():
                 for t in m.spec.tables:
-                    mine = self.topology.gateways(name, t.name, t.num_shards, self.dc)
-                    theirs = self.topology.gateways(name, t.name, t.num_shards, remote_dc)
+                    mine = self.host.topology.gateways(name, t.name, t.num_shards, self.host.dc)
+                    theirs = self.host.topology.gateways(name, t.name, t.num_shards, remote_dc)
                     for r in range(min(mine.shape[1], theirs.shape[1])):
-                        hit = mine[:, r] == self.node_id
+                        hit = mine[:, r] == self.host.node_id
                         if hit.any():
                             found.update((str(p), r) for p in np.unique(theirs[hit, r].astype(str)).tolist())
         self._pairings = sorted(found)
-        self.rng.shuffle(self._pairings)
+        self.host.rng.shuffle(self._pairings)
         self._pairings_key = key
         return self._pairings
 
     def _start_sync(self, partner: str, scope: list[Any], now: float) -> None:
-        mem = self.members.get(partner)
+        mem = self.host.members.get(partner)
         if mem is None:
             return
         masks = self._scope_masks(scope, partner)
         if not masks:
             return
-        self.counters["ae_rounds"] += 1
-        if not self.config.use_shard_versions:
+        self.host.counters["ae_rounds"] += 1
+        if not self.host.config.use_shard_versions:
             # Ablation: no shard versions -- ask for every shard in scope every round.
             req = {}
             for (name, table), mask in masks.items():
                 shards = np.flatnonzero(mask) if mask is not None else np.arange(
-                    self.models[name].spec.table(table).num_shards)
+                    self.host.models[name].spec.table(table).num_shards)
                 req.setdefault(name, {})[table] = shards.tolist()
-            self._send_pull_request(partner, req, back=True)
+            self.send_pull_request(partner, req, back=True)
             return
         sums: dict[str, dict[str, int]] = {}
         for (name, table), mask in masks.items():
-            sums.setdefault(name, {})[table] = _scope_digest(self.models[name].shard_digests(table), mask)
-        self._out.append(Outgoing(partner, mem.address, MsgType.GOSSIP,
-                                  {"k": "sum", "from": self.node_id, "scope": scope, "models": sums}))
+            sums.setdefault(name, {})[table] = _scope_digest(self.host.models[name].shard_digests(table), mask)
+        self.host.send(Outgoing(partner, mem.address, MsgType.GOSSIP,
+                                  {"k": "sum", "from": self.host.node_id, "scope": scope, "models": sums}))
 
     def _parse_scope(self, body: dict[str, Any]) -> list[Any]:
         scope = field(body, "scope", list)
@@ -265,18 +299,18 @@ class AntiEntropyMixin:
             raise ProtocolError("bad scope", "bad_body")
         return scope
 
-    def _on_summary(self, body: dict[str, Any], now: float) -> None:
+    def on_summary(self, body: dict[str, Any], now: float) -> None:
         sender = field(body, "from", str)
         scope = self._parse_scope(body)
         sums = field(body, "models", dict)
-        mem = self.members.get(sender)
+        mem = self.host.members.get(sender)
         if mem is None:
             return
         masks = self._scope_masks(scope, sender)
         out: dict[str, dict[str, list[bytes]]] = {}
         for (name, table), mask in masks.items():
             theirs = sums.get(name, {}).get(table) if isinstance(sums.get(name), dict) else None
-            digests = self.models[name].shard_digests(table)
+            digests = self.host.models[name].shard_digests(table)
             if theirs is not None and theirs == _scope_digest(digests, mask):
                 continue
             shards = np.flatnonzero(mask) if mask is not None else np.arange(len(digests))
@@ -284,16 +318,16 @@ class AntiEntropyMixin:
             # Only shards with any knowledge on our side; the partner adds its own.
             out.setdefault(name, {})[table] = [array_to_wire(shards.astype(np.int64)), array_to_wire(sel)]
         if out:
-            self._out.append(Outgoing(sender, mem.address, MsgType.GOSSIP,
-                                      {"k": "dig", "from": self.node_id, "scope": scope, "models": out}))
+            self.host.send(Outgoing(sender, mem.address, MsgType.GOSSIP,
+                                      {"k": "dig", "from": self.host.node_id, "scope": scope, "models": out}))
 
-    def _on_digests(self, body: dict[str, Any], now: float) -> None:
+    def on_digests(self, body: dict[str, Any], now: float) -> None:
         sender = field(body, "from", str)
         self._parse_scope(body)
         models = field(body, "models", dict)
         req: dict[str, dict[str, list[int]]] = {}
         for name, tables in models.items():
-            m = self.models.get(name)
+            m = self.host.models.get(name)
             if m is None or not isinstance(tables, dict):
                 continue
             for table, pair in tables.items():
@@ -314,17 +348,17 @@ class AntiEntropyMixin:
                 if len(diff):
                     req.setdefault(name, {})[table] = diff.tolist()
         if req:
-            self._send_pull_request(sender, req, back=True)
+            self.send_pull_request(sender, req, back=True)
 
-    def _send_pull_request(self, partner: str, shards: dict[str, dict[str, list[int]]], back: bool) -> None:
-        mem = self.members.get(partner)
+    def send_pull_request(self, partner: str, shards: dict[str, dict[str, list[int]]], back: bool) -> None:
+        mem = self.host.members.get(partner)
         if mem is None:
             return
         body_models: dict[str, dict[str, list[Any]]] = {}
         ceilings: dict[str, dict[str, list[Any]]] = {}
         count = 0
         for name, tables in shards.items():
-            m = self.models[name]
+            m = self.host.models[name]
             for table, ss in tables.items():
                 entries = []
                 ss = list(ss)[:max(0, MAX_SHARDS_PER_PULL - count)]
@@ -337,7 +371,7 @@ class AntiEntropyMixin:
                 # index to list them cheaply, and listing them by a scan of every shard
                 # would double the scan cost for an optimization of eager push (off in
                 # that ablation): send none; the peer may resend rows we have (idempotent).
-                held = (self._rows_newer(m, table, ss, mines, mines) if self.config.use_shard_versions
+                held = (self.rows_newer(m, table, ss, mines, mines) if self.host.config.use_shard_versions
                         else [(_NO_ROWS, _NO_ROWS)] * len(ss))
                 for s, mine, (hid, hv) in zip(ss, mines, held):
                     if len(hid) > MAX_HELD_ROWS_PER_SHARD:
@@ -347,43 +381,43 @@ class AntiEntropyMixin:
                     count += 1
                 if entries:
                     body_models.setdefault(name, {})[table] = entries
-                    if self.baseline_pin:
+                    if self.rollback.baseline_pin:
                         # A pinned baseline asks only for what its cut covers: rows beyond
                         # it would be refused on arrival, at the cost of the whole answer.
-                        cut = self._pinned_cut(name)
+                        cut = self.rollback.pinned_cut(name)
                         ceilings.setdefault(name, {})[table] = [
                             (cut.knowledge.get((table, e[0])) or Knowledge() if cut is not None
                              else Knowledge()).to_wire() for e in entries]
         if body_models:
-            self.counters["pull_requests_sent"] += 1
-            body = {"from": self.node_id, "back": back, "models": body_models}
+            self.host.counters["pull_requests_sent"] += 1
+            body = {"from": self.host.node_id, "back": back, "models": body_models}
             if ceilings:
                 body["ceil"] = ceilings   # optional: an older responder sends everything
-            self._out.append(Outgoing(partner, mem.address, MsgType.PULL_REQUEST, body))
+            self.host.send(Outgoing(partner, mem.address, MsgType.PULL_REQUEST, body))
 
     def _known_tables(self, models: dict[str, Any]):
         """``(model state, table, spec, entries)`` for the tables of a pull message we hold;
         models and tables we do not know are skipped (the catalog may lag)."""
         for name, tables in models.items():
-            m = self.models.get(name)
+            m = self.host.models.get(name)
             if m is None or not isinstance(tables, dict):
                 continue
             for table, entries in tables.items():
                 if m.spec.has_table(table) and isinstance(entries, list):
                     yield m, table, m.spec.table(table), entries
 
-    def _on_pull_request(self, body: dict[str, Any], now: float) -> None:
+    def on_pull_request(self, body: dict[str, Any], now: float) -> None:
         sender = field(body, "from", str)
         back = field(body, "back", bool)
         models = field(body, "models", dict)
-        mem = self.members.get(sender)
+        mem = self.host.members.get(sender)
         # Across the WAN, hold back rows applied moments ago: their eager push is
         # most likely in flight, and sending them again would cross the WAN twice.
-        grace_from = now - self.config.push_grace if (
-            mem is not None and mem.dc != self.dc and self.config.push) else None
+        grace_from = now - self.host.config.push_grace if (
+            mem is not None and mem.dc != self.host.dc and self.host.config.push) else None
         # Parse and validate everything first.
         ceilings = _parse_ceilings(body.get("ceil"), models)
-        parsed: list[tuple[_Model, str, int, Knowledge, np.ndarray, np.ndarray]] = []
+        parsed: list[tuple[ModelState, str, int, Knowledge, np.ndarray, np.ndarray]] = []
         ceiling_of: list[Knowledge | None] = []
         total = 0
         for m, table, spec, entries in self._known_tables(models):
@@ -418,11 +452,11 @@ class AntiEntropyMixin:
             by_table.setdefault((m.spec.name, table), []).append(i)
         newer: list[tuple[np.ndarray, np.ndarray]] = [None] * len(parsed)  # type: ignore[list-item]
         for (name, table), idx in by_table.items():
-            got = self._rows_newer(self.models[name], table, [parsed[i][2] for i in idx],
+            got = self.rows_newer(self.host.models[name], table, [parsed[i][2] for i in idx],
                                    [parsed[i][3] for i in idx], [mines[i] for i in idx])
             for i, g in zip(idx, got):
                 newer[i] = g
-        budget = self.config.pull_response_bytes
+        budget = self.host.config.pull_response_bytes
         out_models: dict[str, dict[str, list[Any]]] = {}
         reverse: dict[str, dict[str, list[int]]] = {}
         extra = 0
@@ -440,7 +474,7 @@ class AntiEntropyMixin:
                 if len(ids):
                     keep = _under_ceiling(vers, ceil)
                     if not keep.all():
-                        self.counters["ceiling_held_rows"] += int((~keep).sum())
+                        self.host.counters["ceiling_held_rows"] += int((~keep).sum())
                         ids, vers = ids[keep], vers[keep]
             cut_below = None
             if grace_from is not None and sync is not None and len(ids):
@@ -480,16 +514,16 @@ class AntiEntropyMixin:
                 entry.append(pend)
             out_models.setdefault(m.spec.name, {}).setdefault(table, []).append(entry)
         if out_models:
-            self.counters["pull_responses_sent"] += 1
-            self._out.append(Outgoing(sender, mem.address, MsgType.PULL_RESPONSE,
-                                      {"from": self.node_id, "models": out_models}, extra))
+            self.host.counters["pull_responses_sent"] += 1
+            self.host.send(Outgoing(sender, mem.address, MsgType.PULL_RESPONSE,
+                                      {"from": self.host.node_id, "models": out_models}, extra))
         if reverse:
-            self._send_pull_request(sender, reverse, back=False)
+            self.send_pull_request(sender, reverse, back=False)
 
-    def _on_pull_response(self, body: dict[str, Any], now: float) -> None:
+    def on_pull_response(self, body: dict[str, Any], now: float) -> None:
         sender = field(body, "from", str)
         models = field(body, "models", dict)
-        parsed: list[tuple[_Model, str, int, Knowledge, int | None, Delta | None, list[list[int]]]] = []
+        parsed: list[tuple[ModelState, str, int, Knowledge, int | None, Delta | None, list[list[int]]]] = []
         for m, table, spec, entries in self._known_tables(models):
             for e in entries:
                 if not isinstance(e, list) or len(e) not in (4, 5):
@@ -503,43 +537,43 @@ class AntiEntropyMixin:
                 k = Knowledge.from_wire(kw)
                 d = None
                 if dw is not None:
-                    d = delta_from_wire(dw, self.table_spec, values_required=self.with_values)
+                    d = delta_from_wire(dw, self.host.table_spec, values_required=self.host.with_values)
                     if d.model != m.spec.name or d.table != table or (len(d) and (spec.shards_of(d.ids) != s).any()):
                         raise ProtocolError("pull response rows outside their shard", "bad_body")
                 parsed.append((m, table, s, k, cut, d, pend))
         # Knowledge claims count too: adopting a future counter would skip every update below it.
-        self.refuse_future([p[5] for p in parsed if p[5] is not None], now, "pull response",
+        self.host.refuse_future([p[5] for p in parsed if p[5] is not None], now, "pull response",
                            known=max([c for p in parsed for _, c in p[3].items()]
                                      + [u for p in parsed for _, _, u in p[6]], default=0))
         repair = body.get("rep") is True
         for m, table, s, k, cut, d, pend in parsed:
             if d is not None:
-                if self.fence and len(d):
+                if self.rollback.fence and len(d):
                     # Rows the peer still holds at versions a rollback fenced here: we drop
                     # them, so its knowledge must not become ours past them -- the value the
                     # cut keeps for those rows is still to come (once the peer has rolled
                     # back too).  Otherwise the rows stay empty here under full knowledge.
-                    fenced = self.fence.mask(m.spec.name, table, d.ids, d.versions)
+                    fenced = self.rollback.fence.mask(m.spec.name, table, d.ids, d.versions)
                     if fenced.any():
                         first = int(counters_of(d.versions[fenced]).min())
                         cut = first if cut is None else min(cut, first)
                         pend = []
-                        self.counters["pull_fenced_rows"] += int(fenced.sum())
-                res = self._apply(m, d, now, source="pull")
-                if repair and len(res) and self.config.push:
+                        self.host.counters["pull_fenced_rows"] += int(fenced.sum())
+                res = self.host.apply_delta(m, d, now, source="pull")
+                if repair and len(res) and self.host.config.push:
                     # A value a rollback's repair brought: peers may hold our knowledge
                     # without it (they adopted it while we held the row empty), and will
                     # not pull it -- pass it on as an eager push does.
-                    self.counters["repaired_rows_pushed"] += len(res)
-                    self._push_from_ingest(m, table, res, now)
+                    self.host.counters["repaired_rows_pushed"] += len(res)
+                    self.push.push_from_ingest(m, table, res, now)
             sync = m.shard(table, s)
-            if self.baseline_pin:
-                k = self._baseline_clamp(m.spec.name, table, s, k)
+            if self.rollback.baseline_pin:
+                k = self.rollback.baseline_clamp(m.spec.name, table, s, k)
                 pend = []   # a pinned baseline adopts nothing beyond its cut
             if sync.learn(k, cut, pend):
                 m.dirty[table].add(s)
             if sync.pending:
-                self._note_waiting(m, table, s, now)
+                self.gaps.note_waiting(m, table, s, now)
         if body.get("rep") is True:
-            self._on_repair_answer(sender)
-        self.counters["pull_responses_received"] += 1
+            self.rollback.on_repair_answer(sender)
+        self.host.counters["pull_responses_received"] += 1
