@@ -59,6 +59,7 @@ from p2p.model_state import ModelState
 from p2p.outbound import FifoLinkQueue, QueueFactory
 from p2p.peers import PeerView
 from p2p.push import EagerPush, _impact_of
+from p2p.sync import ShardSync
 from p2p.topology import DcGraph, Topology
 from rollback.protocol import RollbackProtocol
 
@@ -369,7 +370,7 @@ class ReplicaNode:
                 after, upto = chains[d.table].get(s, -1), int(ctr[part].max())
                 urgent = False
                 if after != -1:
-                    after, urgent = checked_after(sync, origin, after, int(ctr[part].min()), upto, self.counters)
+                    after, urgent = self._checked_after(sync, origin, after, int(ctr[part].min()), upto)
                 if sync.chain(origin, after, upto):
                     m.dirty[d.table].add(s)
                 if sync.pending:
@@ -386,6 +387,10 @@ class ReplicaNode:
         self.eager_push.flush(now)
         return PublishAck(sum(len(d) for d in deltas), applied, top, shadowed)
 
+
+    def _checked_after(self, sync: ShardSync, origin: int, after: int, first: int, upto: int) -> tuple[int, bool]:
+        """The link a publish frame may claim in one shard: :func:`ekko.replica.publish.checked_after`."""
+        return checked_after(sync, origin, after, first, upto, self.counters)
 
     def apply_local(self, delta: Delta, now: float) -> PublishAck:
         """Apply an already-versioned delta here without chains (tests, tools)."""
