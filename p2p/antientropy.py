@@ -575,5 +575,5 @@ class AntiEntropy:
             if sync.pending:
                 self.gaps.note_waiting(m, table, s, now)
         if body.get("rep") is True:
-            self.rollback.on_repair_answer(sender)
+            self.rollback.repair.on_answer(sender)
         self.host.counters["pull_responses_received"] += 1

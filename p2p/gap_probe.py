@@ -102,7 +102,7 @@ class GapProbe:
             if sync.chain(o, lo, hi):
                 m.dirty[table].add(s)
             self.host.counters["gaps_closed"] += 1
-            self.rollback.quality_event("gap_closed", model=model, table=table, shard=s, origin=o, after=lo, upto=hi)
+            self.rollback.states.quality_event("gap_closed", model=model, table=table, shard=s, origin=o, after=lo, upto=hi)
 
     def on_query(self, body: dict[str, Any], now: float) -> None:
         """A member probes gaps: send every row we hold in each range (capped), our knowledge

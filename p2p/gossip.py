@@ -19,6 +19,8 @@ from rollback.protocol import MAX_ROLLBACK_RECORDS
 
 if TYPE_CHECKING:
     from p2p.host import NodeServices
+    from rollback.cut_sync import CutSync
+    from rollback.model_states import ModelStates
     from rollback.protocol import RollbackProtocol
 
 #: share of gossip rounds spent on a partner in our own DC.
@@ -30,7 +32,9 @@ class Gossip:
 
     Args:
         host: the replica (:class:`p2p.host.NodeServices`).
-        rollback: its rollback component (records, model states and cuts travel with gossip).
+        rollback: its rollback component (rollback records travel with gossip).
+        states: its model states (gossiped, and peers' states noted).
+        cut_sync: its cut exchange (cut digests gossiped; missing cuts asked for).
 
     Example (through the replica node, which holds one):
         >>> from ekko.replica.node import ReplicaNode
@@ -39,9 +43,11 @@ class Gossip:
         ('g', True)
     """
 
-    def __init__(self, host: NodeServices, rollback: RollbackProtocol) -> None:
+    def __init__(self, host: NodeServices, rollback: RollbackProtocol, states: ModelStates, cut_sync: CutSync) -> None:
         self.host = host
         self.rollback = rollback
+        self.states = states
+        self.cut_sync = cut_sync
         #: per peer, per model, the greatest counter it holds (its freshness head).
         self.peer_heads: dict[str, dict[str, int]] = {}
         self._catalog_digest: int | None = None
@@ -72,8 +78,8 @@ class Gossip:
         if self.rollback.rollbacks:
             body["rb"] = list(self.rollback.rollbacks.values())[-MAX_ROLLBACK_RECORDS:]
         if self.host.models:
-            body["ms"] = self.rollback.model_states_wire()
-            cd = self.rollback.cut_digests_wire()
+            body["ms"] = self.states.model_states_wire()
+            cd = self.cut_sync.cut_digests_wire()
             if cd:
                 body["cd"] = cd   # optional: per model, the digest of its named cuts
         return body
@@ -118,8 +124,8 @@ class Gossip:
                    and (not isinstance(rb.get("id"), str) or self.rollback.rollbacks.get(rb["id"]) != rb)]
         for rb in new_rbs:  # validated before anything changes: a refused gossip changes nothing
             self.rollback.parse_rollback(rb, now)
-        states = self.rollback.parse_model_states(body["ms"]) if "ms" in body else None
-        cuts_differ = self.rollback.parse_cut_digests(body["cd"]) if "cd" in body else []
+        states = self.states.parse_model_states(body["ms"]) if "ms" in body else None
+        cuts_differ = self.cut_sync.parse_cut_digests(body["cd"]) if "cd" in body else []
         self.host.members.merge(entries, now)
         if isinstance(heads, dict):
             # Heads beyond our clock + skew bound are dropped: they would fake everyone's lag.
@@ -134,9 +140,9 @@ class Gossip:
         for rb in new_rbs:
             self.rollback.apply_rollback(rb, now)
         if states is not None:
-            self.rollback.peer_model_states[sender] = states
+            self.states.peer_model_states[sender] = states
         if cuts_differ:
-            self.rollback.ask_cuts(sender, cuts_differ)
+            self.cut_sync.ask_cuts(sender, cuts_differ)
         if req:
             mem = self.host.members.get(sender)
             if mem is not None:

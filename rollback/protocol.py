@@ -14,43 +14,28 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ekko.core.codec import MsgType, array_from_wire, array_to_wire, delta_to_wire, field
+from ekko.core.codec import MsgType, field
 from ekko.core.delta import WIRE_DTYPES
 from ekko.core.errors import ProtocolError, UsageError
 from ekko.core.messages import Outgoing
 from ekko.core.spec import check_name
 from ekko.core.version import MAX_COUNTER, MAX_ORIGIN, Knowledge, origins_of
+from rollback.cut_sync import MAX_CUT_NAMES, MAX_CUT_WALL_MEMO, MAX_CUTS_PER_SYNC, CutSync
 from rollback.cuts import Cut, CutPolicy, CutRegistry, Fence
-from rollback.detector import DetectorConfig
-from rollback.manager import Incident, ManagerConfig, ModelStateManager, check_sample, merge_rollback_records
+from rollback.manager import Incident, check_sample, merge_rollback_records
+from rollback.model_states import MAX_GOSSIP_MODEL_STATES, MAX_QUALITY_EVENTS, ModelStates
+from rollback.repair import MAX_REPAIR_ROWS, REPAIR_MAX_ASKS, REPAIR_ROUNDS, Repair
 from rollback.undo import UndoHistory, UndoImage
+
+# The limits of the protocol's parts, importable from here as before the split.
+__all__ = ["MAX_COVER_HEADS", "MAX_ROLLBACK_RECORDS", "MAX_CUT_NAMES", "MAX_CUT_WALL_MEMO", "MAX_CUTS_PER_SYNC",
+           "MAX_GOSSIP_MODEL_STATES", "MAX_QUALITY_EVENTS", "MAX_REPAIR_ROWS", "REPAIR_MAX_ASKS", "REPAIR_ROUNDS",
+           "RollbackHost", "RollbackProtocol"]
 
 #: most chain heads a cut request may ask to be covered.
 MAX_COVER_HEADS = 1 << 16
 #: rollback records kept for gossip (newest first); a replica that was away catches up from them.
 MAX_ROLLBACK_RECORDS = 32
-#: distinct peers (or every other member, when fewer) a replica compares the rows a rollback
-#: restored with: it asks one random peer per anti-entropy round, so the best value spreads
-#: like a rumour.  Rounds whose request or answer is lost do not count (every request is
-#: answered), so a replica partitioned off or restarting during the rollback still repairs.
-REPAIR_ROUNDS = 8
-#: most anti-entropy rounds a replica keeps asking while fewer peers than that have answered.
-REPAIR_MAX_ASKS = 1 << 12
-#: most rows one repair request names per table.
-MAX_REPAIR_ROWS = 1 << 16
-#: quality events (incidents, restores) kept for the driver to log (oldest dropped).
-MAX_QUALITY_EVENTS = 256
-#: models whose state one gossip message carries.
-MAX_GOSSIP_MODEL_STATES = 1024
-#: most cut names one cut-list request ("cl") may carry.
-MAX_CUT_NAMES = 1024
-#: most cuts sent in answer to one cut-list request (each in its own CUT message).
-MAX_CUTS_PER_SYNC = 16
-#: cut wall times remembered (:meth:`RollbackProtocol.cut_wall_time`) before pruning to live cuts.
-MAX_CUT_WALL_MEMO = 4096
-#: model states by severity (the cluster's state of a model is the worst any live replica reports).
-_STATE_ORDER = {"warmup": 0, "healthy": 1, "uncertain": 2, "corrupted": 3}
-
 
 
 class RollbackHost(Protocol):
@@ -118,16 +103,13 @@ class RollbackProtocol:
         self.rollbacks: dict[str, dict[str, Any]] = {}
         #: apply sequence number: the undo history's order (one per apply that changed rows).
         self.seq = 0
-        self._repair: dict[tuple[str, str], np.ndarray] = {}
-        self._repair_rounds = 0
-        self._repair_answered: set[str] = set()  # peers that answered the current repair
-        det = DetectorConfig(warmup_windows=c.quality_warmup_windows)
-        self.quality = ModelStateManager(host.node_id, ManagerConfig(detector=det, auto_rollback=c.auto_rollback))
-        # Model states other replicas gossiped: node id -> model -> state name.
-        self.peer_model_states: dict[str, dict[str, str]] = {}
-        self._quality_events: list[dict[str, Any]] = []
-        # Cut wall times by (model, name, taken_at): see cut_wall_time.
-        self._cut_walls: dict[tuple[str, str, float], float] = {}
+        #: the model-state manager, the states peers gossip, quality events (rollback.model_states).
+        self.states = ModelStates(host)
+        self.quality = self.states.quality
+        #: cut messages and cut anti-entropy (rollback.cut_sync).
+        self.cut_sync = CutSync(host, self.cuts, self.quality)
+        #: comparing restored rows with peers (rollback.repair).
+        self.repair = Repair(host, self.fence)
         self._baseline_pin = ""
         self.set_baseline_pin(c.baseline_pin_cut)
 
@@ -145,17 +127,6 @@ class RollbackProtocol:
                 cut = self.cuts.maybe_auto_cut(name, now, lambda n=name: (self.knowledge_of(n), self.seq))
                 if cut is not None:
                     self.quality.note_cut(name, cut.name, now)  # a rollback target if taken while healthy
-
-    # ------------------------------------------------------------------ model states
-    def quality_event(self, kind: str, **kw: Any) -> None:
-        self._quality_events.append({"event": kind, **kw})
-        if len(self._quality_events) > MAX_QUALITY_EVENTS:
-            del self._quality_events[0]
-
-    def take_quality_events(self) -> list[dict[str, Any]]:
-        """Incidents opened or adopted and rollbacks restored since the last call (for the log)."""
-        out, self._quality_events = self._quality_events, []
-        return out
 
     def report_quality(self, model: str, variant: str, metric: str, value: float, count: float, now: float,
                        until_counter: int | None = None) -> dict[str, Any] | None:
@@ -198,7 +169,7 @@ class RollbackProtocol:
         decision = self.quality.observe(model, variant, metric, value, count, now,
                                         eligible=lambda name, _m=model: self._cut_eligible(_m, name))
         if self.quality.counters["incidents"] != before:
-            self.quality_event("incident", **self.quality.incidents(model)[-1].view())
+            self.states.quality_event("incident", **self.quality.incidents(model)[-1].view())
         if decision is None:
             return None
         if until_counter is None:
@@ -214,37 +185,6 @@ class RollbackProtocol:
             return False
         # A foreign cut (seq 0) restores from its knowledge alone; without history, peers fill in.
         return self.undo is None or cut.seq == 0 or self.cuts.restorable(cut)
-
-    def model_states(self) -> dict[str, Any]:
-        """Per model: this replica's state, the cluster's (worst state gossiped by live
-        replicas, this one included) and the count of replicas per state."""
-        live = set(self.host.live_peers()) if not self.host.static_membership else None
-        for gone in [p for p in self.peer_model_states if self.host.members.get(p) is None]:
-            del self.peer_model_states[gone]   # forgotten members: bound the map
-        out: dict[str, Any] = {}
-        for name in self.host.models:
-            own = self.quality.state(name).value
-            counts = {own: 1}
-            for peer, states in self.peer_model_states.items():
-                if live is not None and peer not in live:
-                    continue
-                st = states.get(name)
-                if st is not None:
-                    counts[st] = counts.get(st, 0) + 1
-            worst = max(counts, key=lambda s: _STATE_ORDER.get(s, 0))
-            out[name] = {"state": own, "cluster_state": worst, "replicas_by_state": counts,
-                         "epoch": self.quality.epoch(name)}
-        return out
-
-    def model_states_wire(self) -> dict[str, str]:
-        return {name: self.quality.state(name).value for name in list(self.host.models)[:MAX_GOSSIP_MODEL_STATES]}
-
-    def parse_model_states(self, raw: Any) -> dict[str, str]:
-        """A peer's gossiped model states (validated, nothing changed); unknown entries dropped."""
-        if not isinstance(raw, dict) or len(raw) > MAX_GOSSIP_MODEL_STATES:
-            raise ProtocolError("bad model states", "bad_body")
-        return {k: v for k, v in raw.items()
-                if isinstance(k, str) and k in self.host.models and isinstance(v, str) and v in _STATE_ORDER}
 
     # ------------------------------------------------------------------ pinned baseline
     @property
@@ -344,7 +284,7 @@ class RollbackProtocol:
         self.quality.note_cut(model, name, now)
         if broadcast:
             for peer in self.host.live_peers():
-                self._send_cut(peer, cut)
+                self.cut_sync.send_cut(peer, cut)
         return cut
 
     # ------------------------------------------------------------------ durable undo history
@@ -382,114 +322,6 @@ class RollbackProtocol:
             self.undo.forget_before(image.model, int(image.seq))
             self.host.counters["undo_history_unusable"] += 1
         return problem
-    def _send_cut(self, peer: str, cut: Cut) -> None:
-        mem = self.host.members.get(peer)
-        if mem is not None:
-            # "at": when it was taken as wall time (Unix seconds): protocol time is each
-            # replica's own (a daemon's monotonic clock), meaningless elsewhere.
-            self.host.send(Outgoing(peer, mem.address, MsgType.CUT, {
-                "from": self.host.node_id, "cut": self.cut_to_wire(cut), "at": self.cut_wall_time(cut)}))
-
-    def cut_wall_time(self, cut: Cut) -> float:
-        """When ``cut`` was taken, as wall time (Unix seconds; the simulator's HLC epoch
-        based time in simulation).  Fixed the first time it is asked (or as received):
-        the driver re-reads the wall clock's offset before every frame, and a cut's time
-        must not wobble with it."""
-        walls = self._cut_walls
-        key = (cut.model, cut.name, cut.taken_at)
-        got = walls.get(key)
-        if got is None:
-            if len(walls) >= MAX_CUT_WALL_MEMO:   # keep only the cuts still held
-                live = {(c.model, c.name, c.taken_at) for m in self.host.models for c in self.cuts.cuts(m)}
-                for k in [k for k in walls if k not in live]:
-                    del walls[k]
-            got = walls[key] = max(0.0, cut.taken_at + self.host.wall_offset_s)
-        return got
-
-    def cut_to_wire(self, cut: Cut) -> dict[str, Any]:
-        """:meth:`Cut.to_wire` with ``taken_at`` as wall time (a learnt cut may predate
-        this process, i.e. lie before protocol time 0, which the wire form refuses)."""
-        wire = cut.to_wire()
-        wire["taken_at"] = self.cut_wall_time(cut)
-        return wire
-
-    def foreign_cut(self, data: Any, at: Any) -> Cut:
-        """A cut from the wire or a snapshot, validated against the model's spec, with
-        ``taken_at`` moved to this replica's protocol time when ``at`` (wall seconds)
-        is given.  Its seq is 0: our undo records are not ordered against it, so a
-        restore walks by its knowledge, which is what defines it.  Raises
-        :class:`ProtocolError` and changes nothing."""
-        cut = Cut.from_wire(data)
-        m = self.host.models.get(cut.model)
-        if m is not None:
-            for table, shard in cut.knowledge:
-                if not m.spec.has_table(table) or shard >= m.spec.table(table).num_shards:
-                    raise ProtocolError(f"cut {cut.name} names shard {table}/{shard} the model lacks", "bad_cut")
-        taken_at = cut.taken_at
-        if at is not None:
-            if not isinstance(at, (int, float)) or isinstance(at, bool) or not 0 <= at < float(1 << 40):
-                raise ProtocolError("bad cut time", "bad_cut")
-            taken_at = float(at) - self.host.wall_offset_s
-        out = Cut(cut.name, cut.model, taken_at, cut.knowledge, 0)
-        if at is not None:
-            self._cut_walls[(out.model, out.name, out.taken_at)] = float(at)
-        return out
-
-    def on_cut(self, body: dict[str, Any], now: float) -> None:
-        cut = self.foreign_cut(body.get("cut"), body.get("at"))
-        if cut.model not in self.host.models:
-            return
-        if self.cuts.learn(cut):
-            self.host.counters["cuts_learnt"] += 1
-            self.quality.note_cut(cut.model, cut.name, now)
-
-    # ------------------------------------------------------------------ cut anti-entropy
-    def cut_digests_wire(self) -> dict[str, int]:
-        """Per model with named cuts, the digest of their names (gossiped: a replica that
-        was down or joined late finds out it lacks cuts taken before)."""
-        out = {}
-        for name in list(self.host.models)[:MAX_GOSSIP_MODEL_STATES]:
-            d = self.cuts.names_digest(name)
-            if d:
-                out[name] = d
-        return out
-
-    def parse_cut_digests(self, raw: Any) -> list[str]:
-        """Models whose cut digest in a peer's gossip differs from ours (validated first)."""
-        if not isinstance(raw, dict) or len(raw) > MAX_GOSSIP_MODEL_STATES or not all(
-                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
-                for k, v in raw.items()):
-            raise ProtocolError("bad cut digests", "bad_body")
-        # A model where only we hold cuts: the peer sees our digest and asks us.
-        return [k for k, v in raw.items() if k in self.host.models and v != self.cuts.names_digest(k)]
-
-    def ask_cuts(self, peer: str, models: list[str]) -> None:
-        """Ask ``peer`` for the named cuts of ``models`` that we lack (we list ours)."""
-        mem = self.host.members.get(peer)
-        if mem is None:
-            return
-        for model in models:
-            names = [c.name for c in self.cuts.named(model)][-MAX_CUT_NAMES:]
-            self.host.counters["cut_lists_asked"] += 1
-            self.host.send(Outgoing(peer, mem.address, MsgType.GOSSIP,
-                                      {"k": "cl", "from": self.host.node_id, "m": model, "names": names}))
-
-    def on_cut_list(self, body: dict[str, Any], now: float) -> None:
-        """A peer lists the named cuts it has of a model: send it those it lacks (newest first)."""
-        sender = field(body, "from", str)
-        model = field(body, "m", str)
-        names = field(body, "names", list)
-        if len(names) > MAX_CUT_NAMES:
-            raise ProtocolError("too many cut names", "too_large")
-        for n in names:
-            check_name("cut", n, ProtocolError)
-        if model not in self.host.models or self.host.members.get(sender) is None:
-            return
-        have = set(names)
-        missing = [c for c in self.cuts.named(model) if c.name not in have]
-        for cut in missing[-MAX_CUTS_PER_SYNC:]:
-            self._send_cut(sender, cut)
-
     def rollback(self, model: str, cut: Cut | str, until_counter: int, now: float, rid: str | None = None,
                  incident: Incident | None = None) -> dict[str, Any]:
         """Roll ``model`` back to ``cut`` everywhere: restore here, then tell every peer.
@@ -522,7 +354,7 @@ class RollbackProtocol:
             if len(written):
                 origins.update(np.unique(origins_of(written)).tolist())
         record = {"id": rid or f"{self.host.node_id}.{model}.{cut.name}.{until_counter}", "model": model,
-                  "cut": self.cut_to_wire(cut), "upper": [[o, until_counter] for o in [0, *sorted(origins)]]}
+                  "cut": self.cut_sync.cut_to_wire(cut), "upper": [[o, until_counter] for o in [0, *sorted(origins)]]}
         if incident is not None:
             record["incident"] = incident.to_wire()
         self.apply_rollback(record, now)
@@ -581,7 +413,7 @@ class RollbackProtocol:
         while len(self.rollbacks) > MAX_ROLLBACK_RECORDS:
             del self.rollbacks[next(iter(self.rollbacks))]
         if incident is not None and self.quality.adopt(incident):
-            self.quality_event("incident_adopted", **incident.view())
+            self.states.quality_event("incident_adopted", **incident.view())
         self.fence.add(m.spec, cut, {o: c for o, c in upper_raw})
         restored = 0
         for t in m.spec.tables:
@@ -613,98 +445,14 @@ class RollbackProtocol:
             m.recompute_top(t.name, rows)
             # State-based sync skips superseded versions, so our history may miss the newest
             # version the cut covers: compare every restored row with peers for a few rounds.
-            self._schedule_repair(model, t.name, rows)
+            self.repair.schedule(model, t.name, rows)
         # A new rollback restarts the count of answering peers even where it restored
         # nothing here: answers given before it compared pre-rollback values.
-        self._repair_rounds = REPAIR_MAX_ASKS
-        self._repair_answered = set()
+        self.repair.restart()
         self.host.counters["rollbacks"] += 1
         self.host.counters["rolled_back_rows"] += restored
         inc = self.quality.rollback_applied(model, rid, cut.name, now)
-        self.quality_event("restored", model=model, rollback_id=rid, cut=cut.name, rows=restored,
+        self.states.quality_event("restored", model=model, rollback_id=rid, cut=cut.name, rows=restored,
                             incident=inc.id if inc is not None else None,
                             restore_s=inc.restore_s if inc is not None else None)
         return True
-
-    def repair_round(self, now: float) -> None:
-        if not self._repair:
-            return
-        answered = self._repair_answered
-        if self._repair_rounds <= 0 or len(answered) >= min(REPAIR_ROUNDS, len(self.host.members.members) - 1):
-            self._repair.clear()
-            return
-        self._repair_rounds -= 1
-        peers = self.host.live_peers()
-        if not peers:
-            return
-        fresh = [p for p in peers if p not in answered]
-        peer = self.host.members.get(self.host.rng.choice(fresh or peers))
-        for (model, table), rows in self._repair.items():
-            for lo in range(0, len(rows), MAX_REPAIR_ROWS):
-                self._ask_repair(peer.node_id, peer.address, model, table, rows[lo:lo + MAX_REPAIR_ROWS])
-
-    def _ask_repair(self, peer: str, address: str, model: str, table: str, ids: np.ndarray) -> None:
-        """Ask ``peer`` whether it holds better (greater, unfenced) versions of rows ``ids``."""
-        versions = self.host.models[model].store.table(table).versions[ids]
-        self.host.send(Outgoing(peer, address, MsgType.GOSSIP, {
-            "k": "rep", "from": self.host.node_id, "m": model, "t": table, "ids": array_to_wire(ids),
-            "v": array_to_wire(versions)}))
-
-    def _schedule_repair(self, model: str, table: str, rows: np.ndarray) -> None:
-        """Compare ``rows`` with peers in the coming rounds (a repair under way just grows)."""
-        if not self._repair:
-            self._repair_rounds = REPAIR_MAX_ASKS
-            self._repair_answered = set()
-        prev = self._repair.get((model, table))
-        self._repair[(model, table)] = rows if prev is None else np.union1d(prev, rows)
-
-    def on_repair_answer(self, sender: str) -> None:
-        """A peer answered a repair request (with better rows or none): it has compared."""
-        if self._repair:
-            self._repair_answered.add(sender)
-
-    def on_repair(self, body: dict[str, Any], now: float) -> None:
-        """A peer asks whether we hold better (greater, unfenced) versions of some rows."""
-        sender = field(body, "from", str)
-        spec = self.host.table_spec(field(body, "m", str), field(body, "t", str))
-        if spec is None:
-            return
-        raw = field(body, "ids", bytes)
-        if len(raw) % 8 or len(raw) // 8 > MAX_REPAIR_ROWS:
-            raise ProtocolError("bad repair request", "bad_body")
-        n = len(raw) // 8
-        ids = array_from_wire(raw, np.int64, n, "ids")
-        theirs = array_from_wire(body.get("v"), np.int64, n, "versions")
-        if n and (ids.min() < 0 or ids.max() >= spec.rows):
-            raise ProtocolError("repair row out of range", "bad_body")
-        mem = self.host.members.get(sender)
-        m = self.host.models[body["m"]]
-        ts = m.store.table(spec.name)
-        better = ids[ts.versions[ids] > theirs]
-        if mem is None:
-            return
-        behind = ts.versions[ids] < theirs
-        if behind.any():
-            # They hold a better version than ours.  We may never have held the fenced
-            # version that made them restore the row (a truncated pull answer advanced our
-            # knowledge past the cut version while the row held a now-fenced one), so we
-            # would never repair it ourselves: ask them back, and keep comparing it with
-            # other peers so the value spreads like a rumour.
-            worse = ids[behind]
-            worse = worse[~self.fence.mask(m.spec.name, spec.name, worse, theirs[behind])]
-            if len(worse):
-                self._schedule_repair(m.spec.name, spec.name, worse)
-                self._ask_repair(sender, mem.address, m.spec.name, spec.name, worse)
-        if not len(better):
-            # Answer anyway: the requester counts peers that compared, not requests sent.
-            self.host.send(Outgoing(sender, mem.address, MsgType.PULL_RESPONSE,
-                                      {"from": self.host.node_id, "models": {}, "rep": True}))
-            return
-        d = ts.take(m.spec.name, better)
-        shards = spec.shards_of(better)
-        entries = []
-        for s in np.unique(shards).tolist():
-            sel = shards == s
-            entries.append([s, [], None, delta_to_wire(d.take(sel))])
-        self.host.send(Outgoing(sender, mem.address, MsgType.PULL_RESPONSE,
-                                  {"from": self.host.node_id, "models": {m.spec.name: {spec.name: entries}}, "rep": True}))

@@ -79,6 +79,7 @@ class _Forward:
 
     def __init__(self, component: str, name: str = "", settable: bool = False) -> None:
         self.component, self.name, self.settable = component, name, settable
+        self._path = component.split(".")
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = self.name or name
@@ -86,12 +87,16 @@ class _Forward:
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
             return self
-        return getattr(getattr(obj, self.component), self.name)
+        for part in self._path:
+            obj = getattr(obj, part)
+        return getattr(obj, self.name)
 
     def __set__(self, obj: Any, value: Any) -> None:
         if not self.settable:
             raise AttributeError(f"{self.name} is {self.component}.{self.name}: read-only on the node")
-        setattr(getattr(obj, self.component), self.name, value)
+        for part in self._path:
+            obj = getattr(obj, part)
+        setattr(obj, self.name, value)
 
 
 def _priority_scheduler(c: NodeConfig, dc: str, rng: random.Random) -> tuple[Any, QueueFactory]:
@@ -174,7 +179,8 @@ class ReplicaNode:
         self.eager_push = EagerPush(self, queue_factory or (lambda peer, dc: FifoLinkQueue(c.queue_rows)),
                                     prioritizer, self.gap_probe, self.rollback_protocol)
         self.anti_entropy = AntiEntropy(self, self.eager_push, self.gap_probe, self.rollback_protocol)
-        self.gossiper = Gossip(self, self.rollback_protocol)
+        rb = self.rollback_protocol
+        self.gossiper = Gossip(self, rb, rb.states, rb.cut_sync)
         # Hooks for layers above the protocol (undo history, metrics); called with
         # (model, table, ApplyResult, source) after every apply that changed rows.
         self.on_apply: list[Callable[[str, str, ApplyResult, str], None]] = []
@@ -192,20 +198,20 @@ class ReplicaNode:
     rollbacks = _Forward("rollback_protocol")
     undo = _Forward("rollback_protocol", settable=True)        # the simulator installs one
     _seq = _Forward("rollback_protocol", "seq", settable=True)
-    peer_model_states = _Forward("rollback_protocol")
+    peer_model_states = _Forward("rollback_protocol.states")
     baseline_pin = _Forward("rollback_protocol")
     set_baseline_pin = _Forward("rollback_protocol")
     take_cut = _Forward("rollback_protocol")
     rollback = _Forward("rollback_protocol")
     report_quality = _Forward("rollback_protocol")
-    model_states = _Forward("rollback_protocol")
-    take_quality_events = _Forward("rollback_protocol")
+    model_states = _Forward("rollback_protocol.states")
+    take_quality_events = _Forward("rollback_protocol.states")
     parse_coverage = _Forward("rollback_protocol")
     uncovered = _Forward("rollback_protocol")
     export_undo = _Forward("rollback_protocol")
     import_undo = _Forward("rollback_protocol")
-    cut_wall_time = _Forward("rollback_protocol")
-    cut_to_wire = _Forward("rollback_protocol")
+    cut_wall_time = _Forward("rollback_protocol.cut_sync")
+    cut_to_wire = _Forward("rollback_protocol.cut_sync")
     queues = _Forward("eager_push")
     queue_factory = _Forward("eager_push")
     prioritizer = _Forward("eager_push")
@@ -243,7 +249,7 @@ class ReplicaNode:
         if now >= self._next_ae:
             self._next_ae = now + self.config.ae_interval * self.rng.uniform(0.8, 1.2)
             self.anti_entropy.round(now)
-            self.rollback_protocol.repair_round(now)
+            self.rollback_protocol.repair.round(now)
             self.gap_probe.round(now)
             self.rollback_protocol.auto_cuts(now)
         self.eager_push.flush(now)
@@ -273,13 +279,13 @@ class ReplicaNode:
             elif kind == "dig":
                 self.anti_entropy.on_digests(body, now)
             elif kind == "rep":
-                self.rollback_protocol.on_repair(body, now)
+                self.rollback_protocol.repair.on_request(body, now)
             elif kind == "gq":
                 self.gap_probe.on_query(body, now)
             elif kind == "ga":
                 self.gap_probe.on_answer(body, now)
             elif kind == "cl":
-                self.rollback_protocol.on_cut_list(body, now)
+                self.rollback_protocol.cut_sync.on_cut_list(body, now)
             else:
                 raise ProtocolError(f"unknown gossip kind {kind!r}", "bad_body")
         elif t == MsgType.PULL_REQUEST:
@@ -289,7 +295,7 @@ class ReplicaNode:
         elif t == MsgType.ROLLBACK:
             self.rollback_protocol.apply_rollback(field(body, "rb", dict), now)
         elif t == MsgType.CUT:
-            self.rollback_protocol.on_cut(body, now)
+            self.rollback_protocol.cut_sync.on_cut(body, now)
         elif t == MsgType.PUBLISH:
             self.publish(body, now)
         elif t == MsgType.REGISTER_MODEL:
@@ -434,7 +440,7 @@ class ReplicaNode:
             models[name] = {"tables": tables, "head": m.head, "traffic_share": m.spec.traffic_share,
                             "lag_s": self.freshness_lag(name)}
         if self.models:
-            states = self.rollback_protocol.model_states()
+            states = self.rollback_protocol.states.model_states()
             for name in models:
                 models[name]["quality"] = states[name]
                 models[name]["quality"]["incidents"] = [i.view() for i in self.rollback_protocol.quality.incidents(name)]

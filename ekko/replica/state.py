@@ -41,7 +41,7 @@ def export_state(node: Any, model: str) -> dict[str, Any]:
     rollbacks = [r for r in node.rollback_protocol.rollbacks.values() if r.get("model") == model]
     # Cuts, so a restart keeps its restore points (times as wall time: protocol time
     # restarts with the process).  Optional in the format: older snapshots lack it.
-    cuts = [[node.rollback_protocol.cut_to_wire(c), node.rollback_protocol.cut_wall_time(c)] for c in node.rollback_protocol.cuts.cuts(model)]
+    cuts = [[node.rollback_protocol.cut_sync.cut_to_wire(c), node.rollback_protocol.cut_sync.cut_wall_time(c)] for c in node.rollback_protocol.cuts.cuts(model)]
     return {"format": STATE_FORMAT, "node_id": node.node_id, "head": m.head, "knowledge": knowledge,
             "pending": {t: p for t, p in pending.items() if p}, "rollbacks": rollbacks, "cuts": cuts}
 
@@ -128,7 +128,7 @@ def import_state(node: Any, spec: ModelSpec, store: ModelStore, state: dict[str,
             m.dirty[t.name].add(s)
     m.head = max(m.head, top)
     try:
-        cuts = [node.rollback_protocol.foreign_cut(c, at) for c, at in raw_cuts]   # all valid before any is kept
+        cuts = [node.rollback_protocol.cut_sync.foreign_cut(c, at) for c, at in raw_cuts]   # all valid before any is kept
         if any(c.model != spec.name for c in cuts):
             raise ProtocolError("a snapshot cut names another model", "bad_cut")
         for cut in cuts:
