@@ -1,9 +1,20 @@
 """One replica's logic, sans-IO.
 
-:class:`ReplicaNode` holds a replica's models (tensors and versions), its
-protocol state (membership, per-shard knowledge, indexes, outbound queues) and
-implements the protocol.  It never opens a socket, sleeps or reads a clock:
-drivers call
+:class:`ReplicaNode` holds a replica's models (:class:`p2p.model_state.ModelState`:
+tensors, versions, per-shard knowledge) and its member view, and composes the
+protocol from one object per concern, each owning its state and seeing the node
+only through a small interface (:class:`p2p.host.NodeServices`,
+:class:`rollback.protocol.RollbackHost`):
+
+* :class:`p2p.push.EagerPush` (link queues, push frames), :class:`p2p.gossip.Gossip`
+  (members, catalog, heads), :class:`p2p.antientropy.AntiEntropy` (rounds, digests),
+  :class:`p2p.pull.Pulls` (pull requests and answers), :class:`p2p.gap_probe.GapProbe`
+  (knowledge gaps), :class:`rollback.protocol.RollbackProtocol` (cuts, fence,
+  rollback, repair, model states) and :class:`p2p.peers.PeerView` (whom to talk to).
+
+The node applies rows (:meth:`ReplicaNode.apply_delta`), routes frames to the
+components, runs their timers and keeps the outbox.  It never opens a socket,
+sleeps or reads a clock: drivers call
 
 * :meth:`receive` with a decoded frame and the current time,
 * the local API (:meth:`register_model`, :meth:`publish`, :meth:`read_rows`,
@@ -31,7 +42,6 @@ Message flows (all one-way; replies are separate messages):
   advance knowledge.
 """
 
-
 from __future__ import annotations
 
 import random
@@ -50,6 +60,8 @@ from ekko.core.spec import ModelSpec, TableSpec, check_name
 from ekko.core.store import ApplyResult, ModelStore
 from ekko.core.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS, MAX_COUNTER, ORIGIN_BITS, counters_of, last_counter_at
 from ekko.replica.publish import checked_after, parse_publish
+from ekko.replica.status import cluster_view, lag
+from ekko.replica.status import status as status_view
 from ekko.replica.state import STATE_FORMAT, export_state, import_state
 from p2p.antientropy import AntiEntropy
 from p2p.gap_probe import GapProbe
@@ -58,6 +70,7 @@ from p2p.membership import Membership, MembershipConfig
 from p2p.model_state import ModelState
 from p2p.outbound import FifoLinkQueue, QueueFactory
 from p2p.peers import PeerView
+from p2p.pull import Pulls
 from p2p.push import EagerPush, _impact_of
 from p2p.sync import ShardSync
 from p2p.topology import DcGraph, Topology
@@ -178,7 +191,8 @@ class ReplicaNode:
         self.gap_probe = GapProbe(self, self.rollback_protocol, now)
         self.eager_push = EagerPush(self, queue_factory or (lambda peer, dc: FifoLinkQueue(c.queue_rows)),
                                     prioritizer, self.gap_probe, self.rollback_protocol)
-        self.anti_entropy = AntiEntropy(self, self.eager_push, self.gap_probe, self.rollback_protocol)
+        self.pulls = Pulls(self, self.eager_push, self.gap_probe, self.rollback_protocol)
+        self.anti_entropy = AntiEntropy(self, self.pulls, self.rollback_protocol)
         rb = self.rollback_protocol
         self.gossiper = Gossip(self, rb, rb.states, rb.cut_sync)
         # Hooks for layers above the protocol (undo history, metrics); called with
@@ -220,7 +234,7 @@ class ReplicaNode:
     peer_heads = _Forward("gossiper")
     catalog_digest = _Forward("gossiper")
     gaps = _Forward("gap_probe")
-    rows_walked_by_table = _Forward("anti_entropy")
+    rows_walked_by_table = _Forward("pulls")
 
     # ------------------------------------------------------------------ services to the components
     def send(self, out: Outgoing) -> None:
@@ -289,9 +303,9 @@ class ReplicaNode:
             else:
                 raise ProtocolError(f"unknown gossip kind {kind!r}", "bad_body")
         elif t == MsgType.PULL_REQUEST:
-            self.anti_entropy.on_pull_request(body, now)
+            self.pulls.on_pull_request(body, now)
         elif t == MsgType.PULL_RESPONSE:
-            self.anti_entropy.on_pull_response(body, now)
+            self.pulls.on_pull_response(body, now)
         elif t == MsgType.ROLLBACK:
             self.rollback_protocol.apply_rollback(field(body, "rb", dict), now)
         elif t == MsgType.CUT:
@@ -426,51 +440,17 @@ class ReplicaNode:
         return self.model_state(model).head
 
     def status(self, digests: bool = True) -> dict[str, Any]:
-        """A JSON-ready status view of this replica."""
-        models: dict[str, Any] = {}
-        for name, m in self.models.items():
-            tables = {}
-            for t in m.spec.tables:
-                ts = m.store.table(t.name)
-                info: dict[str, Any] = {"rows": t.rows, "dim": t.dim, "dtype": t.dtype, "shards": t.num_shards,
-                                        "dense": t.dense, "written_rows": int((ts.versions > 0).sum())}
-                if digests and ts.values is not None:
-                    info["digest"] = ts.digest()
-                tables[t.name] = info
-            models[name] = {"tables": tables, "head": m.head, "traffic_share": m.spec.traffic_share,
-                            "lag_s": self.freshness_lag(name)}
-        if self.models:
-            states = self.rollback_protocol.states.model_states()
-            for name in models:
-                models[name]["quality"] = states[name]
-                models[name]["quality"]["incidents"] = [i.view() for i in self.rollback_protocol.quality.incidents(name)]
-        return {"node_id": self.node_id, "dc": self.dc, "address": self.address,
-                "incarnation": self.peers.incarnation(), "models": models}
+        """A JSON-ready status view of this replica (:func:`ekko.replica.status.status`)."""
+        return status_view(self, digests)
 
     def cluster_view(self) -> list[dict[str, Any]]:
         """Every member with its DC, state and per-model freshness lag (seconds)."""
-        out = []
-        for mem in sorted(self.members.members.values(), key=lambda x: (x.dc, x.node_id)):
-            heads = ({n: m.head for n, m in self.models.items()} if mem.node_id == self.node_id
-                     else self.gossiper.peer_heads.get(mem.node_id, {}))
-            lags = {name: self._lag(heads.get(name, 0), name) for name in self.models}
-            out.append({"node_id": mem.node_id, "dc": mem.dc, "address": mem.address,
-                        "state": mem.state.name.lower(), "incarnation": mem.incarnation, "lag_s": lags,
-                        "role": mem.role or "replica"})
-        return out
+        return cluster_view(self)
 
     def freshness_lag(self, model: str) -> float | None:
-        return self._lag(self.model_state(model).head, model)
-
-    def _lag(self, head: int, model: str) -> float | None:
-        """Seconds (HLC time) behind the most advanced replica we know of; None when this
-        replica has nothing yet while others do (its lag is unbounded, not a number)."""
-        best = max([self.models[model].head] + [h.get(model, 0) for h in self.gossiper.peer_heads.values()])
-        if not best:
-            return 0.0
-        if not head:
-            return None
-        return max(0, best - head) / float(1 << HLC_LOGICAL_BITS) / 1000.0
+        """Seconds (HLC time) behind the most advanced replica known; None when this
+        replica has nothing of ``model`` yet while others do."""
+        return lag(self, self.model_state(model).head, model)
 
     # ------------------------------------------------------------------ internals: apply
     def model_state(self, name: str) -> ModelState:
