@@ -16,6 +16,7 @@ from ekko.core.spec import check_name
 from rollback.cuts import Cut, CutRegistry
 from rollback.manager import ModelStateManager
 from rollback.model_states import MAX_GOSSIP_MODEL_STATES
+from rollback.host import RollbackHost
 
 #: most cut names one cut-list request ("cl") may carry.
 MAX_CUT_NAMES = 1024
@@ -29,7 +30,7 @@ class CutSync:
     """Cut messages and cut anti-entropy of a replica.
 
     Args:
-        host: the replica (:class:`rollback.protocol.RollbackHost`: node id, models,
+        host: the replica (:class:`rollback.host.RollbackHost`: node id, models,
             member list, counters, wall offset, send).
         cuts: the replica's cut registry.
         quality: its model-state manager (a learnt cut is a rollback target).
@@ -41,7 +42,7 @@ class CutSync:
         {}
     """
 
-    def __init__(self, host: Any, cuts: CutRegistry, quality: ModelStateManager) -> None:
+    def __init__(self, host: RollbackHost, cuts: CutRegistry, quality: ModelStateManager) -> None:
         self.host = host
         self.cuts = cuts
         self.quality = quality

@@ -12,6 +12,7 @@ from typing import Any
 from ekko.core.errors import ProtocolError
 from rollback.detector import DetectorConfig
 from rollback.manager import ManagerConfig, ModelStateManager
+from rollback.host import RollbackHost
 
 #: quality events (incidents, restores) kept for the driver to log (oldest dropped).
 MAX_QUALITY_EVENTS = 256
@@ -25,7 +26,7 @@ class ModelStates:
     """This replica's model-state manager (:attr:`quality`), peers' gossiped states, quality events.
 
     Args:
-        host: the replica (:class:`rollback.protocol.RollbackHost`: node id, config,
+        host: the replica (:class:`rollback.host.RollbackHost`: node id, config,
             models, member list, live peers).
 
     Example (through the replica node, which holds one):
@@ -35,7 +36,7 @@ class ModelStates:
         (True, [])
     """
 
-    def __init__(self, host: Any) -> None:
+    def __init__(self, host: RollbackHost) -> None:
         self.host = host
         c = host.config
         det = DetectorConfig(warmup_windows=c.quality_warmup_windows)

@@ -8,9 +8,7 @@ rounds because state-based sync may have skipped the newest version the cut cove
 
 from __future__ import annotations
 
-from collections import Counter
-from random import Random
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +20,7 @@ from ekko.core.spec import check_name
 from ekko.core.version import MAX_COUNTER, MAX_ORIGIN, Knowledge, origins_of
 from rollback.cut_sync import MAX_CUT_NAMES, MAX_CUT_WALL_MEMO, MAX_CUTS_PER_SYNC, CutSync
 from rollback.cuts import Cut, CutPolicy, CutRegistry, Fence
+from rollback.host import RollbackHost
 from rollback.manager import Incident, check_sample, merge_rollback_records
 from rollback.model_states import MAX_GOSSIP_MODEL_STATES, MAX_QUALITY_EVENTS, ModelStates
 from rollback.repair import MAX_REPAIR_ROWS, REPAIR_MAX_ASKS, REPAIR_ROUNDS, Repair
@@ -36,39 +35,6 @@ __all__ = ["MAX_COVER_HEADS", "MAX_ROLLBACK_RECORDS", "MAX_CUT_NAMES", "MAX_CUT_
 MAX_COVER_HEADS = 1 << 16
 #: rollback records kept for gossip (newest first); a replica that was away catches up from them.
 MAX_ROLLBACK_RECORDS = 32
-
-
-class RollbackHost(Protocol):
-    """What :class:`RollbackProtocol` needs from the replica that holds it.
-
-    Typed loosely where the replica's types live above this package: ``models`` maps
-    names to per-model states (:class:`p2p.model_state.ModelState`: ``spec``,
-    ``store``, ``shards``, ``index``, ``head``, ``recompute_top``), ``members`` is the
-    member list (:class:`p2p.membership.Membership`).
-    """
-
-    node_id: str
-    config: Any
-    rng: Random
-    models: dict[str, Any]
-    counters: Counter[str]
-    members: Any
-    static_membership: bool
-    #: wall time is protocol time + this (the driver sets it).
-    wall_offset_s: float
-    #: per peer, per model, the greatest counter it holds (gossiped).
-    peer_heads: dict[str, dict[str, int]]
-
-    def send(self, out: Outgoing) -> None: ...
-
-    def live_peers(self, dc: str | None = None) -> list[str]: ...
-
-    def model_state(self, name: str) -> Any:
-        """The state of a registered model; raises UsageError for an unknown one."""
-
-    def table_spec(self, model: str, table: str) -> Any: ...
-
-    def counter_horizon(self, now: float, skew: float | None = None) -> int: ...
 
 
 class RollbackProtocol:

@@ -17,6 +17,7 @@ from ekko.core.codec import MsgType, array_from_wire, array_to_wire, delta_to_wi
 from ekko.core.errors import ProtocolError
 from ekko.core.messages import Outgoing
 from rollback.cuts import Fence
+from rollback.host import RollbackHost
 
 #: distinct peers (or every other member, when fewer) a replica compares the rows a rollback
 #: restored with: it asks one random peer per anti-entropy round, so the best value spreads
@@ -33,7 +34,7 @@ class Repair:
     """Rows to compare with peers after a rollback, and the asking and answering.
 
     Args:
-        host: the replica (:class:`rollback.protocol.RollbackHost`: node id, rng,
+        host: the replica (:class:`rollback.host.RollbackHost`: node id, rng,
             models, member list, live peers, send).
         fence: the replica's fence (a better version a peer holds may be fenced here).
 
@@ -44,7 +45,7 @@ class Repair:
         (None, [])
     """
 
-    def __init__(self, host: Any, fence: Fence) -> None:
+    def __init__(self, host: RollbackHost, fence: Fence) -> None:
         self.host = host
         self.fence = fence
         self._repair: dict[tuple[str, str], np.ndarray] = {}
