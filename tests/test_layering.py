@@ -17,8 +17,8 @@ FORBIDDEN = {
     "simulator": ("aiohttp", "ekko.server.daemon", "ekko.server.transport", "ekko.sdk.publisher"),
 }
 #: the sans-IO core must not read clocks, sleep or open sockets.
-SANS_IO = ["p2p", "prioritizer", "rollback", "ekko/replica/node.py", "p2p/push.py", "p2p/antientropy.py",
-           "rollback/protocol.py", "ekko/core/chain.py"]
+SANS_IO = ["p2p", "prioritizer", "rollback", "ekko/replica/node.py", "ekko/replica/publish.py",
+           "ekko/replica/state.py", "ekko/replica/status.py", "ekko/core/chain.py"]
 
 
 def imports(path: Path) -> set[str]:
