@@ -1,7 +1,7 @@
 """What the protocol components of :mod:`p2p` need from the replica that holds them.
 
 :class:`NodeServices` lists the few attributes and methods that eager push, gossip,
-anti-entropy and gap probes call on their node (the replica node implements it).  A
+anti-entropy, pulls and gap probes call on their node (the replica node implements it).  A
 component never reaches into the node's private state: it is handed this interface,
 and references to the other components it works with, when it is built.
 """

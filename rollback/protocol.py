@@ -42,8 +42,10 @@ class RollbackProtocol:
 
     Owns the undo history (what applies overwrote), the cuts, the fence of rolled-back
     versions, the rollback records seen (gossiped so a replica that was away catches
-    up), the apply sequence number the undo history orders by, the repair of restored
-    rows, the pinned-baseline cut and the model-state manager (:attr:`quality`).
+    up), the apply sequence number the undo history orders by and the pinned-baseline
+    cut; and its parts, each with its own state: :attr:`states` (the model-state
+    manager :attr:`quality`, peers' states, quality events), :attr:`cut_sync` (cut
+    messages, cut anti-entropy) and :attr:`repair` (restored rows compared with peers).
 
     Args:
         host: the replica (:class:`RollbackHost`).
