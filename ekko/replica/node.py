@@ -185,15 +185,14 @@ class ReplicaNode:
         self._next_gossip = now
         self._next_ae = now + self.rng.uniform(0, c.ae_interval)
         # The protocol, one component per concern; each gets this node's services
-        # (p2p.host.NodeServices, rollback.protocol.RollbackHost) and the components it
+        # (p2p.host.NodeServices, rollback.host.RollbackHost) and the components it
         # works with -- never the node's private state.
-        self.rollback_protocol = RollbackProtocol(self, with_values)
-        self.gap_probe = GapProbe(self, self.rollback_protocol, now)
+        rb = self.rollback_protocol = RollbackProtocol(self, with_values)
+        self.gap_probe = GapProbe(self, rb, now)
         self.eager_push = EagerPush(self, queue_factory or (lambda peer, dc: FifoLinkQueue(c.queue_rows)),
-                                    prioritizer, self.gap_probe, self.rollback_protocol)
-        self.pulls = Pulls(self, self.eager_push, self.gap_probe, self.rollback_protocol)
-        self.anti_entropy = AntiEntropy(self, self.pulls, self.rollback_protocol)
-        rb = self.rollback_protocol
+                                    prioritizer, self.gap_probe, rb)
+        self.pulls = Pulls(self, self.eager_push, self.gap_probe, rb)
+        self.anti_entropy = AntiEntropy(self, self.pulls, rb)
         self.gossiper = Gossip(self, rb, rb.states, rb.cut_sync)
         # Hooks for layers above the protocol (undo history, metrics); called with
         # (model, table, ApplyResult, source) after every apply that changed rows.
