@@ -76,7 +76,7 @@ from p2p.sync import ShardSync
 from p2p.topology import DcGraph, Topology
 from rollback.protocol import RollbackProtocol
 
-__all__ = ["ReplicaNode", "STATE_FORMAT"]
+__all__ = ["ReplicaNode", "Outgoing", "STATE_FORMAT"]  # Outgoing: the daemon and transport import it from here
 
 
 #: counter names of applied rows per apply source (built once: applies are the hot path).
