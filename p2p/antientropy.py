@@ -1,9 +1,8 @@
-"""State-based anti-entropy for :class:`ekko.replica.node.ReplicaNode` (a mixin).
+"""State-based anti-entropy of a replica: :class:`AntiEntropy`, a component the replica node holds.
 
 Digest-gated: a 64-bit digest per table over the scope's shards, then per-shard
-versions, then pulls of the rows the requester's knowledge does not cover (version
-order, capped, Scuttlebutt's rule), with held rows excluded and, across the WAN,
-rows that arrived moments ago held back.
+versions, then pulls (:mod:`p2p.pull`) of the rows the requester's knowledge does not
+cover.
 """
 
 from __future__ import annotations
@@ -16,23 +15,18 @@ from ekko.core.codec import (
     MsgType,
     array_from_wire,
     array_to_wire,
-    delta_from_wire,
-    delta_to_wire,
     field,
 )
-from ekko.core.config import MAX_HELD_ROWS_PER_SHARD, MAX_SHARDS_PER_PULL
-from ekko.core.delta import Delta
 from ekko.core.errors import ProtocolError
 from ekko.core.messages import Outgoing
-from ekko.core.version import MAX_COUNTER, Knowledge, counters_of, origins_of
-from p2p.sync import ROW_OVERHEAD_BYTES, parse_pending
 from p2p.topology import _mix
 
-if TYPE_CHECKING:  # the node class defines the per-model state
-    from ekko.replica.node import _Model
+if TYPE_CHECKING:
+    from p2p.host import NodeServices
+    from p2p.pull import Pulls
+    from rollback.protocol import RollbackProtocol
 
 _SHARD_SALT = np.uint64(0x9E3779B97F4A7C15)
-_NO_ROWS = np.zeros(0, np.int64)
 
 
 _SALTS: dict[int, np.ndarray] = {}
@@ -67,67 +61,33 @@ def _scope_digest(digests: np.ndarray, mask: np.ndarray | None) -> int:
         _SCOPE_DIGESTS[key] = got
     return got
 
-def _under_ceiling(vers: np.ndarray, ceiling: Knowledge) -> np.ndarray:
-    """Which packed versions a ceiling (a pinned baseline's cut knowledge) covers."""
-    if not len(vers):
-        return np.zeros(0, bool)
-    ctr, org = counters_of(vers), origins_of(vers)
-    bound = np.zeros(len(vers), np.int64)
-    for o, c in ceiling.items():    # a few publishers: one pass each
-        bound[org == o] = c
-    return ctr <= bound
+class AntiEntropy:
+    """Anti-entropy rounds every ``ae_interval``: partners, summaries and digests.
 
+    Owns the WAN pairing walk (cursor, pairings, per-partner scope masks); the pulls
+    that differing digests lead to are :class:`p2p.pull.Pulls`.
 
-def _parse_ceilings(raw: Any, models: dict[str, Any]) -> dict[tuple[str, str], list[Knowledge]]:
-    """A pull request's optional ``ceil`` (``{model: {table: [knowledge per entry]}}``),
-    validated whole; each list must match that table's entries one for one."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ProtocolError("bad pull ceilings", "bad_body")
-    out: dict[tuple[str, str], list[Knowledge]] = {}
-    for name, tables in raw.items():
-        if not isinstance(tables, dict) or not isinstance(models.get(name), dict):
-            raise ProtocolError("pull ceilings name a model the request lacks", "bad_body")
-        for table, ks in tables.items():
-            entries = models[name].get(table)
-            if not isinstance(ks, list) or not isinstance(entries, list) or len(ks) != len(entries):
-                raise ProtocolError("pull ceilings do not match the request's entries", "bad_body")
-            out[(name, table)] = [Knowledge.from_wire(k) for k in ks]
-    return out
+    Args:
+        host: the replica (:class:`p2p.host.NodeServices`).
+        pulls: the pull component (requests are sent through it).
+        rollback: the rollback component (a pinned baseline's rounds stop at its cut).
 
+    Example (through the replica node, which holds one):
+        >>> from ekko.replica.node import ReplicaNode
+        >>> n = ReplicaNode("r1", "dc1", "127.0.0.1:1", device="cpu")
+        >>> n.anti_entropy.round(0.0), n.drain()     # no models: nothing to compare
+        (None, [])
+    """
 
-class AntiEntropyMixin:
-    """Summaries, digests, pull requests and answers."""
-
-    def _rows_newer(self, m: _Model, table: str, shards: list[int], theirs: list[Knowledge],
-                    mine: list[Knowledge]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Rows of each shard that ``theirs`` does not cover, (ids, versions) in version order.
-
-        With shard versions (the design) the recent-row index answers in O(hot rows).
-        Without them (``use_shard_versions=False``, the paper's first ablation step) the
-        node keeps no such shortcut and compares the version of every row of each
-        requested shard.  Either way the rows compared are counted: ``rows_scanned``
-        (all), ``rows_walked`` (those compared by whole-shard scans) and, per table,
-        :attr:`rows_walked_by_table` -- a simulator charges CPU time from these.
-        """
-        ts = m.store.table(table)
-        key = (m.spec.name, table)
-        if not self.config.use_shard_versions:
-            out = [ts.scan_newer(s, k) for s, k in zip(shards, theirs)]
-            walked = sum(hi - lo for lo, hi in map(ts.spec.shard_range, shards))
-            examined = 0
-        else:
-            ix = m.index[table]
-            w0, e0 = ix.rows_walked, ix.rows_examined
-            out = ix.newer_than_many(ts, shards, theirs, mine)
-            walked, examined = ix.rows_walked - w0, ix.rows_examined - e0
-        if walked or examined:
-            self.counters["rows_scanned"] += walked + examined
-        if walked:
-            self.counters["rows_walked"] += walked
-            self.rows_walked_by_table[key] += walked
-        return out
+    def __init__(self, host: NodeServices, pulls: Pulls, rollback: RollbackProtocol) -> None:
+        self.host = host
+        self.pulls = pulls
+        self.rollback = rollback
+        self._wan_cursor = 0
+        self._pairings: list[tuple[str, int]] = []
+        self._pairings_key: tuple[int, int] | None = None
+        # ("wan", rank) scope masks per partner, for one topology version (_scope_masks).
+        self._wan_masks: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ internals: anti-entropy
     def _scope_masks(self, scope: list[Any], partner: str) -> dict[tuple[str, str], np.ndarray | None]:
@@ -136,65 +96,65 @@ class AntiEntropyMixin:
         out: dict[tuple[str, str], np.ndarray | None] = {}
         kind = scope[0]
         if kind in ("dc", "any"):
-            for name, m in self.models.items():
+            for name, m in self.host.models.items():
                 for t in m.spec.tables:
                     out[(name, t.name)] = None
             return out
         # ("wan", rank): shards where we are both gateways of that rank in our DCs.
         rank = int(scope[1])
-        pmem = self.members.get(partner)
+        pmem = self.host.members.get(partner)
         if pmem is None:
             return out
-        self._refresh_topology()
+        self.host.peers.refresh_topology()
         # The answer only changes with the gateway choice (the topology's version) and the
         # models: remember it per (rank, partner) -- every round asks again.  Callers only
         # read the returned dict.
         memo = self._wan_masks
-        version = self.topology.version
+        version = self.host.topology.version
         if memo.get(None) != version:
             memo.clear()
             memo[None] = version
         key = (rank, partner, pmem.dc)
         hit = memo.get(key)
-        specs = tuple(m.spec for m in self.models.values())
+        specs = tuple(m.spec for m in self.host.models.values())
         if hit is not None and len(hit[0]) == len(specs) and all(a is b for a, b in zip(hit[0], specs)):
             return hit[1]
         memo[key] = (specs, out)
-        for name, m in self.models.items():
+        for name, m in self.host.models.items():
             for t in m.spec.tables:
-                mine = self.topology.gateways(name, t.name, t.num_shards, self.dc)
-                theirs = self.topology.gateways(name, t.name, t.num_shards, pmem.dc)
+                mine = self.host.topology.gateways(name, t.name, t.num_shards, self.host.dc)
+                theirs = self.host.topology.gateways(name, t.name, t.num_shards, pmem.dc)
                 if mine.shape[1] <= rank or theirs.shape[1] <= rank:
                     continue
-                mask = (mine[:, rank] == self.node_id) & (theirs[:, rank] == partner)
+                mask = (mine[:, rank] == self.host.node_id) & (theirs[:, rank] == partner)
                 if mask.any():
                     out[(name, t.name)] = mask
         return out
 
-    def _ae_round(self, now: float) -> None:
-        if not self.models:
+    def round(self, now: float) -> None:
+        if not self.host.models:
             return
-        if self.baseline_pin and self._baseline_at_cut():
+        if self.rollback.baseline_pin and self._baseline_at_cut():
             # Nothing to pull: every round would have a peer walk the rows newer than our
             # cut (all it holds since) only to send none of them.
-            self.counters["baseline_ae_skipped"] += 1
+            self.host.counters["baseline_ae_skipped"] += 1
             return
         # Never a pinned baseline as partner: it refuses rows beyond its cut, so a round
         # with it would repair nothing here and offer it rows it cannot take; it starts
         # its own rounds, with its cut as the ceiling of what it asks for.
-        if not self.config.use_gateways:
-            peers = self._ordinary_peers()
+        if not self.host.config.use_gateways:
+            peers = self.host.peers.ordinary()
             if peers:
-                self._start_sync(self.rng.choice(peers), ["any"], now)
+                self._start_sync(self.host.rng.choice(peers), ["any"], now)
             return
-        local = self._ordinary_peers(self.dc)
+        local = self.host.peers.ordinary(self.host.dc)
         if local:
-            self._start_sync(self.rng.choice(local), ["dc"], now)
+            self._start_sync(self.host.rng.choice(local), ["dc"], now)
         # Cross-DC: walk our (remote DC, rank, partner) pairings round-robin, a few
         # per round; each pairs shards we gateway at some rank with the remote
         # gateway of the same rank.
         pairings = self._wan_pairings()
-        for _ in range(min(self.config.wan_partners_per_round, len(pairings))):
+        for _ in range(min(self.host.config.wan_partners_per_round, len(pairings))):
             self._wan_cursor = (self._wan_cursor + 1) % len(pairings)
             partner, rank = pairings[self._wan_cursor]
             self._start_sync(partner, ["wan", rank], now)
@@ -202,8 +162,8 @@ class AntiEntropyMixin:
     def _baseline_at_cut(self) -> bool:
         """A pinned baseline holds everything its cut covers, in every model (a model
         whose cut is not known here has nothing to pull: the cut comes by gossip)."""
-        for name, m in self.models.items():
-            cut = self._pinned_cut(name)
+        for name, m in self.host.models.items():
+            cut = self.rollback.pinned_cut(name)
             if cut is None:
                 continue
             for (table, s), k in cut.knowledge.items():
@@ -214,49 +174,49 @@ class AntiEntropyMixin:
         return True
 
     def _wan_pairings(self) -> list[tuple[str, int]]:
-        self._refresh_topology()
-        key = (self.members.version, len(self.models))
+        self.host.peers.refresh_topology()
+        key = (self.host.members.version, len(self.host.models))
         if self._pairings_key == key:
             return self._pairings
         found: set[tuple[str, int]] = set()
-        for remote_dc in self.topology.dcs():
-            if not self.topology.graph.linked(self.dc, remote_dc):
+        for remote_dc in self.host.topology.dcs():
+            if not self.host.topology.graph.linked(self.host.dc, remote_dc):
                 continue
-            for name, m in self.models.items():
+            for name, m in self.host.models.items():
                 for t in m.spec.tables:
-                    mine = self.topology.gateways(name, t.name, t.num_shards, self.dc)
-                    theirs = self.topology.gateways(name, t.name, t.num_shards, remote_dc)
+                    mine = self.host.topology.gateways(name, t.name, t.num_shards, self.host.dc)
+                    theirs = self.host.topology.gateways(name, t.name, t.num_shards, remote_dc)
                     for r in range(min(mine.shape[1], theirs.shape[1])):
-                        hit = mine[:, r] == self.node_id
+                        hit = mine[:, r] == self.host.node_id
                         if hit.any():
                             found.update((str(p), r) for p in np.unique(theirs[hit, r].astype(str)).tolist())
         self._pairings = sorted(found)
-        self.rng.shuffle(self._pairings)
+        self.host.rng.shuffle(self._pairings)
         self._pairings_key = key
         return self._pairings
 
     def _start_sync(self, partner: str, scope: list[Any], now: float) -> None:
-        mem = self.members.get(partner)
+        mem = self.host.members.get(partner)
         if mem is None:
             return
         masks = self._scope_masks(scope, partner)
         if not masks:
             return
-        self.counters["ae_rounds"] += 1
-        if not self.config.use_shard_versions:
+        self.host.counters["ae_rounds"] += 1
+        if not self.host.config.use_shard_versions:
             # Ablation: no shard versions -- ask for every shard in scope every round.
             req = {}
             for (name, table), mask in masks.items():
                 shards = np.flatnonzero(mask) if mask is not None else np.arange(
-                    self.models[name].spec.table(table).num_shards)
+                    self.host.models[name].spec.table(table).num_shards)
                 req.setdefault(name, {})[table] = shards.tolist()
-            self._send_pull_request(partner, req, back=True)
+            self.pulls.send_pull_request(partner, req, back=True)
             return
         sums: dict[str, dict[str, int]] = {}
         for (name, table), mask in masks.items():
-            sums.setdefault(name, {})[table] = _scope_digest(self.models[name].shard_digests(table), mask)
-        self._out.append(Outgoing(partner, mem.address, MsgType.GOSSIP,
-                                  {"k": "sum", "from": self.node_id, "scope": scope, "models": sums}))
+            sums.setdefault(name, {})[table] = _scope_digest(self.host.models[name].shard_digests(table), mask)
+        self.host.send(Outgoing(partner, mem.address, MsgType.GOSSIP,
+                                  {"k": "sum", "from": self.host.node_id, "scope": scope, "models": sums}))
 
     def _parse_scope(self, body: dict[str, Any]) -> list[Any]:
         scope = field(body, "scope", list)
@@ -265,18 +225,18 @@ class AntiEntropyMixin:
             raise ProtocolError("bad scope", "bad_body")
         return scope
 
-    def _on_summary(self, body: dict[str, Any], now: float) -> None:
+    def on_summary(self, body: dict[str, Any], now: float) -> None:
         sender = field(body, "from", str)
         scope = self._parse_scope(body)
         sums = field(body, "models", dict)
-        mem = self.members.get(sender)
+        mem = self.host.members.get(sender)
         if mem is None:
             return
         masks = self._scope_masks(scope, sender)
         out: dict[str, dict[str, list[bytes]]] = {}
         for (name, table), mask in masks.items():
             theirs = sums.get(name, {}).get(table) if isinstance(sums.get(name), dict) else None
-            digests = self.models[name].shard_digests(table)
+            digests = self.host.models[name].shard_digests(table)
             if theirs is not None and theirs == _scope_digest(digests, mask):
                 continue
             shards = np.flatnonzero(mask) if mask is not None else np.arange(len(digests))
@@ -284,16 +244,16 @@ class AntiEntropyMixin:
             # Only shards with any knowledge on our side; the partner adds its own.
             out.setdefault(name, {})[table] = [array_to_wire(shards.astype(np.int64)), array_to_wire(sel)]
         if out:
-            self._out.append(Outgoing(sender, mem.address, MsgType.GOSSIP,
-                                      {"k": "dig", "from": self.node_id, "scope": scope, "models": out}))
+            self.host.send(Outgoing(sender, mem.address, MsgType.GOSSIP,
+                                      {"k": "dig", "from": self.host.node_id, "scope": scope, "models": out}))
 
-    def _on_digests(self, body: dict[str, Any], now: float) -> None:
+    def on_digests(self, body: dict[str, Any], now: float) -> None:
         sender = field(body, "from", str)
         self._parse_scope(body)
         models = field(body, "models", dict)
         req: dict[str, dict[str, list[int]]] = {}
         for name, tables in models.items():
-            m = self.models.get(name)
+            m = self.host.models.get(name)
             if m is None or not isinstance(tables, dict):
                 continue
             for table, pair in tables.items():
@@ -314,232 +274,4 @@ class AntiEntropyMixin:
                 if len(diff):
                     req.setdefault(name, {})[table] = diff.tolist()
         if req:
-            self._send_pull_request(sender, req, back=True)
-
-    def _send_pull_request(self, partner: str, shards: dict[str, dict[str, list[int]]], back: bool) -> None:
-        mem = self.members.get(partner)
-        if mem is None:
-            return
-        body_models: dict[str, dict[str, list[Any]]] = {}
-        ceilings: dict[str, dict[str, list[Any]]] = {}
-        count = 0
-        for name, tables in shards.items():
-            m = self.models[name]
-            for table, ss in tables.items():
-                entries = []
-                ss = list(ss)[:max(0, MAX_SHARDS_PER_PULL - count)]
-                mines = []
-                for s in ss:
-                    sync = m.shards[table].get(s)
-                    mines.append(sync.knowledge if sync is not None else Knowledge())
-                # Rows we hold above our knowledge (eagerly pushed): the peer skips them.
-                # Without shard versions (the full-scan ablation) there is no recent-row
-                # index to list them cheaply, and listing them by a scan of every shard
-                # would double the scan cost for an optimization of eager push (off in
-                # that ablation): send none; the peer may resend rows we have (idempotent).
-                held = (self._rows_newer(m, table, ss, mines, mines) if self.config.use_shard_versions
-                        else [(_NO_ROWS, _NO_ROWS)] * len(ss))
-                for s, mine, (hid, hv) in zip(ss, mines, held):
-                    if len(hid) > MAX_HELD_ROWS_PER_SHARD:
-                        hid, hv = hid[:MAX_HELD_ROWS_PER_SHARD], hv[:MAX_HELD_ROWS_PER_SHARD]
-                    entries.append([s, mine.to_wire(), array_to_wire(hid) if len(hid) else None,
-                                    array_to_wire(hv) if len(hid) else None])
-                    count += 1
-                if entries:
-                    body_models.setdefault(name, {})[table] = entries
-                    if self.baseline_pin:
-                        # A pinned baseline asks only for what its cut covers: rows beyond
-                        # it would be refused on arrival, at the cost of the whole answer.
-                        cut = self._pinned_cut(name)
-                        ceilings.setdefault(name, {})[table] = [
-                            (cut.knowledge.get((table, e[0])) or Knowledge() if cut is not None
-                             else Knowledge()).to_wire() for e in entries]
-        if body_models:
-            self.counters["pull_requests_sent"] += 1
-            body = {"from": self.node_id, "back": back, "models": body_models}
-            if ceilings:
-                body["ceil"] = ceilings   # optional: an older responder sends everything
-            self._out.append(Outgoing(partner, mem.address, MsgType.PULL_REQUEST, body))
-
-    def _known_tables(self, models: dict[str, Any]):
-        """``(model state, table, spec, entries)`` for the tables of a pull message we hold;
-        models and tables we do not know are skipped (the catalog may lag)."""
-        for name, tables in models.items():
-            m = self.models.get(name)
-            if m is None or not isinstance(tables, dict):
-                continue
-            for table, entries in tables.items():
-                if m.spec.has_table(table) and isinstance(entries, list):
-                    yield m, table, m.spec.table(table), entries
-
-    def _on_pull_request(self, body: dict[str, Any], now: float) -> None:
-        sender = field(body, "from", str)
-        back = field(body, "back", bool)
-        models = field(body, "models", dict)
-        mem = self.members.get(sender)
-        # Across the WAN, hold back rows applied moments ago: their eager push is
-        # most likely in flight, and sending them again would cross the WAN twice.
-        grace_from = now - self.config.push_grace if (
-            mem is not None and mem.dc != self.dc and self.config.push) else None
-        # Parse and validate everything first.
-        ceilings = _parse_ceilings(body.get("ceil"), models)
-        parsed: list[tuple[_Model, str, int, Knowledge, np.ndarray, np.ndarray]] = []
-        ceiling_of: list[Knowledge | None] = []
-        total = 0
-        for m, table, spec, entries in self._known_tables(models):
-            ceil = ceilings.get((m.spec.name, table))
-            for j, e in enumerate(entries):
-                ceiling_of.append(ceil[j] if ceil is not None else None)
-                total += 1
-                if total > MAX_SHARDS_PER_PULL or not isinstance(e, list) or len(e) != 4:
-                    raise ProtocolError("bad pull request entry", "bad_body")
-                s = e[0]
-                if not isinstance(s, int) or not 0 <= s < spec.num_shards:
-                    raise ProtocolError("shard out of range", "bad_body")
-                k = Knowledge.from_wire(e[1])
-                if e[2] is None:
-                    hid = hv = np.zeros(0, np.int64)
-                else:
-                    if not isinstance(e[2], bytes) or len(e[2]) % 8 or len(e[2]) // 8 > MAX_HELD_ROWS_PER_SHARD:
-                        raise ProtocolError("bad held rows", "bad_body")
-                    n = len(e[2]) // 8
-                    hid = array_from_wire(e[2], np.int64, n, "held ids")
-                    hv = array_from_wire(e[3], np.int64, n, "held versions")
-                parsed.append((m, table, s, k, hid, hv))
-        if mem is None:
-            return
-        # Rows each entry's knowledge lacks, one batched index lookup per table (nothing
-        # below changes the store or the index, so looking up first answers the same).
-        mines: list[Knowledge] = []
-        by_table: dict[tuple[str, str], list[int]] = {}
-        for i, (m, table, s, theirs, _, _) in enumerate(parsed):
-            sync = m.shards[table].get(s)
-            mines.append(sync.knowledge if sync is not None else Knowledge())
-            by_table.setdefault((m.spec.name, table), []).append(i)
-        newer: list[tuple[np.ndarray, np.ndarray]] = [None] * len(parsed)  # type: ignore[list-item]
-        for (name, table), idx in by_table.items():
-            got = self._rows_newer(self.models[name], table, [parsed[i][2] for i in idx],
-                                   [parsed[i][3] for i in idx], [mines[i] for i in idx])
-            for i, g in zip(idx, got):
-                newer[i] = g
-        budget = self.config.pull_response_bytes
-        out_models: dict[str, dict[str, list[Any]]] = {}
-        reverse: dict[str, dict[str, list[int]]] = {}
-        extra = 0
-        for (m, table, s, theirs, hid, hv), mine, (ids, vers), ceil in zip(parsed, mines, newer, ceiling_of):
-            ts = m.store.table(table)
-            sync = m.shards[table].get(s)
-            if back and not mine.dominates(theirs):
-                reverse.setdefault(m.spec.name, {}).setdefault(table, []).append(s)
-            if ceil is not None:
-                # A pinned baseline's request: only rows its cut covers, and our knowledge
-                # only up to the cut -- the knowledge these rows make whole.  (Clamped
-                # here, by the ceiling asked with: the baseline may be re-pinned while
-                # this answer travels, and must not adopt more than the rows prove.)
-                mine = Knowledge({o: min(c, ceil[o]) for o, c in mine.items() if ceil[o] > 0})
-                if len(ids):
-                    keep = _under_ceiling(vers, ceil)
-                    if not keep.all():
-                        self.counters["ceiling_held_rows"] += int((~keep).sum())
-                        ids, vers = ids[keep], vers[keep]
-            cut_below = None
-            if grace_from is not None and sync is not None and len(ids):
-                fresh = m.index[table].fresh_since(grace_from, *ts.spec.shard_range(s))
-                if len(fresh):
-                    held_back = np.isin(ids, fresh)
-                    if held_back.any():
-                        cut_below = int(counters_of(vers[held_back]).min())
-                        ids, vers = ids[~held_back], vers[~held_back]
-            if len(hid) and len(ids):
-                # Skip rows the requester already holds at this version or newer.
-                order = np.argsort(hid)
-                hid_s, hv_s = hid[order], hv[order]
-                pos = np.clip(np.searchsorted(hid_s, ids), 0, len(hid_s) - 1)
-                have = (hid_s[pos] == ids) & (hv_s[pos] >= vers)
-                ids, vers = ids[~have], vers[~have]
-            per_row = ts.spec.row_bytes + ROW_OVERHEAD_BYTES
-            fit = len(ids) if budget >= len(ids) * per_row else max(0, budget // per_row)
-            if fit < len(ids):
-                c = int(counters_of(vers[fit]))
-                cut_below = c if cut_below is None else min(cut_below, c)
-                ids = ids[:fit]
-            budget -= fit * per_row
-            delta = None
-            if len(ids):
-                d = ts.take(m.spec.name, ids)
-                delta = delta_to_wire(d)
-                if d.values is None:
-                    extra += len(d) * ts.spec.row_bytes
-            # Our waiting chain intervals travel too: a link the requester missed (a lost
-            # push, a restart) is then learnt here, and its knowledge can pass the gap.
-            pend = sync.pending_to_wire() if sync is not None and sync.pending else None
-            if delta is None and cut_below is None and mine == theirs and pend is None:
-                continue
-            entry = [s, mine.to_wire(), cut_below, delta]
-            if pend is not None:
-                entry.append(pend)
-            out_models.setdefault(m.spec.name, {}).setdefault(table, []).append(entry)
-        if out_models:
-            self.counters["pull_responses_sent"] += 1
-            self._out.append(Outgoing(sender, mem.address, MsgType.PULL_RESPONSE,
-                                      {"from": self.node_id, "models": out_models}, extra))
-        if reverse:
-            self._send_pull_request(sender, reverse, back=False)
-
-    def _on_pull_response(self, body: dict[str, Any], now: float) -> None:
-        sender = field(body, "from", str)
-        models = field(body, "models", dict)
-        parsed: list[tuple[_Model, str, int, Knowledge, int | None, Delta | None, list[list[int]]]] = []
-        for m, table, spec, entries in self._known_tables(models):
-            for e in entries:
-                if not isinstance(e, list) or len(e) not in (4, 5):
-                    raise ProtocolError("bad pull response entry", "bad_body")
-                s, kw, cut, dw = e[:4]
-                pend = parse_pending(e[4]) if len(e) == 5 else []
-                if not isinstance(s, int) or not 0 <= s < spec.num_shards:
-                    raise ProtocolError("shard out of range", "bad_body")
-                if cut is not None and (not isinstance(cut, int) or not 0 <= cut <= MAX_COUNTER):
-                    raise ProtocolError("bad cut", "bad_body")
-                k = Knowledge.from_wire(kw)
-                d = None
-                if dw is not None:
-                    d = delta_from_wire(dw, self.table_spec, values_required=self.with_values)
-                    if d.model != m.spec.name or d.table != table or (len(d) and (spec.shards_of(d.ids) != s).any()):
-                        raise ProtocolError("pull response rows outside their shard", "bad_body")
-                parsed.append((m, table, s, k, cut, d, pend))
-        # Knowledge claims count too: adopting a future counter would skip every update below it.
-        self.refuse_future([p[5] for p in parsed if p[5] is not None], now, "pull response",
-                           known=max([c for p in parsed for _, c in p[3].items()]
-                                     + [u for p in parsed for _, _, u in p[6]], default=0))
-        repair = body.get("rep") is True
-        for m, table, s, k, cut, d, pend in parsed:
-            if d is not None:
-                if self.fence and len(d):
-                    # Rows the peer still holds at versions a rollback fenced here: we drop
-                    # them, so its knowledge must not become ours past them -- the value the
-                    # cut keeps for those rows is still to come (once the peer has rolled
-                    # back too).  Otherwise the rows stay empty here under full knowledge.
-                    fenced = self.fence.mask(m.spec.name, table, d.ids, d.versions)
-                    if fenced.any():
-                        first = int(counters_of(d.versions[fenced]).min())
-                        cut = first if cut is None else min(cut, first)
-                        pend = []
-                        self.counters["pull_fenced_rows"] += int(fenced.sum())
-                res = self._apply(m, d, now, source="pull")
-                if repair and len(res) and self.config.push:
-                    # A value a rollback's repair brought: peers may hold our knowledge
-                    # without it (they adopted it while we held the row empty), and will
-                    # not pull it -- pass it on as an eager push does.
-                    self.counters["repaired_rows_pushed"] += len(res)
-                    self._push_from_ingest(m, table, res, now)
-            sync = m.shard(table, s)
-            if self.baseline_pin:
-                k = self._baseline_clamp(m.spec.name, table, s, k)
-                pend = []   # a pinned baseline adopts nothing beyond its cut
-            if sync.learn(k, cut, pend):
-                m.dirty[table].add(s)
-            if sync.pending:
-                self._note_waiting(m, table, s, now)
-        if body.get("rep") is True:
-            self._on_repair_answer(sender)
-        self.counters["pull_responses_received"] += 1
+            self.pulls.send_pull_request(sender, req, back=True)

@@ -1,4 +1,5 @@
-"""Gap probes for :class:`ekko.replica.node.ReplicaNode` (a mixin; the state is :class:`p2p.gaps.GapProbes`).
+"""Gap probes of a replica: :class:`GapProbe`, a component the replica node holds (its
+bookkeeping is :class:`p2p.gaps.GapProbes`).
 
 Asks every member for the rows of a knowledge gap no anti-entropy partner filled,
 answers such asks, and closes a gap once every member has answered for all of it
@@ -20,7 +21,9 @@ from p2p.gaps import MAX_GAP_ENTRIES, MAX_GAP_ROWS, GapProbes
 from p2p.sync import ROW_OVERHEAD_BYTES
 
 if TYPE_CHECKING:
-    from ekko.replica.node import _Model
+    from p2p.host import NodeServices
+    from p2p.model_state import ModelState
+    from rollback.protocol import RollbackProtocol
 
 
 def _int(x: Any, lo: int, hi: int) -> int:
@@ -46,31 +49,39 @@ def _gap_key(e: Any, length: int) -> tuple[str, str, int, int, int]:
             _int(e[2], 0, 1 << 31), _int(e[3], 1, MAX_ORIGIN), _int(e[4], 0, MAX_COUNTER))
 
 
-class GapMixin:
-    """Probe, answer and close knowledge gaps."""
+class GapProbe:
+    """Probe, answer and close knowledge gaps.
 
-    def _init_gaps(self, now: float) -> None:
-        c = self.config
-        self.gaps = GapProbes(self.node_id, c.gap_probe_after, max(c.ae_interval, c.gap_probe_after / 4))
+    Args:
+        host: the replica (:class:`p2p.host.NodeServices`).
+        rollback: its rollback component (fence, pinned baseline, quality events).
+        now: current time (the closing rule waits until the member list can be the cluster's).
+    """
+
+    def __init__(self, host: NodeServices, rollback: RollbackProtocol, now: float) -> None:
+        self.host = host
+        self.rollback = rollback
+        c = host.config
+        self.gaps = GapProbes(host.node_id, c.gap_probe_after, max(c.ae_interval, c.gap_probe_after / 4))
         # The closing rule quantifies over the member list, so it must be the cluster's:
         # a replica that just started knows only itself and its seeds until gossip has run.
         self._gaps_from = now + c.dead_after
 
-    def _note_waiting(self, m: _Model, table: str, s: int, now: float, urgent: bool = False) -> None:
+    def note_waiting(self, m: ModelState, table: str, s: int, now: float, urgent: bool = False) -> None:
         self.gaps.note_waiting((m.spec.name, table, s), now, urgent)
 
-    def _gap_round(self, now: float) -> None:
+    def round(self, now: float) -> None:
         """Probe the gaps that have waited long enough; close those every member covered."""
-        if not self.gaps.waiting or self.baseline_pin:
+        if not self.gaps.waiting or self.rollback.baseline_pin:
             return  # a pinned baseline holds its knowledge at the cut: nothing to close
-        members = [p for p in self.members.members if p != self.node_id]
-        if now < self._gaps_from or (self.seeds and not members):
+        members = [p for p in self.host.members.members if p != self.host.node_id]
+        if now < self._gaps_from or (self.host.seeds and not members):
             # Not before the member list can be the cluster's: every gap would close
             # vacuously at a replica that has not heard of its peers yet.
             return
         gaps: dict[tuple[str, str, int, int], tuple[int, int]] = {}
         for model, table, s in self.gaps.waiting:
-            m = self.models.get(model)
+            m = self.host.models.get(model)
             sync = m.shards[table].get(s) if m is not None else None
             if sync is None:
                 continue
@@ -80,20 +91,20 @@ class GapMixin:
                     gaps[(model, table, s, o)] = g
         asks, closable = self.gaps.round(now, gaps, members)
         for peer, entries in asks.items():
-            mem = self.members.get(peer)
+            mem = self.host.members.get(peer)
             if mem is not None:
-                self.counters["gap_probes_sent"] += 1
-                self._out.append(Outgoing(peer, mem.address, MsgType.GOSSIP,
-                                          {"k": "gq", "from": self.node_id, "gaps": entries}))
+                self.host.counters["gap_probes_sent"] += 1
+                self.host.send(Outgoing(peer, mem.address, MsgType.GOSSIP,
+                                          {"k": "gq", "from": self.host.node_id, "gaps": entries}))
         for model, table, s, o, lo, hi in closable:
-            m = self.models[model]
+            m = self.host.models[model]
             sync = m.shard(table, s)
             if sync.chain(o, lo, hi):
                 m.dirty[table].add(s)
-            self.counters["gaps_closed"] += 1
-            self._quality_event("gap_closed", model=model, table=table, shard=s, origin=o, after=lo, upto=hi)
+            self.host.counters["gaps_closed"] += 1
+            self.rollback.states.quality_event("gap_closed", model=model, table=table, shard=s, origin=o, after=lo, upto=hi)
 
-    def _on_gap_query(self, body: dict[str, Any], now: float) -> None:
+    def on_query(self, body: dict[str, Any], now: float) -> None:
         """A member probes gaps: send every row we hold in each range (capped), our knowledge
         of the origin and our waiting intervals for it."""
         sender, entries = _gap_message(body)
@@ -101,15 +112,15 @@ class GapMixin:
         for e in entries:
             model, table, s, o, lo = _gap_key(e, 6)
             parsed.append((model, table, s, o, lo, _int(e[5], lo + 1, MAX_COUNTER)))
-        mem = self.members.get(sender)
+        mem = self.host.members.get(sender)
         if mem is None:
             return
-        budget = self.config.pull_response_bytes
+        budget = self.host.config.pull_response_bytes
         out = []
         extra = 0
         for model, table, s, o, lo, hi in parsed:
-            m = self.models.get(model)
-            spec = self.table_spec(model, table)
+            m = self.host.models.get(model)
+            spec = self.host.table_spec(model, table)
             if m is None or spec is None or s >= spec.num_shards:
                 # We hold no such model or shard, hence no rows of it: covered.
                 out.append([model, table, s, o, lo, hi, 0, [], None])
@@ -138,11 +149,11 @@ class GapMixin:
             known = sync.knowledge[o] if sync is not None else 0
             pend = [[x, y] for x, y in sync.pending.get(o, [])] if sync is not None else []
             out.append([model, table, s, o, lo, covered, known, pend, delta])
-        self.counters["gap_answers_sent"] += 1
-        self._out.append(Outgoing(sender, mem.address, MsgType.GOSSIP,
-                                  {"k": "ga", "from": self.node_id, "gaps": out}, extra))
+        self.host.counters["gap_answers_sent"] += 1
+        self.host.send(Outgoing(sender, mem.address, MsgType.GOSSIP,
+                                  {"k": "ga", "from": self.host.node_id, "gaps": out}, extra))
 
-    def _on_gap_answer(self, body: dict[str, Any], now: float) -> None:
+    def on_answer(self, body: dict[str, Any], now: float) -> None:
         """A member's rows for our gaps: apply them, adopt what its knowledge and waiting
         intervals vouch for within the range it covered, and note how far it covered."""
         sender, entries = _gap_message(body)
@@ -159,13 +170,13 @@ class GapMixin:
                     raise ProtocolError("bad gap answer", "bad_body")
                 x = _int(p[0], 0, MAX_COUNTER)
                 pend.append((x, _int(p[1], x + 1, MAX_COUNTER)))
-            m = self.models.get(model)
-            spec = self.table_spec(model, table)
+            m = self.host.models.get(model)
+            spec = self.host.table_spec(model, table)
             if m is None or spec is None or s >= spec.num_shards:
                 continue
             d = None
             if e[8] is not None:
-                d = delta_from_wire(e[8], self.table_spec, values_required=self.with_values)
+                d = delta_from_wire(e[8], self.host.table_spec, values_required=self.host.with_values)
                 if d.model != model or d.table != table:
                     raise ProtocolError("gap answer rows of another table", "bad_body")
                 if len(d):
@@ -174,16 +185,16 @@ class GapMixin:
                             or int(c.min()) <= lo or int(c.max()) > covered):
                         raise ProtocolError("gap answer rows outside the range asked", "bad_body")
             parsed.append((m, table, s, o, lo, covered, known, pend, d))
-        self.refuse_future([p[8] for p in parsed if p[8] is not None], now, "gap answer",
+        self.host.refuse_future([p[8] for p in parsed if p[8] is not None], now, "gap answer",
                            known=max([max(p[5], p[6]) for p in parsed], default=0))
         for m, table, s, o, lo, covered, known, pend, d in parsed:
             if d is not None and len(d):
-                if self.fence and self.fence.mask(m.spec.name, table, d.ids, d.versions).any():
+                if self.rollback.fence and self.rollback.fence.mask(m.spec.name, table, d.ids, d.versions).any():
                     # The member has not applied a rollback we have: its rows in the gap are
                     # not what the cut keeps.  Take what applies, vouch for nothing, ask again.
-                    self._apply(m, d, now, source="pull")
+                    self.host.apply_delta(m, d, now, source="pull")
                     continue
-                self._apply(m, d, now, source="pull")
+                self.host.apply_delta(m, d, now, source="pull")
             sync = m.shard(table, s)
             moved = False
             # Our knowledge reached ``lo`` when we asked, and we now hold every row the

@@ -37,7 +37,7 @@ hash of its id and the shard, and the first to close the gap spreads the knowled
 by anti-entropy before most others start.
 
 This module keeps the probes' state; it is sans-IO (time and membership are
-arguments).  :class:`p2p.gap_probe.GapMixin` sends, answers and applies.
+arguments).  :class:`p2p.gap_probe.GapProbe` sends, answers and applies.
 """
 
 from __future__ import annotations

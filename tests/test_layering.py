@@ -216,7 +216,8 @@ def test_every_layer_exists():
 
 
 #: the sans-IO core must not read clocks, sleep or open sockets.
-SANS_IO = ["p2p", "prioritizer", "rollback", "ekko/replica/node.py", "ekko/core/chain.py"]
+SANS_IO = ["p2p", "prioritizer", "rollback", "ekko/replica/node.py", "ekko/replica/publish.py",
+           "ekko/replica/state.py", "ekko/replica/status.py", "ekko/core/chain.py"]
 
 
 @pytest.mark.parametrize("target", SANS_IO)

@@ -1,9 +1,20 @@
 """One replica's logic, sans-IO.
 
-:class:`ReplicaNode` holds a replica's models (tensors and versions), its
-protocol state (membership, per-shard knowledge, indexes, outbound queues) and
-implements the protocol.  It never opens a socket, sleeps or reads a clock:
-drivers call
+:class:`ReplicaNode` holds a replica's models (:class:`p2p.model_state.ModelState`:
+tensors, versions, per-shard knowledge) and its member view, and composes the
+protocol from one object per concern, each owning its state and seeing the node
+only through a small interface (:class:`p2p.host.NodeServices`,
+:class:`rollback.protocol.RollbackHost`):
+
+* :class:`p2p.push.EagerPush` (link queues, push frames), :class:`p2p.gossip.Gossip`
+  (members, catalog, heads), :class:`p2p.antientropy.AntiEntropy` (rounds, digests),
+  :class:`p2p.pull.Pulls` (pull requests and answers), :class:`p2p.gap_probe.GapProbe`
+  (knowledge gaps), :class:`rollback.protocol.RollbackProtocol` (cuts, fence,
+  rollback, repair, model states) and :class:`p2p.peers.PeerView` (whom to talk to).
+
+The node applies rows (:meth:`ReplicaNode.apply_delta`), routes frames to the
+components, runs their timers and keeps the outbox.  It never opens a socket,
+sleeps or reads a clock: drivers call
 
 * :meth:`receive` with a decoded frame and the current time,
 * the local API (:meth:`register_model`, :meth:`publish`, :meth:`read_rows`,
@@ -40,110 +51,65 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ekko.core.chain import RESTART_LINK
-from ekko.core.codec import (
-    MAX_DELTAS_PER_MSG,
-    Frame,
-    MsgType,
-    delta_from_wire,
-    field,
-    int_field,
-)
-from ekko.core.config import MAX_PUBLISH_ROWS, NodeConfig
+from ekko.core.codec import Frame, MsgType, field
+from ekko.core.config import NodeConfig
 from ekko.core.delta import Delta
 from ekko.core.errors import ProtocolError, UsageError
-from p2p.antientropy import AntiEntropyMixin
-from p2p.gap_probe import GapMixin
-from p2p.push import PushGossipMixin, _impact_of
-from rollback.protocol import RollbackMixin
 from ekko.core.messages import DeltaFacts, Outgoing, PublishAck
-from ekko.core.parse_cache import ParseCache
 from ekko.core.spec import ModelSpec, TableSpec, check_name
 from ekko.core.store import ApplyResult, ModelStore
-from ekko.core.version import (
-    HLC_EPOCH_MS,
-    HLC_LOGICAL_BITS,
-    MAX_COUNTER,
-    MAX_ORIGIN,
-    ORIGIN_BITS,
-    Knowledge,
-    counters_of,
-    last_counter_at,
-    origins_of,
-)
+from ekko.core.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS, MAX_COUNTER, ORIGIN_BITS, counters_of, last_counter_at
+from ekko.replica.publish import checked_after, parse_publish
+from ekko.replica.status import cluster_view, lag
+from ekko.replica.status import status as status_view
+from ekko.replica.state import STATE_FORMAT, export_state, import_state
+from p2p.antientropy import AntiEntropy
+from p2p.gap_probe import GapProbe
+from p2p.gossip import Gossip
 from p2p.membership import Membership, MembershipConfig
-from p2p.outbound import FifoLinkQueue, LinkQueue, QueueFactory
-from p2p.sync import RecentIndex, ShardSync
-from p2p.topology import DcGraph, Topology, _mix
-from rollback.cuts import CutPolicy, CutRegistry, Fence
-from rollback.undo import UndoHistory
+from p2p.model_state import ModelState
+from p2p.outbound import FifoLinkQueue, QueueFactory
+from p2p.peers import PeerView
+from p2p.pull import Pulls
+from p2p.push import EagerPush, _impact_of
+from p2p.sync import ShardSync
+from p2p.topology import DcGraph, Topology
+from rollback.protocol import RollbackProtocol
 
-#: format of the protocol state kept in snapshots (:meth:`ReplicaNode.export_state`).
-STATE_FORMAT = 1
+__all__ = ["ReplicaNode", "Outgoing", "STATE_FORMAT"]  # Outgoing: the daemon and transport import it from here
+
+
 #: counter names of applied rows per apply source (built once: applies are the hot path).
 _APPLIED_KEYS = {src: f"applied_rows_{src}" for src in ("push", "pull", "publish", "local")}
 #: counter names of received frames per message type.
 _RX_KEYS = {t: f"rx_{t.name.lower()}" for t in MsgType}
-#: mixed shard tops remembered by value (:func:`_mixed_top`); emptied when full.
-TOP_MIX_MEMO_ENTRIES = 1 << 12
-_TOP_MIX: dict[bytes, np.ndarray] = {}
 
 
-def _mixed_top(top: np.ndarray) -> np.ndarray:
-    """``_mix`` of a table's greatest held versions (read-only).  Replicas in sync hold
-    equal tops, and every anti-entropy round asks: look them up before mixing."""
-    key = top.tobytes()
-    got = _TOP_MIX.get(key)
-    if got is None:
-        got = _mix(top.view(np.uint64))
-        got.flags.writeable = False
-        if len(_TOP_MIX) >= TOP_MIX_MEMO_ENTRIES:
-            _TOP_MIX.clear()   # a pure function of the key: forgetting is safe
-        _TOP_MIX[key] = got
-    return got
+class _Forward:
+    """A node attribute that is a component's: ``node.cuts`` is ``node.rollback_protocol.cuts``.
 
+    Read-only unless ``settable`` (then assigning sets the component's attribute)."""
 
-class _Model:
-    """A model on this replica: its spec, store and per-shard protocol state."""
+    def __init__(self, component: str, name: str = "", settable: bool = False) -> None:
+        self.component, self.name, self.settable = component, name, settable
+        self._path = component.split(".")
 
-    __slots__ = ("spec", "store", "shards", "index", "digests", "dirty", "top", "head")
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = self.name or name
 
-    def __init__(self, spec: ModelSpec, device: Any, with_values: bool) -> None:
-        self.spec = spec
-        self.store = ModelStore(spec, device, with_values)
-        self.shards: dict[str, dict[int, ShardSync]] = {t.name: {} for t in spec.tables}
-        self.index = {t.name: RecentIndex(t.rows) for t in spec.tables}
-        self.digests = {t.name: np.zeros(t.num_shards, np.uint64) for t in spec.tables}
-        self.dirty: dict[str, set[int]] = {t.name: set() for t in spec.tables}
-        # Greatest version held per shard: part of the shard version, so replicas whose
-        # knowledge is equal but whose rows are not (pushed rows above a knowledge gap
-        # that no chain will close) still compare and exchange them.
-        self.top = {t.name: np.zeros(t.num_shards, np.int64) for t in spec.tables}
-        self.head = 0  # greatest counter applied here (freshness)
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        for part in self._path:
+            obj = getattr(obj, part)
+        return getattr(obj, self.name)
 
-    def shard(self, table: str, s: int) -> ShardSync:
-        got = self.shards[table].get(s)
-        if got is None:
-            got = self.shards[table][s] = ShardSync()
-        return got
-
-    def shard_digests(self, table: str) -> np.ndarray:
-        """64-bit shard versions: the knowledge digest mixed with the greatest version held."""
-        d = self.digests[table]
-        dirty = self.dirty[table]
-        if dirty:
-            for s in dirty:
-                d[s] = self.shards[table][s].knowledge.digest
-            dirty.clear()
-        return d ^ _mixed_top(self.top[table])
-
-    def recompute_top(self, table: str, rows: np.ndarray) -> None:
-        """Refresh the greatest held version of the shards of ``rows`` (versions went down)."""
-        spec = self.spec.table(table)
-        v = self.store.table(table).versions
-        for s in np.unique(spec.shards_of(rows)).tolist():
-            lo, hi = spec.shard_range(s)
-            self.top[table][s] = int(v[lo:hi].max(initial=0))
+    def __set__(self, obj: Any, value: Any) -> None:
+        if not self.settable:
+            raise AttributeError(f"{self.name} is {self.component}.{self.name}: read-only on the node")
+        for part in self._path:
+            obj = getattr(obj, part)
+        setattr(obj, self.name, value)
 
 
 def _priority_scheduler(c: NodeConfig, dc: str, rng: random.Random) -> tuple[Any, QueueFactory]:
@@ -161,9 +127,7 @@ def _priority_scheduler(c: NodeConfig, dc: str, rng: random.Random) -> tuple[Any
     return prio, priority_queue_factory(dc, budgets, QueueConfig(max_rows=c.queue_rows))
 
 
-
-
-class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
+class ReplicaNode:
     """The sans-IO replica.
 
     Args:
@@ -212,46 +176,24 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
         self.members = membership or Membership(node_id, dc, address, incarnation, now,
                                                 MembershipConfig(c.suspect_after, c.dead_after, c.forget_after))
         self.topology = topology or Topology(c.gateways_per_dc, DcGraph(frozenset(c.dc_links)))
-        self._peers_cache: dict[str | None, tuple[int, list[str]]] = {}
-        self.models: dict[str, _Model] = {}
-        self._catalog_digest: int | None = None
+        self.peers = PeerView(node_id, dc, self.members, self.topology)
+        self.models: dict[str, ModelState] = {}
         if c.scheduler == "priority" and prioritizer is None and queue_factory is None:
             prioritizer, queue_factory = _priority_scheduler(c, dc, self.rng)
-        self.queue_factory: QueueFactory = queue_factory or (lambda peer, dc: FifoLinkQueue(c.queue_rows))
-        self.queues: dict[str, LinkQueue] = {}
-        # Shared parse results of push payloads (ekko.core.parse_cache); the simulator sets one.
-        self.parse_cache: ParseCache | None = None
-        # Scores each pushed batch once (prioritizer.Prioritizer); None = plain FIFO refs.
-        self.prioritizer = prioritizer
-        self._next_push = float("inf")
-        self.peer_heads: dict[str, dict[str, int]] = {}
         self.counters: Counter[str] = Counter()
-        # Rows compared by whole-shard scans, per (model, table) (node_antientropy._rows_newer).
-        self.rows_walked_by_table: Counter[tuple[str, str]] = Counter()
         self._out: list[Outgoing] = []
         self._next_gossip = now
         self._next_ae = now + self.rng.uniform(0, c.ae_interval)
-        self._wan_cursor = 0
-        self._pairings: list[tuple[str, int]] = []
-        self._pairings_key: tuple[int, int] | None = None
-        # ("wan", rank) scope masks per partner, for one topology version (_scope_masks).
-        self._wan_masks: dict[Any, Any] = {}
-        # Rollback: the undo history (what applies overwrote), cuts, fences of rolled-back
-        # versions, and rollbacks seen (gossiped so a replica that was away catches up).
-        self.undo = UndoHistory(c.undo_bytes) if c.undo_bytes and with_values else None
-        # The history is released by its byte budget only, never at a cut: a row held above
-        # a cut's knowledge when it is taken (pulled or pushed past a gap) goes back through
-        # history from before the cut (fault-harness seed 7 lost such a row everywhere).
-        self.cuts = CutRegistry(CutPolicy(auto_interval_s=c.auto_cut_interval or 3600.0,
-                                          retention=c.cut_retention, forget_on_retire=False), undo=self.undo)
-        self.fence = Fence()
-        self.rollbacks: dict[str, dict[str, Any]] = {}
-        self._seq = 0
-        self._repair: dict[tuple[str, str], np.ndarray] = {}
-        self._repair_rounds = 0
-        self._repair_answered: set[str] = set()  # peers that answered the current repair
-        self._init_quality()  # the model-state manager (rollback.manager), quality reports
-        self._init_gaps(now)  # knowledge gaps no anti-entropy partner fills (p2p.gaps)
+        # The protocol, one component per concern; each gets this node's services
+        # (p2p.host.NodeServices, rollback.host.RollbackHost) and the components it
+        # works with -- never the node's private state.
+        rb = self.rollback_protocol = RollbackProtocol(self, with_values)
+        self.gap_probe = GapProbe(self, rb, now)
+        self.eager_push = EagerPush(self, queue_factory or (lambda peer, dc: FifoLinkQueue(c.queue_rows)),
+                                    prioritizer, self.gap_probe, rb)
+        self.pulls = Pulls(self, self.eager_push, self.gap_probe, rb)
+        self.anti_entropy = AntiEntropy(self, self.pulls, rb)
+        self.gossiper = Gossip(self, rb, rb.states, rb.cut_sync)
         # Hooks for layers above the protocol (undo history, metrics); called with
         # (model, table, ApplyResult, source) after every apply that changed rows.
         self.on_apply: list[Callable[[str, str, ApplyResult, str], None]] = []
@@ -261,6 +203,47 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
         # sim time); the daemon sets it from its real clock before every frame.
         self.wall_offset_s = HLC_EPOCH_MS / 1000.0
 
+    # ------------------------------------------------------------------ component state, as node attributes
+    # Read by the daemon, the simulator, benches and tests (``node.cuts``, ``node.queues``...).
+    quality = _Forward("rollback_protocol")
+    cuts = _Forward("rollback_protocol")
+    fence = _Forward("rollback_protocol")
+    rollbacks = _Forward("rollback_protocol")
+    undo = _Forward("rollback_protocol", settable=True)        # the simulator installs one
+    _seq = _Forward("rollback_protocol", "seq", settable=True)
+    peer_model_states = _Forward("rollback_protocol.states")
+    baseline_pin = _Forward("rollback_protocol")
+    set_baseline_pin = _Forward("rollback_protocol")
+    take_cut = _Forward("rollback_protocol")
+    rollback = _Forward("rollback_protocol")
+    report_quality = _Forward("rollback_protocol")
+    model_states = _Forward("rollback_protocol.states")
+    take_quality_events = _Forward("rollback_protocol.states")
+    parse_coverage = _Forward("rollback_protocol")
+    uncovered = _Forward("rollback_protocol")
+    export_undo = _Forward("rollback_protocol")
+    import_undo = _Forward("rollback_protocol")
+    cut_wall_time = _Forward("rollback_protocol.cut_sync")
+    cut_to_wire = _Forward("rollback_protocol.cut_sync")
+    queues = _Forward("eager_push")
+    queue_factory = _Forward("eager_push")
+    prioritizer = _Forward("eager_push")
+    parse_cache = _Forward("eager_push", settable=True)        # the simulator shares one
+    flush = _Forward("eager_push")
+    peer_heads = _Forward("gossiper")
+    catalog_digest = _Forward("gossiper")
+    gaps = _Forward("gap_probe")
+    rows_walked_by_table = _Forward("pulls")
+
+    # ------------------------------------------------------------------ services to the components
+    def send(self, out: Outgoing) -> None:
+        """Queue a message for the driver (see :meth:`drain`)."""
+        self._out.append(out)
+
+    def live_peers(self, dc: str | None = None) -> list[str]:
+        """Live members other than this replica (in ``dc`` when given)."""
+        return self.peers.live(dc)
+
     # ------------------------------------------------------------------ driver interface
     def drain(self) -> list[Outgoing]:
         """Messages to send now (the outbox is emptied)."""
@@ -269,24 +252,20 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
 
     def next_deadline(self) -> float:
         """Time of the next timer; call :meth:`tick` then."""
-        return min(self._next_gossip, self._next_ae, self._next_push)
+        return min(self._next_gossip, self._next_ae, self.eager_push.next_push)
 
     def tick(self, now: float) -> None:
         """Run due timers (gossip, failure detection, anti-entropy) and flush push queues."""
         if now >= self._next_gossip:
             self._next_gossip = now + self.config.gossip_interval * self.rng.uniform(0.8, 1.2)
-            self._gossip_round(now)
+            self.gossiper.round(now)
         if now >= self._next_ae:
             self._next_ae = now + self.config.ae_interval * self.rng.uniform(0.8, 1.2)
-            self._ae_round(now)
-            self._repair_round(now)
-            self._gap_round(now)
-            if self.config.auto_cut_interval:
-                for name in self.models:
-                    cut = self.cuts.maybe_auto_cut(name, now, lambda n=name: (self._knowledge_of(n), self._seq))
-                    if cut is not None:
-                        self.quality.note_cut(name, cut.name, now)  # a rollback target if taken while healthy
-        self.flush(now)
+            self.anti_entropy.round(now)
+            self.rollback_protocol.repair.round(now)
+            self.gap_probe.round(now)
+            self.rollback_protocol.auto_cuts(now)
+        self.eager_push.flush(now)
 
     def receive(self, frame: Frame, now: float, src_address: str = "") -> None:
         """Handle a frame from a peer.  Bad data raises :class:`ProtocolError` and
@@ -303,33 +282,33 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
 
     def _dispatch(self, t: MsgType, body: dict[str, Any], now: float) -> None:
         if t == MsgType.PUSH:  # the most frequent by far
-            self._on_push(body, now)
+            self.eager_push.on_push(body, now)
         elif t == MsgType.GOSSIP:
             kind = field(body, "k", str)
             if kind == "g":
-                self._on_gossip(body, now)
+                self.gossiper.on_gossip(body, now)
             elif kind == "sum":
-                self._on_summary(body, now)
+                self.anti_entropy.on_summary(body, now)
             elif kind == "dig":
-                self._on_digests(body, now)
+                self.anti_entropy.on_digests(body, now)
             elif kind == "rep":
-                self._on_repair(body, now)
+                self.rollback_protocol.repair.on_request(body, now)
             elif kind == "gq":
-                self._on_gap_query(body, now)
+                self.gap_probe.on_query(body, now)
             elif kind == "ga":
-                self._on_gap_answer(body, now)
+                self.gap_probe.on_answer(body, now)
             elif kind == "cl":
-                self._on_cut_list(body, now)
+                self.rollback_protocol.cut_sync.on_cut_list(body, now)
             else:
                 raise ProtocolError(f"unknown gossip kind {kind!r}", "bad_body")
         elif t == MsgType.PULL_REQUEST:
-            self._on_pull_request(body, now)
+            self.pulls.on_pull_request(body, now)
         elif t == MsgType.PULL_RESPONSE:
-            self._on_pull_response(body, now)
+            self.pulls.on_pull_response(body, now)
         elif t == MsgType.ROLLBACK:
-            self._apply_rollback(field(body, "rb", dict), now)
+            self.rollback_protocol.apply_rollback(field(body, "rb", dict), now)
         elif t == MsgType.CUT:
-            self._on_cut(body, now)
+            self.rollback_protocol.cut_sync.on_cut(body, now)
         elif t == MsgType.PUBLISH:
             self.publish(body, now)
         elif t == MsgType.REGISTER_MODEL:
@@ -346,13 +325,13 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
             if cur.spec != spec:
                 raise UsageError(f"model {spec.name!r} is already registered with a different spec")
             return False
-        self.models[spec.name] = _Model(spec, self.device, self.with_values)
-        self._catalog_digest = None
+        self.models[spec.name] = ModelState(spec, self.device, self.with_values)
+        self.gossiper.catalog_changed()
         self.counters["models_registered"] += 1
         return True
 
     def spec(self, model: str) -> ModelSpec:
-        return self._model(model).spec
+        return self.model_state(model).spec
 
     def table_spec(self, model: str, table: str) -> TableSpec | None:
         m = self.models.get(model)
@@ -361,7 +340,7 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
         return m.spec.table(table)
 
     def read_rows(self, model: str, table: str, ids: np.ndarray) -> torch.Tensor:
-        m = self._model(model)
+        m = self.model_state(model)
         ts = m.store.table(table)
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim != 1 or (len(ids) and (ids.min() < 0 or ids.max() >= ts.spec.rows)):
@@ -369,7 +348,7 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
         return ts.read(ids)
 
     def table_store(self, model: str, table: str):
-        return self._model(model).store.table(table)
+        return self.model_state(model).store.table(table)
 
     def publish(self, body: dict[str, Any], now: float) -> PublishAck:
         """Ingest a publisher's frame body.
@@ -379,55 +358,12 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
         this origin's previous update to each touched shard that the publisher had
         acknowledged, or -1 when unknown).  Validated completely before anything applies.
         """
-        model = field(body, "model", str)
-        m = self.models.get(model)
-        if m is None:
-            raise ProtocolError(f"unknown model {model!r}: register it first", "unknown_model")
-        if self.baseline_pin:
-            raise ProtocolError("this replica is a pinned baseline: publish to an online replica", "baseline")
-        origin = int_field(body, "origin", 1, MAX_ORIGIN)
-        raw = field(body, "deltas", list)
-        if len(raw) > MAX_DELTAS_PER_MSG:
-            raise ProtocolError("too many deltas in one publish", "too_large")
-        deltas = [delta_from_wire(d, self.table_spec, values_required=self.with_values) for d in raw]
-        if sum(len(d) for d in deltas) > MAX_PUBLISH_ROWS:
-            raise ProtocolError(f"publish exceeds {MAX_PUBLISH_ROWS} rows", "too_large")
-        # A publisher's clock may run ahead of ours by much less than a peer's knowledge
-        # may: its versions would shadow every later update of those rows from a correct
-        # clock (max_publish_ahead, documented in NodeConfig).
-        self.refuse_future(deltas, now, "publish",
-                           skew=min(self.config.max_publish_ahead, self.config.max_clock_skew))
-        chains_raw = field(body, "chains", dict, optional=True, default={})
-        chains: dict[str, dict[int, int]] = {}
-        for d in deltas:
-            if d.model != model:
-                raise ProtocolError("delta for another model in a publish", "bad_body")
-            if len(d) and (origins_of(d.versions) != origin).any():
-                raise ProtocolError("publish versions must carry the publisher's origin", "bad_version")
-            spec = m.spec.table(d.table)
-            entries = chains_raw.get(d.table, [])
-            if not isinstance(entries, list) or len(entries) > spec.num_shards:
-                raise ProtocolError("bad chains", "bad_body")
-            ch: dict[int, int] = {}
-            for e in entries:
-                if (not isinstance(e, list) or len(e) != 2 or not all(isinstance(x, int) for x in e)
-                        or not 0 <= e[0] < spec.num_shards or not RESTART_LINK <= e[1] <= MAX_COUNTER):
-                    raise ProtocolError(f"bad chain entry {e!r}", "bad_body")
-                ch[e[0]] = e[1]
-            if len(d):
-                shards = spec.shards_of(d.ids)
-                ctr = counters_of(d.versions)
-                for s in np.unique(shards).tolist():
-                    after = ch.get(s, -1)
-                    if after >= 0 and int(ctr[shards == s].min()) <= after:
-                        raise ProtocolError("publish counters must exceed the chain's previous counter",
-                                            "bad_version")
-            chains[d.table] = ch
+        m, origin, deltas, chains = parse_publish(self, body, now)
         applied = 0
         top = 0
         shadowed: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for d in deltas:
-            res = self._apply(m, d, now, source="publish")
+            res = self.apply_delta(m, d, now, source="publish")
             applied += len(res)
             if len(d) == 0:
                 continue
@@ -457,234 +393,67 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
                 if sync.chain(origin, after, upto):
                     m.dirty[d.table].add(s)
                 if sync.pending:
-                    self._note_waiting(m, d.table, s, now, urgent)
+                    self.gap_probe.note_waiting(m, d.table, s, now, urgent)
                 if after >= 0:
                     links.append((s, origin, after, upto))
             if self.config.push:
                 # The links travel with the push only when it carries every row of the
                 # frame (a row that lost here is not pushed, and a receiver holding the
                 # link without the row would claim knowledge it lacks).
-                self._push_from_ingest(m, d.table, res, now, _impact_of(d, res),
+                self.eager_push.push_from_ingest(m, d.table, res, now, _impact_of(d, res),
                                        links=np.array(links, np.int64) if links and len(res) == len(d) else None)
         self.counters["published_rows"] += sum(len(d) for d in deltas)
-        self.flush(now)
+        self.eager_push.flush(now)
         return PublishAck(sum(len(d) for d in deltas), applied, top, shadowed)
 
-    def _checked_after(self, sync: ShardSync, origin: int, after: int, first: int, upto: int) -> tuple[int, bool]:
-        """The link a publish frame may claim in one shard: ``(after, urgent)``.
 
-        ``after`` as sent, unless this replica knows of updates of ``origin`` to the
-        shard between it and the frame's first counter ``first``.  A publisher chains
-        a frame on its previous acknowledged one, so such updates exist only when its
-        chain state is stale (restored from a backup, or lost and started over under
-        the same origin); linking from ``after`` would claim them as part of this
-        frame, and replicas would stop asking for them.  Such a frame, and one sent
-        with :data:`~ekko.core.chain.RESTART_LINK`, is linked from just below its own
-        counters instead -- or not at all (-1) when known updates reach into them --
-        and the gap before it is probed at once (``urgent``, :mod:`p2p.gaps`).
-        """
-        k = sync.knowledge[origin]
-        seen = k if k < first else -1
-        overlap = k >= first
-        for a, u in sync.pending.get(origin, ()):
-            if u < first:
-                seen = max(seen, u)
-            elif a < upto:
-                overlap = True
-        if after == RESTART_LINK or after < seen:
-            if after != RESTART_LINK:
-                self.counters["stale_chains"] += 1
-            return (-1 if overlap else first - 1), True
-        return after, False
+    def _checked_after(self, sync: ShardSync, origin: int, after: int, first: int, upto: int) -> tuple[int, bool]:
+        """The link a publish frame may claim in one shard: :func:`ekko.replica.publish.checked_after`."""
+        return checked_after(sync, origin, after, first, upto, self.counters)
 
     def apply_local(self, delta: Delta, now: float) -> PublishAck:
         """Apply an already-versioned delta here without chains (tests, tools)."""
-        m = self._model(delta.model)
+        m = self.model_state(delta.model)
         spec = m.spec.table(delta.table)
         delta.check(spec)
-        res = self._apply(m, delta, now, source="local")
+        res = self.apply_delta(m, delta, now, source="local")
         return PublishAck(len(delta), len(res), int(counters_of(delta.versions).max(initial=0)))
 
     # ------------------------------------------------------------------ persistence
     def export_state(self, model: str) -> dict[str, Any]:
-        """The protocol state of ``model`` to keep beside its tensors (msgpack-ready).
-
-        Per (table, shard): the knowledge vector.  The recent-row index and pending
-        chains are not kept: the index is rebuilt as a shard scan (see
-        :meth:`import_state`), and a lost pending chain only loses a shortcut
-        that anti-entropy makes up for.
-        """
-        m = self._model(model)
-        knowledge = {t: [[s, sync.knowledge.to_wire()] for s, sync in sorted(shards.items()) if len(sync.knowledge)]
-                     for t, shards in m.shards.items()}
-        # Waiting publish chains too: once lost, knowledge could never pass their gap.
-        pending = {t: [[s, o, a, u] for s, sync in sorted(shards.items()) for o, chains in sync.pending.items()
-                       for a, u in chains] for t, shards in m.shards.items()}
-        # Rollbacks applied here: their fences must hold after a restart too (a lagging peer
-        # may still send the rolled-back versions before gossip brings the records back).
-        rollbacks = [r for r in self.rollbacks.values() if r.get("model") == model]
-        # Cuts, so a restart keeps its restore points (times as wall time: protocol time
-        # restarts with the process).  Optional in the format: older snapshots lack it.
-        cuts = [[self.cut_to_wire(c), self.cut_wall_time(c)] for c in self.cuts.cuts(model)]
-        return {"format": STATE_FORMAT, "node_id": self.node_id, "head": m.head, "knowledge": knowledge,
-                "pending": {t: p for t, p in pending.items() if p}, "rollbacks": rollbacks, "cuts": cuts}
+        """The protocol state of ``model`` to keep beside its tensors (msgpack-ready):
+        see :func:`ekko.replica.state.export_state`."""
+        return export_state(self, model)
 
     def import_state(self, spec: ModelSpec, store: ModelStore, state: dict[str, Any], now: float) -> None:
-        """Install a model restored from a snapshot into this node.
-
-        The node must not have the model yet.  Knowledge vectors are restored per
-        shard and their digests marked dirty.  The recent-row index starts with its
-        watermark raised and marked *loose*, so that "rows newer than a peer's
-        knowledge" is answered by a shard scan: the in-memory index did not survive
-        the restart, and answering from an empty index would let a peer adopt our
-        knowledge without the rows.
+        """Install a model restored from a snapshot into this node (it must not have the
+        model yet): see :func:`ekko.replica.state.import_state`.
 
         Raises:
             ProtocolError: the state is malformed (reason ``"bad_snapshot"``).
         """
-        if spec.name in self.models:
-            raise UsageError(f"model {spec.name!r} is already registered")
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ProtocolError("snapshot meta has an unknown format", "bad_snapshot")
-        parsed: dict[str, dict[int, Knowledge]] = {}
-        raw = state.get("knowledge")
-        if not isinstance(raw, dict):
-            raise ProtocolError("snapshot meta lacks knowledge", "bad_snapshot")
-        for table, entries in raw.items():
-            if not spec.has_table(table) or not isinstance(entries, list):
-                raise ProtocolError(f"snapshot knowledge names unknown table {table!r}", "bad_snapshot")
-            n = spec.table(table).num_shards
-            per: dict[int, Knowledge] = {}
-            for e in entries:
-                if not (isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) and 0 <= e[0] < n):
-                    raise ProtocolError("bad snapshot knowledge entry", "bad_snapshot")
-                try:
-                    per[e[0]] = Knowledge.from_wire(e[1])
-                except ProtocolError as err:
-                    raise ProtocolError(f"bad snapshot knowledge: {err}", "bad_snapshot") from None
-            parsed[table] = per
-        pending: dict[str, dict[int, list[tuple[int, int, int]]]] = {}
-        raw_pending = state.get("pending", {})
-        if not isinstance(raw_pending, dict):
-            raise ProtocolError("bad snapshot pending chains", "bad_snapshot")
-        for table, entries in raw_pending.items():
-            if not spec.has_table(table) or not isinstance(entries, list):
-                raise ProtocolError(f"snapshot chains name unknown table {table!r}", "bad_snapshot")
-            n = spec.table(table).num_shards
-            for e in entries:
-                if not (isinstance(e, list) and len(e) == 4 and all(isinstance(x, int) for x in e)
-                        and 0 <= e[0] < n and 0 < e[1] <= MAX_ORIGIN and -1 <= e[2] < e[3] <= MAX_COUNTER):
-                    raise ProtocolError("bad snapshot chain entry", "bad_snapshot")
-                pending.setdefault(table, {}).setdefault(e[0], []).append((e[1], e[2], e[3]))
-        rollbacks = state.get("rollbacks", [])
-        if not isinstance(rollbacks, list) or not all(isinstance(r, dict) for r in rollbacks):
-            raise ProtocolError("bad snapshot rollback records", "bad_snapshot")
-        raw_cuts = state.get("cuts", [])
-        if not isinstance(raw_cuts, list) or not all(isinstance(c, list) and len(c) == 2 for c in raw_cuts):
-            raise ProtocolError("bad snapshot cuts", "bad_snapshot")
-        head = state.get("head", 0)
-        self.register_model(spec, now)
-        m = self.models[spec.name]
-        # The node built an empty store; the restored one replaces it before anything uses it.
-        m.store = store
-        top = int(head) if isinstance(head, int) and head >= 0 else 0
-        # The node's index of recently applied rows is not persisted.  Answering pulls from
-        # an empty index would send no rows while the knowledge we send says we have them,
-        # so the requester would adopt the knowledge without the rows; make every lookup
-        # fall back to a shard scan instead.
-        for t in spec.tables:
-            ts = store.table(t.name)
-            know = parsed.get(t.name, {})
-            written = np.flatnonzero(ts.versions > 0)
-            shards_with_rows = set(np.unique(t.shards_of(written)).tolist()) if len(written) else set()
-            if len(written):
-                top = max(top, int(counters_of(ts.versions[written]).max()))
-                np.maximum.at(m.top[t.name], t.shards_of(written), ts.versions[written])
-            m.index[t.name].reset()  # watermark up and loose: every lookup scans the shard
-            waiting = pending.get(t.name, {})
-            for s in set(know) | shards_with_rows | set(waiting):
-                sync = m.shards[t.name][s] = ShardSync(knowledge=know.get(s, Knowledge()))
-                for o, a, u in waiting.get(s, ()):
-                    sync.chain(o, a, u)
-                if sync.pending:
-                    self._note_waiting(m, t.name, s, now)
-                m.dirty[t.name].add(s)
-        m.head = max(m.head, top)
-        try:
-            cuts = [self._foreign_cut(c, at) for c, at in raw_cuts]   # all valid before any is kept
-            if any(c.model != spec.name for c in cuts):
-                raise ProtocolError("a snapshot cut names another model", "bad_cut")
-            for cut in cuts:
-                # The undo history did not survive the restart: a restored cut restores by
-                # its knowledge (rows without history are zeroed and repaired from peers).
-                if self.cuts.learn(cut):
-                    self.quality.note_cut(spec.name, cut.name, now)
-            for record in rollbacks:  # fences back first; rows are already at the rolled-back state
-                self._apply_rollback(record, now)
-        except (ProtocolError, UsageError) as err:
-            # Nothing of this model may stay: the node had no such model before the call.
-            del self.models[spec.name]
-            self._catalog_digest = None
-            for rid in [k for k, r in self.rollbacks.items() if r.get("model") == spec.name]:
-                del self.rollbacks[rid]
-            self.fence._ranges.pop(spec.name, None)
-            for cut in self.cuts.cuts(spec.name):
-                self.cuts.drop(spec.name, cut.name)
-            raise ProtocolError(f"bad snapshot cuts or rollback record: {err}", "bad_snapshot") from None
+        import_state(self, spec, store, state, now)
 
     # ------------------------------------------------------------------ status
     def model_head(self, model: str) -> int:
-        return self._model(model).head
+        return self.model_state(model).head
 
     def status(self, digests: bool = True) -> dict[str, Any]:
-        """A JSON-ready status view of this replica."""
-        models: dict[str, Any] = {}
-        for name, m in self.models.items():
-            tables = {}
-            for t in m.spec.tables:
-                ts = m.store.table(t.name)
-                info: dict[str, Any] = {"rows": t.rows, "dim": t.dim, "dtype": t.dtype, "shards": t.num_shards,
-                                        "dense": t.dense, "written_rows": int((ts.versions > 0).sum())}
-                if digests and ts.values is not None:
-                    info["digest"] = ts.digest()
-                tables[t.name] = info
-            models[name] = {"tables": tables, "head": m.head, "traffic_share": m.spec.traffic_share,
-                            "lag_s": self.freshness_lag(name)}
-        if self.models:
-            states = self.model_states()
-            for name in models:
-                models[name]["quality"] = states[name]
-                models[name]["quality"]["incidents"] = [i.view() for i in self.quality.incidents(name)]
-        return {"node_id": self.node_id, "dc": self.dc, "address": self.address,
-                "incarnation": self._incarnation(), "models": models}
+        """A JSON-ready status view of this replica (:func:`ekko.replica.status.status`)."""
+        return status_view(self, digests)
 
     def cluster_view(self) -> list[dict[str, Any]]:
         """Every member with its DC, state and per-model freshness lag (seconds)."""
-        out = []
-        for mem in sorted(self.members.members.values(), key=lambda x: (x.dc, x.node_id)):
-            heads = ({n: m.head for n, m in self.models.items()} if mem.node_id == self.node_id
-                     else self.peer_heads.get(mem.node_id, {}))
-            lags = {name: self._lag(heads.get(name, 0), name) for name in self.models}
-            out.append({"node_id": mem.node_id, "dc": mem.dc, "address": mem.address,
-                        "state": mem.state.name.lower(), "incarnation": mem.incarnation, "lag_s": lags,
-                        "role": mem.role or "replica"})
-        return out
+        return cluster_view(self)
 
     def freshness_lag(self, model: str) -> float | None:
-        return self._lag(self._model(model).head, model)
-
-    def _lag(self, head: int, model: str) -> float | None:
-        """Seconds (HLC time) behind the most advanced replica we know of; None when this
-        replica has nothing yet while others do (its lag is unbounded, not a number)."""
-        best = max([self.models[model].head] + [h.get(model, 0) for h in self.peer_heads.values()])
-        if not best:
-            return 0.0
-        if not head:
-            return None
-        return max(0, best - head) / float(1 << HLC_LOGICAL_BITS) / 1000.0
+        """Seconds (HLC time) behind the most advanced replica known; None when this
+        replica has nothing of ``model`` yet while others do."""
+        return lag(self, self.model_state(model).head, model)
 
     # ------------------------------------------------------------------ internals: apply
-    def _model(self, name: str) -> _Model:
+    def model_state(self, name: str) -> ModelState:
+        """The state of a registered model (raises :class:`UsageError` for an unknown one)."""
         m = self.models.get(name)
         if m is None:
             raise UsageError(f"unknown model {name!r}")
@@ -719,33 +488,35 @@ class ReplicaNode(PushGossipMixin, AntiEntropyMixin, RollbackMixin, GapMixin):
                                 f"(check the sender's clock; a publisher over 256,000 rows/s runs its HLC ahead "
                                 f"of wall time and needs a larger max_clock_skew)", "future_version")
 
-    def _apply(self, m: _Model, d: Delta, now: float, source: str, facts: DeltaFacts | None = None) -> ApplyResult:
-        """Apply ``d`` to the store and note it (index, shard tops, head, hooks).
+    def apply_delta(self, m: ModelState, d: Delta, now: float, source: str,
+                    facts: DeltaFacts | None = None) -> ApplyResult:
+        """Apply ``d`` to the store and note it (undo history, index, shard tops, head, hooks).
 
         ``facts`` describe ``d`` when the caller knows them already (a parsed push);
         they are dropped as soon as a filter here replaces ``d``, and the whole-delta
         ones serve only when every row of ``d`` took (``res.ids is d.ids``)."""
         ts = m.store.table(d.table)
+        rb = self.rollback_protocol
         if len(d):
-            if self._baseline_pin:
-                d2 = self._baseline_filter(d)  # a pinned baseline holds the cut's state (node_rollback)
+            if rb.baseline_pin:
+                d2 = rb.baseline_filter(d)  # a pinned baseline holds the cut's state
                 if d2 is not d:
                     d, facts = d2, None
-            if self.fence:
-                fenced = self.fence.mask(d.model, d.table, d.ids, d.versions)
+            fence = rb.fence
+            if fence:
+                fenced = fence.mask(d.model, d.table, d.ids, d.versions)
                 if fenced.any():
                     # Rolled-back versions never come back, wherever they still travel.
                     self.counters["fenced_rows"] += int(fenced.sum())
                     d, facts = d.take(~fenced), None
+        capture = rb.undo is not None
         if facts is None:
-            res = ts.apply(d, capture_old=self.undo is not None)
+            res = ts.apply(d, capture_old=capture)
         else:
-            res = ts.apply(d, capture_old=self.undo is not None, distinct=facts.distinct, shards=facts.shards)
+            res = ts.apply(d, capture_old=capture, distinct=facts.distinct, shards=facts.shards)
         n = len(res)
         if n:
-            if self.undo is not None:
-                self._seq += 1
-                self.undo.record(d.model, d.table, self._seq, res)
+            rb.record_undo(d.model, d.table, res)
             m.index[d.table].note_applied(res.ids, res.versions, now, self.config.index_rows)
             top = m.top[d.table]
             if facts is not None and res.ids is d.ids:   # every row took: res.versions is d.versions

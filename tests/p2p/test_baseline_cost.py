@@ -61,9 +61,9 @@ def test_a_baseline_costs_its_dc_neither_freshness_nor_bytes():
     assert base.counters["baseline_held_rows"] == 0       # nothing was offered that it had to refuse
     t = base.spec("ranker").table("emb")
     for node in net.nodes.values():     # nobody picks it as a gateway or a push/AE partner
-        node._refresh_topology()
+        node.peers.refresh_topology()
         assert "n1-2" not in set(np.asarray(node.topology.gateways("ranker", "emb", t.num_shards, "dc1")).ravel())
-        assert "n1-2" not in node._ordinary_peers()
+        assert "n1-2" not in node.peers.ordinary()
 
 
 def test_a_ceiling_caps_the_rows_and_the_knowledge_of_a_pull_answer():

@@ -47,7 +47,7 @@ def test_converges_with_loss_duplication_and_reordering(seed):
 
 def _rank0_gateway(net, dc: str) -> str:
     node = net.nodes["n0-0"]
-    node._refresh_topology()
+    node.peers.refresh_topology()
     gw = node.topology.gateways("ranker", "emb", SPEC.table("emb").num_shards, dc)
     ids, counts = np.unique(gw[:, 0].astype(str), return_counts=True)
     return str(ids[counts.argmax()])
@@ -66,7 +66,7 @@ def test_converges_with_a_gateway_killed_mid_stream():
     net.run(net.now + NodeConfig().dead_after + 1)
     node = net.nodes["n1-0" if victim != "n1-0" else "n1-1"]
     assert node.members.get(victim).state.name == "DEAD"
-    node._refresh_topology()
+    node.peers.refresh_topology()
     assert victim not in node.topology.gateways("ranker", "emb", SPEC.table("emb").num_shards, "dc1").ravel()
 
 

@@ -122,7 +122,7 @@ def test_bad_cut_sync_messages_are_refused_and_change_nothing():
     for t, body in bad:
         with pytest.raises(ProtocolError):
             b.receive(Frame(t, body), net.now)
-    gossip = net.nodes["n0-0"]._gossip_body(False)
+    gossip = net.nodes["n0-0"].gossiper.gossip_body(False)
     gossip["cd"] = {"ranker": "not a digest"}
     with pytest.raises(ProtocolError):
         b.receive(Frame(MsgType.GOSSIP, gossip), net.now)

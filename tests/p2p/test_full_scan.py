@@ -115,7 +115,7 @@ def test_full_scan_requester_lists_no_held_rows_and_scans_nothing():
     full, idx = _node(full_scan=True), _node(full_scan=False)
     _same_state([full], np.random.default_rng(5), batches=2)
     _same_state([idx], np.random.default_rng(5), batches=3)   # the same two batches and one more
-    full._send_pull_request("req", {"ranker": {"emb": list(range(16))}}, back=False)
+    full.pulls.send_pull_request("req", {"ranker": {"emb": list(range(16))}}, back=False)
     (out,) = full.drain()
     assert all(e[2] is None for e in out.body["models"]["ranker"]["emb"])
     assert full.counters["rows_scanned"] == 0

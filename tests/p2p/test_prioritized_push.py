@@ -72,12 +72,12 @@ def test_gateways_rank_forwarded_rows_with_the_publishers_scores():
     for node in net.nodes.values():
         if node.dc != "dc1":
             continue
-        orig = node._enqueue
+        orig = node.eager_push.enqueue
 
         def spy(peer, rows, now, orig=orig):
             forwarded.append(rows)
             orig(peer, rows, now)
-        node._enqueue = spy
+        node.eager_push.enqueue = spy
     trainer = Trainer(net, "n0-0", seed=1)
     rng = np.random.default_rng(1)
     ids = rng.choice(SPEC.table("emb").rows, size=300, replace=False).astype(np.int64)

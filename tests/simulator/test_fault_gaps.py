@@ -43,7 +43,7 @@ def _kinds(res: dict) -> set[str]:
 
 
 def _no_gap_probes(monkeypatch) -> None:
-    monkeypatch.setattr(gaps_mod.GapMixin, "_gap_round", lambda self, now: None)
+    monkeypatch.setattr(gaps_mod.GapProbe, "round", lambda self, now: None)
 
 
 # -- bug 1: a publisher whose chains point at frames this cluster never saw --------------
@@ -208,7 +208,7 @@ def _pull_fence_removed(monkeypatch) -> None:
     orig = cuts_mod.Fence.mask
 
     def mask(self, model, table, ids, versions):
-        if sys._getframe(1).f_code.co_name == "_on_pull_response":
+        if sys._getframe(1).f_code.co_name == "on_pull_response":
             return np.zeros(len(versions), bool)
         return orig(self, model, table, ids, versions)
 

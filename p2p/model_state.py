@@ -1,0 +1,85 @@
+"""The per-model replicated state of a replica: store, per-shard sync, shard digests.
+
+:class:`ModelState` is what every protocol component (push, anti-entropy, gap probes,
+rollback) reads and updates for one model.  It lives here, below the replica node, so
+that the protocol in :mod:`p2p` can use it without importing :mod:`ekko.replica`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ekko.core.spec import ModelSpec
+from ekko.core.store import ModelStore
+from p2p.sync import RecentIndex, ShardSync
+from p2p.topology import _mix
+
+#: mixed shard tops remembered by value (:func:`_mixed_top`); emptied when full.
+TOP_MIX_MEMO_ENTRIES = 1 << 12
+_TOP_MIX: dict[bytes, np.ndarray] = {}
+
+
+def _mixed_top(top: np.ndarray) -> np.ndarray:
+    """``_mix`` of a table's greatest held versions (read-only).  Replicas in sync hold
+    equal tops, and every anti-entropy round asks: look them up before mixing."""
+    key = top.tobytes()
+    got = _TOP_MIX.get(key)
+    if got is None:
+        got = _mix(top.view(np.uint64))
+        got.flags.writeable = False
+        if len(_TOP_MIX) >= TOP_MIX_MEMO_ENTRIES:
+            _TOP_MIX.clear()   # a pure function of the key: forgetting is safe
+        _TOP_MIX[key] = got
+    return got
+
+
+class ModelState:
+    """A model on this replica: its spec, store and per-shard protocol state.
+
+    Example:
+        >>> from ekko.core.spec import ModelSpec, TableSpec
+        >>> m = ModelState(ModelSpec("m", [TableSpec("t", rows=8, dim=2)]), "cpu", with_values=False)
+        >>> len(m.shard("t", 0).knowledge), m.shards["t"].keys() == {0}, int(m.shard_digests("t")[0])
+        (0, True, 0)
+    """
+
+    __slots__ = ("spec", "store", "shards", "index", "digests", "dirty", "top", "head")
+
+    def __init__(self, spec: ModelSpec, device: Any, with_values: bool) -> None:
+        self.spec = spec
+        self.store = ModelStore(spec, device, with_values)
+        self.shards: dict[str, dict[int, ShardSync]] = {t.name: {} for t in spec.tables}
+        self.index = {t.name: RecentIndex(t.rows) for t in spec.tables}
+        self.digests = {t.name: np.zeros(t.num_shards, np.uint64) for t in spec.tables}
+        self.dirty: dict[str, set[int]] = {t.name: set() for t in spec.tables}
+        # Greatest version held per shard: part of the shard version, so replicas whose
+        # knowledge is equal but whose rows are not (pushed rows above a knowledge gap
+        # that no chain will close) still compare and exchange them.
+        self.top = {t.name: np.zeros(t.num_shards, np.int64) for t in spec.tables}
+        self.head = 0  # greatest counter applied here (freshness)
+
+    def shard(self, table: str, s: int) -> ShardSync:
+        got = self.shards[table].get(s)
+        if got is None:
+            got = self.shards[table][s] = ShardSync()
+        return got
+
+    def shard_digests(self, table: str) -> np.ndarray:
+        """64-bit shard versions: the knowledge digest mixed with the greatest version held."""
+        d = self.digests[table]
+        dirty = self.dirty[table]
+        if dirty:
+            for s in dirty:
+                d[s] = self.shards[table][s].knowledge.digest
+            dirty.clear()
+        return d ^ _mixed_top(self.top[table])
+
+    def recompute_top(self, table: str, rows: np.ndarray) -> None:
+        """Refresh the greatest held version of the shards of ``rows`` (versions went down)."""
+        spec = self.spec.table(table)
+        v = self.store.table(table).versions
+        for s in np.unique(spec.shards_of(rows)).tolist():
+            lo, hi = spec.shard_range(s)
+            self.top[table][s] = int(v[lo:hi].max(initial=0))
