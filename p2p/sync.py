@@ -19,7 +19,7 @@ publisher's chains, elsewhere from pull answers, and from pushes that carry a ch
 *links* -- ``(shard, origin, after, upto)`` of a publish whose rows for that shard the
 push carries in full (:attr:`p2p.outbound.QueuedRows.links`).  A push with only part
 of a publish's rows (the scheduler's high-priority share, a split or coalesced
-batch) carries no links and advances nothing, as DESIGN.md requires of eagerly
+batch) carries no links and advances nothing, as docs/design.md requires of eagerly
 pushed rows.  With links, replicas that received every push hold the ingest's
 knowledge, so their shard versions match and anti-entropy rounds end at the
 digest.

@@ -1,4 +1,4 @@
-"""Publisher SDK against the in-process stand-in daemon (tests/ekko/test_sdk_server.py).
+"""Publisher SDK against the in-process stand-in daemon (tests/sdk/test_sdk_server.py).
 
 Covers: round trips for every dtype, input validation that changes nothing,
 idempotent retries with the same versions, failover, Retry-After, deadlines with
