@@ -30,7 +30,7 @@ class PublishAck:
         shadowed: per table, ``(ids, versions)`` of rows the replica already held at a
             *greater* version, so this publish's values for them did not apply and will
             not (another publisher's newer update, or a clock that ran ahead); at most
-            ``ekko.server.daemon.MAX_SHADOWED_LISTED`` rows per table are listed.  Empty when
+            ``ekko.server.ingest.MAX_SHADOWED_LISTED`` rows per table are listed.  Empty when
             every row applied or was a re-send.
 
     Example:

@@ -35,7 +35,7 @@ from rollback.manager import check_sample
 #: seconds one request may take.
 DEFAULT_TIMEOUT_S = 10.0
 #: ids per GET: a longer read is split into several requests (keeps the request line
-#: well under what the daemon accepts, ekko.server.daemon.MAX_READ_IDS).
+#: well under what the daemon accepts, ekko.server.operator_api.MAX_READ_IDS).
 READ_BATCH_IDS = 4096
 #: largest answer we read (bytes): a batch of READ_BATCH_IDS rows of the widest dtype
 #: and dim fits, a runaway answer does not exhaust memory.

@@ -74,36 +74,13 @@ from ekko.core.errors import UsageError
 from ekko.replica.node import ReplicaNode
 from ekko.replica.wal import GroupCommitLog
 from ekko.server.backpressure import PublishGate
-from ekko.server.driver import MAX_TIMER_SLEEP_S, NodeDriver
-from ekko.server.frames import DECODE_OFFLOAD_BYTES, RETRY_AFTER_S, FrameReader, RequestRejected
-from ekko.server.http_api import HANDLER_ARGS, MAX_CONCURRENT_REQUESTS, MAX_REQUEST_LINE, HttpApi
-from ekko.server.ingest import MAX_SHADOWED_LISTED, PEER_TYPES, IngestHandlers
+from ekko.server.driver import NodeDriver
+from ekko.server.frames import FrameReader
+from ekko.server.http_api import HANDLER_ARGS, HttpApi
+from ekko.server.ingest import IngestHandlers
 from ekko.server.metrics import DaemonMetrics
-from ekko.server.operator_api import (
-    CUT_WAIT_POLL_S,
-    MAX_CUT_WAIT_S,
-    MAX_QUALITY_SAMPLES,
-    MAX_READ_IDS,
-    OperatorHandlers,
-)
-from ekko.server.persistence import (
-    BASELINE_FILE,
-    CATALOG_FILE,
-    MIN_WAL_SNAPSHOT_GAP_S,
-    Persistence,
-    export_model_state,
-    import_model_state,
-)
-
-# The limits and names the parts define stay importable from here, where the docs point
-# (README, docs/http-api.md).  They are read where they are defined: patch them there.
-__all__ = [
-    "Daemon", "parse_hostport", "DRAIN_TIMEOUT_S", "SEND_DRAIN_TIMEOUT_S", "TASK_STOP_TIMEOUT_S", "LOCK_FILE",
-    "BASELINE_FILE", "CATALOG_FILE", "CUT_WAIT_POLL_S", "DECODE_OFFLOAD_BYTES", "HANDLER_ARGS",
-    "MAX_CONCURRENT_REQUESTS", "MAX_CUT_WAIT_S", "MAX_QUALITY_SAMPLES", "MAX_READ_IDS", "MAX_REQUEST_LINE",
-    "MAX_SHADOWED_LISTED", "MAX_TIMER_SLEEP_S", "MIN_WAL_SNAPSHOT_GAP_S", "PEER_TYPES", "RETRY_AFTER_S",
-    "RequestRejected", "export_model_state", "import_model_state",
-]
+from ekko.server.operator_api import OperatorHandlers
+from ekko.server.persistence import Persistence
 
 log = logging.getLogger("ekko.server.daemon")
 

@@ -299,7 +299,7 @@ class RealDaemons:
         return [f"127.0.0.1:{p}" for p in self.ports]
 
     def __enter__(self) -> "RealDaemons":
-        from ekko.server.daemon import HANDLER_ARGS
+        from ekko.server.http_api import HANDLER_ARGS
         self._thread.start()
 
         async def start() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 from ekko.core.chain import PublisherChain
 from ekko.core.codec import Keyring, MsgType, encode_frame
 from ekko.core.config import NodeConfig
-from ekko.server.daemon import BASELINE_FILE
+from ekko.server.persistence import BASELINE_FILE
 from test_daemon import KEY, make_client, post, publish_body, register
 
 

@@ -23,7 +23,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from ekko.core.chain import PublisherChain
 from ekko.core.codec import MAX_FRAME_BYTES, Keyring, MsgType, delta_to_wire, encode_frame
 from ekko.core.config import NodeConfig, preset
-from ekko.server.daemon import HANDLER_ARGS, MAX_READ_IDS, Daemon, export_model_state, import_model_state
+from ekko.server.daemon import Daemon
+from ekko.server.http_api import HANDLER_ARGS
+from ekko.server.operator_api import MAX_READ_IDS
+from ekko.server.persistence import export_model_state, import_model_state
 from ekko.core.delta import Delta
 from ekko.server.transport import HttpTransport
 from ekko.replica.node import Outgoing, ReplicaNode

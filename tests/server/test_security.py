@@ -223,7 +223,7 @@ async def test_publisher_authorization(tmp_path):
     d = Daemon("r1", "dc1", "127.0.0.1:1", [], tmp_path / "r1", CFG, device="cpu", keyring_file=ring)
     from aiohttp.test_utils import TestClient, TestServer
 
-    from ekko.server.daemon import HANDLER_ARGS
+    from ekko.server.http_api import HANDLER_ARGS
     server = TestServer(d.app)
     await server.start_server(**HANDLER_ARGS)
     client = TestClient(server)

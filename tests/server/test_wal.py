@@ -15,7 +15,8 @@ from test_daemon import digests, make_client, post, publish_body, register
 from ekko.core.chain import PublisherChain
 from ekko.core.codec import MsgType, encode_frame
 from ekko.core.config import NodeConfig
-from ekko.server.daemon import Daemon, export_model_state
+from ekko.server.daemon import Daemon
+from ekko.server.persistence import export_model_state
 from ekko.replica.wal import (
     KIND_PUBLISH,
     KIND_SPEC,
