@@ -42,7 +42,8 @@ import numpy as np
 import simpy
 
 from simulator.events import Simulation
-from simulator.network import WanConfig, WanNetwork
+from simulator.network import WanNetwork
+from simulator.wan_config import WanConfig
 
 SEED = 12345
 _clock = time.process_time  # CPU time of this process (see the module docstring)

@@ -83,12 +83,8 @@ from ekko.core.errors import UsageError
 from p2p.outbound import DEFAULT_QUEUE_ROWS, QueuedRows
 from prioritizer.budget import TokenBucket
 from prioritizer.quantile import ThresholdTracker
-from prioritizer.queue_slots import (  # noqa: F401  (HEAD_*, MAX_TABLES: re-exported, they lived here)
-    HEAD_DEPTH_SHIFT,
-    HEAD_MAX_FACTOR,
-    HEAD_TARGET_ROWS,
+from prioritizer.queue_slots import (
     MAX_ROW_ID,
-    MAX_TABLES,
     ROW_ID_BITS,
     ROW_OVERHEAD_BYTES,
     RowSlots,

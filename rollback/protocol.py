@@ -18,18 +18,15 @@ from ekko.core.errors import ProtocolError, UsageError
 from ekko.core.messages import Outgoing
 from ekko.core.spec import check_name
 from ekko.core.version import MAX_COUNTER, MAX_ORIGIN, Knowledge, origins_of
-from rollback.cut_sync import MAX_CUT_NAMES, MAX_CUT_WALL_MEMO, MAX_CUTS_PER_SYNC, CutSync
+from rollback.cut_sync import CutSync
 from rollback.cuts import Cut, CutPolicy, CutRegistry, Fence
 from rollback.host import RollbackHost
 from rollback.manager import Incident, check_sample, merge_rollback_records
-from rollback.model_states import MAX_GOSSIP_MODEL_STATES, MAX_QUALITY_EVENTS, ModelStates
-from rollback.repair import MAX_REPAIR_ROWS, REPAIR_MAX_ASKS, REPAIR_ROUNDS, Repair
-from rollback.undo import UndoHistory, UndoImage
+from rollback.model_states import ModelStates
+from rollback.repair import Repair
+from rollback.undo import UndoHistory
+from rollback.undo_image import UndoImage
 
-# The limits of the protocol's parts, importable from here as before the split.
-__all__ = ["MAX_COVER_HEADS", "MAX_ROLLBACK_RECORDS", "MAX_CUT_NAMES", "MAX_CUT_WALL_MEMO", "MAX_CUTS_PER_SYNC",
-           "MAX_GOSSIP_MODEL_STATES", "MAX_QUALITY_EVENTS", "MAX_REPAIR_ROWS", "REPAIR_MAX_ASKS", "REPAIR_ROUNDS",
-           "RollbackHost", "RollbackProtocol"]
 
 #: most chain heads a cut request may ask to be covered.
 MAX_COVER_HEADS = 1 << 16

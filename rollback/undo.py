@@ -70,16 +70,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ekko.core.errors import UsageError
-from rollback.undo_image import UndoImage, UndoSegmentImage, image_tables, logs_from_image
-from rollback.undo_log import RECORD_OVERHEAD_BYTES, SegmentStore, TableLog
-from rollback.undo_walk import DENSE_MAP_SLOTS_PER_ROW, CoveredFn, walk
+from rollback.undo_image import UndoImage, image_tables, logs_from_image
+from rollback.undo_log import SegmentStore, TableLog
+from rollback.undo_walk import CoveredFn, walk
 
 if TYPE_CHECKING:
     from ekko.core.store import ApplyResult, TableStore
 
-__all__ = ["DEFAULT_BLOCK_BYTES", "DENSE_MAP_SLOTS_PER_ROW", "RECORD_OVERHEAD_BYTES", "RESTORE_CHUNK_BYTES",
-           "RESTORE_DIRECT_BYTES", "CoveredFn", "RestoreOutcome", "UndoHistory", "UndoImage", "UndoSegmentImage",
-           "capture_before_restore"]
 
 #: records smaller than this are pooled into one segment; a bigger one is a segment itself.
 DEFAULT_BLOCK_BYTES = 4 << 20

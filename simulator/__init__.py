@@ -6,7 +6,8 @@ The small public API is re-exported here::
 """
 
 from simulator.events import Handle, Simulation, Timer
-from simulator.network import DcSpec, WanConfig, WanNetwork
+from simulator.network import WanNetwork
+from simulator.wan_config import DcSpec, WanConfig
 from simulator.workload import (Burst, DenseTable, SparseTable, UpdateBatch, Workload, WorkloadConfig,
                                 ZipfRows)
 

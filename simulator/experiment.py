@@ -47,19 +47,13 @@ from typing import Any
 
 from ekko.core.errors import UsageError
 from simulator.baselines import run_baseline
-from simulator.ekko_run import (EkkoRun, build_ekko_family, collect_results, node_config_for,
-                                offered_burst_bytes_per_s, run_and_collect, scheduler_kwargs)
+from simulator.ekko_run import (build_ekko_family, offered_burst_bytes_per_s, run_and_collect)
 from simulator.measure import peak_rss_mb
 from simulator.parallel import run_partitioned
-from simulator.progress import Progress, progress_step
+from simulator.progress import Progress
 from simulator.scenario import Scenario
-from simulator.staleness import StalenessMeter, access_weights
-from simulator.truth import ROW_META_BYTES, TRAINER_ORIGIN, Truth, place_replicas
+from simulator.staleness import access_weights
 
-# Re-exported: these lived here before the split into truth / progress / staleness / ekko_run.
-__all__ = ["ROW_META_BYTES", "TRAINER_ORIGIN", "EkkoRun", "Progress", "StalenessMeter", "Truth",
-           "build_ekko_family", "collect_results", "node_config_for", "offered_burst_bytes_per_s",
-           "place_replicas", "progress_step", "run_ekko_family", "run_scenario", "scheduler_kwargs"]
 
 
 def run_ekko_family(sc: Scenario, system: str, progress: Progress | None = None,

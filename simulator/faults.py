@@ -175,7 +175,8 @@ from simulator.fault_plan import (
 )
 from simulator.fault_publisher import BACKUP_INTERVAL_S, PUBLISHER_ORIGIN, FaultPublisher, restart_mode
 from simulator.fault_reference import MODEL_NAME, SPEC, ReferenceModel
-from simulator.network import WanConfig, WanNetwork
+from simulator.network import WanNetwork
+from simulator.wan_config import WanConfig
 from simulator.replicas import SimCluster
 
 #: step at which convergence is checked after the faults stop.

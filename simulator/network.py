@@ -53,23 +53,14 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 
 from ekko.core.errors import UsageError
 from simulator.events import Simulation
-from simulator.wan_config import (  # noqa: F401  (constants re-exported: they lived here)
+from simulator.wan_config import (
     _MS,
-    DEFAULT_INTRA_DC_RTT_MS,
-    DEFAULT_NIC_BPS,
-    DEFAULT_WAN_BPS,
-    MAX_BACKGROUND_LOAD,
-    MAX_RTT_MS,
-    DcSpec,
     Pair,
     WanConfig,
 )
 from simulator.wan_config import check_load as _check_load
 from simulator.wan_config import check_prob as _check_prob
 
-__all__ = ["DcSpec", "WanConfig", "WanNetwork", "DeliverFn", "DROP_CAUSES",
-           "DROP_LOSS", "DROP_PARTITION", "DROP_CUT", "DROP_SRC_DOWN", "DROP_DST_DOWN",
-           "DROP_SRC_CRASHED", "DROP_DST_CRASHED"]
 
 #: on_deliver(src_node_id, dst_node_id, payload)
 DeliverFn = Callable[[Hashable, Hashable, Any], Any]

@@ -45,7 +45,7 @@ from ekko.core.config import NodeConfig, config_from_dict
 from ekko.core.errors import UsageError
 from ekko.core.spec import ModelSpec, TableSpec
 from simulator.cpu import MAX_COLD_ROWS, CpuCosts
-from simulator.network import WanConfig
+from simulator.wan_config import WanConfig
 from simulator.workload import Burst, DenseTable, SparseTable, WorkloadConfig
 
 #: every system the runner knows, in report order.

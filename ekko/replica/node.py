@@ -4,7 +4,7 @@
 tensors, versions, per-shard knowledge) and its member view, and composes the
 protocol from one object per concern, each owning its state and seeing the node
 only through a small interface (:class:`p2p.host.NodeServices`,
-:class:`rollback.protocol.RollbackHost`):
+:class:`rollback.host.RollbackHost`):
 
 * :class:`p2p.push.EagerPush` (link queues, push frames), :class:`p2p.gossip.Gossip`
   (members, catalog, heads), :class:`p2p.antientropy.AntiEntropy` (rounds, digests),
@@ -62,7 +62,7 @@ from ekko.core.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS, MAX_COUNTER, ORIGI
 from ekko.replica.publish import checked_after, parse_publish
 from ekko.replica.status import cluster_view, lag
 from ekko.replica.status import status as status_view
-from ekko.replica.state import STATE_FORMAT, export_state, import_state
+from ekko.replica.state import export_state, import_state
 from p2p.antientropy import AntiEntropy
 from p2p.gap_probe import GapProbe
 from p2p.gossip import Gossip
@@ -76,7 +76,6 @@ from p2p.sync import ShardSync
 from p2p.topology import DcGraph, Topology
 from rollback.protocol import RollbackProtocol
 
-__all__ = ["ReplicaNode", "Outgoing", "STATE_FORMAT"]  # Outgoing: the daemon and transport import it from here
 
 
 #: counter names of applied rows per apply source (built once: applies are the hot path).

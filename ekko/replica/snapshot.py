@@ -23,7 +23,7 @@ is the old one removed.  A crash leaves either the previous snapshot or the new
 one; if it strikes between the two renames, :func:`load_snapshot` finds the
 previous one under ``.<model>.old``.  One writer per model at a time.
 
-The undo history (:class:`rollback.undo.UndoImage`, optional): per table with
+The undo history (:class:`rollback.undo_image.UndoImage`, optional): per table with
 history, four raw little-endian files -- ``undo.ids.bin`` and ``undo.old.bin``
 (int64 per entry), ``undo.recs.bin`` (int64 ``[entries, seq]`` per record) and
 ``undo.values.bin`` (the old values in the wire dtype) -- with every segment's
@@ -58,7 +58,7 @@ from ekko.core.errors import ProtocolError, UsageError
 from ekko.core.fsutil import fsync_dir
 from ekko.core.spec import NAME_RE, ModelSpec, TableSpec
 from ekko.core.store import TORCH_DTYPES, ModelStore, TableStore, default_device
-from rollback.undo import UndoImage, UndoSegmentImage
+from rollback.undo_image import UndoImage, UndoSegmentImage
 
 #: snapshot layout version; a loader refuses other versions.
 SNAPSHOT_FORMAT = 1

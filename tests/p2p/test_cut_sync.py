@@ -10,7 +10,7 @@ from cluster import SPEC, Trainer, digests, make_cluster
 from ekko.core.codec import Frame, MsgType
 from ekko.core.errors import ProtocolError
 from ekko.replica.node import ReplicaNode
-from rollback.protocol import MAX_CUT_NAMES
+from rollback.cut_sync import MAX_CUT_NAMES
 
 
 def _node(nid: str, dc: str, seeds=("n0-0",), incarnation: int = 1) -> ReplicaNode:

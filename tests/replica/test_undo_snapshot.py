@@ -18,7 +18,8 @@ from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.store import ApplyResult, ModelStore, to_wire_values
 from ekko.core.version import Knowledge, pack
 from rollback.cuts import Cut
-from rollback.undo import UndoHistory, UndoImage, capture_before_restore
+from rollback.undo import UndoHistory, capture_before_restore
+from rollback.undo_image import UndoImage
 
 SPEC = ModelSpec("m", [TableSpec("t", rows=40, dim=3, shards=2), TableSpec("h", rows=16, dim=2, dtype="bfloat16"),
                        TableSpec("e", rows=8, dim=2)])  # "e" never written: no history files

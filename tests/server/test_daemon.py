@@ -29,7 +29,8 @@ from ekko.server.operator_api import MAX_READ_IDS
 from ekko.server.persistence import export_model_state, import_model_state
 from ekko.core.delta import Delta
 from ekko.server.transport import HttpTransport
-from ekko.replica.node import Outgoing, ReplicaNode
+from ekko.core.messages import Outgoing
+from ekko.replica.node import ReplicaNode
 from ekko.replica.snapshot import load_snapshot
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.version import HLC_EPOCH_MS, pack

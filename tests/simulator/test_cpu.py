@@ -14,7 +14,8 @@ from ekko.replica.node import ReplicaNode
 from simulator.cpu import CpuCosts, CpuModel
 from simulator.events import Simulation
 from simulator.experiment import run_scenario
-from simulator.network import WanConfig, WanNetwork
+from simulator.network import WanNetwork
+from simulator.wan_config import WanConfig
 from simulator.replicas import SimCluster
 from simulator.scenario import load_scenario, parse_scenario
 

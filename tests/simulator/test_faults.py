@@ -13,7 +13,8 @@ import ekko.core.store as store_mod
 import p2p.sync as sync_mod
 import rollback.cuts as cuts_mod
 from ekko.core.errors import UsageError
-from simulator.faults import FaultConfig, FaultPlan, FaultRun, run_faults
+from simulator.fault_plan import FaultConfig, FaultPlan
+from simulator.faults import FaultRun, run_faults
 from simulator.scenario import load_scenario
 
 #: seeds of the CI batch: 0-10 hold every fault kind, rollbacks and both publisher

@@ -10,7 +10,8 @@ from ekko.core.codec import Keyring, MsgType, encode_frame
 from ekko.core.errors import UsageError
 from simulator import network as nw
 from simulator.events import Simulation
-from simulator.network import WanConfig, WanNetwork
+from simulator.network import WanNetwork
+from simulator.wan_config import WanConfig
 
 MBIT = 1e6
 
