@@ -7,10 +7,7 @@ training-loop conveniences: module tracking (:meth:`Publisher.register_module`,
 training thread (:meth:`Publisher.check_rollbacks`).
 
 This is the top of the SDK: it imports the modules it builds on; none of them
-imports it.  The public names callers imported from this module before the SDK was
-split into modules (``AsyncPublisher``, ``PublishAck``, ``PublishError``,
-``prepare_publish``, ``normalize_endpoint``, ``DENSE_CHUNK``, ...) stay importable
-from it (``__all__``).
+imports it.
 """
 
 from __future__ import annotations
@@ -27,16 +24,12 @@ import torch
 from ekko.core.codec import Keyring
 from ekko.core.errors import UsageError
 from ekko.core.spec import ModelSpec
-from ekko.sdk.ack import PublishAck, PublishError
+from ekko.sdk.ack import PublishAck
 from ekko.sdk.async_publisher import DEFAULT_TIMEOUT_S, AsyncPublisher
-from ekko.sdk.endpoints import normalize_endpoint
-from ekko.sdk.prepare import PreparedPublish, prepare_publish
 from ekko.sdk.rollback_watch import DEFAULT_WATCH_INTERVAL_S, RollbackEvent, RolledBack
-from ekko.sdk.tracking import DENSE_CHUNK, Tracker, spec_from_module
+from ekko.sdk.tracking import Tracker, spec_from_module
 from ekko.sdk.trainer_state import cut_with_state, restore_state
 
-__all__ = ["DEFAULT_TIMEOUT_S", "DENSE_CHUNK", "AsyncPublisher", "PreparedPublish", "PublishAck", "PublishError",
-           "Publisher", "normalize_endpoint", "prepare_publish"]
 
 # One logger for the whole publisher (its log lines have always come from this name).
 log = logging.getLogger("ekko.sdk.publisher")
