@@ -59,7 +59,7 @@ if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":
     sys.path[0] = str(REPO)
 elif str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-sys.path.insert(1, str(REPO / "tests" / "ekko"))
+sys.path.insert(1, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
 
