@@ -12,6 +12,7 @@ from collections import Counter
 from random import Random
 from typing import Any, Protocol
 
+from ekko.core.config import NodeConfig
 from ekko.core.messages import Outgoing
 
 
@@ -25,7 +26,7 @@ class RollbackHost(Protocol):
     """
 
     node_id: str
-    config: Any
+    config: NodeConfig
     rng: Random
     models: dict[str, Any]
     counters: Counter[str]
