@@ -21,7 +21,7 @@ sampled RSS and VmHWM, the back-pressure refusals by bound from ``/metrics``,
 and the time to converge after the load stopped.
 
 Run: ``python bench/overload.py`` (defaults: 3 replicas, 30 s, 16 clients);
-``tests/ekko/test_overload.py`` runs a short version of it.
+``tests/server/test_overload.py`` runs a short version of it.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import aiohttp
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "ekko"))
+sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 from procs import DaemonGroup, get_json, http, table_digests, wait_for
