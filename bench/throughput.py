@@ -1078,8 +1078,14 @@ def describe(args: argparse.Namespace, n: int) -> dict[str, Any]:
             "argv": sys.argv[1:], "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 
 
+def _stop_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)      # unwinds through every finally: the processes are stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if threading_main():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     n = args.dcs * args.per_dc
     run = describe(args, n)
     classes: list[type[System]] = []
@@ -1122,6 +1128,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         print(f"wrote {args.out}")
     return 0
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 def write_json(args: argparse.Namespace, run: dict[str, Any], skipped: dict[str, str], load_start: list[float],
