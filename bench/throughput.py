@@ -205,7 +205,12 @@ class _Table:
     """The applier's copy of the table: a torch tensor written with ``index_copy_``."""
 
     def __init__(self, rows: int, dim: int, slot: int, board: Board) -> None:
+        import warnings
+
         import torch
+        # The payload's arrays are read-only views of the received bytes; index_copy_ only
+        # reads its source, so no copy is made and torch's warning about it is silenced.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         torch.set_num_threads(1)
         self.torch = torch
         self.t = torch.zeros((rows, dim), dtype=torch.float32)
@@ -214,8 +219,7 @@ class _Table:
     def apply(self, tag: int, ids_b: bytes, vals_b: bytes) -> None:
         ids = np.frombuffer(ids_b, "<i8")
         vals = np.frombuffer(vals_b, "<f4").reshape(len(ids), self.dim)
-        # frombuffer views are read-only; torch warns on them but only reads the source.
-        self.t.index_copy_(0, self.torch.from_numpy(ids.copy()), self.torch.from_numpy(vals.copy()))
+        self.t.index_copy_(0, self.torch.from_numpy(ids), self.torch.from_numpy(vals))
         b, s = self.board, self.slot
         b.rows[s] += len(ids)
         b.tag[s] = tag
