@@ -29,8 +29,8 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as ``python bench/baseline.py``: the script's directory comes first on sys.path,
-# and bench/rollback.py would shadow the ``rollback`` package.  The repo root goes first.
+# Run as ``python bench/baseline.py``: the script's directory comes first on sys.path;
+# the repo root goes first instead, so this checkout's packages are the ones imported.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if sys.path and os.path.abspath(sys.path[0]) == os.path.join(_ROOT, "bench"):
     sys.path.pop(0)

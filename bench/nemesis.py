@@ -53,8 +53,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# `python bench/nemesis.py` puts bench/ first on sys.path, where bench/rollback.py would
-# shadow the rollback package: put the checkout there instead (and the process helpers).
+# `python bench/nemesis.py` puts bench/ first on sys.path: put the checkout there instead,
+# so this checkout's packages are imported (and the process helpers).
 if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":
     sys.path[0] = str(REPO)
 elif str(REPO) not in sys.path:

@@ -38,8 +38,8 @@ import sys
 import time
 from datetime import UTC, datetime
 
-# Run as a script, bench/ would come first on sys.path and bench/rollback.py would
-# shadow the rollback package; import this checkout's packages instead.
+# Run as a script, bench/ would come first on sys.path; import this checkout's
+# packages instead.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 

@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this file's folder is sys.path[0], and bench/rollback.py would shadow
-# the rollback package.
+# Run as a script, this file's folder is sys.path[0]; drop it, so that only packages
+# are imported by name.
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 

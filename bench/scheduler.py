@@ -13,7 +13,7 @@ measured on the same batches in the same run as the baseline (its take-only
 figure is large because it hands out its queued batches whole, and its put
 costs O(depth), so its put phase is usually cut short by the time cap).
 
-Run: ``python bench/prioritizer.py [--quick]``.
+Run: ``python bench/scheduler.py [--quick]``.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import statistics
 import sys
 import time
 
-# This file is named like the package it measures: run as a script, its own folder
-# would come first on sys.path and "import prioritizer" would import this file.
+# Run as a script, bench/ is sys.path[0]: put this checkout's root there instead, so the
+# packages measured are this checkout's (no bench file may shadow one:
+# tests/bench/test_bench_scripts.py).
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import numpy as np  # noqa: E402
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.quick:
         a.rows, a.depth, a.repeats = 500_000, 100_000, 3
-    print(f"# bench/prioritizer.py  python {platform.python_version()}  numpy {np.__version__}  "
+    print(f"# bench/scheduler.py  python {platform.python_version()}  numpy {np.__version__}  "
           f"{platform.machine()}  cpus={os.cpu_count()}  {platform.processor() or ''}".rstrip())
     print(f"# load average before: {os.getloadavg()[0]:.2f} (other processes share the {os.cpu_count()} cores)")
     print(f"# key space {KEY_SPACE:,} rows, id = floor(K * u**{SKEW}) (hot rows repeat), row {ROW_BYTES} B, "

@@ -37,7 +37,7 @@ there the undo history lives in host memory (it is what the store hands out), so
 the baseline includes the host->device copy, and a device-resident index_copy_
 is reported too.
 
-Run:  python bench/rollback.py [--rows 1000000 --changed 100000 --dim 64 --reps 21]
+Run:  python bench/rollback_restore.py [--rows 1000000 --changed 100000 --dim 64 --reps 21]
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def main() -> None:
     n = len(rows)
     med = {k: statistics.median(v) for k, v in times.items()}
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "-"
-    print(f"ekko bench/rollback.py  torch {torch.__version__}  numpy {np.__version__}  "
+    print(f"ekko bench/rollback_restore.py  torch {torch.__version__}  numpy {np.__version__}  "
           f"python {platform.python_version()}")
     print(f"device {device} ({gpu})  cpu {platform.processor() or platform.machine()}  "
           f"torch threads {torch.get_num_threads()}")
