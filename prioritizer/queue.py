@@ -61,7 +61,7 @@ bytes, if set) stay queued after a put; beyond that the lowest-priority rows
 ``drop_slack`` of the bound, not on every put.
 
 Data structures (:class:`prioritizer.queue_slots.RowSlots`), for throughput
-(``bench/prioritizer.py``): slots in numpy
+(``bench/scheduler.py``): slots in numpy
 arrays (a free list recycles them); a vectorized cuckoo hash index
 (:mod:`prioritizer.rowindex`) from (table, row id) to slot for coalescing; and a
 *head*: the slots whose key is above a cut ``theta``, kept sorted.  Puts add

@@ -29,7 +29,7 @@ MAX_TABLES = 1 << (63 - ROW_ID_BITS)
 ROW_OVERHEAD_BYTES = 16
 #: rows a head refill brings in: large enough that refills (one argpartition
 #: over the queue) are rare, small enough that merging incoming rows is cheap
-#: (8k..32k measured within noise of each other in bench/prioritizer.py).
+#: (8k..32k measured within noise of each other in bench/scheduler.py).
 HEAD_TARGET_ROWS = 1 << 14
 #: a refill of a deeper queue brings in 1 / 2**HEAD_DEPTH_SHIFT of it instead.
 HEAD_DEPTH_SHIFT = 4
