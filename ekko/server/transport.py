@@ -17,6 +17,9 @@ Design rules, because the node loop must never wait on the network:
   dropped and counted: every message type is repaired by a later round
   (gossip repeats, anti-entropy re-pulls, pushed rows are found by
   anti-entropy), so dropping is safe where queueing without bound is not.
+* A push goes to several peers with the same body (the node shares one wire form of
+  the rows among them): it is encoded -- msgpack, zstd, HMAC -- once, and the same
+  bytes are POSTed to each (:meth:`HttpTransport._frame_of`).
 * Short timeouts; failures (refused, timeout, non-2xx) are counted per reason,
   never raised.  A dead peer is the failure detector's business, not ours.
 """
@@ -26,11 +29,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from typing import Callable
+from typing import Any, Callable
 
 import aiohttp
 
-from ekko.core.codec import Keyring, encode_frame
+from ekko.core.codec import Keyring, MsgType, encode_frame
 from ekko.core.errors import UsageError
 from ekko.core.messages import Outgoing
 
@@ -55,6 +58,18 @@ ENCODE_OFFLOAD_BYTES = 256 << 10
 CLOSE_TIMEOUT_S = 2.0
 #: path every peer message is POSTed to.
 GOSSIP_PATH = "/v1/gossip"
+#: message types whose frames are shared by the sends of one body to several peers.
+SHARED_TYPES = frozenset({MsgType.PUSH})
+
+
+def share_key(out: Outgoing) -> tuple[Any, ...] | None:
+    """What makes two sends' frames equal: the type and each body field (scalars by
+    value, containers by identity: the node builds a push's deltas once for all its
+    peers and never changes them).  None for messages encoded per send."""
+    if out.msg_type not in SHARED_TYPES:
+        return None
+    return (out.msg_type, *((k, v if isinstance(v, (str, int, float, bool, type(None))) else id(v))
+                            for k, v in out.body.items()))
 
 
 def estimated_size(out: Outgoing) -> int:
@@ -113,6 +128,11 @@ class HttpTransport:
         self._tasks: set[asyncio.Task] = set()
         self._sems: dict[str, asyncio.Semaphore] = {}
         self._pending: Counter[str] = Counter()   # address -> tasks not yet finished
+        # share_key -> [frame or None, sends not yet finished, the body (keeps the ids
+        # in the key alive), keyring it was signed with]
+        self._shared: dict[tuple[Any, ...], list[Any]] = {}
+        self.frames_encoded = 0
+        self.frames_reused = 0
         self._closed = False
 
     async def start(self) -> None:
@@ -137,7 +157,14 @@ class HttpTransport:
             self._fail(out, "dropped_backlog")
             return False
         self._pending[out.address] += 1
-        task = asyncio.get_running_loop().create_task(self._post(out))
+        key = share_key(out)
+        if key is not None:
+            entry = self._shared.get(key)
+            if entry is None:
+                self._shared[key] = [None, 1, out.body, self.keyring]
+            else:
+                entry[1] += 1
+        task = asyncio.get_running_loop().create_task(self._post(out, key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
@@ -147,7 +174,32 @@ class HttpTransport:
         if self.on_failed is not None:
             self.on_failed(out, reason)
 
-    async def _post(self, out: Outgoing) -> None:
+    async def _frame_of(self, out: Outgoing, key: tuple[Any, ...] | None) -> bytes:
+        """The encoded frame of ``out``: the one already made for an equal send, if any."""
+        entry = self._shared.get(key) if key is not None else None
+        if entry is not None and entry[0] is not None and entry[3] is self.keyring:
+            self.frames_reused += 1
+            return entry[0]
+        keyring = self.keyring
+        if estimated_size(out) >= ENCODE_OFFLOAD_BYTES:
+            # The body holds only immutable bytes/ints/strs, so a worker thread may read it.
+            frame = await asyncio.get_running_loop().run_in_executor(
+                None, encode_frame, out.msg_type, out.body, keyring)
+        else:
+            frame = encode_frame(out.msg_type, out.body, keyring)
+        self.frames_encoded += 1
+        if entry is not None:
+            entry[0], entry[3] = frame, keyring  # signed with the keyring in use now
+        return frame
+
+    def _release(self, key: tuple[Any, ...] | None) -> None:
+        entry = self._shared.get(key) if key is not None else None
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._shared[key]
+
+    async def _post(self, out: Outgoing, key: tuple[Any, ...] | None = None) -> None:
         addr = out.address
         try:
             sem = self._sems.get(addr)
@@ -155,12 +207,7 @@ class HttpTransport:
                 sem = self._sems[addr] = asyncio.Semaphore(self.per_peer)
             async with sem:
                 try:
-                    if estimated_size(out) >= ENCODE_OFFLOAD_BYTES:
-                        # The body holds only immutable bytes/ints/strs, so a worker thread may read it.
-                        frame = await asyncio.get_running_loop().run_in_executor(
-                            None, encode_frame, out.msg_type, out.body, self.keyring)
-                    else:
-                        frame = encode_frame(out.msg_type, out.body, self.keyring)
+                    frame = await self._frame_of(out, key)
                 except UsageError as e:
                     log.warning("cannot encode %s for %s: %s", out.msg_type.name, addr, e)
                     self._fail(out, "encode")
@@ -188,6 +235,7 @@ class HttpTransport:
             log.exception("unexpected error sending %s to %s", out.msg_type.name, addr)
             self._fail(out, "internal")
         finally:
+            self._release(key)
             self._pending[addr] -= 1
             if self._pending[addr] <= 0:
                 del self._pending[addr]
