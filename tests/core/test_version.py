@@ -223,15 +223,17 @@ def test_knowledge_from_wire_rejects(data):
 
 
 def test_covers_table_matches_binary_search():
-    """Knowledge.covers by origin table (greatest origin <= COVERS_TABLE_ORIGINS) and by
-    binary search give the same answers, unknown origins and edge values included."""
+    """Knowledge.covers by origin table (greatest origin <= COVERS_TABLE_ORIGINS), by a
+    loop over a few origins and by binary search give the same answers, unknown origins
+    and edge values included."""
     from ekko.core.version import COVERS_TABLE_ORIGINS, pack
     rng = np.random.default_rng(5)
     for small in (True, False):
         for _ in range(50):
             k = Knowledge()
-            pool = np.arange(1, 60) if small else np.array([3, 9, COVERS_TABLE_ORIGINS + 1, MAX_ORIGIN])
-            origins = rng.choice(pool, int(rng.integers(1, len(pool) if not small else 8)), replace=False)
+            pool = np.arange(1, 60) if small else np.r_[np.arange(COVERS_TABLE_ORIGINS + 1, COVERS_TABLE_ORIGINS + 20),
+                                                        [3, 9, MAX_ORIGIN]]
+            origins = rng.choice(pool, int(rng.integers(1, 20)), replace=False)
             for o in origins:
                 k.advance(int(o), int(rng.integers(1, 1000)))
             asked = rng.choice(np.r_[origins, [0, 2, 61, MAX_ORIGIN, COVERS_TABLE_ORIGINS + 2]], 400)
