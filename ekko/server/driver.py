@@ -17,7 +17,7 @@ import asyncio
 import logging
 from typing import Any, Callable
 
-from ekko.core.codec import Keyring
+from ekko.core.codec import COMPRESS_MIN_SAVING, Keyring
 from ekko.core.messages import Outgoing
 from ekko.replica.node import ReplicaNode
 from ekko.server.backpressure import PublishGate
@@ -89,7 +89,8 @@ class NodeDriver:
         self.metrics = metrics
         self.gate = gate
         self.clock = clock
-        self.transport = HttpTransport(keyring, on_sent=self._on_sent, on_failed=self._on_failed)
+        self.transport = HttpTransport(keyring, on_sent=self._on_sent, on_failed=self._on_failed,
+                                       min_saving_of=self._min_saving)
         self.is_stopped = is_stopped
         self._wake: asyncio.Event | None = None
 
@@ -144,6 +145,10 @@ class NodeDriver:
                     mem = m
                     break
         return mem.dc if mem is not None else UNKNOWN_DC
+
+    def _min_saving(self, out: Outgoing) -> float:
+        """Compression must pay on the LAN (see COMPRESS_MIN_SAVING); any gain across DCs."""
+        return COMPRESS_MIN_SAVING if self.dc_of(out.dst, out.address) == self.node.dc else 0.0
 
     def _on_sent(self, out: Outgoing, nbytes: int) -> None:
         self.gate.done(estimated_size(out))

@@ -17,7 +17,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ekko.core.codec import (COMPRESS_THRESHOLD, FLAG_MAC, FLAG_ZSTD, FORMAT_VERSION, HEADER, HEADER_BYTES, MAC_BYTES,
+from ekko.core.codec import (COMPRESS_MIN_SAVING, COMPRESS_SAMPLE_FROM, COMPRESS_THRESHOLD, FLAG_MAC, FLAG_ZSTD, FORMAT_VERSION, HEADER, HEADER_BYTES, MAC_BYTES,
                         MAGIC, MAX_ARRAY_LEN, MAX_BODY_BYTES, MAX_DELTA_ROWS, MAX_FRAME_BYTES, MAX_MAP_LEN,
                         MAX_STR_LEN, Frame, Keyring, MsgType, array_from_wire, decode_frame, delta_from_wire,
                         delta_to_wire, encode_frame, field, int_field)
@@ -141,6 +141,28 @@ def test_compression_used_above_threshold():
     # incompressible bodies go uncompressed even above the threshold
     noise = {"x": random.Random(0).randbytes(3 * COMPRESS_THRESHOLD)}
     assert not HEADER.unpack_from(encode_frame(MsgType.PUSH, noise))[3] & FLAG_ZSTD
+
+
+def test_compression_only_where_it_pays():
+    """float32 rows gain ~1.1x: sent raw; large compressible bodies still compress (judged
+    on a sample), and receivers take both forms."""
+    rng = np.random.default_rng(0)
+    rows = {"ids": np.arange(20000, dtype=np.int64).tobytes(),
+            "x": rng.standard_normal((20000, 64), dtype=np.float32).tobytes()}
+    assert len(rows["x"]) >= COMPRESS_SAMPLE_FROM
+    raw = encode_frame(MsgType.PUSH, rows, KR, min_saving=COMPRESS_MIN_SAVING)
+    assert not HEADER.unpack_from(raw)[3] & FLAG_ZSTD
+    assert decode_frame(raw, KR).body == rows
+    # the default keeps any gain (WAN links; the simulator sizes messages with it)
+    assert HEADER.unpack_from(encode_frame(MsgType.PUSH, rows, KR))[3] & FLAG_ZSTD
+    big = {"x": b"ab" * COMPRESS_SAMPLE_FROM}
+    packed = encode_frame(MsgType.PUSH, big, KR, min_saving=COMPRESS_MIN_SAVING)
+    assert HEADER.unpack_from(packed)[3] & FLAG_ZSTD and len(packed) < COMPRESS_SAMPLE_FROM
+    assert decode_frame(packed, KR).body == big
+    # a body that gains a little, under COMPRESS_MIN_SAVING, goes raw
+    some = {"x": rng.integers(0, 256, 3 * COMPRESS_THRESHOLD, dtype=np.uint8).tobytes() + b"\0" * 512}
+    assert not HEADER.unpack_from(encode_frame(MsgType.GOSSIP, some, min_saving=COMPRESS_MIN_SAVING))[3] & FLAG_ZSTD
+    assert HEADER.unpack_from(encode_frame(MsgType.GOSSIP, some))[3] & FLAG_ZSTD
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

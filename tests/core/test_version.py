@@ -220,3 +220,25 @@ def test_knowledge_from_wire_rejects(data):
     with pytest.raises(ProtocolError) as ei:
         Knowledge.from_wire(data)
     assert ei.value.reason == "bad_knowledge"
+
+
+def test_covers_table_matches_binary_search():
+    """Knowledge.covers by origin table (greatest origin <= COVERS_TABLE_ORIGINS), by a
+    loop over a few origins and by binary search give the same answers, unknown origins
+    and edge values included."""
+    from ekko.core.version import COVERS_TABLE_ORIGINS, pack
+    rng = np.random.default_rng(5)
+    for small in (True, False):
+        for _ in range(50):
+            k = Knowledge()
+            pool = np.arange(1, 60) if small else np.r_[np.arange(COVERS_TABLE_ORIGINS + 1, COVERS_TABLE_ORIGINS + 20),
+                                                        [3, 9, MAX_ORIGIN]]
+            origins = rng.choice(pool, int(rng.integers(1, 20)), replace=False)
+            for o in origins:
+                k.advance(int(o), int(rng.integers(1, 1000)))
+            asked = rng.choice(np.r_[origins, [0, 2, 61, MAX_ORIGIN, COVERS_TABLE_ORIGINS + 2]], 400)
+            packed = np.array([pack(int(c), int(o)) for c, o in zip(rng.integers(0, 1100, 400), asked)], np.int64)
+            known = dict(k.items())
+            want = np.array([int(o) in known and int(c) <= known[int(o)]
+                             for o, c in zip(packed & MAX_ORIGIN, packed >> 16)])
+            assert (k.covers(packed) == want).all()
