@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import signal
 import socket
@@ -79,6 +80,22 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+def daemon_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a daemon this process starts: the tree this ``ekko`` was
+    imported from comes first on ``PYTHONPATH``, so the daemons run the same code as
+    their starter wherever it runs from (a checkout, a worktree, an installed copy).
+
+    Example:
+        >>> env = daemon_env({"PYTHONPATH": "/elsewhere"})
+        >>> env["PYTHONPATH"].split(os.pathsep)[1]
+        '/elsewhere'
+    """
+    env = dict(os.environ if base is None else base)
+    root = str(Path(__file__).resolve().parents[2])
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    env["PYTHONPATH"] = os.pathsep.join([root, *rest])
+    return env
 
 @dataclass
 class Replica:
@@ -160,7 +177,7 @@ class LocalCluster:
             log = open(r.log_path, "ab")
             # Own session: a Ctrl-C in the terminal goes to us only; we stop the daemons in order.
             r.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      start_new_session=True)
+                                      start_new_session=True, env=daemon_env())
             log.close()
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:

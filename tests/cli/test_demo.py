@@ -9,6 +9,7 @@ listening.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -90,3 +91,19 @@ def test_demo_ctrl_c_stops_cleanly():
     assert p.returncode == 0, out[-3000:]
     assert "training stopped (Ctrl-C)" in out and "final digests equal across replicas: yes" in out
     assert all(closed(a) for a in re.findall(r"@(127\.0\.0\.1:\d+)", out))
+
+
+def test_daemons_run_the_starters_code(tmp_path):
+    """LocalCluster's daemons import ekko from the tree that started them, whatever the
+    working directory and whatever PYTHONPATH says (a bench run from elsewhere once ran
+    another tree's daemons)."""
+    import ekko
+    from ekko.cli.demo import daemon_env
+
+    wrong = tmp_path / "other-tree"
+    (wrong / "ekko").mkdir(parents=True)
+    (wrong / "ekko" / "__init__.py").write_text("raise ImportError('the wrong tree')\n")
+    env = daemon_env({"PYTHONPATH": str(wrong), "PATH": os.environ.get("PATH", "")})
+    out = subprocess.run([sys.executable, "-c", "import ekko; print(ekko.__file__)"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    assert out == ekko.__file__
