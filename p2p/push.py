@@ -53,7 +53,7 @@ def _aligned(d: Delta, res: ApplyResult, per_row: np.ndarray) -> np.ndarray:
     return per_row[order][np.minimum(pos, len(order) - 1)]
 
 
-def _impact_of(d: Delta, res: ApplyResult) -> np.ndarray | None:
+def impact_of(d: Delta, res: ApplyResult) -> np.ndarray | None:
     """The publisher's impact metadata of the rows an apply changed (aligned with res.ids)."""
     if d.impact is None or not len(res):
         return None
@@ -277,7 +277,7 @@ class EagerPush:
                     rows = QueuedRows(m.spec.name, d.table, res.ids, res.versions, m.spec.table(d.table).row_bytes,
                                       scores=_aligned(d, res, pr[0]), high=_aligned(d, res, pr[1]))
                 else:
-                    rows = self.queued(m, d.table, res, now, _impact_of(d, res), fwd_links)
+                    rows = self.queued(m, d.table, res, now, impact_of(d, res), fwd_links)
                 for p in peers:
                     self.enqueue(p, rows, now)
         self.host.counters["push_frames_received"] += 1

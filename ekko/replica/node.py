@@ -71,7 +71,7 @@ from p2p.model_state import ModelState
 from p2p.outbound import FifoLinkQueue, QueueFactory
 from p2p.peers import PeerView
 from p2p.pull import Pulls
-from p2p.push import EagerPush, _impact_of
+from p2p.push import EagerPush, impact_of
 from p2p.sync import ShardSync
 from p2p.topology import DcGraph, Topology
 from rollback.protocol import RollbackProtocol
@@ -399,7 +399,7 @@ class ReplicaNode:
                 # The links travel with the push only when it carries every row of the
                 # frame (a row that lost here is not pushed, and a receiver holding the
                 # link without the row would claim knowledge it lacks).
-                self.eager_push.push_from_ingest(m, d.table, res, now, _impact_of(d, res),
+                self.eager_push.push_from_ingest(m, d.table, res, now, impact_of(d, res),
                                        links=np.array(links, np.int64) if links and len(res) == len(d) else None)
         self.counters["published_rows"] += sum(len(d) for d in deltas)
         self.eager_push.flush(now)
