@@ -272,6 +272,8 @@ class AntiEntropy:
                 mine = m.shard_digests(table)[shards]
                 diff = shards[mine != theirs]
                 if len(diff):
+                    diff = self.pulls.unsettled(m, table, diff, now)
+                if len(diff):
                     req.setdefault(name, {})[table] = diff.tolist()
         if req:
             self.pulls.send_pull_request(sender, req, back=True)

@@ -45,7 +45,7 @@ class ModelState:
         (0, True, 0)
     """
 
-    __slots__ = ("spec", "store", "shards", "index", "digests", "dirty", "top", "head")
+    __slots__ = ("spec", "store", "shards", "index", "digests", "dirty", "top", "head", "pushed_at", "pulled_at")
 
     def __init__(self, spec: ModelSpec, device: Any, with_values: bool) -> None:
         self.spec = spec
@@ -59,6 +59,10 @@ class ModelState:
         # that no chain will close) still compare and exchange them.
         self.top = {t.name: np.zeros(t.num_shards, np.int64) for t in spec.tables}
         self.head = 0  # greatest counter applied here (freshness)
+        # Per shard: when a publish or a push with its chain links last moved its knowledge
+        # here, and when anti-entropy last asked a peer for it (:meth:`in_motion`).
+        self.pushed_at = {t.name: np.full(t.num_shards, -np.inf) for t in spec.tables}
+        self.pulled_at = {t.name: np.full(t.num_shards, -np.inf) for t in spec.tables}
 
     def shard(self, table: str, s: int) -> ShardSync:
         got = self.shards[table].get(s)
@@ -75,6 +79,35 @@ class ModelState:
                 d[s] = self.shards[table][s].knowledge.digest
             dirty.clear()
         return d ^ _mixed_top(self.top[table])
+
+    def in_motion(self, table: str, shards: np.ndarray, now: float, grace: float, max_defer: float) -> np.ndarray:
+        """Which of ``shards`` anti-entropy leaves alone this round: a publish, or a push
+        with its publish-chain links, moved their knowledge within ``grace`` seconds
+        (pushes of rows without their links -- split, throttled, rumored -- do not
+        count: the push path does not carry everything there), they wait on no chain (a
+        lost push shows as one), and they were asked for within ``max_defer`` seconds.
+        The others are marked as asked for now.
+
+        Example:
+            >>> from ekko.core.spec import ModelSpec, TableSpec
+            >>> m = ModelState(ModelSpec("m", [TableSpec("t", rows=8, dim=2, shards=2)]), "cpu", False)
+            >>> m.pushed_at["t"][:] = 10.0
+            >>> m.in_motion("t", np.array([0, 1]), 10.2, 0.5, 2.0).tolist()  # never asked for
+            [False, False]
+            >>> m.in_motion("t", np.array([0, 1]), 10.3, 0.5, 2.0).tolist()  # asked 0.1 s ago
+            [True, True]
+            >>> m.in_motion("t", np.array([0, 1]), 12.6, 0.5, 2.0).tolist()  # settled
+            [False, False]
+        """
+        moving = (self.pushed_at[table][shards] >= now - grace) & (self.pulled_at[table][shards] >= now - max_defer)
+        if moving.any():
+            syncs = self.shards[table]
+            for i in np.flatnonzero(moving).tolist():
+                sync = syncs.get(int(shards[i]))
+                if sync is None or sync.pending or sync.dropped_top:
+                    moving[i] = False
+        self.pulled_at[table][shards[~moving]] = now
+        return moving
 
     def recompute_top(self, table: str, rows: np.ndarray) -> None:
         """Refresh the greatest held version of the shards of ``rows`` (versions went down)."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ekko.core.codec import MsgType, array_from_wire, array_to_wire, delta_from_wire, delta_to_wire, field
-from ekko.core.config import MAX_HELD_ROWS_PER_SHARD, MAX_SHARDS_PER_PULL
+from ekko.core.config import AE_DEFER_ROUNDS, MAX_HELD_ROWS_PER_SHARD, MAX_SHARDS_PER_PULL
 from ekko.core.delta import Delta
 from ekko.core.errors import ProtocolError
 from ekko.core.messages import Outgoing
@@ -114,6 +114,22 @@ class Pulls:
             self.host.counters["rows_walked"] += walked
             self.rows_walked_by_table[key] += walked
         return out
+
+    def unsettled(self, m: ModelState, table: str, shards: np.ndarray, now: float) -> np.ndarray:
+        """The differing ``shards`` anti-entropy asks a peer for now: those not in motion
+        (:meth:`p2p.model_state.ModelState.in_motion`); the others are counted."""
+        cfg = self.host.config
+        if not (cfg.ae_defer_in_motion and cfg.push and cfg.push_mode == "topology" and cfg.use_shard_versions
+                ) or self.rollback.baseline_pin:
+            # Only the topology's push reaches every replica of a shard: without it (no
+            # push, rumors) nothing is in flight that a pull would send again, and the
+            # full-scan ablation asks for every shard every round.
+            return shards
+        moving = m.in_motion(table, shards, now, cfg.push_grace, AE_DEFER_ROUNDS * cfg.ae_interval)
+        if not moving.any():
+            return shards
+        self.host.counters["ae_deferred_shards"] += int(moving.sum())
+        return shards[~moving]
 
     def send_pull_request(self, partner: str, shards: dict[str, dict[str, list[int]]], back: bool) -> None:
         mem = self.host.members.get(partner)
@@ -282,6 +298,15 @@ class Pulls:
             self.host.counters["pull_responses_sent"] += 1
             self.host.send(Outgoing(sender, mem.address, MsgType.PULL_RESPONSE,
                                       {"from": self.host.node_id, "models": out_models}, extra))
+        for name, tables in list(reverse.items()):
+            for table, ss in list(tables.items()):
+                left = self.unsettled(self.host.models[name], table, np.asarray(ss, np.int64), now)
+                if len(left):
+                    tables[table] = left.tolist()
+                else:
+                    del tables[table]
+            if not tables:
+                del reverse[name]
         if reverse:
             self.send_pull_request(sender, reverse, back=False)
 

@@ -261,7 +261,11 @@ class EagerPush:
                 # versions instead of re-listing rows every replica already holds.
                 self.host.counters["push_links"] += len(f.links)
                 waiting: list[int] = []
-                m.dirty[d.table].update(apply_links(m.shards[d.table], f.links, waiting))
+                moved = apply_links(m.shards[d.table], f.links, waiting)
+                m.dirty[d.table].update(moved)
+                # Whole publish chains arrive by push here: these shards are in motion,
+                # and anti-entropy leaves them alone a while (ModelState.in_motion).
+                m.pushed_at[d.table][moved] = now
                 for s in waiting:
                     self.gaps.note_waiting(m, d.table, s, now)
             # Forwarded rows keep the links only when every row went on (see QueuedRows.links).

@@ -50,6 +50,13 @@ MAX_PUBLISH_AHEAD_S = 10.0
 #: knowledge to spread: an intra-DC round, a gateway's walk over its WAN pairings, the
 #: far DC's round, with room for rounds whose partner held nothing new.
 KNOWLEDGE_BOUND_ROUNDS = 20
+#: anti-entropy rounds a shard in motion (rows pushed to it within ``push_grace``, no
+#: waiting chain) may go without being pulled (``ae_defer_in_motion``).  Its pushes are
+#: in flight: pulling them too sends every row twice.  A lost push shows as a waiting
+#: chain at the next frame, or stops the motion; either ends the deferral at once, and
+#: this bound caps it for what neither catches (a quiet origin's last frame lost while
+#: another keeps the shard moving).
+AE_DEFER_ROUNDS = 8
 #: values of NodeConfig.durability: write-ahead log with fsync before the ack, or none.
 DURABILITY_MODES = ("wal", "none")
 
@@ -91,6 +98,11 @@ class NodeConfig:
             requester lists no held rows (ablation ``ekko-full-scan``).
         push_grace: seconds after a row's arrival during which cross-DC pull answers
             hold it back (its eager push is likely in flight); a few WAN RTTs.
+        ae_defer_in_motion: anti-entropy leaves alone shards that pushes reached within
+            ``push_grace`` and that wait on no chain, for at most
+            :data:`AE_DEFER_ROUNDS` rounds: under steady publishing every shard
+            differs between replicas only by pushes in flight, and pulling them
+            again doubled the bytes and most of the CPU (issue #15).
         push_frame_bytes: bytes of rows per push frame.
         pull_response_bytes: cap on rows per pull answer (Scuttlebutt's rule).
         queue_rows: bound on rows per outbound link queue.
@@ -171,6 +183,7 @@ class NodeConfig:
     use_gateways: bool = True
     use_shard_versions: bool = True
     push_grace: float = 0.5
+    ae_defer_in_motion: bool = True
     push_frame_bytes: int = 256 << 10
     pull_response_bytes: int = 2 << 20
     queue_rows: int = 1 << 20
@@ -240,10 +253,11 @@ class NodeConfig:
         before it), a gap's wait before the last probe tier plus its retries
         (``gap_probe_after * (GAP_PROBE_TIERS + 1)``), plus
         :data:`KNOWLEDGE_BOUND_ROUNDS` anti-entropy rounds for pulls and for the
-        knowledge to spread across the gateways.  ``bench/nemesis.py`` checks it.
+        knowledge to spread across the gateways, plus :data:`AE_DEFER_ROUNDS` for a
+        shard in motion.  ``bench/nemesis.py`` checks it.
         """
-        return (self.dead_after + self.gap_probe_after * (GAP_PROBE_TIERS + 1)
-                + KNOWLEDGE_BOUND_ROUNDS * self.ae_interval)
+        rounds = KNOWLEDGE_BOUND_ROUNDS + (AE_DEFER_ROUNDS if self.ae_defer_in_motion else 0)
+        return self.dead_after + self.gap_probe_after * (GAP_PROBE_TIERS + 1) + rounds * self.ae_interval
 
     def replace(self, **kw: Any) -> "NodeConfig":
         return dataclasses.replace(self, **kw)

@@ -391,6 +391,7 @@ class ReplicaNode:
                     after, urgent = self._checked_after(sync, origin, after, int(ctr[part].min()), upto)
                 if sync.chain(origin, after, upto):
                     m.dirty[d.table].add(s)
+                    m.pushed_at[d.table][s] = now     # its pushes are about to leave
                 if sync.pending:
                     self.gap_probe.note_waiting(m, d.table, s, now, urgent)
                 if after >= 0:
