@@ -39,9 +39,13 @@ class QueuedRows:
         enqueued_at: float64 time each row was (first) queued.
         links: publish-chain links, int64 rows ``[shard, origin, after, upto]``, these rows
             complete: every row the publisher sent for that shard in that frame is
-            here, so a receiver may advance its knowledge as the ingest did.  Only
-            valid for the batch as a whole: any selection of rows drops them
-            (:func:`_select`), and so does coalescing that removes a row.
+            here, so a receiver may advance its knowledge as the ingest did.  A
+            selection of rows keeps the links of the shards it holds whole and drops
+            the others (:func:`_select`; without ``shards`` it drops them all).
+        shards: the shard of each row, rows grouped by shard (with ``links``): the
+            FIFO queue then splits a batch at shard boundaries, so a batch over a
+            frame's budget still carries its links, each with the frame that holds
+            its shard's rows.
     """
 
     model: str
@@ -53,6 +57,7 @@ class QueuedRows:
     high: np.ndarray | None = None
     enqueued_at: np.ndarray | None = None
     links: np.ndarray | None = None
+    shards: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -141,7 +146,7 @@ class FifoLinkQueue:
             self._q = kept
         at = rows.enqueued_at if rows.enqueued_at is not None else _times(len(rows), now)
         self._q.append(QueuedRows(rows.model, rows.table, rows.ids, rows.versions, rows.row_bytes,
-                                  rows.scores, rows.high, at, rows.links))
+                                  rows.scores, rows.high, at, rows.links, rows.shards))
         self._rows += len(rows)
         while self._rows > self.max_rows:
             b = self._q.popleft()
@@ -159,6 +164,11 @@ class FifoLinkQueue:
                 n = 1
             if n == 0:
                 break
+            if n < len(b) and b.links is not None and b.shards is not None:
+                k = _shard_boundary(b.shards, n)
+                if k == 0 and out:
+                    break   # the rest of the budget would split a shard: next frame
+                n = k or n
             if n >= len(b):
                 self._q.popleft()
                 out.append(b)
@@ -189,8 +199,32 @@ def _times(n: int, now: float) -> np.ndarray:
     return got[2]
 
 
+def _shard_boundary(shards: np.ndarray, n: int) -> int:
+    """The greatest ``0 < k <= n`` that ends a run of equal shards (rows grouped by
+    shard), so that a split there leaves every shard whole on one side; 0 when the first
+    run is longer than ``n`` (a split must cut that shard, and its link is lost)."""
+    cuts = np.flatnonzero(shards[1:n + 1] != shards[:n]) + 1
+    return int(cuts[-1]) if len(cuts) else 0
+
+
 def _select(b: QueuedRows, idx: Any) -> QueuedRows:
-    """A part of a batch; its chain links are dropped (they hold for the whole batch only)."""
+    """A part of a batch.  It keeps the chain links of the shards whose every row of the
+    batch it holds (known only with ``b.shards``); the others are dropped.
+
+    Example:
+        >>> b = QueuedRows("m", "t", np.array([7, 8, 9]), np.array([5, 5, 5]), 8,
+        ...                links=np.array([[0, 1, 0, 4], [1, 1, 0, 5]]), shards=np.array([0, 0, 1]))
+        >>> _select(b, slice(0, 2)).links.tolist(), _select(b, slice(1, 3)).links.tolist()
+        ([[0, 1, 0, 4]], [[1, 1, 0, 5]])
+    """
     pick = lambda a: None if a is None else a[idx]  # noqa: E731
+    links = None
+    if b.links is not None and b.shards is not None:
+        chosen = np.zeros(len(b), bool)
+        chosen[idx] = True
+        inside, outside = b.shards[chosen], b.shards[~chosen]
+        keep = np.isin(b.links[:, 0], inside) & ~np.isin(b.links[:, 0], outside)
+        if keep.any():
+            links = b.links[keep]
     return QueuedRows(b.model, b.table, b.ids[idx], b.versions[idx], b.row_bytes, pick(b.scores), pick(b.high),
-                      pick(b.enqueued_at))
+                      pick(b.enqueued_at), links, pick(b.shards) if links is not None else None)

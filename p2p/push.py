@@ -123,9 +123,17 @@ class EagerPush:
 
     def queued(self, m: ModelState, table: str, res: ApplyResult, now: float, impact: np.ndarray | None = None,
                 links: np.ndarray | None = None) -> QueuedRows:
-        rb = m.spec.table(table).row_bytes
+        spec = m.spec.table(table)
+        rb = spec.row_bytes
         if self.prioritizer is None:
-            return QueuedRows(m.spec.name, table, res.ids, res.versions, rb, links=links)
+            if links is None:
+                return QueuedRows(m.spec.name, table, res.ids, res.versions, rb)
+            # Rows grouped by shard: a batch over a frame's budget is then split between
+            # shards, and each part keeps the links of the shards it carries.
+            shards = spec.shards_of(res.ids)
+            order = np.argsort(shards, kind="stable")
+            return QueuedRows(m.spec.name, table, res.ids[order], res.versions[order], rb, links=links,
+                              shards=shards[order])
         # The scheduler's queues reorder and split batches, so chain links do not survive
         # them: with a scheduler, knowledge off the ingest advances by anti-entropy only.
         return self.prioritizer.queued_rows(m.spec.name, table, res.ids, res.versions, rb, now,

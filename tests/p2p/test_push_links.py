@@ -94,3 +94,43 @@ def test_a_valid_link_advances_knowledge_and_a_gap_waits():
     assert knowledge(node)[shard].get(7, 0) == 0     # its predecessor (up to 2000) is missing
     _push(node, [array_to_wire(np.array([[shard, 7, 0, 2000]], np.int64))])
     assert knowledge(node)[shard][7] == 3000         # the gap closed: both links hold
+
+
+def test_a_batch_over_the_frame_budget_keeps_its_links_split_by_shard():
+    # A 1k-row batch of dim-64 rows is over the default 256 KiB push frame: the queue
+    # splits it between shards, each frame with the links of the shards it holds whole.
+    rows = np.arange(6, dtype=np.int64) * 100              # shards 0, 0, 1, 1, 2, 2 below
+    shards = np.array([0, 0, 1, 1, 2, 2])
+    links = np.array([[0, 1, 0, 10], [1, 1, 0, 11], [2, 1, 0, 12]], np.int64)
+    q = FifoLinkQueue()
+    q.put(QueuedRows("m", "t", rows, np.full(6, 5), 8, links=links, shards=shards), now=0.0)
+    first = q.take(0.0, 3 * (8 + 16))                       # room for 3 rows: 2 go (shard 0 whole)
+    second = q.take(0.0, 10_000)
+    assert [len(b) for b in first + second] == [2, 4]
+    assert first[0].links.tolist() == [[0, 1, 0, 10]]
+    assert second[0].links.tolist() == [[1, 1, 0, 11], [2, 1, 0, 12]]
+    # A shard larger than the budget alone is split, and only its link is lost.
+    q.put(QueuedRows("m", "t", rows, np.full(6, 5), 8, links=links, shards=np.array([0, 0, 0, 0, 1, 2])), now=0.0)
+    (part,) = q.take(0.0, 3 * (8 + 16))
+    assert len(part) == 3 and part.links is None
+    (rest,) = q.take(0.0, 10_000)
+    assert rest.links.tolist() == [[1, 1, 0, 11], [2, 1, 0, 12]]
+
+
+def test_knowledge_follows_pushes_of_batches_over_the_frame_budget():
+    # Anti-entropy off, frames of 2 KiB: each 300-row batch (dim 8: 48 B a row on the
+    # wire) travels in several frames, and knowledge must still move with them.
+    cfg = NodeConfig(ae_interval=1e6, push_frame_bytes=2048)
+    net = make_cluster(dcs=2, per_dc=3, seed=7, config=cfg)
+    net.run(2.0)
+    trainer = Trainer(net, "n0-0", seed=7)
+    for _ in range(4):
+        trainer.publish("emb", 300)
+        net.run(net.now + 0.2)
+    net.run(net.now + 1.0)
+    assert converged(net, trainer)
+    want = knowledge(net.nodes["n0-0"])
+    assert any(want[s] for s in want)
+    for nid, node in net.nodes.items():
+        assert knowledge(node) == want, nid
+    assert sum(n.counters["push_frames_sent"] for n in net.nodes.values()) > 4 * 5   # they were split
