@@ -404,3 +404,37 @@ async def test_async_publisher_core(srv, tmp_path):
     vals, vers = srv.rows("ranker", "f32")
     assert vals[:3, 0].tolist() == [9.0, 10.0, 11.0]
     assert (vers[:3] >> ORIGIN_BITS).tolist() == counters[-3:]
+
+
+def test_host_values_are_prepared_without_torch(monkeypatch):
+    # A training process runs torch with an OpenMP team; on a busy host waking it for a
+    # publish's copy and finiteness check cost tens of ms.  Host values of a float table
+    # are copied and checked with numpy, and equal what torch's conversion gives.
+    from ekko.sdk.prepare import prepare_publish
+    spec = ModelSpec("m", [TableSpec("f32", rows=10, dim=4), TableSpec("f16", rows=10, dim=4, dtype="float16"),
+                           TableSpec("bf16", rows=10, dim=4, dtype="bfloat16")])
+    v64 = np.random.default_rng(0).standard_normal((2, 4)) * 1000
+    want = {t: to_wire_values(torch.from_numpy(v64).to(TORCH[t_dtype]))
+            for t, t_dtype in (("f32", "float32"), ("f16", "float16"), ("bf16", "bfloat16"))}
+
+    def no_torch(*a, **k):
+        raise AssertionError("torch used for host values")
+
+    inputs = (v64, torch.from_numpy(v64.copy()))
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "isfinite", no_torch)
+        mp.setattr(torch, "from_numpy", no_torch)
+        for t in ("f32", "f16"):
+            for values in inputs:
+                got = prepare_publish(spec, {t: ([1, 2], values)}).tables[t][1]
+                assert got.dtype == want[t].dtype and np.array_equal(got, want[t])
+        with pytest.raises(UsageError, match="NaN"):
+            prepare_publish(spec, {"f32": ([1], np.array([[0, np.inf, 0, 0]]))})
+    # bfloat16 has no numpy dtype: torch converts it, to the same bits as before.
+    got = prepare_publish(spec, {"bf16": ([1, 2], v64)}).tables["bf16"][1]
+    assert np.array_equal(got, want["bf16"])
+    # The copy is owned: writing the caller's array afterwards changes nothing sent.
+    src = np.ones((1, 4), np.float32)
+    p = prepare_publish(spec, {"f32": ([3], src)})
+    src[:] = 7
+    assert p.tables["f32"][1].tolist() == [[1, 1, 1, 1]]
