@@ -53,6 +53,16 @@ def _aligned(d: Delta, res: ApplyResult, per_row: np.ndarray) -> np.ndarray:
     return per_row[order][np.minimum(pos, len(order) - 1)]
 
 
+def _slice_key(b: QueuedRows) -> tuple[Any, ...]:
+    """What makes two queued batches the same rows: the memory their ids and versions
+    sit at.  Every link queue of a DC fan-out holds the same batch and splits it at the
+    same shard boundaries, so their slices are views at equal addresses and lengths, and
+    the peers get one wire form (and, in the transport, one encoded frame).  Addresses
+    are unique among live arrays, and :meth:`EagerPush.flush` keeps the batches alive."""
+    return (b.model, b.table, b.ids.__array_interface__["data"][0], len(b),
+            b.versions.__array_interface__["data"][0], b.links is not None)
+
+
 def impact_of(d: Delta, res: ApplyResult) -> np.ndarray | None:
     """The publisher's impact metadata of the rows an apply changed (aligned with res.ids)."""
     if d.impact is None or not len(res):
@@ -186,7 +196,7 @@ class EagerPush:
                     # look again a moment later rather than spinning at this instant.
                     ready = now + PUSH_RETRY_S
                     break
-                key = tuple(id(b.ids) for b in batches)
+                key = tuple(_slice_key(b) for b in batches)
                 got = built.get(key)
                 if got is None:
                     # Keep the batches alive with their wire form: ids are only unique

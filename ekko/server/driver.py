@@ -90,7 +90,9 @@ class NodeDriver:
         self.gate = gate
         self.clock = clock
         self.transport = HttpTransport(keyring, on_sent=self._on_sent, on_failed=self._on_failed,
-                                       min_saving_of=self._min_saving)
+                                       min_saving_of=self._min_saving,
+                                       on_frame=lambda reused: metrics.frames.labels(
+                                           "reused" if reused else "encoded").inc())
         self.is_stopped = is_stopped
         self._wake: asyncio.Event | None = None
 

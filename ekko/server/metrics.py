@@ -184,6 +184,9 @@ class DaemonMetrics:
                                        ["where"], registry=r)
         self.bytes_sent = Counter("ekko_bytes_sent", "Frame bytes sent to peers, by peer DC and message type",
                                   ["peer_dc", "msg_type"], registry=r)
+        self.frames = Counter("ekko_peer_frames", "Frames peer sends needed, by outcome: encoded, or reused "
+                              "(the frame of an equal send to another peer: a push's DC fan-out)", ["outcome"],
+                              registry=r)
         self.bytes_received = Counter("ekko_bytes_received",
                                       "Frame bytes received from peers, by sender DC and message type",
                                       ["peer_dc", "msg_type"], registry=r)

@@ -17,6 +17,9 @@ Design rules, because the node loop must never wait on the network:
   dropped and counted: every message type is repaired by a later round
   (gossip repeats, anti-entropy re-pulls, pushed rows are found by
   anti-entropy), so dropping is safe where queueing without bound is not.
+* A push goes to several peers with the same body (the node shares one wire form of
+  the rows among them): it is encoded -- msgpack, zstd, HMAC -- once, and the same
+  bytes are POSTed to each (:meth:`HttpTransport._frame_of`).
 * A peer in this replica's own DC gets a body compressed only where that pays
   (``min_saving_of``, see :data:`ekko.core.codec.COMPRESS_MIN_SAVING`): float32
   rows are sent as they are on the LAN, still compressed across DCs.
@@ -30,11 +33,11 @@ import asyncio
 import logging
 from collections import Counter
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import aiohttp
 
-from ekko.core.codec import Keyring, encode_frame
+from ekko.core.codec import Keyring, MsgType, encode_frame
 from ekko.core.errors import UsageError
 from ekko.core.messages import Outgoing
 
@@ -59,6 +62,18 @@ ENCODE_OFFLOAD_BYTES = 256 << 10
 CLOSE_TIMEOUT_S = 2.0
 #: path every peer message is POSTed to.
 GOSSIP_PATH = "/v1/gossip"
+#: message types whose frames are shared by the sends of one body to several peers.
+SHARED_TYPES = frozenset({MsgType.PUSH})
+
+
+def share_key(out: Outgoing) -> tuple[Any, ...] | None:
+    """What makes two sends' frames equal: the type and each body field (scalars by
+    value, containers by identity: the node builds a push's deltas once for all its
+    peers and never changes them).  None for messages encoded per send."""
+    if out.msg_type not in SHARED_TYPES:
+        return None
+    return (out.msg_type, *((k, v if isinstance(v, (str, int, float, bool, type(None))) else id(v))
+                            for k, v in out.body.items()))
 
 
 def estimated_size(out: Outgoing) -> int:
@@ -79,6 +94,8 @@ class HttpTransport:
         keyring: cluster keys; frames are signed with its primary key when set.
         on_sent: ``callback(out, nbytes)`` after a peer accepted a frame (metrics).
         on_failed: ``callback(out, reason)`` when a send failed or was dropped.
+        on_frame: ``callback(reused)`` per frame a send needed: True when an equal send's
+            encoded frame served (see the module doc), False when it was encoded.
         min_saving_of: ``out -> fraction`` that compression must save for ``out``'s
             frame to go compressed (``encode_frame``'s ``min_saving``); None: 0.0.
         max_in_flight / per_peer / backlog: the bounds described in the module doc.
@@ -102,6 +119,7 @@ class HttpTransport:
     def __init__(self, keyring: Keyring | None = None, *,
                  on_sent: Callable[[Outgoing, int], None] | None = None,
                  on_failed: Callable[[Outgoing, str], None] | None = None,
+                 on_frame: Callable[[bool], None] | None = None,
                  max_in_flight: int = MAX_IN_FLIGHT, per_peer: int = PER_PEER_CONCURRENCY,
                  backlog: int = MAX_PEER_BACKLOG, timeout_s: float = SEND_TIMEOUT_S,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S,
@@ -110,6 +128,7 @@ class HttpTransport:
         self.min_saving_of = min_saving_of
         self.on_sent = on_sent
         self.on_failed = on_failed
+        self.on_frame = on_frame
         self.max_in_flight = max_in_flight
         self.per_peer = per_peer
         self.backlog = backlog
@@ -121,6 +140,11 @@ class HttpTransport:
         self._tasks: set[asyncio.Task] = set()
         self._sems: dict[str, asyncio.Semaphore] = {}
         self._pending: Counter[str] = Counter()   # address -> tasks not yet finished
+        # share_key -> [frame or None, sends not yet finished, the body (keeps the ids
+        # in the key alive), keyring it was signed with]
+        self._shared: dict[tuple[Any, ...], list[Any]] = {}
+        self.frames_encoded = 0
+        self.frames_reused = 0
         self._closed = False
 
     async def start(self) -> None:
@@ -146,7 +170,15 @@ class HttpTransport:
             return False
         self._pending[out.address] += 1
         min_saving = self.min_saving_of(out) if self.min_saving_of is not None else 0.0
-        task = asyncio.get_running_loop().create_task(self._post(out, min_saving))
+        key = share_key(out)
+        if key is not None:
+            key = (min_saving, *key)
+            entry = self._shared.get(key)
+            if entry is None:
+                self._shared[key] = [None, 1, out.body, self.keyring]
+            else:
+                entry[1] += 1
+        task = asyncio.get_running_loop().create_task(self._post(out, key, min_saving))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
@@ -156,7 +188,36 @@ class HttpTransport:
         if self.on_failed is not None:
             self.on_failed(out, reason)
 
-    async def _post(self, out: Outgoing, min_saving: float = 0.0) -> None:
+    async def _frame_of(self, out: Outgoing, key: tuple[Any, ...] | None, min_saving: float = 0.0) -> bytes:
+        """The encoded frame of ``out``: the one already made for an equal send, if any."""
+        entry = self._shared.get(key) if key is not None else None
+        if entry is not None and entry[0] is not None and entry[3] is self.keyring:
+            self.frames_reused += 1
+            if self.on_frame is not None:
+                self.on_frame(True)
+            return entry[0]
+        keyring = self.keyring
+        if estimated_size(out) >= ENCODE_OFFLOAD_BYTES:
+            # The body holds only immutable bytes/ints/strs, so a worker thread may read it.
+            frame = await asyncio.get_running_loop().run_in_executor(
+                None, partial(encode_frame, out.msg_type, out.body, keyring, min_saving=min_saving))
+        else:
+            frame = encode_frame(out.msg_type, out.body, keyring, min_saving=min_saving)
+        self.frames_encoded += 1
+        if self.on_frame is not None:
+            self.on_frame(False)
+        if entry is not None:
+            entry[0], entry[3] = frame, keyring  # signed with the keyring in use now
+        return frame
+
+    def _release(self, key: tuple[Any, ...] | None) -> None:
+        entry = self._shared.get(key) if key is not None else None
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._shared[key]
+
+    async def _post(self, out: Outgoing, key: tuple[Any, ...] | None = None, min_saving: float = 0.0) -> None:
         addr = out.address
         try:
             sem = self._sems.get(addr)
@@ -164,12 +225,7 @@ class HttpTransport:
                 sem = self._sems[addr] = asyncio.Semaphore(self.per_peer)
             async with sem:
                 try:
-                    if estimated_size(out) >= ENCODE_OFFLOAD_BYTES:
-                        # The body holds only immutable bytes/ints/strs, so a worker thread may read it.
-                        frame = await asyncio.get_running_loop().run_in_executor(
-                            None, partial(encode_frame, out.msg_type, out.body, self.keyring, min_saving=min_saving))
-                    else:
-                        frame = encode_frame(out.msg_type, out.body, self.keyring, min_saving=min_saving)
+                    frame = await self._frame_of(out, key, min_saving)
                 except UsageError as e:
                     log.warning("cannot encode %s for %s: %s", out.msg_type.name, addr, e)
                     self._fail(out, "encode")
@@ -197,6 +253,7 @@ class HttpTransport:
             log.exception("unexpected error sending %s to %s", out.msg_type.name, addr)
             self._fail(out, "internal")
         finally:
+            self._release(key)
             self._pending[addr] -= 1
             if self._pending[addr] <= 0:
                 del self._pending[addr]

@@ -1,0 +1,33 @@
+"""HttpTransport encodes a push once for all its destinations (issue #15)."""
+
+import asyncio
+
+from ekko.core.codec import Keyring, MsgType, decode_frame
+from ekko.core.messages import Outgoing
+from ekko.server.transport import HttpTransport, share_key
+
+
+def test_push_to_several_peers_is_encoded_once():
+    kr = Keyring({1: b"cluster-secret"})
+    deltas = [{"m": "m", "t": "t", "n": 0, "ids": b"", "v": b""}]
+    frames = []
+
+    async def go():
+        t = HttpTransport(kr, timeout_s=2, connect_timeout_s=1)
+        t.on_failed = lambda out, reason: None
+        await t.start()
+        for port in (9, 11, 13):   # nothing listens: the sends fail after encoding
+            body = {"from": "a", "dc": "dc1", "deltas": deltas}   # one body per peer, shared rows
+            assert t.send(Outgoing(f"p{port}", f"127.0.0.1:{port}", MsgType.PUSH, body))
+        other = {"from": "a", "dc": "dc1", "deltas": list(deltas)}   # other rows: its own frame
+        assert t.send(Outgoing("q", "127.0.0.1:15", MsgType.PUSH, other))
+        t.send(Outgoing("g", "127.0.0.1:17", MsgType.GOSSIP, {"k": "g"}))  # never shared
+        await t.close(timeout=5)
+        out = Outgoing("x", "x", MsgType.PUSH, {"from": "a", "dc": "dc1", "deltas": deltas})
+        frames.append(await t._frame_of(out, share_key(out)))
+        return t
+
+    t = asyncio.run(go())
+    assert t.frames_encoded - 1 == 3 and t.frames_reused == 2   # push, other push, gossip
+    assert not t._shared   # released once every send finished
+    assert decode_frame(frames[0], kr).body["deltas"][0]["m"] == "m"
