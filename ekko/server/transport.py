@@ -11,8 +11,6 @@ Design rules, because the node loop must never wait on the network:
 * One shared :class:`aiohttp.ClientSession` whose connector keeps connections
   alive and caps connections per host, so a busy link reuses a few sockets
   instead of opening one per message.
-* Pushes to one peer go one at a time, in order (:data:`ORDERED_TYPES`): a push's
-  publish-chain links only advance the receiver's knowledge in order.
 * At most :data:`PER_PEER_CONCURRENCY` POSTs run at once per peer address and
   at most :data:`MAX_PEER_BACKLOG` wait behind them; at most
   :data:`MAX_IN_FLIGHT` tasks exist in total.  Over either bound the message is
@@ -64,11 +62,6 @@ ENCODE_OFFLOAD_BYTES = 256 << 10
 CLOSE_TIMEOUT_S = 2.0
 #: path every peer message is POSTed to.
 GOSSIP_PATH = "/v1/gossip"
-#: message types sent to a peer one at a time, in the order the node sent them.  Several
-#: pushes in flight to one peer arrived out of order, each later frame's publish-chain
-#: link then waited on an earlier one: the shard went to anti-entropy and gap probes
-#: (with 4 publishers on 3x3 daemons, 270-440 gap probes per daemon in 15 s).
-ORDERED_TYPES = frozenset({MsgType.PUSH})
 #: message types whose frames are shared by the sends of one body to several peers.
 SHARED_TYPES = frozenset({MsgType.PUSH})
 
@@ -146,7 +139,6 @@ class HttpTransport:
         self.bytes_sent = 0
         self._tasks: set[asyncio.Task] = set()
         self._sems: dict[str, asyncio.Semaphore] = {}
-        self._lanes: dict[str, asyncio.Semaphore] = {}   # address -> the ordered lane (ORDERED_TYPES)
         self._pending: Counter[str] = Counter()   # address -> tasks not yet finished
         # share_key -> [frame or None, sends not yet finished, the body (keeps the ids
         # in the key alive), keyring it was signed with]
@@ -225,45 +217,29 @@ class HttpTransport:
             if entry[1] <= 0:
                 del self._shared[key]
 
-    async def _send_frame(self, out: Outgoing, key: tuple[Any, ...] | None, min_saving: float) -> None:
-        """Encode (or reuse) ``out``'s frame and POST it; failures are counted (raised
-        network errors are counted by :meth:`_post`)."""
-        addr = out.address
-        try:
-            frame = await self._frame_of(out, key, min_saving)
-        except UsageError as e:
-            log.warning("cannot encode %s for %s: %s", out.msg_type.name, addr, e)
-            self._fail(out, "encode")
-            return
-        assert self.session is not None
-        async with self.session.post(f"http://{addr}{GOSSIP_PATH}", data=frame) as resp:
-            await resp.read()
-            if resp.status >= 300:
-                self._fail(out, f"http_{resp.status}")
-                return
-        self.sent[out.msg_type.name] += 1
-        self.bytes_sent += len(frame)
-        if self.on_sent is not None:
-            self.on_sent(out, len(frame))
-
     async def _post(self, out: Outgoing, key: tuple[Any, ...] | None = None, min_saving: float = 0.0) -> None:
         addr = out.address
         try:
             sem = self._sems.get(addr)
             if sem is None:
                 sem = self._sems[addr] = asyncio.Semaphore(self.per_peer)
-            lane = None
-            if out.msg_type in ORDERED_TYPES:
-                lane = self._lanes.get(addr)
-                if lane is None:
-                    lane = self._lanes[addr] = asyncio.Semaphore(1)
-                await lane.acquire()   # FIFO: pushes to a peer leave in the order they were sent
-            try:
-                async with sem:
-                    await self._send_frame(out, key, min_saving)
-            finally:
-                if lane is not None:
-                    lane.release()
+            async with sem:
+                try:
+                    frame = await self._frame_of(out, key, min_saving)
+                except UsageError as e:
+                    log.warning("cannot encode %s for %s: %s", out.msg_type.name, addr, e)
+                    self._fail(out, "encode")
+                    return
+                assert self.session is not None
+                async with self.session.post(f"http://{addr}{GOSSIP_PATH}", data=frame) as resp:
+                    await resp.read()
+                    if resp.status >= 300:
+                        self._fail(out, f"http_{resp.status}")
+                        return
+                self.sent[out.msg_type.name] += 1
+                self.bytes_sent += len(frame)
+                if self.on_sent is not None:
+                    self.on_sent(out, len(frame))
         except asyncio.TimeoutError:
             self._fail(out, "timeout")
         except (aiohttp.ClientConnectorError, ConnectionError):
