@@ -1,0 +1,236 @@
+"""Where real daemons spend a publish: CPU per row, protocol counters, optional py-spy (issue #15).
+
+Starts ``--dcs x --per-dc`` ``ekko daemon`` processes on loopback (``LocalCluster``,
+``--preset local``, a cluster key, the write-ahead log on), registers one ``--rows`` x
+``--dim`` float32 table and has ``--publishers`` ``AsyncPublisher`` s in this process
+publish batches of ``--batch`` random distinct ids to the first daemon (dc1-r1), each
+waiting for its acknowledgement before the next, for ``--seconds``.  Then it prints:
+
+* rows/s acknowledged and the acknowledgement p50/p90 (from the publish call);
+* CPU seconds each daemon used during the window (``/proc/PID/stat``) and CPU
+  microseconds per published row, all daemons together and per daemon;
+* per daemon, the protocol counters that say which path carried the rows
+  (``ekko_node_events_total``: rows applied by push / pull / publish, pushes that
+  carried publish-chain links, pull requests and answers, anti-entropy shards left
+  alone while in motion, gap probes, rows compared by anti-entropy), the push frames
+  encoded and reused (``ekko_peer_frames_total``) and failed sends;
+* with ``--py-spy`` (``pip install py-spy``): ``py-spy record --nonblocking -r 50`` on
+  every daemon for the window, aggregated over all daemons into the functions with the
+  most samples, self and inclusive (shares of samples that were not waiting in
+  ``select``).  Samples are wall-clock while the process is runnable: on an
+  overloaded host a function that waits for a core looks more expensive.
+
+The load average before and after is printed; the host is shared, so compare runs made
+back to back.  Every daemon is stopped by PID at the end (also on errors).
+
+Run:  python bench/daemon_profile.py [--publishers 1] [--batch 1000] [--seconds 15] [--py-spy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import collections
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+#: node counters printed per daemon (ekko_node_events_total{event=...}).
+EVENTS = ("applied_rows_publish", "applied_rows_push", "applied_rows_pull", "push_links", "push_frames_received",
+          "push_frames_sent", "pull_requests_sent", "pull_responses_sent", "ae_deferred_shards", "gap_probes_sent",
+          "rows_scanned")
+#: py-spy sampling rate (Hz) and the functions listed.
+PYSPY_RATE = 50
+TOP_FUNCTIONS = 25
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape(ep: str) -> dict[str, dict[str, float]]:
+    txt = urllib.request.urlopen(f"http://{ep}/metrics", timeout=30).read().decode()
+    out: dict[str, dict[str, float]] = {"events": {}, "frames": {}, "failures": {}}
+    for kind, metric, label in (("events", "ekko_node_events_total", "event"),
+                                ("frames", "ekko_peer_frames_total", "outcome"),
+                                ("failures", "ekko_send_failures_total", "reason")):
+        for m in re.finditer(rf'^{metric}\{{(?:[^}}]*,)?{label}="([A-Za-z0-9_]+)"[^}}]*\}} ([0-9.e+]+)$', txt, re.M):
+            out[kind][m.group(1)] = out[kind].get(m.group(1), 0.0) + float(m.group(2))
+    return out
+
+
+def aggregate(files: list[Path]) -> dict[str, Any]:
+    """Self and inclusive sample shares per function over py-spy raw (collapsed) files."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = idle = 0
+    for f in files:
+        for line in f.read_text().splitlines():
+            if not line.strip():
+                continue
+            stack, n_s = line.rsplit(" ", 1)
+            n = int(n_s)
+            names = [fr.split(" (")[0] + " (" + fr.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
+                     if " (" in fr else fr for fr in stack.split(";")]
+            total += n
+            if names[-1].startswith("EpollSelector.select") or names[-1].startswith("select ("):
+                idle += n
+                continue
+            own[names[-1]] += n
+            for name in set(names):
+                incl[name] += n
+    busy = max(1, total - idle)
+    return {"samples": total, "waiting_in_select": idle,
+            "self": [(k, round(100 * v / busy, 1)) for k, v in own.most_common(TOP_FUNCTIONS)],
+            "inclusive": [(k, round(100 * v / busy, 1)) for k, v in incl.most_common(TOP_FUNCTIONS + 15)]}
+
+
+async def publisher(k: int, ep: list[str], key: str, state: Path, spec: Any, args: argparse.Namespace,
+                    t_end: float, lat: list[float]) -> int:
+    from ekko.sdk.async_publisher import AsyncPublisher
+    pub = AsyncPublisher(ep, origin=f"profile-{k}", key=key, state_dir=str(state / f"pub{k}"))
+    await pub.register(spec)
+    rng = np.random.default_rng(k + 1)
+    # Publisher k writes only rows = k (mod publishers): no two publishers write a row.
+    pool = np.arange(k, args.rows, args.publishers, dtype=np.int64)
+    n = 0
+    try:
+        while time.monotonic() < t_end:
+            ids = rng.choice(pool, args.batch, replace=False)
+            vals = rng.standard_normal((args.batch, args.dim), dtype=np.float32)
+            t0 = time.monotonic()
+            await pub.publish("m", "t", ids, vals)
+            lat.append(time.monotonic() - t0)
+            n += args.batch
+    finally:
+        await pub.close()
+    return n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 epilog="Details: the module docstring (python -m pydoc bench/daemon_profile.py).")
+    ap.add_argument("--dcs", type=int, default=3)
+    ap.add_argument("--per-dc", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1000, help="rows per publish")
+    ap.add_argument("--publishers", type=int, default=1)
+    ap.add_argument("--seconds", type=float, default=15.0, help="seconds the publishers publish")
+    ap.add_argument("--py-spy", action="store_true", help="sample every daemon with py-spy during the window")
+    ap.add_argument("--out", help="write the figures as JSON here")
+    args = ap.parse_args()
+    if args.py_spy and shutil.which("py-spy") is None:
+        print("daemon_profile: --py-spy needs py-spy (pip install py-spy)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO))
+    os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    from ekko import Client, ModelSpec, TableSpec
+    from ekko.cli.demo import LocalCluster
+
+    root = Path(tempfile.mkdtemp(prefix="ekko-profile-"))
+    key = os.urandom(16).hex()
+    key_file = root / "cluster.key"
+    key_file.write_text(key)
+    key_file.chmod(0o600)
+    ids = [f"dc{d + 1}-r{i + 1}" for d in range(args.dcs) for i in range(args.per_dc)]
+    cluster = LocalCluster(args.dcs, args.per_dc, root / "cluster", preset="local", key_file=str(key_file),
+                           device="cpu", node_config={n: {"durability": "wal"} for n in ids})
+    atexit.register(shutil.rmtree, root, True)
+    atexit.register(cluster.stop)     # runs first: daemons are stopped by PID before the dir goes
+    load0 = os.getloadavg()
+    print(f"# python bench/daemon_profile.py {' '.join(sys.argv[1:])}")
+    print(f"# {args.dcs} DCs x {args.per_dc} daemons (--preset local, key, WAL), {args.publishers} publisher(s) "
+          f"of {args.batch}-row batches into a {args.rows} x {args.dim} float32 table for {args.seconds} s; "
+          f"load average {load0[0]:.1f} on {os.cpu_count()} CPUs")
+    cluster.start()
+    cluster.wait_ready(120)
+    cluster.wait_joined()
+    eps = cluster.endpoints
+    spec = ModelSpec("m", [TableSpec("t", rows=args.rows, dim=args.dim)])
+    Client(eps[0], key=key, timeout=30).register(spec)
+    for ep in eps:   # the catalog spreads by gossip
+        end = time.monotonic() + 60
+        while "m" not in json.loads(urllib.request.urlopen(f"http://{ep}/v1/status", timeout=30).read())["models"]:
+            if time.monotonic() > end:
+                raise SystemExit(f"{ep} did not learn the model")
+            time.sleep(0.1)
+    pids = [r.proc.pid for r in cluster.replicas]
+    before = {ep: scrape(ep) for ep in eps}
+    spies = []
+    if args.py_spy:
+        for pid, nid in zip(pids, ids):
+            spies.append(subprocess.Popen(
+                ["py-spy", "record", "-p", str(pid), "-d", str(max(1, int(args.seconds))), "-r", str(PYSPY_RATE),
+                 "-f", "raw", "-o", str(root / f"{nid}.txt"), "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    cpu0 = [cpu_seconds(p) for p in pids]
+    lat: list[float] = []
+    t0 = time.monotonic()
+
+    async def run_all() -> list[int]:
+        return await asyncio.gather(*[publisher(k, [eps[0]] + eps[1:], key, root, spec, args,
+                                                t0 + args.seconds, lat) for k in range(args.publishers)])
+
+    rows = sum(asyncio.run(run_all()))
+    elapsed = time.monotonic() - t0
+    cpu = [cpu_seconds(p) - c for p, c in zip(pids, cpu0)]
+    for s in spies:
+        s.wait()
+    after = {ep: scrape(ep) for ep in eps}
+    load1 = os.getloadavg()
+
+    lat_ms = np.array(lat) * 1000
+    res: dict[str, Any] = {
+        "args": vars(args), "load_before": load0, "load_after": load1, "rows": rows, "seconds": round(elapsed, 2),
+        "rows_per_s_acked": round(rows / elapsed), "ack_p50_ms": round(float(np.median(lat_ms)), 1),
+        "ack_p90_ms": round(float(np.percentile(lat_ms, 90)), 1),
+        "cpu_s": dict(zip(ids, [round(c, 2) for c in cpu])),
+        "cpu_us_per_row": round(1e6 * sum(cpu) / max(1, rows), 1), "daemons": {}}
+    print(f"\n{rows:,} rows in {elapsed:.1f} s: {res['rows_per_s_acked']:,} rows/s acknowledged, "
+          f"ack p50 {res['ack_p50_ms']} ms, p90 {res['ack_p90_ms']} ms")
+    print(f"CPU during the window: {sum(cpu):.1f} s over all daemons = {res['cpu_us_per_row']} us per row "
+          f"(ingest {1e6 * cpu[0] / max(1, rows):.1f} us, the others' median "
+          f"{1e6 * float(np.median(cpu[1:] or [0])) / max(1, rows):.1f} us)")
+    head = ["daemon", "cpu s"] + [e.replace("applied_rows_", "rows_") for e in EVENTS] + ["frames enc/reused", "fails"]
+    print("\n" + " | ".join(head))
+    for nid, ep, c in zip(ids, eps, cpu):
+        d = {k: {n: after[ep][k].get(n, 0.0) - before[ep][k].get(n, 0.0) for n in after[ep][k]}
+             for k in after[ep]}
+        res["daemons"][nid] = d
+        ev = d["events"]
+        print(" | ".join([nid, f"{c:.2f}"] + [f"{int(ev.get(e, 0)):,}" for e in EVENTS]
+                         + [f"{int(d['frames'].get('encoded', 0)):,}/{int(d['frames'].get('reused', 0)):,}",
+                            f"{int(sum(d['failures'].values())):,}"]))
+    if args.py_spy:
+        prof = aggregate(sorted(root.glob("*.txt")))
+        res["py_spy"] = prof
+        print(f"\npy-spy, all daemons: {prof['samples']:,} samples, {prof['waiting_in_select']:,} waiting in select; "
+              "shares of the rest")
+        for kind in ("self", "inclusive"):
+            print(f"-- {kind}")
+            for name, share in prof[kind]:
+                print(f"{share:6.1f}%  {name}")
+    print(f"\nload average before {load0[0]:.1f}, after {load1[0]:.1f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
