@@ -134,3 +134,26 @@ def test_knowledge_follows_pushes_of_batches_over_the_frame_budget():
     for nid, node in net.nodes.items():
         assert knowledge(node) == want, nid
     assert sum(n.counters["push_frames_sent"] for n in net.nodes.values()) > 4 * 5   # they were split
+
+
+def test_a_dc_fan_out_shares_one_wire_form_per_slice():
+    # Every link queue of the ingest's DC fan-out splits the same batch at the same shard
+    # boundaries: the peers' PUSH bodies share one deltas list per slice, which is what
+    # lets the daemon's transport encode each frame once (ekko_peer_frames_total).
+    cfg = NodeConfig(ae_interval=1e6, push_frame_bytes=2048)
+    net = make_cluster(dcs=1, per_dc=3, seed=8, config=cfg)
+    net.run(2.0)
+    ingest = net.nodes["n0-0"]
+    sent = []
+    real = ingest.send
+    ingest.send = lambda out: (sent.append(out), real(out))[1]
+    trainer = Trainer(net, "n0-0", seed=8)
+    trainer.publish("emb", 300)                     # 300 x 48 B: several 2 KiB frames per peer
+    net.run(net.now + 0.5)
+    pushes = [o for o in sent if o.msg_type == MsgType.PUSH]
+    by_peer = {}
+    for o in pushes:
+        by_peer.setdefault(o.dst, []).append(o.body["deltas"])
+    assert set(by_peer) == {"n0-1", "n0-2"} and len(by_peer["n0-1"]) > 1
+    assert [id(d) for d in by_peer["n0-1"]] == [id(d) for d in by_peer["n0-2"]]
+    assert converged(net, trainer)
