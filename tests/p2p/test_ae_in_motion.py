@@ -18,20 +18,24 @@ from p2p.memnet import Faults
 ONE_SHARD = ModelSpec("ranker", [TableSpec("emb", rows=4096, dim=8, shards=1)])
 
 
-def drop_pushes_to(net, node_id):
-    """Make ``node_id`` lose every PUSH frame while the returned flag dict says so."""
+def lose_next_frame(net, trainer, node_id, ids=None):
+    """Publish 64 rows through ``trainer`` while ``node_id`` drops every PUSH frame, for
+    0.1 s (pushes in flight arrive within it); the drop is checked to have happened."""
     node = net.nodes[node_id]
     real = node.receive
-    flag = {"on": False, "dropped": 0}
+    dropped = []
 
     def receive(frame, now, src=""):
-        if flag["on"] and frame.msg_type == MsgType.PUSH:
-            flag["dropped"] += 1
+        if frame.msg_type == MsgType.PUSH:
+            dropped.append(now)
             return
         real(frame, now, src)
 
     node.receive = receive
-    return flag
+    trainer.publish("emb", 64, ids=ids)
+    net.run(net.now + 0.1)
+    node.receive = real
+    assert dropped, "no push was lost"
 
 
 def steady(net, trainers, seconds, every=0.05, rows=64, ranges=None):
@@ -77,34 +81,30 @@ def test_a_lost_last_push_is_pulled_once_the_shard_settles():
     net.run(2.0)
     trainer = Trainer(net, "n0-0", seed=4, spec=ONE_SHARD)
     steady(net, [trainer], 1.0)
-    lost = drop_pushes_to(net, "n0-2")
-    lost["on"] = True
-    trainer.publish("emb", 64)             # the last frame: nothing after it shows a gap
-    net.run(net.now + 0.1)
-    lost["on"] = False
-    assert lost["dropped"] >= 1 and not converged(net, trainer, ["n0-2"])
+    lose_next_frame(net, trainer, "n0-2")   # the last frame: nothing after it shows a gap
+    assert not converged(net, trainer, ["n0-2"])
     # Settled after push_grace; then the next rounds pull it.
     assert net.run_until(lambda: converged(net, trainer, ["n0-2"]), timeout=cfg.push_grace + 4 * cfg.ae_interval)
 
 
 def test_a_lost_push_followed_by_more_frames_is_pulled_at_once():
-    # The next frame chains from the lost one: the shard waits on a chain, which ends the
-    # deferral although pushes keep the shard moving.
+    # Origin 1 loses a frame at n0-2 and goes on publishing: its next frame's link waits
+    # there on the lost one.  Origin 2 keeps the shard's knowledge moving, so only the
+    # waiting chain ends the deferral (without that rule it would last AE_DEFER_ROUNDS).
     cfg = NodeConfig(gap_probe_after=60.0)    # no gap probe: anti-entropy alone repairs
     net = make_cluster(dcs=1, per_dc=3, seed=5, config=cfg, spec=ONE_SHARD)
     net.run(2.0)
-    trainer = Trainer(net, "n0-0", seed=5, spec=ONE_SHARD)
-    steady(net, [trainer], 1.0)
-    lost = drop_pushes_to(net, "n0-2")
-    lost["on"] = True
-    trainer.publish("emb", 64)
-    net.run(net.now + 0.1)
-    lost["on"] = False
+    lossy = Trainer(net, "n0-0", origin=1, seed=5, spec=ONE_SHARD)
+    busy = Trainer(net, "n0-1", origin=2, seed=9, spec=ONE_SHARD)
+    ranges = [(2048, 4096), (0, 2048)]
+    steady(net, [lossy, busy], 1.0, ranges=ranges)
+    # As if n0-2 had just asked a peer for the shard: the deferral's cap is 2 s away.
+    net.nodes["n0-2"].models["ranker"].pulled_at["emb"][:] = net.now
+    lose_next_frame(net, lossy, "n0-2", ids=np.arange(3000, 3064, dtype=np.int64))
     t0 = net.now
-    while not converged(net, trainer, ["n0-2"]):
+    while not converged(net, lossy, ["n0-2"]):
         assert net.now - t0 < 3 * cfg.ae_interval + 0.2, "a waiting chain must not be deferred"
-        steady(net, [trainer], 0.05)
-    assert lost["dropped"] >= 1
+        steady(net, [lossy, busy], 0.05, ranges=ranges)
 
 
 def test_a_quiet_origins_lost_push_is_pulled_within_the_defer_bound():
@@ -116,11 +116,7 @@ def test_a_quiet_origins_lost_push_is_pulled_within_the_defer_bound():
     quiet = Trainer(net, "n0-0", origin=1, seed=6, spec=ONE_SHARD)
     busy = Trainer(net, "n0-1", origin=2, seed=7, spec=ONE_SHARD)
     steady(net, [quiet, busy], 1.0, ranges=[(2048, 4096), (0, 2048)])
-    lost = drop_pushes_to(net, "n0-2")
-    lost["on"] = True
-    quiet.publish("emb", 64, ids=np.arange(3000, 3064, dtype=np.int64))
-    net.run(net.now + 0.1)
-    lost["on"] = False
+    lose_next_frame(net, quiet, "n0-2", ids=np.arange(3000, 3064, dtype=np.int64))
     deferred0 = net.nodes["n0-2"].counters["ae_deferred_shards"]
     t0 = net.now
     while not converged(net, quiet, ["n0-2"]):

@@ -22,13 +22,13 @@ def knowledge(node, table="emb"):
     return {s: dict(m.shard(table, s).knowledge.items()) for s in range(SPEC.table(table).num_shards)}
 
 
-def test_pushes_carry_the_ingest_knowledge_to_every_replica():
-    # Anti-entropy effectively off: only pushes can move knowledge.
-    cfg = NodeConfig(ae_interval=1e6)
-    net = make_cluster(dcs=3, per_dc=3, seed=5, config=cfg)
+def assert_pushes_carry_knowledge(cfg, dcs, seed, batches):
+    """Publish ``batches`` 300-row batches at n0-0 with anti-entropy off (``cfg``): only
+    pushes can move knowledge, and every replica must end with the ingest's."""
+    net = make_cluster(dcs=dcs, per_dc=3, seed=seed, config=cfg)
     net.run(2.0)
-    trainer = Trainer(net, "n0-0", seed=5)
-    for _ in range(6):
+    trainer = Trainer(net, "n0-0", seed=seed)
+    for _ in range(batches):
         trainer.publish("emb", 300)
         net.run(net.now + 0.2)
     net.run(net.now + 1.0)
@@ -38,6 +38,11 @@ def test_pushes_carry_the_ingest_knowledge_to_every_replica():
     for nid, node in net.nodes.items():
         assert knowledge(node) == want, nid        # and every replica holds the same knowledge
     assert sum(n.counters["push_links"] for n in net.nodes.values()) > 0
+    return net
+
+
+def test_pushes_carry_the_ingest_knowledge_to_every_replica():
+    assert_pushes_carry_knowledge(NodeConfig(ae_interval=1e6), dcs=3, seed=5, batches=6)
 
 
 def test_links_survive_only_whole_batches_in_the_fifo_queue():
@@ -120,19 +125,8 @@ def test_a_batch_over_the_frame_budget_keeps_its_links_split_by_shard():
 def test_knowledge_follows_pushes_of_batches_over_the_frame_budget():
     # Anti-entropy off, frames of 2 KiB: each 300-row batch (dim 8: 48 B a row on the
     # wire) travels in several frames, and knowledge must still move with them.
-    cfg = NodeConfig(ae_interval=1e6, push_frame_bytes=2048)
-    net = make_cluster(dcs=2, per_dc=3, seed=7, config=cfg)
-    net.run(2.0)
-    trainer = Trainer(net, "n0-0", seed=7)
-    for _ in range(4):
-        trainer.publish("emb", 300)
-        net.run(net.now + 0.2)
-    net.run(net.now + 1.0)
-    assert converged(net, trainer)
-    want = knowledge(net.nodes["n0-0"])
-    assert any(want[s] for s in want)
-    for nid, node in net.nodes.items():
-        assert knowledge(node) == want, nid
+    net = assert_pushes_carry_knowledge(NodeConfig(ae_interval=1e6, push_frame_bytes=2048), dcs=2, seed=7,
+                                        batches=4)
     assert sum(n.counters["push_frames_sent"] for n in net.nodes.values()) > 4 * 5   # they were split
 
 
