@@ -131,9 +131,21 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1000, help="rows per publish")
     ap.add_argument("--publishers", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=15.0, help="seconds the publishers publish")
+    ap.add_argument("--node", action="append", default=[], metavar="KEY=VALUE",
+                    help="a [node] setting for every daemon (NodeConfig field; VALUE in JSON, e.g. "
+                         "ae_defer_in_motion=false), for A/B runs; repeatable")
     ap.add_argument("--py-spy", action="store_true", help="sample every daemon with py-spy during the window")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
+    overrides: dict[str, Any] = {}
+    for item in args.node:
+        k, sep, v = item.partition("=")
+        try:
+            overrides[k] = json.loads(v)
+        except json.JSONDecodeError:
+            sep = ""
+        if not sep or not k:
+            ap.error(f"--node wants KEY=JSON_VALUE, got {item!r}")
     if args.py_spy and shutil.which("py-spy") is None:
         print("daemon_profile: --py-spy needs py-spy (pip install py-spy)", file=sys.stderr)
         return 2
@@ -149,13 +161,14 @@ def main() -> int:
     key_file.chmod(0o600)
     ids = [f"dc{d + 1}-r{i + 1}" for d in range(args.dcs) for i in range(args.per_dc)]
     cluster = LocalCluster(args.dcs, args.per_dc, root / "cluster", preset="local", key_file=str(key_file),
-                           device="cpu", node_config={n: {"durability": "wal"} for n in ids})
+                           device="cpu", node_config={n: {"durability": "wal", **overrides} for n in ids})
     atexit.register(shutil.rmtree, root, True)
     atexit.register(cluster.stop)     # runs first: daemons are stopped by PID before the dir goes
     load0 = os.getloadavg()
     print(f"# python bench/daemon_profile.py {' '.join(sys.argv[1:])}")
     print(f"# {args.dcs} DCs x {args.per_dc} daemons (--preset local, key, WAL), {args.publishers} publisher(s) "
-          f"of {args.batch}-row batches into a {args.rows} x {args.dim} float32 table for {args.seconds} s; "
+          f"of {args.batch}-row batches into a {args.rows} x {args.dim} float32 table for {args.seconds} s"
+          f"{'; node ' + json.dumps(overrides) if overrides else ''}; "
           f"load average {load0[0]:.1f} on {os.cpu_count()} CPUs")
     cluster.start()
     cluster.wait_ready(120)
