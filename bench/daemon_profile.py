@@ -56,10 +56,12 @@ PYSPY_RATE = 50
 TOP_FUNCTIONS = 25
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, kernel: bool = False) -> float:
+    """CPU seconds ``pid`` used so far: user + system, or the system (kernel) part alone."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[12]) if kernel else int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def scrape(ep: str) -> dict[str, dict[str, float]]:
@@ -135,6 +137,8 @@ def main() -> int:
                     help="a [node] setting for every daemon (NodeConfig field; VALUE in JSON, e.g. "
                          "ae_defer_in_motion=false), for A/B runs; repeatable")
     ap.add_argument("--py-spy", action="store_true", help="sample every daemon with py-spy during the window")
+    ap.add_argument("--py-spy-dir", type=Path, default=None,
+                    help="keep py-spy's raw (collapsed) file of each daemon here, as NODE.txt")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
     overrides: dict[str, Any] = {}
@@ -185,13 +189,17 @@ def main() -> int:
     pids = [r.proc.pid for r in cluster.replicas]
     before = {ep: scrape(ep) for ep in eps}
     spies = []
+    spy_dir = args.py_spy_dir or root
+    spy_dir.mkdir(parents=True, exist_ok=True)
     if args.py_spy:
         for pid, nid in zip(pids, ids):
             spies.append(subprocess.Popen(
                 ["py-spy", "record", "-p", str(pid), "-d", str(max(1, int(args.seconds))), "-r", str(PYSPY_RATE),
-                 "-f", "raw", "-o", str(root / f"{nid}.txt"), "--nonblocking"],
+                 "-f", "raw", "-o", str(spy_dir / f"{nid}.txt"), "--nonblocking"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     cpu0 = [cpu_seconds(p) for p in pids]
+    sys0 = [cpu_seconds(p, kernel=True) for p in pids]
+    own0 = cpu_seconds(os.getpid())
     lat: list[float] = []
     t0 = time.monotonic()
 
@@ -202,6 +210,8 @@ def main() -> int:
     rows = sum(asyncio.run(run_all()))
     elapsed = time.monotonic() - t0
     cpu = [cpu_seconds(p) - c for p, c in zip(pids, cpu0)]
+    kernel = [cpu_seconds(p, kernel=True) - c for p, c in zip(pids, sys0)]
+    own = cpu_seconds(os.getpid()) - own0
     for s in spies:
         s.wait()
     after = {ep: scrape(ep) for ep in eps}
@@ -213,12 +223,16 @@ def main() -> int:
         "rows_per_s_acked": round(rows / elapsed), "ack_p50_ms": round(float(np.median(lat_ms)), 1),
         "ack_p90_ms": round(float(np.percentile(lat_ms, 90)), 1),
         "cpu_s": dict(zip(ids, [round(c, 2) for c in cpu])),
-        "cpu_us_per_row": round(1e6 * sum(cpu) / max(1, rows), 1), "daemons": {}}
+        "cpu_us_per_row": round(1e6 * sum(cpu) / max(1, rows), 1),
+        "kernel_share": round(sum(kernel) / max(1e-9, sum(cpu)), 3),
+        "publisher_cpu_us_per_row": round(1e6 * own / max(1, rows), 1), "daemons": {}}
     print(f"\n{rows:,} rows in {elapsed:.1f} s: {res['rows_per_s_acked']:,} rows/s acknowledged, "
           f"ack p50 {res['ack_p50_ms']} ms, p90 {res['ack_p90_ms']} ms")
     print(f"CPU during the window: {sum(cpu):.1f} s over all daemons = {res['cpu_us_per_row']} us per row "
           f"(ingest {1e6 * cpu[0] / max(1, rows):.1f} us, the others' median "
-          f"{1e6 * float(np.median(cpu[1:] or [0])) / max(1, rows):.1f} us)")
+          f"{1e6 * float(np.median(cpu[1:] or [0])) / max(1, rows):.1f} us); "
+          f"{100 * res['kernel_share']:.0f}% of it in the kernel; the publishers' process "
+          f"{res['publisher_cpu_us_per_row']} us per row")
     head = ["daemon", "cpu s"] + [e.replace("applied_rows_", "rows_") for e in EVENTS] + ["frames enc/reused", "fails"]
     print("\n" + " | ".join(head))
     for nid, ep, c in zip(ids, eps, cpu):
@@ -230,7 +244,7 @@ def main() -> int:
                          + [f"{int(d['frames'].get('encoded', 0)):,}/{int(d['frames'].get('reused', 0)):,}",
                             f"{int(sum(d['failures'].values())):,}"]))
     if args.py_spy:
-        prof = aggregate(sorted(root.glob("*.txt")))
+        prof = aggregate(sorted(spy_dir.glob("*.txt")))
         res["py_spy"] = prof
         print(f"\npy-spy, all daemons: {prof['samples']:,} samples, {prof['waiting_in_select']:,} waiting in select; "
               "shares of the rest")
