@@ -321,6 +321,7 @@ class Daemon:
         if not self._started:
             return
         t0 = time.monotonic()
+        await self.api.ingest.close_streams()   # peers' streams: they are not requests to wait for
         if self.api.in_flight and not await self.api.wait_idle(DRAIN_TIMEOUT_S):
             log.warning("%d requests still running after %.0fs; shutting down anyway", self.api.in_flight,
                         DRAIN_TIMEOUT_S)

@@ -90,7 +90,7 @@ class NodeDriver:
         self.gate = gate
         self.clock = clock
         self.transport = HttpTransport(keyring, on_sent=self._on_sent, on_failed=self._on_failed,
-                                       min_saving_of=self._min_saving,
+                                       on_rejected=self._on_rejected, min_saving_of=self._min_saving,
                                        on_frame=lambda reused: metrics.frames.labels(
                                            "reused" if reused else "encoded").inc())
         self.is_stopped = is_stopped
@@ -155,6 +155,9 @@ class NodeDriver:
     def _on_sent(self, out: Outgoing, nbytes: int) -> None:
         self.gate.done(estimated_size(out))
         self.metrics.bytes_sent.labels(self.dc_of(out.dst, out.address), out.msg_type.name).inc(nbytes)
+
+    def _on_rejected(self, address: str, reason: str) -> None:
+        self.metrics.send_failures.labels(self.dc_of("", address), reason).inc()
 
     def _on_failed(self, out: Outgoing, reason: str) -> None:
         self.gate.done(estimated_size(out))

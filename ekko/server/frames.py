@@ -22,6 +22,23 @@ RETRY_AFTER_S = 1
 #: frames at least this large are decoded (HMAC, zstd, msgpack) on a worker thread.
 DECODE_OFFLOAD_BYTES = 256 << 10
 
+#: HTTP status for each rejection reason; anything else is 400.
+_STATUS_OF_REASON = {
+    "bad_mac": 401, "unauthenticated": 401,
+    "too_large": 413, "too_many_ids": 413,
+    "unknown_model": 404, "unknown_table": 404, "not_found": 404,
+    "method_not_allowed": 405,
+    "spec_conflict": 409,
+    "forbidden": 403,
+    "overloaded": 429, "queue_full": 429,
+    "draining": 503, "memory": 503, "wal_error": 503, "incomplete": 503, "persist_error": 503,
+}
+
+
+def status_of(reason: str) -> int:
+    """The HTTP status of a rejection reason (400 for any other); a peer stream's refusals carry it too."""
+    return _STATUS_OF_REASON.get(reason, 400)
+
 
 class RequestRejected(Exception):
     """Bad input found by a handler itself (not by the codec or the node)."""

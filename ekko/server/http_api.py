@@ -19,7 +19,7 @@ from aiohttp import web
 
 from ekko.core.codec import MAX_FRAME_BYTES
 from ekko.core.errors import ProtocolError, UsageError
-from ekko.server.frames import RETRY_AFTER_S, RequestRejected
+from ekko.server.frames import RETRY_AFTER_S, RequestRejected, status_of
 from ekko.server.ingest import IngestHandlers
 from ekko.server.metrics import DaemonMetrics
 from ekko.server.operator_api import MAX_READ_IDS, OperatorHandlers
@@ -35,17 +35,8 @@ MAX_CONCURRENT_REQUESTS = 256
 #: keyword arguments of aiohttp's request handler (AppRunner / TestServer ``**kwargs``).
 HANDLER_ARGS: dict[str, Any] = {"max_line_size": MAX_REQUEST_LINE, "max_field_size": 16 << 10}
 
-#: HTTP status for each rejection reason; anything else is 400.
-_STATUS_OF_REASON = {
-    "bad_mac": 401, "unauthenticated": 401,
-    "too_large": 413, "too_many_ids": 413,
-    "unknown_model": 404, "unknown_table": 404, "not_found": 404,
-    "method_not_allowed": 405,
-    "spec_conflict": 409,
-    "forbidden": 403,
-    "overloaded": 429, "queue_full": 429,
-    "draining": 503, "memory": 503, "wal_error": 503, "incomplete": 503, "persist_error": 503,
-}
+#: the peer stream's route (its requests are not counted in flight, see _open_stream).
+STREAM_ENDPOINT = "/v1/gossip/stream"
 _REASON_OF_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
@@ -88,6 +79,7 @@ class HttpApi:
         app.router.add_post("/v1/models", ingest.register_model)
         app.router.add_post("/v1/publish", ingest.publish)
         app.router.add_post("/v1/gossip", ingest.gossip)
+        app.router.add_get("/v1/gossip/stream", ingest.gossip_stream)
         app.router.add_get("/v1/models/{model}/tables/{table}/rows", op.rows)
         app.router.add_get("/v1/status", op.status)
         app.router.add_post("/v1/cuts", op.take_cut)
@@ -99,6 +91,8 @@ class HttpApi:
         app.router.add_post("/v1/quality", op.quality)
         app.router.add_get("/metrics", op.metrics_page)
         app.router.add_get("/healthz", op.healthz)
+        # Before the server waits for its handlers: an open peer stream would hold it up.
+        app.on_shutdown.append(lambda _app: ingest.close_streams())
         return app
 
     async def wait_idle(self, timeout: float) -> bool:
@@ -117,6 +111,8 @@ class HttpApi:
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
         light = endpoint in ("/healthz", "/metrics", "/v1/status")
+        if endpoint == STREAM_ENDPOINT:
+            return await self._open_stream(request, handler)
         self.in_flight += 1
         try:
             if self.is_draining() and not light:
@@ -147,8 +143,27 @@ class HttpApi:
         self.metrics.requests.labels(endpoint, str(resp.status)).inc()
         return resp
 
+    async def _open_stream(self, request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """A peer stream lives as long as its peer: it is not a request in flight (shutdown
+        closes streams instead of waiting for them).  Refusals before the upgrade are 4xx/503
+        answers like any request's."""
+        try:
+            if self.is_draining():
+                raise RequestRejected("replica is shutting down; retry on another replica", "draining")
+            resp = await handler(request)
+        except RequestRejected as e:
+            resp = self._error(STREAM_ENDPOINT, str(e), e.reason)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            resp = self._error(STREAM_ENDPOINT, e.text or e.reason, _REASON_OF_STATUS.get(e.status, f"http_{e.status}"),
+                               e.status)
+        self.metrics.requests.labels(STREAM_ENDPOINT, str(resp.status)).inc()
+        return resp
+
     def _error(self, endpoint: str, message: str, reason: str, status: int | None = None) -> web.Response:
-        status = status or _STATUS_OF_REASON.get(reason, 400)
+        status = status or status_of(reason)
         self.metrics.reject(endpoint, reason)
         headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
         return web.json_response({"error": message, "reason": reason}, status=status, headers=headers)

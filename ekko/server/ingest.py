@@ -1,27 +1,32 @@
 """The write path of a daemon: model registration, publishes and peer traffic.
 
-:class:`IngestHandlers` answers ``POST /v1/models``, ``POST /v1/publish`` and
-``POST /v1/gossip`` (``docs/http-api.md``).  A publish is checked against the
-publish gate before its body is read (back-pressure, :mod:`ekko.server.backpressure`),
-applied, appended to the write-ahead log in the same loop step, and answered once
-the log record is durable.
+:class:`IngestHandlers` answers ``POST /v1/models``, ``POST /v1/publish``, the peer
+streams of ``GET /v1/gossip/stream`` and ``POST /v1/gossip`` (``docs/http-api.md``).  A
+publish is checked against the publish gate before its body is read (back-pressure,
+:mod:`ekko.server.backpressure`), applied, appended to the write-ahead log in the same
+loop step, and answered once the log record is durable.  A peer stream carries one
+frame per WebSocket binary message, handled in order exactly as a POST to
+``/v1/gossip`` is; a refused frame gets a text message ``{"status", "reason", "error"}``
+back and the stream goes on.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from typing import Any, Callable
 
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 
-from ekko.core.codec import MsgType
+from ekko.core.codec import MAX_FRAME_BYTES, Frame, MsgType
 from ekko.core.errors import ProtocolError, UsageError
 from ekko.core.spec import ModelSpec
 from ekko.replica.node import ReplicaNode
 from ekko.replica.wal import WalError
 from ekko.server.backpressure import PublishGate
 from ekko.server.driver import NodeDriver
-from ekko.server.frames import RETRY_AFTER_S, FrameReader, RequestRejected
+from ekko.server.frames import RETRY_AFTER_S, FrameReader, RequestRejected, status_of
 from ekko.server.metrics import UNKNOWN_DC, DaemonMetrics
 from ekko.server.persistence import Persistence
 from ekko.server.rollback_view import rollback_keys
@@ -34,6 +39,13 @@ MAX_SHADOWED_LISTED = 1024
 #: message types /v1/gossip accepts (peer traffic only).
 PEER_TYPES = frozenset({MsgType.GOSSIP, MsgType.PULL_REQUEST, MsgType.PULL_RESPONSE, MsgType.PUSH,
                         MsgType.ROLLBACK, MsgType.CUT})
+#: peer streams open at once; beyond it an upgrade gets 429 (each is a connection and a task).
+MAX_PEER_STREAMS = 256
+#: seconds between pings on an idle peer stream; a peer that answers none within this is
+#: dropped (a crashed host sends no FIN, and its stream would otherwise stay forever).
+STREAM_HEARTBEAT_S = 30.0
+#: the endpoint label of peer frames in metrics, whichever way they came.
+GOSSIP_ENDPOINT = "/v1/gossip"
 
 
 class IngestHandlers:
@@ -63,6 +75,9 @@ class IngestHandlers:
         self.gate = gate
         self.metrics = metrics
         self.clock = clock
+        #: peer streams open now (closed by :meth:`close_streams` at shutdown).
+        self.streams: set[web.WebSocketResponse] = set()
+        self._streams_closed = False
 
     async def register_model(self, request: web.Request) -> web.Response:
         """``POST /v1/models``: frame ``REGISTER_MODEL`` ``{"spec"}``."""
@@ -132,11 +147,56 @@ class IngestHandlers:
 
     async def gossip(self, request: web.Request) -> web.Response:
         """``POST /v1/gossip``: one peer message (:data:`PEER_TYPES`)."""
-        frame = await self.frames.read_frame(request)
+        self._take_peer_frame(await self.frames.read_frame(request), request.remote or "")
+        return web.Response(status=204)
+
+    async def gossip_stream(self, request: web.Request) -> web.WebSocketResponse:
+        """``GET /v1/gossip/stream``: a peer's stream of messages, one frame per binary message."""
+        if self._streams_closed:
+            raise RequestRejected("replica is shutting down; retry on another replica", "draining")
+        if len(self.streams) >= MAX_PEER_STREAMS:
+            raise RequestRejected(f"{MAX_PEER_STREAMS} peer streams are open", "overloaded")
+        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES + 1, compress=False, heartbeat=STREAM_HEARTBEAT_S)
+        await ws.prepare(request)
+        peer = request.remote or ""
+        self.streams.add(ws)
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.BINARY:
+                    continue   # peers send frames only; anything else is ignored
+                try:
+                    # The node refuses versions too far ahead of its wall clock; tell it what that is.
+                    self.node.wall_offset_s = time.time() - self.clock()
+                    self._take_peer_frame(await self.frames.decode(msg.data), peer)
+                except (ProtocolError, RequestRejected) as e:
+                    await self._refuse(ws, str(e), e.reason)
+                except UsageError as e:
+                    await self._refuse(ws, str(e), "bad_request")
+                except Exception:
+                    log.exception("bug while handling a frame of the peer stream from %s", peer)
+                    self.metrics.internal_errors.labels(GOSSIP_ENDPOINT).inc()
+                    await self._refuse(ws, "internal error (logged)", "internal", 500)
+        finally:
+            self.streams.discard(ws)
+        return ws
+
+    async def _refuse(self, ws: web.WebSocketResponse, message: str, reason: str, status: int | None = None) -> None:
+        """Tell a peer its frame was refused (it counts ``http_<status>``), as a POST's answer would."""
+        self.metrics.reject(GOSSIP_ENDPOINT, reason)
+        if not ws.closed:
+            await ws.send_str(json.dumps({"status": status or status_of(reason), "reason": reason, "error": message}))
+
+    async def close_streams(self) -> None:
+        """Close every peer stream and refuse new ones (shutdown: peers find another way)."""
+        self._streams_closed = True
+        for ws in list(self.streams):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"replica is shutting down")
+
+    def _take_peer_frame(self, frame: Frame, peer: str) -> None:
+        """Hand one peer frame to the node and send what it produced."""
         if frame.msg_type not in PEER_TYPES:
             raise RequestRejected(f"{frame.msg_type.name} is not a peer message; use its own endpoint",
                                   "bad_type")
-        peer = request.remote or ""
         self.node.receive(frame, self.clock(), peer)
         self.driver.send_out()
         sender = frame.body.get("from")
@@ -144,4 +204,3 @@ class IngestHandlers:
         # value taken from the wire would let any sender grow the metric without bound).
         dc = self.driver.dc_of(sender) if isinstance(sender, str) else UNKNOWN_DC
         self.metrics.bytes_received.labels(dc, frame.msg_type.name).inc(frame.wire_bytes)
-        return web.Response(status=204)

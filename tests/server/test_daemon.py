@@ -28,7 +28,7 @@ from ekko.server.http_api import HANDLER_ARGS
 from ekko.server.operator_api import MAX_READ_IDS
 from ekko.server.persistence import export_model_state, import_model_state
 from ekko.core.delta import Delta
-from ekko.server.transport import HttpTransport
+from ekko.server.transport import RECONNECT_MIN_S, HttpTransport
 from ekko.core.messages import Outgoing
 from ekko.replica.node import ReplicaNode
 from ekko.replica.snapshot import load_snapshot
@@ -581,27 +581,35 @@ async def _post_raw(address: str, path: str, data: bytes) -> tuple[int, bytes]:
 
 
 async def test_transport_counts_failures_and_bounds_in_flight():
-    # a listener that accepts and never answers: sends hang until their timeout
+    # a listener that accepts and never answers: the stream's upgrade hangs until its timeout
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     silent = f"127.0.0.1:{sock.getsockname()[1]}"
     dead = f"127.0.0.1:{free_port()}"
     failed: list[str] = []
-    t = HttpTransport(max_in_flight=6, per_peer=1, backlog=2, timeout_s=0.5,
+    t = HttpTransport(max_in_flight=6, backlog=3, timeout_s=3,
                       on_failed=lambda out, reason: failed.append(reason))
     await t.start()
     try:
         msg = lambda addr: Outgoing("x", addr, MsgType.GOSSIP, {"k": "g", "from": "me"})  # noqa: E731
+        # a refused connection fails the link's whole queue ...
+        assert [t.send(msg(dead)) for _ in range(3)] == [True] * 3
+        await wait_async(lambda: t.failures["connect"] == 3, 10, "the refused link to fail")
+        # ... and the refusing peer is left alone for a while: its next message fails unencoded
+        encoded = t.frames_encoded
+        assert not t.send(msg(dead)) and t.failures["connect"] == 4 and t.frames_encoded == encoded
         results = [t.send(msg(silent)) for _ in range(5)]
-        # one running + two waiting for the silent peer; the rest dropped at once
+        # three queued on the silent peer's link (the backlog); the rest dropped at once
         assert results == [True, True, True, False, False]
         assert t.failures["dropped_backlog"] == 2
+        await asyncio.sleep(2 * RECONNECT_MIN_S)   # the dead peer's first back-off is over
         results = [t.send(msg(dead)) for _ in range(3)]
         assert results == [True, True, True] and t.in_flight == 6
         assert not t.send(msg(dead)) and t.failures["dropped_in_flight"] == 1
         assert await t.flush(10)
-        assert t.failures["connect"] == 3 and t.failures["timeout"] >= 1
+        # the upgrade that hangs times out; the dead peer refused again
+        assert t.failures["connect"] == 7 and t.failures["timeout"] == 3
         assert t.in_flight == 0 and sorted(set(failed)) == sorted(set(t.failures))
     finally:
         await t.close()

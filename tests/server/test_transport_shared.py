@@ -23,11 +23,11 @@ def test_push_to_several_peers_is_encoded_once():
         assert t.send(Outgoing("q", "127.0.0.1:15", MsgType.PUSH, other))
         t.send(Outgoing("g", "127.0.0.1:17", MsgType.GOSSIP, {"k": "g"}))  # never shared
         await t.close(timeout=5)
+        assert not t._shared   # released once every send finished
         out = Outgoing("x", "x", MsgType.PUSH, {"from": "a", "dc": "dc1", "deltas": deltas})
-        frames.append(await t._frame_of(out, share_key(out)))
+        frames.append(t._frame_of(out, share_key(out)))
         return t
 
     t = asyncio.run(go())
     assert t.frames_encoded - 1 == 3 and t.frames_reused == 2   # push, other push, gossip
-    assert not t._shared   # released once every send finished
     assert decode_frame(frames[0], kr).body["deltas"][0]["m"] == "m"
