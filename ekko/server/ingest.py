@@ -157,8 +157,11 @@ class IngestHandlers:
         if len(self.streams) >= MAX_PEER_STREAMS:
             raise RequestRejected(f"{MAX_PEER_STREAMS} peer streams are open", "overloaded")
         ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES + 1, compress=False, heartbeat=STREAM_HEARTBEAT_S)
-        await ws.prepare(request)
         peer = request.remote or ""
+        try:
+            await ws.prepare(request)
+        except ConnectionError:   # the peer (or a proxy) reset the connection during the upgrade
+            return ws
         self.streams.add(ws)
         try:
             async for msg in ws:
@@ -176,6 +179,8 @@ class IngestHandlers:
                     log.exception("bug while handling a frame of the peer stream from %s", peer)
                     self.metrics.internal_errors.labels(GOSSIP_ENDPOINT).inc()
                     await self._refuse(ws, "internal error (logged)", "internal", 500)
+        except ConnectionError:
+            pass   # reset while answering a refusal: the stream is over, as when the peer closes it
         finally:
             self.streams.discard(ws)
         return ws
