@@ -18,9 +18,10 @@ all segments first would read the whole history, values included, on every
 rollback.)
 
 Layout.  Records are kept per (model, table) as *segments*: a large record is a
-segment by itself (kept without a copy); small records are pooled and sealed
-into one segment once they reach ``block_bytes``, so the number of segments
-stays about ``max_bytes / block_bytes`` whatever the apply rate.  Inside a
+segment by itself (kept without a copy; "large" is ``OWN_SEGMENT_BYTES``, or
+``block_bytes`` when smaller); small records are pooled and sealed into one
+segment once they reach ``block_bytes``, so the number of segments stays at most
+about ``max_bytes / min(block_bytes, OWN_SEGMENT_BYTES)`` whatever the apply rate.  Inside a
 segment entries are in apply order; segments are in apply (``seq``) order.
 
 Bounded memory.  When the history holds more than ``max_bytes`` the oldest
