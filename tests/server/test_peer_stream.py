@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -128,5 +129,37 @@ async def test_a_stranger_on_a_stream_is_refused_frame_by_frame(tmp_path):
         assert t.streams_opened == 1 and t.sent["GOSSIP"] == 3
         assert a.metrics.rejects.labels("/v1/gossip", "bad_mac")._value.get() == 3
     finally:
+        await t.close()
+        await runner.cleanup()
+
+
+async def test_a_write_the_peer_does_not_take_closes_the_stream_after_the_timeout():
+    """A stopped peer (here: one that never reads) fills the socket buffers; the write that
+    then waits longer than timeout_s fails as "timeout" and drops the stream, so the link
+    does not stay stuck behind it."""
+    stuck = asyncio.Event()
+
+    async def never_reads(request: web.Request) -> web.WebSocketResponse:
+        resp = web.WebSocketResponse()
+        await resp.prepare(request)
+        await stuck.wait()
+        return resp
+
+    app = web.Application()
+    app.router.add_get(STREAM_PATH, never_reads)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    address = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"   # type: ignore[union-attr]
+    t = HttpTransport(timeout_s=1.0, backlog=1000, max_in_flight=1000)
+    await t.start()
+    try:
+        for n in range(600):   # 38 MB of incompressible frames: more than loopback buffers hold
+            assert t.send(gossip(address, n, pad=64 << 10))
+        await wait_async(lambda: t.failures["timeout"] >= 1, 20, "a write to time out")
+        assert t.sent["GOSSIP"] < 600
+    finally:
+        stuck.set()
         await t.close()
         await runner.cleanup()
