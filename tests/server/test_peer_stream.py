@@ -28,14 +28,22 @@ async def _recorder(stream: bool) -> tuple[web.AppRunner, str, list[tuple[str, i
         got.append(("post", decode_frame(await request.read()).body["n"]))
         return web.Response(status=204)
 
+    streams: set[web.WebSocketResponse] = set()
+
     async def ws(request: web.Request) -> web.WebSocketResponse:
         resp = web.WebSocketResponse()
         await resp.prepare(request)
+        streams.add(resp)
         async for msg in resp:
             got.append(("stream", decode_frame(msg.data).body["n"]))
         return resp
 
+    async def close_streams(_app: web.Application) -> None:   # as the daemon does at shutdown
+        for resp in list(streams):
+            await resp.close()
+
     app = web.Application()
+    app.on_shutdown.append(close_streams)
     app.router.add_post(GOSSIP_PATH, post)
     if stream:
         app.router.add_get(STREAM_PATH, ws)
