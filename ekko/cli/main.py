@@ -1,11 +1,10 @@
 """The ``ekko`` command line.
 
-This module owns the argparse skeleton and two subcommands:
-
-* ``ekko daemon`` -- run one replica (:class:`ekko.server.daemon.Daemon`) until
-  SIGTERM/SIGINT; exits 0 after a graceful shutdown.
-* ``ekko status`` -- ask a replica for ``/v1/status`` and print it as tables
-  (``--cluster``: every member with its DC, state and freshness lag).
+This module owns the argparse skeleton (with ``ekko --version``) and ``ekko daemon``
+-- run one replica (:class:`ekko.server.daemon.Daemon`) until SIGTERM/SIGINT; exits 0
+after a graceful shutdown.  ``ekko status`` and ``ekko members`` (a replica's
+``/v1/status`` as tables) live in :mod:`ekko.cli.status`; every command that talks to
+a replica takes ``--peer`` or ``$EKKO_PEER`` (:mod:`ekko.cli.options`).
 
 Other subcommands (``demo``, ``rollback``, ``sim`` ...) live in their own
 modules and register themselves: each module named in
@@ -24,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
+
+from ekko import __version__
+from ekko.cli import status as status_cli
+# Re-exported: tests and tools render and fetch status through this module.
+from ekko.cli.status import STATUS_TIMEOUT_S, fetch_status, render_status  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
 # Other subcommands register here.  Each module (if it exists) provides
@@ -44,10 +45,6 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
 )
 # ---------------------------------------------------------------------------------------------
 
-#: seconds ``ekko status`` waits for a replica's answer.
-STATUS_TIMEOUT_S = 10.0
-#: hex characters of a table digest shown by ``ekko status``.
-DIGEST_PREFIX = 12
 #: [daemon] keys a config file may set (the command-line flags without dashes).
 DAEMON_KEYS = ("node_id", "dc", "listen", "advertise", "seeds", "data_dir", "key_file", "device", "preset",
                "log_level", "torch_threads", "keyring_file")
@@ -60,10 +57,12 @@ DEFAULT_TORCH_THREADS = 1
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ekko", description="Low-latency model-update dissemination.")
+    parser.add_argument("--version", action="version", version=f"ekko {__version__}",
+                        help="print the version of ekko and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_daemon(sub)
-    _add_status(sub)
+    status_cli.register_cli(sub)
     for name in SUBCOMMAND_MODULES:
         try:
             mod = importlib.import_module(name)
@@ -181,123 +180,6 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     except OSError as e:  # e.g. the port is taken
         print(f"ekko daemon: cannot serve on {settings['listen']}: {e}", file=sys.stderr)
         return 1
-    return 0
-
-
-# --------------------------------------------------------------------------- ekko status
-def _add_status(sub: Any) -> None:
-    p = sub.add_parser("status", help="show a replica's models and the cluster's freshness",
-                       description="Ask a replica for /v1/status and print it.")
-    p.add_argument("--peer", required=True, metavar="HOST:PORT", help="replica to ask")
-    p.add_argument("--json", action="store_true", help="print the raw JSON")
-    p.add_argument("--cluster", action="store_true", help="also list every member with DC, state and lag")
-    p.set_defaults(func=cmd_status)
-
-
-def fetch_status(peer: str, cluster: bool = False, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
-    """GET ``/v1/status`` from ``peer``; raises :class:`RuntimeError` with a readable message."""
-    url = f"http://{peer}/v1/status" + ("?cluster=1" if cluster else "")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        try:
-            detail = json.loads(e.read()).get("error", "")
-        except (ValueError, AttributeError):
-            detail = ""
-        raise RuntimeError(f"{peer} answered {e.code}: {detail or e.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise RuntimeError(f"cannot reach {peer}: {reason}") from None
-
-
-def _fmt_lag(s: Any) -> str:
-    return "-" if s is None else f"{float(s):.3f}s"
-
-
-def render_status(st: dict[str, Any], console: Any = None) -> None:
-    """Print a status answer as rich tables."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    console.print(f"[bold]{st.get('node_id')}[/] dc={st.get('dc')} address={st.get('address')} "
-                  f"incarnation={st.get('incarnation')}"
-                  + ("" if st.get("serving", True) else " [red](draining)[/]"))
-    t = Table(title="models", show_lines=False)
-    for col in ("model", "table", "rows", "written", "dim", "dtype", "shards", "digest", "head", "lag"):
-        t.add_column(col, justify="right" if col in ("rows", "written", "dim", "shards", "head", "lag") else "left")
-    models = st.get("models", {})
-    for name in sorted(models):
-        m = models[name]
-        for i, (tname, info) in enumerate(sorted(m.get("tables", {}).items())):
-            first = i == 0
-            t.add_row(name if first else "", tname, str(info.get("rows")), str(info.get("written_rows")),
-                      str(info.get("dim")), str(info.get("dtype")) + (" dense" if info.get("dense") else ""),
-                      str(info.get("shards")), str(info.get("digest", "-"))[:DIGEST_PREFIX],
-                      str(m.get("head")) if first else "", _fmt_lag(m.get("lag_s")) if first else "")
-    if not models:
-        console.print("no models registered")
-    else:
-        console.print(t)
-    _render_quality(models, console)
-    members = st.get("members")
-    if members is not None:
-        names = sorted(models)
-        c = Table(title=f"cluster ({len(members)} members)")
-        for col in ("node", "dc", "address", "state", "incarnation"):
-            c.add_column(col)
-        for n in names:
-            c.add_column(f"lag {n}", justify="right")
-        colour = {"alive": "green", "suspect": "yellow", "dead": "red"}
-        for mem in members:
-            state = mem.get("state", "?")
-            c.add_row(mem.get("node_id", "?"), mem.get("dc", "?"), mem.get("address", "?"),
-                      f"[{colour.get(state, 'white')}]{state}[/]", str(mem.get("incarnation")),
-                      *[_fmt_lag(mem.get("lag_s", {}).get(n)) for n in names])
-        console.print(c)
-
-
-def _render_quality(models: dict[str, Any], console: Any) -> None:
-    """Model states (this replica, the cluster) and incidents, when any model has quality data."""
-    from rich.table import Table
-
-    colour = {"healthy": "green", "warmup": "white", "uncertain": "yellow", "corrupted": "red"}
-    q = {name: m["quality"] for name, m in sorted(models.items()) if isinstance(m.get("quality"), dict)}
-    if not q:
-        return
-    t = Table(title="model states")
-    for col in ("model", "here", "cluster", "replicas by state", "incidents"):
-        t.add_column(col)
-    for name, st in q.items():
-        by = ", ".join(f"{k} {v}" for k, v in sorted(st.get("replicas_by_state", {}).items()))
-        t.add_row(name, f"[{colour.get(st.get('state'), 'white')}]{st.get('state')}[/]",
-                  f"[{colour.get(st.get('cluster_state'), 'white')}]{st.get('cluster_state')}[/]", by,
-                  str(st.get("epoch", 0)))
-    console.print(t)
-    rows = [(name, inc) for name, st in q.items() for inc in st.get("incidents", [])]
-    if rows:
-        i = Table(title="incidents")
-        for col in ("incident", "detected by", "metric", "effect", "cut", "restored", "restore"):
-            i.add_column(col)
-        for name, inc in rows:
-            i.add_row(str(inc.get("id")), str(inc.get("detected_by")), str(inc.get("metric")),
-                      f"{100.0 * float(inc.get('effect') or 0.0):.2f}%", str(inc.get("cut") or "- (none eligible)"),
-                      "yes" if inc.get("restored_at") is not None else "no",
-                      "-" if inc.get("restore_s") is None else f"{float(inc['restore_s']):.3f}s")
-        console.print(i)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    try:
-        st = fetch_status(args.peer, cluster=args.cluster)
-    except RuntimeError as e:
-        print(f"ekko status: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(st, indent=2, sort_keys=True))
-    else:
-        render_status(st)
     return 0
 
 
