@@ -25,11 +25,20 @@ import argparse
 import importlib
 import logging
 import sys
+import textwrap
 from typing import Any
 
 from ekko import __version__
 from ekko.cli import status as status_cli
 # Re-exported: tests and tools render and fetch status through this module.
+from ekko.cli.settings import (  # noqa: F401 (daemon_settings and DAEMON_KEYS: re-exported)
+    DAEMON_KEYS,
+    DEFAULT_TORCH_THREADS,
+    KEY_CHOICES,
+    REQUIRED_KEYS,
+    daemon_settings,
+    env_name,
+)
 from ekko.cli.status import STATUS_TIMEOUT_S, fetch_status, render_status  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
@@ -44,16 +53,6 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "simulator.cli",      # ekko sim run SCENARIO
 )
 # ---------------------------------------------------------------------------------------------
-
-#: [daemon] keys a config file may set (the command-line flags without dashes).
-DAEMON_KEYS = ("node_id", "dc", "listen", "advertise", "seeds", "data_dir", "key_file", "device", "preset",
-               "log_level", "torch_threads", "keyring_file")
-#: default torch intra-op threads of a daemon.  Its tensor work is gathers and scatters of
-#: the rows in one message (memory-bound, small), issued from one event-loop thread; an
-#: OpenMP team only adds wake-up latency, which explodes on a busy host (a 1.5k-row
-#: index_select measured 13 ms with 2 threads vs 0.03 ms with 1 on a loaded 2-core box).
-DEFAULT_TORCH_THREADS = 1
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ekko", description="Low-latency model-update dissemination.")
@@ -81,62 +80,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- ekko daemon
+#: columns of the environment-variable list in ``ekko daemon --help``.
+HELP_WIDTH = 78
+
+
 def _add_daemon(sub: Any) -> None:
-    p = sub.add_parser("daemon", help="run a replica daemon",
-                       description="Run one replica until SIGTERM/SIGINT. Flags override the config file.")
-    p.add_argument("--node-id", help="unique replica name")
-    p.add_argument("--dc", help="data centre of this replica")
-    p.add_argument("--listen", metavar="HOST:PORT", help="address to serve on")
-    p.add_argument("--advertise", metavar="HOST:PORT", help="address peers use (default: --listen)")
+    required = ", ".join("--" + k.replace("_", "-") for k in REQUIRED_KEYS)
+    env = textwrap.fill(" ".join(env_name(k) for k in DAEMON_KEYS), HELP_WIDTH, initial_indent="  ",
+                        subsequent_indent="  ")
+    p = sub.add_parser(
+        "daemon", help="run a replica daemon", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Run one replica until SIGTERM/SIGINT.\n\nRequired: {required}; each as a flag, as an\n"
+                    "EKKO_* environment variable, or in the [daemon] table of --config.\n"
+                    "Precedence: flags > environment > config file > defaults.",
+        epilog=f"environment variables (one per flag; EKKO_SEEDS is comma-separated):\n{env}")
+
+    def need(key: str, text: str) -> str:
+        return ("(required) " if key in REQUIRED_KEYS else "") + f"{text} [{env_name(key)}]"
+
+    p.add_argument("--node-id", help=need("node_id", "unique replica name"))
+    p.add_argument("--dc", help=need("dc", "data centre of this replica"))
+    p.add_argument("--listen", metavar="HOST:PORT", help=need("listen", "address to serve on"))
+    p.add_argument("--advertise", metavar="HOST:PORT", help=need("advertise", "address peers use (default: --listen)"))
     p.add_argument("--seed", dest="seeds", action="append", metavar="HOST:PORT",
-                   help="replica to join through (repeatable)")
-    p.add_argument("--data-dir", help="directory for snapshots")
+                   help=need("seeds", "replica to join through (repeatable)"))
+    p.add_argument("--data-dir", help=need("data_dir", "directory for snapshots and the write-ahead log"))
     p.add_argument("--config", metavar="FILE.toml", help="TOML file: [node] protocol config, [daemon] flags")
-    p.add_argument("--preset", choices=["local", "lan", "wan"], help="protocol timing preset")
-    p.add_argument("--key-file", help="file holding the cluster key (HMAC-SHA256)")
+    p.add_argument("--preset", choices=KEY_CHOICES["preset"], help=need("preset", "protocol timing preset"))
+    p.add_argument("--key-file", help=need("key_file", "file holding the cluster key (HMAC-SHA256)"))
     p.add_argument("--keyring", dest="keyring_file", metavar="FILE",
-                   help="keyring file (ekko keys; mode 600) instead of --key-file; re-read on SIGHUP")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="where tensors live (default: cuda if present)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
+                   help=need("keyring_file", "keyring file (ekko keys; mode 600) instead of --key-file; "
+                                             "re-read on SIGHUP"))
+    p.add_argument("--device", choices=KEY_CHOICES["device"],
+                   help=need("device", "where tensors live (default: cuda if present)"))
+    p.add_argument("--log-level", choices=KEY_CHOICES["log_level"], help=need("log_level", "default: info"))
     p.add_argument("--torch-threads", type=int, metavar="N",
-                   help=f"torch intra-op threads (default {DEFAULT_TORCH_THREADS}: the daemon's tensor ops are small)")
+                   help=need("torch_threads", f"torch intra-op threads (default {DEFAULT_TORCH_THREADS}: "
+                                              "the daemon's tensor ops are small)"))
     p.set_defaults(func=cmd_daemon)
-
-
-def daemon_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
-    """Merge the config file and the flags: ``(settings, NodeConfig)``; flags win."""
-    from ekko.core.config import config_from_dict, load_config
-    from ekko.core.errors import UsageError
-
-    raw: dict[str, Any] = load_config(args.config) if args.config else {}
-    unknown = set(raw) - {"node", "daemon"}
-    if unknown:
-        raise UsageError(f"unknown tables in {args.config}: {sorted(unknown)} (use [node] and [daemon])")
-    file_daemon = dict(raw.get("daemon", {}))
-    bad = set(file_daemon) - set(DAEMON_KEYS)
-    if bad:
-        raise UsageError(f"unknown [daemon] keys: {sorted(bad)}; known: {list(DAEMON_KEYS)}")
-    settings = {k: file_daemon.get(k) for k in DAEMON_KEYS}
-    for k in DAEMON_KEYS:
-        v = getattr(args, k, None)
-        if v is not None:
-            settings[k] = v
-    missing = [k for k in ("node_id", "dc", "listen", "data_dir") if not settings.get(k)]
-    if missing:
-        raise UsageError("missing " + ", ".join("--" + k.replace("_", "-") for k in missing))
-    node_cfg = dict(raw.get("node", {}))
-    if settings.get("preset"):
-        node_cfg["preset"] = settings["preset"]
-    seeds = settings.get("seeds") or []
-    if isinstance(seeds, str) or not all(isinstance(s, str) for s in seeds):
-        raise UsageError("seeds must be a list of HOST:PORT strings")
-    settings["seeds"] = list(seeds)
-    threads = settings.get("torch_threads")
-    if threads is None:
-        settings["torch_threads"] = DEFAULT_TORCH_THREADS
-    elif not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise UsageError("torch_threads must be a positive integer")
-    return settings, config_from_dict(node_cfg)
 
 
 def _read_key(path: str) -> bytes:
