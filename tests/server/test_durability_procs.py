@@ -39,7 +39,9 @@ SPEC = ModelSpec("ranker", [TableSpec("emb", rows=50_000, dim=16, shards=8)])
 
 def write_config(root: Path, name: str, **node: object) -> list[str]:
     """A ``[node]`` TOML config; returns the daemon flags that load it."""
-    lines = ["[node]"] + [f"{k} = {str(v).lower() if isinstance(v, bool) else v!r}" for k, v in node.items()]
+    # (repr(v), not a !r conversion: that one applied to the whole expression and wrote
+    # booleans as the strings 'true'/'false', which the [node] type check now refuses.)
+    lines = ["[node]"] + [f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}" for k, v in node.items()]
     path = root / f"{name}.toml"
     path.write_text("\n".join(lines) + "\n")
     return ["--config", str(path)]
