@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import sys
 import textwrap
 from typing import Any
 
-from ekko import __version__
 from ekko.cli import status as status_cli
 # Re-exported: tests and tools render and fetch status through this module.
 from ekko.cli.settings import (  # noqa: F401 (daemon_settings and DAEMON_KEYS: re-exported)
@@ -54,9 +54,17 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
 )
 # ---------------------------------------------------------------------------------------------
 
+def package_version() -> str:
+    """The installed ekko distribution's version (what ``pip show ekko`` says)."""
+    try:
+        return importlib.metadata.version("ekko")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ekko", description="Low-latency model-update dissemination.")
-    parser.add_argument("--version", action="version", version=f"ekko {__version__}",
+    parser.add_argument("--version", action="version", version=f"ekko {package_version()}",
                         help="print the version of ekko and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
