@@ -4,7 +4,7 @@ k/M/G, durations with units, HLC heads and incarnations as wall times and ages.
 The raw values stay in ``--json`` output; these helpers only shape what a terminal shows.
 
 Example:
-    >>> human_count(100_000), human_count(1_234_567), human_seconds(3.21), human_seconds(0.25)
+    >>> human_count(100_000), human_count(1_200_000), human_seconds(3.21), human_seconds(0.25)
     ('100k', '1.2M', '3.2 s', '250 ms')
 """
 
