@@ -30,8 +30,9 @@ import textwrap
 from typing import Any
 
 from ekko.cli import status as status_cli
-# Re-exported: tests and tools render and fetch status through this module.
-from ekko.cli.settings import (  # noqa: F401 (daemon_settings and DAEMON_KEYS: re-exported)
+
+# Re-exported (noqa F401): tests and tools merge daemon settings and render status through this module.
+from ekko.cli.settings import (  # noqa: F401
     DAEMON_KEYS,
     DEFAULT_TORCH_THREADS,
     KEY_CHOICES,
@@ -53,6 +54,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "simulator.cli",      # ekko sim run SCENARIO
 )
 # ---------------------------------------------------------------------------------------------
+
 
 def package_version() -> str:
     """The installed ekko distribution's version (what ``pip show ekko`` says)."""

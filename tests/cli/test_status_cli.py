@@ -96,7 +96,7 @@ def test_missing_peer_names_the_flag_and_the_variable(capsys, monkeypatch):
 
 
 class _FakeReplica:
-    """A stdlib HTTP server answering ``/v1/status`` with a fixed status."""
+    """A stdlib HTTP server answering ``/v1/status`` with a fixed status (and no cuts)."""
 
     def __init__(self, status: dict) -> None:
         self.paths: list[str] = []
@@ -108,6 +108,8 @@ class _FakeReplica:
                 st = dict(status)
                 if "cluster=1" not in self.path:
                     st.pop("members", None)
+                if self.path.endswith("/cuts"):
+                    st = {"cuts": []}
                 body = json.dumps(st).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -163,10 +165,16 @@ def test_members_lists_every_member(replica, capsys, monkeypatch):
     assert [m["node_id"] for m in members] == ["r0-dc0", "r1-dc1", "r2-dc2"]
 
 
-def test_every_peer_option_reads_the_environment(monkeypatch):
+def test_every_peer_option_reads_the_environment(replica, capsys, monkeypatch):
     """cuts, cut, baseline and rollback take $EKKO_PEER too (the flag is not required)."""
-    monkeypatch.setenv(PEER_ENV, "127.0.0.1:7070")
+    monkeypatch.setenv(PEER_ENV, f"http://{replica.address}")
     parse = build_parser().parse_args
     for argv in (["cuts", "--model", "m"], ["cut", "--model", "m"], ["rollback", "--model", "m", "--to", "c"],
                  ["baseline", "--model", "m", "--unpin"], ["status"], ["members"]):
         assert parse(argv).peer is None, argv      # resolved from the environment when run
+    assert main(["cuts", "--model", "ranking"]) == 0
+    assert "no cuts of ranking" in capsys.readouterr().out
+    assert replica.paths[-1] == "/v1/models/ranking/cuts"
+    monkeypatch.setenv(PEER_ENV, "not a peer")
+    assert main(["cuts", "--model", "ranking"]) == 2
+    assert "bad peer 'not a peer'" in capsys.readouterr().err
