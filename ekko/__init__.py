@@ -14,7 +14,7 @@ from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.version import Knowledge, Version
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ekko.sdk.ack import PublishAck, PublishError
+    from ekko.sdk.ack import KeyRejected, PublishAck, PublishError
     from ekko.sdk.async_publisher import AsyncPublisher
     from ekko.sdk.client import Client
     from ekko.sdk.publisher import Publisher
@@ -26,11 +26,11 @@ __version__ = "0.1.0"
 
 #: lazily imported public names -> their modules.
 _LAZY = {"Publisher": "ekko.sdk.publisher", "AsyncPublisher": "ekko.sdk.async_publisher", "PublishAck": "ekko.sdk.ack",
-         "PublishError": "ekko.sdk.ack", "Client": "ekko.sdk.client", "Tracker": "ekko.sdk.tracking",
+         "PublishError": "ekko.sdk.ack", "KeyRejected": "ekko.sdk.ack", "Client": "ekko.sdk.client", "Tracker": "ekko.sdk.tracking",
          "RolledBack": "ekko.sdk.rollback_watch", "RollbackEvent": "ekko.sdk.rollback_watch",
          "TrainerCut": "ekko.sdk.trainer_state"}
 
-__all__ = ["AsyncPublisher", "Client", "Delta", "EkkoError", "Knowledge", "ModelSpec", "ProtocolError",
+__all__ = ["AsyncPublisher", "Client", "Delta", "EkkoError", "KeyRejected", "Knowledge", "ModelSpec", "ProtocolError",
            "PublishAck", "PublishError", "Publisher", "RemoteError", "RollbackEvent", "RolledBack", "TableSpec",
            "Tracker", "TrainerCut", "UsageError", "Version", "__version__"]
 

@@ -11,6 +11,7 @@ from ekko.core.errors import UsageError
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
+    from simulator.scenario import ALL_SYSTEMS  # light: numpy is loaded by ``import ekko`` already
     p = sub.add_parser("sim", help="discrete-event WAN simulator (runs the real protocol)")
     ss = p.add_subparsers(dest="sim_command", required=True)
     r = ss.add_parser("run", help="run a scenario: every system on the same WAN and workload")
@@ -18,7 +19,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--replicas", type=int, help="override the scenario's replica count")
     r.add_argument("--seed", type=int, help="override the scenario's seed")
     r.add_argument("--duration", type=float, help="override the workload length (simulated seconds)")
-    r.add_argument("--systems", help="comma-separated subset of systems to run")
+    r.add_argument("--systems", metavar="A,B,...",
+                   help="comma-separated subset of systems to run (default: the scenario's); systems: "
+                        + ", ".join(ALL_SYSTEMS))
     r.add_argument("--mode", choices=["auto", "metadata", "full"], help="values mode")
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--quiet", action="store_true", help="no progress bar")

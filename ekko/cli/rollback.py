@@ -9,38 +9,42 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from ekko.core.errors import EkkoError
+from ekko.cli.options import add_peer_option, resolve_peer
+from ekko.core.errors import EkkoError, UsageError
 
 
 def register_cli(sub: Any) -> None:
+    """Add ``cuts``, ``cut``, ``baseline`` and ``rollback`` to the ``ekko`` subcommands."""
     c = sub.add_parser("cuts", help="list a model's cuts (restore points) known to a replica")
-    c.add_argument("--peer", required=True, metavar="HOST:PORT")
-    c.add_argument("--model", required=True)
-    c.add_argument("--json", action="store_true")
+    add_peer_option(c, "replica to ask")
+    c.add_argument("--model", required=True, help="model whose cuts to list")
+    c.add_argument("--json", action="store_true", help="print the cuts as JSON")
     c.set_defaults(func=cuts_cmd)
     t = sub.add_parser("cut", help="take a named cut of a model now (it reaches every replica)")
-    t.add_argument("--peer", required=True, metavar="HOST:PORT")
-    t.add_argument("--model", required=True)
+    add_peer_option(t, "replica that takes the cut")
+    t.add_argument("--model", required=True, help="model to cut")
     t.add_argument("--name", help="cut name (default: cut-<unix ms>)")
-    t.add_argument("--key-file", help="cluster key, when the cluster has one")
-    t.add_argument("--keyring", metavar="FILE", help="keyring file (ekko keys) to sign with, instead of --key-file")
+    _add_key_options(t)
     t.set_defaults(func=cut_cmd)
     b = sub.add_parser("baseline", help="pin a replica as a baseline to a cut, or unpin it (no restart)")
-    b.add_argument("--peer", required=True, metavar="HOST:PORT", help="the replica to pin")
-    b.add_argument("--model", required=True)
+    add_peer_option(b, "the replica to pin")
+    b.add_argument("--model", required=True, help="model whose cut to pin to")
     g = b.add_mutually_exclusive_group(required=True)
     g.add_argument("--pin", metavar="CUT", help="cut to hold the replica at (see ekko cuts)")
     g.add_argument("--unpin", action="store_true", help="make it an ordinary replica again")
-    b.add_argument("--key-file", help="cluster key, when the cluster has one")
-    b.add_argument("--keyring", metavar="FILE", help="keyring file (ekko keys) to sign with, instead of --key-file")
+    _add_key_options(b)
     b.set_defaults(func=baseline_cmd)
     r = sub.add_parser("rollback", help="roll a model back to a cut on every replica")
-    r.add_argument("--peer", required=True, metavar="HOST:PORT")
-    r.add_argument("--model", required=True)
+    add_peer_option(r, "replica that starts the rollback")
+    r.add_argument("--model", required=True, help="model to roll back")
     r.add_argument("--to", required=True, metavar="CUT", help="cut name (see ekko cuts)")
-    r.add_argument("--key-file", help="cluster key, when the cluster has one")
-    r.add_argument("--keyring", metavar="FILE", help="keyring file (ekko keys) to sign with, instead of --key-file")
+    _add_key_options(r)
     r.set_defaults(func=rollback_cmd)
+
+
+def _add_key_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", help="file holding the cluster key, when the cluster has one")
+    p.add_argument("--keyring", metavar="FILE", help="keyring file (ekko keys) to sign with, instead of --key-file")
 
 
 def _client(args: argparse.Namespace):
@@ -52,12 +56,15 @@ def _client(args: argparse.Namespace):
     elif getattr(args, "key_file", None):
         with open(args.key_file, "rb") as f:
             key = f.read().strip()
-    return Client(args.peer, key=key)
+    return Client(resolve_peer(args), key=key)
 
 
 def _run(fn) -> int:
     try:
         return fn()
+    except UsageError as e:    # a bad --peer, key file ...: nothing was sent
+        print(f"ekko: {e}", file=sys.stderr)
+        return 2
     except (EkkoError, OSError) as e:
         print(f"ekko: {e}", file=sys.stderr)
         return 1
@@ -91,7 +98,7 @@ def baseline_cmd(args: argparse.Namespace) -> int:
     def go() -> int:
         out = _client(args).set_baseline(args.model, "" if args.unpin else args.pin)
         was = out["previous"] or "(none)"
-        print(f"{args.peer}: baseline pin {was} -> {out['cut'] or '(none: an ordinary replica)'}")
+        print(f"{resolve_peer(args)}: baseline pin {was} -> {out['cut'] or '(none: an ordinary replica)'}")
         return 0
     return _run(go)
 

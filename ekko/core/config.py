@@ -279,13 +279,53 @@ def preset(name: str, **overrides: Any) -> NodeConfig:
     return base.replace(preset=name, **overrides) if overrides else base
 
 
-def config_from_dict(d: dict[str, Any]) -> NodeConfig:
+#: what a TOML value must be for a NodeConfig field of each annotated type:
+#: (accepted Python types, how an error message names them).
+FIELD_VALUE_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "float": ((int, float), "a number"), "int": ((int,), "an integer"),
+    "bool": ((bool,), "true or false"), "str": ((str,), "a string"),
+    "tuple[tuple[str, str], ...]": ((list, tuple), "a list of [DC, DC] pairs"),
+}
+
+
+def check_field_types(d: dict[str, Any], source: str | None = None) -> None:
+    """Raise :class:`UsageError` naming the field, the type it needs and ``source`` (the
+    file) for the first value of ``d`` whose type does not fit its NodeConfig field
+    (``ae_interval = "fast"``).  Unknown fields are left to :func:`config_from_dict`.
+
+    Example:
+        >>> check_field_types({"ae_interval": "fast"}, "replica.toml")
+        Traceback (most recent call last):
+        ...
+        ekko.core.errors.UsageError: replica.toml: [node] ae_interval must be a number (float), got 'fast' (str)
+    """
+    where = f"{source}: " if source else ""
+    for f in dataclasses.fields(NodeConfig):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        accepted, what = FIELD_VALUE_TYPES[str(f.type)]
+        ok = isinstance(v, accepted) and (bool in accepted or not isinstance(v, bool))
+        if ok and f.name == "dc_links":
+            ok = all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in v)
+        if not ok:
+            raise UsageError(f"{where}[node] {f.name} must be {what} ({f.type}), got {v!r} ({type(v).__name__})")
+
+
+def config_from_dict(d: dict[str, Any], source: str | None = None) -> NodeConfig:
+    """A NodeConfig from a ``[node]`` table: ``preset`` picks the base, the other keys
+    override its fields.  Unknown keys and values of the wrong type raise
+    :class:`UsageError` (naming ``source``, the file, when given)."""
     d = dict(d)
+    where = f"{source}: " if source else ""
     base = d.pop("preset", "local")
+    if not isinstance(base, str):
+        raise UsageError(f"{where}[node] preset must be a string, one of {sorted(PRESETS)}; got {base!r}")
     known = {f.name for f in dataclasses.fields(NodeConfig)}
     unknown = set(d) - known
     if unknown:
-        raise UsageError(f"unknown config fields: {sorted(unknown)}")
+        raise UsageError(f"{where}unknown config fields: {sorted(unknown)}")
+    check_field_types(d, source)
     if "dc_links" in d:
         d["dc_links"] = tuple(tuple(p) for p in d["dc_links"])
     return preset(base, **d)

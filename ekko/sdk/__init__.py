@@ -14,5 +14,23 @@ Modules, each importing only those listed before it (and :mod:`ekko.core`):
 * :mod:`~ekko.sdk.tracking` -- which rows a training loop changed (``Tracker``);
 * :mod:`~ekko.sdk.publisher` -- the synchronous ``Publisher`` for training loops.
 
-:mod:`~ekko.sdk.client` (``Client``, the read API) stands apart: it needs none of them.
+:mod:`~ekko.sdk.client` (``Client``, the read API) stands apart: it needs only the errors
+of :mod:`~ekko.sdk.ack`.
+
+The error types a caller catches are exported here (and from :mod:`ekko`):
+:class:`PublishError` (a publish not acknowledged in time, or no replica reachable),
+:class:`KeyRejected` (a replica rejected the cluster key), and :class:`Unreachable` (a
+:class:`Client`'s replica cannot be reached).
 """
+
+from ekko.sdk.ack import KeyRejected, PublishError
+
+__all__ = ["KeyRejected", "PublishError", "Unreachable"]
+
+
+def __getattr__(name: str):
+    # Unreachable lives with the Client, which imports torch: loaded on first use only.
+    if name == "Unreachable":
+        from ekko.sdk.client import Unreachable
+        return Unreachable
+    raise AttributeError(f"module 'ekko.sdk' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """What a publish answers: a replica's acknowledgement (:class:`PublishAck`), or the
 errors a publish raises besides :class:`~ekko.core.errors.UsageError` and
-:class:`~ekko.core.errors.RemoteError` (:class:`PublishError`, and the internal
-refusal after which a frame is kept, :class:`KeptRefusal`).
+:class:`~ekko.core.errors.RemoteError`: :class:`PublishError` (not acknowledged in
+time, or no replica reachable) and :class:`KeyRejected` (a wrong cluster key).
 """
 
 from __future__ import annotations
@@ -88,5 +88,27 @@ class PublishError(EkkoError):
         self.pending = pending
 
 
-class KeptRefusal(RemoteError):
-    """A refusal after which the frame is kept (401: a key fix makes it succeed)."""
+class KeyRejected(RemoteError):
+    """A replica rejected the request's signature (HTTP 401): the cluster key (or the
+    keyring's primary key) is not one the cluster accepts, or none was given to a cluster
+    that requires one.
+
+    A publish frame refused this way is kept (and re-sent first by the next publish): a
+    publisher restarted with the right key re-signs it, so no rows are lost.
+    :class:`~ekko.sdk.client.Client` calls raise it too.
+
+    Attributes:
+        status: 401.
+        endpoint: the replica that rejected the key.
+
+    Example::
+
+        try:
+            pub.register(spec)
+        except KeyRejected as e:
+            sys.exit(f"wrong cluster key: {e}")
+    """
+
+    def __init__(self, message: str, endpoint: str = "") -> None:
+        super().__init__(message, 401)
+        self.endpoint = endpoint

@@ -35,7 +35,12 @@ publisher's *chain* (:mod:`ekko.core.chain`):
 
 A request that the replica refuses for good (400, 409, 413: the same bytes can
 never succeed) raises :class:`~ekko.core.errors.RemoteError` and drops the frame; a 401
-(wrong cluster key) keeps it, since restarting with the right key re-signs it.
+(wrong cluster key) raises :class:`~ekko.sdk.ack.KeyRejected` and keeps it, since
+restarting with the right key re-signs it.  When no endpoint has ever answered and every
+one refuses connections for :data:`~ekko.sdk.transport.UNREACHABLE_GIVE_UP_S`, a call
+raises :class:`~ekko.sdk.ack.PublishError` then instead of at its deadline (wrong
+endpoints); once a replica has answered, refused connections are retried until the
+deadline (a replica restarting).
 A 404 for an unknown model makes the publisher register the model at that
 replica (the catalog may not have reached it yet) and retry.
 """
@@ -54,7 +59,7 @@ from ekko.core.codec import COMPRESS_MIN_SAVING, Keyring, MsgType, encode_frame
 from ekko.core.errors import EkkoError, RemoteError, UsageError
 from ekko.core.spec import ModelSpec
 from ekko.core.version import origin_id
-from ekko.sdk.ack import KeptRefusal, PublishAck, PublishError, shadowed_of
+from ekko.sdk.ack import KeyRejected, PublishAck, PublishError, shadowed_of
 from ekko.sdk.endpoints import load_key, parse_endpoints
 from ekko.sdk.prepare import PreparedPublish, prepare_publish
 from ekko.sdk.rollback_watch import WATCH_REQUEST_TIMEOUT_S, RollbackEvent, RollbackWatch, state_file
@@ -362,7 +367,7 @@ class AsyncPublisher:
             answer, endpoint = await self._post("/v1/publish", data, deadline, what=f"publish to {frame.model}",
                                                 model=frame.model, spec=spec)
         except RemoteError as e:
-            if e.status != 401 and not isinstance(e, KeptRefusal):
+            if not isinstance(e, KeyRejected):
                 # The same bytes can never succeed; keeping them would wedge the model.
                 self._pending.pop(frame.model, None)
                 await self._save_pending()

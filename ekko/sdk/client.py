@@ -7,7 +7,8 @@ standard library's ``urllib`` (no event loop, no extra dependency) and is
 safe to share between threads (each call opens its own request).
 
 Errors: an error answer from the daemon raises
-:class:`~ekko.core.errors.RemoteError` with its status and message; a daemon that
+:class:`~ekko.core.errors.RemoteError` with its status and message
+(:class:`~ekko.sdk.ack.KeyRejected` when it rejects the key of a signed request); a daemon that
 cannot be reached raises :class:`Unreachable`; bad arguments raise
 :class:`~ekko.core.errors.UsageError` before anything is sent.
 """
@@ -30,6 +31,7 @@ from ekko.core.delta import WIRE_DTYPES
 from ekko.core.errors import EkkoError, ProtocolError, RemoteError, UsageError
 from ekko.core.spec import SUPPORTED_DTYPES, ModelSpec
 from ekko.core.store import from_wire_values
+from ekko.sdk.ack import KeyRejected
 from rollback.manager import check_sample
 
 #: seconds one request may take.
@@ -145,7 +147,11 @@ class Client:
             retry_after = float(retry) if retry is not None else None
         except ValueError:
             retry_after = None
-        raise RemoteError(f"{self.endpoint}{path.split('?')[0]}: HTTP {status}: {message}", status, retry_after)
+        where = f"{self.endpoint}{path.split('?')[0]}"
+        if status == 401:
+            raise KeyRejected(f"{where}: HTTP 401: {message}; the key was rejected: check the cluster key "
+                              "(or keyring) given to the client", self.endpoint)
+        raise RemoteError(f"{where}: HTTP {status}: {message}", status, retry_after)
 
     # -- reads ------------------------------------------------------------------------
     def read(self, model: str, table: str, ids: Any) -> RowsRead:

@@ -19,7 +19,7 @@ import aiohttp
 from ekko.core.codec import Keyring, MsgType, encode_frame
 from ekko.core.errors import RemoteError, UsageError
 from ekko.core.spec import ModelSpec
-from ekko.sdk.ack import KeptRefusal, PublishError
+from ekko.sdk.ack import KeyRejected, PublishError
 from ekko.sdk.endpoints import error_text, retry_after
 
 # One logger for the whole publisher (its log lines have always come from this name).
@@ -36,6 +36,11 @@ BACKOFF_MAX_S = 2.0
 MAX_RETRY_AFTER_S = 30.0
 #: a Retry-After wait is stretched by a random factor in [1, 1 + this] (spreads retries).
 RETRY_AFTER_JITTER = 0.25
+#: seconds of nothing but refused connections (or unknown host names) at every endpoint
+#: after which a call gives up, when no endpoint has answered since the publisher was
+#: made: wrong endpoints fail in seconds, not at the call's deadline.  Once a replica has
+#: answered, refusals are taken for a restart and retried until the deadline.
+UNREACHABLE_GIVE_UP_S = 5.0
 #: connections kept per replica (publishes of different models may run at once).
 CONNECTIONS_PER_HOST = 4
 #: statuses after which nothing was applied and the same frame may go elsewhere.
@@ -64,6 +69,8 @@ class ReplicaTransport:
         self._session: aiohttp.ClientSession | None = None
         self._rng = random.Random()
         self._closed = False
+        #: whether any endpoint has answered an HTTP request (any status) since we were made.
+        self.answered = False
 
     async def close(self) -> None:
         """Close the session; later requests raise :class:`UsageError`."""
@@ -91,7 +98,9 @@ class ReplicaTransport:
         at a replica that answers 404 for its model; ``kept()`` says, at the deadline,
         whether the frame stays pending (for the error).  Returns the JSON answer and the
         endpoint.  Raises :class:`PublishError` at the deadline, :class:`RemoteError` for
-        a definitive refusal (:class:`KeptRefusal` for a 401).
+        a definitive refusal (:class:`KeyRejected` for a 401).  Raises
+        :class:`PublishError` early, after :data:`UNREACHABLE_GIVE_UP_S`, when no endpoint
+        has ever answered and every one refuses connections.
         """
         loop = asyncio.get_running_loop()
         session = self.session()
@@ -101,6 +110,10 @@ class ReplicaTransport:
         n = len(self.endpoints)
         i = self.current
         registered_at: set[str] = set()
+        # Endpoints that refused connections since the last other outcome, and since when.
+        refusing: set[str] = set()
+        refused_since: float | None = None
+        gave_up = False
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -115,6 +128,9 @@ class ReplicaTransport:
                     raw = await r.read()
                     status = r.status
                     wait = retry_after(r.headers.get("Retry-After"))
+                self.answered = True
+                refusing.clear()
+                refused_since = None
                 if status == 200:
                     self.current = i % n
                     try:
@@ -130,12 +146,22 @@ class ReplicaTransport:
                     await self._register_at(session, ep, spec, deadline)
                     continue
                 if status == 401:
-                    raise KeptRefusal(f"{what}: {ep} refused the frame's authentication ({msg}); "
-                                      "check the cluster key", status)
+                    raise KeyRejected(f"{what}: {ep} rejected the key the frame is signed with ({msg}); "
+                                      "check the cluster key (or keyring) given to the publisher", ep)
                 if status not in _RETRY_CLEAN and status not in _RETRY_AMBIGUOUS:
                     raise RemoteError(f"{what}: {ep} refused it: HTTP {status}: {msg}", status, wait)
+            except aiohttp.ClientConnectorError as e:   # refused, unknown host, no route
+                last_status, last_error = None, f"{type(e).__name__} talking to {ep}: {e}"
+                refusing.add(ep)
+                refused_since = loop.time() if refused_since is None else refused_since
+                if (not self.answered and len(refusing) == len(set(self.endpoints))
+                        and loop.time() - refused_since >= UNREACHABLE_GIVE_UP_S):
+                    gave_up = True
+                    break
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 last_status, last_error = None, f"{type(e).__name__} talking to {ep}: {e}"
+                refusing.clear()
+                refused_since = None
             log.debug("%s: attempt %d failed: %s", what, attempts, last_error)
             i += 1  # fail over to the next endpoint
             delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** (attempts - 1)) * self._rng.uniform(0.5, 1.0)
@@ -148,6 +174,13 @@ class ReplicaTransport:
             if delay > 0:
                 await asyncio.sleep(delay)
         is_kept = model is not None and kept is not None and kept()
+        if gave_up:
+            raise PublishError(
+                f"{what}: no replica reachable: every endpoint ({', '.join(self.endpoints)}) refused the "
+                f"connection for {UNREACHABLE_GIVE_UP_S:g}s after {attempts} attempts and none has answered "
+                f"yet; check the endpoints. Last error: {last_error}"
+                + ("; the frame is kept and re-sent first by the next publish" if is_kept else ""),
+                model or "", attempts, last_status, is_kept)
         raise PublishError(
             f"{what}: not acknowledged within {timeout:g}s after {attempts} attempts at "
             f"{', '.join(self.endpoints)}; last error: {last_error}"

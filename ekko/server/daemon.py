@@ -56,11 +56,13 @@ a final snapshot is written, and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import logging
 import os
 import random
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -78,6 +80,7 @@ from ekko.server.driver import NodeDriver
 from ekko.server.frames import FrameReader
 from ekko.server.http_api import HANDLER_ARGS, HttpApi
 from ekko.server.ingest import IngestHandlers
+from ekko.server.join_check import live_namesake
 from ekko.server.metrics import DaemonMetrics
 from ekko.server.operator_api import OperatorHandlers
 from ekko.server.persistence import Persistence
@@ -92,6 +95,21 @@ SEND_DRAIN_TIMEOUT_S = 2.0
 TASK_STOP_TIMEOUT_S = 5.0
 #: file a running daemon holds an exclusive lock on, so no second daemon uses the data dir.
 LOCK_FILE = ".lock"
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (address reuse on, not listening yet); raises
+    :class:`OSError` when the address is taken or not ours."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def parse_hostport(s: str) -> tuple[str, int]:
@@ -112,6 +130,20 @@ class Daemon:
     :class:`~ekko.server.http_api.HttpApi` over the request handlers.  It runs
     their lifecycle: startup, graceful shutdown, the data dir's lock, signals and
     keyring reloads.
+
+    Start-up rules (:meth:`serve`):
+
+    * The listen address is bound first; a port that is taken fails there
+      (:class:`OSError`) and nothing is created in the data dir.
+    * One node id, one live replica: before it touches the data dir, the daemon asks
+      its seeds for their members (:mod:`ekko.server.join_check`).  When one lists this
+      node id as alive or suspect at another address *and that address answers as this
+      node id*, the start is refused with a :class:`UsageError` naming that address --
+      joining would replace the live replica's membership entry (the newer incarnation
+      wins) and the two would fight over one name.  A restart of the same node (its own
+      data dir, the old process dead) starts as before, at the same address or at
+      another one, since the old address no longer answers.
+    * A data dir that cannot be created or written is a :class:`UsageError` naming it.
 
     Args:
         node_id: unique replica name.
@@ -151,6 +183,7 @@ class Daemon:
         parse_hostport(self.address)
         for s in seeds:
             parse_hostport(s)
+        self.seeds = list(seeds)
         if key is not None and keyring_file is not None:
             raise UsageError("give a cluster key or a keyring file, not both")
         self.keyring_file = Path(keyring_file) if keyring_file is not None else None
@@ -218,6 +251,11 @@ class Daemon:
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
+        # Before anything touches the data dir: a refused start leaves a fresh one as it was.
+        live = await live_namesake(self.node.node_id, self.address, self.seeds)
+        if live is not None:
+            raise UsageError(f"node id {self.node.node_id!r} is alive in the cluster at {live}: "
+                             f"stop that replica first, or give this one another --node-id")
         self.driver.start()
         self.persistence.start()
         self._lock_data_dir()
@@ -250,10 +288,17 @@ class Daemon:
         """Serve until SIGTERM/SIGINT (or :meth:`stop`), then shut down gracefully."""
         self._stop_requested = asyncio.Event()
         loop = asyncio.get_running_loop()
+        # Bound first (not yet listening): a port that is taken fails here, before app
+        # startup creates anything in the data dir.
+        sock = bind_socket(self.host, self.port)
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=DRAIN_TIMEOUT_S, **HANDLER_ARGS)
-        await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+            await runner.setup()
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            site = web.SockSite(runner, sock)
             await site.start()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
@@ -360,8 +405,13 @@ class Daemon:
     def _lock_data_dir(self) -> None:
         """Take an exclusive lock on the data dir: two daemons writing one dir would
         interleave snapshots (and restore each other's state under their own name)."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        f = open(self.data_dir / LOCK_FILE, "a+b")
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.data_dir, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "not writable")
+            f = open(self.data_dir / LOCK_FILE, "a+b")
+        except OSError as e:
+            raise UsageError(f"data dir {self.data_dir} cannot be used: {e.strerror or e}") from None
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

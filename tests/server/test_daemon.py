@@ -667,7 +667,7 @@ def test_cli_exit_codes_and_status_rendering(capsys):
     buf = io.StringIO()
     render_status(st, Console(file=buf, width=200))
     out = buf.getvalue()
-    for text in ("ranker", "emb", "0123456789ab", "0.250s", "r2", "dc2", "dead", "1.500s", "cluster (2 members)"):
+    for text in ("ranker", "emb", "0123456789ab", "250 ms", "r2", "dc2", "dead", "1.5 s", "cluster (2 members)"):
         assert text in out, text
     assert "0123456789abc" not in out  # digest shown as a prefix
 

@@ -39,8 +39,8 @@ SPEC = ModelSpec("ranker", [TableSpec("emb", rows=50_000, dim=16, shards=8)])
 
 def write_config(root: Path, name: str, **node: object) -> list[str]:
     """A ``[node]`` TOML config; returns the daemon flags that load it."""
-    # (A TOML boolean: `{... else v!r}` would apply !r to both branches and write 'false',
-    # a string, which the loader took as true.)
+    # (repr(v), not a !r conversion: that one applied to the whole expression and wrote
+    # booleans as the strings 'true'/'false', which the [node] type check now refuses.)
     lines = ["[node]"] + [f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}" for k, v in node.items()]
     path = root / f"{name}.toml"
     path.write_text("\n".join(lines) + "\n")
