@@ -184,3 +184,20 @@ def test_lookups_without_an_update_send_nothing(srv, pub):
     res = tracker.publish()
     assert res.rows == 0 and res.acks == ()         # ... but nothing moved
     tracker.close()
+
+
+def test_sharded_collections_are_refused():
+    """DistributedModelParallel keeps the tables in fused kernels, not in modules: without
+    the refusal its weights would pass for one dense parameter."""
+    import torch.distributed as dist
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10)],
+                                     device=torch.device("meta"))
+        dmp = DistributedModelParallel(nn.ModuleDict({"ebc": ebc}), device=torch.device("cpu"))
+        with pytest.raises(UsageError, match="ebc is a sharded TorchRec module .ShardedEmbeddingBagCollection."):
+            spec_from_module(dmp, "m")
+    finally:
+        dist.destroy_process_group()
