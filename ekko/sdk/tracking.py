@@ -160,6 +160,9 @@ def module_layout(module: nn.Module) -> list[tuple[TableLayout, nn.Parameter, li
         out.append((layout, p, mods))
 
     for t in torchrec_tables(module):
+        if id(t.weight) in by_param:               # one weight in two collections: one table
+            by_param[id(t.weight)].append(t.lookup)
+            continue
         by_param[id(t.weight)] = [t.lookup]
         add(TableLayout(_table_name(t.name), "embedding", t.param_name, t.rows, t.dim, t.rows * t.dim,
                         _dtype_name(t.weight, t.param_name)), t.weight, by_param[id(t.weight)])

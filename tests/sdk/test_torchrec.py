@@ -23,7 +23,7 @@ from torch import nn
 from ekko.core.errors import UsageError
 from ekko.sdk.publisher import Publisher
 from ekko.sdk.torchrec_tables import torchrec_tables
-from ekko.sdk.tracking import spec_from_module
+from ekko.sdk.tracking import module_layout, spec_from_module
 from test_sdk_server import FakeDaemon
 from test_tracking import assert_replica_equals_module, brute_force_changed, snapshot
 
@@ -201,3 +201,15 @@ def test_sharded_collections_are_refused():
             spec_from_module(dmp, "m")
     finally:
         dist.destroy_process_group()
+
+
+def test_a_weight_shared_with_other_lookups_is_one_table_seen_by_all():
+    ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10)])
+    ec = EmbeddingCollection(tables=[EmbeddingConfig(name="u", embedding_dim=4, num_embeddings=10)])
+    plain = nn.Embedding(10, 4)
+    shared = ebc.embedding_bags["t"].weight
+    ec.embeddings["u"].weight = plain.weight = shared
+    model = nn.ModuleDict({"ebc": ebc, "ec": ec, "plain": plain})
+    layout = module_layout(model)
+    assert [(lay.name, lay.param_name) for lay, _, _ in layout] == [("t", "ebc.embedding_bags.t.weight")]
+    assert [type(m).__name__ for m in layout[0][2]] == ["EmbeddingBag", "Embedding", "Embedding"]
