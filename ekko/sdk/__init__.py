@@ -11,6 +11,7 @@ Modules, each importing only those listed before it (and :mod:`ekko.core`):
 * :mod:`~ekko.sdk.transport` -- HTTP to the replicas, with retries and failover;
 * :mod:`~ekko.sdk.trainer_state` -- trainer state saved with cuts, and restores;
 * :mod:`~ekko.sdk.async_publisher` -- the asyncio core (``AsyncPublisher``);
+* :mod:`~ekko.sdk.torchrec_tables` -- TorchRec collections' tables (never imports TorchRec);
 * :mod:`~ekko.sdk.tracking` -- which rows a training loop changed (``Tracker``);
 * :mod:`~ekko.sdk.publisher` -- the synchronous ``Publisher`` for training loops.
 

@@ -1,9 +1,11 @@
 """Track the rows a training loop changes, and publish exactly those.
 
 A model's tables (see :func:`spec_from_module`): every ``nn.Embedding`` and
-``nn.EmbeddingBag`` weight is an embedding table (one row per embedding); every
-other parameter is a dense table, flattened and cut into rows of
-:data:`DENSE_CHUNK` elements (the last row zero-padded).
+``nn.EmbeddingBag`` weight is an embedding table (one row per embedding), and so is
+every table of a TorchRec ``EmbeddingBagCollection`` / ``EmbeddingCollection``
+(named after its config; :mod:`ekko.sdk.torchrec_tables`); every other parameter
+is a dense table, flattened and cut into rows of :data:`DENSE_CHUNK` elements (the
+last row zero-padded).
 
 How :class:`Tracker` finds what changed -- without diffing whole tables:
 
@@ -66,6 +68,7 @@ from ekko.core.errors import UsageError
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.sdk.ack import PublishAck, PublishError
 from ekko.sdk.prepare import ROW_OVERHEAD_BYTES, PreparedPublish
+from ekko.sdk.torchrec_tables import torchrec_tables
 from ekko.sdk.trainer_state import TrainerCut, load_checkpoint, resolve_cut, restore_module, save_and_cut
 
 #: elements per row of a dense-parameter table: a flattened parameter is cut into
@@ -139,9 +142,10 @@ def _dtype_name(p: torch.Tensor, what: str) -> str:
 def module_layout(module: nn.Module) -> list[tuple[TableLayout, nn.Parameter, list[nn.Module]]]:
     """The tables of a module: ``(layout, parameter, embedding modules using it)`` each.
 
-    Embedding tables come first (named after their module, dots -> ``_``), then
-    dense parameters (named after the parameter).  A weight shared by several
-    embedding modules is one table.
+    TorchRec collection tables come first (named after their table config, see
+    :mod:`ekko.sdk.torchrec_tables`), then other embedding tables (named after their
+    module, dots -> ``_``), then dense parameters (named after the parameter).  A
+    weight shared by several embedding modules is one table.
     """
     if not isinstance(module, nn.Module):
         raise UsageError("expected a torch.nn.Module")
@@ -155,12 +159,20 @@ def module_layout(module: nn.Module) -> list[tuple[TableLayout, nn.Parameter, li
         names.add(layout.name)
         out.append((layout, p, mods))
 
+    for t in torchrec_tables(module):
+        if id(t.weight) in by_param:               # one weight in two collections: one table
+            by_param[id(t.weight)].append(t.lookup)
+            continue
+        by_param[id(t.weight)] = [t.lookup]
+        add(TableLayout(_table_name(t.name), "embedding", t.param_name, t.rows, t.dim, t.rows * t.dim,
+                        _dtype_name(t.weight, t.param_name)), t.weight, by_param[id(t.weight)])
     for mname, mod in module.named_modules():
         if not isinstance(mod, _EMBEDDING_TYPES):
             continue
         w = mod.weight
         if id(w) in by_param:
-            by_param[id(w)].append(mod)
+            if not any(m is mod for m in by_param[id(w)]):   # a TorchRec table's own lookup is in already
+                by_param[id(w)].append(mod)
             continue
         mods = [mod]
         by_param[id(w)] = mods
