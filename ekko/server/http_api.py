@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -117,6 +118,7 @@ class HttpApi:
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
         light = endpoint in ("/healthz", "/metrics", "/v1/status")
+        arrived = time.perf_counter()
         self.in_flight += 1
         try:
             if self.is_draining() and not light:
@@ -144,7 +146,7 @@ class HttpApi:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
-        self.metrics.requests.labels(endpoint, str(resp.status)).inc()
+        self.metrics.request_done(endpoint, resp.status, time.perf_counter() - arrived)
         return resp
 
     def _error(self, endpoint: str, message: str, reason: str, status: int | None = None) -> web.Response:
