@@ -6,8 +6,52 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ekko.core.errors import UsageError
+
+
+class SystemBars:
+    """One progress bar per simulated system, each ending at 100 %.
+
+    A run stops at the first progress step after it converged, usually well before its
+    simulated end; so a bar is completed when its system is done: when the next system
+    reports (systems run one after another) and at :meth:`finish`.  Its text then says
+    when the system stopped.
+
+    Example:
+        >>> import io
+        >>> from rich.console import Console
+        >>> from rich.progress import Progress
+        >>> prog = Progress(console=Console(file=io.StringIO()))
+        >>> bars = SystemBars(prog)
+        >>> bars("ekko", 5.5, 35.0); bars("broadcast", 700.0, 720.0); bars.finish()
+        >>> [t.percentage for t in prog.tasks], prog.tasks[0].fields["t"]
+        ([100.0, 100.0], 'done at 5.5 of 35 s simulated')
+    """
+
+    def __init__(self, prog: Any) -> None:
+        self.prog = prog
+        self.tasks: dict[str, Any] = {}
+        self._done: set[str] = set()
+        self._last: dict[str, float] = {}
+
+    def __call__(self, system: str, t: float, end: float) -> None:
+        """The :data:`simulator.progress.Progress` callback."""
+        if system not in self.tasks:
+            self.finish()
+            self.tasks[system] = self.prog.add_task(system, total=end, t="")
+        self._last[system] = t
+        self.prog.update(self.tasks[system], completed=min(t, end), total=end, t=f"{t:7.1f}/{end:.0f} s simulated")
+
+    def finish(self) -> None:
+        """Complete every bar whose system has stopped reporting."""
+        for system, task in self.tasks.items():
+            if system in self._done:
+                continue
+            self._done.add(system)
+            total = next(x.total for x in self.prog.tasks if x.id == task)
+            self.prog.update(task, completed=total, t=f"done at {self._last[system]:.1f} of {total:.0f} s simulated")
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
@@ -152,14 +196,9 @@ def _run(args: argparse.Namespace) -> int:
     else:
         with Progress(TextColumn("{task.description:18s}"), BarColumn(), TextColumn("{task.fields[t]}"),
                       TimeElapsedColumn(), console=console) as prog:
-            tasks: dict[str, int] = {}
-
-            def progress(system: str, t: float, end: float) -> None:
-                if system not in tasks:
-                    tasks[system] = prog.add_task(system, total=end, t="")
-                prog.update(tasks[system], completed=t, total=end, t=f"{t:7.1f}/{end:.0f} s simulated")
-
-            results = run_scenario(sc, systems, progress, workers=args.workers)
+            bars = SystemBars(prog)
+            results = run_scenario(sc, systems, bars, workers=args.workers)
+            bars.finish()
     paths = write_results(results, Path(args.out))
     print(summary(results))
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - t0:.1f} s; "

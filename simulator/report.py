@@ -53,15 +53,18 @@ def write_results(results: dict[str, Any], out: Path) -> dict[str, Path]:
     return paths
 
 
-def plot(results: dict[str, Any], out: Path) -> dict[str, Path]:
-    import matplotlib
-    matplotlib.use("Agg")
+def _legend_outside(ax: Any, fontsize: int = 8) -> None:
+    """The legend to the right of the axes, so that it never covers a curve or a bar
+    (``fig.tight_layout()`` then makes room for it inside the figure)."""
+    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+def latency_cdf_figure(results: dict[str, Any]) -> Any:
+    """The latency CDF of every system (``latency_cdf.png``)."""
     import matplotlib.pyplot as plt
 
-    paths: dict[str, Path] = {}
-    systems = results["systems"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, r in systems.items():
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    for name, r in results["systems"].items():
         m = r.get("_latency_matrix")
         if m is None or not m.size:
             continue
@@ -74,51 +77,77 @@ def plot(results: dict[str, Any], out: Path) -> dict[str, Path]:
     ax.set_ylabel("fraction of (update, replica) pairs")
     ax.set_title(f"{results['scenario']}: latency CDF, {results['replicas']} replicas")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     fig.tight_layout()
-    paths["latency_cdf"] = out / "latency_cdf.png"
-    fig.savefig(paths["latency_cdf"], dpi=110)
-    plt.close(fig)
+    return fig
 
+
+def latency_per_dc_figure(results: dict[str, Any]) -> Any | None:
+    """The latency CDF per DC of ``ekko`` (else the first system with latencies), or None
+    (``latency_per_dc.png``)."""
+    import matplotlib.pyplot as plt
+
+    systems = results["systems"]
     first = next((n for n in ("ekko", *systems) if n in systems and systems[n].get("_latency_matrix") is not None),
                  None)
-    if first is not None:
-        r = systems[first]
-        m, dcs = r["_latency_matrix"], np.array(r["_replica_dcs"])
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for dc in sorted(set(dcs.tolist())):
-            x, f = cdf_points(m[:, dcs == dc])
-            if len(x):
-                ax.plot(x, f, label=dc + (" (training)" if dc == results.get("training_dc") else ""))
-        ax.set_xlabel("update latency (s)")
-        ax.set_ylabel("fraction")
-        ax.set_title(f"{first}: latency CDF per DC")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths["latency_per_dc"] = out / "latency_per_dc.png"
-        fig.savefig(paths["latency_per_dc"], dpi=110)
-        plt.close(fig)
+    if first is None:
+        return None
+    r = systems[first]
+    m, dcs = r["_latency_matrix"], np.array(r["_replica_dcs"])
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    for dc in sorted(set(dcs.tolist())):
+        x, f = cdf_points(m[:, dcs == dc])
+        if len(x):
+            ax.plot(x, f, label=dc + (" (training)" if dc == results.get("training_dc") else ""))
+    ax.set_xlabel("update latency (s)")
+    ax.set_ylabel("fraction")
+    ax.set_title(f"{first}: latency CDF per DC")
+    ax.grid(True, alpha=0.3)
+    _legend_outside(ax)
+    fig.tight_layout()
+    return fig
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+
+def wan_bytes_figure(results: dict[str, Any]) -> Any | None:
+    """Bytes per directed DC link and system, or None without WAN traffic (``wan_bytes.png``)."""
+    import matplotlib.pyplot as plt
+
+    systems = results["systems"]
     names = list(systems)
     links = sorted({l for r in systems.values() for l in r.get("wan_bytes_by_link", {})})
-    if links:
-        width = 0.8 / max(1, len(names))
-        x = np.arange(len(links))
-        for i, n in enumerate(names):
-            vals = [systems[n].get("wan_bytes_by_link", {}).get(l, 0) / 1e6 for l in links]
-            ax.bar(x + i * width, vals, width, label=n)
-        ax.set_xticks(x + width * (len(names) - 1) / 2)
-        ax.set_xticklabels(links, rotation=60, ha="right", fontsize=6)
-        ax.set_yscale("log")
-        ax.set_ylabel("MB sent over the link (log)")
-        ax.set_title("WAN bytes per directed DC link")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths["wan_bytes"] = out / "wan_bytes.png"
-        fig.savefig(paths["wan_bytes"], dpi=110)
-    plt.close(fig)
+    if not links:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / max(1, len(names))
+    x = np.arange(len(links))
+    for i, n in enumerate(names):
+        vals = [systems[n].get("wan_bytes_by_link", {}).get(l, 0) / 1e6 for l in links]
+        ax.bar(x + i * width, vals, width, label=n)
+    ax.set_xticks(x + width * (len(names) - 1) / 2)
+    ax.set_xticklabels(links, rotation=60, ha="right", fontsize=6)
+    ax.set_yscale("log")
+    ax.set_ylabel("MB sent over the link (log)")
+    ax.set_title("WAN bytes per directed DC link")
+    _legend_outside(ax, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    """Write the PNG plots of ``results`` under ``out``; their paths by name."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: dict[str, Path] = {}
+    for name, make in (("latency_cdf", latency_cdf_figure), ("latency_per_dc", latency_per_dc_figure),
+                       ("wan_bytes", wan_bytes_figure)):
+        fig = make(results)
+        if fig is None:
+            continue
+        paths[name] = out / f"{name}.png"
+        fig.savefig(paths[name], dpi=110)
+        plt.close(fig)
     return paths
 
 
@@ -134,7 +163,8 @@ def summary(results: dict[str, Any]) -> str:
              f"seed {results['seed']}, {results['replicas']} replicas in {len(results['dcs'])} DCs "
              f"({', '.join(results['dcs'])}; training DC {results.get('training_dc')}), mode {results.get('mode')}, "
              f"{results['events']:,} events in {results['wall_s']:.1f} s ({results['events_per_s']:,.0f} events/s).",
-             "", "| system | intra-DC mean | cross-DC mean | cross-DC p99 | all p50 | WAN MB | WAN / min | converged |",
+             "", "| system | intra-DC mean (s) | cross-DC mean (s) | cross-DC p99 (s) | all p50 (s) | WAN MB | "
+             "WAN bytes / minimum | converged |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in sys_.items():
         lat = r["latency_s"]
@@ -150,6 +180,7 @@ def summary(results: dict[str, Any]) -> str:
             if name != "ekko" and v is not None and e:
                 lines.append(f"- `{name}`: {v / e:,.1f}x")
     lines += ["", "Latency: publisher emission until the replica holds the row at that version or newer "
-              "(sampled rows, every replica). `WAN / min`: bytes across DC boundaries over the least any scheme "
-              "must move to deliver every update to every other DC once (values + id + version).", ""]
+              "(sampled rows, every replica), in seconds. `WAN bytes / minimum`: bytes across DC boundaries over "
+              "the least any scheme must move to deliver every update to every other DC once (values + id + "
+              "version); 1.00 is the minimum.", ""]
     return "\n".join(lines)

@@ -13,9 +13,10 @@ What it does, all on loopback:
    :meth:`ekko.sdk.publisher.Publisher.track` to one replica (the others are fail-over
    endpoints);
 4. shows a live view (about twice a second): per DC the max and median freshness
-   lag -- how far each replica's newest applied update trails the trainer's
-   newest acknowledged one, in seconds of update time, from each replica's
-   ``/v1/status`` head -- and the lag the replicas report themselves; rows
+   lag -- at each poll of a replica's ``/v1/status``, how long it had been missing
+   the oldest update the trainer had started publishing that its head does not
+   hold yet (:func:`staleness`), the worst over the last :data:`LAG_WINDOW_S` --
+   and the lag the replicas report themselves (from gossiped heads); rows
    published and publish latency;
 5. on Ctrl-C or after ``--duration``: stops training, waits (bounded) for the
    replicas to converge, SIGTERMs every daemon and waits for it, and prints a
@@ -46,7 +47,9 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from ekko.cli.demo_lag import LAG_WINDOW_S, PUBLISH_LOG, counter_floor, record_lag, staleness
 
 #: seconds a daemon gets to answer /healthz after start (importing torch takes CPU
 #: seconds, and several daemons starting at once on a small machine queue for it).
@@ -61,8 +64,6 @@ CONVERGE_TIMEOUT_S = 60.0
 REFRESH_PER_S = 2.0
 #: seconds between status polls of every replica.
 POLL_INTERVAL_S = 0.5
-#: HLC counters per second of update time (ekko.core.version: 256 per millisecond).
-COUNTERS_PER_S = 256_000.0
 #: model name on the cluster.
 MODEL = "demo-ranker"
 #: the demo model and data.
@@ -180,10 +181,15 @@ class LocalCluster:
                                       start_new_session=True, env=daemon_env())
             log.close()
 
-    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
-        """Until every replica answers /healthz; RuntimeError (with its log tail) if one dies or is slow."""
+    def wait_ready(self, timeout: float = START_TIMEOUT_S,
+                   on_ready: Callable[[Replica, int, float], None] | None = None) -> None:
+        """Until every replica answers /healthz; RuntimeError (with its log tail) if one dies or is slow.
+
+        ``on_ready(replica, ready, seconds)`` is called as each one starts serving: how many
+        serve by then, and the seconds since this call began."""
         from ekko.sdk.client import Client
-        end = time.monotonic() + timeout
+        t0 = time.monotonic()
+        end = t0 + timeout
         pending = list(self.replicas)
         while pending:
             for r in list(pending):
@@ -191,6 +197,8 @@ class LocalCluster:
                     raise RuntimeError(f"{r.node_id} exited with {r.proc.returncode}:\n{self.log_tail(r)}")
                 if Client(r.address, timeout=2).healthz():
                     pending.remove(r)
+                    if on_ready is not None:
+                        on_ready(r, len(self.replicas) - len(pending), time.monotonic() - t0)
             if pending and time.monotonic() > end:
                 raise RuntimeError(f"{[r.node_id for r in pending]} not serving after {timeout:.0f}s")
             time.sleep(0.2)
@@ -324,10 +332,14 @@ class DemoState:
     publishes: int = 0
     rows: int = 0
     loss: float = float("nan")
-    head: int = 0                                   # greatest counter acknowledged to the trainer
     latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    #: the trainer's publishes in start order, ``[started (monotonic), counter]``: the
+    #: greatest counter acknowledged, or while in flight the least it can carry.
+    sent: deque = field(default_factory=lambda: deque(maxlen=PUBLISH_LOG))
     status: dict[str, dict[str, Any] | None] = field(default_factory=dict)   # node_id -> /v1/status
-    lag: dict[str, float | None] = field(default_factory=dict)   # node_id -> lag at its last poll
+    lag: dict[str, float | None] = field(default_factory=dict)   # node_id -> worst lag of its recent polls
+    worst_lag: dict[str, float] = field(default_factory=dict)    # node_id -> worst lag of the run
+    lag_polls: dict[str, deque] = field(default_factory=dict)    # node_id -> (asked at, lag) of recent polls
     errors: int = 0
     last_error: str = ""
     started: float = field(default_factory=time.monotonic)
@@ -341,19 +353,12 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
 
 
-def replica_lag(head_trainer: int, st: dict[str, Any] | None) -> float | None:
-    """Seconds of update time a replica's newest row trails the trainer's newest acknowledged one.
-
-    ``head_trainer`` must be read *before* the status request: every update
-    acknowledged by then is one the replica could have applied.  None while the
-    replica holds nothing of the model (or did not answer).
-    """
+def head_of(st: dict[str, Any] | None) -> int | None:
+    """The demo model's head (greatest counter applied) in a replica's status; None
+    without an answer, 0 before the model is there."""
     if st is None:
         return None
-    m = st.get("models", {}).get(MODEL)
-    if m is None or not m.get("head"):
-        return None
-    return max(0, head_trainer - int(m["head"])) / COUNTERS_PER_S
+    return int(st.get("models", {}).get(MODEL, {}).get("head") or 0)
 
 
 def per_dc_rows(cluster: LocalCluster, state: DemoState) -> list[tuple[str, int, int, list[float], list[float]]]:
@@ -374,9 +379,9 @@ def per_dc_rows(cluster: LocalCluster, state: DemoState) -> list[tuple[str, int,
             lag = lag_of.get(r.node_id)
             if lag is not None:
                 lags.append(lag)
-                reported = st["models"][MODEL].get("lag_s")
-                if reported is not None:          # None: the replica cannot tell yet
-                    own.append(float(reported))
+            reported = st.get("models", {}).get(MODEL, {}).get("lag_s")
+            if reported is not None:          # None: the replica cannot tell yet
+                own.append(float(reported))
         out.append((dc, up, len(reps), lags, own))
     return out
 
@@ -386,8 +391,9 @@ def render(cluster: LocalCluster, state: DemoState, duration: float | None):
     from rich.table import Table
     from rich.text import Text
 
-    t = Table(title="freshness per data centre (lag = how far the newest applied update trails the trainer's)")
-    for col in ("DC", "replicas up", "lag max", "lag median", "reported lag max"):
+    t = Table(title="freshness per data centre (lag = how long a replica had been missing the trainer's oldest "
+              f"update it lacked; worst of the last {LAG_WINDOW_S:g} s of polls)")
+    for col in ("DC", "replicas up", "lag max", "lag median", "reported lag max (gossip)"):
         t.add_column(col, justify="left" if col == "DC" else "right")
     for dc, up, n, lags, own in per_dc_rows(cluster, state):
         t.add_row(dc, f"{up}/{n}", f"{max(lags):.3f} s" if lags else "-",
@@ -416,15 +422,14 @@ class _Poller(threading.Thread):
         clients = {r.node_id: Client(r.address, timeout=2) for r in self.cluster.replicas}
         while not self.stopped.is_set():
             for nid, c in clients.items():
-                with self.state.lock:
-                    head = self.state.head
+                asked = time.monotonic()
                 try:
                     st = c.status()
                 except Exception:
                     st = None
                 with self.state.lock:
                     self.state.status[nid] = st
-                    self.state.lag[nid] = replica_lag(head, st)
+                    record_lag(self.state, nid, asked, staleness(asked, head_of(st), self.state.sent))
             self.stopped.wait(POLL_INTERVAL_S)
 
 
@@ -489,11 +494,19 @@ def run(args: argparse.Namespace) -> int:
     failed = ""
     t_stop = None
     try:
-        console.print(f"starting {len(cluster.replicas)} daemons in {args.dcs} DC(s) under {data_dir} ...")
+        n = len(cluster.replicas)
+        console.print(f"starting {n} daemons in {args.dcs} DC(s) under {data_dir} "
+                      "(each imports torch first: seconds on a small machine) ...")
         cluster.start()
-        cluster.wait_ready()
-        if len(cluster.replicas) > 1 and not cluster.wait_joined():
-            console.print("[yellow]not every replica sees every other yet; training anyway[/]")
+        cluster.wait_ready(on_ready=lambda r, k, dt: console.print(
+            f"  {r.node_id} serving on {r.address} ({k}/{n}, {dt:.1f} s)", highlight=False))
+        if n > 1:
+            console.print("waiting for the replicas to see each other ...")
+            t_join = time.monotonic()
+            if cluster.wait_joined():
+                console.print(f"  all {n} members alive ({time.monotonic() - t_join:.1f} s)")
+            else:
+                console.print("[yellow]not every replica sees every other yet; training anyway[/]")
         console.print("replicas: " + ", ".join(f"{r.node_id}@{r.address}" for r in cluster.replicas))
         console.print(f"watch with: ekko status --peer {cluster.replicas[0].address} --cluster")
         model = build_model(args.seed)
@@ -530,12 +543,17 @@ def run(args: argparse.Namespace) -> int:
                 loss.backward()
                 opt.step()
                 t0 = time.monotonic()
+                entry = [t0, counter_floor(time.time())]
+                with state.lock:
+                    state.sent.append(entry)
                 try:
                     res = tracker.publish()
                 except Exception as e:   # keep training; the tracker re-sends what was not delivered
                     with state.lock:
                         state.errors += 1
                         state.last_error = f"{type(e).__name__}: {str(e)[:120]}"
+                        if entry in state.sent:
+                            state.sent.remove(entry)    # its rows go again with a later publish
                     res = None
                 dt = time.monotonic() - t0
                 with state.lock:
@@ -546,7 +564,9 @@ def run(args: argparse.Namespace) -> int:
                         state.publishes += len(res.acks)
                         state.rows += res.rows
                         state.latencies.append(dt)
-                        state.head = max(state.head, max(a.max_counter for a in res.acks))
+                        entry[1] = max(a.max_counter for a in res.acks)
+                    elif res is not None and entry in state.sent:
+                        state.sent.remove(entry)        # nothing to publish this step
                 if live is None and time.monotonic() >= next_print:
                     next_print = time.monotonic() + 2.0
                     print(_progress_line(cluster, state), flush=True)
@@ -598,8 +618,13 @@ def run(args: argparse.Namespace) -> int:
                       f"p90 {_pct(lat, 0.9):.1f} ms, max {lat[-1]:.1f} ms")
     if state.errors:
         console.print(f"  publish errors: {state.errors} (last: {state.last_error})")
+    with state.lock:
+        worst = dict(state.worst_lag)
     for dc, up, n, lags, own in per_dc_rows(cluster, state):
-        console.print(f"  {dc}: last seen lag max {max(lags):.3f} s" if lags else f"  {dc}: no status")
+        run_worst = max((w for r in cluster.replicas if r.dc == dc for w in [worst.get(r.node_id)] if w is not None),
+                        default=None)
+        console.print(f"  {dc}: last seen lag max {max(lags):.3f} s, worst of the run {run_worst:.3f} s"
+                      if lags and run_worst is not None else f"  {dc}: no status")
     console.print(f"  final digests equal across replicas: {'yes' if converged else 'no'}"
                   + (f" (after {t_conv:.1f} s)" if converged and t_conv is not None else ""))
     if not converged and digests:

@@ -114,6 +114,10 @@ class TableStore:
         self._shard_hash: dict[int, bytes] = {}
         self._dirty = np.ones(spec.num_shards, dtype=bool)
         self._tags = _EMPTY  # scratch for apply's duplicate check, grown on demand
+        # Rows with a version (written_rows), kept by apply and restore_rows; counted
+        # afresh once when ``versions`` is an array this object did not count (a load).
+        self._written = 0
+        self._written_of: np.ndarray | None = self.versions
 
     # -- writes -----------------------------------------------------------------------------
     def apply(self, delta: Delta, capture_old: bool = False, distinct: bool | None = None,
@@ -162,6 +166,7 @@ class TableStore:
                 pos = keep if pos is None else pos[keep]
                 wid, old_w, new_w = wid[keep], old_w[keep], new_w[keep]
         self.versions[wid] = new_w
+        self._written += int(np.count_nonzero(old_w == 0))
         old_values = None
         old_tomb = self.tombstone[wid] if capture_old else None  # fancy indexing: a copy
         tomb = None
@@ -226,6 +231,7 @@ class TableStore:
             return
         if self.values is not None and values is None:
             raise UsageError("restore_rows needs values on a store with values")
+        self._written += int(np.count_nonzero(versions)) - int(np.count_nonzero(self.versions[ids]))
         self.versions[ids] = versions
         if tombstone is not None:
             self.tombstone[ids] = tombstone
@@ -246,6 +252,21 @@ class TableStore:
             self._dirty[self.spec.shards_of(ids) if shards is None else shards] = True
 
     # -- reads ------------------------------------------------------------------------------
+    def written_rows(self) -> int:
+        """Rows that hold a version (a value or a tombstone), without a scan of the table:
+        kept up to date by :meth:`apply` and :meth:`restore_rows`.
+
+        Example:
+            >>> ts = TableStore(TableSpec("t", rows=10, dim=1), device="cpu", with_values=False)
+            >>> _ = ts.apply(Delta("m", "t", np.array([1, 2, 2]), np.array([5, 5, 6]), None))
+            >>> ts.written_rows()
+            2
+        """
+        if self._written_of is not self.versions:   # assigned from outside (a snapshot load)
+            self._written = int(np.count_nonzero(self.versions))
+            self._written_of = self.versions
+        return self._written
+
     def read(self, ids: np.ndarray) -> torch.Tensor:
         """Values of rows (a copy, on the store's device)."""
         if self.values is None:

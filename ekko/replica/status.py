@@ -16,7 +16,7 @@ def status(node: Any, digests: bool = True) -> dict[str, Any]:
         for t in m.spec.tables:
             ts = m.store.table(t.name)
             info: dict[str, Any] = {"rows": t.rows, "dim": t.dim, "dtype": t.dtype, "shards": t.num_shards,
-                                    "dense": t.dense, "written_rows": int((ts.versions > 0).sum())}
+                                    "dense": t.dense, "written_rows": ts.written_rows()}
             if digests and ts.values is not None:
                 info["digest"] = ts.digest()
             tables[t.name] = info

@@ -202,6 +202,7 @@ class Daemon:
         # Durability and back-pressure (see the module doc).
         self.persistence = Persistence(self.node, self.config, self.data_dir, self.metrics, clock)
         self.metrics.watch_wal(lambda: self.persistence.wal)
+        self.metrics.watch_push_queues(self.node)
         self.gate = PublishGate(self.config, lambda: sum(q.rows for q in self.node.queues.values()),
                                 self.persistence.retained_bytes, self.persistence.request_snapshot)
         self._stopped = False

@@ -120,6 +120,7 @@ class NodeDriver:
                 continue
             try:
                 self.node.tick(now)
+                self.metrics.sample_freshness(now)
             except Exception:
                 log.exception("node.tick failed")
                 self.metrics.internal_errors.labels("tick").inc()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -113,6 +114,7 @@ class HttpApi:
         light = endpoint in ("/healthz", "/metrics", "/v1/status")
         if endpoint == STREAM_ENDPOINT:
             return await self._open_stream(request, handler)
+        arrived = time.perf_counter()
         self.in_flight += 1
         try:
             if self.is_draining() and not light:
@@ -140,7 +142,7 @@ class HttpApi:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
-        self.metrics.requests.labels(endpoint, str(resp.status)).inc()
+        self.metrics.request_done(endpoint, resp.status, time.perf_counter() - arrived)
         return resp
 
     async def _open_stream(self, request: web.Request,

@@ -114,7 +114,8 @@ class IngestHandlers:
                 if not isinstance(model, str) or not isinstance(origin, int) or isinstance(origin, bool):
                     raise ProtocolError("publish needs a string model and an integer origin", "bad_body")
                 self.frames.authorize_publisher(frame, model, origin)
-            ack = self.node.publish(frame.body, self.clock())
+            with self.metrics.applying(MsgType.PUBLISH):
+                ack = self.node.publish(frame.body, self.clock())
             # Logged in the same loop step as the apply, so a snapshot copy sees both or neither.
             wal = self.persistence.wal
             ticket = self.persistence.wal_append(frame.body["model"], data) if wal is not None else None
@@ -202,7 +203,8 @@ class IngestHandlers:
         if frame.msg_type not in PEER_TYPES:
             raise RequestRejected(f"{frame.msg_type.name} is not a peer message; use its own endpoint",
                                   "bad_type")
-        self.node.receive(frame, self.clock(), peer)
+        with self.metrics.applying(frame.msg_type):
+            self.node.receive(frame, self.clock(), peer)
         self.driver.send_out()
         sender = frame.body.get("from")
         # The sender's DC as our member list has it (not a "dc" field of the body: a label

@@ -4,10 +4,14 @@ Each :class:`DaemonMetrics` has its own :class:`prometheus_client.CollectorRegis
 (never the process-global one), so several daemons in one process -- tests,
 ``ekko demo`` -- keep separate numbers.
 
-Two kinds of metrics:
+Three kinds of metrics:
 
 * counters the daemon increments as things happen (rejected requests by
   reason, bytes per peer DC in each direction, transport failures);
+* latency histograms in seconds, buckets :data:`LATENCY_BUCKETS_S`: publish
+  acknowledgement, apply, push queueing (fed a whole taken batch at once by
+  :class:`TimedLinkQueue`) and the freshness lag, sampled every
+  :data:`FRESHNESS_SAMPLE_INTERVAL_S`;
 * a collector that reads the node's state at scrape time (the node's own event
   counters, freshness lag per model, models, rows, push queue depth).  Scrapes
   run in an HTTP handler on the event loop thread, the only thread that touches
@@ -16,17 +20,141 @@ Two kinds of metrics:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+import time
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from ekko.core.codec import MsgType
+from p2p.outbound import LinkQueue, QueuedRows, QueueFactory
 
 if TYPE_CHECKING:
     from ekko.replica.node import ReplicaNode
 
 #: label value for a peer whose DC we do not know yet (e.g. a seed before it answered).
 UNKNOWN_DC = "unknown"
+#: upper bounds (seconds) of the latency histograms' buckets: 1 ms to 1 min, about 2.5x
+#: apart -- a LAN push waits milliseconds, a publish acknowledgement tens of them (an
+#: fsync), a WAN lag seconds, an outage minutes (+Inf holds the rest).
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: seconds between two samples of each model's freshness lag into its histogram.
+FRESHNESS_SAMPLE_INTERVAL_S = 1.0
+#: the endpoint whose successful answers are publish acknowledgements.
+PUBLISH_ENDPOINT = "/v1/publish"
+#: ``source`` label of the apply histogram for each message that carries deltas.
+APPLY_SOURCES = {MsgType.PUBLISH: "publish", MsgType.PUSH: "push", MsgType.PULL_RESPONSE: "pull"}
+#: ``link`` label of the push queueing histogram: a peer in this replica's DC, or in another.
+LINK_KINDS = ("lan", "wan")
+
+
+class RowHistogram(Collector):
+    """A Prometheus histogram fed whole arrays of observations at once (one bincount,
+    not a Python call per row): the push queueing time of every row of a batch.
+
+    Args:
+        name, documentation: as for :class:`prometheus_client.Histogram` (``name`` in
+            base units, e.g. ``..._seconds``).
+        labelnames / label_values: the label names, and the label value tuples exported
+            from the start (at zero) so that dashboards see the series before traffic.
+        buckets: increasing finite upper bounds; +Inf is added.
+
+    Example:
+        >>> h = RowHistogram("wait_seconds", "Wait", ["link"], [("lan",)], buckets=(0.01, 0.1))
+        >>> h.observe(np.array([0.005, 0.05, 0.05, 3.0]), "lan")
+        >>> [(s.labels["le"], s.value) for s in next(iter(h.collect())).samples if s.name.endswith("_bucket")]
+        [('0.01', 1.0), ('0.1', 3.0), ('+Inf', 4.0)]
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str],
+                 label_values: Iterable[tuple[str, ...]] = (), buckets: Iterable[float] = LATENCY_BUCKETS_S) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
+        self.bounds = np.asarray(tuple(buckets), dtype=np.float64)
+        if not len(self.bounds) or not np.all(np.diff(self.bounds) > 0) or not np.isfinite(self.bounds).all():
+            raise ValueError(f"{name}: buckets must be finite and increasing, got {self.bounds.tolist()}")
+        self._counts: dict[tuple[str, ...], np.ndarray] = {}
+        self._sums: dict[tuple[str, ...], float] = {}
+        for values in label_values:
+            self._child(tuple(values))
+
+    def _child(self, labels: tuple[str, ...]) -> np.ndarray:
+        c = self._counts.get(labels)
+        if c is None:
+            if len(labels) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {labels}")
+            c = self._counts[labels] = np.zeros(len(self.bounds) + 1, np.int64)
+            self._sums[labels] = 0.0
+        return c
+
+    def observe(self, values: np.ndarray, *labels: str) -> None:
+        """Count every value of ``values`` (seconds) under the label values ``labels``."""
+        if not len(values):
+            return
+        c = self._child(labels)
+        # side="left": a value equal to a bound belongs to that bound's bucket (le = "<=").
+        c += np.bincount(np.searchsorted(self.bounds, values, side="left"), minlength=len(c))
+        self._sums[labels] += float(np.sum(values))
+
+    def collect(self) -> Iterable[Metric]:
+        h = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels in sorted(self._counts):
+            cum = np.cumsum(self._counts[labels])
+            les = [repr(float(b)) for b in self.bounds] + ["+Inf"]
+            h.add_metric(list(labels), list(zip(les, cum.astype(float).tolist())), self._sums[labels])
+        yield h
+
+
+class TimedLinkQueue:
+    """A :class:`p2p.outbound.LinkQueue` that reports how long each row it hands out waited.
+
+    It wraps the node's own queue and keeps the protocol sans-IO: the wait is the
+    ``now`` that :meth:`take` is given minus each row's ``enqueued_at`` (both on the
+    node's clock), reported to ``observe(waits)``.  Everything else is the inner
+    queue's (``stats()`` of a priority queue included).
+
+    Example:
+        >>> from p2p.outbound import FifoLinkQueue
+        >>> seen = []
+        >>> q = TimedLinkQueue(FifoLinkQueue(), seen.append)
+        >>> q.put(QueuedRows("m", "t", np.array([1, 2]), np.array([5, 5]), 8), now=10.0)
+        >>> _ = q.take(now=10.25, max_bytes=1000)
+        >>> seen[0].tolist(), q.rows
+        ([0.25, 0.25], 0)
+    """
+
+    def __init__(self, inner: LinkQueue, observe: Callable[[np.ndarray], None]) -> None:
+        self.inner = inner
+        self.observe = observe
+
+    def put(self, rows: QueuedRows, now: float) -> None:
+        self.inner.put(rows, now)
+
+    def take(self, now: float, max_bytes: int) -> list[QueuedRows]:
+        batches = self.inner.take(now, max_bytes)
+        for b in batches:
+            if b.enqueued_at is not None:
+                self.observe(np.maximum(now - b.enqueued_at, 0.0))
+        return batches
+
+    def next_ready(self, now: float) -> float | None:
+        return self.inner.next_ready(now)
+
+    @property
+    def rows(self) -> int:
+        return self.inner.rows
+
+    @property
+    def dropped(self) -> int:
+        return self.inner.dropped
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for what the LinkQueue interface does not name (e.g. a priority queue's stats()).
+        if name == "inner":   # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
 
 class _NodeCollector(Collector):
@@ -66,7 +194,8 @@ class _NodeCollector(Collector):
             lag.add_metric([name], float("inf") if own is None else own)
             head.add_metric([name], float(m.head))
             for t in m.spec.tables:
-                rows.add_metric([name, t.name], float(int((m.store.table(t.name).versions > 0).sum())))
+                # Kept by the store as rows are written: a scrape does not scan the table.
+                rows.add_metric([name, t.name], float(m.store.table(t.name).written_rows()))
         for (model, dc), s in sorted(worst.items()):
             dc_lag.add_metric([model, dc], s)
         yield lag
@@ -216,6 +345,25 @@ class DaemonMetrics:
                                         "Bytes of write-ahead log not yet covered by a snapshot", registry=r)
         self.resident_bytes = Gauge("ekko_process_resident_bytes", "Resident memory of the daemon process",
                                     registry=r)
+        # Latency histograms (seconds, LATENCY_BUCKETS_S).
+        self.publish_ack_seconds = Histogram(
+            "ekko_publish_ack_seconds", "Publishes acknowledged: time from the request arriving to its "
+            "acknowledgement (applied and durable)", registry=r, buckets=LATENCY_BUCKETS_S)
+        self.apply_seconds = Histogram(
+            "ekko_apply_seconds", "Frames with deltas taken by the node, by source: checks, the apply to the "
+            "tables and queueing the rows for push", ["source"], registry=r, buckets=LATENCY_BUCKETS_S)
+        for source in APPLY_SOURCES.values():
+            self.apply_seconds.labels(source)
+        self.freshness_lag_sampled = Histogram(
+            "ekko_freshness_lag_sampled_seconds", "The freshness lag of each model (ekko_freshness_lag_seconds), "
+            f"sampled every {FRESHNESS_SAMPLE_INTERVAL_S:g} s (not while this replica has nothing of a model "
+            "that others have: the gauge then reads +Inf)",
+            ["model"], registry=r, buckets=LATENCY_BUCKETS_S)
+        self.push_queue_wait = RowHistogram(
+            "ekko_push_queue_wait_seconds", "Time each pushed row waited in its link queue before it was sent, "
+            "by link (lan: a peer in this DC, wan: another DC)", ["link"], [(k,) for k in LINK_KINDS])
+        r.register(self.push_queue_wait)
+        self._next_freshness_sample = float("-inf")
         self._node_collector: _NodeCollector | None = None
         if node is not None:
             self.attach(node)
@@ -225,6 +373,59 @@ class DaemonMetrics:
             self.registry.unregister(self._node_collector)
         self._node_collector = _NodeCollector(node)
         self.registry.register(self._node_collector)
+
+    def watch_push_queues(self, node: "ReplicaNode") -> None:
+        """Time the rows of every link queue ``node`` makes from now on
+        (:class:`TimedLinkQueue` around its queue factory): ``ekko_push_queue_wait_seconds``."""
+        push = node.eager_push
+        inner: QueueFactory = push.queue_factory
+        local_dc = node.dc
+
+        def timed(peer: str, peer_dc: str) -> LinkQueue:
+            link = LINK_KINDS[0] if peer_dc == local_dc else LINK_KINDS[1]
+            return TimedLinkQueue(inner(peer, peer_dc), lambda waits: self.push_queue_wait.observe(waits, link))
+        push.queue_factory = timed
+
+    def applying(self, msg_type: MsgType) -> ContextManager[None]:
+        """Time the block (the node taking one frame) in ``ekko_apply_seconds`` when
+        ``msg_type`` carries deltas (:data:`APPLY_SOURCES`); a block that raises is not counted.
+
+        Example:
+            >>> m = DaemonMetrics()
+            >>> with m.applying(MsgType.PUSH):
+            ...     pass
+            >>> b'ekko_apply_seconds_count{source="push"} 1.0' in m.render()
+            True
+        """
+        source = APPLY_SOURCES.get(msg_type)
+        return nullcontext() if source is None else self._timed(self.apply_seconds.labels(source))
+
+    @staticmethod
+    @contextmanager
+    def _timed(hist: Any) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        hist.observe(time.perf_counter() - t0)
+
+    def request_done(self, endpoint: str, status: int, seconds: float) -> None:
+        """Count an answered request; a successful publish is also a publish acknowledgement
+        that took ``seconds`` since the request arrived."""
+        self.requests.labels(endpoint, str(status)).inc()
+        if endpoint == PUBLISH_ENDPOINT and status == 200:
+            self.publish_ack_seconds.observe(seconds)
+
+    def sample_freshness(self, now: float) -> None:
+        """Sample each model's freshness lag into ``ekko_freshness_lag_sampled_seconds``, at most
+        every :data:`FRESHNESS_SAMPLE_INTERVAL_S` (``now``: the node's clock; the driver calls
+        this after each tick)."""
+        if now < self._next_freshness_sample or self._node_collector is None:
+            return
+        self._next_freshness_sample = now + FRESHNESS_SAMPLE_INTERVAL_S
+        node = self._node_collector.node
+        for name in node.models:
+            lag = node.freshness_lag(name)
+            if lag is not None:   # unbounded: +Inf would make the histogram's sum useless for good
+                self.freshness_lag_sampled.labels(name).observe(lag)
 
     def watch_wal(self, get_wal: Callable[[], Any]) -> None:
         """Export the write-ahead log that ``get_wal()`` returns (None: nothing) at scrape time."""
