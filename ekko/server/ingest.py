@@ -12,6 +12,7 @@ back and the stream goes on.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -44,6 +45,9 @@ MAX_PEER_STREAMS = 256
 #: seconds between pings on an idle peer stream; a peer that answers none within this is
 #: dropped (a crashed host sends no FIN, and its stream would otherwise stay forever).
 STREAM_HEARTBEAT_S = 30.0
+#: seconds a peer stream's close waits for the peer's answer (at shutdown a stopped peer
+#: must not hold it up; streams close together).
+STREAM_CLOSE_TIMEOUT_S = 2.0
 #: the endpoint label of peer frames in metrics, whichever way they came.
 GOSSIP_ENDPOINT = "/v1/gossip"
 
@@ -157,7 +161,8 @@ class IngestHandlers:
             raise RequestRejected("replica is shutting down; retry on another replica", "draining")
         if len(self.streams) >= MAX_PEER_STREAMS:
             raise RequestRejected(f"{MAX_PEER_STREAMS} peer streams are open", "overloaded")
-        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES + 1, compress=False, heartbeat=STREAM_HEARTBEAT_S)
+        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES + 1, compress=False, heartbeat=STREAM_HEARTBEAT_S,
+                                   timeout=STREAM_CLOSE_TIMEOUT_S)
         peer = request.remote or ""
         try:
             await ws.prepare(request)
@@ -195,8 +200,8 @@ class IngestHandlers:
     async def close_streams(self) -> None:
         """Close every peer stream and refuse new ones (shutdown: peers find another way)."""
         self._streams_closed = True
-        for ws in list(self.streams):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"replica is shutting down")
+        await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"replica is shutting down")
+                               for ws in list(self.streams)), return_exceptions=True)
 
     def _take_peer_frame(self, frame: Frame, peer: str) -> None:
         """Hand one peer frame to the node and send what it produced."""

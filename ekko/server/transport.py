@@ -74,7 +74,8 @@ RECONNECT_MAX_S = 2.0
 #: bodies at least this large are encoded (msgpack + zstd + HMAC) on a worker thread
 #: so that a multi-MiB pull answer does not stall the event loop.
 ENCODE_OFFLOAD_BYTES = 256 << 10
-#: seconds cancelled sends get to unwind at close.
+#: seconds cancelled sends get to unwind at close, and a stream's close waits for the
+#: peer's answer (a stopped peer never gives one).
 CLOSE_TIMEOUT_S = 2.0
 #: path every peer message is POSTed to (one message per request; peers from before the stream).
 GOSSIP_PATH = "/v1/gossip"
@@ -347,7 +348,8 @@ class HttpTransport:
             raise _ConnectFailed("connect")
         try:
             ws = await self.session.ws_connect(f"http://{link.address}{STREAM_PATH}", max_msg_size=MAX_FRAME_BYTES + 1,
-                                               compress=0, autoping=True)
+                                               compress=0, autoping=True,
+                                               timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT_S))
         except aiohttp.WSServerHandshakeError as e:
             if e.status in (404, 405):
                 log.info("peer %s has no %s: sending it a POST per message", link.address, STREAM_PATH)
