@@ -93,6 +93,17 @@ def test_zero_defaults_charge_exactly_as_before():
     assert "shared_cores" not in CpuModel(paper).summary()
 
 
+def test_a_cpu_table_sets_the_transport_terms_and_the_pool():
+    cfg = copy.deepcopy(TINY)
+    cfg["cpu"] = {"per_message_s": 1e-5, "apply_s_per_row": 0, "scan_s_per_row": 0, "index_s_per_row": 0,
+                  "recv_per_message_s": 1.6e-5, "recv_s_per_byte": 8e-10, "send_per_message_s": 3.3e-5,
+                  "send_s_per_byte": 2e-9, "shared_cores": 2, "measured_by": "a note"}
+    got = parse_scenario(cfg).cpu
+    assert (got.recv_per_message_s, got.recv_s_per_byte, got.send_per_message_s, got.send_s_per_byte,
+            got.shared_cores) == (1.6e-5, 8e-10, 3.3e-5, 2e-9, 2)
+    assert got.charges_transport
+
+
 def _flood(costs: CpuCosts, replicas: int = 9, messages: int = 10) -> float:
     """Every replica handles ``messages`` messages arriving at 0; when all work is done."""
     cpu = CpuModel(costs)
