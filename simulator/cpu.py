@@ -1,4 +1,4 @@
-"""Endpoint CPU time of the simulated replica nodes (one core per replica for sync work).
+"""Endpoint CPU time of the simulated replica nodes (a core per replica, or a shared pool).
 
 The WAN model (:mod:`simulator.network`) charges bytes, queueing and propagation;
 this module charges the time a replica's CPU spends handling what it receives.
@@ -9,6 +9,8 @@ Every handled message, timer tick or local call (one :meth:`SimCluster.flush
     + rows_applied  * apply_s_per_row
     + rows_walked   * scan_s_per_row * (rows + cold_rows) / rows    (per table)
     + rows_indexed  * index_s_per_row
+    + recv_per_message_s + recv_bytes * recv_s_per_byte         (a received message only)
+    + sum over sent messages of (send_per_message_s + size * send_s_per_byte)
 
 where the counts come from the production node itself: ``rows_applied`` from its
 apply hook, ``rows_walked`` from ``ReplicaNode.rows_walked_by_table`` (rows compared by
@@ -20,6 +22,20 @@ production code paths by ``bench/sim_cpu_costs.py``; a scenario records them in 
 replica holds but the workload never updates; the simulator does not allocate them,
 it only charges a whole-shard scan for walking them too.
 
+The transport terms (all 0 unless a ``[cpu]`` table sets them, so a scenario without
+them is charged exactly as before) cover what a bare ``node.receive`` leaves out:
+``recv_per_message_s`` the stream receive and ``decode_frame``'s fixed overhead,
+``recv_s_per_byte`` its per-byte work (HMAC, msgpack, copies; decompression when
+compressed); ``send_per_message_s`` and ``send_s_per_byte`` the encode (msgpack, HMAC)
+and the socket write of each message sent.  Sizes are those the simulator puts on the
+WAN: the encoded frame plus ``Outgoing.extra_bytes`` (the value bytes of metadata mode).
+
+Shared host: ``shared_cores = K`` runs every replica's work on one FIFO pool of K cores
+for the whole cluster (N daemons on one K-core machine, as in a loopback comparison with
+real daemons) instead of a core per replica.  A replica still does one thing at a time
+(a daemon's event loop is one thread): its work starts when both it and a pool core are
+free, on the core that frees first, in the order the work was charged.
+
 Timing rule (the cheapest one that needs no events for idle nodes): a node handles a
 message when it arrives -- its state changes then -- and what it sends in reply leaves
 at ``max(now, cpu_free_at) + cost``; ``cpu_free_at`` then moves to that time.  The
@@ -28,14 +44,20 @@ until it is free (the driver reschedules it).
 
 What is modelled and what is not:
 
-* one core per replica for sync work, busy in FIFO order; no parallel scan threads,
-  no batching of several pending requests into one scan;
+* one core per replica for sync work (or a pool of ``shared_cores`` for all), busy in
+  FIFO order; no parallel scan threads, no batching of several pending requests into
+  one scan;
 * state changes are not deferred while the core is busy: a row received by a busy
   node is readable (and counted as applied, for latency) on arrival; only what the
   node sends is delayed.  This flatters a busy node's own freshness, never its peers';
 * no load shedding: requests that arrive while busy all wait (in arrival order);
-* decoding, HMAC and HTTP costs are not in ``per_message_s`` (it times a bare
-  ``node.receive`` of a decoded small frame), nor is any per-byte codec cost;
+* decoding, HMAC and transport costs are not in ``per_message_s`` (it times a bare
+  ``node.receive`` of a decoded small frame) but in the four transport terms above;
+  a body sent to k peers is charged k times although the daemon encodes it once (the
+  send constants lump encode and write together), and the in-DC/cross-DC difference
+  in compression is not modelled (one per-byte constant each way);
+* a partitioned run (``--workers``) cannot share one pool across its processes:
+  ``shared_cores`` needs a single-process run;
 * ``apply_s_per_row`` is measured for the scenario's embedding width and charged
   alike for every table;
 * baselines with their own drivers (``direct-push``, ``adam-2pc``, ``broadcast``)
@@ -45,6 +67,7 @@ What is modelled and what is not:
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -55,12 +78,20 @@ from ekko.core.errors import UsageError
 if TYPE_CHECKING:
     from ekko.replica.node import ReplicaNode
 
-__all__ = ["MAX_COLD_ROWS", "MAX_COST_S", "CpuCosts", "CpuModel"]
+__all__ = ["COST_FIELDS", "MAX_COLD_ROWS", "MAX_COST_S", "MAX_SHARED_CORES", "CpuCosts", "CpuModel"]
 
 #: sanity bound on any one measured cost constant (a typo guard: a second per row is no CPU).
 MAX_COST_S = 1.0
 #: sanity bound on a table's cold rows (10^13 rows is petabytes of embeddings).
 MAX_COLD_ROWS = 10**13
+#: sanity bound on ``[cpu] shared_cores`` (one host's cores).
+MAX_SHARED_CORES = 4096
+#: the cost constants a ``[cpu]`` table must give (the model's original four).
+REQUIRED_FIELDS = ("per_message_s", "apply_s_per_row", "scan_s_per_row", "index_s_per_row")
+#: the transport costs a ``[cpu]`` table may give; absent = 0 (not charged).
+TRANSPORT_FIELDS = ("recv_per_message_s", "recv_s_per_byte", "send_per_message_s", "send_s_per_byte")
+#: every cost constant, in seconds.
+COST_FIELDS = REQUIRED_FIELDS + TRANSPORT_FIELDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,34 +104,59 @@ class CpuCosts:
         scan_s_per_row: the full-scan comparison (``TableStore.scan_newer``), per row walked.
         index_s_per_row: the recent-row index lookup (``RecentIndex.newer_than_many``),
             per candidate row it compared.
+        recv_per_message_s: per received message: stream receive + frame decode overhead.
+        recv_s_per_byte: per received byte: HMAC, msgpack, copies (and decompression).
+        send_per_message_s: per sent message (each destination): encode + socket write.
+        send_s_per_byte: per sent byte: HMAC + encode + the socket write.
+        shared_cores: None = a core per replica; K = one FIFO pool of K cores for all.
 
     Example:
         >>> c = CpuCosts(per_message_s=2e-5, apply_s_per_row=1e-7, scan_s_per_row=2e-9, index_s_per_row=5e-8)
-        >>> c.per_message_s
-        2e-05
+        >>> c.per_message_s, c.send_s_per_byte, c.shared_cores
+        (2e-05, 0.0, None)
     """
 
     per_message_s: float
     apply_s_per_row: float
     scan_s_per_row: float
     index_s_per_row: float
+    recv_per_message_s: float = 0.0
+    recv_s_per_byte: float = 0.0
+    send_per_message_s: float = 0.0
+    send_s_per_byte: float = 0.0
+    shared_cores: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("per_message_s", "apply_s_per_row", "scan_s_per_row", "index_s_per_row"):
+        for name in COST_FIELDS:
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= MAX_COST_S:
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                    or not 0.0 <= v <= MAX_COST_S):
                 raise UsageError(f"cpu.{name} must be a number of seconds in [0, {MAX_COST_S}], got {v!r}")
+        k = self.shared_cores
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SHARED_CORES):
+            raise UsageError(f"cpu.shared_cores must be a whole number of cores in [1, {MAX_SHARED_CORES}], "
+                             f"got {k!r}")
+
+    @property
+    def charges_transport(self) -> bool:
+        """Whether any transport term is non-zero (else message sizes need not be counted)."""
+        return any(getattr(self, name) for name in TRANSPORT_FIELDS)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CpuCosts:
-        """From a scenario's ``[cpu]`` table (other keys such as ``measured_by`` are notes)."""
-        try:
-            return cls(**{k: float(d[k]) for k in ("per_message_s", "apply_s_per_row", "scan_s_per_row",
-                                                   "index_s_per_row")})
-        except KeyError as e:
-            raise UsageError(f"[cpu] needs {e.args[0]}") from None
-        except (TypeError, ValueError) as e:
-            raise UsageError(f"[cpu]: {e}") from None
+        """From a scenario's ``[cpu]`` table (other keys such as ``measured_by`` are notes).
+
+        The four original constants are required; the transport terms default to 0 and
+        ``shared_cores`` to a core per replica.  Values are checked as given (a string
+        such as ``"1e-5"`` is refused, not converted).
+        """
+        missing = [k for k in REQUIRED_FIELDS if k not in d]
+        if missing:
+            raise UsageError(f"[cpu] needs {missing[0]}")
+        kw: dict[str, Any] = {k: d[k] for k in COST_FIELDS if k in d}
+        if "shared_cores" in d:
+            kw["shared_cores"] = d["shared_cores"]
+        return cls(**kw)
 
 
 class CpuModel:
@@ -122,7 +178,8 @@ class CpuModel:
         5.003
     """
 
-    __slots__ = ("_applied", "_seen", "busy_s", "charges", "costs", "free_at", "max_backlog_s", "scan_scale")
+    __slots__ = ("_applied", "_pool", "_seen", "busy_s", "charges", "costs", "free_at", "max_backlog_s",
+                 "scan_scale")
 
     def __init__(self, costs: CpuCosts, scan_scale: Mapping[str, float] | None = None) -> None:
         self.costs = costs
@@ -136,16 +193,38 @@ class CpuModel:
         self.max_backlog_s = 0.0   # longest wait of a node's sends behind its busy core
         self._seen: dict[str, tuple[float, int]] = {}
         self._applied: dict[str, int] = {}
+        # shared_cores: when each core of the pool is next free (a min-heap).
+        self._pool: list[float] | None = [0.0] * costs.shared_cores if costs.shared_cores else None
 
     def note_applied(self, node_id: str, rows: int) -> None:
         """Rows a node applied (from its apply hook) since its last charge."""
         self._applied[node_id] = self._applied.get(node_id, 0) + rows
 
     def busy_until(self, node_id: str) -> float:
+        """When ``node_id`` has done the work charged so far (0 if never charged)."""
         return self.free_at.get(node_id, 0.0)
 
-    def charge(self, node: ReplicaNode, now: float) -> float:
-        """Charge one handled message/tick/call of ``node``; returns when its sends leave."""
+    def transport_cost(self, recv_bytes: int | None, sent: int, sent_bytes: int) -> float:
+        """Seconds of transport work: one received message of ``recv_bytes`` (None: none
+        received, a tick or local call) and ``sent`` messages of ``sent_bytes`` in all.
+
+        Example:
+            >>> m = CpuModel(CpuCosts(0, 0, 0, 0, recv_per_message_s=1e-5, recv_s_per_byte=1e-9,
+            ...                       send_per_message_s=2e-5, send_s_per_byte=2e-9))
+            >>> round(m.transport_cost(1000, 3, 3000), 9)   # 1e-5 + 1e-6 + 6e-5 + 6e-6
+            7.7e-05
+        """
+        c = self.costs
+        cost = sent * c.send_per_message_s + sent_bytes * c.send_s_per_byte
+        if recv_bytes is not None:
+            cost += c.recv_per_message_s + recv_bytes * c.recv_s_per_byte
+        return cost
+
+    def charge(self, node: ReplicaNode, now: float, extra_s: float = 0.0) -> float:
+        """Charge one handled message/tick/call of ``node``; returns when its sends leave.
+
+        ``extra_s`` is added to the work (the :meth:`transport_cost` of the message).
+        """
         nid = node.node_id
         c = self.costs
         walked = 0.0
@@ -165,17 +244,28 @@ class CpuModel:
             self._seen[nid] = (walked, indexed)   # as before: the counters seen at this charge
         cost = (c.per_message_s + self._applied.pop(nid, 0) * c.apply_s_per_row
                 + (walked - prev_w) * c.scan_s_per_row + (indexed - prev_i) * c.index_s_per_row)
+        if extra_s:
+            cost += extra_s
         start = self.free_at.get(nid, 0.0)
         if start < now:
             start = now
-        elif start - now > self.max_backlog_s:
+        pool = self._pool
+        if pool is not None and pool[0] > start:
+            start = pool[0]      # the node is ready, but every core of the host is busy
+        if start - now > self.max_backlog_s:
             self.max_backlog_s = start - now
         done = start + cost
+        if pool is not None:
+            heapq.heapreplace(pool, done)   # on the core that freed first
         self.free_at[nid] = done
         self.busy_s += cost
         self.charges += 1
         return done
 
     def summary(self) -> dict[str, float]:
-        """What the model charged (for ``results.json``)."""
-        return {"busy_s_total": self.busy_s, "charges": self.charges, "max_backlog_s": self.max_backlog_s}
+        """What the model charged (for ``results.json``; ``shared_cores`` only when set)."""
+        out: dict[str, float] = {"busy_s_total": self.busy_s, "charges": self.charges,
+                                 "max_backlog_s": self.max_backlog_s}
+        if self.costs.shared_cores:
+            out["shared_cores"] = self.costs.shared_cores
+        return out

@@ -219,7 +219,7 @@ class _RecordingCluster(SimCluster):
             if j < REPLAY_FRAMES:
                 self.replay_log[j] = item
 
-    def _deliver(self, src: str, dst: str, payload: tuple[MsgType, dict[str, Any]]) -> None:
+    def _deliver(self, src: str, dst: str, payload: tuple[MsgType, dict[str, Any], int]) -> None:
         self.keep((src, dst, payload))
         super()._deliver(src, dst, payload)
 
@@ -529,7 +529,7 @@ class FaultRun:
         log = self.cluster.replay_log
         picked = self.rng.sample(log, self.rng.randint(len(log) // 2, len(log))) if log else []
         for src, dst, payload in picked:
-            msg_type, body = payload
+            msg_type, body = payload[:2]   # (type, body, wire size): SimCluster.flush
             if msg_type == MsgType.PUBLISH:
                 try:
                     self.cluster.call(dst, "publish", body, self.sim.now)

@@ -144,6 +144,9 @@ def run_partitioned(sc: Scenario, system: str, workers: int, progress: Progress 
     if sc.scheduler is not None:
         raise UsageError("a partitioned run (workers > 1) does not support a [scheduler] scenario: its latency "
                          "classes come from the ingest replica's decisions, which only one worker sees")
+    if workers > 1 and sc.cpu is not None and sc.cpu.shared_cores:
+        raise UsageError("a partitioned run (workers > 1) cannot model [cpu] shared_cores: one pool of cores "
+                         "for the whole cluster needs every replica in one process")
     # The plan needs only the placement and the WAN: each worker then builds its own
     # replicas alone (no copy of the others' stores).
     net = WanNetwork(Simulation(sc.seed), sc.wan)

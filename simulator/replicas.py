@@ -196,12 +196,16 @@ class SimCluster:
         node.tick(self.sim.now)
         self.flush(node)
 
-    def flush(self, node: ReplicaNode) -> None:
-        """Send what a node produced and re-arm its timer."""
+    def flush(self, node: ReplicaNode, received_bytes: int | None = None) -> None:
+        """Send what a node produced and re-arm its timer.
+
+        ``received_bytes``: the size of the message the node just handled (None for a
+        tick or a local call), for the CPU model's transport terms.
+        """
         net = self.net
-        # Sends leave when the node's core has done this message's work (simulator.cpu).
-        at = self.cpu.charge(node, self.sim.now) if self.cpu is not None else None
+        cpu = self.cpu
         sizes: dict[int, tuple[int, Any]] = {}
+        sends: list[tuple[str, Any, int]] = []
         for out in node.drain():
             dst = out.dst or out.address
             if dst not in self.nodes and dst not in self._remote:
@@ -218,17 +222,29 @@ class SimCluster:
                 size = len(encode_frame(out.msg_type, out.body)) + out.extra_bytes
             key = out.msg_type.name
             self.bytes_by_type[key] = self.bytes_by_type.get(key, 0) + size
-            net.send(node.node_id, dst, (out.msg_type, out.body), size, self._deliver, at)
+            sends.append((dst, out, size))
+        # Sends leave when the node's core has done this message's work (simulator.cpu),
+        # the transport work of receiving it and of sending what it produced included.
+        at = None
+        if cpu is not None:
+            extra = (cpu.transport_cost(received_bytes, len(sends), sum(s[2] for s in sends))
+                     if cpu.costs.charges_transport else 0.0)
+            at = cpu.charge(node, self.sim.now, extra)
+        for dst, out, size in sends:
+            net.send(node.node_id, dst, (out.msg_type, out.body, size), size, self._deliver, at)
         self._arm(node)
 
-    def _deliver(self, src: str, dst: str, payload: tuple[MsgType, dict[str, Any]]) -> None:
+    def _deliver(self, src: str, dst: str, payload: tuple[Any, ...]) -> None:
+        """Hand a message ``(type, body, wire size)`` to its receiver and flush what it sends
+        (a ``(type, body)`` injected by a test or a replay counts as 0 bytes received)."""
         node = self.nodes[dst]
-        msg_type, body = payload
+        msg_type, body = payload[0], payload[1]
+        size = payload[2] if len(payload) > 2 else 0
         try:
             node.receive(Frame(msg_type, body), self.sim.now, src)
         except ProtocolError as e:
             self.rejected[e.reason] = self.rejected.get(e.reason, 0) + 1
-        self.flush(node)
+        self.flush(node, size)
 
     def call(self, node_id: str, fn: str, *args: Any, **kw: Any) -> Any:
         """Call a node's local API now and send what it produced (None, without calling,

@@ -21,7 +21,10 @@ shipped files in ``simulator/scenarios/`` document where each value comes from):
                 (t0, t1, multiplier)
 ``[baselines]`` checkpoint_interval_s, checkpoint_validate_s (broadcast),
                 adam_batch_s (2PC batching window)
-``[cpu]``       per_message_s, apply_s_per_row, scan_s_per_row, index_s_per_row
+``[cpu]``       per_message_s, apply_s_per_row, scan_s_per_row, index_s_per_row;
+                optional transport costs recv_per_message_s, recv_s_per_byte,
+                send_per_message_s, send_s_per_byte (default 0) and shared_cores
+                (one pool of K cores for all replicas; default a core each)
                 (measured by ``bench/sim_cpu_costs.py``; see :mod:`simulator.cpu`);
                 absent = no endpoint CPU time is charged
 ``[faults]``    makes it a fault-injection scenario instead (only ``[scenario]``

@@ -1,0 +1,176 @@
+"""The CPU model's transport terms (receive/send, per message and per byte), the shared
+core pool (``[cpu] shared_cores``) and the checks of a ``[cpu]`` table."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from ekko.core.codec import MsgType
+from ekko.core.errors import UsageError
+from ekko.core.spec import ModelSpec, TableSpec
+from ekko.replica.node import ReplicaNode
+from simulator.cpu import TRANSPORT_FIELDS, CpuCosts, CpuModel
+from simulator.experiment import run_scenario
+from simulator.parallel import run_partitioned
+from simulator.scenario import load_scenario, parse_scenario
+from tests.simulator.test_cpu import TINY, _pair
+
+RECV_MSG, RECV_BYTE, SEND_MSG, SEND_BYTE = 1e-3, 1e-6, 2e-3, 3e-6
+TRANSPORT = CpuCosts(0, 0, 0, 0, recv_per_message_s=RECV_MSG, recv_s_per_byte=RECV_BYTE,
+                     send_per_message_s=SEND_MSG, send_s_per_byte=SEND_BYTE)
+SPEC = ModelSpec("m", tables=[TableSpec("emb", rows=100, dim=8)])
+
+
+def _spied_pair(costs: CpuCosts):
+    """Two replicas with a model (so anti-entropy summaries flow) and a log of every
+    delivered message as (src, dst, wire size)."""
+    sim, cluster, a, b = _pair(costs)
+    cluster.register_everywhere(SPEC)
+    got: list[tuple[str, str, int]] = []
+    orig = cluster._deliver
+
+    def spy(src, dst, payload):
+        got.append((src, dst, payload[2]))
+        orig(src, dst, payload)
+
+    cluster._deliver = spy
+    return sim, cluster, a, got
+
+
+def test_each_transport_term_is_charged_per_message_and_per_byte():
+    """Only transport costs: all busy time is sends (each its size) and receives (each its size)."""
+    sim, cluster, _, got = _spied_pair(TRANSPORT)
+    sim.run(until=3.0)
+    assert len(got) > 10
+    sent, delivered = cluster.net.sent, cluster.net.delivered
+    assert delivered == len(got) and sent - delivered <= 2       # at most one in flight each way
+    sizes = {size for _, _, size in got}
+    assert len(sizes) == 1                                       # equal-digest summaries
+    size = sizes.pop()
+    want = delivered * (RECV_MSG + size * RECV_BYTE) + sent * (SEND_MSG + size * SEND_BYTE)
+    assert cluster.cpu.busy_s == pytest.approx(want, rel=1e-9)
+
+
+def test_a_received_message_of_known_size_and_its_replies():
+    """A 10 kB message (a size the test injects): its receive terms plus a send term per reply,
+    the replies' sizes being those the cluster put on the WAN (``bytes_by_type``)."""
+    sim, cluster, _, _ = _spied_pair(TRANSPORT)
+    sim.run(until=0.001)
+    busy0, sent0, bytes0 = cluster.cpu.busy_s, cluster.net.sent, sum(cluster.bytes_by_type.values())
+    start = max(sim.now, cluster.cpu.busy_until("a"))
+    body = {"k": "g", "from": "b", "members": []}
+    cluster._deliver("b", "a", (MsgType.GOSSIP, body, 10_000))
+    replies, reply_bytes = cluster.net.sent - sent0, sum(cluster.bytes_by_type.values()) - bytes0
+    want = RECV_MSG + 10_000 * RECV_BYTE + replies * SEND_MSG + reply_bytes * SEND_BYTE
+    assert cluster.cpu.busy_s - busy0 == pytest.approx(want, rel=1e-9)
+    assert cluster.cpu.busy_until("a") == pytest.approx(start + want, rel=1e-9)
+
+
+def test_transport_cost_formula():
+    m = CpuModel(TRANSPORT)
+    assert m.transport_cost(None, 0, 0) == 0.0                     # a tick that sends nothing
+    assert m.transport_cost(None, 2, 300) == pytest.approx(2 * SEND_MSG + 300 * SEND_BYTE)
+    assert m.transport_cost(500, 0, 0) == pytest.approx(RECV_MSG + 500 * RECV_BYTE)
+    node = ReplicaNode("r0", "dc0", "r0", with_values=False)
+    assert m.charge(node, 1.0, m.transport_cost(500, 1, 100)) == pytest.approx(
+        1.0 + RECV_MSG + 500 * RECV_BYTE + SEND_MSG + 100 * SEND_BYTE)
+
+
+def test_zero_defaults_charge_exactly_as_before():
+    """Without transport keys the charge is the old one to the last bit."""
+    plain = CpuCosts.from_dict({"per_message_s": 0.25, "apply_s_per_row": 0, "scan_s_per_row": 0,
+                                "index_s_per_row": 0})
+    assert all(getattr(plain, k) == 0.0 for k in TRANSPORT_FIELDS)
+    assert not plain.charges_transport and plain.shared_cores is None
+    assert TRANSPORT.charges_transport
+    sim, cluster, _, got = _spied_pair(plain)
+    sim.run(until=3.0)
+    assert got and cluster.cpu.busy_s == 0.25 * cluster.cpu.charges
+    paper = load_scenario("paper").cpu
+    assert paper is not None and not paper.charges_transport and paper.shared_cores is None
+    assert "shared_cores" not in CpuModel(paper).summary()
+
+
+def test_a_cpu_table_sets_the_transport_terms_and_the_pool():
+    cfg = copy.deepcopy(TINY)
+    cfg["cpu"] = {"per_message_s": 1e-5, "apply_s_per_row": 0, "scan_s_per_row": 0, "index_s_per_row": 0,
+                  "recv_per_message_s": 1.6e-5, "recv_s_per_byte": 8e-10, "send_per_message_s": 3.3e-5,
+                  "send_s_per_byte": 2e-9, "shared_cores": 2, "measured_by": "a note"}
+    got = parse_scenario(cfg).cpu
+    assert (got.recv_per_message_s, got.recv_s_per_byte, got.send_per_message_s, got.send_s_per_byte,
+            got.shared_cores) == (1.6e-5, 8e-10, 3.3e-5, 2e-9, 2)
+    assert got.charges_transport
+
+
+def _flood(costs: CpuCosts, replicas: int = 9, messages: int = 10) -> float:
+    """Every replica handles ``messages`` messages arriving at 0; when all work is done."""
+    cpu = CpuModel(costs)
+    nodes = [ReplicaNode(f"r{i}", "dc0", f"r{i}", with_values=False) for i in range(replicas)]
+    done = 0.0
+    for _ in range(messages):
+        for node in nodes:
+            done = max(done, cpu.charge(node, 0.0))
+    return done
+
+
+def test_shared_cores_queue_work_across_replicas():
+    each = CpuCosts(1e-3, 0, 0, 0)
+    two = CpuCosts(1e-3, 0, 0, 0, shared_cores=2)
+    # 9 replicas x 10 ms of work: 10 ms with a core each, 90 ms / 2 cores = 45 ms shared.
+    assert _flood(each) == pytest.approx(0.010)
+    assert _flood(two) == pytest.approx(0.045)
+    assert _flood(two) / _flood(each) == pytest.approx(4.5)
+    # As many cores as replicas: the same as a core each.
+    assert _flood(CpuCosts(1e-3, 0, 0, 0, shared_cores=9)) == pytest.approx(0.010)
+
+
+def test_a_replica_still_does_one_thing_at_a_time_on_a_pool():
+    cpu = CpuModel(CpuCosts(1e-3, 0, 0, 0, shared_cores=4))
+    node = ReplicaNode("r0", "dc0", "r0", with_values=False)
+    assert [cpu.charge(node, 0.0) for _ in range(3)] == pytest.approx([0.001, 0.002, 0.003])
+    other = ReplicaNode("r1", "dc0", "r1", with_values=False)
+    assert cpu.charge(other, 0.0) == pytest.approx(0.001)      # a free core: no wait
+    assert cpu.summary()["shared_cores"] == 4
+
+
+def test_shared_cores_in_a_scenario_slow_the_cluster():
+    """9 replicas on 1 shared core with a heavy (10 ms) per-message cost: replies wait for
+    the other replicas' work, so rows arrive later than with a core each."""
+    base = copy.deepcopy(TINY)
+    base["scenario"]["systems"] = ["ekko-no-gateways"]
+    base["cpu"] = {"per_message_s": 1e-2, "apply_s_per_row": 0, "scan_s_per_row": 0, "index_s_per_row": 0}
+    shared = copy.deepcopy(base)
+    shared["cpu"]["shared_cores"] = 1
+    own, pooled = (run_scenario(parse_scenario(c))["systems"]["ekko-no-gateways"] for c in (base, shared))
+    assert pooled["cpu"]["shared_cores"] == 1 and "shared_cores" not in own["cpu"]
+    assert pooled["cpu"]["max_backlog_s"] > 2 * own["cpu"]["max_backlog_s"]
+    assert pooled["latency_s"]["all"]["mean"] > own["latency_s"]["all"]["mean"]
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("recv_s_per_byte", -1e-9, "recv_s_per_byte"),
+    ("send_per_message_s", "1e-5", "send_per_message_s"),
+    ("recv_per_message_s", True, "recv_per_message_s"),
+    ("send_s_per_byte", float("nan"), "send_s_per_byte"),
+    ("per_message_s", "x", "per_message_s"),
+    ("shared_cores", 0, "shared_cores"),
+    ("shared_cores", -2, "shared_cores"),
+    ("shared_cores", 1.5, "shared_cores"),
+    ("shared_cores", "2", "shared_cores"),
+])
+def test_bad_cpu_values_are_refused_clearly(key, value, words):
+    cfg = copy.deepcopy(TINY)
+    cfg["cpu"] = {"per_message_s": 1e-5, "apply_s_per_row": 0, "scan_s_per_row": 0, "index_s_per_row": 0,
+                  key: value}
+    with pytest.raises(UsageError, match=words):
+        parse_scenario(cfg)
+
+
+def test_a_partitioned_run_refuses_a_shared_pool():
+    cfg = copy.deepcopy(TINY)
+    cfg["cpu"] = {"per_message_s": 1e-5, "apply_s_per_row": 0, "scan_s_per_row": 0, "index_s_per_row": 0,
+                  "shared_cores": 2}
+    with pytest.raises(UsageError, match="shared_cores"):
+        run_partitioned(parse_scenario(cfg), "ekko", workers=2)
