@@ -609,6 +609,8 @@ DIFFERENCES = (
     "real 'sent' = the SDK call (prepare, encode, HMAC, then the send); sim 'sent' = the emission",
     "real daemons, the proxy, the pollers and the publisher share this machine's cores; the simulator "
     "gives every replica its own CPU, charged by [cpu]",
+    "the real side's knowledge polls (one GET per replica every poll_ms) are load on the daemons that "
+    "the simulator does not have",
     "real WAN bytes = HTTP bytes the proxy forwarded between daemons of different DCs (no TCP/IP headers); "
     "sim = message sizes + per_message_overhead_bytes entering a WAN link",
 )
@@ -658,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config", help=f"a TOML path or a name under {CONFIG_DIR.relative_to(REPO)}/")
     ap.add_argument("--out", type=Path, default=Path("."), help="directory for fidelity.json (default .)")
     ap.add_argument("--quick", action="store_true", help=f"a short smoke run ({QUICK_DURATION_S:g} s of workload)")
+    ap.add_argument("--poll-ms", type=float, default=None,
+                    help="override the config's knowledge poll period (the polls load the daemons too)")
     ap.add_argument("--sim-only", action="store_true", help="run the simulator side only (no daemons)")
     ap.add_argument("--workdir", type=Path, default=None, help="where the daemons' temp dir goes")
     args = ap.parse_args(argv)
@@ -668,6 +672,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.quick:
         cfg = quick(cfg)
+    if args.poll_ms is not None:
+        if not 0.5 <= args.poll_ms <= 1000:
+            print("error: --poll-ms must be in [0.5, 1000]", file=sys.stderr)
+            return 2
+        from dataclasses import replace
+        cfg = replace(cfg, poll_ms=args.poll_ms)
     load_before = os.getloadavg()
     print(f"# {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"# {cfg.name}: {describe(cfg)}")
