@@ -102,6 +102,10 @@ SIM_CONVERGE_STEP_S = 0.01
 MODEL_SPREAD_TIMEOUT_S = 60.0
 #: a publish sent this much after its scheduled time counts as late (the publisher fell behind).
 LATE_SLACK_S = 0.005
+#: a rate counts as sustained when the last SUSTAIN_SHARE of publishes have a median latency at
+#: most SUSTAIN_GROWTH times that of the first SUSTAIN_SHARE (no backlog growing through the run).
+SUSTAIN_SHARE = 0.2
+SUSTAIN_GROWTH = 2.0
 #: seconds one knowledge poll may take.
 POLL_TIMEOUT_S = 10.0
 #: bounds on config values: typo guards.
@@ -312,6 +316,20 @@ def summarize(lat: np.ndarray, sent: np.ndarray, replica_dcs: list[str], ingest:
             "converge_s": converge, "publishes": int(len(sent))}
 
 
+def sustained(lat: np.ndarray) -> bool:
+    """Whether the rate was sustained: the median latency of the last publishes (the last
+    ``SUSTAIN_SHARE``) is at most ``SUSTAIN_GROWTH`` times that of the first ones; a backlog
+    that grows through the run fails it.
+
+    Example:
+        >>> sustained(np.array([[0.1], [0.1], [0.1], [0.1], [0.1]])), sustained(np.arange(1.0, 6.0)[:, None])
+        (True, False)
+    """
+    k = max(1, int(len(lat) * SUSTAIN_SHARE))
+    first, last = np.nanmedian(lat[:k]), np.nanmedian(lat[-k:])
+    return bool(last <= SUSTAIN_GROWTH * first)
+
+
 def ratio(sim: float, real: float) -> float:
     """sim / real (NaN when either is missing or real is 0).
 
@@ -512,6 +530,7 @@ class RealRun:
         table = spec.table(TABLE)
         pub = Publisher([ingest.address], origin="fidelity", key=self.key.encode(), state_dir=self.root / "publisher")
         sent, futs, late = [], [], 0
+        acked: list[float] = []   # when each publish's acknowledgement came back
         try:
             pub.register(spec)
             warmup_s = self._warm_up(pub, pollers, table, batches[0].ids, rng)
@@ -525,7 +544,10 @@ class RealRun:
                     late += 1
                 vals = rng.standard_normal((len(b.ids), table.dim)).astype(np.float32)
                 sent.append(time.monotonic())
-                futs.append(pub.publish_async_many(MODEL, {TABLE: (b.ids, vals)}))
+                fut = pub.publish_async_many(MODEL, {TABLE: (b.ids, vals)})
+                fut.add_done_callback(lambda f, i=len(futs): acked.__setitem__(i, time.monotonic()))
+                futs.append(fut)
+                acked.append(float("nan"))
             acks = [f.result(timeout=cfg.settle_s + 60) for f in futs]
             targets = [publish_targets(table, b.ids, a.versions[TABLE]) for b, a in zip(batches, acks)]
             want_all: dict[tuple[int, int], int] = {}
@@ -543,6 +565,8 @@ class RealRun:
         lat = np.array([[visible_at(t.changes, tg) for t in pollers] for tg in targets]) - s[:, None]
         wan = {f"{a}->{b}": int(v - bytes0.get((a, b), 0)) for (a, b), v in bytes1.items()}
         out = summarize(lat, s, [dc for _, dc in self.placement], 0, cfg.dcs[0], wan)
+        out["ack"] = percentiles(np.array(acked) - s)
+        out["sustained"] = sustained(lat)
         out["how"] = {"daemons": len(self.procs), "preset": cfg.preset, "durability": "wal (default)",
                       "poll_ms": cfg.poll_ms, "publishes_late": late,
                       "warm_up_s": warmup_s,
@@ -690,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# real: {real['publishes']} publishes ({real['how']['publishes_late']} sent late), "
               f"{real['how']['wall_s']:.1f} s wall, poll every {cfg.poll_ms:g} ms, warm-up publish "
               f"(not measured) visible everywhere after {real['how']['warm_up_s'] * 1000:.0f} ms", flush=True)
+        print(f"# real acknowledgement latency p50 {_ms(real['ack']['p50'])} p90 {_ms(real['ack']['p90'])}; "
+              f"rate sustained: {'yes' if real['sustained'] else 'NO (latency grew through the run: a backlog)'}")
         rat = compare(real, sim)
         doc.update(real=real, ratio=rat)
         print("\n".join(table_lines(real, sim, rat)))

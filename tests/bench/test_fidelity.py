@@ -239,3 +239,16 @@ rows_per_batch = 50
 batches_per_s = 5
 duration_s = 1.0
 """
+
+
+def test_sustained_flags_a_growing_backlog():
+    steady = np.full((50, 3), 0.1)
+    assert fid.sustained(steady)
+    growing = np.linspace(0.1, 5.0, 50)[:, None] * np.ones((1, 3))
+    assert not fid.sustained(growing)
+
+
+def test_docstring_examples():
+    import doctest
+    res = doctest.testmod(fid)
+    assert res.failed == 0 and res.attempted >= 8
