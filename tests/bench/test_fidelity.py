@@ -173,8 +173,9 @@ def test_publish_targets_and_visibility():
     versions = np.array([pack(5, 1), pack(6, 1), pack(7, 1)])
     want = fid.publish_targets(t, ids, versions)
     assert want == {(0, 1): 6, (1, 1): 7}
-    changes = [(1.0, {(0, 1): 6}), (2.0, {(0, 1): 6, (1, 1): 6}), (3.0, {(0, 1): 9, (1, 1): 7})]
-    assert fid.visible_at(changes, want) == 3.0
+    changes = [(1.0, 1.0, {(0, 1): 6}), (1.0, 2.0, {(0, 1): 6, (1, 1): 6}), (2.5, 3.0, {(0, 1): 9, (1, 1): 7})]
+    assert fid.visible_at(changes, want) == 2.75   # between the poll that missed it and the one that saw it
+    assert fid.covers(changes[2][2], want) and not fid.covers(changes[1][2], want)
     assert math.isnan(fid.visible_at(changes[:2], want))
 
 
