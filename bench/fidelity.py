@@ -15,8 +15,9 @@ run twice:
   DC publishes the workload's batches at their scheduled times to the first replica of
   that DC (directly on its listen port).  One thread per replica polls
   ``GET /v1/models/{m}/knowledge`` on its listen port (not through the proxy) every
-  ``poll_ms`` and keeps each change; a publish is *visible* at a replica at the first
-  poll whose knowledge reaches, for every shard it touched, its greatest counter.
+  ``poll_ms`` and keeps each change; a publish is *visible* at a replica midway between
+  the first poll whose knowledge reaches, for every shard it touched, its greatest
+  counter, and the poll before it.  A warm-up publish (not measured) goes first.
 * **sim**: the same DCs, RTTs, replicas, tables, workload batches (the same
   :class:`simulator.workload.Workload` draws from the same seed), preset and the
   config's ``[cpu]`` costs, as a :class:`simulator.scenario.Scenario`, system ``ekko``,
@@ -36,7 +37,8 @@ Statistics, the same on both sides (:func:`summarize`):
   (the last publish's sent time).
 
 Where the definitions differ (printed with the table): the real side sees a publish
-only at a poll (up to ``poll_ms`` plus one HTTP round trip late; the sim is exact);
+only between two polls (+- half of ``poll_ms``; the sim is exact), and its polls load
+the daemons;
 a real replica's knowledge covers a shard's counters contiguously, a simulated row
 counts as soon as it holds that version or a newer one; the real publisher's "sent"
 is the SDK call (prepare + encode + HMAC before the bytes leave), the sim's is the
