@@ -253,3 +253,45 @@ def test_docstring_examples():
     import doctest
     res = doctest.testmod(fid)
     assert res.failed == 0 and res.attempted >= 8
+
+
+def test_knowledge_poller_keeps_changes_with_the_poll_before():
+    """Against a stand-in HTTP server whose knowledge moves once: two changes, each with
+    ``before <= at``, the second bracketed by the poll that missed it."""
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    state = {"counter": 3}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 -- the http.server API
+            body = json.dumps({"tables": {fid.TABLE: [[0, [[1, state["counter"]]], 0]]}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    stop = threading.Event()
+    poller = fid.KnowledgePoller(f"127.0.0.1:{srv.server_address[1]}", 0.01, stop)
+    try:
+        poller.start()
+        time.sleep(0.1)
+        moved = time.monotonic()
+        state["counter"] = 9
+        time.sleep(0.1)
+    finally:
+        stop.set()
+        poller.join(5)
+        srv.shutdown()
+    assert [c[2] for c in poller.changes] == [{(0, 1): 3}, {(0, 1): 9}]
+    before, at, _ = poller.changes[1]
+    assert before < at and before <= moved + 0.01 and at >= moved - 0.01
+    assert poller.polls >= 5 and poller.errors == 0
+    assert fid.visible_at(poller.changes, {(0, 1): 9}) == pytest.approx((before + at) / 2)
