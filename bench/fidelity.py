@@ -755,9 +755,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# load average after {load_after[0]:.2f} {load_after[1]:.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "fidelity.json"
-    path.write_text(json.dumps(doc, indent=1, default=_json_default, allow_nan=True))
+    path.write_text(json.dumps(json_safe(doc), indent=1, default=_json_default, allow_nan=False))
     print(f"# wrote {path}")
     return 0
+
+
+def json_safe(x: Any) -> Any:
+    """``x`` with every NaN (a figure that does not exist: never visible, no traffic) as None,
+    so that ``fidelity.json`` is strict JSON.
+
+    Example:
+        >>> json_safe({"a": [1.0, float("nan")]})
+        {'a': [1.0, None]}
+    """
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
 
 
 def _json_default(x: Any) -> Any:
