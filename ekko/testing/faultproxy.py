@@ -280,7 +280,9 @@ class FaultProxy:
     Counters: :attr:`counts` (``accepted``, ``refused_partition``, ``reset_partition``,
     ``reset_random``, ``reset_manual``, ``upstream_unreachable``, ``unclassified``) and
     :attr:`http_status` (status code -> answers seen, plus ``"unparsed"``);
-    :attr:`http_5xx` lists ``(route name, status)`` of every 5xx answer.
+    :attr:`http_5xx` lists ``(route name, status)`` of every 5xx answer;
+    :attr:`bytes_by_pair` counts the bytes forwarded between classified daemons per
+    directed DC pair ``(from dc, to dc)`` (requests and answers alike, intra-DC too).
     Call every method on the proxy's event loop (or through :meth:`ProxyThread.call`).
 
     Example::
@@ -299,6 +301,7 @@ class FaultProxy:
         self.counts: Counter = Counter()
         self.http_status: Counter = Counter()
         self.http_5xx: list[tuple[str, int]] = []
+        self.bytes_by_pair: Counter = Counter()
         self._conns: set[_Conn] = set()
         self._handlers: set[asyncio.Task] = set()
         self._free_at: dict[tuple[str, str], float] = {}
@@ -430,6 +433,9 @@ class FaultProxy:
                     break
                 if not data:
                     break
+                if None not in direction:
+                    # Counted as read (before faults): what the sending daemon put on the wire.
+                    self.bytes_by_pair[direction] += len(data)
                 lf = self._faults(conn.key)
                 if lf.partitioned or (lf.reset_prob and self._rng.random() < lf.reset_prob):
                     self.counts["reset_partition" if lf.partitioned else "reset_random"] += 1

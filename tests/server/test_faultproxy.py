@@ -106,6 +106,26 @@ async def test_bandwidth_cap_paces_bytes(setup):
     assert len(got) == 100_000 and took >= 0.5
 
 
+async def test_counts_bytes_per_directed_dc_pair(setup):
+    proxy, port = setup
+    await roundtrip(port, b"x" * 3000)
+    await roundtrip(port, b"y" * 500)
+    # dcA (the classified client) sent 3500 bytes to dcB, whose echo sent them back.
+    assert proxy.bytes_by_pair == {("dcA", "dcB"): 3500, ("dcB", "dcA"): 3500}
+
+
+async def test_unclassified_connections_count_no_bytes():
+    server, port = await echo_server()
+    proxy = FaultProxy(classify=lambda peer, route_port: None)
+    pport = await proxy.add_route("echo", "dcB", ("127.0.0.1", port))
+    try:
+        assert (await roundtrip(pport))[0] == b"ping"
+        assert not proxy.bytes_by_pair
+    finally:
+        await proxy.close()
+        server.close()
+
+
 def test_http_status_scanner_follows_keepalive_answers_split_anywhere():
     stream = (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
               b"HTTP/1.1 204 No Content\r\n\r\n"
