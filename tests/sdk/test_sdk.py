@@ -49,12 +49,6 @@ def dead_endpoint() -> str:
     return f"127.0.0.1:{port}"
 
 
-@pytest.fixture
-def srv():
-    with FakeDaemon() as s:
-        yield s
-
-
 #: seconds a fake daemon's knowledge may take to close a new publisher's gaps.
 CHAIN_COMPLETE_S = 5.0
 

@@ -21,10 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ekko.core.errors import UsageError
-from ekko.sdk.publisher import Publisher
 from ekko.sdk.torchrec_tables import torchrec_tables
 from ekko.sdk.tracking import module_layout, spec_from_module
-from test_sdk_server import FakeDaemon
 from test_tracking import assert_replica_equals_module, brute_force_changed, snapshot
 
 INSTALL = "pip install -e '.[torchrec]' && pip install --no-deps torchrec==1.8.0 fbgemm-gpu-cpu==1.8.0"
@@ -90,18 +88,6 @@ def tr_step(model: nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generat
     opt.zero_grad()
     loss.backward()
     opt.step()
-
-
-@pytest.fixture
-def srv():
-    with FakeDaemon() as s:
-        yield s
-
-
-@pytest.fixture
-def pub(srv, tmp_path):
-    with Publisher([srv.endpoint], origin="trainer", state_dir=tmp_path, timeout=5) as p:
-        yield p
 
 
 def test_each_config_is_a_table_named_after_it():

@@ -20,7 +20,6 @@ from torch import nn
 
 from ekko.core.errors import RemoteError
 from ekko.sdk.ack import PublishError
-from ekko.sdk.publisher import Publisher
 from ekko.core.store import to_wire_values
 from ekko.sdk.tracking import dense_rows, module_layout, spec_from_module, unflatten_dense
 from test_sdk_server import FakeDaemon, Fault
@@ -86,18 +85,6 @@ def assert_replica_equals_module(srv: FakeDaemon, model_name: str, model: nn.Mod
         got, _ = srv.rows(model_name, name)
         w = to_wire_values(want)
         assert got.dtype == w.dtype and np.array_equal(got.view(np.uint8), w.view(np.uint8)), name
-
-
-@pytest.fixture
-def srv():
-    with FakeDaemon() as s:
-        yield s
-
-
-@pytest.fixture
-def pub(srv, tmp_path):
-    with Publisher([srv.endpoint], origin="trainer", state_dir=tmp_path, timeout=5) as p:
-        yield p
 
 
 OPTIMIZERS = {
