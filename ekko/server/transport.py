@@ -106,12 +106,14 @@ def estimated_size(out: Outgoing) -> int:
     return n
 
 
-class _ConnectFailed(Exception):
-    """The link could not be opened; ``reason`` is the failure counted for each queued message."""
+class _SendFailed(Exception):
+    """A message could not go; ``reason`` is the failure it is counted under, and
+    ``whole_queue`` says the link cannot be opened (every message queued on it fails)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, whole_queue: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.whole_queue = whole_queue
 
 
 class _Link:
@@ -315,11 +317,10 @@ class HttpTransport:
                 except UsageError as e:
                     log.warning("cannot encode a message for %s: %s", link.address, e)
                     self._finish(link, "encode")
-                except _ConnectFailed as e:
-                    while link.queue:   # in back-off: the link's whole queue fails now
-                        self._finish(link, e.reason)
-                except _Refused as e:
+                except _SendFailed as e:
                     self._finish(link, e.reason)
+                    while e.whole_queue and link.queue:   # in back-off: the link's whole queue fails now
+                        self._finish(link, e.reason)
                 except (TimeoutError, asyncio.TimeoutError):
                     self._drop_stream(link)
                     self._finish(link, "timeout")
@@ -341,11 +342,11 @@ class HttpTransport:
             link.writer = None
 
     async def _connect(self, link: _Link) -> None:
-        """Open the link's stream (or find that the peer only takes POSTs); raises _ConnectFailed."""
+        """Open the link's stream (or find that the peer only takes POSTs); raises _SendFailed."""
         assert self.session is not None
         now = time.monotonic()
         if now < link.retry_at:
-            raise _ConnectFailed("connect")
+            raise _SendFailed("connect", whole_queue=True)
         try:
             ws = await self.session.ws_connect(f"http://{link.address}{STREAM_PATH}", max_msg_size=MAX_FRAME_BYTES + 1,
                                                compress=0, autoping=True,
@@ -364,10 +365,10 @@ class HttpTransport:
         self.streams_opened += 1
         link.reader = asyncio.get_running_loop().create_task(self._read(link, ws), name=f"ekko-link-read-{link.address}")
 
-    def _back_off(self, link: _Link, reason: str) -> _ConnectFailed:
+    def _back_off(self, link: _Link, reason: str) -> _SendFailed:
         link.backoff = min(RECONNECT_MAX_S, max(RECONNECT_MIN_S, 2 * link.backoff))
         link.retry_at = time.monotonic() + link.backoff
-        return _ConnectFailed(reason)
+        return _SendFailed(reason, whole_queue=True)
 
     def _drop_stream(self, link: _Link) -> None:
         ws, link.ws = link.ws, None
@@ -401,12 +402,12 @@ class HttpTransport:
                 link.reader = None
 
     async def _post(self, link: _Link, frame: bytes) -> None:
-        """One message to a peer without the stream endpoint; raises _Refused on a non-2xx."""
+        """One message to a peer without the stream endpoint; raises _SendFailed on a non-2xx."""
         assert self.session is not None
         async with self.session.post(f"http://{link.address}{GOSSIP_PATH}", data=frame) as resp:
             await resp.read()
             if resp.status >= 300:
-                raise _Refused(f"http_{resp.status}")
+                raise _SendFailed(f"http_{resp.status}")
 
     async def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the queued sends; True when all finished."""
@@ -441,11 +442,3 @@ class HttpTransport:
         if self.session is not None:
             await self.session.close()
             self.session = None
-
-
-class _Refused(Exception):
-    """A legacy peer answered a POST with a non-2xx status (``reason`` is ``http_<status>``)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason

@@ -47,12 +47,16 @@ async def _recorder(stream: bool) -> tuple[web.AppRunner, str, list[tuple[str, i
     app.router.add_post(GOSSIP_PATH, post)
     if stream:
         app.router.add_get(STREAM_PATH, ws)
+    return (*await _serve(app), got)
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` on a free loopback port: its runner and ``host:port``."""
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]   # type: ignore[union-attr]
-    return runner, f"127.0.0.1:{port}", got
+    return runner, f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"   # type: ignore[union-attr]
 
 
 async def test_a_peers_messages_arrive_in_order_on_one_stream():
@@ -82,6 +86,25 @@ async def test_a_peer_without_the_stream_gets_a_post_per_message():
             assert t.send(gossip(address, n))
         assert await t.flush(10)
         assert got == [("post", n) for n in range(5)] and not t.failures and t.streams_opened == 0
+    finally:
+        await t.close()
+        await runner.cleanup()
+
+
+async def test_a_legacy_peers_refusal_fails_that_message_only():
+    async def refuse(request: web.Request) -> web.Response:   # the second message only
+        return web.Response(status=403 if decode_frame(await request.read()).body["n"] == 1 else 204)
+
+    app = web.Application()
+    app.router.add_post(GOSSIP_PATH, refuse)
+    runner, address = await _serve(app)
+    t = HttpTransport()
+    await t.start()
+    try:
+        for n in range(3):
+            assert t.send(gossip(address, n))
+        assert await t.flush(10)
+        assert t.failures == {"http_403": 1} and t.sent["GOSSIP"] == 2
     finally:
         await t.close()
         await runner.cleanup()
@@ -155,11 +178,7 @@ async def test_a_write_the_peer_does_not_take_closes_the_stream_after_the_timeou
 
     app = web.Application()
     app.router.add_get(STREAM_PATH, never_reads)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    address = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"   # type: ignore[union-attr]
+    runner, address = await _serve(app)
     t = HttpTransport(timeout_s=1.0, backlog=1000, max_in_flight=1000)
     await t.start()
     try:
