@@ -66,9 +66,11 @@ def test_demo_two_dcs():
     worst = {dc: float(x) for dc, x in re.findall(r"(dc\d): last seen lag max [0-9.]+ s, worst of the run ([0-9.]+) s",
                                                     p.stdout)}
     assert worst.keys() == {"dc1", "dc2"}, p.stdout[-2000:]
-    # Real freshness: some poll caught a replica during a publish (the trainer spends a
-    # good part of each step publishing), so a lag shows; and none is absurd.
-    assert max(worst.values()) > 0 and max(worst.values()) < 60, worst
+    # Real freshness, never absurd.  Whether a poll lands while a publish is in flight is
+    # timing: with peer streams two loopback replicas hold a publish within a millisecond
+    # or two, and an 8 s run read 0.000 s for both (one full-suite run of 3); that a lag
+    # counts from a publish's start is asserted by the replayed timeline below.
+    assert all(0 <= w < 60 for w in worst.values()), worst
 
 
 def test_lag_counts_from_a_publish_start_not_its_acknowledgement():
