@@ -13,11 +13,12 @@ run twice:
   pair's RTT each way (intra-DC pairs by half the intra-DC RTT) and caps bandwidth
   if the config says so.  One publisher (the SDK, ``publish_async_many``) in the first
   DC publishes the workload's batches at their scheduled times to the first replica of
-  that DC (directly on its listen port).  One thread per replica polls
-  ``GET /v1/models/{m}/knowledge`` on its listen port (not through the proxy) every
-  ``poll_ms`` and keeps each change; a publish is *visible* at a replica midway between
-  the first poll whose knowledge reaches, for every shard it touched, its greatest
-  counter, and the poll before it.  A warm-up publish (not measured) goes first.
+  that DC (directly on its listen port).  Every daemon runs with ``--apply-trace``
+  (:mod:`ekko.server.apply_trace`): it records each row it applies with the wall time;
+  a publish is *visible* at a replica when it holds every row of it at that version or
+  a newer one, read from the traces after the daemons stop.  Nothing polls the daemons
+  during the measured window; a warm-up publish (not measured) goes first, and
+  knowledge polls (``poll_ms``) only wait for it and for the end of the run.
 * **sim**: the same DCs, RTTs, replicas, tables, workload batches (the same
   :class:`simulator.workload.Workload` draws from the same seed), preset and the
   config's ``[cpu]`` costs, as a :class:`simulator.scenario.Scenario`, system ``ekko``,
@@ -36,14 +37,12 @@ Statistics, the same on both sides (:func:`summarize`):
 * time to converge = (the last time any replica became visible for any publish) -
   (the last publish's sent time).
 
-Where the definitions differ (printed with the table): the real side sees a publish
-only between two polls (+- half of ``poll_ms``; the sim is exact), and its polls load
-the daemons;
-a real replica's knowledge covers a shard's counters contiguously, a simulated row
-counts as soon as it holds that version or a newer one; the real publisher's "sent"
+Where the definitions differ (printed with the table): the real publisher's "sent"
 is the SDK call (prepare + encode + HMAC before the bytes leave), the sim's is the
 emission; the real daemons share this machine's cores with each other, the proxy and
-the pollers (the simulator gives each replica its own CPU, charged by ``[cpu]``).
+the publisher (the simulator charges its ``[cpu]`` costs on its own model of the CPUs:
+a core per replica, or ``shared_cores`` for all).  The daemons' CPU use over the
+measured window is printed (from /proc) so the share is visible.
 
 The figures each ratio sim/real must meet (issue #16): latency p50 and p90 within
 ``LATENCY_TOLERANCE`` (25%), WAN bytes within ``WAN_BYTES_TOLERANCE`` (10%).  Nothing
@@ -471,20 +470,55 @@ def publish_targets(spec_table, ids: np.ndarray, versions: np.ndarray) -> dict[t
     return out
 
 
-def visible_at(changes: list[tuple[float, float, dict[tuple[int, int], int]]],
-               want: dict[tuple[int, int], int]) -> float:
-    """When a publish became visible: the middle between the first poll whose knowledge
-    reaches every target and the poll before it (NaN: never).  The midpoint is unbiased
-    for an arrival anywhere in between, so the poll period costs precision, not bias.
+def first_times(rec: np.ndarray, ids: np.ndarray, versions: np.ndarray) -> np.ndarray:
+    """For each row ``(ids[i], versions[i])``, the first time the traced replica held that
+    version or a newer one (NaN: never), from its apply trace ``rec``
+    (:func:`ekko.server.apply_trace.read_trace`).  A row only ever takes newer versions,
+    so that is the time of the first record of the row at or above the version.
 
     Example:
-        >>> visible_at([(0.0, 1.0, {(0, 1): 3}), (1.5, 2.0, {(0, 1): 9})], {(0, 1): 5})
-        1.75
+        >>> from ekko.server.apply_trace import RECORD
+        >>> rec = np.array([(1.0, 7, 10, 2), (2.0, 7, 20, 2), (1.5, 8, 5, 2)], RECORD)
+        >>> first_times(rec, np.array([7, 7, 8, 9]), np.array([10, 15, 6, 1])).tolist()
+        [1.0, 2.0, nan, nan]
     """
-    for before, at, k in changes:
-        if covers(k, want):
-            return (before + at) / 2
-    return float("nan")
+    n = len(ids)
+    if not n:
+        return np.zeros(0)
+    # Queries and records in one order: by id, then version, a query before a record of equal
+    # version (that record satisfies it); each query's answer is the next record after it.
+    all_ids = np.concatenate([np.asarray(ids, np.int64), rec["id"]])
+    all_v = np.concatenate([np.asarray(versions, np.int64), rec["version"]])
+    is_rec = np.concatenate([np.zeros(n, np.int8), np.ones(len(rec), np.int8)])
+    order = np.lexsort((is_rec, all_v, all_ids))
+    pos = np.empty(len(order), np.int64)
+    pos[order] = np.arange(len(order))
+    # next_rec[k] = the sorted position of the first record at or after sorted position k
+    sorted_is_rec = is_rec[order].astype(bool)
+    big = len(order)
+    marks = np.where(sorted_is_rec, np.arange(big), big)
+    next_rec = np.minimum.accumulate(marks[::-1])[::-1]
+    nxt = next_rec[pos[:n]]
+    out = np.full(n, np.nan)
+    ok = nxt < big
+    hit = order[nxt[ok]]                         # index into the concatenation (a record)
+    same = all_ids[hit] == np.asarray(ids, np.int64)[ok]
+    idx = np.flatnonzero(ok)[same]
+    out[idx] = rec["t"][hit[same] - n]
+    return out
+
+
+def trace_visibility(rec: np.ndarray, publishes: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """When each publish ``(ids, versions)`` became visible at the traced replica: when its
+    last row did (NaN: some row never did)."""
+    if not publishes:
+        return np.zeros(0)
+    ids = np.concatenate([i for i, _ in publishes])
+    vs = np.concatenate([v for _, v in publishes])
+    t = first_times(rec, ids, vs)
+    bounds = np.cumsum([0] + [len(i) for i, _ in publishes])
+    # np.max propagates NaN: a publish with any row never seen is never visible.
+    return np.array([t[a:b].max() if b > a else np.nan for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 class RealRun:
@@ -514,7 +548,8 @@ class RealRun:
             pport = px.call(px.proxy.add_route, name, dc, ("127.0.0.1", port))
             adv = f"127.0.0.1:{pport}"
             p = self.group.spawn(name, dc, seeds=[first_adv] if first_adv else [], port=port,
-                                 extra=["--advertise", adv, "--key-file", str(self.key_file)])
+                                 extra=["--advertise", adv, "--key-file", str(self.key_file),
+                                        "--apply-trace", str(self.trace_dir(name))])
             first_adv = first_adv or adv
             self.sources.register(p.proc.pid, dc)
             self.procs.append(p)
@@ -531,6 +566,7 @@ class RealRun:
         return self.proxy.call(lambda: {k: v for k, v in self.proxy.proxy.bytes_by_pair.items() if k[0] != k[1]})
 
     def run(self, sc) -> dict[str, Any]:
+        """Publish the workload; return what :meth:`measure` needs once the daemons stopped."""
         from ekko.sdk.client import Client
         from ekko.sdk.publisher import Publisher
         from procs import wait_for
@@ -539,20 +575,17 @@ class RealRun:
         Client(ingest.address, key=self.key, timeout=30).register(spec)
         for p in self.procs:
             wait_for(lambda p=p: _has_model(p.address), MODEL_SPREAD_TIMEOUT_S, 0.2, f"{p.node_id} to learn the model")
-        stop = threading.Event()
-        pollers = [KnowledgePoller(p.address, cfg.poll_ms / 1000, stop) for p in self.procs]
-        for t in pollers:
-            t.start()
         batches = workload_batches(sc)
         rng = np.random.default_rng(cfg.seed)
         table = spec.table(TABLE)
         pub = Publisher([ingest.address], origin="fidelity", key=self.key.encode(), state_dir=self.root / "publisher")
-        sent, futs, late = [], [], 0
+        sent, sent_wall, futs, late = [], [], [], 0
         acked: list[float] = []   # when each publish's acknowledgement came back
         try:
             pub.register(spec)
-            warmup_s = self._warm_up(pub, pollers, table, batches[0].ids, rng)
+            warmup_s = self._warm_up(pub, table, batches[0].ids, rng)
             bytes0 = self.wan_bytes()
+            cpu0 = self.cpu_seconds()
             t0 = time.monotonic() - batches[0].time
             for b in batches:
                 wait = t0 + b.time - time.monotonic()
@@ -562,57 +595,93 @@ class RealRun:
                     late += 1
                 vals = rng.standard_normal((len(b.ids), table.dim)).astype(np.float32)
                 sent.append(time.monotonic())
+                sent_wall.append(time.time())
                 fut = pub.publish_async_many(MODEL, {TABLE: (b.ids, vals)})
                 fut.add_done_callback(lambda f, i=len(futs): acked.__setitem__(i, time.monotonic()))
                 futs.append(fut)
                 acked.append(float("nan"))
             acks = [f.result(timeout=cfg.settle_s + 60) for f in futs]
-            targets = [publish_targets(table, b.ids, a.versions[TABLE]) for b, a in zip(batches, acks)]
-            want_all: dict[tuple[int, int], int] = {}
-            for tg in targets:
-                for k, c in tg.items():
-                    want_all[k] = max(c, want_all.get(k, 0))
-            self._wait_everywhere(pollers, want_all, sent[-1] + cfg.settle_s)
+            publishes = [(np.asarray(b.ids, np.int64), np.asarray(a.versions[TABLE], np.int64))
+                         for b, a in zip(batches, acks)]
+            converged = self._wait_everywhere(publish_targets_all(table, publishes), sent[-1] + cfg.settle_s)
+            window_s = time.monotonic() - sent[0]
+            cpu1 = self.cpu_seconds()
             bytes1 = self.wan_bytes()
         finally:
-            stop.set()
             pub.close()
-        for t in pollers:
-            t.join(POLL_TIMEOUT_S)
         s = np.array(sent)
-        lat = np.array([[visible_at(t.changes, tg) for t in pollers] for tg in targets]) - s[:, None]
-        wan = {f"{a}->{b}": int(v - bytes0.get((a, b), 0)) for (a, b), v in bytes1.items()}
-        out = summarize(lat, s, [dc for _, dc in self.placement], 0, cfg.dcs[0], wan)
-        out["ack"] = percentiles(np.array(acked) - s)
+        return {"sent_wall": np.array(sent_wall), "publishes": publishes, "acked": np.array(acked) - s,
+                "converged": converged,
+                "wan": {f"{a}->{b}": int(v - bytes0.get((a, b), 0)) for (a, b), v in bytes1.items()},
+                "how": {"daemons": len(self.procs), "preset": cfg.preset, "durability": "wal (default)",
+                        "visibility": "apply trace (ekko daemon --apply-trace)",
+                        "publishes_late": late, "warm_up_s": warmup_s,
+                        "daemon_cpu_share": {n: (cpu1[n] - cpu0[n]) / window_s for n in cpu1 if n != "harness"},
+                        "harness_cpu_share": (cpu1["harness"] - cpu0["harness"]) / window_s}}
+
+    def measure(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """The summary, from the daemons' apply traces (after :meth:`stop`)."""
+        from ekko.server.apply_trace import read_trace, trace_path
+        vis = np.stack([trace_visibility(read_trace(trace_path(self.trace_dir(p.node_id), MODEL, TABLE)),
+                                         raw["publishes"]) for p in self.procs], axis=1)
+        s = raw["sent_wall"]
+        lat = vis - s[:, None]
+        out = summarize(lat, s, [dc for _, dc in self.placement], 0, self.cfg.dcs[0], raw["wan"])
+        # Where the time goes: publisher -> applied at the ingest replica, and from there on.
+        out["ingest_applied"] = percentiles(lat[:, 0])
+        out["after_ingest"] = {w: percentiles((vis[:, 1:] - vis[:, :1])[:, m[1:]])
+                               for w, m in (("intra_dc", self._intra()), ("cross_dc", ~self._intra()))}
+        out["ack"] = percentiles(raw["acked"])
         out["sustained"] = sustained(lat)
-        out["how"] = {"daemons": len(self.procs), "preset": cfg.preset, "durability": "wal (default)",
-                      "poll_ms": cfg.poll_ms, "publishes_late": late,
-                      "warm_up_s": warmup_s,
-                      "poll_errors": sum(t.errors for t in pollers),
-                      "polls_per_s": sum(t.polls for t in pollers) / max(1e-9, time.monotonic() - sent[0])}
+        out["how"] = raw["how"]
         return out
 
-    def _warm_up(self, pub, pollers: list[KnowledgePoller], table, ids: np.ndarray,
-                 rng: np.random.Generator) -> float:
+    def _intra(self) -> np.ndarray:
+        """Which replicas are in the publisher's DC (the ingest replica, index 0, included)."""
+        return np.array([dc == self.cfg.dcs[0] for _, dc in self.placement])
+
+    def trace_dir(self, node_id: str) -> Path:
+        return self.root / "trace" / node_id
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) each daemon and this process have used so far."""
+        out = {p.node_id: _proc_cpu_s(p.proc.pid) for p in self.procs}
+        t = os.times()
+        out["harness"] = t.user + t.system
+        return out
+
+    def stop(self) -> None:
+        """SIGTERM every daemon and wait: each flushes its apply trace as it stops."""
+        self.group.terminate_all(self.procs)
+
+    def _warm_up(self, pub, table, ids: np.ndarray, rng: np.random.Generator) -> float:
         """One publish of the first batch's rows, not measured, waited for everywhere: the
         daemons' first peer connections (and the proxy's classification of each) and first
         applies happen here rather than in the first measured publishes.  Its seconds."""
         t0 = time.monotonic()
         vals = rng.standard_normal((len(ids), table.dim)).astype(np.float32)
         ack = pub.publish_many(MODEL, {TABLE: (ids, vals)})
-        if not self._wait_everywhere(pollers, publish_targets(table, ids, ack.versions[TABLE]),
-                                     t0 + self.cfg.settle_s):
+        if not self._wait_everywhere(publish_targets(table, ids, ack.versions[TABLE]), t0 + self.cfg.settle_s):
             raise RuntimeError(f"the warm-up publish was not visible everywhere within {self.cfg.settle_s:g} s")
         return time.monotonic() - t0
 
-    def _wait_everywhere(self, pollers: list[KnowledgePoller], want: dict[tuple[int, int], int],
-                         deadline: float) -> bool:
-        """Wait until every poller's latest knowledge reaches ``want`` (False at the deadline)."""
-        while not all(covers(t.latest(), want) for t in pollers):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(self.cfg.poll_ms / 1000)
-        return True
+    def _wait_everywhere(self, want: dict[tuple[int, int], int], deadline: float) -> bool:
+        """Poll every replica's knowledge until all reach ``want`` (False at the deadline).
+        Only outside the measured window (polls are load): visibility comes from the traces."""
+        stop = threading.Event()
+        pollers = [KnowledgePoller(p.address, self.cfg.poll_ms / 1000, stop) for p in self.procs]
+        for t in pollers:
+            t.start()
+        try:
+            while not all(covers(t.latest(), want) for t in pollers):
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(self.cfg.poll_ms / 1000)
+            return True
+        finally:
+            stop.set()
+            for t in pollers:
+                t.join(POLL_TIMEOUT_S)
 
     def close(self) -> None:
         self.group.close()
@@ -636,7 +705,9 @@ def run_real(cfg: FidelityConfig, workdir: Path | None = None) -> dict[str, Any]
     wall0 = time.perf_counter()
     try:
         real.start()
-        out = real.run(build_scenario(cfg))
+        raw = real.run(build_scenario(cfg))
+        real.stop()
+        out = real.measure(raw)
     finally:
         real.close()
     out["how"]["wall_s"] = time.perf_counter() - wall0
@@ -644,16 +715,31 @@ def run_real(cfg: FidelityConfig, workdir: Path | None = None) -> dict[str, Any]
     return out
 
 
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def publish_targets_all(spec_table, publishes: list[tuple[np.ndarray, np.ndarray]]) -> dict[tuple[int, int], int]:
+    """:func:`publish_targets` of several publishes at once: what knowledge must reach for all."""
+    if not publishes:
+        return {}
+    return publish_targets(spec_table, np.concatenate([i for i, _ in publishes]),
+                           np.concatenate([v for _, v in publishes]))
+
+
 # --------------------------------------------------------------------------- report
 DIFFERENCES = (
-    "real 'visible' = midway between the first knowledge poll that covers the publish and the poll "
-    "before it (+- half a poll period); sim = exact apply time of the publish's last row",
-    "real knowledge is per shard and contiguous; a simulated row counts once it holds that version or newer",
+    "real 'visible' = the wall time a daemon applied the publish's last row (its apply trace); "
+    "sim = the simulated apply time of the publish's last row (both: that version or a newer one)",
     "real 'sent' = the SDK call (prepare, encode, HMAC, then the send); sim 'sent' = the emission",
-    "real daemons, the proxy, the pollers and the publisher share this machine's cores; the simulator "
-    "gives every replica its own CPU, charged by [cpu]",
-    "the real side's knowledge polls (one GET per replica every poll_ms) are load on the daemons that "
-    "the simulator does not have",
+    "real daemons, the proxy and the publisher share this machine's cores (and the proxy and the "
+    "publisher one process); the simulator charges [cpu] costs on its own CPU model",
     "real WAN bytes = HTTP bytes the proxy forwarded between daemons of different DCs (no TCP/IP headers); "
     "sim = message sizes + per_message_overhead_bytes entering a WAN link",
 )
@@ -704,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("."), help="directory for fidelity.json (default .)")
     ap.add_argument("--quick", action="store_true", help=f"a short smoke run ({QUICK_DURATION_S:g} s of workload)")
     ap.add_argument("--poll-ms", type=float, default=None,
-                    help="override the config's knowledge poll period (the polls load the daemons too)")
+                    help="override the config's knowledge poll period (polls only wait for the warm-up "
+                         "and the end; visibility comes from the daemons' apply traces)")
     ap.add_argument("--sim-only", action="store_true", help="run the simulator side only (no daemons)")
     ap.add_argument("--workdir", type=Path, default=None, help="where the daemons' temp dir goes")
     args = ap.parse_args(argv)
@@ -731,11 +818,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sim_only:
         real = run_real(cfg, args.workdir)
         print(f"# real: {real['publishes']} publishes ({real['how']['publishes_late']} sent late), "
-              f"{real['how']['wall_s']:.1f} s wall, poll every {cfg.poll_ms:g} ms "
-              f"({real['how']['polls_per_s']:.0f} GET/s on the daemons), warm-up publish "
-              f"(not measured) visible everywhere after {real['how']['warm_up_s'] * 1000:.0f} ms", flush=True)
+              f"{real['how']['wall_s']:.1f} s wall, warm-up publish (not measured) visible everywhere "
+              f"after {real['how']['warm_up_s'] * 1000:.0f} ms", flush=True)
+        shares = real["how"]["daemon_cpu_share"]
+        print(f"# real CPU over the measured window (cores): daemons "
+              f"{' '.join(f'{n} {v:.2f}' for n, v in shares.items())}; sum {sum(shares.values()):.2f}; "
+              f"harness (proxy + publisher) {real['how']['harness_cpu_share']:.2f}", flush=True)
         print(f"# real acknowledgement latency p50 {_ms(real['ack']['p50'])} p90 {_ms(real['ack']['p90'])}; "
               f"rate sustained: {'yes' if real['sustained'] else 'NO (latency grew through the run: a backlog)'}")
+        ai = real["after_ingest"]
+        print(f"# real, where the time goes (p50/p90): sent -> applied at the ingest replica "
+              f"{_ms(real['ingest_applied']['p50'])}/{_ms(real['ingest_applied']['p90'])}; then to the "
+              f"others of its DC {_ms(ai['intra_dc']['p50'])}/{_ms(ai['intra_dc']['p90'])}, to other DCs "
+              f"{_ms(ai['cross_dc']['p50'])}/{_ms(ai['cross_dc']['p90'])}")
         rat = compare(real, sim)
         doc.update(real=real, ratio=rat)
         print("\n".join(table_lines(real, sim, rat)))

@@ -90,8 +90,13 @@ MAX_SHARED_CORES = 4096
 REQUIRED_FIELDS = ("per_message_s", "apply_s_per_row", "scan_s_per_row", "index_s_per_row")
 #: the transport costs a ``[cpu]`` table may give; absent = 0 (not charged).
 TRANSPORT_FIELDS = ("recv_per_message_s", "recv_s_per_byte", "send_per_message_s", "send_s_per_byte")
+#: the publish path and the receive latency a ``[cpu]`` table may give; absent = 0 (not modelled).
+PUBLISH_FIELDS = ("publish_recv_per_message_s", "publish_recv_s_per_byte", "publisher_per_message_s",
+                  "publisher_s_per_byte", "wake_s")
 #: every cost constant, in seconds.
-COST_FIELDS = REQUIRED_FIELDS + TRANSPORT_FIELDS
+COST_FIELDS = REQUIRED_FIELDS + TRANSPORT_FIELDS + PUBLISH_FIELDS
+#: the pseudo-node the trainer's (publisher's) CPU time is charged to.
+PUBLISHER_ID = "publisher"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +113,13 @@ class CpuCosts:
         recv_s_per_byte: per received byte: HMAC, msgpack, copies (and decompression).
         send_per_message_s: per sent message (each destination): encode + socket write.
         send_s_per_byte: per sent byte: HMAC + encode + the socket write.
+        publish_recv_per_message_s: the ingest replica's receive of one publish (HTTP, decode,
+            HMAC, the write-ahead log append) beyond the node work.
+        publish_recv_s_per_byte: its per-byte part.
+        publisher_per_message_s: the publisher's (SDK's) work before a publish leaves it.
+        publisher_s_per_byte: its per-byte part.
+        wake_s: time a received message waits that is neither CPU nor wire (event-loop
+            wake-ups, the kernel's loopback): it delays the receive, it occupies no core.
         shared_cores: None = a core per replica; K = one FIFO pool of K cores for all.
 
     Example:
@@ -124,6 +136,11 @@ class CpuCosts:
     recv_s_per_byte: float = 0.0
     send_per_message_s: float = 0.0
     send_s_per_byte: float = 0.0
+    publish_recv_per_message_s: float = 0.0
+    publish_recv_s_per_byte: float = 0.0
+    publisher_per_message_s: float = 0.0
+    publisher_s_per_byte: float = 0.0
+    wake_s: float = 0.0
     shared_cores: int | None = None
 
     def __post_init__(self) -> None:
@@ -141,6 +158,23 @@ class CpuCosts:
     def charges_transport(self) -> bool:
         """Whether any transport term is non-zero (else message sizes need not be counted)."""
         return any(getattr(self, name) for name in TRANSPORT_FIELDS)
+
+    @property
+    def defers_receive(self) -> bool:
+        """Whether a received message takes effect only once its core has received it
+        (any receive-side term set: ``recv_*``, ``publish_*``, ``wake_s``)."""
+        return any(getattr(self, name) for name in ("recv_per_message_s", "recv_s_per_byte", "wake_s")
+                   + PUBLISH_FIELDS)
+
+    def receive_s(self, nbytes: int, publish: bool = False) -> float:
+        """CPU seconds of receiving one message of ``nbytes`` (a publish, or a peer message)."""
+        if publish:
+            return self.publish_recv_per_message_s + nbytes * self.publish_recv_s_per_byte
+        return self.recv_per_message_s + nbytes * self.recv_s_per_byte
+
+    def publisher_s(self, nbytes: int) -> float:
+        """CPU seconds the publisher spends on one publish of ``nbytes`` before it leaves."""
+        return self.publisher_per_message_s + nbytes * self.publisher_s_per_byte
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CpuCosts:
@@ -219,6 +253,31 @@ class CpuModel:
         if recv_bytes is not None:
             cost += c.recv_per_message_s + recv_bytes * c.recv_s_per_byte
         return cost
+
+    def reserve(self, node_id: str, now: float, cost_s: float) -> float:
+        """Occupy ``node_id``'s core (and a pool core, when shared) for ``cost_s`` from when
+        both are free at or after ``now``; returns when that work is done.  The receive of
+        a message (before it takes effect) and the publisher's work are charged so.
+
+        Example:
+            >>> m = CpuModel(CpuCosts(0, 0, 0, 0, shared_cores=1))
+            >>> m.reserve("a", 1.0, 0.5), m.reserve("b", 1.0, 0.5)   # one core: b waits for a
+            (1.5, 2.0)
+        """
+        start = self.free_at.get(node_id, 0.0)
+        if start < now:
+            start = now
+        pool = self._pool
+        if pool is not None and pool[0] > start:
+            start = pool[0]
+        if start - now > self.max_backlog_s:
+            self.max_backlog_s = start - now
+        done = start + cost_s
+        if pool is not None:
+            heapq.heapreplace(pool, done)
+        self.free_at[node_id] = done
+        self.busy_s += cost_s
+        return done
 
     def charge(self, node: ReplicaNode, now: float, extra_s: float = 0.0) -> float:
         """Charge one handled message/tick/call of ``node``; returns when its sends leave.

@@ -150,16 +150,23 @@ def build_ekko_family(sc: Scenario, system: str, queue_factory=None,
                             impact={batch.table: batch.impact})
         versions = chain.versions_of(frame)[batch.table]
         truth.note(batch.table, batch.ids, versions, values, t.row_bytes)
-        decided.clear()
+        # Later frames chain on this one (it is taken in order, deferred or not).
+        chain.acked(frame)
         emitted = sim.now
+        # The publish reaches the ingest replica now, or after the publisher's and the
+        # replica's receive work when the CPU model charges them (SimCluster.publish).
+        cluster.publish(ingest, len(batch.ids) * (t.row_bytes + ROW_META_BYTES),
+                        lambda: ingest_batch(batch, frame, versions, emitted))
+
+    def ingest_batch(batch: UpdateBatch, frame: Any, versions: np.ndarray, emitted: float) -> None:
+        decided.clear()
         # (A partitioned run's workers all draw every batch, so truth and samples agree;
         # only the worker that owns the ingest replica publishes: SimCluster.call.)
         cluster.call(ingest, "publish", frame.body, sim.now)
-        chain.acked(frame)
         if high_cut is None:
             rec.track(batch.table, batch.ids, versions, emitted, sc.samples_per_batch, sample_rng)
-            # tracked after the publish: the publishing replica applied these rows at emission
-            rec.applied(ingest, batch.table, batch.ids, versions, emitted)
+            # tracked after the publish: the publishing replica applied these rows now
+            rec.applied(ingest, batch.table, batch.ids, versions, sim.now)
             return
         if decided:
             rows = decided[0]
@@ -173,8 +180,8 @@ def build_ekko_family(sc: Scenario, system: str, queue_factory=None,
             rec.track(batch.table, ids[sel], vers[sel], emitted, sc.samples_per_batch, sample_rng, cls=cls)
         if decided:
             # tracked after the publish (the class is decided there): the publishing
-            # replica applied these rows at emission
-            rec.applied(ingest, batch.table, ids, vers, emitted)
+            # replica applied these rows now
+            rec.applied(ingest, batch.table, ids, vers, sim.now)
 
     workload = Workload(sc.workload, sim.derive_np_rng("workload"))
     workload.drive(sim, on_batch, until=sc.duration_s)

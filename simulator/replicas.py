@@ -30,7 +30,7 @@ from ekko.core.spec import ModelSpec
 from p2p.membership import Member, Membership, MemberState
 from p2p.outbound import QueueFactory
 from p2p.topology import DcGraph, Topology
-from simulator.cpu import CpuModel
+from simulator.cpu import PUBLISHER_ID, CpuModel
 from simulator.events import Simulation
 from simulator.network import WanNetwork
 
@@ -236,15 +236,49 @@ class SimCluster:
 
     def _deliver(self, src: str, dst: str, payload: tuple[Any, ...]) -> None:
         """Hand a message ``(type, body, wire size)`` to its receiver and flush what it sends
-        (a ``(type, body)`` injected by a test or a replay counts as 0 bytes received)."""
+        (a ``(type, body)`` injected by a test or a replay counts as 0 bytes received).
+
+        With a CPU model that charges the receive (:attr:`CpuCosts.defers_receive
+        <simulator.cpu.CpuCosts.defers_receive>`), the message takes effect only after
+        ``wake_s`` and once the receiver's core has received it (in arrival order)."""
+        cpu = self.cpu
+        size = payload[2] if len(payload) > 2 else 0
+        if cpu is not None and cpu.costs.defers_receive:
+            c = cpu.costs
+            at = cpu.reserve(dst, self.sim.now + c.wake_s, c.receive_s(size))
+            self.sim.schedule_at(at, self._take, src, dst, payload)
+            return
+        self._take(src, dst, payload, size)
+
+    def _take(self, src: str, dst: str, payload: tuple[Any, ...], received_bytes: int | None = None) -> None:
+        """The receiver handles the message now (``received_bytes``: the receive is still to
+        be charged; None: :meth:`_deliver` charged it already)."""
+        if received_bytes is None and not self.net.is_up(dst):
+            return   # crashed while the message waited for its core: lost with the process
         node = self.nodes[dst]
         msg_type, body = payload[0], payload[1]
-        size = payload[2] if len(payload) > 2 else 0
         try:
             node.receive(Frame(msg_type, body), self.sim.now, src)
         except ProtocolError as e:
             self.rejected[e.reason] = self.rejected.get(e.reason, 0) + 1
-        self.flush(node, size)
+        self.flush(node, received_bytes)
+
+    def publish(self, node_id: str, nbytes: int, then: Callable[[], Any]) -> None:
+        """A publisher in ``node_id``'s DC sends it a publish of ``nbytes`` now; ``then()``
+        (the node's ``publish`` and what follows it) runs when the node takes it.
+
+        Immediately without a CPU model that charges receives; else after the
+        publisher's work (on its own core, or the shared pool), half the intra-DC round
+        trip, ``wake_s`` and the node's receive of a publish."""
+        cpu = self.cpu
+        if cpu is None or not cpu.costs.defers_receive or node_id in self._remote:
+            then()
+            return
+        c = cpu.costs
+        left = cpu.reserve(PUBLISHER_ID, self.sim.now, c.publisher_s(nbytes))
+        arrive = left + self.net.rtt_s(node_id, node_id) / 2 + c.wake_s
+        at = cpu.reserve(node_id, arrive, c.receive_s(nbytes, publish=True))
+        self.sim.schedule_at(at, then)
 
     def call(self, node_id: str, fn: str, *args: Any, **kw: Any) -> Any:
         """Call a node's local API now and send what it produced (None, without calling,

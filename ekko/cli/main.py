@@ -127,6 +127,9 @@ def _add_daemon(sub: Any) -> None:
     p.add_argument("--torch-threads", type=int, metavar="N",
                    help=need("torch_threads", f"torch intra-op threads (default {DEFAULT_TORCH_THREADS}: "
                                               "the daemon's tensor ops are small)"))
+    p.add_argument("--apply-trace", metavar="DIR",
+                   help=need("apply_trace", "for benches: record every applied row with its wall time in "
+                                            "DIR/<model>.<table>.applies (25 bytes a row)"))
     p.set_defaults(func=cmd_daemon)
 
 
@@ -159,7 +162,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         torch.set_num_threads(settings["torch_threads"])
         daemon = Daemon(settings["node_id"], settings["dc"], settings["listen"], settings["seeds"],
                         settings["data_dir"], config, key=key, device=settings.get("device"),
-                        advertise=settings.get("advertise"), keyring_file=settings.get("keyring_file"))
+                        advertise=settings.get("advertise"), keyring_file=settings.get("keyring_file"),
+                        apply_trace=settings.get("apply_trace"))
     except UsageError as e:
         print(f"ekko daemon: {e}", file=sys.stderr)
         return 2

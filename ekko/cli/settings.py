@@ -27,7 +27,7 @@ from ekko.core.errors import UsageError
 
 #: [daemon] keys a config file may set (the command-line flags without dashes).
 DAEMON_KEYS = ("node_id", "dc", "listen", "advertise", "seeds", "data_dir", "key_file", "device", "preset",
-               "log_level", "torch_threads", "keyring_file")
+               "log_level", "torch_threads", "keyring_file", "apply_trace")
 #: keys a daemon cannot start without, whichever of flags, environment or file gives them.
 REQUIRED_KEYS = ("node_id", "dc", "listen", "data_dir")
 #: prefix of the environment variable of each daemon key (``EKKO_NODE_ID`` ...).

@@ -75,6 +75,7 @@ from ekko.core.config import NodeConfig
 from ekko.core.errors import UsageError
 from ekko.replica.node import ReplicaNode
 from ekko.replica.wal import GroupCommitLog
+from ekko.server.apply_trace import ApplyTrace
 from ekko.server.backpressure import PublishGate
 from ekko.server.driver import NodeDriver
 from ekko.server.frames import FrameReader
@@ -162,6 +163,8 @@ class Daemon:
         device: torch device of the tensors (default: CUDA when available).
         advertise: ``"host:port"`` peers should use, when it differs from ``listen``.
         clock: protocol time source (seconds, monotonic).
+        apply_trace: a directory: record every applied row there with its wall time
+            (:mod:`ekko.server.apply_trace`; for benches).
 
     Example:
         Run one replica until SIGTERM (what ``ekko daemon`` does)::
@@ -177,7 +180,7 @@ class Daemon:
     def __init__(self, node_id: str, dc: str, listen: str, seeds: list[str] | tuple[str, ...], data_dir: str | Path,
                  config: NodeConfig | None = None, key: bytes | str | Keyring | None = None, device: Any = None,
                  *, advertise: str | None = None, clock: Callable[[], float] = time.monotonic,
-                 keyring_file: str | Path | None = None) -> None:
+                 keyring_file: str | Path | None = None, apply_trace: str | Path | None = None) -> None:
         self.host, self.port = parse_hostport(listen)
         self.address = advertise or listen
         parse_hostport(self.address)
@@ -196,6 +199,9 @@ class Daemon:
                                 rng=random.Random(int.from_bytes(os.urandom(8), "little")), now=clock(),
                                 incarnation=time.time_ns(), seeds=list(seeds), device=device)
         self.node.wall_offset_s = time.time() - self.clock()
+        self.apply_trace = ApplyTrace(apply_trace) if apply_trace is not None else None
+        if self.apply_trace is not None:
+            self.node.on_apply.append(self.apply_trace.on_apply)
         self.metrics = DaemonMetrics(self.node)
         self.keyring_reloads = PromCounter("ekko_keyring_reloads", "Keyring file reloads (SIGHUP), by outcome",
                                            ["outcome"], registry=self.metrics.registry)
@@ -400,6 +406,8 @@ class Daemon:
             # After the final snapshot: it released the segments it covers (a failed one
             # leaves them, and the next start replays them).
             await self.wal.close()
+        if self.apply_trace is not None:
+            self.apply_trace.close()
         self._unlock_data_dir()
         log.info("%s: stopped after %.2fs", self.node.node_id, time.monotonic() - t0)
 

@@ -44,6 +44,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import selectors
 import concurrent.futures
 import os
 import random
@@ -496,6 +497,16 @@ class _StatusSink(Counter):
             self._proxy.http_5xx.append((self._route, key))
 
 
+def precise_event_loop() -> asyncio.AbstractEventLoop:
+    """An event loop whose timers fire within microseconds, not a millisecond late.
+
+    The default loop waits in ``epoll``, whose timeout is whole milliseconds (rounded up):
+    a 0.1 ms delay (half a 0.2 ms intra-DC RTT) would take 1 ms, every chunk, each way.
+    ``select`` takes a microsecond timeout, and the proxy watches few sockets (well
+    under ``FD_SETSIZE``), so it serves the proxy better."""
+    return asyncio.SelectorEventLoop(selectors.SelectSelector())
+
+
 class ProxyThread:
     """Runs a :class:`FaultProxy` on its own event loop in a daemon thread.
 
@@ -508,7 +519,7 @@ class ProxyThread:
 
     def __init__(self, proxy: FaultProxy) -> None:
         self.proxy = proxy
-        self.loop = asyncio.new_event_loop()
+        self.loop = precise_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="faultproxy", daemon=True)
 
     def start(self) -> "ProxyThread":
