@@ -1,6 +1,6 @@
 """Benchmark: what a real ``ekko daemon`` spends per message, for the simulator's CPU model.
 
-    python bench/daemon_costs.py [--publishes 25] [--sizes 10,250,1000,4000] [--out DIR]
+    python bench/daemon_costs.py [--publishes 30] [--sizes 10,250,1000,4000] [--out DIR]
 
 :mod:`bench.sim_cpu_costs` times pieces of the production code in one process (a bare
 ``node.receive``, ``TableStore.apply``, ``encode_frame`` + ``sendall``); what a daemon
@@ -16,20 +16,24 @@ nothing queues, and it reads
   logs it, pushes to its DC peers) and a peer ``b`` (receives the push, applies);
 * **latency** from the daemons' apply traces (``--apply-trace``): the SDK call ->
   applied at ``a``, and applied at ``a`` -> applied at ``b`` (medians);
-* the push frame's **bytes** from ``b``'s ``ekko_bytes_received{type="PUSH"}``.
+* the push frame's **bytes** from ``b``'s ``ekko_bytes_received{msg_type="PUSH"}``.
 
-It runs twice: ``a`` with one peer (``b``), then with two (``b``, ``c``); the
-difference of ``a``'s CPU is what one more destination costs (encode is shared, so it
-is the send).  Each cost is fitted ``per_message + bytes * per_byte`` by least squares
-over the sizes; the fits give the simulator's transport terms (:mod:`simulator.cpu`),
-printed as ``[cpu]`` TOML lines:
+The send is measured apart: this process sends real ``PUSH`` frames (of a publisher
+node's pushes) through the daemon's own transport
+(:class:`ekko.server.transport.HttpTransport`: encoded and signed once, one WebSocket
+stream per peer) to 1 and to 16 sink streams in another process; the CPU per extra
+destination is one more send.  (Measured as ``a``'s CPU with more peer daemons, it
+also holds each peer's anti-entropy and membership traffic with ``a``, which the
+simulator sends and charges as messages of their own.)  Each cost is fitted
+``per_message + bytes * per_byte`` by least squares over the sizes; the fits give the
+simulator's terms (:mod:`simulator.cpu`), printed as ``[cpu]`` TOML lines:
 
 * ``recv_per_message_s`` / ``recv_s_per_byte``: ``b``'s CPU per push less what the
   model charges separately (``per_message_s`` and ``rows * apply_s_per_row`` of the
   ``--scenario``'s ``[cpu]``);
-* ``send_per_message_s`` / ``send_s_per_byte``: the extra destination;
+* ``send_per_message_s`` / ``send_s_per_byte``: one more destination;
 * ``publish_recv_per_message_s`` / ``publish_recv_s_per_byte``: ``a``'s CPU per publish
-  less the modelled node work and one send;
+  less the modelled node work and one send (so the frame's one encode is in it);
 * ``wake_s``: what an idle hop ``a`` -> ``b`` takes beyond the CPU above (the median
   over the sizes of measured - (send + recv + node work)): event-loop wake-ups, the
   kernel's loopback;
@@ -37,6 +41,7 @@ printed as ``[cpu]`` TOML lines:
   a publish leaves it: the SDK call -> applied at ``a``, less ``wake_s`` and ``a``'s
   receive of the publish (its whole CPU per publish, the acknowledgement included,
   is printed beside it).
+
 No baseline ratio applies (absolute constants); spread: each latency's p10-p90, and
 the fit's residuals.  One machine, shared cores: run it on a quiet machine (the load
 average is printed before and after).
@@ -134,6 +139,89 @@ class Cluster:
         return {p.node_id: read_trace(trace_path(self.root / "trace" / p.node_id, MODEL, TABLE)) for p in self.procs}
 
 
+#: the sink: an aiohttp server that takes peer streams on K ports and discards every frame.
+_SINK = r"""
+import asyncio, sys
+from aiohttp import web, WSMsgType
+async def stream(request):
+    ws = web.WebSocketResponse(max_msg_size=0, compress=False)
+    await ws.prepare(request)
+    async for _ in ws:
+        pass
+    return ws
+async def main(k):
+    app = web.Application()
+    app.router.add_get("/v1/gossip/stream", stream)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    ports = []
+    for _ in range(k):
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        ports.append(site._server.sockets[0].getsockname()[1])
+    print(" ".join(map(str, ports)), flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main(int(sys.argv[1])))
+"""
+#: destinations of the fan-out measurement: one, and many (the slope is one more destination).
+FANOUT = (1, 16)
+
+
+def measure_fanout(reps: int) -> dict[int, dict[int, float]]:
+    """CPU seconds of this process per push sent to ``k`` peers by the daemon's own
+    transport (:class:`ekko.server.transport.HttpTransport`: the frame encoded and signed
+    once, one WebSocket stream per peer), to sink streams in another process; per push
+    size in bytes, per ``k`` in :data:`FANOUT`."""
+    import asyncio
+    import subprocess
+    from types import SimpleNamespace
+
+    from ekko.core.codec import Keyring, MsgType
+    from ekko.core.messages import Outgoing
+    from ekko.server.transport import HttpTransport
+    from sim_cpu_costs import CLUSTER_KEY, push_frames
+
+    _, bodies = push_frames(SimpleNamespace(warmup=0, reps=reps), np.random.default_rng(2))
+    sink = subprocess.Popen([sys.executable, "-c", _SINK, str(max(FANOUT))], stdout=subprocess.PIPE, text=True)
+    try:
+        ports = [int(p) for p in sink.stdout.readline().split()]
+        out: dict[int, dict[int, float]] = {}
+
+        async def run() -> None:
+            sent = [0]
+            tr = HttpTransport(Keyring.single(CLUSTER_KEY), on_sent=lambda o, n: sent.__setitem__(0, sent[0] + 1))
+            await tr.start()
+            try:
+                async def push(body: dict, k: int) -> None:
+                    want = sent[0] + k
+                    for i in range(k):
+                        tr.send(Outgoing(f"s{i}", f"127.0.0.1:{ports[i]}", MsgType.PUSH, body))
+                    while sent[0] < want:
+                        await asyncio.sleep(0.0005)
+                first = next(iter(bodies.values()))[0][0]
+                await push(first, max(FANOUT))           # connect every stream first
+                for rows, got in bodies.items():
+                    from ekko.core.codec import encode_frame
+                    size = len(encode_frame(MsgType.PUSH, got[0][0]))
+                    per_k: dict[int, float] = {}
+                    for k in FANOUT:
+                        samples = []
+                        for body, _ in got:
+                            c0 = time.process_time()   # all threads of this process, to the ns
+                            await push(body, k)
+                            samples.append(time.process_time() - c0)
+                        per_k[k] = float(np.median(samples))
+                    out[size] = per_k
+            finally:
+                await tr.close()
+
+        asyncio.run(run())
+        return out
+    finally:
+        sink.kill()
+        sink.wait()
+
+
 def run_phase(peers: int, sizes: list[int], n: int, idle_s: float, workdir: Path | None) -> dict[str, Any]:
     """One cluster (``a`` + ``peers``): idle CPU rates, then ``n`` publishes of each size."""
     from ekko.core.spec import ModelSpec, TableSpec
@@ -203,9 +291,10 @@ def _knows(address: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--publishes", type=int, default=25, help="publishes per size (default 25)")
+    ap.add_argument("--publishes", type=int, default=30, help="publishes per size (default 30)")
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="rows per publish, comma-separated")
     ap.add_argument("--idle-s", type=float, default=3.0, help="seconds of idle CPU measured first (default 3)")
+    ap.add_argument("--fanout-reps", type=int, default=25, help="pushes per size of the send measurement (default 25)")
     ap.add_argument("--scenario", type=Path, default=DEFAULT_SCENARIO,
                     help="scenario TOML whose [cpu] per_message_s and apply_s_per_row are subtracted")
     ap.add_argument("--out", type=Path, default=None, help="directory for daemon_costs.json")
@@ -223,30 +312,41 @@ def main(argv: list[str] | None = None) -> int:
           f"float32; cluster key, write-ahead log on, preset local; subtracting per_message_s {per_msg:.3g} and "
           f"apply_s_per_row {per_row:.3g} from {args.scenario.name}")
     print(f"# load average before {load0[0]:.2f} {load0[1]:.2f} on {os.cpu_count()} CPUs", flush=True)
-    phases = [run_phase(p, sizes, args.publishes, args.idle_s, args.workdir) for p in (1, 2)]
-    one, two = phases
-    print(f"{'rows':>6} {'push B':>9} {'pub CPU':>8} {'a CPU':>8} {'a CPU 2p':>8} {'b CPU':>8} "
-          f"{'sent->a p50':>11} {'a->b p50 (p10-p90)':>22}")
-    for r1, r2 in zip(one["sizes"], two["sizes"]):
-        li, lh = r1["lat_ingest"], r1["lat_hop"]
-        print(f"{r1['rows']:>6} {r1['push_bytes']:>9.0f} {r1['cpu_s']['publisher'] * 1e3:>6.2f}ms "
-              f"{r1['cpu_s']['a'] * 1e3:>6.2f}ms {r2['cpu_s']['a'] * 1e3:>6.2f}ms {r1['cpu_s']['b'] * 1e3:>6.2f}ms "
+    fan = measure_fanout(args.fanout_reps)
+    print(f"# send, by the daemon's transport to k sink streams (CPU of this process per push, medians of "
+          f"{args.fanout_reps}): bytes, k=1, k={max(FANOUT)}, one more destination")
+    xs, extra = [], []
+    for size, per_k in fan.items():
+        one_more = (per_k[max(FANOUT)] - per_k[min(FANOUT)]) / (max(FANOUT) - min(FANOUT))
+        xs.append(size)
+        extra.append(one_more)
+        print(f"#   {size:>8} B {per_k[min(FANOUT)] * 1e6:8.1f} us {per_k[max(FANOUT)] * 1e6:8.1f} us "
+              f"{one_more * 1e6:7.1f} us")
+    send = fit(xs, extra)
+    phase = run_phase(1, sizes, args.publishes, args.idle_s, args.workdir)
+    print(f"{'rows':>6} {'push B':>9} {'pub CPU':>8} {'a CPU':>8} {'b CPU':>8} {'sent->a p50':>11} "
+          f"{'a->b p50 (p10-p90)':>22}")
+    for r in phase["sizes"]:
+        li, lh = r["lat_ingest"], r["lat_hop"]
+        print(f"{r['rows']:>6} {r['push_bytes']:>9.0f} {r['cpu_s']['publisher'] * 1e3:>6.2f}ms "
+              f"{r['cpu_s']['a'] * 1e3:>6.2f}ms {r['cpu_s']['b'] * 1e3:>6.2f}ms "
               f"{li[1] * 1e3:>9.2f}ms {lh[1] * 1e3:>7.2f}ms ({lh[0] * 1e3:.2f}-{lh[2] * 1e3:.2f})")
-    x = [r["push_bytes"] for r in one["sizes"]]
-    node = [per_msg + r["rows"] * per_row for r in one["sizes"]]
-    send = fit(x, [r2["cpu_s"]["a"] - r1["cpu_s"]["a"] for r1, r2 in zip(one["sizes"], two["sizes"])])
-    recv = fit(x, [r["cpu_s"]["b"] - m for r, m in zip(one["sizes"], node)])
+    x = [r["push_bytes"] for r in phase["sizes"]]
+    node = [per_msg + r["rows"] * per_row for r in phase["sizes"]]
+    recv = fit(x, [r["cpu_s"]["b"] - m for r, m in zip(phase["sizes"], node)])
+    # a's CPU per publish, less the modelled node work and its one send: the receive of the
+    # publish (the frame's encode, which the model does not charge per destination, included).
     pub_recv = fit(x, [r["cpu_s"]["a"] - m - (send[0] + send[1] * xb)
-                       for r, m, xb in zip(one["sizes"], node, x)])
+                       for r, m, xb in zip(phase["sizes"], node, x)])
     cpu_hop = [send[0] + send[1] * xb + recv[0] + recv[1] * xb + m for xb, m in zip(x, node)]
     # What an idle hop takes beyond that CPU: the median over the sizes (not a fit: it is
-    # one constant per received message, the same for a publish).
-    wake = float(np.median([r["lat_hop"][1] - c for r, c in zip(one["sizes"], cpu_hop)]))
+    # one constant per received message, the same for a publish).  It holds a's encode too.
+    wake = float(np.median([r["lat_hop"][1] - c for r, c in zip(phase["sizes"], cpu_hop)]))
     # The publisher's work before the bytes leave: the SDK call -> applied at `a`, less the
     # wake and `a`'s receive of the publish.
     publisher = fit(x, [r["lat_ingest"][1] - wake - (pub_recv[0] + pub_recv[1] * xb)
-                        for r, xb in zip(one["sizes"], x)])
-    publisher_cpu = fit(x, [r["cpu_s"]["publisher"] for r in one["sizes"]])
+                        for r, xb in zip(phase["sizes"], x)])
+    publisher_cpu = fit(x, [r["cpu_s"]["publisher"] for r in phase["sizes"]])
     fits = {"recv": recv, "send": send, "publish_recv": pub_recv, "publisher": publisher}
     print("# fits (per message s, per byte s, max |residual| s):")
     for k, (a, b, res) in fits.items():
@@ -254,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"#   (the publisher's whole CPU per publish, its acknowledgement included: {publisher_cpu[0]:.3g} + "
           f"{publisher_cpu[1]:.3g}/B)")
     print("# idle hop a->b: CPU (send + recv + node work) vs measured p50; the median difference is wake_s:")
-    for r, c in zip(one["sizes"], cpu_hop):
+    for r, c in zip(phase["sizes"], cpu_hop):
         print(f"#   {r['rows']:>6} rows: {c * 1e3:.2f} ms CPU vs {r['lat_hop'][1] * 1e3:.2f} ms measured")
     print("# [cpu] lines (simulator/cpu.py):")
     for k in ("recv", "send", "publish_recv", "publisher"):
@@ -266,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "daemon_costs.json").write_text(json.dumps(
-            {"phases": phases, "fits": fits, "wake_s": wake, "publisher_cpu": publisher_cpu,
+            {"phase": phase, "fanout": fan, "fits": fits, "wake_s": wake, "publisher_cpu": publisher_cpu,
              "load": [load0, load1], "sizes": sizes}, indent=1))
     return 0
 

@@ -56,6 +56,7 @@ import http.client
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -374,6 +375,8 @@ def run_sim(cfg: FidelityConfig) -> dict[str, Any]:
     wall0 = time.perf_counter()
     run = build_ekko_family(sc, "ekko")
     batches = workload_batches(sc)
+    by_type: dict[str, int] = {}
+    run.cluster.net = _TallyingNet(run.net, by_type, lambda: run.sim.now >= batches[0].time)
     run.sim.run(until=batches[0].time * (1 - 1e-9))   # bytes before the first publish do not count
     before = dict(run.net.wan_bytes)
     t = batches[-1].time
@@ -393,12 +396,32 @@ def run_sim(cfg: FidelityConfig) -> dict[str, Any]:
     np.maximum.at(lat, which, np.where(np.isnan(m), np.inf, m))
     lat[np.isinf(lat)] = np.nan
     out = summarize(lat, times, [dc for _, dc in placement], ingest, sc.training_dc, wan)
+    out["wan_by_type"] = dict(sorted(by_type.items()))
     out["how"] = {"system": "ekko", "simulated_s": t, "wall_s": time.perf_counter() - wall0,
                   "tracked_rows_per_batch": cfg.sim_samples_per_batch, "cpu": cfg.cpu or None}
     return out
 
 
 # --------------------------------------------------------------------------- real side
+class _TallyingNet:
+    """The cluster's network, counting the frame bytes of each send across DCs by
+    ``"<from>-><to> <TYPE>"`` (no per-message overhead) while ``counting()``."""
+
+    def __init__(self, net: Any, by_type: dict[str, int], counting: Any) -> None:
+        self._net, self._by_type, self._counting = net, by_type, counting
+
+    def send(self, src: Any, dst: Any, payload: Any, nbytes: int, *a: Any, **kw: Any) -> Any:
+        net = self._net
+        a_dc, b_dc = net.dc_of(src), net.dc_of(dst)
+        if a_dc != b_dc and self._counting():
+            k = f"{a_dc}->{b_dc} {payload[0].name}"
+            self._by_type[k] = self._by_type.get(k, 0) + nbytes
+        return net.send(src, dst, payload, nbytes, *a, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._net, name)
+
+
 class KnowledgePoller(threading.Thread):
     """Polls one replica's knowledge of the table on its listen port; keeps every change.
 
@@ -585,6 +608,7 @@ class RealRun:
             pub.register(spec)
             warmup_s = self._warm_up(pub, table, batches[0].ids, rng)
             bytes0 = self.wan_bytes()
+            types0 = self.sent_by_type()
             cpu0 = self.cpu_seconds()
             t0 = time.monotonic() - batches[0].time
             for b in batches:
@@ -607,12 +631,15 @@ class RealRun:
             window_s = time.monotonic() - sent[0]
             cpu1 = self.cpu_seconds()
             bytes1 = self.wan_bytes()
+            types1 = self.sent_by_type()
         finally:
             pub.close()
         s = np.array(sent)
         return {"sent_wall": np.array(sent_wall), "publishes": publishes, "acked": np.array(acked) - s,
                 "converged": converged,
                 "wan": {f"{a}->{b}": int(v - bytes0.get((a, b), 0)) for (a, b), v in bytes1.items()},
+                "wan_by_type": {k: int(v - types0.get(k, 0)) for k, v in sorted(types1.items())
+                                if v - types0.get(k, 0) > 0},
                 "how": {"daemons": len(self.procs), "preset": cfg.preset, "durability": "wal (default)",
                         "visibility": "apply trace (ekko daemon --apply-trace)",
                         "publishes_late": late, "warm_up_s": warmup_s,
@@ -633,6 +660,7 @@ class RealRun:
                                for w, m in (("intra_dc", self._intra()), ("cross_dc", ~self._intra()))}
         out["ack"] = percentiles(raw["acked"])
         out["sustained"] = sustained(lat)
+        out["wan_by_type"] = raw["wan_by_type"]
         out["how"] = raw["how"]
         return out
 
@@ -642,6 +670,17 @@ class RealRun:
 
     def trace_dir(self, node_id: str) -> Path:
         return self.root / "trace" / node_id
+
+    def sent_by_type(self) -> dict[str, float]:
+        """Frame bytes the daemons have sent across DCs so far, by ``"<from>-><to> <TYPE>"``
+        (their ``ekko_bytes_sent`` counters: frames, no stream or TCP/IP framing)."""
+        out: dict[str, float] = {}
+        for p, (_, dc) in zip(self.procs, self.placement):
+            for peer_dc, msg_type, v in _bytes_sent(p.address):
+                if peer_dc != dc:
+                    k = f"{dc}->{peer_dc} {msg_type}"
+                    out[k] = out.get(k, 0.0) + v
+        return out
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds (user + system) each daemon and this process have used so far."""
@@ -712,6 +751,28 @@ def run_real(cfg: FidelityConfig, workdir: Path | None = None) -> dict[str, Any]
         real.close()
     out["how"]["wall_s"] = time.perf_counter() - wall0
     out["how"]["logs"] = str(root)
+    return out
+
+
+_BYTES_SENT = re.compile(r'ekko_bytes_sent_total\{msg_type="([A-Z_]+)",peer_dc="([^"]*)"\} ([0-9.e+]+)'
+                         r'|ekko_bytes_sent_total\{peer_dc="([^"]*)",msg_type="([A-Z_]+)"\} ([0-9.e+]+)')
+
+
+def _bytes_sent(address: str) -> list[tuple[str, str, float]]:
+    """``(peer_dc, msg_type, bytes)`` of a daemon's ``ekko_bytes_sent`` (its /metrics)."""
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=POLL_TIMEOUT_S)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    out = []
+    for m in _BYTES_SENT.finditer(text):
+        if m.group(1):
+            out.append((m.group(2), m.group(1), float(m.group(3))))
+        else:
+            out.append((m.group(4), m.group(5), float(m.group(6))))
     return out
 
 
@@ -836,6 +897,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(table_lines(real, sim, rat)))
         print(f"# targets (issue #16): latency p50/p90 within {LATENCY_TOLERANCE:.0%}, WAN bytes within "
               f"{WAN_BYTES_TOLERANCE:.0%}: {'all met' if rat['targets']['all_met'] else 'NOT all met'}")
+        keys = sorted(set(real["wan_by_type"]) | set(sim["wan_by_type"]))
+        if keys:
+            print("# frame bytes across DCs by message type (no framing or overhead): real (the daemons' "
+                  "ekko_bytes_sent), sim, sim/real")
+            for k in keys:
+                rv, sv = real["wan_by_type"].get(k, 0), sim["wan_by_type"].get(k, 0)
+                print(f"#   {k:<34} {rv:>12,} {sv:>12,} {_r(ratio(sv, rv)):>6}")
         for w in ("intra_dc", "cross_dc"):
             if real[w]["missing"] or sim[w]["missing"]:
                 print(f"# {w}: never visible: real {real[w]['missing']}, sim {sim[w]['missing']} samples")

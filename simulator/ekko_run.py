@@ -153,6 +153,10 @@ def build_ekko_family(sc: Scenario, system: str, queue_factory=None,
         # Later frames chain on this one (it is taken in order, deferred or not).
         chain.acked(frame)
         emitted = sim.now
+        if high_cut is None:
+            # Tracked at emission, in every worker of a partitioned run alike (whoever owns
+            # the ingest replica, and however long the publish takes to reach it).
+            rec.track(batch.table, batch.ids, versions, emitted, sc.samples_per_batch, sample_rng)
         # The publish reaches the ingest replica now, or after the publisher's and the
         # replica's receive work when the CPU model charges them (SimCluster.publish).
         cluster.publish(ingest, len(batch.ids) * (t.row_bytes + ROW_META_BYTES),
@@ -164,8 +168,7 @@ def build_ekko_family(sc: Scenario, system: str, queue_factory=None,
         # only the worker that owns the ingest replica publishes: SimCluster.call.)
         cluster.call(ingest, "publish", frame.body, sim.now)
         if high_cut is None:
-            rec.track(batch.table, batch.ids, versions, emitted, sc.samples_per_batch, sample_rng)
-            # tracked after the publish: the publishing replica applied these rows now
+            # the publishing replica applied these rows now
             rec.applied(ingest, batch.table, batch.ids, versions, sim.now)
             return
         if decided:

@@ -61,7 +61,8 @@ def test_a_received_message_of_known_size_and_its_replies():
     busy0, sent0, bytes0 = cluster.cpu.busy_s, cluster.net.sent, sum(cluster.bytes_by_type.values())
     start = max(sim.now, cluster.cpu.busy_until("a"))
     body = {"k": "g", "from": "b", "members": []}
-    cluster._deliver("b", "a", (MsgType.GOSSIP, body, 10_000))
+    # Taken now (a deferred receive is _deliver's: see the tests below).
+    cluster._take("b", "a", (MsgType.GOSSIP, body, 10_000), 10_000)
     replies, reply_bytes = cluster.net.sent - sent0, sum(cluster.bytes_by_type.values()) - bytes0
     want = RECV_MSG + 10_000 * RECV_BYTE + replies * SEND_MSG + reply_bytes * SEND_BYTE
     assert cluster.cpu.busy_s - busy0 == pytest.approx(want, rel=1e-9)
@@ -88,8 +89,9 @@ def test_zero_defaults_charge_exactly_as_before():
     sim, cluster, _, got = _spied_pair(plain)
     sim.run(until=3.0)
     assert got and cluster.cpu.busy_s == 0.25 * cluster.cpu.charges
-    paper = load_scenario("paper").cpu
-    assert paper is not None and not paper.charges_transport and paper.shared_cores is None
+    assert not plain.defers_receive
+    paper = load_scenario("paper").cpu      # calibrated on real daemons (bench/daemon_costs.py)
+    assert paper is not None and paper.charges_transport and paper.defers_receive and paper.shared_cores is None
     assert "shared_cores" not in CpuModel(paper).summary()
 
 
@@ -174,3 +176,113 @@ def test_a_partitioned_run_refuses_a_shared_pool():
                   "shared_cores": 2}
     with pytest.raises(UsageError, match="shared_cores"):
         run_partitioned(parse_scenario(cfg), "ekko", workers=2)
+
+
+# --------------------------------------------------------------------------- deferred receive, publish path
+WAKE = 5e-4
+DEFERRED = CpuCosts(0, 0, 0, 0, recv_per_message_s=RECV_MSG, recv_s_per_byte=RECV_BYTE, wake_s=WAKE)
+
+
+def _taken(cluster) -> list[tuple[float, str, int]]:
+    """Spy on when each message takes effect at its receiver: (time, dst, size)."""
+    got: list[tuple[float, str, int]] = []
+    orig = cluster._take
+
+    def spy(src, dst, payload, received_bytes=None):
+        got.append((cluster.sim.now, dst, payload[2]))
+        orig(src, dst, payload, received_bytes)
+
+    cluster._take = spy
+    return got
+
+
+def test_a_message_takes_effect_after_the_wake_and_its_receive_in_arrival_order():
+    sim, cluster, _, _ = _pair(DEFERRED)
+    sim.run(until=0.5)
+    taken = _taken(cluster)
+    t0 = max(sim.now, cluster.cpu.busy_until("a"))
+    body = {"k": "g", "from": "b", "members": []}
+    cluster._deliver("b", "a", (MsgType.GOSSIP, body, 10_000))
+    cluster._deliver("b", "a", (MsgType.GOSSIP, body, 2_000))
+    first = t0 + WAKE + RECV_MSG + 10_000 * RECV_BYTE
+    # the second arrived with the first, but a's core is busy receiving the first
+    assert cluster.cpu.busy_until("a") == pytest.approx(first + RECV_MSG + 2_000 * RECV_BYTE)
+    assert taken == []                                   # nothing took effect on arrival
+    sim.run(until=first + 0.01)
+    mine = [(t, size) for t, dst, size in taken if dst == "a" and size in (10_000, 2_000)]
+    assert [size for _, size in mine] == [10_000, 2_000]
+    assert mine[0][0] == pytest.approx(first)
+    assert mine[1][0] == pytest.approx(first + RECV_MSG + 2_000 * RECV_BYTE)
+
+
+def test_a_message_waiting_for_a_crashed_receiver_is_lost():
+    sim, cluster, a, _ = _pair(DEFERRED)
+    sim.run(until=0.5)
+    rx0 = a.counters["rx_gossip"]
+    cluster._deliver("b", "a", (MsgType.GOSSIP, {"k": "g", "from": "b", "members": []}, 10_000))
+    cluster.net.crash("a")
+    sim.run(until=0.6)
+    assert a.counters["rx_gossip"] == rx0
+
+
+def test_without_receive_terms_a_message_takes_effect_on_arrival():
+    sim, cluster, _, _ = _pair(TRANSPORT.__class__(0, 0, 0, 0, send_per_message_s=SEND_MSG))
+    taken = _taken(cluster)
+    cluster._deliver("b", "a", (MsgType.GOSSIP, {"k": "g", "from": "b", "members": []}, 10_000))
+    assert taken == [(sim.now, "a", 10_000)]
+
+
+PUB = CpuCosts(0, 0, 0, 0, publisher_per_message_s=2e-3, publisher_s_per_byte=1e-8,
+               publish_recv_per_message_s=1e-3, publish_recv_s_per_byte=2e-8, wake_s=WAKE)
+
+
+def test_a_publish_takes_the_publisher_the_hop_the_wake_and_the_ingest_receive():
+    sim, cluster, _, _ = _pair(PUB)
+    sim.run(until=0.5)
+    t0 = max(sim.now, cluster.cpu.busy_until("a"))
+    at: list[float] = []
+    cluster.publish("a", 100_000, lambda: at.append(sim.now))
+    assert at == []
+    sim.run(until=1.0)
+    want = t0 + 2e-3 + 100_000 * 1e-8 + WAKE + 1e-3 + 100_000 * 2e-8   # intra-DC RTT 0 in _pair
+    assert at == [pytest.approx(want)]
+    assert PUB.publisher_s(100_000) == pytest.approx(3e-3)
+    assert PUB.receive_s(100_000, publish=True) == pytest.approx(3e-3)
+
+
+def test_publishes_queue_behind_the_publisher_and_share_a_pool():
+    one = CpuCosts(**{**{k: getattr(PUB, k) for k in ("per_message_s", "apply_s_per_row", "scan_s_per_row",
+                                                      "index_s_per_row")},
+                      **{k: getattr(PUB, k) for k in ("publisher_per_message_s", "publisher_s_per_byte",
+                                                      "publish_recv_per_message_s", "publish_recv_s_per_byte",
+                                                      "wake_s")}, "shared_cores": 1})
+    sim, cluster, _, _ = _pair(one)
+    sim.run(until=0.5)
+    at: list[float] = []
+    t0 = max(sim.now, cluster.cpu.busy_until("a"))
+    for _ in range(2):
+        cluster.publish("a", 0, lambda: at.append(sim.now))
+    sim.run(until=1.0)
+    # one core: publisher 2 ms, (wake) ingest 1 ms, publisher 2 ms -- it waited for the first's
+    # receive to free the core -- then (wake) ingest 1 ms
+    assert at[0] == pytest.approx(t0 + 2e-3 + WAKE + 1e-3)
+    assert at[1] == pytest.approx(t0 + 2e-3 + WAKE + 1e-3 + 2e-3 + WAKE + 1e-3)
+
+
+def test_a_publish_is_immediate_without_receive_costs():
+    sim, cluster, _, _ = _pair(CpuCosts(1e-3, 0, 0, 0))
+    at: list[float] = []
+    cluster.publish("a", 100_000, lambda: at.append(sim.now))
+    assert at == [sim.now]
+
+
+def test_the_publish_fields_are_read_from_a_cpu_table():
+    cfg = copy.deepcopy(TINY)
+    cfg["cpu"] = {"per_message_s": 1e-5, "apply_s_per_row": 0, "scan_s_per_row": 0, "index_s_per_row": 0,
+                  "publisher_per_message_s": 2e-3, "publish_recv_s_per_byte": 1e-8, "wake_s": 4e-4}
+    got = parse_scenario(cfg).cpu
+    assert (got.publisher_per_message_s, got.publish_recv_s_per_byte, got.wake_s) == (2e-3, 1e-8, 4e-4)
+    assert got.defers_receive and not got.charges_transport
+    cfg["cpu"]["wake_s"] = -1.0
+    with pytest.raises(UsageError, match="wake_s"):
+        parse_scenario(cfg)
