@@ -379,6 +379,8 @@ def run_sim(cfg: FidelityConfig) -> dict[str, Any]:
     run.cluster.net = _TallyingNet(run.net, by_type, lambda: run.sim.now >= batches[0].time)
     run.sim.run(until=batches[0].time * (1 - 1e-9))   # bytes before the first publish do not count
     before = dict(run.net.wan_bytes)
+    cpu = run.cluster.cpu
+    busy0, t0 = (cpu.busy_s if cpu is not None else 0.0), run.sim.now
     t = batches[-1].time
     run.sim.run(until=t)
     while t < batches[-1].time + sc.settle_s:   # steps past the last batch first: it has fired
@@ -397,6 +399,8 @@ def run_sim(cfg: FidelityConfig) -> dict[str, Any]:
     lat[np.isinf(lat)] = np.nan
     out = summarize(lat, times, [dc for _, dc in placement], ingest, sc.training_dc, wan)
     out["wan_by_type"] = dict(sorted(by_type.items()))
+    # CPU the model charged per second over the run (every replica and the publisher), in cores.
+    out["cpu_cores"] = (cpu.busy_s - busy0) / max(1e-9, run.sim.now - t0) if cpu is not None else float("nan")
     out["how"] = {"system": "ekko", "simulated_s": t, "wall_s": time.perf_counter() - wall0,
                   "tracked_rows_per_batch": cfg.sim_samples_per_batch, "cpu": cfg.cpu or None}
     return out
@@ -884,7 +888,8 @@ def main(argv: list[str] | None = None) -> int:
         shares = real["how"]["daemon_cpu_share"]
         print(f"# real CPU over the measured window (cores): daemons "
               f"{' '.join(f'{n} {v:.2f}' for n, v in shares.items())}; sum {sum(shares.values()):.2f}; "
-              f"harness (proxy + publisher) {real['how']['harness_cpu_share']:.2f}", flush=True)
+              f"harness (proxy + publisher) {real['how']['harness_cpu_share']:.2f}; the simulator charged "
+              f"{sim['cpu_cores']:.2f} (replicas and publisher)", flush=True)
         print(f"# real acknowledgement latency p50 {_ms(real['ack']['p50'])} p90 {_ms(real['ack']['p90'])}; "
               f"rate sustained: {'yes' if real['sustained'] else 'NO (latency grew through the run: a backlog)'}")
         ai = real["after_ingest"]
