@@ -255,7 +255,9 @@ def scenario_dict(cfg: FidelityConfig) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "scenario": {"name": cfg.name, "seed": cfg.seed, "duration_s": cfg.duration_s, "settle_s": cfg.settle_s,
                      "replicas": cfg.replicas, "mode": "full", "systems": ["ekko"],
-                     "samples_per_batch": cfg.sim_samples_per_batch},
+                     "samples_per_batch": cfg.sim_samples_per_batch,
+                     # the real run's names, addresses and incarnations on the wire
+                     "daemon_identities": True},
         "wan": {"dcs": cfg.dcs, "training_dc": cfg.dcs[0], "intra_dc_rtt_ms": cfg.intra_dc_rtt_ms,
                 "rtt_ms": {f"{a}-{b}": v for (a, b), v in cfg.rtt_ms.items()}, "nic_gbps": NIC_GBPS,
                 "wan_gbps": gbps, "background_load": 0.0,

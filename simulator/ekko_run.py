@@ -116,6 +116,7 @@ def build_ekko_family(sc: Scenario, system: str, queue_factory=None,
     cfg = node_config_for(sc, system)
     cpu = CpuModel(sc.cpu, sc.scan_scale()) if sc.cpu is not None else None
     cluster = SimCluster(sim, net, cfg, with_values=with_values, shared_membership=not with_values,
+                         daemon_identities=sc.daemon_identities,
                          queue_factory=queue_factory, node_kwargs=scheduler_kwargs(sc, system), cpu=cpu,
                          owned=owned)
     placement = place_replicas(sc)

@@ -31,6 +31,12 @@ from p2p.membership import Member, Membership, MemberState
 from p2p.outbound import QueueFactory
 from p2p.topology import DcGraph, Topology
 from simulator.cpu import PUBLISHER_ID, CpuModel
+
+#: the first incarnation of a replica with daemon identities: a daemon takes ``time.time_ns()``
+#: (this one is 2026-11-01 00:00 UTC: the same width on the wire).
+DAEMON_INCARNATION = 1_793_491_200_000_000_000
+#: the port of a replica's address with daemon identities.
+DAEMON_PORT = 27070
 from simulator.events import Simulation
 from simulator.network import WanNetwork
 
@@ -70,6 +76,9 @@ class SimCluster:
     node_kwargs: Callable[[str], dict[str, Any]] | None = None
     cpu: CpuModel | None = None
     owned: frozenset[str] | None = None
+    #: replicas carry real daemons' wire identities: a ``host:port`` address apart from the
+    #: id, and a ``time_ns``-sized incarnation (gossip bytes as the daemons'); see :meth:`address_of`.
+    daemon_identities: bool = False
     nodes: dict[str, ReplicaNode] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     bytes_by_type: dict[str, int] = field(default_factory=dict)
@@ -84,6 +93,24 @@ class SimCluster:
         self.on_apply: list[Callable[[str, str, str, Any, str, float], None]] = []
         self._remote: dict[str, str] = {}   # replicas another worker simulates -> their DC
         self._order: list[str] = []         # every replica, in the order added
+        self._address: dict[str, str] = {}  # node id -> address (daemon identities)
+        self._node_at: dict[str, str] = {}  # address -> node id
+        self._incarnation = DAEMON_INCARNATION if self.daemon_identities else 1
+
+    def address_of(self, node_id: str) -> str:
+        """The address a replica is known by: its id, or with daemon identities a
+        ``host:port`` of the length a daemon's has (``10.0.<i/256>.<i%256>:27070``, ``i``
+        its place in the order added)."""
+        return self._address.get(node_id, node_id)
+
+    def _name(self, node_id: str) -> str:
+        """Give a new replica its address (daemon identities); returns it."""
+        if not self.daemon_identities:
+            return node_id
+        i = len(self._order) - 1
+        addr = self._address[node_id] = f"10.0.{i // 256}.{i % 256}:{DAEMON_PORT}"
+        self._node_at[addr] = node_id
+        return addr
 
     # -- building ---------------------------------------------------------------------------
     def add_replica(self, node_id: str, dc: str) -> ReplicaNode | None:
@@ -91,13 +118,14 @@ class SimCluster:
         sim = self.sim
         membership = topology = None
         self._order.append(node_id)
+        address = self._name(node_id)
         if self.owned is not None and node_id not in self.owned:
             self._remote[node_id] = dc
             if self.shared_membership:
                 self._add_to_view(node_id, dc)
             self.net.add_node(node_id, dc)
             if self._seed_address is None:
-                self._seed_address = node_id
+                self._seed_address = address
             return None
         if self.shared_membership:
             self._add_to_view(node_id, dc)
@@ -105,12 +133,12 @@ class SimCluster:
         seeds = [self._seed_address] if self._seed_address else []
         extra = self.node_kwargs(dc) if self.node_kwargs else {}
         extra.setdefault("queue_factory", self.queue_factory)
-        node = ReplicaNode(node_id, dc, node_id, config=self.config, rng=sim.derive_rng(f"node/{node_id}"),
+        node = ReplicaNode(node_id, dc, address, config=self.config, rng=sim.derive_rng(f"node/{node_id}"),
                            now=sim.now, seeds=seeds, device="cpu", with_values=self.with_values,
-                           membership=membership, topology=topology, **extra)
+                           membership=membership, topology=topology, incarnation=self._incarnation, **extra)
         node.parse_cache = self.parse_cache
         if self._seed_address is None:
-            self._seed_address = node_id
+            self._seed_address = address
         node.on_apply.append(lambda m, t, res, src, _n=node_id: self._applied(_n, m, t, res, src))
         self.nodes[node_id] = node
         self.net.add_node(node_id, dc)
@@ -118,11 +146,12 @@ class SimCluster:
         return node
 
     def _add_to_view(self, node_id: str, dc: str) -> None:
+        address, inc = self.address_of(node_id), self._incarnation
         if self._view is None:
-            self._view = Membership(node_id, dc, node_id, 1, self.sim.now)
+            self._view = Membership(node_id, dc, address, inc, self.sim.now)
             self._topology = Topology(self.config.gateways_per_dc, DcGraph(frozenset(self.config.dc_links)))
         else:
-            self._view.members[node_id] = Member(node_id, dc, node_id, 1, 0, last_change=self.sim.now)
+            self._view.members[node_id] = Member(node_id, dc, address, inc, 0, last_change=self.sim.now)
             self._view.version += 1
 
     def bootstrap_membership(self) -> None:
@@ -130,9 +159,9 @@ class SimCluster:
         been running: experiments measure updates, not the join phase."""
         if self.shared_membership:
             return
-        # (a replica another worker simulates enters as it starts: incarnation 1, heartbeat 0)
-        entries = [self.nodes[n].members.get(n) if n in self.nodes else Member(n, self._remote[n], n, 1, 0)
-                   for n in self._order]
+        # (a replica another worker simulates enters as it starts: first incarnation, heartbeat 0)
+        entries = [self.nodes[n].members.get(n) if n in self.nodes
+                   else Member(n, self._remote[n], self.address_of(n), self._incarnation, 0) for n in self._order]
         for node in self.nodes.values():
             node.members.merge([Member(e.node_id, e.dc, e.address, e.incarnation, e.heartbeat) for e in entries],
                                self.sim.now)
@@ -207,7 +236,7 @@ class SimCluster:
         sizes: dict[int, tuple[int, Any]] = {}
         sends: list[tuple[str, Any, int]] = []
         for out in node.drain():
-            dst = out.dst or out.address
+            dst = out.dst or self._node_at.get(out.address, out.address)
             if dst not in self.nodes and dst not in self._remote:
                 continue
             shared = out.body.get("deltas") if out.msg_type == MsgType.PUSH else None

@@ -6,7 +6,11 @@ shipped files in ``simulator/scenarios/`` document where each value comes from):
 ``[scenario]``  name, description, seed, duration_s (workload length),
                 settle_s (extra simulated time for convergence), replicas,
                 mode ("auto" | "metadata" | "full"), systems (list),
-                samples_per_batch (tracked rows per batch for latency)
+                samples_per_batch (tracked rows per batch for latency),
+                daemon_identities (true: replicas carry the identities real daemons
+                put on the wire -- ids ``<dc>-r<k>``, ``host:port`` addresses,
+                ``time_ns`` incarnations -- so gossip bytes match theirs; default
+                false: compact ``r00000`` ids that double as addresses)
 ``[wan]``       dcs (list, first = training DC unless training_dc given),
                 training_dc, rtt_ms (``{"a-b" = ms}`` or a number),
                 intra_dc_rtt_ms, nic_gbps, wan_gbps, background_load, loss,
@@ -23,10 +27,13 @@ shipped files in ``simulator/scenarios/`` document where each value comes from):
                 adam_batch_s (2PC batching window)
 ``[cpu]``       per_message_s, apply_s_per_row, scan_s_per_row, index_s_per_row;
                 optional transport costs recv_per_message_s, recv_s_per_byte,
-                send_per_message_s, send_s_per_byte (default 0) and shared_cores
-                (one pool of K cores for all replicas; default a core each)
-                (measured by ``bench/sim_cpu_costs.py``; see :mod:`simulator.cpu`);
-                absent = no endpoint CPU time is charged
+                send_per_message_s, send_s_per_byte, the publish path
+                publish_recv_per_message_s, publish_recv_s_per_byte,
+                publisher_per_message_s, publisher_s_per_byte, and wake_s (default 0),
+                and shared_cores (one pool of K cores for all replicas and the
+                publisher; default a core each) (measured by ``bench/sim_cpu_costs.py``
+                and ``bench/daemon_costs.py``; see :mod:`simulator.cpu`); absent = no
+                endpoint CPU time is charged
 ``[faults]``    makes it a fault-injection scenario instead (only ``[scenario]``
                 with name, description, seed, seeds, and ``[faults]`` with the fields of
                 :class:`simulator.faults.FaultConfig`; see ``scenarios/faults.toml``)
@@ -84,6 +91,8 @@ class Scenario:
     cpu: CpuCosts | None = None
     #: per table: rows held but never updated (``[[table]] cold_rows``).
     cold_rows: dict[str, int] = field(default_factory=dict)
+    #: replicas carry real daemons' wire identities (``[scenario] daemon_identities``).
+    daemon_identities: bool = False
 
     def scan_scale(self) -> dict[str, float]:
         """Per table, rows a whole-shard scan walks per simulated row: (rows + cold) / rows."""
@@ -153,13 +162,16 @@ def parse_scenario(d: dict[str, Any], name: str = "custom") -> Scenario:
     mode = sc.get("mode", "auto")
     if mode not in ("auto", "metadata", "full"):
         raise UsageError("mode must be auto, metadata or full")
+    identities = sc.get("daemon_identities", False)
+    if not isinstance(identities, bool):
+        raise UsageError(f"[scenario] daemon_identities must be true or false, got {identities!r}")
     return Scenario(name=sc.get("name", name), description=sc.get("description", ""), seed=int(sc.get("seed", 1)),
                     duration_s=float(sc.get("duration_s", 60)), settle_s=float(sc.get("settle_s", 30)),
                     replicas=int(sc.get("replicas", 60)), mode=mode, systems=systems,
                     samples_per_batch=int(sc.get("samples_per_batch", 4)), wan=wcfg, training_dc=training_dc,
                     node=node, model=model, workload=wcfg_load, baselines=dict(d.get("baselines", {})),
                     scheduler=dict(d["scheduler"]) if "scheduler" in d else None, raw=d, cpu=cpu,
-                    cold_rows=cold_rows)
+                    cold_rows=cold_rows, daemon_identities=identities)
 
 
 def load_scenario(name_or_path: str) -> Scenario:

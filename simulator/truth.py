@@ -17,8 +17,13 @@ TRAINER_ORIGIN = 1
 
 
 def place_replicas(sc: Scenario) -> list[tuple[str, str]]:
-    """Replicas spread evenly over the DCs, round-robin: (node id, dc)."""
+    """Replicas spread evenly over the DCs, round-robin: (node id, dc).
+
+    Ids are ``r00000`` ..., or with ``daemon_identities`` ``<dc>-r<k>`` (``k`` from 1 in
+    each DC: what ``bench/fidelity.py`` names its daemons)."""
     dcs = sc.wan.dc_names
+    if getattr(sc, "daemon_identities", False):
+        return [(f"{dcs[i % len(dcs)]}-r{i // len(dcs) + 1}", dcs[i % len(dcs)]) for i in range(sc.replicas)]
     return [(f"r{i:05d}", dcs[i % len(dcs)]) for i in range(sc.replicas)]
 
 
