@@ -40,7 +40,10 @@ simulator's terms (:mod:`simulator.cpu`), printed as ``[cpu]`` TOML lines:
 * ``publisher_per_message_s`` / ``publisher_s_per_byte``: the publisher's work before
   a publish leaves it: the SDK call -> applied at ``a``, less ``wake_s`` and ``a``'s
   receive of the publish (its whole CPU per publish, the acknowledgement included,
-  is printed beside it).
+  is printed beside it);
+* ``proxy_per_message_s`` / ``proxy_s_per_byte`` (fidelity configs only): the CPU of
+  ``bench/fidelity.py``'s WAN emulator per forwarded message, measured with it in a
+  thread of this process between a client and a sink process.
 
 No baseline ratio applies (absolute constants); spread: each latency's p10-p90, and
 the fit's residuals.  One machine, shared cores: run it on a quiet machine (the load
@@ -222,6 +225,56 @@ def measure_fanout(reps: int) -> dict[int, dict[int, float]]:
         sink.wait()
 
 
+#: a TCP sink (discards what it reads) and a client that writes N messages of a size.
+_TCP_SINK = r"""
+import socket, sys, threading
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+print(s.getsockname()[1], flush=True)
+def drain(c):
+    while c.recv(1 << 20):
+        pass
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=drain, args=(c,), daemon=True).start()
+"""
+_TCP_CLIENT = r"""
+import socket, sys, time
+port, size, n, gap = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+c = socket.create_connection(("127.0.0.1", port)); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+msg = b"\x01" * size
+for _ in range(n):
+    c.sendall(msg); time.sleep(gap)
+time.sleep(0.5); c.close()
+"""
+#: sizes of the proxy measurement (bytes per message; a push of ~1,000 rows is ~120 kB).
+PROXY_SIZES = (200, 2_000, 30_000, 120_000, 480_000)
+
+
+def measure_proxy(n: int, delay_s: float = 0.0001) -> dict[int, float]:
+    """CPU seconds the WAN emulator (:class:`ekko.testing.faultproxy.FaultProxy`, in a
+    thread of this process as ``bench/fidelity.py`` runs it) spends per forwarded message,
+    per size: a client process writes ``n`` messages through it to a sink process; this
+    process does nothing else meanwhile."""
+    import subprocess
+
+    from ekko.testing.faultproxy import FaultProxy, ProxyThread
+    sink = subprocess.Popen([sys.executable, "-c", _TCP_SINK], stdout=subprocess.PIPE, text=True)
+    px = ProxyThread(FaultProxy(lambda peer, port: "a", seed=1)).start()
+    try:
+        port = px.call(px.proxy.add_route, "r", "a", ("127.0.0.1", int(sink.stdout.readline())))
+        px.call(px.proxy.set_rtt, "a", "a", 2 * delay_s)
+        out = {}
+        for size in PROXY_SIZES:
+            c0 = time.process_time()
+            subprocess.run([sys.executable, "-c", _TCP_CLIENT, str(port), str(size), str(n), "0.004"], check=True)
+            out[size] = (time.process_time() - c0) / n
+        return out
+    finally:
+        px.stop()
+        sink.kill()
+        sink.wait()
+
+
 def run_phase(peers: int, sizes: list[int], n: int, idle_s: float, workdir: Path | None) -> dict[str, Any]:
     """One cluster (``a`` + ``peers``): idle CPU rates, then ``n`` publishes of each size."""
     from ekko.core.spec import ModelSpec, TableSpec
@@ -295,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="rows per publish, comma-separated")
     ap.add_argument("--idle-s", type=float, default=3.0, help="seconds of idle CPU measured first (default 3)")
     ap.add_argument("--fanout-reps", type=int, default=25, help="pushes per size of the send measurement (default 25)")
+    ap.add_argument("--proxy-messages", type=int, default=200,
+                    help="messages per size through the WAN emulator (default 200)")
     ap.add_argument("--scenario", type=Path, default=DEFAULT_SCENARIO,
                     help="scenario TOML whose [cpu] per_message_s and apply_s_per_row are subtracted")
     ap.add_argument("--out", type=Path, default=None, help="directory for daemon_costs.json")
@@ -361,12 +416,19 @@ def main(argv: list[str] | None = None) -> int:
         a, b, _ = fits[k]
         print(f"{k}_per_message_s = {max(0.0, a):.3g}\n{k}_s_per_byte = {max(0.0, b):.3g}")
     print(f"wake_s = {max(0.0, wake):.3g}")
+    proxy = measure_proxy(args.proxy_messages)
+    pfit = fit(list(proxy), list(proxy.values()))
+    print(f"# the WAN emulator (bench/fidelity.py's FaultProxy, a thread): CPU per forwarded message, "
+          f"{args.proxy_messages} each: " + ", ".join(f"{b} B {v * 1e6:.0f} us" for b, v in proxy.items()))
+    print("# [cpu] lines of the fidelity configs only (a loopback comparison's emulator, not a deployment's):")
+    print(f"proxy_per_message_s = {max(0.0, pfit[0]):.3g}\nproxy_s_per_byte = {max(0.0, pfit[1]):.3g}")
     load1 = os.getloadavg()
     print(f"# load average after {load1[0]:.2f} {load1[1]:.2f}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "daemon_costs.json").write_text(json.dumps(
             {"phase": phase, "fanout": fan, "fits": fits, "wake_s": wake, "publisher_cpu": publisher_cpu,
+             "proxy": proxy, "proxy_fit": pfit,
              "load": [load0, load1], "sizes": sizes}, indent=1))
     return 0
 

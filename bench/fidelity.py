@@ -662,6 +662,7 @@ class RealRun:
         out = summarize(lat, s, [dc for _, dc in self.placement], 0, self.cfg.dcs[0], raw["wan"])
         # Where the time goes: publisher -> applied at the ingest replica, and from there on.
         out["ingest_applied"] = percentiles(lat[:, 0])
+        out["per_replica_p50"] = {p.node_id: float(np.nanmedian(lat[:, i])) for i, p in enumerate(self.procs)}
         out["after_ingest"] = {w: percentiles((vis[:, 1:] - vis[:, :1])[:, m[1:]])
                                for w, m in (("intra_dc", self._intra()), ("cross_dc", ~self._intra()))}
         out["ack"] = percentiles(raw["acked"])

@@ -93,10 +93,14 @@ TRANSPORT_FIELDS = ("recv_per_message_s", "recv_s_per_byte", "send_per_message_s
 #: the publish path and the receive latency a ``[cpu]`` table may give; absent = 0 (not modelled).
 PUBLISH_FIELDS = ("publish_recv_per_message_s", "publish_recv_s_per_byte", "publisher_per_message_s",
                   "publisher_s_per_byte", "wake_s")
+#: a WAN emulator every peer message crosses (a loopback comparison's proxy); absent = 0 (none).
+PROXY_FIELDS = ("proxy_per_message_s", "proxy_s_per_byte")
 #: every cost constant, in seconds.
-COST_FIELDS = REQUIRED_FIELDS + TRANSPORT_FIELDS + PUBLISH_FIELDS
+COST_FIELDS = REQUIRED_FIELDS + TRANSPORT_FIELDS + PUBLISH_FIELDS + PROXY_FIELDS
 #: the pseudo-node the trainer's (publisher's) CPU time is charged to.
 PUBLISHER_ID = "publisher"
+#: the pseudo-node of the WAN emulator's one thread.
+PROXY_ID = "proxy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +124,9 @@ class CpuCosts:
         publisher_s_per_byte: its per-byte part.
         wake_s: time a received message waits that is neither CPU nor wire (event-loop
             wake-ups, the kernel's loopback): it delays the receive, it occupies no core.
+        proxy_per_message_s: a WAN emulator's CPU per forwarded peer message (one thread
+            on the host: ``bench/fidelity.py``'s proxy); a message leaves when it is done.
+        proxy_s_per_byte: its per-byte part.
         shared_cores: None = a core per replica; K = one FIFO pool of K cores for all.
 
     Example:
@@ -141,6 +148,8 @@ class CpuCosts:
     publisher_per_message_s: float = 0.0
     publisher_s_per_byte: float = 0.0
     wake_s: float = 0.0
+    proxy_per_message_s: float = 0.0
+    proxy_s_per_byte: float = 0.0
     shared_cores: int | None = None
 
     def __post_init__(self) -> None:
@@ -171,6 +180,15 @@ class CpuCosts:
         if publish:
             return self.publish_recv_per_message_s + nbytes * self.publish_recv_s_per_byte
         return self.recv_per_message_s + nbytes * self.recv_s_per_byte
+
+    @property
+    def has_proxy(self) -> bool:
+        """Whether peer messages cross a WAN emulator that costs CPU."""
+        return bool(self.proxy_per_message_s or self.proxy_s_per_byte)
+
+    def proxy_s(self, nbytes: int) -> float:
+        """CPU seconds the WAN emulator spends forwarding one message of ``nbytes``."""
+        return self.proxy_per_message_s + nbytes * self.proxy_s_per_byte
 
     def publisher_s(self, nbytes: int) -> float:
         """CPU seconds the publisher spends on one publish of ``nbytes`` before it leaves."""

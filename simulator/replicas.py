@@ -30,7 +30,7 @@ from ekko.core.spec import ModelSpec
 from p2p.membership import Member, Membership, MemberState
 from p2p.outbound import QueueFactory
 from p2p.topology import DcGraph, Topology
-from simulator.cpu import PUBLISHER_ID, CpuModel
+from simulator.cpu import PROXY_ID, PUBLISHER_ID, CpuModel
 
 #: the first incarnation of a replica with daemon identities: a daemon takes ``time.time_ns()``
 #: (this one is 2026-11-01 00:00 UTC: the same width on the wire).
@@ -259,8 +259,14 @@ class SimCluster:
             extra = (cpu.transport_cost(received_bytes, len(sends), sum(s[2] for s in sends))
                      if cpu.costs.charges_transport else 0.0)
             at = cpu.charge(node, self.sim.now, extra)
+        proxy = cpu is not None and cpu.costs.has_proxy
         for dst, out, size in sends:
-            net.send(node.node_id, dst, (out.msg_type, out.body, size), size, self._deliver, at)
+            leave = at
+            if proxy:
+                # Through the WAN emulator's one thread (a loopback comparison's proxy): the
+                # message goes on when it has forwarded it, in the order it was sent.
+                leave = cpu.reserve(PROXY_ID, self.sim.now if at is None else at, cpu.costs.proxy_s(size))
+            net.send(node.node_id, dst, (out.msg_type, out.body, size), size, self._deliver, leave)
         self._arm(node)
 
     def _deliver(self, src: str, dst: str, payload: tuple[Any, ...]) -> None:
