@@ -286,3 +286,69 @@ def test_the_publish_fields_are_read_from_a_cpu_table():
     cfg["cpu"]["wake_s"] = -1.0
     with pytest.raises(UsageError, match="wake_s"):
         parse_scenario(cfg)
+
+
+# --------------------------------------------------------------------------- the WAN emulator's thread
+PROXY = CpuCosts(0, 0, 0, 0, proxy_per_message_s=4e-4, proxy_s_per_byte=1e-9)
+
+
+def test_peer_messages_wait_for_the_emulator_thread_in_the_order_sent():
+    from ekko.core.messages import Outgoing
+    sim, cluster, a, _ = _pair(PROXY)
+    sim.run(until=0.5)
+    left: list[float] = []
+    net = cluster.net
+
+    class Spy:
+        """The cluster's network, noting when each message may leave."""
+
+        def send(self, src, dst, payload, nbytes, on_deliver, at=None):
+            left.append(at)
+            return net.send(src, dst, payload, nbytes, on_deliver, at)
+
+        def __getattr__(self, name):
+            return getattr(net, name)
+
+    cluster.net = Spy()
+    t0 = max(sim.now, cluster.cpu.busy_until("proxy"))
+    body = {"k": "sum", "from": "a", "scope": ["dc", 0], "models": {}}
+    a._out += [Outgoing("b", "b", MsgType.GOSSIP, dict(body)) for _ in range(3)]
+    cluster.flush(a)
+    assert len(left) == 3
+    each = [left[0] - t0, left[1] - left[0], left[2] - left[1]]
+    assert each[0] == pytest.approx(each[1]) == pytest.approx(each[2])   # one thread: one after the other
+    assert each[0] > 4e-4                                                # 0.4 ms + its bytes
+    assert cluster.cpu.busy_until("proxy") == pytest.approx(left[2])
+
+
+def test_no_emulator_no_wait():
+    assert not CpuCosts(1e-3, 0, 0, 0).has_proxy and PROXY.has_proxy
+    assert PROXY.proxy_s(1000) == pytest.approx(4e-4 + 1e-6)
+
+
+# --------------------------------------------------------------------------- daemon identities
+def test_daemon_identities_name_address_and_incarnation_like_a_daemon():
+    from simulator.replicas import DAEMON_INCARNATION
+    from simulator.truth import place_replicas
+    cfg = copy.deepcopy(TINY)
+    cfg["scenario"]["daemon_identities"] = True
+    sc = parse_scenario(cfg)
+    names = place_replicas(sc)
+    assert names[:4] == [("a-r1", "a"), ("b-r1", "b"), ("c-r1", "c"), ("a-r2", "a")]
+    assert len({n for n, _ in names}) == 9
+    assert [n for n, _ in place_replicas(parse_scenario(copy.deepcopy(TINY)))][:2] == ["r00000", "r00001"]
+    from simulator.ekko_run import build_ekko_family
+    run = build_ekko_family(sc, "ekko")
+    node = run.cluster.nodes["a-r1"]
+    assert node.members.me.address == "10.0.0.0:27070" and node.members.me.incarnation == DAEMON_INCARNATION
+    assert run.cluster.address_of("b-r1") == "10.0.0.1:27070"
+    run.sim.run(until=sc.duration_s + sc.settle_s)
+    from simulator.truth import converged
+    assert converged(sc, run.cluster, run.truth)      # seeds and gossip route by address
+
+
+def test_daemon_identities_must_be_a_bool():
+    cfg = copy.deepcopy(TINY)
+    cfg["scenario"]["daemon_identities"] = "yes"
+    with pytest.raises(UsageError, match="daemon_identities"):
+        parse_scenario(cfg)
