@@ -114,6 +114,8 @@ POLL_TIMEOUT_S = 10.0
 MAX_REPLICAS = 64
 MAX_RATE_BATCHES_PER_S = 1000.0
 MAX_DURATION_S = 3600.0
+#: bound on --repeats.
+MAX_REPEATS = 20
 
 
 # --------------------------------------------------------------------------- config
@@ -783,6 +785,39 @@ def _bytes_sent(address: str) -> list[tuple[str, str, float]]:
     return out
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One real summary from several: every figure is the median over the runs (``runs``
+    keeps each run's figures); the ``how`` and the rest are the first run's.
+
+    Example:
+        >>> a = {"intra_dc": {"p50": 1.0}, "wan_bytes": {"x": 10}, "wan_bytes_total": 10, "how": {"n": 1}}
+        >>> b = {"intra_dc": {"p50": 3.0}, "wan_bytes": {"x": 30}, "wan_bytes_total": 30, "how": {"n": 2}}
+        >>> m = median_run([a, b, {**a, "intra_dc": {"p50": 2.0}}])
+        >>> m["intra_dc"]["p50"], m["wan_bytes"]["x"], m["how"]["n"], len(m["runs"])
+        (2.0, 10, 1, 3)
+    """
+    if len(runs) == 1:
+        return runs[0]
+
+    def med(values: list[Any]) -> Any:
+        if all(isinstance(v, dict) for v in values):
+            return {k: med([v.get(k, 0) for v in values]) for k in values[0]}
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            m = float(np.nanmedian(np.asarray(values, float)))
+            return int(round(m)) if all(isinstance(v, int) for v in values) else m
+        return values[0]
+
+    out = dict(runs[0])
+    for key in ("intra_dc", "cross_dc", "wan_bytes", "wan_bytes_total", "converge_s", "ack", "ingest_applied",
+                "after_ingest", "wan_by_type", "per_replica_p50"):
+        if key in runs[0]:
+            out[key] = med([r[key] for r in runs])
+    out["sustained"] = all(r.get("sustained", True) for r in runs)
+    out["runs"] = [{k: r[k] for k in ("intra_dc", "cross_dc", "wan_bytes_total", "converge_s") if k in r}
+                   for r in runs]
+    return out
+
+
 def _proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
     try:
@@ -861,12 +896,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="override the config's knowledge poll period (polls only wait for the warm-up "
                          "and the end; visibility comes from the daemons' apply traces)")
     ap.add_argument("--sim-only", action="store_true", help="run the simulator side only (no daemons)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="real runs; each real figure is their median (the machine is noisy; default 1)")
     ap.add_argument("--workdir", type=Path, default=None, help="where the daemons' temp dir goes")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not 1 <= args.repeats <= MAX_REPEATS:
+        print(f"error: --repeats must be in [1, {MAX_REPEATS}]", file=sys.stderr)
         return 2
     if args.quick:
         cfg = quick(cfg)
@@ -884,7 +924,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# sim: {sim['publishes']} publishes, {sim['how']['wall_s']:.1f} s wall", flush=True)
     doc: dict[str, Any] = {"config": cfg.name, "describe": describe(cfg), "sim": sim}
     if not args.sim_only:
-        real = run_real(cfg, args.workdir)
+        runs = []
+        for i in range(args.repeats):
+            runs.append(run_real(cfg, args.workdir))
+            if args.repeats > 1:
+                r = runs[-1]
+                print(f"# real run {i + 1}/{args.repeats}: intra-DC p50/p90 {_ms(r['intra_dc']['p50'])}/"
+                      f"{_ms(r['intra_dc']['p90'])}, cross-DC {_ms(r['cross_dc']['p50'])}/"
+                      f"{_ms(r['cross_dc']['p90'])}, WAN bytes {r['wan_bytes_total']:,}", flush=True)
+        real = median_run(runs)
         print(f"# real: {real['publishes']} publishes ({real['how']['publishes_late']} sent late), "
               f"{real['how']['wall_s']:.1f} s wall, warm-up publish (not measured) visible everywhere "
               f"after {real['how']['warm_up_s'] * 1000:.0f} ms", flush=True)

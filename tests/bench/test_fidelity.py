@@ -351,3 +351,20 @@ def test_knowledge_poller_keeps_changes_with_the_poll_before():
     assert before < at and before <= moved + 0.01 and at >= moved - 0.01
     assert poller.polls >= 5 and poller.errors == 0
     assert poller.latest() == {(0, 1): 9}
+
+
+def test_median_run_takes_each_figure_s_median_and_keeps_the_runs():
+    def run(p50, wan, sustained=True):
+        return {"intra_dc": {"p50": p50, "n": 10}, "cross_dc": {"p50": p50 * 4, "n": 10}, "wan_bytes": {"a->b": wan},
+                "wan_bytes_total": wan, "converge_s": p50, "sustained": sustained, "how": {"first": p50}}
+    runs = [run(0.010, 100), run(0.030, 300, sustained=False), run(0.020, 200)]
+    m = fid.median_run(runs)
+    assert m["intra_dc"]["p50"] == 0.020 and m["cross_dc"]["p50"] == 0.080
+    assert m["wan_bytes"] == {"a->b": 200} and m["wan_bytes_total"] == 200
+    assert m["sustained"] is False and m["how"] == {"first": 0.010} and len(m["runs"]) == 3
+    assert fid.median_run(runs[:1]) is runs[0]
+
+
+def test_main_refuses_bad_repeats(capsys):
+    assert fid.main(["dc3x3_low", "--repeats", "0"]) == 2
+    assert "--repeats" in capsys.readouterr().err
