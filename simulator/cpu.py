@@ -29,6 +29,19 @@ them is charged exactly as before) cover what a bare ``node.receive`` leaves out
 compressed); ``send_per_message_s`` and ``send_s_per_byte`` the encode (msgpack, HMAC)
 and the socket write of each message sent.  Sizes are those the simulator puts on the
 WAN: the encoded frame plus ``Outgoing.extra_bytes`` (the value bytes of metadata mode).
+``bench/daemon_costs.py`` calibrates them on whole daemons (the receive: a peer
+daemon's CPU per push; the send: one more destination of the daemon's transport).
+
+The publish path and the receive delay (0 unless set): ``publisher_per_message_s`` +
+``bytes * publisher_s_per_byte`` is the publisher's work before a publish leaves (on a
+core of its own, :data:`PUBLISHER_ID`, or the shared pool); the publish then takes half
+the intra-DC RTT and ``wake_s``, and the ingest replica's receive of it
+(``publish_recv_per_message_s`` + ``bytes * publish_recv_s_per_byte``: HTTP, decode,
+HMAC, the write-ahead log append) before it applies.  ``wake_s`` delays every received
+message (event-loop wake-ups, the kernel's loopback: time that occupies no core).
+``proxy_per_message_s`` + ``bytes * proxy_s_per_byte`` is a WAN emulator's work per peer
+message (:data:`PROXY_ID`, one thread; ``bench/fidelity.py``'s proxy on the host the
+daemons share): a message goes on when it has forwarded it.
 
 Shared host: ``shared_cores = K`` runs every replica's work on one FIFO pool of K cores
 for the whole cluster (N daemons on one K-core machine, as in a loopback comparison with
@@ -36,25 +49,31 @@ real daemons) instead of a core per replica.  A replica still does one thing at 
 (a daemon's event loop is one thread): its work starts when both it and a pool core are
 free, on the core that frees first, in the order the work was charged.
 
-Timing rule (the cheapest one that needs no events for idle nodes): a node handles a
-message when it arrives -- its state changes then -- and what it sends in reply leaves
-at ``max(now, cpu_free_at) + cost``; ``cpu_free_at`` then moves to that time.  The
-node's timers run on the same core: a tick that falls while the core is busy waits
-until it is free (the driver reschedules it).
+Timing rule: without receive-side terms (``recv_*``, ``publish_*``, ``wake_s``) a node
+handles a message when it arrives -- its state changes then -- and what it sends in
+reply leaves at ``max(now, cpu_free_at) + cost``; ``cpu_free_at`` then moves to that
+time (the cheapest rule: no events for idle nodes).  With them, a message takes effect
+only once its core has received it: at ``max(arrival + wake_s, cpu_free_at)`` plus the
+receive (:meth:`CpuModel.reserve`), in arrival order; then the rest is charged as
+above.  The node's timers run on the same core: a tick that falls while the core is
+busy waits until it is free (the driver reschedules it).
 
 What is modelled and what is not:
 
 * one core per replica for sync work (or a pool of ``shared_cores`` for all), busy in
   FIFO order; no parallel scan threads, no batching of several pending requests into
   one scan;
-* state changes are not deferred while the core is busy: a row received by a busy
-  node is readable (and counted as applied, for latency) on arrival; only what the
-  node sends is delayed.  This flatters a busy node's own freshness, never its peers';
+* without receive-side terms, state changes are not deferred while the core is busy:
+  a row received by a busy node is readable (and counted as applied, for latency) on
+  arrival; only what the node sends is delayed.  This flatters a busy node's own
+  freshness, never its peers';
+* CPU times are constants (medians): no variance, no time-slicing (the pool is FIFO),
+  so tails under contention come out narrower than a real host's;
 * no load shedding: requests that arrive while busy all wait (in arrival order);
 * decoding, HMAC and transport costs are not in ``per_message_s`` (it times a bare
-  ``node.receive`` of a decoded small frame) but in the four transport terms above;
-  a body sent to k peers is charged k times although the daemon encodes it once (the
-  send constants lump encode and write together), and the in-DC/cross-DC difference
+  ``node.receive`` of a decoded small frame) but in the transport terms above; a body
+  sent to k peers is charged k sends (calibrated as the marginal write, the one
+  encode being in the receive of what caused it), and the in-DC/cross-DC difference
   in compression is not modelled (one per-byte constant each way);
 * a partitioned run (``--workers``) cannot share one pool across its processes:
   ``shared_cores`` needs a single-process run;
@@ -78,7 +97,8 @@ from ekko.core.errors import UsageError
 if TYPE_CHECKING:
     from ekko.replica.node import ReplicaNode
 
-__all__ = ["COST_FIELDS", "MAX_COLD_ROWS", "MAX_COST_S", "MAX_SHARED_CORES", "CpuCosts", "CpuModel"]
+__all__ = ["COST_FIELDS", "MAX_COLD_ROWS", "MAX_COST_S", "MAX_SHARED_CORES", "PROXY_ID", "PUBLISHER_ID", "CpuCosts",
+           "CpuModel"]
 
 #: sanity bound on any one measured cost constant (a typo guard: a second per row is no CPU).
 MAX_COST_S = 1.0

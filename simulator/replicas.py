@@ -31,14 +31,14 @@ from p2p.membership import Member, Membership, MemberState
 from p2p.outbound import QueueFactory
 from p2p.topology import DcGraph, Topology
 from simulator.cpu import PROXY_ID, PUBLISHER_ID, CpuModel
+from simulator.events import Simulation
+from simulator.network import WanNetwork
 
 #: the first incarnation of a replica with daemon identities: a daemon takes ``time.time_ns()``
 #: (this one is 2026-11-01 00:00 UTC: the same width on the wire).
 DAEMON_INCARNATION = 1_793_491_200_000_000_000
 #: the port of a replica's address with daemon identities.
 DAEMON_PORT = 27070
-from simulator.events import Simulation
-from simulator.network import WanNetwork
 
 
 @dataclass
