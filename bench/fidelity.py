@@ -40,9 +40,12 @@ Statistics, the same on both sides (:func:`summarize`):
 Where the definitions differ (printed with the table): the real publisher's "sent"
 is the SDK call (prepare + encode + HMAC before the bytes leave), the sim's is the
 emission; the real daemons share this machine's cores with each other, the proxy and
-the publisher (the simulator charges its ``[cpu]`` costs on its own model of the CPUs:
-a core per replica, or ``shared_cores`` for all).  The daemons' CPU use over the
-measured window is printed (from /proc) so the share is visible.
+the publisher (the simulator charges its ``[cpu]`` costs, calibrated on real daemons by
+``bench/daemon_costs.py``, on ``shared_cores`` FIFO cores for the replicas, the
+publisher and the proxy: constant costs, so narrower tails).  The daemons' CPU use
+over the measured window is printed (from /proc) beside what the simulator charged.
+``--repeats N`` runs the real side N times and takes each figure's median (this
+machine is noisy: one config's real intra-DC p90 moved 14.5-20.7 ms between runs).
 
 The figures each ratio sim/real must meet (issue #16): latency p50 and p90 within
 ``LATENCY_TOLERANCE`` (25%), WAN bytes within ``WAN_BYTES_TOLERANCE`` (10%).  Nothing
@@ -650,7 +653,7 @@ class RealRun:
                                 if v - types0.get(k, 0) > 0},
                 "how": {"daemons": len(self.procs), "preset": cfg.preset, "durability": "wal (default)",
                         "visibility": "apply trace (ekko daemon --apply-trace)",
-                        "publishes_late": late, "warm_up_s": warmup_s,
+                        "publishes_late": late, "warm_up_s": warmup_s, "converged": converged,
                         "daemon_cpu_share": {n: (cpu1[n] - cpu0[n]) / window_s for n in cpu1 if n != "harness"},
                         "harness_cpu_share": (cpu1["harness"] - cpu0["harness"]) / window_s}}
 
@@ -841,8 +844,9 @@ DIFFERENCES = (
     "real 'visible' = the wall time a daemon applied the publish's last row (its apply trace); "
     "sim = the simulated apply time of the publish's last row (both: that version or a newer one)",
     "real 'sent' = the SDK call (prepare, encode, HMAC, then the send); sim 'sent' = the emission",
-    "real daemons, the proxy and the publisher share this machine's cores (and the proxy and the "
-    "publisher one process); the simulator charges [cpu] costs on its own CPU model",
+    "real daemons, the proxy and the publisher share this machine's cores (the proxy and the publisher "
+    "one process); the simulator charges them the [cpu] costs on shared_cores FIFO cores: constant "
+    "costs, no time-slicing, so its tails are narrower",
     "real WAN bytes = HTTP bytes the proxy forwarded between daemons of different DCs (no TCP/IP headers); "
     "sim = message sizes + per_message_overhead_bytes entering a WAN link",
 )
