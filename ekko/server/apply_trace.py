@@ -12,7 +12,8 @@ is the user).
 The records are written from the apply hook (:attr:`ReplicaNode.on_apply`), one
 ``write`` of a whole applied batch; the file is buffered and flushed when the daemon
 stops, so a daemon killed with SIGKILL may lose its tail.  A restart appends to the
-same files.  Not for production: the files grow by 25 bytes per applied row.
+same files.  A rollback's restores are not applies and are not recorded.  Not for
+production: the files grow by 25 bytes per applied row.
 
 Example::
 
