@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from random import Random
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from ekko.core.config import NodeConfig
 from ekko.core.messages import Outgoing
@@ -36,6 +36,8 @@ class RollbackHost(Protocol):
     wall_offset_s: float
     #: per peer, per model, the greatest counter it holds (gossiped).
     peer_heads: dict[str, dict[str, int]]
+    #: called with (model, table, row ids) after a rollback restored rows.
+    on_restore: list[Callable[[str, str, Any], None]]
 
     def send(self, out: Outgoing) -> None: ...
 

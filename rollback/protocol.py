@@ -408,6 +408,8 @@ class RollbackProtocol:
             restored += len(rows)
             m.index[t.name].note_applied(rows, ts.versions[rows], now, self.host.config.index_rows)
             m.recompute_top(t.name, rows)
+            for hook in self.host.on_restore:
+                hook(model, t.name, rows)
             # State-based sync skips superseded versions, so our history may miss the newest
             # version the cut covers: compare every restored row with peers for a few rounds.
             self.repair.schedule(model, t.name, rows)

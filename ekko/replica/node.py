@@ -196,6 +196,9 @@ class ReplicaNode:
         # Hooks for layers above the protocol (undo history, metrics); called with
         # (model, table, ApplyResult, source) after every apply that changed rows.
         self.on_apply: list[Callable[[str, str, ApplyResult, str], None]] = []
+        # Called with (model, table, row ids) after a rollback wrote rows back to their
+        # state at the cut (restores are not applies: the change feed needs both).
+        self.on_restore: list[Callable[[str, str, np.ndarray], None]] = []
         # Wall time (Unix seconds) is ``now + wall_offset_s``: versions further ahead of it
         # than config.max_clock_skew are refused.  The default makes protocol time 0 the
         # HLC epoch, the simulator's convention (publishers there stamp HLC_EPOCH_MS +

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import msgpack
 import numpy as np
@@ -39,6 +39,8 @@ DEFAULT_TIMEOUT_S = 10.0
 #: ids per GET: a longer read is split into several requests (keeps the request line
 #: well under what the daemon accepts, ekko.server.operator_api.MAX_READ_IDS).
 READ_BATCH_IDS = 4096
+#: longest long poll of the change feed (the daemon's ekko.server.change_feed.MAX_WAIT_S).
+MAX_WATCH_WAIT_S = 60.0
 #: largest answer we read (bytes): a batch of READ_BATCH_IDS rows of the widest dtype
 #: and dim fits, a runaway answer does not exhaust memory.
 MAX_ANSWER_BYTES = 1 << 31
@@ -74,6 +76,46 @@ class RowsRead:
     ids: np.ndarray
     versions: np.ndarray
     values: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Changes:
+    """One answer of a replica's change feed (:meth:`Client.changes`).
+
+    Attributes:
+        tables: per table, the changed rows (:class:`RowsRead`: ids sorted, each with the
+            value and version the replica held when it answered).
+        cursor: ask with this next.
+        reset: the cursor asked with was from another daemon process or too old: the rows
+            cached from this replica may be stale (reload them), ``tables`` is empty.
+        more: the answer stopped at its row limit: more changes are waiting.
+    """
+
+    tables: dict[str, RowsRead]
+    cursor: str
+    reset: bool
+    more: bool
+
+
+def _decode_changes(raw: bytes) -> Changes:
+    try:
+        body = msgpack.unpackb(raw, raw=False)
+    except Exception as e:  # msgpack raises several types
+        raise ProtocolError(f"bad changes answer: {type(e).__name__}", "bad_body") from None
+    if not isinstance(body, dict) or not isinstance(body.get("cursor"), str) or not isinstance(body.get("tables"), dict):
+        raise ProtocolError("changes answer must be a map with a cursor and tables", "bad_body")
+    tables = {}
+    for name, t in body["tables"].items():
+        if not isinstance(t, dict):
+            raise ProtocolError("changes answer: a table must be a map", "bad_body")
+        dtype, dim, n = t.get("dtype"), t.get("dim"), t.get("n")
+        if dtype not in SUPPORTED_DTYPES or not isinstance(dim, int) or dim <= 0 or not isinstance(n, int) or n < 0:
+            raise ProtocolError("changes answer has a bad dtype, dim or count", "bad_body")
+        ids = array_from_wire(t.get("ids"), np.int64, n, "ids")
+        versions = array_from_wire(t.get("versions"), np.int64, n, "versions")
+        values = array_from_wire(t.get("values"), WIRE_DTYPES[dtype], n, "values", dim).reshape(n, dim)
+        tables[name] = RowsRead(ids, versions, from_wire_values(values, dtype, torch.device("cpu")))
+    return Changes(tables, body["cursor"], bool(body.get("reset")), bool(body.get("more")))
 
 
 def _endpoint(ep: str) -> str:
@@ -122,11 +164,12 @@ class Client:
         self.timeout = float(timeout)
 
     # -- transport --------------------------------------------------------------------
-    def _request(self, method: str, path: str, data: bytes | None = None) -> tuple[int, bytes, Any]:
+    def _request(self, method: str, path: str, data: bytes | None = None,
+                 timeout: float | None = None) -> tuple[int, bytes, Any]:
         req = urllib.request.Request(self.endpoint + path, data=data, method=method,
                                      headers={"Content-Type": "application/octet-stream"} if data else {})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+            with urllib.request.urlopen(req, timeout=self.timeout if timeout is None else timeout) as r:
                 return r.status, r.read(MAX_ANSWER_BYTES), r.headers
         except urllib.error.HTTPError as e:
             raw = e.read(MAX_ANSWER_BYTES)
@@ -134,8 +177,8 @@ class Client:
         except (urllib.error.URLError, OSError) as e:
             raise Unreachable(f"cannot reach {self.endpoint}: {getattr(e, 'reason', e)}") from None
 
-    def _ok(self, method: str, path: str, data: bytes | None = None) -> bytes:
-        status, raw, headers = self._request(method, path, data)
+    def _ok(self, method: str, path: str, data: bytes | None = None, timeout: float | None = None) -> bytes:
+        status, raw, headers = self._request(method, path, data, timeout)
         if status // 100 == 2:
             return raw
         try:
@@ -195,6 +238,44 @@ class Client:
         versions = array_from_wire(body.get("versions"), np.int64, n, "versions")
         values = array_from_wire(body.get("values"), WIRE_DTYPES[dtype], n, "values", dim).reshape(n, dim)
         return (versions, values), dtype, dim
+
+    # -- the change feed ----------------------------------------------------------------
+    def changes(self, model: str, since: str | None = None, wait: float = 0.0,
+                limit: int | None = None) -> Changes:
+        """One answer of the replica's change feed (``GET /v1/models/{model}/changes``):
+        the rows changed after cursor ``since`` (None: none; the answer's cursor is
+        "now"), waiting up to ``wait`` seconds for a change when there is none yet."""
+        if not 0.0 <= wait <= MAX_WATCH_WAIT_S:
+            raise UsageError(f"wait must be within 0..{MAX_WATCH_WAIT_S:g} seconds")
+        q = {"wait": f"{wait:g}"}
+        if since is not None:
+            q["since"] = since
+        if limit is not None:
+            q["limit"] = str(int(limit))
+        path = f"/v1/models/{urllib.parse.quote(model, safe='')}/changes?" + urllib.parse.urlencode(q)
+        return _decode_changes(self._ok("GET", path, timeout=self.timeout + wait))
+
+    def watch(self, model: str, since: str | None = None, wait: float = 10.0) -> Iterator[Changes]:
+        """Follow the change feed: yields every answer that has rows or a reset, forever
+        (stop iterating to stop).  Resume later with the ``cursor`` of the last answer
+        handled.  On ``reset`` the rows cached from this replica may be stale: reload them.
+
+        Example::
+
+            cache = {}
+            for ch in Client("127.0.0.1:7070").watch("ranker"):
+                if ch.reset:
+                    cache.clear()                       # reload what you need
+                for table, rows in ch.tables.items():
+                    for i, row in zip(rows.ids.tolist(), rows.values):
+                        cache[(table, i)] = row
+        """
+        cursor = since if since is not None else self.changes(model).cursor
+        while True:
+            ch = self.changes(model, cursor, wait=wait)
+            cursor = ch.cursor
+            if ch.tables or ch.reset:
+                yield ch
 
     def status(self, cluster: bool = False) -> dict[str, Any]:
         """The replica's ``/v1/status``; ``cluster=True`` adds every member and its lag."""

@@ -77,6 +77,7 @@ from ekko.replica.node import ReplicaNode
 from ekko.replica.wal import GroupCommitLog
 from ekko.server.apply_trace import ApplyTrace
 from ekko.server.backpressure import PublishGate
+from ekko.server.change_feed import ChangeFeed
 from ekko.server.driver import NodeDriver
 from ekko.server.frames import FrameReader
 from ekko.server.http_api import HANDLER_ARGS, HttpApi
@@ -219,7 +220,8 @@ class Daemon:
         ingest = IngestHandlers(self.node, frames, self.driver, self.persistence, self.gate, self.metrics, clock)
         operator = OperatorHandlers(self.node, self.config, frames, self.driver, self.persistence, self.gate,
                                     self.metrics, clock, lambda: self.draining)
-        self.api = HttpApi(ingest, operator, self.metrics, lambda: self.draining)
+        self.feed = ChangeFeed(self.node)
+        self.api = HttpApi(ingest, operator, self.metrics, lambda: self.draining, self.feed)
         self._tasks: list[asyncio.Task] = []
         self._lock_file: Any = None
         self._started = False

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from ekko.core.codec import MAX_FRAME_BYTES
 from ekko.core.errors import ProtocolError, UsageError
+from ekko.server.change_feed import ChangeFeed
 from ekko.server.frames import RETRY_AFTER_S, RequestRejected, status_of
 from ekko.server.ingest import IngestHandlers
 from ekko.server.metrics import DaemonMetrics
@@ -50,6 +51,7 @@ class HttpApi:
         metrics: the daemon's metrics (requests, rejects, internal errors).
         is_draining: whether the daemon is shutting down (writes and reads get 503;
             ``/healthz``, ``/metrics`` and ``/v1/status`` still answer).
+        feed: the change feed (``GET /v1/models/{model}/changes``), if any.
 
     Example:
         The daemon serves :meth:`make_app` and, at shutdown, waits for requests::
@@ -62,9 +64,10 @@ class HttpApi:
     """
 
     def __init__(self, ingest: IngestHandlers, operator: OperatorHandlers, metrics: DaemonMetrics,
-                 is_draining: Callable[[], bool]) -> None:
+                 is_draining: Callable[[], bool], feed: ChangeFeed | None = None) -> None:
         self.ingest = ingest
         self.operator = operator
+        self.feed = feed
         self.metrics = metrics
         self.is_draining = is_draining
         #: requests being handled now.
@@ -86,6 +89,8 @@ class HttpApi:
         app.router.add_post("/v1/cuts", op.take_cut)
         app.router.add_get("/v1/models/{model}/cuts", op.cuts)
         app.router.add_get("/v1/models/{model}/knowledge", op.knowledge)
+        if self.feed is not None:
+            app.router.add_get("/v1/models/{model}/changes", self.feed.changes)
         app.router.add_post("/v1/rollback", op.rollback)
         app.router.add_get("/v1/models/{model}/rollbacks", op.rollbacks)
         app.router.add_post("/v1/models/{model}/baseline", op.baseline)

@@ -335,6 +335,7 @@ def _valid_requests() -> list[tuple[str, str, bytes | None, MsgType | None, dict
             ("GET", "/v1/models/ranker/tables/half/rows?ids=0,299", None, None, None),
             ("GET", "/v1/status?cluster=1", None, None, None),
             ("GET", "/v1/models/ranker/cuts", None, None, None),
+            ("GET", "/v1/models/ranker/changes?since=1-0&limit=100", None, None, None),
             ("GET", "/metrics", None, None, None), ("GET", "/healthz", None, None, None)]
     return out
 
