@@ -2,9 +2,10 @@
 
 For inference processes and tools that talk to a sidecar ``ekko daemon`` over
 HTTP (``docs/http-api.md``): read rows (values and versions) in the compact
-msgpack format, the replica's status, and its health.  It uses only the
-standard library's ``urllib`` (no event loop, no extra dependency) and is
-safe to share between threads (each call opens its own request).
+msgpack format, follow the change feed, the replica's status, and its health.  It
+uses only the standard library (no event loop, no extra dependency) and is safe to
+share between threads: reads go over one kept-alive connection per thread, other
+requests over a connection of their own.
 
 Errors: an error answer from the daemon raises
 :class:`~ekko.core.errors.RemoteError` with its status and message
@@ -15,7 +16,9 @@ cannot be reached raises :class:`Unreachable`; bad arguments raise
 
 from __future__ import annotations
 
+import http.client
 import json
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -162,20 +165,74 @@ class Client:
         self.endpoint = _endpoint(endpoint)
         self.keyring = key if key is None or isinstance(key, Keyring) else Keyring.single(key)
         self.timeout = float(timeout)
+        self._base_path = urllib.parse.urlsplit(self.endpoint).path.rstrip("/")
+        # One kept-alive connection per thread for reads (http.client is not thread-safe).
+        self._local = threading.local()
 
     # -- transport --------------------------------------------------------------------
     def _request(self, method: str, path: str, data: bytes | None = None,
                  timeout: float | None = None) -> tuple[int, bytes, Any]:
+        timeout = self.timeout if timeout is None else timeout
+        if method == "GET" and data is None:
+            return self._get(path, timeout)
         req = urllib.request.Request(self.endpoint + path, data=data, method=method,
                                      headers={"Content-Type": "application/octet-stream"} if data else {})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout if timeout is None else timeout) as r:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, r.read(MAX_ANSWER_BYTES), r.headers
         except urllib.error.HTTPError as e:
             raw = e.read(MAX_ANSWER_BYTES)
             return e.code, raw, e.headers
         except (urllib.error.URLError, OSError) as e:
             raise Unreachable(f"cannot reach {self.endpoint}: {getattr(e, 'reason', e)}") from None
+
+    def _get(self, path: str, timeout: float) -> tuple[int, bytes, Any]:
+        """A GET on this thread's kept-alive connection (reads are the hot path: a new
+        connection per read cost more than the read).  A kept connection the daemon
+        closed while idle is replaced once: a GET changes nothing, so sending it again
+        is safe."""
+        for attempt in (0, 1):
+            conn = getattr(self._local, "conn", None)
+            reused = conn is not None
+            if conn is None:
+                conn = self._local.conn = self._connection()
+            try:
+                conn.timeout = timeout
+                if conn.sock is not None:
+                    conn.sock.settimeout(timeout)
+                conn.request("GET", self._base_path + path)
+                r = conn.getresponse()
+                raw = r.read(MAX_ANSWER_BYTES)
+                if r.will_close:
+                    self._drop_connection()
+                return r.status, raw, r.headers
+            except (http.client.HTTPException, OSError) as e:
+                self._drop_connection()
+                if reused and attempt == 0 and not isinstance(e, TimeoutError):
+                    continue   # the daemon closed the idle connection: once more on a new one
+                raise Unreachable(f"cannot reach {self.endpoint}: {e}") from None
+        raise AssertionError("unreachable")
+
+    def _connection(self) -> http.client.HTTPConnection:
+        u = urllib.parse.urlsplit(self.endpoint)
+        cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        return cls(u.hostname or "", u.port, timeout=self.timeout)
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        """Close this thread's kept-alive connection (others close when their threads end)."""
+        self._drop_connection()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _ok(self, method: str, path: str, data: bytes | None = None, timeout: float | None = None) -> bytes:
         status, raw, headers = self._request(method, path, data, timeout)

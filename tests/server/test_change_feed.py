@@ -155,3 +155,27 @@ def test_client_changes_refuses_a_bad_wait():
     from ekko.core.errors import UsageError
     with pytest.raises(UsageError, match="wait"):
         Client("127.0.0.1:1").changes("m", wait=-1)
+
+
+async def test_client_reads_reuse_one_connection_and_survive_its_close(tmp_path):
+    """Reads keep their connection (one per thread); a connection the server dropped is
+    replaced once, transparently."""
+    d = tcp_daemon(tmp_path, "a", "dc1")
+    runner = await start_site(d)
+    try:
+        c = Client(d.address, timeout=10)
+        await asyncio.to_thread(c.register, SPEC)
+
+        def reads():
+            c.read_rows("ranker", "emb", [1, 2])
+            first = c._local.conn
+            c.read_versions("ranker", "emb", [3])
+            assert c._local.conn is first                      # kept alive
+            first.sock.close()                                 # as if the daemon closed it while idle
+            assert c.read_versions("ranker", "emb", [3]).tolist() == [0]
+            assert c._local.conn is not first
+            c.close()
+            assert c._local.conn is None
+        await asyncio.to_thread(reads)
+    finally:
+        await runner.cleanup()
