@@ -2,7 +2,7 @@
 
 The small public API lives here; see ``docs/design.md`` for the layering.
 The SDK names (:class:`Publisher`, :class:`AsyncPublisher`, :class:`PublishAck`,
-:class:`Client`, :class:`Tracker`) load on first use: they pull in torch and
+:class:`Client`, :class:`Tracker`, :class:`Replica`) load on first use: they pull in torch and
 aiohttp, which ``import ekko`` alone (e.g. the CLI's ``ekko status``) should not.
 """
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ekko.sdk.rollback_watch import RollbackEvent, RolledBack
     from ekko.sdk.tracking import Tracker
     from ekko.sdk.trainer_state import TrainerCut
+    from ekko.serving.replica import Replica
 
 __version__ = "0.1.0"
 
@@ -28,10 +29,11 @@ __version__ = "0.1.0"
 _LAZY = {"Publisher": "ekko.sdk.publisher", "AsyncPublisher": "ekko.sdk.async_publisher", "PublishAck": "ekko.sdk.ack",
          "PublishError": "ekko.sdk.ack", "KeyRejected": "ekko.sdk.ack", "Client": "ekko.sdk.client", "Tracker": "ekko.sdk.tracking",
          "RolledBack": "ekko.sdk.rollback_watch", "RollbackEvent": "ekko.sdk.rollback_watch",
-         "TrainerCut": "ekko.sdk.trainer_state"}
+         "TrainerCut": "ekko.sdk.trainer_state", "Replica": "ekko.serving.replica"}
 
 __all__ = ["AsyncPublisher", "Client", "Delta", "EkkoError", "KeyRejected", "Knowledge", "ModelSpec", "ProtocolError",
-           "PublishAck", "PublishError", "Publisher", "RemoteError", "RollbackEvent", "RolledBack", "TableSpec",
+           "PublishAck", "PublishError", "Publisher", "RemoteError", "Replica", "RollbackEvent", "RolledBack",
+           "TableSpec",
            "Tracker", "TrainerCut", "UsageError", "Version", "__version__"]
 
 

@@ -37,6 +37,7 @@ LAYERS: list[tuple[int, str]] = [
     (5, "simulator"),
     (5, "ekko.testing"),
     (6, "ekko.cli"),
+    (6, "ekko.serving"),
     (7, "ekko"),
 ]
 #: top-level packages of the product (bench/, examples/ and tests/ sit outside the layers).

@@ -293,8 +293,11 @@ class Daemon:
         await self.shutdown()
 
     # ------------------------------------------------------------------ lifecycle
-    async def serve(self, ready: Callable[[], None] | None = None) -> None:
-        """Serve until SIGTERM/SIGINT (or :meth:`stop`), then shut down gracefully."""
+    async def serve(self, ready: Callable[[], None] | None = None, handle_signals: bool = True) -> None:
+        """Serve until SIGTERM/SIGINT (or :meth:`stop`), then shut down gracefully.
+
+        ``handle_signals=False`` leaves the process's signals alone (a replica embedded in
+        another program, on a thread of its own: :class:`ekko.serving.Replica`)."""
         self._stop_requested = asyncio.Event()
         loop = asyncio.get_running_loop()
         # Bound first (not yet listening): a port that is taken fails here, before app
@@ -309,9 +312,10 @@ class Daemon:
         try:
             site = web.SockSite(runner, sock)
             await site.start()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop)
-            loop.add_signal_handler(signal.SIGHUP, self.reload_keyring)
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, self.stop)
+                loop.add_signal_handler(signal.SIGHUP, self.reload_keyring)
             if ready is not None:
                 ready()
             await self._stop_requested.wait()
@@ -320,8 +324,9 @@ class Daemon:
         finally:
             t0 = time.monotonic()
             await runner.cleanup()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
             log.info("listener and connections closed in %.2fs", time.monotonic() - t0)
 
     def _load_keyring(self) -> Keyring:

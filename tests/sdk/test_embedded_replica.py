@@ -1,0 +1,108 @@
+"""``ekko.Replica``: a replica inside the serving process, with a module bound to its
+tables (issue #17).  One real daemon (a process) takes the trainer's publishes; the
+embedded replica joins it over the network like any other."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ekko
+from ekko.core.errors import UsageError
+from ekko.sdk.publisher import Publisher
+from tests.procs import DaemonGroup, free_port
+
+
+class Ranker(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.user = nn.Embedding(1000, 8)
+        self.item = nn.EmbeddingBag(500, 8, mode="sum")
+        self.mlp = nn.Linear(16, 3)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([self.user(users), self.item(items, offsets)], dim=1))
+
+
+def wait_until(pred, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def same_params(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x.detach().cpu(), y.detach().cpu()) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_a_bound_module_serves_the_trainers_outputs_bit_for_bit(tmp_path):
+    torch.manual_seed(0)
+    trainer = Ranker()
+    opt = torch.optim.SGD(trainer.parameters(), lr=0.1)
+    users, items, offsets = torch.tensor([3, 7, 999]), torch.tensor([1, 2, 3, 4, 499]), torch.tensor([0, 2, 3])
+    with DaemonGroup(tmp_path) as g:
+        ingest = g.start("ingest", "dc1")
+        rep = ekko.Replica("serving", "dc1", f"127.0.0.1:{free_port()}", tmp_path / "serving",
+                           seeds=[ingest.address], preset="local", device="cpu")
+        with Publisher([ingest.address], origin="trainer", state_dir=tmp_path / "pub") as pub:
+            tracker = pub.track(trainer, model="ranker")
+            tracker.publish()                                  # the initial weights
+            with rep:
+                served = Ranker()                              # its own (random) weights do not matter
+                bound = rep.bind(served, model="ranker")
+                assert set(bound) == {"user", "item", "mlp_weight", "mlp_bias"}     # as track() names them
+                # no copies: the module's parameters are the replica's tables
+                assert served.user.weight.data_ptr() == rep.tensor("ranker", "user").data_ptr()
+                assert served.mlp.bias.data_ptr() >= rep.tensor("ranker", "mlp_bias").data_ptr()
+                wait_until(lambda: same_params(trainer, served), 60, "the replica to hold the initial weights")
+                for _ in range(3):                                 # train, publish, serve
+                    opt.zero_grad()
+                    trainer(users, items, offsets).sum().backward()
+                    opt.step()
+                    tracker.publish()
+                    wait_until(lambda: same_params(trainer, served), 60, "the update to reach the replica")
+                    with torch.no_grad():
+                        want = trainer(users, items, offsets)
+                        got = rep.consistent(lambda: served(users, items, offsets))
+                    assert torch.equal(got, want)                 # bit for bit, no re-bind
+                assert not served.user.weight.requires_grad
+
+
+def test_bind_refuses_a_module_that_does_not_fit_and_binds_nothing(tmp_path):
+    with DaemonGroup(tmp_path) as g:
+        ingest = g.start("ingest", "dc1")
+        with Publisher([ingest.address], origin="trainer", state_dir=tmp_path / "pub") as pub:
+            pub.track(Ranker(), model="ranker")
+        with ekko.Replica("serving", "dc1", f"127.0.0.1:{free_port()}", tmp_path / "serving",
+                          seeds=[ingest.address], preset="local", device="cpu") as rep:
+            other = Ranker()
+            other.mlp = nn.Linear(16, 4)                          # a different dense shape
+            before = other.user.weight
+            with pytest.raises(UsageError, match="mlp"):
+                rep.bind(other, model="ranker")
+            assert other.user.weight is before                    # nothing bound
+            with pytest.raises(TimeoutError, match="nope"):
+                rep.bind(Ranker(), model="nope", timeout=0.3)
+            with pytest.raises(UsageError, match="started"):
+                rep.start()
+        assert not rep.running
+        rep.stop()                                                # idempotent
+
+
+def test_a_taken_port_fails_start_with_the_error(tmp_path):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    try:
+        rep = ekko.Replica("r", "dc1", f"127.0.0.1:{s.getsockname()[1]}", tmp_path / "r", preset="local",
+                           device="cpu")
+        with pytest.raises(OSError):
+            rep.start()
+        assert not rep.running and not (tmp_path / "r").exists()
+    finally:
+        s.close()
