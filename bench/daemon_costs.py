@@ -36,7 +36,8 @@ simulator's terms (:mod:`simulator.cpu`), printed as ``[cpu]`` TOML lines:
   less the modelled node work and one send (so the frame's one encode is in it);
 * ``wake_s``: what an idle hop ``a`` -> ``b`` takes beyond the CPU above (the median
   over the sizes of measured - (send + recv + node work)): event-loop wake-ups, the
-  kernel's loopback;
+  kernel's loopback, and ``a``'s work between its apply and the push leaving (the log
+  append, the encode), which these measurements cannot tell apart;
 * ``publisher_per_message_s`` / ``publisher_s_per_byte``: the publisher's work before
   a publish leaves it: the SDK call -> applied at ``a``, less ``wake_s`` and ``a``'s
   receive of the publish (its whole CPU per publish, the acknowledgement included,
