@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ekko.sdk.rollback_watch import RollbackEvent, RolledBack
     from ekko.sdk.tracking import Tracker
     from ekko.sdk.trainer_state import TrainerCut
+    from ekko.serving.attach import Attached, attach
     from ekko.serving.replica import Replica
 
 __version__ = "0.1.0"
@@ -29,12 +30,12 @@ __version__ = "0.1.0"
 _LAZY = {"Publisher": "ekko.sdk.publisher", "AsyncPublisher": "ekko.sdk.async_publisher", "PublishAck": "ekko.sdk.ack",
          "PublishError": "ekko.sdk.ack", "KeyRejected": "ekko.sdk.ack", "Client": "ekko.sdk.client", "Tracker": "ekko.sdk.tracking",
          "RolledBack": "ekko.sdk.rollback_watch", "RollbackEvent": "ekko.sdk.rollback_watch",
-         "TrainerCut": "ekko.sdk.trainer_state", "Replica": "ekko.serving.replica"}
+         "TrainerCut": "ekko.sdk.trainer_state", "Replica": "ekko.serving.replica",
+         "attach": "ekko.serving.attach", "Attached": "ekko.serving.attach"}
 
-__all__ = ["AsyncPublisher", "Client", "Delta", "EkkoError", "KeyRejected", "Knowledge", "ModelSpec", "ProtocolError",
+__all__ = ["AsyncPublisher", "Attached", "Client", "Delta", "EkkoError", "KeyRejected", "Knowledge", "ModelSpec", "ProtocolError",
            "PublishAck", "PublishError", "Publisher", "RemoteError", "Replica", "RollbackEvent", "RolledBack",
-           "TableSpec",
-           "Tracker", "TrainerCut", "UsageError", "Version", "__version__"]
+           "TableSpec", "Tracker", "TrainerCut", "UsageError", "Version", "__version__", "attach"]
 
 
 def __getattr__(name: str) -> Any:

@@ -118,6 +118,10 @@ class TableStore:
         # afresh once when ``versions`` is an array this object did not count (a load).
         self._written = 0
         self._written_of: np.ndarray | None = self.versions
+        #: a one-element int64 array (shared memory, ``ekko.server.shared_tables``) counted up
+        #: before and after every write of ``values``: odd while a write is under way, so a
+        #: reader in another process can tell a torn read and retry (a seqlock).  None: unused.
+        self.write_seq: np.ndarray | None = None
 
     # -- writes -----------------------------------------------------------------------------
     def apply(self, delta: Delta, capture_old: bool = False, distinct: bool | None = None,
@@ -176,6 +180,7 @@ class TableStore:
             idx = _tensor(wid).to(self.device, non_blocking=True)
             if capture_old:
                 old_values = to_wire_values(self.values.index_select(0, idx))
+            seq = self.write_seq
             if delta.values is not None:
                 src = from_wire_values(delta.values if pos is None else delta.values[pos], self.spec.dtype,
                                        self.device)
@@ -183,9 +188,15 @@ class TableStore:
                     # Copy first: on the CPU ``src`` may alias the caller's array.
                     src = src.clone()
                     src[_tensor(tomb).to(self.device)] = 0
+                if seq is not None:
+                    seq[0] += 1
                 self.values.index_copy_(0, idx, src)
             else:  # all tombstones, checked above
+                if seq is not None:
+                    seq[0] += 1
                 self.values.index_fill_(0, idx, 0)
+            if seq is not None:
+                seq[0] += 1
         if tomb is not None:
             self.tombstone[wid] = tomb
             self._tomb_clean = None
@@ -240,8 +251,12 @@ class TableStore:
             self.tombstone[ids] = False
         if self.values is not None:
             idx = _tensor(np.ascontiguousarray(ids)).to(self.device)
-            self.values.index_copy_(0, idx, from_wire_values(np.ascontiguousarray(values), self.spec.dtype,
-                                                              self.device))
+            src = from_wire_values(np.ascontiguousarray(values), self.spec.dtype, self.device)
+            if self.write_seq is not None:
+                self.write_seq[0] += 1
+            self.values.index_copy_(0, idx, src)
+            if self.write_seq is not None:
+                self.write_seq[0] += 1
         self._mark_dirty(ids)
 
     def _mark_dirty(self, ids: np.ndarray, shards: np.ndarray | None = None) -> None:

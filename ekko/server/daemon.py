@@ -78,6 +78,7 @@ from ekko.replica.wal import GroupCommitLog
 from ekko.server.apply_trace import ApplyTrace
 from ekko.server.backpressure import PublishGate
 from ekko.server.change_feed import ChangeFeed
+from ekko.server.shared_tables import SharedTables
 from ekko.server.driver import NodeDriver
 from ekko.server.frames import FrameReader
 from ekko.server.http_api import HANDLER_ARGS, HttpApi
@@ -221,7 +222,8 @@ class Daemon:
         operator = OperatorHandlers(self.node, self.config, frames, self.driver, self.persistence, self.gate,
                                     self.metrics, clock, lambda: self.draining)
         self.feed = ChangeFeed(self.node)
-        self.api = HttpApi(ingest, operator, self.metrics, lambda: self.draining, self.feed)
+        self.shared_tables = SharedTables(self.node)
+        self.api = HttpApi(ingest, operator, self.metrics, lambda: self.draining, self.feed, self.shared_tables)
         self._tasks: list[asyncio.Task] = []
         self._lock_file: Any = None
         self._started = False
@@ -415,6 +417,7 @@ class Daemon:
             await self.wal.close()
         if self.apply_trace is not None:
             self.apply_trace.close()
+        self.shared_tables.close()
         self._unlock_data_dir()
         log.info("%s: stopped after %.2fs", self.node.node_id, time.monotonic() - t0)
 

@@ -25,6 +25,7 @@ from ekko.server.frames import RETRY_AFTER_S, RequestRejected, status_of
 from ekko.server.ingest import IngestHandlers
 from ekko.server.metrics import DaemonMetrics
 from ekko.server.operator_api import MAX_READ_IDS, OperatorHandlers
+from ekko.server.shared_tables import SharedTables
 
 # The daemon's logger: operators filter and tests capture "ekko.server.daemon" for all of it.
 log = logging.getLogger("ekko.server.daemon")
@@ -52,6 +53,7 @@ class HttpApi:
         is_draining: whether the daemon is shutting down (writes and reads get 503;
             ``/healthz``, ``/metrics`` and ``/v1/status`` still answer).
         feed: the change feed (``GET /v1/models/{model}/changes``), if any.
+        shared: the tables in shared memory (``GET /v1/models/{model}/shared``), if any.
 
     Example:
         The daemon serves :meth:`make_app` and, at shutdown, waits for requests::
@@ -64,10 +66,12 @@ class HttpApi:
     """
 
     def __init__(self, ingest: IngestHandlers, operator: OperatorHandlers, metrics: DaemonMetrics,
-                 is_draining: Callable[[], bool], feed: ChangeFeed | None = None) -> None:
+                 is_draining: Callable[[], bool], feed: ChangeFeed | None = None,
+                 shared: SharedTables | None = None) -> None:
         self.ingest = ingest
         self.operator = operator
         self.feed = feed
+        self.shared = shared
         self.metrics = metrics
         self.is_draining = is_draining
         #: requests being handled now.
@@ -91,6 +95,8 @@ class HttpApi:
         app.router.add_get("/v1/models/{model}/knowledge", op.knowledge)
         if self.feed is not None:
             app.router.add_get("/v1/models/{model}/changes", self.feed.changes)
+        if self.shared is not None:
+            app.router.add_get("/v1/models/{model}/shared", self.shared.shared)
         app.router.add_post("/v1/rollback", op.rollback)
         app.router.add_get("/v1/models/{model}/rollbacks", op.rollbacks)
         app.router.add_post("/v1/models/{model}/baseline", op.baseline)

@@ -1,6 +1,8 @@
 """Serving from a replica's tensors (issue #17): :class:`Replica`, a replica inside the
-serving process whose tables a module's parameters can be bound to."""
+serving process whose tables a module's parameters can be bound to, and :func:`attach`,
+the tables of a sidecar daemon on the same host mapped read-only."""
 
+from ekko.serving.attach import Attached, attach
 from ekko.serving.replica import Replica
 
-__all__ = ["Replica"]
+__all__ = ["Attached", "Replica", "attach"]

@@ -1,0 +1,139 @@
+"""A daemon's tables in shared memory, for readers on the same host (``ekko.attach``).
+
+``GET /v1/models/{model}/shared`` (from loopback only: another host cannot map this
+one's memory) moves each table of the model into a file under ``/dev/shm`` -- once;
+the daemon then applies every update to that memory in place -- and answers where
+they are::
+
+    {"model", "node", "incarnation",
+     "tables": {table: {"path", "seq_path", "rows", "dim", "dtype"}}}
+
+A reader maps ``path`` read-only (``rows x dim`` of ``dtype``, row-major) and
+``seq_path`` (one little-endian int64: :attr:`ekko.core.store.TableStore.write_seq`,
+odd while the daemon writes values).  What a reader may see (the rule): a read that
+overlaps a write (an apply, a rollback's restore) may see some rows old and some new,
+and a row half written; the write counter tells: read it, read the rows, read it
+again -- equal and even means no write overlapped (:meth:`ekko.serving.Attached.lookup`
+does that).  A daemon that restarts shares new files (its new incarnation in their
+names): a reader notices by the ``incarnation`` and attaches again; the old mapping
+keeps the last values it had.
+
+CPU tables only (a CUDA table would need IPC handles: not built).  The files are
+removed when the daemon stops; a killed daemon's are removed by the next process of
+the same node id on this host when it first shares.
+
+Example::
+
+    GET /v1/models/ranker/shared
+    -> {"tables": {"user": {"path": "/dev/shm/ekko-r1-17336...-ranker-user.values", ...}}}
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from aiohttp import web
+
+from ekko.core.store import TORCH_DTYPES
+from ekko.replica.node import ReplicaNode
+from ekko.server.frames import RequestRejected
+
+log = logging.getLogger(__name__)
+
+#: where the files go (a tmpfs: memory, not disk).
+SHM_DIR = Path("/dev/shm")
+_SAFE = re.compile(r"[^A-Za-z0-9_.]")
+
+
+def _safe(name: str) -> str:
+    return _SAFE.sub("_", name)
+
+
+class SharedTables:
+    """Moves a node's tables into shared memory on demand and serves where they are.
+
+    Args:
+        node: the replica.
+        directory: where the files go (``/dev/shm``; tests may give another tmpfs dir).
+    """
+
+    def __init__(self, node: ReplicaNode, directory: str | Path = SHM_DIR) -> None:
+        self.node = node
+        self.directory = Path(directory)
+        self.prefix = f"ekko-{_safe(node.node_id)}-"
+        self.files: list[Path] = []
+        self._shared: dict[tuple[str, str], dict[str, Any]] = {}
+        self._swept = False
+
+    def _sweep(self) -> None:
+        """Remove what an earlier process of this node id left here (killed before its cleanup)."""
+        mine = f"{self.prefix}{self.node.members.me.incarnation}-"
+        for p in self.directory.glob(f"{self.prefix}*"):
+            if not p.name.startswith(mine):
+                try:
+                    p.unlink()
+                    log.info("removed %s (left by an earlier process of this node)", p)
+                except OSError:
+                    pass
+        self._swept = True
+
+    def share(self, model: str) -> dict[str, Any]:
+        """Put ``model``'s tables in shared memory (once); their description."""
+        if not self._swept:
+            self._sweep()
+        m = self.node.model_state(model)
+        inc = self.node.members.me.incarnation
+        tables: dict[str, Any] = {}
+        for spec in m.spec.tables:
+            key = (model, spec.name)
+            if key not in self._shared:
+                ts = m.store.table(spec.name)
+                if ts.values is None:
+                    raise RequestRejected("this replica keeps no values", "not_shareable")
+                if ts.values.device.type != "cpu":
+                    raise RequestRejected(f"table {spec.name!r} is on {ts.values.device}: only CPU tables are "
+                                          "shared (CUDA IPC is not built)", "not_shareable")
+                stem = self.directory / f"{self.prefix}{inc}-{_safe(model)}-{_safe(spec.name)}"
+                path, seq_path = stem.with_name(stem.name + ".values"), stem.with_name(stem.name + ".seq")
+                values = torch.from_file(str(path), shared=True, size=spec.rows * spec.dim,
+                                         dtype=TORCH_DTYPES[spec.dtype]).view(spec.rows, spec.dim)
+                self.files.append(path)
+                seq = np.memmap(seq_path, dtype="<i8", mode="w+", shape=(1,))
+                self.files.append(seq_path)
+                values.copy_(ts.values)
+                # On the loop thread: no apply runs between the copy and the switch.
+                ts.values, ts.write_seq = values, seq
+                self._shared[key] = {"path": str(path), "seq_path": str(seq_path), "rows": spec.rows,
+                                     "dim": spec.dim, "dtype": spec.dtype}
+                log.info("table %s.%s shared at %s", model, spec.name, path)
+            tables[spec.name] = self._shared[key]
+        return {"model": model, "node": self.node.node_id, "incarnation": inc, "tables": tables}
+
+    async def shared(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{model}/shared`` (loopback only; see the module doc)."""
+        remote = request.remote or ""
+        try:
+            local = ipaddress.ip_address(remote).is_loopback
+        except ValueError:
+            local = False
+        if not local:
+            raise RequestRejected("shared tables are for readers on this host (loopback only)", "forbidden")
+        model = request.match_info["model"]
+        if model not in self.node.models:
+            raise RequestRejected(f"unknown model {model!r}", "unknown_model")
+        return web.json_response(self.share(model))
+
+    def close(self) -> None:
+        """Remove the files (readers keep what they mapped)."""
+        for p in self.files:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        self.files.clear()

@@ -1,0 +1,160 @@
+"""Attach to a sidecar daemon's tables: ``ekko.attach`` (issue #17).
+
+A serving process on the same host as an ``ekko daemon`` maps the daemon's tables
+(:mod:`ekko.server.shared_tables`) read-only, with no copy: the daemon applies every
+update to that memory in place, so the mapped tensors are always the newest, with no
+request per lookup and no re-attach.  What a read may see while the daemon writes,
+and how :meth:`Attached.lookup` reads whole updates only, is in the module doc of
+:mod:`ekko.server.shared_tables`.
+
+Example::
+
+    import ekko
+    att = ekko.attach("127.0.0.1:7070", "ranker")
+    emb = att.lookup("user", ids)            # (len(ids), dim), no torn rows
+    att.bind(model)                          # model's tables are the daemon's (read-only)
+    scores = model(batch)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ekko.core.errors import RemoteError, UsageError
+from ekko.core.store import TORCH_DTYPES
+
+#: how many times :meth:`Attached.lookup` retries a read that overlapped a write.
+MAX_READ_RETRIES = 1000
+#: seconds one request to the daemon may take.
+ATTACH_TIMEOUT_S = 30.0
+#: numpy dtypes the files are mapped as (bfloat16 as its bits).
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "float64": np.float64}
+
+
+class TornRead(RuntimeError):
+    """A lookup overlapped the daemon's writes :data:`MAX_READ_RETRIES` times in a row."""
+
+
+class Attached:
+    """A model's tables of a daemon on this host, mapped read-only (see :func:`attach`).
+
+    Attributes:
+        model: the model.
+        incarnation: the daemon process the mapping is of (a restart shares new files).
+    """
+
+    def __init__(self, endpoint: str, model: str, description: dict[str, Any]) -> None:
+        self.endpoint, self.model = endpoint, model
+        self.incarnation = int(description["incarnation"])
+        self._tables: dict[str, torch.Tensor] = {}
+        self._seq: dict[str, np.ndarray] = {}
+        for name, t in description["tables"].items():
+            dtype = t["dtype"]
+            if dtype not in _NP_DTYPES:
+                raise UsageError(f"table {name!r}: dtype {dtype!r} cannot be attached")
+            rows, dim = int(t["rows"]), int(t["dim"])
+            arr = np.memmap(Path(t["path"]), dtype=_NP_DTYPES[dtype], mode="r", shape=(rows, dim))
+            with warnings.catch_warnings():
+                # The mapping is read-only (PROT_READ): torch warns that it cannot enforce that.
+                warnings.simplefilter("ignore", UserWarning)
+                tensor = torch.from_numpy(arr)
+            if dtype == "bfloat16":
+                tensor = tensor.view(torch.bfloat16)
+            assert tensor.dtype == TORCH_DTYPES[dtype]
+            self._tables[name] = tensor
+            self._seq[name] = np.memmap(Path(t["seq_path"]), dtype="<i8", mode="r", shape=(1,))
+
+    @property
+    def tables(self) -> list[str]:
+        return list(self._tables)
+
+    def tensor(self, table: str) -> torch.Tensor:
+        """The table's ``(rows, dim)`` values, live (read-only: a write crashes this process)."""
+        try:
+            return self._tables[table]
+        except KeyError:
+            raise UsageError(f"model {self.model!r} has no table {table!r}; tables: {self.tables}") from None
+
+    def write_count(self, table: str) -> int:
+        """The daemon's write counter of a table (odd: a write is under way)."""
+        self.tensor(table)
+        return int(self._seq[table][0])
+
+    def lookup(self, table: str, ids: Any) -> torch.Tensor:
+        """Rows ``ids`` of a table, copied, with no write of the daemon overlapping the copy
+        (a read that overlapped one is done again)."""
+        t = self.tensor(table)
+        idx = torch.as_tensor(ids, dtype=torch.int64)
+        seq = self._seq[table]
+        for _ in range(MAX_READ_RETRIES):
+            before = int(seq[0])
+            if before & 1:
+                time.sleep(0)          # a write is under way: let it finish
+                continue
+            out = t.index_select(0, idx)
+            if int(seq[0]) == before:
+                return out
+        raise TornRead(f"table {table!r}: every one of {MAX_READ_RETRIES} reads overlapped a write")
+
+    def bind(self, module: nn.Module) -> list[str]:
+        """Make ``module``'s tables (named as the publisher's ``track()`` names them) the
+        mapped tensors, with no copy; returns the bound table names.  Everything must fit
+        (shape, dtype), else nothing is bound (:class:`UsageError`).  A forward pass that
+        overlaps a write may see it half done (see the module doc)."""
+        from ekko.sdk.tracking import module_layout
+        plan: list[tuple[str, str, torch.Tensor]] = []
+        for lay, param, _ in module_layout(module):
+            if lay.name not in self._tables:
+                raise UsageError(f"model {self.model!r} has no table {lay.name!r} (for {lay.param_name})")
+            values = self._tables[lay.name]
+            if tuple(values.shape) != (lay.rows, lay.dim) or values.dtype != TORCH_DTYPES[lay.dtype]:
+                raise UsageError(f"table {lay.name!r} is {tuple(values.shape)} {values.dtype} on the daemon, "
+                                 f"{lay.param_name} needs {(lay.rows, lay.dim)} {lay.dtype}")
+            target = values if lay.kind == "embedding" else values.view(-1)[:lay.numel].view(param.shape)
+            plan.append((lay.name, lay.param_name, target))
+        for _, name, target in plan:
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            setattr(owner, attr, nn.Parameter(target, requires_grad=False))
+        return [table for table, _, _ in plan]
+
+    def current(self) -> bool:
+        """Whether the daemon is still the process this mapping is of (else attach again)."""
+        try:
+            return _describe(self.endpoint, self.model)["incarnation"] == self.incarnation
+        except (OSError, RemoteError):
+            return False
+
+
+def _describe(endpoint: str, model: str) -> dict[str, Any]:
+    ep = endpoint if "://" in endpoint else "http://" + endpoint
+    url = f"{ep.rstrip('/')}/v1/models/{urllib.parse.quote(model, safe='')}/shared"
+    try:
+        with urllib.request.urlopen(url, timeout=ATTACH_TIMEOUT_S) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.loads(e.read()).get("error", "")
+        except ValueError:
+            msg = ""
+        raise RemoteError(f"{url}: HTTP {e.code}: {msg}", e.code) from None
+
+
+def attach(endpoint: str, model: str) -> Attached:
+    """Map ``model``'s tables of the daemon at ``endpoint`` (on this host) read-only.
+
+    The daemon moves the tables into shared memory on the first attach; every later
+    update is applied there, in place.
+    """
+    return Attached(endpoint, model, _describe(endpoint, model))
