@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ekko.sdk.tracking import Tracker
     from ekko.sdk.trainer_state import TrainerCut
     from ekko.serving.attach import Attached, attach
+    from ekko.serving.load import load
     from ekko.serving.replica import Replica
 
 __version__ = "0.1.0"
@@ -31,11 +32,11 @@ _LAZY = {"Publisher": "ekko.sdk.publisher", "AsyncPublisher": "ekko.sdk.async_pu
          "PublishError": "ekko.sdk.ack", "KeyRejected": "ekko.sdk.ack", "Client": "ekko.sdk.client", "Tracker": "ekko.sdk.tracking",
          "RolledBack": "ekko.sdk.rollback_watch", "RollbackEvent": "ekko.sdk.rollback_watch",
          "TrainerCut": "ekko.sdk.trainer_state", "Replica": "ekko.serving.replica",
-         "attach": "ekko.serving.attach", "Attached": "ekko.serving.attach"}
+         "attach": "ekko.serving.attach", "Attached": "ekko.serving.attach", "load": "ekko.serving.load"}
 
 __all__ = ["AsyncPublisher", "Attached", "Client", "Delta", "EkkoError", "KeyRejected", "Knowledge", "ModelSpec", "ProtocolError",
            "PublishAck", "PublishError", "Publisher", "RemoteError", "Replica", "RollbackEvent", "RolledBack",
-           "TableSpec", "Tracker", "TrainerCut", "UsageError", "Version", "__version__", "attach"]
+           "TableSpec", "Tracker", "TrainerCut", "UsageError", "Version", "__version__", "attach", "load"]
 
 
 def __getattr__(name: str) -> Any:

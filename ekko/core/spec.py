@@ -26,6 +26,12 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 #: names of models and tables: short, printable, safe in URLs and file names.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+#: longest parameter name a table's layout records.
+MAX_PARAM_CHARS = 256
+#: a parameter's qualified name in a layout (empty: none recorded).
+PARAM_RE = re.compile(r"[A-Za-z0-9_.]{0,%d}" % MAX_PARAM_CHARS)
+#: most dimensions of a dense parameter's shape in a layout.
+MAX_SHAPE_DIMS = 8
 #: largest table a spec may declare (rows) -- guards memory on every replica.
 MAX_TABLE_ROWS = 1 << 31
 #: widest row a spec may declare (elements).
@@ -55,11 +61,18 @@ class TableSpec:
         dtype: one of :data:`SUPPORTED_DTYPES`.
         shards: number of shards; default ``ceil(rows / DEFAULT_SHARD_ROWS)``.
         dense: True when the table holds chunks of a dense parameter.
+        param: the layout: the module parameter the table holds (its qualified name,
+            ``"mlp.0.weight"``; ``""``: not recorded).  The publisher's ``track()`` records
+            it, so a serving process binds or loads a module with no naming convention.
+        shape: the layout of a dense table: the parameter's shape (its elements row-major
+            over the rows, the last row zero-padded; ``()``: not recorded).
 
     Example:
         >>> t = TableSpec("user_emb", rows=1000, dim=16)
         >>> t.shard_of(999), t.num_shards
         (0, 1)
+        >>> TableSpec("mlp_0_weight", rows=1, dim=6, dense=True, param="mlp.0.weight", shape=(2, 3)).shape
+        (2, 3)
     """
 
     name: str
@@ -68,6 +81,8 @@ class TableSpec:
     dtype: str = "float32"
     shards: int | None = None
     dense: bool = False
+    param: str = ""
+    shape: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_name("table", self.name)
@@ -81,6 +96,23 @@ class TableSpec:
             object.__setattr__(self, "shards", max(1, math.ceil(self.rows / DEFAULT_SHARD_ROWS)))
         if not isinstance(self.shards, int) or not 0 < self.shards <= min(self.rows, MAX_SHARDS_PER_TABLE):
             raise UsageError(f"table {self.name}: shards must be in 1..min(rows, {MAX_SHARDS_PER_TABLE})")
+        if not isinstance(self.param, str) or not PARAM_RE.fullmatch(self.param):
+            raise UsageError(f"table {self.name}: param must be a parameter's qualified name "
+                             f"(0-{MAX_PARAM_CHARS} chars of [A-Za-z0-9_.]), got {self.param!r}")
+        shape = self.shape
+        if not isinstance(shape, tuple) or len(shape) > MAX_SHAPE_DIMS or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+            raise UsageError(f"table {self.name}: shape must be up to {MAX_SHAPE_DIMS} positive ints, got {shape!r}")
+        if shape:
+            numel = math.prod(shape)
+            if self.dense and not (self.rows - 1) * self.dim < numel <= self.rows * self.dim:
+                raise UsageError(f"table {self.name}: shape {shape} does not fill {self.rows} rows of {self.dim}")
+            if not self.dense and shape != (self.rows, self.dim):
+                raise UsageError(f"table {self.name}: an embedding table's shape is (rows, dim), got {shape}")
+
+    def without_layout(self) -> "TableSpec":
+        """The same table with no layout recorded (``param``, ``shape``)."""
+        return TableSpec(self.name, self.rows, self.dim, self.dtype, self.shards, self.dense)
 
     @property
     def num_shards(self) -> int:
@@ -109,15 +141,24 @@ class TableSpec:
         return lo, min(self.rows, lo + self.shard_rows)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "rows": self.rows, "dim": self.dim, "dtype": self.dtype,
-                "shards": self.shards, "dense": self.dense}
+        d: dict[str, Any] = {"name": self.name, "rows": self.rows, "dim": self.dim, "dtype": self.dtype,
+                             "shards": self.shards, "dense": self.dense}
+        if self.param:   # only when recorded: a spec without layout encodes as before
+            d["param"] = self.param
+        if self.shape:
+            d["shape"] = list(self.shape)
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> "TableSpec":
         """Build from a decoded message; bad input raises :class:`ProtocolError`."""
         try:
+            shape = d.get("shape", ())
+            if not isinstance(shape, (list, tuple)):
+                raise TypeError("shape must be a list")
             return cls(name=d["name"], rows=d["rows"], dim=d["dim"], dtype=d.get("dtype", "float32"),
-                       shards=d.get("shards"), dense=bool(d.get("dense", False)))
+                       shards=d.get("shards"), dense=bool(d.get("dense", False)), param=d.get("param", ""),
+                       shape=tuple(shape))
         except (KeyError, TypeError, AttributeError, UsageError) as e:
             raise ProtocolError(f"bad table spec: {e}", "bad_spec") from None
 
@@ -168,6 +209,12 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "tables": [t.to_dict() for t in self.tables],
                 "traffic_share": self.traffic_share}
+
+    def same_tables(self, other: "ModelSpec") -> bool:
+        """Equal but for the layout (``param``, ``shape``), which one of them may lack: a
+        model registered before layouts were recorded is the same model."""
+        return (self.name == other.name and self.traffic_share == other.traffic_share
+                and [t.without_layout() for t in self.tables] == [t.without_layout() for t in other.tables])
 
     @classmethod
     def from_dict(cls, d: Any) -> "ModelSpec":

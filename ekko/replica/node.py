@@ -324,9 +324,9 @@ class ReplicaNode:
         different spec under the same name is refused."""
         cur = self.models.get(spec.name)
         if cur is not None:
-            if cur.spec != spec:
+            if cur.spec != spec and not cur.spec.same_tables(spec):
                 raise UsageError(f"model {spec.name!r} is already registered with a different spec")
-            return False
+            return False   # the same (a layout recorded on one side only changes nothing)
         self.models[spec.name] = ModelState(spec, self.device, self.with_values)
         self.gossiper.catalog_changed()
         self.counters["models_registered"] += 1

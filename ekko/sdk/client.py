@@ -296,6 +296,14 @@ class Client:
         values = array_from_wire(body.get("values"), WIRE_DTYPES[dtype], n, "values", dim).reshape(n, dim)
         return (versions, values), dtype, dim
 
+    def spec(self, model: str) -> ModelSpec:
+        """The model's spec as the replica holds it (its tables and their layout)."""
+        raw = self._ok("GET", f"/v1/models/{urllib.parse.quote(model, safe='')}")
+        try:
+            return ModelSpec.from_dict(json.loads(raw)["spec"])
+        except (ValueError, KeyError, TypeError):
+            raise ProtocolError("bad spec answer", "bad_body") from None
+
     # -- the change feed ----------------------------------------------------------------
     def changes(self, model: str, since: str | None = None, wait: float = 0.0,
                 limit: int | None = None) -> Changes:

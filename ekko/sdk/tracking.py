@@ -117,9 +117,14 @@ class TableLayout:
     dim: int
     numel: int
     dtype: str
+    #: the parameter's shape (recorded in the spec of a dense table).
+    shape: tuple[int, ...] = ()
 
     def table_spec(self) -> TableSpec:
-        return TableSpec(self.name, rows=self.rows, dim=self.dim, dtype=self.dtype, dense=self.kind == "dense")
+        """The table, with its layout (the parameter's name; a dense one's shape)."""
+        dense = self.kind == "dense"
+        return TableSpec(self.name, rows=self.rows, dim=self.dim, dtype=self.dtype, dense=dense,
+                         param=self.param_name, shape=self.shape if dense else ())
 
 
 def _table_name(qualname: str) -> str:
@@ -188,7 +193,7 @@ def module_layout(module: nn.Module) -> list[tuple[TableLayout, nn.Parameter, li
             continue
         dim = min(DENSE_CHUNK, numel)
         add(TableLayout(_table_name(pname), "dense", pname, math.ceil(numel / dim), dim, numel,
-                        _dtype_name(p, pname)), p, [])
+                        _dtype_name(p, pname), tuple(int(n) for n in p.shape)), p, [])
     if not out:
         raise UsageError("the module has no parameters to publish")
     return out

@@ -92,6 +92,7 @@ class HttpApi:
         app.router.add_get("/v1/status", op.status)
         app.router.add_post("/v1/cuts", op.take_cut)
         app.router.add_get("/v1/models/{model}/cuts", op.cuts)
+        app.router.add_get("/v1/models/{model}", op.model_spec)
         app.router.add_get("/v1/models/{model}/knowledge", op.knowledge)
         if self.feed is not None:
             app.router.add_get("/v1/models/{model}/changes", self.feed.changes)

@@ -156,6 +156,13 @@ class OperatorHandlers:
         log.warning("baseline pin %r -> %r (through the API)", before, cut)
         return web.json_response({"ok": True, "model": model, "cut": cut, "previous": before})
 
+    async def model_spec(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{model}``: ``{"spec": ...}``, the model's tables and their layout
+        (what ``ekko.load`` and a serving module need to find each parameter's table)."""
+        model = request.match_info["model"]
+        self._known_model(model)
+        return web.json_response({"spec": self.node.spec(model).to_dict()})
+
     async def knowledge(self, request: web.Request) -> web.Response:
         """Read-only view for fault harnesses: per table, per shard ``[shard, knowledge,
         pending chains]`` (knowledge as ``[[origin, counter], ...]``), and the rollback

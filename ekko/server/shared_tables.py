@@ -5,7 +5,7 @@ one's memory) moves each table of the model into a file under ``/dev/shm`` -- on
 the daemon then applies every update to that memory in place -- and answers where
 they are::
 
-    {"model", "node", "incarnation",
+    {"model", "node", "incarnation", "spec",
      "tables": {table: {"path", "seq_path", "rows", "dim", "dtype"}}}
 
 A reader maps ``path`` read-only (``rows x dim`` of ``dtype``, row-major) and
@@ -113,7 +113,8 @@ class SharedTables:
                                      "dim": spec.dim, "dtype": spec.dtype}
                 log.info("table %s.%s shared at %s", model, spec.name, path)
             tables[spec.name] = self._shared[key]
-        return {"model": model, "node": self.node.node_id, "incarnation": inc, "tables": tables}
+        return {"model": model, "node": self.node.node_id, "incarnation": inc, "tables": tables,
+                "spec": m.spec.to_dict()}
 
     async def shared(self, request: web.Request) -> web.Response:
         """``GET /v1/models/{model}/shared`` (loopback only; see the module doc)."""

@@ -1,8 +1,10 @@
 """Serving from a replica's tensors (issue #17): :class:`Replica`, a replica inside the
 serving process whose tables a module's parameters can be bound to, and :func:`attach`,
-the tables of a sidecar daemon on the same host mapped read-only."""
+the tables of a sidecar daemon on the same host mapped read-only, and :func:`load`, a
+one-time copy of a replica's parameters into a module."""
 
 from ekko.serving.attach import Attached, attach
+from ekko.serving.load import load
 from ekko.serving.replica import Replica
 
-__all__ = ["Attached", "Replica", "attach"]
+__all__ = ["Attached", "Replica", "attach", "load"]

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ekko.core.errors import RemoteError, UsageError
+from ekko.core.spec import ModelSpec
 from ekko.core.store import TORCH_DTYPES
 
 #: how many times :meth:`Attached.lookup` retries a read that overlapped a write.
@@ -57,6 +58,8 @@ class Attached:
     def __init__(self, endpoint: str, model: str, description: dict[str, Any]) -> None:
         self.endpoint, self.model = endpoint, model
         self.incarnation = int(description["incarnation"])
+        #: the model's spec (its tables and their layout).
+        self.spec = ModelSpec.from_dict(description["spec"])
         self._tables: dict[str, torch.Tensor] = {}
         self._seq: dict[str, np.ndarray] = {}
         for name, t in description["tables"].items():
@@ -108,26 +111,12 @@ class Attached:
         raise TornRead(f"table {table!r}: every one of {MAX_READ_RETRIES} reads overlapped a write")
 
     def bind(self, module: nn.Module) -> list[str]:
-        """Make ``module``'s tables (named as the publisher's ``track()`` names them) the
-        mapped tensors, with no copy; returns the bound table names.  Everything must fit
-        (shape, dtype), else nothing is bound (:class:`UsageError`).  A forward pass that
-        overlaps a write may see it half done (see the module doc)."""
-        from ekko.sdk.tracking import module_layout
-        plan: list[tuple[str, str, torch.Tensor]] = []
-        for lay, param, _ in module_layout(module):
-            if lay.name not in self._tables:
-                raise UsageError(f"model {self.model!r} has no table {lay.name!r} (for {lay.param_name})")
-            values = self._tables[lay.name]
-            if tuple(values.shape) != (lay.rows, lay.dim) or values.dtype != TORCH_DTYPES[lay.dtype]:
-                raise UsageError(f"table {lay.name!r} is {tuple(values.shape)} {values.dtype} on the daemon, "
-                                 f"{lay.param_name} needs {(lay.rows, lay.dim)} {lay.dtype}")
-            target = values if lay.kind == "embedding" else values.view(-1)[:lay.numel].view(param.shape)
-            plan.append((lay.name, lay.param_name, target))
-        for _, name, target in plan:
-            owner_name, _, attr = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
-            setattr(owner, attr, nn.Parameter(target, requires_grad=False))
-        return [table for table, _, _ in plan]
+        """Make ``module``'s parameters the mapped tensors of their tables (by the model's
+        layout: :mod:`ekko.serving.layout`), with no copy; returns the bound table names.
+        Everything must fit (shape, dtype), else nothing is bound (:class:`UsageError`).
+        A forward pass that overlaps a write may see it half done (see the module doc)."""
+        from ekko.serving import layout
+        return layout.bind(module, layout.plan(module, self.spec), self.tensor)
 
     def current(self) -> bool:
         """Whether the daemon is still the process this mapping is of (else attach again)."""

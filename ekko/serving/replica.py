@@ -176,29 +176,15 @@ class Replica:
     def bind(self, module: nn.Module, model: str, timeout: float = BIND_TIMEOUT_S) -> list[str]:
         """Make ``module``'s tables the replica's own tensors; returns the bound table names.
 
-        The tables are found as the publisher's ``track()`` names them
-        (:func:`ekko.sdk.tracking.module_layout`): each ``nn.Embedding`` /
-        ``nn.EmbeddingBag`` weight is the table's ``(rows, dim)`` tensor, each dense
-        parameter a view of its table's rows (row-major, the padding left out).  Every
-        one must exist here with the same shape and dtype, else nothing is bound
+        Each parameter's table is the one the model's layout names for it (or, for a
+        model registered without one, the one ``track()`` names;
+        :mod:`ekko.serving.layout`): an embedding weight is the table's ``(rows, dim)``
+        tensor, a dense parameter a view of its table's rows (row-major, the padding
+        left out).  Every one must fit (shape, dtype), else nothing is bound
         (:class:`UsageError`).  The parameters become the replica's tensors, on its
         device, with ``requires_grad=False``: serve, do not train, through them.
         """
-        from ekko.sdk.tracking import module_layout
+        from ekko.serving import layout
         self.wait_for_model(model, timeout)
-        plan: list[tuple[str, str, torch.Tensor]] = []
-        for lay, param, _ in module_layout(module):
-            spec = self.daemon.node.table_spec(model, lay.name)
-            if spec is None:
-                raise UsageError(f"model {model!r} has no table {lay.name!r} (for {lay.param_name})")
-            if (spec.rows, spec.dim, spec.dtype) != (lay.rows, lay.dim, lay.dtype):
-                raise UsageError(f"table {lay.name!r} is {spec.rows} x {spec.dim} {spec.dtype} on the replica, "
-                                 f"{lay.param_name} needs {lay.rows} x {lay.dim} {lay.dtype}")
-            values = self.tensor(model, lay.name)
-            target = values if lay.kind == "embedding" else values.view(-1)[:lay.numel].view(param.shape)
-            plan.append((lay.name, lay.param_name, target))
-        for _, name, target in plan:
-            owner_name, _, attr = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
-            setattr(owner, attr, nn.Parameter(target, requires_grad=False))
-        return [table for table, _, _ in plan]
+        placements = layout.plan(module, self.daemon.node.spec(model))
+        return layout.bind(module, placements, lambda table: self.tensor(model, table))

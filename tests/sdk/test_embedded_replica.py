@@ -106,3 +106,25 @@ def test_a_taken_port_fails_start_with_the_error(tmp_path):
         assert not rep.running and not (tmp_path / "r").exists()
     finally:
         s.close()
+
+
+def test_load_fills_a_fresh_module_from_a_replica_by_its_layout(tmp_path):
+    torch.manual_seed(1)
+    trainer = Ranker()
+    with DaemonGroup(tmp_path) as g:
+        d = g.start("d", "dc1")
+        with Publisher([d.address], origin="trainer", state_dir=tmp_path / "pub") as pub:
+            pub.track(trainer, model="ranker").publish()
+        fresh = Ranker()
+        assert not same_params(trainer, fresh)
+        tables = ekko.load(d.address, "ranker", fresh)
+        assert sorted(tables) == ["item", "mlp_bias", "mlp_weight", "user"]
+        assert same_params(trainer, fresh) and fresh.user.weight.requires_grad     # a copy, still trainable
+        spec = ekko.Client(d.address).spec("ranker")
+        assert {t.param for t in spec.tables} == {"user.weight", "item.weight", "mlp.weight", "mlp.bias"}
+        wrong = Ranker()
+        wrong.mlp = nn.Linear(16, 5)
+        before = wrong.user.weight.detach().clone()
+        with pytest.raises(UsageError, match="mlp.weight"):
+            ekko.load(d.address, "ranker", wrong)
+        assert torch.equal(wrong.user.weight, before)                             # nothing written

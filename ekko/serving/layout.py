@@ -1,0 +1,105 @@
+"""Which table holds which parameter of a module: binding and loading by the model's layout.
+
+A model registered by the publisher's ``track()`` records, per table, the module
+parameter it holds (``TableSpec.param``) and a dense parameter's shape
+(``TableSpec.shape``).  :func:`plan` maps a serving module's parameters to tables by
+that record, so the serving side needs no naming convention of the trainer's; for a
+model registered without a layout it falls back to the names ``track()`` gives
+(:func:`ekko.sdk.tracking.module_layout`).  Every parameter must find a table of its
+shape and dtype, else :class:`~ekko.core.errors.UsageError` and nothing is touched.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from ekko.sdk.tracking import spec_from_module
+    >>> net = nn.Linear(3, 2)
+    >>> spec = spec_from_module(net, "m")
+    >>> [(p.param_name, p.table) for p in plan(net, spec)]
+    [('weight', 'weight'), ('bias', 'bias')]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ekko.core.errors import UsageError
+from ekko.core.spec import ModelSpec, TableSpec
+from ekko.core.store import TORCH_DTYPES
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One parameter of a module and the table that holds it.
+
+    ``view(values)`` gives the parameter's tensor out of the table's ``(rows, dim)``
+    values: the whole table for an embedding, a row-major view for a dense parameter.
+    """
+
+    param_name: str
+    table: str
+    shape: tuple[int, ...]
+    dense: bool
+
+    def view(self, values: torch.Tensor) -> torch.Tensor:
+        if not self.dense:
+            return values
+        return values.view(-1)[:math.prod(self.shape)].view(self.shape)
+
+
+def plan(module: nn.Module, spec: ModelSpec) -> list[Placement]:
+    """Where each of ``module``'s parameters lives in ``spec`` (see the module doc)."""
+    params = dict(module.named_parameters(remove_duplicate=True))
+    by_param = {t.param: t for t in spec.tables if t.param}
+    out: list[Placement] = []
+    if by_param:
+        for name, p in params.items():
+            t = by_param.get(name)
+            if t is None:
+                raise UsageError(f"parameter {name} has no table in model {spec.name!r}; its tables hold "
+                                 f"{sorted(by_param)[:8]}")
+            out.append(_check(name, p, t))
+        return out
+    from ekko.sdk.tracking import module_layout   # a model without a layout: track()'s names
+    for lay, p, _ in module_layout(module):
+        if not spec.has_table(lay.name):
+            raise UsageError(f"model {spec.name!r} has no table {lay.name!r} (for {lay.param_name})")
+        out.append(_check(lay.param_name, p, spec.table(lay.name), lay.kind == "dense"))
+    return out
+
+
+def _check(name: str, p: torch.Tensor, t: TableSpec, dense: bool | None = None) -> Placement:
+    dense = t.dense if dense is None else dense
+    shape = tuple(int(n) for n in p.shape)
+    if p.dtype != TORCH_DTYPES[t.dtype]:
+        raise UsageError(f"parameter {name} is {p.dtype}, table {t.name!r} holds {t.dtype}")
+    if dense:
+        if t.shape and t.shape != shape:
+            raise UsageError(f"parameter {name} is {shape}, table {t.name!r} holds {t.shape}")
+        if not (t.rows - 1) * t.dim < max(1, p.numel()) <= t.rows * t.dim:
+            raise UsageError(f"parameter {name} ({p.numel()} elements) does not fit table {t.name!r} "
+                             f"({t.rows} x {t.dim})")
+    elif shape != (t.rows, t.dim):
+        raise UsageError(f"parameter {name} is {shape}, table {t.name!r} is {t.rows} x {t.dim}")
+    return Placement(name, t.name, shape, dense)
+
+
+def bind(module: nn.Module, placements: list[Placement], values_of) -> list[str]:
+    """Make each placed parameter of ``module`` a view of its table's values
+    (``values_of(table)``), with ``requires_grad=False``; returns the tables bound."""
+    targets = [(pl, pl.view(values_of(pl.table))) for pl in placements]
+    # A weight tied to several modules is bound under each of its names.
+    aliases: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    params = dict(module.named_parameters(remove_duplicate=False))
+    for pl, target in targets:
+        bound = nn.Parameter(target, requires_grad=False)
+        for name in aliases.get(id(params[pl.param_name]), [pl.param_name]):
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            setattr(owner, attr, bound)
+    return [pl.table for pl in placements]
