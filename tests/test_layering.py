@@ -36,9 +36,9 @@ LAYERS: list[tuple[int, str]] = [
     (5, "ekko.sdk"),
     (5, "simulator"),
     (5, "ekko.testing"),
-    (6, "ekko.cli"),
     (6, "ekko.serving"),
-    (7, "ekko"),
+    (7, "ekko.cli"),
+    (8, "ekko"),
 ]
 #: top-level packages of the product (bench/, examples/ and tests/ sit outside the layers).
 PACKAGES = ("ekko", "p2p", "rollback", "prioritizer", "simulator")

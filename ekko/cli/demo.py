@@ -342,6 +342,10 @@ class DemoState:
     lag_polls: dict[str, deque] = field(default_factory=dict)    # node_id -> (asked at, lag) of recent polls
     errors: int = 0
     last_error: str = ""
+    #: the inference loop on a far replica (ekko.cli.demo_serving.ServingLoop) and the
+    #: trained model it is compared with; None when not serving.
+    serving: Any = None
+    model: Any = None
     started: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -406,7 +410,20 @@ def render(cluster: LocalCluster, state: DemoState, duration: float | None):
                     f"p90 {_pct(lat, 0.9):.1f} ms; {elapsed:.0f}"
                     + (f"/{duration:.0f}" if duration else "") + " s"
                     + (f"; {state.errors} publish errors (last: {state.last_error})" if state.errors else ""))
-    return Group(head, t, Text("Ctrl-C stops training, then the cluster.", style="dim"))
+    parts = [head, t]
+    if state.serving is not None and state.model is not None:
+        parts.append(Text(serving_line(state)))
+    return Group(*parts, Text("Ctrl-C stops training, then the cluster.", style="dim"))
+
+
+def serving_line(state: DemoState) -> str:
+    """The inference loop's line of the live view and the summary."""
+    v, srv = state.serving.view(state.model), state.serving
+    lag = state.lag.get(srv.node_id)
+    return (f"serving on {srv.node_id} ({srv.dc}) through ekko.attach (its tables, in place): "
+            f"{v['requests']} requests served, running log loss {v['running_loss']:.4f}; held-out log loss "
+            f"served {v['served_eval_loss']:.4f} vs trainer {v['trainer_eval_loss']:.4f}"
+            + (f"; replica lag {lag:.3f} s" if lag is not None else ""))
 
 
 # ---------------------------------------------------------------------------- the run
@@ -471,6 +488,20 @@ def _wait_converged(cluster: LocalCluster, timeout: float) -> tuple[bool, dict[s
         time.sleep(0.25)
 
 
+def start_serving(cluster: LocalCluster, seed: int, console: Any) -> Any:
+    """The inference loop on the first replica of the last DC (None if it cannot start)."""
+    from ekko.cli.demo_serving import MODEL_WAIT_S, ServingLoop, wait_for_model
+    far = next(r for r in cluster.replicas if r.dc == cluster.replicas[-1].dc)
+    if not wait_for_model(far.address, MODEL, MODEL_WAIT_S):
+        console.print(f"[yellow]{far.node_id} does not hold the model yet: not serving[/]")
+        return None
+    loop = ServingLoop(far.address, MODEL, lambda: build_model(seed), seed + 100, ClickStream)
+    loop.node_id, loop.dc = far.node_id, far.dc
+    loop.start()
+    console.print(f"serving from {far.node_id} ({far.dc}) through ekko.attach", highlight=False)
+    return loop
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
@@ -516,6 +547,7 @@ def run(args: argparse.Namespace) -> int:
         eps = [r.address for r in cluster.replicas if r.dc == cluster.replicas[0].dc]
         pub = Publisher(eps, origin="demo-trainer", state_dir=data_dir / "publisher", timeout=10)
         tracker = pub.track(model, model=MODEL, optimizer=opt)
+        state.serving, state.model = start_serving(cluster, args.seed, console), model
         poller.start()
         state.started = time.monotonic()
         # The first Ctrl-C asks to stop between steps (a step's optimizer update and its
@@ -604,6 +636,8 @@ def run(args: argparse.Namespace) -> int:
         failed = failed or f"{type(e).__name__}: {e}"
     finally:
         poller.stopped.set()
+        if state.serving is not None:
+            state.serving.stopped.set()
         if pub is not None:
             pub.close()
         console.print(f"stopping {len(cluster.replicas)} daemons (SIGTERM) ...")
@@ -632,6 +666,9 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"    {nid}: {'unreachable' if d is None else ' '.join(f'{t}={h[:8]}' for t, h in sorted(d.items()))}")
     if matches is not None:
         console.print(f"  replicas equal the trained model: {'yes' if matches else 'no'}")
+    if state.serving is not None:
+        state.serving.join(5)
+        console.print(f"  {serving_line(state)}", highlight=False)
     for p in problems:
         console.print(f"  [red]{p}[/]")
     if failed:

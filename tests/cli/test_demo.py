@@ -46,6 +46,15 @@ def check_summary(p: subprocess.CompletedProcess, replicas: int) -> None:
     addresses = re.findall(r"@(127\.0\.0\.1:\d+)", out)
     assert len(addresses) == replicas
     assert all(closed(a) for a in addresses)     # every daemon was stopped
+    # the inference loop served from the last DC's replica, through ekko.attach, and once the
+    # replicas equal the trained model its held-out loss is the trainer's to the last digit
+    flat = " ".join(out.split())
+    served = re.search(r"serving on (dc\d)-r1 \(\1\) through ekko\.attach .*?: (\d+) requests served.*?"
+                       r"held-out log loss served ([0-9.]+) vs trainer ([0-9.]+)", flat)
+    assert served, out[-2000:]
+    dcs = set(re.findall(r"(dc\d)-r\d@", out))
+    assert served.group(1) == f"dc{len(dcs)}"                      # the last DC
+    assert int(served.group(2)) > 0 and served.group(3) == served.group(4)
 
 
 @pytest.mark.slow
