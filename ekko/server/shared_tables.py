@@ -70,6 +70,9 @@ class SharedTables:
         self.files: list[Path] = []
         self._shared: dict[tuple[str, str], dict[str, Any]] = {}
         self._swept = False
+        #: why tables may not move to shared memory (None: they may): a replica embedded
+        #: in a serving process has its tensors bound to modules, which a move would orphan.
+        self.refused: str | None = None
 
     def _sweep(self) -> None:
         """Remove what an earlier process of this node id left here (killed before its cleanup)."""
@@ -128,6 +131,8 @@ class SharedTables:
         model = request.match_info["model"]
         if model not in self.node.models:
             raise RequestRejected(f"unknown model {model!r}", "unknown_model")
+        if self.refused is not None:
+            raise RequestRejected(self.refused, "not_shareable")
         return web.json_response(self.share(model))
 
     def close(self) -> None:

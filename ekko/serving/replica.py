@@ -75,6 +75,10 @@ class Replica:
         cfg = config if config is not None else preset_config(preset or "lan")
         self.daemon = Daemon(node_id, dc, listen, list(seeds), data_dir, cfg, key=key, device=device,
                              advertise=advertise)
+        # Its tensors are bound in this process: moving them to shared memory would leave the
+        # bound modules with copies that no longer update.
+        self.daemon.shared_tables.refused = ("this replica is embedded in a serving process (ekko.Replica): "
+                                             "use its tensors there, or attach to a daemon")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None

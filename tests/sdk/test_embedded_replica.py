@@ -89,6 +89,9 @@ def test_bind_refuses_a_module_that_does_not_fit_and_binds_nothing(tmp_path):
                 rep.bind(Ranker(), model="nope", timeout=0.3)
             with pytest.raises(UsageError, match="started"):
                 rep.start()
+            from ekko.core.errors import RemoteError
+            with pytest.raises(RemoteError, match="embedded"):     # its bound tensors stay where they are
+                ekko.attach(rep.address, "ranker")
         assert not rep.running
         rep.stop()                                                # idempotent
 
