@@ -18,8 +18,8 @@ does that).  A daemon that restarts shares new files (its new incarnation in the
 names): a reader notices by the ``incarnation`` and attaches again; the old mapping
 keeps the last values it had.
 
-CPU tables only (a CUDA table would need IPC handles: not built).  The files are
-removed when the daemon stops; a killed daemon's are removed by the next process of
+CPU tables only (a CUDA table would need IPC handles: not built).  The files are the
+daemon user's, readable by its group (:data:`SHARED_FILE_MODE`), and removed when the daemon stops; a killed daemon's are removed by the next process of
 the same node id on this host when it first shares.
 
 Example::
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 
 #: where the files go (a tmpfs: memory, not disk).
 SHM_DIR = Path("/dev/shm")
+#: the files' mode: the daemon's user writes, its group reads (run the serving process as
+#: that user or in that group); nobody else may read the model.
+SHARED_FILE_MODE = 0o640
 _SAFE = re.compile(r"[^A-Za-z0-9_.]")
 
 
@@ -109,6 +113,8 @@ class SharedTables:
                 self.files.append(path)
                 seq = np.memmap(seq_path, dtype="<i8", mode="w+", shape=(1,))
                 self.files.append(seq_path)
+                for f in (path, seq_path):
+                    os.chmod(f, SHARED_FILE_MODE)
                 values.copy_(ts.values)
                 # On the loop thread: no apply runs between the copy and the switch.
                 ts.values, ts.write_seq = values, seq

@@ -112,3 +112,16 @@ def test_bind_and_refusals(tmp_path):
         with pytest.raises(RemoteError) as e:
             ekko.attach(a.address, "nope")
         assert e.value.status == 404
+
+
+def test_shared_files_are_not_readable_by_other_users(tmp_path):
+    import stat
+    with DaemonGroup(tmp_path) as g:
+        a = g.start("a", "dc1")
+        with Publisher([a.address], origin="t", state_dir=tmp_path / "pub") as pub:
+            pub.register(SPEC)
+        from ekko.serving.attach import _describe
+        desc = _describe(a.address, "m")["tables"]["emb"]
+        for f in (desc["path"], desc["seq_path"]):
+            mode = stat.S_IMODE(Path(f).stat().st_mode)
+            assert mode & stat.S_IRWXO == 0 and mode & stat.S_IRUSR, oct(mode)
