@@ -39,8 +39,11 @@ def register_cli(sub: Any) -> None:
     a.add_argument("--id", type=int, required=True, help="key id, 1..255")
     a.add_argument("--from", dest="source", metavar="FILE", help="copy key --id (secret and grant) from this keyring")
     a.add_argument("--publisher", action="store_true", help="a publisher key (publishes only, see --model/--origin)")
+    a.add_argument("--reader", action="store_true",
+                   help="a reader key (signs reads only, see --model); once a daemon's keyring holds one, "
+                        "unsigned reads get 401")
     a.add_argument("--model", dest="models", action="append", metavar="NAME",
-                   help="model this publisher key may write (repeatable; default any)")
+                   help="model this publisher key may write, or this reader key read (repeatable; default any)")
     a.add_argument("--origin", dest="origins", action="append", metavar="NAME_OR_ID",
                    help="origin this publisher key may write as (repeatable; default any)")
     a.add_argument("--primary", action="store_true", help="also make it primary (a new publisher's own file)")
@@ -87,8 +90,12 @@ def cmd_add(args: argparse.Namespace) -> int:
     from ekko.core.keyring import key_entry, new_secret, read_doc, save_keyring
 
     def go() -> None:
-        if (args.models or args.origins) and not args.publisher and not args.source:
-            raise UsageError("--model/--origin apply to publisher keys: add --publisher")
+        if args.publisher and args.reader:
+            raise UsageError("a key is a publisher key or a reader key, not both")
+        if args.origins and args.reader:
+            raise UsageError("--origin applies to publisher keys only")
+        if (args.models or args.origins) and not (args.publisher or args.reader) and not args.source:
+            raise UsageError("--model/--origin apply to publisher (or reader) keys: add --publisher or --reader")
         target = Path(args.file)
         doc = read_doc(target) if target.exists() else None
         if doc is not None and _entry(doc, args.id) is not None:
@@ -98,11 +105,12 @@ def cmd_add(args: argparse.Namespace) -> int:
             if src is None:
                 raise UsageError(f"key id {args.id} is not in {args.source}")
             entry = dict(src)
-            if args.publisher or args.models or args.origins:
-                raise UsageError("--from copies the key's role and grant; do not combine with --publisher/--model/--origin")
+            if args.publisher or args.reader or args.models or args.origins:
+                raise UsageError("--from copies the key's role and grant; do not combine with "
+                                 "--publisher/--reader/--model/--origin")
         else:
-            entry = key_entry(args.id, new_secret(), "publisher" if args.publisher else "peer",
-                              args.models, args.origins)
+            role = "publisher" if args.publisher else "reader" if args.reader else "peer"
+            entry = key_entry(args.id, new_secret(), role, args.models, args.origins)
         if doc is None:
             # A publisher's own file starts with its key (copied from the cluster's file).
             doc = {"format": 1, "primary": args.id, "keys": [entry]}
@@ -158,6 +166,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             if r["role"] == "publisher":
                 grant = (f"models={','.join(r['models']) if r['models'] else '*'} "
                          f"origins={','.join(map(str, r['origins'])) if r['origins'] else '*'}")
+            elif r["role"] == "reader":
+                grant = f"reads models={','.join(r['models']) if r.get('models') else '*'}"
             print(f"{r['id']:>3}  {r['role']:<9} {'yes' if r['primary'] else '':<7} {r['fingerprint']:<16}  {grant}")
     return _run("list", go)
 

@@ -41,21 +41,55 @@ def register_cli(sub: Any) -> None:
     add_peer_option(p, "replica to ask")
     p.add_argument("--json", action="store_true", help="print the raw JSON (counters, packed heads, ns)")
     p.add_argument("--cluster", action="store_true", help="also list every member with DC, state and lag")
+    add_read_key_options(p)
     p.set_defaults(func=cmd_status)
     m = sub.add_parser("members", help="list the cluster's members as a replica sees them",
                        description="Every member a replica knows: node id, DC, address, state, when it "
                                    "started (its incarnation) and its freshness lag per model.")
     add_peer_option(m, "replica to ask")
     m.add_argument("--json", action="store_true", help="print the member list as JSON")
+    add_read_key_options(m)
     m.set_defaults(func=cmd_members)
 
 
-def fetch_status(peer: str, cluster: bool = False, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
-    """GET ``/v1/status`` from ``peer`` (``HOST:PORT`` or a URL); raises :class:`RuntimeError`
-    with a readable message (:class:`UsageError` for a malformed address)."""
-    url = peer_url(peer) + "/v1/status" + ("?cluster=1" if cluster else "")
+def add_read_key_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", help="file holding a key to sign the read with (a replica whose keyring holds "
+                                      "reader keys refuses unsigned reads)")
+    p.add_argument("--keyring", metavar="FILE", help="keyring file (ekko keys) whose primary key signs the read")
+
+
+def read_keyring(args: argparse.Namespace) -> Any:
+    """The key a read is signed with (``--keyring``, ``--key-file``), or None."""
+    from ekko.core.codec import Keyring
+    if getattr(args, "keyring", None):
+        from ekko.core.keyring import load_keyring
+        return load_keyring(args.keyring)
+    if getattr(args, "key_file", None):
+        try:
+            with open(args.key_file, "rb") as f:
+                return Keyring.single(f.read().strip())
+        except OSError as e:
+            raise UsageError(f"cannot read key file {args.key_file}: {e}") from None
+    return None
+
+
+def fetch_status(peer: str, cluster: bool = False, timeout: float = STATUS_TIMEOUT_S,
+                 keyring: Any = None) -> dict[str, Any]:
+    """GET ``/v1/status`` from ``peer`` (``HOST:PORT`` or a URL), signed with ``keyring``
+    when given; raises :class:`RuntimeError` with a readable message (:class:`UsageError`
+    for a malformed address)."""
+    path = "/v1/status" + ("?cluster=1" if cluster else "")
+    base = peer_url(peer)
+    headers = {}
+    if keyring:
+        import time as _time
+        from urllib.parse import urlsplit
+
+        from ekko.core import read_auth
+        headers[read_auth.HEADER] = read_auth.sign(keyring, "GET", urlsplit(base).path.rstrip("/") + path,
+                                                   _time.time())
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers), timeout=timeout) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as e:
         try:
@@ -161,7 +195,7 @@ def _render_quality(models: dict[str, Any], console: Any) -> None:
 def _fetch(args: argparse.Namespace, cluster: bool) -> dict[str, Any] | int:
     """The status answer, or the exit status after printing a one-line error."""
     try:
-        return fetch_status(resolve_peer(args), cluster=cluster)
+        return fetch_status(resolve_peer(args), cluster=cluster, keyring=read_keyring(args))
     except UsageError as e:
         print(f"ekko {args.command}: {e}", file=sys.stderr)
         return 2

@@ -131,6 +131,22 @@ class PublisherGrant:
         return origin is None or self.origins is None or origin in self.origins
 
 
+@dataclass(frozen=True, slots=True)
+class ReaderGrant:
+    """What the holder of a reader key may read: which models (``None``: any).
+
+    Example:
+        >>> ReaderGrant(frozenset({"ranker"})).allows("ranker"), ReaderGrant().allows("ads")
+        (True, True)
+    """
+
+    models: frozenset[str] | None = None
+
+    def allows(self, model: str | None) -> bool:
+        """May this key read ``model`` (None: a read of no one model, such as the status)?"""
+        return self.models is None or model is None or model in self.models
+
+
 class Keyring:
     """Keys by id for HMAC-SHA256; the primary one signs, every one verifies.
 
@@ -156,7 +172,8 @@ class Keyring:
     """
 
     def __init__(self, keys: Mapping[int, bytes] | None = None, primary: int | None = None,
-                 grants: Mapping[int, PublisherGrant] | None = None) -> None:
+                 grants: Mapping[int, PublisherGrant] | None = None,
+                 readers: Mapping[int, ReaderGrant] | None = None) -> None:
         self.keys: dict[int, bytes] = {}
         for kid, key in (keys or {}).items():
             if not 1 <= int(kid) <= 255:
@@ -174,6 +191,13 @@ class Keyring:
             if not isinstance(grant, PublisherGrant):
                 raise UsageError("grants must be PublisherGrant objects")
             self.grants[int(kid)] = grant
+        self.readers: dict[int, ReaderGrant] = {}
+        for kid, rg in (readers or {}).items():
+            if int(kid) not in self.keys or int(kid) in self.grants:
+                raise UsageError(f"reader grant for key id {kid}, which is not a key of its own in the keyring")
+            if not isinstance(rg, ReaderGrant):
+                raise UsageError("readers must be ReaderGrant objects")
+            self.readers[int(kid)] = rg
 
     @classmethod
     def single(cls, key: bytes | str | None) -> "Keyring | None":
@@ -186,9 +210,18 @@ class Keyring:
         """True when publisher authorization is on (the keyring holds publisher keys)."""
         return bool(self.grants)
 
+    @property
+    def read_acl(self) -> bool:
+        """True when reads must be signed (the keyring holds reader keys)."""
+        return bool(self.readers)
+
     def is_peer(self, key_id: int) -> bool:
         """True for a peer (cluster) key of this keyring."""
-        return key_id in self.keys and key_id not in self.grants
+        return key_id in self.keys and key_id not in self.grants and key_id not in self.readers
+
+    def reader(self, key_id: int) -> ReaderGrant | None:
+        """The grant of a reader key; None for other keys and unknown ids."""
+        return self.readers.get(key_id)
 
     def grant(self, key_id: int) -> PublisherGrant | None:
         """The grant of a publisher key; None for peer keys and unknown ids."""

@@ -18,7 +18,9 @@ A keyring file is JSON, readable by its owner only (``chmod 600``)::
 * ``primary`` is the key this holder signs with; every other key only verifies
   (that is what makes a rotation possible without downtime).
 * ``role``: ``peer`` keys (the cluster key) authenticate replica traffic and
-  operator commands.  ``publisher`` keys authenticate publishes only, limited to
+  operator commands.  ``reader`` keys authenticate reads only (``GET`` requests,
+  :mod:`ekko.core.read_auth`), limited to ``models`` when given; a daemon whose
+  keyring holds a reader key answers unsigned reads with 401.  ``publisher`` keys authenticate publishes only, limited to
   ``models`` (names) and ``origins`` (publisher names or integer ids); either list
   left out means "any".  A daemon whose keyring holds a publisher key accepts a
   publish only when it is signed by a publisher key that allows its model and
@@ -41,7 +43,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ekko.core.codec import Keyring, PublisherGrant
+from ekko.core.codec import Keyring, PublisherGrant, ReaderGrant
 from ekko.core.errors import UsageError
 from ekko.core.version import origin_id
 
@@ -55,7 +57,7 @@ NEW_SECRET_BYTES = 32
 MAX_KEYRING_FILE_BYTES = 1 << 20
 #: permission bits that must be clear: nobody but the owner (and its group) may touch keys.
 FORBIDDEN_MODE_BITS = stat.S_IRWXO
-ROLES = ("peer", "publisher")
+ROLES = ("peer", "publisher", "reader")
 
 
 def fingerprint(secret: bytes) -> str:
@@ -118,6 +120,7 @@ def validate(doc: Any) -> Keyring:
         raise UsageError("keyring holds no keys")
     keys: dict[int, bytes] = {}
     grants: dict[int, PublisherGrant] = {}
+    readers: dict[int, ReaderGrant] = {}
     for e in entries:
         if not isinstance(e, dict):
             raise UsageError("each key must be a JSON object")
@@ -133,14 +136,18 @@ def validate(doc: Any) -> Keyring:
         if role not in ROLES:
             raise UsageError(f"key {kid}: role must be one of {ROLES}")
         if role == "peer" and ("models" in e or "origins" in e):
-            raise UsageError(f"key {kid}: models/origins apply to publisher keys only")
+            raise UsageError(f"key {kid}: models/origins apply to publisher keys only (models to reader keys too)")
+        if role == "reader" and "origins" in e:
+            raise UsageError(f"key {kid}: origins apply to publisher keys only")
         keys[kid] = _decode_secret(e.get("secret"), kid)
         if role == "publisher":
             grants[kid] = _grant_of(e, kid)
+        elif role == "reader":
+            readers[kid] = ReaderGrant(_grant_of(e, kid).models)
     primary = doc.get("primary")
     if not isinstance(primary, int) or isinstance(primary, bool) or primary not in keys:
         raise UsageError(f"primary key id {primary!r} is not in the keyring")
-    return Keyring(keys, primary, grants)
+    return Keyring(keys, primary, grants, readers)
 
 
 def read_doc(path: str | Path, check_mode: bool = True) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -29,6 +30,7 @@ import msgpack
 import numpy as np
 import torch
 
+from ekko.core import read_auth
 from ekko.core.codec import Keyring, MsgType, array_from_wire, encode_frame
 from ekko.core.delta import WIRE_DTYPES
 from ekko.core.errors import EkkoError, ProtocolError, RemoteError, UsageError
@@ -149,7 +151,8 @@ class Client:
 
     Args:
         endpoint: ``"host:port"`` or ``"http://host:port"``.
-        key: the cluster key; only :meth:`register` sends a frame that needs it.
+        key: the cluster key, a reader key or a keyring: it signs frames (:meth:`register`,
+            cuts, rollbacks) and reads (a replica with reader keys refuses unsigned ones).
         timeout: seconds per request.
 
     Example::
@@ -200,7 +203,7 @@ class Client:
                 conn.timeout = timeout
                 if conn.sock is not None:
                     conn.sock.settimeout(timeout)
-                conn.request("GET", self._base_path + path)
+                conn.request("GET", self._base_path + path, headers=self._read_headers(self._base_path + path))
                 r = conn.getresponse()
                 raw = r.read(MAX_ANSWER_BYTES)
                 if r.will_close:
@@ -212,6 +215,13 @@ class Client:
                     continue   # the daemon closed the idle connection: once more on a new one
                 raise Unreachable(f"cannot reach {self.endpoint}: {e}") from None
         raise AssertionError("unreachable")
+
+    def _read_headers(self, path: str) -> dict[str, str]:
+        """A read's signature (ekko.core.read_auth) when this client holds a key: a replica
+        with reader keys refuses unsigned reads; one without ignores the header."""
+        if not self.keyring:
+            return {}
+        return {read_auth.HEADER: read_auth.sign(self.keyring, "GET", path, time.time())}
 
     def _connection(self) -> http.client.HTTPConnection:
         u = urllib.parse.urlsplit(self.endpoint)

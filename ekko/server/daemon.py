@@ -223,7 +223,8 @@ class Daemon:
                                     self.metrics, clock, lambda: self.draining)
         self.feed = ChangeFeed(self.node)
         self.shared_tables = SharedTables(self.node)
-        self.api = HttpApi(ingest, operator, self.metrics, lambda: self.draining, self.feed, self.shared_tables)
+        self.api = HttpApi(ingest, operator, self.metrics, lambda: self.draining, self.feed, self.shared_tables,
+                           lambda: self.keyring)
         self._tasks: list[asyncio.Task] = []
         self._lock_file: Any = None
         self._started = False

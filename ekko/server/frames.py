@@ -93,6 +93,9 @@ class FrameReader:
             frame = await asyncio.get_running_loop().run_in_executor(None, decode_frame, data, keyring)
         else:
             frame = decode_frame(data, keyring)
+        if keyring and keyring.reader(frame.key_id) is not None:
+            raise RequestRejected(f"key {frame.key_id} is a reader key: it may only sign reads, not "
+                                  f"{frame.msg_type.name} frames", "forbidden")
         if keyring and not keyring.is_peer(frame.key_id) and frame.msg_type not in (MsgType.PUBLISH,
                                                                                     MsgType.REGISTER_MODEL):
             raise RequestRejected(f"key {frame.key_id} is a publisher key: it may only publish and register "

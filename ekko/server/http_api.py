@@ -18,7 +18,8 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from ekko.core.codec import MAX_FRAME_BYTES
+from ekko.core import read_auth
+from ekko.core.codec import MAX_FRAME_BYTES, Keyring
 from ekko.core.errors import ProtocolError, UsageError
 from ekko.server.change_feed import ChangeFeed
 from ekko.server.frames import RETRY_AFTER_S, RequestRejected, status_of
@@ -54,6 +55,8 @@ class HttpApi:
             ``/healthz``, ``/metrics`` and ``/v1/status`` still answer).
         feed: the change feed (``GET /v1/models/{model}/changes``), if any.
         shared: the tables in shared memory (``GET /v1/models/{model}/shared``), if any.
+        keyring: the daemon's keyring now; with reader keys in it, reads must be signed
+            (:mod:`ekko.core.read_auth`).
 
     Example:
         The daemon serves :meth:`make_app` and, at shutdown, waits for requests::
@@ -67,7 +70,8 @@ class HttpApi:
 
     def __init__(self, ingest: IngestHandlers, operator: OperatorHandlers, metrics: DaemonMetrics,
                  is_draining: Callable[[], bool], feed: ChangeFeed | None = None,
-                 shared: SharedTables | None = None) -> None:
+                 shared: SharedTables | None = None, keyring: Callable[[], Keyring | None] | None = None) -> None:
+        self.keyring = keyring or (lambda: None)
         self.ingest = ingest
         self.operator = operator
         self.feed = feed
@@ -108,6 +112,23 @@ class HttpApi:
         app.on_shutdown.append(lambda _app: ingest.close_streams())
         return app
 
+    def _authorize_read(self, request: web.Request) -> None:
+        """With reader keys configured: a read signed by a peer key, or by a reader key
+        allowed the model it reads (see :mod:`ekko.core.read_auth`)."""
+        keyring = self.keyring()
+        if not keyring or not keyring.read_acl:
+            return
+        kid = read_auth.verify(keyring, request.headers.get(read_auth.HEADER), request.method, request.path_qs,
+                               time.time())
+        if keyring.is_peer(kid):
+            return
+        grant = keyring.reader(kid)
+        model = request.match_info.get("model")
+        if grant is None:
+            raise RequestRejected(f"key {kid} is not a reader or peer key", "forbidden")
+        if not grant.allows(model):
+            raise RequestRejected(f"reader key {kid} may not read model {model!r}", "forbidden")
+
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight; False if some still are after ``timeout`` seconds."""
         if not self.in_flight:
@@ -133,6 +154,8 @@ class HttpApi:
                 raise RequestRejected("replica is shutting down; retry on another replica", "draining")
             if self.in_flight > MAX_CONCURRENT_REQUESTS and not light:
                 raise RequestRejected("too many concurrent requests", "overloaded")
+            if request.method == "GET" and endpoint != "/healthz":
+                self._authorize_read(request)
             resp = await handler(request)
         except (ProtocolError, RequestRejected) as e:
             resp = self._error(endpoint, str(e), e.reason)

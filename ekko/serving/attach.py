@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -55,8 +53,8 @@ class Attached:
         incarnation: the daemon process the mapping is of (a restart shares new files).
     """
 
-    def __init__(self, endpoint: str, model: str, description: dict[str, Any]) -> None:
-        self.endpoint, self.model = endpoint, model
+    def __init__(self, endpoint: str, model: str, description: dict[str, Any], key: Any = None) -> None:
+        self.endpoint, self.model, self._key = endpoint, model, key
         self.incarnation = int(description["incarnation"])
         #: the model's spec (its tables and their layout).
         self.spec = ModelSpec.from_dict(description["spec"])
@@ -121,29 +119,25 @@ class Attached:
     def current(self) -> bool:
         """Whether the daemon is still the process this mapping is of (else attach again)."""
         try:
-            return _describe(self.endpoint, self.model)["incarnation"] == self.incarnation
+            return _describe(self.endpoint, self.model, self._key)["incarnation"] == self.incarnation
         except (OSError, RemoteError):
             return False
 
 
-def _describe(endpoint: str, model: str) -> dict[str, Any]:
-    ep = endpoint if "://" in endpoint else "http://" + endpoint
-    url = f"{ep.rstrip('/')}/v1/models/{urllib.parse.quote(model, safe='')}/shared"
+def _describe(endpoint: str, model: str, key: Any = None) -> dict[str, Any]:
+    from ekko.sdk.client import Client
+    client = Client(endpoint, key=key, timeout=ATTACH_TIMEOUT_S)
     try:
-        with urllib.request.urlopen(url, timeout=ATTACH_TIMEOUT_S) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        try:
-            msg = json.loads(e.read()).get("error", "")
-        except ValueError:
-            msg = ""
-        raise RemoteError(f"{url}: HTTP {e.code}: {msg}", e.code) from None
+        return json.loads(client._ok("GET", f"/v1/models/{urllib.parse.quote(model, safe='')}/shared"))
+    finally:
+        client.close()
 
 
-def attach(endpoint: str, model: str) -> Attached:
+def attach(endpoint: str, model: str, key: Any = None) -> Attached:
     """Map ``model``'s tables of the daemon at ``endpoint`` (on this host) read-only.
 
     The daemon moves the tables into shared memory on the first attach; every later
-    update is applied there, in place.
+    update is applied there, in place.  ``key`` signs the request (a reader key, where
+    the daemon's keyring holds reader keys).
     """
-    return Attached(endpoint, model, _describe(endpoint, model))
+    return Attached(endpoint, model, _describe(endpoint, model, key), key)
