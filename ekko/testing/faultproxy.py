@@ -44,10 +44,10 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import selectors
 import concurrent.futures
 import os
 import random
+import selectors
 import socket
 import struct
 import threading
