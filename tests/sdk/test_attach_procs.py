@@ -5,7 +5,6 @@ rollback with no re-attach, lookups never return a torn row."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +16,10 @@ import ekko
 from ekko.core.errors import RemoteError, UsageError
 from ekko.sdk.client import Client
 from ekko.sdk.publisher import Publisher
-from tests.procs import DaemonGroup
+from tests.procs import DaemonGroup, wait_for
 
 SPEC = ekko.ModelSpec("m", [ekko.TableSpec("emb", rows=2000, dim=16)])
 
-
-def wait_until(pred, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_attached_tables_follow_publishes_and_a_rollback_in_place(tmp_path):
@@ -42,11 +35,11 @@ def test_attached_tables_follow_publishes_and_a_rollback_in_place(tmp_path):
             assert torch.equal(att.lookup("emb", ids), torch.full((3, 16), 1.0))
             pub.cut("m", "c1")          # covers what the publisher had acknowledged (waits for it)
             pub.publish_many("m", {"emb": (ids, np.full((3, 16), 2.0, np.float32))})
-            wait_until(lambda: bool((t[ids] == 2.0).all()), 10, "the update in the mapped memory")
+            wait_for(lambda: bool((t[ids] == 2.0).all()), 10, 0.02, "the update in the mapped memory")
             seq = att.write_count("emb")
             assert seq > 0 and seq % 2 == 0
             Client(a.address).rollback("m", "c1")
-            wait_until(lambda: bool((t[ids] == 1.0).all()), 10, "the rollback in the mapped memory")
+            wait_for(lambda: bool((t[ids] == 1.0).all()), 10, 0.02, "the rollback in the mapped memory")
             assert att.write_count("emb") > seq and att.current()
             from ekko.serving.attach import _describe
             files = [Path(p["path"]) for p in _describe(a.address, "m")["tables"].values()]

@@ -4,7 +4,6 @@ embedded replica joins it over the network like any other."""
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from torch import nn
 import ekko
 from ekko.core.errors import UsageError
 from ekko.sdk.publisher import Publisher
-from tests.procs import DaemonGroup, free_port
+from tests.procs import DaemonGroup, free_port, wait_for
 
 
 class Ranker(nn.Module):
@@ -27,12 +26,6 @@ class Ranker(nn.Module):
     def forward(self, users: torch.Tensor, items: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return self.mlp(torch.cat([self.user(users), self.item(items, offsets)], dim=1))
 
-
-def wait_until(pred, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def same_params(a: nn.Module, b: nn.Module) -> bool:
@@ -58,13 +51,13 @@ def test_a_bound_module_serves_the_trainers_outputs_bit_for_bit(tmp_path):
                 # no copies: the module's parameters are the replica's tables
                 assert served.user.weight.data_ptr() == rep.tensor("ranker", "user").data_ptr()
                 assert served.mlp.bias.data_ptr() >= rep.tensor("ranker", "mlp_bias").data_ptr()
-                wait_until(lambda: same_params(trainer, served), 60, "the replica to hold the initial weights")
+                wait_for(lambda: same_params(trainer, served), 60, 0.05, "the replica to hold the initial weights")
                 for _ in range(3):                                 # train, publish, serve
                     opt.zero_grad()
                     trainer(users, items, offsets).sum().backward()
                     opt.step()
                     tracker.publish()
-                    wait_until(lambda: same_params(trainer, served), 60, "the update to reach the replica")
+                    wait_for(lambda: same_params(trainer, served), 60, 0.05, "the update to reach the replica")
                     with torch.no_grad():
                         want = trainer(users, items, offsets)
                         got = rep.consistent(lambda: served(users, items, offsets))

@@ -5,7 +5,6 @@ Skips like test_torchrec without TorchRec, never under CI."""
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import torch
@@ -13,18 +12,12 @@ import torch
 import ekko
 from ekko.sdk.publisher import Publisher
 from test_torchrec import TorchRecRanker, tr_batch, tr_step   # skips this module without TorchRec
-from tests.procs import DaemonGroup, free_port
+from tests.procs import DaemonGroup, free_port, wait_for
 
 
 def same_params(a, b) -> bool:
     return all(torch.equal(x.detach(), y.detach()) for x, y in zip(a.parameters(), b.parameters()))
 
-
-def wait_until(pred, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_bound_torchrec_modules_serve_the_trainers_outputs(tmp_path):
@@ -46,7 +39,7 @@ def test_bound_torchrec_modules_serve_the_trainers_outputs(tmp_path):
                 tr_step(trainer, opt, rng)
                 tracker.publish()
                 for served in (in_process, attached):
-                    wait_until(lambda s=served: same_params(trainer, s), 60, "the update to reach the served copy")
+                    wait_for(lambda s=served: same_params(trainer, s), 60, 0.05, "the update to reach the served copy")
                 x, _ = tr_batch(rng)
                 with torch.no_grad():
                     want = trainer(*x)
