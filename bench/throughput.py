@@ -36,12 +36,16 @@ What is measured, per system:
   - redis, direct: each applier stamps ``time.monotonic()`` (a system-wide clock) and the
     entry's tag into shared memory right after its ``index_copy_``; the latency is the
     latest stamp minus the start: exact, no polling.
-  - ekko: one watcher per daemon (in this process, aiohttp) polls the daemon's rows
-    endpoint (``GET /v1/models/m/tables/t/rows?format=msgpack``) every ``--poll-ms``:
-    32 of the rows first, then all of them; a daemon has the update at the first poll
-    where every row carries a version above the one it had before.  An upper bound by
-    up to one poll interval plus one request, and the watchers share this process and
-    the CPU with the publisher.
+  - ekko: the latency trials run on a cluster of their own whose daemons keep an apply
+    trace (``ekko daemon --apply-trace``: each applied row with its wall time,
+    ``time.time()``, flushed when the daemon stops); the latency is the latest apply
+    of the update's rows over the N daemons minus the wall time before the publish:
+    exact, and nothing polls the daemons while they are timed (the previous watchers
+    polled every daemon's rows endpoint every 2 ms, which loaded the daemons they
+    timed).  Since a trial's end is known only afterwards, ekko's trials pause
+    ``EKKO_TRIAL_GAP_S`` after each acknowledgement (the others wait for all N, then
+    ``TRIAL_GAP_S``); trials that still overlapped the next one are counted.  That
+    cluster is then stopped and a fresh one (no traces) runs the throughput configs.
 * **throughput** (each of ``--publishers`` x ``--batches``, for ``--duration`` s):
   every publisher sends batches back to back, one in flight (closed loop).  *rows/s
   acked* = rows acknowledged / (last acknowledgement - start).  *rows/s at all N* = the
@@ -107,12 +111,13 @@ import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 
 MODEL, TABLE, STREAM = "tput", "emb", "ekko-bench"
-#: rows of the latency update the ekko watchers poll first.
-SAMPLE_IDS = 32
 #: seconds one latency trial may take.
 TRIAL_TIMEOUT_S = 30.0
 #: pause between latency trials.
 TRIAL_GAP_S = 0.1
+#: pause after an ekko latency trial's acknowledgement (its "at all N" is known only
+#: from the apply traces, after the trials): long enough that trials do not overlap.
+EKKO_TRIAL_GAP_S = 0.3
 #: seconds processes get to start (torch imports queue for 2 cores).
 START_TIMEOUT_S = 180.0
 #: rows of each publisher's last batch read back from every daemon after a drain.
@@ -636,9 +641,7 @@ class EkkoSystem(System):
     name, role = "ekko", "daemon"
 
     def start(self) -> None:
-        from ekko import Client, ModelSpec, TableSpec
-        from ekko.cli.demo import LocalCluster
-        a = self.args
+        """The cluster of the latency trials: every daemon keeps an apply trace."""
         # The daemons run this checkout's ekko.
         if not os.environ.get("PYTHONPATH", "").startswith(str(REPO) + os.pathsep):
             os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
@@ -647,9 +650,21 @@ class EkkoSystem(System):
         key_file.parent.mkdir(parents=True, exist_ok=True)
         key_file.write_text(self.key)
         key_file.chmod(0o600)
+        self.trace_dir = self.root / "trace"
+        self._start_cluster(self.trace_dir)
+        import ekko
+        self.versions = {"ekko": f"{ekko.__version__} ({_git_rev()})", "shards": str(self.spec.tables[0].num_shards)}
+
+    def _start_cluster(self, trace_dir: Path | None) -> None:
+        from ekko import Client, ModelSpec, TableSpec
+        from ekko.cli.demo import LocalCluster
+        a = self.args
         ids = [f"dc{d + 1}-r{i + 1}" for d in range(a.dcs) for i in range(a.per_dc)]
-        self.cluster = LocalCluster(a.dcs, a.per_dc, self.root / "cluster", preset="local", key_file=str(key_file),
-                                    device="cpu", node_config={nid: {"durability": "wal"} for nid in ids})
+        run = "latency" if trace_dir is not None else "throughput"
+        self.cluster = LocalCluster(a.dcs, a.per_dc, self.root / f"cluster-{run}", preset="local",
+                                    key_file=str(self.root / "cluster.key"), device="cpu",
+                                    node_config={nid: {"durability": "wal"} for nid in ids},
+                                    apply_trace_dir=trace_dir)
         self.cluster.start()
         self.cluster.wait_ready(START_TIMEOUT_S)
         if not self.cluster.wait_joined():
@@ -659,9 +674,23 @@ class EkkoSystem(System):
         Client(self.eps[0], key=self.key, timeout=30).register(self.spec)
         for ep in self.eps:     # the catalog spreads by gossip
             wait_until(lambda ep=ep: self._knowledge(ep) is not None, 60, f"{ep} to learn the model")
-        import ekko
-        self.versions = {"ekko": f"{ekko.__version__} ({_git_rev()})", "shards": str(self.spec.tables[0].num_shards)}
+
+    def visibility(self, trials: list[tuple[float, np.ndarray, np.ndarray]]) -> list[float | None]:
+        """Stop the latency cluster (each daemon flushes its apply trace), and for each trial
+        ``(t0, ids, versions)`` (``t0`` wall time) the seconds until its last row applied at
+        the last daemon (None: some daemon never applied it).  Then start a fresh cluster
+        (no traces) for the throughput runs and hand the publishers its addresses."""
+        from ekko.server.apply_trace import read_trace, trace_path, trace_visibility
+        problems = self.cluster.stop()
+        for p in problems:
+            print(f"  [ekko] latency cluster: {p}", file=sys.stderr)
+        pubs = [(ids, vers) for _, ids, vers in trials]
+        vis = np.stack([trace_visibility(read_trace(trace_path(self.trace_dir / r.node_id, MODEL, TABLE)), pubs)
+                        for r in self.cluster.replicas])
+        last = vis.max(axis=0)     # NaN where any daemon never applied the trial
+        self._start_cluster(None)
         self.start_publishers()
+        return [None if np.isnan(t) else float(t - t0) for t, (t0, _, _) in zip(last.tolist(), trials)]
 
     def _knowledge(self, ep: str) -> dict[tuple[int, int], int] | None:
         """``(shard, origin) -> counter`` of the table at ``ep``; None when it lacks the model."""
@@ -740,57 +769,31 @@ def _git_rev() -> str:
 
 # ----------------------------------------------------------------------------- latency
 async def latency_ekko(sysm: EkkoSystem, args: argparse.Namespace) -> tuple[list[float], list[float], int]:
-    import aiohttp
-
+    """One update at a time; "at all N" from the daemons' apply traces (read after the
+    trials: nothing polls the daemons while they are timed)."""
     from ekko import AsyncPublisher
     rng = np.random.default_rng(args.seed)
-    last = np.zeros(args.rows, dtype=np.int64)
-    acks, alls, timeouts = [], [], 0
-    poll_s = args.poll_ms / 1000
-
-    async def versions(session: aiohttp.ClientSession, url: str) -> np.ndarray:
-        async with session.get(url) as r:
-            raw = await r.read()
-            if r.status != 200:
-                raise RuntimeError(f"HTTP {r.status}: {raw[:200]!r}")
-        return np.frombuffer(msgpack.unpackb(raw, raw=False)["versions"], "<i8")
-
-    async def watch(session: aiohttp.ClientSession, ep: str, ids: np.ndarray, prev: np.ndarray, t0: float) -> float:
-        base = f"http://{ep}/v1/models/{MODEL}/tables/{TABLE}/rows?format=msgpack&ids="
-        pick = np.unique(np.linspace(0, len(ids) - 1, min(SAMPLE_IDS, len(ids))).astype(int))
-        url_sample = base + ",".join(map(str, ids[pick].tolist()))
-        url_all = base + ",".join(map(str, ids.tolist()))
-        while True:
-            if ((await versions(session, url_sample) > prev[pick]).all()
-                    and (await versions(session, url_all) > prev).all()):
-                return time.monotonic() - t0
-            await asyncio.sleep(poll_s)
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session, \
-            AsyncPublisher(sysm.ingest(0), origin="tput-latency", key=sysm.key, state_dir=sysm.root / "latency-pub",
-                           timeout=args.publish_timeout, durable=not args.no_fsync) as pub:
+    acks: list[float] = []
+    trials: list[tuple[float, np.ndarray, np.ndarray]] = []
+    async with AsyncPublisher(sysm.ingest(0), origin="tput-latency", key=sysm.key, state_dir=sysm.root / "latency-pub",
+                              timeout=args.publish_timeout, durable=not args.no_fsync) as pub:
         await pub.register(sysm.spec)
         for trial in range(args.warmup + args.trials):
             ids = rng.choice(args.rows, args.latency_rows, replace=False).astype(np.int64)
             vals = rng.standard_normal((args.latency_rows, args.dim), dtype=np.float32)
-            prev = last[ids]
-            t0 = time.monotonic()
-            watchers = [asyncio.ensure_future(watch(session, ep, ids, prev, t0)) for ep in sysm.eps]
+            t0, w0 = time.monotonic(), time.time()
             ack = await pub.publish(MODEL, TABLE, ids, vals)
-            t_ack = time.monotonic() - t0
-            last[ids] = ack.versions[TABLE]
-            done, pending = await asyncio.wait(watchers, timeout=TRIAL_TIMEOUT_S)
-            for w in pending:
-                w.cancel()
-            bad = pending or any(w.exception() for w in done)
             if trial >= args.warmup:
-                if bad:
-                    timeouts += 1
-                else:
-                    acks.append(t_ack)
-                    alls.append(max(w.result() for w in watchers))
-            await asyncio.sleep(TRIAL_GAP_S)
-    return acks, alls, timeouts
+                acks.append(time.monotonic() - t0)
+                trials.append((w0, ids, np.asarray(ack.versions[TABLE], np.int64)))
+            # The others wait for all N before this pause; ekko's trials cannot know
+            # without polling, so they pause longer (an overlap is reported, see below).
+            await asyncio.sleep(EKKO_TRIAL_GAP_S)
+    seen = sysm.visibility(trials)
+    alls = [t for t in seen if t is not None]
+    starts = [w0 for w0, _, _ in trials]
+    sysm.overlaps = sum(1 for i, t in enumerate(seen[:-1]) if t is not None and starts[i] + t > starts[i + 1])
+    return [a for a, t in zip(acks, seen) if t is not None], alls, len(seen) - len(alls)
 
 
 async def latency_board(sysm: _BoardSystem, args: argparse.Namespace) -> tuple[list[float], list[float], int]:
@@ -836,11 +839,14 @@ def run_system(cls: type[System], args: argparse.Namespace, rep: int) -> dict[st
         acks, alls, timeouts = asyncio.run(lat(sysm, args))
         out["latency"] = {"ack_p50_ms": _ms(pct(acks, 0.5)), "ack_p90_ms": _ms(pct(acks, 0.9)),
                           "all_p50_ms": _ms(pct(alls, 0.5)), "all_p90_ms": _ms(pct(alls, 0.9)),
-                          "all_max_ms": _ms(max(alls) if alls else None), "n": len(alls), "timeouts": timeouts}
+                          "all_max_ms": _ms(max(alls) if alls else None), "n": len(alls), "timeouts": timeouts,
+                          "overlapped": getattr(sysm, "overlaps", 0)}
         print(f"  [{sysm.name}] latency of a {args.latency_rows}-row update: ack p50 "
               f"{_fmt(out['latency']['ack_p50_ms'])}"
               f" ms, at all {sysm.n} p50 {_fmt(out['latency']['all_p50_ms'])} p90 "
-              f"{_fmt(out['latency']['all_p90_ms'])} ms (n={len(alls)}, {timeouts} timed out)", flush=True)
+              f"{_fmt(out['latency']['all_p90_ms'])} ms (n={len(alls)}, {timeouts} timed out"
+              f"{', %d overlapped the next trial' % out['latency']['overlapped'] if out['latency']['overlapped'] else ''})",
+              flush=True)
         # throughput
         out["throughput"] = {}
         for n_pub in args.publisher_counts:
@@ -956,9 +962,9 @@ def summarize(reps: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
 def methods(args: argparse.Namespace, n: int) -> dict[str, str]:
     """How each system's "applied at all N" is detected (printed and in the JSON)."""
     return {
-        "ekko latency": f"one watcher per daemon polls its rows endpoint every {args.poll_ms:g} ms (32 rows, then all "
-                        f"{args.latency_rows}) until every row's version is above its previous one: an upper bound "
-                        "by up to one poll plus one request",
+        "ekko latency": "each daemon's apply trace (ekko daemon --apply-trace: wall time of every applied row, read "
+                        "after the trials): the last apply of the update's rows at the last daemon, exact; nothing "
+                        f"polls the daemons; {EKKO_TRIAL_GAP_S:g} s between an acknowledgement and the next trial",
         "ekko throughput": f"after the window, every daemon's /v1/models/m/knowledge is polled every "
                            f"{args.drain_poll_ms:g} ms until, for each publisher and shard, it reaches the greatest "
                            "acknowledged counter there (from PublishAck.versions); then each publisher's last batch "
@@ -1035,7 +1041,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ingest", choices=["one", "spread"], default="one",
                     help="ekko publishers write to dc1-r1 (one) or to the first replica of DC i mod dcs (spread)")
     ap.add_argument("--no-fsync", action="store_true", help="ekko publishers with durable=False (no SDK fsyncs)")
-    ap.add_argument("--poll-ms", type=float, default=2.0, help="pause between an ekko latency watcher's polls")
     ap.add_argument("--drain-poll-ms", type=float, default=10.0, help="pause between knowledge polls of a drain")
     ap.add_argument("--drain-timeout", type=float, default=180.0, help="seconds a drain may take")
     ap.add_argument("--publish-timeout", type=float, default=120.0, help="seconds one publish may take")

@@ -131,6 +131,9 @@ class LocalCluster:
         key_file: cluster key file passed to every daemon.
         node_config: per replica id, ``[node]`` fields (ekko.core.config.NodeConfig) written to a
             TOML file the replica is started with (e.g. ``{"dc2-r2": {"baseline_pin_cut": "c"}}``).
+        apply_trace_dir: benches: every replica records each row it applies, with its wall
+            time, under ``apply_trace_dir/<replica id>`` (``ekko daemon --apply-trace``;
+            flushed when it stops).
 
     Example::
 
@@ -140,12 +143,14 @@ class LocalCluster:
 
     def __init__(self, dcs: int, per_dc: int, data_dir: Path, base_port: int = 0, preset: str = "local",
                  key_file: str | None = None, device: str = "cpu",
-                 node_config: dict[str, dict[str, Any]] | None = None) -> None:
+                 node_config: dict[str, dict[str, Any]] | None = None,
+                 apply_trace_dir: Path | None = None) -> None:
         if dcs < 1 or per_dc < 1:
             raise ValueError("need at least one DC and one replica per DC")
         self.data_dir = Path(data_dir)
         self.node_config = dict(node_config or {})
         self.preset, self.key_file, self.device = preset, key_file, device
+        self.apply_trace_dir = None if apply_trace_dir is None else Path(apply_trace_dir)
         self.replicas: list[Replica] = []
         n = dcs * per_dc
         ports = [base_port + i for i in range(n)] if base_port else [free_port() for _ in range(n)]
@@ -170,6 +175,8 @@ class LocalCluster:
                 cmd += ["--seed", seed]
             if self.key_file:
                 cmd += ["--key-file", self.key_file]
+            if self.apply_trace_dir is not None:
+                cmd += ["--apply-trace", str(self.apply_trace_dir / r.node_id)]
             if r.node_id in self.node_config:
                 toml = r.data_dir.parent / f"{r.node_id}.toml"
                 toml.write_text("[node]\n" + "".join(f"{k} = {json.dumps(v)}\n"

@@ -64,6 +64,56 @@ def read_trace(path: str | Path) -> np.ndarray:
     return np.frombuffer(data[:whole], RECORD)
 
 
+def first_times(rec: np.ndarray, ids: np.ndarray, versions: np.ndarray) -> np.ndarray:
+    """For each row ``(ids[i], versions[i])``, the first time the traced replica held that
+    version or a newer one (NaN: never), from its apply trace ``rec``
+    (:func:`ekko.server.apply_trace.read_trace`).  A row only ever takes newer versions,
+    so that is the time of the first record of the row at or above the version.
+
+    Example:
+        >>> rec = np.array([(1.0, 7, 10, 2), (2.0, 7, 20, 2), (1.5, 8, 5, 2)], RECORD)
+        >>> first_times(rec, np.array([7, 7, 8, 9]), np.array([10, 15, 6, 1])).tolist()
+        [1.0, 2.0, nan, nan]
+    """
+    n = len(ids)
+    if not n:
+        return np.zeros(0)
+    # Queries and records in one order: by id, then version, a query before a record of equal
+    # version (that record satisfies it); each query's answer is the next record after it.
+    all_ids = np.concatenate([np.asarray(ids, np.int64), rec["id"]])
+    all_v = np.concatenate([np.asarray(versions, np.int64), rec["version"]])
+    is_rec = np.concatenate([np.zeros(n, np.int8), np.ones(len(rec), np.int8)])
+    order = np.lexsort((is_rec, all_v, all_ids))
+    pos = np.empty(len(order), np.int64)
+    pos[order] = np.arange(len(order))
+    # next_rec[k] = the sorted position of the first record at or after sorted position k
+    sorted_is_rec = is_rec[order].astype(bool)
+    big = len(order)
+    marks = np.where(sorted_is_rec, np.arange(big), big)
+    next_rec = np.minimum.accumulate(marks[::-1])[::-1]
+    nxt = next_rec[pos[:n]]
+    out = np.full(n, np.nan)
+    ok = nxt < big
+    hit = order[nxt[ok]]                         # index into the concatenation (a record)
+    same = all_ids[hit] == np.asarray(ids, np.int64)[ok]
+    idx = np.flatnonzero(ok)[same]
+    out[idx] = rec["t"][hit[same] - n]
+    return out
+
+
+def trace_visibility(rec: np.ndarray, publishes: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """When each publish ``(ids, versions)`` became visible at the traced replica: when its
+    last row did (NaN: some row never did)."""
+    if not publishes:
+        return np.zeros(0)
+    ids = np.concatenate([i for i, _ in publishes])
+    vs = np.concatenate([v for _, v in publishes])
+    t = first_times(rec, ids, vs)
+    bounds = np.cumsum([0] + [len(i) for i, _ in publishes])
+    # np.max propagates NaN: a publish with any row never seen is never visible.
+    return np.array([t[a:b].max() if b > a else np.nan for a, b in zip(bounds[:-1], bounds[1:])])
+
+
 class ApplyTrace:
     """Appends every applied row of a node to per-table trace files (see the module doc).
 
