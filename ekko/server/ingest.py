@@ -123,14 +123,19 @@ class IngestHandlers:
             # Logged in the same loop step as the apply, so a snapshot copy sees both or neither.
             wal = self.persistence.wal
             ticket = self.persistence.wal_append(frame.body["model"], data) if wal is not None else None
-            self.driver.send_out()
+            # Its pushes leave once it is durable here, just before the answer: encoding them
+            # and waking the peers while the log's fsync ran put the peers' CPU ahead of this
+            # acknowledgement (9 daemons on 2 cores, spaced 1k-row publishes: ack p50
+            # 26.4-26.7 -> 18.3-21.9 ms; p50 at all 9 unchanged, 40-42 ms).
             if ticket is not None:
                 assert wal is not None
                 try:
                     await wal.durable(ticket)
                 except WalError as e:
+                    self.driver.send_out()   # applied here all the same
                     raise RequestRejected(f"{e}: the update is applied here but not durable; retry",
                                           "wal_error") from None
+            self.driver.send_out()
             self.metrics.published_rows.labels(frame.body["model"]).inc(ack.rows)
             answer: dict[str, Any] = {"ok": True, "rows": ack.rows, "applied": ack.applied,
                                       "max_counter": ack.max_counter}
