@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import importlib.metadata
 import logging
@@ -168,7 +169,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         print(f"ekko daemon: {e}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(daemon.serve())
+        asyncio.run(daemon.serve(ready=_freeze_startup_objects))
     except UsageError as e:  # e.g. the data dir is locked by another daemon
         print(f"ekko daemon: {e}", file=sys.stderr)
         return 2
@@ -176,6 +177,16 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         print(f"ekko daemon: cannot serve on {settings['listen']}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _freeze_startup_objects() -> None:
+    """Move what the daemon holds once it serves (torch's and aiohttp's modules, the
+    restored models: ~170k objects) out of the collector's reach: every full collection
+    walked them all again, a pause of milliseconds that hit a publish at random (1k-row
+    publishes in-process: 2.78 -> 2.35 ms p50 without the collector).  The daemon's own
+    objects are long-lived and acyclic; new garbage is still collected."""
+    gc.collect()
+    gc.freeze()
 
 
 # --------------------------------------------------------------------------- entry point
