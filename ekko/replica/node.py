@@ -59,7 +59,7 @@ from ekko.core.messages import DeltaFacts, Outgoing, PublishAck
 from ekko.core.spec import ModelSpec, TableSpec, check_name
 from ekko.core.store import ApplyResult, ModelStore
 from ekko.core.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS, MAX_COUNTER, ORIGIN_BITS, counters_of, last_counter_at
-from ekko.replica.publish import checked_after, parse_publish
+from ekko.replica.publish import checked_after, parse_publish, shard_spans
 from ekko.replica.status import cluster_view, lag
 from ekko.replica.status import status as status_view
 from ekko.replica.state import export_state, import_state
@@ -378,23 +378,18 @@ class ReplicaNode:
                     shadowed[d.table] = (d.ids[lost], cur[lost])
                     self.counters["shadowed_rows"] += int(lost.sum())
             spec = m.spec.table(d.table)
-            shards = spec.shards_of(d.ids)
-            ctr = counters_of(d.versions)
-            top = max(top, int(ctr.max()))
-            order = np.argsort(shards, kind="stable")
-            s_sorted = shards[order]
-            bounds = np.flatnonzero(np.diff(s_sorted)) + 1
+            top = max(top, int(d.versions.max()) >> ORIGIN_BITS)   # counters carry one origin
             links: list[tuple[int, int, int, int]] = []
-            for part in np.split(order, bounds):
-                s = int(shards[part[0]])
+            chain_of, dirty, pushed_at = chains[d.table], m.dirty[d.table], m.pushed_at[d.table]
+            for s, first, upto in zip(*shard_spans(spec.shards_of(d.ids), counters_of(d.versions))):
                 sync = m.shard(d.table, s)
-                after, upto = chains[d.table].get(s, -1), int(ctr[part].max())
+                after = chain_of.get(s, -1)
                 urgent = False
                 if after != -1:
-                    after, urgent = self._checked_after(sync, origin, after, int(ctr[part].min()), upto)
+                    after, urgent = self._checked_after(sync, origin, after, first, upto)
                 if sync.chain(origin, after, upto):
-                    m.dirty[d.table].add(s)
-                    m.pushed_at[d.table][s] = now     # its pushes are about to leave
+                    dirty.add(s)
+                    pushed_at[s] = now     # its pushes are about to leave
                 if sync.pending:
                     self.gap_probe.note_waiting(m, d.table, s, now, urgent)
                 if after >= 0:
