@@ -187,10 +187,14 @@ class EagerPush:
         # wire form once per flush.
         built: dict[tuple[int, ...], tuple[list[dict[str, Any]], int, list[QueuedRows]]] = {}
         next_push = float("inf")
+        cfg = self.host.config
         for peer, q in self.queues.items():
             ready = q.next_ready(now)
+            mem = self.host.members.get(peer)
+            frame_bytes = (cfg.lan_push_frame_bytes if mem is not None and mem.dc == self.host.dc
+                           else cfg.push_frame_bytes)
             while ready is not None and ready <= now:
-                batches = q.take(now, self.host.config.push_frame_bytes)
+                batches = q.take(now, frame_bytes)
                 if not batches:
                     # The queue said "ready" but gave nothing (a budget rounding edge):
                     # look again a moment later rather than spinning at this instant.

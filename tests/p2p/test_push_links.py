@@ -125,7 +125,7 @@ def test_a_batch_over_the_frame_budget_keeps_its_links_split_by_shard():
 def test_knowledge_follows_pushes_of_batches_over_the_frame_budget():
     # Anti-entropy off, frames of 2 KiB: each 300-row batch (dim 8: 48 B a row on the
     # wire) travels in several frames, and knowledge must still move with them.
-    net = assert_pushes_carry_knowledge(NodeConfig(ae_interval=1e6, push_frame_bytes=2048), dcs=2, seed=7,
+    net = assert_pushes_carry_knowledge(NodeConfig(ae_interval=1e6, push_frame_bytes=2048, lan_push_frame_bytes=2048), dcs=2, seed=7,
                                         batches=4)
     assert sum(n.counters["push_frames_sent"] for n in net.nodes.values()) > 4 * 5   # they were split
 
@@ -134,7 +134,7 @@ def test_a_dc_fan_out_shares_one_wire_form_per_slice():
     # Every link queue of the ingest's DC fan-out splits the same batch at the same shard
     # boundaries: the peers' PUSH bodies share one deltas list per slice, which is what
     # lets the daemon's transport encode each frame once (ekko_peer_frames_total).
-    cfg = NodeConfig(ae_interval=1e6, push_frame_bytes=2048)
+    cfg = NodeConfig(ae_interval=1e6, push_frame_bytes=2048, lan_push_frame_bytes=2048)
     net = make_cluster(dcs=1, per_dc=3, seed=8, config=cfg)
     net.run(2.0)
     ingest = net.nodes["n0-0"]
