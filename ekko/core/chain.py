@@ -111,16 +111,22 @@ class PublisherChain:
                       None if tombstone is None else tombstone.get(table),
                       None if impact is None else impact.get(table))
             d.check(t)
-            if len(np.unique(ids)) != n:
+            # One sort, by shard then id, serves the duplicate check (a repeated id is
+            # adjacent) and the per-shard heads (each shard one run): not a pass over the
+            # rows per shard.
+            shards = t.shards_of(ids)
+            order = np.lexsort((ids, shards))
+            sid, shards = ids[order], shards[order]
+            if n > 1 and (sid[1:] == sid[:-1]).any():
                 raise UsageError(f"{table}: duplicate row ids in one publish")
             deltas.append(delta_to_wire(d))
-            shards = t.shards_of(ids)
+            starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]])
             entries = []
             no_head = 0 if self.history_known else RESTART_LINK
-            for s in np.unique(shards).tolist():
+            for s, head in zip(shards[starts].tolist(), np.maximum.reduceat(counters[order], starts).tolist()):
                 after = self.heads.get((spec.name, table, s), no_head) if self.chained else -1
                 entries.append([s, after])
-                heads[(table, s)] = int(counters[shards == s].max())
+                heads[(table, s)] = head
             chains[table] = entries
         body = {"model": spec.name, "origin": self.origin, "deltas": deltas, "chains": chains}
         return PendingFrame(spec.name, body, heads, first, c - 1, n_total)
