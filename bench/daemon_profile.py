@@ -89,7 +89,9 @@ def aggregate(files: list[Path]) -> dict[str, Any]:
             names = [fr.split(" (")[0] + " (" + fr.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
                      if " (" in fr else fr for fr in stack.split(";")]
             total += n
-            if names[-1].startswith("EpollSelector.select") or names[-1].startswith("select ("):
+            # Waiting for work: the loop in select, an executor thread in its queue's get
+            # (py-spy samples a thread blocked on a lock as running).
+            if names[-1].startswith(("EpollSelector.select", "select (", "_worker (thread.py")):
                 idle += n
                 continue
             own[names[-1]] += n
@@ -219,7 +221,8 @@ def main() -> int:
 
     lat_ms = np.array(lat) * 1000
     res: dict[str, Any] = {
-        "args": vars(args), "load_before": load0, "load_after": load1, "rows": rows, "seconds": round(elapsed, 2),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "load_before": load0, "load_after": load1, "rows": rows, "seconds": round(elapsed, 2),
         "rows_per_s_acked": round(rows / elapsed), "ack_p50_ms": round(float(np.median(lat_ms)), 1),
         "ack_p90_ms": round(float(np.percentile(lat_ms, 90)), 1),
         "cpu_s": dict(zip(ids, [round(c, 2) for c in cpu])),
