@@ -26,11 +26,12 @@ publisher's *chain* (:mod:`ekko.core.chain`):
   a replica must not be forgotten by a crash.  So the publisher persists, in
   ``state_dir`` (:class:`ekko.sdk.state.PublisherState`): ``<origin>.json`` --
   :meth:`PublisherChain.state` (clock floor and acknowledged chain heads), written
-  after every acknowledgement; and ``<origin>.pending`` -- the frames not yet
-  acknowledged (msgpack bodies), written *before* a frame is first sent and removed
-  once it is acknowledged.  Both are written atomically (temp file, fsync,
-  ``os.replace``, directory fsync).  On start both are restored; pending frames go
-  out first.  A lock file refuses a second live publisher with the same origin and
+  after every acknowledgement, atomically (temp file, fsync, ``os.replace``,
+  directory fsync); and ``<origin>.pending.0``/``.1`` -- the frames not yet
+  acknowledged (msgpack bodies), written and fdatasync'ed *before* a frame is first
+  sent, and rewritten without them once it is acknowledged: two slot files written in
+  turn with a CRC per record, so a torn write leaves the previous record whole.  On
+  start both are restored; pending frames go out first.  A lock file refuses a second live publisher with the same origin and
   state directory.
 
 A request that the replica refuses for good (400, 409, 413: the same bytes can

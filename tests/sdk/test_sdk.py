@@ -26,6 +26,7 @@ from ekko.sdk.ack import PublishAck, PublishError
 from ekko.sdk.async_publisher import AsyncPublisher
 from ekko.sdk.endpoints import normalize_endpoint
 from ekko.sdk.publisher import Publisher
+from ekko.sdk.state import pending_frames
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.store import to_wire_values
 from ekko.core.version import ORIGIN_BITS, counters_of, origin_id, origins_of
@@ -235,7 +236,7 @@ def test_counters_increase_across_restarts_and_state_is_json(srv, tmp_path):
         p.register(SPEC)
         b = p.publish("ranker", "f32", [1], torch.ones(1, 4))
     assert int(counters_of(b.versions["f32"][0])) > state["clock"]
-    assert not (tmp_path / "rs.pending").exists()
+    assert pending_frames(tmp_path, "rs") == {}
 
 
 def test_pending_frame_survives_a_restart(srv, tmp_path):
@@ -245,7 +246,7 @@ def test_pending_frame_survives_a_restart(srv, tmp_path):
         with pytest.raises(PublishError):
             p.publish("ranker", "f32", [4], torch.full((1, 4), 4.0))
         kept = p._core._pending["ranker"]
-    assert (tmp_path / "crash.pending").exists()
+    assert list(pending_frames(tmp_path, "crash")) == ["ranker"]
     with Publisher([srv.endpoint], origin="crash", state_dir=tmp_path) as p:
         assert p.pending_models == ["ranker"]
         assert p._core.chain.clock.last >= kept.last_counter   # its counters are never reused
@@ -256,7 +257,7 @@ def test_pending_frame_survives_a_restart(srv, tmp_path):
     vals, vers = srv.rows("ranker", "f32")
     assert vals[4].tolist() == [4.0] * 4
     assert int(counters_of(vers[4])) == kept.first_counter < int(counters_of(b.versions["f32"][0]))
-    assert not (tmp_path / "crash.pending").exists()
+    assert pending_frames(tmp_path, "crash") == {}
 
 
 def test_one_live_publisher_per_origin(srv, tmp_path):
