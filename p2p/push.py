@@ -290,22 +290,39 @@ class EagerPush:
                 m.pushed_at[d.table][moved] = now
                 for s in waiting:
                     self.gaps.note_waiting(m, d.table, s, now)
-            # Forwarded rows keep the links only when every row went on (see QueuedRows.links).
-            fwd_links = ls if ls is not None and len(res) == len(d) else None
+            # Forwarded rows keep the links only when every row of the delta goes on (see
+            # QueuedRows.links).  A row already held here at a newer version -- a later
+            # publish of the origin that came round by another gateway first -- reflects
+            # this publish all the same: it goes on at the version held, and the links with
+            # it (dropping them left the peers' chains waiting for a gap probe and a pull:
+            # 4 publishers, 3x3 daemons).  A row held below its pushed version (refused
+            # here, e.g. beyond a rollback's fence) voids them.
+            fwd, fwd_links = res, None
+            if ls is not None:
+                if len(res) == len(d):
+                    fwd_links = ls
+                elif forward and not rumor:
+                    held = m.store.table(d.table).versions[d.ids]
+                    if (held >= d.versions).all():
+                        fwd, fwd_links = ApplyResult(d.ids, held, held), ls
             if rumor and len(res):
                 # Rumor mongering: pass on only what was new to us, so it dies out.
                 self.push_random(m, d.table, res, now, exclude=sender)
                 forward = True
-            elif forward and len(res):
+            elif forward and len(fwd):
                 pr = prio[i] if prio else None
+                rows: QueuedRows | None
                 if pr is not None and self.prioritizer is not None:
-                    # Rank as the publisher's replica did: same score, same class.
-                    rows = QueuedRows(m.spec.name, d.table, res.ids, res.versions, m.spec.table(d.table).row_bytes,
-                                      scores=_aligned(d, res, pr[0]), high=_aligned(d, res, pr[1]))
+                    # Rank as the publisher's replica did: same score, same class (the
+                    # scheduler's queues void links: only what changed here goes on).
+                    rows = (QueuedRows(m.spec.name, d.table, res.ids, res.versions, m.spec.table(d.table).row_bytes,
+                                       scores=_aligned(d, res, pr[0]), high=_aligned(d, res, pr[1]))
+                            if len(res) else None)
                 else:
-                    rows = self.queued(m, d.table, res, now, impact_of(d, res), fwd_links)
-                for p in peers:
-                    self.enqueue(p, rows, now)
+                    rows = self.queued(m, d.table, fwd, now, impact_of(d, fwd), fwd_links)
+                if rows is not None:
+                    for p in peers:
+                        self.enqueue(p, rows, now)
         self.host.counters["push_frames_received"] += 1
         if forward:
             self.flush(now)

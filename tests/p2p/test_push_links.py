@@ -151,3 +151,55 @@ def test_a_dc_fan_out_shares_one_wire_form_per_slice():
     assert set(by_peer) == {"n0-1", "n0-2"} and len(by_peer["n0-1"]) > 1
     assert [id(d) for d in by_peer["n0-1"]] == [id(d) for d in by_peer["n0-2"]]
     assert converged(net, trainer)
+
+
+class _FenceRow:
+    """A rollback fence that refuses one row (the real ones refuse a rolled-back range)."""
+
+    def __init__(self, row: int) -> None:
+        self.row = row
+
+    def __bool__(self) -> bool:
+        return True
+
+    def mask(self, model, table, ids, versions):
+        return ids == self.row
+
+
+@pytest.mark.parametrize("fenced", [False, True])
+def test_a_gateway_forwards_the_links_of_a_push_whose_rows_it_already_holds_newer(fenced):
+    # A gateway (n1-0) already holds row 0 at a newer version of the same origin -- a later
+    # publish that reached it round another gateway first -- when the ingest's push of the
+    # earlier frame arrives.  It must still forward that frame's link to its DC peers,
+    # with row 0 at the version it holds; without the link their chain waits for a probe.
+    # But a row it refused (fenced: held below the pushed version) voids the link.
+    net = make_cluster(dcs=2, per_dc=3, seed=3, config=NodeConfig(ae_interval=1e6))
+    net.run(2.0)
+    gw = net.nodes["n1-0"]
+    spec = SPEC.table("emb")
+    shard = int(spec.shard_of(0))
+    ids = np.arange(4, dtype=np.int64)
+    newer = Delta("ranker", "emb", ids[:1], np.full(1, pack_version(1500, 7)), np.full((1, spec.dim), 2.0, np.float32))
+    gw.receive(Frame(MsgType.PUSH, {"from": "n1-1", "dc": "dc1", "deltas": [delta_to_wire(newer)]}), net.now, "n1-1")
+    if fenced:
+        gw.rollback_protocol.fence = _FenceRow(2)
+    sent = []
+    real = gw.send
+    gw.send = lambda out: (sent.append(out), real(out))[1]
+    older = Delta("ranker", "emb", ids, np.full(4, pack_version(1000, 7)), np.ones((4, spec.dim), np.float32))
+    link = array_to_wire(np.array([[shard, 7, 0, 1000]], np.int64))
+    gw.receive(Frame(MsgType.PUSH, {"from": "n0-0", "dc": "dc0", "deltas": [delta_to_wire(older)], "links": [link]}),
+               net.now, "n0-0")
+    net.run(net.now + 0.1)
+    fwd = [o for o in sent if o.msg_type == MsgType.PUSH]
+    assert {o.dst for o in fwd} == {"n1-1", "n1-2"}
+    v_new, v_old = pack_version(1500, 7), pack_version(1000, 7)
+    for nid in ("n1-1", "n1-2"):
+        peer = net.nodes[nid]
+        vers = peer.table_store("ranker", "emb").versions[ids].tolist()
+        if fenced:
+            assert knowledge(peer)[shard].get(7, 0) == 0, nid                  # no link: row 2 is missing
+            assert vers == [0, v_old, 0, v_old]                                # the rows that took here
+        else:
+            assert knowledge(peer)[shard].get(7, 0) == 1000, nid               # the link went on
+            assert vers == [v_new, v_old, v_old, v_old]                        # row 0 as held
