@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from random import Random
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     from ekko.core.config import NodeConfig
@@ -42,6 +42,10 @@ class NodeServices(Protocol):
     peers: PeerView
     models: dict[str, ModelState]
     counters: Counter[str]
+    #: how many more PUSH messages the driver's link to a peer (by id) takes now; the
+    #: push queues keep the rest until the driver flushes again.  None: no limit (the
+    #: simulator, tests).
+    push_room: Callable[[str], int] | None
 
     def send(self, out: Outgoing) -> None:
         """Queue a message for the driver (:meth:`ekko.replica.node.ReplicaNode.drain`)."""

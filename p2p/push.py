@@ -123,6 +123,9 @@ class EagerPush:
         self.rollback = rollback
         #: when a queue is next ready (the node's push timer).
         self.next_push = float("inf")
+        #: a flush left ready rows queued for want of room at the driver (host.push_room):
+        #: the driver flushes again when a link drains, not the push timer.
+        self.held_back = False
 
     def enqueue(self, peer: str, rows: QueuedRows, now: float) -> None:
         q = self.queues.get(peer)
@@ -188,12 +191,24 @@ class EagerPush:
         built: dict[tuple[int, ...], tuple[list[dict[str, Any]], int, list[QueuedRows]]] = {}
         next_push = float("inf")
         cfg = self.host.config
+        room_of = self.host.push_room
+        self.held_back = False
         for peer, q in self.queues.items():
             ready = q.next_ready(now)
             mem = self.host.members.get(peer)
             frame_bytes = (cfg.lan_push_frame_bytes if mem is not None and mem.dc == self.host.dc
                            else cfg.push_frame_bytes)
+            room = room_of(peer) if room_of is not None and ready is not None and ready <= now else None
             while ready is not None and ready <= now:
+                if room is not None:
+                    if room <= 0:
+                        # The link to the peer is full: the rows wait here, where later
+                        # batches join them in bigger frames, until the driver reports the
+                        # link drained (no timer: waiting for room is not a deadline).
+                        self.held_back = True
+                        ready = None
+                        break
+                    room -= 1
                 batches = q.take(now, frame_bytes)
                 if not batches:
                     # The queue said "ready" but gave nothing (a budget rounding edge):

@@ -180,6 +180,9 @@ class ReplicaNode:
         if c.scheduler == "priority" and prioritizer is None and queue_factory is None:
             prioritizer, queue_factory = _priority_scheduler(c, dc, self.rng)
         self.counters: Counter[str] = Counter()
+        #: the driver's per-peer room for PUSH messages (p2p.host.NodeServices.push_room);
+        #: None (the simulator) sends every ready push at once.
+        self.push_room: Callable[[str], int] | None = None
         self._out: list[Outgoing] = []
         self._next_gossip = now
         self._next_ae = now + self.rng.uniform(0, c.ae_interval)

@@ -22,7 +22,7 @@ from ekko.core.messages import Outgoing
 from ekko.replica.node import ReplicaNode
 from ekko.server.backpressure import PublishGate
 from ekko.server.metrics import UNKNOWN_DC, DaemonMetrics
-from ekko.server.transport import HttpTransport, estimated_size
+from ekko.server.transport import PUSH_LINK_DEPTH, HttpTransport, estimated_size
 
 # The daemon's logger: operators filter and tests capture "ekko.server.daemon" for all of it.
 log = logging.getLogger("ekko.server.daemon")
@@ -95,6 +95,10 @@ class NodeDriver:
                                            "reused" if reused else "encoded").inc())
         self.is_stopped = is_stopped
         self._wake: asyncio.Event | None = None
+        # Flow control of pushes: the node sends a peer only as many PUSH messages as its
+        # link has room for, and is flushed again as the link drains (_flush_held).
+        node.push_room = self._push_room
+        self._flush_pending = False
 
     def start(self) -> None:
         """Make the wake-up event (on the serving loop, at app startup)."""
@@ -153,9 +157,28 @@ class NodeDriver:
         """Compression must pay on the LAN (see COMPRESS_MIN_SAVING); any gain across DCs."""
         return COMPRESS_MIN_SAVING if self.dc_of(out.dst, out.address) == self.node.dc else 0.0
 
+    def _push_room(self, peer: str) -> int:
+        mem = self.node.members.get(peer)
+        return self.transport.push_room(mem.address) if mem is not None else PUSH_LINK_DEPTH
+
+    def _link_drained(self) -> None:
+        """A link took a message off its queue: if the node held pushes back for want of
+        room, flush them at the loop's next step (not from inside the transport's call,
+        which may come from within send_out itself)."""
+        if self.node.eager_push.held_back and not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush_held)
+
+    def _flush_held(self) -> None:
+        self._flush_pending = False
+        if self.node.eager_push.held_back and not self.is_stopped():
+            self.node.eager_push.flush(self.clock())
+            self.send_out()
+
     def _on_sent(self, out: Outgoing, nbytes: int) -> None:
         self.gate.done(estimated_size(out))
         self.metrics.bytes_sent.labels(self.dc_of(out.dst, out.address), out.msg_type.name).inc(nbytes)
+        self._link_drained()
 
     def _on_rejected(self, address: str, reason: str) -> None:
         self.metrics.send_failures.labels(self.dc_of("", address), reason).inc()
@@ -163,3 +186,4 @@ class NodeDriver:
     def _on_failed(self, out: Outgoing, reason: str) -> None:
         self.gate.done(estimated_size(out))
         self.metrics.send_failures.labels(self.dc_of(out.dst, out.address), reason).inc()
+        self._link_drained()

@@ -60,6 +60,11 @@ log = logging.getLogger("ekko.transport")
 
 #: messages allowed to wait on one peer's link (the one being written included); more are dropped.
 MAX_PEER_BACKLOG = 64
+#: messages a peer's link may hold queued before the node keeps further pushes to that
+#: peer in its own link queue (:meth:`HttpTransport.push_room`), where they wait and
+#: coalesce instead of being dropped at MAX_PEER_BACKLOG; the rest of the backlog stays
+#: free for anti-entropy and membership messages.
+PUSH_LINK_DEPTH = 8
 #: messages queued on all links together; more are dropped.
 MAX_IN_FLIGHT = 1024
 #: total connections the shared connector keeps (all peers; one stream each, plus a legacy POST).
@@ -246,6 +251,13 @@ class HttpTransport:
         if link.writer is None:
             link.writer = asyncio.get_running_loop().create_task(self._write(link), name=f"ekko-link-{link.address}")
         return True
+
+    def push_room(self, address: str) -> int:
+        """How many more PUSH messages the link to ``address`` takes now (PUSH_LINK_DEPTH
+        less what it holds queued); the node keeps the rest of its pushes until
+        ``on_sent`` / ``on_failed`` report the link drained."""
+        link = self._links.get(address)
+        return PUSH_LINK_DEPTH - (len(link.queue) if link is not None else 0)
 
     def _fail(self, out: Outgoing, reason: str) -> None:
         self.failures[reason] += 1
