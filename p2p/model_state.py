@@ -91,6 +91,7 @@ class ModelState:
         Example:
             >>> from ekko.core.spec import ModelSpec, TableSpec
             >>> m = ModelState(ModelSpec("m", [TableSpec("t", rows=8, dim=2, shards=2)]), "cpu", False)
+            >>> syncs = [m.shard("t", 0), m.shard("t", 1)]
             >>> m.pushed_at["t"][:] = 10.0
             >>> m.in_motion("t", np.array([0, 1]), 10.2, 0.5, 2.0).tolist()  # never asked for
             [False, False]
@@ -98,6 +99,11 @@ class ModelState:
             [True, True]
             >>> m.in_motion("t", np.array([0, 1]), 12.6, 0.5, 2.0).tolist()  # settled
             [False, False]
+            >>> m.pushed_at["t"][:] = 12.6; _ = m.in_motion("t", np.array([0, 1]), 12.6, 0.5, 2.0)
+            >>> syncs[0].chain(7, 100, 200)   # shard 0 waits on a chain: a frame of origin 7 is missing
+            False
+            >>> m.in_motion("t", np.array([0, 1]), 12.7, 0.5, 2.0).tolist()
+            [False, True]
         """
         moving = (self.pushed_at[table][shards] >= now - grace) & (self.pulled_at[table][shards] >= now - max_defer)
         if moving.any():
