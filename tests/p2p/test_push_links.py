@@ -54,7 +54,13 @@ def test_links_survive_only_whole_batches_in_the_fifo_queue():
     q.put(QueuedRows("m", "t", np.array([1, 2]), np.array([5, 5]), 8, links=links), now=0.0)
     q.put(QueuedRows("m", "t", np.array([2, 3]), np.array([9, 9]), 8), now=0.0)
     first, second = q.take(0.0, 10_000)
-    assert first.ids.tolist() == [1] and first.links is None   # row 2 left it: its links are void
+    # A linked batch stays whole when a later one re-queues its row 2: taking the row out
+    # would void its links (row 2 goes twice, at the version current when each is sent).
+    assert first.ids.tolist() == [1, 2] and first.links is links and second.ids.tolist() == [2, 3]
+    q.put(QueuedRows("m", "t", np.array([1, 2]), np.array([5, 5]), 8), now=0.0)
+    q.put(QueuedRows("m", "t", np.array([2, 3]), np.array([9, 9]), 8), now=0.0)
+    first, second = q.take(0.0, 10_000)
+    assert first.ids.tolist() == [1] and second.ids.tolist() == [2, 3]   # unlinked: coalesced
     q.put(QueuedRows("m", "t", np.array([1, 2, 3]), np.array([5, 5, 5]), 8, links=links), now=0.0)
     part = q.take(0.0, 2 * (8 + 16))
     assert [len(p) for p in part] == [2] and part[0].links is None   # split by the byte budget
