@@ -31,8 +31,8 @@ publisher's *chain* (:mod:`ekko.core.chain`):
   acknowledged (msgpack bodies), written and fdatasync'ed *before* a frame is first
   sent, and rewritten without them once it is acknowledged: two slot files written in
   turn with a CRC per record, so a torn write leaves the previous record whole.  On
-  start both are restored; pending frames go out first.  A lock file refuses a second live publisher with the same origin and
-  state directory.
+  start both are restored; pending frames go out first.  A lock file refuses a second
+  live publisher with the same origin and state directory.
 
 A request that the replica refuses for good (400, 409, 413: the same bytes can
 never succeed) raises :class:`~ekko.core.errors.RemoteError` and drops the frame; a 401

@@ -80,6 +80,7 @@ class PublisherState:
         self._slot_fds: list[int | None] = [None, None]
         self._seq = 0            # of the newest record written or found
         self._durable_slot = 1   # the slot of the newest durable record (the next write goes to the other)
+        self._slots_read = False  # _seq/_durable_slot reflect the files (load, or the first save)
         self._lock_fd: int | None = None
         self._lock(self.dir / f"{base}.lock")
 
@@ -128,9 +129,13 @@ class PublisherState:
                 finally:
                     os.close(fd)
         pending, newest = _load_pending(self.legacy_pending_path, self.slot_paths)
+        self._note_newest(newest)
+        return state, pending
+
+    def _note_newest(self, newest: tuple[int, int] | None) -> None:
         if newest is not None:
             self._seq, self._durable_slot = newest
-        return state, pending
+        self._slots_read = True
 
     def save_chain(self, state: dict[str, Any]) -> None:
         atomic_write(self.chain_path, json.dumps(state, separators=(",", ":")).encode(), self.durable)
@@ -140,6 +145,10 @@ class PublisherState:
         when there are any and ``durable`` is set."""
         recs = [_frame_record(f) for f in frames]
         body = msgpack.packb({"frames": recs}, use_bin_type=True)
+        if not self._slots_read:
+            # Saved without a load first: the records there must still be superseded, and
+            # the newest of them never overwritten before this one is durable.
+            self._note_newest(_load_pending(self.legacy_pending_path, self.slot_paths)[1])
         slot = 1 - self._durable_slot
         fd = self._slot_fds[slot]
         if fd is None:

@@ -73,3 +73,14 @@ def test_the_single_file_of_earlier_versions_is_restored_and_then_removed(tmp_pa
     assert not legacy.exists()
     st.close()
     assert list(pending_frames(tmp_path, "o")) == ["old"]
+
+
+def test_a_save_without_a_load_still_supersedes_the_records_there(tmp_path):
+    st = PublisherState(tmp_path, "o")
+    for first in (10, 20, 30):               # seq 1..3, the newest ("c") in slot 0
+        st.save_pending([frame("abc"[first // 10 - 1], first)])
+    st.close()
+    st = PublisherState(tmp_path, "o")       # no load(): a tool that only writes
+    st.save_pending([frame("d", 40)])
+    st.close()
+    assert list(pending_frames(tmp_path, "o")) == ["d"]
