@@ -639,6 +639,8 @@ class DirectSystem(_BoardSystem):
 
 class EkkoSystem(System):
     name, role = "ekko", "daemon"
+    #: latency trials whose update reached all N only after the next trial began.
+    overlaps = 0
 
     def start(self) -> None:
         """The cluster of the latency trials: every daemon keeps an apply trace."""
@@ -840,7 +842,7 @@ def run_system(cls: type[System], args: argparse.Namespace, rep: int) -> dict[st
         out["latency"] = {"ack_p50_ms": _ms(pct(acks, 0.5)), "ack_p90_ms": _ms(pct(acks, 0.9)),
                           "all_p50_ms": _ms(pct(alls, 0.5)), "all_p90_ms": _ms(pct(alls, 0.9)),
                           "all_max_ms": _ms(max(alls) if alls else None), "n": len(alls), "timeouts": timeouts,
-                          "overlapped": getattr(sysm, "overlaps", 0)}
+                          "overlapped": getattr(sysm, "overlaps", 0)}   # ekko only
         print(f"  [{sysm.name}] latency of a {args.latency_rows}-row update: ack p50 "
               f"{_fmt(out['latency']['ack_p50_ms'])}"
               f" ms, at all {sysm.n} p50 {_fmt(out['latency']['all_p50_ms'])} p90 "

@@ -9,13 +9,19 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a new or renamed file) durable: fsync the directory itself."""
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by its path (opened read-only; Linux flushes what any
+    descriptor of it wrote)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a new or renamed file) durable: fsync the directory itself."""
+    fsync_path(path)
 
 
 def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
@@ -50,10 +56,11 @@ def atomic_write_with(path: Path, write: Callable[[BinaryIO], Any], durable: boo
             pass
         raise
     if durable:
-        _fsync_dir_if_possible(path.parent)
+        fsync_dir_if_possible(path.parent)
 
 
-def _fsync_dir_if_possible(d: Path) -> None:
+def fsync_dir_if_possible(d: Path) -> None:
+    """:func:`fsync_dir` where the platform allows it; errors are ignored."""
     # The rename is durable only once the directory entry is; not every platform can.
     try:
         fd = os.open(d, os.O_RDONLY)

@@ -28,7 +28,7 @@ import msgpack
 
 from ekko.core.chain import PendingFrame
 from ekko.core.errors import UsageError
-from ekko.core.fsutil import atomic_write
+from ekko.core.fsutil import atomic_write, fsync_dir_if_possible, fsync_path
 
 #: environment variable naming the state directory.
 STATE_DIR_ENV = "EKKO_STATE_DIR"
@@ -120,14 +120,8 @@ class PublisherState:
             # A record found now may never have been synced (the process died between its
             # write and its fdatasync): make it durable before it is trusted, and re-sent.
             for path in self.slot_paths:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
-                    continue
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                if path.exists():
+                    fsync_path(path)
         pending, newest = _load_pending(self.legacy_pending_path, self.slot_paths)
         self._note_newest(newest)
         return state, pending
@@ -155,7 +149,7 @@ class PublisherState:
             fd = self._slot_fds[slot] = os.open(self.slot_paths[slot], os.O_RDWR | os.O_CREAT, 0o644)
             if self.durable:
                 os.fsync(fd)
-                _fsync_dir(self.dir)   # the file exists for good before a record relies on it
+                fsync_dir_if_possible(self.dir)   # the file exists for good before a record relies on it
         self._seq += 1
         data = _PENDING_HEADER.pack(_PENDING_MAGIC, self._seq, len(body), zlib.crc32(body)) + body
         if os.pwrite(fd, data, 0) != len(data):
@@ -219,19 +213,6 @@ def _read_slot(path: Path) -> tuple[int, bytes] | None:
     if magic != _PENDING_MAGIC or len(body) != n or zlib.crc32(body) != crc:
         return None
     return seq, body
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def default_state_dir() -> Path:
