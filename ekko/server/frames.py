@@ -19,8 +19,11 @@ from ekko.replica.node import ReplicaNode
 
 #: seconds clients are asked to wait after a 429/503.
 RETRY_AFTER_S = 1
-#: frames at least this large are decoded (HMAC, zstd, msgpack) on a worker thread.
-DECODE_OFFLOAD_BYTES = 256 << 10
+#: frames at least this large are decoded (HMAC, zstd, msgpack) on a worker thread.  Above
+#: the largest push frame (1 MiB of rows): a push decoded inline costs about 1 ms, and on
+#: a busy host the hand-off (submit, the worker's wake-up, the GIL going back and forth)
+#: cost more than that (issue #15).
+DECODE_OFFLOAD_BYTES = 2 << 20
 
 #: HTTP status for each rejection reason; anything else is 400.
 _STATUS_OF_REASON = {

@@ -77,8 +77,9 @@ SEND_TIMEOUT_S = 10.0
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 2.0
 #: bodies at least this large are encoded (msgpack + zstd + HMAC) on a worker thread
-#: so that a multi-MiB pull answer does not stall the event loop.
-ENCODE_OFFLOAD_BYTES = 256 << 10
+#: so that a multi-MiB pull answer does not stall the event loop; push frames (at most
+#: 1 MiB of rows) are encoded inline, which is cheaper than the hand-off (issue #15).
+ENCODE_OFFLOAD_BYTES = 2 << 20
 #: seconds cancelled sends get to unwind at close, and a stream's close waits for the
 #: peer's answer (a stopped peer never gives one).
 CLOSE_TIMEOUT_S = 2.0
