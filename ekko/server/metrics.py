@@ -20,6 +20,8 @@ Three kinds of metrics:
 
 from __future__ import annotations
 
+import gc
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator
@@ -259,6 +261,67 @@ class _NodeCollector(Collector):
         yield members
 
 
+#: upper bounds (seconds) of the garbage-collector pause histogram's buckets.
+GC_PAUSE_BUCKETS_S = (0.0001, 0.001, 0.005, 0.02, 0.1, 0.5)
+
+
+class GcPauses(Collector):
+    """Pauses of Python's cyclic garbage collector in this process, by generation
+    (``ekko_gc_pause_seconds``): a full collection walks every tracked object, and a
+    pause stops the event loop and whatever publish or push it was serving.
+
+    One hook per process (``gc.callbacks``), installed by the first instance; every
+    daemon's registry may export it (daemons in one process share the collector).
+
+    Example:
+        >>> import gc
+        >>> pauses = GcPauses()
+        >>> _ = gc.collect()
+        >>> pauses.count[2] >= 1
+        True
+    """
+
+    _lock = threading.Lock()
+    _installed: "GcPauses | None" = None
+
+    def __new__(cls) -> "GcPauses":
+        with cls._lock:
+            if cls._installed is None:
+                self = super().__new__(cls)
+                self.count = [0, 0, 0]
+                self.seconds = [0.0, 0.0, 0.0]
+                self.buckets = [[0] * (len(GC_PAUSE_BUCKETS_S) + 1) for _ in range(3)]
+                self._started = 0.0
+                gc.callbacks.append(self._hook)
+                cls._installed = self
+            return cls._installed
+
+    def __init__(self) -> None:  # state lives in __new__: one per process
+        pass
+
+    def _hook(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        g = min(int(info.get("generation", 2)), 2)
+        took = time.perf_counter() - self._started
+        self.count[g] += 1
+        self.seconds[g] += took
+        b = self.buckets[g]
+        b[next((i for i, ub in enumerate(GC_PAUSE_BUCKETS_S) if took <= ub), len(GC_PAUSE_BUCKETS_S))] += 1
+
+    def collect(self) -> Iterable[Metric]:
+        h = HistogramMetricFamily("ekko_gc_pause_seconds", "Pauses of the cyclic garbage collector in this "
+                                  "process, by generation (2: a full collection)", labels=["generation"])
+        for g in range(3):
+            cum, acc = [], 0
+            for ub, n in zip((*GC_PAUSE_BUCKETS_S, float("inf")), self.buckets[g]):
+                acc += n
+                cum.append((repr(ub) if ub != float("inf") else "+Inf", acc))
+            h.add_metric([str(g)], cum, self.seconds[g])
+        yield h
+
+
 class _WalCollector(Collector):
     """Reads the daemon's write-ahead log (:class:`ekko.replica.wal.GroupCommitLog`) at scrape time."""
 
@@ -363,6 +426,7 @@ class DaemonMetrics:
             "ekko_push_queue_wait_seconds", "Time each pushed row waited in its link queue before it was sent, "
             "by link (lan: a peer in this DC, wan: another DC)", ["link"], [(k,) for k in LINK_KINDS])
         r.register(self.push_queue_wait)
+        r.register(GcPauses())
         self._next_freshness_sample = float("-inf")
         self._node_collector: _NodeCollector | None = None
         if node is not None:
