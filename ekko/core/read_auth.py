@@ -19,12 +19,18 @@ Example:
     >>> h = sign(kr, "GET", "/v1/status", now=1000.0)
     >>> verify(kr, h, "GET", "/v1/status", now=1001.0)
     4
+    >>> list(read_headers(b"cluster-key-0123", "http://127.0.0.1:7070/metrics"))
+    ['X-Ekko-Auth']
+    >>> read_headers(None, "/v1/status")
+    {}
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import time
+from urllib.parse import urlsplit
 
 from ekko.core.codec import Keyring
 from ekko.core.errors import ProtocolError
@@ -71,3 +77,22 @@ def verify(keyring: Keyring, header: str | None, method: str, path: str, now: fl
     if not hmac.compare_digest(_mac(key, method, path, ts), parts[3]):
         raise ProtocolError("bad read signature", "unauthenticated")
     return kid
+
+
+def read_headers(key: Keyring | bytes | str | None, target: str, now: float | None = None) -> dict[str, str]:
+    """The headers that sign ``GET target`` with ``key`` (a keyring: its primary key; bytes or
+    str: a cluster key, id 1, as ``--key-file`` gives it); ``{}`` when ``key`` is None or
+    empty, so callers pass them to any daemon, keyed or not.
+
+    ``target`` is the path with its query, as sent (``/v1/status?cluster=1``), or a whole
+    URL (``http://host:port/metrics``: its path and query are signed).  A GET signed at
+    ``now`` (unix seconds; default the clock now) is good for :data:`MAX_SKEW_S`.
+    """
+    if not key:
+        return {}
+    keyring = key if isinstance(key, Keyring) else Keyring.single(key)
+    assert keyring is not None
+    if "://" in target:
+        parts = urlsplit(target)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return {HEADER: sign(keyring, "GET", target, time.time() if now is None else now)}

@@ -264,7 +264,7 @@ class Daemon:
 
     async def _on_startup(self, app: web.Application) -> None:
         # Before anything touches the data dir: a refused start leaves a fresh one as it was.
-        live = await live_namesake(self.node.node_id, self.address, self.seeds)
+        live = await live_namesake(self.node.node_id, self.address, self.seeds, keyring=self.keyring)
         if live is not None:
             raise UsageError(f"node id {self.node.node_id!r} is alive in the cluster at {live}: "
                              f"stop that replica first, or give this one another --node-id")
