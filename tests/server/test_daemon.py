@@ -20,6 +20,7 @@ import torch
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from ekko.core import read_auth
 from ekko.core.chain import PublisherChain
 from ekko.core.codec import MAX_FRAME_BYTES, Keyring, MsgType, delta_to_wire, encode_frame
 from ekko.core.config import NodeConfig, preset
@@ -80,14 +81,16 @@ def rejects(metrics_text: str) -> dict[tuple[str, str], float]:
     return out
 
 
-async def metrics_text(client: TestClient) -> str:
-    resp = await client.get("/metrics")
+async def metrics_text(client: TestClient, key: Keyring | bytes | None = None) -> str:
+    """``/metrics``; signed with ``key`` (a keyed daemon refuses unsigned reads)."""
+    resp = await client.get("/metrics", headers=read_auth.read_headers(key, "/metrics"))
     assert resp.status == 200
     return await resp.text()
 
 
-async def digests(client: TestClient) -> dict:
-    resp = await client.get("/v1/status")
+async def digests(client: TestClient, key: Keyring | bytes | None = None) -> dict:
+    resp = await client.get("/v1/status", headers=read_auth.read_headers(key, "/v1/status"))
+    assert resp.status == 200, await resp.text()
     st = await resp.json()
     return {m: {t: i["digest"] for t, i in v["tables"].items()} for m, v in st["models"].items()}
 
