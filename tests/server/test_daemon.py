@@ -349,9 +349,9 @@ async def test_hmac_required_when_keyed(tmp_path):
             assert status == 401 and json.loads(raw)["reason"] == reason
             status, raw, _ = await post(client, "/v1/gossip", body)
             assert status == 401
-        assert (await client.get("/v1/status")).status == 200
-        assert (await digests(client)) == {}
-        counted = rejects(await metrics_text(client))
+        assert (await client.get("/v1/status")).status == 401              # reads are signed too
+        assert (await digests(client, kr)) == {}
+        counted = rejects(await metrics_text(client, kr))
         assert counted[("/v1/models", "bad_mac")] == 3 and counted[("/v1/models", "unauthenticated")] == 1
         status, ack = await register(client, keyring=kr)
         assert status == 200 and ack["created"]
