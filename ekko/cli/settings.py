@@ -4,9 +4,9 @@ TOML file, merged.
 Precedence, highest first: command-line flags, environment variables
 (``EKKO_`` + the key in capitals: ``EKKO_NODE_ID``, ``EKKO_DC``, ``EKKO_LISTEN``,
 ``EKKO_DATA_DIR``, ``EKKO_SEEDS`` as ``HOST:PORT,HOST:PORT``, ``EKKO_OPEN_METRICS`` as
-``1``/``true``/``0``/``false`` ...; one per :data:`DAEMON_KEYS` entry), the ``[daemon]`` table of ``--config``, defaults.  The
-``[node]`` table of the file is the protocol configuration
-(:func:`ekko.core.config.config_from_dict`).  Every value is checked: a wrong type
+``1``/``true``/``0``/``false`` ...; one per :data:`DAEMON_KEYS` entry), the ``[daemon]``
+table of ``--config``, defaults.  The ``[node]`` table of the file is the protocol
+configuration (:func:`ekko.core.config.config_from_dict`).  Every value is checked: a wrong type
 or an unknown name is a :class:`~ekko.core.errors.UsageError` naming the key, what
 it must be and where it came from.
 

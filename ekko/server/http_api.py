@@ -59,8 +59,8 @@ class HttpApi:
             ``/healthz``, ``/metrics`` and ``/v1/status`` still answer).
         feed: the change feed (``GET /v1/models/{model}/changes``), if any.
         shared: the tables in shared memory (``GET /v1/models/{model}/shared``), if any.
-        keyring: the daemon's keyring now; with any key in it, every GET but ``/healthz``
-            must be signed (:mod:`ekko.core.read_auth`).
+        keyring: the daemon's keyring now; with any key in it, every GET and HEAD but
+            ``/healthz`` must be signed (:mod:`ekko.core.read_auth`).
         open_metrics: serve ``/metrics`` unsigned even with keys (for Prometheus scrapers).
 
     Example:
