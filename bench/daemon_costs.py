@@ -73,6 +73,7 @@ sys.path.insert(1, str(REPO / "bench"))
 
 import numpy as np  # noqa: E402
 
+from ekko.core import read_auth  # noqa: E402
 from fidelity import trace_visibility  # noqa: E402
 
 MODEL, TABLE = "model", "emb"
@@ -87,9 +88,11 @@ DEFAULT_SCENARIO = REPO / "simulator" / "scenarios" / "paper.toml"
 _PUSH_BYTES = re.compile(rb'ekko_bytes_received_total\{[^}]*msg_type="PUSH"[^}]*\} ([0-9.e+]+)')
 
 
-def push_bytes(address: str) -> float:
-    """Push bytes a daemon has received (its /metrics)."""
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+def push_bytes(address: str, key: str | None = None) -> float:
+    """Push bytes a daemon has received (its /metrics, signed with the cluster ``key``)."""
+    url = f"http://{address}/metrics"
+    with urllib.request.urlopen(urllib.request.Request(url, headers=read_auth.read_headers(key, url)),
+                                timeout=10) as r:
         return sum(float(m) for m in _PUSH_BYTES.findall(r.read()))
 
 
@@ -290,7 +293,7 @@ def run_phase(peers: int, sizes: list[int], n: int, idle_s: float, workdir: Path
         a = cl.procs[0]
         Client(a.address, key=cl.key, timeout=30).register(spec)
         for p in cl.procs:
-            wait_for(lambda p=p: _knows(p.address), 60, 0.2, f"{p.node_id} to learn the model")
+            wait_for(lambda p=p: _knows(p.address, cl.key), 60, 0.2, f"{p.node_id} to learn the model")
         pub = Publisher([a.address], origin="costs", key=cl.key.encode(), state_dir=root / "publisher")
         rng = np.random.default_rng(1)
         try:
@@ -306,7 +309,7 @@ def run_phase(peers: int, sizes: list[int], n: int, idle_s: float, workdir: Path
             idle = {k: (c1[k] - c0[k]) / (t1 - t0) for k in c0}
             rows: list[dict[str, Any]] = []
             for size in sizes:
-                b0, c0, t0 = push_bytes(cl.procs[1].address), cl.cpu(), time.monotonic()
+                b0, c0, t0 = push_bytes(cl.procs[1].address, cl.key), cl.cpu(), time.monotonic()
                 sent, pubs = [], []
                 for _ in range(n):
                     ids = np.sort(rng.choice(ROWS, size, replace=False))
@@ -317,7 +320,7 @@ def run_phase(peers: int, sizes: list[int], n: int, idle_s: float, workdir: Path
                     time.sleep(GAP_S)
                 time.sleep(0.5)   # the last push lands
                 c1, t1 = cl.cpu(), time.monotonic()
-                nbytes = (push_bytes(cl.procs[1].address) - b0) / n
+                nbytes = (push_bytes(cl.procs[1].address, cl.key) - b0) / n
                 cpu = {k: ((c1[k] - c0[k]) - idle[k] * (t1 - t0)) / n for k in c0}
                 rows.append({"rows": size, "push_bytes": nbytes, "cpu_s": cpu, "sent": np.array(sent),
                              "publishes": pubs})
@@ -335,9 +338,11 @@ def run_phase(peers: int, sizes: list[int], n: int, idle_s: float, workdir: Path
     return {"peers": peers, "idle_cores": idle, "sizes": rows}
 
 
-def _knows(address: str) -> bool:
+def _knows(address: str, key: str | None = None) -> bool:
+    url = f"http://{address}/v1/models/{MODEL}/knowledge"
     try:
-        with urllib.request.urlopen(f"http://{address}/v1/models/{MODEL}/knowledge", timeout=10) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=read_auth.read_headers(key, url)),
+                                    timeout=10) as r:
             return r.status == 200
     except OSError:
         return False

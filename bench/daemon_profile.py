@@ -64,8 +64,16 @@ def cpu_seconds(pid: int, kernel: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def scrape(ep: str) -> dict[str, dict[str, float]]:
-    txt = urllib.request.urlopen(f"http://{ep}/metrics", timeout=30).read().decode()
+def get(url: str, key: str | None) -> bytes:
+    """GET ``url`` signed with the cluster ``key`` (the daemons hold one: reads are signed)."""
+    from ekko.core import read_auth
+    req = urllib.request.Request(url, headers=read_auth.read_headers(key, url))
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.read()
+
+
+def scrape(ep: str, key: str | None = None) -> dict[str, dict[str, float]]:
+    txt = get(f"http://{ep}/metrics", key).decode()
     out: dict[str, dict[str, float]] = {"events": {}, "frames": {}, "failures": {}}
     for kind, metric, label in (("events", "ekko_node_events_total", "event"),
                                 ("frames", "ekko_peer_frames_total", "outcome"),
@@ -184,12 +192,12 @@ def main() -> int:
     Client(eps[0], key=key, timeout=30).register(spec)
     for ep in eps:   # the catalog spreads by gossip
         end = time.monotonic() + 60
-        while "m" not in json.loads(urllib.request.urlopen(f"http://{ep}/v1/status", timeout=30).read())["models"]:
+        while "m" not in json.loads(get(f"http://{ep}/v1/status", key))["models"]:
             if time.monotonic() > end:
                 raise SystemExit(f"{ep} did not learn the model")
             time.sleep(0.1)
     pids = [r.proc.pid for r in cluster.replicas]
-    before = {ep: scrape(ep) for ep in eps}
+    before = {ep: scrape(ep, key) for ep in eps}
     spies = []
     spy_dir = args.py_spy_dir or root
     spy_dir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +224,7 @@ def main() -> int:
     own = cpu_seconds(os.getpid()) - own0
     for s in spies:
         s.wait()
-    after = {ep: scrape(ep) for ep in eps}
+    after = {ep: scrape(ep, key) for ep in eps}
     load1 = os.getloadavg()
 
     lat_ms = np.array(lat) * 1000

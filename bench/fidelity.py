@@ -78,6 +78,7 @@ elif str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from ekko.core import read_auth  # noqa: E402
 from ekko.core.errors import UsageError  # noqa: E402
 from ekko.server.apply_trace import first_times, trace_visibility  # noqa: E402,F401 -- re-exported (bench/daemon_costs.py)
 
@@ -440,12 +441,13 @@ class KnowledgePoller(threading.Thread):
     ``changes`` is a list of ``(before, at, {(shard, origin): counter})``: ``at`` is when
     the poll that first saw this knowledge caught it, ``before`` when the poll before it
     did (the knowledge arrived in between).  A poll "catches" the state at the middle
-    of its request and answer.
+    of its request and answer.  ``key`` (the cluster key) signs each poll: a keyed
+    daemon refuses unsigned reads.
     """
 
-    def __init__(self, address: str, period_s: float, stop: threading.Event) -> None:
+    def __init__(self, address: str, period_s: float, stop: threading.Event, key: str | None = None) -> None:
         super().__init__(name=f"poll-{address}", daemon=True)
-        self.address, self.period_s, self.stop = address, period_s, stop
+        self.address, self.period_s, self.stop, self.key = address, period_s, stop, key
         self.changes: list[tuple[float, float, dict[tuple[int, int], int]]] = []
         self.errors = 0
         self.polls = 0
@@ -459,10 +461,11 @@ class KnowledgePoller(threading.Thread):
         path = f"/v1/models/{MODEL}/knowledge"
         last_catch = None
         while not self.stop.is_set():
+            headers = read_auth.read_headers(self.key, path)
             t_send = time.monotonic()
             t_next = t_send + self.period_s
             try:
-                conn.request("GET", path)
+                conn.request("GET", path, headers=headers)
                 resp = conn.getresponse()
                 body = resp.read()
                 catch = (t_send + time.monotonic()) / 2
@@ -558,7 +561,7 @@ class RealRun:
         ingest = self.procs[0]
         Client(ingest.address, key=self.key, timeout=30).register(spec)
         for p in self.procs:
-            wait_for(lambda p=p: _has_model(p.address), MODEL_SPREAD_TIMEOUT_S, 0.2, f"{p.node_id} to learn the model")
+            wait_for(lambda p=p: _has_model(p.address, self.key), MODEL_SPREAD_TIMEOUT_S, 0.2, f"{p.node_id} to learn the model")
         batches = workload_batches(sc)
         rng = np.random.default_rng(cfg.seed)
         table = spec.table(TABLE)
@@ -638,7 +641,7 @@ class RealRun:
         (their ``ekko_bytes_sent`` counters: frames, no stream or TCP/IP framing)."""
         out: dict[str, float] = {}
         for p, (_, dc) in zip(self.procs, self.placement):
-            for peer_dc, msg_type, v in _bytes_sent(p.address):
+            for peer_dc, msg_type, v in _bytes_sent(p.address, self.key):
                 if peer_dc != dc:
                     k = f"{dc}->{peer_dc} {msg_type}"
                     out[k] = out.get(k, 0.0) + v
@@ -670,7 +673,7 @@ class RealRun:
         """Poll every replica's knowledge until all reach ``want`` (False at the deadline).
         Only outside the measured window (polls are load): visibility comes from the traces."""
         stop = threading.Event()
-        pollers = [KnowledgePoller(p.address, self.cfg.poll_ms / 1000, stop) for p in self.procs]
+        pollers = [KnowledgePoller(p.address, self.cfg.poll_ms / 1000, stop, self.key) for p in self.procs]
         for t in pollers:
             t.start()
         try:
@@ -689,11 +692,12 @@ class RealRun:
         self.proxy.stop()
 
 
-def _has_model(address: str) -> bool:
+def _has_model(address: str, key: str | None = None) -> bool:
     host, port = address.rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=POLL_TIMEOUT_S)
+    path = f"/v1/models/{MODEL}/knowledge"
     try:
-        conn.request("GET", f"/v1/models/{MODEL}/knowledge")
+        conn.request("GET", path, headers=read_auth.read_headers(key, path))
         return conn.getresponse().status == 200
     finally:
         conn.close()
@@ -720,12 +724,12 @@ _BYTES_SENT = re.compile(r'ekko_bytes_sent_total\{msg_type="([A-Z_]+)",peer_dc="
                          r'|ekko_bytes_sent_total\{peer_dc="([^"]*)",msg_type="([A-Z_]+)"\} ([0-9.e+]+)')
 
 
-def _bytes_sent(address: str) -> list[tuple[str, str, float]]:
-    """``(peer_dc, msg_type, bytes)`` of a daemon's ``ekko_bytes_sent`` (its /metrics)."""
+def _bytes_sent(address: str, key: str | None = None) -> list[tuple[str, str, float]]:
+    """``(peer_dc, msg_type, bytes)`` of a daemon's ``ekko_bytes_sent`` (its /metrics, signed with ``key``)."""
     host, port = address.rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=POLL_TIMEOUT_S)
     try:
-        conn.request("GET", "/metrics")
+        conn.request("GET", "/metrics", headers=read_auth.read_headers(key, "/metrics"))
         text = conn.getresponse().read().decode()
     finally:
         conn.close()

@@ -651,7 +651,8 @@ class SeedRun:
 
     # -- checks -------------------------------------------------------------------------
     def _views(self) -> dict[str, dict[str, Any]]:
-        return {n: get_json(a, f"/v1/models/{MODEL}/knowledge") for n, a in self.cluster.advertised.items()}
+        return {n: get_json(a, f"/v1/models/{MODEL}/knowledge", key=self.key)
+                for n, a in self.cluster.advertised.items()}
 
     def _check(self) -> SeedResult:
         acked, doubt = self.ref.writes("acked"), self.ref.writes("doubt")
@@ -703,7 +704,7 @@ class SeedRun:
         return [Violation("rollback-records", missing[0], len(missing))] if missing else []
 
     def _read(self, address: str, t: TableSpec) -> tuple[np.ndarray, np.ndarray]:
-        r = Client(address, timeout=CLIENT_TIMEOUT_S).read(MODEL, t.name, np.arange(t.rows))
+        r = Client(address, key=self.key, timeout=CLIENT_TIMEOUT_S).read(MODEL, t.name, np.arange(t.rows))
         return r.versions, r.values.numpy()
 
     def _check_5xx(self) -> list[Violation]:

@@ -177,8 +177,11 @@ def wait_until(pred: Any, timeout: float, what: str, interval: float = 0.1) -> N
         time.sleep(interval)
 
 
-def http_get(url: str, timeout: float = 30.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
+def http_get(url: str, timeout: float = 30.0, key: str | None = None) -> bytes:
+    """GET ``url``; ``key`` (the cluster key) signs it: a keyed daemon refuses unsigned reads."""
+    from ekko.core import read_auth
+    with urllib.request.urlopen(urllib.request.Request(url, headers=read_auth.read_headers(key, url)),
+                                timeout=timeout) as r:
         return r.read()
 
 
@@ -697,7 +700,7 @@ class EkkoSystem(System):
     def _knowledge(self, ep: str) -> dict[tuple[int, int], int] | None:
         """``(shard, origin) -> counter`` of the table at ``ep``; None when it lacks the model."""
         try:
-            body = json.loads(http_get(f"http://{ep}/v1/models/{MODEL}/knowledge"))
+            body = json.loads(http_get(f"http://{ep}/v1/models/{MODEL}/knowledge", key=self.key))
         except urllib.error.HTTPError:
             return None
         return {(int(s), int(o)): int(c) for s, k, _ in body["tables"].get(TABLE, []) for o, c in k}
@@ -746,7 +749,7 @@ class EkkoSystem(System):
             ids, vers = np.asarray(r["check"][0]), np.asarray(r["check"][1])
             for ep in self.eps:
                 raw = http_get(f"http://{ep}/v1/models/{MODEL}/tables/{TABLE}/rows?format=msgpack&ids="
-                               + ",".join(map(str, ids.tolist())))
+                               + ",".join(map(str, ids.tolist())), key=self.key)
                 got = np.frombuffer(msgpack.unpackb(raw, raw=False)["versions"], "<i8")
                 ok = ok and bool((got >= vers).all())
         return t_done, ok

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 
+from ekko.core import read_auth
 from ekko.core.codec import Keyring, MsgType, encode_frame
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,11 +63,14 @@ def wait_for(pred: Callable[[], Any], timeout: float, interval: float = 0.1, wha
 
 
 # --------------------------------------------------------------------------- HTTP helpers
-def http(method: str, url: str, data: bytes | None = None, timeout: float = HTTP_TIMEOUT_S
-         ) -> tuple[int, bytes, dict[str, str]]:
-    """One request with urllib; returns (status, body, headers) for 2xx and 4xx/5xx alike."""
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/octet-stream"} if data is not None else {})
+def http(method: str, url: str, data: bytes | None = None, timeout: float = HTTP_TIMEOUT_S,
+         key: Keyring | bytes | str | None = None) -> tuple[int, bytes, dict[str, str]]:
+    """One request with urllib; returns (status, body, headers) for 2xx and 4xx/5xx alike.
+    ``key`` signs a GET (a daemon with a key refuses unsigned reads: ekko.core.read_auth)."""
+    headers = {"Content-Type": "application/octet-stream"} if data is not None else {}
+    if method == "GET":
+        headers.update(read_auth.read_headers(key, url))
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read(), dict(resp.headers)
@@ -80,25 +84,28 @@ def post_frame(address: str, path: str, msg_type: MsgType, body: dict[str, Any],
     return status, (json.loads(raw) if raw else None)
 
 
-def get_json(address: str, path: str) -> Any:
-    status, raw, _ = http("GET", f"http://{address}{path}")
+def get_json(address: str, path: str, key: Keyring | bytes | str | None = None) -> Any:
+    """GET ``path`` as JSON (signed with ``key`` when given); AssertionError unless 200."""
+    status, raw, _ = http("GET", f"http://{address}{path}", key=key)
     if status != 200:
         raise AssertionError(f"GET {path} on {address}: {status} {raw[:300]!r}")
     return json.loads(raw)
 
 
-def read_rows(address: str, model: str, table: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def read_rows(address: str, model: str, table: str, ids: np.ndarray,
+              key: Keyring | bytes | str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Values (float32 tables) and versions of rows, via the msgpack read format."""
     q = ",".join(str(int(i)) for i in ids)
-    status, raw, _ = http("GET", f"http://{address}/v1/models/{model}/tables/{table}/rows?ids={q}&format=msgpack")
+    status, raw, _ = http("GET", f"http://{address}/v1/models/{model}/tables/{table}/rows?ids={q}&format=msgpack",
+                          key=key)
     assert status == 200, raw[:300]
     m = msgpack.unpackb(raw, raw=False)
     vals = np.frombuffer(m["values"], "<f4").reshape(m["n"], m["dim"])
     return vals, np.frombuffer(m["versions"], "<i8")
 
 
-def table_digests(address: str, model: str) -> dict[str, str] | None:
-    st = get_json(address, "/v1/status")
+def table_digests(address: str, model: str, key: Keyring | bytes | str | None = None) -> dict[str, str] | None:
+    st = get_json(address, "/v1/status", key)
     m = st["models"].get(model)
     if m is None:
         return None

@@ -128,7 +128,8 @@ class LocalCluster:
         data_dir: each replica keeps snapshots and a log file under it.
         base_port: first port (consecutive ports follow); 0 picks free ports.
         preset: protocol timing preset of every daemon.
-        key_file: cluster key file passed to every daemon.
+        key_file: cluster key file passed to every daemon; :meth:`client` signs with it
+            (a keyed daemon refuses unsigned reads, :mod:`ekko.core.read_auth`).
         node_config: per replica id, ``[node]`` fields (ekko.core.config.NodeConfig) written to a
             TOML file the replica is started with (e.g. ``{"dc2-r2": {"baseline_pin_cut": "c"}}``).
         apply_trace_dir: benches: every replica records each row it applies, with its wall
@@ -150,6 +151,8 @@ class LocalCluster:
         self.data_dir = Path(data_dir)
         self.node_config = dict(node_config or {})
         self.preset, self.key_file, self.device = preset, key_file, device
+        #: the cluster key read from ``key_file`` (None without one): what :meth:`client` signs with.
+        self.key: bytes | None = Path(key_file).read_bytes().strip() if key_file else None
         self.apply_trace_dir = None if apply_trace_dir is None else Path(apply_trace_dir)
         self.replicas: list[Replica] = []
         n = dcs * per_dc
@@ -163,6 +166,11 @@ class LocalCluster:
     @property
     def endpoints(self) -> list[str]:
         return [r.address for r in self.replicas]
+
+    def client(self, address: str, timeout: float = 5.0) -> Any:
+        """An :class:`ekko.sdk.client.Client` of one replica, signing with the cluster key (if any)."""
+        from ekko.sdk.client import Client
+        return Client(address, key=self.key, timeout=timeout)
 
     def start(self) -> None:
         seed = self.replicas[0].address
@@ -194,7 +202,6 @@ class LocalCluster:
 
         ``on_ready(replica, ready, seconds)`` is called as each one starts serving: how many
         serve by then, and the seconds since this call began."""
-        from ekko.sdk.client import Client
         t0 = time.monotonic()
         end = t0 + timeout
         pending = list(self.replicas)
@@ -202,7 +209,7 @@ class LocalCluster:
             for r in list(pending):
                 if r.proc is not None and r.proc.poll() is not None:
                     raise RuntimeError(f"{r.node_id} exited with {r.proc.returncode}:\n{self.log_tail(r)}")
-                if Client(r.address, timeout=2).healthz():
+                if self.client(r.address, timeout=2).healthz():
                     pending.remove(r)
                     if on_ready is not None:
                         on_ready(r, len(self.replicas) - len(pending), time.monotonic() - t0)
@@ -212,9 +219,8 @@ class LocalCluster:
 
     def wait_joined(self, timeout: float = JOIN_TIMEOUT_S) -> bool:
         """Until the seed sees every replica alive; False after ``timeout``."""
-        from ekko.sdk.client import Client
         end = time.monotonic() + timeout
-        c = Client(self.replicas[0].address, timeout=5)
+        c = self.client(self.replicas[0].address, timeout=5)
         while time.monotonic() < end:
             try:
                 members = c.status(cluster=True).get("members", [])
@@ -442,8 +448,7 @@ class _Poller(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        from ekko.sdk.client import Client
-        clients = {r.node_id: Client(r.address, timeout=2) for r in self.cluster.replicas}
+        clients = {r.node_id: self.cluster.client(r.address, timeout=2) for r in self.cluster.replicas}
         while not self.stopped.is_set():
             for nid, c in clients.items():
                 asked = time.monotonic()
@@ -458,24 +463,22 @@ class _Poller(threading.Thread):
 
 
 def _digests(cluster: LocalCluster) -> dict[str, dict[str, str] | None]:
-    from ekko.sdk.client import Client
     out: dict[str, dict[str, str] | None] = {}
     for r in cluster.replicas:
         try:
-            tables = Client(r.address, timeout=5).status()["models"][MODEL]["tables"]
+            tables = cluster.client(r.address, timeout=5).status()["models"][MODEL]["tables"]
             out[r.node_id] = {t: info.get("digest", "") for t, info in tables.items()}
         except Exception:
             out[r.node_id] = None
     return out
 
 
-def _matches_model(endpoint: str, model: Any) -> bool:
+def _matches_model(cluster: LocalCluster, endpoint: str, model: Any) -> bool:
     """Every table of one replica equals the module's weights, bit for bit."""
     import numpy as np
-    from ekko.sdk.client import Client
     from ekko.core.store import to_wire_values
     from ekko.sdk.tracking import dense_rows, module_layout
-    c = Client(endpoint, timeout=30)
+    c = cluster.client(endpoint, timeout=30)
     for lay, p, _ in module_layout(model):
         want = to_wire_values(p.detach() if lay.kind == "embedding" else dense_rows(p, lay.rows, lay.dim))
         got = to_wire_values(c.read_rows(MODEL, lay.name, np.arange(lay.rows)))
@@ -499,10 +502,10 @@ def start_serving(cluster: LocalCluster, seed: int, console: Any) -> Any:
     """The inference loop on the first replica of the last DC (None if it cannot start)."""
     from ekko.cli.demo_serving import MODEL_WAIT_S, ServingLoop, wait_for_model
     far = next(r for r in cluster.replicas if r.dc == cluster.replicas[-1].dc)
-    if not wait_for_model(far.address, MODEL, MODEL_WAIT_S):
+    if not wait_for_model(far.address, MODEL, MODEL_WAIT_S, key=cluster.key):
         console.print(f"[yellow]{far.node_id} does not hold the model yet: not serving[/]")
         return None
-    loop = ServingLoop(far.address, MODEL, lambda: build_model(seed), seed + 100, ClickStream)
+    loop = ServingLoop(far.address, MODEL, lambda: build_model(seed), seed + 100, ClickStream, key=cluster.key)
     loop.node_id, loop.dc = far.node_id, far.dc
     loop.start()
     console.print(f"serving from {far.node_id} ({far.dc}) through ekko.attach", highlight=False)
@@ -636,7 +639,7 @@ def run(args: argparse.Namespace) -> int:
         if not failed and model is not None:
             converged, digests = _wait_converged(cluster, CONVERGE_TIMEOUT_S)
             if converged:
-                matches = _matches_model(cluster.replicas[0].address, model)
+                matches = _matches_model(cluster, cluster.replicas[0].address, model)
     except KeyboardInterrupt:
         interrupted = True
     except Exception as e:

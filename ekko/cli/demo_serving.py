@@ -44,13 +44,14 @@ class ServingLoop(threading.Thread):
         factory: builds a fresh demo model (its own weights are replaced by the binding).
         seed: of the request stream.
         stream: builds the click stream from a seed (the demo's ``ClickStream``).
+        key: the cluster key of a keyed replica (it signs the attach).
     """
 
     def __init__(self, endpoint: str, model: str, factory: Callable[[], Any], seed: int,
-                 stream: Callable[[int], Any]) -> None:
+                 stream: Callable[[int], Any], key: Any = None) -> None:
         super().__init__(name="ekko-demo-serving", daemon=True)
         from ekko.serving import attach
-        self.attached = attach(endpoint, model)
+        self.attached = attach(endpoint, model, key)
         self.model = factory()
         self.attached.bind(self.model)
         self.requests = stream(seed)
@@ -87,14 +88,19 @@ class ServingLoop(threading.Thread):
                     "trainer_eval_loss": trained}
 
 
-def wait_for_model(endpoint: str, model: str, timeout: float) -> bool:
-    """Until the replica holds the model (the catalog reaches it by gossip)."""
+def wait_for_model(endpoint: str, model: str, timeout: float, key: Any = None) -> bool:
+    """Until the replica holds the model (the catalog reaches it by gossip); ``key`` signs
+    the reads of a keyed replica."""
     import urllib.error
     import urllib.request
+
+    from ekko.core import read_auth
+    url = f"http://{endpoint}/v1/models/{model}"
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         try:
-            with urllib.request.urlopen(f"http://{endpoint}/v1/models/{model}", timeout=5) as r:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=read_auth.read_headers(key, url)),
+                                        timeout=5) as r:
                 if r.status == 200:
                     return True
         except (urllib.error.URLError, OSError):

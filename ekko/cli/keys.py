@@ -40,8 +40,8 @@ def register_cli(sub: Any) -> None:
     a.add_argument("--from", dest="source", metavar="FILE", help="copy key --id (secret and grant) from this keyring")
     a.add_argument("--publisher", action="store_true", help="a publisher key (publishes only, see --model/--origin)")
     a.add_argument("--reader", action="store_true",
-                   help="a reader key (signs reads only, see --model); once a daemon's keyring holds one, "
-                        "unsigned reads get 401")
+                   help="a reader key (signs reads only, see --model); a daemon that holds any key "
+                        "answers unsigned reads with 401")
     a.add_argument("--model", dest="models", action="append", metavar="NAME",
                    help="model this publisher key may write, or this reader key read (repeatable; default any)")
     a.add_argument("--origin", dest="origins", action="append", metavar="NAME_OR_ID",

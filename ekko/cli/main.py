@@ -104,7 +104,8 @@ def _add_daemon(sub: Any) -> None:
         description=f"Run one replica until SIGTERM/SIGINT.\n\nRequired: {required}; each as a flag, as an\n"
                     "EKKO_* environment variable, or in the [daemon] table of --config.\n"
                     "Precedence: flags > environment > config file > defaults.",
-        epilog=f"environment variables (one per flag; EKKO_SEEDS is comma-separated):\n{env}")
+        epilog=f"environment variables (one per flag; EKKO_SEEDS is comma-separated, EKKO_OPEN_METRICS\n"
+               f"is 1/true or 0/false):\n{env}")
 
     def need(key: str, text: str) -> str:
         return ("(required) " if key in REQUIRED_KEYS else "") + f"{text} [{env_name(key)}]"
@@ -118,7 +119,8 @@ def _add_daemon(sub: Any) -> None:
     p.add_argument("--data-dir", help=need("data_dir", "directory for snapshots and the write-ahead log"))
     p.add_argument("--config", metavar="FILE.toml", help="TOML file: [node] protocol config, [daemon] flags")
     p.add_argument("--preset", choices=KEY_CHOICES["preset"], help=need("preset", "protocol timing preset"))
-    p.add_argument("--key-file", help=need("key_file", "file holding the cluster key (HMAC-SHA256)"))
+    p.add_argument("--key-file", help=need("key_file", "file holding the cluster key (HMAC-SHA256); with a key, every "
+                                         "frame and every read but /healthz must be signed"))
     p.add_argument("--keyring", dest="keyring_file", metavar="FILE",
                    help=need("keyring_file", "keyring file (ekko keys; mode 600) instead of --key-file; "
                                              "re-read on SIGHUP"))
@@ -131,6 +133,10 @@ def _add_daemon(sub: Any) -> None:
     p.add_argument("--apply-trace", metavar="DIR",
                    help=need("apply_trace", "for benches: record every applied row with its wall time in "
                                             "DIR/<model>.<table>.applies (25 bytes a row)"))
+    p.add_argument("--open-metrics", action=argparse.BooleanOptionalAction, default=None,
+                   help=need("open_metrics", "serve /metrics unsigned although the daemon holds keys, for "
+                                             "Prometheus scrapers (every other read still needs a signature; "
+                                             "default off)"))
     p.set_defaults(func=cmd_daemon)
 
 
@@ -164,7 +170,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         daemon = Daemon(settings["node_id"], settings["dc"], settings["listen"], settings["seeds"],
                         settings["data_dir"], config, key=key, device=settings.get("device"),
                         advertise=settings.get("advertise"), keyring_file=settings.get("keyring_file"),
-                        apply_trace=settings.get("apply_trace"))
+                        apply_trace=settings.get("apply_trace"), open_metrics=settings["open_metrics"])
     except UsageError as e:
         print(f"ekko daemon: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ def register_cli(sub: Any) -> None:
     add_peer_option(c, "replica to ask")
     c.add_argument("--model", required=True, help="model whose cuts to list")
     c.add_argument("--json", action="store_true", help="print the cuts as JSON")
+    _add_key_options(c)     # a replica that holds a key refuses unsigned reads
     c.set_defaults(func=cuts_cmd)
     t = sub.add_parser("cut", help="take a named cut of a model now (it reaches every replica)")
     add_peer_option(t, "replica that takes the cut")

@@ -3,10 +3,10 @@ TOML file, merged.
 
 Precedence, highest first: command-line flags, environment variables
 (``EKKO_`` + the key in capitals: ``EKKO_NODE_ID``, ``EKKO_DC``, ``EKKO_LISTEN``,
-``EKKO_DATA_DIR``, ``EKKO_SEEDS`` as ``HOST:PORT,HOST:PORT`` ...; one per
-:data:`DAEMON_KEYS` entry), the ``[daemon]`` table of ``--config``, defaults.  The
-``[node]`` table of the file is the protocol configuration
-(:func:`ekko.core.config.config_from_dict`).  Every value is checked: a wrong type
+``EKKO_DATA_DIR``, ``EKKO_SEEDS`` as ``HOST:PORT,HOST:PORT``, ``EKKO_OPEN_METRICS`` as
+``1``/``true``/``0``/``false`` ...; one per :data:`DAEMON_KEYS` entry), the ``[daemon]``
+table of ``--config``, defaults.  The ``[node]`` table of the file is the protocol
+configuration (:func:`ekko.core.config.config_from_dict`).  Every value is checked: a wrong type
 or an unknown name is a :class:`~ekko.core.errors.UsageError` naming the key, what
 it must be and where it came from.
 
@@ -27,7 +27,7 @@ from ekko.core.errors import UsageError
 
 #: [daemon] keys a config file may set (the command-line flags without dashes).
 DAEMON_KEYS = ("node_id", "dc", "listen", "advertise", "seeds", "data_dir", "key_file", "device", "preset",
-               "log_level", "torch_threads", "keyring_file", "apply_trace")
+               "log_level", "torch_threads", "keyring_file", "apply_trace", "open_metrics")
 #: keys a daemon cannot start without, whichever of flags, environment or file gives them.
 REQUIRED_KEYS = ("node_id", "dc", "listen", "data_dir")
 #: prefix of the environment variable of each daemon key (``EKKO_NODE_ID`` ...).
@@ -36,6 +36,11 @@ ENV_PREFIX = "EKKO_"
 LIST_KEYS = ("seeds",)
 #: keys whose value is an integer.
 INT_KEYS = ("torch_threads",)
+#: keys whose value is true or false (TOML booleans; in the environment, one of BOOL_WORDS).
+BOOL_KEYS = ("open_metrics",)
+#: how the environment spells a boolean key's value.
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+              "off": False}
 #: allowed values of the keys that have a fixed set (the flags' choices too).
 KEY_CHOICES: dict[str, tuple[str, ...]] = {"device": ("cpu", "cuda"), "preset": tuple(PRESETS),
                                            "log_level": ("debug", "info", "warning", "error")}
@@ -65,6 +70,10 @@ def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
                 out[key] = int(raw)
             except ValueError:
                 raise UsageError(f"environment {env_name(key)} must be an integer, got {raw!r}") from None
+        elif key in BOOL_KEYS:
+            if raw.lower() not in BOOL_WORDS:
+                raise UsageError(f"environment {env_name(key)} must be one of {list(BOOL_WORDS)}, got {raw!r}")
+            out[key] = BOOL_WORDS[raw.lower()]
         else:
             out[key] = raw
     return out
@@ -76,6 +85,8 @@ def check_value(key: str, value: Any, where: str) -> None:
         ok, what = isinstance(value, list) and all(isinstance(s, str) for s in value), "a list of HOST:PORT strings"
     elif key in INT_KEYS:
         ok, what = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "a positive integer"
+    elif key in BOOL_KEYS:
+        ok, what = isinstance(value, bool), "true or false"
     else:
         ok, what = isinstance(value, str), "a string"
     if ok and key in KEY_CHOICES:
@@ -121,6 +132,8 @@ def daemon_settings(args: argparse.Namespace, environ: Mapping[str, str] | None 
     if settings.get("preset"):
         node_cfg["preset"] = settings["preset"]
     settings["seeds"] = list(settings.get("seeds") or [])
+    for k in BOOL_KEYS:
+        settings[k] = bool(settings.get(k))
     threads = settings.get("torch_threads")
     if threads is None:
         settings["torch_threads"] = DEFAULT_TORCH_THREADS

@@ -53,8 +53,8 @@ def register_cli(sub: Any) -> None:
 
 
 def add_read_key_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--key-file", help="file holding a key to sign the read with (a replica whose keyring holds "
-                                      "reader keys refuses unsigned reads)")
+    p.add_argument("--key-file", help="file holding a key to sign the read with (a replica that holds a key "
+                                      "refuses unsigned reads)")
     p.add_argument("--keyring", metavar="FILE", help="keyring file (ekko keys) whose primary key signs the read")
 
 
@@ -80,14 +80,8 @@ def fetch_status(peer: str, cluster: bool = False, timeout: float = STATUS_TIMEO
     for a malformed address)."""
     path = "/v1/status" + ("?cluster=1" if cluster else "")
     base = peer_url(peer)
-    headers = {}
-    if keyring:
-        import time as _time
-        from urllib.parse import urlsplit
-
-        from ekko.core import read_auth
-        headers[read_auth.HEADER] = read_auth.sign(keyring, "GET", urlsplit(base).path.rstrip("/") + path,
-                                                   _time.time())
+    from ekko.core import read_auth
+    headers = read_auth.read_headers(keyring, base + path)
     try:
         with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers), timeout=timeout) as resp:
             return json.loads(resp.read())

@@ -212,7 +212,8 @@ class Keyring:
 
     @property
     def read_acl(self) -> bool:
-        """True when reads must be signed (the keyring holds reader keys)."""
+        """True when the keyring holds reader keys.  (A daemon with any key at all refuses
+        unsigned reads: :mod:`ekko.core.read_auth`.)"""
         return bool(self.readers)
 
     def is_peer(self, key_id: int) -> bool:

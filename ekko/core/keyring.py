@@ -17,10 +17,11 @@ A keyring file is JSON, readable by its owner only (``chmod 600``)::
   verify with; ``secret`` is base64 (at least :data:`MIN_SECRET_BYTES` bytes).
 * ``primary`` is the key this holder signs with; every other key only verifies
   (that is what makes a rotation possible without downtime).
-* ``role``: ``peer`` keys (the cluster key) authenticate replica traffic and
-  operator commands.  ``reader`` keys authenticate reads only (``GET`` requests,
-  :mod:`ekko.core.read_auth`), limited to ``models`` when given; a daemon whose
-  keyring holds a reader key answers unsigned reads with 401.  ``publisher`` keys authenticate publishes only, limited to
+* ``role``: ``peer`` keys (the cluster key) authenticate replica traffic, operator
+  commands and reads.  ``reader`` keys authenticate reads only (``GET`` requests,
+  :mod:`ekko.core.read_auth`), limited to ``models`` when given.  A daemon whose
+  keyring holds any key answers unsigned reads with 401 (``open_metrics`` opens
+  ``/metrics`` alone).  ``publisher`` keys authenticate publishes only, limited to
   ``models`` (names) and ``origins`` (publisher names or integer ids); either list
   left out means "any".  A daemon whose keyring holds a publisher key accepts a
   publish only when it is signed by a publisher key that allows its model and

@@ -1,17 +1,32 @@
-"""Signed reads: who may ``GET`` from a daemon whose keyring holds reader keys.
+"""Signed reads: who may ``GET`` from a daemon that holds keys.
 
-A daemon's keyring may hold *reader* keys (``role: reader`` in a keyring file,
-optionally limited to ``models``; :class:`ekko.core.codec.ReaderGrant`).  Once it
-holds one, every read -- every ``GET`` but ``/healthz`` -- must carry a signature by a
-reader key that allows the model read (reads of no one model, such as
-``/v1/status`` and ``/metrics``, need any reader key) or by a peer key: else 401
-(no or a bad signature) or 403 (a key not allowed that model).  Without reader
-keys, reads are open as before.
+A daemon whose keyring holds any key (a cluster key from ``--key-file``, or a
+keyring file: peer keys, with or without publisher and reader keys) answers every
+read -- every ``GET`` (and ``HEAD``) but ``/healthz`` -- only when it carries a valid
+signature:
+
+* by a peer key (the cluster key): any read;
+* by a *reader* key (``role: reader`` in a keyring file, optionally limited to
+  ``models``; :class:`ekko.core.codec.ReaderGrant`): reads of a model it allows,
+  and reads of no one model (``/v1/status``, ``/metrics``);
+* by a *publisher* key: only ``GET /v1/models/{model}/rollbacks`` of a model its
+  grant allows (what a publisher's rollback watch asks for).
+
+Else 401 (no signature, a malformed or bad one, an unknown key, a stale time:
+reason ``unauthenticated``) or 403 (a key not allowed that read: ``forbidden``).
+A daemon with no key serves every read unsigned, as before.  The one opt-out is
+``open_metrics`` (``ekko daemon --open-metrics``, ``EKKO_OPEN_METRICS``, or
+``open_metrics = true`` in ``[daemon]``): ``/metrics`` is then served unsigned, for
+Prometheus scrapers, which cannot compute this HMAC; every other read still needs a
+signature.  The peer stream (``GET /v1/gossip/stream``) is not a read: each of its
+frames carries its own HMAC.
 
 The signature is one header, ``X-Ekko-Auth: v1 <key id> <unix ms> <hex HMAC>``, the
 HMAC-SHA256 under that key of ``b"ekko-read\\0" + method + b"\\0" + path-and-query +
 b"\\0" + unix ms``.  It is good for :data:`MAX_SKEW_S` either way of the daemon's clock
 (a captured header can be replayed for that long, for that one path: reads only).
+:func:`read_headers` gives the header for a GET; :class:`ekko.sdk.client.Client`
+signs with it whenever it holds a key.
 
 Example:
     >>> from ekko.core.codec import Keyring
@@ -19,12 +34,18 @@ Example:
     >>> h = sign(kr, "GET", "/v1/status", now=1000.0)
     >>> verify(kr, h, "GET", "/v1/status", now=1001.0)
     4
+    >>> list(read_headers(b"cluster-key-0123", "http://127.0.0.1:7070/metrics"))
+    ['X-Ekko-Auth']
+    >>> read_headers(None, "/v1/status")
+    {}
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import time
+from urllib.parse import urlsplit
 
 from ekko.core.codec import Keyring
 from ekko.core.errors import ProtocolError
@@ -56,7 +77,7 @@ def verify(keyring: Keyring, header: str | None, method: str, path: str, now: fl
     """The id of the key that signed this request; :class:`ProtocolError`
     (``unauthenticated``) when there is no valid signature."""
     if not header:
-        raise ProtocolError(f"reads need a signature ({HEADER} header): this replica holds reader keys",
+        raise ProtocolError(f"reads need a signature ({HEADER} header): this replica holds keys",
                             "unauthenticated")
     parts = header[:MAX_HEADER_CHARS].split(" ")
     if len(parts) != 4 or parts[0] != "v1" or not parts[1].isdigit() or not parts[2].isdigit():
@@ -71,3 +92,22 @@ def verify(keyring: Keyring, header: str | None, method: str, path: str, now: fl
     if not hmac.compare_digest(_mac(key, method, path, ts), parts[3]):
         raise ProtocolError("bad read signature", "unauthenticated")
     return kid
+
+
+def read_headers(key: Keyring | bytes | str | None, target: str, now: float | None = None) -> dict[str, str]:
+    """The headers that sign ``GET target`` with ``key`` (a keyring: its primary key; bytes or
+    str: a cluster key, id 1, as ``--key-file`` gives it); ``{}`` when ``key`` is None or
+    empty, so callers pass them to any daemon, keyed or not.
+
+    ``target`` is the path with its query, as sent (``/v1/status?cluster=1``), or a whole
+    URL (``http://host:port/metrics``: its path and query are signed).  A GET signed at
+    ``now`` (unix seconds; default the clock now) is good for :data:`MAX_SKEW_S`.
+    """
+    if not key:
+        return {}
+    keyring = key if isinstance(key, Keyring) else Keyring.single(key)
+    assert keyring is not None
+    if "://" in target:
+        parts = urlsplit(target)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return {HEADER: sign(keyring, "GET", target, time.time() if now is None else now)}

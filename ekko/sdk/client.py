@@ -19,7 +19,6 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -152,7 +151,8 @@ class Client:
     Args:
         endpoint: ``"host:port"`` or ``"http://host:port"``.
         key: the cluster key, a reader key or a keyring: it signs frames (:meth:`register`,
-            cuts, rollbacks) and reads (a replica with reader keys refuses unsigned ones).
+            cuts, rollbacks) and every GET (a replica that holds any key refuses unsigned
+            reads: :mod:`ekko.core.read_auth`).
         timeout: seconds per request.
 
     Example::
@@ -218,10 +218,8 @@ class Client:
 
     def _read_headers(self, path: str) -> dict[str, str]:
         """A read's signature (ekko.core.read_auth) when this client holds a key: a replica
-        with reader keys refuses unsigned reads; one without ignores the header."""
-        if not self.keyring:
-            return {}
-        return {read_auth.HEADER: read_auth.sign(self.keyring, "GET", path, time.time())}
+        that holds keys refuses unsigned reads; one without ignores the header."""
+        return read_auth.read_headers(self.keyring, path)
 
     def _connection(self) -> http.client.HTTPConnection:
         u = urllib.parse.urlsplit(self.endpoint)

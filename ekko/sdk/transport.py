@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import aiohttp
 
+from ekko.core import read_auth
 from ekko.core.codec import Keyring, MsgType, encode_frame
 from ekko.core.errors import RemoteError, UsageError
 from ekko.core.spec import ModelSpec
@@ -56,7 +57,7 @@ class ReplicaTransport:
         endpoints: normalized endpoints (:func:`ekko.sdk.endpoints.parse_endpoints`);
             the first is tried first, the others on failure.
         keyring: signs the ``REGISTER_MODEL`` frame sent when a replica does not know
-            a model yet (None: unsigned).
+            a model yet, and the GETs of :meth:`get_json` (None: unsigned).
 
     Attributes:
         current: index of the endpoint that last answered 200 (tried first next time).
@@ -203,15 +204,18 @@ class ReplicaTransport:
 
     async def get_json(self, path: str, timeout: float, endpoint: str | None = None) -> tuple[Any, str] | None:
         """GET ``path`` from ``endpoint`` (else the endpoints in turn, the current one first);
-        (answer, endpoint) or None when none answers 200 within ``timeout`` seconds each."""
+        (answer, endpoint) or None when none answers 200 within ``timeout`` seconds each.
+        Signed with the keyring (a keyed replica refuses unsigned reads; a publisher key
+        may read its models' rollbacks: :mod:`ekko.core.read_auth`)."""
         session = self.session()
         eps = [endpoint] if endpoint else self.endpoints[self.current:] + self.endpoints[:self.current]
         for ep in eps:
             try:
-                async with session.get(ep + path, timeout=aiohttp.ClientTimeout(total=timeout,
-                                                                                 connect=CONNECT_TIMEOUT_S)) as r:
+                async with session.get(ep + path, headers=read_auth.read_headers(self.keyring, ep + path),
+                                       timeout=aiohttp.ClientTimeout(total=timeout, connect=CONNECT_TIMEOUT_S)) as r:
                     if r.status == 200:
                         return await r.json(content_type=None), ep
+                    log.debug("GET %s%s: HTTP %d", ep, path, r.status)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
                 log.debug("GET %s%s: %s", ep, path, e)
         return None

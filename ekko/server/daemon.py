@@ -157,7 +157,8 @@ class Daemon:
         data_dir: where snapshots and the model catalog live (created if missing).
         config: protocol configuration.
         key: cluster key (bytes/str) or a :class:`~ekko.core.codec.Keyring`; when set,
-            every frame must carry a valid HMAC (else 401) and ours are signed.
+            every frame must carry a valid HMAC (else 401) and ours are signed, and every
+            GET but ``/healthz`` must carry a read signature (:mod:`ekko.core.read_auth`).
         keyring_file: a keyring file (:mod:`ekko.core.keyring`) instead of ``key``;
             re-read on SIGHUP (:meth:`reload_keyring`), so keys rotate with no restart.
             With publisher keys in it, publishes must be signed by a publisher key
@@ -167,6 +168,9 @@ class Daemon:
         clock: protocol time source (seconds, monotonic).
         apply_trace: a directory: record every applied row there with its wall time
             (:mod:`ekko.server.apply_trace`; for benches).
+        open_metrics: serve ``/metrics`` unsigned although the daemon holds keys (for
+            Prometheus scrapers); every other read still needs a signature
+            (:mod:`ekko.core.read_auth`).
 
     Example:
         Run one replica until SIGTERM (what ``ekko daemon`` does)::
@@ -182,7 +186,8 @@ class Daemon:
     def __init__(self, node_id: str, dc: str, listen: str, seeds: list[str] | tuple[str, ...], data_dir: str | Path,
                  config: NodeConfig | None = None, key: bytes | str | Keyring | None = None, device: Any = None,
                  *, advertise: str | None = None, clock: Callable[[], float] = time.monotonic,
-                 keyring_file: str | Path | None = None, apply_trace: str | Path | None = None) -> None:
+                 keyring_file: str | Path | None = None, apply_trace: str | Path | None = None,
+                 open_metrics: bool = False) -> None:
         self.host, self.port = parse_hostport(listen)
         self.address = advertise or listen
         parse_hostport(self.address)
@@ -224,7 +229,7 @@ class Daemon:
         self.feed = ChangeFeed(self.node)
         self.shared_tables = SharedTables(self.node)
         self.api = HttpApi(ingest, operator, self.metrics, lambda: self.draining, self.feed, self.shared_tables,
-                           lambda: self.keyring)
+                           lambda: self.keyring, open_metrics=open_metrics)
         self._tasks: list[asyncio.Task] = []
         self._lock_file: Any = None
         self._started = False
@@ -264,7 +269,7 @@ class Daemon:
 
     async def _on_startup(self, app: web.Application) -> None:
         # Before anything touches the data dir: a refused start leaves a fresh one as it was.
-        live = await live_namesake(self.node.node_id, self.address, self.seeds)
+        live = await live_namesake(self.node.node_id, self.address, self.seeds, keyring=self.keyring)
         if live is not None:
             raise UsageError(f"node id {self.node.node_id!r} is alive in the cluster at {live}: "
                              f"stop that replica first, or give this one another --node-id")

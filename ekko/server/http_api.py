@@ -41,6 +41,10 @@ HANDLER_ARGS: dict[str, Any] = {"max_line_size": MAX_REQUEST_LINE, "max_field_si
 
 #: the peer stream's route (its requests are not counted in flight, see _open_stream).
 STREAM_ENDPOINT = "/v1/gossip/stream"
+#: methods that read (aiohttp answers HEAD on every GET route, running its handler).
+READ_METHODS = ("GET", "HEAD")
+#: the one read a publisher key may sign (a publisher's rollback watch, for its models).
+ROLLBACKS_ENDPOINT = "/v1/models/{model}/rollbacks"
 _REASON_OF_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
@@ -55,8 +59,9 @@ class HttpApi:
             ``/healthz``, ``/metrics`` and ``/v1/status`` still answer).
         feed: the change feed (``GET /v1/models/{model}/changes``), if any.
         shared: the tables in shared memory (``GET /v1/models/{model}/shared``), if any.
-        keyring: the daemon's keyring now; with reader keys in it, reads must be signed
-            (:mod:`ekko.core.read_auth`).
+        keyring: the daemon's keyring now; with any key in it, every GET and HEAD but
+            ``/healthz`` must be signed (:mod:`ekko.core.read_auth`).
+        open_metrics: serve ``/metrics`` unsigned even with keys (for Prometheus scrapers).
 
     Example:
         The daemon serves :meth:`make_app` and, at shutdown, waits for requests::
@@ -70,8 +75,10 @@ class HttpApi:
 
     def __init__(self, ingest: IngestHandlers, operator: OperatorHandlers, metrics: DaemonMetrics,
                  is_draining: Callable[[], bool], feed: ChangeFeed | None = None,
-                 shared: SharedTables | None = None, keyring: Callable[[], Keyring | None] | None = None) -> None:
+                 shared: SharedTables | None = None, keyring: Callable[[], Keyring | None] | None = None,
+                 open_metrics: bool = False) -> None:
         self.keyring = keyring or (lambda: None)
+        self.open_metrics = bool(open_metrics)
         self.ingest = ingest
         self.operator = operator
         self.feed = feed
@@ -112,22 +119,31 @@ class HttpApi:
         app.on_shutdown.append(lambda _app: ingest.close_streams())
         return app
 
-    def _authorize_read(self, request: web.Request) -> None:
-        """With reader keys configured: a read signed by a peer key, or by a reader key
-        allowed the model it reads (see :mod:`ekko.core.read_auth`)."""
+    def _authorize_read(self, request: web.Request, endpoint: str) -> None:
+        """With any key in the keyring: a read signed by a peer key, by a reader key allowed
+        the model it reads, or (rollbacks only) by a publisher key allowed that model; else
+        401/403 (see :mod:`ekko.core.read_auth`).  Open without keys, and for ``/metrics``
+        with ``open_metrics``."""
         keyring = self.keyring()
-        if not keyring or not keyring.read_acl:
+        if not keyring or (self.open_metrics and endpoint == "/metrics"):
             return
         kid = read_auth.verify(keyring, request.headers.get(read_auth.HEADER), request.method, request.path_qs,
                                time.time())
         if keyring.is_peer(kid):
             return
-        grant = keyring.reader(kid)
         model = request.match_info.get("model")
-        if grant is None:
-            raise RequestRejected(f"key {kid} is not a reader or peer key", "forbidden")
-        if not grant.allows(model):
-            raise RequestRejected(f"reader key {kid} may not read model {model!r}", "forbidden")
+        grant = keyring.reader(kid)
+        if grant is not None:
+            if not grant.allows(model):
+                raise RequestRejected(f"reader key {kid} may not read model {model!r}", "forbidden")
+            return
+        pub = keyring.grant(kid)
+        if pub is not None and endpoint == ROLLBACKS_ENDPOINT and model is not None:
+            if not pub.allows(model):
+                raise RequestRejected(f"publisher key {kid} may not read the rollbacks of model {model!r}",
+                                      "forbidden")
+            return
+        raise RequestRejected(f"key {kid} is not a reader or peer key: it may not read {endpoint}", "forbidden")
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight; False if some still are after ``timeout`` seconds."""
@@ -154,8 +170,8 @@ class HttpApi:
                 raise RequestRejected("replica is shutting down; retry on another replica", "draining")
             if self.in_flight > MAX_CONCURRENT_REQUESTS and not light:
                 raise RequestRejected("too many concurrent requests", "overloaded")
-            if request.method == "GET" and endpoint != "/healthz":
-                self._authorize_read(request)
+            if request.method in READ_METHODS and endpoint != "/healthz":
+                self._authorize_read(request, endpoint)
             resp = await handler(request)
         except (ProtocolError, RequestRejected) as e:
             resp = self._error(endpoint, str(e), e.reason)

@@ -25,6 +25,9 @@ from typing import Any, Sequence
 
 import aiohttp
 
+from ekko.core import read_auth
+from ekko.core.codec import Keyring
+
 log = logging.getLogger("ekko.server.daemon")
 
 #: seconds one request of the check may take (a seed that does not answer in time is
@@ -34,10 +37,11 @@ JOIN_CHECK_TIMEOUT_S = 2.0
 LIVE_STATES = ("alive", "suspect")
 
 
-async def _status(session: aiohttp.ClientSession, address: str, cluster: bool) -> dict[str, Any] | None:
+async def _status(session: aiohttp.ClientSession, address: str, cluster: bool,
+                  keyring: Keyring | None = None) -> dict[str, Any] | None:
     url = f"http://{address}/v1/status" + ("?cluster=1" if cluster else "")
     try:
-        async with session.get(url) as r:
+        async with session.get(url, headers=read_auth.read_headers(keyring, url)) as r:
             if r.status != 200:
                 return None
             answer = await r.json(content_type=None)
@@ -60,18 +64,19 @@ def _namesake_addresses(view: dict[str, Any], node_id: str, address: str) -> set
 
 
 async def live_namesake(node_id: str, address: str, seeds: Sequence[str],
-                        timeout: float = JOIN_CHECK_TIMEOUT_S) -> str | None:
+                        timeout: float = JOIN_CHECK_TIMEOUT_S, keyring: Keyring | None = None) -> str | None:
     """The address of a live replica named ``node_id`` at an address other than
     ``address`` (ours), as found through ``seeds``; None when there is none (or no seed
-    answers)."""
+    answers).  ``keyring`` (the daemon's: its cluster key) signs the reads: a keyed
+    replica answers unsigned ones with 401 (:mod:`ekko.core.read_auth`)."""
     others = [s for s in seeds if s != address]
     if not others:
         return None
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-        views = await asyncio.gather(*(_status(session, s, cluster=True) for s in others))
+        views = await asyncio.gather(*(_status(session, s, True, keyring) for s in others))
         candidates = set().union(*(_namesake_addresses(v, node_id, address) for v in views if v is not None))
         for cand in sorted(candidates):
-            st = await _status(session, cand, cluster=False)
+            st = await _status(session, cand, False, keyring)
             if st is not None and st.get("node_id") == node_id:
                 return cand
     return None

@@ -137,7 +137,7 @@ def attach(endpoint: str, model: str, key: Any = None) -> Attached:
     """Map ``model``'s tables of the daemon at ``endpoint`` (on this host) read-only.
 
     The daemon moves the tables into shared memory on the first attach; every later
-    update is applied there, in place.  ``key`` signs the request (a reader key, where
-    the daemon's keyring holds reader keys).
+    update is applied there, in place.  ``key`` signs the request (the cluster key or
+    a reader key allowed the model, where the daemon holds keys: :mod:`ekko.core.read_auth`).
     """
     return Attached(endpoint, model, _describe(endpoint, model, key), key)

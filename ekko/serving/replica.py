@@ -64,17 +64,19 @@ class Replica:
         key: the cluster key (bytes/str) or a :class:`~ekko.core.codec.Keyring`.
         device: where the tables live (default: CUDA when available).
         advertise: the address peers should use, when it differs from ``listen``.
+        open_metrics: serve ``/metrics`` unsigned although the replica holds a key (as
+            ``ekko daemon --open-metrics``; :mod:`ekko.core.read_auth`).
     """
 
     def __init__(self, node_id: str, dc: str, listen: str, data_dir: str | Path, seeds: Iterable[str] = (), *,
                  preset: str | None = None, config: NodeConfig | None = None, key: Any = None, device: Any = None,
-                 advertise: str | None = None) -> None:
+                 advertise: str | None = None, open_metrics: bool = False) -> None:
         from ekko.server.daemon import Daemon   # heavy (aiohttp): on use
         if preset is not None and config is not None:
             raise UsageError("give a preset or a config, not both")
         cfg = config if config is not None else preset_config(preset or "lan")
         self.daemon = Daemon(node_id, dc, listen, list(seeds), data_dir, cfg, key=key, device=device,
-                             advertise=advertise)
+                             advertise=advertise, open_metrics=open_metrics)
         # Its tensors are bound in this process: moving them to shared memory would leave the
         # bound modules with copies that no longer update.
         self.daemon.shared_tables.refused = ("this replica is embedded in a serving process (ekko.Replica): "

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ekko.core import read_auth
 from ekko.core.errors import UsageError
 from ekko.core.spec import TableSpec
 from ekko.core.version import pack
@@ -320,9 +321,11 @@ def test_knowledge_poller_keeps_changes_with_the_poll_before():
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     state = {"counter": 3}
+    signed = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 -- the http.server API
+            signed.append(read_auth.HEADER in self.headers)
             body = json.dumps({"tables": {fid.TABLE: [[0, [[1, state["counter"]]], 0]]}}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -335,7 +338,7 @@ def test_knowledge_poller_keeps_changes_with_the_poll_before():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     stop = threading.Event()
-    poller = fid.KnowledgePoller(f"127.0.0.1:{srv.server_address[1]}", 0.01, stop)
+    poller = fid.KnowledgePoller(f"127.0.0.1:{srv.server_address[1]}", 0.01, stop, key="cluster-key-0123")
     try:
         poller.start()
         time.sleep(0.1)
@@ -351,6 +354,7 @@ def test_knowledge_poller_keeps_changes_with_the_poll_before():
     assert before < at and before <= moved + 0.01 and at >= moved - 0.01
     assert poller.polls >= 5 and poller.errors == 0
     assert poller.latest() == {(0, 1): 9}
+    assert signed and all(signed), "every poll is signed with the cluster key"
 
 
 def test_median_run_takes_each_figure_s_median_and_keeps_the_runs():

@@ -75,6 +75,7 @@ def test_wrong_type_in_toml_is_one_line_exit_2(tmp_path, capsys):
     ('[daemon]\ntorch_threads = "many"\n', ("torch_threads", "integer")),
     ('[daemon]\nseeds = "127.0.0.1:1"\n', ("seeds", "list")),
     ('[daemon]\ndevice = "gpu"\n', ("device", "cpu")),
+    ('[daemon]\nopen_metrics = "yes"\n', ("open_metrics", "true or false")),
     ('node = 3\n', ("node",)),
 ])
 def test_wrong_types_name_key_type_and_file(tmp_path, text, words):
@@ -93,6 +94,24 @@ def test_wrong_environment_value_names_the_variable():
     for env, word in (({"EKKO_TORCH_THREADS": "two"}, "EKKO_TORCH_THREADS"), ({"EKKO_DEVICE": "tpu"}, "EKKO_DEVICE")):
         with pytest.raises(UsageError, match=word):
             daemon_settings(parse(base), env)
+
+
+def test_open_metrics_is_off_unless_a_flag_variable_or_file_says_on(tmp_path):
+    base = ["daemon", "--node-id", "a", "--dc", "d", "--listen", "127.0.0.1:1", "--data-dir", "/tmp/a"]
+
+    def open_metrics(argv=(), env=None) -> bool:
+        return daemon_settings(parse([*base, *argv]), env or {})[0]["open_metrics"]
+
+    assert open_metrics() is False
+    assert open_metrics(["--open-metrics"]) is True
+    for word, want in (("1", True), ("true", True), ("ON", True), ("0", False), ("false", False), ("off", False)):
+        assert open_metrics(env={"EKKO_OPEN_METRICS": word}) is want, word
+    assert open_metrics(["--no-open-metrics"], {"EKKO_OPEN_METRICS": "1"}) is False      # flag over environment
+    cfg = write(tmp_path, "[daemon]\nopen_metrics = true\n")
+    assert open_metrics(["--config", str(cfg)]) is True
+    assert open_metrics(["--config", str(cfg)], {"EKKO_OPEN_METRICS": "0"}) is False    # environment over file
+    with pytest.raises(UsageError, match="EKKO_OPEN_METRICS"):
+        open_metrics(env={"EKKO_OPEN_METRICS": "maybe"})
 
 
 def test_every_node_field_type_is_checked():

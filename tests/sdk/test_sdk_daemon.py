@@ -37,8 +37,8 @@ def module_tables(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return out
 
 
-def replica_equals(endpoint: str, name: str, want: dict[str, np.ndarray]) -> bool:
-    c = Client(endpoint)
+def replica_equals(endpoint: str, name: str, want: dict[str, np.ndarray], key: bytes | None = None) -> bool:
+    c = Client(endpoint, key=key)
     for table, w in want.items():
         try:
             got = c.read_rows(name, table, np.arange(len(w)))
@@ -51,12 +51,13 @@ def replica_equals(endpoint: str, name: str, want: dict[str, np.ndarray]) -> boo
     return True
 
 
-def wait_converged(endpoints: list[str], name: str, model: torch.nn.Module) -> float:
+def wait_converged(endpoints: list[str], name: str, model: torch.nn.Module, key: bytes | None = None) -> float:
+    """Until every replica holds the module's tables; ``key`` signs the reads of a keyed cluster."""
     want = module_tables(model)
     t0 = time.monotonic()
     pending = list(endpoints)
     while pending:
-        pending = [e for e in pending if not replica_equals(e, name, want)]
+        pending = [e for e in pending if not replica_equals(e, name, want, key)]
         if pending and time.monotonic() - t0 > CONVERGE_TIMEOUT_S:
             raise AssertionError(f"replicas {pending} did not converge in {CONVERGE_TIMEOUT_S}s")
         time.sleep(0.1)
@@ -121,4 +122,7 @@ def test_keyed_cluster(tmp_path):
             opt = torch.optim.SGD(model.parameters(), lr=0.5)
             step(model, opt, np.random.default_rng(1))
             tracker.publish()
-        wait_converged(ds.endpoints, "rec", model)
+        wait_converged(ds.endpoints, "rec", model, key=KEY)
+        with pytest.raises(RemoteError) as ei:                      # reads are signed too
+            Client(ds.endpoints[1]).read_rows("rec", next(iter(module_tables(model))), [0])
+        assert ei.value.status == 401

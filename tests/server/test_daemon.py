@@ -20,6 +20,7 @@ import torch
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from ekko.core import read_auth
 from ekko.core.chain import PublisherChain
 from ekko.core.codec import MAX_FRAME_BYTES, Keyring, MsgType, delta_to_wire, encode_frame
 from ekko.core.config import NodeConfig, preset
@@ -80,14 +81,16 @@ def rejects(metrics_text: str) -> dict[tuple[str, str], float]:
     return out
 
 
-async def metrics_text(client: TestClient) -> str:
-    resp = await client.get("/metrics")
+async def metrics_text(client: TestClient, key: Keyring | bytes | None = None) -> str:
+    """``/metrics``; signed with ``key`` (a keyed daemon refuses unsigned reads)."""
+    resp = await client.get("/metrics", headers=read_auth.read_headers(key, "/metrics"))
     assert resp.status == 200
     return await resp.text()
 
 
-async def digests(client: TestClient) -> dict:
-    resp = await client.get("/v1/status")
+async def digests(client: TestClient, key: Keyring | bytes | None = None) -> dict:
+    resp = await client.get("/v1/status", headers=read_auth.read_headers(key, "/v1/status"))
+    assert resp.status == 200, await resp.text()
     st = await resp.json()
     return {m: {t: i["digest"] for t, i in v["tables"].items()} for m, v in st["models"].items()}
 
@@ -346,9 +349,9 @@ async def test_hmac_required_when_keyed(tmp_path):
             assert status == 401 and json.loads(raw)["reason"] == reason
             status, raw, _ = await post(client, "/v1/gossip", body)
             assert status == 401
-        assert (await client.get("/v1/status")).status == 200
-        assert (await digests(client)) == {}
-        counted = rejects(await metrics_text(client))
+        assert (await client.get("/v1/status")).status == 401              # reads are signed too
+        assert (await digests(client, kr)) == {}
+        counted = rejects(await metrics_text(client, kr))
         assert counted[("/v1/models", "bad_mac")] == 3 and counted[("/v1/models", "unauthenticated")] == 1
         status, ack = await register(client, keyring=kr)
         assert status == 200 and ack["created"]

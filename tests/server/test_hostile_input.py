@@ -30,6 +30,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ekko.core import read_auth
 from ekko.core.chain import PublisherChain
 from ekko.core.codec import (
     FLAG_MAC,
@@ -147,7 +148,7 @@ def garbage_bodies(valid: list[bytes], seed: int = 7, n: int = GARBAGE_BODIES, k
 
 async def _state(d, client) -> dict:
     """Everything a rejected request must leave alone."""
-    st_ = await (await client.get("/v1/status")).json()
+    st_ = await (await client.get("/v1/status", headers=read_auth.read_headers(d.keyring, "/v1/status"))).json()
     return {"digests": {m: {t: i.get("digest") for t, i in v["tables"].items()} for m, v in st_["models"].items()},
             "heads": {m: v["head"] for m, v in st_["models"].items()},
             "protocol": {m: d.node.export_state(m) for m in d.node.models},
@@ -200,7 +201,7 @@ async def test_40_garbage_bodies_get_4xx_and_digests_do_not_change(tmp_path, key
         assert seen["zstd_bomb"] == {413} and seen["huge_declared_length"] <= {400, 413}, seen
         if keyed:
             assert seen["wrong_key"] == seen["unknown_key_id"] == seen["mac_stripped"] == {401}, seen
-        text = await metrics_text(client)
+        text = await metrics_text(client, kr)
         assert not _internal_errors(text)
         counted = sum(float(v) for v in re.findall(r'^ekko_rejects_total\{endpoint="/v1/(?:publish|gossip)".*\} (\S+)$',
                                                     text, re.M))

@@ -237,7 +237,7 @@ async def test_publisher_authorization(tmp_path):
         ok = publish_body(PublisherChain(origin=7), "emb", np.arange(50), np.ones((50, 8), np.float32))
         status, raw, _ = await post(client, "/v1/publish", encode_frame(MsgType.PUBLISH, ok.body, trainer))
         assert status == 200, raw
-        before = await digests(client)
+        before = await digests(client, peer)
         state_before = d.node.export_state("ranker")
 
         wrong_model = publish_body(PublisherChain(origin=7), "emb", np.arange(5), np.ones((5, 8), np.float32),
@@ -264,8 +264,8 @@ async def test_publisher_authorization(tmp_path):
                               ("/v1/rollback", MsgType.ROLLBACK, {"model": "ranker", "cut": "c"})):
             status, raw, _ = await post(client, path, encode_frame(t, body, trainer))
             assert status == 403 and "publisher key" in json.loads(raw)["error"], (path, raw)
-        assert await digests(client) == before and d.node.export_state("ranker") == state_before
-        counted = rejects(await metrics_text(client))
+        assert await digests(client, peer) == before and d.node.export_state("ranker") == state_before
+        counted = rejects(await metrics_text(client, peer))
         assert counted[("/v1/publish", "forbidden")] == 3 and counted[("/v1/publish", "unauthenticated")] == 1
         assert counted[("/v1/gossip", "forbidden")] == 1 and counted[("/v1/models", "forbidden")] == 1
 
