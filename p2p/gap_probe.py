@@ -68,6 +68,17 @@ class GapProbe:
         self._gaps_from = now + c.dead_after
 
     def note_waiting(self, m: ModelState, table: str, s: int, now: float, urgent: bool = False) -> None:
+        if not urgent:
+            # A gap from counter 0 of an origin: this replica holds nothing of it in the
+            # shard yet, and an origin's first frame to a shard is linked from just below
+            # its own counters (a publisher cannot tell a first start from a lost state
+            # dir: RESTART_LINK), so the gap never fills by itself.  Probe it at once, as
+            # the ingest does, instead of after gap_probe_after x (1 + tier): anti-entropy
+            # does not spread the ingest's closed gap while pushes keep the shard in
+            # motion, and three new publishers left the far DCs' knowledge 4-12 s behind
+            # (3x3 daemons, bench/throughput.py, issue #15).
+            sync = m.shards[table].get(s)
+            urgent = sync is not None and any(sync.knowledge[o] == 0 for o in sync.pending)
         self.gaps.note_waiting((m.spec.name, table, s), now, urgent)
 
     def round(self, now: float) -> None:
