@@ -70,10 +70,12 @@ class GapProbe:
     def note_waiting(self, m: ModelState, table: str, s: int, now: float, urgent: bool = False) -> None:
         if not urgent:
             # A gap from counter 0 of an origin: this replica holds nothing of it in the
-            # shard yet, and an origin's first frame to a shard is linked from just below
-            # its own counters (a publisher cannot tell a first start from a lost state
-            # dir: RESTART_LINK), so the gap never fills by itself.  Probe it at once, as
-            # the ingest does, instead of after gap_probe_after x (1 + tier): anti-entropy
+            # shard yet, and an SDK publisher's first frame to a shard is linked from just
+            # below its own counters (it cannot tell a first start from a lost state dir:
+            # RESTART_LINK), so the gap never fills by itself.  (The simulator's new
+            # publishers chain from 0: their gap from 0 is a reordered push, and a probe
+            # costs a round.)  Probe it at once, as the ingest does, instead of after
+            # gap_probe_after x (1 + tier): anti-entropy
             # does not spread the ingest's closed gap while pushes keep the shard in
             # motion, and three new publishers left the far DCs' knowledge 4-12 s behind
             # (3x3 daemons, bench/throughput.py, issue #15).
