@@ -16,7 +16,12 @@ EXIT_TIMEOUT_S = 120.0
 
 
 def member(address: str, node_id: str) -> dict:
-    return next(m for m in get_json(address, "/v1/status?cluster=1")["members"] if m["node_id"] == node_id)
+    """``node_id``'s entry in the member list of the daemon at ``address``; ValueError (which
+    wait_for retries) while it is not there yet: on a loaded host b may join after a while."""
+    found = [m for m in get_json(address, "/v1/status?cluster=1")["members"] if m["node_id"] == node_id]
+    if not found:
+        raise ValueError(f"{node_id!r} is not in the member list of {address} yet")
+    return found[0]
 
 
 def test_live_node_id_is_refused_and_restarts_still_work(tmp_path, capsys):
