@@ -75,10 +75,9 @@ class GapProbe:
             # RESTART_LINK), so the gap never fills by itself.  (The simulator's new
             # publishers chain from 0: their gap from 0 is a reordered push, and a probe
             # costs a round.)  Probe it at once, as the ingest does, instead of after
-            # gap_probe_after x (1 + tier): anti-entropy
-            # does not spread the ingest's closed gap while pushes keep the shard in
-            # motion, and three new publishers left the far DCs' knowledge 4-12 s behind
-            # (3x3 daemons, bench/throughput.py, issue #15).
+            # gap_probe_after x (1 + tier): anti-entropy does not spread the ingest's
+            # closed gap while pushes keep the shard in motion, and three new publishers
+            # left the far DCs' knowledge 4-12 s behind (3x3 daemons, bench/throughput.py).
             sync = m.shards[table].get(s)
             urgent = sync is not None and any(sync.knowledge[o] == 0 for o in sync.pending)
         self.gaps.note_waiting((m.spec.name, table, s), now, urgent)

@@ -24,6 +24,7 @@ from typing import Any
 
 from ekko.cli.human import head_age, human_count, human_seconds, started
 from ekko.cli.options import add_peer_option, peer_url, resolve_peer
+from ekko.core import read_auth
 from ekko.core.errors import UsageError
 
 #: seconds ``ekko status`` waits for a replica's answer.
@@ -80,7 +81,6 @@ def fetch_status(peer: str, cluster: bool = False, timeout: float = STATUS_TIMEO
     for a malformed address)."""
     path = "/v1/status" + ("?cluster=1" if cluster else "")
     base = peer_url(peer)
-    from ekko.core import read_auth
     headers = read_auth.read_headers(keyring, base + path)
     try:
         with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers), timeout=timeout) as resp:
