@@ -1,17 +1,25 @@
 """What a publisher keeps on disk between runs, per origin, in its state directory:
-``<origin>.json`` (:meth:`ekko.core.chain.PublisherChain.state`: the clock floor and
-acknowledged chain heads), ``<origin>.pending.0`` / ``.1`` (the frames not yet
-acknowledged, msgpack bodies) and ``<origin>.lock`` (refuses a second live publisher of
-that origin).  Why and when each is written: see :mod:`ekko.sdk.async_publisher`.
+``<origin>.pending.0`` / ``.1`` (records of the frames not yet acknowledged, msgpack
+bodies, each with :meth:`ekko.core.chain.PublisherChain.state`: the clock floor and the
+acknowledged chain heads) and ``<origin>.lock`` (refuses a second live publisher of that
+origin).  Why and when records are written: see :mod:`ekko.sdk.async_publisher`.
 
-The pending frames are written before every publish is sent, so that write is on every
-publish's path: it is one ``pwrite`` and one ``fdatasync`` into the slot file that does
-*not* hold the newest durable record, never a new file (a temp file, its fsync, a rename
-and a directory fsync took 1.3 ms against 0.3-0.6 ms on this machine; issue #15).  Each
-record carries a sequence number and a CRC of its body: a write torn by a crash fails
-its CRC and the other slot, untouched, still holds the previous durable record.  The
-record written after an acknowledgement (nothing pending) is not synced: losing it only
-re-sends an acknowledged frame after a crash, which changes nothing.
+A record is written before every publish is sent, so that write is on every publish's
+path: it is one ``pwrite`` and one ``fdatasync`` into the slot file that does *not* hold
+the newest durable record, never a new file (a temp file, its fsync, a rename and a
+directory fsync took 1.3 ms against 0.3-0.6 ms on this machine; issue #15).  Each record
+carries a sequence number and a CRC of its body: a write torn by a crash fails its CRC
+and the other slot, untouched, still holds the previous durable record.
+
+The record written after an acknowledgement (nothing pending) is not synced.  Losing it
+is safe: the durable record before it holds the frame that was acknowledged, which is
+re-sent (changing nothing), and a clock floor at least that frame's last counter.  The
+clock floor needs nothing else because every record with frames is durable before its
+frames are sent, and carries a floor at or above every counter handed out before it.
+
+Earlier versions also kept ``<origin>.json`` (the chain state, written with two fsyncs
+after every acknowledgement, on the path of the next publish).  It is still read, and its
+clock floor honoured; it is no longer written.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import msgpack
 
 from ekko.core.chain import PendingFrame
 from ekko.core.errors import UsageError
-from ekko.core.fsutil import atomic_write, fsync_dir_if_possible, fsync_path
+from ekko.core.fsutil import fsync_dir_if_possible, fsync_path
 
 #: environment variable naming the state directory.
 STATE_DIR_ENV = "EKKO_STATE_DIR"
@@ -56,14 +64,14 @@ class PublisherState:
     Args:
         directory: where the files live (created if missing).
         origin: the publisher's name; file names derive from it.
-        durable: fsync every write (see :func:`ekko.core.fsutil.atomic_write`).
+        durable: ``fdatasync`` every record that holds frames before it is relied on.
 
     Example:
         >>> import tempfile
         >>> st = PublisherState(tempfile.mkdtemp(), "trainer-0")
         >>> st.load()
         (None, {})
-        >>> st.save_chain({"origin": 5, "clock": 9, "heads": []}); st.load()[0]["clock"]
+        >>> st.save_pending([], {"origin": 5, "clock": 9, "heads": []}); st.load()[0]["clock"]
         9
         >>> st.close()
     """
@@ -73,7 +81,8 @@ class PublisherState:
         self.dir = Path(directory).expanduser()
         self.dir.mkdir(parents=True, exist_ok=True)
         base = _SAFE_NAME.sub("_", str(origin))
-        self.chain_path = self.dir / f"{base}.json"
+        #: the chain state of earlier versions (read, never written; see the module doc).
+        self.legacy_chain_path = self.dir / f"{base}.json"
         #: the single-file form of earlier versions (read once, removed after the first write).
         self.legacy_pending_path = self.dir / f"{base}.pending"
         self.slot_paths = (self.dir / f"{base}.pending.0", self.dir / f"{base}.pending.1")
@@ -110,20 +119,31 @@ class PublisherState:
             self._lock_fd = None
 
     def load(self) -> tuple[dict[str, Any] | None, dict[str, PendingFrame]]:
-        state = None
-        if self.chain_path.exists():
+        """``(chain state, pending frames by model)`` as a restart should trust them: the
+        newest valid record's, with the clock floor raised to a legacy ``<origin>.json``'s
+        (None: no state at all)."""
+        legacy = None
+        if self.legacy_chain_path.exists():
             try:
-                state = json.loads(self.chain_path.read_text())
+                legacy = json.loads(self.legacy_chain_path.read_text())
             except (OSError, ValueError) as e:
-                raise UsageError(f"cannot read publisher state {self.chain_path}: {e}") from None
+                raise UsageError(f"cannot read publisher state {self.legacy_chain_path}: {e}") from None
         if self.durable:
             # A record found now may never have been synced (the process died between its
             # write and its fdatasync): make it durable before it is trusted, and re-sent.
             for path in self.slot_paths:
                 if path.exists():
                     fsync_path(path)
-        pending, newest = _load_pending(self.legacy_pending_path, self.slot_paths)
+        pending, newest, state = _load_records(self.legacy_pending_path, self.slot_paths)
         self._note_newest(newest)
+        if legacy is not None:
+            if state is None:
+                state = legacy
+            elif legacy.get("origin") == state.get("origin"):
+                state = {**state, "clock": max(int(state["clock"]), int(legacy["clock"]))}
+            else:
+                raise UsageError(f"publisher state {self.legacy_chain_path} belongs to another origin "
+                                 f"than the records beside it")
         return state, pending
 
     def _note_newest(self, newest: tuple[int, int] | None) -> None:
@@ -131,18 +151,16 @@ class PublisherState:
             self._seq, self._durable_slot = newest
         self._slots_read = True
 
-    def save_chain(self, state: dict[str, Any]) -> None:
-        atomic_write(self.chain_path, json.dumps(state, separators=(",", ":")).encode(), self.durable)
-
-    def save_pending(self, frames: Iterable[PendingFrame]) -> None:
-        """Record the frames not yet acknowledged (see the module doc): durable on return
-        when there are any and ``durable`` is set."""
+    def save_pending(self, frames: Iterable[PendingFrame], chain: dict[str, Any] | None = None) -> None:
+        """Record the frames not yet acknowledged and the chain state (its clock floor at
+        least the last counter of every frame handed out so far; see the module doc):
+        durable on return when there are frames and ``durable`` is set."""
         recs = [_frame_record(f) for f in frames]
-        body = msgpack.packb({"frames": recs}, use_bin_type=True)
+        body = msgpack.packb({"frames": recs, "chain": chain}, use_bin_type=True)
         if not self._slots_read:
             # Saved without a load first: the records there must still be superseded, and
             # the newest of them never overwritten before this one is durable.
-            self._note_newest(_load_pending(self.legacy_pending_path, self.slot_paths)[1])
+            self._note_newest(_load_records(self.legacy_pending_path, self.slot_paths)[1])
         slot = 1 - self._durable_slot
         fd = self._slot_fds[slot]
         if fd is None:
@@ -168,13 +186,14 @@ def pending_frames(directory: str | Path, origin: str) -> dict[str, PendingFrame
     ``directory`` now (no lock taken: for tools and tests)."""
     base = _SAFE_NAME.sub("_", str(origin))
     d = Path(directory).expanduser()
-    return _load_pending(d / f"{base}.pending", (d / f"{base}.pending.0", d / f"{base}.pending.1"))[0]
+    return _load_records(d / f"{base}.pending", (d / f"{base}.pending.0", d / f"{base}.pending.1"))[0]
 
 
-def _load_pending(legacy: Path, slots: tuple[Path, Path]
-                  ) -> tuple[dict[str, PendingFrame], tuple[int, int] | None]:
-    """The pending frames (the legacy file's, then the newest valid slot record's) and
-    ``(sequence, slot)`` of that record (None: no valid record)."""
+def _load_records(legacy: Path, slots: tuple[Path, Path]
+                  ) -> tuple[dict[str, PendingFrame], tuple[int, int] | None, dict[str, Any] | None]:
+    """The pending frames (the legacy file's, then the newest valid slot record's),
+    ``(sequence, slot)`` of that record (None: no valid record) and its chain state
+    (None: none, or a record of an earlier version)."""
     pending: dict[str, PendingFrame] = {}
     if legacy.exists():
         try:
@@ -188,13 +207,14 @@ def _load_pending(legacy: Path, slots: tuple[Path, Path]
         if got is not None and (best is None or got[0] > best[0]):
             best = (got[0], slot, got[1])
     if best is None:
-        return pending, None
+        return pending, None, None
     try:
         raw = msgpack.unpackb(best[2], raw=False, strict_map_key=False)
         pending.update({r["model"]: _frame_from_record(r) for r in raw["frames"]})
+        chain = raw.get("chain")
     except Exception as e:  # the CRC matched: a body we cannot read is a bug or another format
         raise UsageError(f"cannot read pending frames {slots[best[1]]}: {e}") from None
-    return pending, (best[0], best[1])
+    return pending, (best[0], best[1]), chain
 
 
 def _read_slot(path: Path) -> tuple[int, bytes] | None:

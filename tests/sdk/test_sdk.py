@@ -26,7 +26,7 @@ from ekko.sdk.ack import PublishAck, PublishError
 from ekko.sdk.async_publisher import AsyncPublisher
 from ekko.sdk.endpoints import normalize_endpoint
 from ekko.sdk.publisher import Publisher
-from ekko.sdk.state import pending_frames
+from ekko.sdk.state import PublisherState, pending_frames
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.store import to_wire_values
 from ekko.core.version import ORIGIN_BITS, counters_of, origin_id, origins_of
@@ -222,21 +222,68 @@ def test_deadline_keeps_the_frame_and_resends_it_first(srv, tmp_path):
     assert srv.knowledge("ranker", "f32", 0, origin_id("dl")) == int(counters_of(third.versions["f32"]).max())
 
 
-def test_counters_increase_across_restarts_and_state_is_json(srv, tmp_path):
+def test_counters_increase_across_restarts(srv, tmp_path):
     with Publisher([srv.endpoint], origin="rs", state_dir=tmp_path) as p:
         p.register(SPEC)
         a = p.publish("ranker", "f32", [1], torch.ones(1, 4))
-    state = json.loads((tmp_path / "rs.json").read_text())
+    st = PublisherState(tmp_path, "rs")
+    state, pending = st.load()
+    st.close()
+    assert pending == {} and not (tmp_path / "rs.json").exists()   # the record holds the chain
     assert state["origin"] == origin_id("rs") and state["clock"] >= int(counters_of(a.versions["f32"][0]))
     assert state["heads"] == [["ranker", "f32", 0, int(counters_of(a.versions["f32"][0]))]]
     # Push the saved clock far ahead of wall time: a restart must continue above it.
     state["clock"] += 10 ** 9
-    (tmp_path / "rs.json").write_text(json.dumps(state))
+    st = PublisherState(tmp_path, "rs")
+    st.save_pending([], state)
+    st.close()
     with Publisher([srv.endpoint], origin="rs", state_dir=tmp_path) as p:
         p.register(SPEC)
         b = p.publish("ranker", "f32", [1], torch.ones(1, 4))
     assert int(counters_of(b.versions["f32"][0])) > state["clock"]
     assert pending_frames(tmp_path, "rs") == {}
+
+
+def test_the_clock_floor_of_an_earlier_versions_json_is_honoured(srv, tmp_path):
+    with Publisher([srv.endpoint], origin="old", state_dir=tmp_path) as p:
+        p.register(SPEC)
+        p.publish("ranker", "f32", [1], torch.ones(1, 4))
+    # A state dir that an earlier version also wrote <origin>.json into, with a floor
+    # far above the records' (its publisher ran far ahead of wall time).
+    floor = PublisherState(tmp_path, "old")
+    clock = floor.load()[0]["clock"] + 10 ** 9
+    floor.close()
+    (tmp_path / "old.json").write_text(json.dumps({"origin": origin_id("old"), "clock": clock, "heads": []}))
+    with Publisher([srv.endpoint], origin="old", state_dir=tmp_path) as p:
+        p.register(SPEC)
+        b = p.publish("ranker", "f32", [1], torch.ones(1, 4))
+    assert int(counters_of(b.versions["f32"][0])) > clock
+    (tmp_path / "old.json").write_text(json.dumps({"origin": origin_id("someone-else"), "clock": 1, "heads": []}))
+    with pytest.raises(UsageError, match="another origin"):
+        Publisher([srv.endpoint], origin="old", state_dir=tmp_path)
+
+
+def test_losing_the_unsynced_record_after_an_ack_never_reuses_a_counter(srv, tmp_path):
+    """The record written after an acknowledgement is not synced.  A machine crash that
+    loses it (here: it is torn) leaves the durable record before it, which holds the
+    acknowledged frame and a floor above its counters: the restart re-sends that frame
+    (changing nothing) and hands out counters above it."""
+    with Publisher([srv.endpoint], origin="lost", state_dir=tmp_path) as p:
+        p.register(SPEC)
+        p.publish("ranker", "f32", [1], torch.ones(1, 4))
+        a = p.publish("ranker", "f32", [2], torch.full((1, 4), 2.0))
+    # the slot whose record has the higher sequence number (bytes 8-16 of its header)
+    newest = max(tmp_path.glob("lost.pending.*"), key=lambda f: int.from_bytes(f.read_bytes()[8:16], "little"))
+    newest.write_bytes(newest.read_bytes()[:40])          # the last write, torn by the crash
+    assert list(pending_frames(tmp_path, "lost")) == ["ranker"]   # the durable record before it
+    with Publisher([srv.endpoint], origin="lost", state_dir=tmp_path) as p:
+        assert p._core.chain.clock.last >= int(counters_of(a.versions["f32"][0]))
+        p.register(SPEC)
+        p.flush()                                          # re-sends the acknowledged frame
+        b = p.publish("ranker", "f32", [3], torch.ones(1, 4))
+    assert int(counters_of(b.versions["f32"][0])) > int(counters_of(a.versions["f32"][0]))
+    vals, vers = srv.rows("ranker", "f32")
+    assert vals[2].tolist() == [2.0] * 4 and vers[2] == a.versions["f32"][0]
 
 
 def test_pending_frame_survives_a_restart(srv, tmp_path):
@@ -273,7 +320,7 @@ def test_state_dir_from_environment(srv, tmp_path, monkeypatch):
     with Publisher([srv.endpoint], origin="envy") as p:
         p.register(SPEC)
         p.publish("ranker", "f32", [1], torch.ones(1, 4))
-    assert (tmp_path / "env" / "envy.json").exists()
+    assert list((tmp_path / "env").glob("envy.pending.*"))
 
 
 def test_hmac_key(tmp_path):
