@@ -261,7 +261,9 @@ class Pulls:
             if grace_from is not None and sync is not None and len(ids):
                 fresh = m.index[table].fresh_since(grace_from, *ts.spec.shard_range(s))
                 if len(fresh):
-                    held_back = np.isin(ids, fresh)
+                    # fresh is sorted and distinct: a binary search, not np.isin (which
+                    # sorts both sides, 11% of a pull answer's samples here).
+                    held_back = fresh[np.minimum(np.searchsorted(fresh, ids), len(fresh) - 1)] == ids
                     if held_back.any():
                         cut_below = int(counters_of(vers[held_back]).min())
                         ids, vers = ids[~held_back], vers[~held_back]

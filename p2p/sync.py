@@ -60,6 +60,10 @@ SCAN_INSTEAD_RATIO = 4
 #: row, 9 bytes a row): the sparse one (24 bytes an entry) would name every row of them
 #: before its watermark rose (``NodeConfig.index_rows`` is 65,536 by default).
 DENSE_INDEX_MAX_ROWS = 1 << 16
+_NO_IDS = np.zeros(0, np.int64)
+_NO_TIMES = np.zeros(0, np.float64)
+_NO_IDS.flags.writeable = False
+_NO_TIMES.flags.writeable = False
 
 
 class RecentIndex:
@@ -72,6 +76,13 @@ class RecentIndex:
     rows already there in place and inserts only new ones, so it costs O(chunk) plus
     a copy when new rows arrive, not a re-sort of the index.  ``len()`` still counts
     every applied row since the last compaction (that count paces the watermark).
+
+    Once compacted (or reset), every lookup of a shard scans it (:meth:`needs_scan`), so
+    the sorted entries serve only :meth:`fresh_since`, which looks back ``push_grace``
+    seconds.  From then on the sparse index is a *log*: applies append chunks, and past
+    ``limit`` rows the oldest chunks are dropped, never merged (the merge and compaction
+    were 10% of a receiving daemon's busy time under a steady stream, issue #15);
+    :meth:`fresh_since` sorts the chunks newer than its time once per time asked.
 
     A table of at most :data:`DENSE_INDEX_MAX_ROWS` rows (``RecentIndex(rows)``) is
     indexed *densely* instead: per row a flag (applied with a counter above 0) and an
@@ -87,14 +98,16 @@ class RecentIndex:
         [1, 5] [1, 5, 9]
     """
 
-    __slots__ = ("_chunks", "_ctrs", "_dense_rows", "_hit", "_ids", "_n", "_times", "loose_below_watermark",
-                 "rows_examined", "rows_walked", "watermark")
+    __slots__ = ("_chunks", "_ctrs", "_dense_rows", "_hit", "_ids", "_n", "_recent", "_times",
+                 "loose_below_watermark", "rows_examined", "rows_walked", "watermark")
 
     def __init__(self, rows: int | None = None) -> None:
         self.watermark = 0
         self.loose_below_watermark = False
         self._chunks: list[tuple[np.ndarray, np.ndarray, float]] = []
         self._n = 0
+        # The log form's answer cache: (time asked, sorted distinct ids applied since).
+        self._recent: tuple[float, np.ndarray] | None = None
         # Dense: _hit/_times are per row (False / -inf = not applied since the last reset;
         # _hit: applied with a counter above 0 -- the only use the dense form has for the
         # counter, and a flag is 1 byte a row instead of 8, all of them written per apply);
@@ -132,9 +145,29 @@ class RecentIndex:
             self._times[ids] = now
             return
         self._chunks.append((ids, versions, now))
+        self._recent = None
         if self._n > limit:
-            self._merge()
-            self._compact(limit)
+            if self.loose_below_watermark:
+                self._trim_log(limit)
+            else:
+                self._merge()
+                self._compact(limit)
+
+    def _trim_log(self, limit: int) -> None:
+        """The log form past ``limit`` rows: keep the newest chunks (about half), drop the
+        rest, and drop the sorted entries (older than every chunk).  Only
+        :meth:`fresh_since` reads what is dropped, and it is an optimization: rows it no
+        longer names are sent again across the WAN, never withheld."""
+        keep: list[tuple[np.ndarray, np.ndarray, float]] = []
+        total = 0
+        for c in reversed(self._chunks):
+            if keep and total + len(c[0]) > limit // 2:
+                break
+            keep.append(c)
+            total += len(c[0])
+        keep.reverse()
+        self._chunks, self._n = keep, total
+        self._ids, self._ctrs, self._times = _NO_IDS, _NO_IDS, _NO_TIMES
 
     def _merge(self) -> None:
         if not self._chunks:
@@ -216,9 +249,22 @@ class RecentIndex:
         return self._ids[r]
 
     def fresh_since(self, t: float, lo: int, hi: int) -> np.ndarray:
-        """Ids in ``[lo, hi)`` applied at or after time ``t``."""
+        """Ids in ``[lo, hi)`` applied at or after time ``t``, sorted and distinct."""
         if self._dense_rows:
             return np.flatnonzero(self._times[lo:hi] >= t) + lo
+        if self.loose_below_watermark:
+            # The log form: sort what was applied since t once for every shard asked.
+            if self._recent is None or self._recent[0] != t:
+                parts = [c[0] for c in self._chunks if c[2] >= t]
+                if len(self._ids):
+                    parts.append(self._ids[self._times >= t])
+                recent = np.sort(np.concatenate(parts)) if parts else _NO_IDS
+                if len(recent) > 1:   # distinct, like the other forms (np.unique took 15x a sort here)
+                    recent = recent[np.r_[True, recent[1:] != recent[:-1]]]
+                self._recent = (t, recent)
+            recent = self._recent[1]
+            a, b = np.searchsorted(recent, [lo, hi])
+            return recent[a:b]
         r = self._range(lo, hi)
         return self._ids[r][self._times[r] >= t]
 

@@ -94,6 +94,40 @@ def test_recent_index_fresh_since(rows):
     assert sorted(ix.fresh_since(0.0, 2, 10).tolist()) == [2, 3]
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 999), min_size=1, max_size=40, unique=True), min_size=1, max_size=60),
+       st.integers(16, 200), st.lists(st.tuples(st.integers(0, 59), st.integers(0, 999), st.integers(1, 300)),
+                                      min_size=1, max_size=10))
+def test_a_compacted_sparse_index_becomes_a_log_that_never_merges(batches, limit, asks):
+    """After its first compaction every lookup scans, so the sparse index only answers
+    fresh_since: it keeps the newest chunks as they came (no merge) and, over the rows it
+    still holds, answers exactly what the applies since that time were."""
+    ix = RecentIndex()
+    applied: list[tuple[float, list[int]]] = []
+    c = 1
+    for i, b in enumerate(batches):
+        ix.note_applied(np.array(b, np.int64), v(np.arange(c, c + len(b))), now=float(i), limit=limit)
+        applied.append((float(i), b))
+        c += len(b)
+    if not ix.loose_below_watermark:
+        return
+    ids_before = ix._ids
+    now = float(len(batches))
+    for r in range(limit + 1):                         # past the limit at least once more
+        ix.note_applied(np.array([r * 7 % 1000], np.int64), v([c]), now=now, limit=limit)
+        applied.append((now, [r * 7 % 1000]))
+        assert ix._ids is ids_before or len(ix._ids) == 0   # never merged into, at most dropped
+        c += 1
+        now += 1.0
+    assert len(ix) <= limit
+    # The log holds (at least) the newest chunks: within them, fresh_since is exact.
+    oldest_held = min(t for _, _, t in ix._chunks) if ix._chunks else float(len(batches))
+    for since, lo, width in asks:
+        t = max(float(since), oldest_held)
+        want = sorted({r for at, b in applied if at >= t for r in b if lo <= r < lo + width})
+        assert ix.fresh_since(t, lo, lo + width).tolist() == want
+
+
 def test_small_tables_get_a_dense_index_that_never_merges():
     assert RecentIndex(sync.DENSE_INDEX_MAX_ROWS)._dense_rows
     assert not RecentIndex(sync.DENSE_INDEX_MAX_ROWS + 1)._dense_rows
