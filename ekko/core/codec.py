@@ -289,7 +289,8 @@ def _compressed(payload: bytes, min_saving: float) -> bytes | None:
     n = len(payload)
     if min_saving > 0 and n >= COMPRESS_SAMPLE_FROM:
         k, step = COMPRESS_SAMPLE_BYTES, n // COMPRESS_SAMPLES
-        sample = b"".join(payload[i * step + (step - k) // 2:][:k] for i in range(COMPRESS_SAMPLES))
+        # payload[a:a + k], not payload[a:][:k]: that copied the payload's tail per slice.
+        sample = b"".join(payload[a:a + k] for a in (i * step + (step - k) // 2 for i in range(COMPRESS_SAMPLES)))
         if len(c.compress(sample)) > len(sample) * (1.0 - min_saving):
             return None
         min_saving = 0.0   # the sample said it pays: any gain will do now

@@ -154,8 +154,12 @@ class NodeDriver:
         return mem.dc if mem is not None else UNKNOWN_DC
 
     def _min_saving(self, out: Outgoing) -> float:
-        """Compression must pay on the LAN (see COMPRESS_MIN_SAVING); any gain across DCs."""
-        return COMPRESS_MIN_SAVING if self.dc_of(out.dst, out.address) == self.node.dc else 0.0
+        """Compression must pay on the LAN (see COMPRESS_MIN_SAVING); across DCs, what the
+        configuration says (``cross_dc_min_saving``: any gain in the ``lan`` and ``wan``
+        presets)."""
+        if self.dc_of(out.dst, out.address) == self.node.dc:
+            return COMPRESS_MIN_SAVING
+        return self.node.config.cross_dc_min_saving
 
     def _push_room(self, peer: str) -> int:
         mem = self.node.members.get(peer)

@@ -31,7 +31,8 @@ Design rules, because the node loop must never wait on the network:
   are encoded on a worker thread.
 * A peer in this replica's own DC gets a body compressed only where that pays
   (``min_saving_of``, see :data:`ekko.core.codec.COMPRESS_MIN_SAVING`): float32 rows are
-  sent as they are on the LAN, still compressed across DCs.
+  sent as they are on the LAN, and across DCs by ``NodeConfig.cross_dc_min_saving`` (any
+  gain in the ``lan`` and ``wan`` presets; the LAN rule in ``local``).
 * A peer refuses a frame (bad MAC, a publisher key, ...) with a text message
   ``{"status", "reason", "error"}`` on the stream; it is counted as ``http_<status>``,
   as the POST's answer was.  A peer without the stream endpoint (404 at the upgrade: a

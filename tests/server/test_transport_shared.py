@@ -31,3 +31,30 @@ def test_push_to_several_peers_is_encoded_once():
     t = asyncio.run(go())
     assert t.frames_encoded - 1 == 3 and t.frames_reused == 2   # push, other push, gossip
     assert decode_frame(frames[0], kr).body["deltas"][0]["m"] == "m"
+
+
+def test_cross_dc_frames_compress_by_the_configured_rule():
+    """Inside a DC compression must save COMPRESS_MIN_SAVING; across DCs the config says:
+    any gain for ``lan``/``wan`` (WAN bytes are scarce), the LAN rule for ``local`` (every
+    DC on one machine: a float32 push gains ~12% for a full compress and decompress)."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from ekko.core.codec import COMPRESS_MIN_SAVING
+    from ekko.core.config import preset
+    from ekko.core.errors import UsageError
+    from ekko.server.driver import NodeDriver
+
+    def rule(config, dst_dc):
+        fake = SimpleNamespace(node=SimpleNamespace(dc="dc1", config=config),
+                               dc_of=lambda node_id, address="": dst_dc)
+        return NodeDriver._min_saving(fake, Outgoing("p", "127.0.0.1:1", MsgType.PUSH, {}))
+
+    for name in ("local", "lan", "wan"):
+        assert rule(preset(name), "dc1") == COMPRESS_MIN_SAVING
+    assert rule(preset("local"), "dc2") == COMPRESS_MIN_SAVING
+    assert rule(preset("lan"), "dc2") == 0.0 and rule(preset("wan"), "dc2") == 0.0
+    assert rule(preset("wan", cross_dc_min_saving=0.3), "dc2") == 0.3
+    with pytest.raises(UsageError, match="cross_dc_min_saving"):
+        preset("local", cross_dc_min_saving=1.5)
