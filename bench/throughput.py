@@ -584,7 +584,7 @@ class RedisSystem(_BoardSystem):
     async def publish_one(self, tag: int, ids: np.ndarray, vals: np.ndarray) -> None:
         await asyncio.to_thread(self.client.xadd, STREAM, {"p": encode_payload(tag, ids, vals)})
 
-    def after_config(self) -> None:
+    def after_config(self, name: str = "") -> None:
         self.client.xtrim(STREAM, maxlen=0, approximate=False)      # every subscriber has read all of it
 
     def stop(self) -> list[str]:
@@ -636,7 +636,7 @@ class DirectSystem(_BoardSystem):
             await self.session.close()
             self.session = None
 
-    def after_config(self) -> None:
+    def after_config(self, name: str = "") -> None:
         pass
 
 
@@ -754,8 +754,18 @@ class EkkoSystem(System):
                 ok = ok and bool((got >= vers).all())
         return t_done, ok
 
-    def after_config(self) -> None:
-        pass
+    def after_config(self, name: str = "") -> None:
+        """With ``--metrics-dir``: every daemon's /metrics after this configuration's drain
+        (cumulative over the run: diff two configurations for one)."""
+        if self.args.metrics_dir is None:
+            return
+        out = Path(self.args.metrics_dir) / name
+        out.mkdir(parents=True, exist_ok=True)
+        for r, ep in zip(self.cluster.replicas, self.eps):
+            try:
+                (out / f"{r.node_id}.txt").write_bytes(http_get(f"http://{ep}/metrics", key=self.key))
+            except OSError as e:
+                print(f"  [ekko] metrics of {r.node_id}: {e}", file=sys.stderr)
 
     def stop(self) -> list[str]:
         problems = super().stop()
@@ -863,7 +873,7 @@ def run_system(cls: type[System], args: argparse.Namespace, rep: int) -> dict[st
                 errors = [e for r in results for e in r["errors"]]
                 t_last = max((t1 for r in results for _, t1, _ in r["acks"]), default=None)
                 t_all, check = sysm.wait_all(base, rows, args.drain_timeout, results) if rows else (None, "no rows")
-                sysm.after_config()
+                sysm.after_config(f"{n_pub}x{batch}-r{rep + 1}")
                 fig = {"rows": rows, "batches": len(lats), "errors": len(errors), "error_sample": errors[:3],
                        "acked_rps": round(rows / (t_last - t_start)) if t_last else None,
                        "all_rps": round(rows / (t_all - t_start)) if t_all else None,
@@ -1050,6 +1060,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--drain-timeout", type=float, default=180.0, help="seconds a drain may take")
     ap.add_argument("--publish-timeout", type=float, default=120.0, help="seconds one publish may take")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--metrics-dir", default=None,
+                    help="write every ekko daemon's /metrics here after each throughput configuration "
+                         "(DIR/<publishers>x<batch>-r<repeat>/<node>.txt; cumulative: diff two)")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here (e.g. throughput.json)")
     raw = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(raw)
