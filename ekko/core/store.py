@@ -346,17 +346,16 @@ class ModelStore:
         self.spec = spec
         self.tables = {t.name: TableStore(t, device, with_values) for t in spec.tables}
 
-    def copy(self, values: bool = True) -> "ModelStore":
+    def copy(self) -> "ModelStore":
         """A point-in-time copy (versions, tombstones, values cloned on their own device):
-        what a snapshot writer or a restarted simulated replica takes.  ``values=False``
-        leaves the values out (a snapshot that staged them in files instead)."""
+        what a snapshot writer or a restarted simulated replica takes."""
         out = ModelStore(self.spec, device="cpu", with_values=False)
         for name, ts in self.tables.items():
             c = out.tables[name]
             c.device = ts.device
             c.versions = ts.versions.copy()
             c.tombstone = ts.tombstone.copy()
-            c.values = ts.values.detach().clone() if ts.values is not None and values else None
+            c.values = ts.values.detach().clone() if ts.values is not None else None
         return out
 
     def table(self, name: str) -> TableStore:

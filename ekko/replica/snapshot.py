@@ -21,10 +21,7 @@ directory, every file and the directory are fsynced, the current directory is
 renamed to ``.<model>.old``, the new one is renamed into place, and only then
 is the old one removed.  A crash leaves either the previous snapshot or the new
 one; if it strikes between the two renames, :func:`load_snapshot` finds the
-previous one under ``.<model>.old``.  One writer per model at a time.  A daemon's
-values files are first staged in ``.<model>.staged`` (:func:`stage_values`, in the
-instant of the snapshot) and moved into ``.<model>.tmp``; a crash leaves that
-directory behind, and the next snapshot replaces it.
+previous one under ``.<model>.old``.  One writer per model at a time.
 
 The undo history (:class:`rollback.undo_image.UndoImage`, optional): per table with
 history, four raw little-endian files -- ``undo.ids.bin`` and ``undo.old.bin``
@@ -71,8 +68,6 @@ MANIFEST = "manifest.json"
 META = "meta.msgpack"
 #: values are moved through host memory in chunks of about this many bytes.
 CHUNK_BYTES = 64 << 20
-#: bytes read at a time when a staged values file is hashed.
-STAGED_READ_BYTES = 4 << 20
 #: largest manifest or meta file read back (they hold specs and knowledge vectors, not values).
 MAX_SMALL_FILE = 256 << 20
 _HASH_BYTES = 32
@@ -131,72 +126,13 @@ def _values_chunks(values: torch.Tensor, rows_per_chunk: int):
         yield chunk.numpy()
 
 
-def _values_file_fill(values: torch.Tensor, row_bytes: int):
-    """``fill(writer)`` writing ``values`` row-major, little-endian (the snapshot format)."""
-    rows_per_chunk = max(1, CHUNK_BYTES // max(1, row_bytes))
-
-    def fill(w) -> None:
-        for chunk in _values_chunks(values, rows_per_chunk):
-            w.write(chunk.astype(chunk.dtype.newbyteorder("<"), copy=False))
-    return fill
-
-
-def _staging_dir(data_dir: str | os.PathLike, model: str) -> Path:
-    return _models_dir(data_dir) / f".{model}.staged"
-
-
-def stage_values(data_dir: str | os.PathLike, model_store: ModelStore) -> dict[str, Path]:
-    """Write each table's values, as they are now, into files a :func:`save_snapshot` of
-    this instant then takes as its values files (``staged_values``); returns them by table.
-
-    For a snapshot taken while applies go on: the caller runs this in the same step as its
-    copy of the versions, and the values go straight to the page cache instead of into a
-    second tensor as large as the table (1M x 64 float32: +256 MB of peak RSS at every
-    snapshot, issue #15).  Nothing is synced or hashed here; :func:`save_snapshot` does that
-    off the caller's thread.
-    """
-    spec = model_store.spec
-    _check_model_name(spec.name)
-    staging = _staging_dir(data_dir, spec.name)
-    if staging.exists():
-        shutil.rmtree(staging)   # left by a crash before an earlier save took it
-    staging.mkdir(parents=True)
-    out = {}
-    for i, t in enumerate(spec.tables):
-        ts = model_store.table(t.name)
-        if ts.values is None:
-            continue
-        path = staging / f"t{i:04d}.values.bin"
-        with open(path, "wb") as f:
-            _values_file_fill(ts.values, t.row_bytes)(f)
-        out[t.name] = path
-    return out
-
-
-def _take_staged(path: Path, dest: Path) -> dict[str, Any]:
-    """Move a staged values file to ``dest``, hash it and fsync it; its manifest entry."""
-    os.rename(path, dest)
-    h = hashlib.blake2b(digest_size=_HASH_BYTES)
-    size = 0
-    buf = memoryview(bytearray(STAGED_READ_BYTES))   # one small buffer: no table-sized reads
-    with open(dest, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(buf[:n])
-            size += n
-        os.fsync(f.fileno())
-    return {"file": dest.name, "size": size, "blake2b": h.hexdigest()}
-
-
 def _manifest_checksum(body: dict[str, Any]) -> str:
     canon = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.blake2b(canon, digest_size=_HASH_BYTES).hexdigest()
 
 
 def save_snapshot(data_dir: str | os.PathLike, model_store: ModelStore, meta: dict[str, Any],
-                  undo: UndoImage | None = None, staged_values: dict[str, Path] | None = None) -> Path:
+                  undo: UndoImage | None = None) -> Path:
     """Write a model's state to ``data_dir/models/<model>/``, replacing the previous snapshot atomically.
 
     Args:
@@ -206,9 +142,6 @@ def save_snapshot(data_dir: str | os.PathLike, model_store: ModelStore, meta: di
             e.g. the node's knowledge vectors and HLC floor.
         undo: the model's undo history, taken in the same instant as ``model_store``
             (:meth:`rollback.undo.UndoHistory.export_model`); read back by :func:`load_undo`.
-        staged_values: values files of the same instant written by :func:`stage_values`,
-            by table; they become the snapshot's (hashed and synced here), and those
-            tables' values in ``model_store`` are not read (a copy may leave them out).
 
     Returns:
         The model's snapshot directory.
@@ -254,10 +187,14 @@ def save_snapshot(data_dir: str | os.PathLike, model_store: ModelStore, meta: di
                                          lambda w, a=ts.tombstone: np.save(w, np.ascontiguousarray(a, "?"))),
                 "values": None,
             }
-            if staged_values and t.name in staged_values:
-                entry["values"] = _take_staged(staged_values[t.name], tmp / f"{stem}.values.bin")
-            elif ts.values is not None:
-                entry["values"] = _write_file(tmp / f"{stem}.values.bin", _values_file_fill(ts.values, t.row_bytes))
+            if ts.values is not None:
+                rows_per_chunk = max(1, CHUNK_BYTES // max(1, t.row_bytes))
+
+                def fill(w, v=ts.values, k=rows_per_chunk):
+                    for chunk in _values_chunks(v, k):
+                        w.write(chunk.astype(chunk.dtype.newbyteorder("<"), copy=False))
+
+                entry["values"] = _write_file(tmp / f"{stem}.values.bin", fill)
             tables.append(entry)
         meta_entry = _write_file(tmp / META, lambda w: w.write(meta_bytes))
         body = {"format": SNAPSHOT_FORMAT, "model": spec.name, "spec": spec.to_dict(), "tables": tables,
@@ -276,14 +213,10 @@ def save_snapshot(data_dir: str | os.PathLike, model_store: ModelStore, meta: di
         fsync_dir(models)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if staged_values:
-            shutil.rmtree(_staging_dir(data_dir, spec.name), ignore_errors=True)
         if not final.exists() and old.exists():
             os.rename(old, final)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    if staged_values:
-        shutil.rmtree(_staging_dir(data_dir, spec.name), ignore_errors=True)
     return final
 
 

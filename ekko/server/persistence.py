@@ -184,24 +184,16 @@ class Persistence:
     async def snapshot(self) -> int:
         """Write a snapshot of every model; returns how many were written.
 
-        The copy (versions, knowledge, undo history) is taken here on the loop thread in
-        one step, so it is consistent; the values of that step go straight into files
-        (:func:`ekko.replica.snapshot.stage_values`), not into a copy of every table in
-        memory.  Hashing, syncing and the rest of the disk writes run on a worker thread.
+        The copy (tensors, versions, knowledge) is taken here on the loop thread in
+        one step, so it is consistent; the disk writes run on a worker thread.
         """
-        from ekko.replica.snapshot import save_snapshot, stage_values
+        from ekko.replica.snapshot import save_snapshot
 
         lock = self._snapshot_lock or asyncio.Lock()
         async with lock:
             # The undo history in the same instant as the store (it ends at the copied state).
-            try:
-                self.data_dir.mkdir(parents=True, exist_ok=True)
-                copies = [(m.store.copy(values=False), export_model_state(self.node, name),
-                           self.node.export_undo(name), stage_values(self.data_dir, m.store))
-                          for name, m in self.node.models.items()]
-            except OSError:
-                self.metrics.snapshots.labels("error").inc()
-                raise
+            copies = [(m.store.copy(), export_model_state(self.node, name), self.node.export_undo(name))
+                      for name, m in self.node.models.items()]
             catalog = {"node_id": self.node.node_id, "dc": self.node.dc,
                        "models": {name: m.spec.to_dict() for name, m in self.node.models.items()}}
             if not copies:
@@ -214,8 +206,8 @@ class Persistence:
                 data_dir.mkdir(parents=True, exist_ok=True)
                 # The catalog first: a model directory without its spec could not be loaded.
                 write_json_atomic(data_dir / CATALOG_FILE, catalog)
-                for store, meta, undo, staged in copies:
-                    save_snapshot(data_dir, store, meta, undo=undo, staged_values=staged)
+                for store, meta, undo in copies:
+                    save_snapshot(data_dir, store, meta, undo=undo)
 
             t0 = time.perf_counter()
             try:

@@ -356,30 +356,3 @@ def test_unsafe_model_name_refused(tmp_path):
     with pytest.raises(UsageError):
         save_snapshot(tmp_path, store, {})
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_staged_values_make_the_same_snapshot_as_of_the_staging_instant(tmp_path, device):
-    """A daemon stages values in files at the snapshot's instant instead of cloning every
-    table (peak RSS, issue #15): the snapshot is byte for byte the one a full copy gives,
-    holds the values of that instant though the live store moved on, and the staging
-    directory is gone afterwards."""
-    live = populated(device=device)
-    reference = live.copy()
-    staged = snap.stage_values(tmp_path / "a", live)
-    assert set(staged) == {t.name for t in SPEC.tables}
-    taken = live.copy(values=False)
-    assert all(taken.table(t.name).values is None for t in SPEC.tables)
-    # Applies go on after the instant: they must not reach the snapshot.
-    t = SPEC.table("user")
-    live.table("user").apply(Delta(SPEC.name, "user", np.array([0, 1]), np.array([pack(10 ** 10, 1)] * 2),
-                                   np.full((2, t.dim), 7.0, np.float32)))
-    save_snapshot(tmp_path / "a", taken, META, staged_values=staged)
-    save_snapshot(tmp_path / "b", reference, META)
-    assert not (tmp_path / "a" / "models" / ".ranker.staged").exists()
-    ma = json.loads((tmp_path / "a" / "models" / "ranker" / "manifest.json").read_text())
-    mb = json.loads((tmp_path / "b" / "models" / "ranker" / "manifest.json").read_text())
-    assert ma == mb
-    got, meta = load_snapshot(tmp_path / "a", SPEC, device)
-    assert_same_state(reference, got)
-    assert meta == META
