@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ekko.core.delta import Delta
 from ekko.core.errors import UsageError
+from ekko.core.frozen import FrozenValues
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.version import Knowledge, counters_of
 
@@ -122,6 +124,8 @@ class TableStore:
         #: before and after every write of ``values``: odd while a write is under way, so a
         #: reader in another process can tell a torn read and retry (a seqlock).  None: unused.
         self.write_seq: np.ndarray | None = None
+        # Point-in-time views being read (a snapshot): each saves rows before they change.
+        self._frozen: list[FrozenValues] = []
 
     # -- writes -----------------------------------------------------------------------------
     def apply(self, delta: Delta, capture_old: bool = False, distinct: bool | None = None,
@@ -177,6 +181,8 @@ class TableStore:
         if delta.tombstone is not None:
             tomb = delta.tombstone if pos is None else delta.tombstone[pos]
         if self.values is not None:
+            if self._frozen:
+                self._before_write(wid)
             idx = _tensor(wid).to(self.device, non_blocking=True)
             if capture_old:
                 old_values = to_wire_values(self.values.index_select(0, idx))
@@ -250,6 +256,8 @@ class TableStore:
         elif self._tomb_clean is not self.tombstone:
             self.tombstone[ids] = False
         if self.values is not None:
+            if self._frozen:
+                self._before_write(ids)
             idx = _tensor(np.ascontiguousarray(ids)).to(self.device)
             src = from_wire_values(np.ascontiguousarray(values), self.spec.dtype, self.device)
             if self.write_seq is not None:
@@ -258,6 +266,22 @@ class TableStore:
             if self.write_seq is not None:
                 self.write_seq[0] += 1
         self._mark_dirty(ids)
+
+    # -- point-in-time views ------------------------------------------------------------------
+    def freeze(self, run: Callable[[Callable[[], Any]], Any] | None = None) -> FrozenValues:
+        """A view of ``values`` as they are now, read block by block while writes go on
+        (copy-on-write: :mod:`ekko.core.frozen`); :meth:`FrozenValues.close` it when done.
+        ``run`` hops a reader on another thread to the writing one (``call_on_loop``)."""
+        frozen = FrozenValues(self, run)
+        self._frozen.append(frozen)
+        return frozen
+
+    def _unfreeze(self, frozen: FrozenValues) -> None:
+        self._frozen = [f for f in self._frozen if f is not frozen]
+
+    def _before_write(self, ids: np.ndarray) -> None:
+        for f in self._frozen:
+            f.before_write(ids)
 
     def _mark_dirty(self, ids: np.ndarray, shards: np.ndarray | None = None) -> None:
         # A scatter of True, not np.unique: the latter sorts and costs more than the apply.
@@ -357,6 +381,28 @@ class ModelStore:
             c.tombstone = ts.tombstone.copy()
             c.values = ts.values.detach().clone() if ts.values is not None else None
         return out
+
+    def freeze(self, run: Callable[[Callable[[], Any]], Any] | None = None
+               ) -> tuple["ModelStore", dict[str, FrozenValues]]:
+        """A point-in-time state without the cost of a copy of the values: versions and
+        tombstones copied, and for each table with values a :class:`FrozenValues` view
+        (copy-on-write) to read them from.  What a daemon's snapshot takes; close every
+        view when it is written."""
+        out = ModelStore(self.spec, device="cpu", with_values=False)
+        views: dict[str, FrozenValues] = {}
+        try:
+            for name, ts in self.tables.items():
+                c = out.tables[name]
+                c.device = ts.device
+                c.versions = ts.versions.copy()
+                c.tombstone = ts.tombstone.copy()
+                if ts.values is not None:
+                    views[name] = ts.freeze(run)
+        except BaseException:
+            for v in views.values():
+                v.close()
+            raise
+        return out, views
 
     def table(self, name: str) -> TableStore:
         try:

@@ -55,6 +55,7 @@ import torch
 
 from ekko.core.delta import WIRE_DTYPES
 from ekko.core.errors import ProtocolError, UsageError
+from ekko.core.frozen import FROZEN_BLOCK_BYTES, FrozenValues
 from ekko.core.fsutil import fsync_dir
 from ekko.core.spec import NAME_RE, ModelSpec, TableSpec
 from ekko.core.store import TORCH_DTYPES, ModelStore, TableStore, default_device
@@ -117,13 +118,13 @@ def _write_file(path: Path, fill) -> dict[str, Any]:
 
 
 
-def _values_chunks(values: torch.Tensor, rows_per_chunk: int):
-    """Host numpy views of consecutive row blocks of ``values`` (bfloat16 as int16 bits)."""
-    for lo in range(0, values.shape[0], rows_per_chunk):
-        chunk = values[lo:lo + rows_per_chunk].detach().to("cpu").contiguous()
-        if chunk.dtype == torch.bfloat16:
-            chunk = chunk.view(torch.int16)
-        yield chunk.numpy()
+def _host_array(block: torch.Tensor) -> np.ndarray:
+    """A block of values as a little-endian host numpy array (bfloat16 as int16 bits)."""
+    chunk = block.detach().to("cpu").contiguous()
+    if chunk.dtype == torch.bfloat16:
+        chunk = chunk.view(torch.int16)
+    a = chunk.numpy()
+    return a.astype(a.dtype.newbyteorder("<"), copy=False)
 
 
 def _manifest_checksum(body: dict[str, Any]) -> str:
@@ -132,7 +133,7 @@ def _manifest_checksum(body: dict[str, Any]) -> str:
 
 
 def save_snapshot(data_dir: str | os.PathLike, model_store: ModelStore, meta: dict[str, Any],
-                  undo: UndoImage | None = None) -> Path:
+                  undo: UndoImage | None = None, frozen: dict[str, FrozenValues] | None = None) -> Path:
     """Write a model's state to ``data_dir/models/<model>/``, replacing the previous snapshot atomically.
 
     Args:
@@ -142,6 +143,9 @@ def save_snapshot(data_dir: str | os.PathLike, model_store: ModelStore, meta: di
             e.g. the node's knowledge vectors and HLC floor.
         undo: the model's undo history, taken in the same instant as ``model_store``
             (:meth:`rollback.undo.UndoHistory.export_model`); read back by :func:`load_undo`.
+        frozen: values to write instead of ``model_store``'s, by table name: views of the
+            live tables at the instant of ``model_store`` (:meth:`ModelStore.freeze`), read
+            block by block, so that the snapshot needs no copy of the tables.
 
     Returns:
         The model's snapshot directory.
@@ -187,12 +191,21 @@ def save_snapshot(data_dir: str | os.PathLike, model_store: ModelStore, meta: di
                                          lambda w, a=ts.tombstone: np.save(w, np.ascontiguousarray(a, "?"))),
                 "values": None,
             }
-            if ts.values is not None:
+            view = (frozen or {}).get(t.name)
+            if view is not None:
+                rows_per_block = max(1, FROZEN_BLOCK_BYTES // max(1, t.row_bytes))
+
+                def fill(w, v=view, k=rows_per_block):
+                    for lo in range(0, v.rows, k):
+                        w.write(_host_array(v.block(lo, min(v.rows, lo + k))))
+
+                entry["values"] = _write_file(tmp / f"{stem}.values.bin", fill)
+            elif ts.values is not None:
                 rows_per_chunk = max(1, CHUNK_BYTES // max(1, t.row_bytes))
 
                 def fill(w, v=ts.values, k=rows_per_chunk):
-                    for chunk in _values_chunks(v, k):
-                        w.write(chunk.astype(chunk.dtype.newbyteorder("<"), copy=False))
+                    for lo in range(0, v.shape[0], k):
+                        w.write(_host_array(v[lo:lo + k]))
 
                 entry["values"] = _write_file(tmp / f"{stem}.values.bin", fill)
             tables.append(entry)

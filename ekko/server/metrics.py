@@ -393,6 +393,10 @@ class DaemonMetrics:
         self.snapshots = Counter("ekko_snapshots", "Snapshots written, by outcome", ["outcome"], registry=r)
         self.snapshot_seconds = Gauge("ekko_last_snapshot_seconds", "Duration of the last snapshot write",
                                       registry=r)
+        self.snapshot_saved_rows = Gauge(
+            "ekko_last_snapshot_saved_rows",
+            "Rows written while the last snapshot was read, whose old values it kept aside (copy-on-write)",
+            registry=r)
         self.sends_in_flight = Gauge("ekko_sends_in_flight", "Peer sends in flight", registry=r)
         # Back-pressure: refusals by bound, and the quantities the bounds apply to.
         self.backpressure = Counter("ekko_backpressure_rejects",

@@ -4,8 +4,9 @@
 the node's state on disk and brings it back:
 
 * **Snapshots.**  Every model's tensors, versions, knowledge (the node's exported
-  state) and undo history, copied on the loop thread in one step so they agree,
-  written on a worker thread (:mod:`ekko.replica.snapshot`), with the model catalog
+  state) and undo history at one instant on the loop thread, so they agree -- the
+  tensors as copy-on-write views (:mod:`ekko.core.frozen`), not copies -- written on
+  a worker thread (:mod:`ekko.replica.snapshot`), with the model catalog
   (:data:`CATALOG_FILE`) beside them.  Taken every ``config.snapshot_interval``
   seconds, when the log asks for one (it is full), and at shutdown.
 * **The write-ahead log** (``config.durability = "wal"``): publish frames, each
@@ -32,6 +33,7 @@ from typing import Any, Callable
 from ekko.core.codec import decode_frame
 from ekko.core.config import NodeConfig
 from ekko.core.errors import ProtocolError, UsageError
+from ekko.core.frozen import call_on_loop
 from ekko.core.spec import ModelSpec
 from ekko.core.store import ModelStore
 from ekko.replica.node import ReplicaNode
@@ -64,6 +66,16 @@ def import_model_state(node: ReplicaNode, spec: ModelSpec, store: ModelStore, st
                        now: float) -> None:
     """Install a model restored from a snapshot (see :meth:`ReplicaNode.import_state`)."""
     node.import_state(spec, store, state, now)
+
+
+def _close_views(copies: list) -> int:
+    """Close the snapshot's copy-on-write views; returns the rows they saved."""
+    saved = 0
+    for _store, views, *_ in copies:
+        for v in views.values():
+            saved += v.saved_rows
+            v.close()
+    return saved
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -184,16 +196,29 @@ class Persistence:
     async def snapshot(self) -> int:
         """Write a snapshot of every model; returns how many were written.
 
-        The copy (tensors, versions, knowledge) is taken here on the loop thread in
-        one step, so it is consistent; the disk writes run on a worker thread.
+        The state (versions, knowledge, undo history, and views of the tensors) is taken
+        here on the loop thread in one step, so it is consistent; the disk writes run on
+        a worker thread, which has the loop copy each block of values as it goes.
         """
         from ekko.replica.snapshot import save_snapshot
 
         lock = self._snapshot_lock or asyncio.Lock()
         async with lock:
-            # The undo history in the same instant as the store (it ends at the copied state).
-            copies = [(m.store.copy(), export_model_state(self.node, name), self.node.export_undo(name))
-                      for name, m in self.node.models.items()]
+            loop = asyncio.get_running_loop()
+            # Versions, tombstones, knowledge and the undo history (it ends at this state)
+            # are copied in this instant; the values are read from copy-on-write views
+            # (ekko.core.frozen) block by block on this loop while the worker writes, so
+            # a snapshot costs the rows written meanwhile, not a copy of every table.
+            run = call_on_loop(loop)
+            copies = []
+            try:
+                for name, m in self.node.models.items():
+                    store, views = m.store.freeze(run)
+                    copies.append((store, views, export_model_state(self.node, name),
+                                   self.node.export_undo(name)))
+            except BaseException:
+                _close_views(copies)
+                raise
             catalog = {"node_id": self.node.node_id, "dc": self.node.dc,
                        "models": {name: m.spec.to_dict() for name, m in self.node.models.items()}}
             if not copies:
@@ -206,15 +231,17 @@ class Persistence:
                 data_dir.mkdir(parents=True, exist_ok=True)
                 # The catalog first: a model directory without its spec could not be loaded.
                 write_json_atomic(data_dir / CATALOG_FILE, catalog)
-                for store, meta, undo in copies:
-                    save_snapshot(data_dir, store, meta, undo=undo)
+                for store, views, meta, undo in copies:
+                    save_snapshot(data_dir, store, meta, undo=undo, frozen=views)
 
             t0 = time.perf_counter()
             try:
-                await asyncio.get_running_loop().run_in_executor(None, write)
+                await loop.run_in_executor(None, write)
             except Exception:
                 self.metrics.snapshots.labels("error").inc()
                 raise
+            finally:
+                self.metrics.snapshot_saved_rows.set(_close_views(copies))
             self.metrics.snapshots.labels("ok").inc()
             self.metrics.snapshot_seconds.set(time.perf_counter() - t0)
             if covered is not None and self.wal is not None:

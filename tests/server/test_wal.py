@@ -7,9 +7,11 @@ import asyncio
 import json
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
+import torch
 from test_daemon import digests, make_client, post, publish_body, register
 
 from ekko.core.chain import PublisherChain
@@ -322,6 +324,51 @@ async def test_snapshot_truncates_the_log_and_replay_covers_the_rest(tmp_path):
     finally:
         await client2.close()  # clean shutdown: the final snapshot releases the replayed segments
     assert sum(p.stat().st_size for p in wal_dir.iterdir()) <= len(SEGMENT_MAGIC) * 2
+
+
+async def test_a_snapshot_taken_while_publishes_apply_holds_its_instant(tmp_path, monkeypatch):
+    """A snapshot reads the tables block by block while publishes go on (copy-on-write,
+    ``ekko.core.frozen``): what it writes is the state of the instant its log rotation
+    marks, not a mix, and the log after that instant brings a restart to the rest."""
+    import ekko.replica.snapshot as snapshot_mod
+    from ekko.replica.snapshot import load_snapshot
+
+    monkeypatch.setattr(snapshot_mod, "FROZEN_BLOCK_BYTES", 8 * 4 * 64)   # 64 rows a block: 79 blocks
+    slow_write = snapshot_mod._HashingWriter.write
+
+    def write(self, b):          # a slow disk: publishes arrive while the values are read
+        time.sleep(0.003)
+        return slow_write(self, b)
+
+    monkeypatch.setattr(snapshot_mod._HashingWriter, "write", write)
+    rng = np.random.default_rng(4)
+    pc = PublisherChain(origin=6)
+    d, client = await make_client(tmp_path)
+    await register(client)
+    for _ in range(3):
+        await publish(client, pc, rng, n=1000)
+    instant = d.node.models["ranker"].store.copy()
+    taking = asyncio.create_task(d.snapshot())   # freezes before this coroutine's next await
+    during = 0
+    while not taking.done():
+        await publish(client, pc, rng, n=1000)
+        during += 1
+    assert await taking == 1
+    assert during >= 2 and d.metrics.snapshot_saved_rows._value.get() > 0, "no publish overlapped the read"
+    on_disk, _ = load_snapshot(tmp_path / "r1", instant.spec, "cpu")
+    live = d.node.models["ranker"].store.table("emb")
+    assert not torch.equal(live.values, instant.table("emb").values)
+    assert torch.equal(on_disk.table("emb").values, instant.table("emb").values)
+    assert np.array_equal(on_disk.table("emb").versions, instant.table("emb").versions)
+    before = await digests(client)
+    await crash(d, client)
+
+    d2, client2 = await make_client(tmp_path)
+    try:
+        assert d2.recovery["wal_frames"] == during
+        assert await digests(client2) == before
+    finally:
+        await client2.close()
 
 
 async def test_model_registered_after_the_last_snapshot_is_replayed_too(tmp_path):
