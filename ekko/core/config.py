@@ -49,6 +49,9 @@ MAX_CLOCK_SKEW_S = 300.0
 #: the ingest replica's wall clock.  NTP keeps hosts within milliseconds; a publisher's HLC
 #: runs ahead of its wall clock by its rows / 256 per millisecond (a 1M-row frame: 4 s).
 MAX_PUBLISH_AHEAD_S = 10.0
+#: default seconds between two returns of the heap's free pages to the OS (glibc
+#: ``malloc_trim``, :mod:`ekko.server.heap_trim`).
+HEAP_TRIM_INTERVAL_S = 1.0
 #: anti-entropy rounds :meth:`NodeConfig.knowledge_bound` allows for pulls and for
 #: knowledge to spread: an intra-DC round, a gateway's walk over its WAN pairings, the
 #: far DC's round, with room for rounds whose partner held nothing new.
@@ -182,6 +185,8 @@ class NodeConfig:
         max_rss_bytes: resident memory of the daemon process (bytes, from
             ``/proc/self/statm``); beyond it publishes get 503.  0 = no bound (the
             model's tensors live in the same process: set it well above their size).
+        heap_trim_interval: seconds between two returns of the heap's free pages to the
+            OS (:mod:`ekko.server.heap_trim`); 0 = never.
     """
 
     preset: str = "local"
@@ -227,6 +232,7 @@ class NodeConfig:
     max_push_backlog_rows: int = 4 << 20
     max_wal_bytes: int = 1 << 30
     max_rss_bytes: int = 0
+    heap_trim_interval: float = HEAP_TRIM_INTERVAL_S
 
     def __post_init__(self) -> None:
         for name in ("gossip_interval", "ae_interval", "suspect_after", "dead_after", "forget_after"):
@@ -250,6 +256,8 @@ class NodeConfig:
             raise UsageError("config gateways_per_dc must be in 1..16")
         if not 0 < self.pull_response_bytes <= MAX_PULL_RESPONSE_BYTES:
             raise UsageError(f"config pull_response_bytes must be in 1..{MAX_PULL_RESPONSE_BYTES}")
+        if not self.heap_trim_interval >= 0:
+            raise UsageError("config heap_trim_interval must be >= 0 seconds (0: never)")
         if not self.gap_probe_after > 0:
             raise UsageError("config gap_probe_after must be > 0 seconds")
         if not self.max_publish_ahead > 0:

@@ -81,6 +81,7 @@ from ekko.server.change_feed import ChangeFeed
 from ekko.server.shared_tables import SharedTables
 from ekko.server.driver import NodeDriver
 from ekko.server.frames import FrameReader
+from ekko.server.heap_trim import HeapTrimmer
 from ekko.server.http_api import HANDLER_ARGS, HttpApi
 from ekko.server.ingest import IngestHandlers
 from ekko.server.join_check import live_namesake
@@ -290,6 +291,9 @@ class Daemon:
             raise
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.driver.run(), name="ekko-timer"))
+        trimmer = HeapTrimmer(self.metrics.heap_trim_seconds.observe)
+        self._tasks.append(loop.create_task(trimmer.run(self.config.heap_trim_interval, lambda: self._stopped),
+                                            name="ekko-heap-trim"))
         snapshots = self.persistence.start_snapshot_loop()
         if snapshots is not None:
             self._tasks.append(snapshots)

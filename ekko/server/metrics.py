@@ -393,6 +393,9 @@ class DaemonMetrics:
         self.snapshots = Counter("ekko_snapshots", "Snapshots written, by outcome", ["outcome"], registry=r)
         self.snapshot_seconds = Gauge("ekko_last_snapshot_seconds", "Duration of the last snapshot write",
                                       registry=r)
+        self.heap_trim_seconds = Histogram(
+            "ekko_heap_trim_seconds", "Duration of one return of free heap pages to the OS (malloc_trim)",
+            buckets=(1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1), registry=r)
         self.snapshot_saved_rows = Gauge(
             "ekko_last_snapshot_saved_rows",
             "Rows written while the last snapshot was read, whose old values it kept aside (copy-on-write)",
