@@ -40,9 +40,8 @@ MAX_SHADOWED_LISTED = 1024
 #: message types /v1/gossip accepts (peer traffic only).
 PEER_TYPES = frozenset({MsgType.GOSSIP, MsgType.PULL_REQUEST, MsgType.PULL_RESPONSE, MsgType.PUSH,
                         MsgType.ROLLBACK, MsgType.CUT})
-#: peer streams open at once; beyond it an upgrade gets 429 (each is a connection and a task;
-#: a peer opens two, see ekko.server.transport).
-MAX_PEER_STREAMS = 512
+#: peer streams open at once; beyond it an upgrade gets 429 (each is a connection and a task).
+MAX_PEER_STREAMS = 256
 #: seconds between pings on an idle peer stream; a peer that answers none within this is
 #: dropped (a crashed host sends no FIN, and its stream would otherwise stay forever).
 STREAM_HEARTBEAT_S = 30.0

@@ -1,19 +1,10 @@
-"""Peer transport: sends a replica's outgoing messages to its peers, two streams per peer.
+"""Peer transport: sends a replica's outgoing messages to its peers, one stream per peer.
 
 The daemon (:mod:`ekko.server.daemon`) drains :class:`ekko.core.messages.Outgoing` messages
 from the sans-IO node and hands each to :meth:`HttpTransport.send`, which encodes it as a
 frame (signed when the cluster has a key) and queues it on the *link* to the peer's
-address for its *lane*.  A link is one WebSocket (``GET /v1/gossip/stream``, see
-``docs/http-api.md``) carrying one frame per binary message, in order.
-
-Two lanes per peer: pushes and pull messages (MBs of rows) on the data lane, gossip,
-cuts and rollbacks (small: membership, catalog, gap probes and their answers) on the
-control lane (:data:`CONTROL_TYPES`).  With one stream a busy peer handled a gap probe
-only after the second or so of pushes queued ahead of it in the socket buffers, and
-every replica's knowledge of a new publisher waited for that answer (issue #15).  No
-rule needs a control message to stay behind the rows sent before it: rows carry their
-versions, a fence drops fenced rows whenever they come, and knowledge is adopted only
-with the rows it covers.
+address.  A link is one WebSocket (``GET /v1/gossip/stream``, see ``docs/http-api.md``)
+carrying one frame per binary message, in order.
 
 Why a stream and not a POST per message (issue #15): on loopback a POST cost 220-320 us of
 CPU per small message and ~600 us per 256 KiB one, both ends together; a WebSocket message
@@ -77,8 +68,8 @@ MAX_PEER_BACKLOG = 64
 PUSH_LINK_DEPTH = 8
 #: messages queued on all links together; more are dropped.
 MAX_IN_FLIGHT = 1024
-#: total connections the shared connector keeps (all peers; two streams each, plus a legacy POST).
-CONNECTOR_LIMIT = 512
+#: total connections the shared connector keeps (all peers; one stream each, plus a legacy POST).
+CONNECTOR_LIMIT = 256
 #: seconds to establish a TCP connection (a peer that does not answer SYN is down).
 CONNECT_TIMEOUT_S = 2.0
 #: seconds for the stream's upgrade request, and for one message's write once connected.
@@ -99,15 +90,6 @@ GOSSIP_PATH = "/v1/gossip"
 STREAM_PATH = "/v1/gossip/stream"
 #: message types whose frames are shared by the sends of one body to several peers.
 SHARED_TYPES = frozenset({MsgType.PUSH})
-#: small control messages that go to a peer on a stream of their own (the control lane),
-#: so that a backlog of pushes and pull answers on the data lane does not delay them.
-CONTROL_TYPES = frozenset({MsgType.GOSSIP, MsgType.ROLLBACK, MsgType.CUT})
-CONTROL, DATA = "control", "data"
-
-
-def lane_of(out: Outgoing) -> str:
-    """The lane (stream) ``out`` goes to its peer on: :data:`CONTROL` or :data:`DATA`."""
-    return CONTROL if out.msg_type in CONTROL_TYPES else DATA
 
 
 def share_key(out: Outgoing) -> tuple[Any, ...] | None:
@@ -142,13 +124,12 @@ class _SendFailed(Exception):
 
 
 class _Link:
-    """One stream to one peer address (one lane of it): its queue, its connection, its back-off."""
+    """The stream to one peer address: its queue, its connection, its back-off."""
 
-    __slots__ = ("address", "lane", "queue", "ws", "writer", "reader", "retry_at", "backoff", "legacy")
+    __slots__ = ("address", "queue", "ws", "writer", "reader", "retry_at", "backoff", "legacy")
 
-    def __init__(self, address: str, lane: str = DATA) -> None:
+    def __init__(self, address: str) -> None:
         self.address = address
-        self.lane = lane
         # (message, share key, frame bytes or the future of its encoding)
         self.queue: deque[tuple[Outgoing, tuple[Any, ...] | None, Any]] = deque()
         self.ws: aiohttp.ClientWebSocketResponse | None = None
@@ -218,7 +199,7 @@ class HttpTransport:
         self.failures: Counter[str] = Counter()   # reason -> sends that failed or were dropped
         self.bytes_sent = 0
         self.streams_opened = 0
-        self._links: dict[tuple[str, str], _Link] = {}   # (address, lane) -> link
+        self._links: dict[str, _Link] = {}
         self._queued = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -247,10 +228,9 @@ class HttpTransport:
         if self._queued >= self.max_in_flight:
             self._fail(out, "dropped_in_flight")
             return False
-        lane = lane_of(out)
-        link = self._links.get((out.address, lane))
+        link = self._links.get(out.address)
         if link is None:
-            link = self._links[(out.address, lane)] = _Link(out.address, lane)
+            link = self._links[out.address] = _Link(out.address)
         if len(link.queue) >= self.backlog:
             self._fail(out, "dropped_backlog")
             return False
@@ -271,14 +251,14 @@ class HttpTransport:
         self._queued += 1
         self._idle.clear()
         if link.writer is None:
-            link.writer = asyncio.get_running_loop().create_task(self._write(link), name=f"ekko-link-{link.address}-{link.lane}")
+            link.writer = asyncio.get_running_loop().create_task(self._write(link), name=f"ekko-link-{link.address}")
         return True
 
     def push_room(self, address: str) -> int:
         """How many more PUSH messages the link to ``address`` takes now (PUSH_LINK_DEPTH
         less what it holds queued); the node keeps the rest of its pushes until
         ``on_sent`` / ``on_failed`` report the link drained."""
-        link = self._links.get((address, DATA))
+        link = self._links.get(address)
         return PUSH_LINK_DEPTH - (len(link.queue) if link is not None else 0)
 
     def _fail(self, out: Outgoing, reason: str) -> None:
@@ -397,7 +377,7 @@ class HttpTransport:
             raise self._back_off(link, "connect") from None
         link.ws, link.backoff = ws, 0.0
         self.streams_opened += 1
-        link.reader = asyncio.get_running_loop().create_task(self._read(link, ws), name=f"ekko-link-read-{link.address}-{link.lane}")
+        link.reader = asyncio.get_running_loop().create_task(self._read(link, ws), name=f"ekko-link-read-{link.address}")
 
     def _back_off(self, link: _Link, reason: str) -> _SendFailed:
         link.backoff = min(RECONNECT_MAX_S, max(RECONNECT_MIN_S, 2 * link.backoff))

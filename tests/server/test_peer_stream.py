@@ -77,45 +77,6 @@ async def test_a_peers_messages_arrive_in_order_on_one_stream():
         await runner.cleanup()
 
 
-async def test_control_messages_overtake_a_backlog_of_pushes():
-    """Gossip (membership, gap probes and answers, cuts) goes on a stream of its own: a
-    busy peer still far behind on pushes handles it within a few frames."""
-    got: list[tuple[str, int]] = []
-
-    async def ws(request: web.Request) -> web.WebSocketResponse:
-        resp = web.WebSocketResponse(max_msg_size=4 << 20)
-        await resp.prepare(request)
-        async for msg in resp:
-            f = decode_frame(msg.data)
-            got.append((f.msg_type.name, f.body["n"]))
-            if f.msg_type == MsgType.PUSH:
-                time.sleep(0.005)   # a busy replica: applying a push takes a while
-        return resp
-
-    app = web.Application()
-    app.router.add_get(STREAM_PATH, ws)
-    runner, address = await _serve(app)
-    t = HttpTransport()
-    await t.start()
-    try:
-        for n in range(60):     # 15 MB of pushes: more than the socket buffers hold
-            assert t.send(Outgoing("peer", address, MsgType.PUSH,
-                                   {"n": n, "pad": np.random.default_rng(n).bytes(256 << 10)}))
-        await wait_async(lambda: len(got) >= 2, 10, "the first pushes")
-        assert t.send(gossip(address, 1000))
-        await wait_async(lambda: ("GOSSIP", 1000) in got, 10, "the gossip")
-        behind = got.index(("GOSSIP", 1000))
-        assert await t.flush(20)
-        await wait_async(lambda: len(got) == 61, 10, "every frame")
-        pushes = [n for kind, n in got if kind == "PUSH"]
-        assert pushes == list(range(60))          # each lane keeps its order
-        assert behind < 30, f"the gossip waited behind {behind} of 60 pushes"
-        assert t.streams_opened == 2
-    finally:
-        await t.close()
-        await runner.cleanup()
-
-
 async def test_a_peer_without_the_stream_gets_a_post_per_message():
     runner, address, got = await _recorder(stream=False)
     t = HttpTransport()
