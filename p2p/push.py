@@ -160,7 +160,10 @@ class EagerPush:
 
     def push_from_ingest(self, m: ModelState, table: str, res: ApplyResult, now: float,
                           impact: np.ndarray | None = None,
-                          links: np.ndarray | None = None) -> None:
+                          links: np.ndarray | None = None, origin: int | None = None) -> None:
+        """Push rows this replica took first (a publish, a repair) to its DC and to one
+        gateway of every other DC.  ``origin``: the publisher of the rows (a publish),
+        whose frames then all cross by the same gateway of each DC."""
         if not len(res):
             return
         if self.host.config.push_mode == "random":
@@ -171,11 +174,19 @@ class EagerPush:
         for peer in self.host.peers.ordinary(self.host.dc):
             self.enqueue(peer, rows, now)
         self.host.peers.refresh_topology()
-        # One copy per remote DC, to the rank-0 gateway of the batch's first shard:
-        # each member of that DC then gets the batch in one frame from it (per-shard
-        # gateways would multiply LAN frames by the shards a batch touches), and WAN
-        # load still spreads over the DC's members as batches hit different shards.
-        lead = int(spec.shard_of(int(res.ids[0])))
+        # One copy per remote DC, to one gateway there: each member of that DC then gets
+        # the batch in one frame from it (per-shard gateways would multiply LAN frames by
+        # the shards a batch touches).  A publisher's frames all cross by the same one,
+        # the rank-0 gateway of shard ``origin mod shards``, so that the DC's members get
+        # them in order on that gateway's stream, as their chain links need.  (Chosen by
+        # each batch's first shard, consecutive frames of one publisher crossed by
+        # different gateways and reached the others out of order; under load a gateway
+        # ran seconds behind, the chains waited past gap_probe_after, and the probes'
+        # answers -- every member's rows of the range -- fed the overload: four
+        # publishers, 3x3 daemons, bench/throughput.py.)  WAN load spreads over a DC's
+        # members by publisher; rows without a publisher (a repair) by first shard.
+        lead = (origin % spec.num_shards if origin is not None
+                else int(spec.shard_of(int(res.ids[0]))))
         for dc in self.host.topology.dcs():
             if dc == self.host.dc:
                 continue

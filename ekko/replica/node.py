@@ -402,7 +402,8 @@ class ReplicaNode:
                 # frame (a row that lost here is not pushed, and a receiver holding the
                 # link without the row would claim knowledge it lacks).
                 self.eager_push.push_from_ingest(m, d.table, res, now, impact_of(d, res),
-                                       links=np.array(links, np.int64) if links and len(res) == len(d) else None)
+                                       links=np.array(links, np.int64) if links and len(res) == len(d) else None,
+                                       origin=origin)
         self.counters["published_rows"] += sum(len(d) for d in deltas)
         self.eager_push.flush(now)
         return PublishAck(sum(len(d) for d in deltas), applied, top, shadowed)

@@ -13,6 +13,7 @@ from ekko.core.codec import Frame, MsgType, array_to_wire, delta_to_wire
 from ekko.core.config import NodeConfig
 from ekko.core.delta import Delta
 from ekko.core.errors import ProtocolError
+from ekko.core.version import HLC_EPOCH_MS
 from ekko.core.version import pack as pack_version
 from p2p.outbound import FifoLinkQueue, QueuedRows
 
@@ -209,3 +210,36 @@ def test_a_gateway_forwards_the_links_of_a_push_whose_rows_it_already_holds_newe
         else:
             assert knowledge(peer)[shard].get(7, 0) == 1000, nid               # the link went on
             assert vers == [v_new, v_old, v_old, v_old]                        # row 0 as held
+
+
+def test_a_publishers_frames_cross_to_each_dc_by_one_gateway():
+    """Every frame of one publisher goes to the same gateway of each other DC, so that
+    DC's members get the frames in order on one stream and their chains never wait on
+    a reordering (chosen by each batch's first shard, consecutive frames took different
+    gateways: on real daemons under load the far DCs' chains waited seconds, past
+    gap_probe_after).  Two publishers may use different gateways."""
+    net = make_cluster(dcs=3, per_dc=3, seed=3)
+    net.run(2.0)
+    ingest = net.nodes["n0-0"]
+    gw = ingest.topology.gateways("ranker", "emb", SPEC.table("emb").num_shards, "dc1")
+    assert len(set(gw[:, 0].tolist())) > 1, "the test needs a DC whose shards have different gateways"
+    crossed: dict[int, dict[str, set[str]]] = {}
+    first_shards = set()
+    for origin in (5, 6):
+        trainer = Trainer(net, "n0-0", origin=origin, seed=origin)
+        for _ in range(12):
+            t = SPEC.table("emb")
+            ids = trainer.rng.choice(t.rows, size=50, replace=False).astype(np.int64)
+            first_shards.add(int(t.shard_of(int(ids[0]))))
+            frame = trainer.chain.frame(SPEC, {"emb": (ids, np.ones((50, t.dim), np.float32))},
+                                        now_ms=HLC_EPOCH_MS + net.now * 1000)
+            ingest.publish(frame.body, net.now)
+            trainer.chain.acked(frame)
+            for out in ingest.drain():
+                dst = net.nodes.get(out.dst or net.by_address.get(out.address, ""))
+                if out.msg_type == MsgType.PUSH and dst is not None and dst.dc != ingest.dc:
+                    crossed.setdefault(origin, {}).setdefault(dst.dc, set()).add(dst.node_id)
+    assert len({gw[s, 0] for s in first_shards}) > 1     # the first shards alone would have spread them
+    for origin, by_dc in crossed.items():
+        assert sorted(by_dc) == ["dc1", "dc2"], origin
+        assert all(len(nodes) == 1 for nodes in by_dc.values()), (origin, by_dc)
