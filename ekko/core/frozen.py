@@ -33,13 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import Callable, Protocol, TypeVar
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from ekko.core.store import TableStore
 
 #: bytes of values copied on the writing thread per :meth:`FrozenValues.block` call of a
 #: snapshot: small enough that applies wait at most a few milliseconds behind one.
@@ -51,6 +48,15 @@ LOOP_HOP_TIMEOUT_S = 60.0
 T = TypeVar("T")
 
 
+class FreezableTable(Protocol):
+    """What a view needs of its table (:class:`ekko.core.store.TableStore`; named here
+    structurally so that this module does not import the store that imports it)."""
+
+    values: torch.Tensor | None
+
+    def _unfreeze(self, frozen: "FrozenValues") -> None: ...
+
+
 class FrozenValues:
     """The values of one :class:`~ekko.core.store.TableStore` at the instant of
     :meth:`TableStore.freeze`, read in ascending row blocks (see the module doc).
@@ -60,7 +66,7 @@ class FrozenValues:
         saved_rows: rows whose old values were saved so far (for metrics and tests).
     """
 
-    def __init__(self, store: "TableStore", run: Callable[[Callable[[], T]], T] | None = None) -> None:
+    def __init__(self, store: FreezableTable, run: Callable[[Callable[[], T]], T] | None = None) -> None:
         if store.values is None:
             raise ValueError("a store without values has nothing to freeze")
         self._store = store

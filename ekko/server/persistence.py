@@ -33,7 +33,7 @@ from typing import Any, Callable
 from ekko.core.codec import decode_frame
 from ekko.core.config import NodeConfig
 from ekko.core.errors import ProtocolError, UsageError
-from ekko.core.frozen import call_on_loop
+from ekko.core.frozen import FrozenValues, call_on_loop
 from ekko.core.spec import ModelSpec
 from ekko.core.store import ModelStore
 from ekko.replica.node import ReplicaNode
@@ -66,16 +66,6 @@ def import_model_state(node: ReplicaNode, spec: ModelSpec, store: ModelStore, st
                        now: float) -> None:
     """Install a model restored from a snapshot (see :meth:`ReplicaNode.import_state`)."""
     node.import_state(spec, store, state, now)
-
-
-def _close_views(copies: list) -> int:
-    """Close the snapshot's copy-on-write views; returns the rows they saved."""
-    saved = 0
-    for _store, views, *_ in copies:
-        for v in views.values():
-            saved += v.saved_rows
-            v.close()
-    return saved
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -210,38 +200,40 @@ class Persistence:
             # (ekko.core.frozen) block by block on this loop while the worker writes, so
             # a snapshot costs the rows written meanwhile, not a copy of every table.
             run = call_on_loop(loop)
-            copies = []
+            opened: list[FrozenValues] = []   # closed below, whatever happens
             try:
+                copies = []
                 for name, m in self.node.models.items():
                     store, views = m.store.freeze(run)
+                    opened.extend(views.values())
                     copies.append((store, views, export_model_state(self.node, name),
                                    self.node.export_undo(name)))
-            except BaseException:
-                _close_views(copies)
-                raise
-            catalog = {"node_id": self.node.node_id, "dc": self.node.dc,
-                       "models": {name: m.spec.to_dict() for name, m in self.node.models.items()}}
-            if not copies:
-                return 0
-            # Same instant as the copy: every record appended before it is in the older segments.
-            covered = self._rotate_wal()
-            data_dir = self.data_dir
+                catalog = {"node_id": self.node.node_id, "dc": self.node.dc,
+                           "models": {name: m.spec.to_dict() for name, m in self.node.models.items()}}
+                if not copies:
+                    return 0
+                # Same instant as the copy: every record appended before it is in the older segments.
+                covered = self._rotate_wal()
+                data_dir = self.data_dir
 
-            def write() -> None:
-                data_dir.mkdir(parents=True, exist_ok=True)
-                # The catalog first: a model directory without its spec could not be loaded.
-                write_json_atomic(data_dir / CATALOG_FILE, catalog)
-                for store, views, meta, undo in copies:
-                    save_snapshot(data_dir, store, meta, undo=undo, frozen=views)
+                def write() -> None:
+                    data_dir.mkdir(parents=True, exist_ok=True)
+                    # The catalog first: a model directory without its spec could not be loaded.
+                    write_json_atomic(data_dir / CATALOG_FILE, catalog)
+                    for store, views, meta, undo in copies:
+                        save_snapshot(data_dir, store, meta, undo=undo, frozen=views)
 
-            t0 = time.perf_counter()
-            try:
-                await loop.run_in_executor(None, write)
-            except Exception:
-                self.metrics.snapshots.labels("error").inc()
-                raise
+                t0 = time.perf_counter()
+                try:
+                    await loop.run_in_executor(None, write)
+                except Exception:
+                    self.metrics.snapshots.labels("error").inc()
+                    raise
             finally:
-                self.metrics.snapshot_saved_rows.set(_close_views(copies))
+                # A view left open would keep saving rows on every write from now on.
+                self.metrics.snapshot_saved_rows.set(sum(v.saved_rows for v in opened))
+                for v in opened:
+                    v.close()
             self.metrics.snapshots.labels("ok").inc()
             self.metrics.snapshot_seconds.set(time.perf_counter() - t0)
             if covered is not None and self.wal is not None:

@@ -371,6 +371,41 @@ async def test_a_snapshot_taken_while_publishes_apply_holds_its_instant(tmp_path
         await client2.close()
 
 
+async def test_a_failed_snapshot_leaves_no_copy_on_write_view_open(tmp_path, monkeypatch):
+    """A view left open would save rows on every later write: whatever fails, the
+    snapshot closes the views it opened."""
+    import ekko.replica.snapshot as snapshot_mod
+    import ekko.server.persistence as persistence_mod
+
+    rng = np.random.default_rng(5)
+    pc = PublisherChain(origin=7)
+    d, client = await make_client(tmp_path)
+    try:
+        await register(client)
+        await publish(client, pc, rng)
+        table = d.node.models["ranker"].store.table("emb")
+
+        def refuse(*a, **k):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(snapshot_mod, "save_snapshot", refuse)      # the write fails
+        with pytest.raises(OSError):
+            await d.snapshot()
+        assert not table._frozen
+        monkeypatch.undo()
+
+        def broken(*a, **k):
+            raise RuntimeError("export failed")
+
+        monkeypatch.setattr(persistence_mod, "export_model_state", broken)   # after the freeze
+        with pytest.raises(RuntimeError):
+            await d.snapshot()
+        assert not table._frozen
+        await publish(client, pc, rng)                                   # and writes go on
+    finally:
+        await client.close()
+
+
 async def test_model_registered_after_the_last_snapshot_is_replayed_too(tmp_path):
     """The catalog is written with snapshots; the log carries the spec before a model's first publish."""
     rng = np.random.default_rng(3)
