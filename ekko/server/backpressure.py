@@ -34,16 +34,14 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ekko.core.config import NodeConfig
+from ekko.server.heap_trim import malloc_trim_fn, process_rss_bytes
 
 #: seconds a sample of the process RSS is reused.
 RSS_SAMPLE_S = 0.1
@@ -54,26 +52,12 @@ MEMORY_RELIEF_INTERVAL_S = 5.0
 #: still admitted), so that the log is usually truncated before it is full.
 WAL_SNAPSHOT_FRACTION = 0.5
 
-_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def process_rss_bytes() -> int:
-    """Resident memory of this process in bytes (Linux ``/proc/self/statm``; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE_BYTES
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def trim_memory() -> None:
     """Collect garbage and ask glibc to return free heap pages to the OS."""
     gc.collect()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim = malloc_trim_fn()
+    if trim is not None:
+        trim(0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,13 +26,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import logging
+import functools
+import os
 import time
 from collections.abc import Callable
-
-from ekko.server.backpressure import process_rss_bytes
-
-log = logging.getLogger(__name__)
 
 #: resident bytes the process may grow by since the last trim before the next: a trim
 #: hands back every free page, and the pages a busy daemon reuses are then faulted in
@@ -41,7 +38,22 @@ log = logging.getLogger(__name__)
 HEAP_TRIM_SLACK_BYTES = 32 << 20
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def process_rss_bytes() -> int:
+    """Resident memory of this process in bytes (Linux ``/proc/self/statm``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@functools.cache
+def malloc_trim_fn() -> Callable[[int], int] | None:
+    """The C library's ``malloc_trim`` (glibc), or None; looked up once (``find_library``
+    runs ``ldconfig``)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         fn = libc.malloc_trim
@@ -56,7 +68,7 @@ class HeapTrimmer:
 
     def __init__(self, observe: Callable[[float], None] = lambda seconds: None,
                  slack: int = HEAP_TRIM_SLACK_BYTES, rss: Callable[[], int] = process_rss_bytes) -> None:
-        self._trim = _malloc_trim()
+        self._trim = malloc_trim_fn()
         self._observe = observe
         self._slack = slack
         self._rss = rss

@@ -8,8 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from ekko.server.backpressure import process_rss_bytes
-from ekko.server.heap_trim import HeapTrimmer
+from ekko.server.heap_trim import HeapTrimmer, process_rss_bytes
 
 
 def test_a_trim_is_due_only_after_growth_beyond_the_slack():

@@ -1,9 +1,15 @@
 """HttpTransport encodes a push once for all its destinations (issue #15)."""
 
 import asyncio
+from types import SimpleNamespace
 
-from ekko.core.codec import Keyring, MsgType, decode_frame
+import pytest
+
+from ekko.core.codec import COMPRESS_MIN_SAVING, Keyring, MsgType, decode_frame
+from ekko.core.config import preset
+from ekko.core.errors import UsageError
 from ekko.core.messages import Outgoing
+from ekko.server.driver import NodeDriver
 from ekko.server.transport import HttpTransport, share_key
 
 
@@ -37,15 +43,6 @@ def test_cross_dc_frames_compress_by_the_configured_rule():
     """Inside a DC compression must save COMPRESS_MIN_SAVING; across DCs the config says:
     any gain for ``lan``/``wan`` (WAN bytes are scarce), the LAN rule for ``local`` (every
     DC on one machine: a float32 push gains ~12% for a full compress and decompress)."""
-    from types import SimpleNamespace
-
-    import pytest
-
-    from ekko.core.codec import COMPRESS_MIN_SAVING
-    from ekko.core.config import preset
-    from ekko.core.errors import UsageError
-    from ekko.server.driver import NodeDriver
-
     def rule(config, dst_dc):
         fake = SimpleNamespace(node=SimpleNamespace(dc="dc1", config=config),
                                dc_of=lambda node_id, address="": dst_dc)

@@ -384,23 +384,17 @@ async def test_a_failed_snapshot_leaves_no_copy_on_write_view_open(tmp_path, mon
         await register(client)
         await publish(client, pc, rng)
         table = d.node.models["ranker"].store.table("emb")
+        # The write fails; then the export of the node's state, after the freeze.
+        for module, name, error in ((snapshot_mod, "save_snapshot", OSError),
+                                    (persistence_mod, "export_model_state", RuntimeError)):
+            def fail(*a, error=error, **k):
+                raise error("injected")
 
-        def refuse(*a, **k):
-            raise OSError("disk full")
-
-        monkeypatch.setattr(snapshot_mod, "save_snapshot", refuse)      # the write fails
-        with pytest.raises(OSError):
-            await d.snapshot()
-        assert not table._frozen
-        monkeypatch.undo()
-
-        def broken(*a, **k):
-            raise RuntimeError("export failed")
-
-        monkeypatch.setattr(persistence_mod, "export_model_state", broken)   # after the freeze
-        with pytest.raises(RuntimeError):
-            await d.snapshot()
-        assert not table._frozen
+            with monkeypatch.context() as mp:
+                mp.setattr(module, name, fail)
+                with pytest.raises(error):
+                    await d.snapshot()
+            assert not table._frozen, name
         await publish(client, pc, rng)                                   # and writes go on
     finally:
         await client.close()
