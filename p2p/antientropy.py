@@ -18,8 +18,8 @@ from ekko.core.codec import (
     field,
 )
 from ekko.core.errors import ProtocolError
+from ekko.core.hash64 import mix64 as _mix
 from ekko.core.messages import Outgoing
-from p2p.topology import _mix
 
 if TYPE_CHECKING:
     from p2p.host import NodeServices

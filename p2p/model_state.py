@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from ekko.core.hash64 import mix64 as _mix
 from ekko.core.spec import ModelSpec
 from ekko.core.store import ModelStore
 from p2p.sync import RecentIndex, ShardSync
-from p2p.topology import _mix
 
 #: mixed shard tops remembered by value (:func:`_mixed_top`); emptied when full.
 TOP_MIX_MEMO_ENTRIES = 1 << 12
@@ -71,14 +71,15 @@ class ModelState:
         return got
 
     def shard_digests(self, table: str) -> np.ndarray:
-        """64-bit shard versions: the knowledge digest mixed with the greatest version held."""
+        """64-bit shard versions: the knowledge digest mixed with the greatest version held
+        and the shard's row hash (:meth:`ekko.core.store.TableStore.shard_row_hashes`)."""
         d = self.digests[table]
         dirty = self.dirty[table]
         if dirty:
             for s in dirty:
                 d[s] = self.shards[table][s].knowledge.digest
             dirty.clear()
-        return d ^ _mixed_top(self.top[table])
+        return d ^ _mixed_top(self.top[table]) ^ self.store.table(table).shard_row_hashes()
 
     def in_motion(self, table: str, shards: np.ndarray, now: float, grace: float, max_defer: float) -> np.ndarray:
         """Which of ``shards`` anti-entropy leaves alone this round: a publish, or a push

@@ -23,30 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
+from ekko.core.hash64 import mix64 as _mix
 
 
 def stable_hash64(s: str) -> int:
     return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little")
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer, vectorized (wrapping uint64 arithmetic)."""
-    if isinstance(x, np.ndarray) and x.ndim:
-        # Array integer arithmetic wraps without a warning; entering np.errstate costs
-        # more than mixing a few dozen shard versions (this runs on every sync round).
-        return _mix_steps(x)
-    with np.errstate(over="ignore"):  # numpy scalars do warn on overflow
-        return _mix_steps(x)
-
-
-def _mix_steps(x: np.ndarray) -> np.ndarray:
-    x = x ^ (x >> np.uint64(30))
-    x = x * _M1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _M2
-    return x ^ (x >> np.uint64(31))
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ import torch
 from ekko.core.delta import Delta
 from ekko.core.errors import UsageError
 from ekko.core.frozen import FrozenValues
+from ekko.core.hash64 import row_marks
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.version import Knowledge, counters_of
 
@@ -120,6 +121,10 @@ class TableStore:
         # afresh once when ``versions`` is an array this object did not count (a load).
         self._written = 0
         self._written_of: np.ndarray | None = self.versions
+        # Per shard, the xor of the marks of its rows (shard_row_hashes), kept the same way:
+        # apply and restore_rows update it, an array assigned from outside is hashed afresh.
+        self._row_hash = np.zeros(spec.num_shards, dtype=np.uint64)
+        self._row_hash_of: np.ndarray | None = self.versions
         #: a one-element int64 array (shared memory, ``ekko.server.shared_tables``) counted up
         #: before and after every write of ``values``: odd while a write is under way, so a
         #: reader in another process can tell a torn read and retry (a seqlock).  None: unused.
@@ -175,6 +180,7 @@ class TableStore:
                 wid, old_w, new_w = wid[keep], old_w[keep], new_w[keep]
         self.versions[wid] = new_w
         self._written += int(np.count_nonzero(old_w == 0))
+        self._rehash_rows(wid, old_w, new_w, shards if wid is ids else None)
         old_values = None
         old_tomb = self.tombstone[wid] if capture_old else None  # fancy indexing: a copy
         tomb = None
@@ -248,8 +254,10 @@ class TableStore:
             return
         if self.values is not None and values is None:
             raise UsageError("restore_rows needs values on a store with values")
-        self._written += int(np.count_nonzero(versions)) - int(np.count_nonzero(self.versions[ids]))
+        old = self.versions[ids]
+        self._written += int(np.count_nonzero(versions)) - int(np.count_nonzero(old))
         self.versions[ids] = versions
+        self._rehash_rows(ids, old, versions, None)
         if tombstone is not None:
             self.tombstone[ids] = tombstone
             self._tomb_clean = None
@@ -283,6 +291,19 @@ class TableStore:
         for f in self._frozen:
             f.before_write(ids)
 
+    def _rehash_rows(self, ids: np.ndarray, old: np.ndarray, new: np.ndarray, shards: np.ndarray | None) -> None:
+        """Rows ``ids`` (distinct) went from versions ``old`` to ``new``: swap their marks
+        in the shard row hashes."""
+        if self._row_hash_of is not self.versions:
+            return   # hashed afresh when next asked for
+        n = len(ids)
+        both = row_marks(np.concatenate((ids, ids)), np.concatenate((old, new)))  # one pass: half the calls
+        x = both[:n] ^ both[n:]
+        if self.spec.num_shards == 1:
+            self._row_hash[0] ^= np.bitwise_xor.reduce(x)
+        else:
+            np.bitwise_xor.at(self._row_hash, self.spec.shards_of(ids) if shards is None else shards, x)
+
     def _mark_dirty(self, ids: np.ndarray, shards: np.ndarray | None = None) -> None:
         # A scatter of True, not np.unique: the latter sorts and costs more than the apply.
         if self.spec.num_shards == 1:
@@ -305,6 +326,37 @@ class TableStore:
             self._written = int(np.count_nonzero(self.versions))
             self._written_of = self.versions
         return self._written
+
+    def shard_row_hashes(self) -> np.ndarray:
+        """Per shard, the xor of :func:`~ekko.core.hash64.row_marks` of every row it holds
+        (uint64; 0 for a shard with no row): equal on two replicas when they hold the same
+        versions of the same rows.  Part of the shard versions anti-entropy compares, so a
+        row one replica holds below a knowledge both share is noticed (:mod:`p2p.audit`).
+        Kept by :meth:`apply` and :meth:`restore_rows` at O(rows written); read-only.
+
+        Example:
+            >>> ts = TableStore(TableSpec("t", rows=8, dim=1, shards=2), device="cpu", with_values=False)
+            >>> _ = ts.apply(Delta("m", "t", np.array([1, 6]), np.array([5, 5]), None))
+            >>> h = ts.shard_row_hashes().copy()
+            >>> ts.restore_rows(np.array([6]), np.array([0]), None)
+            >>> bool(h[0] == ts.shard_row_hashes()[0]), int(ts.shard_row_hashes()[1])
+            (True, 0)
+        """
+        if self._row_hash_of is not self.versions:
+            fresh = np.zeros(self.spec.num_shards, np.uint64)
+            if self.spec.rows:   # trailing shards may hold no rows (TableSpec.shard_range)
+                got = self.bucket_row_hashes(0, self.spec.rows, self.spec.shard_rows)
+                fresh[:len(got)] = got
+            self._row_hash, self._row_hash_of = fresh, self.versions
+        return self._row_hash
+
+    def bucket_row_hashes(self, lo: int, hi: int, bucket_rows: int) -> np.ndarray:
+        """The xor of the row marks of rows ``[lo, hi)`` in consecutive buckets of
+        ``bucket_rows`` rows (the last may be shorter); computed from the versions."""
+        if not 0 <= lo < hi <= self.spec.rows or bucket_rows < 1:
+            raise UsageError(f"bad row range [{lo}, {hi}) / {bucket_rows} of table {self.spec.name}")
+        marks = row_marks(np.arange(lo, hi, dtype=np.int64), self.versions[lo:hi])
+        return np.bitwise_xor.reduceat(marks, np.arange(0, hi - lo, bucket_rows))
 
     def read(self, ids: np.ndarray) -> torch.Tensor:
         """Values of rows (a copy, on the store's device)."""

@@ -453,3 +453,44 @@ def test_split_and_merged_deltas_agree(case):
     assert len(set(r.ids.tolist())) == len(r)
     assert np.array_equal(one.versions, merged.versions) and np.array_equal(one.tombstone, merged.tombstone)
     assert torch.equal(one.values, merged.values) and one.digest() == merged.digest()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shard_row_hashes_kept_by_writes_equal_hashes_taken_afresh(seed):
+    """Applies (duplicate ids, older versions that lose, tombstones) and restores (versions
+    down, rows emptied) keep the row hashes as a hash of the versions from scratch gives."""
+    rng = np.random.default_rng(seed)
+    spec = TableSpec("t", rows=500, dim=2, shards=7)
+    ts = TableStore(spec, device="cpu")
+    for step in range(40):
+        n = int(rng.integers(1, 60))
+        ids = rng.integers(0, spec.rows, n)
+        if rng.random() < 0.3:
+            ts.restore_rows(np.unique(ids), rng.integers(0, 50, len(np.unique(ids))) * (rng.random() < 0.8),
+                            np.zeros((len(np.unique(ids)), 2), np.float32))
+        else:
+            tomb = rng.random(n) < 0.1 if rng.random() < 0.3 else None
+            ts.apply(Delta("m", "t", ids, rng.integers(1, 100, n), rng.standard_normal((n, 2)).astype(np.float32),
+                           tomb))
+        fresh = TableStore(spec, device="cpu", with_values=False)
+        fresh.versions = ts.versions.copy()
+        assert np.array_equal(ts.shard_row_hashes(), fresh.shard_row_hashes()), step
+    held = [s for s in range(spec.num_shards) if ts.versions[slice(*spec.shard_range(s))].any()]
+    assert (ts.shard_row_hashes()[held] != 0).all()
+    # A copy (what a snapshot or a restarted simulated replica takes) hashes the same.
+    ms = ModelStore(ModelSpec("m", [spec]), device="cpu")
+    ms.tables["t"] = ts
+    assert np.array_equal(ms.copy().table("t").shard_row_hashes(), ts.shard_row_hashes())
+
+
+def test_one_version_more_or_less_changes_its_shards_row_hash_only():
+    spec = TableSpec("t", rows=100, dim=1, shards=4)
+    a, b = TableStore(spec, device="cpu"), TableStore(spec, device="cpu")
+    d = Delta("m", "t", np.arange(0, 100, 3), np.arange(1, 35), np.ones((34, 1), np.float32))
+    a.apply(d)
+    b.apply(d)
+    assert np.array_equal(a.shard_row_hashes(), b.shard_row_hashes())
+    b.apply(Delta("m", "t", np.array([30]), np.array([40]), np.ones((1, 1), np.float32)))   # shard 1
+    assert (a.shard_row_hashes() != b.shard_row_hashes()).tolist() == [False, True, False, False]
+    with pytest.raises(UsageError):
+        a.bucket_row_hashes(0, 101, 8)
