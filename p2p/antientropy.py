@@ -2,7 +2,8 @@
 
 Digest-gated: a 64-bit digest per table over the scope's shards, then per-shard
 versions, then pulls (:mod:`p2p.pull`) of the rows the requester's knowledge does not
-cover.
+cover, or, for shards whose versions differ only in their row hash, an audit
+(:mod:`p2p.audit`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ekko.core.hash64 import mix64 as _mix
 from ekko.core.messages import Outgoing
 
 if TYPE_CHECKING:
+    from p2p.audit import RowAudit
     from p2p.host import NodeServices
     from p2p.pull import Pulls
     from rollback.protocol import RollbackProtocol
@@ -71,6 +73,7 @@ class AntiEntropy:
         host: the replica (:class:`p2p.host.NodeServices`).
         pulls: the pull component (requests are sent through it).
         rollback: the rollback component (a pinned baseline's rounds stop at its cut).
+        audit: the row audit component (shards that differ only in their rows).
 
     Example (through the replica node, which holds one):
         >>> from ekko.replica.node import ReplicaNode
@@ -79,10 +82,11 @@ class AntiEntropy:
         (None, [])
     """
 
-    def __init__(self, host: NodeServices, pulls: Pulls, rollback: RollbackProtocol) -> None:
+    def __init__(self, host: NodeServices, pulls: Pulls, rollback: RollbackProtocol, audit: RowAudit) -> None:
         self.host = host
         self.pulls = pulls
         self.rollback = rollback
+        self.audit = audit
         self._wan_cursor = 0
         self._pairings: list[tuple[str, int]] = []
         self._pairings_key: tuple[int, int] | None = None
@@ -241,8 +245,11 @@ class AntiEntropy:
                 continue
             shards = np.flatnonzero(mask) if mask is not None else np.arange(len(digests))
             sel = digests[shards]
-            # Only shards with any knowledge on our side; the partner adds its own.
-            out.setdefault(name, {})[table] = [array_to_wire(shards.astype(np.int64)), array_to_wire(sel)]
+            # The row hashes apart, so the partner can tell a shard that differs only in
+            # its rows (an audit) from one to pull.
+            rows = self.host.models[name].store.table(table).shard_row_hashes()[shards]
+            out.setdefault(name, {})[table] = [array_to_wire(shards.astype(np.int64)), array_to_wire(sel),
+                                               array_to_wire(rows)]
         if out:
             self.host.send(Outgoing(sender, mem.address, MsgType.GOSSIP,
                                       {"k": "dig", "from": self.host.node_id, "scope": scope, "models": out}))
@@ -252,12 +259,14 @@ class AntiEntropy:
         self._parse_scope(body)
         models = field(body, "models", dict)
         req: dict[str, dict[str, list[int]]] = {}
+        audits: dict[str, dict[str, np.ndarray]] = {}
         for name, tables in models.items():
             m = self.host.models.get(name)
             if m is None or not isinstance(tables, dict):
                 continue
             for table, pair in tables.items():
-                if not m.spec.has_table(table) or not isinstance(pair, list) or len(pair) != 2:
+                # [shards, shard versions] and, from this version on, [.., row hashes].
+                if not m.spec.has_table(table) or not isinstance(pair, list) or len(pair) not in (2, 3):
                     continue
                 spec = m.spec.table(table)
                 if not isinstance(pair[0], bytes) or len(pair[0]) % 8:
@@ -270,10 +279,24 @@ class AntiEntropy:
                 if n and (shards.min() < 0 or shards.max() >= spec.num_shards):
                     raise ProtocolError("shard out of range", "bad_body")
                 mine = m.shard_digests(table)[shards]
-                diff = shards[mine != theirs]
+                differ = mine != theirs
+                if len(pair) == 3 and differ.any() and not self.rollback.baseline_pin:
+                    # Equal but for the row hash: equal knowledge and greatest version, yet
+                    # different rows below them.  A pull would bring nothing; audit them.
+                    their_rows = array_from_wire(pair[2], np.uint64, n, "row hashes")
+                    my_rows = m.store.table(table).shard_row_hashes()[shards]
+                    only_rows = differ & ((mine ^ my_rows) == (theirs ^ their_rows))
+                    if only_rows.any():
+                        differ &= ~only_rows
+                        due = self.audit.due(name, table, shards[only_rows], now)
+                        if len(due):
+                            audits.setdefault(name, {})[table] = due
+                diff = shards[differ]
                 if len(diff):
                     diff = self.pulls.unsettled(m, table, diff, now)
                 if len(diff):
                     req.setdefault(name, {})[table] = diff.tolist()
         if req:
             self.pulls.send_pull_request(sender, req, back=True)
+        if audits:
+            self.audit.request(sender, audits)

@@ -130,7 +130,8 @@ Per seed, ``faults`` counts every fault injected (the new classes as
 ``restart_empty``, ``chain_gap``, ``chain_gap_disk_loss``, ``rows_maybe_lost`` /
 ``rows_lost``, ...), and ``protocol`` sums the node counters that show the rules ran
 (:data:`PROTOCOL_COUNTERS`: gap probes and closed gaps, relinked stale chains, fenced
-pull rows; pending chain intervals dropped at the cap).
+pull rows, row audits and the rows repairs pushed on; pending chain intervals dropped
+at the cap).
 """
 
 
@@ -194,7 +195,8 @@ PUBLISHER_CUT_WAIT_S = 5.0
 CUT_WAIT_POLL_S = 0.02
 #: node counters summed per seed (``protocol`` in the results): evidence that the rules
 #: for gaps, stale chains and fenced pulls ran.
-PROTOCOL_COUNTERS = ("gap_probes_sent", "gaps_closed", "stale_chains", "pull_fenced_rows", "fenced_rows")
+PROTOCOL_COUNTERS = ("gap_probes_sent", "gaps_closed", "stale_chains", "pull_fenced_rows", "fenced_rows",
+                     "audits_sent", "audited_shards", "audit_rows_compared", "repaired_rows_pushed")
 
 __all__ = ["BACKUP_INTERVAL_S", "CONVERGENCE_BOUND_S", "DEFAULT_CONFIG", "DEFAULT_REPLICAS", "EPISODE_KINDS", "EXTRA_KINDS",
            "FAULT_PHASE_S", "INVARIANTS", "LOSS_KINDS", "NUM_DCS", "RESTART_MODES", "Episode", "FaultConfig", "FaultPlan", "FaultRun",

@@ -35,7 +35,9 @@ Message flows (all one-way; replies are separate messages):
   -> ``GOSSIP{k="dig"}`` (per-shard versions, only for differing tables)
   -> ``PULL_REQUEST`` (knowledge + held rows of differing shards)
   -> ``PULL_RESPONSE`` (missing rows, version order, capped) and, when the
-  requester knows more somewhere, a reverse ``PULL_REQUEST``.
+  requester knows more somewhere, a reverse ``PULL_REQUEST``.  Shards whose
+  versions differ only in their row hash are audited instead (:mod:`p2p.audit`):
+  ``GOSSIP{k="aud"}`` -> ``GOSSIP{k="rep"}`` -> rows either side holds better.
 * eager push: ``PUSH`` from the ingest replica to its DC and to the rank-0
   gateway of each shard in every other DC; a replica that gets a push from
   another DC forwards it to its own DC.  Pushed rows are applied but do not
@@ -64,6 +66,7 @@ from ekko.replica.status import cluster_view, lag
 from ekko.replica.status import status as status_view
 from ekko.replica.state import export_state, import_state
 from p2p.antientropy import AntiEntropy
+from p2p.audit import RowAudit
 from p2p.gap_probe import GapProbe
 from p2p.gossip import Gossip
 from p2p.membership import Membership, MembershipConfig
@@ -194,7 +197,8 @@ class ReplicaNode:
         self.eager_push = EagerPush(self, queue_factory or (lambda peer, dc: FifoLinkQueue(c.queue_rows)),
                                     prioritizer, self.gap_probe, rb)
         self.pulls = Pulls(self, self.eager_push, self.gap_probe, rb)
-        self.anti_entropy = AntiEntropy(self, self.pulls, rb)
+        self.audit = RowAudit(self, rb.repair)
+        self.anti_entropy = AntiEntropy(self, self.pulls, rb, self.audit)
         self.gossiper = Gossip(self, rb, rb.states, rb.cut_sync)
         # Hooks for layers above the protocol (undo history, metrics); called with
         # (model, table, ApplyResult, source) after every apply that changed rows.
@@ -298,6 +302,8 @@ class ReplicaNode:
                 self.anti_entropy.on_digests(body, now)
             elif kind == "rep":
                 self.rollback_protocol.repair.on_request(body, now)
+            elif kind == "aud":
+                self.audit.on_request(body, now)
             elif kind == "gq":
                 self.gap_probe.on_query(body, now)
             elif kind == "ga":

@@ -14,6 +14,7 @@ import numpy as np
 
 import ekko.core.chain as chain_mod
 import ekko.replica.node as node_mod
+import p2p.audit as audit_mod
 import p2p.gap_probe as gaps_mod
 import p2p.sync as sync_mod
 import rollback.cuts as cuts_mod
@@ -44,6 +45,14 @@ def _kinds(res: dict) -> set[str]:
 
 def _no_gap_probes(monkeypatch) -> None:
     monkeypatch.setattr(gaps_mod.GapProbe, "round", lambda self, now: None)
+
+
+def _no_row_audits(monkeypatch) -> None:
+    """Row audits (:mod:`p2p.audit`) repair, later, rows a replica lacks below a knowledge
+    every replica shares; a control of a rule that keeps knowledge honest turns them off
+    too, so that the harness sees the knowledge claimed without its rows (which a cut
+    taken meanwhile would trust, rule K6)."""
+    monkeypatch.setattr(audit_mod.RowAudit, "request", lambda self, partner, shards: None)
 
 
 # -- bug 1: a publisher whose chains point at frames this cluster never saw --------------
@@ -153,6 +162,7 @@ def test_stale_chain_taken_at_its_word_is_caught(monkeypatch):
                         classmethod(lambda cls, state, origin: cls.restore(state, origin)))
     monkeypatch.setattr(node_mod.ReplicaNode, "_checked_after",
                         lambda self, sync, origin, after, first, upto: (after, False))
+    _no_row_audits(monkeypatch)
     res = _run(STALE)
     assert "convergence" in _kinds(res)
 
@@ -161,6 +171,7 @@ def test_trusted_heads_without_evidence_are_caught(monkeypatch):
     """The publisher trusts its backup's heads at an ingest with no evidence of staleness."""
     monkeypatch.setattr(chain_mod.PublisherChain, "restart",
                         classmethod(lambda cls, state, origin: cls.restore(state, origin)))
+    _no_row_audits(monkeypatch)
     assert "convergence" in _kinds(_run(STALE_NO_EVIDENCE))
 
 
