@@ -17,6 +17,9 @@ A keyring file is JSON, readable by its owner only (``chmod 600``)::
   verify with; ``secret`` is base64 (at least :data:`MIN_SECRET_BYTES` bytes).
 * ``primary`` is the key this holder signs with; every other key only verifies
   (that is what makes a rotation possible without downtime).
+* ``mac`` (optional): how frames are signed, ``"blake3"`` (keyed BLAKE3, the default)
+  or ``"hmac-sha256"`` (what daemons before keyed BLAKE3 verify: set it while a cluster
+  upgrades, then drop it).  Both are always verified.
 * ``role``: ``peer`` keys (the cluster key) authenticate replica traffic, operator
   commands and reads.  ``reader`` keys authenticate reads only (``GET`` requests,
   :mod:`ekko.core.read_auth`), limited to ``models`` when given.  A daemon whose
@@ -44,7 +47,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ekko.core.codec import Keyring, PublisherGrant, ReaderGrant
+from ekko.core.codec import DEFAULT_MAC, MACS, Keyring, PublisherGrant, ReaderGrant
 from ekko.core.errors import UsageError
 from ekko.core.version import origin_id
 
@@ -113,7 +116,7 @@ def validate(doc: Any) -> Keyring:
         raise UsageError("keyring must be a JSON object")
     if doc.get("format") != KEYRING_FORMAT:
         raise UsageError(f"keyring format {doc.get('format')!r} is not {KEYRING_FORMAT}")
-    unknown = set(doc) - {"format", "primary", "keys"}
+    unknown = set(doc) - {"format", "primary", "keys", "mac"}
     if unknown:
         raise UsageError(f"unknown keyring fields {sorted(unknown)}")
     entries = doc.get("keys")
@@ -148,7 +151,10 @@ def validate(doc: Any) -> Keyring:
     primary = doc.get("primary")
     if not isinstance(primary, int) or isinstance(primary, bool) or primary not in keys:
         raise UsageError(f"primary key id {primary!r} is not in the keyring")
-    return Keyring(keys, primary, grants, readers)
+    mac = doc.get("mac", DEFAULT_MAC)
+    if mac not in MACS:
+        raise UsageError(f"keyring mac {mac!r} is not one of {', '.join(MACS)}")
+    return Keyring(keys, primary, grants, readers, mac)
 
 
 def read_doc(path: str | Path, check_mode: bool = True) -> dict[str, Any]:

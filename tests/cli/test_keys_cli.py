@@ -114,6 +114,7 @@ def _doc(**edit):
     (_doc(keys=[]), "no keys"),
     (_doc(primary=5), "primary key id 5"),
     (_doc(extra=1), "unknown keyring fields"),
+    (_doc(mac="sha1"), "keyring mac 'sha1'"),
     (_doc(keys=[{"id": 0, "secret": base64.b64encode(b"k" * 16).decode()}]), "1..255"),
     (_doc(keys=[{"id": 1, "secret": "not base64!"}]), "base64"),
     (_doc(keys=[{"id": 1, "secret": base64.b64encode(b"short").decode()}]), "MIN_SECRET_BYTES"),
@@ -126,6 +127,11 @@ def _doc(**edit):
 def test_malformed_keyrings_are_refused(doc, match):
     with pytest.raises(UsageError, match=match):
         validate(doc)
+
+
+def test_a_keyring_file_names_how_it_signs_frames():
+    assert validate(_doc()).mac == "blake3"
+    assert validate(_doc(mac="hmac-sha256")).mac == "hmac-sha256"
 
 
 def test_bad_files_are_refused_and_never_half_written(tmp_path):

@@ -17,7 +17,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ekko.core.codec import (COMPRESS_MIN_SAVING, COMPRESS_SAMPLE_FROM, COMPRESS_THRESHOLD, FLAG_MAC, FLAG_ZSTD, FORMAT_VERSION, HEADER, HEADER_BYTES, MAC_BYTES,
+from ekko.core.codec import (COMPRESS_MIN_SAVING, COMPRESS_SAMPLE_FROM, COMPRESS_THRESHOLD, FLAG_BLAKE3, FLAG_MAC, FLAG_ZSTD, FORMAT_VERSION, HEADER, HEADER_BYTES, MAC_BYTES,
                         MAGIC, MAX_ARRAY_LEN, MAX_BODY_BYTES, MAX_DELTA_ROWS, MAX_FRAME_BYTES, MAX_MAP_LEN,
                         MAX_STR_LEN, Frame, Keyring, MsgType, array_from_wire, decode_frame, delta_from_wire,
                         delta_to_wire, encode_frame, field, int_field)
@@ -240,6 +240,35 @@ def test_key_rotation():
     old = encode_frame(MsgType.GOSSIP, {"a": 1}, KR)     # key 1
     new = encode_frame(MsgType.GOSSIP, {"a": 2}, KR2)    # key 2
     assert decode_frame(old, KR2).key_id == 1 and decode_frame(new, KR2).key_id == 2
+
+
+def test_both_macs_sign_and_verify_and_a_keyring_verifies_either():
+    """Keyed BLAKE3 (the default) and HMAC-SHA256 (what older daemons speak): a keyring
+    signs with its ``mac`` and verifies both, so a cluster can switch one node at a time."""
+    body = {"a": 1, "rows": b"x" * 10_000}
+    hmac_kr = Keyring({1: b"k" * 16}, mac="hmac-sha256")
+    b3_kr = Keyring({1: b"k" * 16})
+    assert b3_kr.mac == "blake3"
+    b3, hm = encode_frame(MsgType.PUSH, body, b3_kr), encode_frame(MsgType.PUSH, body, hmac_kr)
+    assert b3[4] & FLAG_BLAKE3 and not hm[4] & FLAG_BLAKE3 and b3[:-MAC_BYTES] != hm[:-MAC_BYTES]
+    for frame in (b3, hm):
+        for kr in (b3_kr, hmac_kr):
+            assert decode_frame(frame, kr).body == body and decode_frame(frame, kr).key_id == 1
+        assert reason(frame, Keyring({1: b"j" * 16})) == "bad_mac"
+        for at in (HEADER_BYTES + 5, len(frame) - 1):   # a flipped body byte, a flipped MAC byte
+            bad = bytearray(frame)
+            bad[at] ^= 0x01
+            assert reason(bytes(bad), b3_kr) == "bad_mac"
+    # The flag says which MAC: the other one under the same key does not verify.
+    swapped = bytearray(b3)
+    swapped[4] &= ~FLAG_BLAKE3
+    assert reason(bytes(swapped), b3_kr) == "bad_mac"
+    # BLAKE3 without a MAC trailer is no frame this build writes.
+    naked = bytearray(encode_frame(MsgType.GOSSIP, {"a": 1}))
+    naked[4] |= FLAG_BLAKE3
+    assert reason(bytes(naked), None) == "malformed"
+    with pytest.raises(UsageError):
+        Keyring({1: b"k" * 16}, mac="md5")
 
 
 def test_missing_mac_when_required():

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from ekko.core import read_auth
 from ekko.core.chain import PublisherChain
 from ekko.core.codec import (
+    FLAG_BLAKE3,
     FLAG_MAC,
     FLAG_ZSTD,
     FORMAT_VERSION,
@@ -103,7 +104,7 @@ def garbage_bodies(valid: list[bytes], seed: int = 7, n: int = GARBAGE_BODIES, k
 
     def mac_stripped():
         v = rng.choice(valid)
-        msg_type, flags, length = v[3], v[4] & ~FLAG_MAC, struct.unpack_from("<I", v, 8)[0]
+        msg_type, flags, length = v[3], v[4] & ~(FLAG_MAC | FLAG_BLAKE3), struct.unpack_from("<I", v, 8)[0]
         return _header(msg_type, flags, 0, length) + v[12:12 + length]
 
     def huge_declared_length():

@@ -252,7 +252,7 @@ async def test_publisher_authorization(tmp_path):
              "must be signed with a publisher key"),
             ("no key", encode_frame(MsgType.PUBLISH, wrong_origin.body), 401, "unauthenticated"),
             ("wrong key", encode_frame(MsgType.PUBLISH, ok.body, Keyring({9: b"not-the-trainer-key"})), 401,
-             "HMAC check failed"),
+             "MAC check failed"),
         ]
         for name, frame, want, text in cases:
             status, raw, _ = await post(client, "/v1/publish", frame)
