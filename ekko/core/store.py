@@ -22,7 +22,7 @@ import torch
 from ekko.core.delta import Delta
 from ekko.core.errors import UsageError
 from ekko.core.frozen import FrozenValues
-from ekko.core.hash64 import row_marks
+from ekko.core.hash64 import mark_changes, row_marks
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.version import Knowledge, counters_of
 
@@ -296,13 +296,19 @@ class TableStore:
         in the shard row hashes."""
         if self._row_hash_of is not self.versions:
             return   # hashed afresh when next asked for
-        n = len(ids)
-        both = row_marks(np.concatenate((ids, ids)), np.concatenate((old, new)))  # one pass: half the calls
-        x = both[:n] ^ both[n:]
+        x = mark_changes(ids, old, new)
         if self.spec.num_shards == 1:
             self._row_hash[0] ^= np.bitwise_xor.reduce(x)
-        else:
-            np.bitwise_xor.at(self._row_hash, self.spec.shards_of(ids) if shards is None else shards, x)
+            return
+        sh = self.spec.shards_of(ids) if shards is None else shards
+        if len(sh) > 64:
+            # A publish or push arrives grouped by shard: xor each run first, since
+            # bitwise_xor.at costs 15 ns a row (152 us for 10k rows, a run-wise pass 30).
+            starts = np.flatnonzero(sh[1:] != sh[:-1])
+            if len(starts) < len(sh) // 8:
+                starts = np.concatenate(([0], starts + 1))
+                x, sh = np.bitwise_xor.reduceat(x, starts), sh[starts]
+        np.bitwise_xor.at(self._row_hash, sh, x)
 
     def _mark_dirty(self, ids: np.ndarray, shards: np.ndarray | None = None) -> None:
         # A scatter of True, not np.unique: the latter sorts and costs more than the apply.
