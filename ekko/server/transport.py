@@ -113,6 +113,24 @@ def estimated_size(out: Outgoing) -> int:
     return n
 
 
+def unmask(ws: aiohttp.ClientWebSocketResponse) -> bool:
+    """Send this peer stream's frames unmasked; True when that took.
+
+    RFC 6455 has clients xor every frame with a random mask, against proxies that a
+    browser's script could poison; aiohttp's client copies a frame twice to do it and
+    its server copies it once more to undo it -- three copies and two passes over
+    every multi-MB push, at each hop.  Peer streams run between daemons, every frame
+    carries its own MAC, and aiohttp's server reads unmasked frames, so the stream's
+    writer stops masking.  (``tests/server/test_peer_stream.py`` checks that this
+    still takes with the aiohttp installed.)
+    """
+    writer = getattr(ws, "_writer", None)
+    if writer is None or not isinstance(getattr(writer, "use_mask", None), bool):
+        return False
+    writer.use_mask = False
+    return True
+
+
 class _SendFailed(Exception):
     """A message could not go; ``reason`` is the failure it is counted under, and
     ``whole_queue`` says the link cannot be opened (every message queued on it fails)."""
@@ -375,6 +393,7 @@ class HttpTransport:
             raise self._back_off(link, "timeout") from None
         except (aiohttp.ClientError, ConnectionError, OSError):
             raise self._back_off(link, "connect") from None
+        unmask(ws)
         link.ws, link.backoff = ws, 0.0
         self.streams_opened += 1
         link.reader = asyncio.get_running_loop().create_task(self._read(link, ws), name=f"ekko-link-read-{link.address}")

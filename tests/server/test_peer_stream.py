@@ -72,6 +72,8 @@ async def test_a_peers_messages_arrive_in_order_on_one_stream():
         await wait_async(lambda: len(got) == 200, 10, "every frame")
         assert got == [("stream", n) for n in range(200)]
         assert t.streams_opened == 1 and t.sent["GOSSIP"] == 200 and not t.failures
+        # Unmasked (transport.unmask), and aiohttp's server took every frame so.
+        assert [link.ws._writer.use_mask for link in t._links.values()] == [False]
     finally:
         await t.close()
         await runner.cleanup()
