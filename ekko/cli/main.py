@@ -137,6 +137,10 @@ def _add_daemon(sub: Any) -> None:
                    help=need("open_metrics", "serve /metrics unsigned although the daemon holds keys, for "
                                              "Prometheus scrapers (every other read still needs a signature; "
                                              "default off)"))
+    p.add_argument("--frame-mac", choices=KEY_CHOICES["frame_mac"],
+                   help=need("frame_mac", "how this daemon signs frames, whatever its keys say (default: the "
+                                          "keyring's, blake3); hmac-sha256 while a cluster upgrades from daemons "
+                                          "that verify only that"))
     p.set_defaults(func=cmd_daemon)
 
 
@@ -170,7 +174,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         daemon = Daemon(settings["node_id"], settings["dc"], settings["listen"], settings["seeds"],
                         settings["data_dir"], config, key=key, device=settings.get("device"),
                         advertise=settings.get("advertise"), keyring_file=settings.get("keyring_file"),
-                        apply_trace=settings.get("apply_trace"), open_metrics=settings["open_metrics"])
+                        apply_trace=settings.get("apply_trace"), open_metrics=settings["open_metrics"],
+                        frame_mac=settings.get("frame_mac"))
     except UsageError as e:
         print(f"ekko daemon: {e}", file=sys.stderr)
         return 2

@@ -22,12 +22,13 @@ import argparse
 import os
 from typing import Any, Mapping
 
+from ekko.core.codec import MACS
 from ekko.core.config import PRESETS, config_from_dict, load_config
 from ekko.core.errors import UsageError
 
 #: [daemon] keys a config file may set (the command-line flags without dashes).
 DAEMON_KEYS = ("node_id", "dc", "listen", "advertise", "seeds", "data_dir", "key_file", "device", "preset",
-               "log_level", "torch_threads", "keyring_file", "apply_trace", "open_metrics")
+               "log_level", "torch_threads", "keyring_file", "apply_trace", "open_metrics", "frame_mac")
 #: keys a daemon cannot start without, whichever of flags, environment or file gives them.
 REQUIRED_KEYS = ("node_id", "dc", "listen", "data_dir")
 #: prefix of the environment variable of each daemon key (``EKKO_NODE_ID`` ...).
@@ -43,7 +44,8 @@ BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "fal
               "off": False}
 #: allowed values of the keys that have a fixed set (the flags' choices too).
 KEY_CHOICES: dict[str, tuple[str, ...]] = {"device": ("cpu", "cuda"), "preset": tuple(PRESETS),
-                                           "log_level": ("debug", "info", "warning", "error")}
+                                           "log_level": ("debug", "info", "warning", "error"),
+                                           "frame_mac": MACS}
 #: default torch intra-op threads of a daemon.  Its tensor work is gathers and scatters of
 #: the rows in one message (memory-bound, small), issued from one event-loop thread; an
 #: OpenMP team only adds wake-up latency, which explodes on a busy host (a 1.5k-row

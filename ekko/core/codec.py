@@ -215,6 +215,17 @@ class Keyring:
                 raise UsageError("readers must be ReaderGrant objects")
             self.readers[int(kid)] = rg
 
+    def with_mac(self, mac: str | None) -> "Keyring":
+        """This keyring signing with ``mac`` (None: unchanged); the same keys and grants.
+
+        Example:
+            >>> Keyring({1: b"secret-key"}).with_mac("hmac-sha256").mac
+            'hmac-sha256'
+        """
+        if mac is None or mac == self.mac:
+            return self
+        return Keyring(self.keys, self.primary, self.grants, self.readers, mac)
+
     @classmethod
     def single(cls, key: bytes | str | None) -> "Keyring | None":
         if key is None:

@@ -70,7 +70,7 @@ from typing import Any, Callable
 from aiohttp import web
 from prometheus_client import Counter as PromCounter
 
-from ekko.core.codec import Keyring
+from ekko.core.codec import MACS, Keyring
 from ekko.core.config import NodeConfig
 from ekko.core.errors import UsageError
 from ekko.replica.node import ReplicaNode
@@ -172,6 +172,9 @@ class Daemon:
         open_metrics: serve ``/metrics`` unsigned although the daemon holds keys (for
             Prometheus scrapers); every other read still needs a signature
             (:mod:`ekko.core.read_auth`).
+        frame_mac: how to sign frames whatever the keyring says (``Keyring.mac``; None:
+            the keyring's): ``"hmac-sha256"`` while a cluster upgrades from daemons that
+            verify only that.  Frames signed either way always verify.
 
     Example:
         Run one replica until SIGTERM (what ``ekko daemon`` does)::
@@ -188,7 +191,7 @@ class Daemon:
                  config: NodeConfig | None = None, key: bytes | str | Keyring | None = None, device: Any = None,
                  *, advertise: str | None = None, clock: Callable[[], float] = time.monotonic,
                  keyring_file: str | Path | None = None, apply_trace: str | Path | None = None,
-                 open_metrics: bool = False) -> None:
+                 open_metrics: bool = False, frame_mac: str | None = None) -> None:
         self.host, self.port = parse_hostport(listen)
         self.address = advertise or listen
         parse_hostport(self.address)
@@ -198,8 +201,13 @@ class Daemon:
         if key is not None and keyring_file is not None:
             raise UsageError("give a cluster key or a keyring file, not both")
         self.keyring_file = Path(keyring_file) if keyring_file is not None else None
+        if frame_mac is not None and frame_mac not in MACS:
+            raise UsageError(f"frame MAC must be one of {', '.join(MACS)}, not {frame_mac!r}")
+        self.frame_mac = frame_mac
         self.keyring = (self._load_keyring() if self.keyring_file is not None
                         else key if isinstance(key, Keyring) or key is None else Keyring.single(key))
+        if self.keyring is not None:
+            self.keyring = self.keyring.with_mac(frame_mac)
         self.data_dir = Path(data_dir)
         self.config = config or NodeConfig()
         self.clock = clock
@@ -345,7 +353,7 @@ class Daemon:
         from ekko.core.keyring import load_keyring
 
         assert self.keyring_file is not None
-        kr = load_keyring(self.keyring_file)
+        kr = load_keyring(self.keyring_file).with_mac(self.frame_mac)
         if not kr.is_peer(kr.primary):  # type: ignore[arg-type]
             raise UsageError(f"keyring {self.keyring_file}: the primary key of a replica must be a peer key "
                              f"(it signs replica traffic), not publisher key {kr.primary}")

@@ -59,6 +59,41 @@ def keyed_daemon(tmp_path, node_id: str, ring, seeds=()) -> Daemon:
                   device="cpu", keyring_file=ring)
 
 
+# --------------------------------------------------------------------------- frame MACs
+async def test_a_daemon_told_to_sign_with_hmac_talks_with_one_signing_with_blake3(tmp_path):
+    """The upgrade path from daemons that verify only HMAC-SHA256: ``frame_mac`` makes a
+    daemon sign so whatever its keyring says (also after a reload); both verify both."""
+    ring = tmp_path / "ring.json"
+    keys("new", ring, "--id", 1)
+    old = Daemon("old", "dc1", f"127.0.0.1:{_free_port()}", [], tmp_path / "old", CFG, device="cpu",
+                 keyring_file=ring, frame_mac="hmac-sha256")
+    new = keyed_daemon(tmp_path, "new", ring, seeds=[old.address])
+    assert (old.keyring.mac, new.keyring.mac) == ("hmac-sha256", "blake3")
+    runners = [await start_site(d) for d in (old, new)]
+    pc = PublisherChain(origin=5)
+    try:
+        hmac_kr = load_keyring(ring).with_mac("hmac-sha256")
+        assert (await _post_raw(new.address, "/v1/models", encode_frame(MsgType.REGISTER_MODEL,
+                                                                        {"spec": SPEC.to_dict()}, hmac_kr)))[0] == 200
+        await wait_async(lambda: all("ranker" in d.node.models for d in (old, new)), 20, "catalog")
+        for target, kr in ((old, load_keyring(ring)), (new, hmac_kr)):
+            f = publish_body(pc, "emb", np.arange(50) + 100 * pc.origin, np.ones((50, 8), np.float32))
+            assert (await _post_raw(target.address, "/v1/publish", encode_frame(MsgType.PUBLISH, f.body, kr)))[0] == 200
+            pc.acked(f)
+            want = target.node.status()["models"]["ranker"]["tables"]["emb"]["digest"]
+            await wait_async(lambda: all(d.node.status()["models"]["ranker"]["tables"]["emb"]["digest"] == want
+                                         for d in (old, new)), 20, "convergence")
+        assert old.transport.keyring.mac == "hmac-sha256" and new.transport.keyring.mac == "blake3"
+        assert old.reload_keyring() and old.keyring.mac == old.transport.keyring.mac == "hmac-sha256"
+        for d in (old, new):
+            assert d.transport.failures.get("http_401", 0) == 0, d.transport.failures
+    finally:
+        for r in runners:
+            await r.cleanup()
+    with pytest.raises(UsageError, match="frame MAC"):
+        Daemon("x", "dc1", "127.0.0.1:1", [], tmp_path / "x", CFG, device="cpu", frame_mac="md5")
+
+
 # --------------------------------------------------------------------------- rotation
 async def test_rotation_procedure_keeps_the_cluster_talking(tmp_path):
     """add everywhere (verify-only) -> promote everywhere -> remove the old key, with a
