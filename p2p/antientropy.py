@@ -219,8 +219,10 @@ class AntiEntropy:
         sums: dict[str, dict[str, int]] = {}
         for (name, table), mask in masks.items():
             sums.setdefault(name, {})[table] = _scope_digest(self.host.models[name].shard_digests(table), mask)
+        # "rh": our digests hold the row hashes (a partner from before the row audits
+        # ignores the field, finds the digests differ and answers without them).
         self.host.send(Outgoing(partner, mem.address, MsgType.GOSSIP,
-                                  {"k": "sum", "from": self.host.node_id, "scope": scope, "models": sums}))
+                                  {"k": "sum", "from": self.host.node_id, "scope": scope, "models": sums, "rh": True}))
 
     def _parse_scope(self, body: dict[str, Any]) -> list[Any]:
         scope = field(body, "scope", list)
@@ -236,37 +238,46 @@ class AntiEntropy:
         mem = self.host.members.get(sender)
         if mem is None:
             return
+        with_rows = body.get("rh") is True   # the sender's digests hold the row hashes
         masks = self._scope_masks(scope, sender)
         out: dict[str, dict[str, list[bytes]]] = {}
+        row_hashes: dict[str, dict[str, bytes]] = {}
         for (name, table), mask in masks.items():
             theirs = sums.get(name, {}).get(table) if isinstance(sums.get(name), dict) else None
-            digests = self.host.models[name].shard_digests(table)
+            m = self.host.models[name]
+            digests = m.shard_digests(table, rows=with_rows)
             if theirs is not None and theirs == _scope_digest(digests, mask):
                 continue
             shards = np.flatnonzero(mask) if mask is not None else np.arange(len(digests))
-            sel = digests[shards]
-            # The row hashes apart, so the partner can tell a shard that differs only in
-            # its rows (an audit) from one to pull.
-            rows = self.host.models[name].store.table(table).shard_row_hashes()[shards]
-            out.setdefault(name, {})[table] = [array_to_wire(shards.astype(np.int64)), array_to_wire(sel),
-                                               array_to_wire(rows)]
+            # The shard versions without the row hashes (what every version compares),
+            # and the row hashes apart, so that the partner can tell a shard that differs
+            # only in its rows (an audit) from one to pull.
+            sel = (m.shard_digests(table, rows=False) if with_rows else digests)[shards]
+            out.setdefault(name, {})[table] = [array_to_wire(shards.astype(np.int64)), array_to_wire(sel)]
+            if with_rows:
+                row_hashes.setdefault(name, {})[table] = array_to_wire(m.store.table(table).shard_row_hashes()[shards])
         if out:
-            self.host.send(Outgoing(sender, mem.address, MsgType.GOSSIP,
-                                      {"k": "dig", "from": self.host.node_id, "scope": scope, "models": out}))
+            answer = {"k": "dig", "from": self.host.node_id, "scope": scope, "models": out}
+            if row_hashes:
+                answer["rh"] = row_hashes
+            self.host.send(Outgoing(sender, mem.address, MsgType.GOSSIP, answer))
 
     def on_digests(self, body: dict[str, Any], now: float) -> None:
         sender = field(body, "from", str)
         self._parse_scope(body)
         models = field(body, "models", dict)
+        row_hashes = field(body, "rh", dict, optional=True, default={})   # absent from older partners
         req: dict[str, dict[str, list[int]]] = {}
         audits: dict[str, dict[str, np.ndarray]] = {}
         for name, tables in models.items():
             m = self.host.models.get(name)
             if m is None or not isinstance(tables, dict):
                 continue
+            rh = row_hashes.get(name, {})
+            if not isinstance(rh, dict):
+                raise ProtocolError("bad row hashes", "bad_body")
             for table, pair in tables.items():
-                # [shards, shard versions] and, from this version on, [.., row hashes].
-                if not m.spec.has_table(table) or not isinstance(pair, list) or len(pair) not in (2, 3):
+                if not m.spec.has_table(table) or not isinstance(pair, list) or len(pair) != 2:
                     continue
                 spec = m.spec.table(table)
                 if not isinstance(pair[0], bytes) or len(pair[0]) % 8:
@@ -278,16 +289,14 @@ class AntiEntropy:
                 theirs = array_from_wire(pair[1], np.uint64, n, "digests")
                 if n and (shards.min() < 0 or shards.max() >= spec.num_shards):
                     raise ProtocolError("shard out of range", "bad_body")
-                mine = m.shard_digests(table)[shards]
+                mine = m.shard_digests(table, rows=False)[shards]
                 differ = mine != theirs
-                if len(pair) == 3 and differ.any() and not self.rollback.baseline_pin:
+                if table in rh:
                     # Equal but for the row hash: equal knowledge and greatest version, yet
                     # different rows below them.  A pull would bring nothing; audit them.
-                    their_rows = array_from_wire(pair[2], np.uint64, n, "row hashes")
-                    my_rows = m.store.table(table).shard_row_hashes()[shards]
-                    only_rows = differ & ((mine ^ my_rows) == (theirs ^ their_rows))
-                    if only_rows.any():
-                        differ &= ~only_rows
+                    their_rows = array_from_wire(rh[table], np.uint64, n, "row hashes")
+                    only_rows = ~differ & (m.store.table(table).shard_row_hashes()[shards] != their_rows)
+                    if only_rows.any() and not self.rollback.baseline_pin:
                         due = self.audit.due(name, table, shards[only_rows], now)
                         if len(due):
                             audits.setdefault(name, {})[table] = due

@@ -70,16 +70,21 @@ class ModelState:
             got = self.shards[table][s] = ShardSync()
         return got
 
-    def shard_digests(self, table: str) -> np.ndarray:
+    def shard_digests(self, table: str, rows: bool = True) -> np.ndarray:
         """64-bit shard versions: the knowledge digest mixed with the greatest version held
-        and the shard's row hash (:meth:`ekko.core.store.TableStore.shard_row_hashes`)."""
+        and, with ``rows``, the shard's row hash
+        (:meth:`ekko.core.store.TableStore.shard_row_hashes`; without it, what replicas
+        from before the row audits compare)."""
         d = self.digests[table]
         dirty = self.dirty[table]
         if dirty:
             for s in dirty:
                 d[s] = self.shards[table][s].knowledge.digest
             dirty.clear()
-        return d ^ _mixed_top(self.top[table]) ^ self.store.table(table).shard_row_hashes()
+        out = d ^ _mixed_top(self.top[table])
+        if rows:
+            out ^= self.store.table(table).shard_row_hashes()
+        return out
 
     def in_motion(self, table: str, shards: np.ndarray, now: float, grace: float, max_defer: float) -> np.ndarray:
         """Which of ``shards`` anti-entropy leaves alone this round: a publish, or a push

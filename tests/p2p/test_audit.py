@@ -10,6 +10,7 @@ from cluster import Trainer, make_cluster
 from ekko.core.delta import Delta
 from ekko.core.errors import ProtocolError
 from ekko.core.version import ORIGIN_BITS, counters_of
+from p2p import antientropy
 from p2p.audit import AUDIT_BUCKETS, RowAudit, bucket_rows
 from p2p.memnet import Faults
 
@@ -126,3 +127,34 @@ def test_a_bad_audit_request_is_refused_and_sends_nothing():
     want = (lo + held[:, None] * per + np.arange(per)).ravel()
     assert 0 < len(held) < AUDIT_BUCKETS
     assert out.body["k"] == "rep" and np.frombuffer(out.body["ids"], np.int64).tolist() == want.tolist()
+
+
+def test_a_partner_from_before_the_row_audits_compares_shard_versions_as_before():
+    """Mixed versions during an upgrade: a summary without "rh" is compared with the
+    shard versions without row hashes (in sync: no answer), and a digest answer without
+    "rh" leads to pulls of the shards that differ, never to an audit."""
+    net, _ = _settled_cluster()
+    a, b = net.nodes["n0-0"], net.nodes["n1-0"]
+    a.drain()
+    m = a.models["ranker"]
+    scope = ["dc"]
+    old_sums = {"ranker": {t.name: antientropy._scope_digest(m.shard_digests(t.name, rows=False), None)
+                           for t in m.spec.tables}}
+    a.anti_entropy.on_summary({"k": "sum", "from": "n0-1", "scope": scope, "models": old_sums}, net.now)
+    assert a.drain() == []                      # in sync by the old rule
+    a.anti_entropy.on_summary({"k": "sum", "from": "n0-1", "scope": scope, "models": old_sums, "rh": True},
+                              net.now)
+    (dig,) = a.drain()                          # the new rule: these sums lack the row hashes
+    assert dig.body["k"] == "dig" and "rh" in dig.body
+    # Rows only b's DC holds below the knowledge: b's answer without "rh" (an older b)
+    # brings no audit; with it, one.
+    _rows_below_knowledge_in_one_dc(net, dc=b.dc)
+    b.drain()
+    b.anti_entropy.on_summary({"k": "sum", "from": "n0-0", "scope": ["dc"], "models": {}, "rh": True}, net.now)
+    (dig,) = b.drain()
+    old_dig = {k: v for k, v in dig.body.items() if k != "rh"}
+    before = a.counters["audits_sent"]
+    a.anti_entropy.on_digests(old_dig, net.now)
+    assert a.counters["audits_sent"] == before
+    a.anti_entropy.on_digests(dig.body, net.now)
+    assert a.counters["audits_sent"] == before + 1
