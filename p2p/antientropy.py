@@ -245,17 +245,17 @@ class AntiEntropy:
         for (name, table), mask in masks.items():
             theirs = sums.get(name, {}).get(table) if isinstance(sums.get(name), dict) else None
             m = self.host.models[name]
-            digests = m.shard_digests(table, rows=with_rows)
-            if theirs is not None and theirs == _scope_digest(digests, mask):
+            base = m.shard_digests(table, rows=False)
+            rows = m.store.table(table).shard_row_hashes() if with_rows else None
+            if theirs is not None and theirs == _scope_digest(base if rows is None else base ^ rows, mask):
                 continue
-            shards = np.flatnonzero(mask) if mask is not None else np.arange(len(digests))
+            shards = np.flatnonzero(mask) if mask is not None else np.arange(len(base))
             # The shard versions without the row hashes (what every version compares),
             # and the row hashes apart, so that the partner can tell a shard that differs
             # only in its rows (an audit) from one to pull.
-            sel = (m.shard_digests(table, rows=False) if with_rows else digests)[shards]
-            out.setdefault(name, {})[table] = [array_to_wire(shards.astype(np.int64)), array_to_wire(sel)]
-            if with_rows:
-                row_hashes.setdefault(name, {})[table] = array_to_wire(m.store.table(table).shard_row_hashes()[shards])
+            out.setdefault(name, {})[table] = [array_to_wire(shards.astype(np.int64)), array_to_wire(base[shards])]
+            if rows is not None:
+                row_hashes.setdefault(name, {})[table] = array_to_wire(rows[shards])
         if out:
             answer = {"k": "dig", "from": self.host.node_id, "scope": scope, "models": out}
             if row_hashes:

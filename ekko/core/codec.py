@@ -8,7 +8,7 @@ Frame layout (little-endian)::
     3      1    message type (MsgType, append-only)
     4      1    flags: bit0 = body is zstd-compressed, bit1 = MAC trailer present,
                 bit2 = the MAC is keyed BLAKE3 (else HMAC-SHA256)
-    5      1    key id (which keyring entry made the HMAC; 0 when unauthenticated)
+    5      1    key id (which keyring entry made the MAC; 0 when unauthenticated)
     6      2    reserved, must be 0
     8      4    body length in bytes (as sent, i.e. compressed if flagged)
     12     n    body: a msgpack map (zstd-compressed when flag bit0: exactly one
@@ -59,6 +59,14 @@ MACS = ("blake3", "hmac-sha256")
 DEFAULT_MAC = "blake3"
 #: context string of the BLAKE3 key derivation (a frame MAC key per keyring key).
 BLAKE3_MAC_CONTEXT = "ekko 2026-12-07 frame MAC"
+
+
+def check_mac(mac: str, what: str = "frame MAC") -> str:
+    """``mac`` when it names a frame MAC (:data:`MACS`); :class:`UsageError` naming
+    ``what`` otherwise."""
+    if mac not in MACS:
+        raise UsageError(f"{what} {mac!r} is not one of {', '.join(MACS)}")
+    return mac
 
 #: largest frame accepted on the wire (header + body + MAC).
 MAX_FRAME_BYTES = 64 << 20
@@ -186,10 +194,8 @@ class Keyring:
     def __init__(self, keys: Mapping[int, bytes] | None = None, primary: int | None = None,
                  grants: Mapping[int, PublisherGrant] | None = None,
                  readers: Mapping[int, ReaderGrant] | None = None, mac: str = DEFAULT_MAC) -> None:
-        if mac not in MACS:
-            raise UsageError(f"frame MAC must be one of {', '.join(MACS)}, not {mac!r}")
         #: how frames are signed (every kind in MACS verifies): see DEFAULT_MAC.
-        self.mac = mac
+        self.mac = check_mac(mac)
         self.keys: dict[int, bytes] = {}
         for kid, key in (keys or {}).items():
             if not 1 <= int(kid) <= 255:

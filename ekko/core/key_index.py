@@ -86,7 +86,9 @@ class KeyIndex:
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """The slot of each key, -1 where absent (int64, in the order of ``keys``)."""
-        keys = self._checked(keys)
+        return self._slots_of(self._checked(keys))
+
+    def _slots_of(self, keys: np.ndarray) -> np.ndarray:
         pos = self._find(keys)
         out = np.full(len(keys), -1, np.int64)
         hit = pos >= 0
@@ -99,7 +101,7 @@ class KeyIndex:
         in ``keys`` gets one).  Raises :class:`UsageError`, changing nothing, when the new
         keys outnumber the free slots."""
         keys = self._checked(keys)
-        slots = self.lookup(keys)
+        slots = self._slots_of(keys)
         missing = slots < 0
         if missing.any():
             new, first, inverse = np.unique(keys[missing], return_index=True, return_inverse=True)

@@ -47,7 +47,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ekko.core.codec import DEFAULT_MAC, MACS, Keyring, PublisherGrant, ReaderGrant
+from ekko.core.codec import DEFAULT_MAC, Keyring, PublisherGrant, ReaderGrant, check_mac
 from ekko.core.errors import UsageError
 from ekko.core.version import origin_id
 
@@ -151,10 +151,7 @@ def validate(doc: Any) -> Keyring:
     primary = doc.get("primary")
     if not isinstance(primary, int) or isinstance(primary, bool) or primary not in keys:
         raise UsageError(f"primary key id {primary!r} is not in the keyring")
-    mac = doc.get("mac", DEFAULT_MAC)
-    if mac not in MACS:
-        raise UsageError(f"keyring mac {mac!r} is not one of {', '.join(MACS)}")
-    return Keyring(keys, primary, grants, readers, mac)
+    return Keyring(keys, primary, grants, readers, check_mac(doc.get("mac", DEFAULT_MAC), "keyring mac"))
 
 
 def read_doc(path: str | Path, check_mode: bool = True) -> dict[str, Any]:

@@ -70,7 +70,7 @@ from typing import Any, Callable
 from aiohttp import web
 from prometheus_client import Counter as PromCounter
 
-from ekko.core.codec import MACS, Keyring
+from ekko.core.codec import Keyring, check_mac
 from ekko.core.config import NodeConfig
 from ekko.core.errors import UsageError
 from ekko.replica.node import ReplicaNode
@@ -201,9 +201,7 @@ class Daemon:
         if key is not None and keyring_file is not None:
             raise UsageError("give a cluster key or a keyring file, not both")
         self.keyring_file = Path(keyring_file) if keyring_file is not None else None
-        if frame_mac is not None and frame_mac not in MACS:
-            raise UsageError(f"frame MAC must be one of {', '.join(MACS)}, not {frame_mac!r}")
-        self.frame_mac = frame_mac
+        self.frame_mac = check_mac(frame_mac) if frame_mac is not None else None
         self.keyring = (self._load_keyring() if self.keyring_file is not None
                         else key if isinstance(key, Keyring) or key is None else Keyring.single(key))
         if self.keyring is not None:

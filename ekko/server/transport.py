@@ -113,8 +113,8 @@ def estimated_size(out: Outgoing) -> int:
     return n
 
 
-def unmask(ws: aiohttp.ClientWebSocketResponse) -> bool:
-    """Send this peer stream's frames unmasked; True when that took.
+def unmask(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """Send this peer stream's frames unmasked (where aiohttp's writer lets us).
 
     RFC 6455 has clients xor every frame with a random mask, against proxies that a
     browser's script could poison; aiohttp's client copies a frame twice to do it and
@@ -125,10 +125,8 @@ def unmask(ws: aiohttp.ClientWebSocketResponse) -> bool:
     still takes with the aiohttp installed.)
     """
     writer = getattr(ws, "_writer", None)
-    if writer is None or not isinstance(getattr(writer, "use_mask", None), bool):
-        return False
-    writer.use_mask = False
-    return True
+    if isinstance(getattr(writer, "use_mask", None), bool):
+        writer.use_mask = False
 
 
 class _SendFailed(Exception):

@@ -106,9 +106,11 @@ def test_victims_by_recency_and_by_frequency():
     assert ix.uses[fresh].tolist() == [0] and ix.keys_of(ix.victims(1, "lfu")).tolist() == [50]
 
 
-def test_a_million_keys_take_whole_array_operations():
-    """200k random int64 keys (issue #18's convergence test size) and then some: no
-    Python loop per key (probe steps only), so well under a second each here."""
+def test_a_million_keys_get_distinct_slots_and_look_up_the_same():
+    """A million random int64 keys (five times issue #18's convergence test): distinct
+    slots, the same slots looked up in another order; the time bound is loose (a shared
+    2-core host: 0.6 s to insert, 0.1 s to look up measured here), a guard against a
+    slow path, not a benchmark."""
     rng = np.random.default_rng(7)
     keys = rng.integers(-2**63 + 2, 2**63 - 1, 1_000_000, dtype=np.int64)
     ix = KeyIndex(1_000_000)
