@@ -404,7 +404,7 @@ class RollbackProtocol:
                 # No history for these: hold nothing rather than a fenced value; peers fill in.
                 n = len(missing)
                 ts.restore_rows(missing, np.zeros(n, np.int64),
-                                np.zeros((n, t.dim), WIRE_DTYPES[t.dtype]) if ts.values is not None else None)
+                                np.zeros((n, t.width), WIRE_DTYPES[t.dtype]) if ts.values is not None else None)
             restored += len(rows)
             m.index[t.name].note_applied(rows, ts.versions[rows], now, self.host.config.index_rows)
             m.recompute_top(t.name, rows)

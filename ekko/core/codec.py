@@ -517,7 +517,7 @@ def delta_from_wire(body: Any, lookup: Callable[[str, str], TableSpec | None],
     versions = array_from_wire(body.get("v"), np.int64, n, "versions")
     values = None
     if "x" in body and body["x"] is not None:
-        values = array_from_wire(body["x"], WIRE_DTYPES[spec.dtype], n, "values", spec.dim).reshape(n, spec.dim)
+        values = array_from_wire(body["x"], WIRE_DTYPES[spec.dtype], n, "values", spec.width).reshape(n, spec.width)
     elif values_required:
         raise ProtocolError(f"delta {model}/{table} carries no values", "bad_body")
     tomb = None

@@ -32,7 +32,8 @@ class Delta:
         table: table name.
         ids: int64 row ids, shape ``(n,)``.
         versions: packed int64 versions, shape ``(n,)``.
-        values: ``(n, dim)`` array in the table's wire dtype, or None (metadata mode).
+        values: ``(n, width)`` array in the table's wire dtype (``width`` is ``dim``, and a
+            hashed table's key columns: :mod:`ekko.core.hashed`), or None (metadata mode).
         tombstone: bool ``(n,)`` or None (no tombstones).
         impact: float32 ``(n,)`` magnitude of each change, or None (unknown).
 
@@ -79,9 +80,10 @@ class Delta:
             raise error(f"{self.model}/{self.table}: versions must be positive")
         if self.values is not None:
             want = WIRE_DTYPES[spec.dtype]
-            if self.values.dtype != want or self.values.shape != (n, spec.dim):
+            # A hashed table's rows carry their key after the values (ekko.core.hashed).
+            if self.values.dtype != want or self.values.shape != (n, spec.width):
                 raise error(f"{self.model}/{self.table}: values must be {np.dtype(want).name} "
-                            f"of shape ({n}, {spec.dim}), got {self.values.dtype} {self.values.shape}")
+                            f"of shape ({n}, {spec.width}), got {self.values.dtype} {self.values.shape}")
         for name, arr, dt in (("tombstone", self.tombstone, np.bool_), ("impact", self.impact, np.float32)):
             if arr is not None and (arr.dtype != dt or arr.shape != (n,)):
                 raise error(f"{self.model}/{self.table}: {name} must be {np.dtype(dt).name} of shape ({n},)")

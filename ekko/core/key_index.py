@@ -1,16 +1,17 @@
-"""A vectorized map from 64-bit feature keys to the row slots of one replica's table.
+"""Vectorized maps from 64-bit feature keys to the row slots of a hashed table.
 
-Issue #18's hashed tables name rows by arbitrary int64 keys (feature ids); each replica
-keeps their values in a table of ``capacity`` slots and needs, for every delta, the
-slots of its keys.  :class:`KeyIndex` is that map: an open-addressing hash table
-(linear probing, at most half full) held in numpy arrays, whose lookups, inserts and
-removals work on whole arrays of keys -- a loop over probe steps, never over rows.
-Slots are handed out from a free stack, so a replica's slots differ from another's:
-they never travel.  It also keeps what an eviction policy ranks by (:meth:`touch`,
-:meth:`victims`: least recently or least frequently used).
+Issue #18's hashed tables (``TableSpec(keys="int64")``) name rows by arbitrary int64
+keys (feature ids) held in ``capacity`` slots.  Two maps, both open-addressing hash
+tables (linear probing, at most half full) in numpy arrays whose lookups, inserts and
+removals work on whole arrays of keys -- a loop over probe steps, never over rows:
 
-Not wired into :class:`ekko.core.store.TableStore` yet (issue #18 is open): this is
-its index, tested on its own.
+* :class:`KeyIndex`, the publisher's: it *hands out* slots, from a free stack per region
+  (a hashed table's shard: a key takes a slot of its shard's region), and ranks slots
+  for eviction (:meth:`KeyIndex.touch`, :meth:`KeyIndex.victims`).  The slot a key gets
+  travels with its row, so every replica holds a key in the same slot.
+* :class:`KeyMap`, a replica's: it *follows* the slots the rows name
+  (:meth:`KeyMap.rebind`, called by :class:`ekko.core.store.TableStore` for every row
+  written), so a read by key finds its slot.
 """
 
 from __future__ import annotations
@@ -35,22 +36,21 @@ def _table_size(capacity: int) -> int:
     return max(8, 1 << (2 * capacity - 1).bit_length())
 
 
-class KeyIndex:
-    """int64 keys -> slots ``[0, capacity)``; whole arrays at a time.
+class KeyMap:
+    """int64 keys -> slots ``[0, capacity)`` as a replica holds them: each slot holds at
+    most one key, each key is in at most one slot; whole arrays at a time.
 
     Example:
         >>> import numpy as np
-        >>> ix = KeyIndex(4)
-        >>> ix.insert(np.array([10**15, -7, 10**15])).tolist()   # a repeated key: one slot
-        [0, 1, 0]
-        >>> ix.lookup(np.array([-7, 3])).tolist()                # absent: -1
-        [1, -1]
-        >>> ix.remove(np.array([10**15])).tolist(), len(ix), ix.free_slots
-        ([0], 1, 3)
-        >>> ix.insert(np.array([5, 6, 7, 8]))
-        Traceback (most recent call last):
-        ...
-        ekko.core.errors.UsageError: 4 new keys but 3 free slots (capacity 4): evict first
+        >>> m = KeyMap(8)
+        >>> versions = np.array([0, 5, 0, 7, 0, 0, 0, 0])
+        >>> m.rebind(np.array([1, 3]), np.array([42, -9]), versions)
+        >>> m.lookup(np.array([-9, 42, 5])).tolist()
+        [3, 1, -1]
+        >>> versions[1] = 9                       # slot 1 rewritten: key 42 evicted for 77
+        >>> m.rebind(np.array([1]), np.array([77]), versions)
+        >>> m.lookup(np.array([42, 77])).tolist(), m.keys_of(np.array([1, 3])).tolist()
+        ([-1, 1], [77, -9])
     """
 
     def __init__(self, capacity: int) -> None:
@@ -58,13 +58,8 @@ class KeyIndex:
             raise UsageError(f"capacity must be 1..{MAX_CAPACITY}, not {capacity!r}")
         self.capacity = int(capacity)
         self._reset_table(_table_size(self.capacity))
-        self._key_of = np.full(self.capacity, EMPTY_KEY, np.int64)   # slot -> key (EMPTY: free)
+        self._key_of = np.full(self.capacity, EMPTY_KEY, np.int64)   # slot -> key (EMPTY: none)
         self._pos_of = np.full(self.capacity, -1, np.int64)           # slot -> table position
-        self._free = np.arange(self.capacity - 1, -1, -1, dtype=np.int64)  # a stack: slot 0 on top
-        self._nfree = self.capacity
-        #: per slot: the tick of its last :meth:`touch`, and how many touches it had.
-        self.last_used = np.zeros(self.capacity, np.int64)
-        self.uses = np.zeros(self.capacity, np.int64)
 
     def _reset_table(self, size: int) -> None:
         self._keys = np.full(size, EMPTY_KEY, np.int64)   # position -> key
@@ -72,16 +67,11 @@ class KeyIndex:
         self._mask = np.int64(size - 1)
         self.tombstones = 0
 
-    # -- reads ----------------------------------------------------------------------------
     def __len__(self) -> int:
-        return self.capacity - self._nfree
-
-    @property
-    def free_slots(self) -> int:
-        return self._nfree
+        return int(np.count_nonzero(self._pos_of >= 0))
 
     def keys_of(self, slots: np.ndarray) -> np.ndarray:
-        """The key held in each slot (:data:`EMPTY_KEY` for a free one)."""
+        """The key held in each slot (:data:`EMPTY_KEY` for none)."""
         return self._key_of[np.asarray(slots, np.int64)]
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
@@ -95,69 +85,51 @@ class KeyIndex:
         out[hit] = self._slot[pos[hit]]
         return out
 
-    # -- writes ---------------------------------------------------------------------------
-    def insert(self, keys: np.ndarray) -> np.ndarray:
-        """The slot of each key, taking free slots for keys not held yet (a key repeated
-        in ``keys`` gets one).  Raises :class:`UsageError`, changing nothing, when the new
-        keys outnumber the free slots."""
-        keys = self._checked(keys)
-        slots = self._slots_of(keys)
-        missing = slots < 0
-        if missing.any():
-            new, first, inverse = np.unique(keys[missing], return_index=True, return_inverse=True)
-            if len(new) > self._nfree:
-                raise UsageError(f"{len(new)} new keys but {self._nfree} free slots "
-                                 f"(capacity {self.capacity}): evict first")
-            # Slots off the top of the free stack, in the order the keys first appear.
-            taken = np.empty(len(new), np.int64)
-            taken[np.argsort(first)] = self._free[self._nfree - len(new):self._nfree][::-1]
-            self._nfree -= len(new)
-            self._place(new, taken)
-            self._key_of[taken] = new
-            self.last_used[taken] = 0
-            self.uses[taken] = 0
-            slots[missing] = taken[inverse]
-        return slots
+    def rebind(self, slots: np.ndarray, keys: np.ndarray, versions: np.ndarray) -> None:
+        """Slots ``slots`` (distinct) now hold ``keys`` (:data:`EMPTY_KEY`: none) at
+        ``versions[slot]`` (the table's version array, already written).
 
-    def remove(self, keys: np.ndarray) -> np.ndarray:
-        """Drop the keys held (others are ignored); returns the slots they freed."""
-        keys = self._checked(keys)
-        pos = self._find(np.unique(keys))
-        pos = pos[pos >= 0]
-        if not len(pos):
-            return np.zeros(0, np.int64)
-        slots = self._slot[pos]
+        The key a slot held before leaves the map.  A key that another slot holds too (a
+        stale copy, while an eviction and a re-insert travel) stays with the slot of the
+        greater version, so the map names, for every key, its latest binding -- or none,
+        when the latest event of that key was its eviction.
+        """
+        slots = np.asarray(slots, np.int64)
+        keys = np.asarray(keys, np.int64)
+        self._unbind(slots[self._pos_of[slots] >= 0])
+        new = keys != EMPTY_KEY
+        slots, keys = slots[new], keys[new]
+        if not len(keys):
+            return
+        if int(keys.min()) <= DELETED_KEY:
+            raise UsageError(f"keys {EMPTY_KEY} and {DELETED_KEY} are reserved")
+        vers = versions[slots]
+        # A key named twice in one call: the greatest version's slot (then the first).
+        order = np.lexsort((-vers, keys))
+        first = np.ones(len(keys), bool)
+        first[1:] = keys[order][1:] != keys[order][:-1]
+        pick = order[first]
+        slots, keys, vers = slots[pick], keys[pick], vers[pick]
+        other = self._slots_of(keys)
+        held = other >= 0
+        beaten = held & (versions[np.maximum(other, 0)] >= vers)
+        self._unbind(other[held & ~beaten])
+        keep = ~beaten
+        self._place(keys[keep], slots[keep])
+        self._key_of[slots[keep]] = keys[keep]
+
+    def _unbind(self, slots: np.ndarray) -> None:
+        """Drop the keys of ``slots`` (each in the map) from the table."""
+        if not len(slots):
+            return
+        pos = self._pos_of[slots]
         self._keys[pos] = DELETED_KEY
         self._slot[pos] = -1
         self._key_of[slots] = EMPTY_KEY
         self._pos_of[slots] = -1
-        self._free[self._nfree:self._nfree + len(slots)] = slots
-        self._nfree += len(slots)
         self.tombstones += len(pos)
         if self.tombstones > MAX_TOMBSTONE_SHARE * len(self._keys):
             self._rebuild()
-        return slots
-
-    # -- eviction bookkeeping -------------------------------------------------------------
-    def touch(self, slots: np.ndarray, tick: int) -> None:
-        """Note a use of ``slots`` at logical time ``tick`` (a slot named twice counts twice)."""
-        slots = np.asarray(slots, np.int64)
-        if len(slots) and (slots.min() < 0 or slots.max() >= self.capacity):
-            raise UsageError("touch of a slot outside the index")
-        self.last_used[slots] = tick
-        np.add.at(self.uses, slots, 1)
-
-    def victims(self, n: int, policy: str) -> np.ndarray:
-        """Up to ``n`` held slots to evict first: least recently used (``lru``), or least
-        used, then least recently (``lfu``); ties by slot."""
-        if policy not in EVICTION_POLICIES:
-            raise UsageError(f"eviction policy must be one of {EVICTION_POLICIES}, not {policy!r}")
-        held = np.flatnonzero(self._key_of != EMPTY_KEY)
-        if n <= 0 or not len(held):
-            return np.zeros(0, np.int64)
-        keys = (held, self.last_used[held]) if policy == "lru" else (held, self.last_used[held], self.uses[held])
-        order = np.lexsort(keys)   # the last key sorts first
-        return held[order[:n]]
 
     # -- internals ------------------------------------------------------------------------
     @staticmethod
@@ -214,3 +186,173 @@ class KeyIndex:
         held = np.flatnonzero(self._key_of != EMPTY_KEY)
         self._reset_table(len(self._keys))
         self._place(self._key_of[held], held)
+
+
+class KeyIndex(KeyMap):
+    """The publisher's key -> slot index: hands out slots, from a free stack per region.
+
+    ``regions`` splits the slots into that many contiguous regions (a hashed table's
+    shards: region ``r`` is :meth:`ekko.core.spec.TableSpec.shard_range` of shard ``r``);
+    a new key takes a slot of the region :meth:`insert` is told.
+
+    Example:
+        >>> import numpy as np
+        >>> ix = KeyIndex(4)
+        >>> ix.insert(np.array([10**15, -7, 10**15])).tolist()   # a repeated key: one slot
+        [0, 1, 0]
+        >>> ix.lookup(np.array([-7, 3])).tolist()                # absent: -1
+        [1, -1]
+        >>> ix.remove(np.array([10**15])).tolist(), len(ix), ix.free_slots
+        ([0], 1, 3)
+        >>> ix.insert(np.array([5, 6, 7, 8]))
+        Traceback (most recent call last):
+        ...
+        ekko.core.errors.UsageError: 4 new keys but 3 free slots (capacity 4): evict first
+        >>> two = KeyIndex(4, regions=2)                           # slots 0-1 and 2-3
+        >>> two.insert(np.array([5, 6, 7]), regions=np.array([1, 0, 1])).tolist()
+        [2, 0, 3]
+    """
+
+    def __init__(self, capacity: int, regions: int = 1) -> None:
+        super().__init__(capacity)
+        if not isinstance(regions, (int, np.integer)) or not 1 <= regions <= self.capacity:
+            raise UsageError(f"regions must be 1..capacity ({self.capacity}), not {regions!r}")
+        self.regions = int(regions)
+        self.region_slots = -(-self.capacity // self.regions)
+        lo = np.minimum(np.arange(self.regions, dtype=np.int64) * self.region_slots, self.capacity)
+        self._lo = lo
+        self._size = np.minimum(lo + self.region_slots, self.capacity) - lo
+        # Region r's free stack is _free[lo_r : lo_r + _nfree_r], its lowest slot on top.
+        self._free = np.empty(self.capacity, np.int64)
+        for r in range(self.regions):   # once, at construction: a loop over regions
+            self._free[lo[r]:lo[r] + self._size[r]] = np.arange(lo[r] + self._size[r] - 1, lo[r] - 1, -1)
+        self._nfree_r = self._size.copy()
+        #: per slot: the tick of its last :meth:`touch`, and how many touches it had.
+        self.last_used = np.zeros(self.capacity, np.int64)
+        self.uses = np.zeros(self.capacity, np.int64)
+
+    def __len__(self) -> int:
+        return self.capacity - self.free_slots
+
+    @property
+    def free_slots(self) -> int:
+        return int(self._nfree_r.sum())
+
+    def free_in(self, regions: np.ndarray) -> np.ndarray:
+        """Free slots of each region named."""
+        return self._nfree_r[np.asarray(regions, np.int64)]
+
+    def region_of(self, slots: np.ndarray) -> np.ndarray:
+        return np.asarray(slots, np.int64) // self.region_slots
+
+    # -- writes ---------------------------------------------------------------------------
+    def insert(self, keys: np.ndarray, regions: np.ndarray | None = None) -> np.ndarray:
+        """The slot of each key, taking free slots for keys not held yet (a key repeated
+        in ``keys`` gets one) from the region ``regions`` names for it (default: all in
+        region 0).  Raises :class:`UsageError`, changing nothing, when a region's new
+        keys outnumber its free slots."""
+        keys = self._checked(keys)
+        reg = np.zeros(len(keys), np.int64) if regions is None else np.asarray(regions, np.int64)
+        if reg.shape != keys.shape or (len(reg) and (reg.min() < 0 or reg.max() >= self.regions)):
+            raise UsageError(f"regions must name one of {self.regions} regions per key")
+        slots = self._slots_of(keys)
+        missing = slots < 0
+        if missing.any():
+            new, first, inverse = np.unique(keys[missing], return_index=True, return_inverse=True)
+            new_reg = reg[missing][first]
+            need = np.bincount(new_reg, minlength=self.regions)
+            short = np.flatnonzero(need > self._nfree_r)
+            if len(short):
+                r = int(short[0])
+                where = "" if self.regions == 1 else f" in region {r}"
+                raise UsageError(f"{int(need[r])} new keys but {int(self._nfree_r[r])} free slots{where} "
+                                 f"(capacity {self.capacity}): evict first")
+            # Per region, slots off the top of its free stack, in the order the keys first appear.
+            order = np.lexsort((first, new_reg))
+            r_sorted = new_reg[order]
+            starts = np.searchsorted(r_sorted, r_sorted, side="left")
+            rank = np.arange(len(order)) - starts
+            top = self._lo[r_sorted] + self._nfree_r[r_sorted] - 1
+            taken = np.empty(len(new), np.int64)
+            taken[order] = self._free[top - rank]
+            self._nfree_r -= need
+            self._place(new, taken)
+            self._key_of[taken] = new
+            self.last_used[taken] = 0
+            self.uses[taken] = 0
+            slots[missing] = taken[inverse]
+        return slots
+
+    def remove(self, keys: np.ndarray) -> np.ndarray:
+        """Drop the keys held (others are ignored); returns the slots they freed."""
+        keys = self._checked(keys)
+        pos = self._find(np.unique(keys))
+        slots = self._slot[pos[pos >= 0]]
+        self.free(slots)
+        return slots
+
+    def free(self, slots: np.ndarray) -> None:
+        """Drop the keys of ``slots`` (distinct, each holding a key) and free the slots."""
+        slots = np.asarray(slots, np.int64)
+        if not len(slots):
+            return
+        if (self._pos_of[slots] < 0).any():
+            raise UsageError("free of a slot that holds no key")
+        self._unbind(slots)
+        reg = slots // self.region_slots
+        order = np.argsort(reg, kind="stable")
+        r_sorted = reg[order]
+        rank = np.arange(len(order)) - np.searchsorted(r_sorted, r_sorted, side="left")
+        self._free[self._lo[r_sorted] + self._nfree_r[r_sorted] + rank] = slots[order]
+        self._nfree_r += np.bincount(reg, minlength=self.regions)
+
+    def claim(self, keys: np.ndarray, slots: np.ndarray) -> None:
+        """Put distinct keys, none held, into given free slots (a publisher resuming the
+        assignment replicas hold); :class:`UsageError`, changing nothing, otherwise."""
+        keys = self._checked(keys)
+        slots = np.asarray(slots, np.int64)
+        if slots.shape != keys.shape or (len(slots) and (slots.min() < 0 or slots.max() >= self.capacity)):
+            raise UsageError("claim needs one slot within the index per key")
+        if len(np.unique(keys)) != len(keys) or len(np.unique(slots)) != len(slots):
+            raise UsageError("claim of a key or a slot twice")
+        if (self._key_of[slots] != EMPTY_KEY).any() or (self._slots_of(keys) >= 0).any():
+            raise UsageError("claim of a slot or a key already held")
+        self._place(keys, slots)
+        self._key_of[slots] = keys
+        # The free stacks afresh: each region's free slots, its lowest on top.
+        free = np.flatnonzero(self._key_of == EMPTY_KEY)
+        reg = free // self.region_slots
+        order = np.lexsort((-free, reg))
+        r_sorted = reg[order]
+        rank = np.arange(len(order)) - np.searchsorted(r_sorted, r_sorted, side="left")
+        self._free[self._lo[r_sorted] + rank] = free[order]
+        self._nfree_r = np.bincount(reg, minlength=self.regions)
+
+    # -- eviction bookkeeping -------------------------------------------------------------
+    def touch(self, slots: np.ndarray, tick: int) -> None:
+        """Note a use of ``slots`` at logical time ``tick`` (a slot named twice counts twice)."""
+        slots = np.asarray(slots, np.int64)
+        if len(slots) and (slots.min() < 0 or slots.max() >= self.capacity):
+            raise UsageError("touch of a slot outside the index")
+        self.last_used[slots] = tick
+        np.add.at(self.uses, slots, 1)
+
+    def victims(self, n: int, policy: str, region: int | None = None) -> np.ndarray:
+        """Up to ``n`` held slots (of ``region``, or of all) to evict first: least recently
+        used (``lru``), or least used, then least recently (``lfu``); ties by slot."""
+        if policy not in EVICTION_POLICIES:
+            raise UsageError(f"eviction policy must be one of {EVICTION_POLICIES}, not {policy!r}")
+        lo, hi = (0, self.capacity) if region is None else (int(self._lo[region]),
+                                                             int(self._lo[region] + self._size[region]))
+        held = lo + np.flatnonzero(self._key_of[lo:hi] != EMPTY_KEY)
+        if n <= 0 or not len(held):
+            return np.zeros(0, np.int64)
+        keys = (held, self.last_used[held]) if policy == "lru" else (held, self.last_used[held], self.uses[held])
+        if n < len(held) // 4:   # a few victims of a full region: partition before the sort
+            rank = self.last_used[held] if policy == "lru" else self.uses[held]
+            cut = np.partition(rank, n - 1)[n - 1]
+            near = rank <= cut
+            held = held[near]
+            keys = tuple(k[near] for k in keys)
+        order = np.lexsort(keys)   # the last key sorts first
+        return held[order[:n]]

@@ -7,6 +7,14 @@ replica never serves new embeddings with an old MLP unknowingly.
 
 Sharding is by contiguous row ranges: ``shard(row) = row // shard_rows``.  It is
 fixed and documented because every replica must agree on it without talking.
+
+A *hashed* table (``keys="int64"``) names its rows by arbitrary 64-bit feature keys.
+Its ``capacity`` slots are rows like any other table's (versions, shards, knowledge and
+rollback work on slots unchanged); a key lives in the slot region of shard
+``key_shard(key) = mix64(key) % shards`` (:func:`ekko.core.hash64.mix64`, the splitmix64
+finalizer), and each stored row carries its key after its ``dim`` values (``key_cols``
+elements holding the key's 8 bytes, see :mod:`ekko.core.hashed`), so every path that
+moves rows moves a row's key with it.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ekko.core.errors import ProtocolError, UsageError
+from ekko.core.hash64 import mix64
 
 #: dtypes a table may hold (names as numpy spells them).
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -42,6 +51,10 @@ MAX_TABLES_PER_MODEL = 1024
 MAX_SHARDS_PER_TABLE = 1 << 16
 #: default rows per shard when a table does not say how many shards it wants.
 DEFAULT_SHARD_ROWS = 1 << 14
+#: how a table names its rows: dense indices below ``rows``, or 64-bit keys (hashed).
+KEY_KINDS = ("dense", "int64")
+#: what a hashed table does when a key arrives for a full shard region.
+EVICTION_POLICIES = ("lru", "lfu", "none")
 
 
 def check_name(kind: str, name: str, error: type[Exception] = UsageError) -> str:
@@ -66,6 +79,12 @@ class TableSpec:
             it, so a serving process binds or loads a module with no naming convention.
         shape: the layout of a dense table: the parameter's shape (its elements row-major
             over the rows, the last row zero-padded; ``()``: not recorded).
+        keys: ``"dense"`` (rows are ``0..rows-1``) or ``"int64"``: a hashed table whose
+            rows are named by 64-bit keys, held in ``capacity`` slots (``rows`` is then
+            ``capacity``; give either).
+        capacity: slots of a hashed table (its memory bound).
+        eviction: a hashed table's policy when a key needs a slot in a full shard region
+            (``"lru"``, ``"lfu"``; ``"none"``: the publish is refused).
 
     Example:
         >>> t = TableSpec("user_emb", rows=1000, dim=16)
@@ -73,19 +92,41 @@ class TableSpec:
         (0, 1)
         >>> TableSpec("mlp_0_weight", rows=1, dim=6, dense=True, param="mlp.0.weight", shape=(2, 3)).shape
         (2, 3)
+        >>> h = TableSpec("ads", dim=8, keys="int64", capacity=1 << 16, eviction="lru")
+        >>> h.rows, h.num_shards, h.width, h.key_shards([10**15, -3]).tolist()
+        (65536, 4, 10, [2, 3])
     """
 
     name: str
-    rows: int
-    dim: int
+    rows: int = 0
+    dim: int = 0
     dtype: str = "float32"
     shards: int | None = None
     dense: bool = False
     param: str = ""
     shape: tuple[int, ...] = ()
+    keys: str = "dense"
+    capacity: int | None = None
+    eviction: str = "none"
 
     def __post_init__(self) -> None:
         check_name("table", self.name)
+        if self.keys not in KEY_KINDS:
+            raise UsageError(f"table {self.name}: keys must be one of {KEY_KINDS}, got {self.keys!r}")
+        if self.keys == "int64":
+            cap = self.capacity if self.capacity is not None else self.rows
+            if self.rows and self.rows != cap:
+                raise UsageError(f"table {self.name}: a hashed table's rows are its capacity "
+                                 f"(rows={self.rows}, capacity={self.capacity})")
+            if self.dense:
+                raise UsageError(f"table {self.name}: a dense parameter's table cannot be hashed")
+            object.__setattr__(self, "rows", cap)
+            object.__setattr__(self, "capacity", cap)
+            if self.eviction not in EVICTION_POLICIES:
+                raise UsageError(f"table {self.name}: eviction must be one of {EVICTION_POLICIES}, "
+                                 f"got {self.eviction!r}")
+        elif self.capacity is not None or self.eviction != "none":
+            raise UsageError(f"table {self.name}: capacity and eviction are for hashed tables (keys='int64')")
         if not isinstance(self.rows, int) or not 0 < self.rows <= MAX_TABLE_ROWS:
             raise UsageError(f"table {self.name}: rows must be in 1..{MAX_TABLE_ROWS}, got {self.rows!r}")
         if not isinstance(self.dim, int) or not 0 < self.dim <= MAX_ROW_DIM:
@@ -96,6 +137,10 @@ class TableSpec:
             object.__setattr__(self, "shards", max(1, math.ceil(self.rows / DEFAULT_SHARD_ROWS)))
         if not isinstance(self.shards, int) or not 0 < self.shards <= min(self.rows, MAX_SHARDS_PER_TABLE):
             raise UsageError(f"table {self.name}: shards must be in 1..min(rows, {MAX_SHARDS_PER_TABLE})")
+        if self.hashed and (self.shards - 1) * self.shard_rows >= self.rows:
+            # Every key hashes to some shard: no shard's slot region may be empty.
+            raise UsageError(f"table {self.name}: {self.shards} shards leave some without slots in a capacity "
+                             f"of {self.rows}; use fewer shards")
         if not isinstance(self.param, str) or not PARAM_RE.fullmatch(self.param):
             raise UsageError(f"table {self.name}: param must be a parameter's qualified name "
                              f"(0-{MAX_PARAM_CHARS} chars of [A-Za-z0-9_.]), got {self.param!r}")
@@ -112,11 +157,32 @@ class TableSpec:
 
     def without_layout(self) -> "TableSpec":
         """The same table with no layout recorded (``param``, ``shape``)."""
-        return TableSpec(self.name, self.rows, self.dim, self.dtype, self.shards, self.dense)
+        return TableSpec(self.name, self.rows, self.dim, self.dtype, self.shards, self.dense,
+                         keys=self.keys, capacity=self.capacity, eviction=self.eviction)
 
     @property
     def num_shards(self) -> int:
         return int(self.shards)  # type: ignore[arg-type]
+
+    @property
+    def hashed(self) -> bool:
+        """Whether rows are named by 64-bit keys (``keys="int64"``)."""
+        return self.keys == "int64"
+
+    @property
+    def key_cols(self) -> int:
+        """Elements after a hashed table's ``dim`` values that hold its key (0: dense ids)."""
+        return 8 // DTYPE_BYTES[self.dtype] if self.hashed else 0
+
+    @property
+    def width(self) -> int:
+        """Elements of one stored row: ``dim``, and a hashed table's key columns."""
+        return self.dim + self.key_cols
+
+    def key_shards(self, keys: Any) -> np.ndarray:
+        """The shard of each key of a hashed table: ``mix64(key) % shards`` (int64)."""
+        k = np.asarray(keys, dtype=np.int64)
+        return (mix64(k.view(np.uint64)) % np.uint64(self.num_shards)).astype(np.int64)
 
     @property
     def shard_rows(self) -> int:
@@ -125,7 +191,8 @@ class TableSpec:
 
     @property
     def row_bytes(self) -> int:
-        return self.dim * DTYPE_BYTES[self.dtype]
+        """Bytes of one stored row (a hashed table's key included)."""
+        return self.width * DTYPE_BYTES[self.dtype]
 
     def shard_of(self, row: int) -> int:
         return row // self.shard_rows
@@ -147,6 +214,8 @@ class TableSpec:
             d["param"] = self.param
         if self.shape:
             d["shape"] = list(self.shape)
+        if self.hashed:  # only then: a dense table encodes as before
+            d["keys"], d["eviction"] = self.keys, self.eviction
         return d
 
     @classmethod
@@ -158,7 +227,8 @@ class TableSpec:
                 raise TypeError("shape must be a list")
             return cls(name=d["name"], rows=d["rows"], dim=d["dim"], dtype=d.get("dtype", "float32"),
                        shards=d.get("shards"), dense=bool(d.get("dense", False)), param=d.get("param", ""),
-                       shape=tuple(shape))
+                       shape=tuple(shape), keys=d.get("keys", "dense"),
+                       eviction=d.get("eviction", "none"))
         except (KeyError, TypeError, AttributeError, UsageError) as e:
             raise ProtocolError(f"bad table spec: {e}", "bad_spec") from None
 

@@ -23,6 +23,8 @@ from ekko.core.delta import Delta
 from ekko.core.errors import UsageError
 from ekko.core.frozen import FrozenValues
 from ekko.core.hash64 import mark_changes, row_marks
+from ekko.core.hashed import check_keys, keys_of
+from ekko.core.key_index import EMPTY_KEY, KeyMap
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.version import Knowledge, counters_of
 
@@ -112,7 +114,7 @@ class TableStore:
         # place; one assigned from outside (a snapshot load, a copy) is not this object.
         self._tomb_clean: np.ndarray | None = self.tombstone
         self.values: torch.Tensor | None = (
-            torch.zeros(spec.rows, spec.dim, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
+            torch.zeros(spec.rows, spec.width, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
             if with_values else None)
         self._shard_hash: dict[int, bytes] = {}
         self._dirty = np.ones(spec.num_shards, dtype=bool)
@@ -131,6 +133,11 @@ class TableStore:
         self.write_seq: np.ndarray | None = None
         # Point-in-time views being read (a snapshot): each saves rows before they change.
         self._frozen: list[FrozenValues] = []
+        # A hashed table's key -> slot map (lookup), built on first use from the keys the
+        # rows hold, then kept by apply and restore_rows; built afresh when ``values`` is a
+        # tensor this object did not map (a snapshot load, a copy, shared memory).
+        self._key_map: KeyMap | None = None
+        self._key_map_of: torch.Tensor | None = None
 
     # -- writes -----------------------------------------------------------------------------
     def apply(self, delta: Delta, capture_old: bool = False, distinct: bool | None = None,
@@ -214,8 +221,20 @@ class TableStore:
             self._tomb_clean = None
         elif self._tomb_clean is not self.tombstone:
             self.tombstone[wid] = False
+        if self._key_map is not None and self._key_map_of is self.values:
+            rows = None if delta.values is None else (delta.values if pos is None else delta.values[pos])
+            self._rekey(wid, rows, tomb)
         self._mark_dirty(wid, shards if wid is ids else None)
         return ApplyResult(wid, new_w, old_w, old_values, old_tomb)
+
+    def _rekey(self, ids: np.ndarray, rows: np.ndarray | None, tomb: np.ndarray | None) -> None:
+        """Rows ``ids`` were written with ``rows`` (wire values; None or a tombstone: no
+        key): follow their keys in the key map."""
+        keys = keys_of(rows, self.spec) if rows is not None else np.full(len(ids), EMPTY_KEY, np.int64)
+        if tomb is not None:
+            keys[tomb] = EMPTY_KEY
+        assert self._key_map is not None
+        self._key_map.rebind(ids, keys, self.versions)
 
     def _one_per_row(self, wid: np.ndarray, old_w: np.ndarray, new_w: np.ndarray) -> np.ndarray | None:
         """None when the winning ids are distinct, else positions of one greatest copy per id.
@@ -273,6 +292,9 @@ class TableStore:
             self.values.index_copy_(0, idx, src)
             if self.write_seq is not None:
                 self.write_seq[0] += 1
+            if self._key_map is not None and self._key_map_of is self.values:
+                gone = versions == 0 if tombstone is None else (versions == 0) | tombstone
+                self._rekey(ids, values, gone)
         self._mark_dirty(ids)
 
     # -- point-in-time views ------------------------------------------------------------------
@@ -363,6 +385,37 @@ class TableStore:
             raise UsageError(f"bad row range [{lo}, {hi}) / {bucket_rows} of table {self.spec.name}")
         marks = row_marks(np.arange(lo, hi, dtype=np.int64), self.versions[lo:hi])
         return np.bitwise_xor.reduceat(marks, np.arange(0, hi - lo, bucket_rows))
+
+    def key_map(self) -> KeyMap:
+        """A hashed table's key -> slot map, as the rows held now say (built on first use)."""
+        if not self.spec.hashed or self.values is None:
+            raise UsageError(f"table {self.spec.name} has no keys (not hashed, or no values kept)")
+        if self._key_map is None or self._key_map_of is not self.values:
+            m = KeyMap(self.spec.rows)
+            held = np.flatnonzero((self.versions > 0) & ~self.tombstone)
+            if len(held):
+                m.rebind(held, keys_of(self.values, self.spec)[held], self.versions)
+            self._key_map, self._key_map_of = m, self.values
+        return self._key_map
+
+    def held_keys(self) -> tuple[np.ndarray, np.ndarray]:
+        """A hashed table's slots that hold a key, and their keys (slot order)."""
+        m = self.key_map()
+        slots = np.flatnonzero(m.keys_of(np.arange(self.spec.rows)) != EMPTY_KEY)
+        return slots, m.keys_of(slots)
+
+    def lookup(self, keys: Any) -> np.ndarray:
+        """The slot holding each key of a hashed table, -1 where none does.
+
+        Example:
+            >>> from ekko.core.hashed import with_keys
+            >>> ts = TableStore(TableSpec("h", dim=1, keys="int64", capacity=4), device="cpu")
+            >>> rows = with_keys(np.ones((1, 1), np.float32), np.array([10**12]), ts.spec)
+            >>> _ = ts.apply(Delta("m", "h", np.array([2]), np.array([5]), rows))
+            >>> ts.lookup([10**12, 7]).tolist()
+            [2, -1]
+        """
+        return self.key_map().lookup(check_keys(keys))
 
     def read(self, ids: np.ndarray) -> torch.Tensor:
         """Values of rows (a copy, on the store's device)."""

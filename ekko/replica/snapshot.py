@@ -333,12 +333,12 @@ def _load_values(path: Path, entry: Any, spec: TableSpec, device: torch.device) 
     """Stream the values file onto ``device`` while hashing it; checks size and checksum."""
     _check_entry(entry, path.name)
     wire = np.dtype(WIRE_DTYPES[spec.dtype]).newbyteorder("<")
-    want = spec.rows * spec.dim * wire.itemsize
+    want = spec.rows * spec.width * wire.itemsize
     if entry["size"] != want:
         raise _bad(f"{path.name}: {entry['size']} bytes, the spec needs {want}")
-    values = torch.empty(spec.rows, spec.dim, dtype=TORCH_DTYPES[spec.dtype], device=device)
+    values = torch.empty(spec.rows, spec.width, dtype=TORCH_DTYPES[spec.dtype], device=device)
     rows_per_chunk = max(1, CHUNK_BYTES // spec.row_bytes)
-    buf = np.empty((rows_per_chunk, spec.dim), dtype=wire)
+    buf = np.empty((rows_per_chunk, spec.width), dtype=wire)
     h = hashlib.blake2b(digest_size=_HASH_BYTES)
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size != want:
@@ -424,8 +424,8 @@ def _read_undo(where: Path, spec: ModelSpec, u: dict[str, Any], seq: int) -> Und
             raise _bad(f"undo history names unknown table {name!r}")
         t = spec.table(name)
         wire = np.dtype(WIRE_DTYPES[t.dtype])
-        if e["dtype"] is not None and (e["dtype"] != wire.name or e["dim"] != t.dim):
-            raise _bad(f"undo history of {name} holds {e['dtype']} x {e['dim']}, the spec {wire.name} x {t.dim}")
+        if e["dtype"] is not None and (e["dtype"] != wire.name or e["dim"] != t.width):
+            raise _bad(f"undo history of {name} holds {e['dtype']} x {e['dim']}, the spec {wire.name} x {t.width}")
         segs = e["segments"]
         if not isinstance(segs, list) or not all(isinstance(x, list) and len(x) == 2 and all(
                 isinstance(k, int) and k > 0 for k in x) for x in segs):
@@ -437,7 +437,7 @@ def _read_undo(where: Path, spec: ModelSpec, u: dict[str, Any], seq: int) -> Und
         # Sizes first: a file's size must be what the segments say before anything is allocated.
         entries, records = sum(x[1] for x in segs), sum(x[0] for x in segs)
         want = {"ids": 8 * entries, "old": 8 * entries, "recs": 16 * records,
-                "values": entries * t.dim * wire.itemsize}
+                "values": entries * t.width * wire.itemsize}
         readers: dict[str, _EntryReader] = {}
         try:
             for part, entry in files.items():
@@ -454,7 +454,7 @@ def _read_undo(where: Path, spec: ModelSpec, u: dict[str, Any], seq: int) -> Und
                 recs = readers["recs"].read(i64, (nrec, 2))
                 starts = np.zeros(nrec + 1, np.int64)
                 np.cumsum(recs[:, 0], out=starts[1:])
-                values = readers["values"].read(wire, (n, t.dim)) if "values" in readers else None
+                values = readers["values"].read(wire, (n, t.width)) if "values" in readers else None
                 out.append(UndoSegmentImage(ids, old, values, starts, np.ascontiguousarray(recs[:, 1])))
             for r in readers.values():
                 r.finish()

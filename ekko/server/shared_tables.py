@@ -108,8 +108,8 @@ class SharedTables:
                                           "shared (CUDA IPC is not built)", "not_shareable")
                 stem = self.directory / f"{self.prefix}{inc}-{_safe(model)}-{_safe(spec.name)}"
                 path, seq_path = stem.with_name(stem.name + ".values"), stem.with_name(stem.name + ".seq")
-                values = torch.from_file(str(path), shared=True, size=spec.rows * spec.dim,
-                                         dtype=TORCH_DTYPES[spec.dtype]).view(spec.rows, spec.dim)
+                values = torch.from_file(str(path), shared=True, size=spec.rows * spec.width,
+                                         dtype=TORCH_DTYPES[spec.dtype]).view(spec.rows, spec.width)
                 self.files.append(path)
                 seq = np.memmap(seq_path, dtype="<i8", mode="w+", shape=(1,))
                 self.files.append(seq_path)
@@ -119,7 +119,7 @@ class SharedTables:
                 # On the loop thread: no apply runs between the copy and the switch.
                 ts.values, ts.write_seq = values, seq
                 self._shared[key] = {"path": str(path), "seq_path": str(seq_path), "rows": spec.rows,
-                                     "dim": spec.dim, "dtype": spec.dtype}
+                                     "dim": spec.dim, "width": spec.width, "dtype": spec.dtype}
                 log.info("table %s.%s shared at %s", model, spec.name, path)
             tables[spec.name] = self._shared[key]
         return {"model": model, "node": self.node.node_id, "incarnation": inc, "tables": tables,

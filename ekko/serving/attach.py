@@ -64,8 +64,11 @@ class Attached:
             dtype = t["dtype"]
             if dtype not in _NP_DTYPES:
                 raise UsageError(f"table {name!r}: dtype {dtype!r} cannot be attached")
+            # A hashed table's rows hold their key after the values (ekko.core.hashed): the
+            # file is rows x width, the tensor shown its first dim columns.
             rows, dim = int(t["rows"]), int(t["dim"])
-            arr = np.memmap(Path(t["path"]), dtype=_NP_DTYPES[dtype], mode="r", shape=(rows, dim))
+            width = int(t.get("width", dim))
+            arr = np.memmap(Path(t["path"]), dtype=_NP_DTYPES[dtype], mode="r", shape=(rows, width))
             with warnings.catch_warnings():
                 # The mapping is read-only (PROT_READ): torch warns that it cannot enforce that.
                 warnings.simplefilter("ignore", UserWarning)
@@ -73,7 +76,7 @@ class Attached:
             if dtype == "bfloat16":
                 tensor = tensor.view(torch.bfloat16)
             assert tensor.dtype == TORCH_DTYPES[dtype]
-            self._tables[name] = tensor
+            self._tables[name] = tensor[:, :dim] if width != dim else tensor
             self._seq[name] = np.memmap(Path(t["seq_path"]), dtype="<i8", mode="r", shape=(1,))
 
     @property
