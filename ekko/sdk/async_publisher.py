@@ -44,6 +44,12 @@ endpoints); once a replica has answered, refused connections are retried until t
 deadline (a replica restarting).
 A 404 for an unknown model makes the publisher register the model at that
 replica (the catalog may not have reached it yet) and retry.
+
+A hashed table (``TableSpec(keys="int64")``) is published by key: the ids given are
+64-bit keys, which :class:`ekko.sdk.hashed_slots.HashedSlots` turns into slots (evicting
+by the table's policy) when the publish is prepared, and each row carries its key
+(:mod:`ekko.core.hashed`).  ``PublishAck.versions`` stay in the order of the keys given.
+:meth:`AsyncPublisher.register` resumes the assignment from the keys a replica holds.
 """
 
 from __future__ import annotations
@@ -51,17 +57,23 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import msgpack
+import numpy as np
+
 from ekko.core.chain import PendingFrame, PublisherChain
-from ekko.core.codec import COMPRESS_MIN_SAVING, Keyring, MsgType, encode_frame
+from ekko.core.codec import COMPRESS_MIN_SAVING, Keyring, MsgType, array_from_wire, encode_frame
 from ekko.core.errors import EkkoError, RemoteError, UsageError
-from ekko.core.spec import ModelSpec
+from ekko.core.hashed import with_keys
+from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.version import origin_id
 from ekko.sdk.ack import KeyRejected, PublishAck, PublishError, shadowed_of
 from ekko.sdk.endpoints import load_key, parse_endpoints
+from ekko.sdk.hashed_slots import HashedSlots
 from ekko.sdk.prepare import PreparedPublish, prepare_publish
 from ekko.sdk.rollback_watch import WATCH_REQUEST_TIMEOUT_S, RollbackEvent, RollbackWatch, state_file
 from ekko.sdk.state import PublisherState, default_state_dir
@@ -146,6 +158,10 @@ class AsyncPublisher:
             self._state.close()
             raise
         self._specs: dict[str, ModelSpec] = {}
+        # Slot assignment of the hashed tables, per (model, table); prepare() may run on
+        # a caller's thread (Publisher.publish_async), so assignments take a lock.
+        self._slots: dict[tuple[str, str], HashedSlots] = {}
+        self._slots_lock = threading.Lock()
         self._locks: dict[str, asyncio.Lock] = {}
         self._transport = ReplicaTransport(self.endpoints, self.keyring)
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ekko-state")
@@ -195,6 +211,9 @@ class AsyncPublisher:
         data = encode_frame(MsgType.REGISTER_MODEL, {"spec": spec.to_dict()}, self.keyring)
         deadline = asyncio.get_running_loop().time() + self.timeout
         answer, _ = await self._post("/v1/models", data, deadline, what=f"register {spec.name}")
+        for t in spec.tables:
+            if t.hashed and (spec.name, t.name) not in self._slots:
+                self._slots[(spec.name, t.name)] = await self._resume_slots(spec, t, deadline)
         self._specs[spec.name] = spec
         if not self.rollbacks.primed(spec.name):
             # Rollbacks that happened before this publisher first met the model are old news.
@@ -245,11 +264,54 @@ class AsyncPublisher:
         return await self.publish_prepared(self.prepare(model, tables))
 
     def prepare(self, model: str, tables: Mapping[str, Any]) -> PreparedPublish:
-        """Validate and snapshot a publish (no I/O); see :func:`prepare_publish`."""
+        """Validate and snapshot a publish (no I/O); see :func:`prepare_publish`.  A hashed
+        table's keys get their slots here (publishes of a model go out in this order)."""
         spec = self._specs.get(model)
         if spec is None:
             raise UsageError(f"model {model!r} is not registered through this publisher: call register() first")
-        return prepare_publish(spec, tables)
+        p = prepare_publish(spec, tables)
+        hashed = [t for t in p.tables if spec.table(t).hashed]
+        if not hashed:
+            return p
+        out = dict(p.tables)
+        with self._slots_lock:
+            for name in hashed:
+                keys, vals, imp = out[name]
+                t = spec.table(name)
+                out[name] = (self._slots[(model, name)].assign(keys), with_keys(vals, keys, t), imp)
+        return PreparedPublish(p.model, out, p.rows)
+
+    def slots(self, model: str, table: str) -> HashedSlots:
+        """The slot assignment of a hashed table registered through this publisher."""
+        try:
+            return self._slots[(model, table)]
+        except KeyError:
+            raise UsageError(f"{model}/{table} is not a hashed table registered through this publisher") from None
+
+    async def _resume_slots(self, spec: ModelSpec, t: TableSpec, deadline: float) -> HashedSlots:
+        """A hashed table's assignment as a replica holds it (after this model's pending
+        frame, whose rows may hold keys, is acknowledged)."""
+        slots = HashedSlots(t)
+        async with self._lock(spec.name):
+            self._specs.setdefault(spec.name, spec)
+            await self._flush_model(spec.name, deadline)
+        got = await self._transport.get_json(f"/v1/models/{spec.name}/tables/{t.name}/keys",
+                                             max(1.0, deadline - asyncio.get_running_loop().time()), raw=True)
+        if got is None:
+            raise PublishError(f"no replica listed the keys of hashed table {spec.name}/{t.name}: a publisher "
+                               "must resume their slots before it publishes", spec.name, 0, None, pending=False)
+        try:
+            body = msgpack.unpackb(got[0], raw=False)
+            n = int(body["n"])
+            held = array_from_wire(body["slots"], np.int64, n, "slots")
+            keys = array_from_wire(body["keys"], np.int64, n, "keys")
+        except (ValueError, KeyError, TypeError, EkkoError, msgpack.UnpackException) as e:
+            raise PublishError(f"bad key listing of {spec.name}/{t.name} from {got[1]}: {e}", spec.name, 0, None,
+                               pending=False) from None
+        slots.resume(held, keys)
+        if n:
+            log.info("publisher %s resumed %d keys of hashed table %s/%s", self.origin_name, n, spec.name, t.name)
+        return slots
 
     async def publish_prepared(self, p: PreparedPublish) -> PublishAck:
         """Send a :class:`PreparedPublish` (after any frame still pending for its model)."""

@@ -33,6 +33,7 @@ from ekko.core import read_auth
 from ekko.core.codec import Keyring, MsgType, array_from_wire, encode_frame
 from ekko.core.delta import WIRE_DTYPES
 from ekko.core.errors import EkkoError, ProtocolError, RemoteError, UsageError
+from ekko.core.hashed import check_keys
 from ekko.core.spec import SUPPORTED_DTYPES, ModelSpec
 from ekko.core.store import from_wire_values
 from ekko.sdk.ack import KeyRejected
@@ -67,9 +68,12 @@ class RowsRead:
     """Rows read from a replica.
 
     Attributes:
-        ids: the row ids asked for (int64), in order.
+        ids: the row ids asked for (int64), in order; of a hashed table, the slots (-1:
+            the key is not held).
         versions: their packed versions (0 = never written), int64.
         values: ``(n, dim)`` tensor of the table dtype, on the CPU.
+        keys: a hashed table's key of each row (int64), else None.
+        found: a hashed table's rows: whether each key is held (bool), else None.
 
     Example::
 
@@ -80,6 +84,8 @@ class RowsRead:
     ids: np.ndarray
     versions: np.ndarray
     values: torch.Tensor
+    keys: np.ndarray | None = None
+    found: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,8 @@ def _decode_changes(raw: bytes) -> Changes:
         ids = array_from_wire(t.get("ids"), np.int64, n, "ids")
         versions = array_from_wire(t.get("versions"), np.int64, n, "versions")
         values = array_from_wire(t.get("values"), WIRE_DTYPES[dtype], n, "values", dim).reshape(n, dim)
-        tables[name] = RowsRead(ids, versions, from_wire_values(values, dtype, torch.device("cpu")))
+        keys = array_from_wire(t["keys"], np.int64, n, "keys") if t.get("keys") is not None else None
+        tables[name] = RowsRead(ids, versions, from_wire_values(values, dtype, torch.device("cpu")), keys)
     return Changes(tables, body["cursor"], bool(body.get("reset")), bool(body.get("more")))
 
 
@@ -129,7 +136,8 @@ def _endpoint(ep: str) -> str:
     return ep if "://" in ep else "http://" + ep
 
 
-def _ids(ids: Any) -> np.ndarray:
+def _ids(ids: Any, keys: bool = False) -> np.ndarray:
+    """Row ids (>= 0), or with ``keys`` a hashed table's 64-bit keys, as int64."""
     if isinstance(ids, torch.Tensor):
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise UsageError(f"ids must be integers, got {ids.dtype}")
@@ -140,6 +148,8 @@ def _ids(ids: Any) -> np.ndarray:
             raise UsageError(f"ids must be integers, got {arr.dtype}")
     if arr.ndim != 1:
         raise UsageError(f"ids must be 1-D, got shape {tuple(arr.shape)}")
+    if keys:
+        return check_keys(arr)
     if arr.size and int(arr.min()) < 0:
         raise UsageError("row ids must be >= 0")
     return arr.astype(np.int64)
@@ -264,19 +274,31 @@ class Client:
     # -- reads ------------------------------------------------------------------------
     def read(self, model: str, table: str, ids: Any) -> RowsRead:
         """Values and versions of rows, in one pass (several requests for many ids)."""
-        arr = _ids(ids)
+        return self._read(model, table, _ids(ids), "ids")
+
+    def lookup(self, model: str, table: str, keys: Any) -> RowsRead:
+        """Rows of a hashed table by their 64-bit keys (``RowsRead.found`` says which are
+        held; a key not held reads as zeros at version 0).
+
+        Example::
+
+            r = Client("127.0.0.1:7070").lookup("ranker", "ads", [10**15, 42])
+            r.values[r.found]                # the rows of the keys the replica holds
+        """
+        return self._read(model, table, _ids(keys, keys=True), "keys")
+
+    def _read(self, model: str, table: str, arr: np.ndarray, by: str) -> RowsRead:
         base = (f"/v1/models/{urllib.parse.quote(model, safe='')}/tables/"
-                f"{urllib.parse.quote(table, safe='')}/rows?format=msgpack&ids=")
-        vers, vals = [], []
-        dtype = dim = None
+                f"{urllib.parse.quote(table, safe='')}/rows?format=msgpack&{by}=")
+        parts: list[dict[str, Any]] = []
         for lo in range(0, max(1, len(arr)), READ_BATCH_IDS):
             part = arr[lo:lo + READ_BATCH_IDS]
             raw = self._ok("GET", base + ",".join(map(str, part.tolist())))
-            d, dtype, dim = self._decode_rows(raw, part)
-            vers.append(d[0])
-            vals.append(d[1])
-        values = np.concatenate(vals) if len(vals) > 1 else vals[0]
-        return RowsRead(arr, np.concatenate(vers), from_wire_values(values, dtype, torch.device("cpu")))
+            parts.append(self._decode_rows(raw, part, by))
+        cat = lambda k: None if parts[0][k] is None else np.concatenate([p[k] for p in parts])  # noqa: E731
+        return RowsRead(cat("ids"), cat("versions"), from_wire_values(cat("values"), parts[0]["dtype"],
+                                                                         torch.device("cpu")),
+                        cat("keys"), cat("found"))
 
     def read_rows(self, model: str, table: str, ids: Any) -> torch.Tensor:
         """Row values as a CPU tensor of the table dtype (bfloat16 included), ``(n, dim)``."""
@@ -287,7 +309,7 @@ class Client:
         return self.read(model, table, ids).versions
 
     @staticmethod
-    def _decode_rows(raw: bytes, ids: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], str, int]:
+    def _decode_rows(raw: bytes, asked: np.ndarray, by: str = "ids") -> dict[str, Any]:
         try:
             body = msgpack.unpackb(raw, raw=False)
         except Exception as e:  # msgpack raises several types
@@ -295,14 +317,22 @@ class Client:
         if not isinstance(body, dict):
             raise ProtocolError("rows answer must be a map", "bad_body")
         dtype, dim, n = body.get("dtype"), body.get("dim"), body.get("n")
-        if dtype not in SUPPORTED_DTYPES or not isinstance(dim, int) or dim <= 0 or n != len(ids):
+        if dtype not in SUPPORTED_DTYPES or not isinstance(dim, int) or dim <= 0 or n != len(asked):
             raise ProtocolError("rows answer has a bad dtype, dim or count", "bad_body")
-        got = array_from_wire(body.get("ids"), np.int64, n, "ids")
-        if not np.array_equal(got, ids):
-            raise ProtocolError("rows answer is for other ids", "bad_body")
-        versions = array_from_wire(body.get("versions"), np.int64, n, "versions")
-        values = array_from_wire(body.get("values"), WIRE_DTYPES[dtype], n, "values", dim).reshape(n, dim)
-        return (versions, values), dtype, dim
+        out: dict[str, Any] = {"dtype": dtype, "keys": None, "found": None,
+                               "ids": array_from_wire(body.get("ids"), np.int64, n, "ids"),
+                               "versions": array_from_wire(body.get("versions"), np.int64, n, "versions"),
+                               "values": array_from_wire(body.get("values"), WIRE_DTYPES[dtype], n, "values",
+                                                         dim).reshape(n, dim)}
+        if body.get("keys") is not None:
+            out["keys"] = array_from_wire(body["keys"], np.int64, n, "keys")
+            found = body.get("found")
+            if not isinstance(found, bytes) or len(found) != (n + 7) // 8:
+                raise ProtocolError("rows answer of a hashed table needs a found bitmap", "bad_body")
+            out["found"] = np.unpackbits(np.frombuffer(found, np.uint8), count=n).astype(bool)
+        if not np.array_equal(out["keys" if by == "keys" else "ids"], asked):
+            raise ProtocolError(f"rows answer is for other {by}", "bad_body")
+        return out
 
     def spec(self, model: str) -> ModelSpec:
         """The model's spec as the replica holds it (its tables and their layout)."""

@@ -15,6 +15,7 @@ from ekko.core.codec import MAX_FRAME_BYTES
 from ekko.core.config import MAX_PUBLISH_ROWS
 from ekko.core.delta import WIRE_DTYPES
 from ekko.core.errors import UsageError
+from ekko.core.hashed import check_keys
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.store import TORCH_DTYPES, to_wire_values
 
@@ -68,6 +69,12 @@ def _as_ids(ids: Any, t: TableSpec) -> np.ndarray:
             raise UsageError(f"{t.name}: ids must be integers, got {arr.dtype}")
     if arr.ndim != 1:
         raise UsageError(f"{t.name}: ids must be 1-D, got shape {tuple(arr.shape)}")
+    if t.hashed:   # 64-bit keys, any but the two reserved values (their slots come later)
+        out = check_keys(arr, f"{t.name}: keys")
+        out = out.copy() if out is arr else out
+        if out.size > 1 and _has_repeats(out):
+            raise UsageError(f"{t.name}: duplicate keys in one publish")
+        return out
     if arr.size:
         # Check the range before the cast: a uint64 above 2**63 would wrap to negative.
         lo, hi = int(arr.min()), int(arr.max())

@@ -26,6 +26,7 @@ from ekko.core.errors import UsageError
 from ekko.core.spec import ModelSpec
 from ekko.sdk.ack import PublishAck
 from ekko.sdk.async_publisher import DEFAULT_TIMEOUT_S, AsyncPublisher
+from ekko.sdk.hashed_slots import HashedSlots
 from ekko.sdk.rollback_watch import DEFAULT_WATCH_INTERVAL_S, RollbackEvent, RolledBack
 from ekko.sdk.tracking import Tracker, spec_from_module
 from ekko.sdk.trainer_state import cut_with_state, restore_state
@@ -125,6 +126,10 @@ class Publisher:
     def register(self, spec: ModelSpec) -> bool:
         """See :meth:`AsyncPublisher.register`."""
         return self._call(self._core.register(spec))
+
+    def slots(self, model: str, table: str) -> HashedSlots:
+        """A hashed table's slot assignment (see :meth:`AsyncPublisher.slots`)."""
+        return self._core.slots(model, table)
 
     def cut(self, model: str, name: str | None = None, state: Any = None, path: str | Path | None = None,
             extra: Any = None) -> str:

@@ -202,9 +202,11 @@ class ReplicaTransport:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             pass  # the publish retry loop handles an unreachable replica
 
-    async def get_json(self, path: str, timeout: float, endpoint: str | None = None) -> tuple[Any, str] | None:
+    async def get_json(self, path: str, timeout: float, endpoint: str | None = None,
+                       raw: bool = False) -> tuple[Any, str] | None:
         """GET ``path`` from ``endpoint`` (else the endpoints in turn, the current one first);
         (answer, endpoint) or None when none answers 200 within ``timeout`` seconds each.
+        ``raw``: the answer's bytes, not decoded as JSON.
         Signed with the keyring (a keyed replica refuses unsigned reads; a publisher key
         may read its models' rollbacks: :mod:`ekko.core.read_auth`)."""
         session = self.session()
@@ -214,7 +216,7 @@ class ReplicaTransport:
                 async with session.get(ep + path, headers=read_auth.read_headers(self.keyring, ep + path),
                                        timeout=aiohttp.ClientTimeout(total=timeout, connect=CONNECT_TIMEOUT_S)) as r:
                     if r.status == 200:
-                        return await r.json(content_type=None), ep
+                        return (await r.read() if raw else await r.json(content_type=None)), ep
                     log.debug("GET %s%s: HTTP %d", ep, path, r.status)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
                 log.debug("GET %s%s: %s", ep, path, e)
