@@ -31,8 +31,9 @@ import msgpack
 import numpy as np
 from aiohttp import web
 
-from ekko.core.store import to_wire_values
 from ekko.core.errors import UsageError
+from ekko.core.hashed import keys_of, values_of
+from ekko.core.store import to_wire_values
 from ekko.replica.change_log import MAX_ANSWER_ROWS, ChangeLog
 from ekko.replica.node import ReplicaNode
 from ekko.server.frames import RequestRejected
@@ -115,11 +116,14 @@ def _answer(model: str, tables: dict[str, np.ndarray], cursor: str, reset: bool,
         spec = node.table_spec(model, table)
         if spec is None:
             continue
-        wire = to_wire_values(node.read_rows(model, table, ids))
+        rows = to_wire_values(node.read_rows(model, table, ids))
+        wire = values_of(rows, spec)
         versions = node.table_store(model, table).versions[ids]
         out[table] = {"n": len(ids), "dim": spec.dim, "dtype": spec.dtype,
                       "ids": ids.astype("<i8").tobytes(), "versions": versions.astype("<i8").tobytes(),
                       "values": np.ascontiguousarray(wire).astype(wire.dtype.newbyteorder("<"), copy=False).tobytes()}
+        if spec.hashed:   # each changed slot's key (EMPTY_KEY: the slot holds none now)
+            out[table]["keys"] = keys_of(rows, spec).astype("<i8").tobytes()
     body = msgpack.packb({"model": model, "cursor": cursor, "reset": reset, "more": more, "tables": out},
                          use_bin_type=True)
     return web.Response(body=body, content_type="application/msgpack")

@@ -45,6 +45,10 @@ STREAM_ENDPOINT = "/v1/gossip/stream"
 READ_METHODS = ("GET", "HEAD")
 #: the one read a publisher key may sign (a publisher's rollback watch, for its models).
 ROLLBACKS_ENDPOINT = "/v1/models/{model}/rollbacks"
+#: a hashed table's held keys and their slots (a publisher resumes its slot assignment).
+KEYS_ENDPOINT = "/v1/models/{model}/tables/{table}/keys"
+#: what a publisher key may read of the models its grant allows.
+PUBLISHER_READS = (ROLLBACKS_ENDPOINT, KEYS_ENDPOINT)
 _REASON_OF_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
@@ -100,6 +104,7 @@ class HttpApi:
         app.router.add_post("/v1/gossip", ingest.gossip)
         app.router.add_get("/v1/gossip/stream", ingest.gossip_stream)
         app.router.add_get("/v1/models/{model}/tables/{table}/rows", op.rows)
+        app.router.add_get(KEYS_ENDPOINT, op.keys)
         app.router.add_get("/v1/status", op.status)
         app.router.add_post("/v1/cuts", op.take_cut)
         app.router.add_get("/v1/models/{model}/cuts", op.cuts)
@@ -138,9 +143,9 @@ class HttpApi:
                 raise RequestRejected(f"reader key {kid} may not read model {model!r}", "forbidden")
             return
         pub = keyring.grant(kid)
-        if pub is not None and endpoint == ROLLBACKS_ENDPOINT and model is not None:
+        if pub is not None and endpoint in PUBLISHER_READS and model is not None:
             if not pub.allows(model):
-                raise RequestRejected(f"publisher key {kid} may not read the rollbacks of model {model!r}",
+                raise RequestRejected(f"publisher key {kid} may not read {endpoint} of model {model!r}",
                                       "forbidden")
             return
         raise RequestRejected(f"key {kid} is not a reader or peer key: it may not read {endpoint}", "forbidden")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
@@ -20,7 +20,8 @@ from aiohttp import web
 
 from ekko.core.codec import MsgType, field
 from ekko.core.config import NodeConfig
-from ekko.core.errors import ProtocolError
+from ekko.core.errors import ProtocolError, UsageError
+from ekko.core.hashed import check_keys, keys_of, values_of
 from ekko.core.spec import check_name
 from ekko.core.store import to_wire_values
 from ekko.core.version import last_counter_at
@@ -240,7 +241,9 @@ class OperatorHandlers:
 
     # ------------------------------------------------------------------ reads
     async def rows(self, request: web.Request) -> web.Response:
-        """``GET /v1/models/{model}/tables/{table}/rows?ids=...&format=json|msgpack``."""
+        """``GET /v1/models/{model}/tables/{table}/rows?ids=...&format=json|msgpack``; a
+        hashed table's rows also by key: ``?keys=K,K,...`` (an absent key reads as slot -1,
+        version 0, zeros).  A hashed table's answer holds each row's ``keys``."""
         model, table = request.match_info["model"], request.match_info["table"]
         self._known_model(model)
         spec = self.node.table_spec(model, table)
@@ -249,34 +252,73 @@ class OperatorHandlers:
         fmt = request.query.get("format", "json")
         if fmt not in ("json", "msgpack"):
             raise RequestRejected("format must be json or msgpack", "bad_format")
-        raw = request.query.get("ids")
+        by_key = "keys" in request.query
+        if by_key and not spec.hashed:
+            raise RequestRejected(f"table {table!r} is not hashed: read it by ids", "bad_ids")
+        name = "keys" if by_key else "ids"
+        raw = request.query.get(name)
         if raw is None:
-            raise RequestRejected("missing ids=ID,ID,...", "bad_ids")
+            raise RequestRejected("missing ids=ID,ID,... (or keys=KEY,... of a hashed table)", "bad_ids")
         parts = raw.split(",") if raw.strip() else []
         if len(parts) > MAX_READ_IDS:
-            raise RequestRejected(f"{len(parts)} ids exceed MAX_READ_IDS={MAX_READ_IDS}", "too_many_ids")
+            raise RequestRejected(f"{len(parts)} {name} exceed MAX_READ_IDS={MAX_READ_IDS}", "too_many_ids")
         try:
-            ids = np.array([int(p) for p in parts], dtype=np.int64)
+            asked = np.array([int(p) for p in parts], dtype=np.int64)
         except (ValueError, OverflowError):
-            raise RequestRejected("ids must be comma-separated integers", "bad_ids") from None
-        if len(ids) and (ids.min() < 0 or ids.max() >= spec.rows):
-            raise RequestRejected(f"row ids must be within 0..{spec.rows - 1}", "bad_ids")
-        values = self.node.read_rows(model, table, ids)
-        versions = self.node.table_store(model, table).versions[ids]
+            raise RequestRejected(f"{name} must be comma-separated 64-bit integers", "bad_ids") from None
+        store = self.node.table_store(model, table)
+        if by_key:
+            try:
+                ids = store.lookup(check_keys(asked))
+            except UsageError as e:
+                raise RequestRejected(str(e), "bad_ids") from None
+        else:
+            ids = asked
+            if len(ids) and (ids.min() < 0 or ids.max() >= spec.rows):
+                raise RequestRejected(f"row ids must be within 0..{spec.rows - 1}", "bad_ids")
+        found = ids >= 0
+        values = self.node.read_rows(model, table, np.where(found, ids, 0))
+        versions = np.where(found, store.versions[np.maximum(ids, 0)], 0)
+        answer: dict[str, Any] = {"model": model, "table": table, "n": len(ids), "dim": spec.dim, "dtype": spec.dtype}
+        if spec.hashed:
+            keys = keys_of(values, spec)
+            values = values_of(values, spec)
+            if not found.all():
+                keys[~found] = asked[~found]
+                values = values.clone()
+                values[torch.from_numpy(~found).to(values.device)] = 0
+            answer["found"] = found.tolist() if fmt == "json" else np.packbits(found).tobytes()
         if fmt == "msgpack":
             wire = to_wire_values(values)
-            body = msgpack.packb({"model": model, "table": table, "n": len(ids), "dim": spec.dim,
-                                  "dtype": spec.dtype, "ids": ids.astype("<i8").tobytes(),
-                                  "versions": versions.astype("<i8").tobytes(),
-                                  "values": np.ascontiguousarray(wire).astype(
-                                      wire.dtype.newbyteorder("<"), copy=False).tobytes()},
-                                 use_bin_type=True)
-            return web.Response(body=body, content_type="application/msgpack")
+            answer.update(ids=ids.astype("<i8").tobytes(), versions=versions.astype("<i8").tobytes(),
+                          values=np.ascontiguousarray(wire).astype(wire.dtype.newbyteorder("<"), copy=False).tobytes())
+            if spec.hashed:
+                answer["keys"] = keys.astype("<i8").tobytes()
+            return web.Response(body=msgpack.packb(answer, use_bin_type=True), content_type="application/msgpack")
         vals = values.detach().to("cpu")
         if vals.dtype != torch.float64:
             vals = vals.float()  # float16/bfloat16 widen exactly; JSON numbers are doubles anyway
-        return web.json_response({"model": model, "table": table, "ids": ids.tolist(), "dim": spec.dim,
-                                  "dtype": spec.dtype, "versions": versions.tolist(), "values": vals.tolist()})
+        answer.update(ids=ids.tolist(), versions=versions.tolist(), values=vals.tolist())
+        if spec.hashed:
+            answer["keys"] = keys.tolist()
+        return web.json_response(answer)
+
+    async def keys(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{model}/tables/{table}/keys``: a hashed table's held keys and
+        their slots (msgpack ``{"n", "slots", "keys"}``, little-endian int64): what a
+        publisher that starts again resumes its slot assignment from."""
+        model, table = request.match_info["model"], request.match_info["table"]
+        self._known_model(model)
+        spec = self.node.table_spec(model, table)
+        if spec is None or not spec.hashed:
+            raise RequestRejected(f"model {model!r} has no hashed table {table!r}", "unknown_table")
+        try:
+            slots, keys = self.node.table_store(model, table).held_keys()
+        except UsageError as e:
+            raise RequestRejected(str(e), "no_values") from None
+        body = {"model": model, "table": table, "n": len(slots), "slots": slots.astype("<i8").tobytes(),
+                "keys": keys.astype("<i8").tobytes()}
+        return web.Response(body=msgpack.packb(body, use_bin_type=True), content_type="application/msgpack")
 
     async def status(self, request: web.Request) -> web.Response:
         """``GET /v1/status[?cluster=1]``: the node's status, durability, and the member list."""
