@@ -291,12 +291,36 @@ class AsyncPublisher:
     async def _resume_slots(self, spec: ModelSpec, t: TableSpec, deadline: float) -> HashedSlots:
         """A hashed table's assignment as a replica holds it (after this model's pending
         frame, whose rows may hold keys, is acknowledged)."""
-        slots = HashedSlots(t)
         async with self._lock(spec.name):
             self._specs.setdefault(spec.name, spec)
             await self._flush_model(spec.name, deadline)
+        return await self._fetch_slots(spec, t, deadline)
+
+    async def _resync_slots(self, model: str, endpoint: str | None) -> None:
+        """After a rollback of ``model``: its hashed tables' slots hold the cut's keys again,
+        so the assignment is read afresh (else this publisher would think the keys it
+        published since the cut still hold their slots, and evict by a stale ranking)."""
+        spec = self._specs.get(model)
+        if spec is None:
+            return
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        for t in spec.tables:
+            if t.hashed:
+                try:
+                    fresh = await self._fetch_slots(spec, t, deadline, endpoint)
+                except PublishError as e:   # the publish that told us stands; keep the old view
+                    log.warning("after a rollback of %s: %s; the slots of %s stay as this publisher "
+                                "assigned them", model, e, t.name)
+                    continue
+                with self._slots_lock:
+                    self._slots[(model, t.name)] = fresh
+
+    async def _fetch_slots(self, spec: ModelSpec, t: TableSpec, deadline: float,
+                           endpoint: str | None = None) -> HashedSlots:
+        slots = HashedSlots(t)
         got = await self._transport.get_json(f"/v1/models/{spec.name}/tables/{t.name}/keys",
-                                             max(1.0, deadline - asyncio.get_running_loop().time()), raw=True)
+                                             max(1.0, deadline - asyncio.get_running_loop().time()), endpoint,
+                                             raw=True)
         if got is None:
             raise PublishError(f"no replica listed the keys of hashed table {spec.name}/{t.name}: a publisher "
                                "must resume their slots before it publishes", spec.name, 0, None, pending=False)
@@ -359,7 +383,10 @@ class AsyncPublisher:
         if not self.rollbacks.primed(model):
             self.rollbacks.prime(model, [e.key for e in events])
             return []
-        return [e for e in events if self.rollbacks.add(e)]
+        new = [e for e in events if self.rollbacks.add(e)]
+        if new:
+            await self._resync_slots(model, view[1])
+        return new
 
     # -- internals ------------------------------------------------------------------------
     async def _note_rollbacks(self, model: str, answer: dict[str, Any], endpoint: str) -> None:
@@ -384,6 +411,7 @@ class AsyncPublisher:
             key = f"{rid}@{cut}"
             if key in new:
                 self.rollbacks.add(detailed.get(key) or RollbackEvent(model, cut, rid, None, 0, endpoint))
+        await self._resync_slots(model, endpoint)
 
     async def _get_json(self, path: str, endpoint: str | None = None) -> tuple[Any, str] | None:
         """GET ``path`` from ``endpoint`` (else the endpoints in turn); (answer, endpoint) or None."""

@@ -13,7 +13,11 @@ write.  ``eviction="none"`` refuses such a publish instead, changing nothing.
 One publisher assigns a table's slots (the trainer that owns it); two assigning the
 same table would overwrite each other's keys.  A publisher that starts again resumes
 from the keys a replica holds (``GET .../keys``, :meth:`HashedSlots.resume`); keys
-whose rows had not reached that replica may then be overwritten, as if evicted.
+whose rows had not reached that replica may then be overwritten, as if evicted.  After
+a rollback the slots hold the cut's keys again: the publisher reads them afresh when it
+learns of the rollback (a poll, its watch, or an acknowledgement).  A publish prepared
+before that is assigned from the old view; its rows still land where it says, so the
+keys it evicts are gone, like any eviction.
 
 Example:
     >>> import numpy as np
