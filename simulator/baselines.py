@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ekko.core.hashed_slots import HashedSlots
 from simulator.events import Simulation
 from simulator.measure import LatencyRecorder
 from simulator.network import WanNetwork
@@ -61,10 +62,15 @@ def run_baseline(sc: Scenario, system: str, progress: Progress | None = None) ->
         counter[0] += n
         return v
 
+    # A hashed table's feature keys take slots as in the ekko runs (the same assignment).
+    slots = {t.name: HashedSlots(t) for t in sc.model.tables if t.hashed}
+
     def on_batch(batch: UpdateBatch) -> None:
         if not len(batch.ids):
             return
         t = sc.model.table(batch.table)
+        if t.hashed:
+            batch = batch._replace(ids=slots[t.name].assign(batch.ids))
         versions = batch_versions(batch)
         first = len(rec.emitted)
         rec.track(batch.table, batch.ids, versions, sim.now, sc.samples_per_batch, sample_rng)

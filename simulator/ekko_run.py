@@ -15,6 +15,8 @@ import numpy as np
 
 from ekko.core.chain import PublisherChain
 from ekko.core.delta import WIRE_DTYPES
+from ekko.core.hashed import values_of, with_keys
+from ekko.core.hashed_slots import HashedSlots
 from ekko.core.version import HLC_EPOCH_MS
 from simulator.cpu import CpuModel
 from simulator.events import Simulation
@@ -47,7 +49,7 @@ def _batch_values(sc: Scenario, batch: UpdateBatch, rng: np.random.Generator, tr
     if truth.values is None:
         return None
     t = sc.model.table(batch.table)
-    old = truth.values[batch.table][batch.ids].astype(np.float64)
+    old = values_of(truth.values[batch.table][batch.ids], t).astype(np.float64)
     step = rng.standard_normal((len(batch.ids), t.dim))
     step *= (batch.impact / np.linalg.norm(step, axis=1))[:, None]
     return (old + step).astype(WIRE_DTYPES[t.dtype])
@@ -141,12 +143,22 @@ def build_ekko_family(sc: Scenario, system: str, queue_factory=None,
     if prio is not None and high_cut is not None:
         prio.observers.append(lambda model, table, rows: decided.append(rows))
     agreement = ClassAgreement(sc) if prio is not None and high_cut is not None else None
+    # A hashed table's batches name feature keys; the publisher assigns their slots (and
+    # evicts) as the SDK does, and the rows carry the keys.
+    slots = {t.name: HashedSlots(t) for t in sc.model.tables if t.hashed}
 
     def on_batch(batch: UpdateBatch) -> None:
         if not len(batch.ids):
             return
         t = sc.model.table(batch.table)
+        keys = None
+        if t.hashed:
+            keys = batch.ids
+            batch = batch._replace(ids=slots[t.name].assign(keys))
+            truth.keys_evicted = sum(s.evicted for s in slots.values())
         values = _batch_values(sc, batch, rng, truth)
+        if keys is not None and values is not None:
+            values = with_keys(values, keys, t)
         frame = chain.frame(sc.model, {batch.table: (batch.ids, values)}, now_ms=HLC_EPOCH_MS + sim.now * 1000,
                             impact={batch.table: batch.impact})
         versions = chain.versions_of(frame)[batch.table]
@@ -239,6 +251,7 @@ def collect_results(sc: Scenario, rec: LatencyRecorder, truth: Truth, *, wan_byt
         "wan_bytes_min": int(truth.bytes_published * (len(sc.wan.dc_names) - 1)),
         "bytes_by_message": dict(sorted(bytes_by_type.items())),
         "rows_published": truth.rows_published,
+        "keys_evicted": truth.keys_evicted,
         "converged": converged_at is not None,
         "converged_at_s": converged_at,
         "events": events,

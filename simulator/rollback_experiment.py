@@ -114,6 +114,8 @@ def _pct(xs: list[float]) -> dict[str, float | int | None]:
 
 def run_rollback(sc: Scenario, progress: Progress | None = None) -> dict[str, Any]:
     """Run the scenario; returns the ``results.json`` structure."""
+    if any(t.hashed for t in sc.model.tables):
+        raise UsageError("rollback scenarios model dense-id tables only (their truth is kept per row id)")
     p = RollbackParams.from_dict(dict(sc.raw.get("rollback", {})))
     sim = Simulation(sc.seed)
     net = WanNetwork(sim, sc.wan)

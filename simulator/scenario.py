@@ -64,6 +64,8 @@ ALL_SYSTEMS = ("ekko", "ekko-no-gateways", "ekko-full-scan", "random-gossip", "d
 #: above this many replicas "auto" mode keeps versions only (no tensors).
 AUTO_METADATA_REPLICAS = 200
 MODEL_NAME = "model"
+#: most distinct feature keys a hashed table's workload draws from.
+MAX_KEY_SPACE = 1 << 40
 
 
 @dataclass
@@ -105,6 +107,19 @@ class Scenario:
         return self.mode == "full"
 
 
+def _feature_rows(t: TableSpec, s: dict[str, Any]) -> int:
+    """The ids a sparse workload draws from: a dense table's rows, or a hashed table's
+    feature keys ``0..key_space-1``."""
+    if not t.hashed:
+        if "key_space" in s:
+            raise UsageError(f"workload of table {t.name!r}: key_space is for hashed tables")
+        return t.rows
+    space = s.get("key_space", 4 * t.rows)
+    if not isinstance(space, int) or isinstance(space, bool) or not 1 <= space <= MAX_KEY_SPACE:
+        raise UsageError(f"workload of table {t.name!r}: key_space must be an integer in [1, {MAX_KEY_SPACE}]")
+    return space
+
+
 def _pair_key(k: str, dcs: list[str]) -> tuple[str, str]:
     for a in dcs:
         if k.startswith(a + "-") and k[len(a) + 1:] in dcs:
@@ -131,11 +146,18 @@ def parse_scenario(d: dict[str, Any], name: str = "custom") -> Scenario:
     if training_dc not in dcs:
         raise UsageError(f"training_dc {training_dc!r} not in dcs")
     node = config_from_dict(dict(d.get("node", {"preset": "wan"})))
-    tables = [TableSpec(t["name"], rows=int(t["rows"]), dim=int(t["dim"]), dtype=t.get("dtype", "float32"),
-                        shards=t.get("shards"), dense=bool(t.get("dense", False))) for t in d.get("table", [])]
+    tables = [TableSpec(t["name"], rows=int(t.get("rows", 0)), dim=int(t["dim"]), dtype=t.get("dtype", "float32"),
+                        shards=t.get("shards"), dense=bool(t.get("dense", False)), keys=t.get("keys", "dense"),
+                        capacity=t.get("capacity"), eviction=t.get("eviction", "none"))
+              for t in d.get("table", [])]
     if not tables:
         raise UsageError("a scenario needs at least one [[table]]")
     model = ModelSpec(MODEL_NAME, tables)
+    if "scheduler" in d and any(t.hashed for t in tables):
+        # The hindsight measures (staleness, class agreement) weigh rows by their feature's
+        # popularity; a hashed table's slots change features as keys are evicted.
+        raise UsageError("a [scheduler] scenario with hashed tables is not modelled: its staleness and "
+                         "class agreement weigh rows by feature, and a hashed table's slots change features")
     cold_rows: dict[str, int] = {}
     for t in d.get("table", []):
         cold = t.get("cold_rows", 0)
@@ -146,7 +168,9 @@ def parse_scenario(d: dict[str, Any], name: str = "custom") -> Scenario:
             cold_rows[t["name"]] = cold
     cpu = CpuCosts.from_dict(d["cpu"]) if "cpu" in d else None
     wl = d.get("workload", {})
-    sparse = [SparseTable(MODEL_NAME, s["table"], rows=model.table(s["table"]).rows,
+    # A hashed table's workload draws feature keys 0..key_space-1 (default: 4x its capacity),
+    # which the simulated publisher assigns slots (simulator.ekko_run).
+    sparse = [SparseTable(MODEL_NAME, s["table"], rows=_feature_rows(model.table(s["table"]), s),
                           rows_per_s=float(s["rows_per_s"]), zipf_s=float(s.get("zipf_s", 1.05)),
                           initial_rows=s.get("initial_rows"), new_row_fraction=float(s.get("new_row_fraction", 0.0)),
                           impact_sigma=float(s.get("impact_sigma", 1.0))) for s in wl.get("sparse", [])]

@@ -32,10 +32,13 @@ class Truth:
 
     def __init__(self, sc: Scenario, with_values: bool) -> None:
         self.versions = {t.name: np.zeros(t.rows, np.int64) for t in sc.model.tables}
-        self.values = ({t.name: np.zeros((t.rows, t.dim), WIRE_DTYPES[t.dtype]) for t in sc.model.tables}
+        # Stored rows: a hashed table's carry their key after the values (ekko.core.hashed).
+        self.values = ({t.name: np.zeros((t.rows, t.width), WIRE_DTYPES[t.dtype]) for t in sc.model.tables}
                        if with_values else None)
         self.rows_published = 0
         self.bytes_published = 0
+        #: keys a hashed table's publisher evicted (their slots given to other keys).
+        self.keys_evicted = 0
 
     def note(self, table: str, ids: np.ndarray, versions: np.ndarray, values: np.ndarray | None, row_bytes: int):
         self.versions[table][ids] = versions
@@ -54,6 +57,9 @@ def converged(sc: Scenario, cluster: SimCluster, truth: Truth) -> bool:
             if not np.array_equal(ts.versions, truth.versions[t.name]):
                 return False
             if truth.values is not None and ts.values is not None:
-                if not np.array_equal(ts.values.numpy().view(truth.values[t.name].dtype), truth.values[t.name]):
+                want = truth.values[t.name]
+                # Bit for bit (a hashed table's key bytes may read as NaN floats).
+                bits = np.dtype(f"u{want.dtype.itemsize}")
+                if not np.array_equal(ts.values.numpy().view(want.dtype).view(bits), want.view(bits)):
                     return False
     return True

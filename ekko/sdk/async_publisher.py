@@ -46,7 +46,7 @@ A 404 for an unknown model makes the publisher register the model at that
 replica (the catalog may not have reached it yet) and retry.
 
 A hashed table (``TableSpec(keys="int64")``) is published by key: the ids given are
-64-bit keys, which :class:`ekko.sdk.hashed_slots.HashedSlots` turns into slots (evicting
+64-bit keys, which :class:`ekko.core.hashed_slots.HashedSlots` turns into slots (evicting
 by the table's policy) when the publish is prepared, and each row carries its key
 (:mod:`ekko.core.hashed`).  ``PublishAck.versions`` stay in the order of the keys given.
 :meth:`AsyncPublisher.register` resumes the assignment from the keys a replica holds.
@@ -69,11 +69,11 @@ from ekko.core.chain import PendingFrame, PublisherChain
 from ekko.core.codec import COMPRESS_MIN_SAVING, Keyring, MsgType, array_from_wire, encode_frame
 from ekko.core.errors import EkkoError, RemoteError, UsageError
 from ekko.core.hashed import with_keys
+from ekko.core.hashed_slots import HashedSlots
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.version import origin_id
 from ekko.sdk.ack import KeyRejected, PublishAck, PublishError, shadowed_of
 from ekko.sdk.endpoints import load_key, parse_endpoints
-from ekko.sdk.hashed_slots import HashedSlots
 from ekko.sdk.prepare import PreparedPublish, prepare_publish
 from ekko.sdk.rollback_watch import WATCH_REQUEST_TIMEOUT_S, RollbackEvent, RollbackWatch, state_file
 from ekko.sdk.state import PublisherState, default_state_dir

@@ -23,10 +23,10 @@ import torch
 
 from ekko.core.codec import Keyring
 from ekko.core.errors import UsageError
+from ekko.core.hashed_slots import HashedSlots
 from ekko.core.spec import ModelSpec
 from ekko.sdk.ack import PublishAck
 from ekko.sdk.async_publisher import DEFAULT_TIMEOUT_S, AsyncPublisher
-from ekko.sdk.hashed_slots import HashedSlots
 from ekko.sdk.rollback_watch import DEFAULT_WATCH_INTERVAL_S, RollbackEvent, RolledBack
 from ekko.sdk.tracking import Tracker, spec_from_module
 from ekko.sdk.trainer_state import cut_with_state, restore_state

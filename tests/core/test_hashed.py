@@ -13,7 +13,7 @@ from ekko.core.hashed import check_keys, keys_of, values_of, with_keys
 from ekko.core.key_index import DELETED_KEY, EMPTY_KEY, KeyIndex, KeyMap
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.store import TableStore
-from ekko.sdk.hashed_slots import HashedSlots
+from ekko.core.hashed_slots import HashedSlots
 
 
 def test_a_hashed_spec_has_capacity_rows_key_columns_and_round_trips():

@@ -14,7 +14,7 @@ from ekko.core.hashed import keys_of, values_of
 from ekko.core.key_index import EMPTY_KEY
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS
-from ekko.sdk.hashed_slots import HashedSlots
+from ekko.core.hashed_slots import HashedSlots
 
 CAPACITY = 512
 SPEC = ModelSpec("ranker", [TableSpec("ads", dim=4, keys="int64", capacity=CAPACITY, shards=4, eviction="lru")])
