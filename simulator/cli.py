@@ -59,7 +59,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sim", help="discrete-event WAN simulator (runs the real protocol)")
     ss = p.add_subparsers(dest="sim_command", required=True)
     r = ss.add_parser("run", help="run a scenario: every system on the same WAN and workload")
-    r.add_argument("scenario", help="shipped scenario name (paper, congestion, rollback, faults) or a .toml file")
+    r.add_argument("scenario", help="shipped scenario name (paper, congestion, rollback, faults, hashed) or a .toml file")
     r.add_argument("--replicas", type=int, help="override the scenario's replica count")
     r.add_argument("--seed", type=int, help="override the scenario's seed")
     r.add_argument("--duration", type=float, help="override the workload length (simulated seconds)")
