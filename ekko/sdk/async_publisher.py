@@ -47,9 +47,12 @@ replica (the catalog may not have reached it yet) and retry.
 
 A hashed table (``TableSpec(keys="int64")``) is published by key: the ids given are
 64-bit keys, which :class:`ekko.core.hashed_slots.HashedSlots` turns into slots (evicting
-by the table's policy) when the publish is prepared, and each row carries its key
-(:mod:`ekko.core.hashed`).  ``PublishAck.versions`` stay in the order of the keys given.
-:meth:`AsyncPublisher.register` resumes the assignment from the keys a replica holds.
+by the table's policy) just before the frame is versioned, in send order, and each row
+carries its key (:mod:`ekko.core.hashed`).  ``PublishAck.versions`` stay in the order of
+the keys given.  The first publish to a hashed table resumes the assignment from the
+keys a replica holds; a module that assigns its own slots
+(:class:`ekko.sdk.hashed_embedding.HashedEmbedding`) passes them as
+:class:`~ekko.sdk.prepare.SlotKeys` instead.
 """
 
 from __future__ import annotations
@@ -57,7 +60,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -158,10 +160,9 @@ class AsyncPublisher:
             self._state.close()
             raise
         self._specs: dict[str, ModelSpec] = {}
-        # Slot assignment of the hashed tables, per (model, table); prepare() may run on
-        # a caller's thread (Publisher.publish_async), so assignments take a lock.
+        # Slot assignment of the hashed tables published by key, per (model, table): made
+        # on the I/O loop, under the model's lock, in send order.
         self._slots: dict[tuple[str, str], HashedSlots] = {}
-        self._slots_lock = threading.Lock()
         self._locks: dict[str, asyncio.Lock] = {}
         self._transport = ReplicaTransport(self.endpoints, self.keyring)
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ekko-state")
@@ -211,9 +212,6 @@ class AsyncPublisher:
         data = encode_frame(MsgType.REGISTER_MODEL, {"spec": spec.to_dict()}, self.keyring)
         deadline = asyncio.get_running_loop().time() + self.timeout
         answer, _ = await self._post("/v1/models", data, deadline, what=f"register {spec.name}")
-        for t in spec.tables:
-            if t.hashed and (spec.name, t.name) not in self._slots:
-                self._slots[(spec.name, t.name)] = await self._resume_slots(spec, t, deadline)
         self._specs[spec.name] = spec
         if not self.rollbacks.primed(spec.name):
             # Rollbacks that happened before this publisher first met the model are old news.
@@ -264,37 +262,36 @@ class AsyncPublisher:
         return await self.publish_prepared(self.prepare(model, tables))
 
     def prepare(self, model: str, tables: Mapping[str, Any]) -> PreparedPublish:
-        """Validate and snapshot a publish (no I/O); see :func:`prepare_publish`.  A hashed
-        table's keys get their slots here (publishes of a model go out in this order)."""
+        """Validate and snapshot a publish (no I/O); see :func:`prepare_publish`."""
         spec = self._specs.get(model)
         if spec is None:
             raise UsageError(f"model {model!r} is not registered through this publisher: call register() first")
-        p = prepare_publish(spec, tables)
-        hashed = [t for t in p.tables if spec.table(t).hashed]
-        if not hashed:
-            return p
-        out = dict(p.tables)
-        with self._slots_lock:
-            for name in hashed:
-                keys, vals, imp = out[name]
-                t = spec.table(name)
-                out[name] = (self._slots[(model, name)].assign(keys), with_keys(vals, keys, t), imp)
-        return PreparedPublish(p.model, out, p.rows)
+        return prepare_publish(spec, tables)
 
     def slots(self, model: str, table: str) -> HashedSlots:
-        """The slot assignment of a hashed table registered through this publisher."""
+        """The slot assignment of a hashed table this publisher has published by key."""
         try:
             return self._slots[(model, table)]
         except KeyError:
-            raise UsageError(f"{model}/{table} is not a hashed table registered through this publisher") from None
+            raise UsageError(f"{model}/{table}: no slots assigned by this publisher (not a hashed table "
+                             "published by key through it)") from None
 
-    async def _resume_slots(self, spec: ModelSpec, t: TableSpec, deadline: float) -> HashedSlots:
-        """A hashed table's assignment as a replica holds it (after this model's pending
-        frame, whose rows may hold keys, is acknowledged)."""
-        async with self._lock(spec.name):
-            self._specs.setdefault(spec.name, spec)
-            await self._flush_model(spec.name, deadline)
-        return await self._fetch_slots(spec, t, deadline)
+    async def _assign_slots(self, spec: ModelSpec, p: PreparedPublish, deadline: float) -> PreparedPublish:
+        """The prepared publish with its hashed tables' keys turned into slots and each row
+        carrying its key; a table's first assignment resumes from a replica's keys.  Runs
+        under the model's lock after its pending frame is acknowledged (so the keys that
+        frame wrote are in the listing)."""
+        if not p.by_key:
+            return p
+        out = dict(p.tables)
+        for name in sorted(p.by_key):
+            t = spec.table(name)
+            slots = self._slots.get((spec.name, name))
+            if slots is None:
+                slots = self._slots[(spec.name, name)] = await self._fetch_slots(spec, t, deadline)
+            keys, vals, imp = out[name]
+            out[name] = (slots.assign(keys), with_keys(vals, keys, t), imp)
+        return PreparedPublish(p.model, out, p.rows)
 
     async def _resync_slots(self, model: str, endpoint: str | None) -> None:
         """After a rollback of ``model``: its hashed tables' slots hold the cut's keys again,
@@ -305,15 +302,14 @@ class AsyncPublisher:
             return
         deadline = asyncio.get_running_loop().time() + self.timeout
         for t in spec.tables:
-            if t.hashed:
+            if (model, t.name) in self._slots:
                 try:
                     fresh = await self._fetch_slots(spec, t, deadline, endpoint)
                 except PublishError as e:   # the publish that told us stands; keep the old view
                     log.warning("after a rollback of %s: %s; the slots of %s stay as this publisher "
                                 "assigned them", model, e, t.name)
                     continue
-                with self._slots_lock:
-                    self._slots[(model, t.name)] = fresh
+                self._slots[(model, t.name)] = fresh
 
     async def _fetch_slots(self, spec: ModelSpec, t: TableSpec, deadline: float,
                            endpoint: str | None = None) -> HashedSlots:
@@ -350,6 +346,7 @@ class AsyncPublisher:
                 raise PublishError(f"{e} -- this publish was not sent: an earlier frame of model "
                                    f"{p.model!r} must be acknowledged first", p.model, e.attempts, e.status,
                                    pending=False) from e
+            p = await self._assign_slots(spec, p, deadline)
             values = {t: (ids, vals) for t, (ids, vals, _) in p.tables.items()}
             impact = {t: imp for t, (_, _, imp) in p.tables.items() if imp is not None}
             frame = self.chain.frame(spec, values, now_ms=time.time() * 1000.0, impact=impact or None)

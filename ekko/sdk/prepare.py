@@ -15,7 +15,7 @@ from ekko.core.codec import MAX_FRAME_BYTES
 from ekko.core.config import MAX_PUBLISH_ROWS
 from ekko.core.delta import WIRE_DTYPES
 from ekko.core.errors import UsageError
-from ekko.core.hashed import check_keys
+from ekko.core.hashed import check_keys, with_keys
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.store import TORCH_DTYPES, to_wire_values
 
@@ -43,6 +43,26 @@ class PreparedPublish:
     model: str
     tables: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]
     rows: int
+    #: hashed tables whose ids are still keys (their slots are assigned when sent); the
+    #: others' ids are rows or slots, and a hashed table's values carry their keys.
+    by_key: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class SlotKeys:
+    """Rows of a hashed table named by slot, with the key each slot holds: for a module that
+    assigns its own slots (:class:`ekko.sdk.hashed_embedding.HashedEmbedding`), in place of
+    keys whose slots the publisher would assign.
+
+    Example:
+        >>> t = TableSpec("h", dim=2, keys="int64", capacity=8, shards=1)
+        >>> p = prepare_publish(ModelSpec("m", [t]), {"h": (SlotKeys([5], [10**15]), [[1.0, 2.0]])})
+        >>> p.tables["h"][0].tolist(), p.tables["h"][1].shape, p.by_key
+        ([5], (1, 4), frozenset())
+    """
+
+    slots: Any
+    keys: Any
 
 
 # ---------------------------------------------------------------------------- validation
@@ -56,7 +76,9 @@ def _table_items(tables: Mapping[str, Any]) -> Iterable[tuple[str, Any, Any, Any
         yield name, item[0], item[1], item[2] if len(item) == 3 else None
 
 
-def _as_ids(ids: Any, t: TableSpec) -> np.ndarray:
+def _as_ids(ids: Any, t: TableSpec, slots: bool = False) -> np.ndarray:
+    """Row ids (a hashed table's: 64-bit keys, or with ``slots`` its slots) as an owned
+    int64 array: checked for range and repeats."""
     if isinstance(ids, torch.Tensor):
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise UsageError(f"{t.name}: ids must be integers, got a {ids.dtype} tensor")
@@ -69,7 +91,7 @@ def _as_ids(ids: Any, t: TableSpec) -> np.ndarray:
             raise UsageError(f"{t.name}: ids must be integers, got {arr.dtype}")
     if arr.ndim != 1:
         raise UsageError(f"{t.name}: ids must be 1-D, got shape {tuple(arr.shape)}")
-    if t.hashed:   # 64-bit keys, any but the two reserved values (their slots come later)
+    if t.hashed and not slots:   # 64-bit keys, any but the two reserved values (their slots come later)
         out = check_keys(arr, f"{t.name}: keys")
         out = out.copy() if out is arr else out
         if out.size > 1 and _has_repeats(out):
@@ -164,15 +186,30 @@ def prepare_publish(spec: ModelSpec, tables: Mapping[str, Any]) -> PreparedPubli
     out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
     total = 0
     nbytes = 0
+    by_key = set()
     for name, ids, values, impact in _table_items(tables):
         if not spec.has_table(name):
             raise UsageError(f"model {spec.name} has no table {name!r}")
         t = spec.table(name)
-        ids_a = _as_ids(ids, t)
+        keys = None
+        if isinstance(ids, SlotKeys):
+            if not t.hashed:
+                raise UsageError(f"{name}: SlotKeys are for hashed tables")
+            keys = check_keys(np.asarray(ids.keys), f"{name}: keys")
+            ids = ids.slots
+            ids_a = _as_ids(ids, t, slots=True)
+            if len(keys) != len(ids_a):
+                raise UsageError(f"{name}: {len(ids_a)} slots but {len(keys)} keys")
+        else:
+            ids_a = _as_ids(ids, t)
         vals = _as_values(values, t, len(ids_a))
         imp = _as_impact(impact, t, len(ids_a))
         if len(ids_a) == 0:
             continue
+        if keys is not None:
+            vals = with_keys(vals, keys, t)
+        elif t.hashed:
+            by_key.add(name)
         out[name] = (ids_a, vals, imp)
         total += len(ids_a)
         nbytes += len(ids_a) * (t.row_bytes + ROW_OVERHEAD_BYTES)
@@ -184,4 +221,4 @@ def prepare_publish(spec: ModelSpec, tables: Mapping[str, Any]) -> PreparedPubli
     if nbytes > MAX_PUBLISH_FRAME_BYTES:
         raise UsageError(f"publish of about {nbytes} bytes exceeds MAX_PUBLISH_FRAME_BYTES="
                          f"{MAX_PUBLISH_FRAME_BYTES}; publish in smaller batches")
-    return PreparedPublish(spec.name, out, total)
+    return PreparedPublish(spec.name, out, total, frozenset(by_key))

@@ -63,14 +63,15 @@ def test_keys_past_capacity_converge_read_back_by_key_everywhere_and_resume_afte
         assert _reads_back(d.address, held, want, evicted[:2000])
         # A publisher that starts again resumes the slots the replicas hold: publishing a
         # held key again writes its slot, and new keys evict the least recent, not at random.
+        again = held[:100]
+        with Client(a.address) as c:
+            before = c.lookup("m", "ads", again).ids
         with Publisher([a.address], origin="t", state_dir=state) as pub:
             pub.register(SPEC)
-            slots = pub.slots("m", "ads")
-            assert len(slots.index) == len(held)
-            again = held[:100]
-            before = slots.index.lookup(again)
             vals = rng.standard_normal((100, 8)).astype(np.float32)
-            pub.publish("m", "ads", again, vals)
+            pub.publish("m", "ads", again, vals)      # its first publish resumes the replicas' slots
+            slots = pub.slots("m", "ads")
+            assert len(slots.index) == len(held) and slots.evicted == 0
             assert np.array_equal(slots.index.lookup(again), before)
             truth.update(zip(again.tolist(), vals))
         want = np.stack([truth[k] for k in held.tolist()])
