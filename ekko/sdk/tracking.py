@@ -3,7 +3,9 @@
 A model's tables (see :func:`spec_from_module`): every ``nn.Embedding`` and
 ``nn.EmbeddingBag`` weight is an embedding table (one row per embedding), and so is
 every table of a TorchRec ``EmbeddingBagCollection`` / ``EmbeddingCollection``
-(named after its config; :mod:`ekko.sdk.torchrec_tables`); every other parameter
+(named after its config; :mod:`ekko.sdk.torchrec_tables`); a
+:class:`~ekko.sdk.hashed_embedding.HashedEmbedding` is a hashed table (64-bit feature
+ids; its rows go out by slot with their keys); every other parameter
 is a dense table, flattened and cut into rows of :data:`DENSE_CHUNK` elements (the
 last row zero-padded).
 
@@ -66,8 +68,10 @@ from torch import nn
 from ekko.core.config import MAX_PUBLISH_ROWS
 from ekko.core.errors import UsageError
 from ekko.core.spec import ModelSpec, TableSpec
+from ekko.core.key_index import EMPTY_KEY
 from ekko.sdk.ack import PublishAck, PublishError
-from ekko.sdk.prepare import ROW_OVERHEAD_BYTES, PreparedPublish
+from ekko.sdk.hashed_embedding import HashedEmbedding
+from ekko.sdk.prepare import ROW_OVERHEAD_BYTES, PreparedPublish, SlotKeys
 from ekko.sdk.torchrec_tables import torchrec_tables
 from ekko.sdk.trainer_state import TrainerCut, load_checkpoint, resolve_cut, restore_module, save_and_cut
 
@@ -119,9 +123,15 @@ class TableLayout:
     dtype: str
     #: the parameter's shape (recorded in the spec of a dense table).
     shape: tuple[int, ...] = ()
+    #: a hashed table's spec (a :class:`HashedEmbedding`'s: keys, shards, eviction), else None.
+    hashed: TableSpec | None = None
 
     def table_spec(self) -> TableSpec:
         """The table, with its layout (the parameter's name; a dense one's shape)."""
+        if self.hashed is not None:
+            h = self.hashed
+            return TableSpec(self.name, dim=self.dim, dtype=self.dtype, shards=h.shards, param=self.param_name,
+                             keys="int64", capacity=self.rows, eviction=h.eviction)
         dense = self.kind == "dense"
         return TableSpec(self.name, rows=self.rows, dim=self.dim, dtype=self.dtype, dense=dense,
                          param=self.param_name, shape=self.shape if dense else ())
@@ -172,6 +182,15 @@ def module_layout(module: nn.Module) -> list[tuple[TableLayout, nn.Parameter, li
         add(TableLayout(_table_name(t.name), "embedding", t.param_name, t.rows, t.dim, t.rows * t.dim,
                         _dtype_name(t.weight, t.param_name)), t.weight, by_param[id(t.weight)])
     for mname, mod in module.named_modules():
+        if isinstance(mod, HashedEmbedding):
+            w = mod.weight
+            if id(w) in by_param:
+                raise UsageError(f"{mname}: a HashedEmbedding's weight may not be shared")
+            by_param[id(w)] = [mod]
+            pname = f"{mname}.weight" if mname else "weight"
+            add(TableLayout(_table_name(mname or "weight"), "embedding", pname, mod.capacity, mod.dim,
+                            mod.capacity * mod.dim, _dtype_name(w, pname), hashed=mod.spec), w, [mod])
+            continue
         if not isinstance(mod, _EMBEDDING_TYPES):
             continue
         w = mod.weight
@@ -258,6 +277,8 @@ class _Embedding:
     # The tracker's cut generation of each row's last publish (int32), from the first cut on:
     # the rows published since a cut are those to send again after a restore to it.
     pub_gen: torch.Tensor | None = None
+    #: a hashed table's module: its ``keys`` name the key of each slot sent.
+    hashed: HashedEmbedding | None = None
 
     def clear(self) -> None:
         if self.mask is not None and self.ids:
@@ -306,6 +327,7 @@ class _Part:
     cur: torch.Tensor
     before: torch.Tensor | None              # None: zeros (the initial publish)
     impact: torch.Tensor
+    keys: torch.Tensor | None = None         # a hashed table's key of each slot, as collected
 
 
 class Tracker:
@@ -365,6 +387,15 @@ class Tracker:
                 st = _Embedding(lay, p, full=publish_initial)
                 self._emb[lay.name] = st
                 for mod in mods:
+                    if isinstance(mod, HashedEmbedding):
+                        # Its input is keys: it reports the slots it reads and the slots it
+                        # is about to give to new keys (their old values are saved first).
+                        st.hashed = mod
+                        touch = self._slot_hook(st)
+                        mod.on_lookup.append(touch)
+                        mod.on_rebind.append(touch)
+                        self._hooks.append(_Unhook(mod, touch))
+                        continue
                     self._hooks.append(mod.register_forward_pre_hook(self._pre_hook(st), with_kwargs=True))
                 if p.requires_grad:
                     self._hooks.append(p.register_hook(self._grad_hook(st)))
@@ -396,6 +427,11 @@ class Tracker:
             idx = args[0] if args else kwargs.get("input")
             if isinstance(idx, torch.Tensor):
                 self._touch(st, idx)
+        return hook
+
+    def _slot_hook(self, st: _Embedding):
+        def hook(slots: torch.Tensor) -> None:
+            self._touch(st, slots)
         return hook
 
     def _grad_hook(self, st: _Embedding):
@@ -455,7 +491,10 @@ class Tracker:
             for name, st in self._emb.items():
                 w = st.param.detach()
                 if st.full:
-                    ids = _bits(w).ne(0).any(dim=1).nonzero().squeeze(1)
+                    held = _bits(w).ne(0).any(dim=1)
+                    if st.hashed is not None:   # slots that hold no key are nobody's rows yet
+                        held &= st.hashed.keys != EMPTY_KEY
+                    ids = held.nonzero().squeeze(1)
                     cur = w.index_select(0, ids)
                     before = None
                     impact = _norm(cur)
@@ -477,7 +516,13 @@ class Tracker:
                 else:
                     continue
                 if ids.numel():
-                    parts.append(_Part(name, st, ids, cur, before, impact))
+                    keys = None
+                    if st.hashed is not None:
+                        keys = st.hashed.keys.index_select(0, ids)
+                        held = keys != EMPTY_KEY   # a slot emptied by a restore: nothing to send
+                        ids, cur, impact, keys = ids[held], cur[held], impact[held], keys[held]
+                        before = None if before is None else before[held]
+                    parts.append(_Part(name, st, ids, cur, before, impact, keys))
             for name, dt in self._dense.items():
                 lay = dt.layout
                 cur = dense_rows(dt.param, lay.rows, lay.dim)
@@ -524,7 +569,8 @@ class Tracker:
                     fit = 1  # a row wider than the budget goes alone
                 sl = slice(start, start + fit)
                 batches[-1].append(_Part(p.table, p.state, p.ids[sl], p.cur[sl],
-                                         None if p.before is None else p.before[sl], p.impact[sl]))
+                                         None if p.before is None else p.before[sl], p.impact[sl],
+                                         None if p.keys is None else p.keys[sl]))
                 start += fit
                 budget -= fit * per_row
                 rows_left -= fit
@@ -637,7 +683,7 @@ class Tracker:
         try:
             for b in batches:
                 prepared.append(core.prepare(self.model, {
-                    p.table: (p.ids.cpu().numpy(), p.cur, p.impact.cpu().numpy()) for p in b}))
+                    p.table: (_ids_of(p), p.cur, p.impact.cpu().numpy()) for p in b}))
         except BaseException:
             self._restore(parts)
             raise
@@ -665,6 +711,24 @@ class Tracker:
                 impact.setdefault(t, []).append(imp if imp is not None else np.zeros(len(i), np.float32))
         return TrackedPublish({t: np.concatenate(v) for t, v in ids.items()},
                               {t: np.concatenate(v) for t, v in impact.items()}, tuple(acks))
+
+
+class _Unhook:
+    """Removes a tracker's callback from a :class:`HashedEmbedding` (as a hook handle does)."""
+
+    def __init__(self, mod: HashedEmbedding, fn: Any) -> None:
+        self.mod, self.fn = mod, fn
+
+    def remove(self) -> None:
+        for hooks in (self.mod.on_lookup, self.mod.on_rebind):
+            if self.fn in hooks:
+                hooks.remove(self.fn)
+
+
+def _ids_of(p: _Part) -> Any:
+    """What a part publishes as ids: rows, or a hashed table's slots with their keys."""
+    ids = p.ids.cpu().numpy()
+    return ids if p.keys is None else SlotKeys(ids, p.keys.cpu().numpy())
 
 
 def _change_norm(cur: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
