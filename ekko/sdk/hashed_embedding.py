@@ -70,6 +70,8 @@ class HashedEmbedding(nn.Module):
         self.on_rebind: list[Callable[[torch.Tensor], None]] = []
         #: called with the slots a lookup reads.
         self.on_lookup: list[Callable[[torch.Tensor], None]] = []
+        # Serving: keys -> slots by a replica's key map, not by this module (serve_from).
+        self._serving: Callable[[np.ndarray], np.ndarray] | None = None
         self.register_load_state_dict_post_hook(lambda mod, _incompatible: mod._reindex())
 
     @property
@@ -90,9 +92,21 @@ class HashedEmbedding(nn.Module):
         k = check_keys(_as_numpy(keys).reshape(-1))
         return torch.from_numpy(self._slots.index.lookup(k)).reshape(tuple(torch.as_tensor(keys).shape))
 
+    def serve_from(self, lookup: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Find keys with ``lookup`` (int64 keys -> slots, -1: not held; a replica's key
+        map, :func:`ekko.serving.layout.bind`) from now on: a key not held reads as
+        zeros, and nothing is assigned, evicted or written."""
+        self._serving = lookup
+
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
-        """Rows of ``keys`` (any shape of int64 feature ids), giving new keys slots."""
+        """Rows of ``keys`` (any shape of int64 feature ids), giving new keys slots (or,
+        serving, the replica's rows of them: zeros for a key it does not hold)."""
         flat = _as_numpy(keys).reshape(-1)
+        if self._serving is not None:
+            slots = torch.from_numpy(np.asarray(self._serving(check_keys(flat)), np.int64)).to(self.weight.device)
+            held = (slots >= 0).reshape(tuple(keys.shape) + (1,))
+            out = F.embedding(slots.clamp(min=0).reshape(tuple(keys.shape)), self.weight)
+            return out * held.to(out.dtype)
         uniq, inverse = np.unique(check_keys(flat), return_inverse=True)
         slots = self._slots.assign(uniq)   # UsageError (nothing changed) when a full region may not evict
         dev = self.weight.device
@@ -109,6 +123,15 @@ class HashedEmbedding(nn.Module):
             fn(s)
         idx = s[torch.from_numpy(inverse).to(dev)].reshape(tuple(keys.shape))
         return F.embedding(idx, self.weight, sparse=self.sparse)
+
+    def load_keys(self, keys: np.ndarray) -> None:
+        """Take the key of every slot (``EMPTY_KEY``: none), e.g. as a replica holds them."""
+        k = torch.as_tensor(np.asarray(keys, np.int64))
+        if tuple(k.shape) != (self.capacity,):
+            raise UsageError(f"load_keys needs {self.capacity} keys, got shape {tuple(k.shape)}")
+        with torch.no_grad():
+            self.keys.copy_(k.to(self.keys.device))
+        self._reindex()
 
     def _reindex(self) -> None:
         """Rebuild the key index from the ``keys`` buffer (after a state dict load)."""

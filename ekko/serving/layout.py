@@ -43,8 +43,12 @@ class Placement:
     table: str
     shape: tuple[int, ...]
     dense: bool
+    #: a hashed table: its rows are ``dim`` values then the key (``ekko.core.hashed``).
+    hashed: bool = False
 
     def view(self, values: torch.Tensor) -> torch.Tensor:
+        if self.hashed:
+            return values[:, :self.shape[1]]    # the values, never the key bytes
         if not self.dense:
             return values
         return values.view(-1)[:math.prod(self.shape)].view(self.shape)
@@ -84,22 +88,39 @@ def _check(name: str, p: torch.Tensor, t: TableSpec, dense: bool | None = None) 
                              f"({t.rows} x {t.dim})")
     elif shape != (t.rows, t.dim):
         raise UsageError(f"parameter {name} is {shape}, table {t.name!r} is {t.rows} x {t.dim}")
-    return Placement(name, t.name, shape, dense)
+    return Placement(name, t.name, shape, dense, t.hashed)
 
 
-def bind(module: nn.Module, placements: list[Placement], values_of) -> list[str]:
+def bind(module: nn.Module, placements: list[Placement], values_of, lookup_of=None) -> list[str]:
     """Make each placed parameter of ``module`` a view of its table's values
-    (``values_of(table)``), with ``requires_grad=False``; returns the tables bound."""
+    (``values_of(table)``), with ``requires_grad=False``; returns the tables bound.
+
+    A hashed table's module (a :class:`~ekko.sdk.hashed_embedding.HashedEmbedding`) then
+    finds keys through ``lookup_of(table)`` (``keys -> slots``, the replica's key map),
+    never assigning slots itself; without ``lookup_of`` such a module is refused before
+    anything is bound."""
+    from ekko.sdk.hashed_embedding import HashedEmbedding
+    params = dict(module.named_parameters(remove_duplicate=False))
+    hashed = {pl.param_name: pl for pl in placements if pl.hashed}
+    keyed = [(m, hashed[n + ".weight" if n else "weight"]) for n, m in module.named_modules()
+             if isinstance(m, HashedEmbedding) and (n + ".weight" if n else "weight") in hashed]
+    if len(keyed) != len(hashed):
+        raise UsageError(f"parameters {sorted(hashed)} are held by hashed tables: only a HashedEmbedding's "
+                         "weight can be bound to one")
+    if keyed and lookup_of is None:
+        raise UsageError("a hashed table is bound through a replica's key map (ekko.Replica.bind); read it "
+                         "here with Client.lookup")
     targets = [(pl, pl.view(values_of(pl.table))) for pl in placements]
     # A weight tied to several modules is bound under each of its names.
     aliases: dict[int, list[str]] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
-    params = dict(module.named_parameters(remove_duplicate=False))
     for pl, target in targets:
         bound = nn.Parameter(target, requires_grad=False)
         for name in aliases.get(id(params[pl.param_name]), [pl.param_name]):
             owner_name, _, attr = name.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
             setattr(owner, attr, bound)
+    for mod, pl in keyed:
+        mod.serve_from(lookup_of(pl.table))
     return [pl.table for pl in placements]

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ekko.core.key_index import EMPTY_KEY
 from ekko.sdk.client import Client
+from ekko.sdk.hashed_embedding import HashedEmbedding
 from ekko.serving import layout
 
 
@@ -35,13 +37,18 @@ def load(endpoint: str, model: str, module: nn.Module, key: Any = None, timeout:
     try:
         spec = client.spec(model)
         placements = layout.plan(module, spec)
-        values = {pl.table: client.read_rows(model, pl.table, np.arange(spec.table(pl.table).rows))
-                  for pl in placements}
+        reads = {pl.table: client.read(model, pl.table, np.arange(spec.table(pl.table).rows)) for pl in placements}
     finally:
         client.close()
     params = dict(module.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for pl in placements:
             p = params[pl.param_name]
-            p.copy_(pl.view(values[pl.table]).to(p.device))
+            p.copy_(pl.view(reads[pl.table].values).to(p.device))
+    for name, mod in module.named_modules():   # a hashed table's keys, too
+        pl = next((pl for pl in placements if pl.hashed and pl.param_name == (f"{name}.weight" if name else "weight")),
+                  None)
+        if pl is not None and isinstance(mod, HashedEmbedding):
+            read = reads[pl.table]
+            mod.load_keys(np.where(read.found, read.keys, EMPTY_KEY))
     return [pl.table for pl in placements]

@@ -193,4 +193,6 @@ class Replica:
         from ekko.serving import layout
         self.wait_for_model(model, timeout)
         placements = layout.plan(module, self.daemon.node.spec(model))
-        return layout.bind(module, placements, lambda table: self.tensor(model, table))
+        node = self.daemon.node
+        return layout.bind(module, placements, lambda table: self.tensor(model, table),
+                           lambda table: node.table_store(model, table).lookup)

@@ -104,3 +104,51 @@ def test_bad_use_is_refused():
     assert full.slots_of(torch.arange(4)).tolist() == [0, 1, 2, 3]
     with pytest.raises(UsageError):
         full(torch.tensor([1.5]))
+
+
+def test_a_replica_serves_a_bound_hashed_embedding_and_load_copies_its_keys(tmp_path):
+    """A trainer's HashedEmbedding tracked to a real daemon; an embedded replica binds a
+    fresh module to its table: the served outputs equal the trainer's bit for bit, keys the
+    replica does not hold read as zeros, and the bound module never assigns a slot."""
+    import ekko
+    from ekko.sdk.publisher import Publisher
+    from tests.procs import DaemonGroup, free_port, wait_for
+    torch.manual_seed(0)
+    rng = np.random.default_rng(2)
+    trainer = Ads()
+    opt = torch.optim.Adagrad(trainer.parameters(), lr=0.3)
+    with DaemonGroup(tmp_path) as g:
+        ingest = g.start("ingest", "dc1")
+        with Publisher([ingest.address], origin="trainer", state_dir=tmp_path / "pub") as pub:
+            tracker = pub.track(trainer, model="ads", optimizer=opt)
+            for _ in range(6):
+                x, y = _batch(rng)
+                F.binary_cross_entropy_with_logits(trainer(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+                tracker.publish()
+            assert trainer.ads.evicted > 0
+            held = trainer.ads.keys[trainer.ads.keys != EMPTY_KEY][:50].reshape(10, 5)
+            with torch.no_grad():
+                want = trainer(held)
+            with ekko.Replica("serving", "dc1", f"127.0.0.1:{free_port()}", tmp_path / "serving",
+                              seeds=[ingest.address], preset="local", device="cpu") as rep:
+                served = Ads()
+                assert set(rep.bind(served, model="ads")) == {"ads", "head_weight", "head_bias"}
+                assert served.ads.weight.data_ptr() == rep.tensor("ads", "ads").data_ptr()
+
+                def same() -> bool:
+                    with torch.no_grad():
+                        return torch.equal(rep.consistent(lambda: served(held)), want)
+                wait_for(same, 60, 0.05, "the served outputs to equal the trainer's")
+                unknown = torch.tensor([[1, 2, 3]])
+                with torch.no_grad():
+                    assert torch.equal(served.ads(unknown), torch.zeros(1, 3, DIM))
+                assert served.ads.evicted == 0 and (served.ads.keys == EMPTY_KEY).all()
+            loaded = Ads()
+            ekko.load(ingest.address, "ads", loaded)
+            with torch.no_grad():
+                assert torch.equal(loaded(held), want)
+            assert torch.equal(loaded.ads.keys, trainer.ads.keys)
+            with pytest.raises(UsageError, match="Replica.bind"):
+                ekko.attach(ingest.address, "ads").bind(Ads())
