@@ -93,9 +93,7 @@ class HashedSlots:
                              f"{int(need[0] - free[0])} more new key(s) do not fit")
         chosen = []
         for r, n, m in zip(regions.tolist(), (need - free).tolist(), mine):
-            cand = self.index.victims(n + len(m), policy, region=r)
-            cand = cand[~np.isin(cand, m)][:n]
-            chosen.append(cand)
+            chosen.append(self.index.victims(n, policy, region=r, exclude=m))
         victims = np.concatenate(chosen)
         self.index.free(victims)
         self.evicted += len(victims)

@@ -227,6 +227,8 @@ class KeyIndex(KeyMap):
         for r in range(self.regions):   # once, at construction: a loop over regions
             self._free[lo[r]:lo[r] + self._size[r]] = np.arange(lo[r] + self._size[r] - 1, lo[r] - 1, -1)
         self._nfree_r = self._size.copy()
+        # Per region, LRU victims ranked ahead: [slots, their ticks then, next position].
+        self._pools: dict[int, list] = {}
         #: per slot: the tick of its last :meth:`touch`, and how many touches it had.
         self.last_used = np.zeros(self.capacity, np.int64)
         self.uses = np.zeros(self.capacity, np.int64)
@@ -337,11 +339,60 @@ class KeyIndex(KeyMap):
         self.last_used[slots] = tick
         np.add.at(self.uses, slots, 1)
 
-    def victims(self, n: int, policy: str, region: int | None = None) -> np.ndarray:
-        """Up to ``n`` held slots (of ``region``, or of all) to evict first: least recently
-        used (``lru``), or least used, then least recently (``lfu``); ties by slot."""
+    def victims(self, n: int, policy: str, region: int | None = None,
+                exclude: np.ndarray | None = None) -> np.ndarray:
+        """Up to ``n`` held slots (of ``region``, or of all; never one of ``exclude``) to
+        evict first: least recently used (``lru``), or least used, then least recently
+        (``lfu``); ties by slot."""
         if policy not in EVICTION_POLICIES:
             raise UsageError(f"eviction policy must be one of {EVICTION_POLICIES}, not {policy!r}")
+        skip = np.zeros(0, np.int64) if exclude is None else np.asarray(exclude, np.int64)
+        if policy == "lru" and region is not None and n > 0:
+            return self._lru_victims(n, int(region), skip)
+        got = self._ranked(n + len(skip), policy, region)
+        return got[~np.isin(got, skip)][:n] if len(skip) else got
+
+    def _lru_victims(self, n: int, r: int, skip: np.ndarray) -> np.ndarray:
+        """LRU victims of region ``r`` from its pool: the slots that were oldest when the
+        pool was ranked, each still valid while untouched since (a touch, or a new key in
+        the slot, changes its tick).  Slots touched since are younger than every valid
+        entry, so the valid entries, in pool order, are the region's oldest: the same
+        victims as a ranking afresh, at a cost per victim instead of per region slot."""
+        out: list[np.ndarray] = []
+        need = n
+        for _ in range(2):   # the pool, then one ranked afresh if it ran dry
+            pool = self._pools.get(r)
+            if pool is None:
+                k = max(4 * n, int(self._size[r]) // 8, 64)
+                slots = self._ranked(k, "lru", r)
+                pool = self._pools[r] = [slots, self.last_used[slots].copy(), 0]
+            slots, ticks, pos = pool
+            at = pos
+            while need and at < len(slots):
+                win = slice(at, at + 2 * need)
+                take = slots[win]
+                valid = (self.last_used[take] == ticks[win]) & (self._key_of[take] != EMPTY_KEY)
+                pick = valid & ~np.isin(take, skip) if len(skip) else valid
+                where = np.flatnonzero(pick)[:need]
+                out.append(take[where])
+                ticks[at + where] = -1          # taken: invalid from now on
+                need -= len(where)
+                at += len(take)
+            # The pool's head moves past entries no longer valid (taken, touched, freed); a
+            # valid one that was excluded stays for a later call.
+            head = slots[pos:at]
+            dead = (ticks[pos:at] < 0) | (self.last_used[head] != ticks[pos:at]) | (self._key_of[head] == EMPTY_KEY)
+            alive = np.flatnonzero(~dead)
+            pool[2] = pos + (int(alive[0]) if len(alive) else len(head))
+            if not need:
+                break
+            del self._pools[r]
+            # Those taken are still held (the caller frees them): not twice.
+            skip = np.concatenate([skip, *out])
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def _ranked(self, n: int, policy: str, region: int | None) -> np.ndarray:
+        """The ``n`` first held slots of ``region`` (or all) by the policy, ranked afresh."""
         lo, hi = (0, self.capacity) if region is None else (int(self._lo[region]),
                                                              int(self._lo[region] + self._size[region]))
         held = lo + np.flatnonzero(self._key_of[lo:hi] != EMPTY_KEY)

@@ -204,3 +204,29 @@ def test_key_index_regions_and_claims():
     for keys, slots in (([50], [2]), ([51], [1]), ([52, 53], [3, 3]), ([54], [10])):
         with pytest.raises(UsageError):
             c.claim(np.array(keys), np.array(slots))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lru_victims_from_the_pool_equal_a_ranking_afresh(seed):
+    """The LRU pool (ranked once, consumed across publishes) picks exactly the victims a
+    full ranking would, through touches, evictions, re-inserts and excluded slots."""
+    rng = np.random.default_rng(seed)
+    ix = KeyIndex(600, regions=3)
+    keys = rng.integers(-2**62, 2**62, 600)
+    ix.insert(keys, regions=rng.integers(0, 3, 600) * 0 + np.arange(600) // 200)
+    ix.touch(np.arange(600), 0)
+    tick = 0
+    for _ in range(40):
+        tick += 1
+        ix.touch(rng.choice(600, rng.integers(1, 80), replace=False), tick)
+        r = int(rng.integers(0, 3))
+        n = int(rng.integers(1, 30))
+        lo = 200 * r
+        exclude = rng.choice(np.arange(lo, lo + 200), rng.integers(0, 5), replace=False)
+        ranked = ix._ranked(n + len(exclude), "lru", r)
+        want = ranked[~np.isin(ranked, exclude)][:n]
+        got = ix.victims(n, "lru", region=r, exclude=exclude)
+        assert got.tolist() == want.tolist()
+        ix.free(got)
+        fresh = ix.insert(rng.integers(-2**62, 2**62, len(got)), regions=np.full(len(got), r))
+        ix.touch(fresh, tick)
