@@ -70,7 +70,11 @@ def with_keys(values: np.ndarray, keys: np.ndarray, spec: TableSpec) -> np.ndarr
 
 def keys_of(rows: Any, spec: TableSpec) -> np.ndarray:
     """The key each stored row holds (:data:`EMPTY_KEY`: none); numpy or torch rows."""
-    tail = rows[:, spec.dim:]
+    return keys_in(rows[:, spec.dim:])
+
+
+def keys_in(tail: Any) -> np.ndarray:
+    """The keys of rows' key columns (``rows[:, dim:]``); numpy or torch."""
     if hasattr(tail, "detach"):   # a torch tensor (any device): its bytes, on the CPU
         import torch
         tail = tail.detach().to("cpu").contiguous()

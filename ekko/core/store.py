@@ -13,6 +13,7 @@ version of each.
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,10 +24,14 @@ from ekko.core.delta import Delta
 from ekko.core.errors import UsageError
 from ekko.core.frozen import FrozenValues
 from ekko.core.hash64 import mark_changes, row_marks
-from ekko.core.hashed import check_keys, keys_of
+from ekko.core.hashed import check_keys, keys_in
 from ekko.core.key_index import EMPTY_KEY, KeyMap
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.version import Knowledge, counters_of
+
+#: slots written since a hashed table's key map was last used, past which the map is
+#: dropped and built afresh at its next use (or a quarter of the table, if more).
+KEY_MAP_MAX_PENDING = 1 << 18
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
@@ -134,10 +139,17 @@ class TableStore:
         # Point-in-time views being read (a snapshot): each saves rows before they change.
         self._frozen: list[FrozenValues] = []
         # A hashed table's key -> slot map (lookup), built on first use from the keys the
-        # rows hold, then kept by apply and restore_rows; built afresh when ``values`` is a
-        # tensor this object did not map (a snapshot load, a copy, shared memory).
+        # rows hold; then apply and restore_rows only note the slots they write, and the
+        # next lookup rebinds those (a slot written many times is rebound once, and the
+        # apply path, which every push takes, pays nothing: rebinding 1k rows cost 1.4 ms).
+        # Built afresh when ``values`` is a tensor this object did not map (a snapshot
+        # load, a copy, shared memory) or when more than KEY_MAP_MAX_PENDING slots wait.
+        # A lock, since a serving thread looks up while the replica's thread applies.
         self._key_map: KeyMap | None = None
         self._key_map_of: torch.Tensor | None = None
+        self._key_pending: list[np.ndarray] = []
+        self._key_pending_rows = 0
+        self._key_lock = threading.Lock()
 
     # -- writes -----------------------------------------------------------------------------
     def apply(self, delta: Delta, capture_old: bool = False, distinct: bool | None = None,
@@ -221,20 +233,21 @@ class TableStore:
             self._tomb_clean = None
         elif self._tomb_clean is not self.tombstone:
             self.tombstone[wid] = False
-        if self._key_map is not None and self._key_map_of is self.values:
-            rows = None if delta.values is None else (delta.values if pos is None else delta.values[pos])
-            self._rekey(wid, rows, tomb)
+        if self._key_map is not None:
+            self._note_written(wid)
         self._mark_dirty(wid, shards if wid is ids else None)
         return ApplyResult(wid, new_w, old_w, old_values, old_tomb)
 
-    def _rekey(self, ids: np.ndarray, rows: np.ndarray | None, tomb: np.ndarray | None) -> None:
-        """Rows ``ids`` were written with ``rows`` (wire values; None or a tombstone: no
-        key): follow their keys in the key map."""
-        keys = keys_of(rows, self.spec) if rows is not None else np.full(len(ids), EMPTY_KEY, np.int64)
-        if tomb is not None:
-            keys[tomb] = EMPTY_KEY
-        assert self._key_map is not None
-        self._key_map.rebind(ids, keys, self.versions)
+    def _note_written(self, ids: np.ndarray) -> None:
+        """Rows ``ids`` were written: the key map rebinds them at its next use."""
+        with self._key_lock:
+            if self._key_map is None:
+                return
+            self._key_pending.append(ids)
+            self._key_pending_rows += len(ids)
+            if self._key_pending_rows > max(KEY_MAP_MAX_PENDING, self.spec.rows // 4):
+                self._key_map = None    # cheaper to build afresh than to rebind that many
+                self._key_pending, self._key_pending_rows = [], 0
 
     def _one_per_row(self, wid: np.ndarray, old_w: np.ndarray, new_w: np.ndarray) -> np.ndarray | None:
         """None when the winning ids are distinct, else positions of one greatest copy per id.
@@ -292,9 +305,8 @@ class TableStore:
             self.values.index_copy_(0, idx, src)
             if self.write_seq is not None:
                 self.write_seq[0] += 1
-            if self._key_map is not None and self._key_map_of is self.values:
-                gone = versions == 0 if tombstone is None else (versions == 0) | tombstone
-                self._rekey(ids, values, gone)
+        if self._key_map is not None:
+            self._note_written(np.asarray(ids, np.int64))
         self._mark_dirty(ids)
 
     # -- point-in-time views ------------------------------------------------------------------
@@ -390,13 +402,27 @@ class TableStore:
         """A hashed table's key -> slot map, as the rows held now say (built on first use)."""
         if not self.spec.hashed or self.values is None:
             raise UsageError(f"table {self.spec.name} has no keys (not hashed, or no values kept)")
-        if self._key_map is None or self._key_map_of is not self.values:
-            m = KeyMap(self.spec.rows)
-            held = np.flatnonzero((self.versions > 0) & ~self.tombstone)
-            if len(held):
-                m.rebind(held, keys_of(self.values, self.spec)[held], self.versions)
-            self._key_map, self._key_map_of = m, self.values
-        return self._key_map
+        with self._key_lock:
+            if self._key_map is None or self._key_map_of is not self.values:
+                self._key_pending, self._key_pending_rows = [], 0
+                m = KeyMap(self.spec.rows)
+                self._rebind(m, np.flatnonzero(self.versions > 0))
+                self._key_map, self._key_map_of = m, self.values
+            elif self._key_pending:
+                slots = np.unique(np.concatenate(self._key_pending))
+                self._key_pending, self._key_pending_rows = [], 0
+                self._rebind(self._key_map, slots)
+            return self._key_map
+
+    def _rebind(self, m: KeyMap, slots: np.ndarray) -> None:
+        """Bind ``slots`` in ``m`` to the keys their rows hold now (a tombstone, or a slot
+        never written, holds none)."""
+        if not len(slots):
+            return
+        idx = _tensor(slots).to(self.device)
+        keys = keys_in(self.values[:, self.spec.dim:].index_select(0, idx))
+        keys[(self.versions[slots] == 0) | self.tombstone[slots]] = EMPTY_KEY
+        m.rebind(slots, keys, self.versions)
 
     def held_keys(self) -> tuple[np.ndarray, np.ndarray]:
         """A hashed table's slots that hold a key, and their keys (slot order)."""
@@ -415,7 +441,9 @@ class TableStore:
             >>> ts.lookup([10**12, 7]).tolist()
             [2, -1]
         """
-        return self.key_map().lookup(check_keys(keys))
+        m = self.key_map()
+        with self._key_lock:
+            return m.lookup(check_keys(keys))
 
     def read(self, ids: np.ndarray) -> torch.Tensor:
         """Values of rows (a copy, on the store's device)."""
