@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ekko.serving.attach import Attached, attach
     from ekko.serving.load import load
     from ekko.serving.replica import Replica
+    from ekko.serving.row_cache import RowCache
 
 __version__ = "0.1.0"
 
@@ -32,10 +33,11 @@ _LAZY = {"Publisher": "ekko.sdk.publisher", "AsyncPublisher": "ekko.sdk.async_pu
          "PublishError": "ekko.sdk.ack", "KeyRejected": "ekko.sdk.ack", "Client": "ekko.sdk.client", "Tracker": "ekko.sdk.tracking",
          "RolledBack": "ekko.sdk.rollback_watch", "RollbackEvent": "ekko.sdk.rollback_watch",
          "TrainerCut": "ekko.sdk.trainer_state", "Replica": "ekko.serving.replica",
-         "attach": "ekko.serving.attach", "Attached": "ekko.serving.attach", "load": "ekko.serving.load"}
+         "attach": "ekko.serving.attach", "Attached": "ekko.serving.attach", "load": "ekko.serving.load",
+         "RowCache": "ekko.serving.row_cache"}
 
 __all__ = ["AsyncPublisher", "Attached", "Client", "Delta", "EkkoError", "KeyRejected", "Knowledge", "ModelSpec", "ProtocolError",
-           "PublishAck", "PublishError", "Publisher", "RemoteError", "Replica", "RollbackEvent", "RolledBack",
+           "PublishAck", "PublishError", "Publisher", "RemoteError", "Replica", "RollbackEvent", "RolledBack", "RowCache",
            "TableSpec", "Tracker", "TrainerCut", "UsageError", "Version", "__version__", "attach", "load"]
 
 

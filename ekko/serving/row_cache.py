@@ -1,0 +1,215 @@
+"""A serving process's cache of hot rows, kept fresh by a replica's change feed.
+
+:class:`RowCache` holds up to ``capacity`` rows of one table (a dense table's by row id, a
+hashed table's by 64-bit key) in a tensor of this process.  A lookup serves the rows it
+holds and reads the others from the replica (``Client.read`` / ``Client.lookup``),
+keeping them; beyond ``capacity`` the least recently looked-up rows leave.  A thread
+follows the replica's change feed (``Client.changes``) and writes every change of a
+cached row into the cache as the replica holds it -- a publish, a push, a rollback's
+restore (whose version may be lower) -- so a cached row is as fresh as the feed, with no
+read.  A hashed key whose slot the feed shows holding another key was evicted there: it
+leaves the cache.  A feed ``reset`` (the replica restarted, or the cursor is too old)
+empties the cache.
+
+Freshness rule, so a read racing the feed never leaves a stale row: each read notes the
+feed position when it starts; a row it brings is kept only if no change of that row
+came through the feed since (then the feed's value is the newer one, or the row is
+read again at its next lookup).
+
+Example::
+
+    cache = RowCache("127.0.0.1:7070", "ranker", "user_emb", capacity=100_000).start()
+    rows = cache.lookup(torch.tensor([3, 17, 3]))     # (3, dim): two read, one served
+    cache.stop()
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from ekko.core.errors import EkkoError, UsageError
+from ekko.core.key_index import EMPTY_KEY, KeyIndex
+from ekko.core.store import TORCH_DTYPES
+from ekko.sdk.client import Changes, Client
+
+log = logging.getLogger("ekko.serving")
+
+#: most rows a cache holds.
+MAX_CACHE_ROWS = 1 << 26
+#: seconds a change-feed request waits for a change.
+FEED_WAIT_S = 5.0
+#: seconds between retries when the replica does not answer the feed.
+FEED_RETRY_S = 1.0
+#: change batches remembered for reads in flight (each read checks the ones since it began).
+RECENT_BATCHES = 256
+
+
+class RowCache:
+    """Up to ``capacity`` rows of a table, served from this process, fresh by the change feed.
+
+    Args:
+        endpoint: a replica (``host:port``).
+        model, table: what to cache.
+        capacity: rows held (least recently looked up leave first).
+        key: the cluster or a reader key (a keyed replica refuses unsigned reads).
+    """
+
+    def __init__(self, endpoint: str, model: str, table: str, capacity: int = 100_000, key: Any = None) -> None:
+        if not isinstance(capacity, int) or not 1 <= capacity <= MAX_CACHE_ROWS:
+            raise UsageError(f"capacity must be 1..{MAX_CACHE_ROWS}")
+        self.endpoint, self.model, self.table, self._key = endpoint, model, table, key
+        self._client = Client(endpoint, key=key)
+        self.spec = self._client.spec(model).table(table)
+        self.hashed = self.spec.hashed
+        self.capacity = capacity
+        self._index = KeyIndex(capacity)                       # id or key -> cache position
+        self._values = torch.zeros(capacity, self.spec.dim, dtype=TORCH_DTYPES[self.spec.dtype])
+        self._versions = np.zeros(capacity, np.int64)
+        self._slot = np.full(capacity, -1, np.int64)           # a hashed row's slot at the replica
+        self._lock = threading.Lock()
+        self._tick = 0
+        self._seq = 0                                          # change batches applied so far
+        self._recent: list[tuple[int, np.ndarray]] = []        # (seq, ids or keys changed)
+        self._cursor: str | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        #: lookups' rows served from the cache, read from the replica, and rows the feed refreshed.
+        self.hits = self.misses = self.refreshed = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "RowCache":
+        """Follow the change feed (from now) on a thread of its own."""
+        if self._thread is None:
+            self._cursor = self._client.changes(self.model).cursor
+            self._thread = threading.Thread(target=self._follow, name="ekko-row-cache", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = FEED_WAIT_S + 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._client.close()
+
+    def __enter__(self) -> "RowCache":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def rows(self) -> int:
+        """Rows held now."""
+        return len(self._index)
+
+    # -- lookups ---------------------------------------------------------------------------
+    def lookup(self, ids: Any) -> torch.Tensor:
+        """Rows of ``ids`` (row ids, or a hashed table's keys; any shape), ``(*shape, dim)``;
+        a hashed key the replica does not hold reads as zeros (and is not cached)."""
+        if self._thread is None:
+            raise UsageError("start() the cache first: its rows are kept fresh by the change feed")
+        arr = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids, np.int64)
+        flat = arr.reshape(-1)
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        out = torch.empty(len(uniq), self.spec.dim, dtype=self._values.dtype)
+        with self._lock:
+            pos = self._index.lookup(uniq)
+            hit = pos >= 0
+            out[torch.from_numpy(hit)] = self._values[torch.from_numpy(pos[hit])]
+            self._tick += 1
+            self._index.touch(pos[hit], self._tick)
+            started = self._seq
+            self.hits += int(hit.sum())
+        missing = uniq[~hit]
+        if len(missing):
+            self.misses += len(missing)
+            read = self._client.lookup(self.model, self.table, missing) if self.hashed else \
+                self._client.read(self.model, self.table, missing)
+            out[torch.from_numpy(~hit)] = read.values
+            found = read.found if read.found is not None else np.ones(len(missing), bool)
+            self._keep(missing[found], read.values[torch.from_numpy(found)], read.versions[found],
+                       read.ids[found], started)
+        return out[torch.from_numpy(inverse)].reshape(*arr.shape, self.spec.dim)
+
+    def _keep(self, ids: np.ndarray, values: torch.Tensor, versions: np.ndarray, slots: np.ndarray,
+              started: int) -> None:
+        """Cache rows read (fresh as of feed position ``started``), but not those the feed
+        changed since: the feed's value is newer."""
+        with self._lock:
+            changed = [c for s, c in self._recent if s >= started]
+            if changed:
+                fresh = ~np.isin(ids, np.concatenate(changed))
+                ids, values, versions, slots = ids[fresh], values[torch.from_numpy(fresh)], versions[fresh], slots[fresh]
+            ids, first = np.unique(ids, return_index=True)
+            values, versions, slots = values[torch.from_numpy(first)], versions[first], slots[first]
+            new = self._index.lookup(ids) < 0
+            room = self._index.free_slots
+            if new.sum() > room:
+                gone = self._index.victims(int(new.sum()) - room, "lru")
+                self._index.free(gone)
+            pos = self._index.insert(ids)
+            self._values[torch.from_numpy(pos)] = values
+            self._versions[pos] = versions
+            self._slot[pos] = slots
+            self._index.touch(pos, self._tick)
+
+    # -- the change feed -------------------------------------------------------------------
+    def _follow(self) -> None:
+        client = Client(self.endpoint, key=self._key, timeout=FEED_WAIT_S + 10.0)
+        try:
+            while not self._stop.is_set():
+                try:
+                    ch = client.changes(self.model, self._cursor, wait=FEED_WAIT_S)
+                except (EkkoError, OSError) as e:
+                    log.warning("row cache: change feed of %s at %s: %s", self.model, self.endpoint, e)
+                    self._stop.wait(FEED_RETRY_S)
+                    continue
+                self._cursor = ch.cursor
+                self.apply(ch)
+        finally:
+            client.close()
+
+    def apply(self, ch: Changes) -> None:
+        """Write one change-feed answer into the cache (the feed thread does; public so a
+        caller following the feed itself can)."""
+        with self._lock:
+            self._seq += 1
+            if ch.reset:
+                self._index = KeyIndex(self.capacity)
+                self._recent.clear()
+                return
+            rows = ch.tables.get(self.table)
+            if rows is None or not len(rows.ids):
+                return
+            names = rows.keys if self.hashed else rows.ids
+            if self.hashed:
+                # A cached key whose slot now holds another key was evicted there.
+                # (A pass over the cached rows per feed answer: cheap next to the answer's read.)
+                held = np.flatnonzero(self._index.keys_of(np.arange(self.capacity)) != EMPTY_KEY)
+                moved = held[np.isin(self._slot[held], rows.ids)]
+                if len(moved):
+                    order = np.argsort(rows.ids)
+                    now = rows.keys[order][np.searchsorted(rows.ids[order], self._slot[moved])]
+                    evicted = moved[now != self._index.keys_of(moved)]
+                    if len(evicted):
+                        self._index.free(evicted)
+                keep = names != EMPTY_KEY
+            else:
+                keep = np.ones(len(names), bool)
+            self._recent.append((self._seq, names[keep]))
+            del self._recent[:-RECENT_BATCHES]
+            pos = self._index.lookup(names[keep])
+            hit = pos >= 0
+            if hit.any():
+                sel = np.flatnonzero(keep)[hit]
+                p = pos[hit]
+                self._values[torch.from_numpy(p)] = rows.values[torch.from_numpy(sel)]
+                self._versions[p] = rows.versions[sel]
+                self._slot[p] = rows.ids[sel]
+                self.refreshed += len(p)
+
