@@ -163,6 +163,9 @@ class AsyncPublisher:
         # Slot assignment of the hashed tables published by key, per (model, table): made
         # on the I/O loop, under the model's lock, in send order.
         self._slots: dict[tuple[str, str], HashedSlots] = {}
+        # Who assigns each hashed table's slots through this publisher: "keys" (it does) or
+        # "slots" (a module does, SlotKeys).  Both at once would overwrite each other's keys.
+        self._assigner: dict[tuple[str, str], str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._transport = ReplicaTransport(self.endpoints, self.keyring)
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ekko-state")
@@ -266,7 +269,15 @@ class AsyncPublisher:
         spec = self._specs.get(model)
         if spec is None:
             raise UsageError(f"model {model!r} is not registered through this publisher: call register() first")
-        return prepare_publish(spec, tables)
+        p = prepare_publish(spec, tables)
+        for name in p.tables:
+            if spec.table(name).hashed:
+                mode = "keys" if name in p.by_key else "slots"
+                if self._assigner.setdefault((model, name), mode) != mode:
+                    raise UsageError(f"{model}/{name}: its slots are assigned by "
+                                     f"{'this publisher (by key)' if mode == 'slots' else 'a module (SlotKeys)'}; "
+                                     "one assigner per hashed table, or they overwrite each other's keys")
+        return p
 
     def slots(self, model: str, table: str) -> HashedSlots:
         """The slot assignment of a hashed table this publisher has published by key."""

@@ -152,3 +152,15 @@ def test_a_replica_serves_a_bound_hashed_embedding_and_load_copies_its_keys(tmp_
             assert torch.equal(loaded.ads.keys, trainer.ads.keys)
             with pytest.raises(UsageError, match="Replica.bind"):
                 ekko.attach(ingest.address, "ads").bind(Ads())
+
+
+def test_a_publisher_refuses_two_assigners_of_one_hashed_tables_slots(srv, pub):
+    from ekko.core.spec import ModelSpec, TableSpec
+    from ekko.sdk.prepare import SlotKeys
+    spec = ModelSpec("h", [TableSpec("t", dim=2, keys="int64", capacity=16, shards=1)])
+    pub.register(spec)
+    pub.publish_many("h", {"t": (SlotKeys([3], [42]), np.ones((1, 2), np.float32))})   # a module assigns
+    with pytest.raises(UsageError, match="one assigner"):
+        pub.publish("h", "t", np.array([10**15]), np.ones((1, 2), np.float32))       # by key: refused
+    rows, _ = srv.rows("h", "t")
+    assert rows[3, 2:].view(np.int64)[0] == 42 ^ np.iinfo(np.int64).min and not rows[:3].any()
