@@ -123,7 +123,8 @@ def render_status(st: dict[str, Any], console: Any = None, now: float | None = N
             for i, (tname, info) in enumerate(sorted(models[name].get("tables", {}).items())):
                 t.add_row(name if i == 0 else "", tname, human_count(info.get("rows")),
                           human_count(info.get("written_rows")), str(info.get("dim")),
-                          str(info.get("dtype")) + (" dense" if info.get("dense") else ""),
+                          str(info.get("dtype")) + (" dense" if info.get("dense") else "")
+                          + (f" hashed {info.get('eviction')}" if info.get("keys") == "int64" else ""),
                           str(info.get("shards")), str(info.get("digest", "-"))[:DIGEST_PREFIX])
         console.print(t)
         f = _table("freshness")

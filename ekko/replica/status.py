@@ -17,6 +17,8 @@ def status(node: Any, digests: bool = True) -> dict[str, Any]:
             ts = m.store.table(t.name)
             info: dict[str, Any] = {"rows": t.rows, "dim": t.dim, "dtype": t.dtype, "shards": t.num_shards,
                                     "dense": t.dense, "written_rows": ts.written_rows()}
+            if t.hashed:   # rows are slots holding 64-bit keys (written_rows: slots written)
+                info.update(keys=t.keys, capacity=t.capacity, eviction=t.eviction)
             if digests and ts.values is not None:
                 info["digest"] = ts.digest()
             tables[t.name] = info

@@ -11,7 +11,7 @@ import pytest
 from ekko import Client, Publisher
 from ekko.sdk.rollback_watch import RolledBack
 from ekko.core.spec import ModelSpec, TableSpec
-from procs import DaemonGroup, table_digests, wait_for
+from procs import DaemonGroup, get_json, table_digests, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +55,9 @@ def test_keys_past_capacity_converge_read_back_by_key_everywhere_and_resume_afte
         for p in procs:
             wait_for(lambda p=p: _reads_back(p.address, held, want, evicted[:2000]), CONVERGE_S, 0.5,
                      f"every held key at {p.node_id}, no evicted one")
+        info = get_json(a.address, "/v1/status")["models"]["m"]["tables"]["ads"]
+        assert (info["keys"], info["capacity"], info["eviction"], info["written_rows"]) == ("int64", CAPACITY, "lru",
+                                                                                           CAPACITY)
         # A daemon restarted from its disk finds the same keys.
         d = procs[-1]
         assert d.terminate() == 0
