@@ -17,11 +17,13 @@ warm-up), timed one by one:
   updates; see :mod:`ekko.server.shared_tables`);
 * ``Replica index_select``: the embedded replica's own tensor;
 * ``HTTP read_rows``: :meth:`ekko.sdk.client.Client.read_rows` from the daemon (msgpack,
-  one kept-alive connection).
+  one kept-alive connection);
+* ``RowCache lookup``: :class:`ekko.serving.RowCache` over the daemon, warmed with every
+  id the lookups use (so all hits), kept fresh by the daemon's change feed meanwhile.
 
 Then **freshness as the serving process sees it**: the publisher writes its publish
 number into row 0 and notes when it sent it; the serving process polls row 0 of the
-attached tensor and of the replica's tensor and notes when each number appears
+attached tensor, of the replica's tensor and of the row cache, and notes when each number appears
 (both clocks are this machine's ``time.time()``); p50/p90 of seen - sent.
 
 Printed: how it was run, the load average before and after, p50 and p99 of each
@@ -134,16 +136,22 @@ def main(argv: list[str] | None = None) -> int:
                 def pick() -> int:
                     return next(counter) % len(idx)
                 mapped, own = att.tensor("emb"), rep.tensor("m", "emb")
+                cache = ekko.RowCache(a.address, "m", "emb", capacity=args.rows).start()
+                for i in idx_np:
+                    cache.lookup(i)                  # warm: every id the timed lookups use
+                cache.lookup(np.array([0]))
                 methods = {
                     "local index_select": lambda: local.index_select(0, idx[pick()]),
                     "attach lookup": lambda: att.lookup("emb", idx[pick()]),
                     "attach index_select": lambda: mapped.index_select(0, idx[pick()]),
                     "Replica index_select": lambda: own.index_select(0, idx[pick()]),
                     "HTTP read_rows": lambda: client.read_rows("m", "emb", idx_np[pick()]),
+                    "RowCache lookup": lambda: cache.lookup(idx[pick()]),
                 }
                 got = {name: timed(fn, args.lookups if "HTTP" not in name else max(10, args.lookups // 4))
                        for name, fn in methods.items()}
-                fresh = freshness(pub, att, rep)
+                fresh = freshness(pub, att, rep, cache)
+                cache.stop()
             finally:
                 rep.stop()
         finally:
@@ -165,11 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def freshness(pub: subprocess.Popen, att, rep) -> dict[str, np.ndarray]:
-    """Poll row 0 of the attached tensor and the replica's for ``FRESHNESS_S``; match the
-    publish numbers seen with the publisher's sent times."""
+def freshness(pub: subprocess.Popen, att, rep, cache) -> dict[str, np.ndarray]:
+    """Poll row 0 of the attached tensor, the replica's and the row cache's for
+    ``FRESHNESS_S``; match the publish numbers seen with the publisher's sent times."""
     import selectors
-    seen: dict[str, dict[int, float]] = {"attach": {}, "Replica": {}}
+    seen: dict[str, dict[int, float]] = {"attach": {}, "Replica": {}, "RowCache": {}}
+    row0 = np.array([0])
     sent: dict[int, float] = {}
     mapped, own = att.tensor("emb"), rep.tensor("m", "emb")
     sel = selectors.DefaultSelector()
@@ -177,8 +186,8 @@ def freshness(pub: subprocess.Popen, att, rep) -> dict[str, np.ndarray]:
     start, end = time.time(), time.monotonic() + FRESHNESS_S
     while time.monotonic() < end:
         now = time.time()
-        for name, t in (("attach", mapped), ("Replica", own)):
-            k = int(t[0, 0])
+        for name, t in (("attach", mapped), ("Replica", own), ("RowCache", None)):
+            k = int(t[0, 0]) if t is not None else int(cache.lookup(row0)[0, 0])
             if k > 0 and k not in seen[name]:
                 seen[name][k] = now
         if sel.select(0):

@@ -68,6 +68,8 @@ class RowCache:
         self.hashed = self.spec.hashed
         self.capacity = capacity
         self._index = KeyIndex(capacity)                       # id or key -> cache position
+        # A dense table's ids index this array directly (a gather, not a hash probe).
+        self._direct = None if self.hashed else np.full(self.spec.rows, -1, np.int64)
         self._values = torch.zeros(capacity, self.spec.dim, dtype=TORCH_DTYPES[self.spec.dtype])
         self._versions = np.zeros(capacity, np.int64)
         self._slot = np.full(capacity, -1, np.int64)           # a hashed row's slot at the replica
@@ -115,14 +117,20 @@ class RowCache:
             raise UsageError("start() the cache first: its rows are kept fresh by the change feed")
         arr = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids, np.int64)
         flat = arr.reshape(-1)
+        with self._lock:
+            pos = self._where(flat)
+            self._tick += 1
+            if (pos >= 0).all():   # all cached: one gather (the serving path)
+                self._index.last_used[pos] = self._tick
+                self.hits += len(pos)
+                return self._values.index_select(0, torch.from_numpy(pos)).reshape(*arr.shape, self.spec.dim)
         uniq, inverse = np.unique(flat, return_inverse=True)
         out = torch.empty(len(uniq), self.spec.dim, dtype=self._values.dtype)
         with self._lock:
-            pos = self._index.lookup(uniq)
+            pos = self._where(uniq)
             hit = pos >= 0
             out[torch.from_numpy(hit)] = self._values[torch.from_numpy(pos[hit])]
-            self._tick += 1
-            self._index.touch(pos[hit], self._tick)
+            self._index.last_used[pos[hit]] = self._tick
             started = self._seq
             self.hits += int(hit.sum())
         missing = uniq[~hit]
@@ -136,6 +144,20 @@ class RowCache:
                        read.ids[found], started)
         return out[torch.from_numpy(inverse)].reshape(*arr.shape, self.spec.dim)
 
+    def _where(self, ids: np.ndarray) -> np.ndarray:
+        """Cache position of each id or key, -1 where not cached (under the lock)."""
+        if self._direct is None:
+            return self._index.lookup(ids)
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.spec.rows):
+            raise UsageError(f"row ids must be within 0..{self.spec.rows - 1}")
+        return self._direct[ids]
+
+    def _forget(self, pos: np.ndarray) -> None:
+        """Drop cached rows at positions ``pos`` (under the lock)."""
+        if self._direct is not None:
+            self._direct[self._index.keys_of(pos)] = -1
+        self._index.free(pos)
+
     def _keep(self, ids: np.ndarray, values: torch.Tensor, versions: np.ndarray, slots: np.ndarray,
               started: int) -> None:
         """Cache rows read (fresh as of feed position ``started``), but not those the feed
@@ -147,16 +169,17 @@ class RowCache:
                 ids, values, versions, slots = ids[fresh], values[torch.from_numpy(fresh)], versions[fresh], slots[fresh]
             ids, first = np.unique(ids, return_index=True)
             values, versions, slots = values[torch.from_numpy(first)], versions[first], slots[first]
-            new = self._index.lookup(ids) < 0
+            new = self._where(ids) < 0
             room = self._index.free_slots
             if new.sum() > room:
-                gone = self._index.victims(int(new.sum()) - room, "lru")
-                self._index.free(gone)
+                self._forget(self._index.victims(int(new.sum()) - room, "lru"))
             pos = self._index.insert(ids)
+            if self._direct is not None:
+                self._direct[ids] = pos
             self._values[torch.from_numpy(pos)] = values
             self._versions[pos] = versions
             self._slot[pos] = slots
-            self._index.touch(pos, self._tick)
+            self._index.last_used[pos] = self._tick
 
     # -- the change feed -------------------------------------------------------------------
     def _follow(self) -> None:
@@ -181,6 +204,8 @@ class RowCache:
             self._seq += 1
             if ch.reset:
                 self._index = KeyIndex(self.capacity)
+                if self._direct is not None:
+                    self._direct.fill(-1)
                 self._recent.clear()
                 return
             rows = ch.tables.get(self.table)
@@ -197,13 +222,13 @@ class RowCache:
                     now = rows.keys[order][np.searchsorted(rows.ids[order], self._slot[moved])]
                     evicted = moved[now != self._index.keys_of(moved)]
                     if len(evicted):
-                        self._index.free(evicted)
+                        self._forget(evicted)
                 keep = names != EMPTY_KEY
             else:
                 keep = np.ones(len(names), bool)
             self._recent.append((self._seq, names[keep]))
             del self._recent[:-RECENT_BATCHES]
-            pos = self._index.lookup(names[keep])
+            pos = self._where(names[keep])
             hit = pos >= 0
             if hit.any():
                 sel = np.flatnonzero(keep)[hit]
