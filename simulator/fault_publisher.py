@@ -20,6 +20,7 @@ import numpy as np
 from ekko.core.chain import PendingFrame, PublisherChain
 from ekko.core.codec import MsgType
 from ekko.core.errors import ProtocolError, UsageError
+from ekko.core.hashed import with_keys
 from ekko.core.version import HLC_EPOCH_MS, HLC_LOGICAL_BITS, MAX_ORIGIN, HybridClock
 from simulator.events import Simulation
 from simulator.fault_checks import InvariantChecker
@@ -82,7 +83,12 @@ class FaultPublisher:
                 continue
             k = t.rows if t.dense else min(n, t.rows)
             ids = np.sort(self.np_rng.choice(t.rows, size=k, replace=False)).astype(np.int64)
-            tables[t.name] = (ids, self.np_rng.standard_normal((k, t.dim)).astype(np.float32))
+            vals = self.np_rng.standard_normal((k, t.dim)).astype(np.float32)
+            if t.hashed:
+                # Random slots, each written with a new random key (an eviction of whatever it
+                # held): what the faults do to a row's key is checked, not a publisher's policy.
+                vals = with_keys(vals, self.np_rng.integers(1, 2**62, k, dtype=np.int64), t)
+            tables[t.name] = (ids, vals)
         origin = self.chain.origin
         top = self.issued_top.get(origin, 0)
         self.pending = self.chain.frame(SPEC, tables, now_ms=HLC_EPOCH_MS + self.sim.now * 1000)

@@ -22,10 +22,12 @@ from ekko.core.version import counters_of
 from ekko.replica.node import ReplicaNode
 from simulator.fault_plan import RefRollback
 
-#: the model every scenario publishes: small enough for full mode in CI.
+#: the model every scenario publishes: small enough for full mode in CI.  ``ads`` is a
+#: hashed table: its rows carry keys, and every replica's key map is checked against them.
 MODEL_NAME = "chaos"
 SPEC = ModelSpec(MODEL_NAME, [TableSpec("emb", rows=512, dim=4, shards=8),
-                              TableSpec("dense", rows=16, dim=8, dense=True)])
+                              TableSpec("dense", rows=16, dim=8, dense=True),
+                              TableSpec("ads", dim=4, keys="int64", capacity=256, shards=4)])
 
 
 @dataclass
@@ -87,7 +89,7 @@ class ReferenceModel:
         """The reference state: per row, the greatest accepted version no rollback fenced
         (``without_lost``: and that no disk loss may have taken, :meth:`mark_lost`)."""
         ver = {t.name: np.zeros(t.rows, np.int64) for t in SPEC.tables}
-        val = {t.name: np.zeros((t.rows, t.dim), np.float32) for t in SPEC.tables}
+        val = {t.name: np.zeros((t.rows, t.width), np.float32) for t in SPEC.tables}
         for f in self.frames:
             for tname, (ids, versions, values) in f.tables.items():
                 t = SPEC.table(tname)
