@@ -4,7 +4,7 @@
 (seeds S, S+1, ...).  Each one drives real :class:`ekko.replica.node.ReplicaNode` objects in
 full mode (real values) through :class:`simulator.replicas.SimCluster` on a
 :class:`simulator.network.WanNetwork` of :attr:`FaultConfig.dcs` data centres, with a
-small model (:data:`SPEC`: one sparse and one dense table).  Everything below is drawn
+small model (:data:`SPEC`: a sparse, a dense and a hashed table).  Everything below is drawn
 from the seed, so a failing seed replays exactly with ``--seed S --seeds 1``.  The
 parameters are the fields of :class:`FaultConfig`; the shipped scenario
 ``simulator/scenarios/faults.toml`` sets them (``ekko sim run faults``).
@@ -92,7 +92,8 @@ Then every fault stops (heal, loss 0, every crashed replica and the publisher
 restarted; duplication and reordering stay on) and the harness checks:
 
 1. convergence: within :attr:`FaultConfig.convergence_bound_s` simulated seconds every
-   replica holds bit-identical versions and values to the expected state, and its
+   replica holds bit-identical versions and values to the expected state (a hashed
+   table's keys included: its key map finds every expected key in its slot), and its
    knowledge of every shard covers every counter each origin published there (frames
    lost with a disk included when a later frame links on them: closing such gaps is
    what gap probes are for; a frame lost at the tail of an origin's chain in a shard
