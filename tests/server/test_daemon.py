@@ -34,6 +34,7 @@ from ekko.core.messages import Outgoing
 from ekko.replica.node import ReplicaNode
 from ekko.replica.snapshot import load_snapshot
 from ekko.core.spec import ModelSpec, TableSpec
+from ekko.core.key_index import EMPTY_KEY
 from ekko.core.version import HLC_EPOCH_MS, pack
 from p2p.memnet import MemNet
 from procs import free_port
@@ -783,5 +784,43 @@ async def test_structurally_mutated_messages_never_cause_a_500(tmp_path):
         assert seen.get(400, 0) > FUZZ_MESSAGES // 4, seen  # the fuzz mostly hits validation
         assert not re.search(r"^ekko_internal_errors_total\{", await metrics_text(client), re.M)
         assert (await client.get("/healthz")).status == 200
+    finally:
+        await client.close()
+
+
+async def test_hashed_reads_by_key_and_their_errors(tmp_path):
+    """A hashed table's rows by key (found or not) and by slot, its key listing, and bad
+    key reads refused with the reason counted; a dense table refuses keys."""
+    from ekko.core.hashed import with_keys
+    spec = ModelSpec("ads", [TableSpec("h", dim=2, keys="int64", capacity=64, shards=2),
+                             TableSpec("e", rows=10, dim=2)])
+    d, client = await make_client(tmp_path)
+    try:
+        assert (await register(client, spec))[0] == 200
+        pc = PublisherChain(3)
+        keys = np.array([10**15, -5], np.int64)
+        rows = with_keys(np.array([[1, 2], [3, 4]], np.float32), keys, spec.table("h"))
+        frame = pc.frame(spec, {"h": (np.array([7, 40]), rows)}, now_ms=time.time() * 1000)
+        assert (await post(client, "/v1/publish", encode_frame(MsgType.PUBLISH, frame.body)))[0] == 200
+        js = await (await client.get(f"/v1/models/ads/tables/h/rows?keys={10**15},9,-5")).json()
+        assert (js["ids"], js["found"], js["keys"]) == ([7, -1, 40], [True, False, True], [10**15, 9, -5])
+        assert js["values"] == [[1, 2], [0, 0], [3, 4]] and js["versions"][1] == 0 and js["dim"] == 2
+        js = await (await client.get("/v1/models/ads/tables/h/rows?ids=40,0")).json()
+        assert (js["keys"], js["values"]) == ([-5, EMPTY_KEY], [[3, 4], [0, 0]])
+        listing = msgpack.unpackb(await (await client.get("/v1/models/ads/tables/h/keys")).read())
+        assert np.frombuffer(listing["slots"], "<i8").tolist() == [7, 40]
+        assert np.frombuffer(listing["keys"], "<i8").tolist() == [10**15, -5]
+        cases = [
+            (f"/v1/models/ads/tables/h/rows?keys={EMPTY_KEY}", 400, "bad_ids"),
+            ("/v1/models/ads/tables/h/rows?keys=1,x", 400, "bad_ids"),
+            (f"/v1/models/ads/tables/h/rows?keys={2**63}", 400, "bad_ids"),
+            ("/v1/models/ads/tables/e/rows?keys=1", 400, "bad_ids"),
+            ("/v1/models/ads/tables/e/keys", 404, "unknown_table"),
+            ("/v1/models/ads/tables/h/rows?keys=" + ",".join(["1"] * (MAX_READ_IDS + 1)), 413, "too_many_ids"),
+        ]
+        for url, want_status, want_reason in cases:
+            resp = await client.get(url)
+            js = await resp.json()
+            assert (resp.status, js["reason"]) == (want_status, want_reason), (url[:80], js)
     finally:
         await client.close()
