@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ekko.core.errors import UsageError
+from ekko.core.key_index import DELETED_KEY
 from ekko.core.spec import TableSpec
 
 #: numpy dtype used to carry each table dtype (bfloat16 travels as raw uint16 bits).
@@ -84,6 +85,12 @@ class Delta:
             if self.values.dtype != want or self.values.shape != (n, spec.width):
                 raise error(f"{self.model}/{self.table}: values must be {np.dtype(want).name} "
                             f"of shape ({n}, {spec.width}), got {self.values.dtype} {self.values.shape}")
+            if spec.hashed and n:
+                # The key bytes (ekko.core.hashed: key ^ KEY_BIAS) must not hold the reserved
+                # DELETED_KEY marker, stored as 1 (zeros, no key, are a delete or eviction).
+                stored = np.ascontiguousarray(self.values[:, spec.dim:]).view("<i8").reshape(n)
+                if (stored == 1).any():
+                    raise error(f"{self.model}/{self.table}: a row's key is the reserved value {DELETED_KEY}")
         for name, arr, dt in (("tombstone", self.tombstone, np.bool_), ("impact", self.impact, np.float32)):
             if arr is not None and (arr.dtype != dt or arr.shape != (n,)):
                 raise error(f"{self.model}/{self.table}: {name} must be {np.dtype(dt).name} of shape ({n},)")

@@ -230,3 +230,14 @@ def test_lru_victims_from_the_pool_equal_a_ranking_afresh(seed):
         ix.free(got)
         fresh = ix.insert(rng.integers(-2**62, 2**62, len(got)), regions=np.full(len(got), r))
         ix.touch(fresh, tick)
+
+
+def test_a_row_carrying_the_reserved_key_marker_is_refused_before_anything_changes():
+    from ekko.core.errors import ProtocolError as PE
+    from ekko.core.hashed import KEY_BIAS
+    t = TableSpec("h", dim=2, keys="int64", capacity=8)
+    rows = with_keys(np.ones((2, 2), np.float32), np.array([5, 6]), t)
+    rows[1, 2:] = np.array([DELETED_KEY ^ KEY_BIAS], "<i8").view(np.float32)
+    d = Delta("m", "h", np.array([0, 1]), np.array([1, 2]), rows)
+    with pytest.raises(PE, match="reserved"):
+        d.check(t, error=PE)
