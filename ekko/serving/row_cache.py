@@ -73,6 +73,8 @@ class RowCache:
         self._values = torch.zeros(capacity, self.spec.dim, dtype=TORCH_DTYPES[self.spec.dtype])
         self._versions = np.zeros(capacity, np.int64)
         self._slot = np.full(capacity, -1, np.int64)           # a hashed row's slot at the replica
+        # ... and back: a replica slot's cache position (a feed answer names slots).
+        self._at_slot = np.full(self.spec.rows, -1, np.int64) if self.hashed else None
         self._lock = threading.Lock()
         self._tick = 0
         self._seq = 0                                          # change batches applied so far
@@ -156,7 +158,15 @@ class RowCache:
         """Drop cached rows at positions ``pos`` (under the lock)."""
         if self._direct is not None:
             self._direct[self._index.keys_of(pos)] = -1
+        if self._at_slot is not None:
+            self._unslot(pos)
         self._index.free(pos)
+
+    def _unslot(self, pos: np.ndarray) -> None:
+        """Forget the replica slots of cache positions ``pos`` (where they still name them)."""
+        old = self._slot[pos]
+        mine = (old >= 0) & (self._at_slot[np.maximum(old, 0)] == pos)
+        self._at_slot[old[mine]] = -1
 
     def _keep(self, ids: np.ndarray, values: torch.Tensor, versions: np.ndarray, slots: np.ndarray,
               started: int) -> None:
@@ -176,6 +186,8 @@ class RowCache:
             pos = self._index.insert(ids)
             if self._direct is not None:
                 self._direct[ids] = pos
+            if self._at_slot is not None:
+                self._at_slot[slots] = pos
             self._values[torch.from_numpy(pos)] = values
             self._versions[pos] = versions
             self._slot[pos] = slots
@@ -204,8 +216,9 @@ class RowCache:
             self._seq += 1
             if ch.reset:
                 self._index = KeyIndex(self.capacity)
-                if self._direct is not None:
-                    self._direct.fill(-1)
+                for a in (self._direct, self._at_slot):
+                    if a is not None:
+                        a.fill(-1)
                 self._recent.clear()
                 return
             rows = ch.tables.get(self.table)
@@ -214,15 +227,10 @@ class RowCache:
             names = rows.keys if self.hashed else rows.ids
             if self.hashed:
                 # A cached key whose slot now holds another key was evicted there.
-                # (A pass over the cached rows per feed answer: cheap next to the answer's read.)
-                held = np.flatnonzero(self._index.keys_of(np.arange(self.capacity)) != EMPTY_KEY)
-                moved = held[np.isin(self._slot[held], rows.ids)]
-                if len(moved):
-                    order = np.argsort(rows.ids)
-                    now = rows.keys[order][np.searchsorted(rows.ids[order], self._slot[moved])]
-                    evicted = moved[now != self._index.keys_of(moved)]
-                    if len(evicted):
-                        self._forget(evicted)
+                at = self._at_slot[rows.ids]
+                gone = (at >= 0) & (self._index.keys_of(np.maximum(at, 0)) != rows.keys)
+                if gone.any():
+                    self._forget(at[gone])
                 keep = names != EMPTY_KEY
             else:
                 keep = np.ones(len(names), bool)
@@ -235,6 +243,9 @@ class RowCache:
                 p = pos[hit]
                 self._values[torch.from_numpy(p)] = rows.values[torch.from_numpy(sel)]
                 self._versions[p] = rows.versions[sel]
+                if self._at_slot is not None:   # a key may come back in another slot
+                    self._unslot(p)
+                    self._at_slot[rows.ids[sel]] = p
                 self._slot[p] = rows.ids[sel]
                 self.refreshed += len(p)
 
