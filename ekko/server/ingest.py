@@ -175,8 +175,12 @@ class IngestHandlers:
         peer = request.remote or ""
         try:
             await ws.prepare(request)
-        except ConnectionError:   # the peer (or a proxy) reset the connection during the upgrade
-            return ws
+        except ConnectionError:
+            # The peer (or a proxy) reset the connection during the upgrade.  Not the
+            # unprepared ``ws``: aiohttp would finish it with write_eof(), which raises
+            # RuntimeError("Call .prepare() first") -- a traceback in the log (seen once
+            # in bench/nemesis.py, seed 2).  A plain answer goes nowhere, quietly.
+            raise RequestRejected("the connection was reset during the upgrade", "reset") from None
         self.streams.add(ws)
         try:
             async for msg in ws:

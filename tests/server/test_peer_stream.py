@@ -12,6 +12,7 @@ from aiohttp import web
 from ekko.core.codec import Keyring, MsgType, decode_frame
 from ekko.core.messages import Outgoing
 from ekko.server.daemon import DRAIN_TIMEOUT_S
+from ekko.server.http_api import STREAM_ENDPOINT
 from ekko.server.transport import GOSSIP_PATH, STREAM_PATH, HttpTransport
 from test_daemon import start_site, tcp_daemon, wait_async
 
@@ -190,5 +191,39 @@ async def test_a_write_the_peer_does_not_take_closes_the_stream_after_the_timeou
         assert t.sent["GOSSIP"] < 600
     finally:
         stuck.set()
+        await t.close()
+        await runner.cleanup()
+
+
+async def test_a_reset_during_the_upgrade_ends_quietly(tmp_path, monkeypatch, caplog):
+    """A peer (or a proxy) that resets the connection while the stream is being upgraded,
+    after the answer's headers were started: the daemon answers nothing more and logs no
+    traceback (it returned the half-prepared WebSocketResponse once, and aiohttp's
+    write_eof on it raised RuntimeError: seen in bench/nemesis.py)."""
+    import logging
+    a = tcp_daemon(tmp_path, "a", "dc1")
+    runner = await start_site(a)
+
+    upgrades = []
+
+    async def reset(self, request):
+        if self._payload_writer is not None:   # as aiohttp's prepare: a second call returns
+            return self._payload_writer
+        upgrades.append(request)
+        self._pre_start(request)
+        await web.StreamResponse.prepare(self, request)   # the 101's headers started
+        request.transport.abort()                         # and the peer resets
+        raise ConnectionResetError("reset by the test")
+    monkeypatch.setattr(web.WebSocketResponse, "prepare", reset)
+    caplog.set_level(logging.ERROR)
+    t = HttpTransport(None)
+    await t.start()
+    try:
+        t.send(gossip(a.address, 0))
+        await wait_async(lambda: upgrades, 10, "the upgrade")
+        await asyncio.sleep(0.5)
+        assert not [r.getMessage() for r in caplog.records if r.exc_info or "Unhandled" in r.getMessage()]
+        assert a.metrics.rejects.labels(STREAM_ENDPOINT, "reset")._value.get() >= 1
+    finally:
         await t.close()
         await runner.cleanup()
