@@ -10,8 +10,8 @@ removals work on whole arrays of keys -- a loop over probe steps, never over row
   for eviction (:meth:`KeyIndex.touch`, :meth:`KeyIndex.victims`).  The slot a key gets
   travels with its row, so every replica holds a key in the same slot.
 * :class:`KeyMap`, a replica's: it *follows* the slots the rows name
-  (:meth:`KeyMap.rebind`, called by :class:`ekko.core.store.TableStore` for every row
-  written), so a read by key finds its slot.
+  (:meth:`KeyMap.rebind`, which :class:`ekko.core.store.TableStore` calls at a lookup for
+  the rows written since the last one), so a read by key finds its slot.
 """
 
 from __future__ import annotations
