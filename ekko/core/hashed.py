@@ -40,7 +40,10 @@ KEY_BIAS = np.int64(EMPTY_KEY)
 
 
 def check_keys(keys: Any, what: str = "keys") -> np.ndarray:
-    """``keys`` as a 1-d int64 array; :class:`UsageError` for anything else or a reserved key."""
+    """1-d ``keys`` (an array, a list, or a CPU or device tensor) as an int64 array;
+    :class:`UsageError` for anything else or a reserved key."""
+    if hasattr(keys, "detach"):   # a torch tensor (a float or bool one fails the dtype check below)
+        keys = keys.detach().to("cpu").numpy()
     k = np.asarray(keys)
     if k.ndim != 1 or not (np.issubdtype(k.dtype, np.integer) or k.size == 0):
         raise UsageError(f"{what} must be a 1-d array of integers, got {k.dtype} of shape {k.shape}")

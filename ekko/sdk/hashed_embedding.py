@@ -89,8 +89,7 @@ class HashedEmbedding(nn.Module):
 
     def slots_of(self, keys: Any) -> torch.Tensor:
         """The slot of each key, -1 where none holds it (no assignment, no eviction)."""
-        k = check_keys(_as_numpy(keys).reshape(-1))
-        return torch.from_numpy(self._slots.index.lookup(k)).reshape(tuple(torch.as_tensor(keys).shape))
+        return torch.from_numpy(self._slots.index.lookup(check_keys(_flat(keys)))).reshape(tuple(np.shape(keys)))
 
     def serve_from(self, lookup: Callable[[np.ndarray], np.ndarray]) -> None:
         """Find keys with ``lookup`` (int64 keys -> slots, -1: not held; a replica's key
@@ -101,13 +100,13 @@ class HashedEmbedding(nn.Module):
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
         """Rows of ``keys`` (any shape of int64 feature ids), giving new keys slots (or,
         serving, the replica's rows of them: zeros for a key it does not hold)."""
-        flat = _as_numpy(keys).reshape(-1)
+        flat = check_keys(_flat(keys))
         if self._serving is not None:
-            slots = torch.from_numpy(np.asarray(self._serving(check_keys(flat)), np.int64)).to(self.weight.device)
+            slots = torch.from_numpy(np.asarray(self._serving(flat), np.int64)).to(self.weight.device)
             held = (slots >= 0).reshape(tuple(keys.shape) + (1,))
             out = F.embedding(slots.clamp(min=0).reshape(tuple(keys.shape)), self.weight)
             return out * held.to(out.dtype)
-        uniq, inverse = np.unique(check_keys(flat), return_inverse=True)
+        uniq, inverse = np.unique(flat, return_inverse=True)
         slots = self._slots.assign(uniq)   # UsageError (nothing changed) when a full region may not evict
         dev = self.weight.device
         s = torch.from_numpy(slots).to(dev)
@@ -145,9 +144,6 @@ class HashedEmbedding(nn.Module):
         return f"capacity={self.capacity}, dim={self.dim}, shards={self.spec.num_shards}, eviction={self.spec.eviction}"
 
 
-def _as_numpy(keys: Any) -> np.ndarray:
-    if isinstance(keys, torch.Tensor):
-        if keys.is_floating_point() or keys.dtype == torch.bool:
-            raise UsageError(f"feature ids must be integers, got {keys.dtype}")
-        return keys.detach().to("cpu").numpy()
-    return np.asarray(keys)
+def _flat(keys: Any) -> Any:
+    """Feature ids of any shape, flattened (a tensor stays a tensor: check_keys takes both)."""
+    return keys.reshape(-1) if hasattr(keys, "reshape") else np.asarray(keys).reshape(-1)

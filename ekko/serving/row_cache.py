@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ekko.core.errors import EkkoError, UsageError
+from ekko.core.hashed import check_keys
 from ekko.core.key_index import EMPTY_KEY, KeyIndex
 from ekko.core.store import TORCH_DTYPES
 from ekko.sdk.client import Changes, Client
@@ -117,15 +118,21 @@ class RowCache:
         a hashed key the replica does not hold reads as zeros (and is not cached)."""
         if self._thread is None:
             raise UsageError("start() the cache first: its rows are kept fresh by the change feed")
-        arr = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids, np.int64)
-        flat = arr.reshape(-1)
+        shape = tuple(np.shape(ids))
+        if self.hashed:
+            flat = check_keys(ids.reshape(-1) if hasattr(ids, "reshape") else np.asarray(ids).reshape(-1))
+        else:
+            flat = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids).reshape(-1)
+            if flat.size and flat.dtype.kind not in "iu":
+                raise UsageError(f"row ids must be integers, got {flat.dtype}")
+            flat = flat.astype(np.int64, copy=False)
         with self._lock:
             pos = self._where(flat)
             self._tick += 1
             if (pos >= 0).all():   # all cached: one gather (the serving path)
                 self._index.last_used[pos] = self._tick
                 self.hits += len(pos)
-                return self._values.index_select(0, torch.from_numpy(pos)).reshape(*arr.shape, self.spec.dim)
+                return self._values.index_select(0, torch.from_numpy(pos)).reshape(*shape, self.spec.dim)
         uniq, inverse = np.unique(flat, return_inverse=True)
         out = torch.empty(len(uniq), self.spec.dim, dtype=self._values.dtype)
         with self._lock:
@@ -144,7 +151,7 @@ class RowCache:
             found = read.found if read.found is not None else np.ones(len(missing), bool)
             self._keep(missing[found], read.values[torch.from_numpy(found)], read.versions[found],
                        read.ids[found], started)
-        return out[torch.from_numpy(inverse)].reshape(*arr.shape, self.spec.dim)
+        return out[torch.from_numpy(inverse)].reshape(*shape, self.spec.dim)
 
     def _where(self, ids: np.ndarray) -> np.ndarray:
         """Cache position of each id or key, -1 where not cached (under the lock)."""
@@ -182,7 +189,8 @@ class RowCache:
             new = self._where(ids) < 0
             room = self._index.free_slots
             if new.sum() > room:
-                self._forget(self._index.victims(int(new.sum()) - room, "lru"))
+                # One region: its LRU pool, not a ranking of the whole cache per miss.
+                self._forget(self._index.victims(int(new.sum()) - room, "lru", region=0))
             pos = self._index.insert(ids)
             if self._direct is not None:
                 self._direct[ids] = pos

@@ -63,6 +63,11 @@ def test_a_cache_must_be_started_and_sized(tmp_path):
         c = RowCache(d.address, "m", "emb", capacity=10)
         with pytest.raises(UsageError, match="start"):
             c.lookup([1])
+        c.start()
+        for bad in ([1.5], [5000], [-1]):                    # not an integer, out of range
+            with pytest.raises(UsageError):
+                c.lookup(bad)
+        assert c.rows == 0 and c.misses == 0
         c.stop()
         with pytest.raises(UsageError):
             RowCache(d.address, "m", "emb", capacity=0)
