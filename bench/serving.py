@@ -1,6 +1,6 @@
 """Benchmark: serving lookups from a replica's tensors while updates arrive (issue #17).
 
-    python bench/serving.py [--lookups 2000] [--rate 10] [--rows 100000] [--dim 64]
+    python bench/serving.py [--lookups 2000] [--rate 10] [--rows 100000] [--dim 64] [--device cpu|cuda]
 
 Setup: one ``ekko daemon`` (the sidecar) and, in this process, an embedded
 ``ekko.Replica`` joined to it; a publisher *process* publishes ``--rate`` batches a
@@ -20,6 +20,11 @@ warm-up), timed one by one:
   one kept-alive connection);
 * ``RowCache lookup``: :class:`ekko.serving.RowCache` over the daemon, warmed with every
   id the lookups use (so all hits), kept fresh by the daemon's change feed meanwhile.
+
+With ``--device cuda`` the daemon and the embedded replica keep their tables on the GPU,
+``attach`` maps the daemon's by CUDA IPC, the local baseline is a GPU tensor, and every
+GPU lookup is timed up to a ``torch.cuda.synchronize()`` (the HTTP read and the row cache
+stay on the CPU).
 
 Then **freshness as the serving process sees it**: the publisher writes its publish
 number into row 0 and notes when it sent it; the serving process polls row 0 of the
@@ -98,10 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=10.0, help="publishes a second during the run (default 10)")
     ap.add_argument("--rows", type=int, default=100_000, help="table rows (default 100000)")
     ap.add_argument("--dim", type=int, default=64, help="table width (default 64)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the daemon's, the replica's and the local tables live (default cpu)")
     args = ap.parse_args(argv)
     if not (10 <= args.lookups <= 1_000_000 and 0 < args.rate <= 1000 and LOOKUP_IDS <= args.rows <= 10**8
             and 1 <= args.dim <= 4096):
         print("error: --lookups 10..1e6, --rate 0..1000, --rows 512..1e8, --dim 1..4096", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
     import ekko
     from ekko.sdk.client import Client
@@ -111,26 +121,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"# table {args.rows} x {args.dim} float32; lookups of {LOOKUP_IDS} random ids, {args.lookups} timed per "
           f"method; a publisher process sends {args.rate:g} publishes/s of {PUBLISH_ROWS} rows throughout; "
-          f"device cpu (CUDA: {torch.cuda.is_available()})")
+          f"device {args.device} (CUDA: {torch.cuda.is_available()})")
     print(f"# load average before {load0[0]:.2f} {load0[1]:.2f} on {os.cpu_count()} CPUs", flush=True)
     root = Path(tempfile.mkdtemp(prefix="serving-"))
     with DaemonGroup(root) as g:
-        a = g.start("sidecar", "dc1")
+        a = g.start("sidecar", "dc1", extra=["--device", args.device])
         pub = subprocess.Popen([sys.executable, "-c", _PUBLISHER, a.address, str(args.rows), str(args.dim),
                                 str(args.rate), str(root / "pub")], stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
         try:
             assert pub.stdout is not None and pub.stdout.readline().strip() == "ready"
             rep = ekko.Replica("embedded", "dc1", f"127.0.0.1:{free_port()}", root / "embedded",
-                               seeds=[a.address], preset="local", device="cpu").start()
+                               seeds=[a.address], preset="local", device=args.device).start()
             try:
                 rep.wait_for_model("m")
                 att = ekko.attach(a.address, "m")
                 client = Client(a.address)
-                local = torch.randn(args.rows, args.dim)
+                local = torch.randn(args.rows, args.dim, device=args.device)
                 rng = np.random.default_rng(1)
                 idx_np = [rng.choice(args.rows, LOOKUP_IDS, replace=False) for _ in range(64)]
-                idx = [torch.from_numpy(i) for i in idx_np]
+                idx_cpu = [torch.from_numpy(i) for i in idx_np]
+                idx = [i.to(args.device) for i in idx_cpu]
+                # A GPU lookup is queued, not done, when the call returns: time it to the end.
+                done = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
                 counter = iter(range(10**9))
 
                 def pick() -> int:
@@ -141,12 +154,12 @@ def main(argv: list[str] | None = None) -> int:
                     cache.lookup(i)                  # warm: every id the timed lookups use
                 cache.lookup(np.array([0]))
                 methods = {
-                    "local index_select": lambda: local.index_select(0, idx[pick()]),
+                    "local index_select": lambda: (local.index_select(0, idx[pick()]), done()),
                     "attach lookup": lambda: att.lookup("emb", idx[pick()]),
-                    "attach index_select": lambda: mapped.index_select(0, idx[pick()]),
-                    "Replica index_select": lambda: own.index_select(0, idx[pick()]),
+                    "attach index_select": lambda: (mapped.index_select(0, idx[pick()]), done()),
+                    "Replica index_select": lambda: (own.index_select(0, idx[pick()]), done()),
                     "HTTP read_rows": lambda: client.read_rows("m", "emb", idx_np[pick()]),
-                    "RowCache lookup": lambda: cache.lookup(idx[pick()]),
+                    "RowCache lookup": lambda: cache.lookup(idx_cpu[pick()]),
                 }
                 got = {name: timed(fn, args.lookups if "HTTP" not in name else max(10, args.lookups // 4))
                        for name, fn in methods.items()}

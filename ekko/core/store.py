@@ -211,7 +211,6 @@ class TableStore:
             idx = _tensor(wid).to(self.device, non_blocking=True)
             if capture_old:
                 old_values = to_wire_values(self.values.index_select(0, idx))
-            seq = self.write_seq
             if delta.values is not None:
                 src = from_wire_values(delta.values if pos is None else delta.values[pos], self.spec.dtype,
                                        self.device)
@@ -219,15 +218,12 @@ class TableStore:
                     # Copy first: on the CPU ``src`` may alias the caller's array.
                     src = src.clone()
                     src[_tensor(tomb).to(self.device)] = 0
-                if seq is not None:
-                    seq[0] += 1
+                self._begin_write()
                 self.values.index_copy_(0, idx, src)
             else:  # all tombstones, checked above
-                if seq is not None:
-                    seq[0] += 1
+                self._begin_write()
                 self.values.index_fill_(0, idx, 0)
-            if seq is not None:
-                seq[0] += 1
+            self._end_write()
         if tomb is not None:
             self.tombstone[wid] = tomb
             self._tomb_clean = None
@@ -300,14 +296,29 @@ class TableStore:
                 self._before_write(ids)
             idx = _tensor(np.ascontiguousarray(ids)).to(self.device)
             src = from_wire_values(np.ascontiguousarray(values), self.spec.dtype, self.device)
-            if self.write_seq is not None:
-                self.write_seq[0] += 1
+            self._begin_write()
             self.values.index_copy_(0, idx, src)
-            if self.write_seq is not None:
-                self.write_seq[0] += 1
+            self._end_write()
         if self._key_map is not None:
             self._note_written(np.asarray(ids, np.int64))
         self._mark_dirty(ids)
+
+    def _begin_write(self) -> None:
+        """Open a write of ``values`` for readers in other processes (:attr:`write_seq` odd)."""
+        if self.write_seq is not None:
+            self.write_seq[0] += 1
+
+    def _end_write(self) -> None:
+        """Close a write opened by :meth:`_begin_write` (:attr:`write_seq` even again).
+
+        On a GPU the write is only queued on the stream when the call returns; a reader
+        in another process trusts an even counter to mean no write is under way, so the
+        stream is drained first (shared tables only: :attr:`write_seq` is None otherwise,
+        and applies stay asynchronous)."""
+        if self.write_seq is not None:
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            self.write_seq[0] += 1
 
     # -- point-in-time views ------------------------------------------------------------------
     def freeze(self, run: Callable[[Callable[[], Any]], Any] | None = None) -> FrozenValues:

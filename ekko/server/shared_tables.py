@@ -6,9 +6,9 @@ the daemon then applies every update to that memory in place -- and answers wher
 they are::
 
     {"model", "node", "incarnation", "spec",
-     "tables": {table: {"path", "seq_path", "rows", "dim", "dtype"}}}
+     "tables": {table: {"path", "seq_path", "rows", "dim", "width", "dtype", "device"}}}
 
-A reader maps ``path`` read-only (``rows x dim`` of ``dtype``, row-major) and
+A reader maps ``path`` read-only (``rows x width`` of ``dtype``, row-major) and
 ``seq_path`` (one little-endian int64: :attr:`ekko.core.store.TableStore.write_seq`,
 odd while the daemon writes values).  What a reader may see (the rule): a read that
 overlaps a write (an apply, a rollback's restore) may see some rows old and some new,
@@ -18,8 +18,16 @@ does that).  A daemon that restarts shares new files (its new incarnation in the
 names): a reader notices by the ``incarnation`` and attaches again; the old mapping
 keeps the last values it had.
 
-CPU tables only (a CUDA table would need IPC handles: not built).  The files are the
-daemon user's, readable by its group (:data:`SHARED_FILE_MODE`), and removed when the daemon stops; a killed daemon's are removed by the next process of
+A table on the GPU stays where it is: its entry has no ``path`` but a ``cuda`` entry, a
+CUDA IPC handle of the table's memory (:func:`ekko.core.cuda_ipc.cuda_ipc_handle`, fresh for every request:
+each carries its own reference count), which a reader on the same host and GPU opens
+(:func:`ekko.core.cuda_ipc.open_cuda_ipc`).  The write counter stays a file in host memory; the daemon
+waits for a write's kernels before it makes the counter even again
+(:meth:`ekko.core.store.TableStore._end_write`).  A CUDA mapping cannot be made
+read-only: a reader that writes to it changes the daemon's table.
+
+The files are the daemon user's, readable by its group (:data:`SHARED_FILE_MODE`), and
+removed when the daemon stops; a killed daemon's are removed by the next process of
 the same node id on this host when it first shares.
 
 Example::
@@ -41,6 +49,7 @@ import numpy as np
 import torch
 from aiohttp import web
 
+from ekko.core.cuda_ipc import cuda_ipc_handle
 from ekko.core.store import TORCH_DTYPES
 from ekko.replica.node import ReplicaNode
 from ekko.server.frames import RequestRejected
@@ -100,30 +109,42 @@ class SharedTables:
         for spec in m.spec.tables:
             key = (model, spec.name)
             if key not in self._shared:
-                ts = m.store.table(spec.name)
-                if ts.values is None:
-                    raise RequestRejected("this replica keeps no values", "not_shareable")
-                if ts.values.device.type != "cpu":
-                    raise RequestRejected(f"table {spec.name!r} is on {ts.values.device}: only CPU tables are "
-                                          "shared (CUDA IPC is not built)", "not_shareable")
-                stem = self.directory / f"{self.prefix}{inc}-{_safe(model)}-{_safe(spec.name)}"
-                path, seq_path = stem.with_name(stem.name + ".values"), stem.with_name(stem.name + ".seq")
-                values = torch.from_file(str(path), shared=True, size=spec.rows * spec.width,
-                                         dtype=TORCH_DTYPES[spec.dtype]).view(spec.rows, spec.width)
-                self.files.append(path)
-                seq = np.memmap(seq_path, dtype="<i8", mode="w+", shape=(1,))
-                self.files.append(seq_path)
-                for f in (path, seq_path):
-                    os.chmod(f, SHARED_FILE_MODE)
-                values.copy_(ts.values)
-                # On the loop thread: no apply runs between the copy and the switch.
-                ts.values, ts.write_seq = values, seq
-                self._shared[key] = {"path": str(path), "seq_path": str(seq_path), "rows": spec.rows,
-                                     "dim": spec.dim, "width": spec.width, "dtype": spec.dtype}
-                log.info("table %s.%s shared at %s", model, spec.name, path)
-            tables[spec.name] = self._shared[key]
+                self._shared[key] = self._share_table(model, spec, m.store.table(spec.name), inc)
+            entry = self._shared[key]
+            if entry["device"] != "cpu":  # a handle of its own for every reader
+                entry = dict(entry, cuda=cuda_ipc_handle(m.store.table(spec.name).values))
+            tables[spec.name] = entry
         return {"model": model, "node": self.node.node_id, "incarnation": inc, "tables": tables,
                 "spec": m.spec.to_dict()}
+
+    def _share_table(self, model: str, spec: Any, ts: Any, inc: int) -> dict[str, Any]:
+        """Move one table's values to a file (a GPU table's stay put) and its write counter
+        to another; the table's entry."""
+        if ts.values is None:
+            raise RequestRejected("this replica keeps no values", "not_shareable")
+        device = ts.values.device.type
+        if device not in ("cpu", "cuda"):
+            raise RequestRejected(f"table {spec.name!r} is on {ts.values.device}: only CPU and CUDA tables "
+                                  "are shared", "not_shareable")
+        stem = self.directory / f"{self.prefix}{inc}-{_safe(model)}-{_safe(spec.name)}"
+        path, seq_path = stem.with_name(stem.name + ".values"), stem.with_name(stem.name + ".seq")
+        entry = {"seq_path": str(seq_path), "rows": spec.rows, "dim": spec.dim, "width": spec.width,
+                 "dtype": spec.dtype, "device": str(ts.values.device)}
+        values = ts.values
+        if device == "cpu":
+            values = torch.from_file(str(path), shared=True, size=spec.rows * spec.width,
+                                     dtype=TORCH_DTYPES[spec.dtype]).view(spec.rows, spec.width)
+            self.files.append(path)
+            os.chmod(path, SHARED_FILE_MODE)
+            values.copy_(ts.values)
+            entry["path"] = str(path)
+        seq = np.memmap(seq_path, dtype="<i8", mode="w+", shape=(1,))
+        self.files.append(seq_path)
+        os.chmod(seq_path, SHARED_FILE_MODE)
+        # On the loop thread: no apply runs between the copy and the switch.
+        ts.values, ts.write_seq = values, seq
+        log.info("table %s.%s shared %s", model, spec.name, entry.get("path", f"by CUDA IPC ({values.device})"))
+        return entry
 
     async def shared(self, request: web.Request) -> web.Response:
         """``GET /v1/models/{model}/shared`` (loopback only; see the module doc)."""
@@ -149,3 +170,4 @@ class SharedTables:
             except OSError:
                 pass
         self.files.clear()
+

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ekko.core.errors import RemoteError, UsageError
+from ekko.core.cuda_ipc import open_cuda_ipc
+from ekko.core.errors import ProtocolError, RemoteError, UsageError
 from ekko.core.spec import ModelSpec
 from ekko.core.store import TORCH_DTYPES
 
@@ -68,13 +69,19 @@ class Attached:
             # file is rows x width, the tensor shown its first dim columns.
             rows, dim = int(t["rows"]), int(t["dim"])
             width = int(t.get("width", dim))
-            arr = np.memmap(Path(t["path"]), dtype=_NP_DTYPES[dtype], mode="r", shape=(rows, width))
-            with warnings.catch_warnings():
-                # The mapping is read-only (PROT_READ): torch warns that it cannot enforce that.
-                warnings.simplefilter("ignore", UserWarning)
-                tensor = torch.from_numpy(arr)
-            if dtype == "bfloat16":
-                tensor = tensor.view(torch.bfloat16)
+            if "cuda" in t:     # the daemon's GPU memory (ekko.server.shared_tables)
+                tensor = open_cuda_ipc(t["cuda"], TORCH_DTYPES[dtype])
+                if tuple(tensor.shape) != (rows, width):
+                    raise ProtocolError(f"table {name!r}: the CUDA handle is of a {tuple(tensor.shape)} "
+                                        f"tensor, not ({rows}, {width})")
+            else:
+                arr = np.memmap(Path(t["path"]), dtype=_NP_DTYPES[dtype], mode="r", shape=(rows, width))
+                with warnings.catch_warnings():
+                    # The mapping is read-only (PROT_READ): torch warns that it cannot enforce that.
+                    warnings.simplefilter("ignore", UserWarning)
+                    tensor = torch.from_numpy(arr)
+                if dtype == "bfloat16":
+                    tensor = tensor.view(torch.bfloat16)
             assert tensor.dtype == TORCH_DTYPES[dtype]
             self._tables[name] = tensor[:, :dim] if width != dim else tensor
             self._seq[name] = np.memmap(Path(t["seq_path"]), dtype="<i8", mode="r", shape=(1,))
@@ -84,7 +91,8 @@ class Attached:
         return list(self._tables)
 
     def tensor(self, table: str) -> torch.Tensor:
-        """The table's ``(rows, dim)`` values, live (read-only: a write crashes this process)."""
+        """The table's ``(rows, dim)`` values, live.  Read-only: on the CPU a write crashes
+        this process; on a GPU nothing stops it, and it changes the daemon's table."""
         try:
             return self._tables[table]
         except KeyError:
@@ -96,10 +104,10 @@ class Attached:
         return int(self._seq[table][0])
 
     def lookup(self, table: str, ids: Any) -> torch.Tensor:
-        """Rows ``ids`` of a table, copied, with no write of the daemon overlapping the copy
-        (a read that overlapped one is done again)."""
+        """Rows ``ids`` of a table, copied (on the table's device), with no write of the
+        daemon overlapping the copy (a read that overlapped one is done again)."""
         t = self.tensor(table)
-        idx = torch.as_tensor(ids, dtype=torch.int64)
+        idx = torch.as_tensor(ids, dtype=torch.int64).to(t.device)
         seq = self._seq[table]
         for _ in range(MAX_READ_RETRIES):
             before = int(seq[0])
@@ -107,6 +115,8 @@ class Attached:
                 time.sleep(0)          # a write is under way: let it finish
                 continue
             out = t.index_select(0, idx)
+            if out.is_cuda:     # the copy must be done before the counter is read again
+                torch.cuda.current_stream(out.device).synchronize()
             if int(seq[0]) == before:
                 return out
         raise TornRead(f"table {table!r}: every one of {MAX_READ_RETRIES} reads overlapped a write")

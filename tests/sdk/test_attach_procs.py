@@ -118,3 +118,69 @@ def test_shared_files_are_not_readable_by_other_users(tmp_path):
         for f in (desc["path"], desc["seq_path"]):
             mode = stat.S_IMODE(Path(f).stat().st_mode)
             assert mode & stat.S_IRWXO == 0 and mode & stat.S_IRUSR, oct(mode)
+
+
+def test_cuda_ipc_entries_are_checked_before_use():
+    """A CPU tensor has no IPC handle; a malformed entry is refused before torch opens it;
+    without CUDA a good-looking entry is refused with a clear error."""
+    from ekko.core.cuda_ipc import ENTRY_FIELDS, cuda_ipc_handle, open_cuda_ipc
+    from ekko.core.errors import ProtocolError
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        cuda_ipc_handle(torch.zeros(2, 2))
+    with pytest.raises(ProtocolError, match="handle"):
+        open_cuda_ipc({"device": 0}, torch.float32)
+    sample = {int: 0, str: "AAAA", bool: False, list: [2, 2], (str, type(None)): None}
+    entry = {k: sample[t] for k, t in ENTRY_FIELDS.items()}
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA"):
+            open_cuda_ipc(entry, torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_attach_maps_the_daemons_gpu_table_and_follows_publishes_and_a_rollback(tmp_path):
+    """A daemon with its tables on the GPU shares them by CUDA IPC: this process (another
+    one) sees publishes and a rollback in place, lookups hold whole updates, and a bound
+    module computes with the daemon's own GPU memory."""
+    with DaemonGroup(tmp_path) as g:
+        a = g.start("a", "dc1", extra=["--device", "cuda"])
+        with Publisher([a.address], origin="t", state_dir=tmp_path / "pub") as pub:
+            pub.register(SPEC)
+            ids = np.arange(0, 2000, 2)
+            pub.publish_many("m", {"emb": (ids, np.full((len(ids), 16), 1.0, np.float32))})
+            att = ekko.attach(a.address, "m")
+            t = att.tensor("emb")
+            assert t.is_cuda and t.shape == (2000, 16)
+            assert torch.equal(att.lookup("emb", ids).cpu(), torch.full((len(ids), 16), 1.0))
+            pub.cut("m", "c1")
+            stop, bad, reads = threading.Event(), [], [0]
+
+            def reader():
+                while not stop.is_set():
+                    rows = att.lookup("emb", ids)
+                    reads[0] += 1
+                    if not bool((rows == rows[0, 0]).all()):
+                        bad.append(rows.cpu())
+
+            th = threading.Thread(target=reader, daemon=True)
+            th.start()
+            for k in range(2, 30):
+                pub.publish_many("m", {"emb": (ids, np.full((len(ids), 16), float(k), np.float32))})
+            stop.set()
+            th.join(10)
+            assert reads[0] > 5 and not bad
+            wait_for(lambda: bool((t[torch.as_tensor(ids, device=t.device)] == 29.0).all()), 10, 0.02,
+                     "the last publish in the daemon's GPU memory")
+            Client(a.address).rollback("m", "c1")
+            wait_for(lambda: bool((t[torch.as_tensor(ids, device=t.device)] == 1.0).all()), 10, 0.02,
+                     "the rollback in the daemon's GPU memory")
+
+            class Net(nn.Module):
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.emb = nn.Embedding(2000, 16)
+
+            net = Net().cuda()
+            assert att.bind(net) == ["emb"]
+            assert net.emb.weight.data_ptr() == t.data_ptr()
+            assert float(net.emb(torch.tensor([0], device=t.device)).sum()) == 16.0
+        g.terminate_all([a])

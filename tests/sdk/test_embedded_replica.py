@@ -32,21 +32,28 @@ def same_params(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(x.detach().cpu(), y.detach().cpu()) for x, y in zip(a.parameters(), b.parameters()))
 
 
-def test_a_bound_module_serves_the_trainers_outputs_bit_for_bit(tmp_path):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_bound_module_serves_the_trainers_outputs_bit_for_bit(tmp_path, device):
+    """On a GPU the trainer, the replica's tables and the served module all live there
+    (the same kernels on the same bits: equal outputs)."""
     torch.manual_seed(0)
-    trainer = Ranker()
+    trainer = Ranker().to(device)
     opt = torch.optim.SGD(trainer.parameters(), lr=0.1)
-    users, items, offsets = torch.tensor([3, 7, 999]), torch.tensor([1, 2, 3, 4, 499]), torch.tensor([0, 2, 3])
+    users, items, offsets = (torch.tensor(x, device=device) for x in ([3, 7, 999], [1, 2, 3, 4, 499], [0, 2, 3]))
     with DaemonGroup(tmp_path) as g:
         ingest = g.start("ingest", "dc1")
         rep = ekko.Replica("serving", "dc1", f"127.0.0.1:{free_port()}", tmp_path / "serving",
-                           seeds=[ingest.address], preset="local", device="cpu")
+                           seeds=[ingest.address], preset="local", device=device)
         with Publisher([ingest.address], origin="trainer", state_dir=tmp_path / "pub") as pub:
             tracker = pub.track(trainer, model="ranker")
             tracker.publish()                                  # the initial weights
             with rep:
-                served = Ranker()                              # its own (random) weights do not matter
+                served = Ranker().to(device)                   # its own (random) weights do not matter
                 bound = rep.bind(served, model="ranker")
+                assert served.user.weight.device.type == device
                 assert set(bound) == {"user", "item", "mlp_weight", "mlp_bias"}     # as track() names them
                 # no copies: the module's parameters are the replica's tables
                 assert served.user.weight.data_ptr() == rep.tensor("ranker", "user").data_ptr()
