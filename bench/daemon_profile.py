@@ -133,6 +133,18 @@ async def publisher(k: int, ep: list[str], key: str, state: Path, spec: Any, arg
     return n
 
 
+def peak_rss_mb(pid: int) -> int | None:
+    """A process's peak resident set (``VmHWM``) in MB; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        return None
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  epilog="Details: the module docstring (python -m pydoc bench/daemon_profile.py).")
@@ -233,6 +245,7 @@ def main() -> int:
     for s in spies:
         s.wait()
     after = {ep: scrape(ep, key) for ep in eps}
+    peak_mb = [peak_rss_mb(p) for p in pids]
     load1 = os.getloadavg()
 
     lat_ms = np.array(lat) * 1000
@@ -244,7 +257,8 @@ def main() -> int:
         "cpu_s": dict(zip(ids, [round(c, 2) for c in cpu])),
         "cpu_us_per_row": round(1e6 * sum(cpu) / max(1, rows), 1),
         "kernel_share": round(sum(kernel) / max(1e-9, sum(cpu)), 3),
-        "publisher_cpu_us_per_row": round(1e6 * own / max(1, rows), 1), "daemons": {}}
+        "publisher_cpu_us_per_row": round(1e6 * own / max(1, rows), 1),
+        "peak_rss_mb": dict(zip(ids, peak_mb)), "daemons": {}}
     print(f"\n{rows:,} rows in {elapsed:.1f} s: {res['rows_per_s_acked']:,} rows/s acknowledged, "
           f"ack p50 {res['ack_p50_ms']} ms, p90 {res['ack_p90_ms']} ms")
     print(f"CPU during the window: {sum(cpu):.1f} s over all daemons = {res['cpu_us_per_row']} us per row "
@@ -252,6 +266,8 @@ def main() -> int:
           f"{1e6 * float(np.median(cpu[1:] or [0])) / max(1, rows):.1f} us); "
           f"{100 * res['kernel_share']:.0f}% of it in the kernel; the publishers' process "
           f"{res['publisher_cpu_us_per_row']} us per row")
+    print(f"peak RSS (VmHWM) since start: ingest {peak_mb[0]} MB, the others' median "
+          f"{float(np.median([m or 0 for m in peak_mb[1:]] or [0])):.0f} MB, max {max(m or 0 for m in peak_mb)} MB")
     head = ["daemon", "cpu s"] + [e.replace("applied_rows_", "rows_") for e in EVENTS] + ["frames enc/reused", "fails"]
     print("\n" + " | ".join(head))
     for nid, ep, c in zip(ids, eps, cpu):
