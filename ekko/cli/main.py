@@ -141,6 +141,9 @@ def _add_daemon(sub: Any) -> None:
                    help=need("frame_mac", "how this daemon signs frames, whatever its keys say (default: the "
                                           "keyring's, blake3); hmac-sha256 while a cluster upgrades from daemons "
                                           "that verify only that"))
+    p.add_argument("--event-loop", choices=KEY_CHOICES["event_loop"],
+                   help=need("event_loop", "the asyncio event loop: uvloop (libuv, in C), asyncio's own, or auto "
+                                           "(default: uvloop where it is installed)"))
     p.set_defaults(func=cmd_daemon)
 
 
@@ -176,11 +179,13 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                         advertise=settings.get("advertise"), keyring_file=settings.get("keyring_file"),
                         apply_trace=settings.get("apply_trace"), open_metrics=settings["open_metrics"],
                         frame_mac=settings.get("frame_mac"))
+        loop_factory = event_loop_factory(settings.get("event_loop") or "auto")
     except UsageError as e:
         print(f"ekko daemon: {e}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(daemon.serve(ready=_freeze_startup_objects))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(daemon.serve(ready=_freeze_startup_objects))
     except UsageError as e:  # e.g. the data dir is locked by another daemon
         print(f"ekko daemon: {e}", file=sys.stderr)
         return 2
@@ -188,6 +193,24 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         print(f"ekko daemon: cannot serve on {settings['listen']}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def event_loop_factory(choice: str) -> Any:
+    """The daemon's event loop: uvloop's where ``choice`` is "uvloop" (it must be installed)
+    or "auto" and it is installed, else None (asyncio's own).  uvloop runs the loop and
+    the sockets' reads and writes in C (libuv): a daemon's time goes to many small
+    messages, and the event loop and transport were a fifth of its busy samples
+    (py-spy, bench/daemon_profile.py)."""
+    from ekko.core.errors import UsageError
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise UsageError("--event-loop uvloop: uvloop is not installed (pip install uvloop)") from None
+        return None
+    return uvloop.new_event_loop
 
 
 def _freeze_startup_objects() -> None:

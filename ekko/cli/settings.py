@@ -28,7 +28,8 @@ from ekko.core.errors import UsageError
 
 #: [daemon] keys a config file may set (the command-line flags without dashes).
 DAEMON_KEYS = ("node_id", "dc", "listen", "advertise", "seeds", "data_dir", "key_file", "device", "preset",
-               "log_level", "torch_threads", "keyring_file", "apply_trace", "open_metrics", "frame_mac")
+               "log_level", "torch_threads", "keyring_file", "apply_trace", "open_metrics", "frame_mac",
+               "event_loop")
 #: keys a daemon cannot start without, whichever of flags, environment or file gives them.
 REQUIRED_KEYS = ("node_id", "dc", "listen", "data_dir")
 #: prefix of the environment variable of each daemon key (``EKKO_NODE_ID`` ...).
@@ -45,7 +46,7 @@ BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "fal
 #: allowed values of the keys that have a fixed set (the flags' choices too).
 KEY_CHOICES: dict[str, tuple[str, ...]] = {"device": ("cpu", "cuda"), "preset": tuple(PRESETS),
                                            "log_level": ("debug", "info", "warning", "error"),
-                                           "frame_mac": MACS}
+                                           "frame_mac": MACS, "event_loop": ("auto", "uvloop", "asyncio")}
 #: default torch intra-op threads of a daemon.  Its tensor work is gathers and scatters of
 #: the rows in one message (memory-bound, small), issued from one event-loop thread; an
 #: OpenMP team only adds wake-up latency, which explodes on a busy host (a 1.5k-row

@@ -142,3 +142,29 @@ def test_sim_run_help_lists_the_systems():
     systems = next(a for a in run._actions if a.dest == "systems")
     for s in ALL_SYSTEMS:
         assert s in systems.help
+
+
+def test_event_loop_setting_and_its_factory(monkeypatch):
+    """``--event-loop`` / ``EKKO_EVENT_LOOP`` / ``event_loop`` in the file: uvloop's loop
+    where asked for or (auto) installed, asyncio's own otherwise; asking for uvloop
+    where it is missing is a clear error, not a fallback."""
+    import sys
+
+    from ekko.cli.main import event_loop_factory
+    base = ["daemon", "--node-id", "a", "--dc", "d", "--listen", "127.0.0.1:1", "--data-dir", "/tmp/a"]
+    assert daemon_settings(parse([*base, "--event-loop", "asyncio"]), {})[0]["event_loop"] == "asyncio"
+    assert daemon_settings(parse(base), {"EKKO_EVENT_LOOP": "uvloop"})[0]["event_loop"] == "uvloop"
+    with pytest.raises(UsageError, match="EKKO_EVENT_LOOP"):
+        daemon_settings(parse(base), {"EKKO_EVENT_LOOP": "tokio"})
+    assert event_loop_factory("asyncio") is None
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    if uvloop is not None:
+        assert event_loop_factory("auto") is uvloop.new_event_loop
+        assert event_loop_factory("uvloop") is uvloop.new_event_loop
+    monkeypatch.setitem(sys.modules, "uvloop", None)      # as if it were not installed
+    assert event_loop_factory("auto") is None
+    with pytest.raises(UsageError, match="not installed"):
+        event_loop_factory("uvloop")
