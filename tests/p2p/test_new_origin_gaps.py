@@ -10,8 +10,12 @@ not spread the ingest's closed gap to shards that pushes keep in motion.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ekko.core.chain import PublisherChain
+from ekko.core.codec import MsgType
 from ekko.core.config import NodeConfig
+from ekko.core.version import ORIGIN_BITS
 from tests.p2p.cluster import Trainer, make_cluster
 
 #: seconds a gap waits before its first probe here: far longer than the test's bound.
@@ -55,3 +59,40 @@ def test_a_new_publishers_gaps_close_everywhere_within_a_probe_round():
     assert not behind, f"{len(behind)} (node, shard) behind, e.g. {behind[:5]}"
     probing = [nid for nid, n in net.nodes.items() if n.counters["gap_probes_sent"]]
     assert len(probing) == len(net.nodes)   # each closed its own gap, none waited a tier
+
+
+def test_a_gap_answer_holds_exactly_the_probed_publishers_rows_in_range():
+    """A probe with several publishers of one shard (the shard's origins read once):
+    each entry's answer carries that publisher's rows with counters in (lo, hi], in
+    counter order, and no other's."""
+    import numpy as np
+
+    from ekko.core.codec import MsgType
+    from ekko.core.version import ORIGIN_BITS
+    net = make_cluster(1, 2, seed=3)
+    net.run(1.0)
+    node = net.nodes["n0-0"]
+    ts = node.models["ranker"].store.table("emb")
+    spec = ts.spec
+    a, b = spec.shard_range(0)
+    rows = np.arange(a, a + 12)
+    origins = np.array([5, 6, 5, 5, 9, 6, 5, 6, 9, 5, 6, 5])
+    counters = np.array([3, 4, 10, 7, 8, 12, 20, 30, 2, 5, 1, 15])
+    ts.versions[rows] = (counters << ORIGIN_BITS) | origins
+    other = spec.shard_range(1)[0]
+    ts.versions[other] = (6 << ORIGIN_BITS) | 5      # origin 5, counter 6, another shard
+    node.drain()
+    node.gap_probe.on_query({"from": "n0-1", "gaps": [["ranker", "emb", 0, 5, 4, 15], ["ranker", "emb", 0, 6, 0, 12],
+                                                      ["ranker", "emb", 0, 7, 0, 100]]}, net.now)
+    answers = [o for o in node.drain() if o.msg_type == MsgType.GOSSIP and o.body.get("k") == "ga"]
+    assert len(answers) == 1
+    got = {}
+    for e in answers[0].body["gaps"]:
+        ids = np.frombuffer(e[8]["ids"], "<i8").tolist() if e[8] is not None else []
+        got[e[3]] = ids
+
+    def want(o, lo, hi):
+        pick = [(c, r) for r, oo, c in zip(rows.tolist(), origins.tolist(), counters.tolist()) if oo == o and lo < c <= hi]
+        return [r for _, r in sorted(pick)]
+    assert got == {5: want(5, 4, 15), 6: want(6, 0, 12), 7: []}
+    assert got[5] == [a + 9, a + 3, a + 2, a + 11] and got[6] == [a + 10, a + 1, a + 5]
