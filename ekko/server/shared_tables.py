@@ -19,12 +19,12 @@ names): a reader notices by the ``incarnation`` and attaches again; the old mapp
 keeps the last values it had.
 
 A table on the GPU stays where it is: its entry has no ``path`` but a ``cuda`` entry, a
-CUDA IPC handle of the table's memory (:func:`ekko.core.cuda_ipc.cuda_ipc_handle`, fresh for every request:
-each carries its own reference count), which a reader on the same host and GPU opens
-(:func:`ekko.core.cuda_ipc.open_cuda_ipc`).  The write counter stays a file in host memory; the daemon
-waits for a write's kernels before it makes the counter even again
-(:meth:`ekko.core.store.TableStore._end_write`).  A CUDA mapping cannot be made
-read-only: a reader that writes to it changes the daemon's table.
+CUDA IPC handle of the table's memory (:func:`ekko.core.cuda_ipc.cuda_ipc_handle`, fresh
+for every request: each carries its own reference count), which a reader on the same
+host and GPU opens (:func:`ekko.core.cuda_ipc.open_cuda_ipc`).  The write counter stays
+a file in host memory; the daemon waits for a write's kernels before it makes the
+counter even again (:meth:`ekko.core.store.TableStore._end_write`).  A CUDA mapping
+cannot be made read-only: a reader that writes to it changes the daemon's table.
 
 The files are the daemon user's, readable by its group (:data:`SHARED_FILE_MODE`), and
 removed when the daemon stops; a killed daemon's are removed by the next process of
