@@ -133,18 +133,6 @@ async def publisher(k: int, ep: list[str], key: str, state: Path, spec: Any, arg
     return n
 
 
-def peak_rss_mb(pid: int) -> int | None:
-    """A process's peak resident set (``VmHWM``) in MB; None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        return None
-    return None
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  epilog="Details: the module docstring (python -m pydoc bench/daemon_profile.py).")
@@ -182,6 +170,7 @@ def main() -> int:
     os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
     from ekko import Client, ModelSpec, TableSpec
     from ekko.cli.demo import LocalCluster
+    from throughput import vm_hwm_mb    # bench/, beside this script
 
     root = Path(tempfile.mkdtemp(prefix="ekko-profile-"))
     key = os.urandom(16).hex()
@@ -245,7 +234,7 @@ def main() -> int:
     for s in spies:
         s.wait()
     after = {ep: scrape(ep, key) for ep in eps}
-    peak_mb = [peak_rss_mb(p) for p in pids]
+    peak_mb = [None if (mb := vm_hwm_mb(p)) is None else round(mb) for p in pids]
     load1 = os.getloadavg()
 
     lat_ms = np.array(lat) * 1000

@@ -411,19 +411,26 @@ class TableStore:
 
     def key_map(self) -> KeyMap:
         """A hashed table's key -> slot map, as the rows held now say (built on first use)."""
+        self._check_keyed()
+        with self._key_lock:
+            return self._current_key_map()
+
+    def _check_keyed(self) -> None:
         if not self.spec.hashed or self.values is None:
             raise UsageError(f"table {self.spec.name} has no keys (not hashed, or no values kept)")
-        with self._key_lock:
-            if self._key_map is None or self._key_map_of is not self.values:
-                self._key_pending, self._key_pending_rows = [], 0
-                m = KeyMap(self.spec.rows)
-                self._rebind(m, np.flatnonzero(self.versions > 0))
-                self._key_map, self._key_map_of = m, self.values
-            elif self._key_pending:
-                slots = np.unique(np.concatenate(self._key_pending))
-                self._key_pending, self._key_pending_rows = [], 0
-                self._rebind(self._key_map, slots)
-            return self._key_map
+
+    def _current_key_map(self) -> KeyMap:
+        """:meth:`key_map`'s work, with ``_key_lock`` held."""
+        if self._key_map is None or self._key_map_of is not self.values:
+            self._key_pending, self._key_pending_rows = [], 0
+            m = KeyMap(self.spec.rows)
+            self._rebind(m, np.flatnonzero(self.versions > 0))
+            self._key_map, self._key_map_of = m, self.values
+        elif self._key_pending:
+            slots = np.unique(np.concatenate(self._key_pending))
+            self._key_pending, self._key_pending_rows = [], 0
+            self._rebind(self._key_map, slots)
+        return self._key_map
 
     def _rebind(self, m: KeyMap, slots: np.ndarray) -> None:
         """Bind ``slots`` in ``m`` to the keys their rows hold now (a tombstone, or a slot
@@ -452,9 +459,10 @@ class TableStore:
             >>> ts.lookup([10**12, 7]).tolist()
             [2, -1]
         """
-        m = self.key_map()
-        with self._key_lock:
-            return m.lookup(check_keys(keys))
+        self._check_keyed()
+        k = check_keys(keys)
+        with self._key_lock:    # the map brought up to date and read at one instant
+            return self._current_key_map().lookup(k)
 
     def read(self, ids: np.ndarray) -> torch.Tensor:
         """Values of rows (a copy, on the store's device)."""

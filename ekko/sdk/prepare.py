@@ -195,7 +195,7 @@ def prepare_publish(spec: ModelSpec, tables: Mapping[str, Any]) -> PreparedPubli
         if isinstance(ids, SlotKeys):
             if not t.hashed:
                 raise UsageError(f"{name}: SlotKeys are for hashed tables")
-            keys = check_keys(np.asarray(ids.keys), f"{name}: keys")
+            keys = check_keys(ids.keys, f"{name}: keys")
             ids = ids.slots
             ids_a = _as_ids(ids, t, slots=True)
             if len(keys) != len(ids_a):

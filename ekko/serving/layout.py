@@ -91,6 +91,15 @@ def _check(name: str, p: torch.Tensor, t: TableSpec, dense: bool | None = None) 
     return Placement(name, t.name, shape, dense, t.hashed)
 
 
+def hashed_modules(module: nn.Module, placements: list[Placement]) -> list[tuple[nn.Module, Placement]]:
+    """Each :class:`~ekko.sdk.hashed_embedding.HashedEmbedding` of ``module`` whose weight is
+    placed in a hashed table, with that placement."""
+    from ekko.sdk.hashed_embedding import HashedEmbedding
+    hashed = {pl.param_name: pl for pl in placements if pl.hashed}
+    return [(m, hashed[f"{n}.weight" if n else "weight"]) for n, m in module.named_modules()
+            if isinstance(m, HashedEmbedding) and (f"{n}.weight" if n else "weight") in hashed]
+
+
 def bind(module: nn.Module, placements: list[Placement], values_of, lookup_of=None) -> list[str]:
     """Make each placed parameter of ``module`` a view of its table's values
     (``values_of(table)``), with ``requires_grad=False``; returns the tables bound.
@@ -99,11 +108,9 @@ def bind(module: nn.Module, placements: list[Placement], values_of, lookup_of=No
     finds keys through ``lookup_of(table)`` (``keys -> slots``, the replica's key map),
     never assigning slots itself; without ``lookup_of`` such a module is refused before
     anything is bound."""
-    from ekko.sdk.hashed_embedding import HashedEmbedding
     params = dict(module.named_parameters(remove_duplicate=False))
-    hashed = {pl.param_name: pl for pl in placements if pl.hashed}
-    keyed = [(m, hashed[n + ".weight" if n else "weight"]) for n, m in module.named_modules()
-             if isinstance(m, HashedEmbedding) and (n + ".weight" if n else "weight") in hashed]
+    keyed = hashed_modules(module, placements)
+    hashed = [pl.param_name for pl in placements if pl.hashed]
     if len(keyed) != len(hashed):
         raise UsageError(f"parameters {sorted(hashed)} are held by hashed tables: only a HashedEmbedding's "
                          "weight can be bound to one")

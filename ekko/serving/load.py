@@ -22,7 +22,6 @@ from torch import nn
 
 from ekko.core.key_index import EMPTY_KEY
 from ekko.sdk.client import Client
-from ekko.sdk.hashed_embedding import HashedEmbedding
 from ekko.serving import layout
 
 
@@ -45,10 +44,7 @@ def load(endpoint: str, model: str, module: nn.Module, key: Any = None, timeout:
         for pl in placements:
             p = params[pl.param_name]
             p.copy_(pl.view(reads[pl.table].values).to(p.device))
-    for name, mod in module.named_modules():   # a hashed table's keys, too
-        pl = next((pl for pl in placements if pl.hashed and pl.param_name == (f"{name}.weight" if name else "weight")),
-                  None)
-        if pl is not None and isinstance(mod, HashedEmbedding):
-            read = reads[pl.table]
-            mod.load_keys(np.where(read.found, read.keys, EMPTY_KEY))
+    for mod, pl in layout.hashed_modules(module, placements):   # a hashed table's keys, too
+        read = reads[pl.table]
+        mod.load_keys(np.where(read.found, read.keys, EMPTY_KEY))
     return [pl.table for pl in placements]

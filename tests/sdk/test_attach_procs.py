@@ -22,6 +22,30 @@ SPEC = ekko.ModelSpec("m", [ekko.TableSpec("emb", rows=2000, dim=16)])
 
 
 
+def lookups_during_publishes(att, pub, ids, numbers) -> tuple[int, list]:
+    """Publish every row of ``ids`` as each of ``numbers`` (all 16 values of a row equal to
+    the publish's number) while a thread looks the rows up through ``att``; the number of
+    lookups, and those that mixed two publishes (copied to the CPU)."""
+    stop, bad, reads = threading.Event(), [], [0]
+
+    def reader():
+        while not stop.is_set():
+            rows = att.lookup("emb", ids)
+            reads[0] += 1
+            if not bool((rows == rows[0, 0]).all()):
+                bad.append(rows.cpu())
+
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    try:
+        for k in numbers:
+            pub.publish_many("m", {"emb": (ids, np.full((len(ids), 16), float(k), np.float32))})
+    finally:
+        stop.set()
+        th.join(10)
+    return reads[0], bad
+
+
 def test_attached_tables_follow_publishes_and_a_rollback_in_place(tmp_path):
     with DaemonGroup(tmp_path) as g:
         a = g.start("a", "dc1")
@@ -62,23 +86,8 @@ def test_lookups_never_see_a_half_written_update(tmp_path):
             ids = np.arange(0, 2000, 2)
             pub.publish_many("m", {"emb": (ids, np.zeros((len(ids), 16), np.float32))})
             att = ekko.attach(a.address, "m")
-            stop = threading.Event()
-            bad, reads = [], [0]
-
-            def reader():
-                while not stop.is_set():
-                    rows = att.lookup("emb", ids)
-                    reads[0] += 1
-                    if not bool((rows == rows[0, 0]).all()):
-                        bad.append(rows)
-
-            th = threading.Thread(target=reader, daemon=True)
-            th.start()
-            for k in range(1, 60):
-                pub.publish_many("m", {"emb": (ids, np.full((len(ids), 16), float(k), np.float32))})
-            stop.set()
-            th.join(10)
-        assert reads[0] > 10 and not bad
+            reads, bad = lookups_during_publishes(att, pub, ids, range(1, 60))
+        assert reads > 10 and not bad
         assert float(att.tensor("emb")[0, 0]) == 59.0
 
 
@@ -152,22 +161,8 @@ def test_cuda_attach_maps_the_daemons_gpu_table_and_follows_publishes_and_a_roll
             assert t.is_cuda and t.shape == (2000, 16)
             assert torch.equal(att.lookup("emb", ids).cpu(), torch.full((len(ids), 16), 1.0))
             pub.cut("m", "c1")
-            stop, bad, reads = threading.Event(), [], [0]
-
-            def reader():
-                while not stop.is_set():
-                    rows = att.lookup("emb", ids)
-                    reads[0] += 1
-                    if not bool((rows == rows[0, 0]).all()):
-                        bad.append(rows.cpu())
-
-            th = threading.Thread(target=reader, daemon=True)
-            th.start()
-            for k in range(2, 30):
-                pub.publish_many("m", {"emb": (ids, np.full((len(ids), 16), float(k), np.float32))})
-            stop.set()
-            th.join(10)
-            assert reads[0] > 5 and not bad
+            reads, bad = lookups_during_publishes(att, pub, ids, range(2, 30))
+            assert reads > 5 and not bad
             wait_for(lambda: bool((t[torch.as_tensor(ids, device=t.device)] == 29.0).all()), 10, 0.02,
                      "the last publish in the daemon's GPU memory")
             Client(a.address).rollback("m", "c1")
