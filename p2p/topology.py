@@ -69,7 +69,7 @@ class Topology:
     graph: DcGraph = field(default_factory=DcGraph)
     _version: int = -1
     _by_dc: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict)
-    _cache: dict[tuple[str, str, int, str], np.ndarray] = field(default_factory=dict)
+    _cache: dict[tuple[str, str, int, str, int], np.ndarray] = field(default_factory=dict)
 
     def update(self, live: dict[str, str], version: int) -> None:
         """Set the live members (node id -> DC); cheap when ``version`` is unchanged."""
@@ -96,12 +96,20 @@ class Topology:
 
     def gateways(self, model: str, table: str, num_shards: int, dc: str) -> np.ndarray:
         """``(num_shards, g)`` array of gateway node ids of ``dc``, rank 0 first."""
-        key = (model, table, num_shards, dc)
+        return self.ranking(model, table, num_shards, dc, self.gateways_per_dc)
+
+    def ranking(self, model: str, table: str, num_shards: int, dc: str, k: int) -> np.ndarray:
+        """``(num_shards, min(k, members))`` array: for every shard the ``k`` members of
+        ``dc`` of highest rendezvous weight, highest first.  The gateways are its first
+        ``gateways_per_dc`` columns, a placed model's holders its first
+        ``replicas_per_shard`` (:mod:`p2p.placement`): one ranking, so a shard's rank-0
+        gateway is always one of its holders."""
+        key = (model, table, num_shards, dc, k)
         got = self._cache.get(key)
         if got is not None:
             return got
         ids, hashes = self._by_dc.get(dc, ([], np.zeros(0, np.uint64)))
-        g = min(self.gateways_per_dc, len(ids))
+        g = min(k, len(ids))
         if g == 0:
             out = np.empty((num_shards, 0), dtype=object)
         else:

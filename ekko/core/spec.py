@@ -55,6 +55,8 @@ DEFAULT_SHARD_ROWS = 1 << 14
 KEY_KINDS = ("dense", "int64")
 #: what a hashed table does when a key arrives for a full shard region.
 EVICTION_POLICIES = ("lru", "lfu", "none")
+#: most holders per shard and DC a placed model may ask for (``replicas_per_shard``).
+MAX_REPLICAS_PER_SHARD = 64
 
 
 def check_name(kind: str, name: str, error: type[Exception] = UsageError) -> str:
@@ -242,16 +244,24 @@ class ModelSpec:
         tables: the tables (embedding tables and dense-parameter tables).
         traffic_share: fraction of inference traffic this model serves (the
             scheduler's ``p_m``), in (0, 1].
+        replicas_per_shard: placement across a DC (issue #18): in every DC, each shard
+            of an embedding table lives on this many members, chosen by rendezvous
+            hashing (:mod:`p2p.placement`); 0 (the default): every replica holds every
+            shard.  Dense-parameter tables are always held everywhere (every serving
+            replica computes with them).
 
     Example:
         >>> m = ModelSpec("ranker", tables=[TableSpec("emb", rows=100, dim=8)])
-        >>> m.table("emb").dim
-        8
+        >>> m.table("emb").dim, m.placed
+        (8, False)
+        >>> ModelSpec("big", [TableSpec("emb", rows=100, dim=8)], replicas_per_shard=1).to_dict()["replicas_per_shard"]
+        1
     """
 
     name: str
     tables: tuple[TableSpec, ...] = field(default_factory=tuple)
     traffic_share: float = 1.0
+    replicas_per_shard: int = 0
 
     def __post_init__(self) -> None:
         check_name("model", self.name)
@@ -266,6 +276,20 @@ class ModelSpec:
             raise UsageError(f"model {self.name}: duplicate table names")
         if not (isinstance(self.traffic_share, (int, float)) and 0 < self.traffic_share <= 1):
             raise UsageError(f"model {self.name}: traffic_share must be in (0, 1]")
+        r = self.replicas_per_shard
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= MAX_REPLICAS_PER_SHARD:
+            raise UsageError(f"model {self.name}: replicas_per_shard must be an int in "
+                             f"0..{MAX_REPLICAS_PER_SHARD} (0: every replica holds every shard), got {r!r}")
+
+    @property
+    def placed(self) -> bool:
+        """Whether the model's embedding tables are partitioned across a DC's members."""
+        return self.replicas_per_shard > 0
+
+    def placed_table(self, name: str) -> bool:
+        """Whether this table's shards live on ``replicas_per_shard`` members per DC
+        (False for a dense-parameter table, which every replica holds)."""
+        return self.placed and not self.table(name).dense
 
     def table(self, name: str) -> TableSpec:
         for t in self.tables:
@@ -277,13 +301,17 @@ class ModelSpec:
         return any(t.name == name for t in self.tables)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "tables": [t.to_dict() for t in self.tables],
-                "traffic_share": self.traffic_share}
+        d: dict[str, Any] = {"name": self.name, "tables": [t.to_dict() for t in self.tables],
+                             "traffic_share": self.traffic_share}
+        if self.replicas_per_shard:   # only when placed: a replicated model encodes as before
+            d["replicas_per_shard"] = self.replicas_per_shard
+        return d
 
     def same_tables(self, other: "ModelSpec") -> bool:
         """Equal but for the layout (``param``, ``shape``), which one of them may lack: a
         model registered before layouts were recorded is the same model."""
         return (self.name == other.name and self.traffic_share == other.traffic_share
+                and self.replicas_per_shard == other.replicas_per_shard
                 and [t.without_layout() for t in self.tables] == [t.without_layout() for t in other.tables])
 
     @classmethod
@@ -294,7 +322,8 @@ class ModelSpec:
             if not isinstance(tables, list):
                 raise TypeError("tables must be a list")
             return cls(name=d["name"], tables=tuple(TableSpec.from_dict(t) for t in tables),
-                       traffic_share=float(d.get("traffic_share", 1.0)))
+                       traffic_share=float(d.get("traffic_share", 1.0)),
+                       replicas_per_shard=d.get("replicas_per_shard", 0))
         except (KeyError, TypeError, AttributeError, ValueError, UsageError) as e:
             if isinstance(e, ProtocolError):
                 raise
