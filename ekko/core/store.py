@@ -26,6 +26,7 @@ from ekko.core.frozen import FrozenValues
 from ekko.core.hash64 import mark_changes, row_marks
 from ekko.core.hashed import check_keys, keys_in
 from ekko.core.key_index import EMPTY_KEY, KeyMap
+from ekko.core.shard_blocks import ShardBlocks
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.version import Knowledge, counters_of
 
@@ -96,6 +97,11 @@ class TableStore:
         spec: the table's spec.
         device: where the values live; default :func:`default_device`.
         with_values: False keeps versions only (the simulator's metadata mode).
+        held: bool per shard: keep values only for these shards, packed one block per
+            shard (:class:`~ekko.core.shard_blocks.ShardBlocks`; a placed model, issue
+            #18); None: every shard, ``values[i]`` is row ``i``.  Rows of a shard not
+            held are refused (:class:`UsageError`, nothing changes); versions and
+            tombstones stay full-length.
 
     Example:
         >>> import numpy as np
@@ -104,10 +110,16 @@ class TableStore:
         >>> r = ts.apply(d)
         >>> r.ids.tolist(), ts.values[4].tolist(), int(ts.versions[4])
         ([4], [2.0, 2.0], 9)
+        >>> half = TableStore(TableSpec("t", rows=10, dim=2, shards=2), device="cpu", held=np.array([False, True]))
+        >>> tuple(half.values.shape), half.read(np.array([7])).tolist()
+        ((5, 2), [[0.0, 0.0]])
     """
 
-    def __init__(self, spec: TableSpec, device: torch.device | str | None = None, with_values: bool = True) -> None:
+    def __init__(self, spec: TableSpec, device: torch.device | str | None = None, with_values: bool = True,
+                 held: np.ndarray | None = None) -> None:
         self.spec = spec
+        #: which shards' values are kept and where (None: all, ``values[i]`` is row ``i``).
+        self.blocks: ShardBlocks | None = ShardBlocks(spec, held) if held is not None else None
         self.device = torch.device(device) if device is not None else default_device()
         # np.full, not np.zeros: touch every page now rather than fault them in on the
         # first applies (calloc maps zero pages lazily).
@@ -119,7 +131,8 @@ class TableStore:
         # place; one assigned from outside (a snapshot load, a copy) is not this object.
         self._tomb_clean: np.ndarray | None = self.tombstone
         self.values: torch.Tensor | None = (
-            torch.zeros(spec.rows, spec.width, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
+            torch.zeros(spec.rows if self.blocks is None else self.blocks.rows, spec.width,
+                        dtype=TORCH_DTYPES[spec.dtype], device=self.device)
             if with_values else None)
         self._shard_hash: dict[int, bytes] = {}
         self._dirty = np.ones(spec.num_shards, dtype=bool)
@@ -173,6 +186,8 @@ class TableStore:
                                                                  or not delta.tombstone.all()):
             raise UsageError(f"{delta.model}/{delta.table}: delta without values for a store with values")
         ids, inc = delta.ids, delta.versions
+        # Where the rows sit in ``values``; refuses rows of shards not held, before any change.
+        at = self._pos(ids)
         # Duplicate ids are rare (a publisher sends each row once per publish): one sort
         # detects them (sequential, cheaper than any check on the version array with
         # cold caches), and only then are the winners collapsed.
@@ -197,6 +212,8 @@ class TableStore:
             if keep is not None:
                 pos = keep if pos is None else pos[keep]
                 wid, old_w, new_w = wid[keep], old_w[keep], new_w[keep]
+        # positions of the winners in ``values`` (``pos`` indexes the delta's rows)
+        wat = wid if self.blocks is None else (at if pos is None else at[pos])
         self.versions[wid] = new_w
         self._written += int(np.count_nonzero(old_w == 0))
         self._rehash_rows(wid, old_w, new_w, shards if wid is ids else None)
@@ -207,8 +224,8 @@ class TableStore:
             tomb = delta.tombstone if pos is None else delta.tombstone[pos]
         if self.values is not None:
             if self._frozen:
-                self._before_write(wid)
-            idx = _tensor(wid).to(self.device, non_blocking=True)
+                self._before_write(wat)
+            idx = _tensor(wat).to(self.device, non_blocking=True)
             if capture_old:
                 old_values = to_wire_values(self.values.index_select(0, idx))
             if delta.values is not None:
@@ -282,6 +299,7 @@ class TableStore:
             return
         if self.values is not None and values is None:
             raise UsageError("restore_rows needs values on a store with values")
+        at = self._pos(np.asarray(ids, np.int64))   # refuses shards not held, before any change
         old = self.versions[ids]
         self._written += int(np.count_nonzero(versions)) - int(np.count_nonzero(old))
         self.versions[ids] = versions
@@ -293,8 +311,8 @@ class TableStore:
             self.tombstone[ids] = False
         if self.values is not None:
             if self._frozen:
-                self._before_write(ids)
-            idx = _tensor(np.ascontiguousarray(ids)).to(self.device)
+                self._before_write(at)
+            idx = _tensor(np.ascontiguousarray(at)).to(self.device)
             src = from_wire_values(np.ascontiguousarray(values), self.spec.dtype, self.device)
             self._begin_write()
             self.values.index_copy_(0, idx, src)
@@ -302,6 +320,75 @@ class TableStore:
         if self._key_map is not None:
             self._note_written(np.asarray(ids, np.int64))
         self._mark_dirty(ids)
+
+    def _pos(self, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` as positions in ``values`` (themselves unless packed)."""
+        return ids if self.blocks is None else self.blocks.positions(ids)
+
+    def held(self) -> np.ndarray:
+        """Bool per shard: whether this store keeps the shard's values."""
+        return np.ones(self.spec.num_shards, bool) if self.blocks is None else self.blocks.held
+
+    def hold(self, shards: Any) -> None:
+        """Start keeping the values of ``shards`` (a packed store taking them over): each
+        gets a zeroed block; its rows hold no version yet, so a pull fills them.
+
+        Example:
+            >>> ts = TableStore(TableSpec("t", rows=8, dim=1, shards=4), device="cpu", held=np.array([1, 0, 0, 0], bool))
+            >>> ts.hold([2]); ts.held().tolist(), tuple(ts.values.shape)
+            ([True, False, True, False], (4, 1))
+        """
+        b = self._blocks_to_change("hold")
+        for s in np.asarray(shards, np.int64).ravel().tolist():
+            block, grow = b.add(s)
+            if self.values is None:
+                continue
+            if grow:
+                more = b.rows - int(self.values.shape[0])
+                self.values = torch.cat([self.values, self.values.new_zeros(more, self.values.shape[1])])
+            lo, hi = b.shard_span(s)
+            self.values[lo:hi] = 0
+        self._dirty[np.asarray(shards, np.int64).ravel()] = True   # the digest now covers them
+
+    def drop(self, shards: Any) -> None:
+        """Stop keeping ``shards``: their rows forget value, version and tombstone (what a
+        replica that never held them has), and their blocks are freed for later shards.
+
+        Example:
+            >>> ts = TableStore(TableSpec("t", rows=8, dim=1, shards=4), device="cpu", held=np.ones(4, bool))
+            >>> _ = ts.apply(Delta("m", "t", np.array([1, 5]), np.array([3, 3]), np.ones((2, 1), np.float32)))
+            >>> ts.drop([2]); ts.held().tolist(), ts.versions.tolist(), ts.written_rows()
+            ([True, True, False, True], [0, 3, 0, 0, 0, 0, 0, 0], 1)
+        """
+        b = self._blocks_to_change("drop")
+        for s in np.asarray(shards, np.int64).ravel().tolist():
+            if not b.held[s]:
+                continue
+            lo, hi = self.spec.shard_range(s)
+            ids = np.flatnonzero(self.versions[lo:hi]).astype(np.int64) + lo
+            if len(ids):
+                self.restore_rows(ids, np.zeros(len(ids), np.int64), None if self.values is None else
+                                  np.zeros((len(ids), self.spec.width), self._wire_dtype()))
+            b.remove(s)
+            self._dirty[s] = True   # the digest no longer covers it
+
+    def _blocks_to_change(self, what: str) -> ShardBlocks:
+        if self.blocks is None:
+            raise UsageError(f"table {self.spec.name} keeps every shard (not placed): nothing to {what}")
+        if self._frozen:
+            # A snapshot reads the packed values block by block: moving blocks under it
+            # would mix shards.  The caller tries again once the snapshot is written.
+            raise UsageError(f"table {self.spec.name}: cannot {what} shards while a snapshot reads the table")
+        return self.blocks
+
+    def _wire_dtype(self) -> np.dtype:
+        return np.dtype(np.uint16) if self.spec.dtype == "bfloat16" else np.dtype(self.spec.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of table memory: values (held shards only, when packed), versions, tombstones."""
+        v = self.values.numel() * self.values.element_size() if self.values is not None else 0
+        return v + self.versions.nbytes + self.tombstone.nbytes
 
     def _begin_write(self) -> None:
         """Open a write of ``values`` for readers in other processes (:attr:`write_seq` odd)."""
@@ -437,9 +524,13 @@ class TableStore:
         never written, holds none)."""
         if not len(slots):
             return
-        idx = _tensor(slots).to(self.device)
-        keys = keys_in(self.values[:, self.spec.dim:].index_select(0, idx))
-        keys[(self.versions[slots] == 0) | self.tombstone[slots]] = EMPTY_KEY
+        # Only rows with a live version hold a key: the others are not read (a packed
+        # store may no longer keep their shard).
+        live = (self.versions[slots] > 0) & ~self.tombstone[slots]
+        keys = np.full(len(slots), EMPTY_KEY, dtype=np.int64)
+        if live.any():
+            idx = _tensor(self._pos(slots[live])).to(self.device)
+            keys[live] = keys_in(self.values[:, self.spec.dim:].index_select(0, idx))
         m.rebind(slots, keys, self.versions)
 
     def held_keys(self) -> tuple[np.ndarray, np.ndarray]:
@@ -468,7 +559,7 @@ class TableStore:
         """Values of rows (a copy, on the store's device)."""
         if self.values is None:
             raise UsageError("this store keeps no values (metadata mode)")
-        return self.values.index_select(0, _tensor(np.asarray(ids, np.int64)).to(self.device))
+        return self.values.index_select(0, _tensor(self._pos(np.asarray(ids, np.int64))).to(self.device))
 
     def take(self, model: str, ids: np.ndarray) -> Delta:
         """The current state of rows as a delta (values, versions, tombstones)."""
@@ -498,13 +589,18 @@ class TableStore:
     def digest(self) -> str:
         """Hash of the row values in row order (values only), hex.
 
-        Equal across replicas exactly when their values are bit-identical.  Kept
-        per shard and recomputed only for shards written since the last call.
+        Equal across replicas exactly when their values are bit-identical (of the shards
+        held here, for a packed store).  Kept per shard and recomputed only for shards
+        written since the last call.
         """
         if self.values is None:
             raise UsageError("this store keeps no values (metadata mode)")
+        held = self.held()
         for s in np.flatnonzero(self._dirty).tolist():
-            lo, hi = self.spec.shard_range(s)
+            if not held[s]:
+                self._shard_hash[s] = b""   # values not kept here: not part of the digest
+                continue
+            lo, hi = self.spec.shard_range(s) if self.blocks is None else self.blocks.shard_span(s)
             chunk = self.values[lo:hi].detach().to("cpu").contiguous()
             raw = chunk.view(torch.uint8).numpy() if chunk.numel() else b""
             self._shard_hash[s] = hashlib.blake2b(raw, digest_size=16).digest()
@@ -524,9 +620,13 @@ class ModelStore:
         4
     """
 
-    def __init__(self, spec: ModelSpec, device: torch.device | str | None = None, with_values: bool = True) -> None:
+    def __init__(self, spec: ModelSpec, device: torch.device | str | None = None, with_values: bool = True,
+                 held: dict[str, np.ndarray] | None = None) -> None:
+        """``held``: per table, the shards whose values to keep (a placed model; tables not
+        named keep every shard)."""
         self.spec = spec
-        self.tables = {t.name: TableStore(t, device, with_values) for t in spec.tables}
+        held = held or {}
+        self.tables = {t.name: TableStore(t, device, with_values, held.get(t.name)) for t in spec.tables}
 
     def copy(self) -> "ModelStore":
         """A point-in-time copy (versions, tombstones, values cloned on their own device):
@@ -538,6 +638,7 @@ class ModelStore:
             c.versions = ts.versions.copy()
             c.tombstone = ts.tombstone.copy()
             c.values = ts.values.detach().clone() if ts.values is not None else None
+            c.blocks = ts.blocks.copy() if ts.blocks is not None else None
         return out
 
     def freeze(self, run: Callable[[Callable[[], Any]], Any] | None = None
@@ -554,6 +655,7 @@ class ModelStore:
                 c.device = ts.device
                 c.versions = ts.versions.copy()
                 c.tombstone = ts.tombstone.copy()
+                c.blocks = ts.blocks.copy() if ts.blocks is not None else None
                 if ts.values is not None:
                     views[name] = ts.freeze(run)
         except BaseException:

@@ -56,6 +56,7 @@ import torch
 from ekko.core.delta import WIRE_DTYPES
 from ekko.core.errors import ProtocolError, UsageError
 from ekko.core.frozen import FROZEN_BLOCK_BYTES, FrozenValues
+from ekko.core.shard_blocks import ShardBlocks
 from ekko.core.fsutil import fsync_dir
 from ekko.core.spec import NAME_RE, ModelSpec, TableSpec
 from ekko.core.store import TORCH_DTYPES, ModelStore, TableStore, default_device
@@ -191,6 +192,9 @@ def save_snapshot(data_dir: str | os.PathLike, model_store: ModelStore, meta: di
                                          lambda w, a=ts.tombstone: np.save(w, np.ascontiguousarray(a, "?"))),
                 "values": None,
             }
+            if ts.blocks is not None:
+                # A placed table's values hold only its held shards, packed: the map says where.
+                entry["blocks"] = ts.blocks.to_list()
             view = (frozen or {}).get(t.name)
             if view is not None:
                 rows_per_block = max(1, FROZEN_BLOCK_BYTES // max(1, t.row_bytes))
@@ -329,22 +333,25 @@ def _load_array(path: Path, entry: Any, dtype: np.dtype, rows: int) -> np.ndarra
     return np.ascontiguousarray(a)
 
 
-def _load_values(path: Path, entry: Any, spec: TableSpec, device: torch.device) -> torch.Tensor:
-    """Stream the values file onto ``device`` while hashing it; checks size and checksum."""
+def _load_values(path: Path, entry: Any, spec: TableSpec, device: torch.device,
+                 rows: int | None = None) -> torch.Tensor:
+    """Stream the values file onto ``device`` while hashing it; checks size and checksum.
+    ``rows``: rows of packed values (a placed table), default the spec's."""
     _check_entry(entry, path.name)
     wire = np.dtype(WIRE_DTYPES[spec.dtype]).newbyteorder("<")
-    want = spec.rows * spec.width * wire.itemsize
+    rows = spec.rows if rows is None else rows
+    want = rows * spec.width * wire.itemsize
     if entry["size"] != want:
         raise _bad(f"{path.name}: {entry['size']} bytes, the spec needs {want}")
-    values = torch.empty(spec.rows, spec.width, dtype=TORCH_DTYPES[spec.dtype], device=device)
+    values = torch.empty(rows, spec.width, dtype=TORCH_DTYPES[spec.dtype], device=device)
     rows_per_chunk = max(1, CHUNK_BYTES // spec.row_bytes)
     buf = np.empty((rows_per_chunk, spec.width), dtype=wire)
     h = hashlib.blake2b(digest_size=_HASH_BYTES)
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size != want:
             raise _bad(f"{path.name} has the wrong size")
-        for lo in range(0, spec.rows, rows_per_chunk):
-            part = buf[:min(rows_per_chunk, spec.rows - lo)]
+        for lo in range(0, rows, rows_per_chunk):
+            part = buf[:min(rows_per_chunk, rows - lo)]
             mv = memoryview(part).cast("B")
             if f.readinto(mv) != len(mv):
                 raise _bad(f"{path.name} is truncated")
@@ -514,8 +521,9 @@ def load_undo(data_dir: str | os.PathLike, spec: ModelSpec) -> UndoImage | None:
 
 
 def _same_tables(a: ModelSpec, b: ModelSpec) -> bool:
-    # traffic_share may change between runs without touching the stored state
-    return a.name == b.name and a.tables == b.tables
+    # traffic_share may change between runs without touching the stored state; the
+    # placement (replicas_per_shard) decides which shards a store holds, so it may not
+    return a.name == b.name and a.tables == b.tables and a.replicas_per_shard == b.replicas_per_shard
 
 
 def load_snapshot(data_dir: str | os.PathLike, spec: ModelSpec,
@@ -573,8 +581,14 @@ def load_snapshot(data_dir: str | os.PathLike, spec: ModelSpec,
             ts.tombstone = _load_array(where / f"{stem}.tombstone.npy", e["tombstone"], np.dtype(np.bool_), t.rows)
             if (ts.versions < 0).any():
                 raise _bad(f"{stem}.versions.npy holds negative versions")
+            if e.get("blocks") is not None:
+                try:
+                    ts.blocks = ShardBlocks.from_list(t, e["blocks"])
+                except UsageError as err:
+                    raise _bad(f"{stem}: {err}") from None
             if e["values"] is not None:   # None: saved from a metadata-mode store
-                ts.values = _load_values(where / f"{stem}.values.bin", e["values"], t, device)
+                ts.values = _load_values(where / f"{stem}.values.bin", e["values"], t, device,
+                                         rows=None if ts.blocks is None else ts.blocks.rows)
         return store, meta
     except ProtocolError as e:
         if e.reason == "bad_snapshot":

@@ -122,6 +122,10 @@ class SharedTables:
         to another; the table's entry."""
         if ts.values is None:
             raise RequestRejected("this replica keeps no values", "not_shareable")
+        if ts.blocks is not None:
+            # A reader indexes the file by row id; a placed table's file holds its shards packed.
+            raise RequestRejected(f"table {spec.name!r} is placed across the DC (replicas_per_shard): "
+                                  "read it with Client.lookup, not by attach", "not_shareable")
         device = ts.values.device.type
         if device not in ("cpu", "cuda"):
             raise RequestRejected(f"table {spec.name!r} is on {ts.values.device}: only CPU and CUDA tables "

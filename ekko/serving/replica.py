@@ -174,10 +174,13 @@ class Replica:
         spec = self.daemon.node.table_spec(model, table)
         if spec is None:
             raise UsageError(f"model {model!r} has no table {table!r}")
-        values = self.daemon.node.table_store(model, table).values
-        if values is None:
+        ts = self.daemon.node.table_store(model, table)
+        if ts.values is None:
             raise UsageError("this replica keeps no values (metadata mode)")
-        return values
+        if ts.blocks is not None:
+            raise UsageError(f"table {table!r} is placed across the DC (replicas_per_shard): this replica keeps "
+                             "some of its shards, packed, not a (rows, dim) tensor")
+        return ts.values
 
     def bind(self, module: nn.Module, model: str, timeout: float = BIND_TIMEOUT_S) -> list[str]:
         """Make ``module``'s tables the replica's own tensors; returns the bound table names.
