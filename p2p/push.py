@@ -266,6 +266,7 @@ class EagerPush:
             return
         if deltas:
             self.host.counters["push_frames_sent"] += 1
+            self.host.counters["push_deltas_sent"] += len(deltas)
             body = {"from": self.host.node_id, "dc": self.host.dc, "deltas": deltas}
             if optional:
                 body.update(optional)   # "prio", "links": older receivers ignore them
