@@ -18,6 +18,7 @@ from ekko.core.codec import (
     array_to_wire,
     field,
 )
+from ekko.core.config import MAX_SHARDS_PER_PULL
 from ekko.core.errors import ProtocolError
 from ekko.core.hash64 import mix64 as _mix
 from ekko.core.messages import Outgoing
@@ -63,6 +64,25 @@ def _scope_digest(digests: np.ndarray, mask: np.ndarray | None) -> int:
         _SCOPE_DIGESTS[key] = got
     return got
 
+
+def _parse_fill(raw: Any) -> dict[tuple[str, str], list[int]]:
+    """A summary's optional ``fill`` (``{model: {table: [shards]}}``), checked; {} when absent."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ProtocolError("bad fill list", "bad_body")
+    out: dict[tuple[str, str], list[int]] = {}
+    for name, tables in raw.items():
+        if not isinstance(tables, dict):
+            raise ProtocolError("bad fill list", "bad_body")
+        for table, shards in tables.items():
+            if not isinstance(shards, list) or len(shards) > MAX_SHARDS_PER_PULL or not all(
+                    isinstance(s, int) and s >= 0 for s in shards):
+                raise ProtocolError("bad fill list", "bad_body")
+            out[(name, table)] = shards
+    return out
+
+
 class AntiEntropy:
     """Anti-entropy rounds every ``ae_interval``: partners, summaries and digests.
 
@@ -102,7 +122,16 @@ class AntiEntropy:
         if kind in ("dc", "any"):
             for name, m in self.host.models.items():
                 for t in m.spec.tables:
-                    out[(name, t.name)] = None
+                    held = m.held(t.name)
+                    if held is None:
+                        out[(name, t.name)] = None
+                        continue
+                    # A placed table: the shards we keep that the placement gives the partner
+                    # (during a hand-off the giver's scope holds the shard and the taker's
+                    # does not: their digests differ, the giver lists it, the taker pulls).
+                    mask = held & self.host.assigned(m.spec, t.name, node=partner)
+                    if mask.any():
+                        out[(name, t.name)] = mask
             return out
         # ("wan", rank): shards where we are both gateways of that rank in our DCs.
         rank = int(scope[1])
@@ -122,17 +151,33 @@ class AntiEntropy:
         hit = memo.get(key)
         specs = tuple(m.spec for m in self.host.models.values())
         if hit is not None and len(hit[0]) == len(specs) and all(a is b for a, b in zip(hit[0], specs)):
-            return hit[1]
+            return self._kept(hit[1])
         memo[key] = (specs, out)
         for name, m in self.host.models.items():
             for t in m.spec.tables:
-                mine = self.host.topology.gateways(name, t.name, t.num_shards, self.host.dc)
-                theirs = self.host.topology.gateways(name, t.name, t.num_shards, pmem.dc)
+                mine = self.host.placement.gateways(m.spec, t.name, self.host.dc)
+                theirs = self.host.placement.gateways(m.spec, t.name, pmem.dc)
                 if mine.shape[1] <= rank or theirs.shape[1] <= rank:
                     continue
                 mask = (mine[:, rank] == self.host.node_id) & (theirs[:, rank] == partner)
                 if mask.any():
                     out[(name, t.name)] = mask
+        return self._kept(out)
+
+    def _kept(self, masks: dict[tuple[str, str], np.ndarray | None]) -> dict[tuple[str, str], np.ndarray | None]:
+        """WAN scope masks less the placed shards not kept here yet (given by the placement,
+        not yet taken by :meth:`p2p.handoff.HandOff.round`); the memo holds them whole."""
+        out = masks
+        for (name, table), mask in masks.items():
+            held = self.host.models[name].held(table) if name in self.host.models else None
+            if held is not None and mask is not None and not held[mask].all():
+                if out is masks:
+                    out = dict(masks)
+                kept = mask & held
+                if kept.any():
+                    out[(name, table)] = kept
+                else:
+                    del out[(name, table)]
         return out
 
     def round(self, now: float) -> None:
@@ -188,8 +233,8 @@ class AntiEntropy:
                 continue
             for name, m in self.host.models.items():
                 for t in m.spec.tables:
-                    mine = self.host.topology.gateways(name, t.name, t.num_shards, self.host.dc)
-                    theirs = self.host.topology.gateways(name, t.name, t.num_shards, remote_dc)
+                    mine = self.host.placement.gateways(m.spec, t.name, self.host.dc)
+                    theirs = self.host.placement.gateways(m.spec, t.name, remote_dc)
                     for r in range(min(mine.shape[1], theirs.shape[1])):
                         hit = mine[:, r] == self.host.node_id
                         if hit.any():
@@ -217,12 +262,22 @@ class AntiEntropy:
             self.pulls.send_pull_request(partner, req, back=True)
             return
         sums: dict[str, dict[str, int]] = {}
+        fill: dict[str, dict[str, list[int]]] = {}
         for (name, table), mask in masks.items():
-            sums.setdefault(name, {})[table] = _scope_digest(self.host.models[name].shard_digests(table), mask)
+            m = self.host.models[name]
+            sums.setdefault(name, {})[table] = _scope_digest(m.shard_digests(table), mask)
+            if m.filling[table] and mask is not None:
+                mine = [s for s in m.filling[table] if mask[s]]
+                if mine:
+                    fill.setdefault(name, {})[table] = mine
         # "rh": our digests hold the row hashes (a partner from before the row audits
         # ignores the field, finds the digests differ and answers without them).
-        self.host.send(Outgoing(partner, mem.address, MsgType.GOSSIP,
-                                  {"k": "sum", "from": self.host.node_id, "scope": scope, "models": sums, "rh": True}))
+        body = {"k": "sum", "from": self.host.node_id, "scope": scope, "models": sums, "rh": True}
+        if fill:
+            # Placed shards still filling here: the partner lists them even when the scope's
+            # digests are equal, so that we learn whether a settled holder has them so.
+            body["fill"] = fill
+        self.host.send(Outgoing(partner, mem.address, MsgType.GOSSIP, body))
 
     def _parse_scope(self, body: dict[str, Any]) -> list[Any]:
         scope = field(body, "scope", list)
@@ -239,17 +294,32 @@ class AntiEntropy:
         if mem is None:
             return
         with_rows = body.get("rh") is True   # the sender's digests hold the row hashes
+        their_fill = _parse_fill(body.get("fill"))
         masks = self._scope_masks(scope, sender)
         out: dict[str, dict[str, list[bytes]]] = {}
         row_hashes: dict[str, dict[str, bytes]] = {}
+        fill_flags: dict[str, dict[str, bytes]] = {}
         for (name, table), mask in masks.items():
             theirs = sums.get(name, {}).get(table) if isinstance(sums.get(name), dict) else None
             m = self.host.models[name]
             base = m.shard_digests(table, rows=False)
             rows = m.store.table(table).shard_row_hashes() if with_rows else None
             if theirs is not None and theirs == _scope_digest(base if rows is None else base ^ rows, mask):
-                continue
-            shards = np.flatnonzero(mask) if mask is not None else np.arange(len(base))
+                filling = their_fill.get((name, table))
+                if filling is None:
+                    continue
+                # Equal, but the partner fills some: list those, and say which we fill too.
+                shards = np.asarray(sorted(set(filling)), np.int64)
+                shards = shards[shards < len(base)]
+                if mask is not None:
+                    shards = shards[mask[shards]]
+                if not len(shards):
+                    continue
+            else:
+                shards = np.flatnonzero(mask) if mask is not None else np.arange(len(base))
+            if m.filling[table]:
+                fill_flags.setdefault(name, {})[table] = np.packbits(
+                    np.isin(shards, np.fromiter(m.filling[table], np.int64))).tobytes()
             # The shard versions without the row hashes (what every version compares),
             # and the row hashes apart, so that the partner can tell a shard that differs
             # only in its rows (an audit) from one to pull.
@@ -260,13 +330,35 @@ class AntiEntropy:
             answer = {"k": "dig", "from": self.host.node_id, "scope": scope, "models": out}
             if row_hashes:
                 answer["rh"] = row_hashes
+            if fill_flags:
+                answer["fill"] = fill_flags
             self.host.send(Outgoing(sender, mem.address, MsgType.GOSSIP, answer))
+
+    def _settle_filling(self, m: Any, table: str, shards: np.ndarray, differ: np.ndarray, their_rows: Any,
+                        flags: Any, n: int) -> None:
+        """Placed shards filling here that equal the partner's (shard version and rows) stop
+        filling when the partner does not fill them itself -- or when neither side holds
+        anything of them (a new model: nothing anywhere to wait for)."""
+        if their_rows is None:
+            return   # a partner from before the row hashes: versions alone do not prove rows
+        rows = array_from_wire(their_rows, np.uint64, n, "row hashes")
+        same = ~differ & (m.store.table(table).shard_row_hashes()[shards] == rows)
+        theirs_fill = np.zeros(n, bool)
+        if isinstance(flags, dict) and isinstance(flags.get(table), bytes) and len(flags[table]) == (n + 7) // 8:
+            theirs_fill = np.unpackbits(np.frombuffer(flags[table], np.uint8), count=n).astype(bool)
+        filling = m.filling[table]
+        for i in np.flatnonzero(same).tolist():
+            s = int(shards[i])
+            if s in filling and (not theirs_fill[i] or m.empty(table, s)):
+                del filling[s]
+                self.host.counters["fills_settled"] += 1
 
     def on_digests(self, body: dict[str, Any], now: float) -> None:
         sender = field(body, "from", str)
         self._parse_scope(body)
         models = field(body, "models", dict)
         row_hashes = field(body, "rh", dict, optional=True, default={})   # absent from older partners
+        fill_flags = field(body, "fill", dict, optional=True, default={})
         req: dict[str, dict[str, list[int]]] = {}
         audits: dict[str, dict[str, np.ndarray]] = {}
         for name, tables in models.items():
@@ -291,15 +383,25 @@ class AntiEntropy:
                     raise ProtocolError("shard out of range", "bad_body")
                 mine = m.shard_digests(table, rows=False)[shards]
                 differ = mine != theirs
+                held = m.held(table)
+                if held is not None:
+                    differ &= held[shards]   # a placed table: pull only shards kept here
+                    theirs_rows_ok = held[shards]
+                else:
+                    theirs_rows_ok = None
                 if table in rh:
                     # Equal but for the row hash: equal knowledge and greatest version, yet
                     # different rows below them.  A pull would bring nothing; audit them.
                     their_rows = array_from_wire(rh[table], np.uint64, n, "row hashes")
                     only_rows = ~differ & (m.store.table(table).shard_row_hashes()[shards] != their_rows)
+                    if theirs_rows_ok is not None:
+                        only_rows &= theirs_rows_ok
                     if only_rows.any() and not self.rollback.baseline_pin:
                         due = self.audit.due(name, table, shards[only_rows], now)
                         if len(due):
                             audits.setdefault(name, {})[table] = due
+                if m.filling[table]:
+                    self._settle_filling(m, table, shards, differ, rh.get(table), fill_flags.get(name), n)
                 diff = shards[differ]
                 if len(diff):
                     diff = self.pulls.unsettled(m, table, diff, now)

@@ -12,6 +12,8 @@ from collections import Counter
 from random import Random
 from typing import TYPE_CHECKING, Callable, Protocol
 
+import numpy as np
+
 if TYPE_CHECKING:
     from ekko.core.config import NodeConfig
     from ekko.core.delta import Delta
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from p2p.membership import Membership
     from p2p.model_state import ModelState
     from p2p.peers import PeerView
+    from p2p.placement import Placement
     from p2p.topology import Topology
 
 
@@ -40,6 +43,8 @@ class NodeServices(Protocol):
     members: Membership
     topology: Topology
     peers: PeerView
+    #: which shards of placed models each member holds (:mod:`p2p.placement`).
+    placement: Placement
     models: dict[str, ModelState]
     counters: Counter[str]
     #: how many more PUSH messages the driver's link to a peer (by id) takes now; the
@@ -51,6 +56,10 @@ class NodeServices(Protocol):
         """Queue a message for the driver (:meth:`ekko.replica.node.ReplicaNode.drain`)."""
 
     def table_spec(self, model: str, table: str) -> TableSpec | None: ...
+
+    def assigned(self, spec: ModelSpec, table: str, node: str | None = None) -> np.ndarray:
+        """Bool per shard: whether ``node`` (default this replica) should hold it by the
+        placement, as this replica's member list says (all True unless placed)."""
 
     def register_model(self, spec: ModelSpec, now: float) -> bool: ...
 

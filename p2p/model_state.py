@@ -45,11 +45,15 @@ class ModelState:
         (0, True, 0)
     """
 
-    __slots__ = ("spec", "store", "shards", "index", "digests", "dirty", "top", "head", "pushed_at", "pulled_at")
+    __slots__ = ("spec", "store", "shards", "index", "digests", "dirty", "top", "head", "pushed_at", "pulled_at",
+                 "filling")
 
-    def __init__(self, spec: ModelSpec, device: Any, with_values: bool) -> None:
+    def __init__(self, spec: ModelSpec, device: Any, with_values: bool,
+                 held: dict[str, np.ndarray] | None = None, store: ModelStore | None = None) -> None:
         self.spec = spec
-        self.store = ModelStore(spec, device, with_values)
+        # held: per placed table, the shards whose values this replica keeps (issue #18);
+        # store: tensors restored from a snapshot, kept as they are
+        self.store = store if store is not None else ModelStore(spec, device, with_values, held)
         self.shards: dict[str, dict[int, ShardSync]] = {t.name: {} for t in spec.tables}
         self.index = {t.name: RecentIndex(t.rows) for t in spec.tables}
         self.digests = {t.name: np.zeros(t.num_shards, np.uint64) for t in spec.tables}
@@ -63,6 +67,32 @@ class ModelState:
         # here, and when anti-entropy last asked a peer for it (:meth:`in_motion`).
         self.pushed_at = {t.name: np.full(t.num_shards, -np.inf) for t in spec.tables}
         self.pulled_at = {t.name: np.full(t.num_shards, -np.inf) for t in spec.tables}
+        #: placed shards taken while others may hold rows this replica lacks: shard -> when
+        #: taken.  Reads of them go to another holder (:mod:`ekko.server.placed_routes`)
+        #: until an anti-entropy exchange finds them equal to a settled holder's
+        #: (:meth:`p2p.antientropy.AntiEntropy.on_digests`), or ``knowledge_bound`` passed.
+        self.filling: dict[str, dict[int, float]] = {t.name: {} for t in spec.tables}
+
+    def held(self, table: str) -> np.ndarray | None:
+        """Bool per shard of a placed table: the shards this replica keeps; None when it
+        keeps every shard (what nearly every caller checks first)."""
+        b = self.store.tables[table].blocks
+        return None if b is None else b.held
+
+    def forget_shard(self, table: str, s: int) -> None:
+        """Drop a shard's protocol state (the store has dropped its rows): knowledge,
+        waiting intervals, greatest version, motion times."""
+        self.shards[table][s] = ShardSync()   # empty knowledge (its digest is recomputed)
+        self.filling[table].pop(s, None)
+        self.top[table][s] = 0
+        self.dirty[table].add(s)
+        self.pushed_at[table][s] = -np.inf
+        self.pulled_at[table][s] = -np.inf
+
+    def empty(self, table: str, s: int) -> bool:
+        """Whether this replica knows nothing of shard ``s``: no knowledge, no row."""
+        sync = self.shards[table].get(s)
+        return (sync is None or not len(sync.knowledge)) and not self.top[table][s]
 
     def shard(self, table: str, s: int) -> ShardSync:
         got = self.shards[table].get(s)

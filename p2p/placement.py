@@ -95,6 +95,16 @@ class Placement:
         self._cache[key] = ranked
         return ranked
 
+    def gateways(self, spec: ModelSpec, table: str, dc: str) -> np.ndarray:
+        """``(shards, g)`` gateways of ``dc`` for ``table``: the topology's, and for a placed
+        table only those among the holders (``g = min(gateways_per_dc, r)``), since a
+        replica exchanges across the WAN only the shards it stores."""
+        t = spec.table(table)
+        g = self.topology.gateways_per_dc
+        if spec.placed_table(table):
+            g = min(g, spec.replicas_per_shard)
+        return self.topology.ranking(spec.name, table, t.num_shards, dc, g)
+
     def held(self, spec: ModelSpec, table: str, node: str | None = None, dc: str | None = None) -> np.ndarray:
         """Bool per shard of ``table``: whether ``node`` (default this one; ``dc`` default
         this node's) holds it.  All True for a table that is not placed."""

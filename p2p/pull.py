@@ -220,6 +220,9 @@ class Pulls:
                     n = len(e[2]) // 8
                     hid = array_from_wire(e[2], np.int64, n, "held ids")
                     hv = array_from_wire(e[3], np.int64, n, "held versions")
+                held = m.held(table)
+                if held is not None and not held[s]:
+                    continue   # a placed shard not kept here: nothing to answer with
                 parsed.append((m, table, s, k, hid, hv))
         if mem is None:
             return
@@ -332,6 +335,9 @@ class Pulls:
                     d = delta_from_wire(dw, self.host.table_spec, values_required=self.host.with_values)
                     if d.model != m.spec.name or d.table != table or (len(d) and (spec.shards_of(d.ids) != s).any()):
                         raise ProtocolError("pull response rows outside their shard", "bad_body")
+                held = m.held(table)
+                if held is not None and not held[s]:
+                    continue   # dropped (handed over) while the answer travelled
                 parsed.append((m, table, s, k, cut, d, pend))
         # Knowledge claims count too: adopting a future counter would skip every update below it.
         self.host.refuse_future([p[5] for p in parsed if p[5] is not None], now, "pull response",

@@ -169,6 +169,9 @@ class EagerPush:
         if self.host.config.push_mode == "random":
             self.push_random(m, table, res, now)
             return
+        if m.spec.placed_table(table):
+            self._push_to_holders(m, table, res, now, impact, links, every_dc=True)
+            return
         spec = m.spec.table(table)
         rows = self.queued(m, table, res, now, impact, links)
         for peer in self.host.peers.ordinary(self.host.dc):
@@ -194,6 +197,40 @@ class EagerPush:
             if gw.shape[1] == 0:
                 continue
             self.enqueue(str(gw[lead, 0]), rows, now)
+
+    def _push_to_holders(self, m: ModelState, table: str, res: ApplyResult, now: float,
+                         impact: np.ndarray | None, links: np.ndarray | None, every_dc: bool,
+                         exclude: str = "") -> None:
+        """Rows of a placed table go to the holders of their shards only: the other holders
+        in this DC and, with ``every_dc``, the first holder (rank-0 gateway) of each shard
+        in every other DC -- one part per destination, each with the chain links of the
+        shards it carries whole (a shard's rows all go to the same places)."""
+        spec = m.spec
+        shards = spec.table(table).shards_of(res.ids)
+        dest: dict[str, np.ndarray] = {}
+        self.host.peers.refresh_topology()
+        mine = self.host.placement.holders(spec, table, self.host.dc)[shards]
+        for node in np.unique(mine).tolist() if mine.size else []:
+            if node != self.host.node_id and node != exclude:
+                dest[node] = (mine == node).any(axis=1)
+        if every_dc:
+            for dc in self.host.topology.dcs():
+                if dc == self.host.dc:
+                    continue
+                gw = self.host.placement.gateways(spec, table, dc)
+                if gw.shape[1] == 0:
+                    continue
+                first = gw[shards, 0]
+                for node in np.unique(first).tolist():
+                    dest[node] = first == node
+        for node, mask in dest.items():
+            part = ApplyResult(res.ids[mask], res.versions[mask], res.old_versions[mask])
+            part_links = None
+            if links is not None:
+                part_links = links[np.isin(links[:, 0], shards[mask])]
+                part_links = part_links if len(part_links) else None
+            self.enqueue(node, self.queued(m, table, part, now, None if impact is None else impact[mask],
+                                           part_links), now)
 
     def flush(self, now: float) -> None:
         """Turn ready queued rows into PUSH frames (as far as each link's budget allows)."""
@@ -310,7 +347,10 @@ class EagerPush:
                 # versions instead of re-listing rows every replica already holds.
                 self.host.counters["push_links"] += len(f.links)
                 waiting: list[int] = []
-                moved = apply_links(m.shards[d.table], f.links, waiting)
+                held = m.held(d.table)
+                # A placed table: knowledge only of the shards kept here.
+                flinks = f.links if held is None else [lk for lk in f.links if held[lk[0]]]
+                moved = apply_links(m.shards[d.table], flinks, waiting)
                 m.dirty[d.table].update(moved)
                 # Whole publish chains arrive by push here: these shards are in motion,
                 # and anti-entropy leaves them alone a while (ModelState.in_motion).
@@ -336,6 +376,10 @@ class EagerPush:
                 # Rumor mongering: pass on only what was new to us, so it dies out.
                 self.push_random(m, d.table, res, now, exclude=sender)
                 forward = True
+            elif forward and len(fwd) and m.spec.placed_table(d.table):
+                # To the other holders of these shards in this DC (none when r = 1).
+                self._push_to_holders(m, d.table, fwd, now, impact_of(d, fwd), fwd_links, every_dc=False,
+                                      exclude=sender)
             elif forward and len(fwd):
                 pr = prio[i] if prio else None
                 rows: QueuedRows | None

@@ -89,6 +89,8 @@ class RollbackProtocol:
         """Take the automatic cuts that are due (every anti-entropy round asks)."""
         if self.host.config.auto_cut_interval:
             for name in self.host.models:
+                if self.host.models[name].spec.placed:
+                    continue   # cuts of placed models are not built yet (_refuse_placed)
                 cut = self.cuts.maybe_auto_cut(name, now, lambda n=name: (self.knowledge_of(n), self.seq))
                 if cut is not None:
                     self.quality.note_cut(name, cut.name, now)  # a rollback target if taken while healthy
@@ -238,6 +240,15 @@ class RollbackProtocol:
                 out.append((table, s, c))
         return out
 
+    def _refuse_placed(self, model: str, what: str) -> None:
+        """Cuts and rollbacks of a placed model (issue #18) are not built: a cut taken at
+        one replica covers only the shards it holds, and a rollback must restore each
+        shard at its holders.  Refused with a clear error rather than half done."""
+        m = self.host.models.get(model)
+        if m is not None and m.spec.placed:
+            raise UsageError(f"model {model!r} is placed across the DC (replicas_per_shard="
+                             f"{m.spec.replicas_per_shard}): {what} of a placed model is not supported yet")
+
     def take_cut(self, model: str, name: str, now: float, broadcast: bool = True) -> Cut:
         """Record a named restore point of ``model``: its per-shard knowledge now.
 
@@ -245,6 +256,7 @@ class RollbackProtocol:
         be started at any replica.
         """
         check_name("cut", name)
+        self._refuse_placed(model, "a cut")
         cut = self.cuts.take(model, name, now, self.knowledge_of(model), self.seq)
         self.quality.note_cut(model, name, now)
         if broadcast:
@@ -305,6 +317,7 @@ class RollbackProtocol:
         Returns the rollback record (also gossiped until it ages out).
         """
         m = self.host.model_state(model)
+        self._refuse_placed(model, "a rollback")
         if isinstance(cut, str):
             cut = self.cuts.get(model, cut)
         if not 0 < until_counter <= MAX_COUNTER:
@@ -363,6 +376,8 @@ class RollbackProtocol:
         m = self.host.models.get(model)
         if m is None or cut.model != model:
             return False  # not ours (yet): the record comes again with gossip
+        if m.spec.placed:
+            return False  # no replica of this build takes cuts of a placed model (_refuse_placed)
         if prev is not None:
             # Two replicas decided the same incident at once: join the records (the older
             # cut, the greater point), identically everywhere whatever the arrival order.

@@ -112,6 +112,10 @@ class Repair:
         mem = self.host.members.get(sender)
         m = self.host.models[body["m"]]
         ts = m.store.table(spec.name)
+        held = m.held(spec.name)
+        if held is not None:   # a placed table: only the rows of shards kept here compare
+            keep = held[spec.shards_of(ids)]
+            ids, theirs = ids[keep], theirs[keep]
         better = ids[ts.versions[ids] > theirs]
         if mem is None:
             return

@@ -108,6 +108,29 @@ class ShardBlocks:
             self._free.sort()
         return b
 
+    @property
+    def free(self) -> int:
+        """Blocks allocated but holding no shard."""
+        return len(self._free)
+
+    def compact(self) -> np.ndarray:
+        """Renumber the held shards' blocks ``0..k-1`` (in their current order) and forget
+        the free ones; returns the old block of each new one, for the caller to gather.
+
+        Example:
+            >>> from ekko.core.spec import TableSpec
+            >>> b = ShardBlocks(TableSpec("t", rows=40, dim=2, shards=4), np.ones(4, bool))
+            >>> _ = b.remove(1); b.compact().tolist(), b.block_of.tolist(), b.blocks
+            ([0, 2, 3], [0, -1, 1, 2], 3)
+        """
+        held = np.flatnonzero(self.block_of >= 0)
+        old = np.sort(self.block_of[held])
+        new_of_old = np.full(self.blocks, -1, np.int64)
+        new_of_old[old] = np.arange(len(old))
+        self.block_of[held] = new_of_old[self.block_of[held]]
+        self.blocks, self._free = len(old), []
+        return old
+
     def to_list(self) -> list[int]:
         """``[blocks, block_of[0], block_of[1], ...]``: what a snapshot records."""
         return [self.blocks, *self.block_of.tolist()]

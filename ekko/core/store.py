@@ -27,6 +27,7 @@ from ekko.core.hash64 import mark_changes, row_marks
 from ekko.core.hashed import check_keys, keys_in
 from ekko.core.key_index import EMPTY_KEY, KeyMap
 from ekko.core.shard_blocks import ShardBlocks
+from ekko.core.store_shards import HeldShards
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.version import Knowledge, counters_of
 
@@ -90,7 +91,7 @@ class ApplyResult:
 _EMPTY = np.zeros(0, np.int64)
 
 
-class TableStore:
+class TableStore(HeldShards):
     """One table on one replica: values on the device, versions on the CPU.
 
     Args:
@@ -320,75 +321,6 @@ class TableStore:
         if self._key_map is not None:
             self._note_written(np.asarray(ids, np.int64))
         self._mark_dirty(ids)
-
-    def _pos(self, ids: np.ndarray) -> np.ndarray:
-        """Rows ``ids`` as positions in ``values`` (themselves unless packed)."""
-        return ids if self.blocks is None else self.blocks.positions(ids)
-
-    def held(self) -> np.ndarray:
-        """Bool per shard: whether this store keeps the shard's values."""
-        return np.ones(self.spec.num_shards, bool) if self.blocks is None else self.blocks.held
-
-    def hold(self, shards: Any) -> None:
-        """Start keeping the values of ``shards`` (a packed store taking them over): each
-        gets a zeroed block; its rows hold no version yet, so a pull fills them.
-
-        Example:
-            >>> ts = TableStore(TableSpec("t", rows=8, dim=1, shards=4), device="cpu", held=np.array([1, 0, 0, 0], bool))
-            >>> ts.hold([2]); ts.held().tolist(), tuple(ts.values.shape)
-            ([True, False, True, False], (4, 1))
-        """
-        b = self._blocks_to_change("hold")
-        for s in np.asarray(shards, np.int64).ravel().tolist():
-            block, grow = b.add(s)
-            if self.values is None:
-                continue
-            if grow:
-                more = b.rows - int(self.values.shape[0])
-                self.values = torch.cat([self.values, self.values.new_zeros(more, self.values.shape[1])])
-            lo, hi = b.shard_span(s)
-            self.values[lo:hi] = 0
-        self._dirty[np.asarray(shards, np.int64).ravel()] = True   # the digest now covers them
-
-    def drop(self, shards: Any) -> None:
-        """Stop keeping ``shards``: their rows forget value, version and tombstone (what a
-        replica that never held them has), and their blocks are freed for later shards.
-
-        Example:
-            >>> ts = TableStore(TableSpec("t", rows=8, dim=1, shards=4), device="cpu", held=np.ones(4, bool))
-            >>> _ = ts.apply(Delta("m", "t", np.array([1, 5]), np.array([3, 3]), np.ones((2, 1), np.float32)))
-            >>> ts.drop([2]); ts.held().tolist(), ts.versions.tolist(), ts.written_rows()
-            ([True, True, False, True], [0, 3, 0, 0, 0, 0, 0, 0], 1)
-        """
-        b = self._blocks_to_change("drop")
-        for s in np.asarray(shards, np.int64).ravel().tolist():
-            if not b.held[s]:
-                continue
-            lo, hi = self.spec.shard_range(s)
-            ids = np.flatnonzero(self.versions[lo:hi]).astype(np.int64) + lo
-            if len(ids):
-                self.restore_rows(ids, np.zeros(len(ids), np.int64), None if self.values is None else
-                                  np.zeros((len(ids), self.spec.width), self._wire_dtype()))
-            b.remove(s)
-            self._dirty[s] = True   # the digest no longer covers it
-
-    def _blocks_to_change(self, what: str) -> ShardBlocks:
-        if self.blocks is None:
-            raise UsageError(f"table {self.spec.name} keeps every shard (not placed): nothing to {what}")
-        if self._frozen:
-            # A snapshot reads the packed values block by block: moving blocks under it
-            # would mix shards.  The caller tries again once the snapshot is written.
-            raise UsageError(f"table {self.spec.name}: cannot {what} shards while a snapshot reads the table")
-        return self.blocks
-
-    def _wire_dtype(self) -> np.dtype:
-        return np.dtype(np.uint16) if self.spec.dtype == "bfloat16" else np.dtype(self.spec.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of table memory: values (held shards only, when packed), versions, tombstones."""
-        v = self.values.numel() * self.values.element_size() if self.values is not None else 0
-        return v + self.versions.nbytes + self.tombstone.nbytes
 
     def _begin_write(self) -> None:
         """Open a write of ``values`` for readers in other processes (:attr:`write_seq` odd)."""

@@ -72,7 +72,9 @@ from p2p.gossip import Gossip
 from p2p.membership import Membership, MembershipConfig
 from p2p.model_state import ModelState
 from p2p.outbound import FifoLinkQueue, QueueFactory
+from p2p.handoff import HandOff
 from p2p.peers import PeerView
+from p2p.placement import Placement
 from p2p.pull import Pulls
 from p2p.push import EagerPush, impact_of
 from p2p.sync import ShardSync
@@ -179,6 +181,7 @@ class ReplicaNode:
                                                 MembershipConfig(c.suspect_after, c.dead_after, c.forget_after))
         self.topology = topology or Topology(c.gateways_per_dc, DcGraph(frozenset(c.dc_links)))
         self.peers = PeerView(node_id, dc, self.members, self.topology)
+        self.placement = Placement(self.topology, node_id, dc)
         self.models: dict[str, ModelState] = {}
         if c.scheduler == "priority" and prioritizer is None and queue_factory is None:
             prioritizer, queue_factory = _priority_scheduler(c, dc, self.rng)
@@ -200,6 +203,7 @@ class ReplicaNode:
         self.audit = RowAudit(self, rb.repair)
         self.anti_entropy = AntiEntropy(self, self.pulls, rb, self.audit)
         self.gossiper = Gossip(self, rb, rb.states, rb.cut_sync)
+        self.handoff = HandOff(self)
         # Hooks for layers above the protocol (undo history, metrics); called with
         # (model, table, ApplyResult, source) after every apply that changed rows.
         self.on_apply: list[Callable[[str, str, ApplyResult, str], None]] = []
@@ -270,6 +274,7 @@ class ReplicaNode:
             self.gossiper.round(now)
         if now >= self._next_ae:
             self._next_ae = now + self.config.ae_interval * self.rng.uniform(0.8, 1.2)
+            self.handoff.round(now)      # placed shards: take new ones, hand old ones over
             self.anti_entropy.round(now)
             self.rollback_protocol.repair.round(now)
             self.gap_probe.round(now)
@@ -310,6 +315,10 @@ class ReplicaNode:
                 self.gap_probe.on_answer(body, now)
             elif kind == "cl":
                 self.rollback_protocol.cut_sync.on_cut_list(body, now)
+            elif kind == "ho":
+                self.handoff.on_query(body, now)
+            elif kind == "hoa":
+                self.handoff.on_answer(body, now)
             else:
                 raise ProtocolError(f"unknown gossip kind {kind!r}", "bad_body")
         elif t == MsgType.PULL_REQUEST:
@@ -328,21 +337,42 @@ class ReplicaNode:
             raise ProtocolError(f"{t.name} is not handled by this node", "bad_type")
 
     # ------------------------------------------------------------------ local API
-    def register_model(self, spec: ModelSpec, now: float) -> bool:
+    def register_model(self, spec: ModelSpec, now: float, store: ModelStore | None = None) -> bool:
         """Add a model; True when new.  Re-registering the same spec is a no-op; a
-        different spec under the same name is refused."""
+        different spec under the same name is refused.  ``store``: the model's tensors
+        (restored from a snapshot) instead of new empty ones."""
         cur = self.models.get(spec.name)
         if cur is not None:
             if cur.spec != spec and not cur.spec.same_tables(spec):
                 raise UsageError(f"model {spec.name!r} is already registered with a different spec")
             return False   # the same (a layout recorded on one side only changes nothing)
-        self.models[spec.name] = ModelState(spec, self.device, self.with_values)
+        held = None
+        if spec.placed and store is None:
+            # The shards the member list says are ours now; HandOff.round follows it as
+            # members come and go.
+            held = {t.name: self.assigned(spec, t.name) for t in spec.tables if spec.placed_table(t.name)}
+        m = self.models[spec.name] = ModelState(spec, self.device, self.with_values, held, store)
+        if held is not None and any(h.get(spec.name, 0) > 0 for h in self.gossiper.peer_heads.values()):
+            # Others hold rows of the model already (this replica joined late, or heard of
+            # the model after its first publishes): our shards fill before they serve reads.
+            # (A new model has nothing anywhere: its shards serve at once.)
+            for table, h in held.items():
+                m.filling[table] = dict.fromkeys(np.flatnonzero(h).tolist(), now)
         self.gossiper.catalog_changed()
         self.counters["models_registered"] += 1
         return True
 
     def spec(self, model: str) -> ModelSpec:
         return self.model_state(model).spec
+
+    def assigned(self, spec: ModelSpec, table: str, node: str | None = None) -> np.ndarray:
+        """Bool per shard: whether ``node`` (default this replica) should hold it by the
+        placement, as this replica's member list says (all True unless placed)."""
+        if not spec.placed_table(table):
+            return np.ones(spec.table(table).num_shards, dtype=bool)
+        self.peers.refresh_topology()
+        mem = self.members.get(node) if node is not None else None
+        return self.placement.held(spec, table, node=node, dc=mem.dc if mem is not None else None)
 
     def table_spec(self, model: str, table: str) -> TableSpec | None:
         m = self.models.get(model)
@@ -506,6 +536,14 @@ class ReplicaNode:
         ts = m.store.table(d.table)
         rb = self.rollback_protocol
         if len(d):
+            held = m.held(d.table)
+            if held is not None:
+                # A placed table keeps only its shards: rows of others (a pull or push
+                # reaching a replica whose placement moved) are not ours to keep.
+                keep = held[facts.shards if facts is not None else ts.spec.shards_of(d.ids)]
+                if not keep.all():
+                    self.counters["unheld_rows_dropped"] += int((~keep).sum())
+                    d, facts = d.take(keep), None
             if rb.baseline_pin:
                 d2 = rb.baseline_filter(d)  # a pinned baseline holds the cut's state
                 if d2 is not d:

@@ -71,6 +71,17 @@ def parse_publish(node: Any, body: dict[str, Any], now: float
                 raise ProtocolError("publish counters must exceed the chain's previous counter",
                                     "bad_version")
         chains[d.table] = ch
+        held = m.held(d.table)
+        if held is not None and len(d):
+            # A placed table: an ingest acknowledges only rows it keeps (the SDK routes each
+            # shard's rows to a holder in its DC, p2p.placement).
+            shards = spec.shards_of(d.ids)
+            missing = np.unique(shards[~held[shards]])
+            if len(missing):
+                first = node.placement.holders(m.spec, d.table, node.dc)[missing[:8], 0].tolist()
+                raise ProtocolError(f"{d.table}: shards {missing[:8].tolist()} are not held by this replica "
+                                    f"(their holders here: {first}): publish their rows to a holder",
+                                    "not_holder")
     return m, origin, deltas, chains
 
 

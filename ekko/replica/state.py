@@ -100,10 +100,10 @@ def import_state(node: Any, spec: ModelSpec, store: ModelStore, state: dict[str,
     if not isinstance(raw_cuts, list) or not all(isinstance(c, list) and len(c) == 2 for c in raw_cuts):
         raise ProtocolError("bad snapshot cuts", "bad_snapshot")
     head = state.get("head", 0)
-    node.register_model(spec, now)
+    # The restored store is the model's from the start (no empty one is allocated first:
+    # a placed model's would be the whole table while this replica knows no other member).
+    node.register_model(spec, now, store=store)
     m = node.models[spec.name]
-    # The node built an empty store; the restored one replaces it before anything uses it.
-    m.store = store
     top = int(head) if isinstance(head, int) and head >= 0 else 0
     # The node's index of recently applied rows is not persisted.  Answering pulls from
     # an empty index would send no rows while the knowledge we send says we have them,
