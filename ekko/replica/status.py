@@ -19,11 +19,18 @@ def status(node: Any, digests: bool = True) -> dict[str, Any]:
                                     "dense": t.dense, "written_rows": ts.written_rows()}
             if t.hashed:   # rows are slots holding 64-bit keys (written_rows: slots written)
                 info.update(keys=t.keys, capacity=t.capacity, eviction=t.eviction)
+            info["table_bytes"] = ts.nbytes
+            held = m.held(t.name)
+            if held is not None:   # a placed table: the shards kept here (issue #18)
+                info["held_shards"] = int(held.sum())
+                info["filling_shards"] = len(m.filling[t.name])
             if digests and ts.values is not None:
                 info["digest"] = ts.digest()
             tables[t.name] = info
         models[name] = {"tables": tables, "head": m.head, "traffic_share": m.spec.traffic_share,
                         "lag_s": lag(node, m.head, name)}
+        if m.spec.placed:
+            models[name]["replicas_per_shard"] = m.spec.replicas_per_shard
     if node.models:
         states = node.rollback_protocol.states.model_states()
         for name in models:

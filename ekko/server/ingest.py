@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ekko.core.codec import MAX_FRAME_BYTES, Frame, MsgType
+from ekko.core.codec import MAX_FRAME_BYTES, Frame, MsgType, encode_frame
 from ekko.core.errors import ProtocolError, UsageError
 from ekko.core.spec import ModelSpec
 from ekko.replica.node import ReplicaNode
@@ -30,6 +30,7 @@ from ekko.server.driver import NodeDriver
 from ekko.server.frames import RETRY_AFTER_S, FrameReader, RequestRejected, status_of
 from ekko.server.metrics import UNKNOWN_DC, DaemonMetrics
 from ekko.server.persistence import Persistence
+from ekko.server.placed_routes import PlacedRoutes, merge_acks, split_publish
 from ekko.server.rollback_view import rollback_keys
 
 # The daemon's logger: operators filter and tests capture "ekko.server.daemon" for all of it.
@@ -79,6 +80,8 @@ class IngestHandlers:
         self.gate = gate
         self.metrics = metrics
         self.clock = clock
+        #: relays the parts of placed models' publishes to their holders.
+        self.routes = PlacedRoutes(node, driver.transport)
         #: peer streams open now (closed by :meth:`close_streams` at shutdown).
         self.streams: set[web.WebSocketResponse] = set()
         self._streams_closed = False
@@ -118,37 +121,11 @@ class IngestHandlers:
                 if not isinstance(model, str) or not isinstance(origin, int) or isinstance(origin, bool):
                     raise ProtocolError("publish needs a string model and an integer origin", "bad_body")
                 self.frames.authorize_publisher(frame, model, origin)
-            with self.metrics.applying(MsgType.PUBLISH):
-                ack = self.node.publish(frame.body, self.clock())
-            # Logged in the same loop step as the apply, so a snapshot copy sees both or neither.
-            wal = self.persistence.wal
-            ticket = self.persistence.wal_append(frame.body["model"], data) if wal is not None else None
-            # Its pushes leave once it is durable here, just after the answer is written:
-            # encoding them and waking the peers while the log's fsync ran, or before the
-            # answer, put the peers' CPU ahead of this acknowledgement.
-            if ticket is not None:
-                assert wal is not None
-                try:
-                    await wal.durable(ticket)
-                except WalError as e:
-                    self.driver.send_out()   # applied here all the same
-                    raise RequestRejected(f"{e}: the update is applied here but not durable; retry",
-                                          "wal_error") from None
-            self.metrics.published_rows.labels(frame.body["model"]).inc(ack.rows)
-            answer: dict[str, Any] = {"ok": True, "rows": ack.rows, "applied": ack.applied,
-                                      "max_counter": ack.max_counter}
-            if ack.shadowed:
-                answer["shadowed"] = {t: {"count": len(ids), "ids": ids[:MAX_SHADOWED_LISTED].tolist(),
-                                          "by": by[:MAX_SHADOWED_LISTED].tolist()}
-                                      for t, (ids, by) in ack.shadowed.items()}
-                n = sum(len(ids) for ids, _ in ack.shadowed.values())
-                self.metrics.shadowed_rows.labels(frame.body["model"]).inc(n)
-                log.warning("publish of %s by origin %s: %d row(s) already held at greater versions "
-                            "(their values did not apply; a clock ahead, or another publisher)",
-                            frame.body["model"], frame.body.get("origin"), n)
-            rollbacks = rollback_keys(self.node, frame.body["model"])
-            if rollbacks:  # the publisher learns of rollbacks from its acknowledgements
-                answer["rollbacks"] = rollbacks
+            parts = None if "relay" in frame.body else split_publish(self.node, frame.body, self.clock())
+            if parts is None or set(parts) == {self.node.node_id}:
+                answer = await self._apply_logged(frame.body, data)
+            else:
+                answer = await self._route_publish(parts)
             resp = web.json_response(answer)
             try:  # the answer goes first (written now, not when the handler returns)
                 await resp.prepare(request)
@@ -158,6 +135,61 @@ class IngestHandlers:
             return resp
         finally:
             self.gate.publish_bytes -= held
+
+    async def _apply_logged(self, body: dict[str, Any], data: bytes) -> dict[str, Any]:
+        """Apply a publish body here, log its frame ``data`` and wait until it is durable;
+        the acknowledgement to send."""
+        with self.metrics.applying(MsgType.PUBLISH):
+            ack = self.node.publish(body, self.clock())
+        # Logged in the same loop step as the apply, so a snapshot copy sees both or neither.
+        wal = self.persistence.wal
+        ticket = self.persistence.wal_append(body["model"], data) if wal is not None else None
+        # Its pushes leave once it is durable here, just after the answer is written:
+        # encoding them and waking the peers while the log's fsync ran, or before the
+        # answer, put the peers' CPU ahead of this acknowledgement.
+        if ticket is not None:
+            assert wal is not None
+            try:
+                await wal.durable(ticket)
+            except WalError as e:
+                self.driver.send_out()   # applied here all the same
+                raise RequestRejected(f"{e}: the update is applied here but not durable; retry",
+                                      "wal_error") from None
+        self.metrics.published_rows.labels(body["model"]).inc(ack.rows)
+        answer: dict[str, Any] = {"ok": True, "rows": ack.rows, "applied": ack.applied,
+                                  "max_counter": ack.max_counter}
+        if ack.shadowed:
+            answer["shadowed"] = {t: {"count": len(ids), "ids": ids[:MAX_SHADOWED_LISTED].tolist(),
+                                      "by": by[:MAX_SHADOWED_LISTED].tolist()}
+                                  for t, (ids, by) in ack.shadowed.items()}
+            n = sum(len(ids) for ids, _ in ack.shadowed.values())
+            self.metrics.shadowed_rows.labels(body["model"]).inc(n)
+            log.warning("publish of %s by origin %s: %d row(s) already held at greater versions "
+                        "(their values did not apply; a clock ahead, or another publisher)",
+                        body["model"], body.get("origin"), n)
+        rollbacks = rollback_keys(self.node, body["model"])
+        if rollbacks:  # the publisher learns of rollbacks from its acknowledgements
+            answer["rollbacks"] = rollbacks
+        return answer
+
+    async def _route_publish(self, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """A placed model's publish: this replica's part applied and logged here, the others
+        relayed to their holders at once; acknowledged when every part is
+        (:mod:`ekko.server.placed_routes`)."""
+        local = parts.pop(self.node.node_id, None)
+        self.metrics.routed_parts.inc(len(parts))
+        remote = [asyncio.ensure_future(self.routes.publish(n, p)) for n, p in sorted(parts.items())]
+        try:
+            answers = []
+            if local is not None:
+                local_data = encode_frame(MsgType.PUBLISH, local, self.routes.keyring)
+                answers.append(await self._apply_logged(local, local_data))
+            answers += await asyncio.gather(*remote)
+        finally:
+            for f in remote:
+                if not f.done():
+                    f.cancel()
+        return merge_acks(answers)
 
     async def gossip(self, request: web.Request) -> web.Response:
         """``POST /v1/gossip``: one peer message (:data:`PEER_TYPES`)."""

@@ -386,6 +386,9 @@ class DaemonMetrics:
                                      ["peer_dc", "reason"], registry=r)
         self.published_rows = Counter("ekko_published_rows", "Rows accepted by /v1/publish", ["model"],
                                       registry=r)
+        self.routed_parts = Counter("ekko_routed_parts",
+                                    "Parts of placed models' publishes and reads sent on to the replicas "
+                                    "that keep their shards (ekko.server.placed_routes)", registry=r)
         self.shadowed_rows = Counter("ekko_shadowed_rows",
                                      "Published rows that did not apply because the ingest replica already "
                                      "held a greater version (a publisher clock ahead, or another publisher)",

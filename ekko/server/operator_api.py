@@ -21,9 +21,10 @@ from aiohttp import web
 from ekko.core.codec import MsgType, field
 from ekko.core.config import NodeConfig
 from ekko.core.errors import ProtocolError, UsageError
-from ekko.core.hashed import check_keys, keys_of, values_of
+from ekko.core.delta import WIRE_DTYPES
+from ekko.core.hashed import check_keys, keys_of, values_of, with_keys
 from ekko.core.spec import check_name
-from ekko.core.store import to_wire_values
+from ekko.core.store import TORCH_DTYPES, from_wire_values, to_wire_values
 from ekko.core.version import last_counter_at
 from ekko.replica.node import ReplicaNode
 from ekko.server.backpressure import PublishGate
@@ -31,6 +32,7 @@ from ekko.server.driver import NodeDriver
 from ekko.server.frames import RETRY_AFTER_S, FrameReader, RequestRejected
 from ekko.server.metrics import DaemonMetrics
 from ekko.server.persistence import Persistence
+from ekko.server.placed_routes import PlacedRoutes
 from ekko.server.rollback_view import rollback_view
 from rollback.manager import check_sample
 
@@ -84,6 +86,8 @@ class OperatorHandlers:
         self.metrics = metrics
         self.clock = clock
         self.is_draining = is_draining
+        #: reads of placed tables routed to the holders of their shards.
+        self.routes = PlacedRoutes(node, driver.transport)
 
     def _known_model(self, model: str) -> None:
         if model not in self.node.models:
@@ -266,19 +270,16 @@ class OperatorHandlers:
             asked = np.array([int(p) for p in parts], dtype=np.int64)
         except (ValueError, OverflowError):
             raise RequestRejected(f"{name} must be comma-separated 64-bit integers", "bad_ids") from None
-        store = self.node.table_store(model, table)
-        if by_key:
-            try:
-                ids = store.lookup(check_keys(asked))
-            except UsageError as e:
-                raise RequestRejected(str(e), "bad_ids") from None
+        if not by_key and len(asked) and (asked.min() < 0 or asked.max() >= spec.rows):
+            raise RequestRejected(f"row ids must be within 0..{spec.rows - 1}", "bad_ids")
+        m = self.node.models[model]
+        held = m.held(table)
+        if held is not None and request.query.get("local") != "1":
+            # A placed table: ids of shards kept elsewhere are read from their holders.
+            ids, found, values, versions = await self._routed_rows(m, spec, held, asked, by_key, request.path)
         else:
-            ids = asked
-            if len(ids) and (ids.min() < 0 or ids.max() >= spec.rows):
-                raise RequestRejected(f"row ids must be within 0..{spec.rows - 1}", "bad_ids")
-        found = ids >= 0
-        values = self.node.read_rows(model, table, np.where(found, ids, 0))
-        versions = np.where(found, store.versions[np.maximum(ids, 0)], 0)
+            filling_ok = held is None or request.query.get("local") != "1" or request.query.get("filling_ok") == "1"
+            ids, found, values, versions = self._rows_here(model, table, asked, by_key, filling_ok)
         answer: dict[str, Any] = {"model": model, "table": table, "n": len(ids), "dim": spec.dim, "dtype": spec.dtype}
         if spec.hashed:
             keys = keys_of(values, spec)
@@ -303,6 +304,120 @@ class OperatorHandlers:
             answer["keys"] = keys.tolist()
         return web.json_response(answer)
 
+    def _rows_here(self, model: str, table: str, asked: np.ndarray, by_key: bool, filling_ok: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray, torch.Tensor, np.ndarray]:
+        """Rows of ids (or a hashed table's keys) from this replica's store: ``(ids,
+        found, values, versions)``, a key not held at slot -1, version 0.  Without
+        ``filling_ok``, rows of placed shards still filling here are refused (503)."""
+        store = self.node.table_store(model, table)
+        filling = self.node.models[model].filling[table]
+        if filling and not filling_ok:
+            spec = store.spec
+            shards = spec.key_shards(asked) if by_key else spec.shards_of(asked)
+            if np.isin(shards, np.fromiter(filling, np.int64)).any():
+                raise RequestRejected(f"shards of {table} asked for are still filling here; read them from "
+                                      "another holder", "incomplete")
+        try:
+            ids = store.lookup(check_keys(asked)) if by_key else asked
+            found = ids >= 0
+            values = self.node.read_rows(model, table, np.where(found, ids, 0))
+        except UsageError as e:
+            raise RequestRejected(str(e), "bad_ids") from None
+        versions = np.where(found, store.versions[np.maximum(ids, 0)], 0)
+        return ids, found, values, versions
+
+    async def _routed_rows(self, m: Any, spec: Any, held: np.ndarray, asked: np.ndarray, by_key: bool,
+                           path: str) -> tuple[np.ndarray, np.ndarray, torch.Tensor, np.ndarray]:
+        """:meth:`_rows_here` for a placed table: each part from the holder of its shards
+        in this DC (this replica for the shards it keeps), merged in the order asked.  A
+        part whose holder is unreachable or still filling (it took the shard moments ago,
+        :attr:`p2p.model_state.ModelState.filling`) is read from the shards' holders in
+        the other DCs, in DC order; only when none of them can answer is it read from a
+        filling holder after all."""
+        me = self.node.node_id
+        shards = spec.key_shards(asked) if by_key else spec.shards_of(asked)
+        ids = np.zeros(len(asked), np.int64)
+        found = np.zeros(len(asked), bool)
+        versions = np.zeros(len(asked), np.int64)
+        values = torch.zeros(len(asked), spec.width, dtype=TORCH_DTYPES[spec.dtype])
+
+        async def fetch(node: str, pos: np.ndarray, filling_ok: bool) -> None:
+            if node == me:
+                i, f, v, ver = self._rows_here(m.spec.name, spec.name, asked[pos], by_key, filling_ok)
+                ids[pos], found[pos], versions[pos] = i, f, ver
+                values[torch.from_numpy(pos)] = v.detach().to("cpu")
+                return
+            self.metrics.routed_parts.inc()
+            a = await self.routes.read(node, path, "keys" if by_key else "ids", asked[pos], filling_ok)
+            k = len(pos)
+            if a.get("n") != k:
+                raise RequestRejected(f"holder {node} answered {a.get('n')} rows for {k}", "incomplete")
+            ids[pos] = np.frombuffer(a["ids"], "<i8")
+            versions[pos] = np.frombuffer(a["versions"], "<i8")
+            wire = np.frombuffer(a["values"], np.dtype(WIRE_DTYPES[spec.dtype]).newbyteorder("<"))
+            rows = wire.astype(wire.dtype.newbyteorder("="), copy=False).reshape(k, spec.dim)
+            if spec.hashed:
+                rows = with_keys(rows, np.frombuffer(a["keys"], "<i8").astype(np.int64), spec)
+                found[pos] = np.unpackbits(np.frombuffer(a["found"], np.uint8), count=k).astype(bool)
+            else:
+                found[pos] = True
+            values[torch.from_numpy(pos)] = from_wire_values(np.ascontiguousarray(rows), spec.dtype,
+                                                             torch.device("cpu"))
+
+        async def round_of(dc: str, pos: np.ndarray, filling_ok: bool) -> np.ndarray:
+            """Read ``pos`` from the first holders of their shards in ``dc``; the positions
+            that failed."""
+            owner = self.node.placement.holders(m.spec, spec.name, dc)[:, 0].copy()
+            if not len(owner):
+                return pos
+            if dc == self.node.dc:
+                owner[held] = me
+            dest = owner[shards[pos]]
+            parts = {n: pos[dest == n] for n in sorted(set(dest.tolist()))}
+            got = await asyncio.gather(*(fetch(n, p, filling_ok) for n, p in parts.items()), return_exceptions=True)
+            failed = [p for p, g in zip(parts.values(), got) if isinstance(g, BaseException)]
+            for g in got:
+                if isinstance(g, BaseException) and not isinstance(g, (RequestRejected, ProtocolError)):
+                    raise g
+            return np.concatenate(failed) if failed else pos[:0]
+
+        left = await round_of(self.node.dc, np.arange(len(asked)), False)
+        for dc in [d for d in self.node.topology.dcs() if d != self.node.dc]:
+            if not len(left):
+                break
+            left = await round_of(dc, left, False)
+        for dc in [self.node.dc] + [d for d in self.node.topology.dcs() if d != self.node.dc]:
+            if len(left):   # no settled holder answered: a filling one's rows are the best there are
+                left = await round_of(dc, left, True)
+        if len(left):
+            raise RequestRejected(f"no holder could answer for {len(left)} of the rows asked; retry", "incomplete")
+        return ids, found, values, versions
+
+    async def _routed_keys(self, m: Any, spec: Any, held: np.ndarray, slots: np.ndarray, keys: np.ndarray,
+                           path: str) -> tuple[np.ndarray, np.ndarray]:
+        """A placed hashed table's keys over every shard: each shard's from its first holder
+        in this DC (this replica's for the shards it keeps), in slot order -- a publisher
+        resumes its slot assignment from this, so no shard may be missing."""
+        me = self.node.node_id
+        owner = self.node.placement.holders(m.spec, spec.name, self.node.dc)[:, 0].copy()
+        owner[held] = me
+        mine = owner[spec.shards_of(slots)] == me
+        got_slots, got_keys = [slots[mine]], [keys[mine]]
+        others = sorted(set(owner.tolist()) - {me})
+        self.metrics.routed_parts.inc(len(others))
+        answers = await asyncio.gather(*(self.routes.get(n, path) for n in others))
+        for n, a in zip(others, answers):
+            k = int(a["n"])
+            s_, k_ = np.frombuffer(a["slots"], "<i8").astype(np.int64), np.frombuffer(a["keys"], "<i8").astype(np.int64)
+            if len(s_) != k or len(k_) != k:
+                raise RequestRejected(f"bad key listing from {n}", "incomplete")
+            theirs = owner[spec.shards_of(s_)] == n
+            got_slots.append(s_[theirs])
+            got_keys.append(k_[theirs])
+        slots, keys = np.concatenate(got_slots), np.concatenate(got_keys)
+        order = np.argsort(slots, kind="stable")
+        return slots[order], keys[order]
+
     async def keys(self, request: web.Request) -> web.Response:
         """``GET /v1/models/{model}/tables/{table}/keys``: a hashed table's held keys and
         their slots (msgpack ``{"n", "slots", "keys"}``, little-endian int64): what a
@@ -316,6 +431,10 @@ class OperatorHandlers:
             slots, keys = self.node.table_store(model, table).held_keys()
         except UsageError as e:
             raise RequestRejected(str(e), "no_values") from None
+        m = self.node.models[model]
+        held = m.held(table)
+        if held is not None and request.query.get("local") != "1":
+            slots, keys = await self._routed_keys(m, spec, held, slots, keys, request.path)
         body = {"model": model, "table": table, "n": len(slots), "slots": slots.astype("<i8").tobytes(),
                 "keys": keys.astype("<i8").tobytes()}
         return web.Response(body=msgpack.packb(body, use_bin_type=True), content_type="application/msgpack")
