@@ -7,6 +7,7 @@ split over processes), which both sit above this module.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -14,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ekko.core.chain import PublisherChain
+from ekko.core.errors import UsageError
 from ekko.core.delta import WIRE_DTYPES
 from ekko.core.hashed import values_of, with_keys
 from ekko.core.hashed_slots import HashedSlots
@@ -32,7 +34,7 @@ from simulator.workload import UpdateBatch, Workload
 
 def node_config_for(sc: Scenario, system: str):
     base = sc.node
-    if system in ("ekko", "fifo", "ekko-uncongested"):
+    if system in ("ekko", "fifo", "ekko-uncongested", "ekko-replicated"):
         return base
     if system == "ekko-no-gateways":
         return base.replace(push=False, use_gateways=False)
@@ -112,6 +114,12 @@ def build_ekko_family(sc: Scenario, system: str, queue_factory=None,
                       owned: frozenset[str] | None = None) -> EkkoRun:
     """Build one ekko-family system of a scenario: replicas, trainer, samples, at time 0
     (of the replicas ``owned`` only, in a partitioned run's worker: :class:`SimCluster`)."""
+    if system == "ekko-replicated":
+        # The same protocol with every shard on every replica: what a placed model's
+        # bytes and memory per replica are held against, in the same run.
+        sc = dataclasses.replace(sc, model=dataclasses.replace(sc.model, replicas_per_shard=0))
+    elif sc.model.placed and owned is not None:
+        raise UsageError("a placed model (replicas_per_shard) is not modelled in a partitioned run: drop --workers")
     sim = Simulation(sc.seed)
     net = WanNetwork(sim, sc.wan)
     with_values = sc.with_values
@@ -128,6 +136,22 @@ def build_ekko_family(sc: Scenario, system: str, queue_factory=None,
     cluster.register_everywhere(sc.model)
     ingest = next(n for n, dc in placement if dc == sc.training_dc)
     rec = LatencyRecorder([n for n, _ in placement], [dc for _, dc in placement], sc.training_dc)
+    holders_of = None
+    if sc.model.placed:
+        # Each shard's rows are published to its holder in the training DC (what the daemon
+        # a publisher talks to does by relaying), and followed at the holders only.
+        view = cluster.nodes[ingest]
+        view.peers.refresh_topology()
+        order = [n for n, _ in placement]
+        holders_of = {}
+        for t in sc.model.tables:
+            expect = np.zeros((t.num_shards, len(order)), bool)
+            for dc in sc.wan.dc_names:
+                for j, node in enumerate(order):
+                    if placement[j][1] == dc:
+                        expect[:, j] = view.placement.held(sc.model, t.name, node=node, dc=dc)
+            rec.expect(t.name, expect, t.shard_rows)
+            holders_of[t.name] = view.placement.holders(sc.model, t.name, sc.training_dc)[:, 0]
     cluster.on_apply.append(lambda nid, m, t, res, src, now: rec.applied(nid, t, res.ids, res.versions, now))
     truth = Truth(sc, with_values)
     chain = PublisherChain(TRAINER_ORIGIN)
@@ -159,23 +183,30 @@ def build_ekko_family(sc: Scenario, system: str, queue_factory=None,
         values = _batch_values(sc, batch, rng, truth)
         if keys is not None and values is not None:
             values = with_keys(values, keys, t)
-        frame = chain.frame(sc.model, {batch.table: (batch.ids, values)}, now_ms=HLC_EPOCH_MS + sim.now * 1000,
-                            impact={batch.table: batch.impact})
-        versions = chain.versions_of(frame)[batch.table]
-        truth.note(batch.table, batch.ids, versions, values, t.row_bytes)
-        # Later frames chain on this one (it is taken in order, deferred or not).
-        chain.acked(frame)
-        emitted = sim.now
-        if high_cut is None:
-            # Tracked at emission, in every worker of a partitioned run alike (whoever owns
-            # the ingest replica, and however long the publish takes to reach it).
-            rec.track(batch.table, batch.ids, versions, emitted, sc.samples_per_batch, sample_rng)
-        # The publish reaches the ingest replica now, or after the publisher's and the
-        # replica's receive work when the CPU model charges them (SimCluster.publish).
-        cluster.publish(ingest, len(batch.ids) * (t.row_bytes + ROW_META_BYTES),
-                        lambda: ingest_batch(batch, frame, versions, emitted))
+        parts = [(ingest, batch, values)]
+        if holders_of is not None and batch.table in holders_of:
+            dest = holders_of[batch.table][t.shards_of(batch.ids)]
+            parts = [(node, batch._replace(ids=batch.ids[dest == node], impact=batch.impact[dest == node]),
+                      None if values is None else values[dest == node]) for node in sorted(set(dest.tolist()))]
+        for to, part, vals in parts:
+            frame = chain.frame(sc.model, {part.table: (part.ids, vals)}, now_ms=HLC_EPOCH_MS + sim.now * 1000,
+                                impact={part.table: part.impact})
+            versions = chain.versions_of(frame)[part.table]
+            truth.note(part.table, part.ids, versions, vals, t.row_bytes)
+            # Later frames chain on this one (it is taken in order, deferred or not).
+            chain.acked(frame)
+            emitted = sim.now
+            if high_cut is None:
+                # Tracked at emission, in every worker of a partitioned run alike (whoever owns
+                # the ingest replica, and however long the publish takes to reach it).
+                rec.track(part.table, part.ids, versions, emitted, sc.samples_per_batch, sample_rng)
+            # The publish reaches the ingest replica now, or after the publisher's and the
+            # replica's receive work when the CPU model charges them (SimCluster.publish).
+            cluster.publish(to, len(part.ids) * (t.row_bytes + ROW_META_BYTES),
+                            lambda part=part, frame=frame, versions=versions, emitted=emitted, to=to:
+                            ingest_batch(part, frame, versions, emitted, to))
 
-    def ingest_batch(batch: UpdateBatch, frame: Any, versions: np.ndarray, emitted: float) -> None:
+    def ingest_batch(batch: UpdateBatch, frame: Any, versions: np.ndarray, emitted: float, ingest: str) -> None:
         decided.clear()
         # (A partitioned run's workers all draw every batch, so truth and samples agree;
         # only the worker that owns the ingest replica publishes: SimCluster.call.)
@@ -226,12 +257,36 @@ def run_and_collect(sc, system, sim, net, cluster, rec, truth, progress) -> dict
             break
     wall = time.perf_counter() - wall0
     nodes = cluster.nodes.values()
-    return collect_results(
+    out = collect_results(
         sc, rec, truth, wan_bytes=net.wan_bytes, bytes_by_type=cluster.bytes_by_type,
         converged_at=converged_at, events=sim.events, wall=wall, rejected=cluster.rejected,
         rows_scanned=sum(n.counters["rows_scanned"] for n in nodes),
         rows_walked=sum(n.counters["rows_walked"] for n in nodes),
         cpu=cluster.cpu.summary() if cluster.cpu is not None else None)
+    out["per_replica"] = per_replica(sc, cluster)
+    return out
+
+
+def per_replica(sc: Scenario, cluster: SimCluster) -> dict[str, Any]:
+    """Per live replica: frame bytes sent plus received (LAN and WAN), and table memory --
+    values of the shards it keeps (every shard unless placed) plus 9 bytes a row of
+    versions and tombstones -- against a replica holding the whole model."""
+    live = cluster.live()
+    traffic = np.array([cluster.bytes_in.get(n, 0) + cluster.bytes_out.get(n, 0) for n in live], np.float64)
+    full = sum(t.rows * (t.row_bytes + 9) for t in sc.model.tables)
+    table = []
+    for n in live:
+        total = 0
+        for t in sc.model.tables:
+            ts = cluster.nodes[n].table_store(sc.model.name, t.name)
+            kept = t.rows if ts.blocks is None else int(ts.blocks.held.sum()) * t.shard_rows
+            total += kept * t.row_bytes + t.rows * 9
+        table.append(total)
+    tb = np.array(table, np.float64)
+    return {"replicas": len(live), "traffic_bytes_mean": float(traffic.mean()) if len(live) else 0.0,
+            "traffic_bytes_max": float(traffic.max()) if len(live) else 0.0,
+            "table_bytes_mean": float(tb.mean()) if len(live) else 0.0,
+            "table_bytes_max": float(tb.max()) if len(live) else 0.0, "table_bytes_full": full}
 
 
 

@@ -64,6 +64,9 @@ def run_ekko_family(sc: Scenario, system: str, progress: Progress | None = None,
     the same seed and worker count give the same results.
     """
     if workers > 1:
+        if sc.model.placed and system != "ekko-replicated":
+            raise UsageError("a placed model (replicas_per_shard) is not modelled in a partitioned run: "
+                             "drop --workers")
         return run_partitioned(sc, system, workers, progress, queue_factory)
     run = build_ekko_family(sc, system, queue_factory)
     out = run_and_collect(sc, system, run.sim, run.net, run.cluster, run.rec, run.truth, progress)

@@ -35,7 +35,8 @@ def self_peak_rss_mb() -> float:
 
 
 def stats(values: np.ndarray) -> dict[str, float]:
-    v = values[~np.isnan(values)]
+    # NaN: not applied yet; +inf: a replica that does not hold the row (a placed model)
+    v = values[np.isfinite(values)]
     if not len(v):
         return {"mean": float("nan"), "p50": float("nan"), "p99": float("nan"), "n": 0}
     return {"mean": float(v.mean()), "p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)),
@@ -86,6 +87,14 @@ class LatencyRecorder:
         self._done = np.zeros((nrep, 16), np.int32)
         self._unset = 0
         self._memo: dict[int, tuple[Any, ...]] = {}
+        # A placed model (issue #18): per table, which replicas hold each shard, and its
+        # shard_rows; a sample is followed at those only (+inf at the others).
+        self._expected: dict[str, tuple[np.ndarray, int]] = {}
+
+    def expect(self, table: str, holders: np.ndarray, shard_rows: int) -> None:
+        """Follow samples of ``table`` only at the replicas that hold their shard:
+        ``holders`` is ``(shards, replicas)`` bool, replicas in this recorder's order."""
+        self._expected[table] = (np.asarray(holders, bool), int(shard_rows))
 
     def track(self, table: str, ids: np.ndarray, versions: np.ndarray, emitted: float, k: int,
               rng: np.random.Generator, cls: str = "") -> None:
@@ -105,7 +114,13 @@ class LatencyRecorder:
                 grown = np.full((2 * self._lat.shape[0], self._lat.shape[1]), np.nan, np.float32)
                 grown[:idx] = self._lat[:idx]
                 self._lat = grown
-            self._unset += self._lat.shape[1]
+            exp = self._expected.get(table)
+            if exp is None:
+                self._unset += self._lat.shape[1]
+            else:
+                at = exp[0][key[1] // exp[1]]
+                self._lat[idx, ~at] = np.inf
+                self._unset += int(at.sum())
             slot = self._slot_key.get(key)
             if slot is None:
                 slot = self._slot_key[key] = len(self._slot_samples)
@@ -212,7 +227,7 @@ class LatencyRecorder:
 
     @property
     def missing(self) -> int:
-        """(sample, replica) pairs not applied yet."""
+        """(sample, replica) pairs not applied yet (of those that hold the sample's row)."""
         return self._unset
 
     def matrix(self) -> np.ndarray:

@@ -82,6 +82,9 @@ class SimCluster:
     nodes: dict[str, ReplicaNode] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     bytes_by_type: dict[str, int] = field(default_factory=dict)
+    #: frame bytes each replica sent and received (LAN and WAN alike).
+    bytes_out: dict[str, int] = field(default_factory=dict)
+    bytes_in: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._timer_at: dict[str, float] = {}
@@ -251,6 +254,8 @@ class SimCluster:
                 size = len(encode_frame(out.msg_type, out.body)) + out.extra_bytes
             key = out.msg_type.name
             self.bytes_by_type[key] = self.bytes_by_type.get(key, 0) + size
+            self.bytes_out[node.node_id] = self.bytes_out.get(node.node_id, 0) + size
+            self.bytes_in[dst] = self.bytes_in.get(dst, 0) + size
             sends.append((dst, out, size))
         # Sends leave when the node's core has done this message's work (simulator.cpu),
         # the transport work of receiving it and of sending what it produced included.

@@ -24,7 +24,7 @@ def cdf_points(values: np.ndarray, limit: int = MAX_CDF_POINTS) -> tuple[np.ndar
         >>> x.tolist(), f.tolist()
         ([1.0, 2.0, 3.0], [0.3333333333333333, 0.6666666666666666, 1.0])
     """
-    v = np.sort(values[~np.isnan(values)].ravel())
+    v = np.sort(values[np.isfinite(values)].ravel())   # +inf: not held there (placed)
     ranks = np.arange(len(v)) if len(v) <= limit else np.unique(np.linspace(0, len(v) - 1, limit).round().astype(int))
     return v[ranks], (ranks + 1) / len(v)
 
@@ -179,6 +179,18 @@ def summary(results: dict[str, Any]) -> str:
             v = r["latency_s"]["cross_dc"]["mean"]
             if name != "ekko" and v is not None and e:
                 lines.append(f"- `{name}`: {v / e:,.1f}x")
+    placed = {n: r["per_replica"] for n, r in sys_.items() if r.get("per_replica")}
+    if placed and "ekko-replicated" in placed:
+        base = placed["ekko-replicated"]
+        lines += ["", "Per replica (mean / max over the live replicas), against `ekko-replicated` (the same "
+                  "protocol, every shard on every replica):", "",
+                  "| system | traffic MB sent + received | x replicated | table MB | x replicated |",
+                  "|---|---|---|---|---|"]
+        for name, p in placed.items():
+            lines.append(f"| {name} | {p['traffic_bytes_mean'] / 1e6:,.2f} / {p['traffic_bytes_max'] / 1e6:,.2f} | "
+                         f"{p['traffic_bytes_mean'] / max(base['traffic_bytes_mean'], 1):.3f} | "
+                         f"{p['table_bytes_mean'] / 1e6:,.2f} / {p['table_bytes_max'] / 1e6:,.2f} | "
+                         f"{p['table_bytes_mean'] / max(base['table_bytes_mean'], 1):.3f} |")
     lines += ["", "Latency: publisher emission until the replica holds the row at that version or newer "
               "(sampled rows, every replica), in seconds. `WAN bytes / minimum`: bytes across DC boundaries over "
               "the least any scheme must move to deliver every update to every other DC once (values + id + "

@@ -60,7 +60,7 @@ from simulator.workload import Burst, DenseTable, SparseTable, WorkloadConfig
 
 #: every system the runner knows, in report order.
 ALL_SYSTEMS = ("ekko", "ekko-no-gateways", "ekko-full-scan", "random-gossip", "direct-push", "adam-2pc",
-               "broadcast", "fifo", "ekko-uncongested")
+               "broadcast", "fifo", "ekko-uncongested", "ekko-replicated")
 #: above this many replicas "auto" mode keeps versions only (no tensors).
 AUTO_METADATA_REPLICAS = 200
 MODEL_NAME = "model"
@@ -105,6 +105,15 @@ class Scenario:
         if self.mode == "auto":
             return self.replicas <= AUTO_METADATA_REPLICAS
         return self.mode == "full"
+
+
+def sc_placement(sc: dict[str, Any]) -> int:
+    """``[scenario] replicas_per_shard``: each shard on that many replicas per DC (issue
+    #18, :mod:`p2p.placement`); 0 (default) every replica holds every shard."""
+    r = sc.get("replicas_per_shard", 0)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise UsageError(f"[scenario] replicas_per_shard must be an integer >= 0, got {r!r}")
+    return r
 
 
 def _feature_rows(t: TableSpec, s: dict[str, Any]) -> int:
@@ -152,7 +161,11 @@ def parse_scenario(d: dict[str, Any], name: str = "custom") -> Scenario:
               for t in d.get("table", [])]
     if not tables:
         raise UsageError("a scenario needs at least one [[table]]")
-    model = ModelSpec(MODEL_NAME, tables)
+    placed = sc_placement(d.get("scenario", {}))
+    model = ModelSpec(MODEL_NAME, tables, replicas_per_shard=placed)
+    if placed and "scheduler" in d:
+        raise UsageError("a [scheduler] scenario with a placed model (replicas_per_shard) is not modelled: "
+                         "its classes are decided at one ingest replica, a placed model has one per shard")
     if "scheduler" in d and any(t.hashed for t in tables):
         # The hindsight measures (staleness, class agreement) weigh rows by their feature's
         # popularity; a hashed table's slots change features as keys are evicted.

@@ -50,14 +50,30 @@ class Truth:
 
 
 def converged(sc: Scenario, cluster: SimCluster, truth: Truth) -> bool:
+    """Every live replica holds the trainer's rows -- of a placed model, the rows of the
+    shards it keeps, and it keeps exactly the shards the placement gives it."""
     for nid in cluster.live():
         node = cluster.nodes[nid]
         for t in sc.model.tables:
             ts = node.table_store(sc.model.name, t.name)
-            if not np.array_equal(ts.versions, truth.versions[t.name]):
+            want_v = truth.versions[t.name]
+            rows = None
+            if ts.blocks is not None:
+                held = ts.blocks.held
+                if not np.array_equal(held, node.assigned(node.spec(sc.model.name), t.name)):
+                    return False
+                rows = np.flatnonzero(np.repeat(held, t.shard_rows)[:t.rows])
+                want_v = np.where(np.repeat(held, t.shard_rows)[:t.rows], want_v, 0)
+            if not np.array_equal(ts.versions, want_v):
                 return False
             if truth.values is not None and ts.values is not None:
                 want = truth.values[t.name]
+                if rows is not None:
+                    got, want = ts.read(rows).numpy(), want[rows]
+                    bits = np.dtype(f"u{want.dtype.itemsize}")
+                    if not np.array_equal(got.view(want.dtype).view(bits), want.view(bits)):
+                        return False
+                    continue
                 # Bit for bit (a hashed table's key bytes may read as NaN floats).
                 bits = np.dtype(f"u{want.dtype.itemsize}")
                 if not np.array_equal(ts.values.numpy().view(want.dtype).view(bits), want.view(bits)):
