@@ -310,11 +310,15 @@ class OperatorHandlers:
         found, values, versions)``, a key not held at slot -1, version 0.  Without
         ``filling_ok``, rows of placed shards still filling here are refused (503)."""
         store = self.node.table_store(model, table)
-        filling = self.node.models[model].filling[table]
-        if filling and not filling_ok:
+        if store.blocks is not None:
+            # A placed table: answer only for shards kept here -- a key of a shard kept
+            # elsewhere is not "absent" here, it is not ours to answer for.
             spec = store.spec
             shards = spec.key_shards(asked) if by_key else spec.shards_of(asked)
-            if np.isin(shards, np.fromiter(filling, np.int64)).any():
+            if not store.blocks.held[shards].all():
+                raise RequestRejected(f"shards of {table} asked for are not kept by this replica", "bad_ids")
+            filling = self.node.models[model].filling[table]
+            if filling and not filling_ok and np.isin(shards, np.fromiter(filling, np.int64)).any():
                 raise RequestRejected(f"shards of {table} asked for are still filling here; read them from "
                                       "another holder", "incomplete")
         try:

@@ -109,9 +109,15 @@ def test_a_placed_table_is_split_across_a_dc_read_exactly_from_any_daemon_and_su
         # A new daemon joins dc1: it takes its shards, the others hand them over.
         g2 = g.spawn("g", "dc1", seeds=[a.address])
         g2.wait_healthy()
-        wait_for(lambda: "big" in get_json(g2.address, "/v1/status")["models"]
-                 and placed_info(g2.address)["held_shards"] > 0
-                 and sum(placed_info(p.address)["held_shards"] for p in [*dc1, g2]) == SHARDS
-                 and placed_info(g2.address)["filling_shards"] == 0, CONVERGE_S, 0.5, "the joiner's shards")
+
+        def joined() -> bool:
+            # reads through dc1 stay exact while the joiner takes its shards over
+            wrong = wrong_rows(dc1[0].address, keys, want)
+            assert not wrong, f"a read during the hand-off returned wrong rows: {wrong}"
+            return ("big" in get_json(g2.address, "/v1/status")["models"]
+                    and placed_info(g2.address)["held_shards"] > 0
+                    and sum(placed_info(p.address)["held_shards"] for p in [*dc1, g2]) == SHARDS
+                    and placed_info(g2.address)["filling_shards"] == 0)
+        wait_for(joined, CONVERGE_S, 0.2, "the joiner's shards")
         for p in [*alive, g2]:
             assert exact(p.address, keys, want), p.node_id
