@@ -69,10 +69,10 @@ from p2p.antientropy import AntiEntropy
 from p2p.audit import RowAudit
 from p2p.gap_probe import GapProbe
 from p2p.gossip import Gossip
+from p2p.handoff import HandOff
 from p2p.membership import Membership, MembershipConfig
 from p2p.model_state import ModelState
 from p2p.outbound import FifoLinkQueue, QueueFactory
-from p2p.handoff import HandOff
 from p2p.peers import PeerView
 from p2p.placement import Placement
 from p2p.pull import Pulls
