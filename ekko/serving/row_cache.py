@@ -65,7 +65,15 @@ class RowCache:
             raise UsageError(f"capacity must be 1..{MAX_CACHE_ROWS}")
         self.endpoint, self.model, self.table, self._key = endpoint, model, table, key
         self._client = Client(endpoint, key=key)
-        self.spec = self._client.spec(model).table(table)
+        mspec = self._client.spec(model)
+        if mspec.placed_table(table):
+            # A replica's change feed lists the rows of the shards it keeps: the cache
+            # would miss the changes of every other shard and serve them stale.
+            self._client.close()
+            raise UsageError(f"{model}/{table} is placed across the DC (replicas_per_shard="
+                             f"{mspec.replicas_per_shard}): a RowCache needs a change feed of the whole table, "
+                             "which a placed table's replicas do not have yet; read it with Client.lookup/read")
+        self.spec = mspec.table(table)
         self.hashed = self.spec.hashed
         self.capacity = capacity
         self._index = KeyIndex(capacity)                       # id or key -> cache position
