@@ -278,7 +278,7 @@ class OperatorHandlers:
             # A placed table: ids of shards kept elsewhere are read from their holders.
             ids, found, values, versions = await self._routed_rows(m, spec, held, asked, by_key, request.path)
         else:
-            filling_ok = held is None or request.query.get("local") != "1" or request.query.get("filling_ok") == "1"
+            filling_ok = held is None or request.query.get("filling_ok") == "1"   # local=1: a routed part
             ids, found, values, versions = self._rows_here(model, table, asked, by_key, filling_ok)
         answer: dict[str, Any] = {"model": model, "table": table, "n": len(ids), "dim": spec.dim, "dtype": spec.dtype}
         if spec.hashed:
