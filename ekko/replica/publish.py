@@ -73,8 +73,9 @@ def parse_publish(node: Any, body: dict[str, Any], now: float
         chains[d.table] = ch
         held = m.held(d.table)
         if held is not None and len(d):
-            # A placed table: an ingest acknowledges only rows it keeps (the SDK routes each
-            # shard's rows to a holder in its DC, p2p.placement).
+            # A placed table: an ingest acknowledges only rows it keeps (the daemon a
+            # publisher talks to relays the other shards' rows to their holders:
+            # ekko.server.placed_routes).
             shards = spec.shards_of(d.ids)
             missing = np.unique(shards[~held[shards]])
             if len(missing):
