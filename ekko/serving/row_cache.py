@@ -11,6 +11,15 @@ read.  A hashed key whose slot the feed shows holding another key was evicted th
 leaves the cache.  A feed ``reset`` (the replica restarted, or the cursor is too old)
 empties the cache.
 
+A placed table (``replicas_per_shard``, issue #18) has no one feed of the whole table:
+each replica's lists the shards it keeps.  The cache then follows the feed of every live
+member of its endpoint's DC (whose holders keep every shard between them), and looks at
+that member list every :data:`MEMBERS_CHECK_S`; when it changed, shards moved, and
+changes a new holder took before the cache followed it are in no feed: the cache
+empties and follows the members from then on.  Between a change of members and that
+look (the endpoint learns of it by gossip, a round or two, then up to 1 s), a row whose
+shard moved may be served as it was.
+
 Freshness rule, so a read racing the feed never leaves a stale row: each read notes the
 feed position when it starts; a row it brings is kept only if no change of that row
 came through the feed since (then the feed's value is the newer one, or the row is
@@ -48,6 +57,8 @@ FEED_WAIT_S = 5.0
 FEED_RETRY_S = 1.0
 #: change batches remembered for reads in flight (each read checks the ones since it began).
 RECENT_BATCHES = 256
+#: seconds between looks at the member list of a placed table's DC (a change resets the cache).
+MEMBERS_CHECK_S = 1.0
 
 
 class RowCache:
@@ -66,13 +77,9 @@ class RowCache:
         self.endpoint, self.model, self.table, self._key = endpoint, model, table, key
         self._client = Client(endpoint, key=key)
         mspec = self._client.spec(model)
-        if mspec.placed_table(table):
-            # A replica's change feed lists the rows of the shards it keeps: the cache
-            # would miss the changes of every other shard and serve them stale.
-            self._client.close()
-            raise UsageError(f"{model}/{table} is placed across the DC (replicas_per_shard="
-                             f"{mspec.replicas_per_shard}): a RowCache needs a change feed of the whole table, "
-                             "which a placed table's replicas do not have yet; read it with Client.lookup/read")
+        #: a placed table (issue #18): each replica's feed lists the shards it keeps, so the
+        #: cache follows the feed of every member of the endpoint's DC.
+        self.placed = mspec.placed_table(table)
         self.spec = mspec.table(table)
         self.hashed = self.spec.hashed
         self.capacity = capacity
@@ -87,24 +94,36 @@ class RowCache:
         self._lock = threading.Lock()
         self._tick = 0
         self._seq = 0                                          # change batches applied so far
+        self._emptied_at = 0                                   # _seq when the cache was last emptied
         self._recent: list[tuple[int, np.ndarray]] = []        # (seq, ids or keys changed)
         self._cursor: str | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._feeds: dict[str, threading.Event] = {}      # placed: member address -> its follower's stop
         #: lookups' rows served from the cache, read from the replica, and rows the feed refreshed.
         self.hits = self.misses = self.refreshed = 0
+        #: times the cache was emptied because a placed table's DC members changed.
+        self.member_resets = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> "RowCache":
         """Follow the change feed (from now) on a thread of its own."""
         if self._thread is None:
-            self._cursor = self._client.changes(self.model).cursor
-            self._thread = threading.Thread(target=self._follow, name="ekko-row-cache", daemon=True)
+            if self.placed:
+                members = self._dc_members()
+                for address in members:
+                    self._start_feed(address)
+                self._thread = threading.Thread(target=self._watch_members, args=(members,),
+                                                name="ekko-row-cache-members", daemon=True)
+            else:
+                self._cursor = self._client.changes(self.model).cursor
+                self._thread = threading.Thread(target=self._follow, name="ekko-row-cache", daemon=True)
             self._thread.start()
         return self
 
     def stop(self, timeout: float = FEED_WAIT_S + 5.0) -> None:
         self._stop.set()
+        self.stop_feeds()
         if self._thread is not None:
             self._thread.join(timeout)
         self._client.close()
@@ -188,6 +207,8 @@ class RowCache:
         """Cache rows read (fresh as of feed position ``started``), but not those the feed
         changed since: the feed's value is newer."""
         with self._lock:
+            if started < self._emptied_at:
+                return   # the cache was emptied since the read began: its rows may be stale
             changed = [c for s, c in self._recent if s >= started]
             if changed:
                 fresh = ~np.isin(ids, np.concatenate(changed))
@@ -225,12 +246,84 @@ class RowCache:
         finally:
             client.close()
 
+    # -- a placed table: every member's feed ------------------------------------------------
+    def _dc_members(self) -> list[str]:
+        """Addresses of the live replicas of the endpoint's DC (each keeps some shards)."""
+        st = self._client.status(cluster=True)
+        return sorted(m["address"] for m in st.get("members", [])
+                      if m.get("dc") == st.get("dc") and m.get("state") == "alive"
+                      and m.get("role", "replica") == "replica")
+
+    def _start_feed(self, address: str) -> None:
+        """Follow one member's feed from now (its cursor taken before this returns)."""
+        with Client(address, key=self._key) as c:
+            cursor = c.changes(self.model).cursor
+        stop = self._feeds[address] = threading.Event()
+        threading.Thread(target=self._follow_member, args=(address, cursor, stop),
+                         name=f"ekko-row-cache-{address}", daemon=True).start()
+
+    def _follow_member(self, address: str, cursor: str, stop: threading.Event) -> None:
+        client = Client(address, key=self._key, timeout=FEED_WAIT_S + 10.0)
+        try:
+            while not self._stop.is_set() and not stop.is_set():
+                try:
+                    ch = client.changes(self.model, cursor, wait=FEED_WAIT_S)
+                except (EkkoError, OSError) as e:
+                    log.warning("row cache: change feed of %s at %s: %s", self.model, address, e)
+                    self._stop.wait(FEED_RETRY_S)
+                    continue
+                if stop.is_set():
+                    return
+                cursor = ch.cursor
+                self.apply(ch)
+        finally:
+            client.close()
+
+    def _watch_members(self, members: list[str]) -> None:
+        """When the DC's members change, shards move between them: the feeds followed no
+        longer cover every shard (a new holder's changes before we follow it are in no
+        feed), so the cache empties and follows the new members from now."""
+        while not self._stop.wait(MEMBERS_CHECK_S):
+            try:
+                now = self._dc_members()
+            except (EkkoError, OSError, KeyError) as e:
+                log.warning("row cache: members of %s's DC: %s", self.endpoint, e)
+                continue
+            if now == members:
+                continue
+            for gone in set(members) - set(now):
+                self._feeds.pop(gone).set()
+            try:
+                for new in sorted(set(now) - set(members)):
+                    self._start_feed(new)
+            except (EkkoError, OSError) as e:
+                log.warning("row cache: a new member's feed: %s", e)
+                now = sorted(self._feeds)      # the next look tries the others again
+            self._empty()
+            self.member_resets += 1
+            members = now
+
+    def _empty(self) -> None:
+        with self._lock:
+            self._seq += 1
+            self._emptied_at = self._seq
+            self._index = KeyIndex(self.capacity)
+            for a in (self._direct, self._at_slot):
+                if a is not None:
+                    a.fill(-1)
+            self._recent.clear()
+
+    def stop_feeds(self) -> None:
+        for stop in self._feeds.values():
+            stop.set()
+
     def apply(self, ch: Changes) -> None:
         """Write one change-feed answer into the cache (the feed thread does; public so a
         caller following the feed itself can)."""
         with self._lock:
             self._seq += 1
             if ch.reset:
+                self._emptied_at = self._seq
                 self._index = KeyIndex(self.capacity)
                 for a in (self._direct, self._at_slot):
                     if a is not None:
