@@ -110,7 +110,7 @@ class RowCache:
         """Follow the change feed (from now) on a thread of its own."""
         if self._thread is None:
             if self.placed:
-                members = self._dc_members()
+                members = self._dc_members(self._client)
                 for address in members:
                     self._start_feed(address)
                 self._thread = threading.Thread(target=self._watch_members, args=(members,),
@@ -247,9 +247,9 @@ class RowCache:
             client.close()
 
     # -- a placed table: every member's feed ------------------------------------------------
-    def _dc_members(self) -> list[str]:
+    def _dc_members(self, client: Client) -> list[str]:
         """Addresses of the live replicas of the endpoint's DC (each keeps some shards)."""
-        st = self._client.status(cluster=True)
+        st = client.status(cluster=True)
         return sorted(m["address"] for m in st.get("members", [])
                       if m.get("dc") == st.get("dc") and m.get("state") == "alive"
                       and m.get("role", "replica") == "replica")
@@ -283,16 +283,25 @@ class RowCache:
         """When the DC's members change, shards move between them: the feeds followed no
         longer cover every shard (a new holder's changes before we follow it are in no
         feed), so the cache empties and follows the new members from now."""
+        client = Client(self.endpoint, key=self._key)   # the lookups' client is not shared across threads
+        try:
+            self._watch_loop(client, members)
+        finally:
+            client.close()
+
+    def _watch_loop(self, client: Client, members: list[str]) -> None:
         while not self._stop.wait(MEMBERS_CHECK_S):
             try:
-                now = self._dc_members()
+                now = self._dc_members(client)
             except (EkkoError, OSError, KeyError) as e:
                 log.warning("row cache: members of %s's DC: %s", self.endpoint, e)
                 continue
             if now == members:
                 continue
             for gone in set(members) - set(now):
-                self._feeds.pop(gone).set()
+                stop = self._feeds.pop(gone, None)
+                if stop is not None:
+                    stop.set()
             try:
                 for new in sorted(set(now) - set(members)):
                     self._start_feed(new)
@@ -314,7 +323,7 @@ class RowCache:
             self._recent.clear()
 
     def stop_feeds(self) -> None:
-        for stop in self._feeds.values():
+        for stop in list(self._feeds.values()):
             stop.set()
 
     def apply(self, ch: Changes) -> None:
