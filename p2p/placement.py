@@ -114,22 +114,13 @@ class Placement:
         h = self.holders(spec, table, dc or self.dc)
         return (h == (node or self.node_id)).any(axis=1) if h.shape[1] else np.zeros(t.num_shards, dtype=bool)
 
-    def holders_of(self, spec: ModelSpec, table: str, shards: np.ndarray, dc: str | None = None
-                   ) -> dict[str, np.ndarray]:
-        """Where to send rows: ``{node id: positions into shards}`` choosing, for each
-        shard, its highest-ranked holder in ``dc`` (default this node's) -- or this node
-        when it holds the shard itself.  Shards of a DC without members are left out."""
-        h = self.holders(spec, table, dc or self.dc)
-        shards = np.asarray(shards, dtype=np.int64)
-        if not h.shape[1] or not len(shards):
-            return {}
-        first = h[:, 0].copy()
-        if (dc or self.dc) == self.dc and spec.placed_table(table):
-            first[(h == self.node_id).any(axis=1)] = self.node_id
-        elif not spec.placed_table(table) and self.node_id in set(h[0].tolist()):
-            first[:] = self.node_id
-        dest = first[shards]
-        out: dict[str, np.ndarray] = {}
-        for node in sorted(set(dest.tolist())):
-            out[node] = np.flatnonzero(dest == node)
+    def owners(self, spec: ModelSpec, table: str, dc: str | None = None, kept: np.ndarray | None = None
+               ) -> np.ndarray:
+        """Per shard, the member of ``dc`` (default this node's) to send its rows or
+        questions to: the shard's first holder -- or this node, in its own DC, for the
+        shards in ``kept`` (the bool per shard it keeps).  Object array of node ids."""
+        dc = dc or self.dc
+        out = self.holders(spec, table, dc)[:, 0].copy()
+        if kept is not None and dc == self.dc:
+            out[kept] = self.node_id
         return out

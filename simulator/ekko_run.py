@@ -151,7 +151,7 @@ def build_ekko_family(sc: Scenario, system: str, queue_factory=None,
                     if placement[j][1] == dc:
                         expect[:, j] = view.placement.held(sc.model, t.name, node=node, dc=dc)
             rec.expect(t.name, expect, t.shard_rows)
-            holders_of[t.name] = view.placement.holders(sc.model, t.name, sc.training_dc)[:, 0]
+            holders_of[t.name] = view.placement.owners(sc.model, t.name, sc.training_dc)
     cluster.on_apply.append(lambda nid, m, t, res, src, now: rec.applied(nid, t, res.ids, res.versions, now))
     truth = Truth(sc, with_values)
     chain = PublisherChain(TRAINER_ORIGIN)

@@ -371,11 +371,9 @@ class OperatorHandlers:
         async def round_of(dc: str, pos: np.ndarray, filling_ok: bool) -> np.ndarray:
             """Read ``pos`` from the first holders of their shards in ``dc``; the positions
             that failed."""
-            owner = self.node.placement.holders(m.spec, spec.name, dc)[:, 0].copy()
+            owner = self.node.placement.owners(m.spec, spec.name, dc, held)
             if not len(owner):
                 return pos
-            if dc == self.node.dc:
-                owner[held] = me
             dest = owner[shards[pos]]
             parts = {n: pos[dest == n] for n in sorted(set(dest.tolist()))}
             got = await asyncio.gather(*(fetch(n, p, filling_ok) for n, p in parts.items()), return_exceptions=True)
@@ -403,8 +401,7 @@ class OperatorHandlers:
         in this DC (this replica's for the shards it keeps), in slot order -- a publisher
         resumes its slot assignment from this, so no shard may be missing."""
         me = self.node.node_id
-        owner = self.node.placement.holders(m.spec, spec.name, self.node.dc)[:, 0].copy()
-        owner[held] = me
+        owner = self.node.placement.owners(m.spec, spec.name, kept=held)
         mine = owner[spec.shards_of(slots)] == me
         got_slots, got_keys = [slots[mine]], [keys[mine]]
         others = sorted(set(owner.tolist()) - {me})

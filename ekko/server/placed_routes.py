@@ -73,9 +73,7 @@ def split_publish(node: ReplicaNode, body: dict[str, Any], now: float) -> dict[s
             part(me)["chains"][d.table] = entries
             continue
         shards = spec.shards_of(d.ids)
-        owner = node.placement.holders(m.spec, d.table, node.dc)[:, 0].copy()
-        owner[held] = me
-        dest = owner[shards]
+        dest = node.placement.owners(m.spec, d.table, kept=held)[shards]
         for node_id in sorted(set(dest.tolist())):
             sel = dest == node_id
             p = part(node_id)

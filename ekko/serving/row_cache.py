@@ -315,12 +315,16 @@ class RowCache:
     def _empty(self) -> None:
         with self._lock:
             self._seq += 1
-            self._emptied_at = self._seq
-            self._index = KeyIndex(self.capacity)
-            for a in (self._direct, self._at_slot):
-                if a is not None:
-                    a.fill(-1)
-            self._recent.clear()
+            self._clear()
+
+    def _clear(self) -> None:
+        """Forget every row (under the lock); reads in flight keep none of theirs."""
+        self._emptied_at = self._seq
+        self._index = KeyIndex(self.capacity)
+        for a in (self._direct, self._at_slot):
+            if a is not None:
+                a.fill(-1)
+        self._recent.clear()
 
     def stop_feeds(self) -> None:
         for stop in list(self._feeds.values()):
@@ -332,12 +336,7 @@ class RowCache:
         with self._lock:
             self._seq += 1
             if ch.reset:
-                self._emptied_at = self._seq
-                self._index = KeyIndex(self.capacity)
-                for a in (self._direct, self._at_slot):
-                    if a is not None:
-                        a.fill(-1)
-                self._recent.clear()
+                self._clear()
                 return
             rows = ch.tables.get(self.table)
             if rows is None or not len(rows.ids):

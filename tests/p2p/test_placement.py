@@ -126,20 +126,18 @@ def test_holders_follow_the_member_list_version():
     assert p.held(spec(1), "emb").all()
 
 
-def test_holders_of_routes_each_shard_to_its_first_holder_or_to_this_node():
+def test_owners_name_each_shards_first_holder_or_this_node_for_the_shards_it_keeps():
     members = cluster(2, 3)
     s = spec(1)
     p = placement(members, "dc1-r2")
-    shards = np.arange(SHARDS)
-    route = p.holders_of(s, "emb", shards)
-    assert sorted(np.concatenate(list(route.values())).tolist()) == list(range(SHARDS))
     first = p.holders(s, "emb", "dc1")[:, 0]
-    for node, pos in route.items():
-        assert (first[pos] == node).all()
-    # a table held everywhere is read here; another DC's holders for its own readers
-    assert list(p.holders_of(s, "mlp", np.array([0]))) == ["dc1-r2"]
-    far = p.holders_of(s, "emb", shards, dc="dc2")
-    assert all(members[n] == "dc2" for n in far)
+    assert (p.owners(s, "emb") == first).all()
+    kept = np.zeros(SHARDS, bool)
+    kept[:10] = True                     # e.g. shards not handed over yet
+    got = p.owners(s, "emb", kept=kept)
+    assert (got[:10] == "dc1-r2").all() and (got[10:] == first[10:]).all()
+    far = p.owners(s, "emb", "dc2", kept=kept)     # another DC's: no one keeps for it here
+    assert all(members[n] == "dc2" for n in far) and (far == p.holders(s, "emb", "dc2")[:, 0]).all()
 
 
 def test_an_override_replaces_rendezvous_and_a_bad_one_is_refused():
