@@ -74,10 +74,11 @@ def get(url: str, key: str | None) -> bytes:
 
 def scrape(ep: str, key: str | None = None) -> dict[str, dict[str, float]]:
     txt = get(f"http://{ep}/metrics", key).decode()
-    out: dict[str, dict[str, float]] = {"events": {}, "frames": {}, "failures": {}}
+    out: dict[str, dict[str, float]] = {"events": {}, "frames": {}, "failures": {}, "sent_bytes": {}}
     for kind, metric, label in (("events", "ekko_node_events_total", "event"),
                                 ("frames", "ekko_peer_frames_total", "outcome"),
-                                ("failures", "ekko_send_failures_total", "reason")):
+                                ("failures", "ekko_send_failures_total", "reason"),
+                                ("sent_bytes", "ekko_bytes_sent_total", "msg_type")):
         for m in re.finditer(rf'^{metric}\{{(?:[^}}]*,)?{label}="([A-Za-z0-9_]+)"[^}}]*\}} ([0-9.e+]+)$', txt, re.M):
             out[kind][m.group(1)] = out[kind].get(m.group(1), 0.0) + float(m.group(2))
     return out
@@ -267,6 +268,12 @@ def main() -> int:
         print(" | ".join([nid, f"{c:.2f}"] + [f"{int(ev.get(e, 0)):,}" for e in EVENTS]
                          + [f"{int(d['frames'].get('encoded', 0)):,}/{int(d['frames'].get('reused', 0)):,}",
                             f"{int(sum(d['failures'].values())):,}"]))
+    sent: collections.Counter[str] = collections.Counter()
+    for d in res["daemons"].values():
+        sent.update({t: int(b) for t, b in d["sent_bytes"].items()})
+    total_sent = max(1, sum(sent.values()))
+    print("bytes sent to peers by message type, all daemons: "
+          + ", ".join(f"{t} {b / 1e6:,.1f} MB ({100 * b / total_sent:.0f}%)" for t, b in sent.most_common()))
     if args.py_spy:
         prof = aggregate(sorted(spy_dir / f"{nid}.txt" for nid in spied))
         res["py_spy"] = prof
