@@ -251,6 +251,8 @@ class AntiEntropy:
         masks = self._scope_masks(scope, partner)
         if not masks:
             return
+        if self._all_in_motion(masks, now):
+            return
         self.host.counters["ae_rounds"] += 1
         if not self.host.config.use_shard_versions:
             # Ablation: no shard versions -- ask for every shard in scope every round.
@@ -278,6 +280,33 @@ class AntiEntropy:
             # digests are equal, so that we learn whether a settled holder has them so.
             body["fill"] = fill
         self.host.send(Outgoing(partner, mem.address, MsgType.GOSSIP, body))
+
+    def _all_in_motion(self, masks: dict[tuple[str, str], np.ndarray | None], now: float) -> bool:
+        """True (and the round is skipped) when the partner's digests could only lead to
+        shards this replica leaves alone: every shard in scope is in motion
+        (:meth:`p2p.pull.Pulls.unsettled`) and none fills.
+
+        Under a steady stream of publishes every shard is in motion all the time, and
+        each round's summary and the partner's digests (the shard versions of every
+        shard in scope, computed and compared at both ends) ended in nothing: their
+        knowledge differs by the pushes in flight.  The deferral's bound still holds: a
+        shard not asked for within ``AE_DEFER_ROUNDS`` rounds is not in motion, and the
+        next round goes ahead (and asks for it).
+        """
+        if not self.pulls.defers():
+            return False
+        shards = 0
+        for (name, table), mask in masks.items():
+            m = self.host.models[name]
+            if m.filling[table]:
+                return False   # placed shards filling here settle on a digest exchange
+            ss = np.flatnonzero(mask) if mask is not None else np.arange(m.spec.table(table).num_shards)
+            if not self.pulls.all_moving(m, table, ss, now):
+                return False
+            shards += len(ss)
+        self.host.counters["ae_rounds_in_motion"] += 1
+        self.host.counters["ae_deferred_shards"] += shards
+        return True
 
     def _parse_scope(self, body: dict[str, Any]) -> list[Any]:
         scope = field(body, "scope", list)

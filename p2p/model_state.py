@@ -141,6 +141,12 @@ class ModelState:
             >>> m.in_motion("t", np.array([0, 1]), 12.7, 0.5, 2.0).tolist()
             [False, True]
         """
+        moving = self.moving(table, shards, now, grace, max_defer)
+        self.pulled_at[table][shards[~moving]] = now
+        return moving
+
+    def moving(self, table: str, shards: np.ndarray, now: float, grace: float, max_defer: float) -> np.ndarray:
+        """:meth:`in_motion` without marking anything as asked for."""
         moving = (self.pushed_at[table][shards] >= now - grace) & (self.pulled_at[table][shards] >= now - max_defer)
         if moving.any():
             syncs = self.shards[table]
@@ -148,7 +154,6 @@ class ModelState:
                 sync = syncs.get(int(shards[i]))
                 if sync is None or sync.pending or sync.dropped_top:
                     moving[i] = False
-        self.pulled_at[table][shards[~moving]] = now
         return moving
 
     def recompute_top(self, table: str, rows: np.ndarray) -> None:

@@ -115,15 +115,28 @@ class Pulls:
             self.rows_walked_by_table[key] += walked
         return out
 
+    def defers(self) -> bool:
+        """Whether anti-entropy leaves shards in motion alone (:meth:`unsettled`).
+
+        Only the topology's push reaches every replica of a shard: without it (no push,
+        rumors) nothing is in flight that a pull would send again, and the full-scan
+        ablation asks for every shard every round.
+        """
+        cfg = self.host.config
+        return (cfg.ae_defer_in_motion and cfg.push and cfg.push_mode == "topology" and cfg.use_shard_versions
+                and not self.rollback.baseline_pin)
+
+    def all_moving(self, m: ModelState, table: str, shards: np.ndarray, now: float) -> bool:
+        """Whether :meth:`unsettled` would leave every one of ``shards`` alone now."""
+        cfg = self.host.config
+        return bool(len(shards)) and bool(m.moving(table, shards, now, cfg.push_grace,
+                                                   AE_DEFER_ROUNDS * cfg.ae_interval).all())
+
     def unsettled(self, m: ModelState, table: str, shards: np.ndarray, now: float) -> np.ndarray:
         """The differing ``shards`` anti-entropy asks a peer for now: those not in motion
         (:meth:`p2p.model_state.ModelState.in_motion`); the others are counted."""
         cfg = self.host.config
-        if not (cfg.ae_defer_in_motion and cfg.push and cfg.push_mode == "topology" and cfg.use_shard_versions
-                ) or self.rollback.baseline_pin:
-            # Only the topology's push reaches every replica of a shard: without it (no
-            # push, rumors) nothing is in flight that a pull would send again, and the
-            # full-scan ablation asks for every shard every round.
+        if not self.defers():
             return shards
         moving = m.in_motion(table, shards, now, cfg.push_grace, AE_DEFER_ROUNDS * cfg.ae_interval)
         if not moving.any():

@@ -124,3 +124,44 @@ def test_a_quiet_origins_lost_push_is_pulled_within_the_defer_bound():
         busy.publish("emb", 64, ids=np.arange(0, 64, dtype=np.int64))
         net.run(net.now + 0.05)
     assert net.nodes["n0-2"].counters["ae_deferred_shards"] > deferred0   # it was deferred meanwhile
+
+
+def test_rounds_skip_their_summary_while_every_shard_is_in_motion_and_resume_after():
+    # Steady publishing keeps the one shard in motion everywhere (pushes take tens of ms,
+    # as on a loaded host, so rounds see them in flight): a round's summary and the
+    # partner's digests could only end in a deferral, so most rounds send nothing -- but
+    # not all: the shard is asked for at least every AE_DEFER_ROUNDS rounds.
+    cfg = NodeConfig()
+    net = make_cluster(dcs=1, per_dc=3, seed=8, config=cfg, spec=ONE_SHARD, faults=Faults(latency=0.03, jitter=0.02))
+    net.run(2.0)
+    trainer = Trainer(net, "n0-0", seed=8, spec=ONE_SHARD)
+    node = net.nodes["n0-2"]
+    before = (node.counters["ae_rounds"], node.counters["ae_rounds_in_motion"])
+    steady(net, [trainer], 4.0)
+    sent = node.counters["ae_rounds"] - before[0]
+    skipped = node.counters["ae_rounds_in_motion"] - before[1]
+    rounds = 4.0 / cfg.ae_interval
+    assert skipped >= rounds / 2, (sent, skipped)
+    assert sent >= 4.0 / (AE_DEFER_ROUNDS * cfg.ae_interval) - 1, (sent, skipped)   # the deferral's bound
+    # Publishing stops: after push_grace the shard settles and every round goes ahead.
+    net.run(net.now + cfg.push_grace + cfg.ae_interval)
+    settled = node.counters["ae_rounds"]
+    net.run(net.now + 10 * cfg.ae_interval)
+    assert node.counters["ae_rounds"] - settled >= 9
+    assert converged(net, trainer)
+
+
+def test_a_lost_push_is_repaired_with_rounds_skipped_meanwhile():
+    # Pushes to n0-2 are lost now and then under steady publishing by one origin: each
+    # loss leaves a chain waiting there at the next frame, which ends the motion, so its
+    # rounds go ahead and pull what was lost.
+    cfg = NodeConfig(gap_probe_after=60.0)    # no gap probe: anti-entropy alone repairs
+    net = make_cluster(dcs=1, per_dc=3, seed=9, config=cfg, spec=ONE_SHARD, faults=Faults(latency=0.03, jitter=0.02))
+    net.run(2.0)
+    trainer = Trainer(net, "n0-0", seed=9, spec=ONE_SHARD)
+    for _ in range(5):
+        steady(net, [trainer], 0.5)
+        lose_next_frame(net, trainer, "n0-2")
+    steady(net, [trainer], 1.0)
+    assert net.nodes["n0-2"].counters["ae_rounds_in_motion"] > 0
+    assert net.run_until(lambda: converged(net, trainer), timeout=cfg.push_grace + 4 * cfg.ae_interval)
