@@ -20,10 +20,17 @@ waiting for its acknowledgement before the next, for ``--seconds``.  Then it pri
   ``select``).  Samples are wall-clock while the process is runnable: on an
   overloaded host a function that waits for a core looks more expensive.
 
+With ``--rate R`` each publisher publishes R times a second instead of back to back (an
+open loop: the host is not saturated, so CPU per publish is not inflated by queueing),
+and with ``--idle-s S`` the daemons' idle CPU (membership and anti-entropy ticks) is
+measured first for S seconds and subtracted: the CPU each daemon spends per publish,
+the ingest, its DC peers and the other DCs' gateways told apart.
+
 The load average before and after is printed; the host is shared, so compare runs made
 back to back.  Every daemon is stopped by PID at the end (also on errors).
 
 Run:  python bench/daemon_profile.py [--publishers 1] [--batch 1000] [--seconds 15] [--py-spy]
+      python bench/daemon_profile.py --rate 40 --idle-s 10   (CPU per publish per daemon)
 """
 
 from __future__ import annotations
@@ -121,10 +128,18 @@ async def publisher(k: int, ep: list[str], key: str, state: Path, spec: Any, arg
     # Publisher k writes only rows = k (mod publishers): no two publishers write a row.
     pool = np.arange(k, args.rows, args.publishers, dtype=np.int64)
     n = 0
+    start = time.monotonic()
+    vals = rng.standard_normal((args.batch, args.dim), dtype=np.float32) if args.rate else None
     try:
         while time.monotonic() < t_end:
+            if args.rate:
+                # Open loop: the next slot of the schedule (a late publish does not bunch up).
+                await asyncio.sleep(max(0.0, start + (n // args.batch) / args.rate - time.monotonic()))
+                if time.monotonic() >= t_end:
+                    break
             ids = rng.choice(pool, args.batch, replace=False)
-            vals = rng.standard_normal((args.batch, args.dim), dtype=np.float32)
+            if not args.rate:
+                vals = rng.standard_normal((args.batch, args.dim), dtype=np.float32)
             t0 = time.monotonic()
             await pub.publish("m", "t", ids, vals)
             lat.append(time.monotonic() - t0)
@@ -147,6 +162,10 @@ def main() -> int:
     ap.add_argument("--node", action="append", default=[], metavar="KEY=VALUE",
                     help="a [node] setting for every daemon (NodeConfig field; VALUE in JSON, e.g. "
                          "ae_defer_in_motion=false), for A/B runs; repeatable")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="publishes per second per publisher (0: back to back, one in flight)")
+    ap.add_argument("--idle-s", type=float, default=0.0,
+                    help="first measure the daemons' idle CPU for this long and subtract it")
     ap.add_argument("--py-spy", action="store_true", help="sample every daemon with py-spy during the window")
     ap.add_argument("--py-spy-dir", type=Path, default=None,
                     help="keep py-spy's raw (collapsed) file of each daemon here, as NODE.txt")
@@ -186,7 +205,8 @@ def main() -> int:
     load0 = os.getloadavg()
     print(f"# python bench/daemon_profile.py {' '.join(sys.argv[1:])}")
     print(f"# {args.dcs} DCs x {args.per_dc} daemons (--preset local, key, WAL), {args.publishers} publisher(s) "
-          f"of {args.batch}-row batches into a {args.rows} x {args.dim} float32 table for {args.seconds} s"
+          f"of {args.batch}-row batches{f' at {args.rate:g}/s each' if args.rate else ', back to back'} "
+          f"into a {args.rows} x {args.dim} float32 table for {args.seconds} s"
           f"{'; node ' + json.dumps(overrides) if overrides else ''}; "
           f"load average {load0[0]:.1f} on {os.cpu_count()} CPUs")
     cluster.start()
@@ -202,6 +222,12 @@ def main() -> int:
                 raise SystemExit(f"{ep} did not learn the model")
             time.sleep(0.1)
     pids = [r.proc.pid for r in cluster.replicas]
+    idle_rate = [0.0] * len(pids)
+    if args.idle_s > 0:
+        time.sleep(2.0)   # the registration's gossip settles
+        c0, i0 = [cpu_seconds(p) for p in pids], time.monotonic()
+        time.sleep(args.idle_s)
+        idle_rate = [(cpu_seconds(p) - c) / (time.monotonic() - i0) for p, c in zip(pids, c0)]
     before = {ep: scrape(ep, key) for ep in eps}
     spies = []
     spy_dir = args.py_spy_dir or root
@@ -256,6 +282,13 @@ def main() -> int:
           f"{1e6 * float(np.median(cpu[1:] or [0])) / max(1, rows):.1f} us); "
           f"{100 * res['kernel_share']:.0f}% of it in the kernel; the publishers' process "
           f"{res['publisher_cpu_us_per_row']} us per row")
+    if args.idle_s > 0:
+        pubs = max(1, rows // args.batch)
+        per = [1e3 * (c - r * elapsed) / pubs for c, r in zip(cpu, idle_rate)]
+        res["idle_cores"] = dict(zip(ids, [round(r, 4) for r in idle_rate]))
+        res["cpu_ms_per_publish_above_idle"] = dict(zip(ids, [round(x, 2) for x in per]))
+        print(f"idle CPU per daemon {np.mean(idle_rate):.3f} cores (mean); CPU per publish above idle, ms: "
+              + " ".join(f"{n} {x:.2f}" for n, x in zip(ids, per)) + f" | all daemons {sum(per):.1f}")
     print(f"peak RSS (VmHWM) since start: ingest {peak_mb[0]} MB, the others' median "
           f"{float(np.median([m or 0 for m in peak_mb[1:]] or [0])):.0f} MB, max {max(m or 0 for m in peak_mb)} MB")
     head = ["daemon", "cpu s"] + [e.replace("applied_rows_", "rows_") for e in EVENTS] + ["frames enc/reused", "fails"]
