@@ -25,17 +25,13 @@ from ekko.core.delta import Delta
 from ekko.core.errors import UsageError
 from ekko.core.frozen import FrozenValues
 from ekko.core.hash64 import mark_changes, row_marks
-from ekko.core.hashed import check_keys, keys_in
 from ekko.core.hugepages import zeros_tensor
-from ekko.core.key_index import EMPTY_KEY, KeyMap
+from ekko.core.key_index import KeyMap
 from ekko.core.shard_blocks import ShardBlocks
+from ekko.core.store_keys import KeyedRows
 from ekko.core.store_shards import HeldShards
 from ekko.core.spec import ModelSpec, TableSpec
 from ekko.core.version import Knowledge, counters_of
-
-#: slots written since a hashed table's key map was last used, past which the map is
-#: dropped and built afresh at its next use (or a quarter of the table, if more).
-KEY_MAP_MAX_PENDING = 1 << 18
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
@@ -93,7 +89,7 @@ class ApplyResult:
 _EMPTY = np.zeros(0, np.int64)
 
 
-class TableStore(HeldShards):
+class TableStore(HeldShards, KeyedRows):
     """One table on one replica: values on the device, versions on the CPU.
 
     Args:
@@ -159,7 +155,7 @@ class TableStore(HeldShards):
         # next lookup rebinds those (a slot written many times is rebound once, and the
         # apply path, which every push takes, pays nothing: rebinding 1k rows cost 1.4 ms).
         # Built afresh when ``values`` is a tensor this object did not map (a snapshot
-        # load, a copy, shared memory) or when more than KEY_MAP_MAX_PENDING slots wait.
+        # load, a copy, shared memory) or when more than store_keys.KEY_MAP_MAX_PENDING slots wait.
         # A lock, since a serving thread looks up while the replica's thread applies.
         self._key_map: KeyMap | None = None
         self._key_map_of: torch.Tensor | None = None
@@ -261,17 +257,6 @@ class TableStore(HeldShards):
             self._note_written(wid)
         self._mark_dirty(wid, shards if wid is ids else None)
         return ApplyResult(wid, new_w, old_w, old_values, old_tomb)
-
-    def _note_written(self, ids: np.ndarray) -> None:
-        """Rows ``ids`` were written: the key map rebinds them at its next use."""
-        with self._key_lock:
-            if self._key_map is None:
-                return
-            self._key_pending.append(ids)
-            self._key_pending_rows += len(ids)
-            if self._key_pending_rows > max(KEY_MAP_MAX_PENDING, self.spec.rows // 4):
-                self._key_map = None    # cheaper to build afresh than to rebind that many
-                self._key_pending, self._key_pending_rows = [], 0
 
     def _one_per_row(self, wid: np.ndarray, old_w: np.ndarray, new_w: np.ndarray) -> np.ndarray | None:
         """None when the winning ids are distinct, else positions of one greatest copy per id.
@@ -457,65 +442,6 @@ class TableStore(HeldShards):
             raise UsageError(f"bad row range [{lo}, {hi}) / {bucket_rows} of table {self.spec.name}")
         marks = row_marks(np.arange(lo, hi, dtype=np.int64), self.versions[lo:hi])
         return np.bitwise_xor.reduceat(marks, np.arange(0, hi - lo, bucket_rows))
-
-    def key_map(self) -> KeyMap:
-        """A hashed table's key -> slot map, as the rows held now say (built on first use)."""
-        self._check_keyed()
-        with self._key_lock:
-            return self._current_key_map()
-
-    def _check_keyed(self) -> None:
-        if not self.spec.hashed or self.values is None:
-            raise UsageError(f"table {self.spec.name} has no keys (not hashed, or no values kept)")
-
-    def _current_key_map(self) -> KeyMap:
-        """:meth:`key_map`'s work, with ``_key_lock`` held."""
-        if self._key_map is None or self._key_map_of is not self.values:
-            self._key_pending, self._key_pending_rows = [], 0
-            m = KeyMap(self.spec.rows)
-            self._rebind(m, np.flatnonzero(self.versions > 0))
-            self._key_map, self._key_map_of = m, self.values
-        elif self._key_pending:
-            slots = np.unique(np.concatenate(self._key_pending))
-            self._key_pending, self._key_pending_rows = [], 0
-            self._rebind(self._key_map, slots)
-        return self._key_map
-
-    def _rebind(self, m: KeyMap, slots: np.ndarray) -> None:
-        """Bind ``slots`` in ``m`` to the keys their rows hold now (a tombstone, or a slot
-        never written, holds none)."""
-        if not len(slots):
-            return
-        # Only rows with a live version hold a key: the others are not read (a packed
-        # store may no longer keep their shard).
-        live = (self.versions[slots] > 0) & ~self.tombstone[slots]
-        keys = np.full(len(slots), EMPTY_KEY, dtype=np.int64)
-        if live.any():
-            idx = _tensor(self._pos(slots[live])).to(self.device)
-            keys[live] = keys_in(self.values[:, self.spec.dim:].index_select(0, idx))
-        m.rebind(slots, keys, self.versions)
-
-    def held_keys(self) -> tuple[np.ndarray, np.ndarray]:
-        """A hashed table's slots that hold a key, and their keys (slot order)."""
-        m = self.key_map()
-        slots = np.flatnonzero(m.keys_of(np.arange(self.spec.rows)) != EMPTY_KEY)
-        return slots, m.keys_of(slots)
-
-    def lookup(self, keys: Any) -> np.ndarray:
-        """The slot holding each key of a hashed table, -1 where none does.
-
-        Example:
-            >>> from ekko.core.hashed import with_keys
-            >>> ts = TableStore(TableSpec("h", dim=1, keys="int64", capacity=4), device="cpu")
-            >>> rows = with_keys(np.ones((1, 1), np.float32), np.array([10**12]), ts.spec)
-            >>> _ = ts.apply(Delta("m", "h", np.array([2]), np.array([5]), rows))
-            >>> ts.lookup([10**12, 7]).tolist()
-            [2, -1]
-        """
-        self._check_keyed()
-        k = check_keys(keys)
-        with self._key_lock:    # the map brought up to date and read at one instant
-            return self._current_key_map().lookup(k)
 
     def read(self, ids: np.ndarray) -> torch.Tensor:
         """Values of rows (a copy, on the store's device)."""
