@@ -5,8 +5,9 @@ delta's rows is a TLB miss on 4 KiB pages: a 1M x 64 float32 table spans 65,536 
 them.  Where the kernel's transparent huge pages are in ``madvise`` mode (the default
 of most distributions), memory asked for with ``madvise(MADV_HUGEPAGE)`` before its
 first touch is backed by 2 MiB pages instead.  On this project's machine that made a
-10k-row ``index_copy_`` into such a table 1.9x faster and a 1k-row one about 1.1x
-(``python bench/apply.py``; figures in the README).
+10k-row ``index_copy_`` into a 1M x 64 float32 table 2.0-2.1x faster and a 1k-row one
+1.1-1.3x (timeit, warm caches); a whole ``TableStore.apply`` of 10k rows with its undo
+capture and cold caches went from 3.35 to 3.13 ms (README, *Measured*, tenth round).
 
 numpy already advises its own large arrays (the versions, the tombstones); torch does
 not, so the table's values go through :func:`zeros_tensor`.  Only private CPU memory is

@@ -224,15 +224,19 @@ class TableStore(HeldShards, KeyedRows):
         if self.values is not None:
             if self._frozen:
                 self._before_write(wat)
-            idx = _tensor(wat).to(self.device, non_blocking=True)
+            host = self._host_view()
+            on_host = host is not None and (delta.values is None or delta.values.dtype == host.dtype)
+            # The row positions as a tensor: for the undo capture and a device's writes only.
+            idx = None if on_host and not capture_old else _tensor(wat).to(self.device, non_blocking=True)
             if capture_old:
                 old_values = to_wire_values(self.values.index_select(0, idx))
-            host = self._host_view()
-            if delta.values is not None and host is not None and delta.values.dtype == host.dtype:
-                rows = delta.values if pos is None else delta.values[pos]
-                if tomb is not None and tomb.any():
-                    rows = rows.copy()   # it may be the caller's array
-                    rows[tomb] = 0
+            if on_host:
+                rows: Any = 0   # all tombstones (checked above)
+                if delta.values is not None:
+                    rows = delta.values if pos is None else delta.values[pos]
+                    if tomb is not None and tomb.any():
+                        rows = rows.copy()   # it may be the caller's array
+                        rows[tomb] = 0
                 self._begin_write()
                 host[wat] = rows
             elif delta.values is not None:
